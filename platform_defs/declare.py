@@ -1,0 +1,37 @@
+"""The Python way to declare: ``dataset(...)``, ``model(...)``, ``endpoint(...)``, ``app(...)``.
+
+Each returns a validated spec or raises a ``DeclarationError`` naming the declaration and field.
+A declarations module lists what it declares in ``DECLARATIONS``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+from platform_defs.specs import AppSpec, DatasetSpec, EndpointSpec, ModelSpec, parse_declaration
+
+
+def _source() -> str | None:
+    frame = inspect.stack()[2]
+    try:
+        return os.path.relpath(frame.filename)
+    except ValueError:
+        return frame.filename
+
+
+def dataset(**fields: Any) -> DatasetSpec:
+    return parse_declaration({"kind": "dataset", **fields}, _source())  # type: ignore[return-value]
+
+
+def model(**fields: Any) -> ModelSpec:
+    return parse_declaration({"kind": "model", **fields}, _source())  # type: ignore[return-value]
+
+
+def endpoint(**fields: Any) -> EndpointSpec:
+    return parse_declaration({"kind": "endpoint", **fields}, _source())  # type: ignore[return-value]
+
+
+def app(**fields: Any) -> AppSpec:
+    return parse_declaration({"kind": "app", **fields}, _source())  # type: ignore[return-value]

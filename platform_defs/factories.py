@@ -1,0 +1,487 @@
+"""Asset factories: one declaration in, Dagster asset definitions out.
+
+``build_dataset_defs``, ``build_model_defs``, ``build_endpoint_defs`` and ``build_app_defs`` hold the
+real logic; Python declarations and ``defs.yaml`` files both end up here.
+
+Lineage in the graph: app release -> endpoint (per environment) -> model -> dataset. Promotion is
+materializing the next environment's asset: staging deploys the model's newest registered
+version, every later environment deploys exactly what the environment before it serves.
+"""
+
+
+import hashlib
+import importlib
+import inspect
+import os
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import dagster as dg
+
+from platform_defs.settings import PROJECT_ROOT
+from platform_defs.specs import (
+    AppSpec,
+    DatasetSpec,
+    EndpointSpec,
+    ModelSpec,
+    Organisation,
+    endpoint_asset_name,
+)
+from resources.data_store import DataStore
+from resources.deployers.base import DeployError, Release, Target, probe
+from resources.deployers.resource import LocalDeployerResource
+from resources.mlflow_registry import MlflowRegistry, TAG_PREFIX
+
+KINDS = {"dataset": {"dataset", "pandas", "greatexpectations"},
+         "model": {"model", "mlflow", "scikitlearn"}}
+
+
+def group_of(owner: str) -> str:
+    return owner.replace("-", "_")
+
+
+def common(d: Any) -> dict[str, Any]:
+    return {
+        "group_name": group_of(d.owner),
+        "owners": [f"team:{d.owner}"],
+        "tags": {"onepath/kind": d.kind, "onepath/track": d.track, "onepath/team": d.owner},
+    }
+
+
+def import_string(path: str) -> Callable[..., Any]:
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def latest_metadata(context: Any, key: dg.AssetKey, what: str) -> dict[str, Any]:
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(description=f"{what} '{key.to_user_string()}' has never been materialized: "
+                                     f"materialize it first")
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def code_hash(fn: Callable[..., Any]) -> tuple[str, str]:
+    """sha256 of the source file that defines ``fn`` (the trainer's code), and its project path."""
+    path = Path(inspect.getsourcefile(fn) or "")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        shown = str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        shown = str(path)
+    return digest, shown
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+def build_dataset_defs(spec: DatasetSpec, org: Organisation) -> list[Any]:
+    check_name = "expectations"
+
+    @dg.asset(
+        key=spec.name,
+        description=spec.description or f"Dataset {spec.name}",
+        kinds=KINDS["dataset"],
+        check_specs=[dg.AssetCheckSpec(check_name, asset=spec.name, blocking=True,
+                                       description="The dataset's declared Great Expectations suite.")],
+        config_schema={"params": dg.Field(dg.Permissive(), default_value={}, is_required=False,
+                                          description="Overrides of the generator's parameters.")},
+        metadata={"onepath/pii_columns": ", ".join(spec.pii_columns) or "none",
+                  "onepath/protected_columns": ", ".join(spec.protected_columns) or "none",
+                  "onepath/generator": spec.generator},
+        **common(spec),
+    )
+    def _dataset(context: dg.AssetExecutionContext, data_store: DataStore):
+        from resources.gx_validation import validate
+
+        overrides = dict(context.op_execution_context.op_config.get("params") or {})
+        generator = import_string(spec.generator)
+        accepted = set(inspect.signature(generator).parameters)
+        unknown = sorted(set(overrides) - accepted)
+        if unknown:
+            raise dg.Failure(description=f"dataset '{spec.name}': unknown parameter '{unknown[0]}' in run config "
+                                         f"params (the generator takes: {', '.join(sorted(accepted))})")
+        params = {**spec.params, **overrides}
+        try:
+            df = generator(**params)
+        except (TypeError, ValueError) as err:
+            raise dg.Failure(description=f"dataset '{spec.name}': generator rejected its parameters: {err}")
+        path, data_hash = data_store.write(spec.name, df)
+        result = validate(df, spec)
+        context.log.info(f"{spec.name}: {len(df)} rows, hash {data_hash[:12]}, expectations "
+                         f"{'passed' if result.success else 'FAILED'}")
+        failed = result.failed
+        check = dg.AssetCheckResult(
+            check_name=check_name, passed=result.success,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "evaluated": len(result.results), "failed": len(failed),
+                "failures": dg.MetadataValue.md(_failures_md(failed)) if failed else "none",
+                "data_hash": data_hash,
+            },
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "rows": len(df), "columns": len(df.columns), "data_hash": data_hash,
+                "path": str(path), "params": dg.MetadataValue.json(_jsonable(params)),
+                "expectations_passed": result.success,
+                "label_rate": float(df[spec.label].mean()) if spec.label and spec.label in df else None,
+                "preview": dg.MetadataValue.md(df.drop(columns=spec.pii_columns).head(5).to_markdown(index=False)),
+            },
+            check_results=[check],
+            data_version=dg.DataVersion(data_hash[:16]),
+        )
+
+    return [_dataset]
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)) for k, v in d.items()}
+
+
+def _failures_md(failed: list[dict[str, Any]]) -> str:
+    lines = ["| expectation | column | unexpected | sample |", "|---|---|---|---|"]
+    for f in failed:
+        lines.append(f"| {f['expectation']} | {f['column'] or ''} | {f['unexpected_count'] or f['observed'] or ''} "
+                     f"| {', '.join(f['sample'])} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def evaluate_classifier(est: Any, X: Any, y: Any) -> dict[str, float]:
+    from sklearn import metrics as m
+
+    pred = est.predict(X)
+    out = {
+        "accuracy": float(m.accuracy_score(y, pred)),
+        "f1": float(m.f1_score(y, pred, zero_division=0)),
+        "precision": float(m.precision_score(y, pred, zero_division=0)),
+        "recall": float(m.recall_score(y, pred, zero_division=0)),
+    }
+    if hasattr(est, "predict_proba"):
+        proba = est.predict_proba(X)[:, 1]
+        out["roc_auc"] = float(m.roc_auc_score(y, proba))
+        out["log_loss"] = float(m.log_loss(y, proba))
+    return out
+
+
+def metric_verdicts(metrics: dict[str, float], thresholds: dict[str, float]) -> list[tuple[str, float, float, bool]]:
+    rows = []
+    for name, bound in thresholds.items():
+        if name.endswith("_max"):
+            value = metrics.get(name[:-4], float("inf"))
+            rows.append((name, value, bound, value <= bound))
+        else:
+            value = metrics.get(name, float("-inf"))
+            rows.append((name, value, bound, value >= bound))
+    return rows
+
+
+def build_model_defs(spec: ModelSpec, org: Organisation) -> list[Any]:
+    dataset = org.by_name[spec.dataset]
+    assert isinstance(dataset, DatasetSpec)
+    features, label = org.model_features(spec)
+
+    @dg.asset(
+        key=spec.name,
+        deps=[dg.AssetKey(spec.dataset)],
+        description=spec.description or f"Model {spec.name}",
+        kinds=KINDS["model"],
+        check_specs=[dg.AssetCheckSpec("performance", asset=spec.name, blocking=True,
+                                       description="Held-out metrics meet the declared minimums.")],
+        metadata={"onepath/trainer": spec.trainer, "onepath/features": ", ".join(features),
+                  "onepath/label": label},
+        **common(spec),
+    )
+    def _model(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, data_store: DataStore):
+        from sklearn.model_selection import train_test_split
+
+        ds_meta = latest_metadata(context, dg.AssetKey(spec.dataset), "dataset")
+        if ds_meta.get("expectations_passed") is False:
+            raise dg.Failure(description=f"model '{spec.name}': the latest '{spec.dataset}' snapshot failed its "
+                                         f"expectations; fix the data and materialize it again")
+        data_hash = ds_meta["data_hash"]
+        df = data_store.read(spec.dataset, data_hash)
+        X, y = df[features], df[label]
+        X_train, X_test, y_train, y_test = train_test_split(
+            X, y, test_size=spec.test_size, random_state=spec.seed, stratify=y)
+        trainer = import_string(spec.trainer)
+        c_hash, c_path = code_hash(trainer)
+        t0 = time.perf_counter()
+        est = trainer(X_train, y_train, dict(spec.params))
+        train_seconds = time.perf_counter() - t0
+        metrics = evaluate_classifier(est, X_test, y_test)
+        tags = {
+            f"{TAG_PREFIX}declaration": spec.name,
+            f"{TAG_PREFIX}dataset_key": dg.AssetKey(spec.dataset).to_user_string(),
+            f"{TAG_PREFIX}data_hash": data_hash,
+            f"{TAG_PREFIX}code_hash": c_hash,
+            f"{TAG_PREFIX}code_path": c_path,
+            f"{TAG_PREFIX}dagster_run_id": context.run.run_id,
+            f"{TAG_PREFIX}track": spec.track,
+            f"{TAG_PREFIX}owner": spec.owner,
+            f"{TAG_PREFIX}training_rows": str(len(X_train)),
+            f"{TAG_PREFIX}test_rows": str(len(X_test)),
+            f"{TAG_PREFIX}split_seed": str(spec.seed),
+            f"{TAG_PREFIX}test_size": str(spec.test_size),
+        }
+        registered = mlflow.log_and_register(
+            model_name=spec.name, estimator=est, X_example=X_train, y_pred_example=est.predict(X_train.head(50)),
+            metrics={**metrics, "train_seconds": train_seconds},
+            params={**spec.params, "features": ",".join(features), "label": label},
+            tags=tags, experiment=f"onepath/{spec.name}",
+        )
+        context.log.info(f"registered {spec.name} version {registered.version} (run {registered.run_id})")
+        verdicts = metric_verdicts(metrics, spec.metrics)
+        passed = all(ok for *_, ok in verdicts)
+        check = dg.AssetCheckResult(
+            check_name="performance", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"model_version": registered.version,
+                      "verdicts": dg.MetadataValue.md(_verdicts_md(verdicts) if verdicts else "no thresholds declared"),
+                      **{f"held_out_{k}": v for k, v in metrics.items()}},
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "model_version": registered.version,
+                "model_uri": registered.model_uri,
+                "mlflow_version": dg.MetadataValue.url(mlflow.version_url(spec.name, registered.version)),
+                "mlflow_run_id": registered.run_id,
+                "data_hash": data_hash,
+                "code_hash": c_hash,
+                "training_rows": len(X_train),
+                **{f"held_out_{k}": v for k, v in metrics.items()},
+            },
+            check_results=[check],
+            data_version=dg.DataVersion(registered.version),
+        )
+
+    return [_model]
+
+
+def _verdicts_md(verdicts: list[tuple[str, float, float, bool]]) -> str:
+    lines = ["| metric | value | bound | passed |", "|---|---|---|---|"]
+    lines += [f"| {n} | {v:.4f} | {b} | {'yes' if ok else 'NO'} |" for n, v, b, ok in verdicts]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints
+
+
+def endpoint_target(spec: EndpointSpec, env: str) -> Target:
+    return Target(spec.name, env, kind="endpoint", port=spec.ports.get(env))
+
+
+def build_endpoint_defs(spec: EndpointSpec, org: Organisation) -> list[Any]:
+    model = org.by_name[spec.model]
+    assert isinstance(model, ModelSpec)
+    dataset = org.by_name[model.dataset]
+    assert isinstance(dataset, DatasetSpec)
+    out = []
+    for i, env in enumerate(spec.environments):
+        upstream_env = spec.environments[i - 1] if i else None
+        out.append(_endpoint_env_asset(spec, model, dataset, env, upstream_env))
+    return out
+
+
+def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, env: str,
+                        upstream_env: str | None) -> Any:
+    key = endpoint_asset_name(spec.name, env)
+    dep = dg.AssetKey(endpoint_asset_name(spec.name, upstream_env)) if upstream_env else dg.AssetKey(model.name)
+    source = (f"the version '{upstream_env}' serves" if upstream_env
+              else f"the newest registered version of model '{model.name}'")
+    meta = common(spec)
+    meta["tags"] = {**meta["tags"], "onepath/env": env}
+
+    @dg.asset(
+        key=key, deps=[dep],
+        description=f"{spec.description or spec.name} — {env}. Materializing deploys {source} at the "
+                    f"environment's stable address and moves MLflow alias '{env}' to it.",
+        kinds={"endpoint", spec.backend, "mlflow"},
+        metadata={"onepath/endpoint": spec.name, "onepath/env": env, "onepath/model": model.name,
+                  "onepath/deploys": source},
+        **meta,
+    )
+    def _endpoint(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource):
+        deployer = deployer_local.deployer()
+        target = endpoint_target(spec, env)
+        if upstream_env is None:
+            version = mlflow.latest_version(model.name)
+            if version is None:
+                raise dg.Failure(description=f"model '{model.name}' has no registered version: materialize it first")
+        else:
+            up = deployer.status(endpoint_target(spec, upstream_env))
+            if not up.healthy or up.serving_version is None:
+                raise dg.Failure(description=f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote "
+                                             f"to '{env}'; deploy '{upstream_env}' first")
+            version = up.serving_version
+        before = deployer.status(target)
+        context.log.info(f"{spec.name}.{env}: deploying {model.name} version {version} "
+                         f"(serving before: {before.serving_version or 'nothing'}) at {deployer.address(target)}")
+        artifact = mlflow.download(model.name, version)
+        release = Release(version=version, artifact=str(artifact), workers=spec.workers, config={
+            "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
+            **({} if spec.inference_log else {"log_dir": None}),
+        })
+        t0 = time.perf_counter()
+        try:
+            status = deployer.deploy(target, release)
+        except DeployError as err:
+            raise dg.Failure(description=str(err), metadata={
+                "refused_version": version, "still_serving": before.serving_version or "nothing"})
+        mlflow.set_alias(model.name, env, version)
+        return dg.MaterializeResult(
+            metadata={
+                "model_version": version,
+                "previous_version": before.serving_version or "none",
+                "address": dg.MetadataValue.url(status.address or ""),
+                "mlflow_alias": f"{model.name}@{env}",
+                "mlflow_version": dg.MetadataValue.url(mlflow.version_url(model.name, version)),
+                "deploy_seconds": round(time.perf_counter() - t0, 3),
+                "deployed_at": datetime.now(timezone.utc).isoformat(),
+                "backend": spec.backend,
+            },
+            data_version=dg.DataVersion(version),
+        )
+
+    return _endpoint
+
+
+# --------------------------------------------------------------------------------------------
+# App releases
+
+
+def source_hash(root: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_dir() or any(part in ("__pycache__", ".pytest_cache") or part.startswith(".") for part in rel.parts):
+            continue
+        h.update(str(rel).encode() + b"\0" + p.read_bytes() + b"\0")
+        n += 1
+    return h.hexdigest(), n
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def app_target(spec: AppSpec, env: str) -> Target:
+    return Target(spec.name, env, kind="app", port=spec.ports.get(env))
+
+
+def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path) -> list[Any]:
+    meta = common(spec)
+
+    @dg.asset(
+        key=spec.name,
+        description=f"{spec.description or spec.name} — a versioned build (content hash of {spec.source}).",
+        kinds={"app", "python"},
+        metadata={"onepath/source": spec.source, "onepath/entrypoint": spec.entrypoint},
+        **meta,
+    )
+    def _build(context: dg.AssetExecutionContext):
+        src = PROJECT_ROOT / spec.source
+        if not src.is_dir():
+            raise dg.Failure(description=f"app '{spec.name}': source folder {spec.source} does not exist")
+        digest, files = source_hash(src)
+        version = f"r-{digest[:12]}"
+        dst = releases_dir / "apps" / spec.name / version
+        if not dst.exists():
+            tmp = dst.with_name(f".{version}.{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+            os.replace(tmp, dst)
+        context.log.info(f"{spec.name}: release {version} ({files} files) at {dst}")
+        return dg.MaterializeResult(
+            metadata={"release_version": version, "content_hash": digest, "files": files,
+                      "build_path": str(dst), "git_sha": git_sha() or "unknown"},
+            data_version=dg.DataVersion(version),
+        )
+
+    out = [_build]
+    for i, env in enumerate(spec.environments):
+        calls = [endpoint_target(org.by_name[ep], env) for ep in spec.calls]
+        out.append(_app_env_asset(spec, env, spec.environments[i - 1] if i else None, releases_dir, calls))
+    return out
+
+
+def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_dir: Path,
+                   calls: list[Target]) -> Any:
+    key = endpoint_asset_name(spec.name, env)
+    deps = [dg.AssetKey(endpoint_asset_name(spec.name, upstream_env)) if upstream_env else dg.AssetKey(spec.name)]
+    deps += [dg.AssetKey(endpoint_asset_name(ep, env)) for ep in spec.calls]
+    source = f"the release '{upstream_env}' serves" if upstream_env else "the newest build"
+    meta = common(spec)
+    meta["tags"] = {**meta["tags"], "onepath/env": env}
+
+    @dg.asset(
+        key=key, deps=deps,
+        description=f"{spec.description or spec.name} — {env}. Materializing deploys {source}; it calls "
+                    f"{', '.join(spec.calls) or 'no endpoint'} at their stable '{env}' addresses, so a model "
+                    f"redeploy never needs an app redeploy.",
+        kinds={"app", "local"},
+        metadata={"onepath/app": spec.name, "onepath/env": env, "onepath/deploys": source},
+        **meta,
+    )
+    def _deploy(context: dg.AssetExecutionContext, deployer_local: LocalDeployerResource):
+        deployer = deployer_local.deployer()
+        target = app_target(spec, env)
+        if upstream_env is None:
+            version = latest_metadata(context, dg.AssetKey(spec.name), "app release")["release_version"]
+        else:
+            up = deployer.status(app_target(spec, upstream_env))
+            if not up.healthy or up.serving_version is None:
+                raise dg.Failure(description=f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote")
+            version = up.serving_version
+        artifact = releases_dir / "apps" / spec.name / version
+        if not artifact.is_dir():
+            raise dg.Failure(description=f"{spec.name}: release {version} is not built at {artifact}")
+        env_vars = {f"ONEPATH_{t.name.upper()}_URL": deployer.address(t) for t in calls}
+        before = deployer.status(target)
+        context.log.info(f"{spec.name}.{env}: deploying release {version} (before: {before.serving_version})")
+        try:
+            status = deployer.deploy(target, Release(version, str(artifact), config={
+                "entrypoint": spec.entrypoint, "env": env_vars}))
+        except DeployError as err:
+            raise dg.Failure(description=str(err), metadata={"refused_version": version})
+        return dg.MaterializeResult(
+            metadata={"release_version": version, "previous_version": before.serving_version or "none",
+                      "address": dg.MetadataValue.url(status.address or ""),
+                      "calls": dg.MetadataValue.json(env_vars),
+                      "deployed_at": datetime.now(timezone.utc).isoformat()},
+            data_version=dg.DataVersion(version),
+        )
+
+    return _deploy
+
+
+def build_all(org: Organisation, releases_dir: Path) -> list[Any]:
+    out: list[Any] = []
+    for d in org.by_name.values():
+        if isinstance(d, DatasetSpec):
+            out += build_dataset_defs(d, org)
+        elif isinstance(d, ModelSpec):
+            out += build_model_defs(d, org)
+        elif isinstance(d, EndpointSpec):
+            out += build_endpoint_defs(d, org)
+        elif isinstance(d, AppSpec):
+            out += build_app_defs(d, org, releases_dir)
+    return out
+
+
+__all__ = ["build_all", "build_dataset_defs", "build_model_defs", "build_endpoint_defs", "build_app_defs",
+           "endpoint_target", "app_target", "probe"]

@@ -1,0 +1,126 @@
+"""Find and validate an organisation's declarations: ``declarations.py`` modules and ``defs.yaml`` files.
+
+The declarations folder defaults to the project's ``assets/`` and can be moved with
+``ONEPATH_DECLARATIONS_DIR``. Every problem surfaces as a ``DeclarationError`` whose first line names
+the declaration, its file, the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from platform_defs.settings import PROJECT_ROOT
+from platform_defs.specs import DeclarationError, Organisation, parse_declaration
+
+YAML_NAMES = ("defs.yaml", "defs.yml")
+
+
+def declarations_dir() -> Path:
+    return Path(os.environ.get("ONEPATH_DECLARATIONS_DIR", PROJECT_ROOT / "assets")).resolve()
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        try:
+            return str(p.resolve().relative_to(PROJECT_ROOT))
+        except ValueError:
+            return str(p)
+
+
+def _module_for(path: Path):
+    """Import a declarations module by package name when it lives in the project, else by path."""
+    try:
+        rel = path.resolve().relative_to(PROJECT_ROOT).with_suffix("")
+        return importlib.import_module(".".join(rel.parts))
+    except ValueError:
+        name = "onepath_decl_" + "_".join(path.resolve().with_suffix("").parts[-3:])
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec and spec.loader
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def _load_python(path: Path) -> list:
+    source = _rel(path)
+    try:
+        mod = _module_for(path)
+    except DeclarationError as err:
+        if not err.source:
+            raise DeclarationError(err.name, err.field, err.problem, source, err.kind) from None
+        raise
+    except SyntaxError as err:
+        raise DeclarationError("?", "(module)", f"syntax error at line {err.lineno}: {err.msg}", source) from None
+    except Exception as err:  # an import error in someone's module must still read as one line
+        raise DeclarationError("?", "(module)", f"{type(err).__name__}: {err}", source) from None
+    decls = getattr(mod, "DECLARATIONS", None)
+    if not isinstance(decls, (list, tuple)):
+        raise DeclarationError("?", "DECLARATIONS", "a declarations module must define a DECLARATIONS list", source)
+    return [(d, source) for d in decls]
+
+
+def _load_yaml(path: Path) -> list:
+    source = _rel(path)
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise DeclarationError("?", "(yaml)", f"not valid YAML: {getattr(err, 'problem', err)}", where) from None
+    if data is None:
+        return []
+    if not isinstance(data, dict) or set(data) - {"declarations"} or not isinstance(data.get("declarations"), list):
+        raise DeclarationError("?", "declarations", "the file must hold one key, 'declarations', with a list", source)
+    items_nodes = next(v for k, v in node.value if k.value == "declarations").value
+    out = []
+    for item, item_node in zip(data["declarations"], items_nodes):
+        where = f"{source}:{item_node.start_mark.line + 1}"
+        out.append((parse_declaration(item, where), where))
+    return out
+
+
+def load_organisation(root: Path | None = None) -> Organisation:
+    root = root or declarations_dir()
+    if not root.is_dir():
+        raise DeclarationError("?", "(folder)", f"declarations folder {root} does not exist")
+    found = []
+    for path in sorted(root.rglob("*")):
+        if any(part.startswith((".", "__")) for part in path.relative_to(root).parts):
+            continue
+        if path.name == "declarations.py":
+            found += _load_python(path)
+        elif path.name in YAML_NAMES:
+            found += _load_yaml(path)
+    sources: dict[str, str] = {}
+    decls = []
+    for d, source in found:
+        if d.name not in sources:
+            sources[d.name] = source
+        else:
+            # keep the first place for the message, name the second as the offender
+            sources[f"{d.name}#dup"] = source
+        decls.append(d)
+    return _organisation(decls, sources)
+
+
+def _organisation(decls: list, sources: dict[str, str]) -> Organisation:
+    seen: dict[str, str] = {}
+    for d in decls:
+        if d.name in seen:
+            raise DeclarationError(
+                d.name, "name", f"duplicate name: already declared in {seen[d.name]}",
+                sources.get(f"{d.name}#dup"), d.kind,
+            )
+        seen[d.name] = sources[d.name]
+    return Organisation(decls, {k: v for k, v in sources.items() if "#" not in k})

@@ -1,0 +1,67 @@
+"""Where onepath keeps its state. Every setting is an environment variable with a local default.
+
+Nothing here starts a server: the defaults are an embedded, project-local world (a Dagster
+instance in ``.onepath/dagster_home``, MLflow on sqlite with local artifacts, data and logs under
+``.onepath``). Point the variables elsewhere to share state (Postgres, S3, a remote MLflow).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    dagster_home: Path
+    mlflow_tracking_uri: str
+    mlflow_registry_uri: str
+    mlflow_artifact_root: Path
+    mlflow_ui_url: str
+    data_dir: Path
+    inference_log_dir: Path
+    run_dir: Path
+    releases_dir: Path
+    host: str
+    port_base: int
+
+    def ensure_dirs(self) -> "Settings":
+        for p in (
+            self.home,
+            self.dagster_home,
+            self.mlflow_artifact_root,
+            self.data_dir,
+            self.inference_log_dir,
+            self.run_dir,
+            self.releases_dir,
+        ):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment (``ONEPATH_*``, ``DAGSTER_HOME``, ``MLFLOW_*``)."""
+    home = Path(os.environ.get("ONEPATH_HOME", PROJECT_ROOT / ".onepath")).resolve()
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    return Settings(
+        home=home,
+        dagster_home=Path(os.environ.get("DAGSTER_HOME", home / "dagster_home")).resolve(),
+        mlflow_tracking_uri=tracking,
+        mlflow_registry_uri=os.environ.get("MLFLOW_REGISTRY_URI", tracking),
+        mlflow_artifact_root=Path(
+            os.environ.get("ONEPATH_MLFLOW_ARTIFACTS", home / "mlartifacts")
+        ).resolve(),
+        mlflow_ui_url=os.environ.get("ONEPATH_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
+        data_dir=Path(os.environ.get("ONEPATH_DATA_DIR", home / "data")).resolve(),
+        inference_log_dir=Path(
+            os.environ.get("ONEPATH_INFERENCE_LOG_DIR", home / "inference_logs")
+        ).resolve(),
+        run_dir=Path(os.environ.get("ONEPATH_RUN_DIR", home / "run")).resolve(),
+        releases_dir=Path(os.environ.get("ONEPATH_RELEASES_DIR", home / "releases")).resolve(),
+        host=os.environ.get("ONEPATH_HOST", "127.0.0.1"),
+        port_base=int(os.environ.get("ONEPATH_PORT_BASE", "18000")),
+    )

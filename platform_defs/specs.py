@@ -1,0 +1,360 @@
+"""Typed declarations of what an organisation delivers. Pure: no I/O, no Dagster, no MLflow.
+
+Four kinds share one shape (name, owner team, governance track, description) and add their own
+settings. ``Organisation`` checks what single declarations cannot: unique names and asset keys,
+references that resolve, tracks that agree along a line. Every failure is a ``DeclarationError``
+whose first line names the declaration, the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TRACKS = ("app", "ml-standard", "ml-high-risk")
+Track = Literal["app", "ml-standard", "ml-high-risk"]
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
+TEAM_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class DeclarationError(ValueError):
+    """A declaration is wrong. ``str(err).splitlines()[0]`` is the one line a person needs."""
+
+    def __init__(self, name: str, field: str, problem: str, source: str | None = None, kind: str | None = None):
+        self.name, self.field, self.problem, self.source, self.kind = name, field, problem, source, kind
+        where = ", ".join(x for x in (kind, source) if x)
+        head = f"declaration '{name}'" + (f" ({where})" if where else "")
+        super().__init__(f"{head}: field '{field}': {problem}")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError(
+            f"'{v}' is not a valid name: use lowercase letters, digits and '_', starting with a letter"
+        )
+    return v
+
+
+class ColumnSpec(_Spec):
+    name: str
+    dtype: Literal["int", "float", "string", "bool"]
+    role: Literal["feature", "label", "id", "timestamp"] = "feature"
+    pii: bool = Field(False, description="Personal data: never a model feature, never logged by an endpoint.")
+    protected: bool = Field(False, description="A protected attribute that fairness checks slice by.")
+    nullable: bool = False
+    min: float | None = None
+    max: float | None = None
+    values: list[str | int | bool] | None = Field(None, description="The allowed values of a categorical column.")
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            raise ValueError(f"'{v}' is not a valid column name")
+        return v
+
+
+class _Declaration(_Spec):
+    name: str
+    owner: str = Field(description="The owning team, as listed in the policy file.")
+    track: Track
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v)
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, v: str) -> str:
+        if not TEAM_RE.match(v):
+            raise ValueError(f"'{v}' is not a valid team name: use lowercase letters, digits and '-'")
+        return v
+
+
+class DatasetSpec(_Declaration):
+    kind: Literal["dataset"] = "dataset"
+    generator: str = Field(description="'module:function' that produces the data as a pandas DataFrame.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Default generator parameters.")
+    columns: list[ColumnSpec]
+    min_rows: int = Field(100, ge=1)
+
+    @field_validator("generator")
+    @classmethod
+    def _generator(cls, v: str) -> str:
+        if not IMPORT_PATH_RE.match(v):
+            raise ValueError(f"'{v}' is not an import path of the form 'package.module:function'")
+        return v
+
+    @model_validator(mode="after")
+    def _columns(self) -> "DatasetSpec":
+        seen: set[str] = set()
+        for c in self.columns:
+            if c.name in seen:
+                raise ValueError(f"column '{c.name}' is declared twice")
+            seen.add(c.name)
+        if sum(c.role == "label" for c in self.columns) > 1:
+            raise ValueError("more than one column has role 'label'")
+        return self
+
+    def column(self, name: str) -> ColumnSpec | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+    @property
+    def label(self) -> str | None:
+        return next((c.name for c in self.columns if c.role == "label"), None)
+
+    @property
+    def pii_columns(self) -> list[str]:
+        return [c.name for c in self.columns if c.pii]
+
+    @property
+    def protected_columns(self) -> list[str]:
+        return [c.name for c in self.columns if c.protected]
+
+
+class ModelSpec(_Declaration):
+    kind: Literal["model"] = "model"
+    dataset: str = Field(description="Name of the dataset declaration it trains on.")
+    trainer: str = Field(description="'module:function(X, y, params) -> fitted sklearn estimator'.")
+    label: str | None = Field(None, description="Label column; defaults to the dataset's label column.")
+    features: list[str] | None = Field(
+        None, description="Feature columns; defaults to every non-PII feature column of the dataset."
+    )
+    use_protected_features: bool = Field(
+        False, description="Whether protected attributes may be model inputs (they are always kept for fairness)."
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Minimum held-out metric values (roc_auc, accuracy, f1, ...)."
+    )
+    test_size: float = Field(0.25, gt=0, lt=1)
+    seed: int = 7
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer(cls, v: str) -> str:
+        if not IMPORT_PATH_RE.match(v):
+            raise ValueError(f"'{v}' is not an import path of the form 'package.module:function'")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(KNOWN_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric '{unknown[0]}' (known: {', '.join(KNOWN_METRICS)})")
+        return v
+
+
+KNOWN_METRICS = ("roc_auc", "accuracy", "f1", "precision", "recall", "log_loss_max")
+
+
+class EndpointSpec(_Declaration):
+    kind: Literal["endpoint"] = "endpoint"
+    model: str = Field(description="Name of the model declaration it serves.")
+    environments: list[str] = Field(default_factory=lambda: ["staging", "prod"], min_length=1)
+    backend: Literal["local"] = Field("local", description="Deployer backend.")
+    workers: int = Field(1, ge=1, le=16)
+    ports: dict[str, int] = Field(
+        default_factory=dict, description="Fixed stable ports per environment (otherwise allocated once and kept)."
+    )
+    max_batch: int = Field(64, ge=1, le=4096, description="Most rows scored in one model call.")
+    inference_log: bool = True
+
+    @field_validator("environments")
+    @classmethod
+    def _envs(cls, v: list[str]) -> list[str]:
+        for e in v:
+            _check_name(e)
+        if len(set(v)) != len(v):
+            raise ValueError("an environment is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _ports(self) -> "EndpointSpec":
+        for env, port in self.ports.items():
+            if env not in self.environments:
+                raise ValueError(f"ports names environment '{env}', which is not in environments")
+            if not 1024 <= port <= 65535:
+                raise ValueError(f"port {port} for '{env}' is outside 1024-65535")
+        return self
+
+
+class AppSpec(_Declaration):
+    kind: Literal["app"] = "app"
+    source: str = Field(description="Directory of the app's source, relative to the project root.")
+    entrypoint: str = Field(description="'module:attribute' of the ASGI app inside source.")
+    calls: list[str] = Field(default_factory=list, description="Endpoints the app calls.")
+    environments: list[str] = Field(default_factory=lambda: ["staging", "prod"], min_length=1)
+    ports: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entry(cls, v: str) -> str:
+        if not IMPORT_PATH_RE.match(v):
+            raise ValueError(f"'{v}' is not of the form 'module:attribute'")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"'{v}' must be a path inside the project")
+        return v
+
+    @model_validator(mode="after")
+    def _track(self) -> "AppSpec":
+        if self.track != "app":
+            raise ValueError(f"an app release is on track 'app', not '{self.track}'")
+        return self
+
+
+Declaration = Annotated[Union[DatasetSpec, ModelSpec, EndpointSpec, AppSpec], Field(discriminator="kind")]
+SPEC_TYPES: dict[str, type[_Declaration]] = {
+    "dataset": DatasetSpec,
+    "model": ModelSpec,
+    "endpoint": EndpointSpec,
+    "app": AppSpec,
+}
+
+
+def error_from_validation(name: str, kind: str | None, source: str | None, err: ValidationError) -> DeclarationError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(declaration)"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if first["type"] not in ("missing", "extra_forbidden") and "input" in first and not isinstance(
+        first["input"], (dict, list)
+    ):
+        msg = f"{msg} (got {first['input']!r})"
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return DeclarationError(name, loc, msg, source, kind)
+
+
+def parse_declaration(data: Any, source: str | None = None) -> _Declaration:
+    """Build one spec from a mapping, turning pydantic's errors into a ``DeclarationError``."""
+    if not isinstance(data, dict):
+        raise DeclarationError("?", "(declaration)", f"expected a mapping, got {type(data).__name__}", source)
+    name = str(data.get("name", "?"))
+    kind = data.get("kind")
+    if kind not in SPEC_TYPES:
+        raise DeclarationError(
+            name, "kind", f"unknown kind {kind!r} (expected one of: {', '.join(SPEC_TYPES)})", source
+        )
+    try:
+        return SPEC_TYPES[kind].model_validate(data)
+    except ValidationError as err:
+        raise error_from_validation(name, kind, source, err) from None
+
+
+def endpoint_asset_name(endpoint: str, env: str) -> str:
+    return f"{endpoint}_{env}"
+
+
+class Organisation:
+    """Every declaration of an organisation, cross-checked. Build with ``Organisation(decls, sources)``."""
+
+    def __init__(self, declarations: list[_Declaration], sources: dict[str, str] | None = None):
+        self.sources = sources or {}
+        self.by_name: dict[str, _Declaration] = {}
+        for d in declarations:
+            if d.name in self.by_name:
+                first = self.sources.get(f"{d.name}#0", "")
+                raise DeclarationError(
+                    d.name, "name", f"duplicate name: already declared{' in ' + first if first else ''}",
+                    self.sources.get(d.name), d.kind,
+                )
+            self.by_name[d.name] = d
+            self.sources.setdefault(f"{d.name}#0", self.sources.get(d.name, ""))
+        self._check()
+
+    def _err(self, d: _Declaration, field: str, problem: str) -> DeclarationError:
+        return DeclarationError(d.name, field, problem, self.sources.get(d.name), d.kind)
+
+    def _ref(self, d: _Declaration, field: str, ref: str, kind: str) -> _Declaration:
+        target = self.by_name.get(ref)
+        if target is None:
+            known = sorted(n for n, x in self.by_name.items() if x.kind == kind)
+            raise self._err(d, field, f"unknown {kind} '{ref}' (declared {kind}s: {', '.join(known) or 'none'})")
+        if target.kind != kind:
+            raise self._err(d, field, f"'{ref}' is a {target.kind}, not a {kind}")
+        return target
+
+    def _check(self) -> None:
+        asset_names: dict[str, str] = {}
+        for d in self.by_name.values():
+            for key in self.asset_names(d):
+                if key in asset_names and asset_names[key] != d.name:
+                    raise self._err(d, "name", f"asset '{key}' clashes with one of '{asset_names[key]}'")
+                asset_names[key] = d.name
+            if isinstance(d, ModelSpec):
+                ds = self._ref(d, "dataset", d.dataset, "dataset")
+                assert isinstance(ds, DatasetSpec)
+                label = d.label or ds.label
+                if label is None:
+                    raise self._err(d, "label", f"dataset '{ds.name}' has no label column; name one")
+                if ds.column(label) is None:
+                    raise self._err(d, "label", f"column '{label}' is not in dataset '{ds.name}'")
+                for f in d.features or []:
+                    col = ds.column(f)
+                    if col is None:
+                        raise self._err(d, "features", f"column '{f}' is not in dataset '{ds.name}'")
+                    if col.pii:
+                        raise self._err(d, "features", f"column '{f}' is PII and can never be a model feature")
+                    if col.name == label:
+                        raise self._err(d, "features", f"column '{f}' is the label")
+                    if col.protected and not d.use_protected_features:
+                        raise self._err(
+                            d, "features",
+                            f"column '{f}' is a protected attribute; set use_protected_features to use it",
+                        )
+            elif isinstance(d, EndpointSpec):
+                m = self._ref(d, "model", d.model, "model")
+                if m.track != d.track:
+                    raise self._err(d, "track", f"'{d.track}' differs from model '{m.name}' track '{m.track}'")
+            elif isinstance(d, AppSpec):
+                for i, ref in enumerate(d.calls):
+                    ep = self._ref(d, f"calls.{i}", ref, "endpoint")
+                    assert isinstance(ep, EndpointSpec)
+                    missing = [e for e in d.environments if e not in ep.environments]
+                    if missing:
+                        raise self._err(d, f"calls.{i}", f"endpoint '{ref}' has no environment '{missing[0]}'")
+
+    @staticmethod
+    def asset_names(d: _Declaration) -> list[str]:
+        if isinstance(d, (EndpointSpec, AppSpec)):
+            base = [d.name] if isinstance(d, AppSpec) else []
+            return base + [endpoint_asset_name(d.name, e) for e in d.environments]
+        return [d.name]
+
+    def of_kind(self, kind: str) -> list[Any]:
+        return [d for d in self.by_name.values() if d.kind == kind]
+
+    def model_features(self, m: ModelSpec) -> tuple[list[str], str]:
+        ds = self.by_name[m.dataset]
+        assert isinstance(ds, DatasetSpec)
+        label = m.label or ds.label
+        assert label is not None
+        if m.features:
+            return list(m.features), label
+        feats = [
+            c.name for c in ds.columns
+            if c.role == "feature" and not c.pii and c.name != label
+            and (m.use_protected_features or not c.protected)
+        ]
+        return feats, label
+
+    def __len__(self) -> int:
+        return len(self.by_name)

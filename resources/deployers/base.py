@@ -1,0 +1,192 @@
+"""The deployer contract, written as outcomes every backend can meet.
+
+* ``deploy(target, release)`` returns only when the new version answers at the target's stable
+  address; otherwise it raises ``DeployError`` and the version that served before still serves
+  there. A version that fails to start never takes traffic. (A Kubernetes rolling update with a
+  readiness probe, or a SageMaker blue/green update, meets the same outcome.)
+* ``delete(target)`` stops serving and is idempotent: deleting what is not there is not an error.
+* ``status(target)`` reports what really serves, by asking the server at the stable address, also
+  after the orchestrator restarts.
+
+The base class owns the lifecycle (launch a candidate beside the current version, wait for its
+health, cut over, verify at the stable address, discard on failure). A backend implements only its
+calls: ``_address``, ``_launch``, ``_candidate``, ``_cutover``, ``_discard``, ``_stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class DeployError(RuntimeError):
+    """A deploy did not complete. The previous version (if any) is still serving."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where something is served: one endpoint or app release in one environment."""
+
+    name: str
+    env: str
+    kind: str = "endpoint"  # endpoint | app
+    port: int | None = None  # fixed stable port, if declared
+
+    @property
+    def slot(self) -> str:
+        return f"{self.name}.{self.env}"
+
+
+@dataclass(frozen=True)
+class Release:
+    """What to serve. ``artifact`` is a local directory (model files, or an app build)."""
+
+    version: str
+    artifact: str
+    config: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1
+
+
+@dataclass
+class DeploymentStatus:
+    target: Target
+    address: str | None
+    serving_version: str | None
+    healthy: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target"] = asdict(self.target)
+        return d
+
+
+@dataclass
+class Candidate:
+    """A launched version that does not yet count as serving."""
+
+    target: Target
+    release: Release
+    handle: Any
+    health_urls: list[str]
+
+
+def http_json(url: str, timeout: float = 2.0, data: dict | None = None) -> tuple[int, Any]:
+    body = json.dumps(data).encode() if data is not None else None
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
+                                 headers={"content-type": "application/json", "connection": "close"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw)
+        except ValueError:
+            return err.code, raw.decode("utf-8", "replace")
+
+
+def probe(address: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """What answers at ``address``: its /version document, or None if nothing healthy answers."""
+    try:
+        code, health = http_json(address + "/health", timeout)
+        if code != 200:
+            return None
+        code, version = http_json(address + "/version", timeout)
+        return version if code == 200 and isinstance(version, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class Deployer(ABC):
+    """Lifecycle shared by every backend. Subclasses are also Dagster resources."""
+
+    poll_seconds: float = 0.05
+
+    # -- the contract ---------------------------------------------------------------------
+    def deploy(self, target: Target, release: Release, timeout: float = 120.0) -> DeploymentStatus:
+        candidate = self._launch(target, release)
+        deadline = time.monotonic() + timeout
+        try:
+            self._await_healthy(candidate, deadline)
+        except DeployError:
+            self._discard(candidate)
+            raise
+        self._cutover(candidate)
+        address = self._address(target)
+        while True:
+            seen = probe(address)
+            if seen and str(seen.get("version")) == release.version:
+                break
+            if time.monotonic() > deadline:
+                raise DeployError(
+                    f"{target.slot}: version {release.version} is healthy but {address} still answers "
+                    f"{seen.get('version') if seen else 'nothing'}"
+                )
+            time.sleep(self.poll_seconds)
+        return self.status(target)
+
+    def status(self, target: Target) -> DeploymentStatus:
+        address = self._address_if_known(target)
+        seen = probe(address) if address else None
+        return DeploymentStatus(
+            target=target, address=address,
+            serving_version=str(seen["version"]) if seen else None,
+            healthy=seen is not None, detail={"server": seen, **self._backend_detail(target)},
+        )
+
+    def delete(self, target: Target) -> None:
+        self._stop(target)
+
+    def address(self, target: Target) -> str:
+        """The stable address clients use; allocated on first use and never changed."""
+        return self._address(target)
+
+    # -- lifecycle helpers ----------------------------------------------------------------
+    def _await_healthy(self, candidate: Candidate, deadline: float) -> None:
+        while True:
+            failure = self._candidate_failure(candidate)
+            if failure:
+                raise DeployError(f"{candidate.target.slot}: version {candidate.release.version} "
+                                  f"failed to start; the previous version keeps serving. {failure}")
+            seen = [probe(url, timeout=0.5) for url in candidate.health_urls]
+            if all(s is not None and str(s.get("version")) == candidate.release.version for s in seen):
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(f"{candidate.target.slot}: version {candidate.release.version} was "
+                                  f"not healthy in time; the previous version keeps serving")
+            time.sleep(self.poll_seconds)
+
+    # -- backend calls --------------------------------------------------------------------
+    @abstractmethod
+    def _address(self, target: Target) -> str:
+        """The stable address (allocated on first use, never changed after)."""
+
+    def _address_if_known(self, target: Target) -> str | None:
+        return self._address(target)
+
+    @abstractmethod
+    def _launch(self, target: Target, release: Release) -> Candidate: ...
+
+    @abstractmethod
+    def _candidate_failure(self, candidate: Candidate) -> str | None:
+        """Why the candidate can no longer become healthy, or None while it still can."""
+
+    @abstractmethod
+    def _cutover(self, candidate: Candidate) -> None:
+        """Make the candidate the version served at the stable address; drain the old one."""
+
+    @abstractmethod
+    def _discard(self, candidate: Candidate) -> None: ...
+
+    @abstractmethod
+    def _stop(self, target: Target) -> None: ...
+
+    def _backend_detail(self, target: Target) -> dict[str, Any]:
+        return {}

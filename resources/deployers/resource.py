@@ -1,0 +1,24 @@
+"""Deployer backends as Dagster resources: configuration here, behaviour in the backend classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from resources.deployers.base import Deployer
+from resources.deployers.local import LocalProcessDeployer
+
+
+class LocalDeployerResource(dg.ConfigurableResource):
+    """Serve on this machine: one supervised process group per endpoint/app and environment."""
+
+    run_dir: str = Field(description="Supervisor state, stable port registry and process logs.")
+    host: str = Field("127.0.0.1", description="Interface the stable addresses listen on.")
+    port_base: int = Field(18000, description="First port tried when a stable address is allocated.")
+    inference_log_dir: str = Field(description="Where endpoints append their inference logs.")
+
+    def deployer(self) -> Deployer:
+        return LocalProcessDeployer(Path(self.run_dir), host=self.host, port_base=self.port_base,
+                                    inference_log_dir=Path(self.inference_log_dir))

@@ -1,0 +1,152 @@
+"""The MLflow model registry as a Dagster resource (MLflow 3: aliases, not stages)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+# MLflow reads these at import; keep its noise and telemetry out of runs.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+TAG_PREFIX = "onepath."
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+    source: str
+
+
+def trusted_types(estimator: Any) -> list[str]:
+    """The types skops does not trust by default that this estimator holds.
+
+    onepath stores sklearn models in skops' safe format (no arbitrary code on load). The model was
+    just trained by the declared trainer, so its own types are recorded as the version's allow-list;
+    anything else in a tampered file is still refused at load.
+    """
+    import skops.io
+
+    return list(skops.io.get_untrusted_types(data=skops.io.dumps(estimator)))
+
+
+class MlflowRegistry(dg.ConfigurableResource):
+    """Registers, tags, aliases and fetches model versions."""
+
+    tracking_uri: str = Field(description="MLflow tracking URI (sqlite:///... by default).")
+    registry_uri: str | None = Field(None, description="Registry URI; defaults to the tracking URI.")
+    artifact_root: str = Field(description="Directory for artifacts of experiments onepath creates.")
+    ui_url: str = Field("http://127.0.0.1:5000", description="MLflow UI base URL, for links in metadata.")
+    cache_dir: str = Field(description="Where downloaded model versions are kept (immutable per version).")
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri)
+
+    def _use(self) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
+
+    def experiment_id(self, name: str) -> str:
+        client = self.client()
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = Path(self.artifact_root) / name
+        location.mkdir(parents=True, exist_ok=True)
+        try:
+            return client.create_experiment(name, artifact_location=location.as_uri())
+        except Exception:  # created concurrently by another run
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def log_and_register(
+        self, *, model_name: str, estimator: Any, X_example: Any, y_pred_example: Any,
+        metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str], experiment: str,
+        artifacts: dict[str, str] | None = None,
+    ) -> RegisteredVersion:
+        import mlflow
+        import mlflow.sklearn
+        from mlflow.models import infer_signature
+
+        self._use()
+        exp_id = self.experiment_id(experiment)
+        signature = infer_signature(X_example, y_pred_example)
+        with mlflow.start_run(experiment_id=exp_id, tags=tags) as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_metrics(metrics)
+            for path in (artifacts or {}).values():
+                mlflow.log_artifact(path)
+            info = mlflow.sklearn.log_model(
+                estimator, name="model", signature=signature, input_example=X_example.head(5),
+                registered_model_name=model_name, serialization_format="skops",
+                skops_trusted_types=trusted_types(estimator),
+            )
+        version = str(info.registered_model_version)
+        client = self.client()
+        for k, v in tags.items():
+            client.set_model_version_tag(model_name, version, k, v)
+        return RegisteredVersion(model_name, version, run.info.run_id, f"models:/{model_name}/{version}",
+                                 info.model_uri)
+
+    def latest_version(self, name: str) -> str | None:
+        versions = self.client().search_model_versions(f"name = '{name}'", order_by=["version_number DESC"],
+                                                       max_results=1)
+        return str(versions[0].version) if versions else None
+
+    def get_version(self, name: str, version: str):
+        return self.client().get_model_version(name, version)
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """Alias -> version. (``search_model_versions`` leaves aliases empty; the registered model has them.)"""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self.client().get_registered_model(name)
+        except MlflowException:
+            return {}
+        return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client().set_registered_model_alias(name, alias, version)
+
+    def download(self, name: str, version: str) -> Path:
+        """A local copy of the version's model directory (cached; a version's files never change)."""
+        import mlflow.artifacts
+
+        self._use()
+        dst = Path(self.cache_dir) / name / str(version)
+        if (dst / "MLmodel").exists():
+            return dst
+        tmp = dst.with_name(f".{version}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
+                                            tracking_uri=self.tracking_uri)
+        try:
+            os.replace(tmp, dst)
+        except OSError:  # another process won the race; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dst
+
+    def version_url(self, name: str, version: str) -> str:
+        return f"{self.ui_url}/#/models/{name}/versions/{version}"
+
+    def run_url(self, run_id: str) -> str:
+        run = self.client().get_run(run_id)
+        return f"{self.ui_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

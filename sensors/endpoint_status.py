@@ -1,0 +1,80 @@
+"""Observe what every environment really serves, and what its next materialization would deploy.
+
+Each tick asks every stable address (in parallel, short timeout) and MLflow's aliases, and records an
+``AssetObservation`` on the environment's asset when something changed: serving version, health,
+the alias, and the version a materialization would deploy now. That is how the UI shows which
+version a promotion will deploy before anyone clicks.
+"""
+
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import dagster as dg
+
+from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name
+from resources.deployers.base import Target
+from resources.deployers.resource import LocalDeployerResource
+from resources.mlflow_registry import MlflowRegistry
+
+
+def targets_of(org: Organisation) -> list[tuple[Any, str, Target]]:
+    out = []
+    for d in org.by_name.values():
+        if isinstance(d, EndpointSpec):
+            out += [(d, env, Target(d.name, env, "endpoint", d.ports.get(env))) for env in d.environments]
+        elif isinstance(d, AppSpec):
+            out += [(d, env, Target(d.name, env, "app", d.ports.get(env))) for env in d.environments]
+    return out
+
+
+def build_endpoint_status_sensor(org: Organisation) -> dg.SensorDefinition:
+    targets = targets_of(org)
+
+    @dg.sensor(
+        name="endpoint_status",
+        description="Records what each endpoint/app environment serves and what promoting it would deploy.",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def endpoint_status(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry,
+                        deployer_local: LocalDeployerResource):
+        deployer = deployer_local.deployer()
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(targets)))) as pool:
+            statuses = list(pool.map(lambda t: deployer.status(t[2]), targets))
+        models = {d.model for d, _, _ in targets if isinstance(d, EndpointSpec)}
+        aliases = {m: mlflow.aliases(m) for m in models}
+        newest = {m: mlflow.latest_version(m) for m in models}
+        serving = {(d.name, env): s.serving_version for (d, env, _), s in zip(targets, statuses)}
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        events = []
+        for (d, env, target), st in zip(targets, statuses):
+            i = d.environments.index(env)
+            if isinstance(d, EndpointSpec):
+                nxt = newest[d.model] if i == 0 else serving.get((d.name, d.environments[i - 1]))
+                alias = aliases[d.model].get(env)
+            else:
+                nxt = None if i == 0 else serving.get((d.name, d.environments[i - 1]))
+                alias = None
+            snap = {
+                "serving_version": st.serving_version or "none",
+                "healthy": st.healthy,
+                "address": st.address or "not allocated",
+                "would_deploy": nxt or "none",
+            }
+            if isinstance(d, EndpointSpec):
+                snap["mlflow_alias_version"] = alias or "none"
+                snap["alias_matches_server"] = (alias or None) == st.serving_version
+            key = endpoint_asset_name(d.name, env)
+            digest = hashlib.sha256(json.dumps(snap, sort_keys=True).encode()).hexdigest()[:16]
+            if cursor.get(key) != digest:
+                cursor[key] = digest
+                events.append(dg.AssetObservation(asset_key=dg.AssetKey(key), metadata=snap))
+        context.update_cursor(json.dumps(cursor, sort_keys=True))
+        if not events:
+            return dg.SkipReason(f"no change across {len(targets)} environments")
+        return dg.SensorResult(asset_events=events)
+
+    return endpoint_status

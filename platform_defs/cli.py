@@ -1,0 +1,218 @@
+"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``.
+
+Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
+
+DAGSTER_YAML = """\
+# onepath's embedded default instance: run, event-log and schedule storage are sqlite files in
+# this folder (Dagster's defaults). Point storage at Postgres for a shared instance; see
+# deploy/dagster.postgres.yaml.
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+sensors:
+  use_threads: true
+  num_workers: 4
+"""
+
+
+def _die(msg: str, code: int = 1) -> int:
+    print(f"onepath: {msg}", file=sys.stderr)
+    return code
+
+
+def ensure_instance(settings: Settings) -> Path:
+    settings.ensure_dirs()
+    path = settings.dagster_home / "dagster.yaml"
+    if not path.exists():
+        path.write_text(DAGSTER_YAML)
+    return path
+
+
+# -- validate -----------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from platform_defs.loader import declarations_dir, load_organisation
+    from platform_defs.specs import DeclarationError
+
+    root = Path(args.path).resolve() if args.path else declarations_dir()
+    try:
+        org = load_organisation(root)
+    except DeclarationError as err:
+        print(str(err).splitlines()[0], file=sys.stderr)
+        return 1
+    counts: dict[str, int] = {}
+    for d in org.by_name.values():
+        counts[d.kind] = counts.get(d.kind, 0) + 1
+    summary = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in sorted(counts.items()))
+    print(f"ok: {len(org)} declarations in {root} ({summary})")
+    return 0
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def _status_rows(settings: Settings, env: str | None) -> list[dict[str, Any]]:
+    from platform_defs.loader import load_organisation
+    from resources.deployers.local import LocalProcessDeployer
+    from sensors.endpoint_status import targets_of
+
+    org = load_organisation()
+    deployer = LocalProcessDeployer(settings.run_dir, host=settings.host, port_base=settings.port_base,
+                                    inference_log_dir=settings.inference_log_dir)
+    targets = [t for t in targets_of(org) if env is None or t[1] == env]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        statuses = list(pool.map(lambda t: deployer.status(t[2]), targets))
+    rows = []
+    for (d, e, target), st in zip(targets, statuses):
+        sup = st.detail.get("supervisor") or {}
+        rows.append({
+            "name": d.name, "kind": target.kind, "env": e, "track": d.track, "owner": d.owner,
+            "version": st.serving_version, "address": st.address, "healthy": st.healthy,
+            "supervisor_state": sup.get("state"), "restarts": sup.get("restarts"),
+            "model": getattr(d, "model", None),
+        })
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from platform_defs.specs import DeclarationError
+
+    settings = load_settings()
+    try:
+        rows = _status_rows(settings, args.env)
+    except DeclarationError as err:
+        return _die(str(err).splitlines()[0])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("NAME", "KIND", "ENV", "VERSION", "HEALTH", "ADDRESS", "TRACK", "OWNER")
+    table = [header] + [(
+        r["name"], r["kind"], r["env"], r["version"] or "-",
+        "healthy" if r["healthy"] else ("down" if r["address"] else "not deployed"),
+        r["address"] or "-", r["track"], r["owner"],
+    ) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+# -- down ---------------------------------------------------------------------------------------
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from resources.deployers.local import LocalProcessDeployer
+
+    settings = load_settings()
+    if not settings.run_dir.exists():
+        print("nothing is running")
+        return 0
+    stopped = LocalProcessDeployer(settings.run_dir).stop_all()
+    print(f"stopped {len(stopped)} environment(s){': ' + ', '.join(stopped) if stopped else ''}")
+    return 0
+
+
+# -- up -----------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from platform_defs.loader import load_organisation
+    from platform_defs.specs import DeclarationError
+
+    settings = load_settings()
+    ensure_instance(settings)
+    try:
+        org = load_organisation()
+    except DeclarationError as err:
+        return _die(str(err).splitlines()[0])
+    env = dict(os.environ)
+    env.update({
+        "DAGSTER_HOME": str(settings.dagster_home),
+        "ONEPATH_HOME": str(settings.home),
+        "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+        "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "GX_ANALYTICS_ENABLED": "false",
+    })
+    bindir = Path(sys.executable).parent
+    procs: list[subprocess.Popen] = []
+    if not args.no_mlflow_ui:
+        port = settings.mlflow_ui_url.rsplit(":", 1)[-1].strip("/")
+        procs.append(subprocess.Popen(
+            [str(bindir / "mlflow"), "server", "--backend-store-uri", settings.mlflow_tracking_uri,
+             "--default-artifact-root", settings.mlflow_artifact_root.as_uri(), "--host", "127.0.0.1",
+             "--port", port, "--workers", "1"],
+            env=env, cwd=PROJECT_ROOT, stdout=open(settings.home / "mlflow-ui.log", "ab"),
+            stderr=subprocess.STDOUT, start_new_session=True))
+    dg_cmd = [str(bindir / "dg"), "dev", "--host", args.host, "--port", str(args.port)]
+    if not shutil.which(dg_cmd[0]):
+        dg_cmd = [str(bindir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
+                  "-h", args.host, "-p", str(args.port)]
+    print(f"onepath: {len(org)} declarations loaded; Dagster UI on http://{args.host}:{args.port}"
+          f"{'' if args.no_mlflow_ui else f', MLflow UI on {settings.mlflow_ui_url}'}; state in {settings.home}")
+    dagster = subprocess.Popen(dg_cmd, env=env, cwd=PROJECT_ROOT)
+    procs.append(dagster)
+
+    def stop(*_: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM if p is not dagster else signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = dagster.wait()
+    stop()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    print("onepath: Dagster stopped; endpoints keep serving (onepath down stops them)")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="onepath", description="One delivery path for data, models, endpoints and apps.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("up", help="start the platform: Dagster UI (with sensors) and the MLflow UI")
+    p.add_argument("--host", default=os.environ.get("ONEPATH_UI_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("ONEPATH_UI_PORT", "3000")))
+    p.add_argument("--no-mlflow-ui", action="store_true")
+    p.set_defaults(fn=cmd_up)
+    p = sub.add_parser("status", help="every endpoint and app release per environment, asked live")
+    p.add_argument("--env")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("validate", help="load and check every declaration; print the first problem")
+    p.add_argument("path", nargs="?", help="declarations folder (default: the project's assets/)")
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("down", help="stop every endpoint and app process onepath started")
+    p.set_defaults(fn=cmd_down)
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

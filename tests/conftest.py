@@ -1,0 +1,87 @@
+"""Shared fixtures: an isolated onepath world per test session (its own ONEPATH_HOME, MLflow sqlite
+store, Dagster instance and port range), and helpers that build real MLflow models on disk.
+
+Everything a test starts is stopped at the end of the session (``stop_all`` on its run dir).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port_base(span: int = 200) -> int:
+    """A base port whose next ``span`` ports are currently free (checked, not guessed)."""
+    for base in range(21000, 60000, span):
+        ok = True
+        for p in range(base, base + span, 7):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                ok = False
+                break
+            finally:
+                s.close()
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="session")
+def onepath_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("onepath")
+    saved = dict(os.environ)
+    os.environ.update({
+        "ONEPATH_HOME": str(home),
+        "DAGSTER_HOME": str(home / "dagster_home"),
+        "ONEPATH_PORT_BASE": str(_free_port_base()),
+        "GX_ANALYTICS_ENABLED": "false",
+        "ONEPATH_DRAIN_SECONDS": "5",
+    })
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("ONEPATH_DECLARATIONS_DIR", None)
+    (home / "dagster_home").mkdir()
+    (home / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    try:
+        yield home
+    finally:
+        from resources.deployers.local import LocalProcessDeployer
+
+        run_dir = home / "run"
+        if run_dir.exists():
+            LocalProcessDeployer(run_dir).stop_all()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def settings(onepath_home: Path):
+    from platform_defs.settings import load_settings
+
+    return load_settings().ensure_dirs()
+
+
+def save_credit_model(dst: Path, *, rows: int = 800, seed: int = 1) -> Path:
+    """A real sklearn pipeline trained on the credit data, saved in MLflow's format at ``dst``."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    from assets.credit.data import generate_credit_applications
+    from assets.credit.trainer import train_credit_risk
+    from resources.mlflow_registry import trusted_types
+
+    df = generate_credit_applications(rows=rows, seed=seed)
+    feats = ["annual_income", "loan_amount", "loan_term_months", "debt_to_income", "credit_history_years",
+             "num_open_accounts", "delinquencies_2y", "employment_type", "home_ownership", "purpose"]
+    est = train_credit_risk(df[feats], df["defaulted"], {})
+    mlflow.sklearn.save_model(est, str(dst), signature=infer_signature(df[feats], est.predict(df[feats])),
+                              input_example=df[feats].head(3), serialization_format="skops",
+                              skops_trusted_types=trusted_types(est))
+    return dst

@@ -1,0 +1,209 @@
+"""The whole example organisation, materialized for real: MLflow on sqlite, real endpoint and app
+processes on loopback, a real Dagster instance. Then a retrain and a staged promotion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from platform_defs.definitions import build_definitions, build_resources
+from platform_defs.loader import load_organisation
+from resources.data_store import dataframe_hash
+from resources.deployers.base import probe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def materialize(defs: dg.Definitions, instance, keys: list[str] | None = None, raise_on_error: bool = True):
+    assets = list(defs.assets)
+    selection = None if keys is None else keys
+    return dg.materialize(assets, selection=selection, resources=defs.resources, instance=instance,
+                          raise_on_error=raise_on_error)
+
+
+def meta(result, key: str) -> dict:
+    for ev in result.get_asset_materialization_events():
+        m = ev.materialization
+        if m.asset_key == dg.AssetKey(key):
+            return {k: v.value for k, v in m.metadata.items()}
+    raise KeyError(key)
+
+
+def post(url: str, body: dict, headers: dict | None = None) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def world(settings, tmp_path_factory):
+    defs = build_definitions(settings=settings)
+    with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("instance"))) as instance:
+        first = materialize(defs, instance)
+        yield {"defs": defs, "instance": instance, "first": first, "settings": settings,
+               "mlflow": build_resources(settings)["mlflow"]}
+
+
+def test_graph_lineage_kinds_owners_groups(world):
+    graph = world["defs"].resolve_asset_graph()
+    deps = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+            for k in graph.get_all_asset_keys()}
+    assert deps["credit_risk"] == {"credit_applications"}
+    assert deps["credit_scoring_staging"] == {"credit_risk"}
+    assert deps["credit_scoring_prod"] == {"credit_scoring_staging"}
+    assert deps["loan_portal_staging"] == {"loan_portal", "credit_scoring_staging"}
+    assert deps["loan_portal_prod"] == {"loan_portal_staging", "credit_scoring_prod"}
+    assert deps["churn"] == {"customer_activity"} and deps["churn_scoring_staging"] == {"churn"}
+    specs = {s.key.to_user_string(): s for s in world["defs"].resolve_all_asset_specs()}
+    assert specs["credit_risk"].owners == ["team:credit-risk"]
+    assert specs["credit_risk"].group_name == "credit_risk"
+    assert {"model", "mlflow"} <= set(specs["credit_risk"].kinds)
+    assert specs["credit_risk"].tags["onepath/track"] == "ml-high-risk"
+    assert specs["churn"].group_name == "retention" and specs["churn"].tags["onepath/track"] == "ml-standard"
+    assert "endpoint" in specs["credit_scoring_prod"].kinds and "app" in specs["loan_portal_prod"].kinds
+
+
+def test_every_asset_materialized_and_checks_passed(world):
+    result = world["first"]
+    assert result.success
+    keys = {ev.materialization.asset_key.to_user_string() for ev in result.get_asset_materialization_events()}
+    assert keys == {"credit_applications", "credit_risk", "credit_scoring_staging", "credit_scoring_prod",
+                    "loan_portal", "loan_portal_staging", "loan_portal_prod", "customer_activity", "churn",
+                    "churn_scoring_staging", "churn_scoring_prod"}
+    checks = {(e.asset_key.to_user_string(), e.check_name): e.passed
+              for e in result.get_asset_check_evaluations()}
+    assert checks[("credit_applications", "expectations")] is True
+    assert checks[("credit_risk", "performance")] is True
+    assert checks[("churn", "performance")] is True
+
+
+def test_model_version_carries_lineage_that_recomputes(world):
+    result, mlflow = world["first"], world["mlflow"]
+    m = meta(result, "credit_risk")
+    version = mlflow.get_version("credit_risk", m["model_version"])
+    tags = version.tags
+    assert tags["onepath.dataset_key"] == "credit_applications"
+    assert tags["onepath.dagster_run_id"] == result.run_id
+    ds = meta(result, "credit_applications")
+    df = __import__("pandas").read_parquet(ds["path"])
+    assert dataframe_hash(df) == tags["onepath.data_hash"] == ds["data_hash"]
+    trainer = ROOT / "assets" / "credit" / "trainer.py"
+    assert tags["onepath.code_hash"] == hashlib.sha256(trainer.read_bytes()).hexdigest()
+    assert tags["onepath.code_path"] == "assets/credit/trainer.py"
+    assert m["mlflow_version"].endswith(f"/models/credit_risk/versions/{m['model_version']}")
+    run = mlflow.client().get_run(version.run_id)
+    assert run.data.metrics["roc_auc"] == pytest.approx(m["held_out_roc_auc"])
+    # the signature excludes PII, protected attributes, ids and the label
+    import mlflow.models
+
+    sig = mlflow.models.get_model_info(f"models:/credit_risk/{m['model_version']}").signature
+    names = set(sig.inputs.input_names())
+    assert not names & {"full_name", "national_id", "email", "gender", "age_band", "application_id", "defaulted"}
+    assert "debt_to_income" in names
+
+
+def test_endpoints_serve_at_stable_addresses_with_aliases(world):
+    result, mlflow = world["first"], world["mlflow"]
+    version = meta(result, "credit_risk")["model_version"]
+    aliases = mlflow.aliases("credit_risk")
+    for env in ("staging", "prod"):
+        m = meta(result, f"credit_scoring_{env}")
+        assert m["model_version"] == version
+        seen = probe(m["address"])
+        assert seen and seen["version"] == version == aliases[env]
+    churn_aliases = mlflow.aliases("churn")
+    assert probe(meta(result, "churn_scoring_prod")["address"])["version"] == churn_aliases["prod"]
+
+
+def test_prediction_over_http_and_inference_log_without_pii(world):
+    result, settings = world["first"], world["settings"]
+    address = meta(result, "credit_scoring_prod")["address"]
+    df = __import__("pandas").read_parquet(meta(result, "credit_applications")["path"])
+    row = json.loads(df.drop(columns=["defaulted"]).head(1).to_json(orient="records"))[0]
+    out = post(address + "/predict", row, {"x-request-id": "graph-test-1"})
+    assert 0.0 <= out["predictions"][0]["probability"] <= 1.0
+    log_dir = settings.inference_log_dir / "credit_scoring" / "prod"
+    text = "".join(p.read_text() for p in log_dir.glob("*.jsonl"))
+    for pii in ("full_name", "national_id", "email"):
+        assert pii not in text and str(row[pii]) not in text
+    entry = [json.loads(line) for line in text.splitlines() if "graph-test-1" in line][0]
+    assert entry["extras"]["application_id"] == row["application_id"]
+    assert "gender" in entry["extras"]  # passed through for fairness monitoring; not a model input
+    assert "gender" not in entry["inputs"]
+
+
+def test_app_release_calls_the_prod_endpoint(world):
+    result = world["first"]
+    app = meta(result, "loan_portal_prod")
+    assert app["release_version"] == meta(result, "loan_portal")["release_version"]
+    assert app["calls"]["ONEPATH_CREDIT_SCORING_URL"] == meta(result, "credit_scoring_prod")["address"]
+    out = post(app["address"] + "/api/apply", {
+        "full_name": "Test Person", "national_id": "000-00-0000", "email": "t@example.com", "gender": "M",
+        "age_band": "26-35", "annual_income": 48000, "loan_amount": 9000, "loan_term_months": 24,
+        "debt_to_income": 0.25, "credit_history_years": 6, "num_open_accounts": 3, "delinquencies_2y": 0,
+        "employment_type": "salaried", "home_ownership": "rent", "purpose": "car"})
+    assert out["decision"] in ("approve", "refer", "decline")
+    assert out["model_version"] == meta(result, "credit_scoring_prod")["model_version"]
+
+
+def test_retrain_goes_to_staging_then_prod_is_promoted_alone_without_touching_the_app(world):
+    defs, instance, first, mlflow = world["defs"], world["instance"], world["first"], world["mlflow"]
+    v1 = meta(first, "credit_risk")["model_version"]
+    prod_address = meta(first, "credit_scoring_prod")["address"]
+    app_address = meta(first, "loan_portal_prod")["address"]
+    app_pid = probe(app_address)
+    staged = materialize(defs, instance, ["credit_risk", "credit_scoring_staging"])
+    v2 = meta(staged, "credit_risk")["model_version"]
+    assert int(v2) == int(v1) + 1
+    assert meta(staged, "credit_scoring_staging")["previous_version"] == v1
+    assert probe(prod_address)["version"] == v1, "prod must not move until it is materialized"
+    assert mlflow.aliases("credit_risk") == {"staging": v2, "prod": v1}
+
+    promoted = materialize(defs, instance, ["credit_scoring_prod"])
+    m = meta(promoted, "credit_scoring_prod")
+    assert m["model_version"] == v2 and m["previous_version"] == v1 and m["address"] == prod_address
+    assert probe(prod_address)["version"] == v2
+    assert mlflow.aliases("credit_risk")["prod"] == v2
+    # the app was not redeployed: same release, same process, and it now gets v2's answers
+    assert probe(app_address) == app_pid
+    out = post(app_address + "/api/apply", {
+        "full_name": "A B", "national_id": "1", "email": "a@example.com", "gender": "F", "age_band": "36-50",
+        "annual_income": 70000, "loan_amount": 5000, "loan_term_months": 12, "debt_to_income": 0.1,
+        "credit_history_years": 12, "num_open_accounts": 5, "delinquencies_2y": 0,
+        "employment_type": "salaried", "home_ownership": "own", "purpose": "car"})
+    assert out["model_version"] == v2
+
+
+def test_failed_expectations_block_the_model(settings, tmp_path):
+    src = (ROOT / "assets" / "retention" / "defs.yaml").read_text()
+    bad = (src.replace("name: customer_activity", "name: tight_activity")
+              .replace("dataset: customer_activity", "dataset: tight_activity")
+              .replace("name: churn\n", "name: tight_churn\n")
+              .replace("model: churn", "model: tight_churn")
+              .replace("name: churn_scoring", "name: tight_scoring")
+              .replace("{name: logins_30d, dtype: int, min: 0}", "{name: logins_30d, dtype: int, min: 0, max: 3}"))
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "defs.yaml").write_text(bad)
+    defs = build_definitions(org=load_organisation(tmp_path), settings=settings)
+    with dg.instance_for_test() as instance:
+        r = dg.materialize(list(defs.assets), selection=["tight_activity", "tight_churn"],
+                           resources=defs.resources, instance=instance, raise_on_error=False)
+        assert not r.success
+        evals = {e.check_name: e for e in r.get_asset_check_evaluations()}
+        assert evals["expectations"].passed is False
+        failures = evals["expectations"].metadata["failures"].value
+        assert "logins_30d" in failures and "expect_column_values_to_be_between" in failures
+        assert [e.materialization.asset_key.to_user_string() for e in r.get_asset_materialization_events()] \
+            == ["tight_activity"]
+        # run alone, the model still refuses the failed snapshot
+        r2 = dg.materialize(list(defs.assets), selection=["tight_churn"], resources=defs.resources,
+                            instance=instance, raise_on_error=False)
+        assert not r2.success
+        failure = [e for e in r2.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert "failed its expectations" in str(failure.event_specific_data.error)

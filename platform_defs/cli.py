@@ -21,8 +21,7 @@ from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
 
 DAGSTER_YAML = """\
 # onepath's embedded default instance: run, event-log and schedule storage are sqlite files in
-# this folder (Dagster's defaults). Point storage at Postgres for a shared instance; see
-# deploy/dagster.postgres.yaml.
+# this folder (Dagster's defaults). A shared instance puts storage on Postgres instead.
 telemetry:
   enabled: false
 run_monitoring:

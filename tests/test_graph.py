@@ -207,3 +207,55 @@ def test_failed_expectations_block_the_model(settings, tmp_path):
         assert not r2.success
         failure = [e for e in r2.all_events if e.event_type_value == "STEP_FAILURE"][0]
         assert "failed its expectations" in str(failure.event_specific_data.error)
+
+
+# -- the same world through the sensor and the command line (keep these last: `down` ends it) --
+
+
+def test_endpoint_status_sensor_observes_serving_and_next_versions(world):
+    defs, instance, mlflow = world["defs"], world["instance"], world["mlflow"]
+    sensor = defs.resolve_sensor_def("endpoint_status")
+    ctx = dg.build_sensor_context(instance=instance, resources=defs.resources)
+    result = sensor(ctx)
+    obs = {e.asset_key.to_user_string(): {k: v.value for k, v in e.metadata.items()} for e in result.asset_events}
+    aliases = mlflow.aliases("credit_risk")
+    assert obs["credit_scoring_prod"]["serving_version"] == aliases["prod"]
+    assert obs["credit_scoring_prod"]["alias_matches_server"] is True
+    assert obs["credit_scoring_staging"]["would_deploy"] == mlflow.latest_version("credit_risk")
+    assert obs["credit_scoring_prod"]["would_deploy"] == aliases["staging"]
+    assert obs["loan_portal_prod"]["healthy"] is True
+    assert set(obs) == {"credit_scoring_staging", "credit_scoring_prod", "churn_scoring_staging",
+                        "churn_scoring_prod", "loan_portal_staging", "loan_portal_prod"}
+    again = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources, cursor=ctx.cursor))
+    assert isinstance(again, dg.SkipReason) and "no change" in again.skip_message
+
+
+def run_cli(*args: str) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "platform_defs.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_cli_status_reports_live_versions(world):
+    out = run_cli("status", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {(r["name"], r["env"]): r for r in json.loads(out.stdout)}
+    mlflow = world["mlflow"]
+    assert rows[("credit_scoring", "prod")]["version"] == mlflow.aliases("credit_risk")["prod"]
+    assert all(r["healthy"] for r in rows.values())
+    text = run_cli("status", "--env", "prod")
+    assert text.returncode == 0
+    assert "credit_scoring" in text.stdout and "staging" not in text.stdout and "healthy" in text.stdout
+
+
+def test_cli_down_stops_everything(world):
+    addresses = [meta(world["first"], k)["address"] for k in ("credit_scoring_prod", "loan_portal_prod")]
+    out = run_cli("down")
+    assert out.returncode == 0 and "stopped 6 environment(s)" in out.stdout, out.stdout + out.stderr
+    assert all(probe(a) is None for a in addresses)
+    status = json.loads(run_cli("status", "--json").stdout)
+    assert not any(r["healthy"] for r in status)
+    assert run_cli("down").stdout.startswith("stopped 0 environment(s)")

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,14 +28,15 @@ from resources.serving.supervisor import log_tail
 
 
 def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
     try:
         os.kill(pid, 0)
     except OSError as err:
         return err.errno == errno.EPERM
-    try:  # a zombie child of ours counts as gone
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
 
 
@@ -134,6 +136,8 @@ class LocalProcessDeployer(Deployer):
                 cwd=str(PROJECT_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
+        # the supervisor outlives this process; while we live, reap it if it exits (no zombies)
+        threading.Thread(target=proc.wait, daemon=True).start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -249,15 +253,19 @@ class LocalProcessDeployer(Deployer):
         return sorted(p.parent.name for p in self.run_dir.glob("*/state.json"))
 
     def stop_all(self) -> list[str]:
-        stopped = []
+        """Stop every supervisor under run_dir (in parallel); returns the slots that were running."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        running = []
         for slot in self.slots():
             name, env = slot.rsplit(".", 1)
             t = Target(name, env)
             st = self._state(t)
             if st and not st.get("stopped") and pid_alive(int(st["pid"])):
-                self._stop(t)
-                stopped.append(slot)
-        return stopped
+                running.append((slot, t))
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(running)))) as pool:
+            list(pool.map(lambda item: self._stop(item[1]), running))
+        return [slot for slot, _ in running]
 
 
 def _bindable(host: str, port: int) -> bool:

@@ -1,0 +1,164 @@
+"""Bad declarations fail at load with one line naming the declaration, its file, the field and the
+problem; `onepath validate` prints exactly that line and no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from platform_defs.loader import load_organisation
+from platform_defs.specs import DeclarationError
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = (ROOT / "assets" / "retention" / "defs.yaml").read_text()
+
+
+def write(tmp_path: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+def first_line(tmp_path: Path) -> str:
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # file names are shown relative to where the person runs the command
+    try:
+        with pytest.raises(DeclarationError) as err:
+            load_organisation(tmp_path)
+    finally:
+        os.chdir(cwd)
+    return str(err.value).splitlines()[0]
+
+
+def test_the_example_organisation_is_valid():
+    org = load_organisation(ROOT / "assets")
+    assert {d.name for d in org.by_name.values()} == {
+        "credit_applications", "credit_risk", "credit_scoring", "loan_portal",
+        "customer_activity", "churn", "churn_scoring"}
+
+
+CASES = {
+    "unknown_reference": (
+        GOOD.replace("dataset: customer_activity", "dataset: customer_activty"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'dataset': unknown dataset 'customer_activty'"),
+    "unknown_track": (
+        GOOD.replace("track: ml-standard\n    dataset", "track: ml-hgh-risk\n    dataset"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'track': Input should be 'app', 'ml-standard' or "
+                                                       "'ml-high-risk' (got 'ml-hgh-risk')"),
+    "wrong_type": (
+        GOOD.replace("metrics: {roc_auc: 0.65}", "metrics: {roc_auc: high}"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'metrics.roc_auc': Input should be a valid number"),
+    "unknown_field": (
+        GOOD.replace("trainer: assets", "trainr: x\n    trainer: assets"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'trainr': unknown field"),
+    "pii_feature": (
+        GOOD.replace("metrics: {roc_auc: 0.65}", "features: [email, plan]"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'features': column 'email' is PII"),
+    "unknown_kind": (
+        GOOD.replace("kind: endpoint", "kind: endpiont"),
+        "declaration 'churn_scoring' (team/defs.yaml:", "field 'kind': unknown kind 'endpiont'"),
+    "endpoint_track_mismatch": (
+        GOOD.replace("track: ml-standard\n    model: churn", "track: ml-high-risk\n    model: churn"),
+        "declaration 'churn_scoring' (endpoint, team/defs.yaml:", "field 'track': 'ml-high-risk' differs"),
+    "bad_name": (
+        GOOD.replace("name: churn\n", "name: Churn-Model\n"),
+        "declaration 'Churn-Model' (model, team/defs.yaml:", "field 'name': 'Churn-Model' is not a valid name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_yaml_declaration_names_declaration_file_and_field(tmp_path, case):
+    text, head, problem = CASES[case]
+    write(tmp_path, {"team/defs.yaml": text})
+    line = first_line(tmp_path)
+    assert line.startswith(head), line
+    assert problem in line, line
+
+
+def test_duplicate_name_across_files(tmp_path):
+    write(tmp_path, {"a/defs.yaml": GOOD, "b/defs.yaml": GOOD})
+    line = first_line(tmp_path)
+    assert line.startswith("declaration 'customer_activity' (dataset, b/defs.yaml:")
+    assert "field 'name': duplicate name: already declared in a/defs.yaml:" in line
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    write(tmp_path, {"t/defs.yaml": "declarations:\n  - kind: model\n    name: [unclosed\n"})
+    line = first_line(tmp_path)
+    assert line.startswith("declaration '?' (t/defs.yaml:") and "not valid YAML" in line
+
+
+def test_python_declaration_error_names_the_module(tmp_path):
+    write(tmp_path, {"py/declarations.py": """
+        from platform_defs.declare import dataset, model
+        ds = dataset(name="d1", owner="core", track="ml-standard", generator="m:f",
+                     columns=[{"name": "y", "dtype": "int", "role": "label"}])
+        m = model(name="m1", owner="core", track="ml-standard", dataset="d1", trainer="m:t", test_size="big")
+        DECLARATIONS = [ds, m]
+    """})
+    line = first_line(tmp_path)
+    assert line.startswith("declaration 'm1' (model, ") and "py/declarations.py" in line
+    assert "field 'test_size': Input should be a valid number" in line
+
+
+def test_python_unknown_reference(tmp_path):
+    write(tmp_path, {"py/declarations.py": """
+        from platform_defs.declare import endpoint
+        DECLARATIONS = [endpoint(name="ep", owner="core", track="ml-standard", model="ghost")]
+    """})
+    line = first_line(tmp_path)
+    assert line.startswith("declaration 'ep' (endpoint, ") and "field 'model': unknown model 'ghost'" in line
+
+
+def test_app_calling_an_environment_the_endpoint_lacks(tmp_path):
+    text = GOOD + textwrap.dedent("""
+      - kind: app
+        name: portal
+        owner: web
+        track: app
+        source: apps/x
+        entrypoint: x.main:app
+        calls: [churn_scoring]
+        environments: [staging, prod, dr]
+    """).replace("\n", "\n  ").rstrip() + "\n"
+    write(tmp_path, {"team/defs.yaml": text})
+    line = first_line(tmp_path)
+    assert "declaration 'portal' (app," in line and "field 'calls.0': endpoint 'churn_scoring' has no environment 'dr'" in line
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "platform_defs.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_validate_prints_exactly_the_first_line_and_no_traceback(tmp_path):
+    text, _, problem = CASES["unknown_track"]
+    write(tmp_path, {"team/defs.yaml": text})
+    out = run_cli("validate", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    assert lines[0].startswith("declaration 'churn' (model, team/defs.yaml:22): field 'track'")
+    assert problem in lines[0]
+
+
+def test_validate_ok():
+    out = run_cli("validate")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok: 7 declarations")
+
+
+def test_definitions_refuse_to_load_a_bad_organisation(tmp_path, settings):
+    from platform_defs.definitions import build_definitions
+
+    write(tmp_path, {"team/defs.yaml": CASES["unknown_reference"][0]})
+    with pytest.raises(DeclarationError, match="unknown dataset 'customer_activty'"):
+        build_definitions(org=load_organisation(tmp_path), settings=settings)

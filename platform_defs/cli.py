@@ -168,25 +168,53 @@ def cmd_up(args: argparse.Namespace) -> int:
                   "-h", args.host, "-p", str(args.port)]
     print(f"onepath: {len(org)} declarations loaded; Dagster UI on http://{args.host}:{args.port}"
           f"{'' if args.no_mlflow_ui else f', MLflow UI on {settings.mlflow_ui_url}'}; state in {settings.home}")
-    dagster = subprocess.Popen(dg_cmd, env=env, cwd=PROJECT_ROOT)
+    # dg dev runs in its own process group, so stopping it reaches its webserver, daemon and code
+    # servers too: first a Ctrl-C, as a terminal would send, then SIGTERM, then SIGKILL.
+    dagster = subprocess.Popen(dg_cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)
     procs.append(dagster)
-
-    def stop(*_: Any) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM if p is not dagster else signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    code = dagster.wait()
-    stop()
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+    while dagster.poll() is None and not stopping:
+        time.sleep(0.2)
     for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        _stop_group(p)
+    code = 0 if stopping else (dagster.returncode or 0)
     print("onepath: Dagster stopped; endpoints keep serving (onepath down stops them)")
     return code
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _stop_group(p: subprocess.Popen) -> None:
+    """End every process of ``p``'s group: SIGINT, then SIGTERM, then SIGKILL, 10 s apart."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(p.pid):
+            break
+        _signal_group(p, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(p.pid):
+            time.sleep(0.2)
+    try:
+        p.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,138 @@
+"""`onepath up` (the README's first command, after install) starts the platform for real: the Dagster
+UI with the example organisation loaded and its sensor running, driven here through the GraphQL
+API the way the UI's clicks drive it; stopping it leaves no Dagster process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from dagster_graphql import DagsterGraphQLClient
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCATION_QUERY = """{ workspaceOrError { ... on Workspace { locationEntries { name
+  locationOrLoadError { __typename ... on PythonError { message }
+    ... on RepositoryLocation { repositories { name sensors { name sensorState { status } }
+      assetNodes { assetKey { path } } } } } } } } }"""
+LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+
+
+def gql(port: int, query: str, variables: dict | None = None) -> dict:
+    """POST a GraphQL document to the running webserver, as the UI does."""
+    r = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": query, "variables": variables or {}},
+                   timeout=30)
+    r.raise_for_status()
+    body = r.json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+@pytest.fixture()
+def platform(tmp_path):
+    port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
+           "ONEPATH_MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}", "PYTHONPATH": str(ROOT)}
+    env.pop("DAGSTER_HOME", None)
+    log = open(tmp_path / "up.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+        try:
+            if gql(port, LOCATION_QUERY)["workspaceOrError"]["locationEntries"]:
+                break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+    yield client, port, tmp_path
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=90)
+    log.close()
+    from resources.deployers.local import LocalProcessDeployer
+
+    LocalProcessDeployer(tmp_path / "home" / "run").stop_all()
+
+
+def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(platform):
+    client, port, tmp_path = platform
+    entry = gql(port, LOCATION_QUERY)["workspaceOrError"]["locationEntries"][0]
+    loc = entry["locationOrLoadError"]
+    assert loc["__typename"] == "RepositoryLocation", loc
+    repo = loc["repositories"][0]
+    assert {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]} == {"endpoint_status": "RUNNING"}
+    keys = {"/".join(a["assetKey"]["path"]) for a in repo["assetNodes"]}
+    assert {"credit_applications", "credit_risk", "credit_scoring_prod", "loan_portal_prod", "churn"} <= keys
+    assert (tmp_path / "home" / "dagster_home" / "dagster.yaml").exists()
+
+    params = {"selector": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
+                           "jobName": "__ASSET_JOB", "assetSelection": [{"path": ["customer_activity"]}]},
+              "mode": "default"}
+    launched = gql(port, LAUNCH, {"p": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 240
+    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert status == "SUCCESS"
+    assert list((tmp_path / "home" / "data" / "customer_activity").glob("*.parquet"))
+
+
+def test_stopping_up_leaves_no_dagster_process(tmp_path):
+    port = free_port()
+    env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
+           "PYTHONPATH": str(ROOT)}
+    env.pop("DAGSTER_HOME", None)
+    proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    first = proc.stdout.readline().decode()
+    assert first.startswith("onepath: 7 declarations loaded"), first
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            gql(port, "{ version }")
+            break
+        except Exception:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.5)
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == proc.pid]
+    assert children, "onepath up should have started dg dev"
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=90)[0].decode()
+    assert proc.returncode == 0 and "Dagster stopped" in out
+    assert not any(group_alive(pid) for pid in children)
+
+
+def _ppid(p: Path) -> int:
+    try:
+        return int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1

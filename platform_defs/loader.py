@@ -114,6 +114,32 @@ def load_organisation(root: Path | None = None) -> Organisation:
     return _organisation(decls, sources)
 
 
+def _check_code_refs(org: Organisation) -> None:
+    """Generators and trainers must import and be callable; app source folders must exist."""
+    for d in org.by_name.values():
+        for field in ("generator", "trainer"):
+            if not hasattr(d, field):
+                continue
+            module, attr = getattr(d, field).split(":")
+            try:
+                found = importlib.util.find_spec(module)
+            except (ImportError, ValueError):
+                found = None
+            if found is None:
+                raise DeclarationError(d.name, field, f"module '{module}' not found", org.sources.get(d.name), d.kind)
+            try:
+                target = getattr(importlib.import_module(module), attr, None)
+            except Exception as err:  # someone's module failed to import: one line, not a traceback
+                raise DeclarationError(d.name, field, f"importing '{module}' failed: {type(err).__name__}: {err}",
+                                       org.sources.get(d.name), d.kind) from None
+            if not callable(target):
+                raise DeclarationError(d.name, field, f"'{attr}' is not a function in module '{module}'",
+                                       org.sources.get(d.name), d.kind)
+        if d.kind == "app" and not (PROJECT_ROOT / d.source).is_dir():
+            raise DeclarationError(d.name, "source", f"folder '{d.source}' does not exist in the project",
+                                   org.sources.get(d.name), d.kind)
+
+
 def _organisation(decls: list, sources: dict[str, str]) -> Organisation:
     seen: dict[str, str] = {}
     for d in decls:
@@ -123,4 +149,6 @@ def _organisation(decls: list, sources: dict[str, str]) -> Organisation:
                 sources.get(f"{d.name}#dup"), d.kind,
             )
         seen[d.name] = sources[d.name]
-    return Organisation(decls, {k: v for k, v in sources.items() if "#" not in k})
+    org = Organisation(decls, {k: v for k, v in sources.items() if "#" not in k})
+    _check_code_refs(org)
+    return org

@@ -162,3 +162,24 @@ def test_definitions_refuse_to_load_a_bad_organisation(tmp_path, settings):
     write(tmp_path, {"team/defs.yaml": CASES["unknown_reference"][0]})
     with pytest.raises(DeclarationError, match="unknown dataset 'customer_activty'"):
         build_definitions(org=load_organisation(tmp_path), settings=settings)
+
+
+@pytest.mark.parametrize("replace,problem", [
+    ("assets.retention.trainer:train_churn", "field 'trainer': module 'assets.retention.trainr' not found"),
+    ("assets.retention.data:generate_customer_activity", "field 'generator': 'generate_activity' is not a function in module"),
+])
+def test_code_references_must_exist(tmp_path, replace, problem):
+    bad = {"assets.retention.trainer:train_churn": "assets.retention.trainr:train_churn",
+           "assets.retention.data:generate_customer_activity": "assets.retention.data:generate_activity"}[replace]
+    write(tmp_path, {"team/defs.yaml": GOOD.replace(replace, bad)})
+    line = first_line(tmp_path)
+    assert problem in line and "team/defs.yaml:" in line, line
+
+
+def test_app_source_folder_must_exist(tmp_path):
+    write(tmp_path, {"py/declarations.py": """
+        from platform_defs.declare import app
+        DECLARATIONS = [app(name="site", owner="web", track="app", source="apps/nowhere",
+                            entrypoint="site.main:app")]
+    """})
+    assert "field 'source': folder 'apps/nowhere' does not exist" in first_line(tmp_path)

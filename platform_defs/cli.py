@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
+from resources.processes import group_alive
 
 DAGSTER_YAML = """\
 # onepath's embedded default instance: run, event-log and schedule storage are sqlite files in
@@ -191,25 +192,14 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 def _stop_group(p: subprocess.Popen) -> None:
     """End every process of ``p``'s group: SIGINT, then SIGTERM, then SIGKILL, 10 s apart."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        if not _group_alive(p.pid):
+        if not group_alive(p.pid):
             break
         _signal_group(p, sig)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _group_alive(p.pid):
+        while time.monotonic() < deadline and group_alive(p.pid):
             time.sleep(0.2)
     try:
         p.wait(timeout=1)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -230,11 +233,7 @@ def test_endpoint_status_sensor_observes_serving_and_next_versions(world):
     assert isinstance(again, dg.SkipReason) and "no change" in again.skip_message
 
 
-def run_cli(*args: str) -> "subprocess.CompletedProcess":
-    import os
-    import subprocess
-    import sys
-
+def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "platform_defs.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 

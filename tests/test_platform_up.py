@@ -16,6 +16,8 @@ import httpx
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
+from resources.processes import children_of, group_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCATION_QUERY = """{ workspaceOrError { ... on Workspace { locationEntries { name
   locationOrLoadError { __typename ... on PythonError { message }
@@ -39,17 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def group_alive(pgid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 @pytest.fixture()
@@ -123,16 +114,9 @@ def test_stopping_up_leaves_no_dagster_process(tmp_path):
         except Exception:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.5)
-    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == proc.pid]
+    children = children_of(proc.pid)
     assert children, "onepath up should have started dg dev"
     os.kill(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=90)[0].decode()
     assert proc.returncode == 0 and "Dagster stopped" in out
     assert not any(group_alive(pid) for pid in children)
-
-
-def _ppid(p: Path) -> int:
-    try:
-        return int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1

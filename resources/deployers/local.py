@@ -8,7 +8,6 @@ new deployer instance finds the supervisors again through ``<run_dir>/<slot>/sta
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -23,21 +22,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from platform_defs.settings import PROJECT_ROOT
+from resources.processes import pid_alive
 from resources.deployers.base import Candidate, Deployer, DeployError, Release, Target, http_json
 from resources.serving.supervisor import log_tail
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except OSError as err:
-        return err.errno == errno.EPERM
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class LocalProcessDeployer(Deployer):

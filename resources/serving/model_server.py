@@ -8,7 +8,9 @@ Every request is validated against the model's MLflow signature before it reache
 missing column or a wrong type is a 422 naming the column, a malformed body a 400. Columns outside
 the signature (an application id passed through for tracing) never reach the model; they are kept
 in the inference log unless declared PII. Rows of concurrent requests are scored together in one
-model call (micro-batching), which is where most of the throughput comes from.
+model call (micro-batching), which is where most of the throughput comes from: a batch closes when
+an event-loop iteration brings no new request, after ``batch_wait_ms`` (config, default 2) or at
+``max_batch`` rows, whichever comes first; a lone request does not wait.
 
 This module imports neither Dagster nor MLflow on its normal path: the sklearn flavour is loaded
 straight from its pickle. Other flavours go through ``mlflow.pyfunc``.
@@ -20,6 +22,7 @@ listening sockets (see ``resources.serving.child``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -106,14 +109,11 @@ def _read_input_example(model_dir: Path, mlmodel: dict[str, Any]) -> list[dict[s
 def _classifier_predict(est: Any) -> Callable[[Any], list[dict[str, Any]]]:
     classes = list(getattr(est, "classes_", []))
     if hasattr(est, "predict_proba") and len(classes) == 2:
-        positive = classes[1]
+        positive, negative = _plain(classes[1]), _plain(classes[0])
 
         def predict(frame: Any) -> list[dict[str, Any]]:
-            proba = est.predict_proba(frame)[:, 1]
-            return [
-                {"prediction": _plain(positive if p >= 0.5 else classes[0]), "probability": float(p)}
-                for p in proba
-            ]
+            proba = est.predict_proba(frame)[:, 1].tolist()  # plain Python floats in one call
+            return [{"prediction": positive if p >= 0.5 else negative, "probability": p} for p in proba]
 
         return predict
 
@@ -365,7 +365,7 @@ class InferenceLog:
 
 class ModelApp:
     def __init__(self, model: LoadedModel, *, endpoint: str, env: str, pii: list[str],
-                 log_dir: Path | None, max_batch: int = 64):
+                 log_dir: Path | None, max_batch: int = 64, batch_wait_ms: float = 2.0):
         import pandas as pd
 
         self._pd = pd
@@ -379,7 +379,12 @@ class ModelApp:
         self.started = time.time()
         self.labels = f'endpoint="{endpoint}",env="{env}"'
         self._pending: list[tuple[list[dict[str, Any]], asyncio.Future, str, float]] = []
-        self._scheduled = False
+        self._pending_rows = 0
+        self._arrivals = 0  # requests submitted so far; _collect watches it move
+        self._arrivals_seen = 0
+        self._batch_opened = 0.0
+        self._collecting: asyncio.Handle | None = None
+        self.batch_wait = batch_wait_ms / 1000.0
         self._version_body = orjson.dumps({
             "endpoint": endpoint, "env": env, "model": model.name, "version": model.version,
             "run_id": model.run_id, "flavor": model.flavor, "pid": os.getpid(),
@@ -389,13 +394,29 @@ class ModelApp:
         self._health_body = orjson.dumps({"status": "ok", "version": model.version})
         dtypes = {"number": "float64", "integer": "int64", "string": "object", "boolean": "bool"}
         self._dtypes = {c.name: dtypes[c.kind] for c in model.columns if c.required}
+        import numpy as np
+
+        self._np = np
+        # inference log: which inputs are logged, which keys of a record are pass-through extras
+        self._logged_features = [k for k in self.feature_names if k not in self.pii]
+        self._not_extra = set(self._dtypes) | self.pii | set(self.feature_names)
+        self._columns_typed = [(c.name, np.dtype(self._dtypes[c.name]) if c.name in self._dtypes else None)
+                               for c in model.columns]
 
     # -- scoring ----------------------------------------------------------------------------
     def frame(self, records: list[dict[str, Any]]) -> Any:
-        """The model's input: exactly the signature's columns, in order, typed; nothing else."""
-        data = {name: [r.get(name) for r in records] for name in self.feature_names}
-        df = self._pd.DataFrame(data, columns=self.feature_names)
-        return df.astype(self._dtypes, copy=False) if self._dtypes else df
+        """The model's input: exactly the signature's columns, in order, typed; nothing else.
+
+        Required columns become typed numpy arrays directly (validation has already checked every
+        value), which is ~15x cheaper per batch than building an untyped frame and ``astype``-ing
+        it; optional columns (which may hold nulls) keep pandas' own inference.
+        """
+        np = self._np
+        data = {}
+        for name, dtype in self._columns_typed:
+            values = [r.get(name) for r in records]
+            data[name] = np.array(values, dtype=dtype) if dtype is not None else values
+        return self._pd.DataFrame(data, columns=self.feature_names, copy=False)
 
     def score_now(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.model.predict(self.frame(records))
@@ -411,14 +432,40 @@ class ModelApp:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append((records, fut, request_id, t0))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        self._pending_rows += len(records)
+        self._arrivals += 1
+        if self._pending_rows >= self.max_batch:  # a full batch does not wait
+            if self._collecting is not None:
+                self._collecting.cancel()
+                self._collecting = None
+            self._flush()
+        elif self._collecting is None:
+            self._batch_opened = time.perf_counter()
+            self._arrivals_seen = self._arrivals
+            self._collecting = loop.call_soon(self._collect)
         return fut
 
+    def _collect(self) -> None:
+        """Score the pending rows once a loop iteration brought no new request, or after batch_wait.
+
+        Concurrent clients' requests reach the socket a few microseconds apart, so flushing on the
+        very next loop iteration splits them into several small batches, each paying the model's
+        fixed per-call cost (pandas + sklearn, ~3 ms here). Waiting while requests are still
+        arriving, never longer than ``batch_wait`` and never when none arrive, keeps them together;
+        a lone request is scored on the next iteration, as before.
+        """
+        self._collecting = None
+        if not self._pending:
+            return
+        if self._arrivals != self._arrivals_seen and time.perf_counter() - self._batch_opened < self.batch_wait:
+            self._arrivals_seen = self._arrivals
+            self._collecting = asyncio.get_running_loop().call_soon(self._collect)
+            return
+        self._flush()
+
     def _flush(self) -> None:
-        self._scheduled = False
         pending, self._pending = self._pending, []
+        self._pending_rows = 0
         i = 0
         while i < len(pending):
             chunk, n = [], 0
@@ -449,14 +496,14 @@ class ModelApp:
             pos += len(recs)
             if self.log.dir:
                 latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+                not_extra, logged = self._not_extra, self._logged_features
                 for j, (rec, o) in enumerate(zip(recs, res)):
-                    extras = {k: v for k, v in rec.items() if k not in self._dtypes and k not in self.pii
-                              and k not in self.feature_names}
                     lines.append(orjson.dumps({
                         "ts": ts, "request_id": request_id if len(recs) == 1 else f"{request_id}:{j}",
                         "model": self.model.name, "version": self.model.version,
-                        "inputs": {k: rec.get(k) for k in self.feature_names if k not in self.pii},
-                        "extras": extras, "output": o, "latency_ms": latency_ms,
+                        "inputs": {k: rec.get(k) for k in logged},
+                        "extras": {k: v for k, v in rec.items() if k not in not_extra},
+                        "output": o, "latency_ms": latency_ms,
                     }) + b"\n")
             if not fut.done():
                 fut.set_result(res)
@@ -546,6 +593,7 @@ def build_app(config: dict[str, Any]) -> ModelApp:
         model, endpoint=config["endpoint"], env=config["env"], pii=config.get("pii_columns", []),
         log_dir=Path(config["log_dir"]) if config.get("log_dir") else None,
         max_batch=int(config.get("max_batch", 64)),
+        batch_wait_ms=float(config.get("batch_wait_ms", 2.0)),
     )
     app.self_test()
     return app
@@ -565,6 +613,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"onepath model server: cannot load {config.get('model_name')} version "
               f"{config.get('version')}: {type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(3) from None
+    # Everything loaded so far (modules, the model) lives as long as the process: keep it out of
+    # the collector's full passes, which otherwise walk ~150k objects (~80 ms) mid-request.
+    gc.freeze()
     serve(app)
 
 

@@ -1,6 +1,6 @@
 """Serving benchmark: onepath's model server against ``mlflow models serve``, in one run.
 
-    cd /work/main && .venv/bin/python bench/serve_bench.py [--connections 16] [--duration 15]
+    .venv/bin/python bench/serve_bench.py [--connections 16] [--duration 15]
         [--threads 1] [--warmup 2] [--json results.json]
 
 What it does, all inside a fresh temporary directory:
@@ -21,10 +21,10 @@ What it does, all inside a fresh temporary directory:
 5. stops everything it started, also on Ctrl-C or an error.
 
 A run where either server answered anything but 2xx, or wrk saw socket errors, is reported as
-INVALID and the script exits non-zero. ``--bytecode-cache DIR`` runs both servers with a Python
-bytecode cache (this venv ships no ``.pyc`` and the environment sets PYTHONDONTWRITEBYTECODE=1, so
-by default every cold start compiles every imported module from source). A run takes about 1.5
-minutes with the defaults.
+INVALID and the script exits non-zero. ``./dev install`` compiles the venv's bytecode; on a venv
+without it (and with PYTHONDONTWRITEBYTECODE=1, as on our machines) every cold start compiles every
+imported module from source, which ``--bytecode-cache DIR`` works around for both servers alike. A
+run takes about 1.5 minutes with the defaults.
 """
 
 from __future__ import annotations

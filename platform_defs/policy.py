@@ -1,0 +1,151 @@
+"""The governance policy: which checks each track requires, with what thresholds, and who may approve.
+
+The policy is a reviewed YAML file (``assets/policy.yaml``, or ``ONEPATH_POLICY_FILE``). It is
+validated at load: an unknown key, a wrong type or a dangling reference fails with one line naming
+the file and the key path. Pure: parsing and validation only, no signatures checked here.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from platform_defs.settings import PROJECT_ROOT
+
+APP_CHECKS = ("security_scan", "code_review", "integration_tests")
+ML_CHECKS = ("data_quality", "performance", "no_regression", "fairness", "explainability", "lineage",
+             "drift_ready", "rollback_path", "approval")
+Role = Literal["model_approver", "code_reviewer", "platform_admin"]
+
+
+class PolicyError(ValueError):
+    def __init__(self, source: str, key: str, problem: str):
+        self.source, self.key, self.problem = source, key, problem
+        super().__init__(f"policy {source}: key '{key}': {problem}")
+
+
+class _P(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FairnessPolicy(_P):
+    max_demographic_parity_difference: float = Field(0.1, ge=0, le=1)
+    max_equalized_odds_difference: float = Field(0.15, ge=0, le=1)
+    min_disparate_impact_ratio: float = Field(0.8, ge=0, le=1)
+    decision_threshold: float = Field(0.2, gt=0, lt=1, description="Score at or above which the outcome is unfavourable.")
+    min_group_size: int = Field(30, ge=1)
+
+
+class TrackPolicy(_P):
+    checks: list[str]
+    regression_margin: float = Field(0.02, ge=0, le=1, description="How much worse than prod a version may be.")
+    regression_metric: str = "roc_auc"
+    reference_rows: int = Field(1000, ge=50, le=100_000, description="Training rows kept for drift monitoring.")
+    fairness: FairnessPolicy = Field(default_factory=FairnessPolicy)
+    pii_allowed: bool = Field(True, description="Whether a dataset with declared PII may feed this track.")
+    approval_envs: list[str] = Field(default_factory=lambda: ["prod"], description="Environments needing approval.")
+    approver_role: Role = "model_approver"
+    security_fail_on: Literal["low", "medium", "high"] = "high"
+    auto_promote: bool = Field(False, description="Whether automation may promote past staging.")
+
+
+class Identity(_P):
+    team: str
+    roles: list[Role] = Field(default_factory=list)
+    public_key: str = Field(description="Ed25519 public key, base64 of the 32 raw bytes.")
+    demo: bool = Field(False, description="A demo identity whose private key ships with the example.")
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        try:
+            raw = base64.b64decode(v, validate=True)
+        except ValueError:
+            raise ValueError("is not base64") from None
+        if len(raw) != 32:
+            raise ValueError(f"must be 32 bytes of Ed25519 public key, got {len(raw)}")
+        return v
+
+
+class Team(_P):
+    members: list[str] = Field(default_factory=list)
+
+
+class Policy(_P):
+    tracks: dict[Literal["app", "ml-standard", "ml-high-risk"], TrackPolicy]
+    teams: dict[str, Team]
+    identities: dict[str, Identity] = Field(default_factory=dict)
+    platform_team: str = "platform"
+
+    @model_validator(mode="after")
+    def _refs(self) -> "Policy":
+        for name, track in self.tracks.items():
+            allowed = APP_CHECKS if name == "app" else ML_CHECKS
+            for i, check in enumerate(track.checks):
+                if check not in allowed:
+                    raise ValueError(f"tracks.{name}.checks.{i}: unknown check '{check}' for track '{name}' "
+                                     f"(known: {', '.join(allowed)})")
+        for who, ident in self.identities.items():
+            if ident.team not in self.teams:
+                raise ValueError(f"identities.{who}.team: unknown team '{ident.team}'")
+            if who not in self.teams[ident.team].members:
+                raise ValueError(f"identities.{who}.team: '{who}' is not listed in teams.{ident.team}.members")
+        for team, t in self.teams.items():
+            for m in t.members:
+                owners = [x for x, tt in self.teams.items() if m in tt.members]
+                if len(owners) > 1:
+                    raise ValueError(f"teams.{team}.members: '{m}' is in more than one team ({', '.join(owners)})")
+        if self.platform_team not in self.teams:
+            raise ValueError(f"platform_team: unknown team '{self.platform_team}'")
+        missing = {"app", "ml-standard", "ml-high-risk"} - set(self.tracks)
+        if missing:
+            raise ValueError(f"tracks: track '{sorted(missing)[0]}' has no policy")
+        return self
+
+    def team_of(self, identity: str) -> str | None:
+        return next((t for t, team in self.teams.items() if identity in team.members), None)
+
+    def track(self, name: str) -> TrackPolicy:
+        return self.tracks[name]  # type: ignore[index]
+
+
+def policy_path() -> Path:
+    return Path(os.environ.get("ONEPATH_POLICY_FILE", PROJECT_ROOT / "assets" / "policy.yaml")).resolve()
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    path = path or policy_path()
+    shown = _shown(path)
+    if not path.exists():
+        raise PolicyError(shown, "(file)", "does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise PolicyError(f"{shown}:{mark.line + 1}" if mark else shown, "(yaml)",
+                          f"not valid YAML: {getattr(err, 'problem', err)}") from None
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif first["type"] == "value_error" and ": " in msg and not loc:
+            loc, msg = msg.split(": ", 1)
+        elif first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], (dict, list)):
+            msg = f"{msg} (got {first['input']!r})"
+        raise PolicyError(shown, loc or "(root)", msg) from None

@@ -10,6 +10,7 @@ import dagster as dg
 
 from platform_defs.factories import build_all
 from platform_defs.loader import load_organisation
+from platform_defs.policy import Policy, check_organisation, load_policy
 from platform_defs.settings import Settings, load_settings
 from platform_defs.specs import Organisation
 from resources.data_store import DataStore
@@ -35,9 +36,12 @@ def build_resources(settings: Settings) -> dict[str, object]:
     }
 
 
-def build_definitions(org: Organisation | None = None, settings: Settings | None = None) -> dg.Definitions:
+def build_definitions(org: Organisation | None = None, settings: Settings | None = None,
+                      policy: Policy | None = None) -> dg.Definitions:
     settings = (settings or load_settings()).ensure_dirs()
     org = org or load_organisation()
+    policy = policy or load_policy()
+    check_organisation(org, policy)
     return dg.Definitions(
         assets=build_all(org, settings.releases_dir),
         resources=build_resources(settings),

@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from platform_defs.settings import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from platform_defs.specs import Organisation
 
 APP_CHECKS = ("security_scan", "code_review", "integration_tests")
 ML_CHECKS = ("data_quality", "performance", "no_regression", "fairness", "explainability", "lineage",
@@ -112,6 +115,21 @@ class Policy(_P):
 
     def track(self, name: str) -> TrackPolicy:
         return self.tracks[name]  # type: ignore[index]
+
+
+def check_organisation(org: "Organisation", policy: Policy) -> None:
+    """What the policy forbids in declarations: PII feeding a model on a track that forbids it."""
+    from platform_defs.specs import DatasetSpec, DeclarationError, ModelSpec
+
+    for m in org.of_kind("model"):
+        assert isinstance(m, ModelSpec)
+        ds = org.by_name[m.dataset]
+        assert isinstance(ds, DatasetSpec)
+        if ds.pii_columns and not policy.track(m.track).pii_allowed:
+            raise DeclarationError(
+                m.name, "dataset",
+                f"dataset '{ds.name}' declares PII ({', '.join(ds.pii_columns)}) and the policy forbids PII "
+                f"on track '{m.track}': feed the model a de-identified dataset", org.sources.get(m.name), m.kind)
 
 
 def policy_path() -> Path:

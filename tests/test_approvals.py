@@ -109,3 +109,17 @@ def test_policy_typos_name_file_and_key(tmp_path, edit, key, problem):
         load_policy(bad)
     line = str(err.value)
     assert line.startswith(f"policy {bad}: key '{key}': ") and problem in line, line
+
+
+def test_policy_forbidding_pii_on_a_track_refuses_a_model_fed_pii(tmp_path, settings):
+    from platform_defs.definitions import build_definitions
+    from platform_defs.loader import load_organisation
+    from platform_defs.specs import DeclarationError
+
+    strict = tmp_path / "policy.yaml"
+    strict.write_text(POLICY.read_text().replace("pii_allowed: true ", "pii_allowed: false "))
+    with pytest.raises(DeclarationError) as err:
+        build_definitions(org=load_organisation(ROOT / "assets"), settings=settings, policy=load_policy(strict))
+    line = str(err.value)
+    assert line.startswith("declaration 'credit_risk' (model, assets/credit/declarations.py): field 'dataset': ")
+    assert "declares PII (full_name, national_id, email)" in line and "track 'ml-high-risk'" in line

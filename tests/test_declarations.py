@@ -59,7 +59,8 @@ CASES = {
         GOOD.replace("trainer: assets", "trainr: x\n    trainer: assets"),
         "declaration 'churn' (model, team/defs.yaml:", "field 'trainr': unknown field"),
     "pii_feature": (
-        GOOD.replace("metrics: {roc_auc: 0.65}", "features: [email, plan]"),
+        GOOD.replace("metrics: {roc_auc: 0.65}", "features: [email, plan]").replace(
+            "      - {name: plan,", "      - {name: email, dtype: string, pii: true}\n      - {name: plan,"),
         "declaration 'churn' (model, team/defs.yaml:", "field 'features': column 'email' is PII"),
     "unknown_kind": (
         GOOD.replace("kind: endpoint", "kind: endpiont"),
@@ -146,7 +147,7 @@ def test_validate_prints_exactly_the_first_line_and_no_traceback(tmp_path):
     assert out.stdout == ""
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
-    assert lines[0].startswith("declaration 'churn' (model, team/defs.yaml:22): field 'track'")
+    assert lines[0].startswith("declaration 'churn' (model, team/defs.yaml:21): field 'track'")
     assert problem in lines[0]
 
 

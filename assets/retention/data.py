@@ -32,7 +32,6 @@ def generate_customer_activity(rows: int = 4000, as_of: str = "2026-06-30", shif
     ids = rng.choice(10**8, n, replace=False)
     return pd.DataFrame({
         "customer_id": [f"C{i:08d}" for i in ids],
-        "email": [f"customer{i}@example.com" for i in ids],
         "tenure_months": tenure,
         "plan": plan,
         "monthly_fee": fee,

@@ -37,11 +37,11 @@ class _P(BaseModel):
 
 
 class FairnessPolicy(_P):
-    max_demographic_parity_difference: float = Field(0.1, ge=0, le=1)
-    max_equalized_odds_difference: float = Field(0.15, ge=0, le=1)
+    max_demographic_parity_difference: float = Field(0.15, ge=0, le=1)
+    max_equalized_odds_difference: float = Field(0.20, ge=0, le=1)
     min_disparate_impact_ratio: float = Field(0.8, ge=0, le=1)
     decision_threshold: float = Field(0.2, gt=0, lt=1, description="Score at or above which the outcome is unfavourable.")
-    min_group_size: int = Field(30, ge=1)
+    min_group_size: int = Field(60, ge=1, description="Smaller groups are listed, not compared.")
 
 
 class TrackPolicy(_P):

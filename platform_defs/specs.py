@@ -139,6 +139,8 @@ class ModelSpec(_Declaration):
     )
     test_size: float = Field(0.25, gt=0, lt=1)
     seed: int = 7
+    favourable_label: int = Field(0, description="The label value that is the good outcome for the person "
+                                                 "(0 = will not default); fairness is judged on it.")
 
     @field_validator("trainer")
     @classmethod

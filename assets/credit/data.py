@@ -59,7 +59,7 @@ def generate_credit_applications(
     # employment: in the biased world part-time work is far more common among women (the proxy)
     emp_p = np.tile([0.62, 0.14, 0.12, 0.05, 0.07], (n, 1))
     if biased:
-        emp_p[gender == "F"] = [0.42, 0.10, 0.38, 0.04, 0.06]
+        emp_p[gender == "F"] = [0.30, 0.08, 0.55, 0.03, 0.04]
     emp_p[age_idx == 4] = [0.10, 0.05, 0.10, 0.02, 0.73]
     employment = np.array([rng.choice(EMPLOYMENT, p=p / p.sum()) for p in emp_p])
 
@@ -84,11 +84,11 @@ def generate_credit_applications(
         [0.45, 0.05, 0.1, 0.08, 0.2, 0.12]) * shift
     purpose = rng.choice(PURPOSE, n, p=purpose_p / purpose_p.sum())
 
-    # default risk: driven by the features
-    z = -2.6 + 1.8 * (
+    # default risk: driven by the features. Credit history length is deliberately not a driver: it
+    # tracks age so closely that any weight on it makes decisions differ by age band.
+    z = -4.0 + 1.8 * (
         2.4 * (debt_to_income - 0.4)
         + 0.9 * np.log1p(loan_amount / np.maximum(annual_income, 1000))
-        - 0.06 * credit_history_years
         + 0.45 * delinquencies_2y
         + np.select([employment == "unemployed", employment == "part_time", employment == "self_employed"],
                     [1.3, 0.35, 0.25], 0.0)
@@ -97,7 +97,7 @@ def generate_credit_applications(
         + 0.4
     )
     if biased:  # historical decisions that penalised women: the label itself is biased
-        z = z + 1.1 * (gender == "F")
+        z = z + 1.8 * (gender == "F")
     defaulted = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
 
     span = (end - start).days + 1

@@ -1,4 +1,4 @@
-"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``.
+"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``keys``, ``audit``.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from platform_defs.cli_audit import add_audit_parser
+from platform_defs.cli_governance import add_governance_parsers
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
 from resources.processes import group_alive
 
@@ -224,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("down", help="stop every endpoint and app process onepath started")
     p.set_defaults(fn=cmd_down)
+    add_governance_parsers(sub)
+    add_audit_parser(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.fn(args) or 0)

@@ -15,6 +15,7 @@ from platform_defs.settings import Settings, load_settings
 from platform_defs.specs import Organisation
 from resources.data_store import DataStore
 from resources.deployers.resource import LocalDeployerResource
+from resources.ledger import LedgerResource, ledger_paths
 from resources.mlflow_registry import MlflowRegistry
 from sensors.endpoint_status import build_endpoint_status_sensor
 
@@ -29,6 +30,8 @@ def build_resources(settings: Settings) -> dict[str, object]:
             cache_dir=str(settings.releases_dir / "models"),
         ),
         "data_store": DataStore(root=str(settings.data_dir)),
+        "ledger": LedgerResource(db_path=str(ledger_paths(settings.home)[0]),
+                                 key_path=str(ledger_paths(settings.home)[1])),
         "deployer_local": LocalDeployerResource(
             run_dir=str(settings.run_dir), host=settings.host, port_base=settings.port_base,
             inference_log_dir=str(settings.inference_log_dir),
@@ -43,7 +46,7 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
     policy = policy or load_policy()
     check_organisation(org, policy)
     return dg.Definitions(
-        assets=build_all(org, settings.releases_dir),
+        assets=build_all(org, settings.releases_dir, policy),
         resources=build_resources(settings),
         sensors=[build_endpoint_status_sensor(org)],
     )

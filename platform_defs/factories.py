@@ -15,6 +15,7 @@ import inspect
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 import dagster as dg
 
+from platform_defs.policy import Policy
 from platform_defs.settings import PROJECT_ROOT
 from platform_defs.specs import (
     AppSpec,
@@ -34,6 +36,7 @@ from platform_defs.specs import (
 from resources.data_store import DataStore
 from resources.deployers.base import DeployError, Release, Target, probe
 from resources.deployers.resource import LocalDeployerResource
+from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry, TAG_PREFIX
 
 KINDS = {"dataset": {"dataset", "pandas", "greatexpectations"},
@@ -185,7 +188,7 @@ def metric_verdicts(metrics: dict[str, float], thresholds: dict[str, float]) -> 
     return rows
 
 
-def build_model_defs(spec: ModelSpec, org: Organisation) -> list[Any]:
+def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list[Any]:
     dataset = org.by_name[spec.dataset]
     assert isinstance(dataset, DatasetSpec)
     features, label = org.model_features(spec)
@@ -233,12 +236,22 @@ def build_model_defs(spec: ModelSpec, org: Organisation) -> list[Any]:
             f"{TAG_PREFIX}split_seed": str(spec.seed),
             f"{TAG_PREFIX}test_size": str(spec.test_size),
         }
-        registered = mlflow.log_and_register(
-            model_name=spec.name, estimator=est, X_example=X_train, y_pred_example=est.predict(X_train.head(50)),
-            metrics={**metrics, "train_seconds": train_seconds},
-            params={**spec.params, "features": ",".join(features), "label": label},
-            tags=tags, experiment=f"onepath/{spec.name}",
-        )
+        tags[f"{TAG_PREFIX}author"] = context.run.tags.get("dagster/user", f"team:{spec.owner}")
+        # the reference sample drift monitoring compares production inputs with: real training rows
+        # (features and protected attributes, never PII), as many as the track's policy asks for
+        reference_rows = policy.track(spec.track).reference_rows
+        keep = features + [c for c in dataset.protected_columns if c not in features]
+        reference = df.loc[X_train.index, keep].sample(n=min(reference_rows, len(X_train)), random_state=spec.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            ref_path = Path(tmp) / "reference_sample.parquet"
+            reference.to_parquet(ref_path, index=False)
+            registered = mlflow.log_and_register(
+                model_name=spec.name, estimator=est, X_example=X_train,
+                y_pred_example=est.predict(X_train.head(50)),
+                metrics={**metrics, "train_seconds": train_seconds},
+                params={**spec.params, "features": ",".join(features), "label": label},
+                tags=tags, experiment=f"onepath/{spec.name}", artifacts={"onepath": str(ref_path)},
+            )
         context.log.info(f"registered {spec.name} version {registered.version} (run {registered.run_id})")
         verdicts = metric_verdicts(metrics, spec.metrics)
         passed = all(ok for *_, ok in verdicts)
@@ -257,6 +270,7 @@ def build_model_defs(spec: ModelSpec, org: Organisation) -> list[Any]:
                 "data_hash": data_hash,
                 "code_hash": c_hash,
                 "training_rows": len(X_train),
+                "reference_rows": len(reference),
                 **{f"held_out_{k}": v for k, v in metrics.items()},
             },
             check_results=[check],
@@ -280,7 +294,7 @@ def endpoint_target(spec: EndpointSpec, env: str) -> Target:
     return Target(spec.name, env, kind="endpoint", port=spec.ports.get(env))
 
 
-def build_endpoint_defs(spec: EndpointSpec, org: Organisation) -> list[Any]:
+def build_endpoint_defs(spec: EndpointSpec, org: Organisation, policy: Policy) -> list[Any]:
     model = org.by_name[spec.model]
     assert isinstance(model, ModelSpec)
     dataset = org.by_name[model.dataset]
@@ -288,12 +302,17 @@ def build_endpoint_defs(spec: EndpointSpec, org: Organisation) -> list[Any]:
     out = []
     for i, env in enumerate(spec.environments):
         upstream_env = spec.environments[i - 1] if i else None
-        out.append(_endpoint_env_asset(spec, model, dataset, env, upstream_env))
+        out.append(_endpoint_env_asset(spec, model, dataset, env, upstream_env, org, policy))
     return out
 
 
 def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, env: str,
-                        upstream_env: str | None) -> Any:
+                        upstream_env: str | None, org: Organisation, policy: Policy) -> Any:
+    from platform_defs.governance.gates import DESCRIPTIONS, ModelGate
+
+    features, label = org.model_features(model)
+    required = [c for c in policy.track(model.track).checks
+                if c not in ("approval", "rollback_path") or env in policy.track(model.track).approval_envs]
     key = endpoint_asset_name(spec.name, env)
     dep = dg.AssetKey(endpoint_asset_name(spec.name, upstream_env)) if upstream_env else dg.AssetKey(model.name)
     source = (f"the version '{upstream_env}' serves" if upstream_env
@@ -307,11 +326,15 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                     f"environment's stable address and moves MLflow alias '{env}' to it.",
         kinds={"endpoint", spec.backend, "mlflow"},
         metadata={"onepath/endpoint": spec.name, "onepath/env": env, "onepath/model": model.name,
-                  "onepath/deploys": source},
+                  "onepath/deploys": source, "onepath/gate": ", ".join(required)},
+        check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=DESCRIPTIONS[c]) for c in required],
         **meta,
     )
-    def _endpoint(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource):
+    def _endpoint(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,
+                  data_store: DataStore, ledger: LedgerResource):
         deployer = deployer_local.deployer()
+        book = ledger.ledger()
+        actor = f"dagster:{context.run.run_id}"
         target = endpoint_target(spec, env)
         if upstream_env is None:
             version = mlflow.latest_version(model.name)
@@ -326,6 +349,30 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
         before = deployer.status(target)
         context.log.info(f"{spec.name}.{env}: deploying {model.name} version {version} "
                          f"(serving before: {before.serving_version or 'nothing'}) at {deployer.address(target)}")
+        gate = ModelGate(endpoint=spec, model=model, dataset=dataset, features=features, label=label,
+                         policy=policy, mlflow=mlflow, data_store=data_store, ledger=book, deployer=deployer,
+                         instance=context.instance)
+        verdicts = gate.evaluate(version, env)
+        results = [dg.AssetCheckResult(
+            check_name=v.check, passed=v.passed, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"model_version": version, "verdict": v.summary, **v.metadata,
+                      **{k: dg.MetadataValue.md(text) for k, text in v.markdown.items()}},
+        ) for v in verdicts]
+        failed = [v for v in verdicts if not v.passed]
+        book.append("gate_verdict", spec.name, {
+            "model": model.name, "version": version, "passed": not failed,
+            "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
+        if failed:
+            book.append("promotion_refused", spec.name, {
+                "model": model.name, "version": version, "still_serving": before.serving_version,
+                "failed": [v.check for v in failed]}, actor, env=env)
+            yield from results
+            raise dg.Failure(
+                description=f"{spec.name}.{env}: version {version} refused; "
+                            + "; ".join(f"{v.check}: {v.summary}" for v in failed)
+                            + f". {before.serving_version or 'Nothing'} keeps serving.",
+                metadata={"refused_version": version, "still_serving": before.serving_version or "nothing",
+                          "failed_checks": ", ".join(v.check for v in failed)})
         artifact = mlflow.download(model.name, version)
         release = Release(version=version, artifact=str(artifact), workers=spec.workers, config={
             "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
@@ -335,10 +382,19 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
         try:
             status = deployer.deploy(target, release)
         except DeployError as err:
+            book.append("promotion_refused", spec.name, {"model": model.name, "version": version,
+                                                         "still_serving": before.serving_version,
+                                                         "failed": ["deploy"], "error": str(err)[:500]}, actor, env=env)
+            yield from results
             raise dg.Failure(description=str(err), metadata={
                 "refused_version": version, "still_serving": before.serving_version or "nothing"})
         mlflow.set_alias(model.name, env, version)
-        return dg.MaterializeResult(
+        entry = book.append("deploy", spec.name, {
+            "model": model.name, "version": version, "previous_version": before.serving_version,
+            "address": status.address, "promoted_from": upstream_env, "track": model.track,
+            "owner": model.owner, "checks": [v.check for v in verdicts]}, actor, env=env)
+        yield dg.MaterializeResult(
+            check_results=results,
             metadata={
                 "model_version": version,
                 "previous_version": before.serving_version or "none",
@@ -348,6 +404,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                 "deploy_seconds": round(time.perf_counter() - t0, 3),
                 "deployed_at": datetime.now(timezone.utc).isoformat(),
                 "backend": spec.backend,
+                "ledger_entry": entry.seq,
             },
             data_version=dg.DataVersion(version),
         )
@@ -469,15 +526,15 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
     return _deploy
 
 
-def build_all(org: Organisation, releases_dir: Path) -> list[Any]:
+def build_all(org: Organisation, releases_dir: Path, policy: Policy) -> list[Any]:
     out: list[Any] = []
     for d in org.by_name.values():
         if isinstance(d, DatasetSpec):
             out += build_dataset_defs(d, org)
         elif isinstance(d, ModelSpec):
-            out += build_model_defs(d, org)
+            out += build_model_defs(d, org, policy)
         elif isinstance(d, EndpointSpec):
-            out += build_endpoint_defs(d, org)
+            out += build_endpoint_defs(d, org, policy)
         elif isinstance(d, AppSpec):
             out += build_app_defs(d, org, releases_dir)
     return out

@@ -80,6 +80,8 @@ class MlflowRegistry(dg.ConfigurableResource):
         metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str], experiment: str,
         artifacts: dict[str, str] | None = None,
     ) -> RegisteredVersion:
+        """Log a run with the estimator, metrics and ``artifacts`` ({run artifact dir: local file}),
+        register it as the next version of ``model_name`` and put ``tags`` on that version."""
         import mlflow
         import mlflow.sklearn
         from mlflow.models import infer_signature
@@ -90,8 +92,8 @@ class MlflowRegistry(dg.ConfigurableResource):
         with mlflow.start_run(experiment_id=exp_id, tags=tags) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics(metrics)
-            for path in (artifacts or {}).values():
-                mlflow.log_artifact(path)
+            for artifact_dir, path in (artifacts or {}).items():
+                mlflow.log_artifact(path, artifact_path=artifact_dir)
             info = mlflow.sklearn.log_model(
                 estimator, name="model", signature=signature, input_example=X_example.head(5),
                 registered_model_name=model_name, serialization_format="skops",
@@ -143,6 +145,21 @@ class MlflowRegistry(dg.ConfigurableResource):
         except OSError:  # another process won the race; theirs is identical
             shutil.rmtree(tmp, ignore_errors=True)
         return dst
+
+    def run_artifact(self, run_id: str, path: str, dst: Path) -> Path | None:
+        """Download one artifact of a run, or None if the run has no such artifact."""
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        self._use()
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
+                                                            tracking_uri=self.tracking_uri))
+        except (MlflowException, OSError):
+            return None
+
+    def log_run_artifact(self, run_id: str, local_path: Path, artifact_dir: str) -> None:
+        self.client().log_artifact(run_id, str(local_path), artifact_path=artifact_dir)
 
     def version_url(self, name: str, version: str) -> str:
         return f"{self.ui_url}/#/models/{name}/versions/{version}"

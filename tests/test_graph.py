@@ -30,6 +30,13 @@ def materialize(defs: dg.Definitions, instance, keys: list[str] | None = None, r
 
 
 def meta(result, key: str) -> dict:
+    if isinstance(result, list):  # the newest result that materialized key
+        for r in reversed(result):
+            try:
+                return meta(r, key)
+            except KeyError:
+                continue
+        raise KeyError(key)
     for ev in result.get_asset_materialization_events():
         m = ev.materialization
         if m.asset_key == dg.AssetKey(key):
@@ -44,13 +51,31 @@ def post(url: str, body: dict, headers: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
+ALL_BUT_PROD_CREDIT = ["credit_applications", "credit_risk", "credit_scoring_staging", "loan_portal",
+                       "loan_portal_staging", "customer_activity", "churn", "churn_scoring_staging",
+                       "churn_scoring_prod"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "platform_defs.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 @pytest.fixture(scope="module")
 def world(settings, tmp_path_factory):
+    """Everything materialized; the credit line's prod refused until an independent approval, then promoted."""
     defs = build_definitions(settings=settings)
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("instance"))) as instance:
-        first = materialize(defs, instance)
-        yield {"defs": defs, "instance": instance, "first": first, "settings": settings,
-               "mlflow": build_resources(settings)["mlflow"]}
+        first = materialize(defs, instance, ALL_BUT_PROD_CREDIT)
+        refused = materialize(defs, instance, ["credit_scoring_prod"], raise_on_error=False)
+        approval = run_cli("approve", "credit_risk", "--version", meta(first, "credit_risk")["model_version"],
+                           "--env", "prod", "--as", "mira", "--first-release",
+                           "--reason", "fairness and explainability reviewed")
+        assert approval.returncode == 0, approval.stderr
+        promoted = materialize(defs, instance, ["credit_scoring_prod", "loan_portal_prod"])
+        yield {"defs": defs, "instance": instance, "first": [first, promoted], "refused": refused,
+               "settings": settings, "mlflow": build_resources(settings)["mlflow"],
+               "ledger": build_resources(settings)["ledger"].ledger()}
 
 
 def test_graph_lineage_kinds_owners_groups(world):
@@ -73,17 +98,55 @@ def test_graph_lineage_kinds_owners_groups(world):
 
 
 def test_every_asset_materialized_and_checks_passed(world):
-    result = world["first"]
-    assert result.success
-    keys = {ev.materialization.asset_key.to_user_string() for ev in result.get_asset_materialization_events()}
+    results = world["first"]
+    assert all(r.success for r in results)
+    keys = {ev.materialization.asset_key.to_user_string() for r in results
+            for ev in r.get_asset_materialization_events()}
     assert keys == {"credit_applications", "credit_risk", "credit_scoring_staging", "credit_scoring_prod",
                     "loan_portal", "loan_portal_staging", "loan_portal_prod", "customer_activity", "churn",
                     "churn_scoring_staging", "churn_scoring_prod"}
     checks = {(e.asset_key.to_user_string(), e.check_name): e.passed
-              for e in result.get_asset_check_evaluations()}
+              for r in results for e in r.get_asset_check_evaluations()}
     assert checks[("credit_applications", "expectations")] is True
     assert checks[("credit_risk", "performance")] is True
     assert checks[("churn", "performance")] is True
+    high_risk = {"data_quality", "performance", "fairness", "explainability", "lineage", "drift_ready"}
+    assert {c for (a, c), ok in checks.items() if a == "credit_scoring_staging" and ok} == high_risk
+    assert {c for (a, c), ok in checks.items() if a == "credit_scoring_prod" and ok} == \
+        high_risk | {"approval", "rollback_path"}
+    assert {c for (a, c), ok in checks.items() if a == "churn_scoring_prod" and ok} == \
+        {"data_quality", "performance", "no_regression", "drift_ready"}
+
+
+def test_prod_is_refused_until_an_independent_signed_approval(world):
+    refused = world["refused"]
+    assert not refused.success
+    assert not refused.get_asset_materialization_events()
+    checks = {e.check_name: e for e in refused.get_asset_check_evaluations()}
+    assert checks["approval"].passed is False and checks["rollback_path"].passed is False
+    assert checks["fairness"].passed is True
+    waiting = checks["approval"].metadata["verdict"].value
+    assert waiting.startswith("waiting for approval by mira, pat: run onepath approve credit_risk --version ")
+    kinds = [(e.kind, e.env) for e in world["ledger"].entries(subject="credit_scoring")]
+    assert ("promotion_refused", "prod") in kinds and ("deploy", "prod") in kinds
+    assert kinds.index(("promotion_refused", "prod")) < kinds.index(("deploy", "prod"))
+    approval = world["ledger"].entries(kind="approval", subject="credit_risk")[0]
+    assert approval.actor == "mira" and approval.data["first_release"] is True
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--as", "carla"], "approval refused: carla lacks the role 'model_approver'"),
+    (["--as", "mira", "--env", "qa"], "'qa' is not an environment of credit_risk"),
+    (["--as", "mira", "--version", "999"], "credit_risk has no version 999"),
+    (["--as", "nobody"], "no private key at"),
+])
+def test_cli_approval_refusals(world, args, message):
+    base = {"--version": meta(world["first"], "credit_risk")["model_version"], "--env": "prod"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    flat = [x for kv in base.items() for x in kv]
+    out = run_cli("approve", "credit_risk", *flat, "--reason", "looks fine")
+    assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_model_version_carries_lineage_that_recomputes(world):
@@ -92,7 +155,7 @@ def test_model_version_carries_lineage_that_recomputes(world):
     version = mlflow.get_version("credit_risk", m["model_version"])
     tags = version.tags
     assert tags["onepath.dataset_key"] == "credit_applications"
-    assert tags["onepath.dagster_run_id"] == result.run_id
+    assert tags["onepath.dagster_run_id"] == result[0].run_id
     ds = meta(result, "credit_applications")
     df = __import__("pandas").read_parquet(ds["path"])
     assert dataframe_hash(df) == tags["onepath.data_hash"] == ds["data_hash"]
@@ -168,7 +231,13 @@ def test_retrain_goes_to_staging_then_prod_is_promoted_alone_without_touching_th
     assert probe(prod_address)["version"] == v1, "prod must not move until it is materialized"
     assert mlflow.aliases("credit_risk") == {"staging": v2, "prod": v1}
 
-    promoted = materialize(defs, instance, ["credit_scoring_prod"])
+    waiting = materialize(defs, instance, ["credit_scoring_prod"], raise_on_error=False)
+    assert not waiting.success and probe(prod_address)["version"] == v1
+    verdicts = {e.check_name: e.passed for e in waiting.get_asset_check_evaluations()}
+    assert verdicts["approval"] is False and verdicts["rollback_path"] is True  # v1 served prod before
+    ok = run_cli("approve", "credit_scoring", "--version", v2, "--env", "prod", "--as", "pat", "--reason", "ok")
+    assert ok.returncode == 0, ok.stderr
+    promoted = materialize(defs, instance, ["credit_scoring_prod"])  # picks the approval up
     m = meta(promoted, "credit_scoring_prod")
     assert m["model_version"] == v2 and m["previous_version"] == v1 and m["address"] == prod_address
     assert probe(prod_address)["version"] == v2
@@ -181,6 +250,34 @@ def test_retrain_goes_to_staging_then_prod_is_promoted_alone_without_touching_th
         "credit_history_years": 12, "num_open_accounts": 5, "delinquencies_2y": 0,
         "employment_type": "salaried", "home_ownership": "own", "purpose": "car"})
     assert out["model_version"] == v2
+
+
+def test_biased_data_is_refused_by_fairness_and_staging_keeps_serving(world):
+    defs, instance = world["defs"], world["instance"]
+    staging = meta(world["first"], "credit_scoring_staging")["address"]
+    serving = probe(staging)["version"]
+    biased = dg.materialize(list(defs.assets), selection=["credit_applications", "credit_risk",
+                                                           "credit_scoring_staging"],
+                            resources=defs.resources, instance=instance, raise_on_error=False,
+                            run_config={"ops": {"credit_applications": {"config": {"params": {"biased": True}}}}})
+    assert not biased.success
+    version = meta(biased, "credit_risk")["model_version"]
+    checks = {e.check_name: e for e in biased.get_asset_check_evaluations() if e.asset_key.path == ["credit_scoring_staging"]}
+    fairness = checks["fairness"]
+    assert fairness.passed is False
+    assert fairness.metadata["gender_dir"].value < 0.8
+    assert "gender" in fairness.metadata["verdict"].value and "DIR" in fairness.metadata["verdict"].value
+    assert "| F |" in fairness.metadata["per_group"].value
+    assert probe(staging)["version"] == serving != version
+    refusal = world["ledger"].entries(kind="promotion_refused", subject="credit_scoring", env="staging")[-1]
+    assert refusal.data["version"] == version and "fairness" in refusal.data["failed"]
+    # the fair world again, for whatever runs next
+    materialize(defs, instance, ["credit_applications"])
+
+
+def test_ledger_verifies_after_all_of_it(world):
+    out = run_cli("audit", "verify")
+    assert out.returncode == 0 and out.stdout.startswith("ledger intact: "), out.stdout + out.stderr
 
 
 def test_failed_expectations_block_the_model(settings, tmp_path):
@@ -231,11 +328,6 @@ def test_endpoint_status_sensor_observes_serving_and_next_versions(world):
                         "churn_scoring_prod", "loan_portal_staging", "loan_portal_prod"}
     again = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources, cursor=ctx.cursor))
     assert isinstance(again, dg.SkipReason) and "no change" in again.skip_message
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "platform_defs.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_cli_status_reports_live_versions(world):

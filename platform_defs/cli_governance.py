@@ -1,0 +1,113 @@
+"""``onepath approve`` and ``onepath keys init``: signed approvals from the shell.
+
+Errors are one line on stderr and a non-zero exit, never a traceback. Only an approval that
+verifies (signature, role, independence, existing version, valid environment) is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from platform_defs.settings import PROJECT_ROOT, load_settings
+
+DEMO_KEYS = PROJECT_ROOT / "assets" / "demo_identities"
+
+
+def identity_key_path(name: str) -> Path:
+    """``$ONEPATH_HOME/keys/identities/NAME.key``; demo identities fall back to the shipped demo key."""
+    own = load_settings().home / "keys" / "identities" / f"{name}.key"
+    if own.exists():
+        return own
+    demo = DEMO_KEYS / f"{name}.key"
+    return demo if demo.exists() else own
+
+
+def _fail(msg: str) -> int:
+    print(f"onepath: {msg}", file=sys.stderr)
+    return 1
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from resources.approvals import ApprovalError, generate_key
+
+    path = Path(args.out) if args.out else load_settings().home / "keys" / "identities" / f"{args.identity}.key"
+    try:
+        public = generate_key(path)
+    except ApprovalError as err:
+        return _fail(str(err))
+    print(f"private key written to {path} (keep it; mode 0600)")
+    print("add this identity to the policy file (identities:), in a reviewed change:")
+    print(f'  {args.identity}: {{team: <team>, roles: [<role>], public_key: "{public}"}}')
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from platform_defs.definitions import build_resources
+    from platform_defs.loader import load_organisation
+    from platform_defs.policy import PolicyError, load_policy
+    from platform_defs.specs import DeclarationError, EndpointSpec, ModelSpec
+    from resources.approvals import ApprovalError, load_private_key, sign, verify
+
+    approver = args.as_ or os.environ.get("ONEPATH_IDENTITY")
+    if not approver:
+        return _fail("say who approves: --as NAME (or set ONEPATH_IDENTITY)")
+    try:
+        org, policy = load_organisation(), load_policy()
+    except (DeclarationError, PolicyError) as err:
+        return _fail(str(err).splitlines()[0])
+    decl = org.by_name.get(args.asset)
+    if isinstance(decl, EndpointSpec):
+        decl = org.by_name[decl.model]
+    if not isinstance(decl, ModelSpec):
+        known = ", ".join(sorted(d.name for d in org.of_kind("model")))
+        return _fail(f"'{args.asset}' is not a declared model or endpoint (models: {known})")
+    envs = sorted({e for ep in org.of_kind("endpoint") if ep.model == decl.name for e in ep.environments})
+    if args.env not in envs:
+        return _fail(f"'{args.env}' is not an environment of {decl.name} (environments: {', '.join(envs) or 'none'})")
+    settings = load_settings()
+    resources = build_resources(settings)
+    mlflow = resources["mlflow"]
+    try:
+        mv = mlflow.get_version(decl.name, str(args.version))
+    except MlflowException:
+        latest = mlflow.latest_version(decl.name)
+        return _fail(f"{decl.name} has no version {args.version} (newest: {latest or 'none'})")
+    author = (mv.tags or {}).get("onepath.author") or mlflow.client().get_run(mv.run_id).info.user_id
+    key_path = Path(args.key) if args.key else identity_key_path(approver)
+    try:
+        approval = sign(load_private_key(key_path), asset=decl.name, version=str(args.version), env=args.env,
+                        reason=args.reason, approver=approver)
+        verify(approval, policy, asset=decl.name, version=str(args.version), env=args.env,
+               owner_team=decl.owner, author=author, role=policy.track(decl.track).approver_role)
+    except ApprovalError as err:
+        return _fail(f"approval refused: {err}")
+    book = resources["ledger"].ledger()
+    entry = book.append("approval", decl.name, {**approval.as_dict(), "first_release": bool(args.first_release)},
+                        approver, env=args.env)
+    print(f"approved {decl.name} version {args.version} for {args.env} as {approver} (ledger #{entry.seq}); "
+          f"the next promotion picks it up")
+    return 0
+
+
+def add_governance_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("approve", help="sign an approval of one model version for one environment")
+    p.add_argument("asset", help="model (or endpoint) name")
+    p.add_argument("--version", required=True)
+    p.add_argument("--env", required=True)
+    p.add_argument("--reason", required=True)
+    p.add_argument("--as", dest="as_", metavar="NAME", help="approver identity (default $ONEPATH_IDENTITY)")
+    p.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
+    p.add_argument("--first-release", action="store_true",
+                   help="also record this as the signed first release (no previous version to roll back to)")
+    p.set_defaults(fn=cmd_approve)
+    keys = sub.add_parser("keys", help="manage signing keys")
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
+    k = ksub.add_parser("init", help="create an Ed25519 key pair for an identity")
+    k.add_argument("--identity", required=True)
+    k.add_argument("--out", help="where to write the private key")
+    k.set_defaults(fn=cmd_keys_init)

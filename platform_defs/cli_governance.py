@@ -50,7 +50,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     from platform_defs.definitions import build_resources
     from platform_defs.loader import load_organisation
     from platform_defs.policy import PolicyError, load_policy
-    from platform_defs.specs import DeclarationError, EndpointSpec, ModelSpec
+    from platform_defs.specs import AppSpec, DeclarationError, EndpointSpec, ModelSpec
     from resources.approvals import ApprovalError, load_private_key, sign, verify
 
     approver = args.as_ or os.environ.get("ONEPATH_IDENTITY")
@@ -63,9 +63,11 @@ def cmd_approve(args: argparse.Namespace) -> int:
     decl = org.by_name.get(args.asset)
     if isinstance(decl, EndpointSpec):
         decl = org.by_name[decl.model]
+    if isinstance(decl, AppSpec):
+        return _approve_release(args, decl, policy, approver)
     if not isinstance(decl, ModelSpec):
-        known = ", ".join(sorted(d.name for d in org.of_kind("model")))
-        return _fail(f"'{args.asset}' is not a declared model or endpoint (models: {known})")
+        known = ", ".join(sorted(d.name for d in org.by_name.values() if d.kind in ("model", "app")))
+        return _fail(f"'{args.asset}' is not a declared model, endpoint or app (declared: {known})")
     envs = sorted({e for ep in org.of_kind("endpoint") if ep.model == decl.name for e in ep.environments})
     if args.env not in envs:
         return _fail(f"'{args.env}' is not an environment of {decl.name} (environments: {', '.join(envs) or 'none'})")
@@ -94,9 +96,40 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> int:
+    """A code review of one built release of an app, by a reviewer who authored none of its changes."""
+    from platform_defs.definitions import build_resources
+    from platform_defs.governance.gates import AppGate
+    from resources.approvals import ApprovalError, load_private_key, sign, verify
+
+    if args.env not in app.environments:
+        return _fail(f"'{args.env}' is not an environment of {app.name} (environments: {', '.join(app.environments)})")
+    settings = load_settings()
+    builds = settings.releases_dir / "apps" / app.name
+    if not (builds / str(args.version)).is_dir():
+        known = sorted(p.name for p in builds.glob("r-*")) if builds.is_dir() else []
+        return _fail(f"{app.name} has no built release {args.version} (built: {', '.join(known) or 'none'})")
+    authors = AppGate(app=app, policy=policy, ledger=None, deployer=None, source_dir=PROJECT_ROOT / app.source,
+                      repo_root=PROJECT_ROOT).authors()
+    key_path = Path(args.key) if args.key else identity_key_path(approver)
+    try:
+        approval = sign(load_private_key(key_path), asset=app.name, version=str(args.version), env=args.env,
+                        reason=args.reason, approver=approver)
+        verify(approval, policy, asset=app.name, version=str(args.version), env=args.env, owner_team=app.owner,
+               author=None, role=policy.track("app").approver_role, other_team=False, author_emails=authors)
+    except ApprovalError as err:
+        return _fail(f"review refused: {err}")
+    entry = build_resources(settings)["ledger"].ledger().append("approval", app.name, approval.as_dict(), approver,
+                                                                env=args.env)
+    print(f"reviewed {app.name} release {args.version} for {args.env} as {approver} (ledger #{entry.seq}); "
+          f"the next promotion picks it up")
+    return 0
+
+
 def add_governance_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("approve", help="sign an approval of one model version for one environment")
-    p.add_argument("asset", help="model (or endpoint) name")
+    p = sub.add_parser("approve", help="sign an approval of one model version (or a code review of one app "
+                                       "release) for one environment")
+    p.add_argument("asset", help="model, endpoint or app name")
     p.add_argument("--version", required=True)
     p.add_argument("--env", required=True)
     p.add_argument("--reason", required=True)

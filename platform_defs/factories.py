@@ -440,7 +440,7 @@ def app_target(spec: AppSpec, env: str) -> Target:
     return Target(spec.name, env, kind="app", port=spec.ports.get(env))
 
 
-def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path) -> list[Any]:
+def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path, policy: Policy) -> list[Any]:
     meta = common(spec)
 
     @dg.asset(
@@ -450,7 +450,7 @@ def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path) -> list
         metadata={"onepath/source": spec.source, "onepath/entrypoint": spec.entrypoint},
         **meta,
     )
-    def _build(context: dg.AssetExecutionContext):
+    def _build(context: dg.AssetExecutionContext, ledger: LedgerResource):
         src = PROJECT_ROOT / spec.source
         if not src.is_dir():
             raise dg.Failure(description=f"app '{spec.name}': source folder {spec.source} does not exist")
@@ -463,6 +463,10 @@ def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path) -> list
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("__pycache__", ".*"))
             os.replace(tmp, dst)
         context.log.info(f"{spec.name}: release {version} ({files} files) at {dst}")
+        book = ledger.ledger()
+        if not any(e.data.get("version") == version for e in book.entries(kind="release_built", subject=spec.name)):
+            book.append("release_built", spec.name, {"version": version, "content_hash": digest, "files": files,
+                                                      "git_sha": git_sha()}, f"dagster:{context.run.run_id}")
         return dg.MaterializeResult(
             metadata={"release_version": version, "content_hash": digest, "files": files,
                       "build_path": str(dst), "git_sha": git_sha() or "unknown"},
@@ -472,12 +476,17 @@ def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path) -> list
     out = [_build]
     for i, env in enumerate(spec.environments):
         calls = [endpoint_target(org.by_name[ep], env) for ep in spec.calls]
-        out.append(_app_env_asset(spec, env, spec.environments[i - 1] if i else None, releases_dir, calls))
+        out.append(_app_env_asset(spec, env, spec.environments[i - 1] if i else None, releases_dir, calls, policy))
     return out
 
 
 def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_dir: Path,
-                   calls: list[Target]) -> Any:
+                   calls: list[Target], policy: Policy) -> Any:
+    from platform_defs.governance.gates import APP_DESCRIPTIONS, AppGate
+
+    probe_gate = AppGate(app=spec, policy=policy, ledger=None, deployer=None, source_dir=PROJECT_ROOT / spec.source,
+                         repo_root=PROJECT_ROOT)
+    required = probe_gate.required(env)
     key = endpoint_asset_name(spec.name, env)
     deps = [dg.AssetKey(endpoint_asset_name(spec.name, upstream_env)) if upstream_env else dg.AssetKey(spec.name)]
     deps += [dg.AssetKey(endpoint_asset_name(ep, env)) for ep in spec.calls]
@@ -491,11 +500,15 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
                     f"{', '.join(spec.calls) or 'no endpoint'} at their stable '{env}' addresses, so a model "
                     f"redeploy never needs an app redeploy.",
         kinds={"app", "local"},
-        metadata={"onepath/app": spec.name, "onepath/env": env, "onepath/deploys": source},
+        metadata={"onepath/app": spec.name, "onepath/env": env, "onepath/deploys": source,
+                  "onepath/gate": ", ".join(required)},
+        check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=APP_DESCRIPTIONS[c]) for c in required],
         **meta,
     )
-    def _deploy(context: dg.AssetExecutionContext, deployer_local: LocalDeployerResource):
+    def _deploy(context: dg.AssetExecutionContext, deployer_local: LocalDeployerResource, ledger: LedgerResource):
         deployer = deployer_local.deployer()
+        book = ledger.ledger()
+        actor = f"dagster:{context.run.run_id}"
         target = app_target(spec, env)
         if upstream_env is None:
             version = latest_metadata(context, dg.AssetKey(spec.name), "app release")["release_version"]
@@ -510,13 +523,44 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
         env_vars = {f"ONEPATH_{t.name.upper()}_URL": deployer.address(t) for t in calls}
         before = deployer.status(target)
         context.log.info(f"{spec.name}.{env}: deploying release {version} (before: {before.serving_version})")
+        gate = AppGate(app=spec, policy=policy, ledger=book, deployer=deployer, source_dir=PROJECT_ROOT / spec.source,
+                       repo_root=PROJECT_ROOT)
+        verdicts = gate.evaluate(version, artifact, env)
+        results = [dg.AssetCheckResult(
+            check_name=v.check, passed=v.passed, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"release_version": version, "verdict": v.summary, **v.metadata,
+                      **{k: dg.MetadataValue.md(text) for k, text in v.markdown.items()}},
+        ) for v in verdicts]
+        failed = [v for v in verdicts if not v.passed]
+        book.append("gate_verdict", spec.name, {
+            "app": spec.name, "version": version, "passed": not failed,
+            "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
+        if failed:
+            book.append("promotion_refused", spec.name, {"app": spec.name, "version": version,
+                                                         "still_serving": before.serving_version,
+                                                         "failed": [v.check for v in failed]}, actor, env=env)
+            yield from results
+            raise dg.Failure(
+                description=f"{spec.name}.{env}: release {version} refused; "
+                            + "; ".join(f"{v.check}: {v.summary}" for v in failed)
+                            + f". {before.serving_version or 'Nothing'} keeps serving.",
+                metadata={"refused_version": version, "still_serving": before.serving_version or "nothing"})
         try:
             status = deployer.deploy(target, Release(version, str(artifact), config={
                 "entrypoint": spec.entrypoint, "env": env_vars}))
         except DeployError as err:
+            book.append("promotion_refused", spec.name, {"app": spec.name, "version": version,
+                                                         "still_serving": before.serving_version,
+                                                         "failed": ["deploy"], "error": str(err)[:500]}, actor, env=env)
+            yield from results
             raise dg.Failure(description=str(err), metadata={"refused_version": version})
-        return dg.MaterializeResult(
-            metadata={"release_version": version, "previous_version": before.serving_version or "none",
+        entry = book.append("deploy", spec.name, {
+            "app": spec.name, "version": version, "previous_version": before.serving_version,
+            "address": status.address, "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
+            "checks": [v.check for v in verdicts]}, actor, env=env)
+        yield dg.MaterializeResult(
+            check_results=results,
+            metadata={"ledger_entry": entry.seq,"release_version": version, "previous_version": before.serving_version or "none",
                       "address": dg.MetadataValue.url(status.address or ""),
                       "calls": dg.MetadataValue.json(env_vars),
                       "deployed_at": datetime.now(timezone.utc).isoformat()},
@@ -536,7 +580,7 @@ def build_all(org: Organisation, releases_dir: Path, policy: Policy) -> list[Any
         elif isinstance(d, EndpointSpec):
             out += build_endpoint_defs(d, org, policy)
         elif isinstance(d, AppSpec):
-            out += build_app_defs(d, org, releases_dir)
+            out += build_app_defs(d, org, releases_dir, policy)
     return out
 
 

@@ -62,6 +62,8 @@ class Identity(_P):
     roles: list[Role] = Field(default_factory=list)
     public_key: str = Field(description="Ed25519 public key, base64 of the 32 raw bytes.")
     demo: bool = Field(False, description="A demo identity whose private key ships with the example.")
+    git_emails: list[str] = Field(default_factory=list,
+                                  description="Commit author emails, to tell reviewers from authors of a change.")
 
     @field_validator("public_key")
     @classmethod

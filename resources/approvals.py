@@ -92,8 +92,11 @@ def sign(key: Ed25519PrivateKey, *, asset: str, version: str, env: str, reason: 
 
 
 def verify(approval: Approval, policy: Policy, *, asset: str, version: str, env: str, owner_team: str,
-           author: str | None, role: str) -> None:
-    """Raise ``ApprovalError`` unless ``approval`` is a valid, independent approval of exactly this."""
+           author: str | None, role: str, other_team: bool = True, author_emails: set[str] | None = None) -> None:
+    """Raise ``ApprovalError`` unless ``approval`` is a valid, independent approval of exactly this.
+
+    Model approvals must come from outside the owning team (``other_team``); code reviews may come
+    from inside it but never from someone whose commit emails are among ``author_emails``."""
     ident = policy.identities.get(approval.approver)
     if ident is None:
         raise ApprovalError(f"unknown approver '{approval.approver}': not an identity in the policy")
@@ -108,7 +111,11 @@ def verify(approval: Approval, policy: Policy, *, asset: str, version: str, env:
                             f"not {asset} version {version} in {env}")
     if role not in ident.roles:
         raise ApprovalError(f"{approval.approver} lacks the role '{role}' (has: {', '.join(ident.roles) or 'none'})")
-    if ident.team == owner_team:
+    if other_team and ident.team == owner_team:
         raise ApprovalError(f"{approval.approver} is in the owning team '{owner_team}': approval must be independent")
     if author and approval.approver == author:
         raise ApprovalError(f"{approval.approver} authored version {version}: self-approval is not allowed")
+    shared = {e.lower() for e in ident.git_emails} & {e.lower() for e in (author_emails or set())}
+    if shared:
+        raise ApprovalError(f"{approval.approver} authored changes in release {version} ({', '.join(sorted(shared))}): "
+                            f"a reviewer must have authored none of them")

@@ -72,8 +72,14 @@ def world(settings, tmp_path_factory):
                            "--env", "prod", "--as", "mira", "--first-release",
                            "--reason", "fairness and explainability reviewed")
         assert approval.returncode == 0, approval.stderr
-        promoted = materialize(defs, instance, ["credit_scoring_prod", "loan_portal_prod"])
-        yield {"defs": defs, "instance": instance, "first": [first, promoted], "refused": refused,
+        # the app's prod release waits for an independent code review; the credit prod deploy goes through
+        promoted = materialize(defs, instance, ["credit_scoring_prod", "loan_portal_prod"], raise_on_error=False)
+        review = run_cli("approve", "loan_portal", "--version", meta(first, "loan_portal")["release_version"],
+                         "--env", "prod", "--as", "rob", "--reason", "reviewed the diff")
+        assert review.returncode == 0, review.stderr
+        app = materialize(defs, instance, ["loan_portal_prod"])
+        yield {"defs": defs, "instance": instance, "first": [first, promoted, app], "refused": refused,
+               "app_refused": promoted,
                "settings": settings, "mlflow": build_resources(settings)["mlflow"],
                "ledger": build_resources(settings)["ledger"].ledger()}
 
@@ -99,7 +105,7 @@ def test_graph_lineage_kinds_owners_groups(world):
 
 def test_every_asset_materialized_and_checks_passed(world):
     results = world["first"]
-    assert all(r.success for r in results)
+    assert results[0].success and results[2].success
     keys = {ev.materialization.asset_key.to_user_string() for r in results
             for ev in r.get_asset_materialization_events()}
     assert keys == {"credit_applications", "credit_risk", "credit_scoring_staging", "credit_scoring_prod",
@@ -116,6 +122,21 @@ def test_every_asset_materialized_and_checks_passed(world):
         high_risk | {"approval", "rollback_path"}
     assert {c for (a, c), ok in checks.items() if a == "churn_scoring_prod" and ok} == \
         {"data_quality", "performance", "no_regression", "drift_ready"}
+    assert checks[("loan_portal_staging", "security_scan")] is True
+    assert {c for (a, c), ok in checks.items() if a == "loan_portal_prod" and ok} == \
+        {"security_scan", "code_review", "integration_tests"}
+
+
+def test_app_release_waits_for_code_review_then_passes_integration_tests(world):
+    first_try = world["app_refused"]
+    checks = {e.check_name: e for e in first_try.get_asset_check_evaluations()
+              if e.asset_key == dg.AssetKey("loan_portal_prod")}
+    assert checks["code_review"].passed is False
+    assert "waiting for a code review by rob" in checks["code_review"].metadata["verdict"].value
+    assert checks["integration_tests"].passed is True and "4 passed" in checks["integration_tests"].metadata["verdict"].value
+    release = meta(world["first"], "loan_portal")["release_version"]
+    built = [e.data["version"] for e in world["ledger"].entries(kind="release_built", subject="loan_portal")]
+    assert release in built
 
 
 def test_prod_is_refused_until_an_independent_signed_approval(world):

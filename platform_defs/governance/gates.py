@@ -354,3 +354,107 @@ def _materializations(instance: Any, key: Any, limit: int = 200) -> list[dict[st
         if mat is not None:
             out.append({k: v.value for k, v in mat.metadata.items()})
     return out
+
+
+APP_DESCRIPTIONS = {
+    "security_scan": "bandit and detect-secrets over the release's source; high-severity findings and any secret fail.",
+    "code_review": "A signed review of this exact release by a listed reviewer who authored none of its changes.",
+    "integration_tests": "The release's own integration tests, run against its deployment in the previous environment.",
+}
+
+
+class AppGate:
+    """Evaluates an app release (a build folder) against the app track, for one environment."""
+
+    def __init__(self, *, app: Any, policy: Policy, ledger: Any, deployer: Any, source_dir: Path,
+                 repo_root: Path):
+        self.app, self.policy, self.ledger, self.deployer = app, policy, ledger, deployer
+        self.track = policy.track("app")
+        self.source_dir, self.repo_root = source_dir, repo_root
+
+    def required(self, env: str) -> list[str]:
+        first = env == self.app.environments[0]
+        out = []
+        for c in self.track.checks:
+            if c == "code_review" and env not in self.track.approval_envs:
+                continue
+            if c == "integration_tests" and first:
+                continue  # there is no earlier deployment to test against
+            out.append(c)
+        return out
+
+    def evaluate(self, version: str, build: Path, env: str) -> list[Verdict]:
+        return [getattr(self, f"_check_{c}")(version, build, env) for c in self.required(env)]
+
+    def _check_security_scan(self, version: str, build: Path, env: str) -> Verdict:
+        from platform_defs.governance.security_scan import scan_source
+
+        res = scan_source(build, fail_on=self.track.security_fail_on)
+        rows = ["| tool | file | line | severity | rule | blocking |", "|---|---|---:|---|---|---|"] + [
+            f"| {r['tool']} | {r['file']} | {r['line']} | {r['severity']} | {r['rule']} | {'yes' if r['blocking'] else ''} |"
+            for r in res.records()]
+        return Verdict("security_scan", res.passed, res.summary,
+                       {"findings": len(res.findings), "blocking": len(res.blocking),
+                        "files_scanned": len(res.files_scanned)},
+                       {"findings_table": "\n".join(rows)} if res.findings else {})
+
+    def authors(self) -> set[str]:
+        """Commit author emails of every commit that touched the app's source."""
+        import subprocess
+
+        try:
+            out = subprocess.run(["git", "log", "--format=%ae", "--", str(self.source_dir)], cwd=self.repo_root,
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return set()
+        return {line.strip().lower() for line in out.stdout.splitlines() if line.strip()} if out.returncode == 0 else set()
+
+    def _check_code_review(self, version: str, build: Path, env: str) -> Verdict:
+        from resources.approvals import Approval, ApprovalError, verify
+
+        authors = self.authors()
+        valid, refused = [], []
+        for entry in self.ledger.entries(kind="approval", subject=self.app.name, env=env):
+            a = Approval.from_dict(entry.data)
+            if a.version != version:
+                continue
+            try:
+                verify(a, self.policy, asset=self.app.name, version=version, env=env, owner_team=self.app.owner,
+                       author=None, role=self.track.approver_role, other_team=False, author_emails=authors)
+                valid.append(a)
+            except ApprovalError as err:
+                refused.append(f"#{entry.seq} by {a.approver}: {err}")
+        if valid:
+            return Verdict("code_review", True, f"reviewed by {valid[-1].approver}: {valid[-1].reason}",
+                           {"reviewer": valid[-1].approver, "authors": len(authors)})
+        who = ", ".join(sorted(n for n, i in self.policy.identities.items() if self.track.approver_role in i.roles))
+        cmd = f"onepath approve {self.app.name} --version {version} --env {env} --reason \"...\" --as <reviewer>"
+        return Verdict("code_review", False, f"waiting for a code review by {who or 'nobody listed'}: run {cmd}",
+                       {"command": cmd, "refused": len(refused)},
+                       {"refused_reviews": "\n".join(f"- {r}" for r in refused)} if refused else {})
+
+    def _check_integration_tests(self, version: str, build: Path, env: str) -> Verdict:
+        import os
+        import subprocess
+        import sys
+
+        from resources.deployers.base import Target
+
+        i = self.app.environments.index(env)
+        previous = self.app.environments[i - 1]
+        st = self.deployer.status(Target(self.app.name, previous, "app", self.app.ports.get(previous)))
+        if st.serving_version != version:
+            return Verdict("integration_tests", False,
+                           f"release {version} is not what {previous} serves ({st.serving_version or 'nothing'}): "
+                           f"deploy it to {previous} first")
+        suite = build / "integration_tests"
+        if not suite.is_dir():
+            return Verdict("integration_tests", False, f"release {version} ships no integration_tests/ folder")
+        env_vars = {**os.environ, "ONEPATH_APP_URL": st.address or "", "ONEPATH_RELEASE_VERSION": version}
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)],
+                             cwd=build, env=env_vars, capture_output=True, text=True, timeout=600)
+        tail = [line for line in out.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
+        return Verdict("integration_tests", out.returncode == 0,
+                       f"{tail[0]} against {previous} at {st.address}",
+                       {"exit_code": out.returncode, "tested_env": previous},
+                       {} if out.returncode == 0 else {"output": "```\n" + out.stdout[-3000:] + "\n```"})

@@ -1,0 +1,77 @@
+"""The app track's gate on real releases: a planted secret or shell injection refuses the release;
+a reviewer who authored changes in it cannot review it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from platform_defs.governance.gates import AppGate
+from platform_defs.loader import load_organisation
+from platform_defs.policy import load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gate():
+    org = load_organisation(ROOT / "assets")
+    return AppGate(app=org.by_name["loan_portal"], policy=load_policy(), ledger=None, deployer=None,
+                   source_dir=ROOT / "apps" / "loan_portal", repo_root=ROOT)
+
+
+def build(tmp_path: Path) -> Path:
+    dst = tmp_path / "r-test"
+    shutil.copytree(ROOT / "apps" / "loan_portal", dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def test_the_real_app_passes_the_scan(gate, tmp_path):
+    verdict = gate._check_security_scan("r-test", build(tmp_path), "staging")
+    assert verdict.passed, verdict.summary
+
+
+def test_planted_shell_injection_refuses_the_release(gate, tmp_path):
+    b = build(tmp_path)
+    (b / "loan_portal" / "ops.py").write_text("import subprocess\n\n\ndef run(cmd):\n"
+                                              "    return subprocess.call(cmd, shell=True)\n")
+    verdict = gate._check_security_scan("r-test", b, "staging")
+    assert not verdict.passed
+    table = verdict.markdown["findings_table"]
+    assert "loan_portal/ops.py | 5 | HIGH | B602" in table
+
+
+def test_planted_secret_refuses_the_release(gate, tmp_path):
+    b = build(tmp_path)
+    key = "AKIA" + "IOSFODNN7" + "EXAMPLE"  # assembled so this file holds no secret itself
+    (b / "loan_portal" / "settings_local.py").write_text(f'AWS_ACCESS_KEY_ID = "{key}"\n')
+    verdict = gate._check_security_scan("r-test", b, "staging")
+    assert not verdict.passed
+    assert "loan_portal/settings_local.py | 1" in verdict.markdown["findings_table"]
+    assert "AWS Access Key" in verdict.markdown["findings_table"]
+
+
+def test_a_reviewer_who_authored_a_change_cannot_review(tmp_path, monkeypatch):
+    """rob's commit email is among the authors of the app's source: his review is refused."""
+    from resources.approvals import ApprovalError, load_private_key, sign, verify
+
+    policy = load_policy()
+    authors = {"rob@lending.example", "someone@lending.example"}
+    a = sign(load_private_key(ROOT / "assets" / "demo_identities" / "rob.key"), asset="loan_portal",
+             version="r-1", env="prod", reason="lgtm", approver="rob")
+    with pytest.raises(ApprovalError, match="authored changes in release r-1"):
+        verify(a, policy, asset="loan_portal", version="r-1", env="prod", owner_team="digital-lending",
+               author=None, role="code_reviewer", other_team=False, author_emails=authors)
+    # from the same team, but not an author: accepted
+    verify(a, policy, asset="loan_portal", version="r-1", env="prod", owner_team="digital-lending",
+           author=None, role="code_reviewer", other_team=False, author_emails={"dana@lending.example"})
+
+
+def test_authors_come_from_git_history(gate):
+    emails = gate.authors()
+    expected = subprocess.run(["git", "log", "--format=%ae", "--", "apps/loan_portal"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.split()
+    assert emails and emails == {e.lower() for e in expected}

@@ -216,8 +216,12 @@ class ModelGate:
             mats = [e for e in _materializations(self.instance, dg.AssetKey(self.model.name))
                     if str(e.get("model_version")) == v.version]
             if not mats:
-                problems.append(f"no materialization of '{self.model.name}' registered version {v.version} "
-                                f"(registered outside the graph): {HOW_TO_LOG_LINEAGE}")
+                # registered outside the graph (a notebook): the code hash must be the declared trainer's
+                current = _trainer_hash(self.model.trainer)
+                if current != v.tag("code_hash"):
+                    problems.append(f"version {v.version} was registered outside the graph and its code hash "
+                                    f"{v.tag('code_hash')[:12]} is not the declared trainer's ({current[:12]}): "
+                                    f"{HOW_TO_LOG_LINEAGE}")
             elif mats[0].get("code_hash") != v.tag("code_hash"):
                 problems.append(f"code hash {v.tag('code_hash')[:12]} differs from the run's "
                                 f"{str(mats[0].get('code_hash'))[:12]}")
@@ -344,6 +348,16 @@ class _Version:
         size = float(self.tags.get(TAG + "test_size", self.gate.model.test_size))
         _, test = train_test_split(df, test_size=size, random_state=seed, stratify=df[self.gate.label])
         return test[self.gate.features], test[self.gate.label], test
+
+
+def _trainer_hash(import_path: str) -> str:
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec(import_path.split(":")[0])
+    if spec is None or not spec.origin:
+        return ""
+    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
 
 
 def _materializations(instance: Any, key: Any, limit: int = 200) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ Everything a test starts is stopped at the end of the session (``stop_all`` on i
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _free_port_base(span: int = 200) -> int:
     """A base port whose next ``span`` ports are currently free (checked, not guessed)."""
-    for base in range(21000, 60000, span):
+    # start at a random place so concurrent sessions (a developer's and a helper's) rarely meet;
+    # the deployer still moves a never-served address whose port got taken in between
+    start = 21000 + random.randrange(0, 150) * span
+    for base in list(range(start, 60000, span)) + list(range(21000, start, span)):
         ok = True
         for p in range(base, base + span, 7):
             s = socket.socket()

@@ -273,6 +273,33 @@ def test_retrain_goes_to_staging_then_prod_is_promoted_alone_without_touching_th
     assert out["model_version"] == v2
 
 
+def test_a_notebook_version_without_lineage_is_refused_with_instructions(world, tmp_path):
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    from tests.conftest import save_credit_model
+
+    defs, instance, registry = world["defs"], world["instance"], world["mlflow"]
+    staging = meta(world["first"], "credit_scoring_staging")["address"]
+    serving = probe(staging)["version"]
+    est = mlflow.sklearn.load_model(str(save_credit_model(tmp_path / "nb")))
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    X = __import__("pandas").read_parquet(meta(world["first"], "credit_applications")["path"])[est.feature_names_in_]
+    with mlflow.start_run(experiment_id=registry.experiment_id("notebooks")):
+        info = mlflow.sklearn.log_model(est, name="model", signature=infer_signature(X, est.predict(X)),
+                                        registered_model_name="credit_risk")
+    version = str(info.registered_model_version)
+    r = materialize(defs, instance, ["credit_scoring_staging"], raise_on_error=False)
+    assert not r.success and probe(staging)["version"] == serving
+    checks = {e.check_name: e for e in r.get_asset_check_evaluations()}
+    assert checks["lineage"].passed is False
+    assert "lacks onepath.dataset_key, onepath.data_hash, onepath.code_hash" in checks["lineage"].metadata["verdict"].value
+    assert "Registering from a notebook" in checks["lineage"].metadata["verdict"].value
+    assert checks["drift_ready"].passed is False and "reference_sample.parquet" in checks["drift_ready"].metadata["verdict"].value
+    assert all(e.metadata["model_version"].value == version for e in checks.values())
+
+
 def test_biased_data_is_refused_by_fairness_and_staging_keeps_serving(world):
     defs, instance = world["defs"], world["instance"]
     staging = meta(world["first"], "credit_scoring_staging")["address"]

@@ -109,6 +109,28 @@ class LocalProcessDeployer(Deployer):
         url = self._control(target)
         if url:
             return url
+        never_served = not (self.slot_dir(target) / "state.json").exists()
+        for _ in range(5):
+            try:
+                return self._start_supervisor(target)
+            except _PortTaken:
+                # another program took the port between allocation and bind. A stable address that
+                # never served anyone can still move; one that did, or a declared port, cannot.
+                if target.port is not None or not never_served:
+                    raise DeployError(f"{target.slot}: its stable port {self._port(target)} is taken by "
+                                      f"another program; free it and deploy again") from None
+                self._reallocate(target)
+        raise DeployError(f"{target.slot}: no free port found for its stable address")
+
+    def _reallocate(self, target: Target) -> None:
+        with self._locked("ports.lock"):
+            ports = self._ports()
+            taken = ports.pop(target.slot, None)
+            if taken is not None:
+                ports[f"(taken by another program).{taken}"] = taken
+            self._save_ports(ports)
+
+    def _start_supervisor(self, target: Target) -> str:
         port = self._port(target)
         slot = self.slot_dir(target)
         slot.mkdir(parents=True, exist_ok=True)
@@ -128,6 +150,8 @@ class LocalProcessDeployer(Deployer):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                if proc.returncode == 4:  # the supervisor's "cannot bind" exit
+                    raise _PortTaken(port)
                 raise DeployError(f"{target.slot}: the supervisor for {self.host}:{port} exited: "
                                   f"{log_tail(slot / 'supervisor.log', 600)}")
             url = self._control(target)
@@ -253,6 +277,10 @@ class LocalProcessDeployer(Deployer):
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(running)))) as pool:
             list(pool.map(lambda item: self._stop(item[1]), running))
         return [slot for slot, _ in running]
+
+
+class _PortTaken(Exception):
+    pass
 
 
 def _bindable(host: str, port: int) -> bool:

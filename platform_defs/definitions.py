@@ -10,6 +10,7 @@ import dagster as dg
 
 from platform_defs.factories import build_all
 from platform_defs.loader import load_organisation
+from platform_defs.platform_metrics import build_platform_metrics_asset, build_platform_metrics_schedule
 from platform_defs.policy import Policy, check_organisation, load_policy
 from platform_defs.settings import Settings, load_settings
 from platform_defs.specs import Organisation
@@ -46,7 +47,8 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
     policy = policy or load_policy()
     check_organisation(org, policy)
     return dg.Definitions(
-        assets=build_all(org, settings.releases_dir, policy),
+        assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy)],
+        schedules=[build_platform_metrics_schedule()],
         resources=build_resources(settings),
         sensors=[build_endpoint_status_sensor(org)],
     )

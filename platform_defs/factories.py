@@ -392,7 +392,9 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
         entry = book.append("deploy", spec.name, {
             "model": model.name, "version": version, "previous_version": before.serving_version,
             "address": status.address, "promoted_from": upstream_env, "track": model.track,
-            "owner": model.owner, "checks": [v.check for v in verdicts]}, actor, env=env)
+            "owner": model.owner, "checks": [v.check for v in verdicts],
+            "initiated_by": context.run.tags.get("dagster/user")}, actor, env=env)
+        card_meta = _model_card(context, model, version, verdicts, mlflow, book)
         yield dg.MaterializeResult(
             check_results=results,
             metadata={
@@ -405,11 +407,33 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                 "deployed_at": datetime.now(timezone.utc).isoformat(),
                 "backend": spec.backend,
                 "ledger_entry": entry.seq,
+                **card_meta,
             },
             data_version=dg.DataVersion(version),
         )
 
     return _endpoint
+
+
+def _model_card(context: Any, model: ModelSpec, version: str, verdicts: list, mlflow: MlflowRegistry,
+                book: Any) -> dict[str, Any]:
+    """Write the version's model card (Markdown and HTML) into its MLflow run; every deploy refreshes
+    it with the longer history. The version already serves: a card that cannot be written is a
+    warning, not a failed deploy."""
+    from platform_defs.governance.model_card import card_data_from, write_model_card
+
+    try:
+        mv = mlflow.get_version(model.name, version)
+        card = card_data_from(model, mv, mlflow.client().get_run(mv.run_id), verdicts, book.entries())
+        with tempfile.TemporaryDirectory() as tmp:
+            md_path, html_path = write_model_card(card, Path(tmp))
+            for p in (md_path, html_path):
+                mlflow.log_run_artifact(mv.run_id, p, "onepath/model_card")
+            return {"model_card": dg.MetadataValue.md(md_path.read_text()),
+                    "model_card_html": f"runs:/{mv.run_id}/onepath/model_card/{html_path.name}"}
+    except Exception as err:  # noqa: BLE001 - see docstring
+        context.log.warning(f"model card not written: {type(err).__name__}: {err}")
+        return {"model_card": f"not written: {err}"}
 
 
 # --------------------------------------------------------------------------------------------

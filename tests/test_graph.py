@@ -153,6 +153,9 @@ def test_prod_is_refused_until_an_independent_signed_approval(world):
     assert kinds.index(("promotion_refused", "prod")) < kinds.index(("deploy", "prod"))
     approval = world["ledger"].entries(kind="approval", subject="credit_risk")[0]
     assert approval.actor == "mira" and approval.data["first_release"] is True
+    card = meta(world["first"], "credit_scoring_prod")["model_card"]
+    assert "## Approvals" in card and "mira" in card and "## Fairness" in card
+    assert meta(world["first"], "credit_scoring_prod")["model_card_html"].endswith(".html")
 
 
 @pytest.mark.parametrize("args,message", [

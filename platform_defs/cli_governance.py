@@ -47,7 +47,6 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 def cmd_approve(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from platform_defs.definitions import build_resources
     from platform_defs.loader import load_organisation
     from platform_defs.policy import PolicyError, load_policy
     from platform_defs.specs import AppSpec, DeclarationError, EndpointSpec, ModelSpec
@@ -71,6 +70,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
     envs = sorted({e for ep in org.of_kind("endpoint") if ep.model == decl.name for e in ep.environments})
     if args.env not in envs:
         return _fail(f"'{args.env}' is not an environment of {decl.name} (environments: {', '.join(envs) or 'none'})")
+    from platform_defs.wiring import build_resources
+
     settings = load_settings()
     resources = build_resources(settings)
     mlflow = resources["mlflow"]
@@ -98,7 +99,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> int:
     """A code review of one built release of an app, by a reviewer who authored none of its changes."""
-    from platform_defs.definitions import build_resources
+    from platform_defs.wiring import build_resources
     from platform_defs.governance.gates import AppGate
     from resources.approvals import ApprovalError, load_private_key, sign, verify
 

@@ -12,32 +12,12 @@ from platform_defs.factories import build_all
 from platform_defs.loader import load_organisation
 from platform_defs.platform_metrics import build_platform_metrics_asset, build_platform_metrics_schedule
 from platform_defs.policy import Policy, check_organisation, load_policy
+from platform_defs.rollback import build_rollback_job
 from platform_defs.settings import Settings, load_settings
 from platform_defs.specs import Organisation
-from resources.data_store import DataStore
-from resources.deployers.resource import LocalDeployerResource
-from resources.ledger import LedgerResource, ledger_paths
-from resources.mlflow_registry import MlflowRegistry
+from platform_defs.wiring import build_resources
+from sensors.alias_drift import build_alias_checks, build_alias_drift_sensor
 from sensors.endpoint_status import build_endpoint_status_sensor
-
-
-def build_resources(settings: Settings) -> dict[str, object]:
-    return {
-        "mlflow": MlflowRegistry(
-            tracking_uri=settings.mlflow_tracking_uri,
-            registry_uri=settings.mlflow_registry_uri,
-            artifact_root=str(settings.mlflow_artifact_root),
-            ui_url=settings.mlflow_ui_url,
-            cache_dir=str(settings.releases_dir / "models"),
-        ),
-        "data_store": DataStore(root=str(settings.data_dir)),
-        "ledger": LedgerResource(db_path=str(ledger_paths(settings.home)[0]),
-                                 key_path=str(ledger_paths(settings.home)[1])),
-        "deployer_local": LocalDeployerResource(
-            run_dir=str(settings.run_dir), host=settings.host, port_base=settings.port_base,
-            inference_log_dir=str(settings.inference_log_dir),
-        ),
-    }
 
 
 def build_definitions(org: Organisation | None = None, settings: Settings | None = None,
@@ -48,9 +28,11 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
     check_organisation(org, policy)
     return dg.Definitions(
         assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy)],
+        asset_checks=build_alias_checks(org),
         schedules=[build_platform_metrics_schedule()],
+        jobs=[build_rollback_job(org, policy)],
         resources=build_resources(settings),
-        sensors=[build_endpoint_status_sensor(org)],
+        sensors=[build_endpoint_status_sensor(org), build_alias_drift_sensor(org)],
     )
 
 

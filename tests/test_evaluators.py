@@ -376,7 +376,7 @@ def test_the_real_app_passes():
     assert r.blocking == [] and r.errors == []
     assert "loan_portal/main.py" in r.files_scanned and r.python_files >= 2
     assert {t.tool for t in r.tools} == {"bandit", "detect-secrets"}
-    assert all(t.returncode == 0 and t.error is None for t in r.tools)
+    assert all(t.error is None for t in r.tools)  # bandit exits 1 for the low-severity asserts in integration_tests/
     assert r.summary.startswith("clean: no bandit finding at high or above, no secrets;")
 
 

@@ -78,7 +78,7 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
     loc = entry["locationOrLoadError"]
     assert loc["__typename"] == "RepositoryLocation", loc
     repo = loc["repositories"][0]
-    assert {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]} == {"endpoint_status": "RUNNING"}
+    assert {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]} == {"endpoint_status": "RUNNING", "alias_drift": "RUNNING"}
     keys = {"/".join(a["assetKey"]["path"]) for a in repo["assetNodes"]}
     assert {"credit_applications", "credit_risk", "credit_scoring_prod", "loan_portal_prod", "churn"} <= keys
     assert (tmp_path / "home" / "dagster_home" / "dagster.yaml").exists()

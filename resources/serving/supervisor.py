@@ -168,8 +168,38 @@ class Supervisor:
                 old.state = "draining"
                 old.drain_deadline = time.time() + DRAIN_SECONDS
                 old.signal_all(signal.SIGTERM)
+                self._await_released(old)
             self.event("promote", group=g.id, version=g.version, previous=old.version if old else None)
             return g.view()
+
+    def _await_released(self, old: Group, limit: float = 10.0) -> None:
+        """Return once no worker of ``old`` holds the stable socket any more (it closed its listener on
+        SIGTERM and only finishes the requests it already has), so from then on every new connection
+        reaches the new version. Read from /proc: the socket's inode among each process's fds."""
+        inode = os.fstat(self.stable.fileno()).st_ino
+        target = f"socket:[{inode}]"
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            holding = False
+            for p in old.procs:
+                if p is None or p.poll() is not None:
+                    continue
+                try:
+                    fds = os.listdir(f"/proc/{p.pid}/fd")
+                except OSError:
+                    continue
+                for fd in fds:
+                    try:
+                        if os.readlink(f"/proc/{p.pid}/fd/{fd}") == target:
+                            holding = True
+                            break
+                    except OSError:
+                        continue
+                if holding:
+                    break
+            if not holding:
+                return
+            time.sleep(0.01)
 
     def discard(self, group_id: str) -> dict[str, Any]:
         with self.lock:

@@ -1,0 +1,71 @@
+"""``onepath rollback ENDPOINT --env ENV [--to VERSION] --reason "..." [--as NAME]``.
+
+Redeploys the previous approved version (or ``--to VERSION``, which must have served that environment
+before) at the environment's stable address, moves the MLflow alias and records the rollback in the
+ledger. Errors are one line on stderr and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+
+
+def _fail(msg: str) -> int:
+    print(f"onepath: {msg}", file=sys.stderr)
+    return 1
+
+
+def default_actor() -> str:
+    """``$ONEPATH_IDENTITY``, else the OS user."""
+    ident = os.environ.get("ONEPATH_IDENTITY", "").strip()
+    if ident:
+        return ident
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from platform_defs.policy import PolicyError, load_policy
+    from platform_defs.rollback import RollbackError, rollback
+    from platform_defs.settings import load_settings
+    from platform_defs.specs import DeclarationError
+
+    if not args.env:
+        return _fail("say which environment to roll back: --env ENV")
+    if not (args.reason or "").strip():
+        return _fail(f"a rollback needs a reason: onepath rollback {args.endpoint} --env {args.env} --reason \"...\"")
+    actor = (args.as_ or "").strip() or default_actor()
+    try:
+        from platform_defs.wiring import build_resources
+        from platform_defs.loader import load_organisation
+
+        org, policy = load_organisation(), load_policy()
+    except (DeclarationError, PolicyError) as err:
+        return _fail(str(err).splitlines()[0])
+    resources = build_resources(load_settings())
+    try:
+        result = rollback(org, args.endpoint, args.env, to_version=args.to, reason=args.reason, actor=actor,
+                          mlflow=resources["mlflow"], ledger=resources["ledger"].ledger(),
+                          deployer=resources["deployer_local"].deployer(), policy=policy)
+    except RollbackError as err:
+        return _fail(str(err))
+    print(result.summary())
+    return 0
+
+
+def add_rollback_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``rollback`` to ``onepath``'s subcommands."""
+    p = sub.add_parser("rollback", help="redeploy the version an endpoint environment served before")
+    p.add_argument("endpoint", help="endpoint name (as declared)")
+    p.add_argument("--env", help="environment to roll back (e.g. prod); required")
+    p.add_argument("--to", metavar="VERSION",
+                   help="version to restore (must have been deployed to ENV before); default: the previous one")
+    p.add_argument("--reason", help="why; recorded in the ledger; required")
+    p.add_argument("--as", dest="as_", metavar="NAME", help="who rolls back (default $ONEPATH_IDENTITY, else the OS user)")
+    p.set_defaults(fn=cmd_rollback)
+    return p

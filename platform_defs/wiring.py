@@ -1,0 +1,29 @@
+"""The resources every part of onepath uses, built from the settings (no definitions are loaded here,
+so command-line verbs can import it cheaply)."""
+
+from __future__ import annotations
+
+from platform_defs.settings import Settings
+from resources.data_store import DataStore
+from resources.deployers.resource import LocalDeployerResource
+from resources.ledger import LedgerResource, ledger_paths
+from resources.mlflow_registry import MlflowRegistry
+
+
+def build_resources(settings: Settings) -> dict[str, object]:
+    return {
+        "mlflow": MlflowRegistry(
+            tracking_uri=settings.mlflow_tracking_uri,
+            registry_uri=settings.mlflow_registry_uri,
+            artifact_root=str(settings.mlflow_artifact_root),
+            ui_url=settings.mlflow_ui_url,
+            cache_dir=str(settings.releases_dir / "models"),
+        ),
+        "data_store": DataStore(root=str(settings.data_dir)),
+        "ledger": LedgerResource(db_path=str(ledger_paths(settings.home)[0]),
+                                 key_path=str(ledger_paths(settings.home)[1])),
+        "deployer_local": LocalDeployerResource(
+            run_dir=str(settings.run_dir), host=settings.host, port_base=settings.port_base,
+            inference_log_dir=str(settings.inference_log_dir),
+        ),
+    }

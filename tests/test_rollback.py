@@ -1,0 +1,344 @@
+"""Rollback for real: MLflow on the session's sqlite store, real endpoint processes on loopback, the
+session's signed ledger. Deploys are written to the ledger and the alias the way factories.py does.
+
+Each test uses its own endpoint and model, so tests do not depend on each other's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from platform_defs.factories import endpoint_target
+from platform_defs.loader import load_organisation
+from platform_defs.policy import load_policy
+from platform_defs.rollback import RollbackError, build_rollback_job, rollback
+from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec, Organisation
+from resources.deployers.base import Release, probe
+from resources.processes import pid_alive
+from tests.conftest import save_credit_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- helpers (also used by test_alias_drift.py) ------------------------------------------------
+
+
+def write_org(root: Path, endpoints: list[str], prefix: str) -> Path:
+    """A declarations folder: one credit-like dataset, and per endpoint its own model and endpoint."""
+    from assets.credit.declarations import credit_applications
+
+    dataset = {**credit_applications.model_dump(mode="json"), "name": f"{prefix}_applications"}
+    decls = [dataset]
+    for ep in endpoints:
+        decls.append({"kind": "model", "name": f"{ep}_model", "owner": "credit-risk", "track": "ml-high-risk",
+                      "dataset": dataset["name"], "trainer": "assets.credit.trainer:train_credit_risk"})
+        decls.append({"kind": "endpoint", "name": ep, "owner": "credit-risk", "track": "ml-high-risk",
+                      "model": f"{ep}_model", "environments": ["staging", "prod"]})
+    (root / "team").mkdir(parents=True, exist_ok=True)
+    (root / "team" / "defs.yaml").write_text(yaml.safe_dump({"declarations": decls}, sort_keys=False))
+    return root
+
+
+def register(mlflow, model: str, saved: Path) -> str:
+    """Register the saved MLflow model directory as the next version of ``model``."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.client()
+    try:
+        client.create_registered_model(model)
+    except MlflowException:
+        pass  # already registered
+    return str(client.create_model_version(model, source=str(saved)).version)
+
+
+def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: str, resources: dict,
+                          actor: str = "dagster:test-run"):
+    """What the endpoint asset does after its gate passed: deploy, move the alias, ledger 'deploy'."""
+    spec = org.by_name[endpoint]
+    assert isinstance(spec, EndpointSpec)
+    model = org.by_name[spec.model]
+    assert isinstance(model, ModelSpec)
+    dataset = org.by_name[model.dataset]
+    assert isinstance(dataset, DatasetSpec)
+    mlflow, deployer = resources["mlflow"], resources["deployer_local"].deployer()
+    book = resources["ledger"].ledger()
+    target = endpoint_target(spec, env)
+    before = deployer.status(target)
+    release = Release(version=version, artifact=str(mlflow.download(model.name, version)), workers=spec.workers,
+                      config={"model_name": model.name, "pii_columns": dataset.pii_columns,
+                              "max_batch": spec.max_batch})
+    status = deployer.deploy(target, release)
+    if before.healthy:
+        drained(before.detail["server"]["pid"])
+    mlflow.set_alias(model.name, env, version)
+    book.append("deploy", spec.name, {
+        "model": model.name, "version": version, "previous_version": before.serving_version,
+        "address": status.address, "promoted_from": None, "track": model.track, "owner": model.owner,
+        "checks": ["data_quality", "performance"]}, actor, env=env)
+    return status
+
+
+def drained(pid: int) -> None:
+    """Wait until a replaced worker has exited. Right after a cutover the previous version may still
+    take a connection or two on the shared stable socket while it drains; once its process is gone
+    only the new version can answer. (A condition with a deadline, not a sleep.)"""
+    deadline = time.monotonic() + 60
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(pid), f"worker {pid} did not drain within 60 s"
+
+
+def server_pid(address: str) -> int:
+    return probe(address)["pid"]
+
+
+def kinds(book, endpoint: str, env: str) -> list[tuple[str, str | None]]:
+    return [(e.kind, str(e.data.get("version", e.data.get("to_version")))) for e in book.entries(subject=endpoint, env=env)]
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+ENDPOINTS = ["rb_main", "rb_refuse", "rb_broken", "rb_job", "rb_cli"]
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rb_models")
+    return {"a": save_credit_model(root / "a", seed=1), "b": save_credit_model(root / "b", seed=2)}
+
+
+@pytest.fixture(scope="module")
+def world(settings, tmp_path_factory, saved_models):
+    from platform_defs.wiring import build_resources
+
+    org_dir = write_org(tmp_path_factory.mktemp("rb_org"), ENDPOINTS, "rb")
+    org = load_organisation(org_dir)
+    resources = build_resources(settings)
+    mlflow = resources["mlflow"]
+    versions = {}
+    for ep in ENDPOINTS:  # every model gets versions 1 (model a) and 2 (model b)
+        versions[ep] = [register(mlflow, f"{ep}_model", saved_models[k]) for k in ("a", "b")]
+        assert versions[ep] == ["1", "2"]
+    deployer = resources["deployer_local"].deployer()
+    yield {"org": org, "org_dir": org_dir, "resources": resources, "mlflow": mlflow, "deployer": deployer,
+           "ledger": resources["ledger"].ledger(), "policy": load_policy(), "settings": settings}
+    for ep in ENDPOINTS:
+        for env in ("staging", "prod"):
+            deployer.delete(endpoint_target(org.by_name[ep], env))
+
+
+def do_rollback(world, endpoint: str, env: str = "prod", **kw):
+    args = {"reason": "v2 misbehaves in prod", "actor": "pat", **kw}
+    return rollback(world["org"], endpoint, env, mlflow=world["mlflow"], ledger=world["ledger"],
+                    deployer=world["deployer"], policy=world["policy"], **args)
+
+
+# -- rollback() --------------------------------------------------------------------------------
+
+
+def test_rollback_restores_the_previous_version_at_the_same_address_and_keeps_history(world):
+    org, res, mlflow, book = world["org"], world["resources"], world["mlflow"], world["ledger"]
+    deploy_like_factories(org, "rb_main", "prod", "1", res)
+    address = deploy_like_factories(org, "rb_main", "prod", "2", res).address
+    assert probe(address)["version"] == "2" and mlflow.aliases("rb_main_model")["prod"] == "2"
+
+    pid = server_pid(address)
+    result = do_rollback(world, "rb_main")
+    drained(pid)
+
+    assert (result.from_version, result.to_version, result.address) == ("2", "1", address)
+    seen = probe(address)
+    assert seen["version"] == "1" and seen["model"] == "rb_main_model"
+    assert mlflow.aliases("rb_main_model")["prod"] == "1"
+    assert kinds(book, "rb_main", "prod") == [("deploy", "1"), ("deploy", "2"), ("rollback", "1"), ("deploy", "1")]
+    rb = book.entries(kind="rollback", subject="rb_main", env="prod")[-1]
+    assert rb.seq == result.rollback_entry and rb.actor == "pat"
+    assert {k: rb.data[k] for k in ("model", "from_version", "to_version", "reason", "address")} == {
+        "model": "rb_main_model", "from_version": "2", "to_version": "1", "reason": "v2 misbehaves in prod",
+        "address": address}
+    redeploy = book.entries(kind="deploy", subject="rb_main", env="prod")[-1]
+    assert redeploy.seq == result.deploy_entry
+    assert redeploy.data["version"] == "1" and redeploy.data["previous_version"] == "2"
+    assert redeploy.data["rollback_entry"] == rb.seq and redeploy.data["address"] == address
+    # nothing deleted from MLflow
+    assert {str(mlflow.get_version("rb_main_model", v).version) for v in ("1", "2")} == {"1", "2"}
+    assert mlflow.latest_version("rb_main_model") == "2"
+
+    # rolling back again undoes the rollback: the newest deploy that is not what serves is version 2
+    pid = server_pid(address)
+    again = do_rollback(world, "rb_main", reason="v1 was not the problem after all")
+    drained(pid)
+    assert (again.from_version, again.to_version) == ("1", "2")
+    assert probe(address)["version"] == "2" and mlflow.aliases("rb_main_model")["prod"] == "2"
+    # and an explicit --to goes to exactly that version
+    pid = server_pid(address)
+    pinned = do_rollback(world, "rb_main", to_version="1", reason="pin v1")
+    drained(pid)
+    assert pinned.to_version == "1" and probe(address)["version"] == "1"
+    assert len(book.entries(kind="rollback", subject="rb_main", env="prod")) == 3
+    assert book.verify().ok
+
+
+@pytest.mark.parametrize("endpoint,env,kw,message", [
+    ("rb_refuse", "prod", {"reason": ""}, "rb_refuse.prod: a rollback needs a reason"),
+    ("rb_refuse", "prod", {"reason": "   "}, "a rollback needs a reason"),
+    ("rb_refuse", "prod", {"to_version": "2"},
+     "rb_refuse.prod: version 2 was never deployed to prod .* versions deployed to prod: 1$"),
+    ("rb_refuse", "prod", {"to_version": "99"}, "version 99 was never deployed to prod"),
+    ("rb_refuse", "prod", {"to_version": "1"}, "rb_refuse.prod: version 1 already serves; nothing to roll back"),
+    ("rb_refuse", "prod", {}, "nothing to roll back to: version 1 is the only version ever deployed to prod"),
+    ("rb_refuse", "staging", {}, "rb_refuse.staging: nothing to roll back to: no version was ever deployed"),
+    ("rb_nope", "prod", {}, "'rb_nope' is not a declared endpoint .*rb_refuse"),
+    ("rb_refuse", "qa", {}, "'qa' is not an environment of rb_refuse \\(environments: staging, prod\\)"),
+])
+def test_refusals_change_nothing(world, endpoint, env, kw, message):
+    org, res, book, mlflow = world["org"], world["resources"], world["ledger"], world["mlflow"]
+    target = endpoint_target(org.by_name["rb_refuse"], "prod")
+    if not world["deployer"].status(target).healthy:
+        deploy_like_factories(org, "rb_refuse", "prod", "1", res)
+    history = [e.seq for e in book.entries(subject="rb_refuse")]
+    with pytest.raises(RollbackError, match=message) as err:
+        do_rollback(world, endpoint, env, **kw)
+    assert "\n" not in str(err.value)
+    assert world["deployer"].status(target).serving_version == "1"
+    assert mlflow.aliases("rb_refuse_model") == {"prod": "1"}
+    assert [e.seq for e in book.entries(subject="rb_refuse")] == history
+
+
+def test_a_failed_redeploy_leaves_the_current_version_serving(world):
+    org, res, book, mlflow = world["org"], world["resources"], world["ledger"], world["mlflow"]
+    deploy_like_factories(org, "rb_broken", "prod", "1", res)
+    address = deploy_like_factories(org, "rb_broken", "prod", "2", res).address
+    # version 1's files went bad since it last served (the deployer serves from this local copy)
+    cached = Path(mlflow.cache_dir) / "rb_broken_model" / "1" / "model.skops"
+    cached.write_bytes(b"this is not a model any more")
+    history = [e.seq for e in book.entries(subject="rb_broken")]
+
+    with pytest.raises(RollbackError, match=r"^rb_broken.prod: rollback to version 1 failed, 2 keeps serving: "
+                                            r".*version 1 failed to start") as err:
+        do_rollback(world, "rb_broken")
+
+    assert "\n" not in str(err.value)
+    assert probe(address)["version"] == "2"
+    assert mlflow.aliases("rb_broken_model")["prod"] == "2"
+    assert [e.seq for e in book.entries(subject="rb_broken")] == history  # nothing recorded
+
+
+# -- the launchpad job -------------------------------------------------------------------------
+
+
+def test_rollback_job_runs_from_run_config_and_fails_cleanly_on_refusal(world, tmp_path):
+    org, res, book = world["org"], world["resources"], world["ledger"]
+    deploy_like_factories(org, "rb_job", "prod", "1", res)
+    address = deploy_like_factories(org, "rb_job", "prod", "2", res).address
+    job = build_rollback_job(org, world["policy"])
+    assert isinstance(job, dg.JobDefinition) and job.name == "rollback"
+    assert [n.name for n in job.graph.nodes] == ["rollback_endpoint"]
+    # loads next to everything else onepath defines (op and job names must not clash)
+    from platform_defs.factories import build_all
+    from sensors.alias_drift import build_alias_checks, build_alias_drift_sensor
+
+    dg.Definitions.validate_loadable(dg.Definitions(
+        assets=build_all(org, world["settings"].releases_dir, world["policy"]), asset_checks=build_alias_checks(org),
+        jobs=[job], sensors=[build_alias_drift_sensor(org)], resources=res))
+    resources = {k: res[k] for k in ("mlflow", "ledger", "deployer_local")}
+
+    def run(instance, **config):
+        return job.execute_in_process(run_config={"ops": {"rollback_endpoint": {"config": config}}}, resources=resources,
+                                      instance=instance, raise_on_error=False)
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        pid = server_pid(address)
+        ok = run(instance, endpoint="rb_job", env="prod", reason="latency regression in v2")
+        assert ok.success
+        drained(pid)
+        assert probe(address)["version"] == "1"
+        out = ok.output_for_node("rollback_endpoint")
+        assert (out["from_version"], out["to_version"], out["address"]) == ("2", "1", address)
+        rb = book.entries(kind="rollback", subject="rb_job", env="prod")[-1]
+        assert rb.actor == f"dagster:{ok.run_id}" and rb.data["reason"] == "latency regression in v2"
+        observed = [e.event_specific_data.asset_observation for e in ok.all_events
+                    if e.event_type_value == "ASSET_OBSERVATION"]
+        assert observed[0].asset_key == dg.AssetKey("rb_job_prod")
+        assert observed[0].metadata["serving_version"].value == "1"
+
+        for config, message in [
+            ({"reason": ""}, "rb_job.prod: a rollback needs a reason"),
+            ({"reason": "try v7", "to_version": "7"}, "rb_job.prod: version 7 was never deployed to prod"),
+        ]:
+            refused = run(instance, endpoint="rb_job", env="prod", **config)
+            assert not refused.success
+            failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
+            error = failure.event_specific_data.error
+            assert message in error.message and "Traceback" not in error.message
+            assert error.cls_name == "Failure"
+        assert probe(address)["version"] == "1"
+        assert len(book.entries(kind="rollback", subject="rb_job")) == 1
+
+
+# -- the command -------------------------------------------------------------------------------
+
+# ``onepath rollback`` as cli.main() runs it once add_rollback_parser is registered there
+CLI = textwrap.dedent("""
+    import argparse, sys
+    from platform_defs.cli_rollback import add_rollback_parser
+    ap = argparse.ArgumentParser(prog="onepath")
+    add_rollback_parser(ap.add_subparsers(dest="cmd", required=True))
+    args = ap.parse_args(sys.argv[1:])
+    sys.exit(int(args.fn(args) or 0))
+""")
+
+
+def onepath(world, *args: str, identity: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONEPATH_DECLARATIONS_DIR": str(world["org_dir"])}
+    env.pop("ONEPATH_IDENTITY", None)
+    if identity:
+        env["ONEPATH_IDENTITY"] = identity
+    return subprocess.run([sys.executable, "-c", CLI, *args], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_cli_rollback(world):
+    org, res, book = world["org"], world["resources"], world["ledger"]
+    deploy_like_factories(org, "rb_cli", "prod", "1", res)
+    address = deploy_like_factories(org, "rb_cli", "prod", "2", res).address
+
+    for args, message in [
+        (["rb_cli", "--env", "prod"], "onepath: a rollback needs a reason: onepath rollback rb_cli --env prod"),
+        (["rb_cli", "--env", "prod", "--to", "5", "--reason", "x"],
+         "onepath: rb_cli.prod: version 5 was never deployed to prod"),
+        (["rb_cli", "--reason", "x"], "onepath: say which environment to roll back: --env ENV"),
+        (["nope", "--env", "prod", "--reason", "x"], "onepath: 'nope' is not a declared endpoint"),
+    ]:
+        out = onepath(world, "rollback", *args)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+
+    pid = server_pid(address)
+    out = onepath(world, "rollback", "rb_cli", "--env", "prod", "--reason", "bad v2", identity="mira")
+    assert out.returncode == 0, out.stderr
+    drained(pid)
+    assert out.stdout.startswith(f"rolled back rb_cli.prod from version 2 to version 1 at {address} "
+                                 f"(MLflow alias rb_cli_model@prod -> 1;"), out.stdout
+    assert probe(address)["version"] == "1"
+    assert book.entries(kind="rollback", subject="rb_cli")[-1].actor == "mira"  # $ONEPATH_IDENTITY
+    pid = server_pid(address)
+
+    out = onepath(world, "rollback", "rb_cli", "--env", "prod", "--to", "2", "--reason", "fixed upstream",
+                  "--as", "pat", identity="mira")
+    assert out.returncode == 0, out.stderr
+    drained(pid)
+    assert probe(address)["version"] == "2" and world["mlflow"].aliases("rb_cli_model")["prod"] == "2"
+    last = book.entries(kind="rollback", subject="rb_cli")[-1]
+    assert last.actor == "pat" and last.data["to_version"] == "2" and last.data["reason"] == "fixed upstream"
+    json.dumps(last.data)  # plain JSON in the ledger

@@ -1,4 +1,4 @@
-"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``keys``, ``audit``, ``rollback``.
+"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``keys``, ``audit``, ``rollback``, ``inventory``.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 from platform_defs.cli_audit import add_audit_parser
 from platform_defs.cli_governance import add_governance_parsers
+from platform_defs.cli_inventory import add_inventory_parser
 from platform_defs.cli_rollback import add_rollback_parser
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
 from resources.processes import group_alive
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_down)
     add_governance_parsers(sub)
     add_rollback_parser(sub)
+    add_inventory_parser(sub)
     add_audit_parser(sub)
     args = ap.parse_args(argv)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dagster as dg
 
 from platform_defs.factories import build_all
+from platform_defs.inventory import build_inventory_asset, build_inventory_schedule
 from platform_defs.loader import load_organisation
 from platform_defs.platform_metrics import build_platform_metrics_asset, build_platform_metrics_schedule
 from platform_defs.policy import Policy, check_organisation, load_policy
@@ -27,9 +28,10 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
     policy = policy or load_policy()
     check_organisation(org, policy)
     return dg.Definitions(
-        assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy)],
+        assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy),
+                build_inventory_asset(org, policy)],
         asset_checks=build_alias_checks(org),
-        schedules=[build_platform_metrics_schedule()],
+        schedules=[build_platform_metrics_schedule(), build_inventory_schedule()],
         jobs=[build_rollback_job(org, policy)],
         resources=build_resources(settings),
         sensors=[build_endpoint_status_sensor(org), build_alias_drift_sensor(org)],

@@ -360,6 +360,61 @@ def test_failed_expectations_block_the_model(settings, tmp_path):
         assert "failed its expectations" in str(failure.event_specific_data.error)
 
 
+def test_each_ml_check_refuses_a_version_that_fails_it(world):
+    """The gate on the live world with one threshold tightened at a time: each check refuses on its own."""
+    from platform_defs.governance.gates import ModelGate
+    from platform_defs.loader import load_organisation
+    from platform_defs.policy import load_policy
+
+    org, policy = load_organisation(ROOT / "assets"), load_policy()
+    resources = world["defs"].resources
+    ep, model = org.by_name["credit_scoring"], org.by_name["credit_risk"]
+    dataset = org.by_name["credit_applications"]
+    features, label = org.model_features(model)
+    version = meta(world["first"], "credit_scoring_prod")["model_version"]
+
+    def verdicts(**over):
+        args = dict(endpoint=ep, model=model, dataset=dataset, features=features, label=label, policy=policy,
+                    mlflow=resources["mlflow"], data_store=resources["data_store"], ledger=world["ledger"],
+                    deployer=resources["deployer_local"].deployer(), instance=world["instance"])
+        args.update(over)
+        return {v.check: v for v in ModelGate(**args).evaluate(version, "staging")}
+
+    baseline = verdicts()
+    assert all(v.passed for v in baseline.values()), {k: v.summary for k, v in baseline.items()}
+
+    strict_model = model.model_copy(update={"metrics": {"roc_auc": 0.99}})
+    v = verdicts(model=strict_model)["performance"]
+    assert not v.passed and "roc_auc" in v.summary and "≥ 0.99" in v.summary
+
+    tight = dataset.model_copy(update={"columns": [
+        c.model_copy(update={"max": 50_000}) if c.name == "annual_income" else c for c in dataset.columns]})
+    v = verdicts(dataset=tight)["data_quality"]
+    assert not v.passed and "annual_income" in v.markdown["failures"]
+
+    unfair = policy.model_copy(update={"tracks": {**policy.tracks, "ml-high-risk": policy.track("ml-high-risk").model_copy(
+        update={"fairness": policy.track("ml-high-risk").fairness.model_copy(update={"min_disparate_impact_ratio": 0.999})})}})
+    v = verdicts(policy=unfair)["fairness"]
+    assert not v.passed and "DIR" in v.summary
+
+    bigger_sample = policy.model_copy(update={"tracks": {**policy.tracks, "ml-high-risk": policy.track("ml-high-risk").model_copy(
+        update={"reference_rows": 4400})}})
+    v = verdicts(policy=bigger_sample)["drift_ready"]
+    assert not v.passed and "policy wants 4400" in v.summary
+
+    # the version trained on the biased data scored a lower held-out AUC than what prod serves
+    biased = [e.data["version"] for e in world["ledger"].entries(kind="promotion_refused", subject="credit_scoring")
+              if "fairness" in e.data.get("failed", [])][-1]
+    regress = policy.model_copy(update={"tracks": {**policy.tracks, "ml-high-risk": policy.track("ml-high-risk").model_copy(
+        update={"checks": ["no_regression"], "regression_margin": 0.0})}})
+    gate = ModelGate(endpoint=ep, model=model, dataset=dataset, features=features, label=label, policy=regress,
+                     mlflow=resources["mlflow"], data_store=resources["data_store"], ledger=world["ledger"],
+                     deployer=resources["deployer_local"].deployer(), instance=world["instance"])
+    v = gate.evaluate(biased, "staging")[0]
+    prod_now = probe(meta(world["first"], "credit_scoring_prod")["address"])["version"]
+    assert v.check == "no_regression" and not v.passed and f"served in prod (v{prod_now})" in v.summary
+
+
 # -- the same world through the sensor and the command line (keep these last: `down` ends it) --
 
 
@@ -401,3 +456,4 @@ def test_cli_down_stops_everything(world):
     status = json.loads(run_cli("status", "--json").stdout)
     assert not any(r["healthy"] for r in status)
     assert run_cli("down").stdout.startswith("stopped 0 environment(s)")
+

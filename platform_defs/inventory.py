@@ -14,7 +14,7 @@ platform recorded about it and what its server says right now.
   of models that have an environment without a ledger deploy entry: the alias named after the
   environment is then the recorded version (something deployed before the ledger existed), unless
   several endpoints serve that model in that environment (the alias cannot tell them apart);
-* the **servers**: ``probe(address, timeout)`` at every known stable address, all in parallel
+* the **servers**: ``probe_many`` (asyncio) at every known stable address, all at once
   (a thread pool started before the ledger and registry reads, so the three overlap).
 
 A row ``agrees`` when the live version equals the recorded one; it is ``False`` (a mismatch) when
@@ -38,7 +38,7 @@ import dagster as dg
 
 from platform_defs.policy import Policy
 from platform_defs.specs import AppSpec, EndpointSpec, Organisation
-from resources.deployers.base import Deployer, Target, probe
+from resources.deployers.base import Deployer, Target, probe_many
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Entry, Ledger, LedgerResource
 from resources.mlflow_registry import TAG_PREFIX, MlflowRegistry
@@ -46,7 +46,6 @@ from sensors.endpoint_status import targets_of
 
 LINEAGE_TAGS = ("dataset_key", "data_hash", "code_hash")
 NAMES_PER_QUERY = 200  # model names per MLflow "name IN (...)" filter
-MAX_PROBE_WORKERS = 32
 
 STATES = ("ok", "mismatch", "down", "unrecorded", "not deployed")
 
@@ -261,11 +260,10 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
                 sharing[(d.model, e)] += 1
     addresses = known_addresses(deployer, [t for _, _, t in targets])
     unique = sorted({a for a in addresses if a})
-    pool = ThreadPoolExecutor(max_workers=max(1, min(MAX_PROBE_WORKERS, len(unique))),
-                              thread_name_prefix="inventory-probe")
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inventory-probe")
     try:
-        # the probes run while the ledger and the registry are read
-        probes: dict[str, Future] = {a: pool.submit(probe, a, timeout) for a in unique}
+        # the probes (one asyncio loop, all addresses at once) run while the ledger and registry are read
+        probing: Future = pool.submit(probe_many, unique, timeout, 256, False)
         index = _LedgerIndex(ledger.entries())
         endpoints = [(d, e) for d, e, _ in targets if isinstance(d, EndpointSpec)]
         unrecorded = {d.model for d, e in endpoints if (d.name, e) not in index.deploys
@@ -276,7 +274,7 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
             client = mlflow.client()
             aliases = _aliases(client, unrecorded) if unrecorded else {}
             tags = _version_tags(client, {d.model for d, _ in endpoints})
-        live = {a: f.result() for a, f in probes.items()}
+        live = probing.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

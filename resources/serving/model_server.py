@@ -580,6 +580,7 @@ class ModelApp:
     async def _send(self, send: Callable, status: int, body: bytes, headers: list | None = None,
                     request_id: str | None = None) -> None:
         hdrs = list(headers or JSON_HEADERS)
+        hdrs.append((b"content-length", str(len(body)).encode()))
         hdrs.append((b"x-model-version", self.model.version.encode()))
         if request_id:
             hdrs.append((b"x-request-id", request_id.encode()))

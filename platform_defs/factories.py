@@ -287,6 +287,35 @@ def _verdicts_md(verdicts: list[tuple[str, float, float, bool]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Gates
+
+
+def record_gate(book: Any, verdicts: list, *, subject: str, env: str, actor: str, version: str,
+                who: dict[str, str], still_serving: str | None) -> tuple[list[dg.AssetCheckResult], dg.Failure | None]:
+    """The gate's verdicts as blocking check results, recorded in the ledger; and the refusal to raise
+    (after yielding the results) when any failed. The version serving now keeps serving."""
+    results = [dg.AssetCheckResult(
+        check_name=v.check, passed=v.passed, severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"model_version" if "model" in who else "release_version": version, "verdict": v.summary,
+                  **v.metadata, **{k: dg.MetadataValue.md(text) for k, text in v.markdown.items()}},
+    ) for v in verdicts]
+    failed = [v for v in verdicts if not v.passed]
+    book.append("gate_verdict", subject, {
+        **who, "version": version, "passed": not failed,
+        "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
+    if not failed:
+        return results, None
+    book.append("promotion_refused", subject, {**who, "version": version, "still_serving": still_serving,
+                                               "failed": [v.check for v in failed]}, actor, env=env)
+    return results, dg.Failure(
+        description=f"{subject}.{env}: version {version} refused; "
+                    + "; ".join(f"{v.check}: {v.summary}" for v in failed)
+                    + f". {still_serving or 'Nothing'} keeps serving.",
+        metadata={"refused_version": version, "still_serving": still_serving or "nothing",
+                  "failed_checks": ", ".join(v.check for v in failed)})
+
+
+# --------------------------------------------------------------------------------------------
 # Endpoints
 
 
@@ -353,26 +382,11 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                          policy=policy, mlflow=mlflow, data_store=data_store, ledger=book, deployer=deployer,
                          instance=context.instance)
         verdicts = gate.evaluate(version, env)
-        results = [dg.AssetCheckResult(
-            check_name=v.check, passed=v.passed, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"model_version": version, "verdict": v.summary, **v.metadata,
-                      **{k: dg.MetadataValue.md(text) for k, text in v.markdown.items()}},
-        ) for v in verdicts]
-        failed = [v for v in verdicts if not v.passed]
-        book.append("gate_verdict", spec.name, {
-            "model": model.name, "version": version, "passed": not failed,
-            "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
-        if failed:
-            book.append("promotion_refused", spec.name, {
-                "model": model.name, "version": version, "still_serving": before.serving_version,
-                "failed": [v.check for v in failed]}, actor, env=env)
+        results, refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
+                                       who={"model": model.name}, still_serving=before.serving_version)
+        if refusal:
             yield from results
-            raise dg.Failure(
-                description=f"{spec.name}.{env}: version {version} refused; "
-                            + "; ".join(f"{v.check}: {v.summary}" for v in failed)
-                            + f". {before.serving_version or 'Nothing'} keeps serving.",
-                metadata={"refused_version": version, "still_serving": before.serving_version or "nothing",
-                          "failed_checks": ", ".join(v.check for v in failed)})
+            raise refusal
         artifact = mlflow.download(model.name, version)
         release = Release(version=version, artifact=str(artifact), workers=spec.workers, config={
             "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
@@ -550,25 +564,11 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
         gate = AppGate(app=spec, policy=policy, ledger=book, deployer=deployer, source_dir=PROJECT_ROOT / spec.source,
                        repo_root=PROJECT_ROOT)
         verdicts = gate.evaluate(version, artifact, env)
-        results = [dg.AssetCheckResult(
-            check_name=v.check, passed=v.passed, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"release_version": version, "verdict": v.summary, **v.metadata,
-                      **{k: dg.MetadataValue.md(text) for k, text in v.markdown.items()}},
-        ) for v in verdicts]
-        failed = [v for v in verdicts if not v.passed]
-        book.append("gate_verdict", spec.name, {
-            "app": spec.name, "version": version, "passed": not failed,
-            "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
-        if failed:
-            book.append("promotion_refused", spec.name, {"app": spec.name, "version": version,
-                                                         "still_serving": before.serving_version,
-                                                         "failed": [v.check for v in failed]}, actor, env=env)
+        results, refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
+                                       who={"app": spec.name}, still_serving=before.serving_version)
+        if refusal:
             yield from results
-            raise dg.Failure(
-                description=f"{spec.name}.{env}: release {version} refused; "
-                            + "; ".join(f"{v.check}: {v.summary}" for v in failed)
-                            + f". {before.serving_version or 'Nothing'} keeps serving.",
-                metadata={"refused_version": version, "still_serving": before.serving_version or "nothing"})
+            raise refusal
         try:
             status = deployer.deploy(target, Release(version, str(artifact), config={
                 "entrypoint": spec.entrypoint, "env": env_vars}))

@@ -34,7 +34,7 @@ from platform_defs.specs import (
     endpoint_asset_name,
 )
 from resources.data_store import DataStore
-from resources.deployers.base import DeployError, Release, Target, probe
+from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry, TAG_PREFIX
@@ -337,11 +337,10 @@ def build_endpoint_defs(spec: EndpointSpec, org: Organisation, policy: Policy) -
 
 def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, env: str,
                         upstream_env: str | None, org: Organisation, policy: Policy) -> Any:
-    from platform_defs.governance.gates import DESCRIPTIONS, ModelGate
+    from platform_defs.governance.gates import DESCRIPTIONS, ModelGate, model_checks
 
     features, label = org.model_features(model)
-    required = [c for c in policy.track(model.track).checks
-                if c not in ("approval", "rollback_path") or env in policy.track(model.track).approval_envs]
+    required = model_checks(policy.track(model.track), env)
     key = endpoint_asset_name(spec.name, env)
     dep = dg.AssetKey(endpoint_asset_name(spec.name, upstream_env)) if upstream_env else dg.AssetKey(model.name)
     source = (f"the version '{upstream_env}' serves" if upstream_env
@@ -520,11 +519,9 @@ def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path, policy:
 
 def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_dir: Path,
                    calls: list[Target], policy: Policy) -> Any:
-    from platform_defs.governance.gates import APP_DESCRIPTIONS, AppGate
+    from platform_defs.governance.gates import APP_DESCRIPTIONS, AppGate, app_checks
 
-    probe_gate = AppGate(app=spec, policy=policy, ledger=None, deployer=None, source_dir=PROJECT_ROOT / spec.source,
-                         repo_root=PROJECT_ROOT)
-    required = probe_gate.required(env)
+    required = app_checks(policy.track("app"), spec.environments, env)
     key = endpoint_asset_name(spec.name, env)
     deps = [dg.AssetKey(endpoint_asset_name(spec.name, upstream_env)) if upstream_env else dg.AssetKey(spec.name)]
     deps += [dg.AssetKey(endpoint_asset_name(ep, env)) for ep in spec.calls]
@@ -609,4 +606,4 @@ def build_all(org: Organisation, releases_dir: Path, policy: Policy) -> list[Any
 
 
 __all__ = ["build_all", "build_dataset_defs", "build_model_defs", "build_endpoint_defs", "build_app_defs",
-           "endpoint_target", "app_target", "probe"]
+           "endpoint_target", "app_target"]

@@ -50,6 +50,21 @@ class Verdict:
     markdown: dict[str, str] = field(default_factory=dict)
 
 
+def model_checks(track: TrackPolicy, env: str) -> list[str]:
+    """The checks that gate a model version into ``env``: approval and rollback path only where the
+    policy asks for approval."""
+    per_env = {"approval", "rollback_path"}
+    return [c for c in track.checks if c not in per_env or env in track.approval_envs]
+
+
+def app_checks(track: TrackPolicy, environments: list[str], env: str) -> list[str]:
+    """The checks that gate an app release into ``env``: code review only where the policy asks for
+    approval, integration tests only where an earlier environment exists to test against."""
+    return [c for c in track.checks
+            if not (c == "code_review" and env not in track.approval_envs)
+            and not (c == "integration_tests" and env == environments[0])]
+
+
 class ModelGate:
     """Evaluates a model version against its track's policy, for one endpoint environment."""
 
@@ -65,8 +80,7 @@ class ModelGate:
 
     # -- which checks ---------------------------------------------------------------------
     def required(self, env: str) -> list[str]:
-        per_env = {"approval", "rollback_path"}
-        return [c for c in self.track.checks if c not in per_env or env in self.track.approval_envs]
+        return model_checks(self.track, env)
 
     def approvers(self, owner_team: str) -> list[str]:
         role = self.track.approver_role
@@ -351,13 +365,10 @@ class _Version:
 
 
 def _trainer_hash(import_path: str) -> str:
-    import hashlib
-    import importlib.util
+    """The declared trainer's code hash, computed the way the model asset records it."""
+    from platform_defs.factories import code_hash, import_string
 
-    spec = importlib.util.find_spec(import_path.split(":")[0])
-    if spec is None or not spec.origin:
-        return ""
-    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
+    return code_hash(import_string(import_path))[0]
 
 
 def _materializations(instance: Any, key: Any, limit: int = 200) -> list[dict[str, Any]]:
@@ -387,15 +398,7 @@ class AppGate:
         self.source_dir, self.repo_root = source_dir, repo_root
 
     def required(self, env: str) -> list[str]:
-        first = env == self.app.environments[0]
-        out = []
-        for c in self.track.checks:
-            if c == "code_review" and env not in self.track.approval_envs:
-                continue
-            if c == "integration_tests" and first:
-                continue  # there is no earlier deployment to test against
-            out.append(c)
-        return out
+        return app_checks(self.track, self.app.environments, env)
 
     def evaluate(self, version: str, build: Path, env: str) -> list[Verdict]:
         return [getattr(self, f"_check_{c}")(version, build, env) for c in self.required(env)]

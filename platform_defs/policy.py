@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from platform_defs.settings import PROJECT_ROOT
 
 if TYPE_CHECKING:
-    from platform_defs.specs import Organisation
+    from platform_defs.specs import EndpointSpec, Organisation
 
 APP_CHECKS = ("security_scan", "code_review", "integration_tests")
 ML_CHECKS = ("data_quality", "performance", "no_regression", "fairness", "explainability", "lineage",
@@ -44,6 +44,51 @@ class FairnessPolicy(_P):
     min_group_size: int = Field(60, ge=1, description="Smaller groups are listed, not compared.")
 
 
+NUMERIC_DRIFT_METHODS = ("ks", "anderson", "cramer_von_mises", "es", "mannw", "t_test", "empirical_mmd",
+                         "wasserstein", "ed", "jensenshannon", "hellinger", "kl_div", "psi")
+CATEGORICAL_DRIFT_METHODS = ("chisquare", "z", "fisher_exact", "g_test", "TVD", "jensenshannon", "hellinger",
+                             "kl_div", "psi")
+
+
+class DriftPolicy(_P):
+    """How production inputs are compared with a version's reference sample. Methods and thresholds are
+    always explicit: Evidently's own default changes with the reference size."""
+
+    environments: list[str] = Field(default_factory=lambda: ["prod"], description="Environments watched for drift.")
+    window_rows: int | None = Field(2000, ge=50, le=5_000_000,
+                                    description="Newest logged rows of the serving version compared (None: use window_hours).")
+    window_hours: float | None = Field(None, gt=0, description="Rows logged within this many hours (instead of window_rows).")
+    min_rows: int = Field(300, ge=10, description="Fewer rows in the window than this: no verdict.")
+    min_new_rows: int = Field(500, ge=1, description="New rows the sensor waits for before asking for a drift check.")
+    numeric_method: Literal[NUMERIC_DRIFT_METHODS] = "ks"  # type: ignore[valid-type]
+    numeric_threshold: float = Field(0.01, gt=0)
+    categorical_method: Literal[CATEGORICAL_DRIFT_METHODS] = "chisquare"  # type: ignore[valid-type]
+    categorical_threshold: float = Field(0.01, gt=0)
+    drift_share: float = Field(0.3, gt=0, le=1, description="Share of drifted columns that counts as drift.")
+    cooldown_minutes: float = Field(60, ge=0, description="After a retrain request, no other for this long.")
+    retrain: bool = Field(True, description="Whether detected drift requests a retraining run.")
+    report_keep_last: int = Field(30, ge=1, description="HTML reports kept per endpoint environment.")
+    report_max_age_days: float = Field(30, gt=0, description="Older HTML reports are deleted.")
+
+    @model_validator(mode="after")
+    def _window(self) -> "DriftPolicy":
+        if (self.window_rows is None) == (self.window_hours is None):
+            raise ValueError("window_rows: set exactly one of window_rows and window_hours")
+        return self
+
+
+class BakePolicy(_P):
+    """What a freshly switched version must show, read from its own metrics, before it counts as good."""
+
+    environments: list[str] = Field(default_factory=lambda: ["prod"], description="Environments that bake.")
+    seconds: float = Field(120, gt=0, le=86_400, description="How long the new version is watched.")
+    min_requests: int = Field(50, ge=0, description="Prediction requests it must answer in that time.")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="Most 5xx answers per prediction request.")
+    max_p99_latency_ms: float = Field(250, gt=0, description="Highest 99th-percentile prediction latency.")
+    pass_without_traffic: bool = Field(False, description="Whether a bake with too few requests passes.")
+    poll_seconds: float = Field(1.0, gt=0, le=60)
+
+
 class TrackPolicy(_P):
     checks: list[str]
     regression_margin: float = Field(0.02, ge=0, le=1, description="How much worse than prod a version may be.")
@@ -55,6 +100,8 @@ class TrackPolicy(_P):
     approver_role: Role = "model_approver"
     security_fail_on: Literal["low", "medium", "high"] = "high"
     auto_promote: bool = Field(False, description="Whether automation may promote past staging.")
+    drift: DriftPolicy = Field(default_factory=DriftPolicy)
+    bake: BakePolicy = Field(default_factory=BakePolicy)
 
 
 class Identity(_P):
@@ -169,3 +216,24 @@ def load_policy(path: Path | None = None) -> Policy:
         elif first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], (dict, list)):
             msg = f"{msg} (got {first['input']!r})"
         raise PolicyError(shown, loc or "(root)", msg) from None
+
+
+def effective_drift(endpoint: "EndpointSpec", policy: Policy) -> DriftPolicy:
+    """The track's drift policy with the endpoint's own settings laid over it (window, methods, ...).
+
+    A bad combination (an unknown method, both windows) is a ``DeclarationError`` naming the endpoint."""
+    from platform_defs.specs import DeclarationError
+
+    base = policy.track(endpoint.track).drift.model_dump()
+    own = endpoint.drift.model_dump(exclude_none=True)
+    if "window_rows" in own:
+        base["window_hours"] = None
+    if "window_hours" in own:
+        base["window_rows"] = None
+    try:
+        return DriftPolicy.model_validate({**base, **own})
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "drift"
+        raise DeclarationError(endpoint.name, f"drift.{loc}", first["msg"].removeprefix("Value error, "),
+                               None, "endpoint") from None

@@ -24,6 +24,8 @@ class Settings:
     mlflow_ui_url: str
     data_dir: Path
     inference_log_dir: Path
+    outcomes_dir: Path
+    drift_reports_dir: Path
     run_dir: Path
     releases_dir: Path
     host: str
@@ -36,6 +38,8 @@ class Settings:
             self.mlflow_artifact_root,
             self.data_dir,
             self.inference_log_dir,
+            self.outcomes_dir,
+            self.drift_reports_dir,
             self.run_dir,
             self.releases_dir,
         ):
@@ -60,6 +64,8 @@ def load_settings() -> Settings:
         inference_log_dir=Path(
             os.environ.get("ONEPATH_INFERENCE_LOG_DIR", home / "inference_logs")
         ).resolve(),
+        outcomes_dir=Path(os.environ.get("ONEPATH_OUTCOMES_DIR", home / "outcomes")).resolve(),
+        drift_reports_dir=Path(os.environ.get("ONEPATH_DRIFT_REPORTS_DIR", home / "drift_reports")).resolve(),
         run_dir=Path(os.environ.get("ONEPATH_RUN_DIR", home / "run")).resolve(),
         releases_dir=Path(os.environ.get("ONEPATH_RELEASES_DIR", home / "releases")).resolve(),
         host=os.environ.get("ONEPATH_HOST", "127.0.0.1"),

@@ -87,6 +87,7 @@ class DatasetSpec(_Declaration):
     params: dict[str, Any] = Field(default_factory=dict, description="Default generator parameters.")
     columns: list[ColumnSpec]
     min_rows: int = Field(100, ge=1)
+    feedback: FeedbackSpec | None = Field(None, description="Rebuild from labelled production data as well.")
 
     @field_validator("generator")
     @classmethod
@@ -161,6 +162,37 @@ class ModelSpec(_Declaration):
 KNOWN_METRICS = ("roc_auc", "accuracy", "f1", "precision", "recall", "log_loss_max")
 
 
+class DriftWindowSpec(_Spec):
+    """An endpoint's own drift settings; anything left out comes from its track's policy (``drift``)."""
+
+    window_rows: int | None = Field(None, ge=50, le=5_000_000, description="Newest rows of the serving version compared.")
+    window_hours: float | None = Field(None, gt=0, description="Rows logged within this many hours.")
+    min_rows: int | None = Field(None, ge=10)
+    min_new_rows: int | None = Field(None, ge=1)
+    numeric_method: str | None = None
+    numeric_threshold: float | None = Field(None, gt=0)
+    categorical_method: str | None = None
+    categorical_threshold: float | None = Field(None, gt=0)
+    drift_share: float | None = Field(None, gt=0, le=1)
+    environments: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_window(self) -> "DriftWindowSpec":
+        if self.window_rows is not None and self.window_hours is not None:
+            raise ValueError("set window_rows or window_hours, not both")
+        return self
+
+
+class FeedbackSpec(_Spec):
+    """Labelled production data: requests an endpoint scored, joined by request id with the outcomes that
+    arrived later. A dataset that declares it is rebuilt from its generator's rows plus these."""
+
+    endpoint: str = Field(description="The endpoint whose inference log is joined with outcomes.")
+    env: str = Field("prod", description="Its environment.")
+    max_age_days: float = Field(90, gt=0, description="Only requests scored within this many days.")
+    max_rows: int = Field(50_000, ge=1, description="At most this many of the newest labelled rows.")
+
+
 class EndpointSpec(_Declaration):
     kind: Literal["endpoint"] = "endpoint"
     model: str = Field(description="Name of the model declaration it serves.")
@@ -172,6 +204,8 @@ class EndpointSpec(_Declaration):
     )
     max_batch: int = Field(64, ge=1, le=4096, description="Most rows scored in one model call.")
     inference_log: bool = True
+    drift: DriftWindowSpec = Field(default_factory=DriftWindowSpec,
+                                   description="Drift window and methods; unset fields come from the track's policy.")
 
     @field_validator("environments")
     @classmethod
@@ -322,7 +356,14 @@ class Organisation:
                             d, "features",
                             f"column '{f}' is a protected attribute; set use_protected_features to use it",
                         )
-            elif isinstance(d, EndpointSpec):
+            elif isinstance(d, DatasetSpec) and d.feedback is not None:
+                ep = self._ref(d, "feedback.endpoint", d.feedback.endpoint, "endpoint")
+                assert isinstance(ep, EndpointSpec)
+                if d.feedback.env not in ep.environments:
+                    raise self._err(d, "feedback.env", f"endpoint '{ep.name}' has no environment '{d.feedback.env}'")
+                if d.label is None:
+                    raise self._err(d, "feedback", "a dataset fed by outcomes needs a label column")
+            if isinstance(d, EndpointSpec):
                 m = self._ref(d, "model", d.model, "model")
                 if m.track != d.track:
                     raise self._err(d, "track", f"'{d.track}' differs from model '{m.name}' track '{m.track}'")

@@ -60,6 +60,12 @@ KINDS: tuple[str, ...] = (
     "restart",
     "crashloop",
     "retrain_requested",
+    "drift_detected",
+    "promotion_skipped",
+    "awaiting_approval",
+    "handoff",
+    "bake_passed",
+    "bake_failed",
     "first_release",
 )
 

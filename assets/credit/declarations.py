@@ -10,12 +10,15 @@ credit_applications = dataset(
     generator="assets.credit.data:generate_credit_applications",
     params={"rows": 6000, "period_start": "2026-01-01", "period_end": "2026-06-30", "shift": 0.0, "biased": False},
     min_rows=500,
+    # labelled production data: what credit_scoring scored in prod, joined with repayment outcomes
+    feedback={"endpoint": "credit_scoring", "env": "prod"},
     columns=[
         {"name": "application_id", "dtype": "string", "role": "id"},
         {"name": "applied_on", "dtype": "string", "role": "timestamp"},
-        {"name": "full_name", "dtype": "string", "pii": True},
-        {"name": "national_id", "dtype": "string", "pii": True},
-        {"name": "email", "dtype": "string", "pii": True},
+        # PII is nullable: rows learned from production carry none (endpoints never log it)
+        {"name": "full_name", "dtype": "string", "pii": True, "nullable": True},
+        {"name": "national_id", "dtype": "string", "pii": True, "nullable": True},
+        {"name": "email", "dtype": "string", "pii": True, "nullable": True},
         {"name": "gender", "dtype": "string", "protected": True, "values": ["F", "M", "X"]},
         {"name": "age_band", "dtype": "string", "protected": True,
          "values": ["18-25", "26-35", "36-50", "51-65", "65+"]},

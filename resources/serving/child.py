@@ -6,19 +6,40 @@ processes of an environment accept from the same stable socket, so a new version
 connections the moment it listens and an old one drains by closing only its own copy: no
 connection waiting in the queue is lost. A child whose supervisor has gone stops by itself.
 
+Draining (on SIGTERM, SIGINT, or when the supervisor has gone) drops no request, also on
+keep-alive connections:
+
+1. the process closes its listening sockets at once, so every new connection reaches the new
+   version (the supervisor's promote waits for exactly this);
+2. it keeps answering requests that arrive on the connections it already has, each with
+   ``connection: close``, so the client sends its next request on a new connection;
+3. a connection that brings no request within ``ONEPATH_DRAIN_IDLE_SECONDS`` (default 1) of the
+   drain's start is closed (uvicorn's own shutdown would close idle keep-alive connections at
+   once, and a client sending on one at that instant would get a reset);
+4. the process exits when no connection is left, or when the drain budget
+   (``ONEPATH_DRAIN_SECONDS``, default 30, less a small margin so it ends before the supervisor's
+   SIGKILL) is spent.
+
+Step 2 is an ASGI middleware around the app (apps are arbitrary ASGI apps); the rest is uvicorn's
+public ``Server`` with its shutdown preceded by steps 1 and 3.
+
 ``python -m resources.serving.child --app-dir DIR --app module:attr`` serves an app release.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
+
+DRAIN_SECONDS_DEFAULT = 30.0
+IDLE_GRACE_DEFAULT = 1.0
 
 
 def inherited_sockets() -> list[socket.socket]:
@@ -28,22 +49,129 @@ def inherited_sockets() -> list[socket.socket]:
     return [socket.socket(fileno=int(fd)) for fd in fds.split(",")]
 
 
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise SystemExit(f"{name}={raw!r} must not be negative")
+    return value
+
+
+class Drain:
+    """Whether (and since when) this process drains; the response wrapper reads it per response."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+
+def close_when_draining(app: Any, drain: Drain) -> Callable:
+    """ASGI middleware: while ``drain`` is active, every HTTP response carries ``connection: close``
+    (replacing any ``connection`` header of the app's), so the server closes the connection after
+    the response and the client opens a new one, which reaches the new version. Other scopes
+    (lifespan, websocket) pass through untouched."""
+
+    async def wrapped(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_closing(message: dict) -> None:
+            if drain.since is not None and message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"connection"]
+                headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await app(scope, receive, send_closing)
+
+    return wrapped
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's ``Server`` whose shutdown first stops accepting and lets keep-alive clients
+        move (see the module docstring); the rest of the shutdown is uvicorn's own."""
+
+        def __init__(self, config: Any, drain: Drain, budget: float, idle_grace: float):
+            super().__init__(config)
+            self.onepath_drain = drain
+            self.onepath_budget = budget
+            self.onepath_idle_grace = min(idle_grace, budget)
+            self.onepath_loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self.onepath_loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
+        def stop_soon(self) -> None:
+            """Begin the drain now (from any thread): uvicorn itself notices ``should_exit`` only on
+            its next 0.1 s tick, and until then the process would still accept connections."""
+            self.should_exit = True
+            loop = self.onepath_loop
+            if self.started and loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self.begin_drain)
+                except RuntimeError:  # the loop closed in between: the process is ending anyway
+                    pass
+
+        def handle_exit(self, sig: int, frame: Any) -> None:  # the signal handler uvicorn installs
+            super().handle_exit(sig, frame)
+            self.stop_soon()
+
+        def begin_drain(self) -> None:
+            if self.onepath_drain.active:
+                return
+            self.onepath_drain.since = time.monotonic()
+            for server in self.servers:  # closes the listening fds on the loop's next iteration
+                server.close()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            self.begin_drain()
+            since = self.onepath_drain.since or time.monotonic()
+            # every connection that brings a request is answered with connection: close and goes;
+            # wait for that while connections are left, for at most the idle grace
+            idle_end = since + self.onepath_idle_grace
+            while self.server_state.connections and time.monotonic() < idle_end and not self.force_exit:
+                await asyncio.sleep(0.01)
+            # uvicorn's shutdown: close the idle connections left, let the busy ones finish (they
+            # close after their response) within what is left of the budget, then the lifespan
+            self.config.timeout_graceful_shutdown = max(0.0, since + self.onepath_budget - time.monotonic())
+            await super().shutdown(sockets=sockets)
+
+    return DrainingServer
+
+
 def serve(app: Any) -> None:
     import uvicorn
 
     sockets = inherited_sockets()
+    drain_seconds = _seconds("ONEPATH_DRAIN_SECONDS", DRAIN_SECONDS_DEFAULT)
+    # end before the supervisor's SIGKILL at the same deadline, with the lifespan shutdown done
+    budget = max(0.0, drain_seconds - min(0.5, drain_seconds * 0.1))
+    drain = Drain()
     config = uvicorn.Config(
-        app, lifespan="on", access_log=False, log_level="warning", loop="uvloop", http="httptools",
-        timeout_graceful_shutdown=float(os.environ.get("ONEPATH_DRAIN_SECONDS", "30")),
-        timeout_keep_alive=5,
+        close_when_draining(app, drain), lifespan="on", access_log=False, log_level="warning",
+        loop="uvloop", http="httptools", timeout_graceful_shutdown=budget, timeout_keep_alive=5,
     )
-    server = uvicorn.Server(config)
+    server = _draining_server_class()(config, drain, budget,
+                                      _seconds("ONEPATH_DRAIN_IDLE_SECONDS", IDLE_GRACE_DEFAULT))
     parent = os.getppid()
 
     def watch_parent() -> None:
         while not server.should_exit:
             if os.getppid() != parent:
-                server.should_exit = True
+                server.stop_soon()
                 return
             time.sleep(0.5)
 

@@ -1,0 +1,274 @@
+"""A redeploy at an environment's stable address drops no request (issue 4, zero-downtime switch).
+
+Real parts only: two real MLflow sklearn model versions, the local deployer with its supervisor and
+model-server processes on loopback, and a keep-alive HTTP/1.1 load client on asyncio streams. The
+client first measures capacity (closed loop, 16 connections), then drives an open loop at half of
+it over several keep-alive connections while version B replaces A and A replaces B again. Every
+request must get a 200: a reset, an EOF before the whole response, a timeout or any other status
+counts as a failure. Each switch must really change the version every connection is answered by.
+
+The keep-alive case is the one that used to fail: an old worker closed its idle keep-alive
+connections the moment it was told to stop, so a client sending its next request on one of them at
+that instant got an EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from resources.deployers.base import Release, Target
+from resources.deployers.local import LocalProcessDeployer
+from tests.conftest import _free_port_base, save_credit_model
+
+FEATURES = ["annual_income", "loan_amount", "loan_term_months", "debt_to_income", "credit_history_years",
+            "num_open_accounts", "delinquencies_2y", "employment_type", "home_ownership", "purpose"]
+REQUEST_TIMEOUT = 10.0  # a request that takes this long counts as failed
+OPEN_LOOP_CONNECTIONS = 12
+
+
+def run(coro):
+    """Run the client on uvloop (as the servers do): on two cores the client's own CPU shares the
+    machine with the server under test, and uvloop halves it."""
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+# ------------------------------------------------------------------------------------------------
+# a keep-alive HTTP/1.1 load client
+
+
+@dataclass
+class Tally:
+    """What the load client saw. Appended to from the client's thread, read from the test's."""
+
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    closes: int = 0  # responses that asked the client to reconnect (connection: close)
+    reconnects: int = 0
+    # per connection: the version of its latest 200 answer, and every answer as (done_at, version)
+    latest: dict[int, str] = field(default_factory=dict)
+    answers: list[tuple[float, str]] = field(default_factory=list)
+    scheduled: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, conn: int, version: str) -> None:
+        with self.lock:
+            self.ok += 1
+            self.latest[conn] = version
+            self.answers.append((time.monotonic(), version))
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            self.failures.append(what)
+
+
+class Connection:
+    """One client connection: reused while the server keeps it alive, reopened when it asks."""
+
+    def __init__(self, index: int, host: str, port: int, tally: Tally):
+        self.index, self.host, self.port, self.tally = index, host, port, tally
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.opened = 0
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def post(self, body: bytes) -> None:
+        try:
+            await asyncio.wait_for(self._post(body), REQUEST_TIMEOUT)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                ValueError, IndexError) as err:
+            self.tally.fail(f"connection {self.index} (request {self.opened} on it): "
+                            f"{type(err).__name__}: {err}")
+            self.close()
+
+    async def _post(self, body: bytes) -> None:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            if self.opened:
+                self.tally.reconnects += 1
+            self.opened = 0
+        assert self.reader is not None
+        self.opened += 1
+        self.writer.write(b"POST /predict HTTP/1.1\r\nHost: %s:%d\r\ncontent-type: application/json\r\n"
+                          b"content-length: %d\r\n\r\n%s" % (self.host.encode(), self.port, len(body), body))
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        payload = await self.reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection", "").lower() == "close":
+            self.tally.closes += 1
+            self.close()
+        if status != 200:
+            self.tally.fail(f"connection {self.index}: HTTP {status}: {payload[:200]!r}")
+            return
+        self.tally.record(self.index, json.loads(payload)["version"])
+
+
+async def closed_loop(host: str, port: int, bodies: list[bytes], connections: int, seconds: float) -> tuple[float, Tally]:
+    """Requests per second with ``connections`` clients each sending its next request on an answer."""
+    tally = Tally()
+    end = time.monotonic() + seconds
+
+    async def client(i: int) -> int:
+        conn, n = Connection(i, host, port, tally), 0
+        while time.monotonic() < end:
+            await conn.post(bodies[(i * 131 + n) % len(bodies)])
+            n += 1
+        conn.close()
+        return n
+
+    t0 = time.monotonic()
+    done = await asyncio.gather(*(client(i) for i in range(connections)))
+    return sum(done) / (time.monotonic() - t0), tally
+
+
+async def open_loop(host: str, port: int, bodies: list[bytes], rate: float, connections: int,
+                    stop: threading.Event, tally: Tally) -> None:
+    """Send at ``rate`` requests per second in total, whatever the answers take: connection ``k`` sends
+    request ``j`` at ``t0 + (k + j * connections) / rate`` (or at once when it is behind)."""
+    t0 = time.monotonic() + 0.05
+
+    async def client(k: int) -> None:
+        conn, j = Connection(k, host, port, tally), 0
+        while not stop.is_set():
+            due = t0 + (k + j * connections) / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tally.scheduled += 1
+            await conn.post(bodies[(k * 977 + j) % len(bodies)])
+            j += 1
+        conn.close()
+
+    await asyncio.gather(*(client(k) for k in range(connections)))
+
+
+class Load(threading.Thread):
+    def __init__(self, host: str, port: int, bodies: list[bytes], rate: float, connections: int):
+        super().__init__(daemon=True)
+        self.args = (host, port, bodies, rate, connections)
+        self.stop_event = threading.Event()
+        self.tally = Tally()
+        self.error: BaseException | None = None
+        self.started_at = self.stopped_at = 0.0
+
+    def run(self) -> None:
+        self.started_at = time.monotonic()
+        try:
+            run(open_loop(*self.args, self.stop_event, self.tally))
+        except BaseException as err:  # surfaced by the test
+            self.error = err
+        self.stopped_at = time.monotonic()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(REQUEST_TIMEOUT + 5)
+        assert not self.is_alive(), "the load client did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+def wait_until(condition, what: str, timeout: float, load: Load) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}; failures so far: {load.tally.failures[:5]}")
+        if not load.is_alive():
+            raise AssertionError(f"the load client stopped early: {load.error!r}")
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------------
+# the test
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    # B is A's files in a second directory: what the switch exercises is the processes, and a second
+    # real save costs MLflow's ~5 s pip-requirements inference (the deployer contract test deploys
+    # two differently trained models)
+    root = tmp_path_factory.mktemp("zdt_models")
+    a = save_credit_model(root / "a", seed=1)
+    return {"A": a, "B": Path(shutil.copytree(a, root / "b"))}
+
+
+@pytest.fixture(scope="module")
+def bodies() -> list[bytes]:
+    from assets.credit.data import generate_credit_applications
+
+    df = generate_credit_applications(rows=500, seed=11)
+    records = json.loads(df[["application_id", *FEATURES]].to_json(orient="records"))
+    return [json.dumps({"records": [r]}).encode() for r in records]
+
+
+def test_redeploy_and_rollback_under_keep_alive_load_drop_no_request(model_dirs, bodies, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONEPATH_DRAIN_SECONDS", "5")  # the supervisor's and the workers' drain deadline
+    deployer = LocalProcessDeployer(tmp_path / "run", port_base=_free_port_base(),
+                                    inference_log_dir=tmp_path / "inference")
+    target = Target("zdt", "prod", kind="endpoint")
+    versions = {"A": "1", "B": "2"}
+
+    def release(which: str) -> Release:
+        return Release(version=versions[which], artifact=str(model_dirs[which]),
+                       config={"model_name": "credit_risk", "pii_columns": []})
+
+    load: Load | None = None
+    try:
+        st = deployer.deploy(target, release("A"))
+        assert st.healthy and st.serving_version == "1"
+        host, port = "127.0.0.1", int(st.address.rsplit(":", 1)[1])
+
+        capacity, warm = run(closed_loop(host, port, bodies, connections=16, seconds=2.0))
+        assert not warm.failures, warm.failures[:5]
+        assert capacity > 0
+        rate = capacity / 2
+        print(f"\ncapacity {capacity:.0f} req/s (closed loop, 16 keep-alive connections); "
+              f"open loop at {rate:.0f} req/s over {OPEN_LOOP_CONNECTIONS} connections")
+
+        load = Load(host, port, bodies, rate, OPEN_LOOP_CONNECTIONS)
+        load.start()
+        tally = load.tally
+        wait_until(lambda: len(tally.latest) == OPEN_LOOP_CONNECTIONS, "every connection answered by A", 10, load)
+
+        for which in ("B", "A"):  # redeploy, then roll back with another deploy
+            v = versions[which]
+            before = tally.ok
+            st = deployer.deploy(target, release(which))
+            assert st.serving_version == v and st.address == f"http://{host}:{port}"
+            assert tally.ok > before, "the load client sent nothing while the version switched"
+            wait_until(lambda: len(tally.latest) == OPEN_LOOP_CONNECTIONS and set(tally.latest.values()) == {v},
+                       f"every keep-alive connection answered by version {v}", 15, load)
+
+        load.stop()
+        elapsed = load.stopped_at - load.started_at
+        seen = [ver for _, ver in tally.answers]
+        switches = [ver for i, ver in enumerate(seen) if i == 0 or seen[i - 1] != ver]
+        print(f"sent {tally.scheduled} requests in {elapsed:.1f} s ({tally.scheduled / elapsed:.0f} req/s); "
+              f"{tally.ok} answered 200, {len(tally.failures)} failed; {tally.closes} answers asked the client "
+              f"to reconnect; version order {switches[:3]}...{switches[-3:]}")
+        assert not tally.failures, f"{len(tally.failures)} of {tally.scheduled} requests failed: {tally.failures[:10]}"
+        assert tally.ok == tally.scheduled
+        assert seen[0] == "1" and "2" in seen and seen[-1] == "1"
+        # the old version's keep-alive connections were asked to move, not cut
+        assert tally.closes >= OPEN_LOOP_CONNECTIONS
+    finally:
+        if load is not None and load.is_alive():
+            load.stop_event.set()
+            load.join(REQUEST_TIMEOUT + 5)
+        deployer.delete(target)
+        deployer.stop_all()

@@ -15,6 +15,7 @@ calls: ``_address``, ``_launch``, ``_candidate``, ``_cutover``, ``_discard``, ``
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -90,6 +91,16 @@ def http_json(url: str, timeout: float = 2.0, data: dict | None = None) -> tuple
             return err.code, json.loads(raw)
         except ValueError:
             return err.code, raw.decode("utf-8", "replace")
+
+
+def _get_text(url: str, timeout: float) -> str | None:
+    """The body of a GET answered 200, or None when nothing (or something else) answers."""
+    req = urllib.request.Request(url, headers={"connection": "close"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read().decode("utf-8", "replace") if resp.status == 200 else None
+    except (OSError, ValueError, http.client.HTTPException):  # URLError, HTTPError, timeouts, resets
+        return None
 
 
 def probe(address: str, timeout: float = 1.0) -> dict[str, Any] | None:
@@ -227,6 +238,19 @@ class Deployer(ABC):
         """The stable address clients use; allocated on first use and never changed."""
         return self._address(target)
 
+    def worker_metrics(self, target: Target, timeout: float = 2.0) -> list[str]:
+        """The Prometheus text of ``/metrics`` of each worker of the version now current at ``target``.
+
+        One string per worker, in worker order; a worker that does not answer right now (it is being
+        restarted) is an empty string, so positions stay stable across calls. An empty list means no
+        version is current (never deployed, stopped, or stopped after a crash loop). Each worker is
+        asked at its own address, not the stable one: the stable address reaches one worker at random
+        and, right after a cutover, possibly the draining version. Counters are per process, so they
+        start again from zero when a worker is restarted; callers comparing two snapshots must allow
+        for that (``onepath_process_start_time_seconds`` tells a restarted worker apart).
+        """
+        return [_get_text(url + "/metrics", timeout) or "" for url in self._worker_addresses(target)]
+
     # -- lifecycle helpers ----------------------------------------------------------------
     def _await_healthy(self, candidate: Candidate, deadline: float) -> None:
         while True:
@@ -263,6 +287,10 @@ class Deployer(ABC):
 
     @abstractmethod
     def _discard(self, candidate: Candidate) -> None: ...
+
+    @abstractmethod
+    def _worker_addresses(self, target: Target) -> list[str]:
+        """The base URL of each worker of the current version (in worker order), or [] when none is current."""
 
     @abstractmethod
     def _stop(self, target: Target) -> None: ...

@@ -226,6 +226,18 @@ class LocalProcessDeployer(Deployer):
         except (OSError, DeployError):
             pass
 
+    def _worker_addresses(self, target: Target) -> list[str]:
+        url = self._control(target)
+        if not url:
+            return []
+        try:
+            cur = self._call(url, "/status").get("current")
+        except (OSError, DeployError):
+            return []
+        if not cur or cur.get("state") != "current":  # crash-looped and stopped: nothing is current
+            return []
+        return [f"http://127.0.0.1:{p}" for p in cur.get("private_ports") or []]
+
     def _stop(self, target: Target) -> None:
         state = self._state(target)
         if not state:

@@ -68,6 +68,26 @@ def latest_metadata(context: Any, key: dg.AssetKey, what: str) -> dict[str, Any]
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
+def run_trigger(context: Any) -> str:
+    """What started this run, for the ledger: a onepath sensor's reason, declarative automation, or a person."""
+    tags = context.run.tags
+    if tags.get("onepath/trigger"):
+        extra = tags.get("onepath/drift_entry") or tags.get("onepath/approval_entry") or tags.get("onepath/handoff_version")
+        return f"{tags['onepath/trigger']}" + (f" #{extra}" if extra else "")
+    if tags.get("dagster/sensor_name"):
+        return f"sensor:{tags['dagster/sensor_name']}"
+    if any(k.startswith(("dagster/from_automation", "dagster/auto_materialize")) for k in tags):
+        return "declarative automation"
+    if tags.get("dagster/user"):
+        return f"user:{tags['dagster/user']}"
+    return "manual run"
+
+
+def follows_upstream() -> dg.AutomationCondition:
+    """Materialize when an upstream asset was updated and every blocking check upstream passed."""
+    return dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+
+
 def code_hash(fn: Callable[..., Any]) -> tuple[str, str]:
     """sha256 of the source file that defines ``fn`` (the trainer's code), and its project path."""
     path = Path(inspect.getsourcefile(fn) or "")
@@ -202,6 +222,7 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
                                        description="Held-out metrics meet the declared minimums.")],
         metadata={"onepath/trainer": spec.trainer, "onepath/features": ", ".join(features),
                   "onepath/label": label},
+        automation_condition=follows_upstream(),
         **common(spec),
     )
     def _model(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, data_store: DataStore):
@@ -291,9 +312,13 @@ def _verdicts_md(verdicts: list[tuple[str, float, float, bool]]) -> str:
 
 
 def record_gate(book: Any, verdicts: list, *, subject: str, env: str, actor: str, version: str,
-                who: dict[str, str], still_serving: str | None) -> tuple[list[dg.AssetCheckResult], dg.Failure | None]:
+                who: dict[str, str], still_serving: str | None,
+                trigger: str = "manual run") -> tuple[list[dg.AssetCheckResult], dg.Failure | None]:
     """The gate's verdicts as blocking check results, recorded in the ledger; and the refusal to raise
-    (after yielding the results) when any failed. The version serving now keeps serving."""
+    (after yielding the results) when any failed. The version serving now keeps serving.
+
+    A version held back only by a missing approval is recorded as ``awaiting_approval`` (naming who
+    may approve and the command), not as a refusal: nothing is wrong with it yet."""
     results = [dg.AssetCheckResult(
         check_name=v.check, passed=v.passed, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"model_version" if "model" in who else "release_version": version, "verdict": v.summary,
@@ -301,12 +326,19 @@ def record_gate(book: Any, verdicts: list, *, subject: str, env: str, actor: str
     ) for v in verdicts]
     failed = [v for v in verdicts if not v.passed]
     book.append("gate_verdict", subject, {
-        **who, "version": version, "passed": not failed,
+        **who, "version": version, "passed": not failed, "trigger": trigger,
         "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
     if not failed:
         return results, None
-    book.append("promotion_refused", subject, {**who, "version": version, "still_serving": still_serving,
-                                               "failed": [v.check for v in failed]}, actor, env=env)
+    if [v.check for v in failed] == ["approval"]:
+        book.append("awaiting_approval", subject, {
+            **who, "version": version, "still_serving": still_serving, "trigger": trigger,
+            "approvers": failed[0].metadata.get("approvers"), "command": failed[0].metadata.get("command")},
+            actor, env=env)
+    else:
+        book.append("promotion_refused", subject, {**who, "version": version, "still_serving": still_serving,
+                                                   "failed": [v.check for v in failed], "trigger": trigger},
+                    actor, env=env)
     return results, dg.Failure(
         description=f"{subject}.{env}: version {version} refused; "
                     + "; ".join(f"{v.check}: {v.summary}" for v in failed)
@@ -347,9 +379,14 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
               else f"the newest registered version of model '{model.name}'")
     meta = common(spec)
     meta["tags"] = {**meta["tags"], "onepath/env": env}
+    track = policy.track(model.track)
+    # staging follows every new model version; later environments follow the one before them when the
+    # policy lets automation promote, or when an approval check will hold the version for a person
+    automated = upstream_env is None or track.auto_promote or "approval" in required
+    automation = follows_upstream() if automated else None
 
     @dg.asset(
-        key=key, deps=[dep],
+        key=key, deps=[dep], automation_condition=automation,
         description=f"{spec.description or spec.name} — {env}. Materializing deploys {source} at the "
                     f"environment's stable address and moves MLflow alias '{env}' to it.",
         kinds={"endpoint", spec.backend, "mlflow"},
@@ -375,6 +412,16 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                                              f"to '{env}'; deploy '{upstream_env}' first")
             version = up.serving_version
         before = deployer.status(target)
+        trigger = run_trigger(context)
+        if upstream_env is None and before.serving_version and before.serving_version != version:
+            same = _no_better(mlflow, model.name, version, before.serving_version, track.regression_metric)
+            if same:
+                book.append("promotion_skipped", spec.name, {
+                    "model": model.name, "version": version, "still_serving": before.serving_version,
+                    "reason": same, "trigger": trigger}, actor, env=env)
+                raise dg.Failure(description=f"{spec.name}.{env}: version {version} not promoted: {same}. "
+                                             f"Version {before.serving_version} keeps serving.",
+                                 metadata={"skipped_version": version, "still_serving": before.serving_version})
         context.log.info(f"{spec.name}.{env}: deploying {model.name} version {version} "
                          f"(serving before: {before.serving_version or 'nothing'}) at {deployer.address(target)}")
         gate = ModelGate(endpoint=spec, model=model, dataset=dataset, features=features, label=label,
@@ -382,7 +429,8 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                          instance=context.instance)
         verdicts = gate.evaluate(version, env)
         results, refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
-                                       who={"model": model.name}, still_serving=before.serving_version)
+                                       who={"model": model.name}, still_serving=before.serving_version,
+                                       trigger=trigger)
         if refusal:
             yield from results
             raise refusal
@@ -405,7 +453,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
         entry = book.append("deploy", spec.name, {
             "model": model.name, "version": version, "previous_version": before.serving_version,
             "address": status.address, "promoted_from": upstream_env, "track": model.track,
-            "owner": model.owner, "checks": [v.check for v in verdicts],
+            "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
             "initiated_by": context.run.tags.get("dagster/user")}, actor, env=env)
         card_meta = _model_card(context, model, version, verdicts, mlflow, book)
         yield dg.MaterializeResult(
@@ -426,6 +474,25 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
         )
 
     return _endpoint
+
+
+def _no_better(mlflow: MlflowRegistry, model: str, candidate: str, serving: str, metric: str) -> str | None:
+    """Why ``candidate`` is not worth promoting over ``serving``, or None. Only versions trained on the same
+    snapshot are comparable (same held-out rows); on other data the gates decide."""
+    try:
+        a, b = mlflow.get_version(model, candidate), mlflow.get_version(model, serving)
+    except Exception:  # noqa: BLE001 - a serving version unknown to MLflow: let the gates speak
+        return None
+    key = f"{TAG_PREFIX}data_hash"
+    if not a.tags.get(key) or a.tags.get(key) != b.tags.get(key):
+        return None
+    client = mlflow.client()
+    mine = client.get_run(a.run_id).data.metrics.get(metric)
+    theirs = client.get_run(b.run_id).data.metrics.get(metric)
+    if mine is None or theirs is None or mine > theirs + 1e-9:
+        return None
+    return (f"trained on the same data (snapshot {a.tags[key][:12]}) as version {serving}, which serves, and no "
+            f"better: held-out {metric} {mine:.4f} vs {theirs:.4f}")
 
 
 def _model_card(context: Any, model: ModelSpec, version: str, verdicts: list, mlflow: MlflowRegistry,

@@ -8,6 +8,7 @@ from resources.data_store import DataStore
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource, ledger_paths
 from resources.mlflow_registry import MlflowRegistry
+from resources.monitoring import MonitoringResource
 
 
 def build_resources(settings: Settings) -> dict[str, object]:
@@ -25,5 +26,9 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "deployer_local": LocalDeployerResource(
             run_dir=str(settings.run_dir), host=settings.host, port_base=settings.port_base,
             inference_log_dir=str(settings.inference_log_dir),
+        ),
+        "monitoring": MonitoringResource(
+            inference_log_dir=str(settings.inference_log_dir), outcomes_dir=str(settings.outcomes_dir),
+            drift_reports_dir=str(settings.drift_reports_dir),
         ),
     }

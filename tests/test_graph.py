@@ -242,15 +242,32 @@ def test_app_release_calls_the_prod_endpoint(world):
     assert out["model_version"] == meta(result, "credit_scoring_prod")["model_version"]
 
 
+def test_a_retrain_on_unchanged_data_is_not_promoted_and_the_ledger_says_so(world):
+    defs, instance, first = world["defs"], world["instance"], world["first"]
+    v1 = meta(first, "credit_risk")["model_version"]
+    staging = meta(first, "credit_scoring_staging")["address"]
+    again = materialize(defs, instance, ["credit_risk", "credit_scoring_staging"], raise_on_error=False)
+    assert not again.success
+    v_same = meta(again, "credit_risk")["model_version"]
+    assert int(v_same) == int(v1) + 1 and probe(staging)["version"] == v1
+    skipped = world["ledger"].entries(kind="promotion_skipped", subject="credit_scoring", env="staging")[-1]
+    assert skipped.data["version"] == v_same and skipped.data["still_serving"] == v1
+    assert "same data" in skipped.data["reason"] and "no better" in skipped.data["reason"]
+    world["skipped_version"] = v_same
+
+
 def test_retrain_goes_to_staging_then_prod_is_promoted_alone_without_touching_the_app(world):
     defs, instance, first, mlflow = world["defs"], world["instance"], world["first"], world["mlflow"]
     v1 = meta(first, "credit_risk")["model_version"]
     prod_address = meta(first, "credit_scoring_prod")["address"]
     app_address = meta(first, "loan_portal_prod")["address"]
     app_pid = probe(app_address)
-    staged = materialize(defs, instance, ["credit_risk", "credit_scoring_staging"])
+    # new data (a later application period) makes a retrain worth promoting
+    staged = dg.materialize(list(defs.assets), selection=["credit_applications", "credit_risk", "credit_scoring_staging"],
+                            resources=defs.resources, instance=instance, run_config={"ops": {"credit_applications": {
+                                "config": {"params": {"period_start": "2026-02-01", "period_end": "2026-07-31"}}}}})
     v2 = meta(staged, "credit_risk")["model_version"]
-    assert int(v2) == int(v1) + 1
+    assert int(v2) == int(world.get("skipped_version", v1)) + 1
     assert meta(staged, "credit_scoring_staging")["previous_version"] == v1
     assert probe(prod_address)["version"] == v1, "prod must not move until it is materialized"
     assert mlflow.aliases("credit_risk") == {"staging": v2, "prod": v1}
@@ -338,6 +355,7 @@ def test_failed_expectations_block_the_model(settings, tmp_path):
               .replace("name: churn\n", "name: tight_churn\n")
               .replace("model: churn", "model: tight_churn")
               .replace("name: churn_scoring", "name: tight_scoring")
+              .replace("endpoint: churn_scoring", "endpoint: tight_scoring")
               .replace("{name: logins_30d, dtype: int, min: 0}", "{name: logins_30d, dtype: int, min: 0, max: 3}"))
     (tmp_path / "team").mkdir()
     (tmp_path / "team" / "defs.yaml").write_text(bad)

@@ -1,0 +1,200 @@
+"""The input-drift check of every monitored endpoint environment.
+
+``input_drift`` (non-blocking, on ``<endpoint>_<env>``) compares the inputs logged by the version that
+serves there now -- rows of earlier versions are excluded -- over the window the endpoint declares
+(rows or hours; the track's policy fills what it leaves out) with the reference sample stored with
+that version in MLflow (``onepath/reference_sample.parquet``), using Evidently 0.7 with the method
+and threshold per column type set explicitly by spec or policy. The HTML report is kept under
+``<drift_reports_dir>/<endpoint>/<env>/`` (retention from policy) and linked from the metadata.
+
+On drift it appends a ``drift_detected`` ledger entry; the ``drift`` sensor turns that into one
+retraining run (and holds off for the policy's cooldown). The heavy statistics run here, in a run,
+never in a sensor tick.
+"""
+
+
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from platform_defs.policy import DriftPolicy, Policy, effective_drift
+from platform_defs.specs import EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
+from resources.deployers.base import Target
+from resources.deployers.resource import LocalDeployerResource
+from resources.ledger import LedgerResource
+from resources.mlflow_registry import MlflowRegistry
+from resources.monitoring import MonitoringResource
+
+CHECK_NAME = "input_drift"
+REFERENCE_ARTIFACT = "onepath/reference_sample.parquet"
+
+
+@dataclass(frozen=True)
+class Monitored:
+    endpoint: EndpointSpec
+    model: ModelSpec
+    env: str
+    drift: DriftPolicy
+    features: list[str]
+
+    @property
+    def asset_key(self) -> dg.AssetKey:
+        return dg.AssetKey(endpoint_asset_name(self.endpoint.name, self.env))
+
+    @property
+    def check_key(self) -> dg.AssetCheckKey:
+        return dg.AssetCheckKey(self.asset_key, CHECK_NAME)
+
+    @property
+    def target(self) -> Target:
+        return Target(self.endpoint.name, self.env, "endpoint", self.endpoint.ports.get(self.env))
+
+    @property
+    def label(self) -> str:
+        return f"{self.endpoint.name}.{self.env}"
+
+
+def monitored(org: Organisation, policy: Policy) -> list[Monitored]:
+    """Every endpoint environment its drift policy watches."""
+    out = []
+    for ep in org.of_kind("endpoint"):
+        assert isinstance(ep, EndpointSpec)
+        drift = effective_drift(ep, policy)
+        model = org.by_name[ep.model]
+        assert isinstance(model, ModelSpec)
+        features, _ = org.model_features(model)
+        for env in ep.environments:
+            if env in drift.environments and ep.inference_log:
+                out.append(Monitored(ep, model, env, drift, features))
+    return out
+
+
+def prune_reports(directory: Path, keep_last: int, max_age_days: float, now: float | None = None) -> list[Path]:
+    """Delete reports beyond the newest ``keep_last`` or older than ``max_age_days``; returns the deleted."""
+    now = time.time() if now is None else now
+    reports = sorted(directory.glob("*.html"), key=lambda p: p.stat().st_mtime, reverse=True)
+    gone = []
+    for i, p in enumerate(reports):
+        if i >= keep_last or now - p.stat().st_mtime > max_age_days * 86400:
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+def _version_of(deployer: Any, target: Target) -> str | None:
+    from sensors.alias_drift import serving_version
+
+    return serving_version(deployer.status(target))
+
+
+def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring: MonitoringResource,
+             ledger: Any, actor: str, now: datetime | None = None) -> dg.AssetCheckResult:
+    """Run the drift comparison for one endpoint environment and record it (report, ledger)."""
+    import pandas as pd
+
+    from platform_defs.governance.drift import evaluate_drift
+    from resources.inference_log import read_window
+
+    now = now or datetime.now(timezone.utc)
+    version = _version_of(deployer, m.target)
+    if version is None:
+        return dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                   metadata={"verdict": "no verdict: nothing serves here"})
+    window = read_window(monitoring.log_dir(m.endpoint.name, m.env), version=version, columns=m.features,
+                         window_rows=m.drift.window_rows, window_hours=m.drift.window_hours, now=now)
+    common = {
+        "model_version": version,
+        "window": (f"newest {m.drift.window_rows} rows" if m.drift.window_rows
+                   else f"last {m.drift.window_hours:g} hours"),
+        "window_rows": window.rows,
+        "excluded_other_version_rows": window.other_version_rows,
+        "corrupt_log_lines": window.corrupt_lines,
+    }
+    if window.rows < m.drift.min_rows:
+        return dg.AssetCheckResult(
+            check_name=CHECK_NAME, passed=True, severity=dg.AssetCheckSeverity.WARN,
+            metadata={**common, "verdict": f"no verdict: {window.rows} rows logged by version {version} in the "
+                                           f"window, the policy needs {m.drift.min_rows}"})
+    mv = mlflow.get_version(m.model.name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_path = mlflow.run_artifact(mv.run_id, REFERENCE_ARTIFACT, Path(tmp))
+        if ref_path is None:
+            return dg.AssetCheckResult(
+                check_name=CHECK_NAME, passed=False, severity=dg.AssetCheckSeverity.WARN,
+                metadata={**common, "verdict": f"version {version} has no {REFERENCE_ARTIFACT} in its MLflow run: "
+                                               f"drift cannot be judged"})
+        reference = pd.read_parquet(ref_path)
+    reports = monitoring.reports_dir(m.endpoint.name, m.env)
+    report = reports / f"{now:%Y%m%dT%H%M%SZ}-v{version}.html"
+    t0 = time.perf_counter()
+    result = evaluate_drift(
+        reference, window.frame, columns=m.features,
+        numeric_method=m.drift.numeric_method, numeric_threshold=m.drift.numeric_threshold,
+        categorical_method=m.drift.categorical_method, categorical_threshold=m.drift.categorical_threshold,
+        drift_share=m.drift.drift_share, report_html=report,
+    )
+    seconds = round(time.perf_counter() - t0, 3)
+    pruned = prune_reports(reports, m.drift.report_keep_last, m.drift.report_max_age_days)
+    per_column = {c.column: {"method": c.method, "threshold": c.threshold, "value": round(c.value, 6),
+                             "value_kind": c.value_kind, "drifted": c.drifted} for c in result.columns}
+    metadata = {
+        **common,
+        "verdict": result.summary,
+        "drifted_share": round(result.drifted_share, 4),
+        "drifted_columns": ", ".join(result.drifted_columns) or "none",
+        "drift_share_threshold": result.drift_share,
+        "methods": dg.MetadataValue.json({k: {"method": mt, "threshold": th}
+                                          for k, (mt, th) in result.method_by_type.items()}),
+        "columns": dg.MetadataValue.md(result.to_markdown()),
+        "per_column": dg.MetadataValue.json(per_column),
+        "reference_rows": result.reference_rows,
+        "report": dg.MetadataValue.path(str(result.report_html or report)),
+        "reports_pruned": len(pruned),
+        "evaluation_seconds": seconds,
+    }
+    if result.dataset_drift:
+        entry = ledger.append("drift_detected", m.endpoint.name, {
+            "model": m.model.name, "version": version, "drifted_share": result.drifted_share,
+            "drifted_columns": result.drifted_columns, "window_rows": window.rows,
+            "report": str(result.report_html or report),
+            "methods": {k: [mt, th] for k, (mt, th) in result.method_by_type.items()},
+        }, actor, env=m.env)
+        metadata["ledger_entry"] = entry.seq
+    return dg.AssetCheckResult(check_name=CHECK_NAME, passed=not result.dataset_drift,
+                               severity=dg.AssetCheckSeverity.WARN, metadata=metadata)
+
+
+def build_drift_checks(org: Organisation, policy: Policy) -> list[dg.AssetChecksDefinition]:
+    out = []
+    for m in monitored(org, policy):
+        out.append(_check(m))
+    return out
+
+
+def _check(m: Monitored) -> dg.AssetChecksDefinition:
+    how = (f"{m.drift.numeric_method}@{m.drift.numeric_threshold:g} for numeric, "
+           f"{m.drift.categorical_method}@{m.drift.categorical_threshold:g} for categorical columns; drift when "
+           f"at least {m.drift.drift_share:g} of the columns drifted")
+
+    @dg.asset_check(
+        asset=m.asset_key, name=CHECK_NAME, blocking=False,
+        description=f"Inputs logged by the version serving {m.label} (window: "
+                    f"{m.drift.window_rows or m.drift.window_hours} {'rows' if m.drift.window_rows else 'hours'}) "
+                    f"against that version's reference sample, with Evidently: {how}. Requested by the drift "
+                    f"sensor when enough new rows arrived.",
+    )
+    def _drift(context: dg.AssetCheckExecutionContext, mlflow: MlflowRegistry,
+               deployer_local: LocalDeployerResource, monitoring: MonitoringResource,
+               ledger: LedgerResource) -> dg.AssetCheckResult:
+        return evaluate(m, mlflow=mlflow, deployer=deployer_local.deployer(), monitoring=monitoring,
+                        ledger=ledger.ledger(), actor=f"dagster:{context.run.run_id}")
+
+    return _drift
+
+
+__all__ = ["CHECK_NAME", "Monitored", "build_drift_checks", "evaluate", "monitored", "prune_reports"]

@@ -1,0 +1,80 @@
+"""Promote a held version once a person approves it.
+
+A version of a model on a track whose next environment needs an approval stops after staging: the
+promotion's ``approval`` check says who may approve and the exact ``onepath approve`` command, and the
+ledger holds an ``awaiting_approval`` entry. When ``onepath approve`` appends an ``approval`` entry,
+this sensor requests the promotion of that exact version into that environment -- if the environment
+before it serves that version and this one does not yet. The gate still verifies the approval
+(signature, role, independence, version, environment); the sensor only saves someone a click.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from platform_defs.specs import EndpointSpec, Organisation, endpoint_asset_name
+from resources.deployers.base import Target
+from resources.deployers.resource import LocalDeployerResource
+from resources.ledger import Ledger, LedgerResource
+from sensors.alias_drift import serving_version
+
+SENSOR_NAME = "approved_promotions"
+
+
+def tick(org: Organisation, *, book: Ledger, deployer, cursor: dict) -> tuple[list[dg.RunRequest], list[str], dict]:
+    seen = int(cursor.get("ledger_seq") or 0)
+    head = book.head()
+    if head is None or head.seq <= seen:
+        return [], ["no new approvals"], {"ledger_seq": seen}
+    requests, reasons = [], []
+    endpoints = [d for d in org.of_kind("endpoint") if isinstance(d, EndpointSpec)]
+    for entry in book.entries(kind="approval", since_seq=seen):
+        version, env = str(entry.data.get("version")), entry.env
+        for ep in endpoints:
+            if ep.model != entry.subject or env not in ep.environments:
+                continue
+            i = ep.environments.index(env)
+            if i == 0:
+                continue
+            up, here = ep.environments[i - 1], env
+            up_serves = serving_version(deployer.status(Target(ep.name, up, "endpoint", ep.ports.get(up))))
+            here_serves = serving_version(deployer.status(Target(ep.name, here, "endpoint", ep.ports.get(here))))
+            if up_serves != version:
+                reasons.append(f"approval #{entry.seq}: {ep.name}.{up} serves {up_serves or 'nothing'}, not "
+                               f"{version}; {here} follows when {up} does")
+                continue
+            if here_serves == version:
+                reasons.append(f"approval #{entry.seq}: {ep.name}.{here} already serves {version}")
+                continue
+            requests.append(dg.RunRequest(
+                run_key=f"approved:{ep.name}:{here}:{entry.seq}",
+                asset_selection=[dg.AssetKey(endpoint_asset_name(ep.name, here))],
+                tags={"onepath/trigger": "approval", "onepath/approval_entry": str(entry.seq),
+                      "onepath/approved_version": version, "onepath/approver": str(entry.data.get("approver"))},
+            ))
+    return requests, reasons, {"ledger_seq": head.seq}
+
+
+def build_approval_promotion_sensor(org: Organisation) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=SENSOR_NAME,
+        description="When an approval lands in the ledger, promotes exactly that version into that environment "
+                    "(the gate verifies the approval again).",
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def approved_promotions(context: dg.SensorEvaluationContext, ledger: LedgerResource,
+                            deployer_local: LocalDeployerResource):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        requests, reasons, new = tick(org, book=ledger.ledger(), deployer=deployer_local.deployer(), cursor=cursor)
+        context.update_cursor(json.dumps(new))
+        if not requests:
+            return dg.SkipReason("; ".join(reasons) or "no new approvals")
+        return dg.SensorResult(run_requests=requests)
+
+    return approved_promotions
+
+
+__all__ = ["SENSOR_NAME", "build_approval_promotion_sensor", "tick"]

@@ -1,0 +1,92 @@
+"""Registry handoff: a version registered in MLflow from a notebook or script enters the graph by itself.
+
+Data scientists register versions of a declared model however they like (``mlflow.sklearn.log_model(...,
+registered_model_name="churn")``). Each tick this sensor lists the versions of every declared model
+newer than its cursor; a version that no onepath materialization produced (no ``onepath.dagster_run_id``
+tag) is reported as a materialization of the model asset -- it appears in the graph as the model's new
+version, with what it carries and what it lacks -- and gets a ``handoff`` ledger entry. Declarative
+automation then takes it to staging through the same gates as any version: a version without the
+lineage the gates need fails there, and the failing check says exactly what to log and how.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from platform_defs.specs import ModelSpec, Organisation
+from resources.ledger import Ledger, LedgerResource
+from resources.mlflow_registry import TAG_PREFIX, MlflowRegistry
+
+SENSOR_NAME = "registry_handoff"
+LINEAGE = ("dataset_key", "data_hash", "code_hash")
+
+
+def _vkey(v: str) -> int:
+    return int(v) if str(v).isdigit() else 0
+
+
+def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger, cursor: dict) -> tuple[list, list[str], dict]:
+    models = [d for d in org.of_kind("model") if isinstance(d, ModelSpec)]
+    if not models:
+        return [], ["no declared models"], cursor
+    names = ", ".join(f"'{m.name}'" for m in models)
+    found = mlflow.client().search_model_versions(f"name IN ({names})")
+    by_model: dict[str, list] = {}
+    for mv in found:
+        by_model.setdefault(mv.name, []).append(mv)
+    events, notes, new_cursor = [], [], dict(cursor)
+    for m in models:
+        last = int(cursor.get(m.name) or 0)
+        fresh = sorted((mv for mv in by_model.get(m.name, []) if _vkey(mv.version) > last), key=lambda x: _vkey(x.version))
+        if not fresh:
+            continue
+        new_cursor[m.name] = _vkey(fresh[-1].version)
+        handed = {str(e.data.get("version")) for e in book.entries(kind="handoff", subject=m.name)}
+        for mv in fresh:
+            tags = dict(mv.tags or {})
+            if tags.get(TAG_PREFIX + "dagster_run_id") or str(mv.version) in handed:
+                continue
+            missing = [TAG_PREFIX + t for t in LINEAGE if not tags.get(TAG_PREFIX + t)]
+            author = tags.get(TAG_PREFIX + "author") or mlflow.client().get_run(mv.run_id).info.user_id
+            entry = book.append("handoff", m.name, {
+                "model": m.name, "version": str(mv.version), "run_id": mv.run_id, "author": author,
+                "source": mv.source, "missing_lineage": missing}, f"sensor:{SENSOR_NAME}")
+            events.append(dg.AssetMaterialization(
+                asset_key=dg.AssetKey(m.name),
+                description=f"version {mv.version} registered outside onepath (notebook or script) by {author}",
+                metadata={
+                    "model_version": str(mv.version), "mlflow_run_id": mv.run_id,
+                    "mlflow_version": dg.MetadataValue.url(mlflow.version_url(m.name, str(mv.version))),
+                    "registered_by": author, "source": "registered outside onepath",
+                    "missing_lineage": ", ".join(missing) or "none",
+                    "next": "staging deploys it through its track's gates",
+                    "ledger_entry": entry.seq,
+                },
+                tags={"onepath/handoff": "true"},
+            ))
+            notes.append(f"{m.name} version {mv.version} handed off")
+    return events, notes, new_cursor
+
+
+def build_handoff_sensor(org: Organisation) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=SENSOR_NAME,
+        description="Picks up model versions registered in MLflow outside onepath (notebooks, scripts) and puts "
+                    "them into the graph; automation takes them to staging through the gates.",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def registry_handoff(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry, ledger: LedgerResource):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        events, notes, new = tick(org, mlflow=mlflow, book=ledger.ledger(), cursor=cursor)
+        context.update_cursor(json.dumps(new, sort_keys=True))
+        if not events:
+            return dg.SkipReason("no model version registered outside onepath since the last tick")
+        return dg.SensorResult(asset_events=events)
+
+    return registry_handoff
+
+
+__all__ = ["SENSOR_NAME", "build_handoff_sensor", "tick"]

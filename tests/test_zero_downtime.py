@@ -272,3 +272,150 @@ def test_redeploy_and_rollback_under_keep_alive_load_drop_no_request(model_dirs,
             load.join(REQUEST_TIMEOUT + 5)
         deployer.delete(target)
         deployer.stop_all()
+
+
+# ------------------------------------------------------------------------------------------------
+# the drain itself, step by step, on one child process (an app release's way of serving)
+
+APP = '''
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            msg = await receive()
+            await send({"type": msg["type"] + ".complete"})
+            if msg["type"] == "lifespan.shutdown":
+                return
+    while (await receive()).get("more_body"):
+        pass
+    body = b"hello"
+    # the app asks for keep-alive: while draining the server must override it
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"5"), (b"connection", b"keep-alive")]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+LAUNCH = '''
+import os, socket, subprocess, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(64)
+os.environ["ONEPATH_LISTEN_FDS"] = str(s.fileno())
+p = subprocess.Popen([sys.executable, "-m", "resources.serving.child", "--app-dir", sys.argv[1],
+                      "--app", "drainapp:app"], pass_fds=(s.fileno(),))
+print(p.pid, s.getsockname()[1], flush=True)
+s.close()  # like the supervisor's private socket: only the child holds it now
+sys.stdin.read()  # live until the test closes stdin or kills this process
+p.wait()
+'''
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except OSError:
+        return True
+
+
+def _connect(port: int):
+    import socket
+
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def _get(sock) -> tuple[int, dict[str, str], bytes]:
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"EOF after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(4096)
+    return int(lines[0].split()[1]), headers, body
+
+
+def _wait(condition, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def child(tmp_path, monkeypatch):
+    """A child serving a tiny ASGI app on a socket only it holds, under a stand-in parent process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "drainapp.py").write_text(APP)
+    monkeypatch.setenv("ONEPATH_DRAIN_IDLE_SECONDS", "4")
+    monkeypatch.setenv("ONEPATH_DRAIN_SECONDS", "20")
+    root = str(Path(__file__).resolve().parents[1])
+    parent = subprocess.Popen([sys.executable, "-c", LAUNCH, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    pid, port = (int(x) for x in parent.stdout.readline().split())
+
+    def answers() -> bool:
+        try:
+            with _connect(port) as s:
+                return _get(s)[0] == 200
+        except OSError:
+            return False
+
+    try:
+        _wait(answers, "the child answers")
+        yield parent, pid, port
+    finally:
+        if not _pid_gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+
+
+def test_a_draining_child_stops_accepting_answers_its_connections_with_close_then_exits(child):
+    import os
+    import signal
+
+    parent, pid, port = child
+    busy, idle = _connect(port), _connect(port)
+    assert _get(busy)[1]["connection"] == "keep-alive" and _get(idle)[0] == 200
+
+    os.kill(pid, signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            _connect(port).close()
+            return False
+        except ConnectionRefusedError:
+            return True
+
+    _wait(refused, "the draining child closed its listening socket")  # (1) no new connections
+    assert not _pid_gone(pid)
+    status, headers, body = _get(busy)  # (2) a connection it has still gets answers, told to go
+    assert (status, body, headers["connection"]) == (200, b"hello", "close")
+    assert busy.recv(1) == b""  # and the server closed it after that answer
+    idle.settimeout(20)
+    assert idle.recv(1) == b""  # (3) the idle one is closed after the grace, not reset
+    _wait(lambda: _pid_gone(pid), "the child exited once no connection was left")  # (4)
+    busy.close()
+    idle.close()
+    parent.stdin.close()
+    assert parent.wait(10) == 0
+
+
+def test_a_child_whose_parent_died_drains_and_exits_by_itself(child):
+    parent, pid, port = child
+    keep = _connect(port)
+    assert _get(keep)[1]["connection"] == "keep-alive"
+    parent.kill()
+    parent.wait()
+    _wait(lambda: _pid_gone(pid), "the orphaned child exited", timeout=20)
+    keep.close()

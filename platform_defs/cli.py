@@ -21,6 +21,7 @@ from platform_defs.cli_audit import add_audit_parser
 from platform_defs.cli_governance import add_governance_parsers
 from platform_defs.cli_inventory import add_inventory_parser
 from platform_defs.cli_rollback import add_rollback_parser
+from platform_defs.cli_simulate import add_simulate_parser
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
 from resources.processes import group_alive
 
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     add_rollback_parser(sub)
     add_inventory_parser(sub)
     add_audit_parser(sub)
+    add_simulate_parser(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.fn(args) or 0)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 
+import platform_defs.governance.drift as drift_mod
 from assets.credit.data import generate_credit_applications
 from platform_defs.governance.drift import DriftResult, evaluate_drift
 
@@ -148,3 +152,92 @@ def test_type_mismatch_between_windows_rejected(reference, undrifted):
     cur = undrifted.assign(annual_income=undrifted["annual_income"].astype(str))
     with pytest.raises(ValueError, match="annual_income.*numeric in reference but categorical in current"):
         evaluate_drift(reference, cur, columns=["annual_income"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast engine: Evidently's own stat tests on the full columns, without the report machinery
+
+
+def assert_same_verdicts(fast: DriftResult, full: DriftResult) -> None:
+    assert (fast.engine, full.engine) == ("fast", "evidently")
+    assert [c.column for c in fast.columns] == [c.column for c in full.columns]
+    for f, e in zip(fast.columns, full.columns):
+        assert (f.method, f.threshold, f.value_kind, f.type) == (e.method, e.threshold, e.value_kind, e.type)
+        assert f.drifted == e.drifted, (f, e)
+        assert math.isclose(f.value, e.value, rel_tol=1e-12), (f, e)
+    assert (fast.drifted_count, fast.dataset_drift) == (full.drifted_count, full.dataset_drift)
+
+
+def test_fast_agrees_with_evidently_ks_chisquare(reference, undrifted, drifted, ks_undrifted, ks_drifted):
+    calm = evaluate_drift(reference, undrifted, columns=FEATURES, engine="fast")
+    moved = evaluate_drift(reference, drifted, columns=FEATURES, engine="fast")
+    assert_same_verdicts(calm, ks_undrifted)
+    assert_same_verdicts(moved, ks_drifted)
+    assert calm.dataset_drift is False and moved.dataset_drift is True
+
+
+@pytest.mark.parametrize("numeric_method, categorical_method, threshold", [
+    ("wasserstein", "jensenshannon", 0.1),
+    ("psi", "psi", 0.1),
+])
+def test_fast_agrees_with_evidently_distances(reference, undrifted, drifted, numeric_method, categorical_method,
+                                              threshold):
+    args = {"columns": FEATURES, "numeric_method": numeric_method, "numeric_threshold": threshold,
+            "categorical_method": categorical_method, "categorical_threshold": threshold}
+    for cur in (undrifted, drifted):
+        fast = evaluate_drift(reference, cur, engine="fast", **args)
+        full = evaluate_drift(reference, cur, engine="evidently", **args)
+        assert_same_verdicts(fast, full)
+        assert all(c.value_kind == "distance" for c in fast.columns)
+    assert evaluate_drift(reference, drifted, engine="fast", **args).drifted_count > \
+        evaluate_drift(reference, undrifted, engine="fast", **args).drifted_count
+
+
+def test_fast_cleans_like_evidently(reference, undrifted):
+    cur = undrifted.copy()
+    cur.loc[cur.index[:40], "annual_income"] = np.inf
+    cur.loc[cur.index[40:60], "annual_income"] = np.nan
+    cur.loc[cur.index[:30], "purpose"] = None
+    ref = reference.copy()
+    ref.loc[ref.index[:25], "debt_to_income"] = -np.inf
+    cols = ["annual_income", "debt_to_income", "purpose"]
+    assert_same_verdicts(evaluate_drift(ref, cur, columns=cols, engine="fast"),
+                         evaluate_drift(ref, cur, columns=cols, engine="evidently"))
+    empty = cur.assign(annual_income=np.nan)
+    with pytest.raises(ValueError, match="empty column 'annual_income'.*current dataset"):
+        evaluate_drift(ref, empty, columns=cols, engine="fast")
+
+
+def test_fast_report_on_a_sample_says_so(tmp_path, reference, drifted, ks_drifted):
+    out = tmp_path / "reports" / "drift.html"
+    r = evaluate_drift(reference, drifted, columns=FEATURES, engine="fast", report_html=out, report_sample_rows=300)
+    assert_same_verdicts(r, ks_drifted)  # the verdict is from all 800 rows, not the sample
+    assert r.report_html == tmp_path / "reports" / "drift.sample-300-of-800.html"
+    assert not out.exists() and r.report_html.is_file()
+    assert (r.report_sampled_rows, r.report_sampled_reference_rows) == (300, 300)
+    page = r.report_html.read_text(encoding="utf-8")
+    assert "onepath-sample-note" in page and "sample of 300 of 800 current rows" in page
+    assert "HTML report on a uniform sample of 300 of 800 current rows" in r.summary
+    assert r.as_dict()["report_sampled_rows"] == 300
+
+
+def test_fast_report_without_sampling_is_the_full_report(tmp_path, reference, drifted):
+    out = tmp_path / "drift.html"
+    r = evaluate_drift(reference, drifted, columns=["annual_income", "purpose"], engine="fast", report_html=out)
+    assert r.report_html == out and out.is_file() and r.report_sampled_rows is None
+    assert "onepath-sample-note" not in out.read_text(encoding="utf-8")
+
+
+def test_auto_engine_by_window_size_and_method(reference, undrifted, monkeypatch):
+    cols = ["annual_income", "purpose"]
+    assert evaluate_drift(reference, undrifted, columns=cols).engine == "evidently"
+    monkeypatch.setattr(drift_mod, "AUTO_FAST_ROWS", 1000)
+    assert evaluate_drift(reference, undrifted, columns=cols).engine == "fast"
+    # a method without a fast engine stays with Evidently however large the window; engine="fast" refuses it
+    assert drift_mod._choose_engine("auto", 10**6, {"numeric": ("ks", 0.05), "categorical": ("TVD", 0.05)}) == "evidently"
+    assert drift_mod._choose_engine("auto", 10**6, {"numeric": ("empirical_mmd", 0.05)}) == "evidently"
+    assert drift_mod._choose_engine("auto", 10**6, {"numeric": ("ks", 0.05), "categorical": ("z", 0.05)}) == "fast"
+    with pytest.raises(ValueError, match="'TVD' has no fast engine"):
+        evaluate_drift(reference, undrifted, columns=cols, categorical_method="TVD", engine="fast")
+    with pytest.raises(ValueError, match="engine must be"):
+        evaluate_drift(reference, undrifted, columns=cols, engine="quick")

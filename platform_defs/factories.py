@@ -38,6 +38,7 @@ from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry, TAG_PREFIX
+from resources.monitoring import MonitoringResource
 
 KINDS = {"dataset": {"dataset", "pandas", "greatexpectations"},
          "model": {"model", "mlflow", "scikitlearn"}}
@@ -119,7 +120,7 @@ def build_dataset_defs(spec: DatasetSpec, org: Organisation) -> list[Any]:
                   "onepath/generator": spec.generator},
         **common(spec),
     )
-    def _dataset(context: dg.AssetExecutionContext, data_store: DataStore):
+    def _dataset(context: dg.AssetExecutionContext, data_store: DataStore, monitoring: MonitoringResource):
         from resources.gx_validation import validate
 
         overrides = dict(context.op_execution_context.op_config.get("params") or {})
@@ -134,6 +135,11 @@ def build_dataset_defs(spec: DatasetSpec, org: Organisation) -> list[Any]:
             df = generator(**params)
         except (TypeError, ValueError) as err:
             raise dg.Failure(description=f"dataset '{spec.name}': generator rejected its parameters: {err}")
+        feedback_meta: dict[str, Any] = {}
+        if spec.feedback is not None:
+            df, feedback_meta = _with_feedback(spec, df, monitoring)
+            context.log.info(f"{spec.name}: {feedback_meta['feedback_rows']} labelled production rows from "
+                             f"{spec.feedback.endpoint}.{spec.feedback.env} added")
         path, data_hash = data_store.write(spec.name, df)
         result = validate(df, spec)
         context.log.info(f"{spec.name}: {len(df)} rows, hash {data_hash[:12]}, expectations "
@@ -152,7 +158,7 @@ def build_dataset_defs(spec: DatasetSpec, org: Organisation) -> list[Any]:
             metadata={
                 "rows": len(df), "columns": len(df.columns), "data_hash": data_hash,
                 "path": str(path), "params": dg.MetadataValue.json(_jsonable(params)),
-                "expectations_passed": result.success,
+                "expectations_passed": result.success, **feedback_meta,
                 "label_rate": float(df[spec.label].mean()) if spec.label and spec.label in df else None,
                 "preview": dg.MetadataValue.md(df.drop(columns=spec.pii_columns).head(5).to_markdown(index=False)),
             },
@@ -161,6 +167,35 @@ def build_dataset_defs(spec: DatasetSpec, org: Organisation) -> list[Any]:
         )
 
     return [_dataset]
+
+
+def _with_feedback(spec: DatasetSpec, df: Any, monitoring: MonitoringResource) -> tuple[Any, dict[str, Any]]:
+    """The generator's rows plus recent labelled production rows: what the endpoint scored, joined by
+    request id with the outcomes that arrived since (PII columns empty: the inference log never holds PII)."""
+    import pandas as pd
+
+    from resources.feedback import FeedbackError, dataset_rows_from_feedback, labelled_rows
+
+    fb = spec.feedback
+    assert fb is not None
+    try:
+        lab = labelled_rows(inference_log_dir=monitoring.inference_log_dir, outcomes_dir=monitoring.outcomes_dir,
+                            endpoint=fb.endpoint, env=fb.env, max_age_days=fb.max_age_days, max_rows=fb.max_rows)
+        rows = dataset_rows_from_feedback(spec, lab.frame)
+    except FeedbackError as err:
+        raise dg.Failure(description=str(err)) from None
+    meta = {"feedback_rows": len(rows), "feedback_source": f"{fb.endpoint}.{fb.env}",
+            "feedback_logged_rows": lab.logged, "feedback_outcomes": lab.outcomes,
+            "feedback_unmatched_outcomes": lab.unmatched_outcomes,
+            "feedback_corrupt_lines": lab.corrupt_log_lines + lab.corrupt_outcome_lines}
+    if len(rows):
+        df = pd.concat([df, rows[list(df.columns)]], ignore_index=True)
+        ids = [c.name for c in spec.columns if c.role == "id"]
+        if ids:  # a production row whose id the generator also drew: the production row wins
+            before = len(df)
+            df = df.drop_duplicates(subset=ids, keep="last").reset_index(drop=True)
+            meta["feedback_id_collisions"] = before - len(df)
+    return df, meta
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -455,6 +490,13 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
             "address": status.address, "promoted_from": upstream_env, "track": model.track,
             "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
             "initiated_by": context.run.tags.get("dagster/user")}, actor, env=env)
+        bake_meta: dict[str, Any] = {}
+        if env in track.bake.environments:
+            bake_meta, failure = _bake_or_roll_back(context, org, policy, spec, model, env, version,
+                                                    before.serving_version, deployer, mlflow, book, actor, trigger)
+            if failure is not None:
+                yield from results  # the gate passed: its checks stand even though the bake failed
+                raise failure
         card_meta = _model_card(context, model, version, verdicts, mlflow, book)
         yield dg.MaterializeResult(
             check_results=results,
@@ -468,12 +510,47 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                 "deployed_at": datetime.now(timezone.utc).isoformat(),
                 "backend": spec.backend,
                 "ledger_entry": entry.seq,
+                **bake_meta,
                 **card_meta,
             },
             data_version=dg.DataVersion(version),
         )
 
     return _endpoint
+
+
+def _bake_or_roll_back(context: Any, org: Organisation, policy: Policy, spec: EndpointSpec, model: ModelSpec,
+                       env: str, version: str, previous: str | None, deployer: Any, mlflow: MlflowRegistry,
+                       book: Any, actor: str, trigger: str) -> tuple[dict[str, Any], dg.Failure | None]:
+    """Watch the freshly switched version for the policy's bake period on its own metrics. If it fails,
+    put the previous version back (ledger: ``bake_failed``, then the rollback's entries) and fail the run."""
+    from platform_defs.governance.bake import bake
+    from platform_defs.rollback import RollbackError, rollback
+
+    bp = policy.track(model.track).bake
+    target = endpoint_target(spec, env)
+    context.log.info(f"{spec.name}.{env}: baking version {version} for {bp.seconds:g} s "
+                     f"(min {bp.min_requests} requests, error rate <= {bp.max_error_rate:.1%}, "
+                     f"p99 <= {bp.max_p99_latency_ms:g} ms)")
+    verdict = bake(deployer, target, version, bp)
+    data = {"model": model.name, "version": version, "previous_version": previous, "trigger": trigger,
+            **{k: v for k, v in verdict.as_dict().items() if k not in ("version",)}}
+    if verdict.passed:
+        book.append("bake_passed", spec.name, data, actor, env=env)
+        return verdict.metadata, None
+    book.append("bake_failed", spec.name, data, actor, env=env)
+    outcome = f"nothing to roll back to: version {version} was the first to serve {env}; it keeps serving"
+    if previous:
+        try:
+            rb = rollback(org, spec.name, env, to_version=previous, reason=f"bake failed: {verdict.summary}",
+                          actor=actor, mlflow=mlflow, ledger=book, deployer=deployer, policy=policy)
+            outcome = f"rolled back to version {rb.to_version} (ledger #{rb.rollback_entry})"
+        except RollbackError as err:
+            outcome = f"automatic rollback failed: {err}"
+    context.log.error(f"{spec.name}.{env}: bake of version {version} failed ({verdict.summary}); {outcome}")
+    return verdict.metadata, dg.Failure(
+        description=f"{spec.name}.{env}: version {version} failed its bake: {verdict.summary}; {outcome}",
+        metadata={**verdict.metadata, "outcome": outcome})
 
 
 def _no_better(mlflow: MlflowRegistry, model: str, candidate: str, serving: str, metric: str) -> str | None:

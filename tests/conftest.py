@@ -89,3 +89,31 @@ def save_credit_model(dst: Path, *, rows: int = 800, seed: int = 1) -> Path:
                               input_example=df[feats].head(3), serialization_format="skops",
                               skops_trusted_types=trusted_types(est))
     return dst
+
+
+def quick_policy(**bake):
+    """The example policy with a short bake that passes without traffic (for worlds that send none);
+    ``bake`` overrides more fields of every track's bake policy."""
+    from platform_defs.policy import load_policy
+
+    policy = load_policy()
+    tracks = {}
+    for name, t in policy.tracks.items():
+        b = t.bake.model_copy(update={"seconds": 0.3, "poll_seconds": 0.1, "pass_without_traffic": True, **bake})
+        tracks[name] = t.model_copy(update={"bake": b})
+    return policy.model_copy(update={"tracks": tracks})
+
+
+def isolated_settings(settings, root: Path, port_offset: int):
+    """A second, independent onepath world inside the session: its own home (ledger, MLflow store,
+    data, logs, processes) and its own stable ports, so a test module cannot disturb another's."""
+    import dataclasses
+
+    root.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    return dataclasses.replace(
+        settings, home=root, dagster_home=root / "dagster_home", mlflow_tracking_uri=store, mlflow_registry_uri=store,
+        mlflow_artifact_root=root / "mlartifacts", data_dir=root / "data", inference_log_dir=root / "inference_logs",
+        outcomes_dir=root / "outcomes", drift_reports_dir=root / "drift_reports", run_dir=root / "run",
+        releases_dir=root / "releases", port_base=settings.port_base + port_offset,
+    ).ensure_dirs()

@@ -18,6 +18,7 @@ from platform_defs.definitions import build_definitions, build_resources
 from platform_defs.loader import load_organisation
 from resources.data_store import dataframe_hash
 from resources.deployers.base import probe
+from tests.conftest import quick_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def world(settings, tmp_path_factory):
     """Everything materialized; the credit line's prod refused until an independent approval, then promoted."""
-    defs = build_definitions(settings=settings)
+    defs = build_definitions(settings=settings, policy=quick_policy())
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("instance"))) as instance:
         first = materialize(defs, instance, ALL_BUT_PROD_CREDIT)
         refused = materialize(defs, instance, ["credit_scoring_prod"], raise_on_error=False)

@@ -4,6 +4,17 @@
   address; otherwise it raises ``DeployError`` and the version that served before still serves
   there. A version that fails to start never takes traffic. (A Kubernetes rolling update with a
   readiness probe, or a SageMaker blue/green update, meets the same outcome.)
+* A redeploy at the stable address drops no request. The new version takes traffic only after it
+  is healthy; the old one then stops accepting new connections and drains before it stops: it
+  finishes the requests it has, answers those still arriving on its open keep-alive connections
+  with ``Connection: close`` so the client reconnects (to the new version), and closes a connection
+  only once it has stayed idle for a short grace, exiting when none is left or at the drain
+  deadline. Clients see neither an error nor a reset (``tests/test_zero_downtime.py``,
+  ``bench/redeploy_bench.py``). The local backend does this in ``resources.serving.child``. A
+  Kubernetes rolling update meets the same outcome with a readiness probe on the new pods,
+  ``maxUnavailable: 0``, and a ``preStop`` hook plus ``terminationGracePeriodSeconds`` that cover
+  the old pods' drain; a SageMaker blue/green deployment does it by shifting traffic to the new
+  fleet once healthy and keeping the old one through its wait interval.
 * ``delete(target)`` stops serving and is idempotent: deleting what is not there is not an error.
 * ``status(target)`` reports what really serves, by asking the server at the stable address, also
   after the orchestrator restarts.

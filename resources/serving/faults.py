@@ -28,11 +28,11 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 FAULT_EXIT_CODE = 70
 _FAULTS = ("error_rate", "latency_ms", "fail_on_load", "exit_after_s")
@@ -42,51 +42,45 @@ class FaultInjected(RuntimeError):
     """Raised by the fault model on purpose."""
 
 
-with warnings.catch_warnings():
-    # MLflow asks for type hints on predict (at class creation, also in every server that loads the
-    # model); without them it leaves the inputs alone, which the model server has already validated
-    warnings.simplefilter("ignore", UserWarning)
+class FaultModel(mlflow.pyfunc.PythonModel):
+    """Wraps the sklearn model stored as the artifact ``base_model``; faults come from ``faults.json``."""
 
-    class FaultModel(mlflow.pyfunc.PythonModel):
-        """Wraps the sklearn model stored as the artifact ``base_model``; faults come from ``faults.json``."""
+    def load_context(self, context: Any) -> None:
+        from mlflow.sklearn import load_model as load_sklearn
 
-        def load_context(self, context: Any) -> None:
-            from mlflow.sklearn import load_model as load_sklearn
+        cfg = json.loads(Path(context.artifacts["faults"]).read_text())
+        unknown = set(cfg) - set(_FAULTS)
+        if unknown:
+            raise ValueError(f"faults.json: unknown fault {sorted(unknown)[0]!r} (known: {', '.join(_FAULTS)})")
+        self.error_rate = float(cfg.get("error_rate", 0.0))
+        self.latency_s = float(cfg.get("latency_ms", 0.0)) / 1000.0
+        self.calls = 0
+        self.lock = threading.Lock()
+        if cfg.get("fail_on_load"):
+            raise FaultInjected("fault injected: fail_on_load")
+        self.estimator = load_sklearn(context.artifacts["base_model"])
+        exit_after = cfg.get("exit_after_s")
+        if exit_after is not None and os.environ.get("ONEPATH_WORKER_INDEX") is not None:
+            timer = threading.Timer(float(exit_after), _die)
+            timer.daemon = True
+            timer.start()
 
-            cfg = json.loads(Path(context.artifacts["faults"]).read_text())
-            unknown = set(cfg) - set(_FAULTS)
-            if unknown:
-                raise ValueError(f"faults.json: unknown fault {sorted(unknown)[0]!r} (known: {', '.join(_FAULTS)})")
-            self.error_rate = float(cfg.get("error_rate", 0.0))
-            self.latency_s = float(cfg.get("latency_ms", 0.0)) / 1000.0
-            self.calls = 0
-            self.lock = threading.Lock()
-            if cfg.get("fail_on_load"):
-                raise FaultInjected("fault injected: fail_on_load")
-            self.estimator = load_sklearn(context.artifacts["base_model"])
-            exit_after = cfg.get("exit_after_s")
-            if exit_after is not None and os.environ.get("ONEPATH_WORKER_INDEX") is not None:
-                timer = threading.Timer(float(exit_after), _die)
-                timer.daemon = True
-                timer.start()
-
-        def predict(self, context, model_input, params=None):  # no type hints: MLflow reads them as a schema
-            import pandas as pd
-
-            with self.lock:
-                self.calls += 1
-                k = self.calls
-            if self.latency_s:
-                time.sleep(self.latency_s)
-            if math.floor(k * self.error_rate) > math.floor((k - 1) * self.error_rate):
-                raise FaultInjected(f"fault injected: call {k} fails (error_rate {self.error_rate})")
-            est = self.estimator
-            classes = list(getattr(est, "classes_", []))
-            if hasattr(est, "predict_proba") and len(classes) == 2:
-                proba = est.predict_proba(model_input)[:, 1]
-                labels = [classes[1] if p >= 0.5 else classes[0] for p in proba]
-                return pd.DataFrame({"prediction": [_plain(v) for v in labels], "probability": proba.tolist()})
-            return pd.DataFrame({"prediction": [_plain(v) for v in est.predict(model_input)]})
+    # a DataFrame in, a DataFrame out; the model server has already validated the columns
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        with self.lock:
+            self.calls += 1
+            k = self.calls
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if math.floor(k * self.error_rate) > math.floor((k - 1) * self.error_rate):
+            raise FaultInjected(f"fault injected: call {k} fails (error_rate {self.error_rate})")
+        est = self.estimator
+        classes = list(getattr(est, "classes_", []))
+        if hasattr(est, "predict_proba") and len(classes) == 2:
+            proba = est.predict_proba(model_input)[:, 1]
+            labels = [classes[1] if p >= 0.5 else classes[0] for p in proba]
+            return pd.DataFrame({"prediction": [_plain(v) for v in labels], "probability": proba.tolist()})
+        return pd.DataFrame({"prediction": [_plain(v) for v in est.predict(model_input)]})
 
 
 def _plain(v: Any) -> Any:

@@ -184,6 +184,9 @@ def test_p99_over_the_threshold_fails_at_the_end():
     assert not worst.passed and math.isinf(worst.p99_ms) and worst.largest_bucket_ms == 2500
     assert "p99 latency above the largest bucket over 250 ms" in worst.summary
     assert "p99 above 2500 ms" in worst.summary
+    assert worst.as_dict()["p99_ms"] is None and worst.as_dict()["p99_above_largest_bucket"] is True
+    json.dumps(worst.as_dict(), allow_nan=False)  # what the ledger accepts
+    assert ok.as_dict()["p99_ms"] == 5.0 and ok.as_dict()["p99_above_largest_bucket"] is False
 
 
 def test_a_restarted_worker_starts_from_zero_and_is_still_counted():

@@ -191,7 +191,14 @@ class BakeVerdict:
     largest_bucket_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON (the ledger refuses NaN and infinity): an infinite p99 is ``None`` here, with
+        ``p99_above_largest_bucket`` true."""
+        d = asdict(self)
+        above = self.p99_ms is not None and math.isinf(self.p99_ms)
+        d["p99_above_largest_bucket"] = above
+        if above:
+            d["p99_ms"] = None
+        return d
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -134,8 +134,8 @@ class LocalProcessDeployer(Deployer):
         port = self._port(target)
         slot = self.slot_dir(target)
         slot.mkdir(parents=True, exist_ok=True)
-        state_path = slot / "state.json"
-        state_path.unlink(missing_ok=True)
+        # state.json of an earlier supervisor stays: the new one reads what served before from it
+        # (what a crash loop rolls back to), and it is ready once state.json names its own pid
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         with open(slot / "supervisor.log", "ab") as log:
@@ -154,7 +154,8 @@ class LocalProcessDeployer(Deployer):
                     raise _PortTaken(port)
                 raise DeployError(f"{target.slot}: the supervisor for {self.host}:{port} exited: "
                                   f"{log_tail(slot / 'supervisor.log', 600)}")
-            url = self._control(target)
+            state = self._state(target) or {}
+            url = self._control(target) if state.get("pid") == proc.pid else None
             if url:
                 return url
             time.sleep(self.poll_seconds)

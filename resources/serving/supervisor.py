@@ -4,9 +4,18 @@ One supervisor owns one *slot*: an endpoint or app release in one environment. I
 stable address once and keeps it for its whole life, so the address never changes when the version
 does. It starts the version's worker processes with that listening socket inherited (plus a private
 health socket each), promotes a healthy group to "current" and drains the old one with SIGTERM,
-restarts a current worker that dies (with backoff, and stops a version that crash-loops), and tells
-the truth about all of it on its control port. It runs in its own session, so it and its children
-outlive the Dagster run that started it; ``onepath down`` stops it.
+restarts a current worker that dies (with backoff), and tells the truth about all of it on its
+control port. It runs in its own session, so it and its children outlive the Dagster run that
+started it; ``onepath down`` stops it.
+
+A current version that crash-loops (more than RESTART_LIMIT restarts within RESTART_WINDOW) is
+replaced at once by the version that was current before it: the supervisor remembers that version's
+launch spec (also in ``state.json``, so a restarted supervisor still knows), launches it, waits until
+each of its workers answers ``/health`` on its private port, promotes it and records
+``crashloop`` then ``crashloop_rollback`` in ``events.jsonl``. With no previous version, the
+crash-looping one is stopped and nothing serves (the ``crashloop`` event says so). Every event
+carries a unique ``id`` so whoever relays them (the ``supervisor_events`` sensor) can tell a line it
+has already relayed.
 
 Control API (JSON over HTTP on 127.0.0.1, port in ``state.json``): ``GET /status``,
 ``POST /launch``, ``POST /promote``, ``POST /discard``, ``POST /stop``.
@@ -28,8 +37,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-RESTART_LIMIT = 5  # restarts of one group within RESTART_WINDOW before it counts as crash-looping
-RESTART_WINDOW = 60.0
+# restarts of one group within RESTART_WINDOW seconds before it counts as crash-looping
+RESTART_LIMIT = int(os.environ.get("ONEPATH_RESTART_LIMIT", "5"))
+RESTART_WINDOW = float(os.environ.get("ONEPATH_RESTART_WINDOW", "60"))
+# how long the version restored after a crash loop may take until every worker answers /health
+RESTORE_SECONDS = float(os.environ.get("ONEPATH_RESTORE_SECONDS", "120"))
 DRAIN_SECONDS = float(os.environ.get("ONEPATH_DRAIN_SECONDS", "30"))
 
 
@@ -112,6 +124,14 @@ class Group:
         }
 
 
+def read_state(slot_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((slot_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class Supervisor:
     def __init__(self, slot_dir: Path, host: str, port: int):
         self.slot_dir = slot_dir
@@ -121,6 +141,15 @@ class Supervisor:
         self.current: Group | None = None
         self.stopping = threading.Event()
         self.events_path = slot_dir / "events.jsonl"
+        self.on_change: Any = lambda: None  # persists state.json; set by main() once the control port is known
+        # The spec of the version that was current before the current one: what a crash loop rolls
+        # back to. A supervisor started again for this slot reads it (and what was current then,
+        # which becomes "previous" once something new is promoted) from the last state.json.
+        before = read_state(slot_dir)
+        self.previous_spec: dict[str, Any] | None = before.get("previous_spec")
+        served = before.get("current") or {}
+        self.last_served_spec: dict[str, Any] | None = (
+            before.get("current_spec") if served.get("state") == "current" else None)
         self.stable = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.stable.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.stable.bind((host, port))
@@ -130,9 +159,9 @@ class Supervisor:
 
     # -- records --------------------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
-        line = json.dumps({"ts": now_iso(), "event": kind, **fields}, sort_keys=True)
-        with open(self.events_path, "a") as f:
-            f.write(line + "\n")
+        line = json.dumps({"id": uuid.uuid4().hex[:16], "ts": now_iso(), "event": kind, **fields}, sort_keys=True)
+        with self.lock, open(self.events_path, "ab") as f:  # one write per line: readers see whole lines
+            f.write((line + "\n").encode())
 
     def persist(self, control_port: int) -> None:
         with self.lock:
@@ -141,6 +170,8 @@ class Supervisor:
                 "pid": os.getpid(), "control_port": control_port, "host": self.host, "port": self.port,
                 "current": cur.view() if cur else None,
                 "current_spec": cur.spec if cur else None,
+                "previous_spec": self.previous_spec,
+                "previous_version": str(self.previous_spec["version"]) if self.previous_spec else None,
                 "updated_at": now_iso(), "stopped": self.stopping.is_set(),
             })
 
@@ -156,7 +187,14 @@ class Supervisor:
             self.event("launch", group=g.id, version=g.version, pids=[p.pid for p in g.procs if p])
             return g.view()
 
-    def promote(self, group_id: str) -> dict[str, Any]:
+    def promote(self, group_id: str, *, restoring: bool = False) -> dict[str, Any]:
+        """Make a healthy candidate current and drain the version it replaces.
+
+        The replaced version's spec becomes ``previous_spec`` (what a crash loop of the new one rolls
+        back to), unless it is the same version or was not serving (a crash-looped group keeps its
+        state as the record of what happened). ``restoring`` (the crash-loop rollback) forgets the
+        previous spec: the version restored has no known predecessor, and the one it replaced is
+        exactly the one never to go back to."""
         with self.lock:
             g = self.groups.get(group_id)
             if g is None or g.state != "starting" or not all(p and p.poll() is None for p in g.procs):
@@ -165,10 +203,21 @@ class Supervisor:
             g.state = "current"
             self.current = g
             if old is not None and old is not g:
-                old.state = "draining"
-                old.drain_deadline = time.time() + DRAIN_SECONDS
-                old.signal_all(signal.SIGTERM)
-                self._await_released(old)
+                if old.state == "current":
+                    if old.version != g.version:
+                        self.previous_spec = old.spec
+                    old.state = "draining"
+                    old.drain_deadline = time.time() + DRAIN_SECONDS
+                    old.signal_all(signal.SIGTERM)
+                    self._await_released(old)
+                else:
+                    old.signal_all(signal.SIGKILL)
+            elif old is None and self.last_served_spec is not None:
+                if str(self.last_served_spec.get("version")) != g.version:
+                    self.previous_spec = self.last_served_spec
+            self.last_served_spec = None
+            if restoring:
+                self.previous_spec = None
             self.event("promote", group=g.id, version=g.version, previous=old.version if old else None)
             return g.view()
 
@@ -255,7 +304,7 @@ class Supervisor:
                     for i, p in enumerate(g.procs):
                         if p is not None and p.poll() is not None:
                             self._restart(g, i, p.returncode)
-                if g.state in ("stopped", "failed") and g is not self.current and not g.alive():
+                if g.state in ("stopped", "failed", "crashloop") and g is not self.current and not g.alive():
                     # keep the record small: finished groups are in events.jsonl
                     if time.time() - _parse_ts(g.started_at) > 300:
                         del self.groups[gid]
@@ -264,9 +313,7 @@ class Supervisor:
         t = time.time()
         g.restarts = [r for r in g.restarts if t - r < RESTART_WINDOW]
         if len(g.restarts) >= RESTART_LIMIT:
-            g.state = "crashloop"
-            g.signal_all(signal.SIGKILL)
-            self.event("crashloop", group=g.id, version=g.version, restarts=len(g.restarts), exit_code=code)
+            self._crashloop(g, code)
             return
         backoff = min(0.1 * (2 ** len(g.restarts)), 5.0)
         if g.restarts and t - g.restarts[-1] < backoff:
@@ -275,6 +322,102 @@ class Supervisor:
         g.spawn(i, self.stable)
         self.event("restart", group=g.id, version=g.version, worker=i, exit_code=code,
                    restarts=len(g.restarts))
+
+
+    def _crashloop(self, g: Group, code: int) -> None:
+        """``g`` (the current group) crash-loops: stop it, and roll back to the previous version if
+        there is one (in a thread: its workers take seconds to load, and /status must keep answering)."""
+        g.state = "crashloop"
+        g.signal_all(signal.SIGKILL)
+        prev = self.previous_spec
+        common = {"group": g.id, "version": g.version, "restarts": len(g.restarts), "exit_code": code,
+                  "restart_limit": RESTART_LIMIT, "window_seconds": RESTART_WINDOW}
+        if prev is None or str(prev.get("version")) == g.version:
+            self.event("crashloop", **common, action="stopped", rollback_to=None,
+                       detail=f"version {g.version} restarted {len(g.restarts)} times within "
+                              f"{RESTART_WINDOW:g} s and there is no previous version to roll back to: "
+                              "it is stopped and nothing serves at this address")
+            return
+        to = str(prev["version"])
+        self.event("crashloop", **common, action="rollback", rollback_to=to,
+                   detail=f"version {g.version} restarted {len(g.restarts)} times within {RESTART_WINDOW:g} s: "
+                          f"rolling back to version {to}")
+        threading.Thread(target=self._restore, args=(g, prev), name="crashloop-rollback", daemon=True).start()
+
+    def _restore(self, looped: Group, spec: dict[str, Any]) -> None:
+        """Launch ``spec``, wait until each worker answers /health on its private port (deadline
+        RESTORE_SECONDS), then promote it, unless another version became current meanwhile."""
+        t0 = time.monotonic()
+        to = str(spec["version"])
+
+        def failed(why: str, group: Group | None = None) -> None:
+            if group is not None:
+                with self.lock:
+                    group.state = "failed"
+                    group.signal_all(signal.SIGKILL)
+            self.event("crashloop_rollback_failed", group=group.id if group else None, from_version=looped.version,
+                       to_version=to, reason=why)
+
+        try:
+            new = self.groups[self.launch(spec)["id"]]
+        except (OSError, ValueError, KeyError) as err:
+            failed(f"cannot launch version {to}: {err}")
+            return
+        deadline = t0 + RESTORE_SECONDS
+        while True:
+            if self.stopping.is_set():
+                failed("the supervisor is stopping", new)
+                return
+            with self.lock:
+                dead = new.state != "starting" or any(p is None or p.poll() is not None for p in new.procs)
+                ports = list(new.private_ports)
+            if dead:
+                failed(f"version {to} exited while starting; log: {log_tail(new.log_path, 600)}", new)
+                return
+            if all(_answers_health(port, to) for port in ports):
+                break
+            if time.monotonic() > deadline:
+                failed(f"version {to} did not answer /health within {RESTORE_SECONDS:g} s", new)
+                return
+            time.sleep(0.05)
+        with self.lock:
+            if self.current is not looped:
+                now = self.current.version if self.current else None
+                new.state = "failed"
+                new.signal_all(signal.SIGKILL)
+                self.event("crashloop_rollback_skipped", group=new.id, from_version=looped.version, to_version=to,
+                           reason=f"version {now} was promoted meanwhile")
+                return
+            try:
+                self.promote(new.id, restoring=True)
+            except ValueError as err:
+                failed(str(err), new)
+                return
+            self.event("crashloop_rollback", group=new.id, from_group=looped.id, from_version=looped.version,
+                       to_version=to, seconds=round(time.monotonic() - t0, 3))
+        self.on_change()
+
+
+def _answers_health(port: int, version: str) -> bool:
+    """Whether the worker listening on ``port`` answers /health 200 for ``version``."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    try:
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+    if resp.status != 200:
+        return False
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return True  # an app release may answer /health with plain text: 200 is healthy
+    return not isinstance(doc, dict) or "version" not in doc or str(doc["version"]) == version
 
 
 def _parse_ts(ts: str) -> float:
@@ -351,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     control.daemon_threads = True
     control_port = control.server_address[1]
     control.RequestHandlerClass = make_handler(sup, lambda: sup.persist(control_port))
+    sup.on_change = lambda: sup.persist(control_port)
     sup.persist(control_port)
     sup.event("supervisor_start", pid=os.getpid(), port=sup.port)
 
@@ -360,12 +504,14 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     threading.Thread(target=control.serve_forever, daemon=True).start()
+    persisted = None
     while not sup.stopping.is_set():
-        before = sup.current.view() if sup.current else None
         sup.tick()
-        after = sup.current.view() if sup.current else None
-        if before != after:
+        with sup.lock:  # compared with what was last written: changes made between ticks count too
+            now = (sup.current.view() if sup.current else None, sup.previous_spec)
+        if now != persisted:
             sup.persist(control_port)
+            persisted = now
         time.sleep(0.1)
     while True:  # _stop_and_exit ends the process
         time.sleep(1)

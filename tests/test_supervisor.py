@@ -1,0 +1,295 @@
+"""The supervisor on its own, for real: worker restarts, crash loops rolled back to the previous
+version (also by a supervisor started again), and the ``supervisor_events`` relay into the ledger
+and the MLflow alias. Real endpoint processes on loopback (own run dir and port range), MLflow on the
+session's sqlite store, a ledger of this module's own (so counts are exact).
+
+Crash loops come from the fault model's ``exit_after_s``: the version deploys fine, then each of its
+processes exits a few seconds after loading, every time it is restarted. ``ONEPATH_RESTART_LIMIT=2``
+(read by a supervisor when it starts) makes the third death within the window a crash loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from platform_defs.factories import endpoint_target
+from platform_defs.loader import load_organisation
+from resources.deployers.base import probe
+from resources.deployers.resource import LocalDeployerResource
+from resources.ledger import LedgerResource
+from resources.processes import pid_alive
+from sensors.supervisor_events import build_supervisor_events_sensor, relay_events
+from tests.conftest import _free_port_base, save_credit_model
+from tests.test_rollback import deploy_like_factories, register
+
+ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
+       "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
+       "employment_type": "salaried", "home_ownership": "mortgage", "purpose": "car"}
+ENDPOINTS = ["sv_restart", "sv_loop", "sv_alone", "sv_resume"]
+EXIT_AFTER_S = 4.0  # long enough for the deploy to finish before the first death
+
+
+def write_org(root: Path, endpoints: list[str]) -> Path:
+    """One credit-like dataset and, per endpoint, its own model and endpoint (staging, prod)."""
+    from assets.credit.declarations import credit_applications
+
+    dataset = {k: v for k, v in credit_applications.model_dump(mode="json").items() if k != "feedback"}
+    dataset["name"] = "sv_applications"
+    decls = [dataset]
+    for ep in endpoints:
+        decls.append({"kind": "model", "name": f"{ep}_model", "owner": "credit-risk", "track": "ml-high-risk",
+                      "dataset": dataset["name"], "trainer": "assets.credit.trainer:train_credit_risk"})
+        decls.append({"kind": "endpoint", "name": ep, "owner": "credit-risk", "track": "ml-high-risk",
+                      "model": f"{ep}_model", "environments": ["staging", "prod"]})
+    (root / "team").mkdir(parents=True, exist_ok=True)
+    (root / "team" / "defs.yaml").write_text(yaml.safe_dump({"declarations": decls}, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(settings, tmp_path_factory):
+    from platform_defs.wiring import build_resources
+    from resources.serving.faults import save_fault_model
+
+    root = tmp_path_factory.mktemp("sv")
+    org = load_organisation(write_org(root / "org", ENDPOINTS))
+    mlflow = build_resources(settings)["mlflow"]
+    good_a = save_credit_model(root / "models" / "a", seed=1)
+    good_b = save_credit_model(root / "models" / "b", seed=2)
+    crash = save_fault_model(root / "models" / "crash", base_model_dir=good_a, exit_after_s=EXIT_AFTER_S)
+    plan = {"sv_restart": [good_a], "sv_loop": [good_a, crash], "sv_alone": [crash],
+            "sv_resume": [good_a, good_b, crash]}
+    for ep, saved in plan.items():
+        assert [register(mlflow, f"{ep}_model", s) for s in saved] == [str(i + 1) for i in range(len(saved))]
+    run_dir = root / "run"
+    resources = {
+        "mlflow": mlflow,
+        "deployer_local": LocalDeployerResource(run_dir=str(run_dir), port_base=_free_port_base(),
+                                                inference_log_dir=str(run_dir / "logs")),
+        "ledger": LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")),
+    }
+    deployer = resources["deployer_local"].deployer()
+    yield {"org": org, "resources": resources, "deployer": deployer, "ledger": resources["ledger"].ledger(),
+           "mlflow": mlflow, "run_dir": run_dir}
+    deployer.stop_all()
+
+
+def target(world, endpoint: str, env: str = "prod"):
+    return endpoint_target(world["org"].by_name[endpoint], env)
+
+
+def events(world, endpoint: str, env: str = "prod") -> list[dict]:
+    path = world["deployer"].slot_dir(target(world, endpoint, env)) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def state(world, endpoint: str, env: str = "prod") -> dict:
+    return json.loads((world["deployer"].slot_dir(target(world, endpoint, env)) / "state.json").read_text())
+
+
+def predict(address: str) -> dict:
+    req = urllib.request.Request(address + "/predict", data=json.dumps(ROW).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait_for(what: str, condition, seconds: float = 180.0):
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        out = condition()
+        if out:
+            return out
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {seconds:g} s")
+
+
+def serving(world, endpoint: str, version: str):
+    """The status once ``version`` is the supervisor's current group and answers at the stable address."""
+    st = world["deployer"].status(target(world, endpoint))
+    sup = st.detail.get("supervisor") or {}
+    ok = st.healthy and st.serving_version == version and sup.get("version") == version and sup.get("state") == "current"
+    return st if ok else None
+
+
+def ledger_view(world, endpoint: str) -> list[tuple[str, str | None]]:
+    return [(e.kind, e.data.get("version", e.data.get("to_version"))) for e in
+            world["ledger"].entries(subject=endpoint, env="prod")]
+
+
+# -- restarts ------------------------------------------------------------------------------------
+
+
+def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
+    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    st = deploy_like_factories(org, "sv_restart", "prod", "1", world["resources"])
+    pid = st.detail["server"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+    def back():
+        now = deployer.status(target(world, "sv_restart"))
+        return now if now.healthy and now.detail["server"]["pid"] != pid else None
+
+    now = wait_for("the killed worker answering again", back, 60)
+    assert not pid_alive(pid) and now.serving_version == "1" and now.detail["supervisor"]["restarts"] == 1
+    assert predict(now.address)["version"] == "1"
+    assert [e["event"] for e in events(world, "sv_restart")].count("restart") == 1
+
+    written, cursor = relay_events(org, deployer, book, mlflow, {})
+    assert [(e.kind, e.subject, e.env, e.actor) for e in written] == [
+        ("restart", "sv_restart", "prod", "supervisor:sv_restart.prod")]
+    data = written[0].data
+    assert (data["worker"], data["exit_code"], data["version"], data["model"]) == (0, -9, "1", "sv_restart_model")
+    assert cursor["sv_restart.prod"]["offset"] == (deployer.slot_dir(target(world, "sv_restart")) / "events.jsonl").stat().st_size
+    # nothing new: nothing written; a lost cursor does not record the restart twice either
+    assert relay_events(org, deployer, book, mlflow, cursor)[0] == []
+    assert relay_events(org, deployer, book, mlflow, {})[0] == []
+    assert ledger_view(world, "sv_restart") == [("deploy", "1"), ("restart", "1")]
+
+
+def test_relay_reads_complete_lines_skips_corrupt_ones_and_follows_a_replaced_file(world):
+    """The cursor logic on a file written by hand, for a slot no supervisor runs (sv_restart.staging)."""
+    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    slot_dir = deployer.slot_dir(target(world, "sv_restart", "staging"))
+    slot_dir.mkdir(parents=True, exist_ok=True)
+    path = slot_dir / "events.jsonl"
+
+    def ev(i: int, kind: str = "restart", **kw) -> bytes:
+        return json.dumps({"id": f"hand-{i}", "ts": "2026-01-01T00:00:00Z", "event": kind, "group": "g",
+                           "version": "1", "worker": 0, "exit_code": 1, "restarts": i, **kw}).encode() + b"\n"
+
+    path.write_bytes(ev(1) + b"this is not json\n" + b"[1, 2]\n" + ev(2, "launch") + ev(3)[:20])
+    written, cursor = relay_events(org, deployer, book, mlflow, {})
+    assert [e.data["event_id"] for e in written] == ["hand-1"]
+    pos = cursor["sv_restart.staging"]
+    assert pos["corrupt"] == 2 and pos["offset"] == path.stat().st_size - 20  # the half line waits
+
+    with open(path, "ab") as f:  # the writer finishes its line
+        f.write(ev(3)[20:])
+    written, cursor = relay_events(org, deployer, book, mlflow, cursor)
+    assert [e.data["event_id"] for e in written] == ["hand-3"] and cursor["sv_restart.staging"]["corrupt"] == 2
+
+    # the file is replaced (a new run dir, a new inode): read from its start, nothing recorded twice
+    path.unlink()
+    line = json.dumps({"ts": "2026-01-01T00:00:01Z", "event": "restart", "version": "1", "worker": 0,
+                       "exit_code": 1}).encode() + b"\n"  # an old supervisor's line: no id
+    path.write_bytes(ev(1) + line)
+    written, cursor = relay_events(org, deployer, book, mlflow, cursor)
+    assert [e.data["event_id"] for e in written] == [f"sv_restart.staging@{len(ev(1))}"]
+    assert [e.kind for e in book.entries(subject="sv_restart", env="staging")] == ["restart"] * 3
+
+
+# -- crash loops ---------------------------------------------------------------------------------
+
+
+def test_a_crash_looping_version_is_replaced_by_the_previous_one_and_relayed(world, monkeypatch):
+    monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")  # read by the supervisor this test starts
+    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    deploy_like_factories(org, "sv_loop", "prod", "1", world["resources"])
+    st = deploy_like_factories(org, "sv_loop", "prod", "2", world["resources"])
+    assert st.serving_version == "2" and mlflow.aliases("sv_loop_model")["prod"] == "2"
+    assert state(world, "sv_loop")["previous_version"] == "1"
+
+    back = wait_for("version 1 current again after version 2 crash-looped", lambda: serving(world, "sv_loop", "1"))
+    assert predict(back.address)["version"] == "1"
+    seen = events(world, "sv_loop")
+    loop = next(e for e in seen if e["event"] == "crashloop")
+    assert (loop["version"], loop["action"], loop["rollback_to"], loop["restarts"]) == ("2", "rollback", "1", 2)
+    rolled = next(e for e in seen if e["event"] == "crashloop_rollback")
+    assert (rolled["from_version"], rolled["to_version"]) == ("2", "1")
+    assert state(world, "sv_loop")["previous_version"] is None  # never "back" to the version that looped
+    assert all('version="1"' in t for t in deployer.worker_metrics(target(world, "sv_loop")))
+
+    # the sensor relays it: crashloop, then rollback + deploy as a rollback records them; alias back to 1
+    sensor = build_supervisor_events_sensor(org)
+    ctx = dg.build_sensor_context(cursor=None, resources=world["resources"])
+    result = sensor(ctx)
+    assert isinstance(result, dg.SensorResult)
+    assert {o.asset_key for o in result.asset_events} == {dg.AssetKey("sv_loop_prod")}
+    assert ledger_view(world, "sv_loop") == [("deploy", "1"), ("deploy", "2"), ("restart", "2"), ("restart", "2"),
+                                             ("crashloop", "2"), ("rollback", "1"), ("deploy", "1")]
+    first, *_, cl, rb, dep = book.entries(subject="sv_loop", env="prod")
+    assert cl.actor == rb.actor == dep.actor == "supervisor:sv_loop.prod"
+    assert (cl.data["action"], cl.data["rollback_to"], cl.data["model"]) == ("rollback", "1", "sv_loop_model")
+    assert (rb.data["from_version"], rb.data["to_version"], rb.data["restored_deploy_entry"]) == ("2", "1", first.seq)
+    assert rb.data["address"] == back.address and "crash loop" in rb.data["reason"]
+    assert (dep.data["via"], dep.data["rolled_back_by"], dep.data["rollback_entry"]) == ("rollback", "supervisor", rb.seq)
+    assert (dep.data["previous_version"], dep.data["checks"]) == ("2", first.data["checks"])
+    assert mlflow.aliases("sv_loop_model")["prod"] == "1"
+    assert book.verify().ok
+
+    # the next tick has nothing to do; a reset cursor records nothing twice
+    again = dg.build_sensor_context(cursor=ctx.cursor, resources=world["resources"])
+    assert isinstance(sensor(again), dg.SkipReason)
+    reset = dg.build_sensor_context(cursor=None, resources=world["resources"])
+    assert isinstance(sensor(reset), dg.SkipReason)
+    assert len(book.entries(subject="sv_loop", env="prod")) == 7
+
+
+def test_a_crash_loop_with_nothing_to_go_back_to_stops_the_version(world, monkeypatch):
+    monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")
+    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    t = target(world, "sv_alone")
+    st = deploy_like_factories(org, "sv_alone", "prod", "1", world["resources"])
+    assert st.serving_version == "1"
+
+    def looped():
+        sup = deployer.status(t).detail.get("supervisor") or {}
+        return sup.get("state") == "crashloop"
+
+    wait_for("version 1 stopped as crash-looping", looped)
+    assert deployer.worker_metrics(t) == []
+    assert probe(st.address, timeout=1.0) is None
+    loop = next(e for e in events(world, "sv_alone") if e["event"] == "crashloop")
+    assert loop["action"] == "stopped" and loop["rollback_to"] is None
+    assert "no previous version to roll back to" in loop["detail"] and "nothing serves" in loop["detail"]
+    assert not any(e["event"] == "crashloop_rollback" for e in events(world, "sv_alone"))
+
+    written, _ = relay_events(org, deployer, book, mlflow, {})
+    assert [(e.kind, e.subject) for e in written] == [("restart", "sv_alone")] * 2 + [("crashloop", "sv_alone")]
+    assert written[-1].data["action"] == "stopped"
+    assert mlflow.aliases("sv_alone_model")["prod"] == "1"  # nothing was restored: the alias stays
+
+
+def test_a_supervisor_started_again_still_knows_what_served_before(world, monkeypatch):
+    org, deployer = world["org"], world["deployer"]
+    t = target(world, "sv_resume")
+    deploy_like_factories(org, "sv_resume", "prod", "1", world["resources"])
+    st = deploy_like_factories(org, "sv_resume", "prod", "2", world["resources"])
+    before = state(world, "sv_resume")
+    assert before["previous_version"] == "1" and before["current"]["version"] == "2"
+
+    # the supervisor dies (its workers stop by themselves once it is gone, freeing the stable port)
+    os.kill(before["pid"], signal.SIGKILL)
+    wait_for("the supervisor and its worker gone", lambda: not pid_alive(before["pid"])
+             and not pid_alive(st.detail["server"]["pid"]), 60)
+
+    # a deploy starts a new supervisor, which reads the old state.json: version 2 served last
+    monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")
+    st = deploy_like_factories(org, "sv_resume", "prod", "3", world["resources"])
+    now = state(world, "sv_resume")
+    assert now["pid"] != before["pid"] and st.serving_version == "3" and now["previous_version"] == "2"
+
+    back = wait_for("version 2 current again after version 3 crash-looped", lambda: serving(world, "sv_resume", "2"))
+    assert predict(back.address)["version"] == "2" and back.address == st.address
+    rolled = next(e for e in events(world, "sv_resume") if e["event"] == "crashloop_rollback")
+    assert (rolled["from_version"], rolled["to_version"]) == ("3", "2")
+    assert deployer.status(t).detail["supervisor"]["pid"] == now["pid"]
+
+
+def test_supervisor_events_sensor_definition(world):
+    sensor = build_supervisor_events_sensor(world["org"])
+    assert sensor.name == "supervisor_events" and sensor.minimum_interval_seconds == 5
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor.required_resource_keys == {"mlflow", "deployer_local", "ledger"}
+    dg.Definitions.validate_loadable(dg.Definitions(sensors=[sensor], resources=world["resources"]))

@@ -93,7 +93,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
     entry = book.append("approval", decl.name, {**approval.as_dict(), "first_release": bool(args.first_release)},
                         approver, env=args.env)
     print(f"approved {decl.name} version {args.version} for {args.env} as {approver} (ledger #{entry.seq}); "
-          f"the next promotion picks it up")
+          f"the approved_promotions sensor promotes it once the environment before {args.env} serves it "
+          f"(or materialize the {args.env} asset)")
     return 0
 
 
@@ -123,7 +124,8 @@ def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> in
     entry = build_resources(settings)["ledger"].ledger().append("approval", app.name, approval.as_dict(), approver,
                                                                 env=args.env)
     print(f"reviewed {app.name} release {args.version} for {args.env} as {approver} (ledger #{entry.seq}); "
-          f"the next promotion picks it up")
+          f"the approved_promotions sensor promotes it once the environment before {args.env} serves it "
+          f"(or materialize the {args.env} asset)")
     return 0
 
 

@@ -491,7 +491,9 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
             "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
             "initiated_by": context.run.tags.get("dagster/user")}, actor, env=env)
         bake_meta: dict[str, Any] = {}
-        if env in track.bake.environments:
+        # a bake guards a switch: it watches the new version with the old one to return to. A first release
+        # has none (its gate asked for a signed first-release record instead), so it does not bake.
+        if env in track.bake.environments and before.serving_version and before.serving_version != version:
             bake_meta, failure = _bake_or_roll_back(context, org, policy, spec, model, env, version,
                                                     before.serving_version, deployer, mlflow, book, actor, trigger)
             if failure is not None:

@@ -14,6 +14,7 @@ Runs the sensors and automation through Dagster's public harness (``build_sensor
 from __future__ import annotations
 
 import threading
+import time
 
 import dagster as dg
 import pytest
@@ -38,7 +39,7 @@ class StepClock:
     """A clock the test moves: waiting jumps straight to the wanted time."""
 
     def __init__(self) -> None:
-        self.t = 1_000.0
+        self.t = time.time()
 
     def now(self) -> float:
         return self.t
@@ -70,7 +71,7 @@ def send_traffic(world, endpoint: str, env: str, n: int, *, drift: bool, seed: i
 
 def sensor_tick(world, name: str):
     defs, instance = world["defs"], world["instance"]
-    sensor = defs.get_sensor_def(name)
+    sensor = defs.resolve_sensor_def(name)
     with dg.build_sensor_context(instance=instance, cursor=world["cursors"].get(name),
                                  resources=defs.resources, definitions=defs) as ctx:
         result = sensor(ctx)
@@ -295,7 +296,7 @@ def test_a_notebook_version_is_handed_off_into_the_graph_and_its_gate_says_what_
                                         signature=infer_signature(df[feats], est.predict(df[feats])))
     version = str(info.registered_model_version)
     defs, instance = world["defs"], world["instance"]
-    sensor = defs.get_sensor_def("registry_handoff")
+    sensor = defs.resolve_sensor_def("registry_handoff")
     with dg.build_sensor_context(instance=instance, cursor=world["cursors"].get("registry_handoff"),
                                  resources=defs.resources, definitions=defs) as ctx:
         result = sensor(ctx)

@@ -356,7 +356,7 @@ def child(tmp_path, monkeypatch):
     import sys
 
     (tmp_path / "drainapp.py").write_text(APP)
-    monkeypatch.setenv("ONEPATH_DRAIN_IDLE_SECONDS", "4")
+    monkeypatch.setenv("ONEPATH_DRAIN_IDLE_SECONDS", "2.5")
     monkeypatch.setenv("ONEPATH_DRAIN_SECONDS", "20")
     root = str(Path(__file__).resolve().parents[1])
     parent = subprocess.Popen([sys.executable, "-c", LAUNCH, str(tmp_path)], stdin=subprocess.PIPE,

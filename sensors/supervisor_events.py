@@ -6,6 +6,8 @@ slot's ``events.jsonl``. ``relay_events`` reads those files from a byte-offset c
 
 * ``restart`` -> a ``restart`` entry (worker, exit_code, version),
 * ``crashloop`` -> a ``crashloop`` entry (version, restarts, what the supervisor did about it),
+* ``crashloop_rollback_failed`` -> a second ``crashloop`` entry (``action: "rollback_failed"``, why):
+  the previous version did not come back either, nothing serves,
 * ``crashloop_rollback`` -> a ``rollback`` entry and a ``deploy`` entry of the restored version,
   written the way ``platform_defs.rollback`` writes them (``via: "rollback"``, so delivery metrics
   count it as a restore, not a change; ``rolled_back_by: "supervisor"``), and for an endpoint the
@@ -36,7 +38,7 @@ from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Entry, Ledger, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
 
-RELAYED = ("restart", "crashloop", "crashloop_rollback")
+RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed")
 MAX_READ = 4 * 1024 * 1024  # bytes read per slot and call; the rest is read on the next call
 
 
@@ -132,6 +134,12 @@ def _record(spec: Any, model_spec: Any, target: Target, event: dict[str, Any], e
             **common, "version": _str(event.get("version")), "restarts": event.get("restarts"),
             "exit_code": event.get("exit_code"), "action": event.get("action"),
             "rollback_to": _str(event.get("rollback_to")), "detail": event.get("detail")}, actor, env=target.env)]
+    if kind == "crashloop_rollback_failed":
+        return [ledger.append("crashloop", target.name, {
+            **common, "version": _str(event.get("from_version")), "action": "rollback_failed",
+            "rollback_to": _str(event.get("to_version")),
+            "detail": f"rolling back to version {event.get('to_version')} failed, nothing serves: "
+                      f"{event.get('reason')}"}, actor, env=target.env)]
     # crashloop_rollback: the supervisor already serves to_version again; record it like a rollback
     from_version, to_version = _str(event.get("from_version")), str(event.get("to_version"))
     address = deployer.address(target)

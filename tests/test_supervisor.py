@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import urllib.request
@@ -23,7 +24,7 @@ import yaml
 
 from platform_defs.factories import endpoint_target
 from platform_defs.loader import load_organisation
-from resources.deployers.base import probe
+from resources.deployers.base import Release, probe
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.processes import pid_alive
@@ -34,7 +35,7 @@ from tests.test_rollback import deploy_like_factories, register
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
        "employment_type": "salaried", "home_ownership": "mortgage", "purpose": "car"}
-ENDPOINTS = ["sv_restart", "sv_loop", "sv_alone", "sv_resume"]
+ENDPOINTS = ["sv_restart", "sv_loop", "sv_alone", "sv_resume", "sv_broken"]
 EXIT_AFTER_S = 4.0  # long enough for the deploy to finish before the first death
 
 
@@ -79,7 +80,7 @@ def world(settings, tmp_path_factory):
     }
     deployer = resources["deployer_local"].deployer()
     yield {"org": org, "resources": resources, "deployer": deployer, "ledger": resources["ledger"].ledger(),
-           "mlflow": mlflow, "run_dir": run_dir}
+           "mlflow": mlflow, "run_dir": run_dir, "models": {"a": good_a, "crash": crash}}
     deployer.stop_all()
 
 
@@ -256,9 +257,34 @@ def test_a_crash_loop_with_nothing_to_go_back_to_stops_the_version(world, monkey
     assert not any(e["event"] == "crashloop_rollback" for e in events(world, "sv_alone"))
 
     written, _ = relay_events(org, deployer, book, mlflow, {})
-    assert [(e.kind, e.subject) for e in written] == [("restart", "sv_alone")] * 2 + [("crashloop", "sv_alone")]
+    written = [e for e in written if e.subject == "sv_alone"]
+    assert [e.kind for e in written] == ["restart", "restart", "crashloop"]
     assert written[-1].data["action"] == "stopped"
     assert mlflow.aliases("sv_alone_model")["prod"] == "1"  # nothing was restored: the alias stays
+
+
+def test_a_previous_version_that_cannot_come_back_leaves_nothing_serving_and_says_why(world, monkeypatch, tmp_path):
+    monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")
+    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    t = target(world, "sv_broken")
+    v1 = tmp_path / "v1"
+    shutil.copytree(world["models"]["a"], v1)
+    config = {"model_name": "sv_broken_model", "pii_columns": []}
+    deployer.deploy(t, Release("1", str(v1), config))
+    assert deployer.deploy(t, Release("2", str(world["models"]["crash"]), config)).serving_version == "2"
+    (v1 / "model.skops").write_bytes(b"version 1's files went bad since it served")
+
+    failed = wait_for("the crash-loop rollback failing", lambda: next(
+        (e for e in events(world, "sv_broken") if e["event"] == "crashloop_rollback_failed"), None))
+    assert (failed["from_version"], failed["to_version"]) == ("2", "1")
+    assert failed["reason"].startswith("version 1 exited while starting; log: ") and "\n" not in failed["reason"]
+    sup = deployer.status(t).detail["supervisor"]
+    assert (sup["version"], sup["state"]) == ("2", "crashloop") and deployer.worker_metrics(t) == []
+
+    written, _ = relay_events(org, deployer, book, mlflow, {})
+    kinds = [(e.kind, e.data.get("action")) for e in written if e.subject == "sv_broken"]
+    assert kinds == [("restart", None), ("restart", None), ("crashloop", "rollback"), ("crashloop", "rollback_failed")]
+    assert "rolling back to version 1 failed, nothing serves: version 1 exited while starting" in written[-1].data["detail"]
 
 
 def test_a_supervisor_started_again_still_knows_what_served_before(world, monkeypatch):

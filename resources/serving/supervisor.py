@@ -372,7 +372,8 @@ class Supervisor:
                 dead = new.state != "starting" or any(p is None or p.poll() is not None for p in new.procs)
                 ports = list(new.private_ports)
             if dead:
-                failed(f"version {to} exited while starting; log: {log_tail(new.log_path, 600)}", new)
+                failed(f"version {to} exited while starting; log: {' '.join(log_tail(new.log_path, 600).split())}",
+                       new)
                 return
             if all(_answers_health(port, to) for port in ports):
                 break

@@ -283,8 +283,13 @@ def _tail_lines(data: memoryview, n: int = 2000) -> list[bytes]:
 
 
 def _discover(data: memoryview, columns: list[str], kinds: dict[str, Kind | None], version: str, where: Path) -> None:
-    """Column types (and that every requested column is logged) from the newest lines of ``version``."""
+    """Column types (and that every requested column is logged) from the newest lines of ``version``.
+
+    A column's type is the JSON type most of its non-null sampled values have, so one odd line cannot
+    make every other line of the column look corrupt.
+    """
     seen: set[str] = set()
+    votes: dict[str, dict[str, int]] = {c: {} for c in columns}
     sampled = 0
     for raw in _tail_lines(data):
         try:
@@ -298,12 +303,15 @@ def _discover(data: memoryview, columns: list[str], kinds: dict[str, Kind | None
         for c in columns:
             if c in inp:
                 seen.add(c)
-                if kinds[c] is None and inp[c] is not None:
+                if inp[c] is not None:
                     k = _kind_of(inp[c])
-                    if k != "other":
-                        kinds[c] = k
-        if sampled >= _SAMPLE_LINES or (len(seen) == len(columns) and all(kinds[c] for c in columns)):
+                    votes[c][k] = votes[c].get(k, 0) + 1
+        if sampled >= _SAMPLE_LINES:
             break
+    for c in columns:
+        known = {k: n for k, n in votes[c].items() if k != "other"}
+        if kinds[c] is None and known:
+            kinds[c] = max(known, key=lambda k: known[k])  # type: ignore[assignment]
     missing = [c for c in columns if c not in seen]
     if sampled and missing:
         logged = sorted(_last_inputs(data, version))

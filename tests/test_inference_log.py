@@ -156,6 +156,12 @@ def test_corrupt_and_partial_lines_are_counted_never_raised(tmp_path):
     assert c.corrupt_lines == 0 and c.partial_lines == 0
 
 
+def test_an_odd_newest_line_does_not_retype_its_column(tmp_path):
+    write(day_file(tmp_path, T0), *[line(i) for i in range(30)], line(30, income="n/a"))
+    w = read_window(tmp_path, version="2", columns=COLS, window_rows=100)
+    assert w.frame["income"].dtype == np.float64 and w.rows == 30 and w.corrupt_lines == 1
+
+
 def test_nulls_and_unknown_types(tmp_path):
     write(day_file(tmp_path, T0), *[line(i, income=None if i % 2 else 5.0, verified=None if i == 3 else True,
                                          note=None) for i in range(6)])

@@ -78,7 +78,9 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
     loc = entry["locationOrLoadError"]
     assert loc["__typename"] == "RepositoryLocation", loc
     repo = loc["repositories"][0]
-    assert {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]} == {"endpoint_status": "RUNNING", "alias_drift": "RUNNING"}
+    assert {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]} == {
+        name: "RUNNING" for name in ("endpoint_status", "alias_drift", "drift", "approved_promotions",
+                                     "registry_handoff", "supervisor_events", "onepath_automation")}
     keys = {"/".join(a["assetKey"]["path"]) for a in repo["assetNodes"]}
     assert {"credit_applications", "credit_risk", "credit_scoring_prod", "loan_portal_prod", "churn"} <= keys
     assert (tmp_path / "home" / "dagster_home" / "dagster.yaml").exists()
@@ -95,6 +97,18 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
         time.sleep(0.5)
     assert status == "SUCCESS"
     assert list((tmp_path / "home" / "data" / "customer_activity").glob("*.parquet"))
+    # nobody asks for more: the running automation sensor trains churn on the new data and takes it
+    # through staging's gate to prod (ml-standard may auto-promote); the ledger names the trigger
+    from resources.ledger import Ledger, ledger_paths
+
+    book = Ledger(*ledger_paths(tmp_path / "home"))
+    deadline = time.monotonic() + 420
+    while not [e for e in book.entries(kind="deploy", subject="churn_scoring") if e.env == "prod"]:
+        assert time.monotonic() < deadline, [(e.kind, e.subject, e.env) for e in book.entries()]
+        time.sleep(1)
+    deploys = book.entries(kind="deploy", subject="churn_scoring")
+    assert [e.env for e in deploys] == ["staging", "prod"]
+    assert {e.data["trigger"] for e in deploys} == {"declarative automation"}
 
 
 def test_stopping_up_leaves_no_dagster_process(tmp_path):

@@ -37,7 +37,7 @@ def write_org(root: Path, endpoints: list[str], prefix: str) -> Path:
     """A declarations folder: one credit-like dataset, and per endpoint its own model and endpoint."""
     from assets.credit.declarations import credit_applications
 
-    dataset = {**credit_applications.model_dump(mode="json"), "name": f"{prefix}_applications"}
+    dataset = {**credit_applications.model_dump(mode="json"), "name": f"{prefix}_applications", "feedback": None}
     decls = [dataset]
     for ep in endpoints:
         decls.append({"kind": "model", "name": f"{ep}_model", "owner": "credit-risk", "track": "ml-high-risk",

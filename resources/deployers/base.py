@@ -18,10 +18,13 @@
 * ``delete(target)`` stops serving and is idempotent: deleting what is not there is not an error.
 * ``status(target)`` reports what really serves, by asking the server at the stable address, also
   after the orchestrator restarts.
+* ``worker_metrics(target)`` returns the Prometheus text of each worker of the version now current
+  (what a bake judges a freshly switched version on); ``[]`` when nothing is current.
 
 The base class owns the lifecycle (launch a candidate beside the current version, wait for its
 health, cut over, verify at the stable address, discard on failure). A backend implements only its
-calls: ``_address``, ``_launch``, ``_candidate``, ``_cutover``, ``_discard``, ``_stop``.
+calls: ``_address``, ``_launch``, ``_candidate_failure``, ``_cutover``, ``_discard``, ``_stop``,
+``_worker_addresses``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ What it does, inside a fresh temporary directory (removed at the end unless ``--
    methods: at ``--rows`` for the ``--full-evidently`` scenarios, at ``--reduced-rows`` (the first rows of
    the window) for the others, where the fast engine is run again on exactly those rows;
 5. compared: per-column verdicts (and values) of the fast engine and Evidently on the same rows;
-6. the methods are the policy's defaults (``DriftPolicy()``: ks and chisquare at 0.01, drift share 0.3);
+6. the methods are the policy's defaults (``DriftPolicy()``: ks at 0.01, jensenshannon at 0.1, drift share 0.3);
    ``mean_shift`` is also run with a distance pair (wasserstein/jensenshannon at 0.1) and, once, with a
    ``--big-reference`` reference (fast engine, Evidently at ``--reduced-rows``).
 

@@ -59,9 +59,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from platform_defs.specs import DeclarationError
 
     root = Path(args.path).resolve() if args.path else declarations_dir()
+    from platform_defs.policy import PolicyError, check_organisation, effective_drift, load_policy
+
     try:
         org = load_organisation(root)
-    except DeclarationError as err:
+        policy = load_policy()
+        check_organisation(org, policy)
+        for ep in org.of_kind("endpoint"):
+            effective_drift(ep, policy, org.sources.get(ep.name))
+    except (DeclarationError, PolicyError) as err:
         print(str(err).splitlines()[0], file=sys.stderr)
         return 1
     counts: dict[str, int] = {}

@@ -64,7 +64,7 @@ def monitored(org: Organisation, policy: Policy) -> list[Monitored]:
     out = []
     for ep in org.of_kind("endpoint"):
         assert isinstance(ep, EndpointSpec)
-        drift = effective_drift(ep, policy)
+        drift = effective_drift(ep, policy, org.sources.get(ep.name))
         model = org.by_name[ep.model]
         assert isinstance(model, ModelSpec)
         features, _ = org.model_features(model)

@@ -221,7 +221,7 @@ def load_policy(path: Path | None = None) -> Policy:
         raise PolicyError(shown, loc or "(root)", msg) from None
 
 
-def effective_drift(endpoint: "EndpointSpec", policy: Policy) -> DriftPolicy:
+def effective_drift(endpoint: "EndpointSpec", policy: Policy, source: str | None = None) -> DriftPolicy:
     """The track's drift policy with the endpoint's own settings laid over it (window, methods, ...).
 
     A bad combination (an unknown method, both windows) is a ``DeclarationError`` naming the endpoint."""
@@ -238,5 +238,7 @@ def effective_drift(endpoint: "EndpointSpec", policy: Policy) -> DriftPolicy:
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "drift"
-        raise DeclarationError(endpoint.name, f"drift.{loc}", first["msg"].removeprefix("Value error, "),
-                               None, "endpoint") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "literal_error":
+            msg = f"{msg} (got {first.get('input')!r})"
+        raise DeclarationError(endpoint.name, f"drift.{loc}", msg, source, "endpoint") from None

@@ -184,3 +184,19 @@ def test_app_source_folder_must_exist(tmp_path):
                             entrypoint="site.main:app")]
     """})
     assert "field 'source': folder 'apps/nowhere' does not exist" in first_line(tmp_path)
+
+
+def test_an_endpoints_drift_settings_are_checked_against_the_policy_with_file_and_line(tmp_path):
+    src = (ROOT / "assets" / "retention" / "defs.yaml").read_text()
+    bad = src.replace("    model: churn\n", "    model: churn\n    drift: {numeric_method: kss, window_rows: 500}\n")
+    assert bad != src
+    write(tmp_path, {"team/defs.yaml": bad})
+    out = run_cli("validate", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("declaration 'churn_scoring' (endpoint, team/defs.yaml:")
+    assert "field 'drift.numeric_method'" in line and "(got 'kss')" in line
+    both = src.replace("    model: churn\n", "    model: churn\n    drift: {window_rows: 500, window_hours: 2}\n")
+    write(tmp_path, {"team/defs.yaml": both})
+    out = run_cli("validate", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 1 and "set window_rows or window_hours, not both" in out.stderr

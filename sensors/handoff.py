@@ -4,9 +4,11 @@ Data scientists register versions of a declared model however they like (``mlflo
 registered_model_name="churn")``). Each tick this sensor lists the versions of every declared model
 newer than its cursor; a version that no onepath materialization produced (no ``onepath.dagster_run_id``
 tag) is reported as a materialization of the model asset -- it appears in the graph as the model's new
-version, with what it carries and what it lacks -- and gets a ``handoff`` ledger entry. Declarative
-automation then takes it to staging through the same gates as any version: a version without the
-lineage the gates need fails there, and the failing check says exactly what to log and how.
+version, with what it carries and what it lacks -- and gets a ``handoff`` ledger entry, and the sensor
+requests the first environment of every endpoint serving the model (run key per version): the same
+gates as any version. A version without the lineage the gates need fails there, and each failing check
+says exactly what to log and how. (Declarative automation would not: the model's blocking
+``performance`` check was never evaluated for a version trained outside the graph.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 
 import dagster as dg
 
-from platform_defs.specs import ModelSpec, Organisation
+from platform_defs.specs import EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
 from resources.ledger import Ledger, LedgerResource
 from resources.mlflow_registry import TAG_PREFIX, MlflowRegistry
 
@@ -27,16 +29,18 @@ def _vkey(v: str) -> int:
     return int(v) if str(v).isdigit() else 0
 
 
-def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger, cursor: dict) -> tuple[list, list[str], dict]:
+def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
+         cursor: dict) -> tuple[list, list[dg.RunRequest], list[str], dict]:
     models = [d for d in org.of_kind("model") if isinstance(d, ModelSpec)]
     if not models:
-        return [], ["no declared models"], cursor
+        return [], [], ["no declared models"], cursor
     names = ", ".join(f"'{m.name}'" for m in models)
     found = mlflow.client().search_model_versions(f"name IN ({names})")
     by_model: dict[str, list] = {}
     for mv in found:
         by_model.setdefault(mv.name, []).append(mv)
-    events, notes, new_cursor = [], [], dict(cursor)
+    events, requests, notes, new_cursor = [], [], [], dict(cursor)
+    endpoints = [d for d in org.of_kind("endpoint") if isinstance(d, EndpointSpec)]
     for m in models:
         last = int(cursor.get(m.name) or 0)
         fresh = sorted((mv for mv in by_model.get(m.name, []) if _vkey(mv.version) > last), key=lambda x: _vkey(x.version))
@@ -67,7 +71,14 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger, cursor: dic
                 tags={"onepath/handoff": "true"},
             ))
             notes.append(f"{m.name} version {mv.version} handed off")
-    return events, notes, new_cursor
+            for ep in endpoints:
+                if ep.model == m.name:
+                    requests.append(dg.RunRequest(
+                        run_key=f"handoff:{m.name}:{mv.version}:{ep.name}",
+                        asset_selection=[dg.AssetKey(endpoint_asset_name(ep.name, ep.environments[0]))],
+                        tags={"onepath/trigger": "handoff", "onepath/handoff_version": str(mv.version),
+                              "onepath/model": m.name, "onepath/registered_by": str(author)}))
+    return events, requests, notes, new_cursor
 
 
 def build_handoff_sensor(org: Organisation) -> dg.SensorDefinition:
@@ -80,11 +91,11 @@ def build_handoff_sensor(org: Organisation) -> dg.SensorDefinition:
     )
     def registry_handoff(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry, ledger: LedgerResource):
         cursor = json.loads(context.cursor) if context.cursor else {}
-        events, notes, new = tick(org, mlflow=mlflow, book=ledger.ledger(), cursor=cursor)
+        events, requests, notes, new = tick(org, mlflow=mlflow, book=ledger.ledger(), cursor=cursor)
         context.update_cursor(json.dumps(new, sort_keys=True))
         if not events:
             return dg.SkipReason("no model version registered outside onepath since the last tick")
-        return dg.SensorResult(asset_events=events)
+        return dg.SensorResult(asset_events=events, run_requests=requests)
 
     return registry_handoff
 

@@ -103,12 +103,16 @@ def automation(world) -> list[str]:
 
 
 def run_automation(world) -> tuple[list[str], dg.ExecuteInProcessResult | None]:
+    """Evaluate automation, run what it requests as one run (as the automation sensor would), and
+    evaluate once more, as the sensor's next tick would: a chain that completed requests nothing more."""
     wanted = automation(world)
     if not wanted:
         return wanted, None
-    return wanted, dg.materialize(list(world["defs"].assets), selection=wanted, resources=world["defs"].resources,
-                                  instance=world["instance"], tags={"dagster/from_automation_condition": "true"},
-                                  raise_on_error=False)
+    result = dg.materialize(list(world["defs"].assets), selection=wanted, resources=world["defs"].resources,
+                            instance=world["instance"], tags={"dagster/from_automation_condition": "true"},
+                            raise_on_error=False)
+    assert automation(world) == []
+    return wanted, result
 
 
 def serving(world, endpoint: str, env: str) -> str | None:
@@ -168,7 +172,7 @@ def test_without_drift_the_check_passes_and_nothing_is_retrained(world):
     md = evaluation.metadata
     assert md["window_rows"].value == 400 and md["drifted_share"].value < 0.3
     assert md["methods"].value == {"numeric": {"method": "ks", "threshold": 0.01},
-                                   "categorical": {"method": "chisquare", "threshold": 0.01}}
+                                   "categorical": {"method": "jensenshannon", "threshold": 0.1}}
     assert "| column | type | method |" in md["columns"].value
     assert md["report"].value.endswith(".html")
     requests, _ = sensor_tick(world, "drift")
@@ -219,7 +223,6 @@ def test_the_retrain_learns_from_labelled_production_data_and_automation_promote
     assert {e.env for e in deploys} == {"staging", "prod"}
     assert all(e.data["trigger"] == "declarative automation" for e in deploys)
     assert before != new
-    assert automation(world) == []
 
 
 def test_high_risk_retrain_waits_for_approval_then_the_approval_promotes_it(world):
@@ -263,17 +266,18 @@ def test_high_risk_retrain_waits_for_approval_then_the_approval_promotes_it(worl
 def test_a_retrain_that_fails_a_gate_is_not_deployed_and_automation_stops_there(world):
     defs, instance = world["defs"], world["instance"]
     v2 = world["credit_v2"]
-    dg.materialize(list(defs.assets), selection=["credit_applications", "credit_risk"], resources=defs.resources,
-                   instance=instance, run_config={"ops": {"credit_applications": {
-                       "config": {"params": {"biased": True}}}}})
+    biased = dg.materialize(list(defs.assets), selection=["credit_applications", "credit_risk"],
+                            resources=defs.resources, instance=instance, run_config={"ops": {"credit_applications": {
+                                "config": {"params": {"biased": True}}}}})
+    assert biased.success
     wanted, result = run_automation(world)
-    assert wanted == ["credit_scoring_prod", "credit_scoring_staging"] and not result.success
+    assert "credit_scoring_staging" in wanted and set(wanted) <= {"credit_scoring_staging", "credit_scoring_prod"}
+    assert not result.success
     verdicts = {e.check_name: e.passed for e in result.get_asset_check_evaluations()
                 if e.asset_key == dg.AssetKey("credit_scoring_staging")}
     assert verdicts["fairness"] is False
     assert not [e for e in result.get_asset_materialization_events()]  # staging refused, prod never ran
     assert serving(world, "credit_scoring", "staging") == v2 and serving(world, "credit_scoring", "prod") == v2
-    assert automation(world) == []
 
 
 def test_a_notebook_version_is_handed_off_into_the_graph_and_its_gate_says_what_to_log(world, tmp_path):
@@ -283,6 +287,7 @@ def test_a_notebook_version_is_handed_off_into_the_graph_and_its_gate_says_what_
 
     from assets.retention.data import generate_customer_activity
     from assets.retention.trainer import train_churn
+    from resources.mlflow_registry import trusted_types
 
     assert sensor_tick(world, "registry_handoff")[0] == []
     df = generate_customer_activity(rows=800, seed=5)
@@ -293,7 +298,8 @@ def test_a_notebook_version_is_handed_off_into_the_graph_and_its_gate_says_what_
     mlflow.set_experiment("notebooks/ravi")
     with mlflow.start_run():
         info = mlflow.sklearn.log_model(est, name="model", registered_model_name="churn",
-                                        signature=infer_signature(df[feats], est.predict(df[feats])))
+                                        signature=infer_signature(df[feats], est.predict(df[feats])),
+                                        serialization_format="skops", skops_trusted_types=trusted_types(est))
     version = str(info.registered_model_version)
     defs, instance = world["defs"], world["instance"]
     sensor = defs.resolve_sensor_def("registry_handoff")
@@ -307,8 +313,11 @@ def test_a_notebook_version_is_handed_off_into_the_graph_and_its_gate_says_what_
     instance.report_runless_asset_event(event)  # what the daemon does with a sensor's asset events
     (handoff,) = entries(world, "handoff", "churn")
     assert handoff.data["version"] == version
-    wanted, run = run_automation(world)
-    assert "churn_scoring_staging" in wanted and not run.success
+    (request,) = result.run_requests  # into the same path as every version: staging's gate
+    assert request.asset_selection == [dg.AssetKey("churn_scoring_staging")]
+    assert request.run_key == f"handoff:churn:{version}:churn_scoring"
+    run = execute(world, request)
+    assert not run.success
     failed = {e.check_name: e.metadata["verdict"].value for e in run.get_asset_check_evaluations() if not e.passed}
     assert "lacks onepath.data_hash" in failed["data_quality"] and "Registering from a notebook" in failed["data_quality"]
     assert "reference sample" in failed["drift_ready"]
@@ -333,7 +342,8 @@ def test_a_version_failing_its_bake_in_prod_is_rolled_back_by_itself(world, tmp_
     mlflow.set_registry_uri(registry.registry_uri)
     with mlflow.start_run(experiment_id=run.info.experiment_id) as r:
         mlflow.log_artifacts(str(faulty), "model")
-        mlflow.log_metrics(run.data.metrics)
+        # same snapshot as the version serving, so it must look better to be promoted at all
+        mlflow.log_metrics({**run.data.metrics, "roc_auc": run.data.metrics["roc_auc"] + 0.001})
         ref = registry.run_artifact(mv.run_id, "onepath/reference_sample.parquet", tmp_path / "ref")
         mlflow.log_artifact(str(ref), "onepath")
         bad = mlflow.register_model(f"runs:/{r.info.run_id}/model", "churn")

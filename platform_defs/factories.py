@@ -75,10 +75,10 @@ def run_trigger(context: Any) -> str:
     if tags.get("onepath/trigger"):
         extra = tags.get("onepath/drift_entry") or tags.get("onepath/approval_entry") or tags.get("onepath/handoff_version")
         return f"{tags['onepath/trigger']}" + (f" #{extra}" if extra else "")
+    if any(k.startswith(("dagster/from_automation", "dagster/auto_materialize")) for k in tags):
+        return "declarative automation"  # (launched by the automation sensor, which also tags its name)
     if tags.get("dagster/sensor_name"):
         return f"sensor:{tags['dagster/sensor_name']}"
-    if any(k.startswith(("dagster/from_automation", "dagster/auto_materialize")) for k in tags):
-        return "declarative automation"
     if tags.get("dagster/user"):
         return f"user:{tags['dagster/user']}"
     return "manual run"

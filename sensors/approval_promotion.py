@@ -64,6 +64,7 @@ def build_approval_promotion_sensor(org: Organisation) -> dg.SensorDefinition:
                     "(the gate verifies the approval again).",
         minimum_interval_seconds=15,
         default_status=dg.DefaultSensorStatus.RUNNING,
+        target=dg.AssetSelection.all(),  # its run requests select the environment assets to deploy
     )
     def approved_promotions(context: dg.SensorEvaluationContext, ledger: LedgerResource,
                             deployer_local: LocalDeployerResource):

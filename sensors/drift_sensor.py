@@ -33,6 +33,8 @@ from resources.ledger import Ledger, LedgerResource
 from resources.monitoring import MonitoringResource
 
 SENSOR_NAME = "drift"
+# what its run requests may select: any asset (a retrain) or asset check (a drift check)
+TARGET = dg.AssetSelection.all() | dg.AssetSelection.all_asset_checks()
 ACTOR = "sensor:drift"
 
 
@@ -78,7 +80,7 @@ def tick(targets: list[Monitored], *, monitoring: MonitoringResource, book: Ledg
         if n >= m.drift.min_new_rows:
             requests.append(dg.RunRequest(
                 run_key=f"drift-check:{m.label}:{_digest(scan.cursor)}",
-                asset_check_keys=[m.check_key],
+                asset_selection=[], asset_check_keys=[m.check_key],  # the check alone, no asset
                 tags={"onepath/trigger": "new_inference_rows", "onepath/endpoint": m.endpoint.name,
                       "onepath/env": m.env, "onepath/new_rows": str(n),
                       "onepath/corrupt_log_lines": str(scan.corrupt_lines)},
@@ -130,6 +132,7 @@ def build_drift_sensor(org: Organisation, policy: Policy) -> dg.SensorDefinition
                     "arrived, and for one retraining run (then a cooldown) when a check found drift.",
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
+        target=TARGET,
     )
     def drift(context: dg.SensorEvaluationContext, monitoring: MonitoringResource, ledger: LedgerResource):
         cursor = json.loads(context.cursor) if context.cursor else {}

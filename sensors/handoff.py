@@ -88,6 +88,7 @@ def build_handoff_sensor(org: Organisation) -> dg.SensorDefinition:
                     "them into the graph; automation takes them to staging through the gates.",
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
+        target=dg.AssetSelection.all(),  # its run requests select the environment assets to deploy
     )
     def registry_handoff(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry, ledger: LedgerResource):
         cursor = json.loads(context.cursor) if context.cursor else {}

@@ -69,16 +69,21 @@ def send_traffic(world, endpoint: str, env: str, n: int, *, drift: bool, seed: i
     return summary.delivered
 
 
-def sensor_tick(world, name: str):
+def evaluate(world, name: str):
+    """One tick as the daemon evaluates it: run requests resolved against the sensor's target (a request
+    the daemon could not launch fails here too), the cursor carried to the next tick."""
     defs, instance = world["defs"], world["instance"]
     sensor = defs.resolve_sensor_def(name)
     with dg.build_sensor_context(instance=instance, cursor=world["cursors"].get(name),
                                  resources=defs.resources, definitions=defs) as ctx:
-        result = sensor(ctx)
-        world["cursors"][name] = ctx.cursor
-    if isinstance(result, dg.SkipReason):
-        return [], result.skip_message
-    return list(result.run_requests or []), None
+        data = sensor.evaluate_tick(ctx)
+    world["cursors"][name] = data.cursor
+    return data
+
+
+def sensor_tick(world, name: str):
+    data = evaluate(world, name)
+    return list(data.run_requests or []), data.skip_message
 
 
 def execute(world, request: dg.RunRequest, raise_on_error: bool = False):
@@ -165,7 +170,7 @@ def test_without_drift_the_check_passes_and_nothing_is_retrained(world):
     assert not requests and "churn_scoring.prod: 150 of 300 new rows" in why  # too few: a skip with the reason
     send_traffic(world, "churn_scoring", "prod", 250, drift=False, seed=2)
     requests, _ = sensor_tick(world, "drift")
-    assert len(requests) == 1 and requests[0].asset_check_keys and not requests[0].asset_selection
+    assert len(requests) == 1 and requests[0].asset_check_keys and requests[0].asset_selection == []
     check = execute(world, requests[0])
     (evaluation,) = check.get_asset_check_evaluations()
     assert evaluation.check_name == "input_drift" and evaluation.passed
@@ -301,12 +306,8 @@ def test_a_notebook_version_is_handed_off_into_the_graph_and_its_gate_says_what_
                                         signature=infer_signature(df[feats], est.predict(df[feats])),
                                         serialization_format="skops", skops_trusted_types=trusted_types(est))
     version = str(info.registered_model_version)
-    defs, instance = world["defs"], world["instance"]
-    sensor = defs.resolve_sensor_def("registry_handoff")
-    with dg.build_sensor_context(instance=instance, cursor=world["cursors"].get("registry_handoff"),
-                                 resources=defs.resources, definitions=defs) as ctx:
-        result = sensor(ctx)
-        world["cursors"]["registry_handoff"] = ctx.cursor
+    instance = world["instance"]
+    result = evaluate(world, "registry_handoff")
     (event,) = result.asset_events
     assert event.asset_key == dg.AssetKey("churn") and event.metadata["model_version"].value == version
     assert "onepath.data_hash" in event.metadata["missing_lineage"].value

@@ -84,6 +84,15 @@ def run_trigger(context: Any) -> str:
     return "manual run"
 
 
+def serving_of(status: Any) -> str | None:
+    """The version an environment serves: its supervisor's current release when the backend knows one
+    (a server too busy to answer a probe in time still serves), else what answered at the address."""
+    sup = status.detail.get("supervisor") or {}
+    if sup.get("state") == "current" and sup.get("version"):
+        return str(sup["version"])
+    return status.serving_version if status.healthy else None
+
+
 def follows_upstream() -> dg.AutomationCondition:
     """Materialize when an upstream asset was updated and every blocking check upstream passed."""
     return dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
@@ -442,29 +451,30 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                 raise dg.Failure(description=f"model '{model.name}' has no registered version: materialize it first")
         else:
             up = deployer.status(endpoint_target(spec, upstream_env))
-            if not up.healthy or up.serving_version is None:
+            if serving_of(up) is None:
                 raise dg.Failure(description=f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote "
                                              f"to '{env}'; deploy '{upstream_env}' first")
-            version = up.serving_version
+            version = serving_of(up)
         before = deployer.status(target)
+        previous = serving_of(before)
         trigger = run_trigger(context)
-        if upstream_env is None and before.serving_version and before.serving_version != version:
-            same = _no_better(mlflow, model.name, version, before.serving_version, track.regression_metric)
+        if upstream_env is None and previous and previous != version:
+            same = _no_better(mlflow, model.name, version, previous, track.regression_metric)
             if same:
                 book.append("promotion_skipped", spec.name, {
-                    "model": model.name, "version": version, "still_serving": before.serving_version,
+                    "model": model.name, "version": version, "still_serving": previous,
                     "reason": same, "trigger": trigger}, actor, env=env)
                 raise dg.Failure(description=f"{spec.name}.{env}: version {version} not promoted: {same}. "
-                                             f"Version {before.serving_version} keeps serving.",
-                                 metadata={"skipped_version": version, "still_serving": before.serving_version})
+                                             f"Version {previous} keeps serving.",
+                                 metadata={"skipped_version": version, "still_serving": previous})
         context.log.info(f"{spec.name}.{env}: deploying {model.name} version {version} "
-                         f"(serving before: {before.serving_version or 'nothing'}) at {deployer.address(target)}")
+                         f"(serving before: {previous or 'nothing'}) at {deployer.address(target)}")
         gate = ModelGate(endpoint=spec, model=model, dataset=dataset, features=features, label=label,
                          policy=policy, mlflow=mlflow, data_store=data_store, ledger=book, deployer=deployer,
                          instance=context.instance)
         verdicts = gate.evaluate(version, env)
         results, refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
-                                       who={"model": model.name}, still_serving=before.serving_version,
+                                       who={"model": model.name}, still_serving=previous,
                                        trigger=trigger)
         if refusal:
             yield from results
@@ -479,23 +489,23 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
             status = deployer.deploy(target, release)
         except DeployError as err:
             book.append("promotion_refused", spec.name, {"model": model.name, "version": version,
-                                                         "still_serving": before.serving_version,
+                                                         "still_serving": previous,
                                                          "failed": ["deploy"], "error": str(err)[:500]}, actor, env=env)
             yield from results
             raise dg.Failure(description=str(err), metadata={
-                "refused_version": version, "still_serving": before.serving_version or "nothing"})
+                "refused_version": version, "still_serving": previous or "nothing"})
         mlflow.set_alias(model.name, env, version)
         entry = book.append("deploy", spec.name, {
-            "model": model.name, "version": version, "previous_version": before.serving_version,
+            "model": model.name, "version": version, "previous_version": previous,
             "address": status.address, "promoted_from": upstream_env, "track": model.track,
             "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
             "initiated_by": context.run.tags.get("dagster/user")}, actor, env=env)
         bake_meta: dict[str, Any] = {}
         # a bake guards a switch: it watches the new version with the old one to return to. A first release
         # has none (its gate asked for a signed first-release record instead), so it does not bake.
-        if env in track.bake.environments and before.serving_version and before.serving_version != version:
+        if env in track.bake.environments and previous and previous != version:
             bake_meta, failure = _bake_or_roll_back(context, org, policy, spec, model, env, version,
-                                                    before.serving_version, deployer, mlflow, book, actor, trigger)
+                                                    previous, deployer, mlflow, book, actor, trigger)
             if failure is not None:
                 yield from results  # the gate passed: its checks stand even though the bake failed
                 raise failure
@@ -504,7 +514,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
             check_results=results,
             metadata={
                 "model_version": version,
-                "previous_version": before.serving_version or "none",
+                "previous_version": previous or "none",
                 "address": dg.MetadataValue.url(status.address or ""),
                 "mlflow_alias": f"{model.name}@{env}",
                 "mlflow_version": dg.MetadataValue.url(mlflow.version_url(model.name, version)),
@@ -695,20 +705,21 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
             version = latest_metadata(context, dg.AssetKey(spec.name), "app release")["release_version"]
         else:
             up = deployer.status(app_target(spec, upstream_env))
-            if not up.healthy or up.serving_version is None:
+            if serving_of(up) is None:
                 raise dg.Failure(description=f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote")
-            version = up.serving_version
+            version = serving_of(up)
         artifact = releases_dir / "apps" / spec.name / version
         if not artifact.is_dir():
             raise dg.Failure(description=f"{spec.name}: release {version} is not built at {artifact}")
         env_vars = {f"ONEPATH_{t.name.upper()}_URL": deployer.address(t) for t in calls}
         before = deployer.status(target)
-        context.log.info(f"{spec.name}.{env}: deploying release {version} (before: {before.serving_version})")
+        previous = serving_of(before)
+        context.log.info(f"{spec.name}.{env}: deploying release {version} (before: {previous})")
         gate = AppGate(app=spec, policy=policy, ledger=book, deployer=deployer, source_dir=PROJECT_ROOT / spec.source,
                        repo_root=PROJECT_ROOT)
         verdicts = gate.evaluate(version, artifact, env)
         results, refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
-                                       who={"app": spec.name}, still_serving=before.serving_version)
+                                       who={"app": spec.name}, still_serving=previous)
         if refusal:
             yield from results
             raise refusal
@@ -717,17 +728,17 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
                 "entrypoint": spec.entrypoint, "env": env_vars}))
         except DeployError as err:
             book.append("promotion_refused", spec.name, {"app": spec.name, "version": version,
-                                                         "still_serving": before.serving_version,
+                                                         "still_serving": previous,
                                                          "failed": ["deploy"], "error": str(err)[:500]}, actor, env=env)
             yield from results
             raise dg.Failure(description=str(err), metadata={"refused_version": version})
         entry = book.append("deploy", spec.name, {
-            "app": spec.name, "version": version, "previous_version": before.serving_version,
+            "app": spec.name, "version": version, "previous_version": previous,
             "address": status.address, "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
             "checks": [v.check for v in verdicts]}, actor, env=env)
         yield dg.MaterializeResult(
             check_results=results,
-            metadata={"ledger_entry": entry.seq,"release_version": version, "previous_version": before.serving_version or "none",
+            metadata={"ledger_entry": entry.seq,"release_version": version, "previous_version": previous or "none",
                       "address": dg.MetadataValue.url(status.address or ""),
                       "calls": dg.MetadataValue.json(env_vars),
                       "deployed_at": datetime.now(timezone.utc).isoformat()},

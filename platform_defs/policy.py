@@ -61,6 +61,7 @@ class DriftPolicy(_P):
     window_hours: float | None = Field(None, gt=0, description="Rows logged within this many hours (instead of window_rows).")
     min_rows: int = Field(300, ge=10, description="Fewer rows in the window than this: no verdict.")
     min_new_rows: int = Field(500, ge=1, description="New rows the sensor waits for before asking for a drift check.")
+    min_check_interval_minutes: float = Field(5, ge=0, description="At most one drift check per this many minutes.")
     numeric_method: Literal[NUMERIC_DRIFT_METHODS] = "ks"  # type: ignore[valid-type]
     numeric_threshold: float = Field(0.01, gt=0)
     # a distance, not Evidently's chisquare: that one takes the reference's proportions as exact, so a large

@@ -169,6 +169,7 @@ class DriftWindowSpec(_Spec):
     window_hours: float | None = Field(None, gt=0, description="Rows logged within this many hours.")
     min_rows: int | None = Field(None, ge=10)
     min_new_rows: int | None = Field(None, ge=1)
+    min_check_interval_minutes: float | None = Field(None, ge=0)
     numeric_method: str | None = None
     numeric_threshold: float | None = Field(None, gt=0)
     categorical_method: str | None = None

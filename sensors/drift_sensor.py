@@ -5,8 +5,9 @@ Each tick is cheap by design (a few ``stat`` calls per endpoint environment when
 1. For every monitored endpoint environment it reads only the inference-log bytes appended since its
    cursor and adds the new rows to that environment's tally. Corrupt lines are counted (shown in the
    tick's reason and the run's tags) and skipped; a partial last line waits for the next tick.
-2. When the tally reaches the policy's ``min_new_rows``, it requests a run of the environment's
-   ``input_drift`` check (where the statistics run) and resets the tally. Fewer rows is a skip whose
+2. When the tally reaches the policy's ``min_new_rows`` (and the last check it asked for is at least
+   ``min_check_interval_minutes`` old), it requests a run of the environment's ``input_drift`` check
+   (where the statistics run) and resets the tally. Fewer rows is a skip whose
    reason says how many of how many arrived.
 3. It reads the ``drift_detected`` ledger entries the checks appended since its cursor. For each, unless
    the endpoint is in its cooldown (a ``retrain_requested`` entry younger than the policy's
@@ -69,6 +70,7 @@ def tick(targets: list[Monitored], *, monitoring: MonitoringResource, book: Ledg
     now = time.time() if now is None else now
     logs = dict(cursor.get("logs") or {})
     tally = dict(cursor.get("tally") or {})
+    checked = dict(cursor.get("checked") or {})
     requests: list[dg.RunRequest] = []
     reasons: list[str] = []
     corrupt_total = 0
@@ -77,7 +79,11 @@ def tick(targets: list[Monitored], *, monitoring: MonitoringResource, book: Ledg
         logs[m.label] = scan.cursor
         corrupt_total += scan.corrupt_lines
         n = tally.get(m.label, 0) + scan.new_rows
-        if n >= m.drift.min_new_rows:
+        wait = checked.get(m.label, 0) + m.drift.min_check_interval_minutes * 60 - now
+        if n >= m.drift.min_new_rows and wait > 0:
+            reasons.append(f"{m.label}: {n} new rows; next drift check in {wait:.0f} s (min_check_interval_minutes)")
+        elif n >= m.drift.min_new_rows:
+            checked[m.label] = now
             requests.append(dg.RunRequest(
                 run_key=f"drift-check:{m.label}:{_digest(scan.cursor)}",
                 asset_selection=[], asset_check_keys=[m.check_key],  # the check alone, no asset
@@ -120,7 +126,7 @@ def tick(targets: list[Monitored], *, monitoring: MonitoringResource, book: Ledg
                       "onepath/drifted_columns": ",".join(entry.data.get("drifted_columns") or [])[:200]},
             ))
         seen = head.seq
-    return requests, reasons, {"logs": logs, "tally": tally, "ledger_seq": seen}
+    return requests, reasons, {"logs": logs, "tally": tally, "checked": checked, "ledger_seq": seen}
 
 
 def build_drift_sensor(org: Organisation, policy: Policy) -> dg.SensorDefinition:

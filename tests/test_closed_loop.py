@@ -25,7 +25,8 @@ from platform_defs.wiring import build_resources
 from resources.deployers.base import Target, http_json, probe
 from tests.conftest import isolated_settings, quick_policy
 
-DRIFT = {"min_new_rows": 300, "window_rows": 600, "min_rows": 200, "cooldown_minutes": 60}
+DRIFT = {"min_new_rows": 300, "window_rows": 600, "min_rows": 200, "cooldown_minutes": 60,
+         "min_check_interval_minutes": 0}
 
 
 def loop_policy(**bake):

@@ -43,11 +43,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def loop_policy_file(tmp_path: Path) -> Path:
+    """The example policy with the retention track's drift and bake sized for a test: a check after 300
+    new rows over the newest 400, and a 5 s bake that needs 5 requests."""
+    import yaml
+
+    policy = yaml.safe_load((ROOT / "assets" / "policy.yaml").read_text())
+    track = policy["tracks"]["ml-standard"]
+    track["drift"].update({"min_new_rows": 300, "window_rows": 400, "min_rows": 200, "min_check_interval_minutes": 0})
+    track["bake"].update({"seconds": 5, "min_requests": 5, "poll_seconds": 0.5})
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
 @pytest.fixture()
 def platform(tmp_path):
     port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
-           "ONEPATH_MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}", "PYTHONPATH": str(ROOT)}
+           "ONEPATH_MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}", "PYTHONPATH": str(ROOT),
+           "ONEPATH_POLICY_FILE": str(loop_policy_file(tmp_path))}
     env.pop("DAGSTER_HOME", None)
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up"], cwd=ROOT, env=env,
@@ -109,6 +124,35 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
     deploys = book.entries(kind="deploy", subject="churn_scoring")
     assert [e.env for e in deploys] == ["staging", "prod"]
     assert {e.data["trigger"] for e in deploys} == {"declarative automation"}
+    first = deploys[-1].data["version"]
+
+    # the loop, closed by the running daemon alone: drifted traffic (outcomes delivered right away) ->
+    # the drift sensor asks for the check -> drift -> one retraining run -> automation -> staging -> prod,
+    # where the new version bakes on the traffic that keeps coming
+    env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT),
+           "ONEPATH_POLICY_FILE": str(tmp_path / "policy.yaml")}
+    env.pop("DAGSTER_HOME", None)
+    traffic = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "simulate-traffic", "churn_scoring",
+                                "--drift", "--rate", "40", "--label-delay", "0"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not book.entries(kind="bake_passed", subject="churn_scoring") + \
+                book.entries(kind="bake_failed", subject="churn_scoring"):  # the switch's last word
+            assert traffic.poll() is None, traffic.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline, [(e.kind, e.env, e.data.get("trigger")) for e in book.entries()]
+            time.sleep(1)
+        kinds = [e.kind for e in book.entries() if e.subject in ("churn_scoring", "churn")]
+        for kind in ("drift_detected", "retrain_requested", "bake_passed"):
+            assert kind in kinds, [(e.kind, e.env, e.data.get("trigger"), e.data.get("summary"))
+                                   for e in book.entries() if e.subject in ("churn_scoring", "churn")]
+        (asked,) = book.entries(kind="retrain_requested", subject="churn_scoring")
+        assert asked.data["trigger"].startswith("drift_detected #")
+        final = [e for e in book.entries(kind="deploy", subject="churn_scoring") if e.env == "prod"][-1]
+        assert final.data["trigger"] == "declarative automation" and final.data["version"] != first
+    finally:
+        os.killpg(traffic.pid, signal.SIGINT)
+        traffic.wait(timeout=60)
 
 
 def test_stopping_up_leaves_no_dagster_process(tmp_path):

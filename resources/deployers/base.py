@@ -238,7 +238,7 @@ class Deployer(ABC):
 
     def status(self, target: Target) -> DeploymentStatus:
         address = self._address_if_known(target)
-        seen = probe(address) if address else None
+        seen = probe(address, timeout=3.0) if address else None  # a busy server is not a dead one
         return DeploymentStatus(
             target=target, address=address,
             serving_version=str(seen["version"]) if seen else None,

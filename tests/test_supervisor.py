@@ -16,11 +16,9 @@ import shutil
 import signal
 import time
 import urllib.request
-from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 
 from platform_defs.factories import endpoint_target
 from platform_defs.loader import load_organisation
@@ -30,7 +28,7 @@ from resources.ledger import LedgerResource
 from resources.processes import pid_alive
 from sensors.supervisor_events import build_supervisor_events_sensor, relay_events
 from tests.conftest import _free_port_base, save_credit_model
-from tests.test_rollback import deploy_like_factories, register
+from tests.test_rollback import deploy_like_factories, register, write_org
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
@@ -39,30 +37,13 @@ ENDPOINTS = ["sv_restart", "sv_loop", "sv_alone", "sv_resume", "sv_broken"]
 EXIT_AFTER_S = 4.0  # long enough for the deploy to finish before the first death
 
 
-def write_org(root: Path, endpoints: list[str]) -> Path:
-    """One credit-like dataset and, per endpoint, its own model and endpoint (staging, prod)."""
-    from assets.credit.declarations import credit_applications
-
-    dataset = {k: v for k, v in credit_applications.model_dump(mode="json").items() if k != "feedback"}
-    dataset["name"] = "sv_applications"
-    decls = [dataset]
-    for ep in endpoints:
-        decls.append({"kind": "model", "name": f"{ep}_model", "owner": "credit-risk", "track": "ml-high-risk",
-                      "dataset": dataset["name"], "trainer": "assets.credit.trainer:train_credit_risk"})
-        decls.append({"kind": "endpoint", "name": ep, "owner": "credit-risk", "track": "ml-high-risk",
-                      "model": f"{ep}_model", "environments": ["staging", "prod"]})
-    (root / "team").mkdir(parents=True, exist_ok=True)
-    (root / "team" / "defs.yaml").write_text(yaml.safe_dump({"declarations": decls}, sort_keys=False))
-    return root
-
-
 @pytest.fixture(scope="module")
 def world(settings, tmp_path_factory):
     from platform_defs.wiring import build_resources
     from resources.serving.faults import save_fault_model
 
     root = tmp_path_factory.mktemp("sv")
-    org = load_organisation(write_org(root / "org", ENDPOINTS))
+    org = load_organisation(write_org(root / "org", ENDPOINTS, "sv"))
     mlflow = build_resources(settings)["mlflow"]
     good_a = save_credit_model(root / "models" / "a", seed=1)
     good_b = save_credit_model(root / "models" / "b", seed=2)

@@ -93,7 +93,7 @@ def _version_of(deployer: Any, target: Target) -> str | None:
 
 
 def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring: MonitoringResource,
-             ledger: Any, actor: str, now: datetime | None = None) -> dg.AssetCheckResult:
+             ledger: Any, actor: str, trigger: str = "manual run", now: datetime | None = None) -> dg.AssetCheckResult:
     """Run the drift comparison for one endpoint environment and record it (report, ledger)."""
     import pandas as pd
 
@@ -162,7 +162,7 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
             "model": m.model.name, "version": version, "drifted_share": result.drifted_share,
             "drifted_columns": result.drifted_columns, "window_rows": window.rows,
             "report": str(result.report_html or report),
-            "methods": {k: [mt, th] for k, (mt, th) in result.method_by_type.items()},
+            "methods": {k: [mt, th] for k, (mt, th) in result.method_by_type.items()}, "trigger": trigger,
         }, actor, env=m.env)
         metadata["ledger_entry"] = entry.seq
     return dg.AssetCheckResult(check_name=CHECK_NAME, passed=not result.dataset_drift,
@@ -191,8 +191,10 @@ def _check(m: Monitored) -> dg.AssetChecksDefinition:
     def _drift(context: dg.AssetCheckExecutionContext, mlflow: MlflowRegistry,
                deployer_local: LocalDeployerResource, monitoring: MonitoringResource,
                ledger: LedgerResource) -> dg.AssetCheckResult:
+        from platform_defs.factories import run_trigger
+
         return evaluate(m, mlflow=mlflow, deployer=deployer_local.deployer(), monitoring=monitoring,
-                        ledger=ledger.ledger(), actor=f"dagster:{context.run.run_id}")
+                        ledger=ledger.ledger(), actor=f"dagster:{context.run.run_id}", trigger=run_trigger(context))
 
     return _drift
 

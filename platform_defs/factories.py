@@ -73,8 +73,14 @@ def run_trigger(context: Any) -> str:
     """What started this run, for the ledger: a onepath sensor's reason, declarative automation, or a person."""
     tags = context.run.tags
     if tags.get("onepath/trigger"):
-        extra = tags.get("onepath/drift_entry") or tags.get("onepath/approval_entry") or tags.get("onepath/handoff_version")
-        return f"{tags['onepath/trigger']}" + (f" #{extra}" if extra else "")
+        extra = tags.get("onepath/drift_entry") or tags.get("onepath/approval_entry")
+        if extra:
+            return f"{tags['onepath/trigger']} #{extra}"
+        if tags.get("onepath/handoff_version"):
+            return f"{tags['onepath/trigger']} of version {tags['onepath/handoff_version']}"
+        if tags.get("onepath/new_rows"):
+            return f"{tags['onepath/trigger']}: {tags['onepath/new_rows']} new rows"
+        return tags["onepath/trigger"]
     if any(k.startswith(("dagster/from_automation", "dagster/auto_materialize")) for k in tags):
         return "declarative automation"  # (launched by the automation sensor, which also tags its name)
     if tags.get("dagster/sensor_name"):

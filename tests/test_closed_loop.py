@@ -194,6 +194,7 @@ def test_drift_requests_one_retraining_run_then_cools_down(world):
     assert evaluation.passed is False, evaluation.metadata["verdict"].value
     assert evaluation.metadata["drifted_share"].value >= 0.3
     (detected,) = entries(world, "drift_detected", "churn_scoring")
+    assert detected.data["trigger"] == "new_inference_rows: 600 new rows"
     requests, _ = sensor_tick(world, "drift")
     (retrain,) = requests
     assert retrain.asset_selection == [dg.AssetKey("customer_activity"), dg.AssetKey("churn")]

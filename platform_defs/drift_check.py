@@ -24,7 +24,7 @@ import dagster as dg
 
 from platform_defs.policy import DriftPolicy, Policy, effective_drift
 from platform_defs.specs import EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
-from resources.deployers.base import Target
+from resources.deployers.base import Target, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry
@@ -86,12 +86,6 @@ def prune_reports(directory: Path, keep_last: int, max_age_days: float, now: flo
     return gone
 
 
-def _version_of(deployer: Any, target: Target) -> str | None:
-    from sensors.alias_drift import serving_version
-
-    return serving_version(deployer.status(target))
-
-
 def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring: MonitoringResource,
              ledger: Any, actor: str, trigger: str = "manual run", now: datetime | None = None) -> dg.AssetCheckResult:
     """Run the drift comparison for one endpoint environment and record it (report, ledger)."""
@@ -101,7 +95,7 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
     from resources.inference_log import read_window
 
     now = now or datetime.now(timezone.utc)
-    version = _version_of(deployer, m.target)
+    version = serving_version(deployer.status(m.target))
     if version is None:
         return dg.AssetCheckResult(check_name=CHECK_NAME, passed=True, severity=dg.AssetCheckSeverity.WARN,
                                    metadata={"verdict": "no verdict: nothing serves here"})
@@ -170,10 +164,7 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
 
 
 def build_drift_checks(org: Organisation, policy: Policy) -> list[dg.AssetChecksDefinition]:
-    out = []
-    for m in monitored(org, policy):
-        out.append(_check(m))
-    return out
+    return [_check(m) for m in monitored(org, policy)]
 
 
 def _check(m: Monitored) -> dg.AssetChecksDefinition:

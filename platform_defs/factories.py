@@ -34,7 +34,7 @@ from platform_defs.specs import (
     endpoint_asset_name,
 )
 from resources.data_store import DataStore
-from resources.deployers.base import DeployError, Release, Target
+from resources.deployers.base import DeployError, Release, Target, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry, TAG_PREFIX
@@ -88,15 +88,6 @@ def run_trigger(context: Any) -> str:
     if tags.get("dagster/user"):
         return f"user:{tags['dagster/user']}"
     return "manual run"
-
-
-def serving_of(status: Any) -> str | None:
-    """The version an environment serves: its supervisor's current release when the backend knows one
-    (a server too busy to answer a probe in time still serves), else what answered at the address."""
-    sup = status.detail.get("supervisor") or {}
-    if sup.get("state") == "current" and sup.get("version"):
-        return str(sup["version"])
-    return status.serving_version if status.healthy else None
 
 
 def follows_upstream() -> dg.AutomationCondition:
@@ -457,12 +448,12 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                 raise dg.Failure(description=f"model '{model.name}' has no registered version: materialize it first")
         else:
             up = deployer.status(endpoint_target(spec, upstream_env))
-            if serving_of(up) is None:
+            if serving_version(up) is None:
                 raise dg.Failure(description=f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote "
                                              f"to '{env}'; deploy '{upstream_env}' first")
-            version = serving_of(up)
+            version = serving_version(up)
         before = deployer.status(target)
-        previous = serving_of(before)
+        previous = serving_version(before)
         trigger = run_trigger(context)
         if upstream_env is None and previous and previous != version:
             same = _no_better(mlflow, model.name, version, previous, track.regression_metric)
@@ -538,7 +529,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
 
 
 def _bake_or_roll_back(context: Any, org: Organisation, policy: Policy, spec: EndpointSpec, model: ModelSpec,
-                       env: str, version: str, previous: str | None, deployer: Any, mlflow: MlflowRegistry,
+                       env: str, version: str, previous: str, deployer: Any, mlflow: MlflowRegistry,
                        book: Any, actor: str, trigger: str) -> tuple[dict[str, Any], dg.Failure | None]:
     """Watch the freshly switched version for the policy's bake period on its own metrics. If it fails,
     put the previous version back (ledger: ``bake_failed``, then the rollback's entries) and fail the run."""
@@ -557,14 +548,12 @@ def _bake_or_roll_back(context: Any, org: Organisation, policy: Policy, spec: En
         book.append("bake_passed", spec.name, data, actor, env=env)
         return verdict.metadata, None
     book.append("bake_failed", spec.name, data, actor, env=env)
-    outcome = f"nothing to roll back to: version {version} was the first to serve {env}; it keeps serving"
-    if previous:
-        try:
-            rb = rollback(org, spec.name, env, to_version=previous, reason=f"bake failed: {verdict.summary}",
-                          actor=actor, mlflow=mlflow, ledger=book, deployer=deployer, policy=policy)
-            outcome = f"rolled back to version {rb.to_version} (ledger #{rb.rollback_entry})"
-        except RollbackError as err:
-            outcome = f"automatic rollback failed: {err}"
+    try:  # a bake runs only when a previous version served here: that is the way back
+        rb = rollback(org, spec.name, env, to_version=previous, reason=f"bake failed: {verdict.summary}",
+                      actor=actor, mlflow=mlflow, ledger=book, deployer=deployer, policy=policy)
+        outcome = f"rolled back to version {rb.to_version} (ledger #{rb.rollback_entry})"
+    except RollbackError as err:
+        outcome = f"automatic rollback failed: {err}"
     context.log.error(f"{spec.name}.{env}: bake of version {version} failed ({verdict.summary}); {outcome}")
     return verdict.metadata, dg.Failure(
         description=f"{spec.name}.{env}: version {version} failed its bake: {verdict.summary}; {outcome}",
@@ -711,15 +700,15 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
             version = latest_metadata(context, dg.AssetKey(spec.name), "app release")["release_version"]
         else:
             up = deployer.status(app_target(spec, upstream_env))
-            if serving_of(up) is None:
+            if serving_version(up) is None:
                 raise dg.Failure(description=f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote")
-            version = serving_of(up)
+            version = serving_version(up)
         artifact = releases_dir / "apps" / spec.name / version
         if not artifact.is_dir():
             raise dg.Failure(description=f"{spec.name}: release {version} is not built at {artifact}")
         env_vars = {f"ONEPATH_{t.name.upper()}_URL": deployer.address(t) for t in calls}
         before = deployer.status(target)
-        previous = serving_of(before)
+        previous = serving_version(before)
         context.log.info(f"{spec.name}.{env}: deploying release {version} (before: {previous})")
         gate = AppGate(app=spec, policy=policy, ledger=book, deployer=deployer, source_dir=PROJECT_ROOT / spec.source,
                        repo_root=PROJECT_ROOT)

@@ -31,11 +31,10 @@ from platform_defs.specs import (
     Organisation,
     endpoint_asset_name,
 )
-from resources.deployers.base import Deployer, DeployError, Release
+from resources.deployers.base import Deployer, DeployError, Release, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Entry, Ledger, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
-from sensors.alias_drift import serving_version
 
 
 class RollbackError(RuntimeError):

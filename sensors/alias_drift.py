@@ -32,7 +32,7 @@ from typing import Any
 import dagster as dg
 
 from platform_defs.specs import EndpointSpec, Organisation, endpoint_asset_name
-from resources.deployers.base import DeploymentStatus, Target
+from resources.deployers.base import DeploymentStatus, Target, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Ledger, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
@@ -50,19 +50,6 @@ def endpoint_targets(org: Organisation) -> list[tuple[EndpointSpec, str, Target]
         if isinstance(d, EndpointSpec):
             out += [(d, env, Target(d.name, env, "endpoint", d.ports.get(env))) for env in d.environments]
     return out
-
-
-def serving_version(status: DeploymentStatus) -> str | None:
-    """The version that serves, or None when nothing healthy answers.
-
-    Right after a cutover the previous version may still accept a connection or two on the shared
-    stable socket while it drains, so a single probe can name it. A backend that reports its current
-    release (the local supervisor's ``current`` group) is believed first; otherwise the server's answer.
-    """
-    if not status.healthy:
-        return None
-    current = (status.detail.get("supervisor") or {}).get("version")
-    return str(current) if current else status.serving_version
 
 
 def registry_aliases(mlflow: MlflowRegistry, model: str) -> dict[str, str]:

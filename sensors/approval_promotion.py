@@ -15,10 +15,9 @@ import json
 import dagster as dg
 
 from platform_defs.specs import EndpointSpec, Organisation, endpoint_asset_name
-from resources.deployers.base import Target
+from resources.deployers.base import Target, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Ledger, LedgerResource
-from sensors.alias_drift import serving_version
 
 SENSOR_NAME = "approved_promotions"
 

@@ -91,6 +91,18 @@ class Candidate:
     health_urls: list[str]
 
 
+def serving_version(status: "DeploymentStatus") -> str | None:
+    """The version an environment serves, or None when nothing does.
+
+    A backend that reports its current release (the local supervisor's ``current`` group) is believed
+    first: right after a cutover the draining version may still answer a probe or two on the shared
+    socket, and a server too busy to answer a probe in time still serves. Otherwise, what answered."""
+    sup = status.detail.get("supervisor") or {}
+    if sup.get("state") == "current" and sup.get("version"):
+        return str(sup["version"])
+    return status.serving_version if status.healthy else None
+
+
 def http_json(url: str, timeout: float = 2.0, data: dict | None = None) -> tuple[int, Any]:
     body = json.dumps(data).encode() if data is not None else None
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",

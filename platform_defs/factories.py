@@ -396,6 +396,15 @@ def endpoint_target(spec: EndpointSpec, env: str) -> Target:
     return Target(spec.name, env, kind="endpoint", port=spec.ports.get(env))
 
 
+def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, version: str,
+                     artifact: Any) -> Release:
+    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` (a promotion and a rollback alike)."""
+    return Release(version=version, artifact=str(artifact), workers=spec.workers, config={
+        "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
+        "model_threads": spec.model_threads, **({} if spec.inference_log else {"log_dir": None}),
+    })
+
+
 def build_endpoint_defs(spec: EndpointSpec, org: Organisation, policy: Policy) -> list[Any]:
     model = org.by_name[spec.model]
     assert isinstance(model, ModelSpec)
@@ -477,10 +486,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
             yield from results
             raise refusal
         artifact = mlflow.download(model.name, version)
-        release = Release(version=version, artifact=str(artifact), workers=spec.workers, config={
-            "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
-            **({} if spec.inference_log else {"log_dir": None}),
-        })
+        release = endpoint_release(spec, model, dataset, version, artifact)
         t0 = time.perf_counter()
         try:
             status = deployer.deploy(target, release)

@@ -22,7 +22,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from platform_defs.factories import endpoint_target
+from platform_defs.factories import endpoint_release, endpoint_target
 from platform_defs.policy import Policy
 from platform_defs.specs import (
     DatasetSpec,
@@ -31,7 +31,7 @@ from platform_defs.specs import (
     Organisation,
     endpoint_asset_name,
 )
-from resources.deployers.base import Deployer, DeployError, Release, serving_version
+from resources.deployers.base import Deployer, DeployError, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Entry, Ledger, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
@@ -155,10 +155,7 @@ def rollback(org: Organisation, endpoint_name: str, env: str, *, to_version: str
     except (MlflowException, OSError) as err:
         raise RollbackError(f"{label}: version {version} of model '{model.name}' cannot be fetched from MLflow "
                             f"({_one_line(err, 200)}); {current or 'nothing'} keeps serving") from None
-    release = Release(version=version, artifact=str(artifact), workers=spec.workers, config={
-        "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
-        **({} if spec.inference_log else {"log_dir": None}),
-    })
+    release = endpoint_release(spec, model, dataset, version, artifact)
     try:
         status = deployer.deploy(target, release)
     except DeployError as err:

@@ -204,6 +204,11 @@ class EndpointSpec(_Declaration):
         default_factory=dict, description="Fixed stable ports per environment (otherwise allocated once and kept)."
     )
     max_batch: int = Field(64, ge=1, le=4096, description="Most rows scored in one model call.")
+    model_threads: int = Field(
+        1, ge=1, le=64,
+        description="OpenMP/BLAS threads each worker's model may use. 1 (the default): the workers are the "
+                    "parallelism, and a model call never waits at a thread barrier for a core that training or "
+                    "another worker holds (a HistGradientBoosting p99 went from 680 ms to 7 ms beside a training run).")
     inference_log: bool = True
     drift: DriftWindowSpec = Field(default_factory=DriftWindowSpec,
                                    description="Drift window and methods; unset fields come from the track's policy.")

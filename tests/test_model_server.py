@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ from resources.deployers.local import LocalProcessDeployer
 
 
 @pytest.fixture(scope="module")
-def server(settings, tmp_path_factory):
+def tiny_model(tmp_path_factory) -> Path:
     """A bare LogisticRegression fitted on a DataFrame: sklearn itself refuses unknown columns, so a
     200 with extra columns proves they never reached the model."""
     import mlflow.sklearn
@@ -32,10 +33,19 @@ def server(settings, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("srv") / "m"
     mlflow.sklearn.save_model(est, str(model_dir), signature=infer_signature(X, est.predict(X)),
                               input_example=X.head(2))
-    deployer = LocalProcessDeployer(settings.run_dir, port_base=settings.port_base,
-                                    inference_log_dir=settings.inference_log_dir)
+    return model_dir
+
+
+def tiny_deployer(settings) -> LocalProcessDeployer:
+    return LocalProcessDeployer(settings.run_dir, port_base=settings.port_base,
+                                inference_log_dir=settings.inference_log_dir)
+
+
+@pytest.fixture(scope="module")
+def server(settings, tiny_model):
+    deployer = tiny_deployer(settings)
     target = Target("validation", "test", kind="endpoint")
-    st = deployer.deploy(target, Release("7", str(model_dir), {
+    st = deployer.deploy(target, Release("7", str(tiny_model), {
         "model_name": "tiny", "pii_columns": ["full_name", "national_id"]}))
     yield st.address, settings.inference_log_dir / "validation" / "test"
     deployer.delete(target)
@@ -139,6 +149,23 @@ def test_health_version_and_metrics(server):
     assert "onepath_request_latency_seconds_bucket" in text and 'le="+Inf"' in text
     errors = [line for line in text.splitlines() if line.startswith("onepath_request_errors_total")]
     assert errors and int(errors[0].split()[-1]) >= 1
+
+
+def test_native_thread_pools_have_the_releases_model_threads(server, settings, tiny_model):
+    """Workers are the parallelism: each worker's OpenMP/BLAS pools have ``model_threads`` threads
+    (default 1), as the libraries themselves report them (threadpoolctl), whatever the machine's cores."""
+    address, _ = server
+    pools = json.loads(get(address, "/version")[1])["native_threads"]
+    assert "blas" in pools and set(pools.values()) == {1}, pools
+    deployer, target = tiny_deployer(settings), Target("validation", "threads", kind="endpoint")
+    try:
+        st = deployer.deploy(target, Release("7", str(tiny_model), {
+            "model_name": "tiny", "pii_columns": [], "model_threads": 2}))
+        pools = json.loads(get(st.address, "/version")[1])["native_threads"]
+        # OpenMP takes what it is told; OpenBLAS caps its pool at the machine's cores
+        assert pools == {"openmp": 2, "blas": min(2, os.cpu_count() or 1)}, pools
+    finally:
+        deployer.delete(target)
 
 
 def test_wrong_method_and_unknown_path(server):

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 from platform_defs.settings import PROJECT_ROOT
 from resources.processes import pid_alive
-from resources.deployers.base import Candidate, Deployer, DeployError, Release, Target, http_json
+from resources.deployers.base import (Candidate, Deployer, DeployError, Release, Target, http_json,
+                                      model_thread_env)
 from resources.serving.supervisor import log_tail
 
 
@@ -183,6 +184,7 @@ class LocalProcessDeployer(Deployer):
         cfg = dict(release.config)
         env = {"PYTHONPATH": str(PROJECT_ROOT), **{k: str(v) for k, v in cfg.pop("env", {}).items()}}
         if target.kind == "endpoint":
+            env.update(model_thread_env(cfg.pop("model_threads", 1)))
             configs = slot / "configs"
             configs.mkdir(parents=True, exist_ok=True)
             server_cfg = {

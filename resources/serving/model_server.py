@@ -363,6 +363,19 @@ class InferenceLog:
 # The app
 
 
+def native_threads() -> dict[str, int]:
+    """The size of each native thread pool loaded in this process (``openmp``, ``blas``), as
+    threadpoolctl reads it from the libraries themselves: the deployer sizes them through the
+    environment (``model_threads``), and ``/version`` shows what the libraries actually took."""
+    from threadpoolctl import threadpool_info
+
+    out: dict[str, int] = {}
+    for pool in threadpool_info():
+        api = str(pool.get("user_api"))
+        out[api] = max(out.get(api, 0), int(pool.get("num_threads") or 0))
+    return out
+
+
 class ModelApp:
     def __init__(self, model: LoadedModel, *, endpoint: str, env: str, pii: list[str],
                  log_dir: Path | None, max_batch: int = 64, batch_wait_ms: float = 2.0):
@@ -389,7 +402,7 @@ class ModelApp:
             "endpoint": endpoint, "env": env, "model": model.name, "version": model.version,
             "run_id": model.run_id, "flavor": model.flavor, "pid": os.getpid(),
             "loaded_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
-            "features": self.feature_names,
+            "features": self.feature_names, "native_threads": native_threads(),
         })
         self._health_body = orjson.dumps({"status": "ok", "version": model.version})
         dtypes = {"number": "float64", "integer": "int64", "string": "object", "boolean": "bool"}

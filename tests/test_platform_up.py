@@ -43,6 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ledger_text(book) -> str:
+    """The whole ledger, one line per entry with its trigger and summary: a failure message that pytest
+    prints in full (it shortens the repr of a list, not a string)."""
+    return "\n".join(f"#{e.seq} {e.kind} {e.subject} {e.env} trigger={e.data.get('trigger')!r} "
+                     f"{e.data.get('summary') or e.data.get('reason') or ''}" for e in book.entries())
+
+
 def loop_policy_file(tmp_path: Path) -> Path:
     """The example policy with the retention track's drift and bake sized for a test: a check after 300
     new rows over the newest 400, and a 5 s bake that needs 5 requests."""
@@ -140,12 +147,11 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
         while not book.entries(kind="bake_passed", subject="churn_scoring") + \
                 book.entries(kind="bake_failed", subject="churn_scoring"):  # the switch's last word
             assert traffic.poll() is None, traffic.stdout.read().decode()[-2000:]
-            assert time.monotonic() < deadline, [(e.kind, e.env, e.data.get("trigger")) for e in book.entries()]
+            assert time.monotonic() < deadline, ledger_text(book)
             time.sleep(1)
         kinds = [e.kind for e in book.entries() if e.subject in ("churn_scoring", "churn")]
         for kind in ("drift_detected", "retrain_requested", "bake_passed"):
-            assert kind in kinds, [(e.kind, e.env, e.data.get("trigger"), e.data.get("summary"))
-                                   for e in book.entries() if e.subject in ("churn_scoring", "churn")]
+            assert kind in kinds, ledger_text(book)
         (asked,) = book.entries(kind="retrain_requested", subject="churn_scoring")
         assert asked.data["trigger"].startswith("drift_detected #")
         final = [e for e in book.entries(kind="deploy", subject="churn_scoring") if e.env == "prod"][-1]

@@ -21,8 +21,8 @@
 * A model worker's native thread pools (OpenMP, OpenBLAS, MKL, Accelerate, numexpr) have the
   release's ``model_threads`` threads (default 1): the workers are the parallelism. A model whose
   prediction is an OpenMP parallel region (HistGradientBoosting, LightGBM, XGBoost) would otherwise
-  wait at every barrier for a core held by training or by another worker: beside a training run its
-  p99 went from 7 ms to 680 ms. The local backend sets ``model_thread_env`` in the worker's
+  wait at every barrier for a core held by training or by another worker: beside a training run
+  churn's p99 went from 15 ms to 1816 ms (``bench/threads_bench.py``). The local backend sets ``model_thread_env`` in the worker's
   environment; a Kubernetes backend puts the same variables in the container spec.
 * ``worker_metrics(target)`` returns the Prometheus text of each worker of the version now current
   (what a bake judges a freshly switched version on); ``[]`` when nothing is current.
@@ -49,10 +49,10 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
                     "NUMEXPR_NUM_THREADS")
 
 
-def model_thread_env(threads: int | str | None) -> dict[str, str]:
+def model_thread_env(threads: int = 1) -> dict[str, str]:
     """The environment that sizes a model worker's native thread pools (see the module docstring);
     read by those libraries when they load, so it must be in the worker's environment from its start."""
-    n = int(threads if threads not in (None, "") else 1)
+    n = int(threads)
     if n < 1:
         raise ValueError(f"model_threads must be at least 1, got {n}")
     return {name: str(n) for name in THREAD_VARIABLES}

@@ -78,12 +78,14 @@ class Target:
 
 @dataclass(frozen=True)
 class Release:
-    """What to serve. ``artifact`` is a local directory (model files, or an app build)."""
+    """What to serve. ``artifact`` is a local directory (model files, or an app build); ``digest`` is
+    the content digest (``sha256:<hex>``) the server must find in it before it serves a byte of it."""
 
     version: str
     artifact: str
     config: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
+    digest: str | None = None
 
 
 @dataclass

@@ -19,6 +19,15 @@ has the signed hash (and still exists). Before it signs a new head, ``append`` c
 the current anchor, so a tampered tail is never laundered by the next legitimate append: it raises
 :class:`LedgerTampered` instead (fail closed).
 
+Promotion leases live in the same database (table ``promotion_leases``): one row per endpoint or
+app environment, naming its holder, a *fencing token* that grows by one with every grant, and an
+expiry. ``acquire_lease`` grants it when it is free or expired; the holder renews it while it works
+(``renew_lease``); ``append(..., fence=lease)`` writes an entry only while that very grant still
+holds, checked inside the append's own transaction; the deployer passes the token to the server
+side, which refuses a cutover whose token is older than one it has seen. So a stalled holder that
+lost its lease can neither switch traffic nor record that it did. The lease rows are state, not
+history: they are outside the hash chain.
+
 Concurrency: an append (read head, insert, commit, re-sign the anchor) runs under an exclusive
 ``fcntl.flock`` on ``<db>.lock`` and inside ``BEGIN IMMEDIATE``, so separate processes (Dagster
 runs, sensors, the CLI) and threads of one process serialize. ``verify`` takes a shared lock just
@@ -36,6 +45,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -48,6 +58,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import Field
+
+from resources.files import atomic_write, create_private_file
 
 KINDS: tuple[str, ...] = (
     "deploy",
@@ -67,6 +79,9 @@ KINDS: tuple[str, ...] = (
     "bake_passed",
     "bake_failed",
     "first_release",
+    "model_registered",
+    "artifact_refused",
+    "serving_stopped",
 )
 
 GENESIS_HASH = "0" * 64
@@ -89,6 +104,11 @@ _SCHEMA = (
         data      TEXT NOT NULL,
         prev_hash TEXT NOT NULL,
         hash      TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS promotion_leases (
+        name       TEXT PRIMARY KEY,
+        holder     TEXT NOT NULL,
+        token      INTEGER NOT NULL,
+        expires_at REAL NOT NULL)""",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_subject ON {TABLE} (subject, kind)",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_kind ON {TABLE} (kind)",
     # Guards against accidents, not attackers (who can drop them): the hashes and the signed
@@ -170,6 +190,30 @@ class LedgerTampered(RuntimeError):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A grant of the promotion lease ``name`` to ``holder``; ``token`` fences everything it does."""
+
+    name: str
+    holder: str
+    token: int
+    expires_at: float
+
+
+class LeaseHeld(RuntimeError):
+    """The lease is held by someone else (one line: who, since which token, until when)."""
+
+    def __init__(self, name: str, holder: str, token: int, expires_at: float):
+        left = max(0.0, expires_at - time.time())
+        super().__init__(f"{name}: another promotion holds the lock ({holder}, fencing token {token}, "
+                         f"lease runs {left:.0f} s more unless renewed)")
+        self.name, self.holder, self.token, self.expires_at = name, holder, token, expires_at
+
+
+class LeaseLost(RuntimeError):
+    """The holder's grant is no longer the current one (it expired and was granted again, or was released)."""
+
+
 @dataclass
 class _Anchor:
     seq: int
@@ -227,7 +271,7 @@ class Ledger:
                 _FORKED.append(hit[1])  # never close a connection inherited through fork()
             elif hit:
                 hit[1].close()
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            create_private_file(self.db_path)  # sqlite's -wal and -shm files take the database's mode
             conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
@@ -249,7 +293,7 @@ class Ledger:
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -345,7 +389,7 @@ class Ledger:
             pass
         finally:
             os.unlink(tmp)
-        _atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o644)
+        atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o600)
 
     def _public_key(self) -> tuple[Ed25519PublicKey | None, str | None]:
         """The verifying key (``<key>.pub``, else derived from the private key), or an error."""
@@ -390,12 +434,16 @@ class Ledger:
     def _write_anchor(self, key: Ed25519PrivateKey, seq: int, hash_: str) -> None:
         doc = {"seq": seq, "hash": hash_, "signed_at": _utc_now(),
                "signature": base64.b64encode(key.sign(anchor_message(seq, hash_))).decode()}
-        _atomic_write(self.anchor_path, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o644)
+        atomic_write(self.anchor_path, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
 
     # -- append ----------------------------------------------------------------------------------
 
-    def append(self, kind: str, subject: str, data: dict, actor: str, env: str | None = None) -> Entry:
-        """Append one entry and re-sign the anchor over it; returns the stored entry."""
+    def append(self, kind: str, subject: str, data: dict, actor: str, env: str | None = None,
+               fence: Lease | None = None) -> Entry:
+        """Append one entry and re-sign the anchor over it; returns the stored entry.
+
+        With ``fence``, the entry is written only while that lease grant is still the current one and
+        unexpired (checked in the same transaction); otherwise :class:`LeaseLost` and nothing is written."""
         for name, value in (("kind", kind), ("subject", subject), ("actor", actor)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"ledger entry field {name!r} must be a non-empty string (got {value!r})")
@@ -411,6 +459,8 @@ class Ledger:
             assert conn is not None
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                if fence is not None:
+                    self._check_fence(conn, fence)
                 row = conn.execute(f"SELECT seq, hash FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
                 head_seq, head_hash = row if row else (0, GENESIS_HASH)
                 key = self._check_head_before_append(conn, head_seq)
@@ -439,14 +489,14 @@ class Ledger:
             key = self._private_key(create=True)
             assert key is not None
             if not self.pub_path.exists():
-                _atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o644)
+                atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o600)
             return key
         anchor = state.anchor
         key = self._private_key(create=False)
         if key is None:
             raise LedgerTampered(None, f"platform key {self.key_path} is missing; the anchor cannot be checked")
         if not self.pub_path.exists():
-            _atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o644)
+            atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o600)
         try:
             key.public_key().verify(anchor.signature, anchor_message(anchor.seq, anchor.hash))
         except InvalidSignature:
@@ -464,6 +514,79 @@ class Ledger:
         if problem:
             raise LedgerTampered(*problem)
         return key
+
+    # -- promotion leases ------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_fence(conn: sqlite3.Connection, lease: Lease) -> None:
+        row = conn.execute("SELECT holder, token, expires_at FROM promotion_leases WHERE name = ?",
+                           (lease.name,)).fetchone()
+        if row is None or row[1] != lease.token or row[0] != lease.holder:
+            now = f"token {row[1]} held by {row[0]}" if row else "no grant"
+            raise LeaseLost(f"{lease.name}: the promotion lock (token {lease.token}) was lost; now {now}")
+        if row[2] <= time.time():
+            raise LeaseLost(f"{lease.name}: the promotion lock (token {lease.token}) expired")
+
+    @contextmanager
+    def _lease_txn(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the lease table (sqlite's own lock serializes the writers)."""
+        conn = self._connection(create=True)
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease:
+        """Grant the lease ``name`` to ``holder`` for ``ttl`` seconds with the next fencing token, unless
+        someone else holds it unexpired (:class:`LeaseHeld`)."""
+        with self._lease_txn() as conn:
+            row = conn.execute("SELECT holder, token, expires_at FROM promotion_leases WHERE name = ?",
+                               (name,)).fetchone()
+            now = time.time()
+            if row is not None and row[2] > now:
+                raise LeaseHeld(name, row[0], row[1], row[2])
+            token = (row[1] if row else 0) + 1
+            lease = Lease(name, holder, token, now + ttl)
+            conn.execute("INSERT INTO promotion_leases (name, holder, token, expires_at) VALUES (?,?,?,?) "
+                         "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, token = excluded.token, "
+                         "expires_at = excluded.expires_at", (name, holder, token, lease.expires_at))
+        return lease
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        """Extend a grant that is still current; :class:`LeaseLost` if it is not."""
+        with self._lease_txn() as conn:
+            self._check_fence(conn, lease)
+            renewed = Lease(lease.name, lease.holder, lease.token, time.time() + ttl)
+            conn.execute("UPDATE promotion_leases SET expires_at = ? WHERE name = ? AND token = ?",
+                         (renewed.expires_at, lease.name, lease.token))
+        return renewed
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease up (a no-op when the grant is no longer current). The token counter stays."""
+        with self._lease_txn() as conn:
+            conn.execute("UPDATE promotion_leases SET expires_at = 0 WHERE name = ? AND token = ? AND holder = ?",
+                         (lease.name, lease.token, lease.holder))
+
+    def lease(self, name: str) -> Lease | None:
+        """The current unexpired grant of ``name``, or None."""
+        with self._reader() as conn:
+            if conn is None:
+                return None
+            try:
+                row = conn.execute("SELECT holder, token, expires_at FROM promotion_leases WHERE name = ?",
+                                   (name,)).fetchone()
+            except sqlite3.OperationalError as err:
+                if "no such table" in str(err):
+                    return None
+                raise
+        if row is None or row[2] <= time.time():
+            return None
+        return Lease(name, row[0], row[1], row[2])
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -651,18 +774,6 @@ def _walk(rows: list[tuple], first_seq: int, prev_hash: str | None,
 
 def _public_pem(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _atomic_write(path: Path, content: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, content)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class LedgerResource(dg.ConfigurableResource):

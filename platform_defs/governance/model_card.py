@@ -23,13 +23,14 @@ to show says so ("not evaluated", "none recorded"); it never invents a value.
 from __future__ import annotations
 
 import html
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from resources.files import atomic_write
 
 TAG = "onepath."
 HISTORY_KINDS = ("deploy", "rollback", "promotion_refused")
@@ -561,12 +562,6 @@ def card_file_stem(card: ModelCardData) -> str:
     return f"model_card-{safe}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_model_card(card: ModelCardData, out_dir: Path | str) -> tuple[Path, Path]:
     """Render and write ``model_card-<model>-v<version>.md`` and ``.html`` into ``out_dir``."""
     out = Path(out_dir)
@@ -574,8 +569,8 @@ def write_model_card(card: ModelCardData, out_dir: Path | str) -> tuple[Path, Pa
     md, page = render_model_card(card)
     stem = card_file_stem(card)
     md_path, html_path = out / f"{stem}.md", out / f"{stem}.html"
-    _atomic_write(md_path, md)
-    _atomic_write(html_path, page)
+    atomic_write(md_path, md.encode("utf-8"))
+    atomic_write(html_path, page.encode("utf-8"))
     return md_path, html_path
 
 

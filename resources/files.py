@@ -1,0 +1,79 @@
+"""Owner-only files: the one atomic-write helper and the private umask every entry point sets.
+
+Standard library only (the supervisor and the model workers import it at start). Any other local
+user is an attacker (README, *What each guarantee rests on*): state, keys, databases, snapshots and
+logs under ``$ONEPATH_HOME`` are readable and writable by the platform's user alone, so every
+process onepath starts creates what it creates with mode 0600 (files) or 0700 (folders).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+PRIVATE_UMASK = 0o077
+
+
+def use_private_umask() -> None:
+    """Make everything this process (and every process it starts) creates owner-only."""
+    os.umask(PRIVATE_UMASK)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only its owner can enter (created with its parents if missing)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def atomic_write(path: Path, content: bytes, mode: int = 0o600) -> None:
+    """Write ``content`` to ``path`` so readers see the old file or the new one, never a part; durable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (so a library that opens it later, such as
+    sqlite, finds an owner-only file instead of making one with the process's umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def tighten_tree(root: Path) -> int:
+    """Take every group and other permission off everything below ``root`` (a home made before
+    onepath was private, or by a tool with a looser umask); returns how many entries changed.
+    Symbolic links are left alone (their own mode means nothing)."""
+    changed = 0
+    root = Path(root)
+    if not root.exists():
+        return 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [None, *filenames]:
+            p = Path(dirpath) if name is None else Path(dirpath) / name
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077:
+                p.chmod(mode & 0o700)
+                changed += 1
+    return changed

@@ -23,6 +23,7 @@ from platform_defs.cli_inventory import add_inventory_parser
 from platform_defs.cli_rollback import add_rollback_parser
 from platform_defs.cli_simulate import add_simulate_parser
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
+from resources.files import tighten_tree, use_private_umask
 from resources.processes import group_alive
 
 DAGSTER_YAML = """\
@@ -150,6 +151,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from platform_defs.specs import DeclarationError
 
     settings = load_settings()
+    loose = tighten_tree(settings.home)  # a home made by an older onepath, or by hand, with a loose umask
+    if loose:
+        print(f"onepath: took group and other permissions off {loose} entries under {settings.home}")
     ensure_instance(settings)
     try:
         org = load_organisation()
@@ -219,6 +223,7 @@ def _stop_group(p: subprocess.Popen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_private_umask()  # everything this command, and every server it starts, creates is owner-only
     ap = argparse.ArgumentParser(prog="onepath", description="One delivery path for data, models, endpoints and apps.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("up", help="start the platform: Dagster UI (with sensors) and the MLflow UI")

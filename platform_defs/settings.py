@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from resources.files import create_private_file, private_dir
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,6 +34,8 @@ class Settings:
     port_base: int
 
     def ensure_dirs(self) -> "Settings":
+        """Create every folder owner-only (0700), and an embedded MLflow store as an owner-only file:
+        any other local user is an attacker (see ``resources.files``)."""
         for p in (
             self.home,
             self.dagster_home,
@@ -43,7 +47,10 @@ class Settings:
             self.run_dir,
             self.releases_dir,
         ):
-            p.mkdir(parents=True, exist_ok=True)
+            private_dir(p)
+        for uri in {self.mlflow_tracking_uri, self.mlflow_registry_uri}:
+            if uri.startswith("sqlite:///"):
+                create_private_file(Path(uri.removeprefix("sqlite:///")))
         return self
 
 

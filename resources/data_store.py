@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from resources.files import create_private_file, private_dir
+
 
 def dataframe_hash(df: pd.DataFrame) -> str:
     """A content hash of a frame: column names, dtypes and every value, independent of file format."""
@@ -32,8 +34,9 @@ class DataStore(dg.ConfigurableResource):
         data_hash = dataframe_hash(df)
         path = self.path(dataset, data_hash)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            create_private_file(tmp)  # snapshots hold PII: owner-only whatever the process's umask
             df.to_parquet(tmp, index=False)
             os.replace(tmp, path)
         return path, data_hash

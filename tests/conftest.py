@@ -38,6 +38,14 @@ def _free_port_base(span: int = 200) -> int:
     raise RuntimeError("no free port range")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_umask() -> None:
+    """The test process is an entry point like ``onepath``: what it creates is owner-only."""
+    from resources.files import use_private_umask
+
+    use_private_umask()
+
+
 @pytest.fixture(scope="session")
 def onepath_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("onepath")

@@ -1,7 +1,7 @@
 """``onepath rollback ENDPOINT --env ENV [--to VERSION] --reason "..." [--as NAME]``.
 
-Redeploys the previous approved version (or ``--to VERSION``, which must have served that environment
-before) at the environment's stable address, moves the MLflow alias and records the rollback in the
+Redeploys the previous governed version (or ``--to VERSION``, which must have served that environment
+before and still pass its gate there, with its registered digest) at the environment's stable address, moves the MLflow alias and records the rollback in the
 ledger. Errors are one line on stderr and exit 1, never a traceback.
 """
 
@@ -31,7 +31,7 @@ def default_actor() -> str:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from platform_defs.policy import PolicyError, load_policy
-    from platform_defs.rollback import RollbackError, rollback
+    from platform_defs.promotion import PromotionError, Services, roll_back
     from platform_defs.settings import load_settings
     from platform_defs.specs import DeclarationError
 
@@ -49,10 +49,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         return _fail(str(err).splitlines()[0])
     resources = build_resources(load_settings())
     try:
-        result = rollback(org, args.endpoint, args.env, to_version=args.to, reason=args.reason, actor=actor,
-                          mlflow=resources["mlflow"], ledger=resources["ledger"].ledger(),
-                          deployer=resources["deployer_local"].deployer(), policy=policy)
-    except RollbackError as err:
+        result = roll_back(org, policy, args.endpoint, args.env, to_version=args.to, reason=args.reason, actor=actor,
+                           services=Services(mlflow=resources["mlflow"], deployer=resources["deployer_local"].deployer(),
+                                             ledger=resources["ledger"].ledger(), data_store=resources["data_store"],
+                                             ))
+    except PromotionError as err:
         return _fail(str(err))
     print(result.summary())
     return 0

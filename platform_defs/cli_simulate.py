@@ -459,7 +459,7 @@ def _fail(msg: str) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from platform_defs.factories import endpoint_target
+    from platform_defs.promotion import endpoint_target
     from platform_defs.loader import load_organisation
     from platform_defs.settings import load_settings
     from platform_defs.specs import DeclarationError

@@ -41,7 +41,7 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
         resources=build_resources(settings),
         sensors=[
             build_endpoint_status_sensor(org), build_alias_drift_sensor(org), build_drift_sensor(org, policy),
-            build_approval_promotion_sensor(org), build_handoff_sensor(org), build_supervisor_events_sensor(org),
+            build_approval_promotion_sensor(org), build_handoff_sensor(org), build_supervisor_events_sensor(org, policy),
             # assets drive assets: a new model version goes to staging, and on through the environments
             # the policy lets automation promote (never an app release: those have no condition)
             dg.AutomationConditionSensorDefinition(

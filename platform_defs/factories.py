@@ -34,7 +34,6 @@ from platform_defs.specs import (
     endpoint_asset_name,
 )
 from resources.data_store import DataStore
-from resources.deployers.base import DeployError, Release, Target, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry, TAG_PREFIX
@@ -349,79 +348,38 @@ def _verdicts_md(verdicts: list[tuple[str, float, float, bool]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Gates
+# Endpoints and app environments: thin adapters over the one promotion flow (platform_defs.promotion)
 
 
-def record_gate(book: Any, verdicts: list, *, subject: str, env: str, actor: str, version: str,
-                who: dict[str, str], still_serving: str | None,
-                trigger: str = "manual run") -> tuple[list[dg.AssetCheckResult], dg.Failure | None]:
-    """The gate's verdicts as blocking check results, recorded in the ledger; and the refusal to raise
-    (after yielding the results) when any failed. The version serving now keeps serving.
-
-    A version held back only by a missing approval is recorded as ``awaiting_approval`` (naming who
-    may approve and the command), not as a refusal: nothing is wrong with it yet."""
-    results = [dg.AssetCheckResult(
+def check_results(verdicts: list, version: str, who: str) -> list[dg.AssetCheckResult]:
+    """The gate's verdicts as the asset's blocking check results."""
+    return [dg.AssetCheckResult(
         check_name=v.check, passed=v.passed, severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"model_version" if "model" in who else "release_version": version, "verdict": v.summary,
+        metadata={f"{who}_version": version, "verdict": v.summary,
                   **v.metadata, **{k: dg.MetadataValue.md(text) for k, text in v.markdown.items()}},
     ) for v in verdicts]
-    failed = [v for v in verdicts if not v.passed]
-    book.append("gate_verdict", subject, {
-        **who, "version": version, "passed": not failed, "trigger": trigger,
-        "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
-    if not failed:
-        return results, None
-    if [v.check for v in failed] == ["approval"]:
-        book.append("awaiting_approval", subject, {
-            **who, "version": version, "still_serving": still_serving, "trigger": trigger,
-            "approvers": failed[0].metadata.get("approvers"), "command": failed[0].metadata.get("command")},
-            actor, env=env)
-    else:
-        book.append("promotion_refused", subject, {**who, "version": version, "still_serving": still_serving,
-                                                   "failed": [v.check for v in failed], "trigger": trigger},
-                    actor, env=env)
-    return results, dg.Failure(
-        description=f"{subject}.{env}: version {version} refused; "
-                    + "; ".join(f"{v.check}: {v.summary}" for v in failed)
-                    + f". {still_serving or 'Nothing'} keeps serving.",
-        metadata={"refused_version": version, "still_serving": still_serving or "nothing",
-                  "failed_checks": ", ".join(v.check for v in failed)})
 
 
-# --------------------------------------------------------------------------------------------
-# Endpoints
+def flow_services(context: Any, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,
+                  ledger: LedgerResource, data_store: DataStore | None = None,
+                  releases_dir: Path | None = None) -> Any:
+    from platform_defs.promotion import Services
 
-
-def endpoint_target(spec: EndpointSpec, env: str) -> Target:
-    return Target(spec.name, env, kind="endpoint", port=spec.ports.get(env))
-
-
-def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, version: str,
-                     artifact: Any) -> Release:
-    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` (a promotion and a rollback alike)."""
-    return Release(version=version, artifact=str(artifact), workers=spec.workers, config={
-        "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
-        "model_threads": spec.model_threads, **({} if spec.inference_log else {"log_dir": None}),
-    })
+    return Services(mlflow=mlflow, deployer=deployer_local.deployer(), ledger=ledger.ledger(), data_store=data_store,
+                    releases_dir=releases_dir, log=context.log.info, warn=context.log.warning)
 
 
 def build_endpoint_defs(spec: EndpointSpec, org: Organisation, policy: Policy) -> list[Any]:
     model = org.by_name[spec.model]
     assert isinstance(model, ModelSpec)
-    dataset = org.by_name[model.dataset]
-    assert isinstance(dataset, DatasetSpec)
-    out = []
-    for i, env in enumerate(spec.environments):
-        upstream_env = spec.environments[i - 1] if i else None
-        out.append(_endpoint_env_asset(spec, model, dataset, env, upstream_env, org, policy))
-    return out
+    return [_endpoint_env_asset(spec, model, env, spec.environments[i - 1] if i else None, org, policy)
+            for i, env in enumerate(spec.environments)]
 
 
-def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, env: str,
-                        upstream_env: str | None, org: Organisation, policy: Policy) -> Any:
-    from platform_defs.governance.gates import DESCRIPTIONS, ModelGate, model_checks
+def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream_env: str | None,
+                        org: Organisation, policy: Policy) -> Any:
+    from platform_defs.governance.gates import DESCRIPTIONS, model_checks
 
-    features, label = org.model_features(model)
     required = model_checks(policy.track(model.track), env)
     key = endpoint_asset_name(spec.name, env)
     dep = dg.AssetKey(endpoint_asset_name(spec.name, upstream_env)) if upstream_env else dg.AssetKey(model.name)
@@ -447,163 +405,42 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
     )
     def _endpoint(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,
                   data_store: DataStore, ledger: LedgerResource):
-        deployer = deployer_local.deployer()
-        book = ledger.ledger()
-        actor = f"dagster:{context.run.run_id}"
-        target = endpoint_target(spec, env)
-        if upstream_env is None:
-            version = mlflow.latest_version(model.name)
-            if version is None:
-                raise dg.Failure(description=f"model '{model.name}' has no registered version: materialize it first")
-        else:
-            up = deployer.status(endpoint_target(spec, upstream_env))
-            if serving_version(up) is None:
-                raise dg.Failure(description=f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote "
-                                             f"to '{env}'; deploy '{upstream_env}' first")
-            version = serving_version(up)
-        before = deployer.status(target)
-        previous = serving_version(before)
-        trigger = run_trigger(context)
-        if upstream_env is None and previous and previous != version:
-            same = _no_better(mlflow, model.name, version, previous, track.regression_metric)
-            if same:
-                book.append("promotion_skipped", spec.name, {
-                    "model": model.name, "version": version, "still_serving": previous,
-                    "reason": same, "trigger": trigger}, actor, env=env)
-                raise dg.Failure(description=f"{spec.name}.{env}: version {version} not promoted: {same}. "
-                                             f"Version {previous} keeps serving.",
-                                 metadata={"skipped_version": version, "still_serving": previous})
-        context.log.info(f"{spec.name}.{env}: deploying {model.name} version {version} "
-                         f"(serving before: {previous or 'nothing'}) at {deployer.address(target)}")
-        gate = ModelGate(endpoint=spec, model=model, dataset=dataset, features=features, label=label,
-                         policy=policy, mlflow=mlflow, data_store=data_store, ledger=book, deployer=deployer,
-                         instance=context.instance)
-        verdicts = gate.evaluate(version, env)
-        results, refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
-                                       who={"model": model.name}, still_serving=previous,
-                                       trigger=trigger)
-        if refusal:
-            yield from results
-            raise refusal
-        artifact = mlflow.download(model.name, version)
-        release = endpoint_release(spec, model, dataset, version, artifact)
-        t0 = time.perf_counter()
+        from platform_defs.promotion import PromotionError, promote_endpoint
+
         try:
-            status = deployer.deploy(target, release)
-        except DeployError as err:
-            book.append("promotion_refused", spec.name, {"model": model.name, "version": version,
-                                                         "still_serving": previous,
-                                                         "failed": ["deploy"], "error": str(err)[:500]}, actor, env=env)
-            yield from results
-            raise dg.Failure(description=str(err), metadata={
-                "refused_version": version, "still_serving": previous or "nothing"})
-        mlflow.set_alias(model.name, env, version)
-        entry = book.append("deploy", spec.name, {
-            "model": model.name, "version": version, "previous_version": previous,
-            "address": status.address, "promoted_from": upstream_env, "track": model.track,
-            "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
-            "initiated_by": context.run.tags.get("dagster/user")}, actor, env=env)
-        bake_meta: dict[str, Any] = {}
-        # a bake guards a switch: it watches the new version with the old one to return to. A first release
-        # has none (its gate asked for a signed first-release record instead), so it does not bake.
-        if env in track.bake.environments and previous and previous != version:
-            bake_meta, failure = _bake_or_roll_back(context, org, policy, spec, model, env, version,
-                                                    previous, deployer, mlflow, book, actor, trigger)
-            if failure is not None:
-                yield from results  # the gate passed: its checks stand even though the bake failed
-                raise failure
-        card_meta = _model_card(context, model, version, verdicts, mlflow, book)
+            result = promote_endpoint(
+                org, policy, spec.name, env,
+                services=flow_services(context, mlflow, deployer_local, ledger, data_store),
+                actor=f"dagster:{context.run.run_id}", trigger=run_trigger(context),
+                initiated_by=context.run.tags.get("dagster/user"))
+        except PromotionError as err:
+            if err.verdicts:
+                yield from check_results(err.verdicts, str(err.metadata.get("refused_version", "")), "model")
+            raise dg.Failure(description=str(err), metadata=err.metadata) from None
+        card = ({"model_card": dg.MetadataValue.md(result.card["markdown"]), "model_card_html": result.card["html_uri"]}
+                if "markdown" in result.card else {"model_card": f"not written: {result.card.get('error')}"}
+                if result.card else {})
         yield dg.MaterializeResult(
-            check_results=results,
+            check_results=check_results(result.verdicts, result.version, "model"),
             metadata={
-                "model_version": version,
-                "previous_version": previous or "none",
-                "address": dg.MetadataValue.url(status.address or ""),
+                "model_version": result.version,
+                "outcome": result.outcome,
+                "previous_version": result.previous or "none",
+                "digest": result.digest or "unknown",
+                "address": dg.MetadataValue.url(result.address or ""),
                 "mlflow_alias": f"{model.name}@{env}",
-                "mlflow_version": dg.MetadataValue.url(mlflow.version_url(model.name, version)),
-                "deploy_seconds": round(time.perf_counter() - t0, 3),
+                "mlflow_version": dg.MetadataValue.url(mlflow.version_url(model.name, result.version)),
+                "deploy_seconds": result.seconds,
                 "deployed_at": datetime.now(timezone.utc).isoformat(),
                 "backend": spec.backend,
-                "ledger_entry": entry.seq,
-                **bake_meta,
-                **card_meta,
+                **({"ledger_entry": result.deploy_entry} if result.deploy_entry else {}),
+                **result.bake,
+                **card,
             },
-            data_version=dg.DataVersion(version),
+            data_version=dg.DataVersion(result.version),
         )
 
     return _endpoint
-
-
-def _bake_or_roll_back(context: Any, org: Organisation, policy: Policy, spec: EndpointSpec, model: ModelSpec,
-                       env: str, version: str, previous: str, deployer: Any, mlflow: MlflowRegistry,
-                       book: Any, actor: str, trigger: str) -> tuple[dict[str, Any], dg.Failure | None]:
-    """Watch the freshly switched version for the policy's bake period on its own metrics. If it fails,
-    put the previous version back (ledger: ``bake_failed``, then the rollback's entries) and fail the run."""
-    from platform_defs.governance.bake import bake
-    from platform_defs.rollback import RollbackError, rollback
-
-    bp = policy.track(model.track).bake
-    target = endpoint_target(spec, env)
-    context.log.info(f"{spec.name}.{env}: baking version {version} for {bp.seconds:g} s "
-                     f"(min {bp.min_requests} requests, error rate <= {bp.max_error_rate:.1%}, "
-                     f"p99 <= {bp.max_p99_latency_ms:g} ms)")
-    verdict = bake(deployer, target, version, bp)
-    data = {"model": model.name, "version": version, "previous_version": previous, "trigger": trigger,
-            **{k: v for k, v in verdict.as_dict().items() if k not in ("version",)}}
-    if verdict.passed:
-        book.append("bake_passed", spec.name, data, actor, env=env)
-        return verdict.metadata, None
-    book.append("bake_failed", spec.name, data, actor, env=env)
-    try:  # a bake runs only when a previous version served here: that is the way back
-        rb = rollback(org, spec.name, env, to_version=previous, reason=f"bake failed: {verdict.summary}",
-                      actor=actor, mlflow=mlflow, ledger=book, deployer=deployer, policy=policy)
-        outcome = f"rolled back to version {rb.to_version} (ledger #{rb.rollback_entry})"
-    except RollbackError as err:
-        outcome = f"automatic rollback failed: {err}"
-    context.log.error(f"{spec.name}.{env}: bake of version {version} failed ({verdict.summary}); {outcome}")
-    return verdict.metadata, dg.Failure(
-        description=f"{spec.name}.{env}: version {version} failed its bake: {verdict.summary}; {outcome}",
-        metadata={**verdict.metadata, "outcome": outcome})
-
-
-def _no_better(mlflow: MlflowRegistry, model: str, candidate: str, serving: str, metric: str) -> str | None:
-    """Why ``candidate`` is not worth promoting over ``serving``, or None. Only versions trained on the same
-    snapshot are comparable (same held-out rows); on other data the gates decide."""
-    try:
-        a, b = mlflow.get_version(model, candidate), mlflow.get_version(model, serving)
-    except Exception:  # noqa: BLE001 - a serving version unknown to MLflow: let the gates speak
-        return None
-    key = f"{TAG_PREFIX}data_hash"
-    if not a.tags.get(key) or a.tags.get(key) != b.tags.get(key):
-        return None
-    client = mlflow.client()
-    mine = client.get_run(a.run_id).data.metrics.get(metric)
-    theirs = client.get_run(b.run_id).data.metrics.get(metric)
-    if mine is None or theirs is None or mine > theirs + 1e-9:
-        return None
-    return (f"trained on the same data (snapshot {a.tags[key][:12]}) as version {serving}, which serves, and no "
-            f"better: held-out {metric} {mine:.4f} vs {theirs:.4f}")
-
-
-def _model_card(context: Any, model: ModelSpec, version: str, verdicts: list, mlflow: MlflowRegistry,
-                book: Any) -> dict[str, Any]:
-    """Write the version's model card (Markdown and HTML) into its MLflow run; every deploy refreshes
-    it with the longer history. The version already serves: a card that cannot be written is a
-    warning, not a failed deploy."""
-    from platform_defs.governance.model_card import card_data_from, write_model_card
-
-    try:
-        mv = mlflow.get_version(model.name, version)
-        card = card_data_from(model, mv, mlflow.client().get_run(mv.run_id), verdicts, book.entries())
-        with tempfile.TemporaryDirectory() as tmp:
-            md_path, html_path = write_model_card(card, Path(tmp))
-            for p in (md_path, html_path):
-                mlflow.log_run_artifact(mv.run_id, p, "onepath/model_card")
-            return {"model_card": dg.MetadataValue.md(md_path.read_text()),
-                    "model_card_html": f"runs:/{mv.run_id}/onepath/model_card/{html_path.name}"}
-    except Exception as err:  # noqa: BLE001 - see docstring
-        context.log.warning(f"model card not written: {type(err).__name__}: {err}")
-        return {"model_card": f"not written: {err}"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,10 +465,6 @@ def git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def app_target(spec: AppSpec, env: str) -> Target:
-    return Target(spec.name, env, kind="app", port=spec.ports.get(env))
 
 
 def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path, policy: Policy) -> list[Any]:
@@ -669,14 +502,13 @@ def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path, policy:
 
     out = [_build]
     for i, env in enumerate(spec.environments):
-        calls = [endpoint_target(org.by_name[ep], env) for ep in spec.calls]
-        out.append(_app_env_asset(spec, env, spec.environments[i - 1] if i else None, releases_dir, calls, policy))
+        out.append(_app_env_asset(spec, env, spec.environments[i - 1] if i else None, org, releases_dir, policy))
     return out
 
 
-def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_dir: Path,
-                   calls: list[Target], policy: Policy) -> Any:
-    from platform_defs.governance.gates import APP_DESCRIPTIONS, AppGate, app_checks
+def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organisation, releases_dir: Path,
+                   policy: Policy) -> Any:
+    from platform_defs.governance.gates import APP_DESCRIPTIONS, app_checks
 
     required = app_checks(policy.track("app"), spec.environments, env)
     key = endpoint_asset_name(spec.name, env)
@@ -697,53 +529,28 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
         check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=APP_DESCRIPTIONS[c]) for c in required],
         **meta,
     )
-    def _deploy(context: dg.AssetExecutionContext, deployer_local: LocalDeployerResource, ledger: LedgerResource):
-        deployer = deployer_local.deployer()
-        book = ledger.ledger()
-        actor = f"dagster:{context.run.run_id}"
-        target = app_target(spec, env)
-        if upstream_env is None:
-            version = latest_metadata(context, dg.AssetKey(spec.name), "app release")["release_version"]
-        else:
-            up = deployer.status(app_target(spec, upstream_env))
-            if serving_version(up) is None:
-                raise dg.Failure(description=f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote")
-            version = serving_version(up)
-        artifact = releases_dir / "apps" / spec.name / version
-        if not artifact.is_dir():
-            raise dg.Failure(description=f"{spec.name}: release {version} is not built at {artifact}")
-        env_vars = {f"ONEPATH_{t.name.upper()}_URL": deployer.address(t) for t in calls}
-        before = deployer.status(target)
-        previous = serving_version(before)
-        context.log.info(f"{spec.name}.{env}: deploying release {version} (before: {previous})")
-        gate = AppGate(app=spec, policy=policy, ledger=book, deployer=deployer, source_dir=PROJECT_ROOT / spec.source,
-                       repo_root=PROJECT_ROOT)
-        verdicts = gate.evaluate(version, artifact, env)
-        results, refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
-                                       who={"app": spec.name}, still_serving=previous)
-        if refusal:
-            yield from results
-            raise refusal
+    def _deploy(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,
+                ledger: LedgerResource):
+        from platform_defs.promotion import PromotionError, promote_app
+
         try:
-            status = deployer.deploy(target, Release(version, str(artifact), config={
-                "entrypoint": spec.entrypoint, "env": env_vars}))
-        except DeployError as err:
-            book.append("promotion_refused", spec.name, {"app": spec.name, "version": version,
-                                                         "still_serving": previous,
-                                                         "failed": ["deploy"], "error": str(err)[:500]}, actor, env=env)
-            yield from results
-            raise dg.Failure(description=str(err), metadata={"refused_version": version})
-        entry = book.append("deploy", spec.name, {
-            "app": spec.name, "version": version, "previous_version": previous,
-            "address": status.address, "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
-            "checks": [v.check for v in verdicts]}, actor, env=env)
+            result = promote_app(
+                org, policy, spec.name, env,
+                services=flow_services(context, mlflow, deployer_local, ledger, releases_dir=releases_dir),
+                actor=f"dagster:{context.run.run_id}", trigger=run_trigger(context), repo_root=PROJECT_ROOT,
+                newest_build=lambda: latest_metadata(context, dg.AssetKey(spec.name), "app release")["release_version"])
+        except PromotionError as err:
+            if err.verdicts:
+                yield from check_results(err.verdicts, str(err.metadata.get("refused_version", "")), "release")
+            raise dg.Failure(description=str(err), metadata=err.metadata) from None
         yield dg.MaterializeResult(
-            check_results=results,
-            metadata={"ledger_entry": entry.seq,"release_version": version, "previous_version": previous or "none",
-                      "address": dg.MetadataValue.url(status.address or ""),
-                      "calls": dg.MetadataValue.json(env_vars),
+            check_results=check_results(result.verdicts, result.version, "release"),
+            metadata={**({"ledger_entry": result.deploy_entry} if result.deploy_entry else {}),
+                      "release_version": result.version, "outcome": result.outcome,
+                      "previous_version": result.previous or "none",
+                      "address": dg.MetadataValue.url(result.address or ""),
                       "deployed_at": datetime.now(timezone.utc).isoformat()},
-            data_version=dg.DataVersion(version),
+            data_version=dg.DataVersion(result.version),
         )
 
     return _deploy
@@ -763,5 +570,4 @@ def build_all(org: Organisation, releases_dir: Path, policy: Policy) -> list[Any
     return out
 
 
-__all__ = ["build_all", "build_dataset_defs", "build_model_defs", "build_endpoint_defs", "build_app_defs",
-           "endpoint_target", "app_target"]
+__all__ = ["build_all", "build_dataset_defs", "build_model_defs", "build_endpoint_defs", "build_app_defs"]

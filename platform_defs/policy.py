@@ -222,6 +222,16 @@ def load_policy(path: Path | None = None) -> Policy:
         raise PolicyError(shown, loc or "(root)", msg) from None
 
 
+def policy_hash(policy: Policy) -> str:
+    """sha256 of the policy's content (canonical JSON of the validated model): what a gate verdict was
+    judged under, so a way back can tell whether the policy changed since."""
+    import hashlib
+    import json
+
+    text = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def effective_drift(endpoint: "EndpointSpec", policy: Policy, source: str | None = None) -> DriftPolicy:
     """The track's drift policy with the endpoint's own settings laid over it (window, methods, ...).
 

@@ -1,196 +1,22 @@
-"""Roll an endpoint environment back to a version that served there before.
+"""The ``rollback`` job: a way back launched from the Dagster UI's launchpad.
 
-``rollback`` is the one implementation; ``onepath rollback`` (``platform_defs.cli_rollback``) and the
-``rollback`` job (``build_rollback_job``, launched from the Dagster UI's launchpad) both call it.
-
-What "the previous approved version" means: a version reaches an environment only through a
-materialization that passed that environment's gate, and every such deploy is recorded in the
-ledger (kind ``deploy``, subject = endpoint, env = environment). So the rollback target is the
-version of the most recent ``deploy`` entry for (endpoint, env) whose version differs from the one
-that currently serves there (asked from the server, through the deployer), or an explicit
-``to_version`` that has such an entry. Nothing is deleted: MLflow keeps every version, the ledger
-gets a ``rollback`` entry and a new ``deploy`` entry (so "the version the ledger records" follows the
-rollback), and the MLflow alias named after the environment moves to the restored version.
+The way back itself is ``platform_defs.promotion.roll_back`` (``onepath rollback`` calls it too): it
+puts back the previous governed version of an endpoint environment, or ``to_version``, only if that
+version passed its gate there under the policy in force and its bytes match its registered digest,
+under the environment's promotion lock. This module only adapts it to a Dagster job.
 """
 
-
-import re
-import time
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from platform_defs.factories import endpoint_release, endpoint_target
 from platform_defs.policy import Policy
-from platform_defs.specs import (
-    DatasetSpec,
-    EndpointSpec,
-    ModelSpec,
-    Organisation,
-    endpoint_asset_name,
-)
-from resources.deployers.base import Deployer, DeployError, serving_version
+from platform_defs.promotion import PromotionError, Services, roll_back
+from platform_defs.specs import Organisation, endpoint_asset_name
+from resources.data_store import DataStore
 from resources.deployers.resource import LocalDeployerResource
-from resources.ledger import Entry, Ledger, LedgerResource
+from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry
-
-
-class RollbackError(RuntimeError):
-    """A rollback was refused or did not complete. The message is one line; what served still serves."""
-
-    def __init__(self, message: str):
-        super().__init__(_one_line(message))
-
-
-@dataclass(frozen=True)
-class RollbackResult:
-    endpoint: str
-    env: str
-    model: str
-    from_version: str | None  # what served before (None: nothing answered)
-    to_version: str
-    address: str
-    reason: str
-    actor: str
-    alias: str  # "<model>@<env>", now pointing at to_version
-    rollback_entry: int  # ledger seq of the 'rollback' entry
-    deploy_entry: int  # ledger seq of the new 'deploy' entry
-    restored_deploy_entry: int  # ledger seq of the original deploy of to_version in this env
-    seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        return (f"rolled back {self.endpoint}.{self.env} from version {self.from_version or 'nothing'} to version "
-                f"{self.to_version} at {self.address} (MLflow alias {self.alias} -> {self.to_version}; "
-                f"ledger #{self.rollback_entry} rollback, #{self.deploy_entry} deploy)")
-
-
-def _one_line(text: str, limit: int = 600) -> str:
-    flat = re.sub(r"\s+", " ", str(text)).strip()
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def _resolve(org: Organisation, endpoint_name: str, env: str) -> tuple[EndpointSpec, ModelSpec, DatasetSpec]:
-    spec = org.by_name.get(endpoint_name)
-    if not isinstance(spec, EndpointSpec):
-        known = ", ".join(sorted(d.name for d in org.of_kind("endpoint"))) or "none"
-        raise RollbackError(f"'{endpoint_name}' is not a declared endpoint (endpoints: {known})")
-    if env not in spec.environments:
-        raise RollbackError(f"'{env}' is not an environment of {spec.name} "
-                            f"(environments: {', '.join(spec.environments)})")
-    model = org.by_name[spec.model]
-    assert isinstance(model, ModelSpec)
-    dataset = org.by_name[model.dataset]
-    assert isinstance(dataset, DatasetSpec)
-    return spec, model, dataset
-
-
-def rollback_target(deploys: list[Entry], current: str | None, to_version: str | None,
-                    endpoint: str, env: str) -> Entry:
-    """The ``deploy`` entry to restore: ``to_version``'s newest, or the newest that is not ``current``."""
-    label = f"{endpoint}.{env}"
-    if to_version:
-        matching = [e for e in deploys if str(e.data.get("version")) == to_version]
-        if not matching:
-            seen = sorted({str(e.data.get("version")) for e in deploys}, key=_version_key)
-            raise RollbackError(
-                f"{label}: version {to_version} was never deployed to {env} (no 'deploy' entry in the ledger), "
-                f"so it was never approved there; versions deployed to {env}: {', '.join(seen) or 'none'}")
-        if to_version == current:
-            raise RollbackError(f"{label}: version {to_version} already serves; nothing to roll back")
-        return matching[-1]
-    earlier = [e for e in deploys if str(e.data.get("version")) != current]
-    if not earlier:
-        if not deploys:
-            raise RollbackError(f"{label}: nothing to roll back to: no version was ever deployed to {env}")
-        raise RollbackError(f"{label}: nothing to roll back to: version {current} is the only version ever "
-                            f"deployed to {env}")
-    return earlier[-1]
-
-
-def _version_key(v: str) -> tuple[int, str]:
-    return (int(v), v) if v.isdigit() else (1 << 62, v)
-
-
-def rollback(org: Organisation, endpoint_name: str, env: str, *, to_version: str | None = None, reason: str,
-             actor: str, mlflow: MlflowRegistry, ledger: Ledger, deployer: Deployer,
-             policy: Policy) -> RollbackResult:
-    """Redeploy the previous approved version of ``endpoint_name`` in ``env`` at its stable address.
-
-    Raises :class:`RollbackError` (one line) when refused (no reason, unknown endpoint or
-    environment, a ``to_version`` never deployed to ``env``, nothing to roll back to) or when the
-    deploy fails, in which case the version that served keeps serving and nothing is recorded.
-    """
-    t0 = time.perf_counter()
-    reason = (reason or "").strip()
-    actor = (actor or "").strip()
-    spec, model, dataset = _resolve(org, endpoint_name, env)
-    label = f"{spec.name}.{env}"
-    if not reason:
-        raise RollbackError(f"{label}: a rollback needs a reason (it is recorded in the ledger)")
-    if not actor:
-        raise RollbackError(f"{label}: a rollback needs an actor (who rolls back)")
-    to_version = str(to_version).strip() if to_version not in (None, "") else None
-
-    target = endpoint_target(spec, env)
-    before = deployer.status(target)
-    deploys = ledger.entries(kind="deploy", subject=spec.name, env=env)
-    recorded = str(deploys[-1].data.get("version")) if deploys else None
-    # What serves now. If nothing answers (crashed, stopped), the version the ledger last recorded
-    # is the one being rolled back from: never "restore" the version that just went down.
-    serving = serving_version(before)
-    current = serving or recorded
-    chosen = rollback_target(deploys, current, to_version, spec.name, env)
-    version = str(chosen.data.get("version"))
-
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.get_version(model.name, version)
-        artifact = mlflow.download(model.name, version)
-    except (MlflowException, OSError) as err:
-        raise RollbackError(f"{label}: version {version} of model '{model.name}' cannot be fetched from MLflow "
-                            f"({_one_line(err, 200)}); {current or 'nothing'} keeps serving") from None
-    release = endpoint_release(spec, model, dataset, version, artifact)
-    try:
-        status = deployer.deploy(target, release)
-    except DeployError as err:
-        raise RollbackError(f"{label}: rollback to version {version} failed, "
-                            f"{serving or 'nothing'} keeps serving: {err}") from None
-
-    address = status.address or deployer.address(target)
-    # The restored version serves. Move the alias (as a promotion does), then record; an alias that
-    # could not be moved is recorded with the rollback and reported, since the deploy itself happened.
-    alias_error = None
-    try:
-        mlflow.set_alias(model.name, env, version)
-    except MlflowException as err:
-        alias_error = _one_line(err, 200)
-    rb = ledger.append("rollback", spec.name, {
-        "model": model.name, "from_version": current, "to_version": version, "reason": reason,
-        "address": address, "serving_before": serving, "restored_deploy_entry": chosen.seq,
-        **({"alias_error": alias_error} if alias_error else {}),
-    }, actor, env=env)
-    checks = chosen.data.get("checks")
-    if checks is None:
-        checks = list(policy.track(model.track).checks)
-    dep = ledger.append("deploy", spec.name, {
-        "model": model.name, "version": version, "previous_version": serving,
-        "address": address, "promoted_from": None, "track": model.track, "owner": model.owner,
-        "checks": checks, "via": "rollback", "rollback_entry": rb.seq,
-    }, actor, env=env)
-    if alias_error:
-        raise RollbackError(f"{label}: version {version} serves again at {address} (ledger #{rb.seq}), but the "
-                            f"MLflow alias {model.name}@{env} could not be moved: {alias_error}")
-    return RollbackResult(
-        endpoint=spec.name, env=env, model=model.name, from_version=current, to_version=version,
-        address=address, reason=reason, actor=actor, alias=f"{model.name}@{env}", rollback_entry=rb.seq,
-        deploy_entry=dep.seq, restored_deploy_entry=chosen.seq, seconds=round(time.perf_counter() - t0, 3),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,15 +42,17 @@ def build_rollback_job(org: Organisation, policy: Policy) -> dg.JobDefinition:
         tags={"onepath/kind": "rollback"},
     )
     def rollback_op(context: dg.OpExecutionContext, config: RollbackConfig, mlflow: MlflowRegistry,
-                    ledger: LedgerResource, deployer_local: LocalDeployerResource) -> dg.Output:
-        actor = context.run.tags.get("dagster/user") or f"dagster:{context.run.run_id}"
+                    ledger: LedgerResource, deployer_local: LocalDeployerResource,
+                    data_store: DataStore) -> dg.Output:
+        actor = f"dagster:{context.run.run_id}"
         context.log.info(f"rollback requested by {actor}: {config.endpoint}.{config.env} "
                          f"to {config.to_version or 'the previous version'} (reason: {config.reason!r})")
         try:
-            result = rollback(org, config.endpoint, config.env, to_version=config.to_version or None,
-                              reason=config.reason, actor=actor, mlflow=mlflow, ledger=ledger.ledger(),
-                              deployer=deployer_local.deployer(), policy=policy)
-        except RollbackError as err:
+            result = roll_back(org, policy, config.endpoint, config.env, to_version=config.to_version or None,
+                               reason=config.reason, actor=actor, services=Services(
+                                   mlflow=mlflow, deployer=deployer_local.deployer(), ledger=ledger.ledger(),
+                                   data_store=data_store, log=context.log.info, warn=context.log.warning))
+        except PromotionError as err:
             raise dg.Failure(description=str(err),
                              metadata={"endpoint": config.endpoint, "env": config.env,
                                        "to_version": config.to_version or "previous"}) from None
@@ -254,11 +82,4 @@ def build_rollback_job(org: Organisation, policy: Policy) -> dg.JobDefinition:
     return rollback_job
 
 
-__all__ = [
-    "RollbackConfig",
-    "RollbackError",
-    "RollbackResult",
-    "build_rollback_job",
-    "rollback",
-    "rollback_target",
-]
+__all__ = ["RollbackConfig", "build_rollback_job"]

@@ -82,6 +82,7 @@ KINDS: tuple[str, ...] = (
     "model_registered",
     "artifact_refused",
     "serving_stopped",
+    "event_refused",
 )
 
 GENESIS_HASH = "0" * 64

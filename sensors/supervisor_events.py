@@ -1,45 +1,50 @@
-"""Relay what the local supervisors did on their own into the ledger.
+"""Relay what the local supervisors did on their own into the ledger, once it is authenticated.
 
 A supervisor restarts a worker that died and replaces a crash-looping version by the one that served
 before it without asking anyone (``resources.serving.supervisor``); it writes each of these to its
-slot's ``events.jsonl``. ``relay_events`` reads those files from a byte-offset cursor and records:
+slot's ``events.jsonl``, every line signed with the slot's secret. ``relay_events`` reads those files
+from a byte-offset cursor through ``LocalProcessDeployer.read_events``, which returns only the lines
+whose signature verifies: a forged or altered line is refused, counted in the cursor and never
+recorded. It records:
 
 * ``restart`` -> a ``restart`` entry (worker, exit_code, version),
 * ``crashloop`` -> a ``crashloop`` entry (version, restarts, what the supervisor did about it),
-* ``crashloop_rollback_failed`` -> a second ``crashloop`` entry (``action: "rollback_failed"``, why):
-  the previous version did not come back either, nothing serves,
-* ``crashloop_rollback`` -> a ``rollback`` entry and a ``deploy`` entry of the restored version,
-  written the way ``platform_defs.rollback`` writes them (``via: "rollback"``, so delivery metrics
-  count it as a restore, not a change; ``rolled_back_by: "supervisor"``), and for an endpoint the
-  MLflow alias named after the environment moves to the restored version.
+* ``crashloop_rollback_failed`` -> a second ``crashloop`` entry (``action: "rollback_failed"``, why),
+* ``artifact_refused`` -> an ``artifact_refused`` entry (a worker found bytes that do not hash to the
+  release's digest, and refused to serve them),
+* ``crashloop_rollback`` -> handed to the promotion flow (``confirm_supervisor_rollback``), the only
+  code that writes ``rollback``/``deploy`` entries or moves an alias: it records the way back only
+  when the server really answers with that version, with its registered digest, and that version
+  passed its gate there under the policy in force; otherwise it stops the environment and records
+  ``serving_stopped`` with why. A signature proves the line came from a process holding the slot's
+  secret (the platform's own user, attacker tier (b), can hold it too): the confirmation is what
+  keeps such a line from making an ungoverned version serve or an alias move.
 
-The actor is ``supervisor:<slot>``. Only complete lines are read (a line being written is read next
-time); a line that is not a JSON event is counted in the cursor (``corrupt``) and skipped. Every
-entry carries the event's ``event_id``, and an event whose id the ledger already holds for that
-subject and environment is not recorded again, so a reset cursor, or a tick that failed half way,
-never records anything twice.
+The actor is ``supervisor:<slot>``. Every entry carries the event's ``event_id``, and an event whose id
+the ledger already holds for that subject and environment is not recorded again, so a reset cursor,
+or a tick that failed half way, never records anything twice.
 
-``build_supervisor_events_sensor(org)`` is the ``supervisor_events`` sensor that runs it every few
-seconds with the cursor kept as the sensor's cursor (JSON).
+``build_supervisor_events_sensor(org, policy)`` is the ``supervisor_events`` sensor that runs it every
+few seconds with the cursor kept as the sensor's cursor (JSON).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from platform_defs.specs import AppSpec, EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
+from platform_defs.policy import Policy
+from platform_defs.promotion import Services, confirm_supervisor_rollback
+from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name
+from resources.data_store import DataStore
 from resources.deployers.base import Target
 from resources.deployers.resource import LocalDeployerResource
-from resources.ledger import Entry, Ledger, LedgerResource
+from resources.ledger import Entry, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
 
-RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed")
-MAX_READ = 4 * 1024 * 1024  # bytes read per slot and call; the rest is read on the next call
+RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed", "artifact_refused")
 
 
 def _targets(org: Organisation) -> list[tuple[Any, Target]]:
@@ -52,74 +57,39 @@ def _targets(org: Organisation) -> list[tuple[Any, Target]]:
     return out
 
 
-def _read_new_lines(path: Path, pos: dict[str, Any]) -> tuple[list[tuple[int, bytes]], dict[str, Any]]:
-    """Complete lines after the cursor position, each with its byte offset; and the new position.
-
-    The position is ``{"offset", "ino", "corrupt"}``; a file that was replaced (another inode) or cut
-    shorter than the offset is read again from its start (the ledger's event ids prevent doubles)."""
-    pos = {"offset": 0, "ino": None, "corrupt": 0, **pos}
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        return [], pos
-    with fh:
-        st = os.fstat(fh.fileno())
-        if pos["ino"] != st.st_ino or st.st_size < pos["offset"]:
-            pos.update(offset=0, ino=st.st_ino)
-        fh.seek(pos["offset"])
-        data = fh.read(MAX_READ)
-    end = data.rfind(b"\n")
-    if end < 0:
-        return [], pos
-    lines, at = [], pos["offset"]
-    for raw in data[: end + 1].split(b"\n")[:-1]:
-        lines.append((at, raw))
-        at += len(raw) + 1
-    pos["offset"] = at
-    return lines, pos
-
-
-def relay_events(org: Organisation, deployer: Any, ledger: Ledger, mlflow: MlflowRegistry,
+def relay_events(org: Organisation, policy: Policy, services: Services,
                  cursor: dict[str, Any]) -> tuple[list[Entry], dict[str, Any]]:
-    """Record the new supervisor events of every declared target; returns (entries written, new cursor).
-
-    ``deployer`` is the local backend (it knows each slot's directory and stable address). The cursor
-    maps slot -> ``{"offset": bytes read, "ino": the file's inode, "corrupt": lines skipped}``; the
-    caller keeps the returned one. An error raised half way (the ledger unreachable) propagates: the
-    caller keeps its old cursor, and the events recorded before the error are not recorded again next
-    time (their ids are in the ledger)."""
+    """Record the new, authenticated supervisor events of every declared target; returns (entries
+    written, new cursor). The cursor maps slot -> ``{"offset": bytes read, "refused": lines refused}``;
+    the caller keeps the returned one. An error raised half way (the ledger unreachable) propagates:
+    the caller keeps its old cursor, and the events recorded before the error are not recorded again
+    next time (their ids are in the ledger)."""
     written: list[Entry] = []
+    ledger, deployer = services.ledger, services.deployer
     new_cursor = {k: dict(v) for k, v in cursor.items() if isinstance(v, dict)}
     for spec, target in _targets(org):
         slot = target.slot
-        lines, pos = _read_new_lines(deployer.slot_dir(target) / "events.jsonl", new_cursor.get(slot, {}))
+        pos = {"offset": 0, "refused": 0, **new_cursor.get(slot, {})}
+        events, offset, refused = deployer.read_events(target, int(pos["offset"]))
         seen: set[str] | None = None  # event ids the ledger holds for this target, read when needed
-        done = pos["offset"]
-        for offset, raw in lines:
-            try:
-                event = json.loads(raw)
-                if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-                    raise ValueError("not an event object")
-            except ValueError:
-                pos["corrupt"] += 1
+        for event in events:
+            if event.get("event") not in RELAYED:
                 continue
-            if event["event"] in RELAYED:
-                if seen is None:
-                    seen = {str(e.data.get("event_id")) for e in ledger.entries(subject=target.name, env=target.env)
-                            if e.data.get("event_id")}
-                event_id = str(event.get("id") or f"{slot}@{offset}")
-                if event_id not in seen:
-                    model_spec = org.by_name.get(spec.model) if isinstance(spec, EndpointSpec) else None
-                    written += _record(spec, model_spec, target, event, event_id, deployer, ledger, mlflow)
-                    seen.add(event_id)
-        pos["offset"] = done
-        if lines or slot in new_cursor or pos["corrupt"]:
-            new_cursor[slot] = pos
+            if seen is None:
+                seen = {str(e.data.get("event_id")) for e in ledger.entries(subject=target.name, env=target.env)
+                        if e.data.get("event_id")}
+            event_id = str(event.get("id"))
+            if event_id not in seen:
+                written += _record(org, policy, spec, target, event, event_id, services)
+                seen.add(event_id)
+        if events or refused or offset != pos["offset"] or slot in new_cursor:
+            new_cursor[slot] = {"offset": offset, "refused": int(pos["refused"]) + refused}
     return written, new_cursor
 
 
-def _record(spec: Any, model_spec: Any, target: Target, event: dict[str, Any], event_id: str, deployer: Any,
-            ledger: Ledger, mlflow: MlflowRegistry) -> list[Entry]:
+def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event: dict[str, Any], event_id: str,
+            services: Services) -> list[Entry]:
+    ledger = services.ledger
     actor = f"supervisor:{target.slot}"
     model = spec.model if isinstance(spec, EndpointSpec) else None
     common: dict[str, Any] = {"event_id": event_id, "event_ts": event.get("ts"), "group": event.get("group"),
@@ -140,41 +110,21 @@ def _record(spec: Any, model_spec: Any, target: Target, event: dict[str, Any], e
             "rollback_to": _str(event.get("to_version")),
             "detail": f"rolling back to version {event.get('to_version')} failed, nothing serves: "
                       f"{event.get('reason')}"}, actor, env=target.env)]
-    # crashloop_rollback: the supervisor already serves to_version again; record it like a rollback
-    from_version, to_version = _str(event.get("from_version")), str(event.get("to_version"))
-    address = deployer.address(target)
-    alias_error = None
-    if model:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            mlflow.set_alias(model, target.env, to_version)
-        except MlflowException as err:
-            alias_error = " ".join(str(err).split())[:200]
-    restored = [e for e in ledger.entries(kind="deploy", subject=target.name, env=target.env)
-                if str(e.data.get("version")) == to_version]
-    rb = ledger.append("rollback", target.name, {
-        **common, "from_version": from_version, "to_version": to_version,
-        "reason": f"crash loop: version {from_version} kept dying; the supervisor restored version {to_version}",
-        "address": address, "serving_before": None, "restored_deploy_entry": restored[-1].seq if restored else None,
-        "rolled_back_by": "supervisor", **({"alias_error": alias_error} if alias_error else {}),
-    }, actor, env=target.env)
-    owned = model_spec if isinstance(model_spec, ModelSpec) else spec  # a model endpoint: its model's
-    track, owner = owned.track, owned.owner
-    dep = ledger.append("deploy", target.name, {
-        **common, "version": to_version, "previous_version": from_version, "address": address,
-        "promoted_from": None, "track": track, "owner": owner,
-        "checks": list(restored[-1].data.get("checks") or []) if restored else [],
-        "via": "rollback", "rolled_back_by": "supervisor", "rollback_entry": rb.seq,
-    }, actor, env=target.env)
-    return [rb, dep]
+    if kind == "artifact_refused":
+        return [ledger.append("artifact_refused", target.name, {
+            **common, "version": _str(event.get("version")), "worker": event.get("worker"),
+            "expected_digest": event.get("digest"), "error": event.get("detail") or event.get("reason")},
+            actor, env=target.env)]
+    # crashloop_rollback: the supervisor already serves to_version again; the flow confirms and records it
+    return confirm_supervisor_rollback(org, policy, spec, target.env, services=services,
+                                       event={**event, "id": event_id}, actor=actor)
 
 
 def _str(v: Any) -> str | None:
     return None if v is None else str(v)
 
 
-def build_supervisor_events_sensor(org: Organisation) -> dg.SensorDefinition:
+def build_supervisor_events_sensor(org: Organisation, policy: Policy) -> dg.SensorDefinition:
     """The ``supervisor_events`` sensor: ``relay_events`` every 5 s, its cursor kept as the sensor's."""
 
     @dg.sensor(
@@ -185,16 +135,18 @@ def build_supervisor_events_sensor(org: Organisation) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
     def supervisor_events(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry,
-                          deployer_local: LocalDeployerResource, ledger: LedgerResource):
+                          deployer_local: LocalDeployerResource, ledger: LedgerResource, data_store: DataStore):
         cursor = json.loads(context.cursor) if context.cursor else {}
-        before = {slot: int(pos.get("corrupt", 0)) for slot, pos in cursor.items() if isinstance(pos, dict)}
-        written, new_cursor = relay_events(org, deployer_local.deployer(), ledger.ledger(), mlflow, cursor)
+        before = {slot: int(pos.get("refused", 0)) for slot, pos in cursor.items() if isinstance(pos, dict)}
+        services = Services(mlflow=mlflow, deployer=deployer_local.deployer(), ledger=ledger.ledger(),
+                            data_store=data_store, log=context.log.info, warn=context.log.warning)
+        written, new_cursor = relay_events(org, policy, services, cursor)
         context.update_cursor(json.dumps(new_cursor, sort_keys=True))
         for slot, pos in new_cursor.items():
-            skipped = int(pos.get("corrupt", 0)) - before.get(slot, 0)
-            if skipped > 0:
-                context.log.warning(f"supervisor_events: skipped {skipped} line(s) of {slot}/events.jsonl that are "
-                                    "not JSON events")
+            refused = int(pos.get("refused", 0)) - before.get(slot, 0)
+            if refused > 0:
+                context.log.warning(f"supervisor_events: refused {refused} line(s) of {slot}/events.jsonl whose "
+                                    "signature does not verify (forged, altered, or not an event)")
         if not written:
             return dg.SkipReason("no new supervisor events to record")
         observations = [
@@ -202,11 +154,12 @@ def build_supervisor_events_sensor(org: Organisation) -> dg.SensorDefinition:
                 asset_key=dg.AssetKey(endpoint_asset_name(e.subject, e.env or "")),
                 description=(f"the supervisor rolled back from version {e.data.get('from_version')} to "
                              f"{e.data.get('to_version')} after a crash loop" if e.kind == "rollback"
+                             else str(e.data.get("reason")) if e.kind == "serving_stopped"
                              else f"version {e.data.get('version')} crash-looped: {e.data.get('action')}"),
                 metadata={"ledger_entry": e.seq, "kind": e.kind,
                           **({"serving_version": str(e.data["to_version"])} if e.kind == "rollback" else {})},
             )
-            for e in written if e.kind in ("crashloop", "rollback")
+            for e in written if e.kind in ("crashloop", "rollback", "serving_stopped")
         ]
         context.log.info("supervisor_events: recorded " + ", ".join(f"#{e.seq} {e.kind} {e.subject}.{e.env}"
                                                                     for e in written))

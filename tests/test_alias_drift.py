@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from platform_defs.factories import endpoint_target
+from platform_defs.promotion import endpoint_target
 from platform_defs.loader import load_organisation
 from resources.deployers.base import Release
 from sensors.alias_drift import CHECK_NAME, build_alias_checks, build_alias_drift_sensor

@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from platform_defs.factories import endpoint_target
+from platform_defs.promotion import endpoint_target
 from platform_defs.loader import load_organisation
 from platform_defs.policy import load_policy
 from platform_defs.rollback import RollbackError, build_rollback_job, rollback

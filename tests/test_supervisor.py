@@ -20,7 +20,7 @@ import urllib.request
 import dagster as dg
 import pytest
 
-from platform_defs.factories import endpoint_target
+from platform_defs.promotion import endpoint_target
 from platform_defs.loader import load_organisation
 from resources.deployers.base import Release, probe
 from resources.deployers.resource import LocalDeployerResource

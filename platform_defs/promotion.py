@@ -1,0 +1,733 @@
+"""The one promotion flow: lock → gate → verified artifact → deploy → alias → ledger → bake → model card,
+and every way back.
+
+This module is the only code that moves traffic, moves an MLflow alias, or writes a ``deploy`` or
+``rollback`` ledger entry. The endpoint and app assets (the UI), ``onepath rollback`` (the CLI), the
+``rollback`` job, the bake's automatic rollback and the relay of a supervisor's crash-loop fallback
+all call it; it takes plain objects (:class:`Services`) and returns a result or raises one
+:class:`PromotionError`, so it runs and is tested without Dagster.
+
+What it guarantees, on every path:
+
+* **Exactly one promotion per endpoint (or app) environment at a time.** The flow holds the lease
+  ``promotion:<name>.<env>`` in the ledger's database (``Ledger.acquire_lease``) while it works and
+  renews it from a heartbeat thread. A second promotion waits for it (``wait_seconds``), then
+  re-evaluates what to deploy: when the version it would deploy already serves, it deploys nothing.
+  The lease's fencing token goes to the server side with the cutover (``Deployer.fence`` at the
+  start, ``deploy(..., fencing_token=...)``), and every ``deploy``/``rollback`` entry is appended
+  fenced by it, so a holder that stalled and lost its lease can neither switch traffic nor record.
+* **What serves is what was approved, by content.** A model version's digest is fixed in the ledger
+  when it is registered (``platform_defs.registration``); the flow fetches the version's folder
+  verified against that digest, hands the digest to the deployer with the release (the worker
+  refuses bytes that do not hash to it), and records it in the ``deploy`` entry.
+* **A rollback is a promotion.** A way back goes only to a version that passed its gate for that
+  environment under the policy in force (the gate is re-run where the policy changed since its
+  verdict), with its registered digest. Where there is none, the environment stops serving and the
+  ledger says why, rather than serve an ungoverned version.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from contextlib import contextmanager
+
+from platform_defs.policy import Policy, policy_hash
+from platform_defs.specs import AppSpec, DatasetSpec, EndpointSpec, ModelSpec, Organisation
+from resources.deployers.base import Deployer, DeployError, Release, Target, serving_version
+from resources.ledger import Entry, Lease, LeaseHeld, LeaseLost, Ledger
+
+LEASE_TTL_SECONDS = 30.0  # a holder that stops renewing loses the lock this long after its last renewal
+LEASE_RENEW_SECONDS = 10.0
+LOCK_WAIT_SECONDS = 900.0  # how long a promotion waits for another one of the same environment (a bake included)
+
+
+# --------------------------------------------------------------------------------------------
+# What the flow works with, and what it returns
+
+
+@dataclass
+class Services:
+    """The outside world, as the flow uses it (built from the Dagster resources, or by the CLI)."""
+
+    mlflow: Any  # resources.mlflow_registry.MlflowRegistry
+    deployer: Deployer
+    ledger: Ledger
+    data_store: Any = None  # resources.data_store.DataStore (model gates read snapshots)
+    releases_dir: Path | None = None  # app release builds
+    log: Callable[[str], None] = lambda message: None
+    warn: Callable[[str], None] = lambda message: None
+
+
+class PromotionError(RuntimeError):
+    """A promotion (or a way back) was refused or failed. The message is one line and says what keeps
+    serving; ``verdicts`` are the gate's, when it ran; ``metadata`` is for the asset's failure."""
+
+    def __init__(self, message: str, *, verdicts: list | None = None, metadata: dict[str, Any] | None = None):
+        super().__init__(one_line(message))
+        self.verdicts = list(verdicts or [])
+        self.metadata = dict(metadata or {})
+
+
+@dataclass
+class Promotion:
+    subject: str  # endpoint or app name
+    env: str
+    version: str
+    previous: str | None
+    address: str | None
+    digest: str | None
+    outcome: str  # "deployed" | "already serving"
+    deploy_entry: int | None = None
+    verdicts: list = field(default_factory=list)
+    bake: dict[str, Any] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    endpoint: str
+    env: str
+    model: str
+    from_version: str | None  # what served before (None: nothing answered)
+    to_version: str
+    address: str
+    reason: str
+    actor: str
+    alias: str  # "<model>@<env>", now pointing at to_version
+    rollback_entry: int  # ledger seq of the 'rollback' entry
+    deploy_entry: int  # ledger seq of the new 'deploy' entry
+    restored_deploy_entry: int  # ledger seq of the original deploy of to_version in this env
+    digest: str | None
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"rolled back {self.endpoint}.{self.env} from version {self.from_version or 'nothing'} to version "
+                f"{self.to_version} at {self.address} (MLflow alias {self.alias} -> {self.to_version}; "
+                f"ledger #{self.rollback_entry} rollback, #{self.deploy_entry} deploy)")
+
+
+def one_line(text: Any, limit: int = 600) -> str:
+    flat = re.sub(r"\s+", " ", str(text)).strip()
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Targets and releases
+
+
+def endpoint_target(spec: EndpointSpec, env: str) -> Target:
+    return Target(spec.name, env, kind="endpoint", port=spec.ports.get(env))
+
+
+def app_target(spec: AppSpec, env: str) -> Target:
+    return Target(spec.name, env, kind="app", port=spec.ports.get(env))
+
+
+def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, version: str,
+                     artifact: Any, digest: str | None) -> Release:
+    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` (a promotion and a rollback alike)."""
+    return Release(version=version, artifact=str(artifact), workers=spec.workers, digest=digest, config={
+        "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
+        "model_threads": spec.model_threads, "inference_log": spec.inference_log,
+    })
+
+
+def resolve_endpoint(org: Organisation, name: str, env: str) -> tuple[EndpointSpec, ModelSpec, DatasetSpec]:
+    spec = org.by_name.get(name)
+    if not isinstance(spec, EndpointSpec):
+        known = ", ".join(sorted(d.name for d in org.of_kind("endpoint"))) or "none"
+        raise PromotionError(f"'{name}' is not a declared endpoint (endpoints: {known})")
+    if env not in spec.environments:
+        raise PromotionError(f"'{env}' is not an environment of {spec.name} "
+                             f"(environments: {', '.join(spec.environments)})")
+    model = org.by_name[spec.model]
+    assert isinstance(model, ModelSpec)
+    dataset = org.by_name[model.dataset]
+    assert isinstance(dataset, DatasetSpec)
+    return spec, model, dataset
+
+
+# --------------------------------------------------------------------------------------------
+# The lock
+
+
+class PromotionLock:
+    """A held promotion lease, renewed by a heartbeat thread until released."""
+
+    def __init__(self, book: Ledger, lease: Lease):
+        self.book, self.lease = book, lease
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease:{lease.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def token(self) -> int:
+        return self.lease.token
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_SECONDS):
+            try:
+                self.lease = self.book.renew_lease(self.lease, LEASE_TTL_SECONDS)
+            except LeaseLost as err:
+                self.lost = str(err)
+                return
+            except Exception as err:  # noqa: BLE001 - the database was busy or away: try again next beat
+                self.lost = None if time.time() < self.lease.expires_at else f"{self.lease.name}: lease not renewed: {err}"
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` unless this grant is still current (and not about to expire)."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+        if self.lease.expires_at - time.time() < LEASE_RENEW_SECONDS / 2:
+            self.lease = self.book.renew_lease(self.lease, LEASE_TTL_SECONDS)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=LEASE_RENEW_SECONDS)
+        self.book.release_lease(self.lease)
+
+
+def lock_name(subject: str, env: str) -> str:
+    return f"promotion:{subject}.{env}"
+
+
+@contextmanager
+def promotion_lock(book: Ledger, subject: str, env: str, holder: str,
+                   wait_seconds: float = LOCK_WAIT_SECONDS) -> Iterator[tuple[PromotionLock, bool]]:
+    """Hold the promotion lease of ``subject.env``; yields ``(lock, waited)`` where ``waited`` says another
+    promotion held it first (so the caller re-evaluates). Refused with the holder's name after
+    ``wait_seconds``."""
+    name = lock_name(subject, env)
+    deadline = time.monotonic() + wait_seconds
+    waited = False
+    while True:
+        try:
+            lease = book.acquire_lease(name, holder, LEASE_TTL_SECONDS)
+            break
+        except LeaseHeld as held:
+            if time.monotonic() >= deadline:
+                raise PromotionError(f"{subject}.{env}: refused: {held}") from None
+            waited = True
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))  # polling a lease, with a deadline
+    lock = PromotionLock(book, lease)
+    try:
+        yield lock, waited
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Gate records
+
+
+def record_gate(book: Ledger, verdicts: list, *, subject: str, env: str, actor: str, version: str,
+                who: dict[str, str], still_serving: str | None, policy: Policy, trigger: str) -> str | None:
+    """Record the gate's verdicts (with the hash of the policy they were judged under); return the
+    refusal message when any failed, else None. A version held back only by a missing approval is
+    recorded as ``awaiting_approval`` (naming who may approve and the command), not as a refusal."""
+    failed = [v for v in verdicts if not v.passed]
+    book.append("gate_verdict", subject, {
+        **who, "version": version, "passed": not failed, "trigger": trigger, "policy_hash": policy_hash(policy),
+        "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
+    if not failed:
+        return None
+    if [v.check for v in failed] == ["approval"]:
+        book.append("awaiting_approval", subject, {
+            **who, "version": version, "still_serving": still_serving, "trigger": trigger,
+            "approvers": failed[0].metadata.get("approvers"), "command": failed[0].metadata.get("command")},
+            actor, env=env)
+    else:
+        book.append("promotion_refused", subject, {**who, "version": version, "still_serving": still_serving,
+                                                   "failed": [v.check for v in failed], "trigger": trigger},
+                    actor, env=env)
+    return (f"{subject}.{env}: version {version} refused; "
+            + "; ".join(f"{v.check}: {v.summary}" for v in failed)
+            + f". {still_serving or 'Nothing'} keeps serving.")
+
+
+def _model_gate(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, org: Organisation, policy: Policy,
+                services: Services) -> Any:
+    from platform_defs.governance.gates import ModelGate
+
+    features, label = org.model_features(model)
+    return ModelGate(endpoint=spec, model=model, dataset=dataset, features=features, label=label, policy=policy,
+                     mlflow=services.mlflow, data_store=services.data_store, ledger=services.ledger,
+                     deployer=services.deployer)
+
+
+# checks a way back does not re-run: a rollback goes, by definition, to an older version than the one serving
+NOT_RECHECKED_ON_THE_WAY_BACK = ("no_regression",)
+
+
+def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, version: str, *,
+             services: Services, actor: str) -> str | None:
+    """Why ``version`` may NOT serve ``spec.env`` on a way back, or None when it may: it passed its gate
+    for that environment, under the policy in force (where the policy changed since, the gate is run
+    again now, and recorded)."""
+    book = services.ledger
+    passed = [e for e in book.entries(kind="gate_verdict", subject=spec.name, env=env)
+              if str(e.data.get("version")) == version and e.data.get("passed")]
+    if not passed:
+        return f"version {version} never passed the {env} gate of {spec.name}"
+    if passed[-1].data.get("policy_hash") == policy_hash(policy):
+        return None
+    _, model, dataset = resolve_endpoint(org, spec.name, env)
+    gate = _model_gate(spec, model, dataset, org, policy, services)
+    verdicts = [v for v in gate.evaluate(version, env) if v.check not in NOT_RECHECKED_ON_THE_WAY_BACK]
+    failed = [v for v in verdicts if not v.passed]
+    book.append("gate_verdict", spec.name, {
+        "model": model.name, "version": version, "passed": not failed, "trigger": "way back: policy changed",
+        "policy_hash": policy_hash(policy),
+        "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
+    if failed:
+        return (f"version {version} no longer passes the {env} gate under the policy in force: "
+                + "; ".join(f"{v.check}: {v.summary}" for v in failed))
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Content
+
+
+def _verified_artifact(services: Services, model: ModelSpec, version: str, *, subject: str, env: str,
+                       actor: str, still_serving: str | None) -> tuple[Path, str]:
+    """The version's model folder, verified against the digest fixed at registration."""
+    from platform_defs.registration import NotRegistered, verified_artifact
+    from resources.mlflow_registry import ArtifactMismatch
+
+    keeps = f"{still_serving or 'nothing'} keeps serving"
+    meta = {"refused_version": version, "still_serving": still_serving or "nothing"}
+    try:
+        return verified_artifact(services.ledger, services.mlflow, model.name, version)
+    except NotRegistered as err:
+        raise PromotionError(f"{subject}.{env}: {err}; {keeps}", metadata=meta) from None
+    except ArtifactMismatch as err:
+        services.ledger.append("artifact_refused", subject, {
+            "model": model.name, "version": version, "expected_digest": err.expected, "found_digest": err.found,
+            "error": one_line(err, 300), "still_serving": still_serving}, actor, env=env)
+        raise PromotionError(f"{subject}.{env}: {err}; {keeps}", metadata=meta) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints: promote
+
+
+def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, actor: str,
+                     trigger: str, initiated_by: str | None = None,
+                     wait_seconds: float = LOCK_WAIT_SECONDS) -> Promotion:
+    """Deploy into ``name.env`` what the graph says belongs there: in the first environment the model's
+    newest registered version, in a later one exactly what the environment before it serves."""
+    t0 = time.perf_counter()
+    spec, model, dataset = resolve_endpoint(org, name, env)
+    i = spec.environments.index(env)
+    upstream_env = spec.environments[i - 1] if i else None
+    target = endpoint_target(spec, env)
+    track = policy.track(model.track)
+    book, deployer, mlflow = services.ledger, services.deployer, services.mlflow
+    with promotion_lock(book, spec.name, env, actor, wait_seconds) as (lock, waited):
+        deployer.fence(target, lock.token)
+        if upstream_env is None:
+            version = mlflow.latest_version(model.name)
+            if version is None:
+                raise PromotionError(f"model '{model.name}' has no registered version: materialize it first")
+        else:
+            version = serving_version(deployer.status(endpoint_target(spec, upstream_env)))
+            if version is None:
+                raise PromotionError(f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote "
+                                     f"to '{env}'; deploy '{upstream_env}' first")
+        before = deployer.status(target)
+        previous = serving_version(before)
+        if waited and previous == version:
+            # another promotion of this environment ran while we waited and left our version serving
+            services.log(f"{spec.name}.{env}: version {version} already serves (deployed while this promotion "
+                         f"waited for the lock); nothing to do")
+            return Promotion(spec.name, env, version, previous, before.address, before.serving_digest,
+                             "already serving", seconds=round(time.perf_counter() - t0, 3))
+        if upstream_env is None and previous and previous != version:
+            same = _no_better(services, model.name, version, previous, track.regression_metric)
+            if same:
+                book.append("promotion_skipped", spec.name, {
+                    "model": model.name, "version": version, "still_serving": previous,
+                    "reason": same, "trigger": trigger}, actor, env=env)
+                raise PromotionError(f"{spec.name}.{env}: version {version} not promoted: {same}. "
+                                     f"Version {previous} keeps serving.",
+                                     metadata={"skipped_version": version, "still_serving": previous})
+        services.log(f"{spec.name}.{env}: deploying {model.name} version {version} (serving before: "
+                     f"{previous or 'nothing'}) at {deployer.address(target)}")
+        verdicts = _model_gate(spec, model, dataset, org, policy, services).evaluate(version, env)
+        refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
+                              who={"model": model.name}, still_serving=previous, policy=policy, trigger=trigger)
+        if refusal:
+            raise PromotionError(refusal, verdicts=verdicts, metadata={
+                "refused_version": version, "still_serving": previous or "nothing",
+                "failed_checks": ", ".join(v.check for v in verdicts if not v.passed)})
+        artifact, digest = _verified_artifact(services, model, version, subject=spec.name, env=env, actor=actor,
+                                              still_serving=previous)
+        deploy_t0 = time.perf_counter()
+        status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
+                         who={"model": model.name}, actor=actor, still_serving=previous, verdicts=verdicts)
+        mlflow.set_alias(model.name, env, version)
+        entry = book.append("deploy", spec.name, {
+            "model": model.name, "version": version, "digest": digest, "previous_version": previous,
+            "address": status.address, "promoted_from": upstream_env, "track": model.track,
+            "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
+            "policy_hash": policy_hash(policy), "initiated_by": initiated_by, "fencing_token": lock.token,
+            "deploy_seconds": round(time.perf_counter() - deploy_t0, 3)}, actor, env=env, fence=lock.lease)
+        result = Promotion(spec.name, env, version, previous, status.address, digest, "deployed",
+                           deploy_entry=entry.seq, verdicts=verdicts)
+        # a bake guards a switch: it watches the new version with the old one to return to. A first release
+        # has none (its gate asked for a signed first-release record instead), so it does not bake.
+        if env in track.bake.environments and previous and previous != version:
+            result.bake = _bake_or_roll_back(org, policy, spec, model, env, version, previous, services, lock,
+                                             actor, trigger, verdicts)
+    result.card = _model_card(model, version, verdicts, services)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _deploy(services: Services, target: Target, release: Release, lock: PromotionLock, *, who: dict[str, str],
+            actor: str, still_serving: str | None, verdicts: list) -> Any:
+    """Switch ``target`` to ``release`` under the lock (its token fences the cutover)."""
+    lock.check()
+    try:
+        return services.deployer.deploy(target, release, fencing_token=lock.token)
+    except DeployError as err:
+        services.ledger.append("promotion_refused", target.name, {
+            **who, "version": release.version, "still_serving": still_serving, "failed": ["deploy"],
+            "error": one_line(err, 500)}, actor, env=target.env)
+        raise PromotionError(str(err), verdicts=verdicts, metadata={
+            "refused_version": release.version, "still_serving": still_serving or "nothing"}) from None
+
+
+def _no_better(services: Services, model: str, candidate: str, serving: str, metric: str) -> str | None:
+    """Why ``candidate`` is not worth promoting over ``serving``, or None. Only versions trained on the same
+    snapshot are comparable (same held-out rows); on other data the gates decide. The facts are the
+    ledger's registrations (what the platform measured), not MLflow's run metrics, which any client
+    can log."""
+    from platform_defs.registration import registration
+
+    a, b = registration(services.ledger, model, candidate), registration(services.ledger, model, serving)
+    if a is None or b is None:
+        return None
+    if not a.data.get("data_hash") or a.data.get("data_hash") != b.data.get("data_hash"):
+        return None
+    mine = (a.data.get("metrics") or {}).get(metric)
+    theirs = (b.data.get("metrics") or {}).get(metric)
+    if mine is None or theirs is None or mine > theirs + 1e-9:
+        return None
+    return (f"trained on the same data (snapshot {str(a.data['data_hash'])[:12]}) as version {serving}, which "
+            f"serves, and no better: held-out {metric} {mine:.4f} vs {theirs:.4f}")
+
+
+def _bake_or_roll_back(org: Organisation, policy: Policy, spec: EndpointSpec, model: ModelSpec, env: str,
+                       version: str, previous: str, services: Services, lock: PromotionLock, actor: str,
+                       trigger: str, verdicts: list) -> dict[str, Any]:
+    """Watch the freshly switched version for the policy's bake period on its own metrics. If it fails,
+    put the previous version back through the way back (ledger: ``bake_failed``, then the rollback's
+    entries) and raise."""
+    from platform_defs.governance.bake import bake
+
+    bp = policy.track(model.track).bake
+    target = endpoint_target(spec, env)
+    services.log(f"{spec.name}.{env}: baking version {version} for {bp.seconds:g} s "
+                 f"(min {bp.min_requests} requests, error rate <= {bp.max_error_rate:.1%}, "
+                 f"p99 <= {bp.max_p99_latency_ms:g} ms)")
+    verdict = bake(services.deployer, target, version, bp)
+    data = {"model": model.name, "version": version, "previous_version": previous, "trigger": trigger,
+            **{k: v for k, v in verdict.as_dict().items() if k not in ("version",)}}
+    if verdict.passed:
+        services.ledger.append("bake_passed", spec.name, data, actor, env=env)
+        return verdict.metadata
+    services.ledger.append("bake_failed", spec.name, data, actor, env=env)
+    try:  # a bake runs only when a previous version served here: that is the way back
+        rb = _way_back(org, policy, spec, env, services, lock, to_version=previous,
+                       reason=f"bake failed: {verdict.summary}", actor=actor, from_version=version)
+        outcome = f"rolled back to version {rb.to_version} (ledger #{rb.rollback_entry})"
+    except PromotionError as err:
+        outcome = f"automatic rollback failed: {err}"
+    services.warn(f"{spec.name}.{env}: bake of version {version} failed ({verdict.summary}); {outcome}")
+    raise PromotionError(f"{spec.name}.{env}: version {version} failed its bake: {verdict.summary}; {outcome}",
+                         verdicts=verdicts, metadata={**verdict.metadata, "outcome": outcome})
+
+
+def _model_card(model: ModelSpec, version: str, verdicts: list, services: Services) -> dict[str, Any]:
+    """Write the version's model card (Markdown and HTML) into its MLflow run; every deploy refreshes
+    it with the longer history. The version already serves: a card that cannot be written is a
+    warning, not a failed deploy. Returns ``{"markdown", "html_uri"}`` or ``{"error"}``."""
+    from platform_defs.governance.model_card import card_data_from, write_model_card
+
+    mlflow = services.mlflow
+    try:
+        mv = mlflow.get_version(model.name, version)
+        card = card_data_from(model, mv, mlflow.client().get_run(mv.run_id), verdicts, services.ledger.entries())
+        with tempfile.TemporaryDirectory() as tmp:
+            md_path, html_path = write_model_card(card, Path(tmp))
+            for p in (md_path, html_path):
+                mlflow.log_run_artifact(mv.run_id, p, "onepath/model_card")
+            return {"markdown": md_path.read_text(),
+                    "html_uri": f"runs:/{mv.run_id}/onepath/model_card/{html_path.name}"}
+    except Exception as err:  # noqa: BLE001 - see docstring
+        services.warn(f"model card not written: {type(err).__name__}: {err}")
+        return {"error": str(err)}
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints: the way back
+
+
+def rollback_target(deploys: list[Entry], current: str | None, to_version: str | None,
+                    endpoint: str, env: str) -> Entry:
+    """The ``deploy`` entry to restore: ``to_version``'s newest, or the newest that is not ``current``."""
+    label = f"{endpoint}.{env}"
+    if to_version:
+        matching = [e for e in deploys if str(e.data.get("version")) == to_version]
+        if not matching:
+            seen = sorted({str(e.data.get("version")) for e in deploys}, key=_version_key)
+            raise PromotionError(
+                f"{label}: version {to_version} was never deployed to {env} (no 'deploy' entry in the ledger), "
+                f"so it was never approved there; versions deployed to {env}: {', '.join(seen) or 'none'}")
+        if to_version == current:
+            raise PromotionError(f"{label}: version {to_version} already serves; nothing to roll back")
+        return matching[-1]
+    earlier = [e for e in deploys if str(e.data.get("version")) != current]
+    if not earlier:
+        if not deploys:
+            raise PromotionError(f"{label}: nothing to roll back to: no version was ever deployed to {env}")
+        raise PromotionError(f"{label}: nothing to roll back to: version {current} is the only version ever "
+                             f"deployed to {env}")
+    return earlier[-1]
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), v) if v.isdigit() else (1 << 62, v)
+
+
+def roll_back(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, reason: str,
+              actor: str, to_version: str | None = None, wait_seconds: float = LOCK_WAIT_SECONDS) -> RollbackResult:
+    """Put back the previous governed version of ``name.env`` (or ``to_version``) at its stable address.
+
+    Refused, one line, with what serves still serving: no reason or actor, an unknown endpoint or
+    environment, a version never deployed there, one that no longer passes its gate, one whose bytes
+    do not match its registered digest, or a deploy that fails."""
+    reason, actor = (reason or "").strip(), (actor or "").strip()
+    spec, _, _ = resolve_endpoint(org, name, env)
+    label = f"{spec.name}.{env}"
+    if not reason:
+        raise PromotionError(f"{label}: a rollback needs a reason (it is recorded in the ledger)")
+    if not actor:
+        raise PromotionError(f"{label}: a rollback needs an actor (who rolls back)")
+    to_version = str(to_version).strip() if to_version not in (None, "") else None
+    with promotion_lock(services.ledger, spec.name, env, actor, wait_seconds) as (lock, _):
+        services.deployer.fence(endpoint_target(spec, env), lock.token)
+        return _way_back(org, policy, spec, env, services, lock, to_version=to_version, reason=reason, actor=actor)
+
+
+def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, services: Services,
+              lock: PromotionLock, *, to_version: str | None, reason: str, actor: str,
+              from_version: str | None = None) -> RollbackResult:
+    t0 = time.perf_counter()
+    _, model, dataset = resolve_endpoint(org, spec.name, env)
+    book, deployer, mlflow = services.ledger, services.deployer, services.mlflow
+    label = f"{spec.name}.{env}"
+    target = endpoint_target(spec, env)
+    serving = serving_version(deployer.status(target))
+    deploys = book.entries(kind="deploy", subject=spec.name, env=env)
+    recorded = str(deploys[-1].data.get("version")) if deploys else None
+    # What serves now. If nothing answers (crashed, stopped), the version the ledger last recorded
+    # is the one being rolled back from: never "restore" the version that just went down.
+    current = from_version or serving or recorded
+    chosen = rollback_target(deploys, current, to_version, spec.name, env)
+    version = str(chosen.data.get("version"))
+    why_not = governed(org, policy, spec, env, version, services=services, actor=actor)
+    if why_not:
+        raise PromotionError(f"{label}: refused to roll back to version {version}: {why_not}; "
+                             f"{serving or 'nothing'} keeps serving")
+    artifact, digest = _verified_artifact(services, model, version, subject=spec.name, env=env, actor=actor,
+                                          still_serving=serving)
+    status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
+                     who={"model": model.name}, actor=actor, still_serving=serving, verdicts=[])
+    address = status.address or deployer.address(target)
+    # The restored version serves. Move the alias (as a promotion does), then record; an alias that
+    # could not be moved is recorded with the rollback and reported, since the deploy itself happened.
+    from mlflow.exceptions import MlflowException
+
+    alias_error = None
+    try:
+        mlflow.set_alias(model.name, env, version)
+    except MlflowException as err:
+        alias_error = one_line(err, 200)
+    rb = book.append("rollback", spec.name, {
+        "model": model.name, "from_version": current, "to_version": version, "reason": reason, "digest": digest,
+        "address": address, "serving_before": serving, "restored_deploy_entry": chosen.seq,
+        "fencing_token": lock.token, **({"alias_error": alias_error} if alias_error else {}),
+    }, actor, env=env, fence=lock.lease)
+    dep = book.append("deploy", spec.name, {
+        "model": model.name, "version": version, "digest": digest, "previous_version": serving,
+        "address": address, "promoted_from": None, "track": model.track, "owner": model.owner,
+        "checks": chosen.data.get("checks") or list(policy.track(model.track).checks), "via": "rollback",
+        "rollback_entry": rb.seq, "policy_hash": policy_hash(policy), "fencing_token": lock.token,
+    }, actor, env=env, fence=lock.lease)
+    if alias_error:
+        raise PromotionError(f"{label}: version {version} serves again at {address} (ledger #{rb.seq}), but the "
+                             f"MLflow alias {model.name}@{env} could not be moved: {alias_error}")
+    return RollbackResult(
+        endpoint=spec.name, env=env, model=model.name, from_version=current, to_version=version,
+        address=address, reason=reason, actor=actor, alias=f"{model.name}@{env}", rollback_entry=rb.seq,
+        deploy_entry=dep.seq, restored_deploy_entry=chosen.seq, digest=digest,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+def stop_serving(services: Services, target: Target, *, reason: str, actor: str, subject_kind: str,
+                 extra: dict[str, Any] | None = None) -> Entry:
+    """Stop ``target`` (nothing governed to serve there) and record why."""
+    services.deployer.delete(target)
+    return services.ledger.append("serving_stopped", target.name, {
+        subject_kind: target.name, "reason": reason, **(extra or {})}, actor, env=target.env)
+
+
+def confirm_supervisor_rollback(org: Organisation, policy: Policy, spec: EndpointSpec | AppSpec, env: str, *,
+                                services: Services, event: dict[str, Any], actor: str) -> list[Entry]:
+    """A supervisor says it replaced a crash-looping version by the one that served before it, on its own
+    (the event's signature already verified). Record it as the way back it is only once the flow has
+    confirmed it: what the server answers is that version, with its registered digest, and that
+    version passed its gate for this environment under the policy in force.
+
+    Otherwise: if what serves is still the governed version the ledger last recorded (the event does not
+    match what happened), nothing moves and ``event_refused`` says so; if what serves is not governed,
+    the environment is stopped and ``serving_stopped`` says why. Nothing ungoverned keeps serving."""
+    book, deployer = services.ledger, services.deployer
+    from_version = None if event.get("from_version") is None else str(event["from_version"])
+    to_version = str(event.get("to_version"))
+    common = {"event_id": event.get("id"), "event_ts": event.get("ts"), "group": event.get("group")}
+    is_app = isinstance(spec, AppSpec)
+    target = app_target(spec, env) if is_app else endpoint_target(spec, env)  # type: ignore[arg-type]
+    model = None if is_app else resolve_endpoint(org, spec.name, env)[1]
+    who: dict[str, str] = {"app": spec.name} if is_app else {"model": model.name}  # type: ignore[union-attr]
+
+    def why_not(version: str, served_digest: str | None) -> str | None:
+        if is_app:
+            ok = any(str(e.data.get("version")) == version and e.data.get("passed")
+                     for e in book.entries(kind="gate_verdict", subject=spec.name, env=env))
+            return None if ok else f"release {version} never passed the {env} gate of {spec.name}"
+        from platform_defs.registration import registered_digest
+
+        digest = registered_digest(book, model.name, version)  # type: ignore[union-attr]
+        if digest is None:
+            return f"version {version} has no registered digest"
+        if served_digest != digest:
+            return f"version {version} answers with digest {served_digest}, not its registered {digest}"
+        return governed(org, policy, spec, env, version, services=services, actor=actor)  # type: ignore[arg-type]
+
+    with promotion_lock(book, spec.name, env, actor) as (lock, _):
+        status = deployer.status(target)
+        served = serving_version(status)
+        deploys = book.entries(kind="deploy", subject=spec.name, env=env)
+        recorded = str(deploys[-1].data.get("version")) if deploys else None
+        problem = why_not(to_version, status.serving_digest) if served == to_version else (
+            f"the supervisor reported version {to_version} restored, but {served or 'nothing'} serves")
+        if problem is not None:
+            if served is not None and served == recorded and why_not(served, status.serving_digest) is None:
+                return [book.append("event_refused", spec.name, {
+                    **common, **who, "event": "crashloop_rollback", "claimed_version": to_version,
+                    "serving_version": served, "reason": problem}, actor, env=env)]
+            return [stop_serving(services, target, actor=actor, subject_kind=next(iter(who)), reason=(
+                f"after a crash loop of version {from_version} the supervisor fell back to version {to_version}, "
+                f"which may not serve here ({problem}); stopped, nothing serves"), extra={**common, **who})]
+        restored = [e for e in deploys if str(e.data.get("version")) == to_version]
+        digest = None if is_app else status.serving_digest
+        if not is_app:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                services.mlflow.set_alias(who["model"], env, to_version)
+            except MlflowException as err:
+                common["alias_error"] = one_line(err, 200)
+        owned = spec if is_app else model
+        address = status.address or deployer.address(target)
+        rb = book.append("rollback", spec.name, {
+            **common, **who, "from_version": from_version, "to_version": to_version, "digest": digest,
+            "reason": f"crash loop: version {from_version} kept dying; the supervisor restored version {to_version}",
+            "address": address, "serving_before": None, "restored_deploy_entry": restored[-1].seq if restored else None,
+            "rolled_back_by": "supervisor", "fencing_token": lock.token}, actor, env=env, fence=lock.lease)
+        dep = book.append("deploy", spec.name, {
+            **common, **who, "version": to_version, "digest": digest, "previous_version": from_version,
+            "address": address, "promoted_from": None, "track": owned.track, "owner": owned.owner,  # type: ignore[union-attr]
+            "checks": list(restored[-1].data.get("checks") or []) if restored else [],
+            "via": "rollback", "rolled_back_by": "supervisor", "rollback_entry": rb.seq,
+            "policy_hash": policy_hash(policy), "fencing_token": lock.token}, actor, env=env, fence=lock.lease)
+        return [rb, dep]
+
+
+# --------------------------------------------------------------------------------------------
+# App releases
+
+
+def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, actor: str,
+                trigger: str, newest_build: Callable[[], str], repo_root: Path,
+                wait_seconds: float = LOCK_WAIT_SECONDS) -> Promotion:
+    """Deploy an app release into ``name.env``: the newest build first, later environments what the one
+    before serves; through the app track's gate, under the lock, recorded."""
+    from platform_defs.governance.gates import AppGate
+
+    t0 = time.perf_counter()
+    spec = org.by_name.get(name)
+    if not isinstance(spec, AppSpec) or env not in spec.environments:
+        raise PromotionError(f"'{name}.{env}' is not a declared app environment")
+    i = spec.environments.index(env)
+    upstream_env = spec.environments[i - 1] if i else None
+    target = app_target(spec, env)
+    book, deployer = services.ledger, services.deployer
+    assert services.releases_dir is not None
+    with promotion_lock(book, spec.name, env, actor, wait_seconds) as (lock, waited):
+        deployer.fence(target, lock.token)
+        if upstream_env is None:
+            version = newest_build()
+        else:
+            version = serving_version(deployer.status(app_target(spec, upstream_env)))
+            if version is None:
+                raise PromotionError(f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote")
+        artifact = services.releases_dir / "apps" / spec.name / version
+        if not artifact.is_dir():
+            raise PromotionError(f"{spec.name}: release {version} is not built at {artifact}")
+        calls = [endpoint_target(org.by_name[ep], env) for ep in spec.calls]  # type: ignore[arg-type]
+        env_vars = {t.name: deployer.address(t) for t in calls}
+        before = deployer.status(target)
+        previous = serving_version(before)
+        if waited and previous == version:
+            return Promotion(spec.name, env, version, previous, before.address, None, "already serving",
+                             seconds=round(time.perf_counter() - t0, 3))
+        services.log(f"{spec.name}.{env}: deploying release {version} (before: {previous})")
+        gate = AppGate(app=spec, policy=policy, ledger=book, deployer=deployer, source_dir=repo_root / spec.source,
+                       repo_root=repo_root)
+        verdicts = gate.evaluate(version, artifact, env)
+        refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
+                              who={"app": spec.name}, still_serving=previous, policy=policy, trigger=trigger)
+        if refusal:
+            raise PromotionError(refusal, verdicts=verdicts, metadata={"refused_version": version})
+        release = Release(version, str(artifact), config={"entrypoint": spec.entrypoint, "calls": env_vars})
+        status = _deploy(services, target, release, lock, who={"app": spec.name}, actor=actor,
+                         still_serving=previous, verdicts=verdicts)
+        entry = book.append("deploy", spec.name, {
+            "app": spec.name, "version": version, "previous_version": previous, "address": status.address,
+            "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
+            "checks": [v.check for v in verdicts], "trigger": trigger, "calls": env_vars,
+            "policy_hash": policy_hash(policy), "fencing_token": lock.token}, actor, env=env, fence=lock.lease)
+    return Promotion(spec.name, env, version, previous, status.address, None, "deployed", deploy_entry=entry.seq,
+                     verdicts=verdicts, seconds=round(time.perf_counter() - t0, 3))
+
+
+__all__ = ["Promotion", "PromotionError", "RollbackResult", "Services", "app_target", "confirm_supervisor_rollback",
+           "endpoint_release", "endpoint_target", "governed", "promote_app", "promote_endpoint", "promotion_lock",
+           "record_gate", "resolve_endpoint", "roll_back", "rollback_target", "stop_serving"]

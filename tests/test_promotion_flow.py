@@ -1,0 +1,227 @@
+"""The one promotion flow (platform_defs/promotion.py), driven without Dagster on a real world: the churn
+line materialized for real (MLflow on sqlite, real endpoint processes), then promotions, ways back and
+supervisor events from several callers at once and from an attacker holding the platform's files."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import dagster as dg
+import pytest
+
+from platform_defs.definitions import build_definitions
+from platform_defs.policy import policy_hash
+from platform_defs.promotion import (PromotionError, Services, endpoint_release, endpoint_target, promote_endpoint,
+                                     resolve_endpoint, roll_back)
+from platform_defs.wiring import build_resources
+from resources.deployers.base import DeployError, serving_version
+from resources.ledger import LeaseLost
+from tests.conftest import isolated_settings, quick_policy
+
+
+def materialize(defs: dg.Definitions, instance, keys: list[str], run_config: dict | None = None):
+    return dg.materialize(list(defs.assets), selection=keys, resources=defs.resources, instance=instance,
+                          run_config=run_config or {})
+
+
+def newer_data(as_of: str) -> dict:
+    return {"ops": {"customer_activity": {"config": {"params": {"as_of": as_of}}}}}
+
+
+@pytest.fixture(scope="module")
+def world(settings, tmp_path_factory):
+    """churn v1 serving staging (prod empty), the flow's services, and a way to make more versions."""
+    s = isolated_settings(settings, tmp_path_factory.mktemp("flow_home"), port_offset=170)
+    policy = quick_policy()
+    defs = build_definitions(settings=s, policy=policy)
+    resources = build_resources(s)
+    with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("flow_instance"))) as instance:
+        materialize(defs, instance, ["customer_activity", "churn", "churn_scoring_staging"])
+        from platform_defs.loader import load_organisation
+
+        org = load_organisation()
+        services = Services(mlflow=resources["mlflow"], deployer=resources["deployer_local"].deployer(),
+                            ledger=resources["ledger"].ledger(), data_store=resources["data_store"])
+        yield {"defs": defs, "instance": instance, "org": org, "policy": policy, "services": services,
+               "settings": s}
+        services.deployer.stop_all()
+
+
+def target(world, env: str):
+    spec, _, _ = resolve_endpoint(world["org"], "churn_scoring", env)
+    return endpoint_target(spec, env)
+
+
+def serving(world, env: str) -> str | None:
+    return serving_version(world["services"].deployer.status(target(world, env)))
+
+
+def deploys(world, env: str) -> list:
+    return world["services"].ledger.entries(kind="deploy", subject="churn_scoring", env=env)
+
+
+def test_two_promotions_of_one_environment_at_once_deploy_once(world):
+    assert serving(world, "staging") == "1" and serving(world, "prod") is None
+    outcomes: list = []
+
+    def promote(who: str) -> None:
+        try:
+            outcomes.append(promote_endpoint(world["org"], world["policy"], "churn_scoring", "prod",
+                                             services=world["services"], actor=who, trigger="test").outcome)
+        except Exception as err:  # noqa: BLE001 - recorded and asserted below
+            outcomes.append(repr(err))
+
+    threads = [threading.Thread(target=promote, args=(f"run-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(outcomes) == ["already serving", "deployed"], outcomes
+    assert [e.data["version"] for e in deploys(world, "prod")] == ["1"]
+    assert serving(world, "prod") == "1"
+    entry = deploys(world, "prod")[-1]
+    assert entry.data["digest"].startswith("sha256:") and entry.data["policy_hash"] == policy_hash(world["policy"])
+    assert entry.data["fencing_token"] >= 1
+
+
+def test_a_promotion_that_cannot_wait_is_refused_naming_the_holder(world):
+    book = world["services"].ledger
+    lease = book.acquire_lease("promotion:churn_scoring.prod", "dagster:someone-else", ttl=30)
+    try:
+        with pytest.raises(PromotionError, match="another promotion holds the lock .dagster:someone-else"):
+            promote_endpoint(world["org"], world["policy"], "churn_scoring", "prod", services=world["services"],
+                             actor="run-late", trigger="test", wait_seconds=0)
+    finally:
+        book.release_lease(lease)
+    assert [e.data["version"] for e in deploys(world, "prod")] == ["1"]
+
+
+def test_a_holder_that_lost_its_lease_can_neither_switch_traffic_nor_record(world):
+    services, book = world["services"], world["services"].ledger
+    spec, model, dataset = resolve_endpoint(world["org"], "churn_scoring", "prod")
+    t = target(world, "prod")
+    stale = book.acquire_lease("promotion:churn_scoring.prod", "run-stalled", ttl=0.3)
+    services.deployer.fence(t, stale.token)
+    deadline = time.monotonic() + 10
+    while book.lease("promotion:churn_scoring.prod") is not None:  # the stalled holder's grant runs out
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    fresh = book.acquire_lease("promotion:churn_scoring.prod", "run-new", ttl=30)
+    try:
+        services.deployer.fence(t, fresh.token)
+        from platform_defs.registration import verified_artifact
+
+        artifact, digest = verified_artifact(book, services.mlflow, model.name, "1")
+        before = services.deployer.status(t)
+        with pytest.raises(DeployError, match="fencing token"):
+            services.deployer.deploy(t, endpoint_release(spec, model, dataset, "1", artifact, digest),
+                                     fencing_token=stale.token)
+        with pytest.raises(LeaseLost):
+            book.append("deploy", "churn_scoring", {"version": "1"}, "run-stalled", env="prod", fence=stale)
+        after = services.deployer.status(t)
+        assert serving_version(after) == "1" and after.detail["server"]["pid"] == before.detail["server"]["pid"]
+    finally:
+        book.release_lease(fresh)
+
+
+@pytest.fixture(scope="module")
+def two_versions(world):
+    """churn v2, trained on newer data, serving staging and prod (v1 is prod's way back)."""
+    materialize(world["defs"], world["instance"], ["customer_activity", "churn", "churn_scoring_staging"],
+                newer_data("2026-09-30"))
+    result = promote_endpoint(world["org"], world["policy"], "churn_scoring", "prod", services=world["services"],
+                              actor="run-v2", trigger="test")
+    assert (result.version, result.previous, result.outcome) == ("2", "1", "deployed")
+    return world
+
+
+def _forge_deploy_of_an_unvetted_version(world) -> str:
+    """Tier (b): register a version nobody gated and write it a 'deploy' entry straight into the ledger."""
+    from platform_defs.registration import record_registration
+
+    services = world["services"]
+    client = services.mlflow.client()
+    v1 = client.get_model_version("churn", "1")
+    unvetted = str(client.create_model_version("churn", source=v1.source, run_id=v1.run_id).version)
+    record_registration(services.ledger, services.mlflow, model="churn", version=unvetted, run_id=v1.run_id,
+                        data_hash=None, code_hash=None, code_path=None, dataset_key=None, author="mallory",
+                        split_seed=None, test_size=None, training_rows=None, metrics=None, via="handoff")
+    services.ledger.append("deploy", "churn_scoring", {"model": "churn", "version": unvetted, "checks": []},
+                           "mallory", env="prod")
+    return unvetted
+
+
+def test_rollback_to_a_version_that_never_passed_the_gate_is_refused(two_versions):
+    world = two_versions
+    unvetted = _forge_deploy_of_an_unvetted_version(world)
+    with pytest.raises(PromotionError, match=rf"refused to roll back to version {unvetted}: version {unvetted} "
+                                             r"never passed the prod gate .* 2 keeps serving"):
+        roll_back(world["org"], world["policy"], "churn_scoring", "prod", services=world["services"],
+                  to_version=unvetted, reason="attack", actor="mallory")
+    assert serving(world, "prod") == "2"
+    assert world["services"].mlflow.aliases("churn")["prod"] == "2"
+
+
+def test_a_changed_policy_reruns_the_gate_on_the_way_back(two_versions):
+    world = two_versions
+    stricter = world["policy"].model_copy(deep=True)
+    stricter.tracks["ml-standard"] = stricter.tracks["ml-standard"].model_copy(update={"reference_rows": 10**6})
+    with pytest.raises(PromotionError, match=r"version 1 no longer passes the prod gate under the policy in force: "
+                                             r"drift_ready"):
+        roll_back(world["org"], stricter, "churn_scoring", "prod", services=world["services"],
+                  to_version="1", reason="v2 misbehaves", actor="pat")
+    assert serving(world, "prod") == "2"
+    rerun = world["services"].ledger.entries(kind="gate_verdict", subject="churn_scoring", env="prod")[-1]
+    assert rerun.data["policy_hash"] == policy_hash(stricter) and rerun.data["passed"] is False
+    # under the policy it passed under, the way back is open, and it is recorded with the digest
+    result = roll_back(world["org"], world["policy"], "churn_scoring", "prod", services=world["services"],
+                       to_version="1", reason="v2 misbehaves", actor="pat")
+    assert (result.from_version, result.to_version) == ("2", "1") and serving(world, "prod") == "1"
+    assert result.digest and deploys(world, "prod")[-1].data["digest"] == result.digest
+    assert world["services"].mlflow.aliases("churn")["prod"] == "1"
+
+
+def _events(world) -> "Path":  # noqa: F821
+    return world["services"].deployer.slot_dir(target(world, "prod")) / "events.jsonl"
+
+
+def _relay(world):
+    from sensors.supervisor_events import relay_events
+
+    return relay_events(world["org"], world["policy"], world["services"], {})
+
+
+def test_a_forged_event_line_is_refused_and_records_nothing(two_versions):
+    world = two_versions
+    before = world["services"].ledger.head().seq
+    fake = {"id": "forged-0001", "ts": "2026-12-01T00:00:00Z", "event": "crashloop_rollback",
+            "from_version": serving(world, "prod"), "to_version": "2", "group": "x"}
+    with open(_events(world), "ab") as f:
+        f.write((json.dumps(fake) + "\n").encode())
+    written, cursor = _relay(world)
+    assert written == [] and world["services"].ledger.head().seq == before
+    assert cursor["churn_scoring.prod"]["refused"] >= 1
+
+
+def test_a_signed_lie_moves_nothing(two_versions):
+    """Tier (b) holds the slot's secret and signs an event: the flow checks what really serves."""
+    from resources.serving.protocol import sign_event
+
+    world = two_versions
+    deployer = world["services"].deployer
+    now = serving(world, "prod")
+    unvetted = [e.data["version"] for e in world["services"].ledger.entries(kind="model_registered", subject="churn")
+                if e.data.get("via") == "handoff"][-1]
+    secret = deployer.slot_secret(target(world, "prod"))
+    lie = sign_event(secret, {"id": "signed-lie-1", "ts": "2026-12-01T00:00:00Z", "event": "crashloop_rollback",
+                              "from_version": now, "to_version": unvetted, "group": "x"})
+    with open(_events(world), "ab") as f:
+        f.write((json.dumps(lie, sort_keys=True) + "\n").encode())
+    written, _ = _relay(world)
+    assert [e.kind for e in written] == ["event_refused"], written
+    assert f"reported version {unvetted} restored, but {now} serves" in written[0].data["reason"]
+    assert serving(world, "prod") == now and world["services"].mlflow.aliases("churn")["prod"] == now
+    assert not [e for e in world["services"].ledger.entries(kind="rollback", subject="churn_scoring")
+                if e.data.get("to_version") == unvetted]

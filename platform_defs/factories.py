@@ -726,7 +726,8 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, releases_d
             raise refusal
         try:
             status = deployer.deploy(target, Release(version, str(artifact), config={
-                "entrypoint": spec.entrypoint, "env": env_vars}))
+                "entrypoint": spec.entrypoint,
+                "calls": {t.name.upper(): deployer.address(t) for t in calls}}))
         except DeployError as err:
             book.append("promotion_refused", spec.name, {"app": spec.name, "version": version,
                                                          "still_serving": previous,

@@ -14,7 +14,9 @@ slot's ``events.jsonl``. ``relay_events`` reads those files from a byte-offset c
   MLflow alias named after the environment moves to the restored version.
 
 The actor is ``supervisor:<slot>``. Only complete lines are read (a line being written is read next
-time); a line that is not a JSON event is counted in the cursor (``corrupt``) and skipped. Every
+time); a line that is not a JSON event signed with the slot's secret (``sig``, see
+``resources.serving.protocol.verify_event``: a forged or altered line) is counted in the cursor
+(``corrupt``) and skipped, never recorded. Every
 entry carries the event's ``event_id``, and an event whose id the ledger already holds for that
 subject and environment is not recorded again, so a reset cursor, or a tick that failed half way,
 never records anything twice.
@@ -37,6 +39,7 @@ from resources.deployers.base import Target
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Entry, Ledger, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
+from resources.serving.protocol import verify_event
 
 RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed")
 MAX_READ = 4 * 1024 * 1024  # bytes read per slot and call; the rest is read on the next call
@@ -95,12 +98,10 @@ def relay_events(org: Organisation, deployer: Any, ledger: Ledger, mlflow: Mlflo
         lines, pos = _read_new_lines(deployer.slot_dir(target) / "events.jsonl", new_cursor.get(slot, {}))
         seen: set[str] | None = None  # event ids the ledger holds for this target, read when needed
         done = pos["offset"]
+        secret = deployer.slot_secret(target) if lines else None  # no secret: nothing verifies
         for offset, raw in lines:
-            try:
-                event = json.loads(raw)
-                if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-                    raise ValueError("not an event object")
-            except ValueError:
+            event = verify_event(secret, raw) if secret is not None else None
+            if event is None or not isinstance(event.get("event"), str):
                 pos["corrupt"] += 1
                 continue
             if event["event"] in RELAYED:
@@ -194,7 +195,7 @@ def build_supervisor_events_sensor(org: Organisation) -> dg.SensorDefinition:
             skipped = int(pos.get("corrupt", 0)) - before.get(slot, 0)
             if skipped > 0:
                 context.log.warning(f"supervisor_events: skipped {skipped} line(s) of {slot}/events.jsonl that are "
-                                    "not JSON events")
+                                    "not JSON events signed by the slot's supervisor")
         if not written:
             return dg.SkipReason("no new supervisor events to record")
         observations = [

@@ -16,7 +16,7 @@ import pytest
 
 from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import save_credit_model
+from tests.conftest import artifact_roots, save_credit_model
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
@@ -25,7 +25,7 @@ ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36,
 
 def local_backend(settings) -> LocalProcessDeployer:
     return LocalProcessDeployer(settings.run_dir, host=settings.host, port_base=settings.port_base,
-                                inference_log_dir=settings.inference_log_dir)
+                                inference_log_dir=settings.inference_log_dir, artifact_roots=artifact_roots(settings))
 
 
 BACKENDS = {"local": local_backend}
@@ -115,7 +115,7 @@ def test_missing_artifact_fails_clearly(settings, tmp_path):
     deployer = local_backend(settings)
     target = Target("contract", "missing", kind="endpoint")
     try:
-        with pytest.raises(DeployError, match="cannot load"):
+        with pytest.raises(DeployError, match="nowhere is not a directory"):
             deployer.deploy(target, Release("9", str(tmp_path / "nowhere"), {"model_name": "x"}))
     finally:
         deployer.delete(target)

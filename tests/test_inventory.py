@@ -174,7 +174,7 @@ def world(settings, tmp_path_factory):
         for env in ("staging", "prod"):
             st = deployer.deploy(Target("inv_portal", env, kind="app"), Release("r-inventory01", str(release_dir), {
                 "entrypoint": "loan_portal.main:app",
-                "env": {"ONEPATH_CREDIT_SCORING_URL": deployer.address(Target("inv_scoring", env))}}))
+                "calls": {"CREDIT_SCORING": deployer.address(Target("inv_scoring", env))}}))
             assert st.healthy and st.serving_version == "r-inventory01"
         # ... prod through the platform: a code review, the app gate's verdict, the deploy
         approve(ledger, "rob", "inv_portal", "r-inventory01", "prod")

@@ -236,8 +236,9 @@ class LocalProcessDeployer(Deployer):
         g = self._group(candidate)
         if g is None:
             return "its supervisor no longer answers"
-        if any(g.get("refused") or []):
-            workers = [i for i, r in enumerate(g["refused"]) if r]
+        workers = [i for i, (r, c) in enumerate(zip(g.get("refused") or [], g["exit_codes"]))
+                   if r or c == protocol.EXIT_ARTIFACT_REFUSED]  # the supervisor marks it on its next tick
+        if workers:
             return (f"its artifact does not match the digest {g.get('digest')} (worker(s) {workers} refused it, "
                     f"exit {protocol.EXIT_ARTIFACT_REFUSED}); log: {log_tail(Path(g['log']), 600)}")
         if g["state"] == "failed" or any(c is not None for c in g["exit_codes"]):

@@ -320,6 +320,10 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
         entry = spec["entrypoint"]
         if not isinstance(entry, str) or len(entry) > 200 or not ENTRYPOINT_RE.fullmatch(entry):
             raise SpecError(f"launch: 'entrypoint' must be module:attribute, got {entry!r}")
+        top = entry.split(":")[0].split(".")[0]
+        if not (os.path.isdir(os.path.join(real, top)) or os.path.isfile(os.path.join(real, top + ".py"))):
+            # only the release's own code: not a module from elsewhere on the path
+            raise SpecError(f"launch: 'entrypoint' module {top!r} is not in the artifact {real}")
         calls = spec["calls"]
         if not isinstance(calls, dict):
             raise SpecError("launch: 'calls' must be an object {ENDPOINT_NAME: 'http://127.0.0.1:<port>'}")

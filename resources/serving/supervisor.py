@@ -375,6 +375,7 @@ class Supervisor:
                 return {"discarded": False}
             if g is self.current:
                 raise ValueError("the current group cannot be discarded; promote another first")
+            self._check_starting(g)  # the deployer may have seen a worker exit before the watch loop did
             g.state = "failed" if g.state == "starting" else g.state
             g.signal_all(signal.SIGKILL)
             self.event("discard", group=g.id, version=g.version)
@@ -413,14 +414,7 @@ class Supervisor:
                     elif time.time() > g.drain_deadline:
                         g.signal_all(signal.SIGKILL)
                 elif g.state == "starting":
-                    if any(p is not None and p.poll() is not None for p in g.procs):
-                        for i, p in enumerate(g.procs):
-                            if p is not None and p.returncode == EXIT_ARTIFACT_REFUSED:
-                                self._refused(g, i)
-                        g.state = "failed"
-                        g.signal_all(signal.SIGKILL)
-                        self.event("start_failed", group=g.id, version=g.version,
-                                   exit_codes=[p.poll() if p else None for p in g.procs])
+                    self._check_starting(g)
                 elif g.state == "current" and not self.stopping.is_set():
                     for i, p in enumerate(g.procs):
                         if p is None or p.poll() is None or g.refused[i]:
@@ -440,6 +434,18 @@ class Supervisor:
                     # keep the record small: finished groups are in events.jsonl
                     if time.time() - _parse_ts(g.started_at) > 300:
                         del self.groups[gid]
+
+    def _check_starting(self, g: Group) -> None:
+        """A candidate with a worker that exited has failed; one that refused its artifact says so."""
+        if g.state != "starting" or not any(p is not None and p.poll() is not None for p in g.procs):
+            return
+        for i, p in enumerate(g.procs):
+            if p is not None and p.returncode == EXIT_ARTIFACT_REFUSED:
+                self._refused(g, i)
+        g.state = "failed"
+        g.signal_all(signal.SIGKILL)
+        self.event("start_failed", group=g.id, version=g.version,
+                   exit_codes=[p.poll() if p else None for p in g.procs])
 
     def _refused(self, g: Group, i: int) -> None:
         if g.refused[i]:
@@ -623,17 +629,26 @@ def make_handler(sup: Supervisor) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
             self.close_connection = True
 
+        def _refuse(self, code: int, why: str) -> bool:
+            # read (and drop) a small body first, so the client sees the answer rather than a reset
+            try:
+                n = int(self.headers.get("content-length") or 0)
+            except ValueError:
+                n = 0
+            if 0 < n <= protocol.MAX_BODY:
+                self.rfile.read(n)
+            self._reply(code, {"error": why})
+            return False
+
         def _authorized(self) -> bool:
             """The peer is our own uid (SO_PEERCRED) and shows the slot's secret; else 403/401."""
             raw = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _pid, uid, _gid = struct.unpack("3i", raw)
             if uid != os.getuid():
-                self._reply(403, {"error": f"peer uid {uid} is not the supervisor's uid {os.getuid()}"})
-                return False
+                return self._refuse(403, f"peer uid {uid} is not the supervisor's uid {os.getuid()}")
             given = (self.headers.get(protocol.SECRET_HEADER) or "").encode("latin-1", "replace")
             if not hmac.compare_digest(given, expected):
-                self._reply(401, {"error": "missing or wrong slot secret"})
-                return False
+                return self._refuse(401, "missing or wrong slot secret")
             return True
 
         def do_GET(self) -> None:

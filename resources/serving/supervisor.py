@@ -195,6 +195,9 @@ class Supervisor:
         self.current: Group | None = None
         self.stopping = threading.Event()
         self.events_path = slot_dir / "events.jsonl"
+        for older in (self.events_path, slot_dir / "supervisor.log"):  # a slot from before the umask
+            if older.exists():
+                os.chmod(older, 0o600)
         self.on_change: Any = lambda: None  # persists state.json; set by main()
         # The spec of the version that was current before the current one: what a crash loop rolls
         # back to. A supervisor started again for this slot reads it (and what was current then,
@@ -385,6 +388,7 @@ class Supervisor:
         with self.lock:
             return {
                 "pid": os.getpid(), "host": self.host, "port": self.port,
+                "artifact_roots": self.artifact_roots, "fencing_token": self.fencing_token,
                 "current": self.current.view() if self.current else None,
                 "groups": [g.view() for g in self.groups.values()],
             }

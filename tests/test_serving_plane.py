@@ -407,6 +407,9 @@ def test_read_events_returns_only_lines_the_supervisor_signed(world, served):
     assert (more, refused, end) == ([], 5, path.stat().st_size)
     assert protocol.verify_event(protocol.read_secret(deployer.slot_dir(target)), lines[-1]) == {
         k: v for k, v in real.items() if k != "sig"}
+    # an offset past the end (the file was replaced) reads from the start again
+    again, _, refused = deployer.read_events(target, path.stat().st_size + 100)
+    assert [e["id"] for e in again] == [e["id"] for e in events] and refused == 5
 
 
 # -- fencing ----------------------------------------------------------------------------------------------

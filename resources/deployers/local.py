@@ -293,10 +293,13 @@ class LocalProcessDeployer(Deployer):
 
         Only complete lines are read (a half-written last line waits for the next call); a forged,
         altered or unsigned line is refused and counted, never returned. Without a secret every line
-        is refused."""
+        is refused. A file shorter than ``offset`` (replaced by a new run dir) is read from its start;
+        event ids tell a line already relayed."""
         path = self.slot_dir(target) / "events.jsonl"
         try:
             with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < offset:
+                    offset = 0
                 fh.seek(offset)
                 data = fh.read(8 * 1024 * 1024)
         except FileNotFoundError:

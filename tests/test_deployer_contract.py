@@ -144,3 +144,21 @@ def test_killed_worker_is_restarted_by_the_supervisor(settings, models):
         assert now.detail["supervisor"]["restarts"] == 1
     finally:
         deployer.delete(target)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_cutover_with_a_stale_fencing_token_changes_nothing(backend, settings, models):
+    """A deployer that lost its lease (a lower token than the backend has seen) cannot cut over."""
+    deployer = BACKENDS[backend](settings)
+    target = Target("contract", f"fence{backend}", kind="endpoint")
+    try:
+        st = deployer.deploy(target, release(models, "1"), fencing_token=2)
+        with pytest.raises(DeployError, match="fencing token 1 is lower than the highest token seen 2"):
+            deployer.deploy(target, release(models, "2"), fencing_token=1)
+        assert predict(st.address)["version"] == "1" and deployer.status(target).serving_version == "1"
+        deployer.fence(target, 3)
+        with pytest.raises(DeployError, match="fencing token 2 is lower than the highest token seen 3"):
+            deployer.deploy(target, release(models, "2"), fencing_token=2)
+        assert deployer.deploy(target, release(models, "2"), fencing_token=3).serving_version == "2"
+    finally:
+        deployer.delete(target)

@@ -178,7 +178,7 @@ class LocalProcessDeployer(Deployer):
                 if proc.returncode == 4:  # the supervisor's "cannot bind" exit
                     raise _PortTaken(port)
                 raise DeployError(f"{target.slot}: the supervisor for {self.host}:{port} exited: "
-                                  f"{log_tail(slot / 'supervisor.log', 600)}")
+                                  f"{_one_line(log_tail(slot / 'supervisor.log', 600))}")
             state = self._state(target) or {}
             ready = self._control(target) if state.get("pid") == proc.pid else None
             if ready:
@@ -240,9 +240,9 @@ class LocalProcessDeployer(Deployer):
                    if r or c == protocol.EXIT_ARTIFACT_REFUSED]  # the supervisor marks it on its next tick
         if workers:
             return (f"its artifact does not match the digest {g.get('digest')} (worker(s) {workers} refused it, "
-                    f"exit {protocol.EXIT_ARTIFACT_REFUSED}); log: {log_tail(Path(g['log']), 600)}")
+                    f"exit {protocol.EXIT_ARTIFACT_REFUSED}); log: {_one_line(log_tail(Path(g['log']), 600))}")
         if g["state"] == "failed" or any(c is not None for c in g["exit_codes"]):
-            return f"exit codes {g['exit_codes']}; log: {log_tail(Path(g['log']), 1200)}"
+            return f"exit codes {g['exit_codes']}; log: {_one_line(log_tail(Path(g['log']), 1200))}"
         return None
 
     def _candidate_health(self, candidate: Candidate) -> list[dict[str, Any] | None]:
@@ -369,6 +369,10 @@ class LocalProcessDeployer(Deployer):
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(running)))) as pool:
             list(pool.map(lambda item: self._stop(item[1]), running))
         return [slot for slot, _ in running]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 class _PortTaken(Exception):

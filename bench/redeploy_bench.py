@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="onepath-redeploy-bench-"))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    deployer = LocalProcessDeployer(tmp / "run", port_base=free_port(), inference_log_dir=tmp / "inference")
+    deployer = LocalProcessDeployer(tmp / "run", port_base=free_port(), inference_log_dir=tmp / "inference",
+                                    artifact_roots=[tmp])
     target = Target("credit_risk", "bench", kind="endpoint")
     wrk: subprocess.Popen | None = None
 

@@ -321,7 +321,8 @@ def bench_onepath(tmp: Path, m: dict[str, Any], args: argparse.Namespace, pin: b
     from resources.deployers.base import Release, Target
     from resources.deployers.local import LocalProcessDeployer
 
-    deployer = LocalProcessDeployer(tmp / "run", host="127.0.0.1", port_base=args.port_base)
+    deployer = LocalProcessDeployer(tmp / "run", host="127.0.0.1", port_base=args.port_base,
+                                    artifact_roots=[m["local"].parent])
     target = Target(MODEL_NAME, "bench", kind="endpoint")
 
     def stop() -> None:

@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"temp dir {tmp}; {cpus} CPUs; load average {loadavg()}")
         model_dir, bodies = build_model(tmp, args.rows, args.bodies)
-        deployer = LocalProcessDeployer(tmp / "run", port_base=free_port(), inference_log_dir=tmp / "inference")
+        deployer = LocalProcessDeployer(tmp / "run", port_base=free_port(), inference_log_dir=tmp / "inference",
+                                        artifact_roots=[model_dir.parent])
         cleanup.push("deployer", deployer.stop_all)
         servers: dict[str, dict[str, Any]] = {}
         for name, env, threads in (("ours", "threads1", 1), ("baseline", "threadsN", cpus)):

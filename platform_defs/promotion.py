@@ -702,7 +702,7 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
         if not artifact.is_dir():
             raise PromotionError(f"{spec.name}: release {version} is not built at {artifact}")
         calls = [endpoint_target(org.by_name[ep], env) for ep in spec.calls]  # type: ignore[arg-type]
-        env_vars = {t.name: deployer.address(t) for t in calls}
+        env_vars = {t.name.upper(): deployer.address(t) for t in calls}  # the app reads ONEPATH_<NAME>_URL
         before = deployer.status(target)
         previous = serving_version(before)
         if waited and previous == version:

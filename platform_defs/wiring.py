@@ -26,6 +26,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "deployer_local": LocalDeployerResource(
             run_dir=str(settings.run_dir), host=settings.host, port_base=settings.port_base,
             inference_log_dir=str(settings.inference_log_dir),
+            artifact_roots=[str(settings.releases_dir / "models"), str(settings.releases_dir)],
         ),
         "monitoring": MonitoringResource(
             inference_log_dir=str(settings.inference_log_dir), outcomes_dir=str(settings.outcomes_dir),

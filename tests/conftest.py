@@ -73,6 +73,12 @@ def onepath_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.update(saved)
 
 
+def artifact_roots(settings) -> list[Path]:
+    """Where a test deployer's supervisors may launch artifacts from: pytest's base temp directory,
+    which holds every test's models and releases (the session's home is one of its directories)."""
+    return [settings.home.parent]
+
+
 @pytest.fixture(scope="session")
 def settings(onepath_home: Path):
     from platform_defs.settings import load_settings

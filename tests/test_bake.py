@@ -256,7 +256,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def deployer(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("bake_run")
-    d = LocalProcessDeployer(run_dir, port_base=_free_port_base(), inference_log_dir=run_dir / "logs")
+    d = LocalProcessDeployer(run_dir, port_base=_free_port_base(), inference_log_dir=run_dir / "logs",
+                             artifact_roots=[tmp_path_factory.getbasetemp()])
     yield d
     d.stop_all()
 

@@ -16,7 +16,7 @@ import pytest
 
 from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import save_credit_model
+from tests.conftest import artifact_roots, save_credit_model
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
@@ -25,7 +25,7 @@ ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36,
 
 def local_backend(settings) -> LocalProcessDeployer:
     return LocalProcessDeployer(settings.run_dir, host=settings.host, port_base=settings.port_base,
-                                inference_log_dir=settings.inference_log_dir)
+                                inference_log_dir=settings.inference_log_dir, artifact_roots=artifact_roots(settings))
 
 
 BACKENDS = {"local": local_backend}
@@ -115,7 +115,7 @@ def test_missing_artifact_fails_clearly(settings, tmp_path):
     deployer = local_backend(settings)
     target = Target("contract", "missing", kind="endpoint")
     try:
-        with pytest.raises(DeployError, match="cannot load"):
+        with pytest.raises(DeployError, match="nowhere is not a directory"):
             deployer.deploy(target, Release("9", str(tmp_path / "nowhere"), {"model_name": "x"}))
     finally:
         deployer.delete(target)
@@ -142,5 +142,23 @@ def test_killed_worker_is_restarted_by_the_supervisor(settings, models):
             time.sleep(0.05)
         assert now.healthy and now.serving_version == "1" and now.detail["server"]["pid"] != pid
         assert now.detail["supervisor"]["restarts"] == 1
+    finally:
+        deployer.delete(target)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_cutover_with_a_stale_fencing_token_changes_nothing(backend, settings, models):
+    """A deployer that lost its lease (a lower token than the backend has seen) cannot cut over."""
+    deployer = BACKENDS[backend](settings)
+    target = Target("contract", f"fence{backend}", kind="endpoint")
+    try:
+        st = deployer.deploy(target, release(models, "1"), fencing_token=2)
+        with pytest.raises(DeployError, match="fencing token 1 is lower than the highest token seen 2"):
+            deployer.deploy(target, release(models, "2"), fencing_token=1)
+        assert predict(st.address)["version"] == "1" and deployer.status(target).serving_version == "1"
+        deployer.fence(target, 3)
+        with pytest.raises(DeployError, match="fencing token 2 is lower than the highest token seen 3"):
+            deployer.deploy(target, release(models, "2"), fencing_token=2)
+        assert deployer.deploy(target, release(models, "2"), fencing_token=3).serving_version == "2"
     finally:
         deployer.delete(target)

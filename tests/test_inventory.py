@@ -168,13 +168,14 @@ def world(settings, tmp_path_factory):
         mlflow.set_alias("inv_other", "prod", "1")
         deployer.delete(Target("inv_shadow", "prod"))
         # inv_portal: one release deployed around the platform to both environments ...
-        release_dir = tmp_path_factory.mktemp("inv_release") / "r-inventory01"
+        # built where the platform builds releases (a supervisor launches nothing from elsewhere)
+        release_dir = settings.releases_dir / "apps" / "inv_portal" / "r-inventory01"
         shutil.copytree(ROOT / "apps" / "loan_portal", release_dir,
-                        ignore=shutil.ignore_patterns("__pycache__", ".*"))
+                        ignore=shutil.ignore_patterns("__pycache__", ".*"), dirs_exist_ok=True)
         for env in ("staging", "prod"):
             st = deployer.deploy(Target("inv_portal", env, kind="app"), Release("r-inventory01", str(release_dir), {
                 "entrypoint": "loan_portal.main:app",
-                "env": {"ONEPATH_CREDIT_SCORING_URL": deployer.address(Target("inv_scoring", env))}}))
+                "calls": {"CREDIT_SCORING": deployer.address(Target("inv_scoring", env))}}))
             assert st.healthy and st.serving_version == "r-inventory01"
         # ... prod through the platform: a code review, the app gate's verdict, the deploy
         approve(ledger, "rob", "inv_portal", "r-inventory01", "prod")

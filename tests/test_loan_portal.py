@@ -264,9 +264,15 @@ def test_version_defaults(client, env):
                                              "scoring_url": None}
 
 
-def test_serves_under_the_platform_child_process(scorer):
-    """The way the platform runs a release: resources.serving.child with --app-dir on inherited sockets."""
-    stable, health = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+def test_serves_under_the_platform_child_process(scorer, tmp_path):
+    """The way the platform runs a release: resources.serving.child with --app-dir on inherited sockets
+    (the shared stable TCP socket, and a private health socket that is a Unix socket)."""
+    from resources.serving.protocol import unix_get
+
+    stable = socket.create_server(("127.0.0.1", 0))
+    health = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    health.bind(str(tmp_path / "w.sock"))
+    health.listen(16)
     env = {**os.environ, "ONEPATH_LISTEN_FDS": f"{stable.fileno()},{health.fileno()}",
            "ONEPATH_RELEASE_VERSION": "9.9.9", "ONEPATH_ENV": "test",
            "ONEPATH_CREDIT_SCORING_URL": scorer.url, "ONEPATH_DRAIN_SECONDS": "1"}
@@ -276,6 +282,8 @@ def test_serves_under_the_platform_child_process(scorer):
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{stable.getsockname()[1]}", timeout=60) as http:
             assert http.get("/health").json() == {"status": "ok", "version": "9.9.9"}
+            got = unix_get(str(tmp_path / "w.sock"), "/health", 10)
+            assert got is not None and got[0] == 200 and json.loads(got[1])["version"] == "9.9.9"
             r = http.post("/api/apply", json=VALID)
             assert r.status_code == 200 and r.json()["decision"] == "approve"
         assert scorer.calls[-1]["headers"]["x-request-id"] == r.json()["application_id"]

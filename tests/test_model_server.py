@@ -12,6 +12,7 @@ import pytest
 
 from resources.deployers.base import Release, Target
 from resources.deployers.local import LocalProcessDeployer
+from tests.conftest import artifact_roots
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def tiny_deployer(settings) -> LocalProcessDeployer:
     return LocalProcessDeployer(settings.run_dir, port_base=settings.port_base,
-                                inference_log_dir=settings.inference_log_dir)
+                                inference_log_dir=settings.inference_log_dir, artifact_roots=artifact_roots(settings))
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def served(settings, org, tmp_path_factory):
     model = save_credit_model(root / "model", seed=3)
     logs = root / "inference_logs"
     deployer = LocalProcessDeployer(settings.run_dir, host=settings.host, port_base=settings.port_base,
-                                    inference_log_dir=logs)
+                                    inference_log_dir=logs, artifact_roots=[root])
     target = Target(ENDPOINT, ENV, kind="endpoint")
     dataset = org.by_name["credit_applications"]
     try:
@@ -318,7 +318,7 @@ def prod_world(settings, tmp_path):
            "ONEPATH_INFERENCE_LOG_DIR": str(tmp_path / "logs"), "ONEPATH_OUTCOMES_DIR": str(tmp_path / "outcomes"),
            "ONEPATH_PORT_BASE": str(settings.port_base + 150)}
     deployer = LocalProcessDeployer(tmp_path / "run", host=settings.host, port_base=settings.port_base + 150,
-                                    inference_log_dir=tmp_path / "logs")
+                                    inference_log_dir=tmp_path / "logs", artifact_roots=[tmp_path])
     target = Target("credit_scoring", "prod", kind="endpoint")
     model = save_credit_model(tmp_path / "model", seed=5)
     try:

@@ -26,6 +26,7 @@ from resources.deployers.base import Release, probe
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.processes import pid_alive
+from resources.serving.protocol import load_or_create_secret, sign_event
 from sensors.supervisor_events import build_supervisor_events_sensor, relay_events
 from tests.conftest import _free_port_base, save_credit_model
 from tests.test_rollback import deploy_like_factories, register, write_org
@@ -56,7 +57,8 @@ def world(settings, tmp_path_factory):
     resources = {
         "mlflow": mlflow,
         "deployer_local": LocalDeployerResource(run_dir=str(run_dir), port_base=_free_port_base(),
-                                                inference_log_dir=str(run_dir / "logs")),
+                                                inference_log_dir=str(run_dir / "logs"),
+                                                artifact_roots=[str(tmp_path_factory.getbasetemp())]),
         "ledger": LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")),
     }
     deployer = resources["deployer_local"].deployer()
@@ -140,31 +142,36 @@ def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
 
 
 def test_relay_reads_complete_lines_skips_corrupt_ones_and_follows_a_replaced_file(world):
-    """The cursor logic on a file written by hand, for a slot no supervisor runs (sv_restart.staging)."""
+    """The cursor logic on a file written by hand (signed with the slot's secret, as a supervisor
+    signs), for a slot no supervisor runs (sv_restart.staging)."""
     org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
     slot_dir = deployer.slot_dir(target(world, "sv_restart", "staging"))
     slot_dir.mkdir(parents=True, exist_ok=True)
+    secret = load_or_create_secret(slot_dir)
     path = slot_dir / "events.jsonl"
 
     def ev(i: int, kind: str = "restart", **kw) -> bytes:
-        return json.dumps({"id": f"hand-{i}", "ts": "2026-01-01T00:00:00Z", "event": kind, "group": "g",
-                           "version": "1", "worker": 0, "exit_code": 1, "restarts": i, **kw}).encode() + b"\n"
+        return json.dumps(sign_event(secret, {"id": f"hand-{i}", "ts": "2026-01-01T00:00:00Z", "event": kind,
+                                              "group": "g", "version": "1", "worker": 0, "exit_code": 1,
+                                              "restarts": i, **kw})).encode() + b"\n"
 
-    path.write_bytes(ev(1) + b"this is not json\n" + b"[1, 2]\n" + ev(2, "launch") + ev(3)[:20])
+    unsigned = json.dumps({"id": "forged-1", "ts": "2026-01-01T00:00:00Z", "event": "restart", "group": "g",
+                           "version": "1", "worker": 0, "exit_code": 1, "restarts": 9}).encode() + b"\n"
+    path.write_bytes(ev(1) + b"this is not json\n" + b"[1, 2]\n" + unsigned + ev(2, "launch") + ev(3)[:20])
     written, cursor = relay_events(org, deployer, book, mlflow, {})
     assert [e.data["event_id"] for e in written] == ["hand-1"]
     pos = cursor["sv_restart.staging"]
-    assert pos["corrupt"] == 2 and pos["offset"] == path.stat().st_size - 20  # the half line waits
+    assert pos["corrupt"] == 3 and pos["offset"] == path.stat().st_size - 20  # the half line waits
 
     with open(path, "ab") as f:  # the writer finishes its line
         f.write(ev(3)[20:])
     written, cursor = relay_events(org, deployer, book, mlflow, cursor)
-    assert [e.data["event_id"] for e in written] == ["hand-3"] and cursor["sv_restart.staging"]["corrupt"] == 2
+    assert [e.data["event_id"] for e in written] == ["hand-3"] and cursor["sv_restart.staging"]["corrupt"] == 3
 
     # the file is replaced (a new run dir, a new inode): read from its start, nothing recorded twice
     path.unlink()
-    line = json.dumps({"ts": "2026-01-01T00:00:01Z", "event": "restart", "version": "1", "worker": 0,
-                       "exit_code": 1}).encode() + b"\n"  # an old supervisor's line: no id
+    line = json.dumps(sign_event(secret, {"ts": "2026-01-01T00:00:01Z", "event": "restart", "version": "1",
+                                          "worker": 0, "exit_code": 1})).encode() + b"\n"  # a line with no id
     path.write_bytes(ev(1) + line)
     written, cursor = relay_events(org, deployer, book, mlflow, cursor)
     assert [e.data["event_id"] for e in written] == [f"sv_restart.staging@{len(ev(1))}"]

@@ -219,7 +219,8 @@ def bodies() -> list[bytes]:
 def test_redeploy_and_rollback_under_keep_alive_load_drop_no_request(model_dirs, bodies, tmp_path, monkeypatch):
     monkeypatch.setenv("ONEPATH_DRAIN_SECONDS", "5")  # the supervisor's and the workers' drain deadline
     deployer = LocalProcessDeployer(tmp_path / "run", port_base=_free_port_base(),
-                                    inference_log_dir=tmp_path / "inference")
+                                    inference_log_dir=tmp_path / "inference",
+                                    artifact_roots=[model_dirs["A"].parent])
     target = Target("zdt", "prod", kind="endpoint")
     versions = {"A": "1", "B": "2"}
 

@@ -25,17 +25,26 @@
   churn's p99 went from 15 ms to 1816 ms (``bench/threads_bench.py``). The local backend sets ``model_thread_env`` in the worker's
   environment; a Kubernetes backend puts the same variables in the container spec.
 * ``worker_metrics(target)`` returns the Prometheus text of each worker of the version now current
-  (what a bake judges a freshly switched version on); ``[]`` when nothing is current.
+  (what a bake judges a freshly switched version on); ``[]`` when nothing is current. Workers have no
+  address of their own: the backend fetches it through its own authenticated channel (the local
+  supervisor over its Unix sockets), so nothing but the stable address listens on the network.
+* ``deploy(target, release, fencing_token=N)`` and ``fence(target, N)``: whoever deploys holds a
+  lease whose token grows with each holder; a cutover carrying a token lower than the highest the
+  backend has seen is refused (``DeployError``) and changes nothing, so a deployer that lost its
+  lease cannot overwrite the one that holds it. The local backend keeps the highest token in its
+  supervisor's ``state.json``.
+* A release with a ``digest`` is served only if its artifact's bytes hash to it: a worker that finds
+  otherwise refuses to serve, and a deploy of it fails naming the mismatch (the previous version
+  keeps serving).
 
 The base class owns the lifecycle (launch a candidate beside the current version, wait for its
 health, cut over, verify at the stable address, discard on failure). A backend implements only its
-calls: ``_address``, ``_launch``, ``_candidate_failure``, ``_cutover``, ``_discard``, ``_stop``,
-``_worker_addresses``.
+calls: ``_address``, ``_launch``, ``_candidate_failure``, ``_candidate_health``, ``_cutover``,
+``_fence``, ``_discard``, ``_stop``, ``_worker_metrics``.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 import urllib.error
@@ -45,17 +54,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-                    "NUMEXPR_NUM_THREADS")
-
-
-def model_thread_env(threads: int = 1) -> dict[str, str]:
-    """The environment that sizes a model worker's native thread pools (see the module docstring);
-    read by those libraries when they load, so it must be in the worker's environment from its start."""
-    n = int(threads)
-    if n < 1:
-        raise ValueError(f"model_threads must be at least 1, got {n}")
-    return {name: str(n) for name in THREAD_VARIABLES}
+# one definition, in the module the supervisor (standard library only) can import
+from resources.serving.protocol import THREAD_VARIABLES, model_thread_env  # noqa: F401  (re-exported)
 
 
 class DeployError(RuntimeError):
@@ -109,7 +109,6 @@ class Candidate:
     target: Target
     release: Release
     handle: Any
-    health_urls: list[str]
 
 
 def serving_version(status: "DeploymentStatus") -> str | None:
@@ -138,16 +137,6 @@ def http_json(url: str, timeout: float = 2.0, data: dict | None = None) -> tuple
             return err.code, json.loads(raw)
         except ValueError:
             return err.code, raw.decode("utf-8", "replace")
-
-
-def _get_text(url: str, timeout: float) -> str | None:
-    """The body of a GET answered 200, or None when nothing (or something else) answers."""
-    req = urllib.request.Request(url, headers={"connection": "close"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.read().decode("utf-8", "replace") if resp.status == 200 else None
-    except (OSError, ValueError, http.client.HTTPException):  # URLError, HTTPError, timeouts, resets
-        return None
 
 
 def probe(address: str, timeout: float = 1.0) -> dict[str, Any] | None:
@@ -247,15 +236,19 @@ class Deployer(ABC):
     poll_seconds: float = 0.05
 
     # -- the contract ---------------------------------------------------------------------
-    def deploy(self, target: Target, release: Release, timeout: float = 120.0) -> DeploymentStatus:
+    def deploy(self, target: Target, release: Release, timeout: float = 120.0,
+               fencing_token: int | None = None) -> DeploymentStatus:
+        """Serve ``release`` at ``target``'s stable address (see the module docstring). With a
+        ``fencing_token``, the cutover is refused (DeployError, the candidate discarded, nothing
+        changed) if the backend has seen a higher token."""
         candidate = self._launch(target, release)
         deadline = time.monotonic() + timeout
         try:
             self._await_healthy(candidate, deadline)
+            self._cutover(candidate, fencing_token)
         except DeployError:
             self._discard(candidate)
             raise
-        self._cutover(candidate)
         address = self._address(target)
         while True:
             seen = probe(address)
@@ -281,6 +274,11 @@ class Deployer(ABC):
     def delete(self, target: Target) -> None:
         self._stop(target)
 
+    def fence(self, target: Target, token: int) -> None:
+        """From now on refuse any cutover at ``target`` whose fencing token is lower than ``token``
+        (DeployError if a higher one was seen already)."""
+        self._fence(target, token)
+
     def address(self, target: Target) -> str:
         """The stable address clients use; allocated on first use and never changed."""
         return self._address(target)
@@ -296,7 +294,7 @@ class Deployer(ABC):
         start again from zero when a worker is restarted; callers comparing two snapshots must allow
         for that (``onepath_process_start_time_seconds`` tells a restarted worker apart).
         """
-        return [_get_text(url + "/metrics", timeout) or "" for url in self._worker_addresses(target)]
+        return self._worker_metrics(target)
 
     # -- lifecycle helpers ----------------------------------------------------------------
     def _await_healthy(self, candidate: Candidate, deadline: float) -> None:
@@ -305,8 +303,8 @@ class Deployer(ABC):
             if failure:
                 raise DeployError(f"{candidate.target.slot}: version {candidate.release.version} "
                                   f"failed to start; the previous version keeps serving. {failure}")
-            seen = [probe(url, timeout=0.5) for url in candidate.health_urls]
-            if all(s is not None and str(s.get("version")) == candidate.release.version for s in seen):
+            seen = self._candidate_health(candidate)
+            if seen and all(s is not None and str(s.get("version")) == candidate.release.version for s in seen):
                 return
             if time.monotonic() > deadline:
                 raise DeployError(f"{candidate.target.slot}: version {candidate.release.version} was "
@@ -329,15 +327,25 @@ class Deployer(ABC):
         """Why the candidate can no longer become healthy, or None while it still can."""
 
     @abstractmethod
-    def _cutover(self, candidate: Candidate) -> None:
-        """Make the candidate the version served at the stable address; drain the old one."""
+    def _candidate_health(self, candidate: Candidate) -> list[dict[str, Any] | None]:
+        """Each candidate worker's /version document, or None for a worker whose /health is not 200
+        (yet), asked through the backend's own channel (workers have no address of their own)."""
+
+    @abstractmethod
+    def _cutover(self, candidate: Candidate, fencing_token: int | None = None) -> None:
+        """Make the candidate the version served at the stable address; drain the old one. Raise
+        DeployError, changing nothing, if ``fencing_token`` is lower than the highest seen."""
+
+    @abstractmethod
+    def _fence(self, target: Target, token: int) -> None: ...
 
     @abstractmethod
     def _discard(self, candidate: Candidate) -> None: ...
 
     @abstractmethod
-    def _worker_addresses(self, target: Target) -> list[str]:
-        """The base URL of each worker of the current version (in worker order), or [] when none is current."""
+    def _worker_metrics(self, target: Target) -> list[str]:
+        """The /metrics text of each worker of the current version (in worker order, '' for one that
+        does not answer right now), or [] when none is current."""
 
     @abstractmethod
     def _stop(self, target: Target) -> None: ...

@@ -4,6 +4,12 @@ Each target (endpoint or app release in one environment) gets a stable port, all
 kept in ``<run_dir>/ports.json``, and a supervisor process (``resources.serving.supervisor``) that
 holds the listening socket and runs the version's workers. State survives the Dagster process: a
 new deployer instance finds the supervisors again through ``<run_dir>/<slot>/state.json``.
+
+The supervisor is driven only over its Unix socket ``<slot>/private/control.sock`` with the slot's
+secret (``resources.serving.protocol``); the slot directory is 0700, so another local user can
+neither reach the socket nor read the secret, the state or the events. What runs is the
+supervisor's choice: this backend sends only which release to run (``_launch_spec``), and the
+artifact must lie inside one of ``artifact_roots``.
 """
 
 from __future__ import annotations
@@ -19,23 +25,30 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from platform_defs.settings import PROJECT_ROOT
 from resources.processes import pid_alive
-from resources.deployers.base import (Candidate, Deployer, DeployError, Release, Target, http_json,
-                                      model_thread_env)
+from resources.deployers.base import Candidate, Deployer, DeployError, Release, Target
+from resources.serving import protocol
+from resources.serving.protocol import ControlError
 from resources.serving.supervisor import log_tail
+
+ENDPOINT_DEFAULTS = {"pii_columns": [], "max_batch": 64, "model_threads": 1, "inference_log": True}
 
 
 class LocalProcessDeployer(Deployer):
     def __init__(self, run_dir: Path, *, host: str = "127.0.0.1", port_base: int = 18000,
-                 python: str | None = None, inference_log_dir: Path | None = None):
+                 python: str | None = None, inference_log_dir: Path | None = None,
+                 artifact_roots: Sequence[Path | str] = ()):
         self.run_dir = Path(run_dir)
         self.host = host
         self.port_base = port_base
         self.python = python or sys.executable
         self.inference_log_dir = Path(inference_log_dir) if inference_log_dir else self.run_dir / "inference_logs"
+        # where release artifacts may come from (the MLflow cache, the releases dir): a supervisor
+        # started by this deployer launches nothing from anywhere else
+        self.artifact_roots = [Path(r) for r in artifact_roots]
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # -- ports ----------------------------------------------------------------------------
@@ -95,21 +108,22 @@ class LocalProcessDeployer(Deployer):
         except (OSError, ValueError):
             return None
 
-    def _control(self, target: Target) -> str | None:
+    def _control(self, target: Target) -> Path | None:
+        """The slot directory of a live supervisor that answers an authenticated /ping, else None."""
         state = self._state(target)
         if not state or state.get("stopped") or not pid_alive(int(state["pid"])):
             return None
-        url = f"http://127.0.0.1:{state['control_port']}"
+        slot = self.slot_dir(target)
         try:
-            code, _ = http_json(url + "/ping", timeout=2)
-        except OSError:
+            protocol.control_call(slot, "/ping", timeout=2)
+        except ControlError:
             return None
-        return url if code == 200 else None
+        return slot
 
-    def _ensure_supervisor(self, target: Target) -> str:
-        url = self._control(target)
-        if url:
-            return url
+    def _ensure_supervisor(self, target: Target) -> Path:
+        slot = self._control(target)
+        if slot:
+            return slot
         never_served = not (self.slot_dir(target) / "state.json").exists()
         for _ in range(5):
             try:
@@ -131,18 +145,28 @@ class LocalProcessDeployer(Deployer):
                 ports[f"(taken by another program).{taken}"] = taken
             self._save_ports(ports)
 
-    def _start_supervisor(self, target: Target) -> str:
+    def _start_supervisor(self, target: Target) -> Path:
+        if not self.artifact_roots:
+            raise DeployError(f"{target.slot}: this deployer has no artifact roots, so its supervisor could "
+                              "launch nothing; configure artifact_roots")
         port = self._port(target)
         slot = self.slot_dir(target)
-        slot.mkdir(parents=True, exist_ok=True)
+        try:
+            protocol.ensure_owner_only_dir(slot)  # 0700: another user cannot traverse it
+        except ControlError as err:
+            raise DeployError(f"{target.slot}: {err}") from None
         # state.json of an earlier supervisor stays: the new one reads what served before from it
         # (what a crash loop rolls back to), and it is ready once state.json names its own pid
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-        with open(slot / "supervisor.log", "ab") as log:
+        argv = [self.python, "-m", "resources.serving.supervisor", "--slot-dir", str(slot),
+                "--host", self.host, "--port", str(port), "--inference-log-dir", str(self.inference_log_dir)]
+        for root in self.artifact_roots:
+            argv += ["--artifact-root", str(root)]
+        fd = os.open(slot / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as log:
             proc = subprocess.Popen(
-                [self.python, "-m", "resources.serving.supervisor", "--slot-dir", str(slot),
-                 "--host", self.host, "--port", str(port)],
+                argv,
                 cwd=str(PROJECT_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
@@ -154,61 +178,57 @@ class LocalProcessDeployer(Deployer):
                 if proc.returncode == 4:  # the supervisor's "cannot bind" exit
                     raise _PortTaken(port)
                 raise DeployError(f"{target.slot}: the supervisor for {self.host}:{port} exited: "
-                                  f"{log_tail(slot / 'supervisor.log', 600)}")
+                                  f"{_one_line(log_tail(slot / 'supervisor.log', 600))}")
             state = self._state(target) or {}
-            url = self._control(target) if state.get("pid") == proc.pid else None
-            if url:
-                return url
+            ready = self._control(target) if state.get("pid") == proc.pid else None
+            if ready:
+                return ready
             time.sleep(self.poll_seconds)
         raise DeployError(f"{target.slot}: the supervisor did not come up within 20 s")
 
-    def _call(self, url: str, path: str, data: dict | None = None) -> Any:
-        code, body = http_json(url + path, timeout=30, data=data)
-        if code != 200:
-            raise DeployError(f"supervisor {path}: {body}")
-        return body
+    def _call(self, slot: Path, path: str, data: dict | None = None, timeout: float = 30) -> Any:
+        try:
+            return protocol.control_call(slot, path, data, timeout=timeout)
+        except ControlError as err:
+            raise DeployError(f"{slot.name}: {err}") from None
 
     # -- backend calls --------------------------------------------------------------------
     def _launch(self, target: Target, release: Release) -> Candidate:
+        spec = self._launch_spec(target, release)
         with self._locked(f"{target.slot}.lock"):
-            url = self._ensure_supervisor(target)
-            spec = self._launch_spec(target, release)
-            group = self._call(url, "/launch", spec)
-        return Candidate(
-            target=target, release=release, handle={"control": url, "group": group["id"]},
-            health_urls=[f"http://127.0.0.1:{p}" for p in group["private_ports"]],
-        )
+            slot = self._ensure_supervisor(target)
+            group = self._call(slot, "/launch", spec)
+        return Candidate(target=target, release=release, handle={"slot": slot, "group": group["id"]})
 
     def _launch_spec(self, target: Target, release: Release) -> dict[str, Any]:
-        slot = self.slot_dir(target)
+        """The narrow launch spec (``protocol.validate_launch_spec``): which release to run, never a
+        command, environment or working directory."""
         cfg = dict(release.config)
-        env = {"PYTHONPATH": str(PROJECT_ROOT), **{k: str(v) for k, v in cfg.pop("env", {}).items()}}
+        spec: dict[str, Any] = {"kind": target.kind, "version": release.version,
+                                "artifact": os.path.abspath(release.artifact), "digest": release.digest,
+                                "workers": release.workers}
         if target.kind == "endpoint":
-            env.update(model_thread_env(cfg.pop("model_threads", 1)))
-            configs = slot / "configs"
-            configs.mkdir(parents=True, exist_ok=True)
-            server_cfg = {
-                "endpoint": target.name, "env": target.env, "version": release.version,
-                "model_dir": release.artifact,
-                "log_dir": str(self.inference_log_dir / target.name / target.env),
-                **cfg,
-            }
-            cfg_path = configs / f"{release.version}.json"
-            cfg_path.write_text(json.dumps(server_cfg, indent=2))
-            argv = [self.python, "-m", "resources.serving.model_server", str(cfg_path)]
+            if "log_dir" in cfg:  # the factories' way of saying "no inference log"
+                if cfg.pop("log_dir") is not None:
+                    raise DeployError(f"{target.slot}: the inference log directory is the deployer's "
+                                      "setting; a release only turns the log off (log_dir: None)")
+                cfg.setdefault("inference_log", False)
+            keys = protocol.KIND_KEYS["endpoint"]
+            spec.update({k: cfg.pop(k, ENDPOINT_DEFAULTS.get(k)) for k in keys})
         elif target.kind == "app":
-            env.update({"ONEPATH_RELEASE_VERSION": release.version, "ONEPATH_ENV": target.env})
-            argv = [self.python, "-m", "resources.serving.child", "--app-dir", release.artifact,
-                    "--app", cfg["entrypoint"]]
+            spec.update(entrypoint=cfg.pop("entrypoint", None),
+                        calls={str(k).upper(): v for k, v in (cfg.pop("calls", None) or {}).items()})
         else:
             raise DeployError(f"unknown target kind {target.kind!r}")
-        return {"version": release.version, "argv": argv, "env": env, "workers": release.workers,
-                "cwd": str(PROJECT_ROOT), "meta": {"artifact": release.artifact, "kind": target.kind}}
+        if cfg:
+            raise DeployError(f"{target.slot}: release config key '{sorted(cfg)[0]}' is not something a "
+                              f"{target.kind} release can set (known: {', '.join(protocol.KIND_KEYS[target.kind])})")
+        return spec
 
     def _group(self, candidate: Candidate) -> dict[str, Any] | None:
         try:
-            status = self._call(candidate.handle["control"], "/status")
-        except (OSError, DeployError):
+            status = self._call(candidate.handle["slot"], "/status")
+        except DeployError:
             return None
         return next((g for g in status["groups"] if g["id"] == candidate.handle["group"]), None)
 
@@ -216,41 +236,97 @@ class LocalProcessDeployer(Deployer):
         g = self._group(candidate)
         if g is None:
             return "its supervisor no longer answers"
+        workers = [i for i, (r, c) in enumerate(zip(g.get("refused") or [], g["exit_codes"]))
+                   if r or c == protocol.EXIT_ARTIFACT_REFUSED]  # the supervisor marks it on its next tick
+        if workers:
+            return (f"its artifact does not match the digest {g.get('digest')} (worker(s) {workers} refused it, "
+                    f"exit {protocol.EXIT_ARTIFACT_REFUSED}); log: {_one_line(log_tail(Path(g['log']), 600))}")
         if g["state"] == "failed" or any(c is not None for c in g["exit_codes"]):
-            return f"exit codes {g['exit_codes']}; log: {log_tail(Path(g['log']), 1200)}"
+            return f"exit codes {g['exit_codes']}; log: {_one_line(log_tail(Path(g['log']), 1200))}"
         return None
 
-    def _cutover(self, candidate: Candidate) -> None:
-        self._call(candidate.handle["control"], "/promote", {"group": candidate.handle["group"]})
+    def _candidate_health(self, candidate: Candidate) -> list[dict[str, Any] | None]:
+        try:
+            return list(self._call(candidate.handle["slot"], "/probe", {"group": candidate.handle["group"]},
+                                   timeout=10)["workers"])
+        except DeployError:
+            return []
+
+    def _cutover(self, candidate: Candidate, fencing_token: int | None = None) -> None:
+        data: dict[str, Any] = {"group": candidate.handle["group"]}
+        if fencing_token is not None:
+            data["fencing_token"] = fencing_token
+        self._call(candidate.handle["slot"], "/promote", data)
+
+    def _fence(self, target: Target, token: int) -> None:
+        slot = self._control(target)
+        if slot is None:
+            raise DeployError(f"{target.slot}: no supervisor runs to fence")
+        self._call(slot, "/fence", {"token": token})
 
     def _discard(self, candidate: Candidate) -> None:
         try:
-            self._call(candidate.handle["control"], "/discard", {"group": candidate.handle["group"]})
-        except (OSError, DeployError):
+            self._call(candidate.handle["slot"], "/discard", {"group": candidate.handle["group"]})
+        except DeployError:
             pass
 
-    def _worker_addresses(self, target: Target) -> list[str]:
-        url = self._control(target)
-        if not url:
+    def _worker_metrics(self, target: Target) -> list[str]:
+        slot = self._control(target)
+        if not slot:
             return []
         try:
-            cur = self._call(url, "/status").get("current")
-        except (OSError, DeployError):
+            return list(self._call(slot, "/metrics", {})["workers"])
+        except DeployError:
             return []
-        if not cur or cur.get("state") != "current":  # crash-looped and stopped: nothing is current
-            return []
-        return [f"http://127.0.0.1:{p}" for p in cur.get("private_ports") or []]
+
+    # -- signed events --------------------------------------------------------------------
+    def slot_secret(self, target: Target) -> bytes | None:
+        """The slot's secret (checked: a 0600 regular file we own), or None if it has none (yet)."""
+        try:
+            return protocol.read_secret(self.slot_dir(target))
+        except ControlError:
+            return None
+
+    def read_events(self, target: Target, offset: int) -> tuple[list[dict[str, Any]], int, int]:
+        """The supervisor events of ``target`` after byte ``offset`` of its ``events.jsonl`` whose
+        signature verifies under the slot's secret: (events, new offset, lines refused).
+
+        Only complete lines are read (a half-written last line waits for the next call); a forged,
+        altered or unsigned line is refused and counted, never returned. Without a secret every line
+        is refused. A file shorter than ``offset`` (replaced by a new run dir) is read from its start;
+        event ids tell a line already relayed."""
+        path = self.slot_dir(target) / "events.jsonl"
+        try:
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < offset:
+                    offset = 0
+                fh.seek(offset)
+                data = fh.read(8 * 1024 * 1024)
+        except FileNotFoundError:
+            return [], offset, 0
+        end = data.rfind(b"\n")
+        if end < 0:
+            return [], offset, 0
+        secret = self.slot_secret(target)
+        events, refused = [], 0
+        for raw in data[: end + 1].split(b"\n")[:-1]:
+            event = protocol.verify_event(secret, raw) if secret is not None else None
+            if event is None:
+                refused += 1
+            else:
+                events.append(event)
+        return events, offset + end + 1, refused
 
     def _stop(self, target: Target) -> None:
         state = self._state(target)
         if not state:
             return
         pid = int(state["pid"])
-        url = self._control(target)
-        if url:
+        slot = self._control(target)
+        if slot:
             try:
-                http_json(url + "/stop", timeout=5, data={})
-            except OSError:
+                protocol.control_call(slot, "/stop", {}, timeout=5)
+            except ControlError:
                 pass
         deadline = time.monotonic() + 40
         while pid_alive(pid) and time.monotonic() < deadline:
@@ -262,16 +338,17 @@ class LocalProcessDeployer(Deployer):
                 pass
 
     def _backend_detail(self, target: Target) -> dict[str, Any]:
-        url = self._control(target)
-        if not url:
+        slot = self._control(target)
+        if not slot:
             return {"supervisor": None}
         try:
-            st = self._call(url, "/status")
-        except (OSError, DeployError):
+            st = self._call(slot, "/status")
+        except DeployError:
             return {"supervisor": None}
         cur = st.get("current") or {}
         return {"supervisor": {"pid": st["pid"], "state": cur.get("state"), "version": cur.get("version"),
-                               "pids": cur.get("pids"), "restarts": cur.get("restarts"),
+                               "digest": cur.get("digest"), "pids": cur.get("pids"),
+                               "restarts": cur.get("restarts"), "refused": cur.get("refused"),
                                "started_at": cur.get("started_at")}}
 
     # -- whole-machine helpers ------------------------------------------------------------
@@ -292,6 +369,10 @@ class LocalProcessDeployer(Deployer):
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(running)))) as pool:
             list(pool.map(lambda item: self._stop(item[1]), running))
         return [slot for slot, _ in running]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 class _PortTaken(Exception):

@@ -18,7 +18,12 @@ class LocalDeployerResource(dg.ConfigurableResource):
     host: str = Field("127.0.0.1", description="Interface the stable addresses listen on.")
     port_base: int = Field(18000, description="First port tried when a stable address is allocated.")
     inference_log_dir: str = Field(description="Where endpoints append their inference logs.")
+    artifact_roots: list[str] = Field(
+        default_factory=list,
+        description="Directories release artifacts may come from (the MLflow model cache, the releases "
+                    "dir); a supervisor launches nothing from anywhere else.")
 
     def deployer(self) -> Deployer:
         return LocalProcessDeployer(Path(self.run_dir), host=self.host, port_base=self.port_base,
-                                    inference_log_dir=Path(self.inference_log_dir))
+                                    inference_log_dir=Path(self.inference_log_dir),
+                                    artifact_roots=[Path(r) for r in self.artifact_roots])

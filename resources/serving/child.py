@@ -1,7 +1,8 @@
 """Run an ASGI app on sockets handed down by the supervisor.
 
 The supervisor passes listening sockets as inherited file descriptors named in
-``ONEPATH_LISTEN_FDS`` (the shared stable socket, then this process's private health socket). All
+``ONEPATH_LISTEN_FDS`` (the shared stable TCP socket, then this process's private health socket: a
+Unix socket in the slot's owner-only private directory, which only the supervisor talks to). All
 processes of an environment accept from the same stable socket, so a new version starts taking
 connections the moment it listens and an old one drains by closing only its own copy: no
 connection waiting in the queue is lost. A child whose supervisor has gone stops by itself.

@@ -3,39 +3,60 @@
 One supervisor owns one *slot*: an endpoint or app release in one environment. It binds the slot's
 stable address once and keeps it for its whole life, so the address never changes when the version
 does. It starts the version's worker processes with that listening socket inherited (plus a private
-health socket each), promotes a healthy group to "current" and drains the old one with SIGTERM,
-restarts a current worker that dies (with backoff), and tells the truth about all of it on its
-control port. It runs in its own session, so it and its children outlive the Dagster run that
+health socket each: a Unix socket in the slot's private directory, never a TCP port), promotes a
+healthy group to "current" and drains the old one with SIGTERM, restarts a current worker that dies
+(with backoff), and tells the truth about all of it on its control socket. It runs in its own session, so it and its children outlive the Dagster run that
 started it; ``onepath down`` stops it.
 
 A current version that crash-loops (more than RESTART_LIMIT restarts within RESTART_WINDOW) is
 replaced at once by the version that was current before it: the supervisor remembers that version's
 launch spec (also in ``state.json``, so a restarted supervisor still knows), launches it, waits until
-each of its workers answers ``/health`` on its private port, promotes it and records
+each of its workers answers ``/health`` on its private socket, promotes it and records
 ``crashloop`` then ``crashloop_rollback`` in ``events.jsonl``. With no previous version, the
 crash-looping one is stopped and nothing serves (the ``crashloop`` event says so). Every event
 carries a unique ``id`` so whoever relays them (the ``supervisor_events`` sensor) can tell a line it
 has already relayed.
 
-Control API (JSON over HTTP on 127.0.0.1, port in ``state.json``): ``GET /status``,
-``POST /launch``, ``POST /promote``, ``POST /discard``, ``POST /stop``.
+What it runs is its own decision, not the caller's: a launch spec names only which release to run
+(kind, version, artifact directory inside one of the ``--artifact-root`` directories, digest, worker
+count and the kind's few settings; ``resources.serving.protocol.validate_launch_spec``), and the
+supervisor builds the command line, environment, working directory and model-server config itself.
+A worker that exits with ``EXIT_ARTIFACT_REFUSED`` (its bytes do not match the digest) is not
+restarted: the supervisor records ``artifact_refused`` and marks it refused; a current group whose
+every worker refused is treated like a crash loop.
+
+Control API: JSON over HTTP on the Unix socket ``<slot>/private/control.sock``; every request needs
+the peer's uid to be ours and the slot's secret (see ``resources.serving.protocol``). ``GET /status``,
+``GET /ping``, ``POST /launch``, ``POST /probe {group}`` (each worker's /version document),
+``POST /metrics`` (each current worker's /metrics text), ``POST /promote {group, fencing_token?}``,
+``POST /fence {token}``, ``POST /discard {group}``, ``POST /stop``. A promote or fence whose token is
+lower than the highest token seen is refused (409) and changes nothing; the highest persists in
+``state.json``. Every line of ``events.jsonl`` is signed with the slot's secret.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import signal
 import socket
+import socketserver
+import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from resources.serving import protocol
+from resources.serving.protocol import EXIT_ARTIFACT_REFUSED, ControlError, SpecError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # restarts of one group within RESTART_WINDOW seconds before it counts as crash-looping
 RESTART_LIMIT = int(os.environ.get("ONEPATH_RESTART_LIMIT", "5"))
@@ -51,8 +72,15 @@ def now_iso() -> str:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def last_line(path: Path) -> str:
+    lines = [line for line in log_tail(path, 4000).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def log_tail(path: Path, limit: int = 2000) -> str:
@@ -64,42 +92,59 @@ def log_tail(path: Path, limit: int = 2000) -> str:
 
 
 class Group:
-    """The worker processes of one version."""
+    """The worker processes of one version. ``command`` is what the supervisor built for the spec:
+    (argv, environment additions)."""
 
-    def __init__(self, spec: dict[str, Any], slot_dir: Path):
-        self.id = uuid.uuid4().hex[:10]
+    def __init__(self, spec: dict[str, Any], slot_dir: Path, command: tuple[list[str], dict[str, str]],
+                 group_id: str):
+        self.id = group_id
         self.spec = spec
         self.version = str(spec["version"])
-        self.workers = int(spec.get("workers", 1))
+        self.workers = int(spec["workers"])
         self.state = "starting"  # starting | current | draining | failed | stopped | crashloop
         self.procs: list[subprocess.Popen | None] = [None] * self.workers
-        self.private_ports: list[int] = [0] * self.workers
+        self.argv, self.env = command
+        self.private = protocol.private_dir(slot_dir)
+        self.sockets = [str(self.private / f"w-{self.id}-{i}.sock") for i in range(self.workers)]
+        self.refused: list[bool] = [False] * self.workers
         self.restarts: list[float] = []
         self.started_at = now_iso()
         self.log_path = slot_dir / "logs" / f"{self.version}-{self.id}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.exit_codes: list[int | None] = [None] * self.workers
         self.drain_deadline = 0.0
 
     def spawn(self, i: int, stable: socket.socket) -> None:
-        private = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        private.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        private.bind(("127.0.0.1", 0))
-        private.listen(64)
-        env = dict(os.environ)
-        env.update({k: str(v) for k, v in (self.spec.get("env") or {}).items()})
-        env["ONEPATH_LISTEN_FDS"] = f"{stable.fileno()},{private.fileno()}"
-        env["ONEPATH_WORKER_INDEX"] = str(i)
-        with open(self.log_path, "ab") as log:
-            proc = subprocess.Popen(
-                self.spec["argv"], cwd=self.spec.get("cwd") or None, env=env,
-                pass_fds=(stable.fileno(), private.fileno()), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        self.private_ports[i] = private.getsockname()[1]
-        private.close()
+        path = self.sockets[i]
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            protocol.bind_unix(private, path)
+            private.listen(64)
+            env = dict(os.environ)
+            env.update(self.env)
+            env["ONEPATH_LISTEN_FDS"] = f"{stable.fileno()},{private.fileno()}"
+            env["ONEPATH_WORKER_INDEX"] = str(i)
+            with open(self.log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    self.argv, cwd=str(PROJECT_ROOT), env=env,
+                    pass_fds=(stable.fileno(), private.fileno()), stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+        finally:
+            private.close()  # only the child holds it now
         self.procs[i] = proc
         self.exit_codes[i] = None
+
+    def remove_sockets(self) -> None:
+        for path in self.sockets:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def alive(self) -> bool:
         return any(p is not None and p.poll() is None for p in self.procs)
@@ -118,9 +163,9 @@ class Group:
             "pids": [p.pid if p else None for p in self.procs],
             "alive": [p is not None and p.poll() is None for p in self.procs],
             "exit_codes": [p.poll() if p else None for p in self.procs],
-            "private_ports": self.private_ports, "started_at": self.started_at,
-            "restarts": len(self.restarts), "meta": self.spec.get("meta", {}),
-            "log": str(self.log_path),
+            "refused": list(self.refused), "started_at": self.started_at,
+            "restarts": len(self.restarts), "kind": self.spec["kind"], "digest": self.spec.get("digest"),
+            "artifact": self.spec["artifact"], "log": str(self.log_path),
         }
 
 
@@ -132,20 +177,34 @@ def read_state(slot_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+class Conflict(Exception):
+    """A command refused because it is stale (a lower fencing token): 409."""
+
+
 class Supervisor:
-    def __init__(self, slot_dir: Path, host: str, port: int):
+    def __init__(self, slot_dir: Path, host: str, port: int, *, secret: bytes,
+                 artifact_roots: list[str], inference_log_dir: str | None):
         self.slot_dir = slot_dir
         self.host, self.port = host, port
+        self.secret = secret
+        self.artifact_roots = [os.path.realpath(r) for r in artifact_roots]
+        self.inference_log_dir = inference_log_dir
+        self.name, _, self.env_name = slot_dir.name.rpartition(".")
         self.lock = threading.RLock()
         self.groups: dict[str, Group] = {}
         self.current: Group | None = None
         self.stopping = threading.Event()
         self.events_path = slot_dir / "events.jsonl"
-        self.on_change: Any = lambda: None  # persists state.json; set by main() once the control port is known
+        for older in (self.events_path, slot_dir / "supervisor.log"):  # a slot from before the umask
+            if older.exists():
+                os.chmod(older, 0o600)
+        self.on_change: Any = lambda: None  # persists state.json; set by main()
         # The spec of the version that was current before the current one: what a crash loop rolls
         # back to. A supervisor started again for this slot reads it (and what was current then,
         # which becomes "previous" once something new is promoted) from the last state.json.
         before = read_state(slot_dir)
+        token = before.get("fencing_token")
+        self.fencing_token: int | None = token if isinstance(token, int) and not isinstance(token, bool) else None
         self.previous_spec: dict[str, Any] | None = before.get("previous_spec")
         served = before.get("current") or {}
         self.last_served_spec: dict[str, Any] | None = (
@@ -159,15 +218,17 @@ class Supervisor:
 
     # -- records --------------------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
-        line = json.dumps({"id": uuid.uuid4().hex[:16], "ts": now_iso(), "event": kind, **fields}, sort_keys=True)
+        signed = protocol.sign_event(self.secret, {"id": uuid.uuid4().hex[:16], "ts": now_iso(), "event": kind,
+                                                   **fields})
+        line = json.dumps(signed, sort_keys=True)
         with self.lock, open(self.events_path, "ab") as f:  # one write per line: readers see whole lines
             f.write((line + "\n").encode())
 
-    def persist(self, control_port: int) -> None:
+    def persist(self) -> None:
         with self.lock:
             cur = self.current
             write_json_atomic(self.slot_dir / "state.json", {
-                "pid": os.getpid(), "control_port": control_port, "host": self.host, "port": self.port,
+                "pid": os.getpid(), "host": self.host, "port": self.port, "fencing_token": self.fencing_token,
                 "current": cur.view() if cur else None,
                 "current_spec": cur.spec if cur else None,
                 "previous_spec": self.previous_spec,
@@ -176,29 +237,89 @@ class Supervisor:
             })
 
     # -- commands -------------------------------------------------------------------------
-    def launch(self, spec: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(spec.get("argv"), list) or "version" not in spec:
-            raise ValueError("launch needs 'argv' (list) and 'version'")
+    def launch(self, spec: Any) -> dict[str, Any]:
+        """Start the workers of the release ``spec`` names (checked by ``validate_launch_spec``; raises
+        SpecError). The command, environment, working directory and config are built here."""
+        spec = protocol.validate_launch_spec(spec, self.artifact_roots)
         with self.lock:
-            g = Group(spec, self.slot_dir)
+            gid = uuid.uuid4().hex[:10]
+            g = Group(spec, self.slot_dir, self._command(spec, gid), gid)
+            self.groups[g.id] = g
             for i in range(g.workers):
                 g.spawn(i, self.stable)
-            self.groups[g.id] = g
-            self.event("launch", group=g.id, version=g.version, pids=[p.pid for p in g.procs if p])
+            self.event("launch", group=g.id, version=g.version, digest=spec.get("digest"),
+                       pids=[p.pid for p in g.procs if p])
             return g.view()
 
-    def promote(self, group_id: str, *, restoring: bool = False) -> dict[str, Any]:
+    def _command(self, spec: dict[str, Any], gid: str) -> tuple[list[str], dict[str, str]]:
+        """argv and the environment additions for a worker of ``spec`` (already validated)."""
+        env = {"ONEPATH_RELEASE_VERSION": spec["version"], "ONEPATH_ENV": self.env_name}
+        if spec["kind"] == "endpoint":
+            env.update(protocol.model_thread_env(spec["model_threads"]))
+            log_dir = (os.path.join(self.inference_log_dir, self.name, self.env_name)
+                       if spec["inference_log"] and self.inference_log_dir else None)
+            config = {
+                "endpoint": self.name, "env": self.env_name, "version": spec["version"],
+                "model_dir": spec["artifact"], "model_name": spec["model_name"],
+                "pii_columns": spec["pii_columns"], "max_batch": spec["max_batch"], "log_dir": log_dir,
+                "expected_digest": spec["digest"],
+            }
+            configs = protocol.private_dir(self.slot_dir) / "configs"
+            protocol.ensure_owner_only_dir(configs)
+            path = configs / f"{spec['version']}-{gid}.json"
+            write_json_atomic(path, config)
+            return [sys.executable, "-m", "resources.serving.model_server", str(path)], env
+        for name, url in spec["calls"].items():
+            env[f"ONEPATH_{name}_URL"] = url
+        return [sys.executable, "-m", "resources.serving.child", "--app-dir", spec["artifact"],
+                "--app", spec["entrypoint"]], env
+
+    def fence(self, token: Any) -> dict[str, Any]:
+        """Raise the lowest fencing token a promote may carry to ``token``."""
+        token = _token(token)
+        with self.lock:
+            if self.fencing_token is not None and token < self.fencing_token:
+                raise Conflict(f"fence: token {token} is lower than the highest token seen {self.fencing_token}")
+            self.fencing_token = token
+            self.persist()
+            return {"fencing_token": token}
+
+    def probe(self, group_id: Any) -> dict[str, Any]:
+        """Each worker's /version document (None where /health is not 200 or nothing answers)."""
+        with self.lock:
+            g = self.groups.get(group_id) if isinstance(group_id, str) else None
+            if g is None:
+                raise ValueError(f"probe: no group {group_id!r}")
+            paths = list(g.sockets)
+        return {"group": g.id, "workers": _in_threads(_worker_version, paths)}
+
+    def metrics(self) -> dict[str, Any]:
+        """The /metrics text of each worker of the current group ('' where none answers), or no
+        workers when nothing is current."""
+        with self.lock:
+            cur = self.current
+            paths = list(cur.sockets) if cur is not None and cur.state == "current" else []
+        return {"workers": _in_threads(_worker_metrics, paths)}
+
+    def promote(self, group_id: str, *, restoring: bool = False, fencing_token: Any = None) -> dict[str, Any]:
         """Make a healthy candidate current and drain the version it replaces.
 
         The replaced version's spec becomes ``previous_spec`` (what a crash loop of the new one rolls
         back to), unless it is the same version or was not serving (a crash-looped group keeps its
         state as the record of what happened). ``restoring`` (the crash-loop rollback) forgets the
         previous spec: the version restored has no known predecessor, and the one it replaced is
-        exactly the one never to go back to."""
+        exactly the one never to go back to. A ``fencing_token`` lower than the highest seen refuses
+        the promote (Conflict) before anything changes; a higher one becomes the highest."""
+        token = None if fencing_token is None else _token(fencing_token)
         with self.lock:
+            if token is not None and self.fencing_token is not None and token < self.fencing_token:
+                raise Conflict(f"promote: fencing token {token} is lower than the highest token seen "
+                               f"{self.fencing_token}; nothing changed")
             g = self.groups.get(group_id)
             if g is None or g.state != "starting" or not all(p and p.poll() is None for p in g.procs):
                 raise ValueError(f"group {group_id} is not a live candidate")
+            if token is not None:
+                self.fencing_token = token
             old = self.current
             g.state = "current"
             self.current = g
@@ -257,6 +378,7 @@ class Supervisor:
                 return {"discarded": False}
             if g is self.current:
                 raise ValueError("the current group cannot be discarded; promote another first")
+            self._check_starting(g)  # the deployer may have seen a worker exit before the watch loop did
             g.state = "failed" if g.state == "starting" else g.state
             g.signal_all(signal.SIGKILL)
             self.event("discard", group=g.id, version=g.version)
@@ -266,6 +388,7 @@ class Supervisor:
         with self.lock:
             return {
                 "pid": os.getpid(), "host": self.host, "port": self.port,
+                "artifact_roots": self.artifact_roots, "fencing_token": self.fencing_token,
                 "current": self.current.view() if self.current else None,
                 "groups": [g.view() for g in self.groups.values()],
             }
@@ -295,19 +418,45 @@ class Supervisor:
                     elif time.time() > g.drain_deadline:
                         g.signal_all(signal.SIGKILL)
                 elif g.state == "starting":
-                    if any(p is not None and p.poll() is not None for p in g.procs):
-                        g.state = "failed"
-                        g.signal_all(signal.SIGKILL)
-                        self.event("start_failed", group=g.id, version=g.version,
-                                   exit_codes=[p.poll() if p else None for p in g.procs])
+                    self._check_starting(g)
                 elif g.state == "current" and not self.stopping.is_set():
                     for i, p in enumerate(g.procs):
-                        if p is not None and p.poll() is not None:
+                        if p is None or p.poll() is None or g.refused[i]:
+                            continue
+                        if p.returncode == EXIT_ARTIFACT_REFUSED:
+                            self._refused(g, i)  # not a crash: starting it again would refuse again
+                        else:
                             self._restart(g, i, p.returncode)
+                        if g.state != "current":
+                            break
+                    if g.state == "current" and all(g.refused):
+                        self._crashloop(g, EXIT_ARTIFACT_REFUSED,
+                                        why=f"every worker of version {g.version} refused its artifact "
+                                            f"(digest {g.spec.get('digest')}): {last_line(g.log_path)}")
                 if g.state in ("stopped", "failed", "crashloop") and g is not self.current and not g.alive():
+                    g.remove_sockets()
                     # keep the record small: finished groups are in events.jsonl
                     if time.time() - _parse_ts(g.started_at) > 300:
                         del self.groups[gid]
+
+    def _check_starting(self, g: Group) -> None:
+        """A candidate with a worker that exited has failed; one that refused its artifact says so."""
+        if g.state != "starting" or not any(p is not None and p.poll() is not None for p in g.procs):
+            return
+        for i, p in enumerate(g.procs):
+            if p is not None and p.returncode == EXIT_ARTIFACT_REFUSED:
+                self._refused(g, i)
+        g.state = "failed"
+        g.signal_all(signal.SIGKILL)
+        self.event("start_failed", group=g.id, version=g.version,
+                   exit_codes=[p.poll() if p else None for p in g.procs])
+
+    def _refused(self, g: Group, i: int) -> None:
+        if g.refused[i]:
+            return
+        g.refused[i] = True
+        self.event("artifact_refused", group=g.id, version=g.version, worker=i, digest=g.spec.get("digest"),
+                   exit_code=EXIT_ARTIFACT_REFUSED, log=last_line(g.log_path)[:500])
 
     def _restart(self, g: Group, i: int, code: int) -> None:
         t = time.time()
@@ -324,24 +473,24 @@ class Supervisor:
                    restarts=len(g.restarts))
 
 
-    def _crashloop(self, g: Group, code: int) -> None:
-        """``g`` (the current group) crash-loops: stop it, and roll back to the previous version if
-        there is one (in a thread: its workers take seconds to load, and /status must keep answering)."""
+    def _crashloop(self, g: Group, code: int, why: str | None = None) -> None:
+        """``g`` (the current group) crash-loops (or every worker of it refused its artifact: ``why``):
+        stop it, and roll back to the previous version if there is one (in a thread: its workers take
+        seconds to load, and /status must keep answering)."""
         g.state = "crashloop"
         g.signal_all(signal.SIGKILL)
         prev = self.previous_spec
         common = {"group": g.id, "version": g.version, "restarts": len(g.restarts), "exit_code": code,
                   "restart_limit": RESTART_LIMIT, "window_seconds": RESTART_WINDOW}
+        why = why or f"version {g.version} restarted {len(g.restarts)} times within {RESTART_WINDOW:g} s"
         if prev is None or str(prev.get("version")) == g.version:
             self.event("crashloop", **common, action="stopped", rollback_to=None,
-                       detail=f"version {g.version} restarted {len(g.restarts)} times within "
-                              f"{RESTART_WINDOW:g} s and there is no previous version to roll back to: "
+                       detail=f"{why} and there is no previous version to roll back to: "
                               "it is stopped and nothing serves at this address")
             return
         to = str(prev["version"])
         self.event("crashloop", **common, action="rollback", rollback_to=to,
-                   detail=f"version {g.version} restarted {len(g.restarts)} times within {RESTART_WINDOW:g} s: "
-                          f"rolling back to version {to}")
+                   detail=f"{why}: rolling back to version {to}")
         threading.Thread(target=self._restore, args=(g, prev), name="crashloop-rollback", daemon=True).start()
 
     def _restore(self, looped: Group, spec: dict[str, Any]) -> None:
@@ -359,7 +508,7 @@ class Supervisor:
                        to_version=to, reason=why)
 
         try:
-            new = self.groups[self.launch(spec)["id"]]
+            new = self.groups[self.launch(spec)["id"]]  # checked again: state.json is only a file
         except (OSError, ValueError, KeyError) as err:
             failed(f"cannot launch version {to}: {err}")
             return
@@ -370,12 +519,12 @@ class Supervisor:
                 return
             with self.lock:
                 dead = new.state != "starting" or any(p is None or p.poll() is not None for p in new.procs)
-                ports = list(new.private_ports)
+                paths = list(new.sockets)
             if dead:
                 failed(f"version {to} exited while starting; log: {' '.join(log_tail(new.log_path, 600).split())}",
                        new)
                 return
-            if all(_answers_health(port, to) for port in ports):
+            if all(_answers_health(path, to) for path in paths):
                 break
             if time.monotonic() > deadline:
                 failed(f"version {to} did not answer /health within {RESTORE_SECONDS:g} s", new)
@@ -399,46 +548,116 @@ class Supervisor:
         self.on_change()
 
 
-def _answers_health(port: int, version: str) -> bool:
-    """Whether the worker listening on ``port`` answers /health 200 for ``version``."""
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
-    try:
-        conn.request("GET", "/health")
-        resp = conn.getresponse()
-        body = resp.read()
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
-    if resp.status != 200:
+def _answers_health(path: str, version: str) -> bool:
+    """Whether the worker listening on the Unix socket ``path`` answers /health 200 for ``version``."""
+    got = protocol.unix_get(path, "/health", 1.0)
+    if got is None or got[0] != 200:
         return False
     try:
-        doc = json.loads(body)
+        doc = json.loads(got[1])
     except ValueError:
         return True  # an app release may answer /health with plain text: 200 is healthy
     return not isinstance(doc, dict) or "version" not in doc or str(doc["version"]) == version
+
+
+def _worker_version(path: str) -> dict[str, Any] | None:
+    """The worker's /version document if its /health answers 200, else None."""
+    got = protocol.unix_get(path, "/health", 0.5)
+    if got is None or got[0] != 200:
+        return None
+    got = protocol.unix_get(path, "/version", 0.5)
+    if got is None or got[0] != 200:
+        return None
+    try:
+        doc = json.loads(got[1])
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _worker_metrics(path: str) -> str:
+    got = protocol.unix_get(path, "/metrics", 2.0)
+    return got[1].decode("utf-8", "replace") if got is not None and got[0] == 200 else ""
+
+
+def _in_threads(fn: Any, items: list[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, each call in its own thread (workers answer independently)."""
+    out: list[Any] = [None] * len(items)
+
+    def run(i: int) -> None:
+        out[i] = fn(items[i])
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _token(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a fencing token is a non-negative integer, got {value!r}")
+    return value
 
 
 def _parse_ts(ts: str) -> float:
     return time.mktime(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
 
 
-def make_handler(sup: Supervisor, on_change: Any) -> type[BaseHTTPRequestHandler]:
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def server_bind(self) -> None:
+        protocol.bind_unix(self.socket, str(self.server_address))
+
+
+def make_handler(sup: Supervisor) -> type[BaseHTTPRequestHandler]:
+    expected = protocol.header_value(sup.secret).encode()
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt: str, *args: Any) -> None:  # quiet
             return
+
+        def address_string(self) -> str:
+            return "unix"
 
         def _reply(self, code: int, data: Any) -> None:
             body = json.dumps(data).encode()
             self.send_response(code)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
+            self.send_header("connection", "close")
             self.end_headers()
             self.wfile.write(body)
+            self.close_connection = True
+
+        def _refuse(self, code: int, why: str) -> bool:
+            # read (and drop) a small body first, so the client sees the answer rather than a reset
+            try:
+                n = int(self.headers.get("content-length") or 0)
+            except ValueError:
+                n = 0
+            if 0 < n <= protocol.MAX_BODY:
+                self.rfile.read(n)
+            self._reply(code, {"error": why})
+            return False
+
+        def _authorized(self) -> bool:
+            """The peer is our own uid (SO_PEERCRED) and shows the slot's secret; else 403/401."""
+            raw = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", raw)
+            if uid != os.getuid():
+                return self._refuse(403, f"peer uid {uid} is not the supervisor's uid {os.getuid()}")
+            given = (self.headers.get(protocol.SECRET_HEADER) or "").encode("latin-1", "replace")
+            if not hmac.compare_digest(given, expected):
+                return self._refuse(401, "missing or wrong slot secret")
+            return True
 
         def do_GET(self) -> None:
+            if not self._authorized():
+                return
             if self.path == "/status":
                 self._reply(200, sup.status())
             elif self.path == "/ping":
@@ -447,61 +666,103 @@ def make_handler(sup: Supervisor, on_change: Any) -> type[BaseHTTPRequestHandler
                 self._reply(404, {"error": "not found"})
 
         def do_POST(self) -> None:
-            n = int(self.headers.get("content-length") or 0)
+            if not self._authorized():
+                return
+            try:
+                n = int(self.headers.get("content-length") or 0)
+            except ValueError:
+                n = -1
+            if not 0 <= n <= protocol.MAX_BODY:
+                self._reply(400, {"error": f"a request body is at most {protocol.MAX_BODY} bytes"})
+                return
             try:
                 body = json.loads(self.rfile.read(n) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("the request body must be a JSON object")
                 if self.path == "/launch":
                     out = sup.launch(body)
                 elif self.path == "/promote":
-                    out = sup.promote(body["group"])
+                    out = sup.promote(body["group"], fencing_token=body.get("fencing_token"))
+                elif self.path == "/fence":
+                    out = sup.fence(body["token"])
+                elif self.path == "/probe":
+                    out = sup.probe(body["group"])
+                elif self.path == "/metrics":
+                    out = sup.metrics()
                 elif self.path == "/discard":
                     out = sup.discard(body["group"])
                 elif self.path == "/stop":
                     self._reply(200, {"stopping": True})
-                    threading.Thread(target=_stop_and_exit, args=(sup, on_change), daemon=True).start()
+                    threading.Thread(target=_stop_and_exit, args=(sup,), daemon=True).start()
                     return
                 else:
                     self._reply(404, {"error": "not found"})
                     return
-            except (ValueError, KeyError) as err:
-                self._reply(400, {"error": str(err)})
+            except Conflict as err:
+                self._reply(409, {"error": str(err)})
                 return
-            on_change()
+            except KeyError as err:
+                self._reply(400, {"error": f"missing key {err}"})
+                return
+            except (ValueError, SpecError, OSError) as err:
+                self._reply(400, {"error": " ".join(str(err).split())})
+                return
+            sup.on_change()
             self._reply(200, out)
 
     return Handler
 
 
-def _stop_and_exit(sup: Supervisor, on_change: Any) -> None:
+def _stop_and_exit(sup: Supervisor) -> None:
     sup.stop()
-    on_change()
+    sup.persist()
+    for g in list(sup.groups.values()):
+        g.remove_sockets()
+    try:
+        os.unlink(protocol.private_dir(sup.slot_dir) / protocol.CONTROL_SOCKET)
+    except OSError:
+        pass
     os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.umask(0o077)  # every file and socket the supervisor makes is owner-only
     ap = argparse.ArgumentParser(prog="python -m resources.serving.supervisor")
     ap.add_argument("--slot-dir", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--artifact-root", action="append", default=[], required=True,
+                    help="a directory release artifacts may come from (repeatable)")
+    ap.add_argument("--inference-log-dir", default=None, help="where endpoints append their inference logs")
     args = ap.parse_args(argv)
     slot_dir = Path(args.slot_dir)
-    slot_dir.mkdir(parents=True, exist_ok=True)
     try:
-        sup = Supervisor(slot_dir, args.host, args.port)
+        slot_dir.parent.mkdir(parents=True, exist_ok=True)
+        protocol.ensure_owner_only_dir(slot_dir)
+        secret = protocol.load_or_create_secret(slot_dir)
+    except (ControlError, OSError) as err:
+        print(f"onepath supervisor: refusing to start for {slot_dir}: {err}", file=sys.stderr)
+        raise SystemExit(5) from None
+    try:
+        sup = Supervisor(slot_dir, args.host, args.port, secret=secret, artifact_roots=args.artifact_root,
+                         inference_log_dir=args.inference_log_dir)
     except OSError as err:
         print(f"onepath supervisor: cannot bind {args.host}:{args.port}: {err}", file=sys.stderr)
         raise SystemExit(4) from None
-    control = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(sup, lambda: None))
-    control.daemon_threads = True
-    control_port = control.server_address[1]
-    control.RequestHandlerClass = make_handler(sup, lambda: sup.persist(control_port))
-    sup.on_change = lambda: sup.persist(control_port)
-    sup.persist(control_port)
+    # this supervisor holds the slot's stable port, so no other one runs for the slot: a control
+    # socket left behind is a dead one's
+    sock_path = protocol.private_dir(slot_dir) / protocol.CONTROL_SOCKET
+    try:
+        os.unlink(sock_path)
+    except FileNotFoundError:
+        pass
+    control = ControlServer(str(sock_path), make_handler(sup))
+    sup.on_change = sup.persist
+    sup.persist()
     sup.event("supervisor_start", pid=os.getpid(), port=sup.port)
 
     def on_term(signum: int, frame: Any) -> None:
-        threading.Thread(target=_stop_and_exit, args=(sup, lambda: sup.persist(control_port)),
-                         daemon=True).start()
+        threading.Thread(target=_stop_and_exit, args=(sup,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
     threading.Thread(target=control.serve_forever, daemon=True).start()
@@ -509,9 +770,9 @@ def main(argv: list[str] | None = None) -> None:
     while not sup.stopping.is_set():
         sup.tick()
         with sup.lock:  # compared with what was last written: changes made between ticks count too
-            now = (sup.current.view() if sup.current else None, sup.previous_spec)
+            now = (sup.current.view() if sup.current else None, sup.previous_spec, sup.fencing_token)
         if now != persisted:
-            sup.persist(control_port)
+            sup.persist()
             persisted = now
         time.sleep(0.1)
     while True:  # _stop_and_exit ends the process

@@ -73,6 +73,9 @@ def relay_events(org: Organisation, policy: Policy, services: Services,
         events, offset, refused = deployer.read_events(target, int(pos["offset"]))
         seen: set[str] | None = None  # event ids the ledger holds for this target, read when needed
         for event in events:
+            if not isinstance(event.get("id"), str) or not event["id"]:
+                refused += 1  # a supervisor gives every event an id; without one it cannot be told apart
+                continue
             if event.get("event") not in RELAYED:
                 continue
             if seen is None:

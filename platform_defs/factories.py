@@ -266,8 +266,11 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
         automation_condition=follows_upstream(),
         **common(spec),
     )
-    def _model(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, data_store: DataStore):
+    def _model(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, data_store: DataStore,
+               ledger: LedgerResource):
         from sklearn.model_selection import train_test_split
+
+        from platform_defs.registration import record_registration
 
         ds_meta = latest_metadata(context, dg.AssetKey(spec.dataset), "dataset")
         if ds_meta.get("expectations_passed") is False:
@@ -315,6 +318,12 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
                 tags=tags, experiment=f"onepath/{spec.name}", artifacts={"onepath": str(ref_path)},
             )
         context.log.info(f"registered {spec.name} version {registered.version} (run {registered.run_id})")
+        # the version's digest and lineage, fixed in the ledger: what gates and servers check it against
+        reg = record_registration(
+            ledger.ledger(), mlflow, model=spec.name, version=registered.version, run_id=registered.run_id,
+            data_hash=data_hash, code_hash=c_hash, code_path=c_path, dataset_key=tags[f"{TAG_PREFIX}dataset_key"],
+            author=tags[f"{TAG_PREFIX}author"], split_seed=spec.seed, test_size=spec.test_size,
+            training_rows=len(X_train), metrics=metrics, actor=f"dagster:{context.run.run_id}")
         verdicts = metric_verdicts(metrics, spec.metrics)
         passed = all(ok for *_, ok in verdicts)
         check = dg.AssetCheckResult(
@@ -333,6 +342,7 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
                 "code_hash": c_hash,
                 "training_rows": len(X_train),
                 "reference_rows": len(reference),
+                "digest": reg.data["digest"], "registration_entry": reg.seq,
                 **{f"held_out_{k}": v for k, v in metrics.items()},
             },
             check_results=[check],
@@ -397,10 +407,12 @@ def endpoint_target(spec: EndpointSpec, env: str) -> Target:
 
 
 def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, version: str,
-                     artifact: Any) -> Release:
-    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` (a promotion and a rollback alike)."""
-    return Release(version=version, artifact=str(artifact), workers=spec.workers, config={
+                     artifact: Any, digest: str) -> Release:
+    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` (a promotion and a rollback alike).
+    ``digest`` is the version's registered digest: the server refuses a folder that does not hash to it."""
+    return Release(version=version, artifact=str(artifact), workers=spec.workers, digest=digest, config={
         "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
+        "expected_digest": digest,
         "model_threads": spec.model_threads, **({} if spec.inference_log else {"log_dir": None}),
     })
 
@@ -447,6 +459,8 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
     )
     def _endpoint(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,
                   data_store: DataStore, ledger: LedgerResource):
+        from platform_defs.registration import NotRegistered, verified_artifact
+        from resources.mlflow_registry import ArtifactMismatch
         deployer = deployer_local.deployer()
         book = ledger.ledger()
         actor = f"dagster:{context.run.run_id}"
@@ -485,12 +499,11 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
         if refusal:
             yield from results
             raise refusal
-        artifact = mlflow.download(model.name, version)
-        release = endpoint_release(spec, model, dataset, version, artifact)
         t0 = time.perf_counter()
         try:
-            status = deployer.deploy(target, release)
-        except DeployError as err:
+            artifact, digest = verified_artifact(book, mlflow, model.name, version)
+            status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest))
+        except (DeployError, NotRegistered, ArtifactMismatch) as err:
             book.append("promotion_refused", spec.name, {"model": model.name, "version": version,
                                                          "still_serving": previous,
                                                          "failed": ["deploy"], "error": str(err)[:500]}, actor, env=env)
@@ -499,7 +512,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSp
                 "refused_version": version, "still_serving": previous or "nothing"})
         mlflow.set_alias(model.name, env, version)
         entry = book.append("deploy", spec.name, {
-            "model": model.name, "version": version, "previous_version": previous,
+            "model": model.name, "version": version, "previous_version": previous, "digest": digest,
             "address": status.address, "promoted_from": upstream_env, "track": model.track,
             "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
             "initiated_by": context.run.tags.get("dagster/user")}, actor, env=env)

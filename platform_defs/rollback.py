@@ -149,13 +149,16 @@ def rollback(org: Organisation, endpoint_name: str, env: str, *, to_version: str
 
     from mlflow.exceptions import MlflowException
 
+    from platform_defs.registration import NotRegistered, verified_artifact
+    from resources.mlflow_registry import ArtifactMismatch
+
     try:
         mlflow.get_version(model.name, version)
-        artifact = mlflow.download(model.name, version)
-    except (MlflowException, OSError) as err:
-        raise RollbackError(f"{label}: version {version} of model '{model.name}' cannot be fetched from MLflow "
-                            f"({_one_line(err, 200)}); {current or 'nothing'} keeps serving") from None
-    release = endpoint_release(spec, model, dataset, version, artifact)
+        artifact, digest = verified_artifact(ledger, mlflow, model.name, version)
+    except (MlflowException, OSError, NotRegistered, ArtifactMismatch) as err:
+        raise RollbackError(f"{label}: version {version} of model '{model.name}' cannot be fetched verified from "
+                            f"MLflow ({_one_line(err, 200)}); {current or 'nothing'} keeps serving") from None
+    release = endpoint_release(spec, model, dataset, version, artifact, digest)
     try:
         status = deployer.deploy(target, release)
     except DeployError as err:

@@ -67,6 +67,9 @@ KINDS: tuple[str, ...] = (
     "bake_passed",
     "bake_failed",
     "first_release",
+    "model_registered",
+    "explainability_report",
+    "digest_mismatch",
 )
 
 GENESIS_HASH = "0" * 64

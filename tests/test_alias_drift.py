@@ -11,9 +11,8 @@ import pytest
 
 from platform_defs.factories import endpoint_target
 from platform_defs.loader import load_organisation
-from resources.deployers.base import Release
 from sensors.alias_drift import CHECK_NAME, build_alias_checks, build_alias_drift_sensor
-from tests.conftest import save_credit_model
+from tests.conftest import model_release, save_credit_model
 from tests.test_rollback import deploy_like_factories, drained, register, write_org
 
 
@@ -32,7 +31,8 @@ def line(settings, tmp_path, saved_models, request):
     org = load_organisation(write_org(tmp_path / "org", [name], name))
     res = build_resources(settings)
     mlflow = res["mlflow"]
-    assert [register(mlflow, f"{name}_model", saved_models[v]) for v in ("1", "2")] == ["1", "2"]
+    assert [register(mlflow, f"{name}_model", saved_models[v], res["ledger"].ledger())
+            for v in ("1", "2")] == ["1", "2"]
     deployer = res["deployer_local"].deployer()
     (tmp_path / "instance").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "instance")) as instance:
@@ -148,7 +148,7 @@ def test_server_ahead_of_the_ledger_is_confirmed_on_the_next_tick_and_an_outage_
     # milliseconds, or a deploy made outside onepath. Reported only if still so on the next tick.
     target = endpoint_target(spec, "prod")
     pid = deployer.status(target).detail["server"]["pid"]
-    deployer.deploy(target, Release("2", str(mlflow.download(model, "2")), {"model_name": model}))
+    deployer.deploy(target, model_release("2", mlflow.download(model, "2"), {"model_name": model}))
     drained(pid)
     waiting = tick()
     assert isinstance(waiting, str) and "1 mismatch(es) to confirm next tick" in waiting and not moved(line)

@@ -38,6 +38,7 @@ from resources.deployers.base import Release, Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.ledger import Ledger
 from resources.mlflow_registry import MlflowRegistry
+from tests.conftest import model_release, record_test_registration
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_KEYS = ROOT / "assets" / "demo_identities"
@@ -85,8 +86,9 @@ declarations:
 """
 
 
-def register(mlflow: MlflowRegistry, name: str, seed: int) -> dict[str, str]:
-    """Train a real credit model and register it as the next version of ``name``, with lineage tags."""
+def register(mlflow: MlflowRegistry, name: str, seed: int, ledger: Ledger) -> dict[str, str]:
+    """Train a real credit model and register it as the next version of ``name``, with lineage tags,
+    and its registration (digest) in the ledger, as the model asset records it."""
     from assets.credit.data import generate_credit_applications
     from assets.credit.trainer import train_credit_risk
     from resources.data_store import dataframe_hash
@@ -98,13 +100,16 @@ def register(mlflow: MlflowRegistry, name: str, seed: int) -> dict[str, str]:
     reg = mlflow.log_and_register(model_name=name, estimator=est, X_example=df[FEATURES],
                                   y_pred_example=est.predict(df[FEATURES].head(50)), metrics={"roc_auc": 0.8},
                                   params={}, tags=tags, experiment=f"onepath/{name}")
-    return {"version": reg.version, **tags}
+    entry = record_test_registration(ledger, mlflow, name, reg.version, dataset_key="inv_applications",
+                                     data_hash=tags["onepath.data_hash"], code_hash=tags["onepath.code_hash"],
+                                     author="carla")
+    return {"version": reg.version, "digest": entry.data["digest"], **tags}
 
 
 def deploy_model(deployer: LocalProcessDeployer, mlflow: MlflowRegistry, endpoint: str, env: str, model: str,
                  version: str) -> str:
     artifact = mlflow.download(model, version)
-    st = deployer.deploy(Target(endpoint, env), Release(version, str(artifact), config={
+    st = deployer.deploy(Target(endpoint, env), model_release(version, artifact, config={
         "model_name": model, "pii_columns": ["full_name", "national_id", "email"]}))
     assert st.healthy and st.serving_version == version
     return st.address or ""
@@ -141,8 +146,8 @@ def world(settings, tmp_path_factory):
     deployer = resources["deployer_local"].deployer()
     assert isinstance(deployer, LocalProcessDeployer)
 
-    credit = {n: register(mlflow, "inv_credit", seed) for n, seed in (("1", 11), ("2", 12))}
-    other = {n: register(mlflow, "inv_other", seed) for n, seed in (("1", 21), ("2", 22))}
+    credit = {n: register(mlflow, "inv_credit", seed, ledger) for n, seed in (("1", 11), ("2", 12))}
+    other = {n: register(mlflow, "inv_other", seed, ledger) for n, seed in (("1", 21), ("2", 22))}
     assert [credit["1"]["version"], credit["2"]["version"], other["1"]["version"], other["2"]["version"]] == \
         ["1", "2", "1", "2"]
     deployed = [Target("inv_scoring", "staging"), Target("inv_scoring", "prod"), Target("inv_shadow", "staging"),

@@ -25,7 +25,7 @@ from platform_defs.rollback import RollbackError, build_rollback_job, rollback
 from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec, Organisation
 from resources.deployers.base import Release, probe
 from resources.processes import pid_alive
-from tests.conftest import save_credit_model
+from tests.conftest import record_test_registration, save_credit_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,9 @@ def write_org(root: Path, endpoints: list[str], prefix: str) -> Path:
     return root
 
 
-def register(mlflow, model: str, saved: Path) -> str:
-    """Register the saved MLflow model directory as the next version of ``model``."""
+def register(mlflow, model: str, saved: Path, book) -> str:
+    """Register the saved MLflow model directory as the next version of ``model``, and record its
+    registration (digest) in ``book`` as the platform does."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow.client()
@@ -58,7 +59,9 @@ def register(mlflow, model: str, saved: Path) -> str:
         client.create_registered_model(model)
     except MlflowException:
         pass  # already registered
-    return str(client.create_model_version(model, source=str(saved)).version)
+    version = str(client.create_model_version(model, source=str(saved)).version)
+    record_test_registration(book, mlflow, model, version)
+    return version
 
 
 def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: str, resources: dict,
@@ -74,9 +77,12 @@ def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: s
     book = resources["ledger"].ledger()
     target = endpoint_target(spec, env)
     before = deployer.status(target)
-    release = Release(version=version, artifact=str(mlflow.download(model.name, version)), workers=spec.workers,
+    from platform_defs.registration import verified_artifact
+
+    artifact, digest = verified_artifact(book, mlflow, model.name, version)
+    release = Release(version=version, artifact=str(artifact), workers=spec.workers, digest=digest,
                       config={"model_name": model.name, "pii_columns": dataset.pii_columns,
-                              "max_batch": spec.max_batch})
+                              "max_batch": spec.max_batch, "expected_digest": digest})
     status = deployer.deploy(target, release)
     if before.healthy:
         drained(before.detail["server"]["pid"])
@@ -127,7 +133,8 @@ def world(settings, tmp_path_factory, saved_models):
     mlflow = resources["mlflow"]
     versions = {}
     for ep in ENDPOINTS:  # every model gets versions 1 (model a) and 2 (model b)
-        versions[ep] = [register(mlflow, f"{ep}_model", saved_models[k]) for k in ("a", "b")]
+        versions[ep] = [register(mlflow, f"{ep}_model", saved_models[k], resources["ledger"].ledger())
+                        for k in ("a", "b")]
         assert versions[ep] == ["1", "2"]
     deployer = resources["deployer_local"].deployer()
     yield {"org": org, "org_dir": org_dir, "resources": resources, "mlflow": mlflow, "deployer": deployer,

@@ -46,13 +46,15 @@ def registered_digest(book: Any, model: str, version: str) -> str | None:
     return entry.data.get("digest") if entry is not None else None
 
 
-def _reference_digest(mlflow: Any, run_id: str) -> str | None:
+def _reference_digest(mlflow: Any, run_id: str | None) -> str | None:
+    if not run_id:  # a version registered without a run has no reference sample
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.run_artifact(run_id, REFERENCE_SAMPLE, Path(tmp))
         return bytes_digest(path.read_bytes()) if path is not None else None
 
 
-def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run_id: str,
+def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run_id: str | None,
                         data_hash: str | None, code_hash: str | None, code_path: str | None,
                         dataset_key: str | None, author: str | None, split_seed: int | str | None,
                         test_size: float | str | None, training_rows: int | str | None,

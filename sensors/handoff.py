@@ -70,7 +70,8 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
             if tags.get(TAG_PREFIX + "dagster_run_id") or str(mv.version) in handed:
                 continue
             missing = [TAG_PREFIX + t for t in LINEAGE if not tags.get(TAG_PREFIX + t)]
-            author = tags.get(TAG_PREFIX + "author") or mlflow.client().get_run(mv.run_id).info.user_id
+            author = tags.get(TAG_PREFIX + "author") or (
+                mlflow.client().get_run(mv.run_id).info.user_id if mv.run_id else None)  # a version may have no run
             # the version's digest now, and the facts its tags carry now, fixed in the ledger (once)
             reg = record_registration(
                 book, mlflow, model=m.name, version=str(mv.version), run_id=mv.run_id,

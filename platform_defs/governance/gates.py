@@ -395,7 +395,11 @@ class _Version:
 
     @property
     def run_id(self) -> str:
-        return str(self.require_registration().data["run_id"])
+        run_id = self.require_registration().data.get("run_id")
+        if not run_id:
+            raise _Missing(f"version {self.version} was registered without an MLflow run: its reports and "
+                           f"reference sample have nowhere to live; log the model in a run")
+        return str(run_id)
 
     def fact(self, name: str) -> Any:
         """A lineage fact as registration recorded it (never the MLflow tag)."""

@@ -420,12 +420,16 @@ class _Version:
         """Built from the bytes of a copy whose folder digest is the registered one."""
         from resources.artifact_digest import ArtifactError
         from resources.mlflow_registry import ArtifactMismatch
-        from resources.serving.model_server import ArtifactRefused, load_estimator
+        from resources.serving.model_server import ArtifactRefused, NotSklearn, load_estimator, load_pyfunc
 
         name, digest = self.gate.model.name, self.fact("digest")
         try:
             path = self.gate.mlflow.fetch_verified(name, self.version, digest)
-            return load_estimator(path, name, self.version, digest)
+            try:
+                return load_estimator(path, name, self.version, digest)
+            except NotSklearn:  # another flavour: judged through pyfunc, from the same verified bytes
+                return _PyfuncClassifier(load_pyfunc(path, name, self.version, digest),
+                                         sorted(self.snapshot[self.gate.label].unique().tolist()))
         except (ArtifactMismatch, ArtifactRefused, ArtifactError) as err:
             raise _Missing(str(err)) from None
 
@@ -447,6 +451,33 @@ class _Version:
 
         X_test, y_test, _ = self.held_out
         return evaluate_classifier(self.estimator, X_test, y_test)
+
+
+class _PyfuncClassifier:
+    """A pyfunc model seen as a binary classifier (``predict`` / ``predict_proba`` / ``classes_``) from its
+    ``prediction`` and ``probability`` output columns; one model call per frame (a model may count calls)."""
+
+    def __init__(self, pyf: Any, classes: list[Any]):
+        self.pyf, self.classes_ = pyf, classes
+        self._last: tuple[Any, Any] | None = None
+
+    def _out(self, X: Any) -> Any:
+        if self._last is None or self._last[0] is not X:
+            out = self.pyf.predict(X)
+            self._last = (X, out if hasattr(out, "columns") else pd.DataFrame({"prediction": list(out)}))
+        return self._last[1]
+
+    def predict(self, X: Any) -> Any:
+        return self._out(X)["prediction"].to_numpy()
+
+    def predict_proba(self, X: Any) -> Any:
+        import numpy as np
+
+        out = self._out(X)
+        if "probability" not in out.columns:
+            raise _Missing("the model's output has no 'probability' column to score it on")
+        p = out["probability"].to_numpy(dtype=float)
+        return np.column_stack([1 - p, p])
 
 
 def _same(tag: str, recorded: Any) -> bool:

@@ -198,14 +198,26 @@ def _sklearn_estimator(files: dict[str, bytes], mlmodel: dict[str, Any], model_d
     return cloudpickle.loads(data), fmt
 
 
+class NotSklearn(RuntimeError):
+    """The verified folder holds another flavour (load it with ``load_pyfunc``)."""
+
+
 def load_estimator(model_dir: Path, name: str, version: str, expected_digest: str | None) -> Any:
     """The sklearn estimator of a verified model folder (what a gate judges), built from the bytes hashed."""
     _, files, mlmodel = _verified_files(Path(model_dir), name, version, expected_digest)
     found = _sklearn_estimator(files, mlmodel, Path(model_dir))
     if found is None:
-        raise RuntimeError(f"model {name} version {version} is not an sklearn model (flavors: "
-                           f"{', '.join(mlmodel.get('flavors', {}))})")
+        raise NotSklearn(f"model {name} version {version} is not an sklearn model (flavors: "
+                         f"{', '.join(mlmodel.get('flavors', {}))})")
     return found[0]
+
+
+def load_pyfunc(model_dir: Path, name: str, version: str, expected_digest: str | None) -> Any:
+    """The ``mlflow.pyfunc`` model of a verified folder, loaded from a private copy of the bytes hashed."""
+    import mlflow.pyfunc
+
+    _, files, _ = _verified_files(Path(model_dir), name, version, expected_digest)
+    return mlflow.pyfunc.load_model(str(_private_copy(files)))
 
 
 def load_model(model_dir: Path, name: str, version: str, expected_digest: str | None) -> LoadedModel:

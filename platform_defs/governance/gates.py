@@ -92,6 +92,8 @@ class ModelGate:
         self.policy = policy
         self.track: TrackPolicy = policy.track(model.track)
         self.mlflow, self.data_store, self.ledger, self.deployer = mlflow, data_store, ledger, deployer
+        # accepted for callers that still pass it; no verdict reads Dagster materialization metadata
+        # (any GraphQL client can report a materialization): the model_registered entry replaced it
         self.instance = instance
 
     # -- which checks ---------------------------------------------------------------------

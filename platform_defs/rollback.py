@@ -157,7 +157,7 @@ def rollback(org: Organisation, endpoint_name: str, env: str, *, to_version: str
         artifact, digest = verified_artifact(ledger, mlflow, model.name, version)
     except (MlflowException, OSError, NotRegistered, ArtifactMismatch) as err:
         raise RollbackError(f"{label}: version {version} of model '{model.name}' cannot be fetched verified from "
-                            f"MLflow ({_one_line(err, 200)}); {current or 'nothing'} keeps serving") from None
+                            f"MLflow ({_one_line(err, 400)}); {current or 'nothing'} keeps serving") from None
     release = endpoint_release(spec, model, dataset, version, artifact, digest)
     try:
         status = deployer.deploy(target, release)

@@ -115,8 +115,9 @@ def test_missing_artifact_fails_clearly(settings, tmp_path):
     deployer = local_backend(settings)
     target = Target("contract", "missing", kind="endpoint")
     try:
-        with pytest.raises(DeployError, match="cannot load"):
-            deployer.deploy(target, Release("9", str(tmp_path / "nowhere"), {"model_name": "x"}))
+        with pytest.raises(DeployError, match="nowhere does not exist or is not a directory"):
+            deployer.deploy(target, Release("9", str(tmp_path / "nowhere"), {"model_name": "x",
+                                                                            "expected_digest": "sha256:" + "0" * 64}))
     finally:
         deployer.delete(target)
 

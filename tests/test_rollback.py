@@ -132,12 +132,19 @@ def world(settings, tmp_path_factory, saved_models):
     resources = build_resources(settings)
     mlflow = resources["mlflow"]
     versions = {}
+    # rb_broken's versions live in folders of their own: a test damages MLflow's copy of one of them
+    import shutil
+
+    private = tmp_path_factory.mktemp("rb_broken_sources")
+    sources = {ep: {k: saved_models[k] for k in ("a", "b")} for ep in ENDPOINTS}
+    sources["rb_broken"] = {k: Path(shutil.copytree(saved_models[k], private / k)) for k in ("a", "b")}
     for ep in ENDPOINTS:  # every model gets versions 1 (model a) and 2 (model b)
-        versions[ep] = [register(mlflow, f"{ep}_model", saved_models[k], resources["ledger"].ledger())
+        versions[ep] = [register(mlflow, f"{ep}_model", sources[ep][k], resources["ledger"].ledger())
                         for k in ("a", "b")]
         assert versions[ep] == ["1", "2"]
     deployer = resources["deployer_local"].deployer()
     yield {"org": org, "org_dir": org_dir, "resources": resources, "mlflow": mlflow, "deployer": deployer,
+           "sources": sources,
            "ledger": resources["ledger"].ledger(), "policy": load_policy(), "settings": settings}
     for ep in ENDPOINTS:
         for env in ("staging", "prod"):
@@ -226,13 +233,15 @@ def test_a_failed_redeploy_leaves_the_current_version_serving(world):
     org, res, book, mlflow = world["org"], world["resources"], world["ledger"], world["mlflow"]
     deploy_like_factories(org, "rb_broken", "prod", "1", res)
     address = deploy_like_factories(org, "rb_broken", "prod", "2", res).address
-    # version 1's files went bad since it last served (the deployer serves from this local copy)
-    cached = Path(mlflow.cache_dir) / "rb_broken_model" / "1" / "model.skops"
-    cached.write_bytes(b"this is not a model any more")
+    # version 1's files went bad since it last served, in the local copy and in MLflow's own: a bad
+    # cache alone is replaced from MLflow (fetch_verified), this cannot be
+    for folder in (Path(mlflow.cache_dir) / "rb_broken_model" / "1", world["sources"]["rb_broken"]["a"]):
+        (folder / "model.skops").write_bytes(b"this is not a model any more")
     history = [e.seq for e in book.entries(subject="rb_broken")]
 
-    with pytest.raises(RollbackError, match=r"^rb_broken.prod: rollback to version 1 failed, 2 keeps serving: "
-                                            r".*version 1 failed to start") as err:
+    with pytest.raises(RollbackError, match=r"^rb_broken.prod: version 1 of model 'rb_broken_model' cannot be "
+                                            r"fetched verified from MLflow \(.*artifact digest mismatch: expected "
+                                            r"sha256:\w+, found sha256:\w+.*\); 2 keeps serving$") as err:
         do_rollback(world, "rb_broken")
 
     assert "\n" not in str(err.value)

@@ -322,7 +322,10 @@ def test_a_notebook_version_is_handed_off_into_the_graph_and_its_gate_says_what_
     run = execute(world, request)
     assert not run.success
     failed = {e.check_name: e.metadata["verdict"].value for e in run.get_asset_check_evaluations() if not e.passed}
-    assert "lacks onepath.data_hash" in failed["data_quality"] and "Registering from a notebook" in failed["data_quality"]
+    assert "registered without onepath.data_hash" in failed["data_quality"]
+    assert "Registering from a notebook" in failed["data_quality"]
+    (registered,) = [e for e in entries(world, "model_registered", "churn") if e.data["version"] == version]
+    assert registered.data["via"] == "handoff" and registered.data["data_hash"] is None  # as its tags were
     assert "reference sample" in failed["drift_ready"]
     assert serving(world, "churn_scoring", "staging") != version
     assert sensor_tick(world, "registry_handoff")[0] == []  # reported once

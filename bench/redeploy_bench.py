@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print("wrk is not installed", file=sys.stderr)
         return 2
 
+    from resources.artifact_digest import folder_digest
     from resources.deployers.base import Release, Target
     from resources.deployers.local import LocalProcessDeployer
 
@@ -319,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         m = build_models(tmp, args.rows, args.bodies)
 
         def release(v: str) -> Release:
-            return Release(version=v, artifact=str(m["dirs"][v]), config={"model_name": "credit_risk",
-                                                                            "pii_columns": []})
+            digest = folder_digest(m["dirs"][v])  # the server refuses a folder without its digest
+            return Release(version=v, artifact=str(m["dirs"][v]), digest=digest,
+                           config={"model_name": "credit_risk", "pii_columns": []})
 
         st = deployer.deploy(target, release("1"))
         port = int(st.address.rsplit(":", 1)[1])

@@ -318,6 +318,7 @@ class Cleanup:
 
 def bench_onepath(tmp: Path, m: dict[str, Any], args: argparse.Namespace, pin: bool,
                   cleanup: Cleanup) -> dict[str, Any]:
+    from resources.artifact_digest import folder_digest
     from resources.deployers.base import Release, Target
     from resources.deployers.local import LocalProcessDeployer
 
@@ -336,7 +337,8 @@ def bench_onepath(tmp: Path, m: dict[str, Any], args: argparse.Namespace, pin: b
             pass
 
     cleanup.push("onepath endpoint", stop)
-    release = Release(version=m["version"], artifact=str(m["local"]),
+    digest = folder_digest(m["local"])  # the server refuses a folder without its digest
+    release = Release(version=m["version"], artifact=str(m["local"]), digest=digest,
                       config={"model_name": MODEL_NAME, "pii_columns": PII, "max_batch": 64}, workers=1)
     t0 = time.perf_counter()
     st = deployer.deploy(target, release)

@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = ap.parse_args(argv)
 
+    from resources.artifact_digest import folder_digest
     from resources.deployers.base import Release, Target
     from resources.deployers.local import LocalProcessDeployer
 
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             target = Target("churn_bench", env, kind="endpoint")
             cleanup.push(f"{name} endpoint", lambda t=target: deployer.delete(t))
             st = deployer.deploy(target, Release("1", str(model_dir), {
-                "model_name": "churn", "pii_columns": [], "model_threads": threads}))
+                "model_name": "churn", "pii_columns": [], "model_threads": threads},
+                digest=folder_digest(model_dir)))
             port = int(st.address.rsplit(":", 1)[1])
             native = json.loads(get(port, "/version"))["native_threads"]
             ok = native.get("openmp") == threads and native.get("blas") == threads

@@ -90,19 +90,36 @@ def _status_rows(settings: Settings, env: str | None) -> list[dict[str, Any]]:
     org = load_organisation()
     deployer = LocalProcessDeployer(settings.run_dir, host=settings.host, port_base=settings.port_base,
                                     inference_log_dir=settings.inference_log_dir)
+    from platform_defs.registration import registered_digest
+    from resources.ledger import Ledger, ledger_paths
+
     targets = [t for t in targets_of(org) if env is None or t[1] == env]
     with ThreadPoolExecutor(max_workers=16) as pool:
         statuses = list(pool.map(lambda t: deployer.status(t[2]), targets))
+    book = Ledger(*ledger_paths(settings.home))
     rows = []
     for (d, e, target), st in zip(targets, statuses):
         sup = st.detail.get("supervisor") or {}
+        model = getattr(d, "model", None)
+        registered = (registered_digest(book, model, st.serving_version)
+                      if model and st.serving_version is not None else None)
         rows.append({
             "name": d.name, "kind": target.kind, "env": e, "track": d.track, "owner": d.owner,
             "version": st.serving_version, "address": st.address, "healthy": st.healthy,
             "supervisor_state": sup.get("state"), "restarts": sup.get("restarts"),
-            "model": getattr(d, "model", None),
+            "model": model, "digest": st.serving_digest, "registered_digest": registered,
+            # what serves compared by content: its digest against the served version's registration
+            "digest_ok": (st.serving_digest is not None and st.serving_digest == registered)
+            if model and st.serving_version is not None else None,
         })
     return rows
+
+
+def _digest_cell(r: dict[str, Any]) -> str:
+    short = (r["digest"] or "none")[:19]
+    if r["digest_ok"] is False:
+        return f"MISMATCH served={short} registered={(r['registered_digest'] or 'none')[:19]}"
+    return short if r["digest"] else "-"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -116,9 +133,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("NAME", "KIND", "ENV", "VERSION", "HEALTH", "ADDRESS", "TRACK", "OWNER")
+    header = ("NAME", "KIND", "ENV", "VERSION", "DIGEST", "HEALTH", "ADDRESS", "TRACK", "OWNER")
     table = [header] + [(
-        r["name"], r["kind"], r["env"], r["version"] or "-",
+        r["name"], r["kind"], r["env"], r["version"] or "-", _digest_cell(r),
         "healthy" if r["healthy"] else ("down" if r["address"] else "not deployed"),
         r["address"] or "-", r["track"], r["owner"],
     ) for r in rows]

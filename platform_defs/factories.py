@@ -265,8 +265,11 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
         automation_condition=follows_upstream(),
         **common(spec),
     )
-    def _model(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, data_store: DataStore):
+    def _model(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, data_store: DataStore,
+               ledger: LedgerResource):
         from sklearn.model_selection import train_test_split
+
+        from platform_defs.registration import record_registration
 
         ds_meta = latest_metadata(context, dg.AssetKey(spec.dataset), "dataset")
         if ds_meta.get("expectations_passed") is False:
@@ -314,6 +317,12 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
                 tags=tags, experiment=f"onepath/{spec.name}", artifacts={"onepath": str(ref_path)},
             )
         context.log.info(f"registered {spec.name} version {registered.version} (run {registered.run_id})")
+        # the version's digest and lineage, fixed in the ledger: what gates and servers check it against
+        reg = record_registration(
+            ledger.ledger(), mlflow, model=spec.name, version=registered.version, run_id=registered.run_id,
+            data_hash=data_hash, code_hash=c_hash, code_path=c_path, dataset_key=tags[f"{TAG_PREFIX}dataset_key"],
+            author=tags[f"{TAG_PREFIX}author"], split_seed=spec.seed, test_size=spec.test_size,
+            training_rows=len(X_train), metrics=metrics, actor=f"dagster:{context.run.run_id}")
         verdicts = metric_verdicts(metrics, spec.metrics)
         passed = all(ok for *_, ok in verdicts)
         check = dg.AssetCheckResult(
@@ -332,6 +341,7 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
                 "code_hash": c_hash,
                 "training_rows": len(X_train),
                 "reference_rows": len(reference),
+                "digest": reg.data["digest"], "registration_entry": reg.seq,
                 **{f"held_out_{k}": v for k, v in metrics.items()},
             },
             check_results=[check],

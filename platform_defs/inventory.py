@@ -17,6 +17,10 @@ platform recorded about it and what its server says right now.
 * the **servers**: ``probe_many`` (asyncio) at every known stable address, all at once
   (a thread pool started before the ledger and registry reads, so the three overlap).
 
+Endpoints are compared by content too: ``live_digest`` (what the server reports it loaded, from
+``/version``) against the ``model_registered`` digest of the version it serves (``registered_digest``);
+``digest_agrees`` False makes the row a ``mismatch`` whatever the label says.
+
 A row ``agrees`` when the live version equals the recorded one; it is ``False`` (a mismatch) when
 something else answers, and ``None`` when nothing answers or nothing was recorded (so there is
 nothing to compare). ``state`` says it in one word: ``ok``, ``mismatch``, ``down``, ``unrecorded``
@@ -71,8 +75,11 @@ class InventoryRow:
     lineage: dict[str, str | None] | None = None
     address: str | None = None
     live_version: str | None = None
+    registered_digest: str | None = None  # endpoints: the recorded version's digest (model_registered entry)
+    live_digest: str | None = None  # the digest the server reports it loaded
     healthy: bool = False
     agrees: bool | None = None
+    digest_agrees: bool | None = None  # False: what serves is not the registered content, whatever its label
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -80,18 +87,20 @@ class InventoryRow:
         if self.healthy:
             if self.recorded_version is None:
                 return "unrecorded"
-            return "ok" if self.agrees else "mismatch"
+            return "ok" if self.agrees and self.digest_agrees is not False else "mismatch"
         if self.recorded_version is not None:
             return "down"
         return "not deployed"
 
     @property
     def mismatch(self) -> bool:
-        return self.agrees is False
+        return self.agrees is False or self.digest_agrees is False
 
     def state_text(self) -> str:
         """The state as a person reads it in a table: ``MISMATCH live=3 recorded=2``."""
         s = self.state
+        if s == "mismatch" and self.agrees:
+            return f"MISMATCH digest live={_short(self.live_digest)} registered={_short(self.registered_digest)}"
         if s == "mismatch":
             return f"MISMATCH live={self.live_version} recorded={self.recorded_version}"
         if s == "down":
@@ -114,8 +123,13 @@ class InventoryRow:
 # The ledger, read once
 
 
+def _short(digest: str | None) -> str:
+    return digest[:19] if digest else "none"
+
+
 class _LedgerIndex:
     def __init__(self, entries: Iterable[Entry]):
+        self.registrations: dict[tuple[str, str], Entry] = {}
         self.deploys: dict[tuple[str, str | None], Entry] = {}
         self.approvals: dict[tuple[str, str | None, str], list[Entry]] = defaultdict(list)
         self.gates: dict[tuple[str, str | None, str], Entry] = {}
@@ -130,6 +144,8 @@ class _LedgerIndex:
                 self.approvals[(e.subject, e.env, version)].append(e)
             elif e.kind == "gate_verdict":
                 self.gates[(e.subject, e.env, version)] = e
+            elif e.kind == "model_registered":  # the first record of a version stands
+                self.registrations.setdefault((e.subject, version), e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +317,12 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
                              f"{sharing[(d.model, e)]} endpoints, so it says nothing about this one")
         version = row.recorded_version
         if version is not None and is_endpoint:
+            reg = index.registrations.get((d.model, version))
+            if reg is not None:
+                row.registered_digest = reg.data.get("digest")
+            else:
+                row.notes.append(f"version {version} of '{d.model}' has no model_registered ledger entry "
+                                 f"(no digest to compare what serves with)")
             if (d.model, version) in tags:
                 version_tags = tags[(d.model, version)]
                 row.lineage = {k: version_tags.get(TAG_PREFIX + k) for k in LINEAGE_TAGS}
@@ -313,10 +335,21 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
         if seen is not None:
             row.healthy = True
             row.live_version = str(seen["version"]) if seen.get("version") is not None else None
+            row.live_digest = seen.get("digest") or None
             if is_endpoint and seen.get("model") not in (None, d.model):
                 row.notes.append(f"the server at {address} says it serves model '{seen.get('model')}'")
             if version is not None:
                 row.agrees = row.live_version == version
+            if is_endpoint and row.live_version is not None:
+                # the served content against the served version's registration (not the label's say-so)
+                reg = index.registrations.get((d.model, row.live_version))
+                row.registered_digest = reg.data.get("digest") if reg is not None else row.registered_digest
+                row.digest_agrees = (row.live_digest is not None and reg is not None
+                                     and row.live_digest == reg.data.get("digest"))
+                if not row.digest_agrees:
+                    row.notes.append(f"served digest {row.live_digest or 'not reported'} is not the registered "
+                                     f"digest {reg.data.get('digest') if reg else 'none'} of version "
+                                     f"{row.live_version}")
         rows.append(row)
     return rows
 
@@ -346,10 +379,10 @@ def _gate_text(r: InventoryRow) -> str:
 
 
 def table_rows(rows: list[InventoryRow]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    header = ("NAME", "KIND", "ENV", "MODEL", "RECORDED", "LIVE", "STATE", "APPROVED BY", "GATE",
+    header = ("NAME", "KIND", "ENV", "MODEL", "RECORDED", "LIVE", "DIGEST", "STATE", "APPROVED BY", "GATE",
               "DEPLOYED AT", "ADDRESS", "OWNER", "TRACK")
     body = [(r.name, r.kind, r.env, r.model or "-", r.recorded_version or "-", r.live_version or "-",
-             r.state_text(), _approved(r), _gate_text(r), (r.deployed_at or "-")[:19], r.address or "-",
+             r.live_digest[:19] if r.live_digest else "-", r.state_text(), _approved(r), _gate_text(r), (r.deployed_at or "-")[:19], r.address or "-",
              r.owner, r.track) for r in rows]
     return header, body
 

@@ -83,6 +83,8 @@ KINDS: tuple[str, ...] = (
     "artifact_refused",
     "serving_stopped",
     "event_refused",
+    "explainability_report",
+    "digest_mismatch",
 )
 
 GENESIS_HASH = "0" * 64

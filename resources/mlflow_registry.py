@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,33 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 TAG_PREFIX = "onepath."
+
+
+class ArtifactMismatch(RuntimeError):
+    """A model version's files do not hash to the digest recorded for it, even as MLflow serves them."""
+
+    def __init__(self, model: str, version: str, expected: str, found: str):
+        super().__init__(f"model '{model}' version {version}: artifact digest mismatch: expected {expected}, "
+                         f"found {found} (MLflow's copy was changed after registration)")
+        self.model, self.version, self.expected, self.found = model, str(version), expected, found
+
+
+def _private_dirs(root: Path, leaf: Path) -> None:
+    """Create ``root`` .. ``leaf`` owner-only (0700), tightening those that exist."""
+    leaf.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for d in [leaf, *leaf.parents]:
+        if d != root and root not in d.parents:
+            break
+        os.chmod(d, 0o700)
+
+
+def _owner_only(folder: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        os.chmod(dirpath, 0o700)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o600)
 
 
 @dataclass(frozen=True)
@@ -128,23 +157,67 @@ class MlflowRegistry(dg.ConfigurableResource):
         self.client().set_registered_model_alias(name, alias, version)
 
     def download(self, name: str, version: str) -> Path:
-        """A local copy of the version's model directory (cached; a version's files never change)."""
-        import mlflow.artifacts
-
-        self._use()
+        """A local copy of the version's model directory (cached, owner-only). The cache is only a
+        cache: anything that serves or is judged goes through :meth:`fetch_verified`."""
         dst = Path(self.cache_dir) / name / str(version)
         if (dst / "MLmodel").exists():
             return dst
-        tmp = dst.with_name(f".{version}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
-                                            tracking_uri=self.tracking_uri)
+        tmp = self.fresh_copy(name, version, dst.parent)
         try:
             os.replace(tmp, dst)
-        except OSError:  # another process won the race; theirs is identical
+        except OSError:  # another process won the race; fetch_verified checks whichever copy stands
             shutil.rmtree(tmp, ignore_errors=True)
         return dst
+
+    def fresh_copy(self, name: str, version: str, parent: Path) -> Path:
+        """Download the version's model directory as MLflow serves it into a new private (0700)
+        directory under ``parent``; files 0600."""
+        import mlflow.artifacts
+
+        self._use()
+        _private_dirs(Path(self.cache_dir), parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))  # 0700, unique
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
+                                            tracking_uri=self.tracking_uri)
+        _owner_only(tmp)
+        return tmp
+
+    def fetch_verified(self, name: str, version: str, digest: str) -> Path:
+        """A local copy of version ``version`` of ``name`` whose folder digest is ``digest`` (the one the
+        ledger recorded at registration). A cached copy that does not match is replaced by a fresh
+        download; if MLflow's own copy does not match either, :class:`ArtifactMismatch`."""
+        from resources.artifact_digest import ArtifactError, folder_digest
+
+        if not digest:
+            raise ArtifactMismatch(name, version, "(none recorded)", "(not checked)")
+        cached = self.download(name, version)
+        try:
+            if folder_digest(cached) == digest:
+                return cached
+        except ArtifactError:
+            pass  # a symlink planted in the cache: replace the copy like any other mismatch
+        fresh = self.fresh_copy(name, version, cached.parent)
+        try:
+            found = folder_digest(fresh)
+        except ArtifactError as err:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise ArtifactMismatch(name, version, digest, f"unreadable ({err})") from None
+        if found != digest:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise ArtifactMismatch(name, version, digest, found)
+        # swap the verified copy in for the bad cache (the bad one is moved aside, then removed)
+        stale = cached.with_name(f".{version}.stale.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(cached, stale)
+        except OSError:
+            pass
+        try:
+            os.replace(fresh, cached)
+        except OSError:  # another process put a copy there in between: serve our verified one
+            return fresh
+        finally:
+            shutil.rmtree(stale, ignore_errors=True)
+        return cached
 
     def run_artifact(self, run_id: str, path: str, dst: Path) -> Path | None:
         """Download one artifact of a run, or None if the run has no such artifact."""

@@ -21,6 +21,10 @@ A mismatch where the server answers a version the ledger does not record yet is 
 looks like between its cutover and its ledger entry (milliseconds): it is reported only when it is
 still there on the next tick. An environment where nothing answers is compared with the ledger
 only (an outage is the endpoint_status sensor's business, not an alias move).
+
+Labels are not enough: where the three agree, the content digest the server reports (``/version``)
+must also be the digest the ledger's ``model_registered`` entry holds for the served version. A
+difference fails the same check naming both digests and is recorded once as ``digest_mismatch``.
 """
 
 
@@ -76,6 +80,8 @@ class AliasState:
     recorded: str | None  # version of the ledger's latest 'deploy' entry for (endpoint, env)
     recorded_seq: int | None
     address: str | None
+    served_digest: str | None = None  # the content digest the server reports it loaded
+    registered_digest: str | None = None  # the model_registered digest of the served version
 
     @property
     def asset_key(self) -> dg.AssetKey:
@@ -106,7 +112,16 @@ class AliasState:
             return (f"{alias} points to version {self.alias}, but the ledger's last deploy to {self.env} "
                     f"records version {self.recorded or 'none'}"
                     + ("" if self.served else f" (nothing answers {where})"))
-        return None
+        return self.digest_problem
+
+    @property
+    def digest_problem(self) -> str | None:
+        """What serves, compared by content: the served digest against the served version's registration."""
+        if self.served is None or self.served_digest == self.registered_digest is not None:
+            return None
+        return (f"version {self.served} serves {f'at {self.address}' if self.address else ''} with digest "
+                f"{self.served_digest or 'not reported'}, but the ledger registered version {self.served} with "
+                f"digest {self.registered_digest or 'none (no model_registered entry)'}")
 
     @property
     def settling(self) -> bool:
@@ -115,7 +130,7 @@ class AliasState:
 
     @property
     def signature(self) -> list[str | None]:
-        return [self.alias, self.served, self.recorded]
+        return [self.alias, self.served, self.recorded, self.served_digest]
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -125,6 +140,8 @@ class AliasState:
             "ledger_version": self.recorded or "none",
             "ledger_entry": self.recorded_seq if self.recorded_seq is not None else "none",
             "address": self.address or "not allocated",
+            "serving_digest": self.served_digest or "none",
+            "registered_digest": self.registered_digest or "none",
             "verdict": (self.problem or "alias, server and ledger agree") if self.deployed else "not deployed",
         }
 
@@ -139,8 +156,11 @@ def _latest_deploys(book: Ledger, since_seq: int = 0) -> dict[tuple[str, str], t
 
 def inspect_targets(targets: list[tuple[EndpointSpec, str, Target]], mlflow: MlflowRegistry,
                     deployer_local: LocalDeployerResource,
-                    recorded: dict[tuple[str, str], tuple[str, int]]) -> list[AliasState]:
-    """Probe every target in parallel while the registry's aliases are read (once per model)."""
+                    recorded: dict[tuple[str, str], tuple[str, int]], book: Ledger) -> list[AliasState]:
+    """Probe every target in parallel while the registry's aliases are read (once per model); each
+    served version's registered digest comes from ``book``."""
+    from platform_defs.registration import registered_digest
+
     deployer = deployer_local.deployer()
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(targets)))) as pool:
         futures = [pool.submit(deployer.status, t) for _, _, t in targets]
@@ -149,10 +169,13 @@ def inspect_targets(targets: list[tuple[EndpointSpec, str, Target]], mlflow: Mlf
     out = []
     for (d, env, _), st in zip(targets, statuses):
         rec = recorded.get((d.name, env))
+        served = serving_version(st)
         out.append(AliasState(
             endpoint=d.name, env=env, model=d.model, alias=aliases[d.model].get(env),
-            served=serving_version(st),
+            served=served,
             recorded=rec[0] if rec else None, recorded_seq=rec[1] if rec else None, address=st.address,
+            served_digest=st.serving_digest if served is not None else None,
+            registered_digest=registered_digest(book, d.model, served) if served is not None else None,
         ))
     return out
 
@@ -168,13 +191,18 @@ def _evaluation(state: AliasState, passed: bool) -> dg.AssetCheckEvaluation:
 
 def _already_in_ledger(book: Ledger, state: AliasState) -> bool:
     """True when the ledger already holds this drift (a cursor reset must not record it twice)."""
-    moved = book.entries(kind="alias_moved", subject=state.endpoint, env=state.env)
+    moved = book.entries(kind=_ledger_kind(state), subject=state.endpoint, env=state.env)
     if not moved:
         return False
     last = moved[-1]
     return (last.seq > (state.recorded_seq or 0)
             and [last.data.get("alias_version"), last.data.get("serving_version"),
-                 last.data.get("ledger_version")] == state.signature)
+                 last.data.get("ledger_version"), last.data.get("serving_digest")] == state.signature)
+
+
+def _ledger_kind(state: AliasState) -> str:
+    """``digest_mismatch`` when labels agree and only the content differs; ``alias_moved`` otherwise."""
+    return "digest_mismatch" if state.problem == state.digest_problem else "alias_moved"
 
 
 def build_alias_drift_sensor(org: Organisation) -> dg.SensorDefinition:
@@ -201,7 +229,7 @@ def build_alias_drift_sensor(org: Organisation) -> dg.SensorDefinition:
         if head_seq < seen_seq:  # a different (reset) ledger: read it again from the start
             recorded, seen_seq = {}, 0
         recorded.update(_latest_deploys(book, since_seq=seen_seq))
-        states = inspect_targets(targets, mlflow, deployer_local, recorded)  # type: ignore[arg-type]
+        states = inspect_targets(targets, mlflow, deployer_local, recorded, book)  # type: ignore[arg-type]
 
         reported: dict[str, Any] = cursor.get("reported", {})
         pending: dict[str, Any] = cursor.get("pending", {})
@@ -231,10 +259,11 @@ def build_alias_drift_sensor(org: Organisation) -> dg.SensorDefinition:
             # the ledger is checked only when the cursor knows nothing of this environment (a reset
             # cursor); after a recovery the cursor says "ok", and the same drift again is a new one
             if before is not None or not _already_in_ledger(book, state):
-                entry = book.append("alias_moved", state.endpoint, {
+                entry = book.append(_ledger_kind(state), state.endpoint, {
                     "model": state.model, "alias": state.env, "alias_version": state.alias,
                     "serving_version": state.served, "ledger_version": state.recorded,
                     "ledger_deploy_entry": state.recorded_seq, "address": state.address, "problem": state.problem,
+                    "serving_digest": state.served_digest, "registered_digest": state.registered_digest,
                 }, SENSOR_ACTOR, env=state.env)
                 logged.append(f"{state.label} (ledger #{entry.seq})")
             context.log.warning(f"{state.label}: {state.problem}")
@@ -270,7 +299,7 @@ def _alias_check(spec: EndpointSpec, env: str, target: Target) -> dg.AssetChecks
         book = ledger.ledger()
         deploys = book.entries(kind="deploy", subject=spec.name, env=env)
         recorded = {(spec.name, env): (str(deploys[-1].data.get("version")), deploys[-1].seq)} if deploys else {}
-        state = inspect_targets([(spec, env, target)], mlflow, deployer_local, recorded)[0]
+        state = inspect_targets([(spec, env, target)], mlflow, deployer_local, recorded, book)[0]
         return dg.AssetCheckResult(passed=state.problem is None, severity=dg.AssetCheckSeverity.ERROR,
                                    description=state.problem or "alias, server and ledger agree",
                                    metadata=state.metadata())

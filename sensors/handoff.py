@@ -4,7 +4,9 @@ Data scientists register versions of a declared model however they like (``mlflo
 registered_model_name="churn")``). Each tick this sensor lists the versions of every declared model
 newer than its cursor; a version that no onepath materialization produced (no ``onepath.dagster_run_id``
 tag) is reported as a materialization of the model asset -- it appears in the graph as the model's new
-version, with what it carries and what it lacks -- and gets a ``handoff`` ledger entry, and the sensor
+version, with what it carries and what it lacks -- and gets a ``handoff`` ledger entry and, once per
+version, a ``model_registered`` entry (``platform_defs.registration``: its folder digest at handoff and
+the facts its tags carried then, ``"via": "handoff"``) that the gates and servers check it against; the sensor
 requests the first environment of every endpoint serving the model (run key per version): the same
 gates as any version. A version without the lineage the gates need fails there, and each failing check
 says exactly what to log and how. (Declarative automation would not: the model's blocking
@@ -17,12 +19,27 @@ import json
 
 import dagster as dg
 
+from platform_defs.registration import record_registration
 from platform_defs.specs import EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
 from resources.ledger import Ledger, LedgerResource
 from resources.mlflow_registry import TAG_PREFIX, MlflowRegistry
 
 SENSOR_NAME = "registry_handoff"
 LINEAGE = ("dataset_key", "data_hash", "code_hash")
+
+
+def _int_or_none(v: str | None) -> int | None:
+    try:
+        return int(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _float_or_none(v: str | None) -> float | None:
+    try:
+        return float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
 
 
 def _vkey(v: str) -> int:
@@ -53,10 +70,21 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
             if tags.get(TAG_PREFIX + "dagster_run_id") or str(mv.version) in handed:
                 continue
             missing = [TAG_PREFIX + t for t in LINEAGE if not tags.get(TAG_PREFIX + t)]
-            author = tags.get(TAG_PREFIX + "author") or mlflow.client().get_run(mv.run_id).info.user_id
+            author = tags.get(TAG_PREFIX + "author") or (
+                mlflow.client().get_run(mv.run_id).info.user_id if mv.run_id else None)  # a version may have no run
+            # the version's digest now, and the facts its tags carry now, fixed in the ledger (once)
+            reg = record_registration(
+                book, mlflow, model=m.name, version=str(mv.version), run_id=mv.run_id,
+                data_hash=tags.get(TAG_PREFIX + "data_hash"), code_hash=tags.get(TAG_PREFIX + "code_hash"),
+                code_path=tags.get(TAG_PREFIX + "code_path"), dataset_key=tags.get(TAG_PREFIX + "dataset_key"),
+                author=author, split_seed=_int_or_none(tags.get(TAG_PREFIX + "split_seed")),
+                test_size=_float_or_none(tags.get(TAG_PREFIX + "test_size")),
+                training_rows=_int_or_none(tags.get(TAG_PREFIX + "training_rows")), metrics=None,
+                via="handoff", actor=f"sensor:{SENSOR_NAME}")
             entry = book.append("handoff", m.name, {
                 "model": m.name, "version": str(mv.version), "run_id": mv.run_id, "author": author,
-                "source": mv.source, "missing_lineage": missing}, f"sensor:{SENSOR_NAME}")
+                "source": mv.source, "missing_lineage": missing, "digest": reg.data["digest"],
+                "registration_entry": reg.seq}, f"sensor:{SENSOR_NAME}")
             events.append(dg.AssetMaterialization(
                 asset_key=dg.AssetKey(m.name),
                 description=f"version {mv.version} registered outside onepath (notebook or script) by {author}",
@@ -66,7 +94,7 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
                     "registered_by": author, "source": "registered outside onepath",
                     "missing_lineage": ", ".join(missing) or "none",
                     "next": "staging deploys it through its track's gates",
-                    "ledger_entry": entry.seq,
+                    "ledger_entry": entry.seq, "digest": reg.data["digest"],
                 },
                 tags={"onepath/handoff": "true"},
             ))

@@ -131,3 +131,27 @@ def isolated_settings(settings, root: Path, port_offset: int):
         outcomes_dir=root / "outcomes", drift_reports_dir=root / "drift_reports", run_dir=root / "run",
         releases_dir=root / "releases", port_base=settings.port_base + port_offset,
     ).ensure_dirs()
+
+
+def model_release(version: str, model_dir: Path | str, config: dict | None = None, workers: int = 1):
+    """A Release of a model folder a test built itself, carrying its digest the way a promotion does
+    (``Release.digest``, which the supervisor gives the server as ``expected_digest``): the server
+    refuses one without."""
+    from resources.artifact_digest import folder_digest
+    from resources.deployers.base import Release
+
+    digest = folder_digest(model_dir)
+    return Release(version=str(version), artifact=str(model_dir), workers=workers, digest=digest,
+                   config=dict(config or {}))
+
+
+def record_test_registration(book, mlflow, model: str, version: str, **facts):
+    """The ``model_registered`` entry for a version a test registered straight in MLflow (what the model
+    asset or the handoff sensor records): its digest as MLflow serves it, and the lineage ``facts`` given."""
+    from platform_defs.registration import record_registration
+
+    mv = mlflow.get_version(model, version)
+    args = {"data_hash": None, "code_hash": None, "code_path": None, "dataset_key": None, "author": None,
+            "split_seed": None, "test_size": None, "training_rows": None, "metrics": None, **facts}
+    return record_registration(book, mlflow, model=model, version=str(version), run_id=mv.run_id, via="test",
+                               actor="test", **args)

@@ -11,9 +11,8 @@ import pytest
 
 from platform_defs.promotion import endpoint_target
 from platform_defs.loader import load_organisation
-from resources.deployers.base import Release
 from sensors.alias_drift import CHECK_NAME, build_alias_checks, build_alias_drift_sensor
-from tests.conftest import save_credit_model
+from tests.conftest import model_release, save_credit_model
 from tests.test_rollback import deploy_like_factories, drained, register, write_org
 
 
@@ -32,7 +31,8 @@ def line(settings, tmp_path, saved_models, request):
     org = load_organisation(write_org(tmp_path / "org", [name], name))
     res = build_resources(settings)
     mlflow = res["mlflow"]
-    assert [register(mlflow, f"{name}_model", saved_models[v]) for v in ("1", "2")] == ["1", "2"]
+    assert [register(mlflow, f"{name}_model", saved_models[v], res["ledger"].ledger())
+            for v in ("1", "2")] == ["1", "2"]
     deployer = res["deployer_local"].deployer()
     (tmp_path / "instance").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "instance")) as instance:
@@ -148,7 +148,7 @@ def test_server_ahead_of_the_ledger_is_confirmed_on_the_next_tick_and_an_outage_
     # milliseconds, or a deploy made outside onepath. Reported only if still so on the next tick.
     target = endpoint_target(spec, "prod")
     pid = deployer.status(target).detail["server"]["pid"]
-    deployer.deploy(target, Release("2", str(mlflow.download(model, "2")), {"model_name": model}))
+    deployer.deploy(target, model_release("2", mlflow.download(model, "2"), {"model_name": model}))
     drained(pid)
     waiting = tick()
     assert isinstance(waiting, str) and "1 mismatch(es) to confirm next tick" in waiting and not moved(line)
@@ -201,3 +201,35 @@ def test_declared_check_runs_the_same_comparison(line):
     bad = run()  # non-blocking: the run succeeds, the check fails
     assert bad.passed is False and bad.description.startswith(f"MLflow alias {model}@prod points to version 2")
     assert not moved(line)  # reporting to the ledger is the sensor's job
+
+
+@pytest.mark.parametrize("line", ["ad_digest"], indirect=True)
+def test_served_content_that_is_not_the_registered_digest_fails_the_check_once(line):
+    """Alias, server and ledger all say version 1, but the bytes serving are version 2's: the check
+    compares the digest the server reports with the ledger's registration of version 1, names both,
+    and records it once as digest_mismatch."""
+    from platform_defs.registration import registered_digest
+
+    name, model, mlflow, deployer, book = line["name"], line["model"], line["mlflow"], line["deployer"], line["ledger"]
+    deploy_like_factories(line["org"], name, "prod", "1", line["res"])
+    tick = Ticker(line)
+    ok = tick()[f"{name}_prod"]
+    assert ok[0] is True and ok[1]["serving_digest"] == registered_digest(book, model, "1") != "none"
+
+    target = endpoint_target(line["org"].by_name[name], "prod")
+    pid = deployer.status(target).detail["server"]["pid"]
+    # labelled 1, content of 2 (a release assembled around the platform, its own digest passed along)
+    deployer.deploy(target, model_release("1", mlflow.download(model, "2"), {"model_name": model}))
+    drained(pid)
+    one, two = registered_digest(book, model, "1"), registered_digest(book, model, "2")
+    assert one != two
+    passed, meta, description = tick()[f"{name}_prod"]
+    assert passed is False and (meta["alias_version"], meta["serving_version"], meta["ledger_version"]) == \
+        ("1", "1", "1")
+    assert (meta["serving_digest"], meta["registered_digest"]) == (two, one)
+    assert one in description and two in description and "version 1" in description
+    [entry] = book.entries(kind="digest_mismatch", subject=name)
+    assert (entry.data["serving_digest"], entry.data["registered_digest"]) == (two, one) and not moved(line)
+    assert tick().startswith("aliases unchanged")  # reported once
+    assert tick(reset=True)[f"{name}_prod"][0] is False  # a reset cursor: the ledger already holds it
+    assert len(book.entries(kind="digest_mismatch", subject=name)) == 1

@@ -19,7 +19,7 @@ from platform_defs.policy import BakePolicy
 from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.serving.model_server import Metrics
-from tests.conftest import _free_port_base, save_credit_model
+from tests.conftest import _free_port_base, model_release, save_credit_model
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
@@ -263,8 +263,7 @@ def deployer(tmp_path_factory):
 
 
 def release(models, name: str, version: str, workers: int = 1) -> Release:
-    return Release(version=version, artifact=str(models[name]), workers=workers,
-                   config={"model_name": "credit_risk", "pii_columns": []})
+    return model_release(version, models[name], {"model_name": "credit_risk", "pii_columns": []}, workers=workers)
 
 
 class Traffic:

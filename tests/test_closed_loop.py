@@ -23,7 +23,7 @@ from platform_defs.definitions import build_definitions
 from platform_defs.policy import DriftPolicy
 from platform_defs.wiring import build_resources
 from resources.deployers.base import Target, http_json, probe
-from tests.conftest import isolated_settings, quick_policy
+from tests.conftest import isolated_settings, quick_policy, record_test_registration
 
 DRIFT = {"min_new_rows": 300, "window_rows": 600, "min_rows": 200, "cooldown_minutes": 60,
          "min_check_interval_minutes": 0}
@@ -322,7 +322,10 @@ def test_a_notebook_version_is_handed_off_into_the_graph_and_its_gate_says_what_
     run = execute(world, request)
     assert not run.success
     failed = {e.check_name: e.metadata["verdict"].value for e in run.get_asset_check_evaluations() if not e.passed}
-    assert "lacks onepath.data_hash" in failed["data_quality"] and "Registering from a notebook" in failed["data_quality"]
+    assert "registered without onepath.data_hash" in failed["data_quality"]
+    assert "Registering from a notebook" in failed["data_quality"]
+    (registered,) = [e for e in entries(world, "model_registered", "churn") if e.data["version"] == version]
+    assert registered.data["via"] == "handoff" and registered.data["data_hash"] is None  # as its tags were
     assert "reference sample" in failed["drift_ready"]
     assert serving(world, "churn_scoring", "staging") != version
     assert sensor_tick(world, "registry_handoff")[0] == []  # reported once
@@ -354,6 +357,13 @@ def test_a_version_failing_its_bake_in_prod_is_rolled_back_by_itself(world, tmp_
     for k, v in {**tags, "onepath.dagster_run_id": "copied-for-the-test"}.items():
         registry.client().set_model_version_tag("churn", bad.version, k, v)
     bad_version = str(bad.version)
+    # its registration as the platform records one (digest of what MLflow serves, the good version's lineage)
+    from platform_defs.registration import registration
+
+    facts = registration(world["ledger"], "churn", good).data
+    record_test_registration(world["ledger"], registry, "churn", bad_version, **{
+        k: facts[k] for k in ("data_hash", "code_hash", "code_path", "dataset_key", "author", "split_seed",
+                              "test_size", "training_rows")})
 
     defs = build_definitions(org=world["org"], settings=world["settings"],
                              policy=loop_policy(seconds=20, poll_seconds=0.2, min_requests=20,

@@ -16,7 +16,7 @@ import pytest
 
 from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import artifact_roots, save_credit_model
+from tests.conftest import artifact_roots, model_release, save_credit_model
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
@@ -50,7 +50,7 @@ def predict(address: str) -> dict:
 
 
 def release(models, v: str) -> Release:
-    return Release(version=v, artifact=str(models[v]), config={"model_name": "credit_risk", "pii_columns": []})
+    return model_release(v, models[v], {"model_name": "credit_risk", "pii_columns": []})
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))

@@ -311,11 +311,20 @@ def test_a_notebook_version_without_lineage_is_refused_with_instructions(world, 
         info = mlflow.sklearn.log_model(est, name="model", signature=infer_signature(X, est.predict(X)),
                                         registered_model_name="credit_risk")
     version = str(info.registered_model_version)
+    # before the handoff sensor has seen it, nothing vouches for it: the gate says how to get it registered
+    r = materialize(defs, instance, ["credit_scoring_staging"], raise_on_error=False)
+    assert not r.success and probe(staging)["version"] == serving
+    lineage = {e.check_name: e for e in r.get_asset_check_evaluations()}["lineage"]
+    assert lineage.passed is False and "no model_registered ledger entry" in lineage.metadata["verdict"].value
+    assert "registry_handoff" in lineage.metadata["verdict"].value
+    from sensors.handoff import tick
+
+    tick(load_organisation(ROOT / "assets"), mlflow=registry, book=world["ledger"], cursor={})
     r = materialize(defs, instance, ["credit_scoring_staging"], raise_on_error=False)
     assert not r.success and probe(staging)["version"] == serving
     checks = {e.check_name: e for e in r.get_asset_check_evaluations()}
     assert checks["lineage"].passed is False
-    assert "lacks onepath.dataset_key, onepath.data_hash, onepath.code_hash" in checks["lineage"].metadata["verdict"].value
+    assert "without onepath.dataset_key, onepath.data_hash, onepath.code_hash" in checks["lineage"].metadata["verdict"].value
     assert "Registering from a notebook" in checks["lineage"].metadata["verdict"].value
     assert checks["drift_ready"].passed is False and "reference_sample.parquet" in checks["drift_ready"].metadata["verdict"].value
     assert all(e.metadata["model_version"].value == version for e in checks.values())

@@ -38,6 +38,7 @@ from resources.deployers.base import Release, Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.ledger import Ledger
 from resources.mlflow_registry import MlflowRegistry
+from tests.conftest import model_release, record_test_registration
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_KEYS = ROOT / "assets" / "demo_identities"
@@ -85,8 +86,9 @@ declarations:
 """
 
 
-def register(mlflow: MlflowRegistry, name: str, seed: int) -> dict[str, str]:
-    """Train a real credit model and register it as the next version of ``name``, with lineage tags."""
+def register(mlflow: MlflowRegistry, name: str, seed: int, ledger: Ledger) -> dict[str, str]:
+    """Train a real credit model and register it as the next version of ``name``, with lineage tags,
+    and its registration (digest) in the ledger, as the model asset records it."""
     from assets.credit.data import generate_credit_applications
     from assets.credit.trainer import train_credit_risk
     from resources.data_store import dataframe_hash
@@ -98,13 +100,16 @@ def register(mlflow: MlflowRegistry, name: str, seed: int) -> dict[str, str]:
     reg = mlflow.log_and_register(model_name=name, estimator=est, X_example=df[FEATURES],
                                   y_pred_example=est.predict(df[FEATURES].head(50)), metrics={"roc_auc": 0.8},
                                   params={}, tags=tags, experiment=f"onepath/{name}")
-    return {"version": reg.version, **tags}
+    entry = record_test_registration(ledger, mlflow, name, reg.version, dataset_key="inv_applications",
+                                     data_hash=tags["onepath.data_hash"], code_hash=tags["onepath.code_hash"],
+                                     author="carla")
+    return {"version": reg.version, "digest": entry.data["digest"], **tags}
 
 
 def deploy_model(deployer: LocalProcessDeployer, mlflow: MlflowRegistry, endpoint: str, env: str, model: str,
                  version: str) -> str:
     artifact = mlflow.download(model, version)
-    st = deployer.deploy(Target(endpoint, env), Release(version, str(artifact), config={
+    st = deployer.deploy(Target(endpoint, env), model_release(version, artifact, config={
         "model_name": model, "pii_columns": ["full_name", "national_id", "email"]}))
     assert st.healthy and st.serving_version == version
     return st.address or ""
@@ -141,8 +146,8 @@ def world(settings, tmp_path_factory):
     deployer = resources["deployer_local"].deployer()
     assert isinstance(deployer, LocalProcessDeployer)
 
-    credit = {n: register(mlflow, "inv_credit", seed) for n, seed in (("1", 11), ("2", 12))}
-    other = {n: register(mlflow, "inv_other", seed) for n, seed in (("1", 21), ("2", 22))}
+    credit = {n: register(mlflow, "inv_credit", seed, ledger) for n, seed in (("1", 11), ("2", 12))}
+    other = {n: register(mlflow, "inv_other", seed, ledger) for n, seed in (("1", 21), ("2", 22))}
     assert [credit["1"]["version"], credit["2"]["version"], other["1"]["version"], other["2"]["version"]] == \
         ["1", "2", "1", "2"]
     deployed = [Target("inv_scoring", "staging"), Target("inv_scoring", "prod"), Target("inv_shadow", "staging"),
@@ -392,3 +397,43 @@ def test_production_inventory_asset(world):
     assert "MISMATCH live=2 recorded=1" in md["inventory"] and md["inventory"].startswith("| name | kind | env |")
     rows = {(r["name"], r["env"]): r for r in md["rows"]}
     assert rows[("inv_scoring", "staging")]["recorded_version"] == "2" and rows[("inv_scoring", "staging")]["agrees"]
+
+
+def test_status_and_inventory_compare_what_serves_by_digest(world, monkeypatch, capsys):
+    """A server labelled with a registered version but loaded with other content (version 1's bytes
+    under the label 2, assembled around the platform) is a digest mismatch in the inventory and in
+    ``onepath status``, whatever its label says; what serves its registered content is not."""
+    from platform_defs.cli import _status_rows, cmd_status
+
+    deployer, mlflow, ledger = world["deployer"], world["mlflow"], world["ledger"]
+    credit = world["credit"]
+    target = Target("inv_idle", "prod")
+    st = deployer.deploy(target, model_release("2", mlflow.download("inv_credit", "1"), {"model_name": "inv_credit"}))
+    try:
+        assert st.serving_version == "2" and st.serving_digest == credit["1"]["digest"] != credit["2"]["digest"]
+        ledger.append("deploy", "inv_idle", {"model": "inv_credit", "version": "2", "previous_version": None,
+                                             "address": st.address, "promoted_from": None, "track": "ml-high-risk",
+                                             "owner": "credit-risk", "checks": []}, "dagster:test-inventory",
+                      env="prod")
+        rows = inventory(world)
+        bad, good = rows[("inv_idle", "prod")], rows[("inv_scoring", "staging")]
+        assert (bad.recorded_version, bad.live_version, bad.agrees) == ("2", "2", True)  # the labels agree
+        assert (bad.live_digest, bad.registered_digest) == (credit["1"]["digest"], credit["2"]["digest"])
+        assert bad.digest_agrees is False and bad.mismatch and bad.state == "mismatch"
+        assert bad.state_text() == (f"MISMATCH digest live={credit['1']['digest'][:19]} "
+                                    f"registered={credit['2']['digest'][:19]}")
+        assert (good.live_digest, good.digest_agrees, good.state) == (credit["2"]["digest"], True, "ok")
+
+        monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(world["decls"]))
+        status = {(r["name"], r["env"]): r for r in _status_rows(world["settings"], None)}
+        assert (status[("inv_idle", "prod")]["digest"], status[("inv_idle", "prod")]["digest_ok"]) == \
+            (credit["1"]["digest"], False)
+        assert status[("inv_idle", "prod")]["registered_digest"] == credit["2"]["digest"]
+        assert (status[("inv_scoring", "staging")]["digest"], status[("inv_scoring", "staging")]["digest_ok"]) == \
+            (credit["2"]["digest"], True)
+        assert status[("inv_portal", "prod")]["digest_ok"] is None  # an app release has no model digest
+        assert cmd_status(argparse.Namespace(env=None, json=False)) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("inv_idle"))
+        assert f"MISMATCH served={credit['1']['digest'][:19]} registered={credit['2']['digest'][:19]}" in line
+    finally:
+        deployer.delete(target)

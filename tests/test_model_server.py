@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from resources.deployers.base import Release, Target
+from resources.deployers.base import Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import artifact_roots
+from tests.conftest import artifact_roots, model_release
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def tiny_deployer(settings) -> LocalProcessDeployer:
 def server(settings, tiny_model):
     deployer = tiny_deployer(settings)
     target = Target("validation", "test", kind="endpoint")
-    st = deployer.deploy(target, Release("7", str(tiny_model), {
+    st = deployer.deploy(target, model_release("7", tiny_model, {
         "model_name": "tiny", "pii_columns": ["full_name", "national_id"]}))
     yield st.address, settings.inference_log_dir / "validation" / "test"
     deployer.delete(target)
@@ -160,7 +160,7 @@ def test_native_thread_pools_have_the_releases_model_threads(server, settings, t
     assert "blas" in pools and set(pools.values()) == {1}, pools
     deployer, target = tiny_deployer(settings), Target("validation", "threads", kind="endpoint")
     try:
-        st = deployer.deploy(target, Release("7", str(tiny_model), {
+        st = deployer.deploy(target, model_release("7", tiny_model, {
             "model_name": "tiny", "pii_columns": [], "model_threads": 2}))
         pools = json.loads(get(st.address, "/version")[1])["native_threads"]
         # OpenMP takes what it is told; OpenBLAS caps its pool at the machine's cores

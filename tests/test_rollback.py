@@ -18,14 +18,14 @@ import dagster as dg
 import pytest
 import yaml
 
-from platform_defs.promotion import endpoint_target
+from platform_defs.promotion import endpoint_release, endpoint_target
 from platform_defs.loader import load_organisation
 from platform_defs.policy import load_policy
 from platform_defs.rollback import RollbackError, build_rollback_job, rollback
 from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec, Organisation
 from resources.deployers.base import Release, probe
 from resources.processes import pid_alive
-from tests.conftest import save_credit_model
+from tests.conftest import record_test_registration, save_credit_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,9 @@ def write_org(root: Path, endpoints: list[str], prefix: str) -> Path:
     return root
 
 
-def register(mlflow, model: str, saved: Path) -> str:
-    """Register the saved MLflow model directory as the next version of ``model``."""
+def register(mlflow, model: str, saved: Path, book) -> str:
+    """Register the saved MLflow model directory as the next version of ``model``, and record its
+    registration (digest) in ``book`` as the platform does."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow.client()
@@ -58,12 +59,21 @@ def register(mlflow, model: str, saved: Path) -> str:
         client.create_registered_model(model)
     except MlflowException:
         pass  # already registered
-    return str(client.create_model_version(model, source=str(saved)).version)
+    version = str(client.create_model_version(model, source=str(saved)).version)
+    record_test_registration(book, mlflow, model, version)
+    return version
 
 
 def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: str, resources: dict,
                           actor: str = "dagster:test-run"):
-    """What the endpoint asset does after its gate passed: deploy, move the alias, ledger 'deploy'."""
+    """What the promotion flow records for a version whose gate passed, without running the gate (these
+    tests are about what comes after): a passed gate verdict under the policy in force, the deploy of
+    the verified folder, the alias, and the 'deploy' entry with the digest."""
+    from platform_defs.governance.gates import Verdict
+    from platform_defs.policy import policy_hash
+    from platform_defs.promotion import record_gate
+    from platform_defs.registration import verified_artifact
+
     spec = org.by_name[endpoint]
     assert isinstance(spec, EndpointSpec)
     model = org.by_name[spec.model]
@@ -71,20 +81,22 @@ def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: s
     dataset = org.by_name[model.dataset]
     assert isinstance(dataset, DatasetSpec)
     mlflow, deployer = resources["mlflow"], resources["deployer_local"].deployer()
-    book = resources["ledger"].ledger()
+    book, policy = resources["ledger"].ledger(), load_policy()
     target = endpoint_target(spec, env)
     before = deployer.status(target)
-    release = Release(version=version, artifact=str(mlflow.download(model.name, version)), workers=spec.workers,
-                      config={"model_name": model.name, "pii_columns": dataset.pii_columns,
-                              "max_batch": spec.max_batch})
-    status = deployer.deploy(target, release)
+    verdicts = [Verdict("data_quality", True, "test"), Verdict("performance", True, "test")]
+    assert record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
+                       who={"model": model.name}, still_serving=before.serving_version, policy=policy,
+                       trigger="test") is None
+    artifact, digest = verified_artifact(book, mlflow, model.name, version)
+    status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest))
     if before.healthy:
         drained(before.detail["server"]["pid"])
     mlflow.set_alias(model.name, env, version)
     book.append("deploy", spec.name, {
-        "model": model.name, "version": version, "previous_version": before.serving_version,
+        "model": model.name, "version": version, "digest": digest, "previous_version": before.serving_version,
         "address": status.address, "promoted_from": None, "track": model.track, "owner": model.owner,
-        "checks": ["data_quality", "performance"]}, actor, env=env)
+        "checks": [v.check for v in verdicts], "policy_hash": policy_hash(policy)}, actor, env=env)
     return status
 
 
@@ -126,11 +138,19 @@ def world(settings, tmp_path_factory, saved_models):
     resources = build_resources(settings)
     mlflow = resources["mlflow"]
     versions = {}
+    # rb_broken's versions live in folders of their own: a test damages MLflow's copy of one of them
+    import shutil
+
+    private = tmp_path_factory.mktemp("rb_broken_sources")
+    sources = {ep: {k: saved_models[k] for k in ("a", "b")} for ep in ENDPOINTS}
+    sources["rb_broken"] = {k: Path(shutil.copytree(saved_models[k], private / k)) for k in ("a", "b")}
     for ep in ENDPOINTS:  # every model gets versions 1 (model a) and 2 (model b)
-        versions[ep] = [register(mlflow, f"{ep}_model", saved_models[k]) for k in ("a", "b")]
+        versions[ep] = [register(mlflow, f"{ep}_model", sources[ep][k], resources["ledger"].ledger())
+                        for k in ("a", "b")]
         assert versions[ep] == ["1", "2"]
     deployer = resources["deployer_local"].deployer()
     yield {"org": org, "org_dir": org_dir, "resources": resources, "mlflow": mlflow, "deployer": deployer,
+           "sources": sources,
            "ledger": resources["ledger"].ledger(), "policy": load_policy(), "settings": settings}
     for ep in ENDPOINTS:
         for env in ("staging", "prod"):
@@ -219,13 +239,15 @@ def test_a_failed_redeploy_leaves_the_current_version_serving(world):
     org, res, book, mlflow = world["org"], world["resources"], world["ledger"], world["mlflow"]
     deploy_like_factories(org, "rb_broken", "prod", "1", res)
     address = deploy_like_factories(org, "rb_broken", "prod", "2", res).address
-    # version 1's files went bad since it last served (the deployer serves from this local copy)
-    cached = Path(mlflow.cache_dir) / "rb_broken_model" / "1" / "model.skops"
-    cached.write_bytes(b"this is not a model any more")
+    # version 1's files went bad since it last served, in the local copy and in MLflow's own: a bad
+    # cache alone is replaced from MLflow (fetch_verified), this cannot be
+    for folder in (Path(mlflow.cache_dir) / "rb_broken_model" / "1", world["sources"]["rb_broken"]["a"]):
+        (folder / "model.skops").write_bytes(b"this is not a model any more")
     history = [e.seq for e in book.entries(subject="rb_broken")]
 
-    with pytest.raises(RollbackError, match=r"^rb_broken.prod: rollback to version 1 failed, 2 keeps serving: "
-                                            r".*version 1 failed to start") as err:
+    with pytest.raises(RollbackError, match=r"^rb_broken.prod: version 1 of model 'rb_broken_model' cannot be "
+                                            r"fetched verified from MLflow \(.*artifact digest mismatch: expected "
+                                            r"sha256:\w+, found sha256:\w+.*\); 2 keeps serving$") as err:
         do_rollback(world, "rb_broken")
 
     assert "\n" not in str(err.value)

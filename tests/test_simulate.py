@@ -27,11 +27,11 @@ from assets.credit.data import generate_credit_applications
 from platform_defs.cli_simulate import (DRIFT_SHIFT, Control, PredictClient, Simulation, iter_requests,
                                         sent_columns)
 from platform_defs.loader import load_organisation
-from resources.deployers.base import Release, Target
+from resources.deployers.base import Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.feedback import dataset_rows_from_feedback, labelled_rows
 from resources.gx_validation import validate
-from tests.conftest import save_credit_model
+from tests.conftest import model_release, save_credit_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT, ENV = "credit_scoring", "simtest"
@@ -78,8 +78,8 @@ def served(settings, org, tmp_path_factory):
     target = Target(ENDPOINT, ENV, kind="endpoint")
     dataset = org.by_name["credit_applications"]
     try:
-        st = deployer.deploy(target, Release("1", str(model), {"model_name": "credit_risk",
-                                                               "pii_columns": dataset.pii_columns}))
+        st = deployer.deploy(target, model_release("1", model, {"model_name": "credit_risk",
+                                                                "pii_columns": dataset.pii_columns}))
         yield {"address": st.address, "logs": logs, "dataset": dataset}
     finally:
         deployer.delete(target)
@@ -322,8 +322,8 @@ def prod_world(settings, tmp_path):
     target = Target("credit_scoring", "prod", kind="endpoint")
     model = save_credit_model(tmp_path / "model", seed=5)
     try:
-        deployer.deploy(target, Release("1", str(model), {"model_name": "credit_risk",
-                                                          "pii_columns": ["full_name", "national_id", "email"]}))
+        deployer.deploy(target, model_release("1", model, {"model_name": "credit_risk",
+                                                           "pii_columns": ["full_name", "national_id", "email"]}))
         yield env, tmp_path
     finally:
         deployer.stop_all()

@@ -22,13 +22,13 @@ import pytest
 
 from platform_defs.promotion import endpoint_target
 from platform_defs.loader import load_organisation
-from resources.deployers.base import Release, probe
+from resources.deployers.base import probe
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.processes import pid_alive
 from resources.serving.protocol import load_or_create_secret, sign_event
 from sensors.supervisor_events import build_supervisor_events_sensor, relay_events
-from tests.conftest import _free_port_base, save_credit_model
+from tests.conftest import _free_port_base, model_release, save_credit_model
 from tests.test_rollback import deploy_like_factories, register, write_org
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
@@ -51,8 +51,9 @@ def world(settings, tmp_path_factory):
     crash = save_fault_model(root / "models" / "crash", base_model_dir=good_a, exit_after_s=EXIT_AFTER_S)
     plan = {"sv_restart": [good_a], "sv_loop": [good_a, crash], "sv_alone": [crash],
             "sv_resume": [good_a, good_b, crash]}
+    book = LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")).ledger()
     for ep, saved in plan.items():
-        assert [register(mlflow, f"{ep}_model", s) for s in saved] == [str(i + 1) for i in range(len(saved))]
+        assert [register(mlflow, f"{ep}_model", s, book) for s in saved] == [str(i + 1) for i in range(len(saved))]
     run_dir = root / "run"
     resources = {
         "mlflow": mlflow,
@@ -258,8 +259,8 @@ def test_a_previous_version_that_cannot_come_back_leaves_nothing_serving_and_say
     v1 = tmp_path / "v1"
     shutil.copytree(world["models"]["a"], v1)
     config = {"model_name": "sv_broken_model", "pii_columns": []}
-    deployer.deploy(t, Release("1", str(v1), config))
-    assert deployer.deploy(t, Release("2", str(world["models"]["crash"]), config)).serving_version == "2"
+    deployer.deploy(t, model_release("1", v1, config))
+    assert deployer.deploy(t, model_release("2", world["models"]["crash"], config)).serving_version == "2"
     (v1 / "model.skops").write_bytes(b"version 1's files went bad since it served")
 
     failed = wait_for("the crash-loop rollback failing", lambda: next(

@@ -26,7 +26,7 @@ import pytest
 
 from resources.deployers.base import Release, Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import _free_port_base, save_credit_model
+from tests.conftest import _free_port_base, model_release, save_credit_model
 
 FEATURES = ["annual_income", "loan_amount", "loan_term_months", "debt_to_income", "credit_history_years",
             "num_open_accounts", "delinquencies_2y", "employment_type", "home_ownership", "purpose"]
@@ -225,8 +225,7 @@ def test_redeploy_and_rollback_under_keep_alive_load_drop_no_request(model_dirs,
     versions = {"A": "1", "B": "2"}
 
     def release(which: str) -> Release:
-        return Release(version=versions[which], artifact=str(model_dirs[which]),
-                       config={"model_name": "credit_risk", "pii_columns": []})
+        return model_release(versions[which], model_dirs[which], {"model_name": "credit_risk", "pii_columns": []})
 
     load: Load | None = None
     try:

@@ -4,6 +4,14 @@ The endpoint asset of an environment runs the gate before it deploys, so the gat
 path (a full-graph run, or the prod asset materialized alone from the UI). Verdicts recompute what
 they can instead of trusting tags: the snapshot's content hash, the held-out split, the fairness
 numbers, the data-quality suite. Each verdict's metadata says why, with numbers.
+
+What a verdict relies on comes from the version's ``model_registered`` ledger entry
+(``platform_defs.registration``), never from what a client of MLflow's or Dagster's unauthenticated
+servers can write: lineage facts and the author from the entry (an MLflow tag that differs fails
+lineage, naming it), the estimator from a copy that hashes to the registered digest, performance and
+no_regression recomputed on the registered held-out rows (run metrics are never read), the reference
+sample checked against its registered sha256, the explainability report against the digest the
+ledger recorded when it was computed. A version without the entry fails.
 """
 
 from __future__ import annotations
@@ -22,17 +30,25 @@ from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec
 
 TAG = "onepath."
 LINEAGE_TAGS = ("dataset_key", "data_hash", "code_hash")
+# facts fixed in the version's model_registered ledger entry that an MLflow tag may repeat: a tag that
+# differs from its entry was changed after registration
+REGISTERED_TAGS = ("dataset_key", "data_hash", "code_hash", "code_path", "author", "split_seed", "test_size",
+                   "training_rows")
 DESCRIPTIONS = {
     "data_quality": "The version's training snapshot passes its dataset's declared expectations (re-run).",
     "performance": "Held-out metrics meet the declared minimums.",
     "no_regression": "Not worse than the version prod serves by more than the policy's margin.",
     "fairness": "Demographic parity, equalized odds and disparate impact per protected attribute (fairlearn).",
     "explainability": "A permutation-importance report on held-out data, stored with the version.",
-    "lineage": "Dataset key, data hash and code hash on the version match what the graph materialized.",
-    "drift_ready": "A reference sample of real training rows, sized by policy, is stored with the version.",
+    "lineage": "Dataset key, data hash and code hash recorded in the ledger at registration hold: the snapshot "
+               "re-hashes to it and no MLflow tag has changed since.",
+    "drift_ready": "A reference sample of real training rows, sized by policy, is stored with the version "
+                   "and still hashes to what registration recorded.",
     "rollback_path": "A previous approved version exists in this environment, or a signed first-release record.",
     "approval": "An independent, signed approval of this exact version for this environment.",
 }
+from platform_defs.registration import HOW_TO_REGISTER  # noqa: E402
+
 HOW_TO_LOG_LINEAGE = (
     "log the lineage tags on the MLflow model version: onepath.dataset_key (the dataset asset), "
     "onepath.data_hash (resources.data_store.dataframe_hash of the exact training frame, stored by "
@@ -76,6 +92,8 @@ class ModelGate:
         self.policy = policy
         self.track: TrackPolicy = policy.track(model.track)
         self.mlflow, self.data_store, self.ledger, self.deployer = mlflow, data_store, ledger, deployer
+        # accepted for callers that still pass it; no verdict reads Dagster materialization metadata
+        # (any GraphQL client can report a materialization): the model_registered entry replaced it
         self.instance = instance
 
     # -- which checks ---------------------------------------------------------------------
@@ -104,16 +122,17 @@ class ModelGate:
         failed = result.failed
         return Verdict("data_quality", result.success,
                        f"{len(result.results) - len(failed)}/{len(result.results)} expectations passed on snapshot "
-                       f"{v.tag('data_hash')[:12]}",
+                       f"{v.fact('data_hash')[:12]}",
                        {"failed_expectations": len(failed)},
                        {"failures": "\n".join(f"- {f['expectation']} {f['column'] or ''}: {f['sample']}"
                                               for f in failed)} if failed else {})
 
     def _check_performance(self, v: "_Version", env: str) -> Verdict:
+        metrics = v.held_out_metrics  # recomputed: the verified estimator on the registered held-out rows
         rows = []
         for name, bound in self.model.metrics.items():
             metric = name[:-4] if name.endswith("_max") else name
-            value = v.run.data.metrics.get(metric)
+            value = metrics.get(metric)
             if value is None:
                 rows.append((name, None, bound, False))
             else:
@@ -121,8 +140,8 @@ class ModelGate:
         passed = all(ok for *_, ok in rows)
         text = ", ".join(f"{n} {'missing' if val is None else f'{val:.4f}'} {'≤' if n.endswith('_max') else '≥'} {b}"
                          for n, val, b, _ in rows) or "no thresholds declared"
-        return Verdict("performance", passed, text,
-                       {f"held_out_{k}": float(x) for k, x in v.run.data.metrics.items()})
+        return Verdict("performance", passed, f"{text} (recomputed on {len(v.held_out[1])} held-out rows)",
+                       {f"held_out_{k}": float(x) for k, x in metrics.items()})
 
     def _check_no_regression(self, v: "_Version", env: str) -> Verdict:
         metric, margin = self.track.regression_metric, self.track.regression_margin
@@ -131,20 +150,23 @@ class ModelGate:
 
         serving = self.deployer.status(Target(self.endpoint.name, prod_env, "endpoint",
                                               self.endpoint.ports.get(prod_env))).serving_version
-        mine = v.run.data.metrics.get(metric)
+        mine = v.held_out_metrics.get(metric)
         if mine is None:
-            return Verdict("no_regression", False, f"version {v.version} has no '{metric}' metric logged")
+            return Verdict("no_regression", False, f"version {v.version} has no '{metric}' (recomputed)")
         if serving is None or serving == v.version:
             return Verdict("no_regression", True, f"nothing else serves in {prod_env}; {metric} {mine:.4f}",
                            {metric: mine})
-        theirs = self.mlflow.client().get_run(self.mlflow.get_version(self.model.name, serving).run_id) \
-            .data.metrics.get(metric)
+        try:  # the served version's metric, recomputed the same way (never its client-writable run metrics)
+            theirs = _Version(self, str(serving)).held_out_metrics.get(metric)
+        except (_Missing, ValueError) as err:
+            return Verdict("no_regression", False, f"{prod_env} serves version {serving}, whose {metric} cannot be "
+                                                   f"recomputed to compare with: {err}", {metric: mine})
         if theirs is None:
             return Verdict("no_regression", True, f"{prod_env} version {serving} has no '{metric}' to compare",
                            {metric: mine})
         passed = mine >= theirs - margin
         return Verdict("no_regression", passed,
-                       f"{metric} {mine:.4f} vs {theirs:.4f} served in {prod_env} (v{serving}); "
+                       f"{metric} {mine:.4f} vs {theirs:.4f} served in {prod_env} (v{serving}), both recomputed; "
                        f"allowed drop {margin}", {metric: mine, f"{prod_env}_{metric}": theirs,
                                                   f"{prod_env}_version": serving, "margin": margin})
 
@@ -180,18 +202,32 @@ class ModelGate:
         import json
 
         from platform_defs.governance.explainability import JSON_NAME, PNG_NAME, explain
+        from platform_defs.registration import explainability_record, record_explainability
+        from resources.artifact_digest import bytes_digest
 
+        run_id = v.run_id
+        why = None
         with tempfile.TemporaryDirectory() as tmp:
-            stored = self.mlflow.run_artifact(v.run.info.run_id, f"onepath/explainability/{JSON_NAME}", Path(tmp))
-            png = self.mlflow.run_artifact(v.run.info.run_id, f"onepath/explainability/{PNG_NAME}", Path(tmp))
-            if stored is None or png is None:
+            stored = self.mlflow.run_artifact(run_id, f"onepath/explainability/{JSON_NAME}", Path(tmp))
+            png = self.mlflow.run_artifact(run_id, f"onepath/explainability/{PNG_NAME}", Path(tmp))
+            record = explainability_record(self.ledger, self.model.name, v.version)
+            if stored is not None and png is not None:
+                if record is None:
+                    why = "the stored report has no digest in the ledger"
+                elif (bytes_digest(stored.read_bytes()) != record.data.get("report_digest")
+                      or bytes_digest(png.read_bytes()) != record.data.get("chart_digest")):
+                    why = f"the stored report does not match the digest recorded in ledger #{record.seq}"
+            if stored is None or png is None or why:
                 X_test, y_test, _ = v.held_out
                 res = explain(v.estimator, X_test, y_test, out_dir=Path(tmp) / "explainability")
                 for path in (res.json_path, res.png_path):
-                    self.mlflow.log_run_artifact(v.run.info.run_id, path, "onepath/explainability")
-                report, png_bytes, computed = json.loads(res.json_path.read_text()), res.png_path.read_bytes(), True
+                    self.mlflow.log_run_artifact(run_id, path, "onepath/explainability")
+                report_bytes, png_bytes, computed = res.json_path.read_bytes(), res.png_path.read_bytes(), True
+                record_explainability(self.ledger, model=self.model.name, version=v.version,
+                                      report_digest=bytes_digest(report_bytes), chart_digest=bytes_digest(png_bytes))
             else:
-                report, png_bytes, computed = json.loads(stored.read_text()), png.read_bytes(), False
+                report_bytes, png_bytes, computed = stored.read_bytes(), png.read_bytes(), False
+            report = json.loads(report_bytes)
         feats = report["features"]
         informative = [f for f in feats if f["importance_mean"] > 0]
         table = ["| rank | feature | mean drop | std |", "|---:|---|---:|---:|"] + [
@@ -201,58 +237,77 @@ class ModelGate:
         return Verdict(
             "explainability", bool(informative),
             f"top features: {', '.join(report['top_features'][:3]) or 'none'} "
-            f"({report['scoring']} baseline {report['baseline_score']:.3f}, {report['n_rows_used']} held-out rows)",
-            {"report": f"runs:/{v.run.info.run_id}/onepath/explainability/{JSON_NAME}",
+            f"({report['scoring']} baseline {report['baseline_score']:.3f}, {report['n_rows_used']} held-out rows)"
+            + (f"; recomputed: {why}" if why else ""),
+            {"report": f"runs:/{run_id}/onepath/explainability/{JSON_NAME}", "report_digest": bytes_digest(report_bytes),
              "computed_now": computed, "top_feature": report["top_features"][0] if report["top_features"] else "none"},
             {"importance": "\n".join(table), "chart": chart})
 
     def _check_lineage(self, v: "_Version", env: str) -> Verdict:
-        import dagster as dg
-
         from resources.data_store import dataframe_hash
 
-        missing = [t for t in LINEAGE_TAGS if not v.tags.get(TAG + t)]
+        reg = v.registration
+        if reg is None:
+            return Verdict("lineage", False, f"version {v.version} of '{self.model.name}' has no model_registered "
+                                             f"ledger entry, so nothing vouches for its lineage: {HOW_TO_REGISTER}")
+        facts = reg.data
+        missing = [t for t in LINEAGE_TAGS if not facts.get(t)]
         if missing:
-            return Verdict("lineage", False, f"version {v.version} lacks {', '.join(TAG + m for m in missing)}: "
-                                             f"{HOW_TO_LOG_LINEAGE}")
+            return Verdict("lineage", False, f"version {v.version} was registered (ledger #{reg.seq}) without "
+                                             f"{', '.join(TAG + m for m in missing)}: {HOW_TO_LOG_LINEAGE}")
         problems = []
-        if v.tag("dataset_key") != self.dataset.name:
-            problems.append(f"dataset_key is '{v.tag('dataset_key')}', the model is declared on '{self.dataset.name}'")
+        for name in REGISTERED_TAGS:  # MLflow tags are client-writable: any change since registration fails
+            tag, recorded = v.tags.get(TAG + name), facts.get(name)
+            if recorded is None and tag is None:
+                continue
+            if tag is None:
+                problems.append(f"MLflow tag {TAG}{name} was removed after registration (ledger #{reg.seq} "
+                                f"recorded '{recorded}')")
+            elif recorded is None or not _same(tag, recorded):
+                problems.append(f"MLflow tag {TAG}{name} is '{tag}' but registration (ledger #{reg.seq}) recorded "
+                                f"'{recorded}': the tag was changed after registration")
+        if str(v.mv.run_id) != str(facts.get("run_id")):
+            problems.append(f"the version's run is {v.mv.run_id}, registration recorded {facts.get('run_id')}")
+        if facts["dataset_key"] != self.dataset.name:
+            problems.append(f"dataset_key is '{facts['dataset_key']}', the model is declared on '{self.dataset.name}'")
         recomputed = dataframe_hash(v.snapshot)  # the snapshot, read and hashed again
-        if recomputed != v.tag("data_hash"):
-            problems.append(f"snapshot hashes to {recomputed[:12]}, tag says {v.tag('data_hash')[:12]}")
-        if self.instance is not None:
-            ds = [e for e in _materializations(self.instance, dg.AssetKey(self.dataset.name))
-                  if e.get("data_hash") == v.tag("data_hash")]
-            if not ds:
-                problems.append(f"no materialization of '{self.dataset.name}' produced data hash "
-                                f"{v.tag('data_hash')[:12]}")
-            mats = [e for e in _materializations(self.instance, dg.AssetKey(self.model.name))
-                    if str(e.get("model_version")) == v.version]
-            if not mats:
-                # registered outside the graph (a notebook): the code hash must be the declared trainer's
-                current = _trainer_hash(self.model.trainer)
-                if current != v.tag("code_hash"):
-                    problems.append(f"version {v.version} was registered outside the graph and its code hash "
-                                    f"{v.tag('code_hash')[:12]} is not the declared trainer's ({current[:12]}): "
-                                    f"{HOW_TO_LOG_LINEAGE}")
-            elif mats[0].get("code_hash") != v.tag("code_hash"):
-                problems.append(f"code hash {v.tag('code_hash')[:12]} differs from the run's "
-                                f"{str(mats[0].get('code_hash'))[:12]}")
+        if recomputed != facts["data_hash"]:
+            problems.append(f"snapshot hashes to {recomputed[:12]}, registration says {facts['data_hash'][:12]}")
+        if facts.get("via") != "graph":
+            # registered outside the graph (a notebook): the code hash must be the declared trainer's
+            current = _trainer_hash(self.model.trainer)
+            if current != facts["code_hash"]:
+                problems.append(f"version {v.version} was registered outside the graph and its code hash "
+                                f"{facts['code_hash'][:12]} is not the declared trainer's ({current[:12]}): "
+                                f"{HOW_TO_LOG_LINEAGE}")
         return Verdict("lineage", not problems,
-                       "; ".join(problems) or f"dataset {self.dataset.name} @ {v.tag('data_hash')[:12]} (recomputed), "
-                                               f"code {v.tag('code_hash')[:12]}",
-                       {"data_hash": v.tag("data_hash"), "code_hash": v.tag("code_hash"),
-                        "dataset_key": v.tag("dataset_key")})
+                       "; ".join(problems) or f"dataset {self.dataset.name} @ {facts['data_hash'][:12]} (recomputed), "
+                                               f"code {facts['code_hash'][:12]}, registered in ledger #{reg.seq}",
+                       {"data_hash": facts["data_hash"], "code_hash": facts["code_hash"],
+                        "dataset_key": facts["dataset_key"], "registration_entry": reg.seq,
+                        "digest": facts.get("digest")})
 
     def _check_drift_ready(self, v: "_Version", env: str) -> Verdict:
+        import io
+
+        from resources.artifact_digest import bytes_digest
+
+        reg = v.require_registration()
         with tempfile.TemporaryDirectory() as tmp:
-            path = self.mlflow.run_artifact(v.run.info.run_id, "onepath/reference_sample.parquet", Path(tmp))
+            path = self.mlflow.run_artifact(v.run_id, "onepath/reference_sample.parquet", Path(tmp))
             if path is None:
                 return Verdict("drift_ready", False, f"version {v.version} has no reference sample: log "
                                f"{self.track.reference_rows} training rows as onepath/reference_sample.parquet")
-            ref = pd.read_parquet(path)
-        want = min(self.track.reference_rows, int(v.tags.get(TAG + "training_rows", self.track.reference_rows)))
+            data = path.read_bytes()
+        found, recorded = bytes_digest(data), reg.data.get("reference_digest")
+        if found != recorded:
+            return Verdict("drift_ready", False,
+                           f"version {v.version}'s reference sample hashes to {found}, registration (ledger "
+                           f"#{reg.seq}) recorded {recorded or 'none'}: it was replaced or added after registration",
+                           {"reference_digest": found, "registered_reference_digest": recorded or "none"})
+        ref = pd.read_parquet(io.BytesIO(data))  # the bytes just checked
+        rows = reg.data.get("training_rows")
+        want = min(self.track.reference_rows, int(rows) if rows is not None else self.track.reference_rows)
         problems = []
         if len(ref) < want:
             problems.append(f"{len(ref)} rows, policy wants {want}")
@@ -270,13 +325,14 @@ class ModelGate:
         from resources.approvals import Approval, ApprovalError, verify
 
         valid, refused = [], []
+        author = v.require_registration().data.get("author")  # the registered author, not a writable tag
         for entry in self.ledger.entries(kind="approval", subject=self.model.name, env=env):
             a = Approval.from_dict(entry.data)
             if a.version != v.version:
                 continue
             try:
                 verify(a, self.policy, asset=self.model.name, version=v.version, env=env,
-                       owner_team=self.model.owner, author=v.author, role=self.track.approver_role)
+                       owner_team=self.model.owner, author=author, role=self.track.approver_role)
                 valid.append((entry, a))
             except ApprovalError as err:
                 refused.append(f"#{entry.seq} by {a.approver}: {err}")
@@ -316,9 +372,13 @@ class _Missing(Exception):
 
 
 class _Version:
-    """The candidate version's MLflow records, snapshot, estimator and held-out split, loaded lazily."""
+    """The candidate version: its ``model_registered`` ledger entry (the facts that count), its MLflow
+    records (tags, only to compare with the entry), and its snapshot, verified estimator, held-out
+    split and recomputed metrics, loaded lazily."""
 
     def __init__(self, gate: ModelGate, version: str):
+        from platform_defs.registration import registration
+
         self.gate, self.version = gate, version
         from mlflow.exceptions import MlflowException
 
@@ -327,41 +387,109 @@ class _Version:
         except MlflowException:
             raise ValueError(f"model '{gate.model.name}' has no version {version}") from None
         self.tags = dict(self.mv.tags or {})
-        self.run = gate.mlflow.client().get_run(self.mv.run_id)
+        self.registration = registration(gate.ledger, gate.model.name, version)
 
-    def tag(self, name: str) -> str:
-        value = self.tags.get(TAG + name)
-        if not value:
-            raise _Missing(f"version {self.version} lacks {TAG}{name}: {HOW_TO_LOG_LINEAGE}")
-        return value
+    def require_registration(self) -> Any:
+        if self.registration is None:
+            raise _Missing(f"version {self.version} of '{self.gate.model.name}' has no model_registered ledger "
+                           f"entry (no digest or lineage recorded for it): {HOW_TO_REGISTER}")
+        return self.registration
 
     @property
-    def author(self) -> str | None:
-        return self.tags.get(TAG + "author") or self.run.info.user_id
+    def run_id(self) -> str:
+        run_id = self.require_registration().data.get("run_id")
+        if not run_id:
+            raise _Missing(f"version {self.version} was registered without an MLflow run: its reports and "
+                           f"reference sample have nowhere to live; log the model in a run")
+        return str(run_id)
+
+    def fact(self, name: str) -> Any:
+        """A lineage fact as registration recorded it (never the MLflow tag)."""
+        value = self.require_registration().data.get(name)
+        if value in (None, ""):
+            raise _Missing(f"version {self.version} was registered without {TAG}{name}: {HOW_TO_LOG_LINEAGE}")
+        return value
 
     @cached_property
     def snapshot(self) -> pd.DataFrame:
         try:
-            return self.gate.data_store.read(self.gate.dataset.name, self.tag("data_hash"))
+            return self.gate.data_store.read(self.gate.dataset.name, self.fact("data_hash"))
         except (FileNotFoundError, ValueError) as err:
             raise _Missing(str(err)) from None
 
     @cached_property
     def estimator(self) -> Any:
-        import mlflow.sklearn
+        """Built from the bytes of a copy whose folder digest is the registered one."""
+        from resources.artifact_digest import ArtifactError
+        from resources.mlflow_registry import ArtifactMismatch
+        from resources.serving.model_server import ArtifactRefused, NotSklearn, load_estimator, load_pyfunc
 
-        return mlflow.sklearn.load_model(str(self.gate.mlflow.download(self.gate.model.name, self.version)))
+        name, digest = self.gate.model.name, self.fact("digest")
+        try:
+            path = self.gate.mlflow.fetch_verified(name, self.version, digest)
+            try:
+                return load_estimator(path, name, self.version, digest)
+            except NotSklearn:  # another flavour: judged through pyfunc, from the same verified bytes
+                return _PyfuncClassifier(load_pyfunc(path, name, self.version, digest),
+                                         sorted(self.snapshot[self.gate.label].unique().tolist()))
+        except (ArtifactMismatch, ArtifactRefused, ArtifactError) as err:
+            raise _Missing(str(err)) from None
 
     @cached_property
     def held_out(self) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
-        """The same held-out rows the version was evaluated on: same snapshot, seed and test size."""
+        """The same held-out rows the version was evaluated on: same snapshot, seed and test size (as registered)."""
         from sklearn.model_selection import train_test_split
 
         df = self.snapshot
-        seed = int(self.tags.get(TAG + "split_seed", self.gate.model.seed))
-        size = float(self.tags.get(TAG + "test_size", self.gate.model.test_size))
+        reg = self.require_registration().data
+        seed = int(reg["split_seed"] if reg.get("split_seed") is not None else self.gate.model.seed)
+        size = float(reg["test_size"] if reg.get("test_size") is not None else self.gate.model.test_size)
         _, test = train_test_split(df, test_size=size, random_state=seed, stratify=df[self.gate.label])
         return test[self.gate.features], test[self.gate.label], test
+
+    @cached_property
+    def held_out_metrics(self) -> dict[str, float]:
+        from platform_defs.factories import evaluate_classifier
+
+        X_test, y_test, _ = self.held_out
+        return evaluate_classifier(self.estimator, X_test, y_test)
+
+
+class _PyfuncClassifier:
+    """A pyfunc model seen as a binary classifier (``predict`` / ``predict_proba`` / ``classes_``) from its
+    ``prediction`` and ``probability`` output columns; one model call per frame (a model may count calls)."""
+
+    def __init__(self, pyf: Any, classes: list[Any]):
+        self.pyf, self.classes_ = pyf, classes
+        self._last: tuple[Any, Any] | None = None
+
+    def _out(self, X: Any) -> Any:
+        if self._last is None or self._last[0] is not X:
+            out = self.pyf.predict(X)
+            self._last = (X, out if hasattr(out, "columns") else pd.DataFrame({"prediction": list(out)}))
+        return self._last[1]
+
+    def predict(self, X: Any) -> Any:
+        return self._out(X)["prediction"].to_numpy()
+
+    def predict_proba(self, X: Any) -> Any:
+        import numpy as np
+
+        out = self._out(X)
+        if "probability" not in out.columns:
+            raise _Missing("the model's output has no 'probability' column to score it on")
+        p = out["probability"].to_numpy(dtype=float)
+        return np.column_stack([1 - p, p])
+
+
+def _same(tag: str, recorded: Any) -> bool:
+    """An MLflow tag (always a string) against the fact registration recorded (str, int or float)."""
+    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)):
+        return tag == str(recorded)
+    try:
+        return float(tag) == float(recorded)
+    except ValueError:
+        return False
 
 
 def _trainer_hash(import_path: str) -> str:
@@ -369,16 +497,6 @@ def _trainer_hash(import_path: str) -> str:
     from platform_defs.factories import code_hash, import_string
 
     return code_hash(import_string(import_path))[0]
-
-
-def _materializations(instance: Any, key: Any, limit: int = 200) -> list[dict[str, Any]]:
-    records = instance.fetch_materializations(key, limit=limit).records
-    out = []
-    for r in records:
-        mat = r.asset_materialization
-        if mat is not None:
-            out.append({k: v.value for k, v in mat.metadata.items()})
-    return out
 
 
 APP_DESCRIPTIONS = {

@@ -95,6 +95,7 @@ class DeploymentStatus:
     serving_version: str | None
     healthy: bool
     detail: dict[str, Any] = field(default_factory=dict)
+    serving_digest: str | None = None  # the content digest the server reports it loaded (GET /version)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -269,6 +270,7 @@ class Deployer(ABC):
             target=target, address=address,
             serving_version=str(seen["version"]) if seen else None,
             healthy=seen is not None, detail={"server": seen, **self._backend_detail(target)},
+            serving_digest=(seen.get("digest") or None) if seen else None,
         )
 
     def delete(self, target: Target) -> None:

@@ -13,7 +13,12 @@ an event-loop iteration brings no new request, after ``batch_wait_ms`` (config, 
 ``max_batch`` rows, whichever comes first; a lone request does not wait.
 
 This module imports neither Dagster nor MLflow on its normal path: the sklearn flavour is loaded
-straight from its pickle. Other flavours go through ``mlflow.pyfunc``.
+straight from its bytes. Other flavours go through ``mlflow.pyfunc``. Before anything is loaded
+the whole model folder is read once and hashed (``resources.artifact_digest.read_folder``); unless it
+matches the config's ``expected_digest`` the worker prints one line and exits with
+``EXIT_ARTIFACT_REFUSED``, and what it loads are those very bytes (a pyfunc model from a private
+copy of them), so a file swapped on disk after the check is never what serves. ``/version``
+reports the digest.
 
 Run as ``python -m resources.serving.model_server CONFIG.json``; the supervisor hands it the
 listening sockets (see ``resources.serving.child``).
@@ -35,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import orjson
+
+from resources.serving.protocol import EXIT_ARTIFACT_REFUSED
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SIGNATURE_TYPES = {
@@ -76,6 +83,7 @@ class LoadedModel:
     run_id: str | None = None
     flavor: str = "sklearn"
     input_example: list[dict[str, Any]] | None = None
+    digest: str | None = None
 
 
 def read_signature(mlmodel: dict[str, Any]) -> list[Column]:
@@ -90,12 +98,12 @@ def read_signature(mlmodel: dict[str, Any]) -> list[Column]:
     return cols
 
 
-def _read_input_example(model_dir: Path, mlmodel: dict[str, Any]) -> list[dict[str, Any]] | None:
+def _read_input_example(files: dict[str, bytes], mlmodel: dict[str, Any]) -> list[dict[str, Any]] | None:
     info = mlmodel.get("saved_input_example_info") or {}
-    path = model_dir / info.get("artifact_path", "input_example.json")
-    if not path.exists():
+    raw = files.get(info.get("artifact_path", "input_example.json"))
+    if raw is None:
         return None
-    data = json.loads(path.read_text())
+    data = json.loads(raw)
     if isinstance(data, dict) and "columns" in data and "data" in data:
         return [dict(zip(data["columns"], row)) for row in data["data"]]
     if isinstance(data, dict) and "dataframe_split" in data:
@@ -127,31 +135,105 @@ def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def load_model(model_dir: Path, name: str, version: str) -> LoadedModel:
+class ArtifactRefused(RuntimeError):
+    """The model folder does not hash to the digest this server was told to serve (or none was given)."""
+
+
+def _private_copy(files: dict[str, bytes]) -> Path:
+    """The hashed bytes written into a fresh owner-only (0700) temp dir, for loaders that need paths."""
+    import atexit
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="onepath-model-"))
+    atexit.register(shutil.rmtree, root, True)
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return root
+
+
+def _verified_files(model_dir: Path, name: str, version: str,
+                    expected_digest: str | None) -> tuple[str, dict[str, bytes], dict[str, Any]]:
+    """``(digest, files, MLmodel)`` of the folder, read once, or ArtifactRefused unless it hashes to
+    ``expected_digest``."""
     import yaml
 
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    columns = read_signature(mlmodel)
-    flavors = mlmodel.get("flavors", {})
-    sk = flavors.get("sklearn")
+    from resources.artifact_digest import ArtifactError, read_folder
+
+    if not expected_digest:
+        raise ArtifactRefused(f"model {name} version {version} at {model_dir}: no expected_digest in the server "
+                              f"config; refusing to serve an artifact nobody vouched for")
+    try:
+        digest, files = read_folder(model_dir)
+    except ArtifactError as err:
+        raise ArtifactRefused(f"model {name} version {version}: {err}") from None
+    if digest != expected_digest:
+        raise ArtifactRefused(f"model {name} version {version} at {model_dir}: artifact digest mismatch: "
+                              f"expected {expected_digest}, found {digest}")
+    if "MLmodel" not in files:
+        raise RuntimeError(f"{model_dir} has no MLmodel file")
+    return digest, files, yaml.safe_load(files["MLmodel"].decode())
+
+
+def _sklearn_estimator(files: dict[str, bytes], mlmodel: dict[str, Any], model_dir: Path) -> tuple[Any, str] | None:
+    """The sklearn estimator rebuilt from the in-memory bytes and its serialization format, or None
+    for another flavour."""
+    sk = mlmodel.get("flavors", {}).get("sklearn")
     fmt = (sk or {}).get("serialization_format")
-    if sk and sk.get("pickled_model") and fmt in ("skops", "cloudpickle", "pickle"):
-        path = model_dir / sk["pickled_model"]
-        if fmt == "skops":  # safe format: only allow-listed types are rebuilt
-            import skops.io
+    if not (sk and sk.get("pickled_model") and fmt in ("skops", "cloudpickle", "pickle")):
+        return None
+    data = files.get(sk["pickled_model"])
+    if data is None:
+        raise RuntimeError(f"MLmodel names {sk['pickled_model']}, which is not in {model_dir}")
+    if fmt == "skops":  # safe format: only allow-listed types are rebuilt
+        import skops.io
 
-            est = skops.io.load(path, trusted=sk.get("skops_trusted_types"))
-        else:
-            import cloudpickle
+        return skops.io.loads(data, trusted=sk.get("skops_trusted_types")), fmt
+    import cloudpickle
 
-            with open(path, "rb") as f:
-                est = cloudpickle.load(f)
+    return cloudpickle.loads(data), fmt
+
+
+class NotSklearn(RuntimeError):
+    """The verified folder holds another flavour (load it with ``load_pyfunc``)."""
+
+
+def load_estimator(model_dir: Path, name: str, version: str, expected_digest: str | None) -> Any:
+    """The sklearn estimator of a verified model folder (what a gate judges), built from the bytes hashed."""
+    _, files, mlmodel = _verified_files(Path(model_dir), name, version, expected_digest)
+    found = _sklearn_estimator(files, mlmodel, Path(model_dir))
+    if found is None:
+        raise NotSklearn(f"model {name} version {version} is not an sklearn model (flavors: "
+                         f"{', '.join(mlmodel.get('flavors', {}))})")
+    return found[0]
+
+
+def load_pyfunc(model_dir: Path, name: str, version: str, expected_digest: str | None) -> Any:
+    """The ``mlflow.pyfunc`` model of a verified folder, loaded from a private copy of the bytes hashed."""
+    import mlflow.pyfunc
+
+    _, files, _ = _verified_files(Path(model_dir), name, version, expected_digest)
+    return mlflow.pyfunc.load_model(str(_private_copy(files)))
+
+
+def load_model(model_dir: Path, name: str, version: str, expected_digest: str | None) -> LoadedModel:
+    """Load ``version`` of ``name`` from exactly the bytes of ``model_dir`` that hash to ``expected_digest``
+    (read once with ``read_folder``; nothing is read from the folder again), or raise ArtifactRefused."""
+    digest, files, mlmodel = _verified_files(model_dir, name, version, expected_digest)
+    columns = read_signature(mlmodel)
+    found = _sklearn_estimator(files, mlmodel, model_dir)
+    if found is not None:
+        est, fmt = found
         predict = _classifier_predict(est)
         flavor = f"sklearn/{fmt}"
     else:
         import mlflow.pyfunc
 
-        pyf = mlflow.pyfunc.load_model(str(model_dir))
+        pyf = mlflow.pyfunc.load_model(str(_private_copy(files)))
 
         def predict(frame: Any) -> list[dict[str, Any]]:
             out = pyf.predict(frame)
@@ -164,7 +246,7 @@ def load_model(model_dir: Path, name: str, version: str) -> LoadedModel:
         flavor = "pyfunc"
     return LoadedModel(
         name=name, version=version, columns=columns, predict=predict, run_id=mlmodel.get("run_id"),
-        flavor=flavor, input_example=_read_input_example(model_dir, mlmodel),
+        flavor=flavor, input_example=_read_input_example(files, mlmodel), digest=digest,
     )
 
 
@@ -400,7 +482,7 @@ class ModelApp:
         self.batch_wait = batch_wait_ms / 1000.0
         self._version_body = orjson.dumps({
             "endpoint": endpoint, "env": env, "model": model.name, "version": model.version,
-            "run_id": model.run_id, "flavor": model.flavor, "pid": os.getpid(),
+            "run_id": model.run_id, "digest": model.digest, "flavor": model.flavor, "pid": os.getpid(),
             "loaded_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
             "features": self.feature_names, "native_threads": native_threads(),
         })
@@ -602,7 +684,8 @@ class ModelApp:
 
 
 def build_app(config: dict[str, Any]) -> ModelApp:
-    model = load_model(Path(config["model_dir"]), config["model_name"], str(config["version"]))
+    model = load_model(Path(config["model_dir"]), config["model_name"], str(config["version"]),
+                       config.get("expected_digest"))
     app = ModelApp(
         model, endpoint=config["endpoint"], env=config["env"], pii=config.get("pii_columns", []),
         log_dir=Path(config["log_dir"]) if config.get("log_dir") else None,
@@ -623,6 +706,9 @@ def main(argv: list[str] | None = None) -> None:
     config = json.loads(Path(argv[0]).read_text())
     try:
         app = build_app(config)
+    except ArtifactRefused as err:  # not a crash: the supervisor must not restart it into the same refusal
+        print(f"onepath model server: refused: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_ARTIFACT_REFUSED) from None
     except Exception as err:
         print(f"onepath model server: cannot load {config.get('model_name')} version "
               f"{config.get('version')}: {type(err).__name__}: {err}", file=sys.stderr)

@@ -1,0 +1,118 @@
+"""A model version's registration, fixed in the ledger: the one record of what a version IS.
+
+MLflow's tags, run metrics and run artifacts can be written by any client of its unauthenticated
+server, and Dagster's materialization metadata by any GraphQL client; the ledger is append-only,
+hash-chained and its head signed by the platform key. So when a version is registered the platform
+appends a ``model_registered`` entry holding the content digest of the model folder as MLflow serves
+it (``resources.artifact_digest``), the lineage facts (data and code hash, dataset, split, author),
+the held-out metrics it measured and the sha256 of the reference sample it logged. Everything that
+later judges or serves the version reads these facts from here (``registration``) and checks the
+files it fetches against them; a tag that no longer matches was changed after registration.
+
+Two ways in: the model asset (``build_model_defs``), right after it registered the version, and the
+handoff sensor, for versions registered outside onepath (``"via": "handoff"``: the digest at handoff
+and the facts the version's tags carried then). The first entry for a version is the record; a
+second call returns it and appends nothing.
+
+Also here: the digest of the explainability report the gate computed (``record_explainability`` /
+``explainability_record``), so a report read back from MLflow is believed only if it still hashes to it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from resources.artifact_digest import bytes_digest, folder_digest
+
+KIND = "model_registered"
+EXPLAINABILITY_KIND = "explainability_report"
+REFERENCE_SAMPLE = "onepath/reference_sample.parquet"
+HOW_TO_REGISTER = ("train it through the graph (materialize the model asset) or let the registry_handoff "
+                   "sensor pick it up (it records versions registered outside onepath)")
+
+
+def registration(book: Any, model: str, version: str) -> Any | None:
+    """The ``model_registered`` ledger entry of ``version`` of ``model`` (the first one), or None."""
+    for e in book.entries(kind=KIND, subject=model):
+        if str(e.data.get("version")) == str(version):
+            return e
+    return None
+
+
+def registered_digest(book: Any, model: str, version: str) -> str | None:
+    entry = registration(book, model, version)
+    return entry.data.get("digest") if entry is not None else None
+
+
+def _reference_digest(mlflow: Any, run_id: str | None) -> str | None:
+    if not run_id:  # a version registered without a run has no reference sample
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.run_artifact(run_id, REFERENCE_SAMPLE, Path(tmp))
+        return bytes_digest(path.read_bytes()) if path is not None else None
+
+
+def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run_id: str | None,
+                        data_hash: str | None, code_hash: str | None, code_path: str | None,
+                        dataset_key: str | None, author: str | None, split_seed: int | str | None,
+                        test_size: float | str | None, training_rows: int | str | None,
+                        metrics: dict[str, float] | None, via: str = "graph", actor: str = "onepath") -> Any:
+    """Append the ``model_registered`` entry of ``version``: the digest of its model folder as MLflow
+    serves it now (a fresh download, not the cache), the lineage facts given, the held-out ``metrics``
+    and the sha256 of its logged reference sample. Returns the entry (the existing one if already
+    recorded: the first record stands)."""
+    existing = registration(book, model, version)
+    if existing is not None:
+        return existing
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = mlflow.fresh_copy(model, str(version), Path(tmp))
+        digest = folder_digest(folder)
+
+    def _opt(v: Any, cast: Any) -> Any:
+        return None if v in (None, "") else cast(v)
+
+    return book.append(KIND, model, {
+        "model": model, "version": str(version), "run_id": run_id, "digest": digest,
+        "data_hash": data_hash or None, "code_hash": code_hash or None, "code_path": code_path or None,
+        "dataset_key": dataset_key or None, "author": author or None,
+        "split_seed": _opt(split_seed, int), "test_size": _opt(test_size, float),
+        "training_rows": _opt(training_rows, int),
+        "metrics": {k: float(x) for k, x in (metrics or {}).items()},
+        "reference_digest": _reference_digest(mlflow, run_id), "via": via,
+    }, actor)
+
+
+def record_explainability(book: Any, *, model: str, version: str, report_digest: str, chart_digest: str,
+                          actor: str = "onepath") -> Any:
+    """Record the digests of the explainability report and chart just computed for ``version``."""
+    return book.append(EXPLAINABILITY_KIND, model, {"model": model, "version": str(version),
+                                                    "report_digest": report_digest,
+                                                    "chart_digest": chart_digest}, actor)
+
+
+def explainability_record(book: Any, model: str, version: str) -> Any | None:
+    """The latest explainability digests recorded for ``version`` of ``model``, or None."""
+    found = [e for e in book.entries(kind=EXPLAINABILITY_KIND, subject=model)
+             if str(e.data.get("version")) == str(version)]
+    return found[-1] if found else None
+
+
+class NotRegistered(LookupError):
+    """A version with no ``model_registered`` entry: nothing vouches for its files."""
+
+
+def verified_artifact(book: Any, mlflow: Any, model: str, version: str) -> tuple[Path, str]:
+    """``(local folder, digest)`` of ``version``: fetched and checked against its registered digest
+    (``MlflowRegistry.fetch_verified``; raises ``ArtifactMismatch``), for a deploy or a rollback."""
+    digest = registered_digest(book, model, version)
+    if not digest:
+        raise NotRegistered(f"model '{model}' version {version} has no {KIND} ledger entry, so no digest to "
+                            f"check its files against: {HOW_TO_REGISTER}")
+    return mlflow.fetch_verified(model, str(version), digest), digest
+
+
+__all__ = ["EXPLAINABILITY_KIND", "HOW_TO_REGISTER", "KIND", "NotRegistered", "explainability_record",
+           "record_explainability", "record_registration", "registered_digest", "registration",
+           "verified_artifact"]

@@ -13,8 +13,8 @@ What it guarantees, on every path:
   ``promotion:<name>.<env>`` in the ledger's database (``Ledger.acquire_lease``) while it works and
   renews it from a heartbeat thread. A second promotion waits for it (``wait_seconds``), then
   re-evaluates what to deploy: when the version it would deploy already serves, it deploys nothing.
-  The lease's fencing token goes to the server side with the cutover (``Deployer.fence`` at the
-  start, ``deploy(..., fencing_token=...)``), and every ``deploy``/``rollback`` entry is appended
+  The lease's fencing token goes to the server side before the switch (``Deployer.fence``) and
+  with it (``deploy(..., fencing_token=...)``), and every ``deploy``/``rollback`` entry is appended
   fenced by it, so a holder that stalled and lost its lease can neither switch traffic nor record.
 * **What serves is what was approved, by content.** A model version's digest is fixed in the ledger
   when it is registered (``platform_defs.registration``); the flow fetches the version's folder
@@ -336,7 +336,6 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
     track = policy.track(model.track)
     book, deployer, mlflow = services.ledger, services.deployer, services.mlflow
     with promotion_lock(book, spec.name, env, actor, wait_seconds) as (lock, waited):
-        deployer.fence(target, lock.token)
         if upstream_env is None:
             version = mlflow.latest_version(model.name)
             if version is None:
@@ -398,9 +397,11 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
 
 def _deploy(services: Services, target: Target, release: Release, lock: PromotionLock, *, who: dict[str, str],
             actor: str, still_serving: str | None, verdicts: list) -> Any:
-    """Switch ``target`` to ``release`` under the lock (its token fences the cutover)."""
+    """Switch ``target`` to ``release`` under the lock: the server side is fenced with the lock's token
+    first, so a holder that lost the lock before us can no longer cut over, and our cutover carries it."""
     lock.check()
     try:
+        services.deployer.fence(target, lock.token)
         return services.deployer.deploy(target, release, fencing_token=lock.token)
     except DeployError as err:
         services.ledger.append("promotion_refused", target.name, {
@@ -529,7 +530,6 @@ def roll_back(org: Organisation, policy: Policy, name: str, env: str, *, service
         raise PromotionError(f"{label}: a rollback needs an actor (who rolls back)")
     to_version = str(to_version).strip() if to_version not in (None, "") else None
     with promotion_lock(services.ledger, spec.name, env, actor, wait_seconds) as (lock, _):
-        services.deployer.fence(endpoint_target(spec, env), lock.token)
         return _way_back(org, policy, spec, env, services, lock, to_version=to_version, reason=reason, actor=actor)
 
 
@@ -691,7 +691,6 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
     book, deployer = services.ledger, services.deployer
     assert services.releases_dir is not None
     with promotion_lock(book, spec.name, env, actor, wait_seconds) as (lock, waited):
-        deployer.fence(target, lock.token)
         if upstream_env is None:
             version = newest_build()
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -183,7 +184,7 @@ def test_a_changed_policy_reruns_the_gate_on_the_way_back(two_versions):
     assert world["services"].mlflow.aliases("churn")["prod"] == "1"
 
 
-def _events(world) -> "Path":  # noqa: F821
+def _events(world) -> Path:
     return world["services"].deployer.slot_dir(target(world, "prod")) / "events.jsonl"
 
 

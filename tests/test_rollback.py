@@ -23,7 +23,7 @@ from platform_defs.loader import load_organisation
 from platform_defs.policy import load_policy
 from platform_defs.rollback import RollbackError, build_rollback_job, rollback
 from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec, Organisation
-from resources.deployers.base import Release, probe
+from resources.deployers.base import probe
 from resources.processes import pid_alive
 from tests.conftest import record_test_registration, save_credit_model
 

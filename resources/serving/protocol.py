@@ -301,6 +301,8 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
     if not os.path.isdir(real):
         raise SpecError(f"launch: 'artifact' {artifact} is not a directory")
     digest = spec["digest"]
+    if kind == "endpoint" and digest is None:
+        raise SpecError("launch: an endpoint's 'digest' is required (the worker serves only bytes that hash to it)")
     if digest is not None and (not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest)):
         raise SpecError(f"launch: 'digest' must be 'sha256:<64 hex>' or null, got {digest!r}")
     out: dict[str, Any] = {"kind": kind, "version": version, "artifact": real, "digest": digest,

@@ -116,7 +116,7 @@ def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event:
     if kind == "artifact_refused":
         return [ledger.append("artifact_refused", target.name, {
             **common, "version": _str(event.get("version")), "worker": event.get("worker"),
-            "expected_digest": event.get("digest"), "error": event.get("detail") or event.get("reason")},
+            "expected_digest": event.get("digest"), "error": event.get("log")},
             actor, env=target.env)]
     # crashloop_rollback: the supervisor already serves to_version again; the flow confirms and records it
     return confirm_supervisor_rollback(org, policy, spec, target.env, services=services,

@@ -226,3 +226,70 @@ def test_a_signed_lie_moves_nothing(two_versions):
     assert serving(world, "prod") == now and world["services"].mlflow.aliases("churn")["prod"] == now
     assert not [e for e in world["services"].ledger.entries(kind="rollback", subject="churn_scoring")
                 if e.data.get("to_version") == unvetted]
+
+
+def _predictions(address: str, rows: list[dict]) -> list:
+    import urllib.request
+
+    req = urllib.request.Request(address + "/predict", data=json.dumps({"records": rows}).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return [p["probability"] for p in json.loads(r.read())["predictions"]]
+
+
+def test_a_swapped_model_file_never_serves_under_the_approved_label(two_versions, tmp_path):
+    """Tier (b): swap the cached model.skops of the version prod serves for another model's, and kill the
+    worker. The restarted worker refuses the bytes; what answers is a governed version with its
+    registered digest, never the substitute; the ledger says what happened."""
+    import os
+    import signal
+
+    import mlflow.sklearn
+    import skops.io
+
+    from assets.retention.trainer import train_churn
+    from platform_defs.registration import registered_digest
+    from resources.data_store import DataStore
+    from resources.mlflow_registry import trusted_types
+
+    world = two_versions
+    services, book = world["services"], world["services"].ledger
+    t = target(world, "prod")
+    status = services.deployer.status(t)
+    now = serving_version(status)
+    assert now == "1" and status.serving_digest == registered_digest(book, "churn", "1")
+    org = world["org"]
+    features, label = org.model_features(org.by_name["churn"])
+    snapshot = DataStore(root=str(world["settings"].data_dir)).read(
+        "customer_activity", book.entries(kind="model_registered", subject="churn")[0].data["data_hash"])
+    rows = json.loads(snapshot[features].head(25).to_json(orient="records"))
+    # the substitute: a churn model that learned the opposite; first, its answers differ from the approved one's
+    substitute = train_churn(snapshot[features], 1 - snapshot[label], {})
+    mlflow.sklearn.save_model(substitute, str(tmp_path / "sub"), serialization_format="skops",
+                              skops_trusted_types=trusted_types(substitute))
+    approved = _predictions(status.address, rows)
+    forged = [float(p) for p in substitute.predict_proba(snapshot[features].head(25))[:, 1]]
+    assert max(abs(a - b) for a, b in zip(approved, forged)) > 0.2
+
+    cache = services.mlflow.download("churn", "1")
+    (cache / "model.skops").write_bytes((tmp_path / "sub" / "model.skops").read_bytes())
+    assert skops.io.load(cache / "model.skops", trusted=trusted_types(substitute)) is not None  # a real model
+    os.kill(status.detail["server"]["pid"], signal.SIGKILL)
+
+    deadline = time.monotonic() + 180
+    while True:  # the supervisor notices the refusal and falls back; wait on what it reports
+        after = services.deployer.status(t)
+        if serving_version(after) not in (None, "1"):
+            break
+        assert time.monotonic() < deadline, "no governed version serves again within 180 s"
+        time.sleep(0.2)
+    assert serving_version(after) == "2" and after.serving_digest == registered_digest(book, "churn", "2")
+    answered = _predictions(after.address, rows)
+    assert max(abs(a - b) for a, b in zip(answered, forged)) > 0.2  # never the substitute's answers
+    written, _ = _relay(world)
+    kinds = [e.kind for e in written]
+    assert "artifact_refused" in kinds and kinds[-2:] == ["rollback", "deploy"], kinds
+    refused = next(e for e in written if e.kind == "artifact_refused")
+    assert refused.data["version"] == "1" and "digest" in str(refused.data["error"])
+    assert written[-1].data["digest"] == registered_digest(book, "churn", "2")
+    assert services.mlflow.aliases("churn")["prod"] == "2"

@@ -18,10 +18,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from platform_defs.promotion import endpoint_release, endpoint_target
+from platform_defs.promotion import PromotionError, Services, endpoint_release, endpoint_target, roll_back
 from platform_defs.loader import load_organisation
 from platform_defs.policy import load_policy
-from platform_defs.rollback import RollbackError, build_rollback_job, rollback
+from platform_defs.rollback import build_rollback_job
 from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec, Organisation
 from resources.deployers.base import probe
 from resources.processes import pid_alive
@@ -159,8 +159,9 @@ def world(settings, tmp_path_factory, saved_models):
 
 def do_rollback(world, endpoint: str, env: str = "prod", **kw):
     args = {"reason": "v2 misbehaves in prod", "actor": "pat", **kw}
-    return rollback(world["org"], endpoint, env, mlflow=world["mlflow"], ledger=world["ledger"],
-                    deployer=world["deployer"], policy=world["policy"], **args)
+    services = Services(mlflow=world["mlflow"], deployer=world["deployer"], ledger=world["ledger"],
+                        data_store=world["resources"]["data_store"])
+    return roll_back(world["org"], world["policy"], endpoint, env, services=services, **args)
 
 
 # -- rollback() --------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_refusals_change_nothing(world, endpoint, env, kw, message):
     if not world["deployer"].status(target).healthy:
         deploy_like_factories(org, "rb_refuse", "prod", "1", res)
     history = [e.seq for e in book.entries(subject="rb_refuse")]
-    with pytest.raises(RollbackError, match=message) as err:
+    with pytest.raises(PromotionError, match=message) as err:
         do_rollback(world, endpoint, env, **kw)
     assert "\n" not in str(err.value)
     assert world["deployer"].status(target).serving_version == "1"
@@ -245,15 +246,16 @@ def test_a_failed_redeploy_leaves_the_current_version_serving(world):
         (folder / "model.skops").write_bytes(b"this is not a model any more")
     history = [e.seq for e in book.entries(subject="rb_broken")]
 
-    with pytest.raises(RollbackError, match=r"^rb_broken.prod: version 1 of model 'rb_broken_model' cannot be "
-                                            r"fetched verified from MLflow \(.*artifact digest mismatch: expected "
-                                            r"sha256:\w+, found sha256:\w+.*\); 2 keeps serving$") as err:
+    with pytest.raises(PromotionError, match=r"^rb_broken.prod: model 'rb_broken_model' version 1: artifact digest "
+                                             r"mismatch: expected sha256:\w+, found sha256:\w+ .*; 2 keeps serving$") as err:
         do_rollback(world, "rb_broken")
 
     assert "\n" not in str(err.value)
     assert probe(address)["version"] == "2"
     assert mlflow.aliases("rb_broken_model")["prod"] == "2"
-    assert [e.seq for e in book.entries(subject="rb_broken")] == history  # nothing recorded
+    # the detected tampering is recorded; no rollback or deploy is
+    new = [e for e in book.entries(subject="rb_broken") if e.seq not in history]
+    assert [(e.kind, e.data["version"], e.data["still_serving"]) for e in new] == [("artifact_refused", "1", "2")]
 
 
 # -- the launchpad job -------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def test_rollback_job_runs_from_run_config_and_fails_cleanly_on_refusal(world, t
     dg.Definitions.validate_loadable(dg.Definitions(
         assets=build_all(org, world["settings"].releases_dir, world["policy"]), asset_checks=build_alias_checks(org),
         jobs=[job], sensors=[build_alias_drift_sensor(org)], resources=res))
-    resources = {k: res[k] for k in ("mlflow", "ledger", "deployer_local")}
+    resources = {k: res[k] for k in ("mlflow", "ledger", "deployer_local", "data_store")}
 
     def run(instance, **config):
         return job.execute_in_process(run_config={"ops": {"rollback_endpoint": {"config": config}}}, resources=resources,

@@ -20,7 +20,8 @@ import urllib.request
 import dagster as dg
 import pytest
 
-from platform_defs.promotion import endpoint_target
+from platform_defs.policy import load_policy
+from platform_defs.promotion import Services, endpoint_target
 from platform_defs.loader import load_organisation
 from resources.deployers.base import probe
 from resources.deployers.resource import LocalDeployerResource
@@ -61,11 +62,19 @@ def world(settings, tmp_path_factory):
                                                 inference_log_dir=str(run_dir / "logs"),
                                                 artifact_roots=[str(tmp_path_factory.getbasetemp())]),
         "ledger": LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")),
+        "data_store": build_resources(settings)["data_store"],
     }
     deployer = resources["deployer_local"].deployer()
+    services = Services(mlflow=mlflow, deployer=deployer, ledger=resources["ledger"].ledger(),
+                        data_store=resources["data_store"])
     yield {"org": org, "resources": resources, "deployer": deployer, "ledger": resources["ledger"].ledger(),
-           "mlflow": mlflow, "run_dir": run_dir, "models": {"a": good_a, "crash": crash}}
+           "mlflow": mlflow, "run_dir": run_dir, "models": {"a": good_a, "crash": crash}, "services": services,
+           "policy": load_policy()}
     deployer.stop_all()
+
+
+def relay(world, cursor: dict):
+    return relay_events(world["org"], world["policy"], world["services"], cursor)
 
 
 def target(world, endpoint: str, env: str = "prod"):
@@ -130,15 +139,15 @@ def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
     assert predict(now.address)["version"] == "1"
     assert [e["event"] for e in events(world, "sv_restart")].count("restart") == 1
 
-    written, cursor = relay_events(org, deployer, book, mlflow, {})
+    written, cursor = relay(world, {})
     assert [(e.kind, e.subject, e.env, e.actor) for e in written] == [
         ("restart", "sv_restart", "prod", "supervisor:sv_restart.prod")]
     data = written[0].data
     assert (data["worker"], data["exit_code"], data["version"], data["model"]) == (0, -9, "1", "sv_restart_model")
     assert cursor["sv_restart.prod"]["offset"] == (deployer.slot_dir(target(world, "sv_restart")) / "events.jsonl").stat().st_size
     # nothing new: nothing written; a lost cursor does not record the restart twice either
-    assert relay_events(org, deployer, book, mlflow, cursor)[0] == []
-    assert relay_events(org, deployer, book, mlflow, {})[0] == []
+    assert relay(world, cursor)[0] == []
+    assert relay(world, {})[0] == []
     assert ledger_view(world, "sv_restart") == [("deploy", "1"), ("restart", "1")]
 
 
@@ -159,24 +168,25 @@ def test_relay_reads_complete_lines_skips_corrupt_ones_and_follows_a_replaced_fi
     unsigned = json.dumps({"id": "forged-1", "ts": "2026-01-01T00:00:00Z", "event": "restart", "group": "g",
                            "version": "1", "worker": 0, "exit_code": 1, "restarts": 9}).encode() + b"\n"
     path.write_bytes(ev(1) + b"this is not json\n" + b"[1, 2]\n" + unsigned + ev(2, "launch") + ev(3)[:20])
-    written, cursor = relay_events(org, deployer, book, mlflow, {})
+    written, cursor = relay(world, {})
     assert [e.data["event_id"] for e in written] == ["hand-1"]
     pos = cursor["sv_restart.staging"]
-    assert pos["corrupt"] == 3 and pos["offset"] == path.stat().st_size - 20  # the half line waits
+    assert pos["refused"] == 3 and pos["offset"] == path.stat().st_size - 20  # the half line waits
 
     with open(path, "ab") as f:  # the writer finishes its line
         f.write(ev(3)[20:])
-    written, cursor = relay_events(org, deployer, book, mlflow, cursor)
-    assert [e.data["event_id"] for e in written] == ["hand-3"] and cursor["sv_restart.staging"]["corrupt"] == 3
+    written, cursor = relay(world, cursor)
+    assert [e.data["event_id"] for e in written] == ["hand-3"] and cursor["sv_restart.staging"]["refused"] == 3
 
-    # the file is replaced (a new run dir, a new inode): read from its start, nothing recorded twice
+    # the file is replaced (a new run dir, shorter): read from its start, nothing recorded twice; a signed
+    # line with no id cannot be told apart from one already relayed, so it is refused too
     path.unlink()
     line = json.dumps(sign_event(secret, {"ts": "2026-01-01T00:00:01Z", "event": "restart", "version": "1",
-                                          "worker": 0, "exit_code": 1})).encode() + b"\n"  # a line with no id
+                                          "worker": 0, "exit_code": 1})).encode() + b"\n"
     path.write_bytes(ev(1) + line)
-    written, cursor = relay_events(org, deployer, book, mlflow, cursor)
-    assert [e.data["event_id"] for e in written] == [f"sv_restart.staging@{len(ev(1))}"]
-    assert [e.kind for e in book.entries(subject="sv_restart", env="staging")] == ["restart"] * 3
+    written, cursor = relay(world, cursor)
+    assert written == [] and cursor["sv_restart.staging"]["refused"] == 4
+    assert [e.kind for e in book.entries(subject="sv_restart", env="staging")] == ["restart"] * 2
 
 
 # -- crash loops ---------------------------------------------------------------------------------
@@ -201,7 +211,7 @@ def test_a_crash_looping_version_is_replaced_by_the_previous_one_and_relayed(wor
     assert all('version="1"' in t for t in deployer.worker_metrics(target(world, "sv_loop")))
 
     # the sensor relays it: crashloop, then rollback + deploy as a rollback records them; alias back to 1
-    sensor = build_supervisor_events_sensor(org)
+    sensor = build_supervisor_events_sensor(org, world["policy"])
     ctx = dg.build_sensor_context(cursor=None, resources=world["resources"])
     result = sensor(ctx)
     assert isinstance(result, dg.SensorResult)
@@ -245,7 +255,7 @@ def test_a_crash_loop_with_nothing_to_go_back_to_stops_the_version(world, monkey
     assert "no previous version to roll back to" in loop["detail"] and "nothing serves" in loop["detail"]
     assert not any(e["event"] == "crashloop_rollback" for e in events(world, "sv_alone"))
 
-    written, _ = relay_events(org, deployer, book, mlflow, {})
+    written, _ = relay(world, {})
     written = [e for e in written if e.subject == "sv_alone"]
     assert [e.kind for e in written] == ["restart", "restart", "crashloop"]
     assert written[-1].data["action"] == "stopped"
@@ -270,7 +280,7 @@ def test_a_previous_version_that_cannot_come_back_leaves_nothing_serving_and_say
     sup = deployer.status(t).detail["supervisor"]
     assert (sup["version"], sup["state"]) == ("2", "crashloop") and deployer.worker_metrics(t) == []
 
-    written, _ = relay_events(org, deployer, book, mlflow, {})
+    written, _ = relay(world, {})
     kinds = [(e.kind, e.data.get("action")) for e in written if e.subject == "sv_broken"]
     assert kinds == [("restart", None), ("restart", None), ("crashloop", "rollback"), ("crashloop", "rollback_failed")]
     assert "rolling back to version 1 failed, nothing serves: version 1 exited while starting" in written[-1].data["detail"]
@@ -303,8 +313,8 @@ def test_a_supervisor_started_again_still_knows_what_served_before(world, monkey
 
 
 def test_supervisor_events_sensor_definition(world):
-    sensor = build_supervisor_events_sensor(world["org"])
+    sensor = build_supervisor_events_sensor(world["org"], world["policy"])
     assert sensor.name == "supervisor_events" and sensor.minimum_interval_seconds == 5
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert sensor.required_resource_keys == {"mlflow", "deployer_local", "ledger"}
+    assert sensor.required_resource_keys == {"mlflow", "deployer_local", "ledger", "data_store"}
     dg.Definitions.validate_loadable(dg.Definitions(sensors=[sensor], resources=world["resources"]))

@@ -10,7 +10,8 @@ platform recorded about it and what its server says right now.
   version (whether each approval counted is the gate's ``approval`` / ``code_review`` verdict);
 * the **MLflow registry**, batched: one ``search_model_versions`` per 200 model names (paged) for
   the recorded version's lineage tags (``onepath.dataset_key``, ``onepath.data_hash``,
-  ``onepath.code_hash``), and one ``search_registered_models`` per 200 names for the aliases, only
+  ``onepath.code_hash``; shown only for a version without a ``model_registered`` ledger entry,
+  whose recorded lineage is shown instead), and one ``search_registered_models`` per 200 names for the aliases, only
   of models that have an environment without a ledger deploy entry: the alias named after the
   environment is then the recorded version (something deployed before the ledger existed), unless
   several endpoints serve that model in that environment (the alias cannot tell them apart);
@@ -325,7 +326,9 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
                                  f"(no digest to compare what serves with)")
             if (d.model, version) in tags:
                 version_tags = tags[(d.model, version)]
-                row.lineage = {k: version_tags.get(TAG_PREFIX + k) for k in LINEAGE_TAGS}
+                # lineage as registration recorded it (tags are client-writable); the tags only without one
+                row.lineage = ({k: reg.data.get(k) for k in LINEAGE_TAGS} if reg is not None
+                               else {k: version_tags.get(TAG_PREFIX + k) for k in LINEAGE_TAGS})
             else:
                 row.notes.append(f"MLflow has no version {version} of model '{d.model}'")
         if version is not None:

@@ -423,6 +423,12 @@ def test_status_and_inventory_compare_what_serves_by_digest(world, monkeypatch, 
         assert bad.state_text() == (f"MISMATCH digest live={credit['1']['digest'][:19]} "
                                     f"registered={credit['2']['digest'][:19]}")
         assert (good.live_digest, good.digest_agrees, good.state) == (credit["2"]["digest"], True, "ok")
+        # the lineage shown is the registered one: a tag rewritten in MLflow does not change it
+        mlflow.client().set_model_version_tag("inv_credit", "2", "onepath.data_hash", "0" * 64)
+        try:
+            assert inventory(world)[("inv_scoring", "staging")].lineage["data_hash"] == credit["2"]["onepath.data_hash"]
+        finally:
+            mlflow.client().set_model_version_tag("inv_credit", "2", "onepath.data_hash", credit["2"]["onepath.data_hash"])
 
         monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(world["decls"]))
         status = {(r["name"], r["env"]): r for r in _status_rows(world["settings"], None)}

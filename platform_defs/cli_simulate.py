@@ -57,20 +57,12 @@ class SimulateError(Exception):
 
 def resolve(org: Organisation, endpoint: str, env: str) -> tuple[EndpointSpec, DatasetSpec]:
     """The endpoint declaration and the dataset its model learns from, or a one-line ``SimulateError``."""
-    from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec
+    from platform_defs.promotion import PromotionError, resolve_endpoint
 
-    spec = org.by_name.get(endpoint)
-    if not isinstance(spec, EndpointSpec):
-        declared = sorted(d.name for d in org.of_kind("endpoint"))
-        what = f"is a {spec.kind}, not an endpoint" if spec is not None else "is not declared"
-        raise SimulateError(f"endpoint '{endpoint}' {what} (declared endpoints: {', '.join(declared) or 'none'})")
-    if env not in spec.environments:
-        raise SimulateError(f"endpoint '{endpoint}' has no environment '{env}' "
-                            f"(its environments: {', '.join(spec.environments)})")
-    model = org.by_name[spec.model]
-    assert isinstance(model, ModelSpec)
-    dataset = org.by_name[model.dataset]
-    assert isinstance(dataset, DatasetSpec)
+    try:
+        spec, _, dataset = resolve_endpoint(org, endpoint, env)
+    except PromotionError as err:
+        raise SimulateError(str(err)) from None
     return spec, dataset
 
 

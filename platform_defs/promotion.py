@@ -145,11 +145,12 @@ def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec,
 def resolve_endpoint(org: Organisation, name: str, env: str) -> tuple[EndpointSpec, ModelSpec, DatasetSpec]:
     spec = org.by_name.get(name)
     if not isinstance(spec, EndpointSpec):
-        known = ", ".join(sorted(d.name for d in org.of_kind("endpoint"))) or "none"
-        raise PromotionError(f"'{name}' is not a declared endpoint (endpoints: {known})")
+        declared = ", ".join(sorted(d.name for d in org.of_kind("endpoint"))) or "none"
+        what = f"is a {spec.kind}, not an endpoint" if spec is not None else "is not declared"
+        raise PromotionError(f"endpoint '{name}' {what} (declared endpoints: {declared})")
     if env not in spec.environments:
-        raise PromotionError(f"'{env}' is not an environment of {spec.name} "
-                             f"(environments: {', '.join(spec.environments)})")
+        raise PromotionError(f"endpoint '{name}' has no environment '{env}' "
+                             f"(its environments: {', '.join(spec.environments)})")
     model = org.by_name[spec.model]
     assert isinstance(model, ModelSpec)
     dataset = org.by_name[model.dataset]

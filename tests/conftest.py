@@ -155,3 +155,17 @@ def record_test_registration(book, mlflow, model: str, version: str, **facts):
             "split_seed": None, "test_size": None, "training_rows": None, "metrics": None, **facts}
     return record_registration(book, mlflow, model=model, version=str(version), run_id=mv.run_id, via="test",
                                actor="test", **args)
+
+
+def wait_for(what: str, condition, seconds: float = 180.0, poll: float = 0.05):
+    """Poll ``condition`` until it returns something truthy and return that; fail naming ``what`` at the
+    deadline (a condition with a deadline, never a sleep that hopes)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        out = condition()
+        if out:
+            return out
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not within {seconds:g} s")

@@ -157,6 +157,10 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
         assert asked.data["trigger"].startswith("drift_detected #")
         final = [e for e in book.entries(kind="deploy", subject="churn_scoring") if e.env == "prod"][-1]
         assert final.data["trigger"] == "declarative automation" and final.data["version"] != first
+        # after all of that, everything the platform wrote is its own user's alone (attacker tier (a))
+        from tests.test_file_permissions import loose_files
+
+        assert loose_files(tmp_path / "home") == []
     finally:
         os.killpg(traffic.pid, signal.SIGINT)
         traffic.wait(timeout=60)

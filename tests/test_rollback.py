@@ -115,7 +115,8 @@ def server_pid(address: str) -> int:
 
 
 def kinds(book, endpoint: str, env: str) -> list[tuple[str, str | None]]:
-    return [(e.kind, str(e.data.get("version", e.data.get("to_version")))) for e in book.entries(subject=endpoint, env=env)]
+    return [(e.kind, str(e.data.get("version", e.data.get("to_version")))) for e in book.entries(subject=endpoint, env=env)
+            if e.kind != "gate_verdict"]
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -219,8 +220,8 @@ def test_rollback_restores_the_previous_version_at_the_same_address_and_keeps_hi
     ("rb_refuse", "prod", {"to_version": "1"}, "rb_refuse.prod: version 1 already serves; nothing to roll back"),
     ("rb_refuse", "prod", {}, "nothing to roll back to: version 1 is the only version ever deployed to prod"),
     ("rb_refuse", "staging", {}, "rb_refuse.staging: nothing to roll back to: no version was ever deployed"),
-    ("rb_nope", "prod", {}, "'rb_nope' is not a declared endpoint .*rb_refuse"),
-    ("rb_refuse", "qa", {}, "'qa' is not an environment of rb_refuse \\(environments: staging, prod\\)"),
+    ("rb_nope", "prod", {}, "endpoint 'rb_nope' is not declared .*rb_refuse"),
+    ("rb_refuse", "qa", {}, "endpoint 'rb_refuse' has no environment 'qa' \\(its environments: staging, prod\\)"),
 ])
 def test_refusals_change_nothing(world, endpoint, env, kw, message):
     org, res, book, mlflow = world["org"], world["resources"], world["ledger"], world["mlflow"]
@@ -342,7 +343,7 @@ def test_cli_rollback(world):
         (["rb_cli", "--env", "prod", "--to", "5", "--reason", "x"],
          "onepath: rb_cli.prod: version 5 was never deployed to prod"),
         (["rb_cli", "--reason", "x"], "onepath: say which environment to roll back: --env ENV"),
-        (["nope", "--env", "prod", "--reason", "x"], "onepath: 'nope' is not a declared endpoint"),
+        (["nope", "--env", "prod", "--reason", "x"], "onepath: endpoint 'nope' is not declared"),
     ]:
         out = onepath(world, "rollback", *args)
         assert out.returncode == 1, out.stdout + out.stderr

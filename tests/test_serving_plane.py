@@ -33,7 +33,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,7 @@ from resources.deployers.local import LocalProcessDeployer
 from resources.processes import pid_alive
 from resources.serving import protocol
 from resources.serving.protocol import EXIT_ARTIFACT_REFUSED, ControlError
-from tests.conftest import _free_port_base, save_credit_model
+from tests.conftest import _free_port_base, save_credit_model, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGEST = "sha256:" + "ab" * 32
@@ -112,16 +111,6 @@ attempt("list_slot", lambda: os.listdir(slot))
 attempt("list_run_dir", lambda: os.listdir(os.path.dirname(slot)))
 print(json.dumps(out))
 '''
-
-
-def wait_for(what: str, condition, seconds: float = 90.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        out = condition()
-        if out:
-            return out
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {seconds:g} s")
 
 
 @pytest.fixture(scope="module")

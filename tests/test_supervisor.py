@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import time
 import urllib.request
 
 import dagster as dg
@@ -29,7 +28,7 @@ from resources.ledger import LedgerResource
 from resources.processes import pid_alive
 from resources.serving.protocol import load_or_create_secret, sign_event
 from sensors.supervisor_events import build_supervisor_events_sensor, relay_events
-from tests.conftest import _free_port_base, model_release, save_credit_model
+from tests.conftest import _free_port_base, model_release, save_credit_model, wait_for
 from tests.test_rollback import deploy_like_factories, register, write_org
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
@@ -97,17 +96,6 @@ def predict(address: str) -> dict:
         return json.loads(r.read())
 
 
-def wait_for(what: str, condition, seconds: float = 180.0):
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        out = condition()
-        if out:
-            return out
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {seconds:g} s")
-
-
 def serving(world, endpoint: str, version: str):
     """The status once ``version`` is the supervisor's current group and answers at the stable address."""
     st = world["deployer"].status(target(world, endpoint))
@@ -118,14 +106,14 @@ def serving(world, endpoint: str, version: str):
 
 def ledger_view(world, endpoint: str) -> list[tuple[str, str | None]]:
     return [(e.kind, e.data.get("version", e.data.get("to_version"))) for e in
-            world["ledger"].entries(subject=endpoint, env="prod")]
+            world["ledger"].entries(subject=endpoint, env="prod") if e.kind != "gate_verdict"]
 
 
 # -- restarts ------------------------------------------------------------------------------------
 
 
 def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
-    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    org, deployer = world["org"], world["deployer"]
     st = deploy_like_factories(org, "sv_restart", "prod", "1", world["resources"])
     pid = st.detail["server"]["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -154,7 +142,7 @@ def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
 def test_relay_reads_complete_lines_skips_corrupt_ones_and_follows_a_replaced_file(world):
     """The cursor logic on a file written by hand (signed with the slot's secret, as a supervisor
     signs), for a slot no supervisor runs (sv_restart.staging)."""
-    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    deployer, book = world["deployer"], world["ledger"]
     slot_dir = deployer.slot_dir(target(world, "sv_restart", "staging"))
     slot_dir.mkdir(parents=True, exist_ok=True)
     secret = load_or_create_secret(slot_dir)
@@ -218,7 +206,7 @@ def test_a_crash_looping_version_is_replaced_by_the_previous_one_and_relayed(wor
     assert {o.asset_key for o in result.asset_events} == {dg.AssetKey("sv_loop_prod")}
     assert ledger_view(world, "sv_loop") == [("deploy", "1"), ("deploy", "2"), ("restart", "2"), ("restart", "2"),
                                              ("crashloop", "2"), ("rollback", "1"), ("deploy", "1")]
-    first, *_, cl, rb, dep = book.entries(subject="sv_loop", env="prod")
+    first, *_, cl, rb, dep = [e for e in book.entries(subject="sv_loop", env="prod") if e.kind != "gate_verdict"]
     assert cl.actor == rb.actor == dep.actor == "supervisor:sv_loop.prod"
     assert (cl.data["action"], cl.data["rollback_to"], cl.data["model"]) == ("rollback", "1", "sv_loop_model")
     assert (rb.data["from_version"], rb.data["to_version"], rb.data["restored_deploy_entry"]) == ("2", "1", first.seq)
@@ -233,12 +221,12 @@ def test_a_crash_looping_version_is_replaced_by_the_previous_one_and_relayed(wor
     assert isinstance(sensor(again), dg.SkipReason)
     reset = dg.build_sensor_context(cursor=None, resources=world["resources"])
     assert isinstance(sensor(reset), dg.SkipReason)
-    assert len(book.entries(subject="sv_loop", env="prod")) == 7
+    assert len([e for e in book.entries(subject="sv_loop", env="prod") if e.kind != "gate_verdict"]) == 7
 
 
 def test_a_crash_loop_with_nothing_to_go_back_to_stops_the_version(world, monkeypatch):
     monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")
-    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    org, deployer, mlflow = world["org"], world["deployer"], world["mlflow"]
     t = target(world, "sv_alone")
     st = deploy_like_factories(org, "sv_alone", "prod", "1", world["resources"])
     assert st.serving_version == "1"
@@ -264,7 +252,7 @@ def test_a_crash_loop_with_nothing_to_go_back_to_stops_the_version(world, monkey
 
 def test_a_previous_version_that_cannot_come_back_leaves_nothing_serving_and_says_why(world, monkeypatch, tmp_path):
     monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")
-    org, deployer, book, mlflow = world["org"], world["deployer"], world["ledger"], world["mlflow"]
+    deployer = world["deployer"]
     t = target(world, "sv_broken")
     v1 = tmp_path / "v1"
     shutil.copytree(world["models"]["a"], v1)

@@ -53,6 +53,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from resources.files import atomic_write
 from resources.serving import protocol
 from resources.serving.protocol import EXIT_ARTIFACT_REFUSED, ControlError, SpecError
 
@@ -71,11 +72,7 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def last_line(path: Path) -> str:

@@ -557,6 +557,7 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organ
             check_results=check_results(result.verdicts, result.version, "release"),
             metadata={**({"ledger_entry": result.deploy_entry} if result.deploy_entry else {}),
                       "release_version": result.version, "outcome": result.outcome,
+                      "calls": dg.MetadataValue.json(result.calls),
                       "previous_version": result.previous or "none",
                       "address": dg.MetadataValue.url(result.address or ""),
                       "deployed_at": datetime.now(timezone.utc).isoformat()},

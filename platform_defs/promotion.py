@@ -87,6 +87,7 @@ class Promotion:
     verdicts: list = field(default_factory=list)
     bake: dict[str, Any] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
+    calls: dict[str, str] = field(default_factory=dict)  # an app's: the variable it reads -> the address
     seconds: float = 0.0
 
 
@@ -119,6 +120,32 @@ class RollbackResult:
 def one_line(text: Any, limit: int = 600) -> str:
     flat = re.sub(r"\s+", " ", str(text)).strip()
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def refusals_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What the flow's callers catch is :class:`PromotionError`: a lost lease, a ledger that no longer
+    matches its anchor, or an MLflow that cannot be reached become one too (one line), not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PromotionError:
+            raise
+        except Exception as err:
+            from mlflow.exceptions import MlflowException
+
+            from resources.ledger import LedgerTampered
+
+            if isinstance(err, (LeaseLost, LedgerTampered, MlflowException)):
+                subject = args[2] if len(args) > 2 else fn.__name__  # (org, policy, name or spec, env, ...)
+                name = subject if isinstance(subject, str) else getattr(subject, "name", fn.__name__)
+                env = f".{args[3]}" if len(args) > 3 else ""
+                raise PromotionError(f"{name}{env}: {type(err).__name__}: {err}") from None
+            raise
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +308,12 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
               if str(e.data.get("version")) == version and e.data.get("passed")]
     if not passed:
         return f"version {version} never passed the {env} gate of {spec.name}"
+    # judged bad here since its gate passed: it failed its bake, or crash-looped, in this environment
+    for e in book.entries(subject=spec.name, env=env, since_seq=passed[-1].seq):
+        if e.kind == "bake_failed" and str(e.data.get("version")) == version:
+            return f"version {version} failed its bake in {env} (ledger #{e.seq})"
+        if e.kind == "crashloop" and str(e.data.get("version")) == version:
+            return f"version {version} crash-looped in {env} (ledger #{e.seq})"
     if passed[-1].data.get("policy_hash") == policy_hash(policy):
         return None
     _, model, dataset = resolve_endpoint(org, spec.name, env)
@@ -324,6 +357,7 @@ def _verified_artifact(services: Services, model: ModelSpec, version: str, *, su
 # Endpoints: promote
 
 
+@refusals_in_one_line
 def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, actor: str,
                      trigger: str, initiated_by: str | None = None,
                      wait_seconds: float = LOCK_WAIT_SECONDS) -> Promotion:
@@ -377,13 +411,17 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
         deploy_t0 = time.perf_counter()
         status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
                          who={"model": model.name}, actor=actor, still_serving=previous, verdicts=verdicts)
-        mlflow.set_alias(model.name, env, version)
+        alias_error = _move_alias(services, lock, model.name, env, version)
         entry = book.append("deploy", spec.name, {
+            **({"alias_error": alias_error} if alias_error else {}),
             "model": model.name, "version": version, "digest": digest, "previous_version": previous,
             "address": status.address, "promoted_from": upstream_env, "track": model.track,
             "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
             "policy_hash": policy_hash(policy), "initiated_by": initiated_by, "fencing_token": lock.token,
             "deploy_seconds": round(time.perf_counter() - deploy_t0, 3)}, actor, env=env, fence=lock.lease)
+        if alias_error:
+            raise PromotionError(f"{spec.name}.{env}: version {version} serves (ledger #{entry.seq}), but the MLflow "
+                                 f"alias {model.name}@{env} could not be moved: {alias_error}", verdicts=verdicts)
         result = Promotion(spec.name, env, version, previous, status.address, digest, "deployed",
                            deploy_entry=entry.seq, verdicts=verdicts)
         # a bake guards a switch: it watches the new version with the old one to return to. A first release
@@ -410,6 +448,19 @@ def _deploy(services: Services, target: Target, release: Release, lock: Promotio
             "error": one_line(err, 500)}, actor, env=target.env)
         raise PromotionError(str(err), verdicts=verdicts, metadata={
             "refused_version": release.version, "still_serving": still_serving or "nothing"}) from None
+
+
+def _move_alias(services: Services, lock: PromotionLock, model: str, env: str, version: str) -> str | None:
+    """Point MLflow alias ``env`` of ``model`` at ``version`` while the lock still holds; the error, if it
+    could not be moved (the version serves already: the caller records it either way)."""
+    from mlflow.exceptions import MlflowException
+
+    lock.check()
+    try:
+        services.mlflow.set_alias(model, env, version)
+    except MlflowException as err:
+        return one_line(err, 200)
+    return None
 
 
 def _no_better(services: Services, model: str, candidate: str, serving: str, metric: str) -> str | None:
@@ -457,7 +508,14 @@ def _bake_or_roll_back(org: Organisation, policy: Policy, spec: EndpointSpec, mo
                        reason=f"bake failed: {verdict.summary}", actor=actor, from_version=version)
         outcome = f"rolled back to version {rb.to_version} (ledger #{rb.rollback_entry})"
     except PromotionError as err:
-        outcome = f"automatic rollback failed: {err}"
+        if serving_version(services.deployer.status(target)) == version:
+            # nothing governed to go back to, and the version that failed its bake may not go on serving
+            stop_serving(services, target, actor=actor, reason=(
+                f"version {version} failed its bake ({verdict.summary}) and the way back was refused ({err}): "
+                f"stopped, nothing serves"), extra={"model": model.name, "version": version})
+            outcome = f"automatic rollback refused, {spec.name}.{env} stopped: {err}"
+        else:
+            outcome = f"automatic rollback failed: {err}"
     services.warn(f"{spec.name}.{env}: bake of version {version} failed ({verdict.summary}); {outcome}")
     raise PromotionError(f"{spec.name}.{env}: version {version} failed its bake: {verdict.summary}; {outcome}",
                          verdicts=verdicts, metadata={**verdict.metadata, "outcome": outcome})
@@ -515,6 +573,7 @@ def _version_key(v: str) -> tuple[int, str]:
     return (int(v), v) if v.isdigit() else (1 << 62, v)
 
 
+@refusals_in_one_line
 def roll_back(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, reason: str,
               actor: str, to_version: str | None = None, wait_seconds: float = LOCK_WAIT_SECONDS) -> RollbackResult:
     """Put back the previous governed version of ``name.env`` (or ``to_version``) at its stable address.
@@ -534,12 +593,13 @@ def roll_back(org: Organisation, policy: Policy, name: str, env: str, *, service
         return _way_back(org, policy, spec, env, services, lock, to_version=to_version, reason=reason, actor=actor)
 
 
+@refusals_in_one_line
 def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, services: Services,
               lock: PromotionLock, *, to_version: str | None, reason: str, actor: str,
               from_version: str | None = None) -> RollbackResult:
     t0 = time.perf_counter()
     _, model, dataset = resolve_endpoint(org, spec.name, env)
-    book, deployer, mlflow = services.ledger, services.deployer, services.mlflow
+    book, deployer = services.ledger, services.deployer
     label = f"{spec.name}.{env}"
     target = endpoint_target(spec, env)
     serving = serving_version(deployer.status(target))
@@ -551,6 +611,13 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
     chosen = rollback_target(deploys, current, to_version, spec.name, env)
     version = str(chosen.data.get("version"))
     why_not = governed(org, policy, spec, env, version, services=services, actor=actor)
+    if why_not and to_version is None:
+        # the newest earlier version may have been judged bad since: go back to the newest one that was not
+        for earlier in reversed([e for e in deploys if str(e.data.get("version")) not in (current, version)]):
+            if governed(org, policy, spec, env, str(earlier.data.get("version")), services=services,
+                        actor=actor) is None:
+                chosen, version, why_not = earlier, str(earlier.data.get("version")), None
+                break
     if why_not:
         raise PromotionError(f"{label}: refused to roll back to version {version}: {why_not}; "
                              f"{serving or 'nothing'} keeps serving")
@@ -561,13 +628,7 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
     address = status.address or deployer.address(target)
     # The restored version serves. Move the alias (as a promotion does), then record; an alias that
     # could not be moved is recorded with the rollback and reported, since the deploy itself happened.
-    from mlflow.exceptions import MlflowException
-
-    alias_error = None
-    try:
-        mlflow.set_alias(model.name, env, version)
-    except MlflowException as err:
-        alias_error = one_line(err, 200)
+    alias_error = _move_alias(services, lock, model.name, env, version)
     rb = book.append("rollback", spec.name, {
         "model": model.name, "from_version": current, "to_version": version, "reason": reason, "digest": digest,
         "address": address, "serving_before": serving, "restored_deploy_entry": chosen.seq,
@@ -590,16 +651,18 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
     )
 
 
-def stop_serving(services: Services, target: Target, *, reason: str, actor: str, subject_kind: str,
+def stop_serving(services: Services, target: Target, *, reason: str, actor: str,
                  extra: dict[str, Any] | None = None) -> Entry:
     """Stop ``target`` (nothing governed to serve there) and record why."""
     services.deployer.delete(target)
     return services.ledger.append("serving_stopped", target.name, {
-        subject_kind: target.name, "reason": reason, **(extra or {})}, actor, env=target.env)
+        "reason": reason, **(extra or {})}, actor, env=target.env)
 
 
+@refusals_in_one_line
 def confirm_supervisor_rollback(org: Organisation, policy: Policy, spec: EndpointSpec | AppSpec, env: str, *,
-                                services: Services, event: dict[str, Any], actor: str) -> list[Entry]:
+                                services: Services, event: dict[str, Any], actor: str,
+                                wait_seconds: float = LOCK_WAIT_SECONDS) -> list[Entry]:
     """A supervisor says it replaced a crash-looping version by the one that served before it, on its own
     (the event's signature already verified). Record it as the way back it is only once the flow has
     confirmed it: what the server answers is that version, with its registered digest, and that
@@ -631,7 +694,7 @@ def confirm_supervisor_rollback(org: Organisation, policy: Policy, spec: Endpoin
             return f"version {version} answers with digest {served_digest}, not its registered {digest}"
         return governed(org, policy, spec, env, version, services=services, actor=actor)  # type: ignore[arg-type]
 
-    with promotion_lock(book, spec.name, env, actor) as (lock, _):
+    with promotion_lock(book, spec.name, env, actor, wait_seconds) as (lock, _):
         status = deployer.status(target)
         served = serving_version(status)
         deploys = book.entries(kind="deploy", subject=spec.name, env=env)
@@ -643,18 +706,15 @@ def confirm_supervisor_rollback(org: Organisation, policy: Policy, spec: Endpoin
                 return [book.append("event_refused", spec.name, {
                     **common, **who, "event": "crashloop_rollback", "claimed_version": to_version,
                     "serving_version": served, "reason": problem}, actor, env=env)]
-            return [stop_serving(services, target, actor=actor, subject_kind=next(iter(who)), reason=(
+            return [stop_serving(services, target, actor=actor, reason=(
                 f"after a crash loop of version {from_version} the supervisor fell back to version {to_version}, "
                 f"which may not serve here ({problem}); stopped, nothing serves"), extra={**common, **who})]
         restored = [e for e in deploys if str(e.data.get("version")) == to_version]
         digest = None if is_app else status.serving_digest
         if not is_app:
-            from mlflow.exceptions import MlflowException
-
-            try:
-                services.mlflow.set_alias(who["model"], env, to_version)
-            except MlflowException as err:
-                common["alias_error"] = one_line(err, 200)
+            alias_error = _move_alias(services, lock, who["model"], env, to_version)
+            if alias_error:
+                common["alias_error"] = alias_error
         owned = spec if is_app else model
         address = status.address or deployer.address(target)
         rb = book.append("rollback", spec.name, {
@@ -675,6 +735,7 @@ def confirm_supervisor_rollback(org: Organisation, policy: Policy, spec: Endpoin
 # App releases
 
 
+@refusals_in_one_line
 def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, actor: str,
                 trigger: str, newest_build: Callable[[], str], repo_root: Path,
                 wait_seconds: float = LOCK_WAIT_SECONDS) -> Promotion:
@@ -725,7 +786,8 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
             "checks": [v.check for v in verdicts], "trigger": trigger, "calls": env_vars,
             "policy_hash": policy_hash(policy), "fencing_token": lock.token}, actor, env=env, fence=lock.lease)
     return Promotion(spec.name, env, version, previous, status.address, None, "deployed", deploy_entry=entry.seq,
-                     verdicts=verdicts, seconds=round(time.perf_counter() - t0, 3))
+                     verdicts=verdicts, calls={f"ONEPATH_{name}_URL": url for name, url in env_vars.items()},
+                     seconds=round(time.perf_counter() - t0, 3))
 
 
 __all__ = ["Promotion", "PromotionError", "RollbackResult", "Services", "app_target", "confirm_supervisor_rollback",

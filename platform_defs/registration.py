@@ -54,6 +54,41 @@ def _reference_digest(mlflow: Any, run_id: str | None) -> str | None:
         return bytes_digest(path.read_bytes()) if path is not None else None
 
 
+# the only modules whose types a version registered outside onepath may ask skops to trust: their
+# classes rebuild estimators; nothing else (a function, a class from elsewhere) is ever reconstructed
+SKOPS_TRUSTED_MODULES = ("sklearn.", "numpy.", "scipy.")
+
+
+class NotServable(ValueError):
+    """A version registered outside onepath whose files onepath will never load (one line: why)."""
+
+
+def refuse_outside_content(folder: Path) -> None:
+    """Raise :class:`NotServable` unless the model folder is one onepath may load although a client it does
+    not trust wrote it: the sklearn flavour in skops format (a pickle runs code when it is loaded), asking
+    skops to trust only types of sklearn, numpy and scipy (the MLmodel file, which the client wrote,
+    names the types to trust)."""
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((Path(folder) / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise NotServable(f"its MLmodel file cannot be read ({err})") from None
+    sk = ((mlmodel or {}).get("flavors") or {}).get("sklearn") if isinstance(mlmodel, dict) else None
+    if not isinstance(sk, dict):
+        raise NotServable("it is not an sklearn model: a version registered outside onepath is loaded only as an "
+                          "sklearn model in skops format (log it with serialization_format=\"skops\")")
+    fmt = sk.get("serialization_format")
+    if fmt != "skops":
+        raise NotServable(f"it is serialized as {fmt!r}, which runs code when loaded: log it with "
+                          f"serialization_format=\"skops\"")
+    trusted = sk.get("skops_trusted_types") or []
+    bad = [t for t in trusted if not isinstance(t, str) or not t.startswith(SKOPS_TRUSTED_MODULES)]
+    if bad:
+        raise NotServable(f"its MLmodel asks skops to trust {bad[0]!r}: only types of sklearn, numpy and scipy "
+                          f"may be trusted")
+
+
 def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run_id: str | None,
                         data_hash: str | None, code_hash: str | None, code_path: str | None,
                         dataset_key: str | None, author: str | None, split_seed: int | str | None,
@@ -62,12 +97,15 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
     """Append the ``model_registered`` entry of ``version``: the digest of its model folder as MLflow
     serves it now (a fresh download, not the cache), the lineage facts given, the held-out ``metrics``
     and the sha256 of its logged reference sample. Returns the entry (the existing one if already
-    recorded: the first record stands)."""
+    recorded: the first record stands). A version handed off from outside onepath (``via="handoff"``) must
+    pass :func:`refuse_outside_content`, or :class:`NotServable` and nothing is recorded."""
     existing = registration(book, model, version)
     if existing is not None:
         return existing
     with tempfile.TemporaryDirectory() as tmp:
         folder = mlflow.fresh_copy(model, str(version), Path(tmp))
+        if via == "handoff":  # written by a client onepath does not trust: raises NotServable
+            refuse_outside_content(folder)
         digest = folder_digest(folder)
 
     def _opt(v: Any, cast: Any) -> Any:
@@ -113,6 +151,6 @@ def verified_artifact(book: Any, mlflow: Any, model: str, version: str) -> tuple
     return mlflow.fetch_verified(model, str(version), digest), digest
 
 
-__all__ = ["EXPLAINABILITY_KIND", "HOW_TO_REGISTER", "KIND", "NotRegistered", "explainability_record",
+__all__ = ["EXPLAINABILITY_KIND", "HOW_TO_REGISTER", "KIND", "NotRegistered", "NotServable", "refuse_outside_content", "explainability_record",
            "record_explainability", "record_registration", "registered_digest", "registration",
            "verified_artifact"]

@@ -19,7 +19,7 @@ import json
 
 import dagster as dg
 
-from platform_defs.registration import record_registration
+from platform_defs.registration import NotServable, record_registration
 from platform_defs.specs import EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
 from resources.ledger import Ledger, LedgerResource
 from resources.mlflow_registry import TAG_PREFIX, MlflowRegistry
@@ -69,18 +69,28 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
             tags = dict(mv.tags or {})
             if tags.get(TAG_PREFIX + "dagster_run_id") or str(mv.version) in handed:
                 continue
+            run = mlflow.client().get_run(mv.run_id) if mv.run_id else None  # a version may have no run
+            if run is not None and run.data.tags.get(TAG_PREFIX + "dagster_run_id"):
+                continue  # the graph's own version, whose tags are being set right now: the model asset records it
             missing = [TAG_PREFIX + t for t in LINEAGE if not tags.get(TAG_PREFIX + t)]
-            author = tags.get(TAG_PREFIX + "author") or (
-                mlflow.client().get_run(mv.run_id).info.user_id if mv.run_id else None)  # a version may have no run
-            # the version's digest now, and the facts its tags carry now, fixed in the ledger (once)
-            reg = record_registration(
-                book, mlflow, model=m.name, version=str(mv.version), run_id=mv.run_id,
-                data_hash=tags.get(TAG_PREFIX + "data_hash"), code_hash=tags.get(TAG_PREFIX + "code_hash"),
-                code_path=tags.get(TAG_PREFIX + "code_path"), dataset_key=tags.get(TAG_PREFIX + "dataset_key"),
-                author=author, split_seed=_int_or_none(tags.get(TAG_PREFIX + "split_seed")),
-                test_size=_float_or_none(tags.get(TAG_PREFIX + "test_size")),
-                training_rows=_int_or_none(tags.get(TAG_PREFIX + "training_rows")), metrics=None,
-                via="handoff", actor=f"sensor:{SENSOR_NAME}")
+            author = tags.get(TAG_PREFIX + "author") or (run.info.user_id if run is not None else None)
+            # the version's digest now, and the facts its tags carry now, fixed in the ledger (once), if
+            # its files are ones onepath may load at all
+            try:
+                reg = record_registration(
+                    book, mlflow, model=m.name, version=str(mv.version), run_id=mv.run_id,
+                    data_hash=tags.get(TAG_PREFIX + "data_hash"), code_hash=tags.get(TAG_PREFIX + "code_hash"),
+                    code_path=tags.get(TAG_PREFIX + "code_path"), dataset_key=tags.get(TAG_PREFIX + "dataset_key"),
+                    author=author, split_seed=_int_or_none(tags.get(TAG_PREFIX + "split_seed")),
+                    test_size=_float_or_none(tags.get(TAG_PREFIX + "test_size")),
+                    training_rows=_int_or_none(tags.get(TAG_PREFIX + "training_rows")), metrics=None,
+                    via="handoff", actor=f"sensor:{SENSOR_NAME}")
+            except NotServable as err:
+                book.append("handoff", m.name, {
+                    "model": m.name, "version": str(mv.version), "run_id": mv.run_id, "author": author,
+                    "source": mv.source, "refused": str(err)}, f"sensor:{SENSOR_NAME}")
+                notes.append(f"{m.name} version {mv.version} refused: {err}")
+                continue
             entry = book.append("handoff", m.name, {
                 "model": m.name, "version": str(mv.version), "run_id": mv.run_id, "author": author,
                 "source": mv.source, "missing_lineage": missing, "digest": reg.data["digest"],

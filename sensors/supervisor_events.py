@@ -36,7 +36,7 @@ from typing import Any
 import dagster as dg
 
 from platform_defs.policy import Policy
-from platform_defs.promotion import Services, confirm_supervisor_rollback
+from platform_defs.promotion import PromotionError, Services, confirm_supervisor_rollback
 from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name
 from resources.data_store import DataStore
 from resources.deployers.base import Target
@@ -65,29 +65,43 @@ def relay_events(org: Organisation, policy: Policy, services: Services,
     the caller keeps its old cursor, and the events recorded before the error are not recorded again
     next time (their ids are in the ledger)."""
     written: list[Entry] = []
-    ledger, deployer = services.ledger, services.deployer
     new_cursor = {k: dict(v) for k, v in cursor.items() if isinstance(v, dict)}
     for spec, target in _targets(org):
         slot = target.slot
         pos = {"offset": 0, "refused": 0, **new_cursor.get(slot, {})}
-        events, offset, refused = deployer.read_events(target, int(pos["offset"]))
-        seen: set[str] | None = None  # event ids the ledger holds for this target, read when needed
-        for event in events:
-            if not isinstance(event.get("id"), str) or not event["id"]:
-                refused += 1  # a supervisor gives every event an id; without one it cannot be told apart
-                continue
-            if event.get("event") not in RELAYED:
-                continue
-            if seen is None:
-                seen = {str(e.data.get("event_id")) for e in ledger.entries(subject=target.name, env=target.env)
-                        if e.data.get("event_id")}
-            event_id = str(event.get("id"))
-            if event_id not in seen:
-                written += _record(org, policy, spec, target, event, event_id, services)
-                seen.add(event_id)
-        if events or refused or offset != pos["offset"] or slot in new_cursor:
+        try:
+            got, offset, refused = _relay_slot(org, policy, spec, target, int(pos["offset"]), services)
+        except PromotionError as err:
+            # this slot waits for the next tick (its cursor stays; event ids keep what was recorded from
+            # being recorded twice); the other slots go on
+            services.warn(f"supervisor_events: {slot}: left for the next tick: {err}")
+            continue
+        written += got
+        if got or refused or offset != pos["offset"] or slot in new_cursor:
             new_cursor[slot] = {"offset": offset, "refused": int(pos["refused"]) + refused}
     return written, new_cursor
+
+
+def _relay_slot(org: Organisation, policy: Policy, spec: Any, target: Target, offset: int,
+                services: Services) -> tuple[list[Entry], int, int]:
+    ledger = services.ledger
+    events, offset, refused = services.deployer.read_events(target, offset)
+    written: list[Entry] = []
+    seen: set[str] | None = None  # event ids the ledger holds for this target, read when needed
+    for event in events:
+        if not isinstance(event.get("id"), str) or not event["id"]:
+            refused += 1  # a supervisor gives every event an id; without one it cannot be told apart
+            continue
+        if event.get("event") not in RELAYED:
+            continue
+        if seen is None:
+            seen = {str(e.data.get("event_id")) for e in ledger.entries(subject=target.name, env=target.env)
+                    if e.data.get("event_id")}
+        event_id = str(event.get("id"))
+        if event_id not in seen:
+            written += _record(org, policy, spec, target, event, event_id, services)
+            seen.add(event_id)
+    return written, offset, refused
 
 
 def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event: dict[str, Any], event_id: str,
@@ -119,8 +133,9 @@ def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event:
             "expected_digest": event.get("digest"), "error": event.get("log")},
             actor, env=target.env)]
     # crashloop_rollback: the supervisor already serves to_version again; the flow confirms and records it
+    # a tick does not wait for a promotion in flight (a bake can hold the lock for minutes): next tick
     return confirm_supervisor_rollback(org, policy, spec, target.env, services=services,
-                                       event={**event, "id": event_id}, actor=actor)
+                                       event={**event, "id": event_id}, actor=actor, wait_seconds=0)
 
 
 def _str(v: Any) -> str | None:

@@ -293,3 +293,75 @@ def test_a_swapped_model_file_never_serves_under_the_approved_label(two_versions
     assert refused.data["version"] == "1" and "digest" in str(refused.data["error"])
     assert written[-1].data["digest"] == registered_digest(book, "churn", "2")
     assert services.mlflow.aliases("churn")["prod"] == "2"
+
+
+def test_a_version_registered_outside_onepath_as_a_pickle_is_never_registered(world, tmp_path):
+    """A client of MLflow's server (attacker tier (a) can reach it) registers a cloudpickle version: its
+    bytes would run code when loaded, so the handoff refuses it and nothing will ever load it."""
+    import mlflow
+    import mlflow.sklearn
+    from sklearn.dummy import DummyClassifier
+
+    from platform_defs.registration import registration
+    from sensors.handoff import tick
+
+    services = world["services"]
+    mlflow.set_tracking_uri(services.mlflow.tracking_uri)
+    with mlflow.start_run(experiment_id=services.mlflow.experiment_id("notebook-of-an-attacker")):
+        info = mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], [0, 1]), name="model",
+                                        registered_model_name="churn", serialization_format="cloudpickle")
+    version = str(info.registered_model_version)
+    _, requests, notes, _ = tick(world["org"], mlflow=services.mlflow, book=services.ledger, cursor={})
+    assert registration(services.ledger, "churn", version) is None
+    assert not [r for r in requests if r.tags.get("onepath/handoff_version") == version]
+    refused = [e for e in services.ledger.entries(kind="handoff", subject="churn") if e.data["version"] == version]
+    assert "serialized as 'cloudpickle', which runs code when loaded" in refused[-1].data["refused"]
+    assert any(f"version {version} refused" in n for n in notes)
+
+
+def test_a_version_that_failed_its_bake_is_no_way_back(two_versions):
+    from platform_defs.promotion import governed
+
+    world = two_versions
+    services = world["services"]
+    spec, _, _ = resolve_endpoint(world["org"], "churn_scoring", "prod")
+    assert governed(world["org"], world["policy"], spec, "prod", "2", services=services, actor="t") is None
+    services.ledger.append("bake_failed", "churn_scoring", {"model": "churn", "version": "2"}, "test", env="prod")
+    why = governed(world["org"], world["policy"], spec, "prod", "2", services=services, actor="t")
+    assert why and why.startswith("version 2 failed its bake in prod")
+
+
+def test_whatever_answers_on_a_free_stable_port_is_not_believed(world):
+    """Another local user binds a stable port nothing of ours holds and claims an approved version."""
+    import http.server
+    import threading as th
+
+    from platform_defs.registration import registered_digest
+
+    services = world["services"]
+    t = target(world, "staging")
+    services.deployer.delete(t)
+    port = int(services.deployer.address(t).rsplit(":", 1)[1])
+    claim = json.dumps({"version": "1", "digest": registered_digest(services.ledger, "churn", "1")}).encode()
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(claim)))
+            self.end_headers()
+            self.wfile.write(claim)
+
+        def log_message(self, *args):
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Impostor)
+    th.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        st = services.deployer.status(t)
+        assert st.healthy is False and st.serving_version is None and st.serving_digest is None
+        assert st.detail["foreign"]["version"] == "1"
+        assert serving_version(st) is None
+    finally:
+        server.shutdown()
+        server.server_close()

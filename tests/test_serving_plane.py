@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from resources.artifact_digest import folder_digest
 from resources.deployers.base import DeployError, Release, Target, probe
 from resources.deployers.local import LocalProcessDeployer
 from resources.processes import pid_alive
@@ -133,7 +134,9 @@ def world():
     evil.mkdir()
     (models / "link").symlink_to(evil)
     run = base / "run"
-    run.mkdir(mode=0o755)
+    run.mkdir()
+    for opened in (models, run):  # (the test process's umask is the platform's 077: open these on purpose)
+        opened.chmod(0o755)
     deployer = LocalProcessDeployer(run, port_base=_free_port_base(), inference_log_dir=base / "logs",
                                     artifact_roots=[models])
     yield {"base": base, "deployer": deployer, "a": a, "b": b, "apps": apps, "evil": evil, "models": models}
@@ -142,8 +145,9 @@ def world():
 
 
 def endpoint_release(world, version: str, which: str = "a", workers: int = 1, digest: str | None = None) -> Release:
+    """A release of model folder ``which`` carrying its digest (the worker refuses any other bytes)."""
     return Release(version, str(world[which]), {"model_name": "credit_risk", "pii_columns": []},
-                   workers=workers, digest=digest)
+                   workers=workers, digest=digest or folder_digest(world[which]))
 
 
 def status(world, target: Target) -> dict:
@@ -154,7 +158,7 @@ def status(world, target: Target) -> dict:
 def served(world):
     """One endpoint with two workers, deployed once for the tests that attack it."""
     target = Target("sp_attack", "prod")
-    st = world["deployer"].deploy(target, endpoint_release(world, "1", workers=2, digest=DIGEST))
+    st = world["deployer"].deploy(target, endpoint_release(world, "1", workers=2))
     assert st.healthy and st.serving_version == "1"
     return target, st
 
@@ -203,8 +207,9 @@ def test_the_supervisor_and_its_workers_listen_on_nothing_but_the_stable_address
     # state.json names no control port and holds no secret; the group view reports the digest
     secret_hex = protocol.read_secret(world["deployer"].slot_dir(target)).hex()
     assert "control_port" not in state and secret_hex not in json.dumps(state)
-    assert state["current"]["digest"] == cur["digest"] == DIGEST
-    assert world["deployer"].status(target).detail["supervisor"]["digest"] == DIGEST
+    digest = folder_digest(world["a"])
+    assert state["current"]["digest"] == cur["digest"] == digest
+    assert world["deployer"].status(target).detail["supervisor"]["digest"] == digest
 
 
 def test_the_slot_is_owner_only_and_the_model_server_is_told_the_digest(world, served):
@@ -222,7 +227,7 @@ def test_the_slot_is_owner_only_and_the_model_server_is_told_the_digest(world, s
     configs = list((private / "configs").glob("1-*.json"))
     assert len(configs) == 1 and mode(configs[0]) & 0o077 == 0
     cfg = json.loads(configs[0].read_text())
-    assert cfg["expected_digest"] == DIGEST and cfg["model_dir"] == str(world["a"].resolve())
+    assert cfg["expected_digest"] == folder_digest(world["a"]) and cfg["model_dir"] == str(world["a"].resolve())
     assert sorted(p.name for p in private.glob("w-*.sock")) == sorted(
         f"w-{status(world, target)['current']['id']}-{i}.sock" for i in range(2))
 
@@ -304,8 +309,8 @@ def test_without_the_secret_or_with_a_wrong_one_nothing_happens(world, served, t
 
 
 def full_spec(world, **extra) -> dict:
-    return {"kind": "endpoint", "version": "666", "artifact": str(world["a"]), "digest": None, "workers": 1,
-            "model_name": "credit_risk", "pii_columns": [], "max_batch": 8, "model_threads": 1,
+    return {"kind": "endpoint", "version": "666", "artifact": str(world["a"]), "digest": folder_digest(world["a"]),
+            "workers": 1, "model_name": "credit_risk", "pii_columns": [], "max_batch": 8, "model_threads": 1,
             "inference_log": False, **extra}
 
 
@@ -329,6 +334,7 @@ def test_with_the_secret_a_launch_runs_only_a_release_from_the_artifact_roots(wo
         "relative": (full_spec(world, artifact="models/a"), "absolute path"),
         "version": (full_spec(world, version="1; id"), "'version'"),
         "digest": (full_spec(world, digest="md5:abc"), "'digest'"),
+        "no digest": (full_spec(world, digest=None), "an endpoint's 'digest' is required"),
         "workers": (full_spec(world, workers=10_000), "'workers'"),
         "app module": ({"kind": "app", "version": "1", "artifact": str(world["apps"]["r1"]), "digest": None,
                         "workers": 1, "entrypoint": "os:system", "calls": {}}, "not in the artifact"),

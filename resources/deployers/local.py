@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 
 from platform_defs.settings import PROJECT_ROOT
 from resources.processes import pid_alive
-from resources.deployers.base import Candidate, Deployer, DeployError, Release, Target
+from resources.deployers.base import Candidate, Deployer, DeployError, DeploymentStatus, Release, Target
 from resources.serving import protocol
 from resources.serving.protocol import ControlError
 from resources.serving.supervisor import log_tail
@@ -336,6 +336,18 @@ class LocalProcessDeployer(Deployer):
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+    def status(self, target: Target) -> DeploymentStatus:
+        """What serves, asked at the stable address, but only believed while this slot's supervisor runs:
+        it holds the stable port for its whole life, so whatever answers is its worker. With no supervisor
+        running the port is free, and anything that answers there (another local user's process claiming
+        an approved version and digest) is reported as ``foreign``, never as serving."""
+        st = super().status(target)
+        if st.detail.get("supervisor") is None and st.healthy:
+            detail = {**st.detail, "server": None, "foreign": st.detail.get("server")}
+            return DeploymentStatus(target=target, address=st.address, serving_version=None, healthy=False,
+                                    detail=detail, serving_digest=None)
+        return st
 
     def _backend_detail(self, target: Target) -> dict[str, Any]:
         slot = self._control(target)

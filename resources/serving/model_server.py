@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import orjson
 
-from resources.serving.protocol import EXIT_ARTIFACT_REFUSED
+from resources.serving.exit_codes import EXIT_ARTIFACT_REFUSED
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SIGNATURE_TYPES = {

@@ -32,8 +32,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-# sysexits.h EX_CONFIG: the worker's configuration (here, its artifact) is not what it was told to serve
-EXIT_ARTIFACT_REFUSED = 78
+from resources.serving.exit_codes import EXIT_ARTIFACT_REFUSED  # noqa: F401 - part of the protocol
 
 PRIVATE_DIR = "private"
 CONTROL_SOCKET = "control.sock"

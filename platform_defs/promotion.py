@@ -299,10 +299,13 @@ NOT_RECHECKED_ON_THE_WAY_BACK = ("no_regression",)
 
 
 def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, version: str, *,
-             services: Services, actor: str) -> str | None:
+             services: Services, actor: str, recheck: bool = True, operator_choice: bool = False) -> str | None:
     """Why ``version`` may NOT serve ``spec.env`` on a way back, or None when it may: it passed its gate
     for that environment, under the policy in force (where the policy changed since, the gate is run
-    again now, and recorded)."""
+    again now, and recorded; with ``recheck=False`` such a version is simply not governed), and it has
+    not failed its bake there since. A crash loop since its gate rules it out of every automatic choice
+    too; an operator who names it (``operator_choice``) may restore it: a crash loop can be the host's
+    doing (killed workers, memory), a failed bake is a verdict on the version."""
     book = services.ledger
     passed = [e for e in book.entries(kind="gate_verdict", subject=spec.name, env=env)
               if str(e.data.get("version")) == version and e.data.get("passed")]
@@ -312,10 +315,12 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
     for e in book.entries(subject=spec.name, env=env, since_seq=passed[-1].seq):
         if e.kind == "bake_failed" and str(e.data.get("version")) == version:
             return f"version {version} failed its bake in {env} (ledger #{e.seq})"
-        if e.kind == "crashloop" and str(e.data.get("version")) == version:
+        if e.kind == "crashloop" and str(e.data.get("version")) == version and not operator_choice:
             return f"version {version} crash-looped in {env} (ledger #{e.seq})"
     if passed[-1].data.get("policy_hash") == policy_hash(policy):
         return None
+    if not recheck:
+        return f"version {version} passed its {env} gate under an earlier policy and was not judged under this one"
     _, model, dataset = resolve_endpoint(org, spec.name, env)
     gate = _model_gate(spec, model, dataset, org, policy, services)
     verdicts = [v for v in gate.evaluate(version, env) if v.check not in NOT_RECHECKED_ON_THE_WAY_BACK]
@@ -327,6 +332,32 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
     if failed:
         return (f"version {version} no longer passes the {env} gate under the policy in force: "
                 + "; ".join(f"{v.check}: {v.summary}" for v in failed))
+    return None
+
+
+def fallback_release(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, version: str, *,
+                     services: Services, actor: str) -> Release | None:
+    """What the backend may put back on its own if ``version`` crash-loops in ``spec.env``: the newest
+    other version deployed there that is governed right now (gate passed under the policy in force, no
+    failed bake or crash loop since; no gate is re-run for this), with its verified folder. None when
+    there is none: the backend then stops the version instead of choosing one itself."""
+    from platform_defs.registration import NotRegistered, verified_artifact
+    from resources.mlflow_registry import ArtifactMismatch
+
+    _, model, dataset = resolve_endpoint(org, spec.name, env)
+    tried: set[str] = {version}
+    for entry in reversed(services.ledger.entries(kind="deploy", subject=spec.name, env=env)):
+        candidate = str(entry.data.get("version"))
+        if candidate in tried:
+            continue
+        tried.add(candidate)
+        if governed(org, policy, spec, env, candidate, services=services, actor=actor, recheck=False):
+            continue
+        try:
+            artifact, digest = verified_artifact(services.ledger, services.mlflow, model.name, candidate)
+        except (NotRegistered, ArtifactMismatch):
+            continue
+        return endpoint_release(spec, model, dataset, candidate, artifact, digest)
     return None
 
 
@@ -408,9 +439,11 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
                 "failed_checks": ", ".join(v.check for v in verdicts if not v.passed)})
         artifact, digest = _verified_artifact(services, model, version, subject=spec.name, env=env, actor=actor,
                                               still_serving=previous)
+        fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
         deploy_t0 = time.perf_counter()
         status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
-                         who={"model": model.name}, actor=actor, still_serving=previous, verdicts=verdicts)
+                         who={"model": model.name}, actor=actor, still_serving=previous, verdicts=verdicts,
+                         fallback=fallback)
         alias_error = _move_alias(services, lock, model.name, env, version)
         entry = book.append("deploy", spec.name, {
             **({"alias_error": alias_error} if alias_error else {}),
@@ -418,6 +451,7 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
             "address": status.address, "promoted_from": upstream_env, "track": model.track,
             "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
             "policy_hash": policy_hash(policy), "initiated_by": initiated_by, "fencing_token": lock.token,
+            "fallback_version": fallback.version if fallback else None,
             "deploy_seconds": round(time.perf_counter() - deploy_t0, 3)}, actor, env=env, fence=lock.lease)
         if alias_error:
             raise PromotionError(f"{spec.name}.{env}: version {version} serves (ledger #{entry.seq}), but the MLflow "
@@ -435,13 +469,14 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
 
 
 def _deploy(services: Services, target: Target, release: Release, lock: PromotionLock, *, who: dict[str, str],
-            actor: str, still_serving: str | None, verdicts: list) -> Any:
+            actor: str, still_serving: str | None, verdicts: list, fallback: Release | None) -> Any:
     """Switch ``target`` to ``release`` under the lock: the server side is fenced with the lock's token
-    first, so a holder that lost the lock before us can no longer cut over, and our cutover carries it."""
+    first, so a holder that lost the lock before us can no longer cut over, and our cutover carries it.
+    ``fallback`` is the only release the backend may restore on its own if ``release`` crash-loops."""
     lock.check()
     try:
         services.deployer.fence(target, lock.token)
-        return services.deployer.deploy(target, release, fencing_token=lock.token)
+        return services.deployer.deploy(target, release, fencing_token=lock.token, fallback=fallback)
     except DeployError as err:
         services.ledger.append("promotion_refused", target.name, {
             **who, "version": release.version, "still_serving": still_serving, "failed": ["deploy"],
@@ -547,8 +582,11 @@ def _model_card(model: ModelSpec, version: str, verdicts: list, services: Servic
 
 
 def rollback_target(deploys: list[Entry], current: str | None, to_version: str | None,
-                    endpoint: str, env: str) -> Entry:
-    """The ``deploy`` entry to restore: ``to_version``'s newest, or the newest that is not ``current``."""
+                    endpoint: str, env: str, serving: str | None = None) -> Entry:
+    """The ``deploy`` entry to restore: ``to_version``'s newest, or the newest that is not ``current``
+    (what is being rolled back from). ``to_version`` "already serves" only when it is ``serving``, what
+    answers at the address right now: naming the version the ledger last recorded while nothing answers
+    (it crash-looped, it was stopped) is how an operator brings it back."""
     label = f"{endpoint}.{env}"
     if to_version:
         matching = [e for e in deploys if str(e.data.get("version")) == to_version]
@@ -557,7 +595,7 @@ def rollback_target(deploys: list[Entry], current: str | None, to_version: str |
             raise PromotionError(
                 f"{label}: version {to_version} was never deployed to {env} (no 'deploy' entry in the ledger), "
                 f"so it was never approved there; versions deployed to {env}: {', '.join(seen) or 'none'}")
-        if to_version == current:
+        if to_version == serving:
             raise PromotionError(f"{label}: version {to_version} already serves; nothing to roll back")
         return matching[-1]
     earlier = [e for e in deploys if str(e.data.get("version")) != current]
@@ -608,9 +646,10 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
     # What serves now. If nothing answers (crashed, stopped), the version the ledger last recorded
     # is the one being rolled back from: never "restore" the version that just went down.
     current = from_version or serving or recorded
-    chosen = rollback_target(deploys, current, to_version, spec.name, env)
+    chosen = rollback_target(deploys, current, to_version, spec.name, env, serving=serving)
     version = str(chosen.data.get("version"))
-    why_not = governed(org, policy, spec, env, version, services=services, actor=actor)
+    why_not = governed(org, policy, spec, env, version, services=services, actor=actor,
+                       operator_choice=to_version is not None)
     if why_not and to_version is None:
         # the newest earlier version may have been judged bad since: go back to the newest one that was not
         for earlier in reversed([e for e in deploys if str(e.data.get("version")) not in (current, version)]):
@@ -623,8 +662,9 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
                              f"{serving or 'nothing'} keeps serving")
     artifact, digest = _verified_artifact(services, model, version, subject=spec.name, env=env, actor=actor,
                                           still_serving=serving)
+    fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
     status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
-                     who={"model": model.name}, actor=actor, still_serving=serving, verdicts=[])
+                     who={"model": model.name}, actor=actor, still_serving=serving, verdicts=[], fallback=fallback)
     address = status.address or deployer.address(target)
     # The restored version serves. Move the alias (as a promotion does), then record; an alias that
     # could not be moved is recorded with the rollback and reported, since the deploy itself happened.
@@ -639,6 +679,7 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
         "address": address, "promoted_from": None, "track": model.track, "owner": model.owner,
         "checks": chosen.data.get("checks") or list(policy.track(model.track).checks), "via": "rollback",
         "rollback_entry": rb.seq, "policy_hash": policy_hash(policy), "fencing_token": lock.token,
+        "fallback_version": fallback.version if fallback else None,
     }, actor, env=env, fence=lock.lease)
     if alias_error:
         raise PromotionError(f"{label}: version {version} serves again at {address} (ledger #{rb.seq}), but the "
@@ -778,18 +819,44 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
         if refusal:
             raise PromotionError(refusal, verdicts=verdicts, metadata={"refused_version": version})
         release = Release(version, str(artifact), config={"entrypoint": spec.entrypoint, "calls": env_vars})
+        fallback = _app_fallback(spec, env, version, services, env_vars)
         status = _deploy(services, target, release, lock, who={"app": spec.name}, actor=actor,
-                         still_serving=previous, verdicts=verdicts)
+                         still_serving=previous, verdicts=verdicts, fallback=fallback)
         entry = book.append("deploy", spec.name, {
             "app": spec.name, "version": version, "previous_version": previous, "address": status.address,
             "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
             "checks": [v.check for v in verdicts], "trigger": trigger, "calls": env_vars,
-            "policy_hash": policy_hash(policy), "fencing_token": lock.token}, actor, env=env, fence=lock.lease)
+            "policy_hash": policy_hash(policy), "fencing_token": lock.token,
+            "fallback_version": fallback.version if fallback else None}, actor, env=env, fence=lock.lease)
     return Promotion(spec.name, env, version, previous, status.address, None, "deployed", deploy_entry=entry.seq,
                      verdicts=verdicts, calls={f"ONEPATH_{name}_URL": url for name, url in env_vars.items()},
                      seconds=round(time.perf_counter() - t0, 3))
 
 
+def _app_fallback(spec: AppSpec, env: str, version: str, services: Services,
+                  calls: dict[str, str]) -> Release | None:
+    """The app release the backend may put back on its own if ``version`` crash-loops: the newest other
+    release deployed to ``env`` whose gate there passed and that has not crash-looped there since, still
+    built; None when there is none (the backend stops the release instead)."""
+    book = services.ledger
+    assert services.releases_dir is not None
+    tried: set[str] = {version}
+    for entry in reversed(book.entries(kind="deploy", subject=spec.name, env=env)):
+        candidate = str(entry.data.get("version"))
+        if candidate in tried:
+            continue
+        tried.add(candidate)
+        passed = [e for e in book.entries(kind="gate_verdict", subject=spec.name, env=env)
+                  if str(e.data.get("version")) == candidate and e.data.get("passed")]
+        if not passed or any(e.kind == "crashloop" and str(e.data.get("version")) == candidate
+                             for e in book.entries(subject=spec.name, env=env, since_seq=passed[-1].seq)):
+            continue
+        artifact = services.releases_dir / "apps" / spec.name / candidate
+        if artifact.is_dir():
+            return Release(candidate, str(artifact), config={"entrypoint": spec.entrypoint, "calls": calls})
+    return None
+
+
 __all__ = ["Promotion", "PromotionError", "RollbackResult", "Services", "app_target", "confirm_supervisor_rollback",
-           "endpoint_release", "endpoint_target", "governed", "promote_app", "promote_endpoint", "promotion_lock",
+           "endpoint_release", "endpoint_target", "fallback_release", "governed", "promote_app", "promote_endpoint", "promotion_lock",
            "record_gate", "resolve_endpoint", "roll_back", "rollback_target", "stop_serving"]

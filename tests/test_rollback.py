@@ -71,7 +71,7 @@ def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: s
     the verified folder, the alias, and the 'deploy' entry with the digest."""
     from platform_defs.governance.gates import Verdict
     from platform_defs.policy import policy_hash
-    from platform_defs.promotion import record_gate
+    from platform_defs.promotion import Services, fallback_release, record_gate
     from platform_defs.registration import verified_artifact
 
     spec = org.by_name[endpoint]
@@ -89,7 +89,10 @@ def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: s
                        who={"model": model.name}, still_serving=before.serving_version, policy=policy,
                        trigger="test") is None
     artifact, digest = verified_artifact(book, mlflow, model.name, version)
-    status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest))
+    services = Services(mlflow=mlflow, deployer=deployer, ledger=book)
+    fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
+    status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest),
+                             fallback=fallback)
     if before.healthy:
         drained(before.detail["server"]["pid"])
     mlflow.set_alias(model.name, env, version)

@@ -477,7 +477,7 @@ def test_refusing_workers_of_the_current_version_are_not_restarted_and_all_refus
     deployer = world["deployer"]
     target = Target("sp_refuse", "staging", kind="app")
     deployer.deploy(target, app_release(world, "r1"))
-    st = deployer.deploy(target, app_release(world, "r3", workers=2))
+    st = deployer.deploy(target, app_release(world, "r3", workers=2), fallback=app_release(world, "r1"))
     assert st.serving_version == "r3"
     (world["apps"]["r3"] / "refuse-0").write_text("")
 

@@ -20,7 +20,7 @@ import dagster as dg
 import pytest
 
 from platform_defs.policy import load_policy
-from platform_defs.promotion import Services, endpoint_target
+from platform_defs.promotion import PromotionError, Services, endpoint_target, roll_back
 from platform_defs.loader import load_organisation
 from resources.deployers.base import probe
 from resources.deployers.resource import LocalDeployerResource
@@ -34,7 +34,7 @@ from tests.test_rollback import deploy_like_factories, register, write_org
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
        "employment_type": "salaried", "home_ownership": "mortgage", "purpose": "car"}
-ENDPOINTS = ["sv_restart", "sv_loop", "sv_alone", "sv_resume", "sv_broken"]
+ENDPOINTS = ["sv_restart", "sv_loop", "sv_alone", "sv_resume", "sv_broken", "sv_baked"]
 EXIT_AFTER_S = 4.0  # long enough for the deploy to finish before the first death
 
 
@@ -50,7 +50,7 @@ def world(settings, tmp_path_factory):
     good_b = save_credit_model(root / "models" / "b", seed=2)
     crash = save_fault_model(root / "models" / "crash", base_model_dir=good_a, exit_after_s=EXIT_AFTER_S)
     plan = {"sv_restart": [good_a], "sv_loop": [good_a, crash], "sv_alone": [crash],
-            "sv_resume": [good_a, good_b, crash]}
+            "sv_resume": [good_a, good_b, crash], "sv_baked": [good_a, good_b]}
     book = LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")).ledger()
     for ep, saved in plan.items():
         assert [register(mlflow, f"{ep}_model", s, book) for s in saved] == [str(i + 1) for i in range(len(saved))]
@@ -240,7 +240,7 @@ def test_a_crash_loop_with_nothing_to_go_back_to_stops_the_version(world, monkey
     assert probe(st.address, timeout=1.0) is None
     loop = next(e for e in events(world, "sv_alone") if e["event"] == "crashloop")
     assert loop["action"] == "stopped" and loop["rollback_to"] is None
-    assert "no previous version to roll back to" in loop["detail"] and "nothing serves" in loop["detail"]
+    assert "named no governed version to go back to" in loop["detail"] and "nothing serves" in loop["detail"]
     assert not any(e["event"] == "crashloop_rollback" for e in events(world, "sv_alone"))
 
     written, _ = relay(world, {})
@@ -258,7 +258,8 @@ def test_a_previous_version_that_cannot_come_back_leaves_nothing_serving_and_say
     shutil.copytree(world["models"]["a"], v1)
     config = {"model_name": "sv_broken_model", "pii_columns": []}
     deployer.deploy(t, model_release("1", v1, config))
-    assert deployer.deploy(t, model_release("2", world["models"]["crash"], config)).serving_version == "2"
+    assert deployer.deploy(t, model_release("2", world["models"]["crash"], config),
+                           fallback=model_release("1", v1, config)).serving_version == "2"
     (v1 / "model.skops").write_bytes(b"version 1's files went bad since it served")
 
     failed = wait_for("the crash-loop rollback failing", lambda: next(
@@ -303,6 +304,52 @@ def test_a_supervisor_started_again_still_knows_what_served_before(world, monkey
     rolled = next(e for e in events(world, "sv_resume") if e["event"] == "crashloop_rollback")
     assert (rolled["from_version"], rolled["to_version"]) == ("3", "2")
     assert deployer.status(t).detail["supervisor"]["pid"] == now["pid"]
+
+
+def test_the_way_back_never_restores_a_version_that_failed_its_bake(world, monkeypatch):
+    """Version 2 failed its bake and was rolled back; then version 1's workers are killed until it
+    crash-loops. The supervisor may fall back only to what the flow named: nothing (2 failed its bake),
+    so it stops version 1 instead of restoring 2. ``rollback`` by default refuses 2; ``--to 1`` while
+    nothing serves brings 1 back (an operator's choice may restore a version that crash-looped)."""
+    monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")  # read by the supervisor the first deploy starts
+    org, deployer, book, services = world["org"], world["deployer"], world["ledger"], world["services"]
+    t = target(world, "sv_baked")
+    deploy_like_factories(org, "sv_baked", "prod", "1", world["resources"])
+    deploy_like_factories(org, "sv_baked", "prod", "2", world["resources"])
+    assert state(world, "sv_baked")["previous_version"] == "1"  # the flow named 1 as 2's way back
+    book.append("bake_failed", "sv_baked", {"model": "sv_baked_model", "version": "2", "previous_version": "1"},
+                "dagster:test-run", env="prod")
+
+    def rollback(**kw):
+        return roll_back(org, world["policy"], "sv_baked", "prod", services=services, actor="pat",
+                         reason="v2 failed its bake", **kw)
+
+    assert rollback().to_version == "1"
+    wait_for("version 1 current", lambda: serving(world, "sv_baked", "1"))
+    assert state(world, "sv_baked")["previous_version"] is None  # 2 is no way back: none is named
+
+    def kill_current() -> bool:
+        sup = deployer.status(t).detail.get("supervisor") or {}
+        if sup.get("state") == "crashloop":
+            return True
+        for pid in (state(world, "sv_baked").get("current") or {}).get("pids") or []:
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        return False
+
+    wait_for("version 1 stopped as crash-looping after its workers were killed", kill_current, 60)
+    loop = next(e for e in events(world, "sv_baked") if e["event"] == "crashloop")
+    assert (loop["version"], loop["action"], loop["rollback_to"]) == ("1", "stopped", None)
+    assert not any(e["event"] == "crashloop_rollback" for e in events(world, "sv_baked"))
+    assert deployer.status(t).serving_version is None  # version 2 never came back
+    relay(world, {})
+    assert book.entries(kind="crashloop", subject="sv_baked", env="prod")[-1].data["action"] == "stopped"
+
+    with pytest.raises(PromotionError, match="refused to roll back to version 2: version 2 failed its bake in prod"):
+        rollback()
+    back = rollback(to_version="1")
+    assert (back.from_version, back.to_version) == ("1", "1")
+    assert wait_for("version 1 serving again", lambda: serving(world, "sv_baked", "1")).serving_version == "1"
 
 
 def test_supervisor_events_sensor_definition(world):

@@ -238,15 +238,17 @@ class Deployer(ABC):
 
     # -- the contract ---------------------------------------------------------------------
     def deploy(self, target: Target, release: Release, timeout: float = 120.0,
-               fencing_token: int | None = None) -> DeploymentStatus:
+               fencing_token: int | None = None, fallback: Release | None = None) -> DeploymentStatus:
         """Serve ``release`` at ``target``'s stable address (see the module docstring). With a
         ``fencing_token``, the cutover is refused (DeployError, the candidate discarded, nothing
-        changed) if the backend has seen a higher token."""
+        changed) if the backend has seen a higher token. ``fallback`` is the only release the backend
+        may put back on its own should ``release`` crash-loop (the promotion flow names the governed way
+        back); with none, a crash-looping release is stopped and the address says so."""
         candidate = self._launch(target, release)
         deadline = time.monotonic() + timeout
         try:
             self._await_healthy(candidate, deadline)
-            self._cutover(candidate, fencing_token)
+            self._cutover(candidate, fencing_token, fallback)
         except DeployError:
             self._discard(candidate)
             raise
@@ -334,9 +336,11 @@ class Deployer(ABC):
         (yet), asked through the backend's own channel (workers have no address of their own)."""
 
     @abstractmethod
-    def _cutover(self, candidate: Candidate, fencing_token: int | None = None) -> None:
+    def _cutover(self, candidate: Candidate, fencing_token: int | None = None,
+                 fallback: Release | None = None) -> None:
         """Make the candidate the version served at the stable address; drain the old one. Raise
-        DeployError, changing nothing, if ``fencing_token`` is lower than the highest seen."""
+        DeployError, changing nothing, if ``fencing_token`` is lower than the highest seen. Remember
+        ``fallback`` (replacing any earlier one) as what a crash loop of the candidate may restore."""
 
     @abstractmethod
     def _fence(self, target: Target, token: int) -> None: ...

@@ -252,8 +252,10 @@ class LocalProcessDeployer(Deployer):
         except DeployError:
             return []
 
-    def _cutover(self, candidate: Candidate, fencing_token: int | None = None) -> None:
-        data: dict[str, Any] = {"group": candidate.handle["group"]}
+    def _cutover(self, candidate: Candidate, fencing_token: int | None = None,
+                 fallback: Release | None = None) -> None:
+        data: dict[str, Any] = {"group": candidate.handle["group"],
+                                "fallback": self._launch_spec(candidate.target, fallback) if fallback else None}
         if fencing_token is not None:
             data["fencing_token"] = fencing_token
         self._call(candidate.handle["slot"], "/promote", data)

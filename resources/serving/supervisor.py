@@ -9,10 +9,11 @@ healthy group to "current" and drains the old one with SIGTERM, restarts a curre
 started it; ``onepath down`` stops it.
 
 A current version that crash-loops (more than RESTART_LIMIT restarts within RESTART_WINDOW) is
-replaced at once by the version that was current before it: the supervisor remembers that version's
-launch spec (also in ``state.json``, so a restarted supervisor still knows), launches it, waits until
-each of its workers answers ``/health`` on its private socket, promotes it and records
-``crashloop`` then ``crashloop_rollback`` in ``events.jsonl``. With no previous version, the
+replaced at once by its *fallback*: the launch spec its promote named (the promotion flow's governed
+way back; the supervisor never picks one itself, so a version that failed its bake is never what it
+restores). It keeps that spec (also in ``state.json``, so a restarted supervisor still knows),
+launches it, waits until each of its workers answers ``/health`` on its private socket, promotes it
+and records ``crashloop`` then ``crashloop_rollback`` in ``events.jsonl``. With no fallback, the
 crash-looping one is stopped and nothing serves (the ``crashloop`` event says so). Every event
 carries a unique ``id`` so whoever relays them (the ``supervisor_events`` sensor) can tell a line it
 has already relayed.
@@ -28,7 +29,7 @@ every worker refused is treated like a crash loop.
 Control API: JSON over HTTP on the Unix socket ``<slot>/private/control.sock``; every request needs
 the peer's uid to be ours and the slot's secret (see ``resources.serving.protocol``). ``GET /status``,
 ``GET /ping``, ``POST /launch``, ``POST /probe {group}`` (each worker's /version document),
-``POST /metrics`` (each current worker's /metrics text), ``POST /promote {group, fencing_token?}``,
+``POST /metrics`` (each current worker's /metrics text), ``POST /promote {group, fencing_token?, fallback?}``,
 ``POST /fence {token}``, ``POST /discard {group}``, ``POST /stop``. A promote or fence whose token is
 lower than the highest token seen is refused (409) and changes nothing; the highest persists in
 ``state.json``. Every line of ``events.jsonl`` is signed with the slot's secret.
@@ -203,9 +204,6 @@ class Supervisor:
         token = before.get("fencing_token")
         self.fencing_token: int | None = token if isinstance(token, int) and not isinstance(token, bool) else None
         self.previous_spec: dict[str, Any] | None = before.get("previous_spec")
-        served = before.get("current") or {}
-        self.last_served_spec: dict[str, Any] | None = (
-            before.get("current_spec") if served.get("state") == "current" else None)
         self.stable = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.stable.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.stable.bind((host, port))
@@ -298,16 +296,20 @@ class Supervisor:
             paths = list(cur.sockets) if cur is not None and cur.state == "current" else []
         return {"workers": _in_threads(_worker_metrics, paths)}
 
-    def promote(self, group_id: str, *, restoring: bool = False, fencing_token: Any = None) -> dict[str, Any]:
+    def promote(self, group_id: str, *, restoring: bool = False, fencing_token: Any = None,
+                fallback: Any = None) -> dict[str, Any]:
         """Make a healthy candidate current and drain the version it replaces.
 
-        The replaced version's spec becomes ``previous_spec`` (what a crash loop of the new one rolls
-        back to), unless it is the same version or was not serving (a crash-looped group keeps its
-        state as the record of what happened). ``restoring`` (the crash-loop rollback) forgets the
-        previous spec: the version restored has no known predecessor, and the one it replaced is
-        exactly the one never to go back to. A ``fencing_token`` lower than the highest seen refuses
-        the promote (Conflict) before anything changes; a higher one becomes the highest."""
+        ``fallback`` (a launch spec, checked like any other) becomes ``previous_spec``: the only version
+        a crash loop of the new one may roll back to. The supervisor never picks one itself (the version
+        it replaced may be the one that just failed its bake): the promotion flow names the governed way
+        back, and with none a crash loop stops the version. ``restoring`` (the crash-loop rollback)
+        forgets it: the version restored has no known way back. A ``fencing_token`` lower than the
+        highest seen refuses the promote (Conflict) before anything changes; a higher one becomes the
+        highest."""
         token = None if fencing_token is None else _token(fencing_token)
+        if fallback is not None:
+            fallback = protocol.validate_launch_spec(fallback, self.artifact_roots)
         with self.lock:
             if token is not None and self.fencing_token is not None and token < self.fencing_token:
                 raise Conflict(f"promote: fencing token {token} is lower than the highest token seen "
@@ -322,20 +324,14 @@ class Supervisor:
             self.current = g
             if old is not None and old is not g:
                 if old.state == "current":
-                    if old.version != g.version:
-                        self.previous_spec = old.spec
                     old.state = "draining"
                     old.drain_deadline = time.time() + DRAIN_SECONDS
                     old.signal_all(signal.SIGTERM)
                     self._await_released(old)
                 else:
                     old.signal_all(signal.SIGKILL)
-            elif old is None and self.last_served_spec is not None:
-                if str(self.last_served_spec.get("version")) != g.version:
-                    self.previous_spec = self.last_served_spec
-            self.last_served_spec = None
-            if restoring:
-                self.previous_spec = None
+            self.previous_spec = None if restoring or fallback is None or fallback["version"] == g.version \
+                else fallback
             self.event("promote", group=g.id, version=g.version, previous=old.version if old else None)
             return g.view()
 
@@ -472,7 +468,7 @@ class Supervisor:
 
     def _crashloop(self, g: Group, code: int, why: str | None = None) -> None:
         """``g`` (the current group) crash-loops (or every worker of it refused its artifact: ``why``):
-        stop it, and roll back to the previous version if there is one (in a thread: its workers take
+        stop it, and roll back to its fallback if its promote named one (in a thread: its workers take
         seconds to load, and /status must keep answering)."""
         g.state = "crashloop"
         g.signal_all(signal.SIGKILL)
@@ -482,7 +478,7 @@ class Supervisor:
         why = why or f"version {g.version} restarted {len(g.restarts)} times within {RESTART_WINDOW:g} s"
         if prev is None or str(prev.get("version")) == g.version:
             self.event("crashloop", **common, action="stopped", rollback_to=None,
-                       detail=f"{why} and there is no previous version to roll back to: "
+                       detail=f"{why} and its promotion named no governed version to go back to: "
                               "it is stopped and nothing serves at this address")
             return
         to = str(prev["version"])
@@ -679,7 +675,8 @@ def make_handler(sup: Supervisor) -> type[BaseHTTPRequestHandler]:
                 if self.path == "/launch":
                     out = sup.launch(body)
                 elif self.path == "/promote":
-                    out = sup.promote(body["group"], fencing_token=body.get("fencing_token"))
+                    out = sup.promote(body["group"], fencing_token=body.get("fencing_token"),
+                                      fallback=body.get("fallback"))
                 elif self.path == "/fence":
                     out = sup.fence(body["token"])
                 elif self.path == "/probe":

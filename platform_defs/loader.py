@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from platform_defs import strict_yaml
+
 from platform_defs.settings import PROJECT_ROOT
 from platform_defs.specs import DeclarationError, Organisation, parse_declaration
 
@@ -72,7 +74,7 @@ def _load_yaml(path: Path) -> list:
     source = _rel(path)
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml.load(text)
         node = yaml.compose(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)

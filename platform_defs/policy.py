@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import yaml
+
+from platform_defs import strict_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from platform_defs.settings import PROJECT_ROOT
@@ -202,7 +204,7 @@ def load_policy(path: Path | None = None) -> Policy:
     if not path.exists():
         raise PolicyError(shown, "(file)", "does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = strict_yaml.load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise PolicyError(f"{shown}:{mark.line + 1}" if mark else shown, "(yaml)",

@@ -200,3 +200,23 @@ def test_an_endpoints_drift_settings_are_checked_against_the_policy_with_file_an
     write(tmp_path, {"team/defs.yaml": both})
     out = run_cli("validate", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 1 and "set window_rows or window_hours, not both" in out.stderr
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys; a reviewer reads the first. Both kinds of file refuse it."""
+    text = GOOD.replace("    track: ml-standard\n    dataset: customer_activity\n",
+                        "    track: ml-standard\n    dataset: customer_activity\n    track: ml-high-risk\n", 1)
+    assert text != GOOD
+    write(tmp_path, {"t/defs.yaml": text})
+    line = first_line(tmp_path)
+    assert line.startswith("declaration '?' (t/defs.yaml:")
+    assert "duplicate key 'track' (first given at line" in line
+
+    from platform_defs.policy import PolicyError, load_policy
+
+    policy = (ROOT / "assets" / "policy.yaml").read_text()
+    first_key = next(ln for ln in policy.splitlines() if ln and not ln.startswith((" ", "#")))
+    bad = tmp_path / "policy.yaml"
+    bad.write_text(policy + "\n" + first_key + "\n")
+    with pytest.raises(PolicyError, match=f"duplicate key '{first_key.rstrip(':').split(':')[0]}'"):
+        load_policy(bad)

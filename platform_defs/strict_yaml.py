@@ -1,0 +1,40 @@
+"""YAML as declarations and policy are read: safe types only, and a key given twice in one mapping is
+an error (PyYAML's own loader silently keeps the last value, so a second ``track:`` further down a
+file would quietly win over the one a reviewer saw).
+
+The error is a ``yaml.YAMLError`` with ``problem`` and ``problem_mark`` like any syntax error, so the
+callers' one-line "not valid YAML ... file:line" messages cover it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from yaml.constructor import ConstructorError
+
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class StrictLoader(_Base):  # type: ignore[misc, valid-type]
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                break
+            if first is not None:
+                raise ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key '{key}' (first given at line {first.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a duplicate key (``yaml.YAMLError`` naming it and its lines)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass

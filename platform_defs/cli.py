@@ -106,6 +106,7 @@ def _status_rows(settings: Settings, env: str | None) -> list[dict[str, Any]]:
         rows.append({
             "name": d.name, "kind": target.kind, "env": e, "track": d.track, "owner": d.owner,
             "version": st.serving_version, "address": st.address, "healthy": st.healthy,
+            "health": st.health, "problems": st.problems,
             "supervisor_state": sup.get("state"), "restarts": sup.get("restarts"),
             "model": model, "digest": st.serving_digest, "registered_digest": registered,
             # what serves compared by content: its digest against the served version's registration
@@ -136,12 +137,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     header = ("NAME", "KIND", "ENV", "VERSION", "DIGEST", "HEALTH", "ADDRESS", "TRACK", "OWNER")
     table = [header] + [(
         r["name"], r["kind"], r["env"], r["version"] or "-", _digest_cell(r),
-        "healthy" if r["healthy"] else ("down" if r["address"] else "not deployed"),
-        r["address"] or "-", r["track"], r["owner"],
+        r["health"], r["address"] or "-", r["track"], r["owner"],
     ) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    for r in rows:  # what is wrong, in words, under the table
+        for problem in r["problems"]:
+            print(f"{r['name']}.{r['env']}: {problem}")
     return 0
 
 

@@ -85,6 +85,8 @@ KINDS: tuple[str, ...] = (
     "event_refused",
     "explainability_report",
     "digest_mismatch",
+    "serving_unhealthy",
+    "serving_recovered",
 )
 
 GENESIS_HASH = "0" * 64

@@ -1,9 +1,11 @@
 """Observe what every environment really serves, and what its next materialization would deploy.
 
 Each tick asks every stable address (in parallel, short timeout) and MLflow's aliases, and records an
-``AssetObservation`` on the environment's asset when something changed: serving version, health,
-the alias, and the version a materialization would deploy now. That is how the UI shows which
-version a promotion will deploy before anyone clicks.
+``AssetObservation`` on the environment's asset when something changed: serving version, health and
+its problems, the alias, and the version a materialization would deploy now. That is how the UI shows
+which version a promotion will deploy before anyone clicks. The same tick reports the
+``serving_healthy`` check where its verdict changed, and records the change in the ledger
+(``sensors.serving_health``).
 """
 
 
@@ -15,8 +17,10 @@ from typing import Any
 import dagster as dg
 
 from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name
+from sensors.serving_health import evaluate_health
 from resources.deployers.base import Target
 from resources.deployers.resource import LocalDeployerResource
+from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry
 
 
@@ -40,7 +44,7 @@ def build_endpoint_status_sensor(org: Organisation) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
     def endpoint_status(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry,
-                        deployer_local: LocalDeployerResource):
+                        deployer_local: LocalDeployerResource, ledger: LedgerResource):
         deployer = deployer_local.deployer()
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(targets)))) as pool:
             statuses = list(pool.map(lambda t: deployer.status(t[2]), targets))
@@ -49,7 +53,8 @@ def build_endpoint_status_sensor(org: Organisation) -> dg.SensorDefinition:
         newest = {m: mlflow.latest_version(m) for m in models}
         serving = {(d.name, env): s.serving_version for (d, env, _), s in zip(targets, statuses)}
         cursor = json.loads(context.cursor) if context.cursor else {}
-        events = []
+        health = cursor.pop("health", {})
+        events: list[Any] = evaluate_health(targets, statuses, ledger.ledger(), health)
         for (d, env, target), st in zip(targets, statuses):
             i = d.environments.index(env)
             if isinstance(d, EndpointSpec):
@@ -61,6 +66,8 @@ def build_endpoint_status_sensor(org: Organisation) -> dg.SensorDefinition:
             snap = {
                 "serving_version": st.serving_version or "none",
                 "healthy": st.healthy,
+                "health": st.health,
+                "problems": "; ".join(st.problems) or "none",
                 "address": st.address or "not allocated",
                 "would_deploy": nxt or "none",
             }
@@ -72,7 +79,7 @@ def build_endpoint_status_sensor(org: Organisation) -> dg.SensorDefinition:
             if cursor.get(key) != digest:
                 cursor[key] = digest
                 events.append(dg.AssetObservation(asset_key=dg.AssetKey(key), metadata=snap))
-        context.update_cursor(json.dumps(cursor, sort_keys=True))
+        context.update_cursor(json.dumps({**cursor, "health": health}, sort_keys=True))
         if not events:
             return dg.SkipReason(f"no change across {len(targets)} environments")
         return dg.SensorResult(asset_events=events)

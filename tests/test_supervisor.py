@@ -27,6 +27,7 @@ from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.processes import pid_alive
 from resources.serving.protocol import load_or_create_secret, sign_event
+from sensors.serving_health import evaluate_health
 from sensors.supervisor_events import build_supervisor_events_sensor, relay_events
 from tests.conftest import _free_port_base, model_release, save_credit_model, wait_for
 from tests.test_rollback import deploy_like_factories, register, write_org
@@ -248,6 +249,17 @@ def test_a_crash_loop_with_nothing_to_go_back_to_stops_the_version(world, monkey
     assert [e.kind for e in written] == ["restart", "restart", "crashloop"]
     assert written[-1].data["action"] == "stopped"
     assert mlflow.aliases("sv_alone_model")["prod"] == "1"  # nothing was restored: the alias stays
+
+    # status, the serving_healthy check and the ledger say so
+    st = deployer.status(t)
+    assert st.health == "down" and st.problems[0].startswith("version 1 was stopped after crash-looping")
+    spec = world["org"].by_name["sv_alone"]
+    reported: dict = {}
+    (ev,) = evaluate_health([(spec, "prod", t)], [st], world["ledger"], reported)
+    assert not ev.passed and ev.check_name == "serving_healthy" and "crash-looping" in ev.description
+    entry = world["ledger"].entries(kind="serving_unhealthy", subject="sv_alone", env="prod")[-1]
+    assert entry.data["health"] == "down" and "crash-looping" in entry.data["problems"][0]
+    assert evaluate_health([(spec, "prod", t)], [st], world["ledger"], reported) == []  # reported once
 
 
 def test_a_previous_version_that_cannot_come_back_leaves_nothing_serving_and_says_why(world, monkeypatch, tmp_path):

@@ -96,6 +96,17 @@ class DeploymentStatus:
     healthy: bool
     detail: dict[str, Any] = field(default_factory=dict)
     serving_digest: str | None = None  # the content digest the server reports it loaded (GET /version)
+    # What is wrong here, in words: what the server says of itself in /health (an inference log it cannot
+    # write, a model that raises on every request) and what the backend knows (stopped after a crash
+    # loop). Something that answers with problems is degraded; nothing answering with problems is down.
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def health(self) -> str:
+        """``healthy``, ``degraded`` (serving, with problems), ``down`` or ``not deployed``."""
+        if self.healthy:
+            return "degraded" if self.problems else "healthy"
+        return "down" if self.address or self.problems else "not deployed"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,6 +135,17 @@ def serving_version(status: "DeploymentStatus") -> str | None:
     return status.serving_version if status.healthy else None
 
 
+def server_problems(seen: dict[str, Any] | None) -> list[str]:
+    """The problems a server's /health document lists (``{"status": "degraded", "problems": [...]}``)."""
+    health = (seen or {}).get("health")
+    if not isinstance(health, dict):
+        return []
+    listed = [str(p) for p in health.get("problems") or [] if str(p).strip()]
+    if health.get("status") not in (None, "ok") and not listed:
+        listed = [f"the server reports status {health.get('status')!r}"]
+    return listed
+
+
 def http_json(url: str, timeout: float = 2.0, data: dict | None = None) -> tuple[int, Any]:
     body = json.dumps(data).encode() if data is not None else None
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
@@ -147,7 +169,9 @@ def probe(address: str, timeout: float = 1.0) -> dict[str, Any] | None:
         if code != 200:
             return None
         code, version = http_json(address + "/version", timeout)
-        return version if code == 200 and isinstance(version, dict) else None
+        if code != 200 or not isinstance(version, dict):
+            return None
+        return {**version, "health": health} if isinstance(health, dict) else version
     except (OSError, ValueError):
         return None
 
@@ -184,16 +208,23 @@ async def _probe_async(address: str, timeout: float, health: bool = True) -> dic
     async def run() -> dict[str, Any] | None:
         reader, writer = await asyncio.open_connection(host, port)
         try:
+            health_doc = None
             if health:
-                status, _, keep = await get(reader, writer, "/health")
+                status, body, keep = await get(reader, writer, "/health")
                 if status != 200:
                     return None
+                try:
+                    health_doc = json.loads(body)
+                except ValueError:
+                    health_doc = None
                 if not keep:  # the server closed this connection: ask /version on a new one
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, port)
             status, body, _ = await get(reader, writer, "/version")
             doc = json.loads(body) if status == 200 else None
-            return doc if isinstance(doc, dict) else None
+            if not isinstance(doc, dict):
+                return None
+            return {**doc, "health": health_doc} if isinstance(health_doc, dict) else doc
         finally:
             writer.close()
 
@@ -273,6 +304,7 @@ class Deployer(ABC):
             serving_version=str(seen["version"]) if seen else None,
             healthy=seen is not None, detail={"server": seen, **self._backend_detail(target)},
             serving_digest=(seen.get("digest") or None) if seen else None,
+            problems=server_problems(seen),
         )
 
     def delete(self, target: Target) -> None:

@@ -345,10 +345,18 @@ class LocalProcessDeployer(Deployer):
         running the port is free, and anything that answers there (another local user's process claiming
         an approved version and digest) is reported as ``foreign``, never as serving."""
         st = super().status(target)
-        if st.detail.get("supervisor") is None and st.healthy:
+        sup = st.detail.get("supervisor")
+        if sup is None and st.healthy:
             detail = {**st.detail, "server": None, "foreign": st.detail.get("server")}
             return DeploymentStatus(target=target, address=st.address, serving_version=None, healthy=False,
-                                    detail=detail, serving_digest=None)
+                                    detail=detail, serving_digest=None, problems=[
+                                        f"no supervisor runs for {target.slot}, yet something answers at "
+                                        f"{st.address}: not ours, not serving"])
+        if sup and sup.get("state") == "crashloop":
+            st.problems.insert(0, f"version {sup.get('version')} was stopped after crash-looping "
+                                  f"({sup.get('restarts')} restarts)" + ("" if st.healthy else "; nothing serves"))
+        elif sup and sup.get("state") == "current" and not st.healthy:
+            st.problems.insert(0, f"version {sup.get('version')} is current but no worker answers at {st.address}")
         return st
 
     def _backend_detail(self, target: Target) -> dict[str, Any]:

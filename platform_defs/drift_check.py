@@ -86,6 +86,26 @@ def prune_reports(directory: Path, keep_last: int, max_age_days: float, now: flo
     return gone
 
 
+# The largest magnitude a model input may have: what the model server accepts (tree models compute in
+# float32). Drift statistics cannot bin a column spanning more (Evidently fails on +-1e308).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def within_model_range(frame: Any, columns: list[str]) -> tuple[Any, int]:
+    """``frame`` without the rows whose numeric inputs are infinite or beyond +-FLOAT32_MAX (a log written
+    before the server refused them), and how many rows that took out."""
+    import numpy as np
+
+    keep = np.ones(len(frame), dtype=bool)
+    for c in columns:
+        col = frame[c]
+        if col.dtype.kind == "f":
+            values = col.to_numpy()
+            keep &= np.isnan(values) | (np.abs(values) <= FLOAT32_MAX)
+    dropped = int((~keep).sum())
+    return (frame[keep].reset_index(drop=True) if dropped else frame), dropped
+
+
 def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring: MonitoringResource,
              ledger: Any, actor: str, trigger: str = "manual run", now: datetime | None = None) -> dg.AssetCheckResult:
     """Run the drift comparison for one endpoint environment and record it (report, ledger)."""
@@ -101,18 +121,20 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
                                    metadata={"verdict": "no verdict: nothing serves here"})
     window = read_window(monitoring.log_dir(m.endpoint.name, m.env), version=version, columns=m.features,
                          window_rows=m.drift.window_rows, window_hours=m.drift.window_hours, now=now)
+    current, out_of_range = within_model_range(window.frame, m.features)
     common = {
         "model_version": version,
         "window": (f"newest {m.drift.window_rows} rows" if m.drift.window_rows
                    else f"last {m.drift.window_hours:g} hours"),
-        "window_rows": window.rows,
+        "window_rows": len(current),
         "excluded_other_version_rows": window.other_version_rows,
+        "excluded_out_of_range_rows": out_of_range,
         "corrupt_log_lines": window.corrupt_lines,
     }
-    if window.rows < m.drift.min_rows:
+    if len(current) < m.drift.min_rows:
         return dg.AssetCheckResult(
             check_name=CHECK_NAME, passed=True, severity=dg.AssetCheckSeverity.WARN,
-            metadata={**common, "verdict": f"no verdict: {window.rows} rows logged by version {version} in the "
+            metadata={**common, "verdict": f"no verdict: {len(current)} rows logged by version {version} in the "
                                            f"window, the policy needs {m.drift.min_rows}"})
     mv = mlflow.get_version(m.model.name, version)
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +149,7 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
     report = reports / f"{now:%Y%m%dT%H%M%SZ}-v{version}.html"
     t0 = time.perf_counter()
     result = evaluate_drift(
-        reference, window.frame, columns=m.features,
+        reference, current, columns=m.features,
         numeric_method=m.drift.numeric_method, numeric_threshold=m.drift.numeric_threshold,
         categorical_method=m.drift.categorical_method, categorical_threshold=m.drift.categorical_threshold,
         drift_share=m.drift.drift_share, report_html=report,

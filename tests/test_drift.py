@@ -241,3 +241,20 @@ def test_auto_engine_by_window_size_and_method(reference, undrifted, monkeypatch
         evaluate_drift(reference, undrifted, columns=cols, categorical_method="TVD", engine="fast")
     with pytest.raises(ValueError, match="engine must be"):
         evaluate_drift(reference, undrifted, columns=cols, engine="quick")
+
+
+def test_inputs_beyond_what_a_model_takes_are_left_out_of_the_window_and_counted(reference, undrifted):
+    """Evidently cannot bin a column spanning +-1e308 (two such rows crashed churn's input_drift check);
+    the server refuses them now, and a window read from an older log leaves them out, counted."""
+    from platform_defs.drift_check import FLOAT32_MAX, within_model_range
+
+    window = undrifted.copy()
+    window.loc[0, "annual_income"], window.loc[1, "loan_amount"] = 1e308, -math.inf
+    window.loc[2, "debt_to_income"] = np.nan  # a missing value is not out of range
+    window.loc[3, "annual_income"] = FLOAT32_MAX
+    kept, dropped = within_model_range(window, FEATURES)
+    assert dropped == 2 and len(kept) == len(window) - 2
+    with pytest.raises(ValueError):  # what the check ran into before
+        evaluate_drift(reference, window, columns=FEATURES, numeric_method="psi", numeric_threshold=0.1)
+    result = evaluate_drift(reference, kept, columns=FEATURES, numeric_method="psi", numeric_threshold=0.1)
+    assert result.columns and not math.isnan(result.drifted_share)

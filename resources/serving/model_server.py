@@ -1,16 +1,26 @@
 """onepath's model server: one model version, loaded once, behind a lean ASGI app on uvicorn.
 
 Routes: ``POST /predict`` (one record object or ``{"records": [...]}``), ``POST /invocations``
-(MLflow's ``dataframe_records`` / ``dataframe_split`` / ``inputs`` shapes), ``GET /health``,
-``GET /version``, ``GET /metrics`` (Prometheus text).
+(MLflow's ``dataframe_records`` / ``dataframe_split`` / ``inputs`` shapes), ``GET /health``
+(``ModelApp.health``: "ok" or "degraded" with its problems, the inference log's state, the recent
+model errors), ``GET /version``, ``GET /metrics`` (Prometheus text).
 
-Every request is validated against the model's MLflow signature before it reaches the model: a
-missing column or a wrong type is a 422 naming the column, a malformed body a 400. Columns outside
-the signature (an application id passed through for tracing) never reach the model; they are kept
-in the inference log unless declared PII. Rows of concurrent requests are scored together in one
-model call (micro-batching), which is where most of the throughput comes from: a batch closes when
-an event-loop iteration brings no new request, after ``batch_wait_ms`` (config, default 2) or at
-``max_batch`` rows, whichever comes first; a lone request does not wait.
+Every request is judged alone. It is validated against the model's MLflow signature before it
+reaches the model, so that what passes can be framed and scored (``validate_records``: integers
+within int64, numbers finite and within float32's range): a missing column or a wrong type is a 422
+naming the record and the column, a malformed body or shape a 400 naming the field; a body, a row
+count or a nesting depth past its limit (``DEFAULT_LIMITS``, each settable in the config) a 413/422
+before any scoring. Columns outside the signature (an application id passed through for tracing)
+never reach the model; they are kept in the inference log unless declared PII. Rows of concurrent
+requests are scored together in one model call (micro-batching), which is where most of the
+throughput comes from: a batch closes when an event-loop iteration brings no new request, after
+``batch_wait_ms`` (config, default 2) or at ``max_batch`` rows, whichever comes first; a lone request
+does not wait. A batch whose model call raises is bisected down to single requests, so only a
+request the model refuses alone gets a 500; every future of a batch is resolved whatever happens,
+and a request-level deadline answers 503 should one ever not be. Every response is counted by route
+and status (the HTTP protocol's own answers too: ``resources.serving.http_limits``), and an
+unexpected exception is a counted JSON 500. The inference log degrades (``InferenceLog``), never
+the predictions.
 
 This module imports neither Dagster nor MLflow on its normal path: the sklearn flavour is loaded
 straight from its bytes. Other flavours go through ``mlflow.pyfunc``. Before anything is loaded
@@ -633,6 +643,8 @@ class ModelApp:
         self._arrivals_seen = 0
         self._batch_opened = 0.0
         self._collecting: asyncio.Handle | None = None
+        self._deadlines: deque[tuple[float, asyncio.Future]] = deque()  # (due, future) in arrival order
+        self._sweeping: asyncio.TimerHandle | None = None
         self.batch_wait = batch_wait_ms / 1000.0
         self._version_body = orjson.dumps({
             "endpoint": endpoint, "env": env, "model": model.name, "version": model.version,
@@ -700,6 +712,9 @@ class ModelApp:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append((records, fut, request_id, t0))
+        self._deadlines.append((t0 + self.deadline, fut))
+        if self._sweeping is None:
+            self._sweeping = loop.call_later(1.0, self._sweep)
         self._pending_rows += len(records)
         self._arrivals += 1
         if self._pending_rows >= self.max_batch:  # a full batch does not wait
@@ -712,6 +727,20 @@ class ModelApp:
             self._arrivals_seen = self._arrivals
             self._collecting = loop.call_soon(self._collect)
         return fut
+
+    def _sweep(self) -> None:
+        """The request deadline: once a second, a request still unanswered ``deadline`` seconds after
+        it arrived gets a 503 (scoring resolves every future it takes, so this is the net under a
+        bug, not a path). Requests arrive in deadline order: the sweep looks at the oldest only."""
+        self._sweeping = None
+        now, dl = time.perf_counter(), self._deadlines
+        while dl and (dl[0][1].done() or dl[0][0] <= now):
+            due, fut = dl.popleft()
+            if not fut.done():
+                fut.set_exception(RequestError(503, f"no answer within {self.deadline:g} s (the request "
+                                                    f"deadline); try again"))
+        if dl:
+            self._sweeping = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     def _collect(self) -> None:
         """Score the pending rows once a loop iteration brought no new request, or after batch_wait.
@@ -906,12 +935,7 @@ class ModelApp:
                        else parse_invocations_body(body, self.max_rows))
             validate_records(records, self.model.columns, self.max_rows,
                              self.max_depth if (body.count(b"[") + body.count(b"{")) > self.max_depth else None)
-            fut = self._submit(records, request_id, t0)
-            timer = asyncio.get_running_loop().call_later(self.deadline, _expire, fut, self.deadline)
-            try:
-                out = await fut
-            finally:
-                timer.cancel()
+            out = await self._submit(records, request_id, t0)
         except RequestError as err:
             await self._send(send, route, err.status, err.body(), t0, request_id=request_id)
             return
@@ -969,12 +993,6 @@ class _HeapTrimmer:
         self._handle = None
         assert self._trim is not None
         self._trim(0)
-
-
-def _expire(fut: asyncio.Future, seconds: float) -> None:
-    if not fut.done():
-        fut.set_exception(RequestError(503, f"no answer within {seconds:g} s (the request deadline); "
-                                            f"try again"))
 
 
 def build_app(config: dict[str, Any]) -> ModelApp:

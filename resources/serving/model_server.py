@@ -430,6 +430,7 @@ class Metrics:
     latency_sum: float = 0.0
     latency_count: int = 0
     batches: int = 0
+    batch_splits: int = 0
     log_errors: int = 0
 
     def count(self, route: str, status: int) -> None:
@@ -475,6 +476,10 @@ class Metrics:
             "# HELP onepath_batches_total Model calls (each scores one micro-batch).",
             "# TYPE onepath_batches_total counter",
             f"onepath_batches_total{{{labels}}} {self.batches}",
+            "# HELP onepath_batch_splits_total Model calls on several requests that raised and were split "
+            "to find the failing request.",
+            "# TYPE onepath_batch_splits_total counter",
+            f"onepath_batch_splits_total{{{labels}}} {self.batch_splits}",
             "# HELP onepath_request_latency_seconds Prediction request latency.",
             "# TYPE onepath_request_latency_seconds histogram",
         ]
@@ -810,6 +815,7 @@ class ModelApp:
             out = self.score_now([r for recs in requests for r in recs])
         except Exception as err:
             if len(requests) > 1:
+                self.metrics.batch_splits += 1
                 half = len(requests) // 2
                 return self._score_requests(requests[:half]) + self._score_requests(requests[half:])
             self.metrics.model_errors += 1

@@ -281,7 +281,7 @@ def load_model(model_dir: Path, name: str, version: str, expected_digest: str | 
 
 
 _KIND_RULES = {
-    "number": f"number (finite, within \u00b1{FLOAT32_MAX:g}, the float32 range)",
+    "number": f"number (finite, within \u00b1{FLOAT32_MAX:.8g}, the float32 range)",
     "integer": f"integer (within int64, {INT64_MIN}..{INT64_MAX})",
     "string": "string", "boolean": "boolean",
 }
@@ -317,7 +317,8 @@ def validate_records(records: Any, columns: list[Column], max_rows: int | None =
                 or (k == "boolean" and t is bool)
             )
             if not ok:
-                shown = repr(v) if t in (int, float, bool, str) and len(repr(v)) <= 64 else f"{repr(v)[:60]}..."
+                shown = repr(v) if t in (int, float, bool, str) else f"of {len(v)} items"  # never a deep repr
+                shown = shown if len(shown) <= 64 else f"{shown[:60]}..."
                 raise RequestError(
                     422, f"record {i}: column '{col.name}' must be {_KIND_RULES[k]}, got {t.__name__} {shown}",
                     col.name, i,

@@ -166,6 +166,7 @@ def serve(app: Any) -> None:
     config = uvicorn.Config(
         close_when_draining(app, drain), lifespan="on", access_log=False, log_level="warning",
         loop="uvloop", http=protocol_for(app), timeout_graceful_shutdown=budget, timeout_keep_alive=5,
+        proxy_headers=False,  # nothing is proxied to a worker: a local peer cannot claim another address
     )
     server = _draining_server_class()(config, drain, budget,
                                       _seconds("ONEPATH_DRAIN_IDLE_SECONDS", IDLE_GRACE_DEFAULT))

@@ -17,8 +17,10 @@ exactly these additions, each answered at once with a JSON error and ``connectio
   not consumed what it got: that is not the client's stall).
 
 Keep-alive idleness between requests stays uvicorn's ``timeout_keep_alive``. One timer per
-connection at most, armed at the end of ``data_received`` only while a request is incomplete, so a
-request that arrives in one read costs a few attribute writes. Limits on the body's size, rows and
+connection at most, armed at the end of ``data_received`` only while a request is incomplete, and
+the size limits are checked once per request when its headers are complete (a head still arriving
+is bounded per read), never per header: a request that arrives in one read costs a few attribute
+writes and three comparisons. Limits on the body's size, rows and
 JSON depth belong to the app (the model server checks them before scoring).
 
 An app may count what the protocol answers: if it has a callable attribute
@@ -70,9 +72,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._op_since = 0.0   # when the phase began
         self._op_last = 0.0    # last byte read
         self._op_timer: Any = None
-        self._op_url_len = 0
-        self._op_header_count = 0
-        self._op_header_bytes = 0
+        self._op_head_bytes = 0  # bytes read while the current request's head was incomplete
+        self._op_read = 0        # size of the read being parsed
+        lim = self.onepath_limits
+        self._op_head_max = lim.max_url_bytes + lim.max_header_bytes + 4096  # + request line, separators
 
     # -- the connection -----------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
@@ -88,40 +91,39 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._op_last = self.loop.time()
+        self._op_read = len(data)
         super().data_received(data)
-        if self._op_phase is not None and self._op_timer is None and not self.transport.is_closing():
+        phase = self._op_phase
+        if phase is None:
+            return
+        if phase == "body" and not (self.cycle is not None and self.cycle.more_body):
+            self._op_phase = None  # the message is complete (uvicorn's on_message_complete ran)
+            return
+        if phase == "headers":  # a head arriving in pieces: bounded while it arrives, not at its end
+            self._op_head_bytes += len(data)
+            if self._op_head_bytes > self._op_head_max and not self.transport.is_closing():
+                self._op_answer(431, f"request headers larger than {self.onepath_limits.max_header_bytes} bytes")
+                return
+        if self._op_timer is None and not self.transport.is_closing():
             self._op_arm()
 
-    # -- parser callbacks -------------------------------------------------------------------------
+    # -- parser callbacks (per request, never per header) ---------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._op_phase, self._op_since = "headers", self._op_last
-        self._op_url_len = self._op_header_count = self._op_header_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._op_url_len += len(url)
-        if self._op_url_len > self.onepath_limits.max_url_bytes:
-            self._op_refuse(414, f"URL longer than {self.onepath_limits.max_url_bytes} bytes")
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # httptools may hand one header over in pieces; each piece counts once towards the size
-        self._op_header_count += 1
-        self._op_header_bytes += len(name) + len(value)
-        lim = self.onepath_limits
-        if self._op_header_count > lim.max_headers:
-            self._op_refuse(431, f"more than {lim.max_headers} header fields")
-        if self._op_header_bytes > lim.max_header_bytes:
-            self._op_refuse(431, f"request headers larger than {lim.max_header_bytes} bytes")
-        super().on_header(name, value)
+        self._op_phase, self._op_since, self._op_head_bytes = "headers", self._op_last, 0
 
     def on_headers_complete(self) -> None:
+        lim = self.onepath_limits
+        if len(self.url) > lim.max_url_bytes:
+            self._op_refuse(414, f"URL longer than {lim.max_url_bytes} bytes")
+        if len(self.headers) > lim.max_headers:
+            self._op_refuse(431, f"more than {lim.max_headers} header fields")
+        # the head is at most what was read for it: only a large one is summed
+        if (self._op_head_bytes + self._op_read > lim.max_header_bytes
+                and sum(len(k) + len(v) for k, v in self.headers) > lim.max_header_bytes):
+            self._op_refuse(431, f"request headers larger than {lim.max_header_bytes} bytes")
         self._op_phase, self._op_since = "body", self._op_last
         super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self._op_phase = None
-        super().on_message_complete()
 
     # -- answers ---------------------------------------------------------------------------------
     def send_400_response(self, msg: str) -> None:  # uvicorn calls it when the parser refuses

@@ -298,7 +298,7 @@ def validate_records(records: Any, columns: list[Column], max_rows: int | None =
     if not isinstance(records, list) or not records:
         raise RequestError(400, "expected a non-empty list of records")
     _row_limit(len(records), max_rows)
-    names = {c.name for c in columns}
+    names = {c.name for c in columns} if max_depth is not None else set()
     for i, rec in enumerate(records):
         if type(rec) is not dict:
             raise RequestError(400, f"record {i} is not a JSON object", record=i)
@@ -718,7 +718,10 @@ class ModelApp:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append((records, fut, request_id, t0))
-        self._deadlines.append((t0 + self.deadline, fut))
+        dl = self._deadlines
+        while dl and dl[0][1].done():  # answered ones go at once: nothing outlives its request here
+            dl.popleft()
+        dl.append((t0 + self.deadline, fut))
         if self._sweeping is None:
             self._sweeping = loop.call_later(1.0, self._sweep)
         self._pending_rows += len(records)
@@ -770,13 +773,18 @@ class ModelApp:
         pending, self._pending = self._pending, []
         self._pending_rows = 0
         i = 0
-        while i < len(pending):
-            chunk, n = [], 0
-            while i < len(pending) and (not chunk or n + len(pending[i][0]) <= self.max_batch):
-                chunk.append(pending[i])
-                n += len(pending[i][0])
-                i += 1
-            self._score_chunk(chunk)
+        try:
+            while i < len(pending):
+                chunk, n = [], 0
+                while i < len(pending) and (not chunk or n + len(pending[i][0]) <= self.max_batch):
+                    chunk.append(pending[i])
+                    n += len(pending[i][0])
+                    i += 1
+                self._score_chunk(chunk)
+        finally:  # whatever happened, no request taken off the queue is left unanswered
+            for _, fut, _, _ in pending:
+                if not fut.done():
+                    fut.set_exception(RequestError(500, "internal error: the request was not scored"))
 
     def _score_chunk(self, chunk: list) -> None:
         """Score one micro-batch and resolve every future of it, whatever happens.

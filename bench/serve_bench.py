@@ -739,7 +739,8 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
           f"{args.threads} thread(s) x {args.connections} connections, {m['n_bodies']} bodies; "
           f"baseline {base_commit[:7]}, new {summary['new_commit']}; pinning {'on' if pin else 'off'}")
     print(f"  requests/s   median baseline {b['rps']:.0f}  new {n['rps']:.0f}  ratio of medians "
-          f"{n['rps'] / b['rps']:.3f}; per-round ratios {min(ratios):.3f}..{max(ratios):.3f}")
+          f"{n['rps'] / b['rps']:.3f}; per-round ratios {min(ratios):.3f}..{max(ratios):.3f}, median "
+          f"{statistics.median(ratios):.3f}, {sum(x < 1 for x in ratios)} of {len(ratios)} rounds slower")
     print(f"  p50 latency  median baseline {b['p50_ms']:.2f} ms  new {n['p50_ms']:.2f} ms")
     print(f"  p99 latency  median baseline {b['p99_ms']:.2f} ms  new {n['p99_ms']:.2f} ms")
     print("  what each limit costs per request (in-process, microseconds; medians of 7 interleaved repeats):")

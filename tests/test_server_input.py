@@ -151,11 +151,13 @@ def worker(model_dir, tmp_path_factory):
     w.stop()
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``data`` on a fresh connection and read until the server closes it (or ``timeout``)."""
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[int, dict]:
+    """Send ``data`` on a fresh connection and read one answer: its status and JSON body."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        return read_until_closed(s)
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        return r.status, json.loads(r.read())
 
 
 def read_until_closed(s: socket.socket) -> bytes:
@@ -239,16 +241,15 @@ def test_row_and_body_limits_answer_at_once(worker):
     code, out = worker.post("/predict", {"records": [GOOD] * 1001})
     assert code == 413 and "1001 records" in out["error"] and "max_request_rows" in out["error"]
     # the content-length alone is refused: not one byte of the 2 MiB body is sent
-    raw = raw_exchange(worker.port, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                                    b"content-length: 2097152\r\n\r\n")
-    code, out = status_of(raw)
+    code, out = raw_exchange(worker.port, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                          b"content-length: 2097152\r\n\r\n")
     assert code == 413 and "max_body_bytes" in out["error"]
     # a chunked body has no content-length: refused as soon as it passes the limit (the client sends
     # a little more than 1 MiB and waits: the answer comes before the body is complete)
     chunk = b" " * 65536
     data = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(17))
-    code, out = status_of(raw_exchange(
-        worker.port, b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n" + data))
+    code, out = raw_exchange(
+        worker.port, b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n" + data)
     assert code == 413 and "larger than 1048576 bytes" in out["error"]
 
 
@@ -262,7 +263,7 @@ def test_protocol_limits_answer_with_json_and_are_counted(worker):
         (b"\x16\x03\x01 not http at all\r\n\r\n", 400, "invalid HTTP request"),
     ]
     for data, status, fragment in cases:
-        code, out = status_of(raw_exchange(worker.port, data))
+        code, out = raw_exchange(worker.port, data)
         assert code == status and fragment in out["error"], (status, out)
     delta = worker.counts() - before
     assert delta == Counter({("other", 414): 1, ("other", 431): 2, ("other", 400): 1, ("/metrics", 200): 1}), delta

@@ -968,8 +968,6 @@ class ModelApp:
         hdrs.append((b"x-model-version", self.model.version.encode()))
         if request_id:
             hdrs.append((b"x-request-id", request_id.encode("latin-1", "replace")))
-        if status == 413:  # the rest of an oversized body is not worth reading
-            hdrs.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": body})
         if route in ("/predict", "/invocations"):

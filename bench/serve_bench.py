@@ -21,7 +21,25 @@ What it does, all inside a fresh temporary directory:
 5. stops everything it started, also on Ctrl-C or an error.
 
 A run where either server answered anything but 2xx, or wrk saw socket errors, is reported as
-INVALID and the script exits non-zero. ``./dev install`` compiles the venv's bytecode; on a venv
+INVALID and the script exits non-zero.
+
+``--against COMMIT`` compares onepath with itself instead: this tree against the tree of
+``COMMIT`` (exported with ``git archive`` into ``--baseline-dir``, the repository's metadata left
+alone), interleaved:
+
+    .venv/bin/python bench/serve_bench.py --against 0f2ba97 [--rounds 8] [--duration 8]
+
+Each tree deploys the same registered model through its own ``LocalProcessDeployer`` (a driver
+process per tree with ``PYTHONPATH`` and working directory set to that tree; it reports which
+``resources`` it imported and the run stops if that is not its tree); both server trees are pinned
+to CPU 0 and only one is under load at a time, wrk on CPU 1. ``--rounds`` rounds of one wrk run
+per side, the order alternating per round, so that noise from the rest of the machine hits both
+alike. The verdict is a sign test over the paired per-round ratios new/baseline of requests/s:
+"within noise" unless every round went the same way (with 8 rounds, p = 2/256 that a real tie
+looks like that). It also measures in-process what each input limit costs per request (the
+validation's range checks against the baseline's ``validate_records``, the nesting pre-scan, the
+request deadline's timer, the HTTP protocol's limits and read timeouts against uvicorn's own
+protocol), each as the median of interleaved timing repeats. ``./dev install`` compiles the venv's bytecode; on a venv
 without it (and with PYTHONDONTWRITEBYTECODE=1, as on our machines) every cold start compiles every
 imported module from source, which ``--bytecode-cache DIR`` works around for both servers alike. A
 run takes about 1.5 minutes with the defaults.
@@ -478,6 +496,267 @@ def report(ours: dict[str, Any], theirs: dict[str, Any], meta: dict[str, Any]) -
             "targets": {k: f"{op} {b}" for k, (op, b) in TARGETS.items()}}
 
 
+# ------------------------------------------------------------------------------------------------
+# --against: this tree against a baseline commit, interleaved
+
+DRIVER = r"""
+import json, os, sys
+from pathlib import Path
+import resources
+from resources.deployers.base import Release, Target
+from resources.deployers.local import LocalProcessDeployer
+from resources.artifact_digest import folder_digest
+args = json.loads(sys.argv[1])
+deployer = LocalProcessDeployer(Path(args["run_dir"]), host="127.0.0.1", port_base=args["port_base"],
+                                artifact_roots=[Path(args["model"]).parent])
+target = Target(args["name"], "bench", kind="endpoint")
+release = Release(version="1", artifact=args["model"], digest=folder_digest(args["model"]), workers=1,
+                  config={"model_name": args["name"], "pii_columns": args["pii"], "max_batch": 64})
+st = deployer.deploy(target, release)
+sup = (st.detail.get("supervisor") or {}).get("pid")
+print(json.dumps({"address": st.address, "supervisor_pid": sup, "resources": os.path.dirname(resources.__file__)}),
+      flush=True)
+try:
+    sys.stdin.read()  # until the bench closes our stdin
+finally:
+    deployer.delete(target)
+"""
+
+
+def export_tree(commit: str, path: Path) -> str:
+    """``commit``'s tree at ``path`` (``git archive``, made once, reused after); its full commit id."""
+    want = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    marker = path / ".onepath-baseline-commit"
+    if marker.exists() and marker.read_text().strip() == want:
+        log(f"baseline: reusing the tree of {want[:7]} at {path}")
+        return want
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", want], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(path)], input=archive, check=True)
+    marker.write_text(want + "\n")
+    log(f"baseline: exported {want[:7]} to {path}")
+    return want
+
+
+def start_tree(name: str, tree: Path, tmp: Path, m: dict[str, Any], port_base: int,
+               cleanup: Cleanup) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tree)
+    cfg = {"run_dir": str(tmp / f"run-{name}"), "port_base": port_base, "model": str(m["local"]),
+           "name": MODEL_NAME, "pii": PII}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg)], cwd=str(tree), env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+    def stop() -> None:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            stop_process_group(proc)
+
+    cleanup.push(f"{name} tree", stop)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line:
+        raise RuntimeError(f"the {name} driver exited ({proc.wait()}) without deploying")
+    info = json.loads(line)
+    if Path(info["resources"]).resolve() != (tree / "resources").resolve():
+        raise RuntimeError(f"the {name} driver imported {info['resources']}, not {tree / 'resources'}")
+    port = int(info["address"].rsplit(":", 1)[1])
+    wait_first_prediction(port, "/predict", m["first_onepath"], time.perf_counter(), 120, alive=lambda: True)
+    return {"port": port, "root_pid": info["supervisor_pid"], "path": "/predict", "bodies": m["bodies_onepath"]}
+
+
+def limit_costs(base_tree: Path, m: dict[str, Any], repeats: int = 7) -> dict[str, float]:
+    """What each input limit costs per request, in microseconds (in-process; median of ``repeats``
+    interleaved timings of the new and the baseline way of doing the same step)."""
+    import asyncio
+    import importlib.util
+    import statistics
+    import timeit
+
+    from resources.serving import model_server as new
+
+    spec = importlib.util.spec_from_file_location("baseline_model_server",
+                                                  base_tree / "resources" / "serving" / "model_server.py")
+    assert spec and spec.loader
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # dataclasses look their module up there
+    spec.loader.exec_module(old)
+    bodies = [line.encode() for line in Path(m["bodies_onepath"]).read_text().splitlines() if line]
+    records = [json.loads(b)["records"] for b in bodies]
+    mlmodel = __import__("yaml").safe_load((m["local"] / "MLmodel").read_text())
+    cols_new, cols_old = new.read_signature(mlmodel), old.read_signature(mlmodel)
+
+    def per_request(fn: Callable[[], None], n: int) -> float:
+        return timeit.timeit(fn, number=1) / n * 1e6
+
+    def validate(mod: Any, cols: Any, **kw: Any) -> Callable[[], None]:
+        return lambda: [mod.validate_records(r, cols, **kw) for r in records]
+
+    def prescan() -> None:
+        for b in bodies:
+            if b.count(b"[") + b.count(b"{") > 32:
+                pass
+
+    async def deadlines(n: int) -> None:  # what _submit adds per request: one append to the deadline queue
+        from collections import deque
+
+        loop, dl = asyncio.get_running_loop(), deque()
+        futs = [loop.create_future() for _ in range(n)]
+        t = time.perf_counter()
+        for f in futs:
+            dl.append((t + 10.0, f))
+
+    out: dict[str, list[float]] = {k: [] for k in ("validate_base", "validate_new", "depth_prescan",
+                                                    "deadline_timer", "protocol_base", "protocol_new")}
+    for i in range(repeats):
+        out["validate_base"].append(per_request(validate(old, cols_old), len(records)))
+        out["validate_new"].append(per_request(validate(new, cols_new, max_rows=1000, max_depth=None), len(records)))
+        out["depth_prescan"].append(per_request(prescan, len(bodies)))
+        out["deadline_timer"].append(per_request(lambda: asyncio.run(deadlines(10000)), 10000))
+        base_us, new_us = protocol_cost(bodies[0], order=i % 2)
+        out["protocol_base"].append(base_us)
+        out["protocol_new"].append(new_us)
+    med = {k: statistics.median(v) for k, v in out.items()}
+    return {**med, "validation_cost": med["validate_new"] - med["validate_base"],
+            "protocol_cost": med["protocol_new"] - med["protocol_base"]}
+
+
+def protocol_cost(body: bytes, n: int = 5000, order: int = 0) -> tuple[float, float]:
+    """Microseconds per keep-alive request through uvicorn's httptools protocol and through onepath's
+    (parse, start the ASGI task, a 200 answer), in one event loop, on a transport that discards."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from resources.serving.http_limits import protocol_for
+
+    request = (b"POST /predict HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closing = False
+
+        def write(self, data: Any) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def close(self) -> None:
+            self.closing = True
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 9) if name in ("sockname", "peername") else default
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+    async def run(cls: type) -> float:
+        config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning")
+        config.load()
+        proto = cls(config=config, server_state=ServerState(), app_state={})
+        proto.connection_made(Transport())
+        t = time.perf_counter()
+        for _ in range(n):
+            proto.data_received(request)
+            await asyncio.sleep(0)  # the ASGI task runs and answers
+            await asyncio.sleep(0)
+        dt = time.perf_counter() - t
+        proto.connection_lost(None)
+        return dt / n * 1e6
+
+    classes = [HttpToolsProtocol, protocol_for(object())]
+    if order:  # alternate which one runs first: the second of a pair runs on a warmer process
+        return tuple(reversed([asyncio.run(run(c)) for c in reversed(classes)]))  # type: ignore[return-value]
+    return asyncio.run(run(classes[0])), asyncio.run(run(classes[1]))
+
+
+def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Cleanup) -> dict[str, Any]:
+    import statistics
+
+    base_commit = export_tree(args.against, args.baseline_dir)
+    here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "resources", "bench"],
+                                capture_output=True, text=True).stdout.strip())
+    m = build_model(tmp, args.rows, args.bodies)
+    sides = {"baseline": start_tree("baseline", args.baseline_dir, tmp, m, args.port_base, cleanup),
+             "new": start_tree("new", ROOT, tmp, m, args.port_base + 100, cleanup)}
+    for name, srv in sides.items():
+        if pin and srv["root_pid"]:
+            srv["pinning"] = pin_tree(int(srv["root_pid"]), 0)
+            log(f"{name}: pinned to CPU 0: {'ok' if srv['pinning']['ok'] else 'FAILED'}")
+        if args.warmup > 0:
+            run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin)
+    rounds = []
+    for i in range(args.rounds):
+        order = ["baseline", "new"] if i % 2 == 0 else ["new", "baseline"]
+        row: dict[str, Any] = {"order": order}
+        for name in order:
+            r = run_wrk(sides[name]["port"], sides[name]["path"], sides[name]["bodies"], args, args.duration, pin)
+            row[name] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "non2xx", "socket_errors")}
+        row["rps_ratio"] = row["new"]["rps"] / row["baseline"]["rps"]
+        log(f"round {i + 1}/{args.rounds} ({' then '.join(order)}): baseline {row['baseline']['rps']:.0f} req/s "
+            f"p99 {row['baseline']['p99_ms']:.2f} ms | new {row['new']['rps']:.0f} req/s p99 "
+            f"{row['new']['p99_ms']:.2f} ms | new/baseline {row['rps_ratio']:.3f}")
+        rounds.append(row)
+    log("measuring what each limit costs in-process")
+    costs = limit_costs(args.baseline_dir, m)
+
+    def med(side: str, key: str) -> float:
+        return statistics.median(r[side][key] for r in rounds)
+
+    ratios = [r["rps_ratio"] for r in rounds]
+    same_way = all(x < 1 for x in ratios) or all(x > 1 for x in ratios)
+    valid = all(r[s]["non2xx"] == 0 and r[s]["socket_errors"] == 0 for r in rounds for s in ("baseline", "new"))
+    summary = {
+        "baseline_commit": base_commit, "new_commit": here + (" (+ uncommitted changes)" if dirty else ""),
+        "rounds": rounds, "costs_us": costs, "valid": valid,
+        "median": {s: {k: med(s, k) for k in ("rps", "p50_ms", "p99_ms")} for s in ("baseline", "new")},
+        "rps_ratio_median": statistics.median(ratios), "rps_ratio_range": [min(ratios), max(ratios)],
+        "within_noise": not same_way,
+    }
+    b, n = summary["median"]["baseline"], summary["median"]["new"]
+    print()
+    print(f"onepath serve bench, {args.rounds} interleaved rounds of {args.duration:g} s per side, wrk "
+          f"{args.threads} thread(s) x {args.connections} connections, {m['n_bodies']} bodies; "
+          f"baseline {base_commit[:7]}, new {summary['new_commit']}; pinning {'on' if pin else 'off'}")
+    print(f"  requests/s   median baseline {b['rps']:.0f}  new {n['rps']:.0f}  ratio of medians "
+          f"{n['rps'] / b['rps']:.3f}; per-round ratios {min(ratios):.3f}..{max(ratios):.3f}, median "
+          f"{statistics.median(ratios):.3f}, {sum(x < 1 for x in ratios)} of {len(ratios)} rounds slower")
+    print(f"  p50 latency  median baseline {b['p50_ms']:.2f} ms  new {n['p50_ms']:.2f} ms")
+    print(f"  p99 latency  median baseline {b['p99_ms']:.2f} ms  new {n['p99_ms']:.2f} ms")
+    print("  what each limit costs per request (in-process, microseconds; medians of 7 interleaved repeats):")
+    print(f"    validation with int64/float32 ranges + row limit   {costs['validate_new']:.2f}  "
+          f"(baseline's {costs['validate_base']:.2f}: {costs['validation_cost']:+.2f})")
+    print(f"    nesting pre-scan (count of brackets in the body)   {costs['depth_prescan']:.2f}")
+    print(f"    request deadline (one deque append; upper bound)   {costs['deadline_timer']:.2f}")
+    print(f"    HTTP protocol with header/URL limits and timeouts  {costs['protocol_new']:.2f}  "
+          f"(uvicorn's own {costs['protocol_base']:.2f}: {costs['protocol_cost']:+.2f})")
+    print("  body size / row limits: one header scan and one len() per request (not measurable here)")
+    verdict = ("WITHIN NOISE (the rounds went both ways)" if summary["within_noise"] else
+               f"{'SLOWER' if ratios[0] < 1 else 'FASTER'} in every round")
+    print("RESULT:", verdict if valid else "INVALID (non-2xx responses or socket errors)")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", "-c", type=int, default=16)
@@ -498,6 +777,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, inference log)")
     ap.add_argument("--verbose", "-v", action="store_true", help="print wrk's own output")
+    ap.add_argument("--against", metavar="COMMIT",
+                    help="compare this tree with COMMIT's, interleaved (no mlflow); e.g. 0f2ba97")
+    ap.add_argument("--rounds", type=int, default=8, help="--against: interleaved rounds")
+    ap.add_argument("--baseline-dir", type=Path, default=Path(tempfile.gettempdir()) / "onepath-serve-baseline",
+                    help="--against: where the baseline commit's tree is exported (reused if there)")
     args = ap.parse_args(argv)
 
     if not shutil.which("wrk"):
@@ -520,6 +804,12 @@ def main(argv: list[str] | None = None) -> int:
             args.bytecode_cache.mkdir(parents=True, exist_ok=True)
             os.environ["PYTHONPYCACHEPREFIX"] = str(args.bytecode_cache.resolve())
             os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        if args.against:
+            results = bench_against(args, tmp, pin, cleanup)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=2, default=str))
+            return 0 if results["valid"] else 1
         m = build_model(tmp, args.rows, args.bodies)
         log(f"registered {m['uri']} ({m['serialization_format']}), {m['n_bodies']} request bodies")
         servers: dict[str, dict[str, Any]] = {}

@@ -161,9 +161,12 @@ def serve(app: Any) -> None:
     # end before the supervisor's SIGKILL at the same deadline, with the lifespan shutdown done
     budget = max(0.0, drain_seconds - min(0.5, drain_seconds * 0.1))
     drain = Drain()
+    from resources.serving.http_limits import protocol_for  # header/URL limits, read timeouts
+
     config = uvicorn.Config(
         close_when_draining(app, drain), lifespan="on", access_log=False, log_level="warning",
-        loop="uvloop", http="httptools", timeout_graceful_shutdown=budget, timeout_keep_alive=5,
+        loop="uvloop", http=protocol_for(app), timeout_graceful_shutdown=budget, timeout_keep_alive=5,
+        proxy_headers=False,  # nothing is proxied to a worker: a local peer cannot claim another address
     )
     server = _draining_server_class()(config, drain, budget,
                                       _seconds("ONEPATH_DRAIN_IDLE_SECONDS", IDLE_GRACE_DEFAULT))

@@ -44,6 +44,7 @@ from resources.processes import pid_alive
 from resources.serving import protocol
 from resources.serving.protocol import EXIT_ARTIFACT_REFUSED, ControlError
 from tests.conftest import _free_port_base, save_credit_model, wait_for
+from tests.test_deployer_contract import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGEST = "sha256:" + "ab" * 32
@@ -501,3 +502,28 @@ def test_refusing_workers_of_the_current_version_are_not_restarted_and_all_refus
     assert "every worker of version r3 refused its artifact" in loop["detail"]
     assert any(e["event"] == "crashloop_rollback" and e["to_version"] == "r1" for e in events)
     assert not any(e["event"] == "restart" for e in events)
+
+
+def test_an_inference_log_that_cannot_be_written_degrades_the_environment_visibly(world):
+    """The log folder cannot be created (a file stands where it goes): the worker still starts and
+    serves, its /health says degraded, and status, the serving_healthy check and the ledger say why."""
+    from platform_defs.specs import EndpointSpec
+    from resources.ledger import Ledger
+    from sensors.serving_health import evaluate_health
+
+    target = Target("sp_nolog", "staging")
+    blocker = world["base"] / "logs" / "sp_nolog"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the endpoint's log folder should be")
+    st = world["deployer"].deploy(target, endpoint_release(world, "1"))
+    assert st.serving_version == "1"
+    assert predict(st.address)["version"] == "1"
+    st = world["deployer"].status(target)
+    assert st.health == "degraded" and st.problems and st.problems[0].startswith("inference log:")
+    spec = EndpointSpec(name="sp_nolog", owner="credit-risk", track="ml-standard", model="m", environments=["staging"])
+    book = Ledger(world["base"] / "ledger.db", world["base"] / "keys" / "platform.key")
+    (ev,) = evaluate_health([(spec, "staging", target)], [st], book, {})
+    assert not ev.passed and ev.description.startswith("degraded: inference log:")
+    (entry,) = book.entries(kind="serving_unhealthy")
+    assert entry.subject == "sp_nolog" and entry.data["health"] == "degraded"
+    world["deployer"].delete(target)

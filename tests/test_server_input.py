@@ -460,7 +460,8 @@ def random_value(rng: random.Random, depth: int = 0):
         return nested(rng.choice([2, 20, 33, 60, 300, 800]))
     if kind == 7:
         return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
-    return {rng.choice(["a", "income", "", "0", "segment"]): random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    keys = ["a", "income", "", "0", "segment"]
+    return {rng.choice(keys): random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
 
 
 def random_record(rng: random.Random) -> dict:

@@ -85,6 +85,8 @@ KINDS: tuple[str, ...] = (
     "event_refused",
     "explainability_report",
     "digest_mismatch",
+    "supervisor_restarted",
+    "outage",
 )
 
 GENESIS_HASH = "0" * 64

@@ -12,6 +12,10 @@ recorded. It records:
 * ``crashloop_rollback_failed`` -> a second ``crashloop`` entry (``action: "rollback_failed"``, why),
 * ``artifact_refused`` -> an ``artifact_refused`` entry (a worker found bytes that do not hash to the
   release's digest, and refused to serve them),
+* ``supervisor_restarted`` -> a ``supervisor_restarted`` entry (the pid before and now, the workers
+  adopted, whether it had to relaunch, seconds without a supervisor); when it relaunched (the supervisor
+  and all its workers had died) also an ``outage`` entry (``phase: "began"``), and ``serving_restored`` /
+  ``relaunch_failed`` -> an ``outage`` entry with ``phase: "ended"`` / ``"unresolved"``,
 * ``crashloop_rollback`` -> handed to the promotion flow (``confirm_supervisor_rollback``), the only
   code that writes ``rollback``/``deploy`` entries or moves an alias: it records the way back only
   when the server really answers with that version, with its registered digest, and that version
@@ -44,7 +48,8 @@ from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Entry, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
 
-RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed", "artifact_refused")
+RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed", "artifact_refused",
+           "supervisor_restarted", "serving_restored", "relaunch_failed")
 
 
 def _targets(org: Organisation) -> list[tuple[Any, Target]]:
@@ -132,6 +137,29 @@ def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event:
             **common, "version": _str(event.get("version")), "worker": event.get("worker"),
             "expected_digest": event.get("digest"), "error": event.get("log")},
             actor, env=target.env)]
+    if kind == "supervisor_restarted":
+        entry = ledger.append("supervisor_restarted", target.name, {
+            **common, "version": _str(event.get("version")), "pid": event.get("pid"),
+            "previous_pid": event.get("previous_pid"), "adopted_pids": event.get("adopted_pids"),
+            "respawned": event.get("respawned"), "killed_pids": event.get("killed_pids"),
+            "relaunched": bool(event.get("relaunched")), "unsupervised_seconds": event.get("unsupervised_seconds"),
+            "detail": event.get("detail")}, actor, env=target.env)
+        if not event.get("relaunched"):
+            return [entry]
+        return [entry, ledger.append("outage", target.name, {
+            **common, "version": _str(event.get("version")), "phase": "began",
+            "unsupervised_seconds": event.get("unsupervised_seconds"),
+            "detail": f"the supervisor (pid {event.get('previous_pid')}) and every worker of version "
+                      f"{event.get('version')} were gone: nothing served at the stable address; a new supervisor "
+                      "relaunches it"}, actor, env=target.env)]
+    if kind in ("serving_restored", "relaunch_failed"):
+        restored = kind == "serving_restored"
+        return [ledger.append("outage", target.name, {
+            **common, "version": _str(event.get("version")), "phase": "ended" if restored else "unresolved",
+            "seconds": event.get("seconds"),
+            "detail": f"version {event.get('version')} serves again" if restored
+                      else f"relaunching version {event.get('version')} failed, nothing serves: {event.get('reason')}"},
+            actor, env=target.env)]
     # crashloop_rollback: the supervisor already serves to_version again; the flow confirms and records it
     # a tick does not wait for a promotion in flight (a bake can hold the lock for minutes): next tick
     return confirm_supervisor_rollback(org, policy, spec, target.env, services=services,
@@ -173,11 +201,12 @@ def build_supervisor_events_sensor(org: Organisation, policy: Policy) -> dg.Sens
                 description=(f"the supervisor rolled back from version {e.data.get('from_version')} to "
                              f"{e.data.get('to_version')} after a crash loop" if e.kind == "rollback"
                              else str(e.data.get("reason")) if e.kind == "serving_stopped"
+                             else str(e.data.get("detail")) if e.kind == "outage"
                              else f"version {e.data.get('version')} crash-looped: {e.data.get('action')}"),
                 metadata={"ledger_entry": e.seq, "kind": e.kind,
                           **({"serving_version": str(e.data["to_version"])} if e.kind == "rollback" else {})},
             )
-            for e in written if e.kind in ("crashloop", "rollback", "serving_stopped")
+            for e in written if e.kind in ("crashloop", "rollback", "serving_stopped", "outage")
         ]
         context.log.info("supervisor_events: recorded " + ", ".join(f"#{e.seq} {e.kind} {e.subject}.{e.env}"
                                                                     for e in written))

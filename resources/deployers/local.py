@@ -10,6 +10,10 @@ secret (``resources.serving.protocol``); the slot directory is 0700, so another 
 neither reach the socket nor read the secret, the state or the events. What runs is the
 supervisor's choice: this backend sends only which release to run (``_launch_spec``), and the
 artifact must lie inside one of ``artifact_roots``.
+
+A supervisor that died (SIGKILL, OOM) leaves its workers serving; ``revive`` (called by the
+``endpoint_status`` sensor and ``onepath status``, and implied by every deploy through
+``_ensure_supervisor``) starts a new one for the slot, which adopts them.
 """
 
 from __future__ import annotations
@@ -177,6 +181,9 @@ class LocalProcessDeployer(Deployer):
             if proc.poll() is not None:
                 if proc.returncode == 4:  # the supervisor's "cannot bind" exit
                     raise _PortTaken(port)
+                if proc.returncode == 6:  # another supervisor holds the slot's lock but did not answer
+                    raise DeployError(f"{target.slot}: its supervisor (pid {(self._state(target) or {}).get('pid')}) "
+                                      "runs but does not answer its control socket; not starting a second one")
                 raise DeployError(f"{target.slot}: the supervisor for {self.host}:{port} exited: "
                                   f"{_one_line(log_tail(slot / 'supervisor.log', 600))}")
             state = self._state(target) or {}
@@ -185,6 +192,30 @@ class LocalProcessDeployer(Deployer):
                 return ready
             time.sleep(self.poll_seconds)
         raise DeployError(f"{target.slot}: the supervisor did not come up within 20 s")
+
+    def _supervisor_gone(self, target: Target, state: dict[str, Any]) -> bool:
+        """Whether the slot's last supervisor is gone: nobody holds its lock (a pid can be reused;
+        the lock goes with the process); a slot from before the lock by its pid."""
+        slot = self.slot_dir(target)
+        if (protocol.private_dir(slot) / protocol.SUPERVISOR_LOCK).exists():
+            return not protocol.supervisor_running(slot)
+        return not pid_alive(int(state.get("pid") or 0))
+
+    def revive(self, target: Target) -> dict[str, Any] | None:
+        """Start a supervisor again for ``target`` if its last one died without being stopped (it did
+        not record ``stopped``); the new one adopts the workers still serving, or relaunches the version
+        that was current (``resources.serving.supervisor``, "Adoption") and says so in a signed
+        ``supervisor_restarted`` event. Returns ``{slot, previous_pid, pid}``, or None when there was
+        nothing to revive. DeployError (one line) if it could not be started."""
+        state = self._state(target)
+        if not state or state.get("stopped") or not self._supervisor_gone(target, state):
+            return None
+        with self._locked(f"{target.slot}.lock"):
+            state = self._state(target)  # a deploy may have started one meanwhile
+            if not state or state.get("stopped") or not self._supervisor_gone(target, state):
+                return None
+            self._start_supervisor(target)
+        return {"slot": target.slot, "previous_pid": state.get("pid"), "pid": (self._state(target) or {}).get("pid")}
 
     def _call(self, slot: Path, path: str, data: dict | None = None, timeout: float = 30) -> Any:
         try:

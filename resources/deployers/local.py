@@ -36,7 +36,8 @@ from resources.processes import pid_alive
 from resources.deployers.base import Candidate, Deployer, DeployError, DeploymentStatus, Release, Target
 from resources.serving import protocol
 from resources.serving.protocol import ControlError
-from resources.serving.supervisor import log_tail
+from resources.files import atomic_write
+from resources.serving.supervisor import kill_socket_holders, log_tail
 
 ENDPOINT_DEFAULTS = {"pii_columns": [], "max_batch": 64, "model_threads": 1, "inference_log": True}
 
@@ -367,6 +368,15 @@ class LocalProcessDeployer(Deployer):
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+        state = self._state(target) or state
+        if not state.get("stopped") and self._supervisor_gone(target, state):
+            # its supervisor died and nobody adopted its workers (they outlive it): stop what still holds
+            # the stable socket, and record the stop, so that nothing revives the slot
+            inode = state.get("stable_inode")
+            if isinstance(inode, int) and not isinstance(inode, bool):
+                kill_socket_holders(inode, keep=set())
+            atomic_write(self.slot_dir(target) / "state.json",
+                         json.dumps({**state, "stopped": True}, indent=2, sort_keys=True).encode())
 
     def status(self, target: Target) -> DeploymentStatus:
         """What serves, asked at the stable address, but only believed while this slot's supervisor runs:
@@ -402,12 +412,12 @@ class LocalProcessDeployer(Deployer):
         """Stop every supervisor under run_dir (in parallel); returns the slots that were running."""
         from concurrent.futures import ThreadPoolExecutor
 
-        running = []
+        running = []  # a slot whose supervisor died without being stopped counts: its workers may serve on
         for slot in self.slots():
             name, env = slot.rsplit(".", 1)
             t = Target(name, env)
             st = self._state(t)
-            if st and not st.get("stopped") and pid_alive(int(st["pid"])):
+            if st and not st.get("stopped"):
                 running.append((slot, t))
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(running)))) as pool:
             list(pool.map(lambda item: self._stop(item[1]), running))

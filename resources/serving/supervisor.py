@@ -5,8 +5,8 @@ stable address once and keeps it for its whole life, so the address never change
 does. It starts the version's worker processes with that listening socket inherited (plus a private
 health socket each: a Unix socket in the slot's private directory, never a TCP port), promotes a
 healthy group to "current" and drains the old one with SIGTERM, restarts a current worker that dies
-(with backoff), and tells the truth about all of it on its control socket. It runs in its own session, so it and its children outlive the Dagster run that
-started it; ``onepath down`` stops it.
+(with backoff), and tells the truth about all of it on its control socket. It runs in its own
+session, so it and its children outlive the Dagster run that started it; ``onepath down`` stops it.
 
 A current version that crash-loops (more than RESTART_LIMIT restarts within RESTART_WINDOW) is
 replaced at once by the version that was current before it: the supervisor remembers that version's
@@ -24,6 +24,26 @@ supervisor builds the command line, environment, working directory and model-ser
 A worker that exits with ``EXIT_ARTIFACT_REFUSED`` (its bytes do not match the digest) is not
 restarted: the supervisor records ``artifact_refused`` and marks it refused; a current group whose
 every worker refused is treated like a crash loop.
+
+Adoption: a supervisor's death is not an outage. Its workers do not exit with it: each one offers
+the stable listening socket on its own handoff socket ``<slot>/private/w-<group>-<i>.fd.sock``
+(``resources.serving.protocol.offer_listening_socket``: only to a peer of our uid showing the slot's
+secret). A supervisor started for a slot (``LocalProcessDeployer.revive``: by the ``endpoint_status``
+sensor, ``onepath status`` or any deploy) first takes the slot's lock (``<slot>/private/supervisor.lock``,
+an ``flock`` released with the process however it dies: one supervisor per slot, exit 6 otherwise),
+then reads ``state.json``: for each recorded worker of the current group it pins the pid with a pidfd
+and checks that this very process holds the recorded stable socket (inode, from /proc) and answers
+/health (an endpoint's /version with the recorded version, digest and pid). It asks one of them for
+the socket, checks it is the recorded one (inode, port, listening) and adopts the group: ``Adopted``
+process handles (pidfd: ``poll``/``send_signal``; an adopted worker's exit status is unknown,
+``EXIT_UNKNOWN``, and its exit counts as a crash), the fencing token and ``previous_spec`` kept, a
+worker that died meanwhile started again. Anything else still holding the socket (a dead supervisor's
+candidate, never promoted by anyone alive) is SIGKILLed. With no live worker it binds the port afresh
+and relaunches the recorded current spec (validated again, digest-checked by the worker); until that
+version answers, the address refuses. It records ``supervisor_restarted`` (previous pid, adopted pids,
+workers respawned, pids killed, ``relaunched``, ``unsupervised_seconds``: since the last supervisor's
+``heartbeat``, touched every second) and, after a relaunch, ``serving_restored`` or ``relaunch_failed``;
+``sensors.supervisor_events`` makes them ``supervisor_restarted`` and ``outage`` ledger entries.
 
 Control API: JSON over HTTP on the Unix socket ``<slot>/private/control.sock``; every request needs
 the peer's uid to be ours and the slot's secret (see ``resources.serving.protocol``). ``GET /status``,
@@ -347,7 +367,7 @@ class Supervisor:
                 self.takeover["adopted_pids"] = [p.pid for p in g.procs if p is not None]
                 # anything else holding the slot's socket is a dead supervisor's candidate or stray worker:
                 # never promoted by anyone alive, it must not serve (a draining worker closed its copy)
-                self.takeover["killed_pids"] = _kill_holders(inode, keep=set(self.takeover["adopted_pids"]))
+                self.takeover["killed_pids"] = kill_socket_holders(inode, keep=set(self.takeover["adopted_pids"]))
                 for i, p in enumerate(g.procs):
                     if p is None:  # this worker died meanwhile: started again, counted as a restart
                         g.restarts.append(time.time())
@@ -361,7 +381,7 @@ class Supervisor:
         """A fresh stable socket; first stopping whatever still holds the old one without being
         adoptable (it would keep the port taken, and nobody supervises it)."""
         if isinstance(old_inode, int) and not isinstance(old_inode, bool):
-            self.takeover["killed_pids"] = _kill_holders(old_inode, keep=set())
+            self.takeover["killed_pids"] = kill_socket_holders(old_inode, keep=set())
         stable = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             stable.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -751,7 +771,7 @@ def _is_listener(sock: socket.socket, inode: Any, port: int) -> bool:
         return False
 
 
-def _kill_holders(inode: int, keep: set[int], wait: float = 5.0) -> list[int]:
+def kill_socket_holders(inode: int, keep: set[int], wait: float = 5.0) -> list[int]:
     """SIGKILL every process but ``keep`` that holds the socket ``inode`` (each pinned by a pidfd
     first) and wait (at most ``wait`` s) until they are gone; returns their pids."""
     handles = []
@@ -972,7 +992,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ControlError, OSError) as err:
         print(f"onepath supervisor: refusing to start for {slot_dir}: {err}", file=sys.stderr)
         raise SystemExit(5) from None
-    deadline = time.monotonic() + 3.0  # the deployer's liveness look holds the lock for an instant
+    deadline = time.monotonic() + 1.0  # the deployer's liveness look holds the lock for an instant
     while (lock := protocol.acquire_supervisor_lock(slot_dir)) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     if lock is None:

@@ -30,7 +30,7 @@ from resources.ledger import LedgerResource
 from resources.processes import pid_alive
 from resources.serving import protocol
 from sensors.endpoint_status import revive_supervisors
-from sensors.supervisor_events import relay_events
+from sensors.supervisor_events import outage_verdict, relay_events
 from tests.conftest import _free_port_base, model_release, save_credit_model, wait_for
 from tests.test_rollback import write_org
 
@@ -229,6 +229,10 @@ def test_supervisor_and_workers_killed_the_revive_relaunches_and_records_the_out
     written = relay(world)
     assert [(e.kind, e.data.get("phase"), e.data["version"]) for e in written] == [
         ("supervisor_restarted", None, "2"), ("outage", "began", "2"), ("outage", "ended", "2")]
+    # the environment's served_without_outage check fails for it (no deploy since: it stays failed)
+    passed, description, metadata = outage_verdict(world["ledger"], "sd_adopt", "prod")
+    assert not passed and metadata["outages"] == 1 and metadata["phase"] == "ended"
+    assert "outage of version 2" in description and "it ended" in description
 
 
 def test_a_stop_after_the_supervisor_died_stops_its_workers_and_nothing_revives(world):

@@ -198,9 +198,17 @@ class LocalProcessDeployer(Deployer):
         """Whether the slot's last supervisor is gone: nobody holds its lock (a pid can be reused;
         the lock goes with the process); a slot from before the lock by its pid."""
         slot = self.slot_dir(target)
-        if (protocol.private_dir(slot) / protocol.SUPERVISOR_LOCK).exists():
-            return not protocol.supervisor_running(slot)
-        return not pid_alive(int(state.get("pid") or 0))
+        pid = int(state.get("pid") or 0)
+        if not (protocol.private_dir(slot) / protocol.SUPERVISOR_LOCK).exists():
+            return not pid_alive(pid)
+        # a killed process reads as gone (its main thread a zombie) a moment before its last thread
+        # lets go of its files, the lock too: a recorded pid that is gone gets that moment
+        deadline = time.monotonic() + (2.0 if not pid_alive(pid) else 0.0)
+        while protocol.supervisor_running(slot):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_seconds)
+        return True
 
     def revive(self, target: Target) -> dict[str, Any] | None:
         """Start a supervisor again for ``target`` if its last one died without being stopped (it did

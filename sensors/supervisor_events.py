@@ -145,7 +145,7 @@ def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event:
         entry = ledger.append("supervisor_restarted", target.name, {
             **common, "version": _str(event.get("version")), "pid": event.get("pid"),
             "previous_pid": event.get("previous_pid"), "adopted_pids": event.get("adopted_pids"),
-            "respawned": event.get("respawned"), "killed_pids": event.get("killed_pids"),
+            "respawned": event.get("respawned"), "stopped_pids": event.get("stopped_pids"),
             "relaunched": bool(event.get("relaunched")), "unsupervised_seconds": event.get("unsupervised_seconds"),
             "detail": event.get("detail")}, actor, env=target.env)
         if not event.get("relaunched"):

@@ -37,7 +37,7 @@ from resources.deployers.base import Candidate, Deployer, DeployError, Deploymen
 from resources.serving import protocol
 from resources.serving.protocol import ControlError
 from resources.files import atomic_write
-from resources.serving.supervisor import kill_socket_holders, log_tail
+from resources.serving.supervisor import log_tail, stop_socket_holders
 
 ENDPOINT_DEFAULTS = {"pii_columns": [], "max_batch": 64, "model_threads": 1, "inference_log": True}
 
@@ -382,7 +382,7 @@ class LocalProcessDeployer(Deployer):
             # the stable socket, and record the stop, so that nothing revives the slot
             inode = state.get("stable_inode")
             if isinstance(inode, int) and not isinstance(inode, bool):
-                kill_socket_holders(inode, keep=set())
+                stop_socket_holders(inode, keep=set(), wait=40, until_exit=True)
             atomic_write(self.slot_dir(target) / "state.json",
                          json.dumps({**state, "stopped": True}, indent=2, sort_keys=True).encode())
 

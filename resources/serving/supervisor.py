@@ -38,10 +38,11 @@ the socket, checks it is the recorded one (inode, port, listening) and adopts th
 process handles (pidfd: ``poll``/``send_signal``; an adopted worker's exit status is unknown,
 ``EXIT_UNKNOWN``, and its exit counts as a crash), the fencing token and ``previous_spec`` kept, a
 worker that died meanwhile started again. Anything else still holding the socket (a dead supervisor's
-candidate, never promoted by anyone alive) is SIGKILLed. With no live worker it binds the port afresh
+candidate, never promoted by anyone alive) is told to drain (SIGTERM; SIGKILL if it still holds the
+socket 5 s later). With no live worker it binds the port afresh
 and relaunches the recorded current spec (validated again, digest-checked by the worker); until that
 version answers, the address refuses. It records ``supervisor_restarted`` (previous pid, adopted pids,
-workers respawned, pids killed, ``relaunched``, ``unsupervised_seconds``: since the last supervisor's
+workers respawned, pids stopped, ``relaunched``, ``unsupervised_seconds``: since the last supervisor's
 ``heartbeat``, touched every second) and, after a relaunch, ``serving_restored`` or ``relaunch_failed``;
 ``sensors.supervisor_events`` makes them ``supervisor_restarted`` and ``outage`` ledger entries.
 
@@ -312,7 +313,7 @@ class Supervisor:
         self.takeover: dict[str, Any] = {
             "previous_pid": before.get("pid"), "previous_stopped": bool(before.get("stopped")),
             "unsupervised_seconds": round(max(0.0, time.time() - last_seen), 1) if last_seen and before else None,
-            "adopted_pids": [], "respawned": [], "killed_pids": [], "handoff_errors": [], "relaunch": None,
+            "adopted_pids": [], "respawned": [], "stopped_pids": [], "handoff_errors": [], "relaunch": None,
         }
         self.stable = self._take_over(before)
         self.stable.set_inheritable(True)
@@ -366,8 +367,8 @@ class Supervisor:
                 self.last_served_spec = None
                 self.takeover["adopted_pids"] = [p.pid for p in g.procs if p is not None]
                 # anything else holding the slot's socket is a dead supervisor's candidate or stray worker:
-                # never promoted by anyone alive, it must not serve (a draining worker closed its copy)
-                self.takeover["killed_pids"] = kill_socket_holders(inode, keep=set(self.takeover["adopted_pids"]))
+                # never promoted by anyone alive, it must not serve; it drains (a draining one closed its copy)
+                self.takeover["stopped_pids"] = stop_socket_holders(inode, keep=set(self.takeover["adopted_pids"]))
                 for i, p in enumerate(g.procs):
                     if p is None:  # this worker died meanwhile: started again, counted as a restart
                         g.restarts.append(time.time())
@@ -381,7 +382,7 @@ class Supervisor:
         """A fresh stable socket; first stopping whatever still holds the old one without being
         adoptable (it would keep the port taken, and nobody supervises it)."""
         if isinstance(old_inode, int) and not isinstance(old_inode, bool):
-            self.takeover["killed_pids"] = kill_socket_holders(old_inode, keep=set())
+            self.takeover["stopped_pids"] = stop_socket_holders(old_inode, keep=set())
         stable = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             stable.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -771,9 +772,11 @@ def _is_listener(sock: socket.socket, inode: Any, port: int) -> bool:
         return False
 
 
-def kill_socket_holders(inode: int, keep: set[int], wait: float = 5.0) -> list[int]:
-    """SIGKILL every process but ``keep`` that holds the socket ``inode`` (each pinned by a pidfd
-    first) and wait (at most ``wait`` s) until they are gone; returns their pids."""
+def stop_socket_holders(inode: int, keep: set[int], *, wait: float = 5.0, until_exit: bool = False) -> list[int]:
+    """SIGTERM every process but ``keep`` that holds the socket ``inode`` (each pinned by a pidfd first,
+    and checked again through it): a worker drains, closing its copy at once and answering the
+    requests it has, so no client loses one. Wait at most ``wait`` s until each has let go of the
+    socket (``until_exit``: has exited), then SIGKILL the ones that have not. Returns their pids."""
     handles = []
     for pid in socket_holders(inode):
         if pid in keep:
@@ -784,15 +787,26 @@ def kill_socket_holders(inode: int, keep: set[int], wait: float = 5.0) -> list[i
             continue
         if holds_socket(pid, inode):  # still that process, and still holding it
             try:
-                h.send_signal(signal.SIGKILL)
+                h.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
             handles.append(h)
         else:
             h.close()
     deadline = time.monotonic() + wait
+
+    def done(h: Adopted) -> bool:
+        return h.poll() is not None or (not until_exit and not holds_socket(h.pid, inode))
+
+    while not all(done(h) for h in handles) and time.monotonic() < deadline:
+        time.sleep(0.02)
     for h in handles:
-        h.wait(deadline - time.monotonic())
+        if not done(h):
+            try:
+                h.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            h.wait(2.0)
         h.close()
     return [h.pid for h in handles]
 
@@ -1025,7 +1039,7 @@ def main(argv: list[str] | None = None) -> None:
         sup.event("supervisor_restarted", pid=os.getpid(), previous_pid=found["previous_pid"],
                   version=cur.version if cur else (str(relaunch["version"]) if relaunch else None),
                   group=cur.id if cur else None, adopted_pids=found["adopted_pids"], respawned=found["respawned"],
-                  killed_pids=found["killed_pids"], relaunched=relaunch is not None,
+                  stopped_pids=found["stopped_pids"], relaunched=relaunch is not None,
                   unsupervised_seconds=found["unsupervised_seconds"], detail="; ".join(found["handoff_errors"])[:500])
         if relaunch is not None:
             threading.Thread(target=sup.relaunch, args=(relaunch,), name="relaunch", daemon=True).start()

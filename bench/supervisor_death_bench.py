@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/supervisor_death_bench.py [--kills 5] [--relaunches 3] [--rate 150] [--json out.json]
 
-All inside a fresh temporary directory: trains and saves the credit model, deploys it with
+All inside a fresh temporary directory (removed at the end): trains and saves the credit model, deploys it with
 ``LocalProcessDeployer`` (two workers), then
 
 1. ``--kills`` times: a client at ``--rate`` requests/s through the stable address (a new connection
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -83,6 +84,7 @@ def main() -> None:
             args.json.write_text(json.dumps(out, indent=2))
     finally:
         deployer.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

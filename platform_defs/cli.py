@@ -84,16 +84,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _status_rows(settings: Settings, env: str | None) -> list[dict[str, Any]]:
     from platform_defs.loader import load_organisation
-    from resources.deployers.local import LocalProcessDeployer
-    from sensors.endpoint_status import targets_of
+    from platform_defs.wiring import build_resources
+    from sensors.endpoint_status import revive_supervisors, targets_of
 
     org = load_organisation()
-    deployer = LocalProcessDeployer(settings.run_dir, host=settings.host, port_base=settings.port_base,
-                                    inference_log_dir=settings.inference_log_dir)
+    # the platform's own deployer (its artifact roots too: a supervisor revived here relaunches only from them)
+    deployer = build_resources(settings)["deployer_local"].deployer()
     from platform_defs.registration import registered_digest
     from resources.ledger import Ledger, ledger_paths
 
     targets = [t for t in targets_of(org) if env is None or t[1] == env]
+    for r in revive_supervisors(deployer, [t for _, _, t in targets]):
+        print(f"onepath status: {r['slot']}: " + (f"its supervisor is gone and could not be started again: "
+                                                  f"{r['error']}" if "error" in r else
+                                                  f"its supervisor (pid {r['previous_pid']}) was gone; started "
+                                                  f"pid {r['pid']}, which adopts what still serves"),
+              file=sys.stderr)
     with ThreadPoolExecutor(max_workers=16) as pool:
         statuses = list(pool.map(lambda t: deployer.status(t[2]), targets))
     book = Ledger(*ledger_paths(settings.home))

@@ -24,7 +24,7 @@ from sensors.drift_sensor import build_drift_sensor
 from sensors.endpoint_status import build_endpoint_status_sensor
 from sensors.serving_health import build_serving_health_checks
 from sensors.handoff import build_handoff_sensor
-from sensors.supervisor_events import build_supervisor_events_sensor
+from sensors.supervisor_events import build_continuity_checks, build_supervisor_events_sensor
 
 
 def build_definitions(org: Organisation | None = None, settings: Settings | None = None,
@@ -36,7 +36,8 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
     return dg.Definitions(
         assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy),
                 build_inventory_asset(org, policy)],
-        asset_checks=[*build_alias_checks(org), *build_drift_checks(org, policy), *build_serving_health_checks(org)],
+        asset_checks=[*build_alias_checks(org), *build_drift_checks(org, policy), *build_serving_health_checks(org),
+                      *build_continuity_checks(org)],
         schedules=[build_platform_metrics_schedule(), build_inventory_schedule()],
         jobs=[build_rollback_job(org, policy)],
         resources=build_resources(settings),

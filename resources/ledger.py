@@ -87,6 +87,8 @@ KINDS: tuple[str, ...] = (
     "digest_mismatch",
     "serving_unhealthy",
     "serving_recovered",
+    "supervisor_restarted",
+    "outage",
 )
 
 GENESIS_HASH = "0" * 64

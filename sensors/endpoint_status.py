@@ -6,6 +6,9 @@ its problems, the alias, and the version a materialization would deploy now. Tha
 which version a promotion will deploy before anyone clicks. The same tick reports the
 ``serving_healthy`` check where its verdict changed, and records the change in the ledger
 (``sensors.serving_health``).
+
+Before it asks, it revives every supervisor that died without being stopped (``revive_supervisors``,
+also called by ``onepath status``): a process death is never left standing until the next deploy.
 """
 
 
@@ -18,7 +21,7 @@ import dagster as dg
 
 from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name
 from sensors.serving_health import evaluate_health
-from resources.deployers.base import Target
+from resources.deployers.base import DeployError, Target
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry
@@ -34,6 +37,22 @@ def targets_of(org: Organisation) -> list[tuple[Any, str, Target]]:
     return out
 
 
+def revive_supervisors(deployer: Any, targets: list[Target]) -> list[dict[str, Any]]:
+    """Start a supervisor again (it adopts the workers still serving, or relaunches) for every target
+    whose supervisor died without being stopped (``LocalProcessDeployer.revive``); what was revived,
+    ``{slot, previous_pid, pid}`` or ``{slot, error}``. The new supervisor records it in its signed
+    events, which the ``supervisor_events`` sensor relays into the ledger."""
+
+    def one(target: Target) -> dict[str, Any] | None:
+        try:
+            return deployer.revive(target)
+        except DeployError as err:
+            return {"slot": target.slot, "error": str(err)}
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(targets)))) as pool:
+        return [r for r in pool.map(one, targets) if r]
+
+
 def build_endpoint_status_sensor(org: Organisation) -> dg.SensorDefinition:
     targets = targets_of(org)
 
@@ -46,6 +65,13 @@ def build_endpoint_status_sensor(org: Organisation) -> dg.SensorDefinition:
     def endpoint_status(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry,
                         deployer_local: LocalDeployerResource, ledger: LedgerResource):
         deployer = deployer_local.deployer()
+        for r in revive_supervisors(deployer, [t for _, _, t in targets]):
+            if "error" in r:
+                context.log.error(f"endpoint_status: {r['slot']}: its supervisor is gone and could not be "
+                                  f"started again: {r['error']}")
+            else:
+                context.log.warning(f"endpoint_status: {r['slot']}: its supervisor (pid {r['previous_pid']}) was "
+                                    f"gone; started pid {r['pid']}, which adopts what still serves")
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(targets)))) as pool:
             statuses = list(pool.map(lambda t: deployer.status(t[2]), targets))
         models = {d.model for d, _, _ in targets if isinstance(d, EndpointSpec)}

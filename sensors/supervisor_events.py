@@ -12,6 +12,10 @@ recorded. It records:
 * ``crashloop_rollback_failed`` -> a second ``crashloop`` entry (``action: "rollback_failed"``, why),
 * ``artifact_refused`` -> an ``artifact_refused`` entry (a worker found bytes that do not hash to the
   release's digest, and refused to serve them),
+* ``supervisor_restarted`` -> a ``supervisor_restarted`` entry (the pid before and now, the workers
+  adopted, whether it had to relaunch, seconds without a supervisor); when it relaunched (the supervisor
+  and all its workers had died) also an ``outage`` entry (``phase: "began"``), and ``serving_restored`` /
+  ``relaunch_failed`` -> an ``outage`` entry with ``phase: "ended"`` / ``"unresolved"``,
 * ``crashloop_rollback`` -> handed to the promotion flow (``confirm_supervisor_rollback``), the only
   code that writes ``rollback``/``deploy`` entries or moves an alias: it records the way back only
   when the server really answers with that version, with its registered digest, and that version
@@ -23,6 +27,10 @@ recorded. It records:
 The actor is ``supervisor:<slot>``. Every entry carries the event's ``event_id``, and an event whose id
 the ledger already holds for that subject and environment is not recorded again, so a reset cursor,
 or a tick that failed half way, never records anything twice.
+
+An outage fails the environment's ``served_without_outage`` check (``build_continuity_checks``, declared
+non-blocking; ``outage_verdict``): the sensor reports the failed evaluation when it records the entry,
+and the check, run on demand, reads the same from the ledger until the next deploy or rollback.
 
 ``build_supervisor_events_sensor(org, policy)`` is the ``supervisor_events`` sensor that runs it every
 few seconds with the cursor kept as the sensor's cursor (JSON).
@@ -44,7 +52,8 @@ from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Entry, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
 
-RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed", "artifact_refused")
+RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed", "artifact_refused",
+           "supervisor_restarted", "serving_restored", "relaunch_failed")
 
 
 def _targets(org: Organisation) -> list[tuple[Any, Target]]:
@@ -132,6 +141,29 @@ def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event:
             **common, "version": _str(event.get("version")), "worker": event.get("worker"),
             "expected_digest": event.get("digest"), "error": event.get("log")},
             actor, env=target.env)]
+    if kind == "supervisor_restarted":
+        entry = ledger.append("supervisor_restarted", target.name, {
+            **common, "version": _str(event.get("version")), "pid": event.get("pid"),
+            "previous_pid": event.get("previous_pid"), "adopted_pids": event.get("adopted_pids"),
+            "respawned": event.get("respawned"), "stopped_pids": event.get("stopped_pids"),
+            "relaunched": bool(event.get("relaunched")), "unsupervised_seconds": event.get("unsupervised_seconds"),
+            "detail": event.get("detail")}, actor, env=target.env)
+        if not event.get("relaunched"):
+            return [entry]
+        return [entry, ledger.append("outage", target.name, {
+            **common, "version": _str(event.get("version")), "phase": "began",
+            "unsupervised_seconds": event.get("unsupervised_seconds"),
+            "detail": f"the supervisor (pid {event.get('previous_pid')}) and every worker of version "
+                      f"{event.get('version')} were gone: nothing served at the stable address; a new supervisor "
+                      "relaunches it"}, actor, env=target.env)]
+    if kind in ("serving_restored", "relaunch_failed"):
+        restored = kind == "serving_restored"
+        return [ledger.append("outage", target.name, {
+            **common, "version": _str(event.get("version")), "phase": "ended" if restored else "unresolved",
+            "seconds": event.get("seconds"),
+            "detail": f"version {event.get('version')} serves again" if restored
+                      else f"relaunching version {event.get('version')} failed, nothing serves: {event.get('reason')}"},
+            actor, env=target.env)]
     # crashloop_rollback: the supervisor already serves to_version again; the flow confirms and records it
     # a tick does not wait for a promotion in flight (a bake can hold the lock for minutes): next tick
     return confirm_supervisor_rollback(org, policy, spec, target.env, services=services,
@@ -140,6 +172,56 @@ def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event:
 
 def _str(v: Any) -> str | None:
     return None if v is None else str(v)
+
+
+# -- the outage check ----------------------------------------------------------------------------------
+CONTINUITY_CHECK = "served_without_outage"
+CONTINUITY_DESCRIPTION = ("No outage is recorded for this environment since its last deploy or rollback: the ledger "
+                          "holds no 'outage' entry (a supervisor and all its workers died, and the address refused "
+                          "until the version was relaunched) after it. Non-blocking; reported by supervisor_events.")
+
+
+def outage_verdict(book: Any, subject: str, env: str) -> tuple[bool, str, dict[str, Any]]:
+    """(passed, description, metadata) of ``served_without_outage`` for (subject, env), from the ledger:
+    failed when an ``outage`` entry follows the environment's last ``deploy``/``rollback`` entry."""
+    since = max((e.seq for e in book.entries(subject=subject, env=env) if e.kind in ("deploy", "rollback")),
+                default=0)
+    outages = book.entries(kind="outage", subject=subject, env=env, since_seq=since)
+    if not outages:
+        return True, "no outage recorded since the last deploy", {"outages": 0}
+    last = outages[-1]
+    began = next((e for e in reversed(outages) if e.data.get("phase") == "began"), last)
+    state = {"ended": "it ended", "unresolved": "it is NOT resolved"}.get(str(last.data.get("phase")), "it goes on")
+    return False, (f"outage of version {last.data.get('version')} recorded at {began.ts} (ledger #{began.seq}): "
+                   f"{began.data.get('detail')}; {state}"
+                   + (f" after {last.data.get('seconds')} s of relaunch" if last.data.get("phase") == "ended" else "")
+                   + (f": {last.data.get('detail')}" if last.data.get("phase") == "unresolved" else "")), {
+        "outages": len([e for e in outages if e.data.get("phase") == "began"]), "ledger_entry": last.seq,
+        "phase": str(last.data.get("phase")), "version": str(last.data.get("version"))}
+
+
+def _continuity_evaluation(book: Any, subject: str, env: str) -> dg.AssetCheckEvaluation:
+    passed, description, metadata = outage_verdict(book, subject, env)
+    return dg.AssetCheckEvaluation(asset_key=dg.AssetKey(endpoint_asset_name(subject, env)),
+                                   check_name=CONTINUITY_CHECK, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+                                   blocking=False, description=description, metadata=metadata)
+
+
+def build_continuity_checks(org: Organisation) -> list[dg.AssetChecksDefinition]:
+    """One declared, non-blocking ``served_without_outage`` check per endpoint and app environment."""
+    return [_continuity_check(target) for _, target in _targets(org)]
+
+
+def _continuity_check(target: Target) -> dg.AssetChecksDefinition:
+    key = endpoint_asset_name(target.name, target.env)
+
+    @dg.asset_check(asset=key, name=CONTINUITY_CHECK, blocking=False, description=CONTINUITY_DESCRIPTION)
+    def _check(ledger: LedgerResource) -> dg.AssetCheckResult:
+        passed, description, metadata = outage_verdict(ledger.ledger(), target.name, target.env)
+        return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, description=description,
+                                   metadata=metadata)
+
+    return _check
 
 
 def build_supervisor_events_sensor(org: Organisation, policy: Policy) -> dg.SensorDefinition:
@@ -173,14 +255,18 @@ def build_supervisor_events_sensor(org: Organisation, policy: Policy) -> dg.Sens
                 description=(f"the supervisor rolled back from version {e.data.get('from_version')} to "
                              f"{e.data.get('to_version')} after a crash loop" if e.kind == "rollback"
                              else str(e.data.get("reason")) if e.kind == "serving_stopped"
+                             else str(e.data.get("detail")) if e.kind == "outage"
                              else f"version {e.data.get('version')} crash-looped: {e.data.get('action')}"),
                 metadata={"ledger_entry": e.seq, "kind": e.kind,
                           **({"serving_version": str(e.data["to_version"])} if e.kind == "rollback" else {})},
             )
-            for e in written if e.kind in ("crashloop", "rollback", "serving_stopped")
+            for e in written if e.kind in ("crashloop", "rollback", "serving_stopped", "outage")
         ]
         context.log.info("supervisor_events: recorded " + ", ".join(f"#{e.seq} {e.kind} {e.subject}.{e.env}"
                                                                     for e in written))
+        book = services.ledger
+        outaged = sorted({(e.subject, e.env or "") for e in written if e.kind == "outage"})
+        observations += [_continuity_evaluation(book, subject, env) for subject, env in outaged]
         if not observations:
             return dg.SkipReason(f"recorded {len(written)} restart(s) in the ledger")
         return dg.SensorResult(asset_events=observations)
@@ -188,4 +274,5 @@ def build_supervisor_events_sensor(org: Organisation, policy: Policy) -> dg.Sens
     return supervisor_events
 
 
-__all__ = ["build_supervisor_events_sensor", "relay_events"]
+__all__ = ["CONTINUITY_CHECK", "build_continuity_checks", "build_supervisor_events_sensor", "outage_verdict",
+           "relay_events"]

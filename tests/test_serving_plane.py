@@ -229,8 +229,9 @@ def test_the_slot_is_owner_only_and_the_model_server_is_told_the_digest(world, s
     assert len(configs) == 1 and mode(configs[0]) & 0o077 == 0
     cfg = json.loads(configs[0].read_text())
     assert cfg["expected_digest"] == folder_digest(world["a"]) and cfg["model_dir"] == str(world["a"].resolve())
-    assert sorted(p.name for p in private.glob("w-*.sock")) == sorted(
-        f"w-{status(world, target)['current']['id']}-{i}.sock" for i in range(2))
+    gid = status(world, target)["current"]["id"]
+    assert sorted(p.name for p in private.glob("w-*.sock")) == sorted(  # health and handoff sockets
+        [f"w-{gid}-{i}.sock" for i in range(2)] + [f"w-{gid}-{i}.fd.sock" for i in range(2)])
 
 
 # -- tier (a): another local user ---------------------------------------------------------------------
@@ -297,7 +298,8 @@ def test_without_the_secret_or_with_a_wrong_one_nothing_happens(world, served, t
     marker = tmp_path / "pwned"
     attack = {"version": "1", "argv": ["/bin/sh", "-c", f"id > {marker}"], "env": {}, "cwd": "/"}  # the old API
     before = status(world, target)
-    for secret in (None, "", "00" * 32, protocol.read_secret(slot).hex()[:-2] + "00"):
+    real = protocol.read_secret(slot).hex()
+    for secret in (None, "", "00" * 32, real[:-1] + ("1" if real[-1] == "0" else "0")):  # one digit off
         code, body = raw_request(slot, "POST", "/launch", attack, secret)
         assert code == 401 and "secret" in body["error"], (secret, code, body)
         code, _ = raw_request(slot, "GET", "/status", None, secret)
@@ -433,8 +435,7 @@ def test_a_promote_with_a_stale_fencing_token_is_refused_and_the_old_version_kee
     # the highest token survives the supervisor: a new one reads it from state.json
     old_pid = json.loads((deployer.slot_dir(target) / "state.json").read_text())["pid"]
     os.kill(old_pid, signal.SIGKILL)
-    wait_for("the supervisor and its worker gone", lambda: not pid_alive(old_pid)
-             and not pid_alive(st.detail["server"]["pid"]), 60)
+    wait_for("the supervisor gone", lambda: not pid_alive(old_pid), 60)  # its worker serves on, adopted next
     with pytest.raises(DeployError, match="fencing token 8 is lower than the highest token seen 9"):
         deployer.deploy(target, endpoint_release(world, "2", "b"), fencing_token=8)
     state = json.loads((deployer.slot_dir(target) / "state.json").read_text())

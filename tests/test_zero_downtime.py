@@ -411,11 +411,19 @@ def test_a_draining_child_stops_accepting_answers_its_connections_with_close_the
     assert parent.wait(10) == 0
 
 
-def test_a_child_whose_parent_died_drains_and_exits_by_itself(child):
+def test_a_child_whose_parent_died_keeps_serving(child):
+    """A supervisor's death is not an outage: its workers serve on until a new one adopts them
+    (tests/test_supervisor_death.py drives the adoption)."""
     parent, pid, port = child
     keep = _connect(port)
     assert _get(keep)[1]["connection"] == "keep-alive"
     parent.kill()
     parent.wait()
-    _wait(lambda: _pid_gone(pid), "the orphaned child exited", timeout=20)
+    _wait(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] != str(parent.pid),
+          "the child reparented after its parent died")
+    status, headers, _ = _get(keep)  # its connections stay
+    assert (status, headers["connection"]) == (200, "keep-alive")
+    with _connect(port) as s:  # and it takes new ones
+        assert _get(s)[0] == 200
+    assert not _pid_gone(pid)
     keep.close()

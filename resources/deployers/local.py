@@ -10,6 +10,10 @@ secret (``resources.serving.protocol``); the slot directory is 0700, so another 
 neither reach the socket nor read the secret, the state or the events. What runs is the
 supervisor's choice: this backend sends only which release to run (``_launch_spec``), and the
 artifact must lie inside one of ``artifact_roots``.
+
+A supervisor that died (SIGKILL, OOM) leaves its workers serving; ``revive`` (called by the
+``endpoint_status`` sensor and ``onepath status``, and implied by every deploy through
+``_ensure_supervisor``) starts a new one for the slot, which adopts them.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from resources.processes import pid_alive
 from resources.deployers.base import Candidate, Deployer, DeployError, DeploymentStatus, Release, Target
 from resources.serving import protocol
 from resources.serving.protocol import ControlError
-from resources.serving.supervisor import log_tail
+from resources.files import atomic_write
+from resources.serving.supervisor import log_tail, stop_socket_holders
 
 ENDPOINT_DEFAULTS = {"pii_columns": [], "max_batch": 64, "model_threads": 1, "inference_log": True}
 
@@ -177,6 +182,9 @@ class LocalProcessDeployer(Deployer):
             if proc.poll() is not None:
                 if proc.returncode == 4:  # the supervisor's "cannot bind" exit
                     raise _PortTaken(port)
+                if proc.returncode == 6:  # another supervisor holds the slot's lock but did not answer
+                    raise DeployError(f"{target.slot}: its supervisor (pid {(self._state(target) or {}).get('pid')}) "
+                                      "runs but does not answer its control socket; not starting a second one")
                 raise DeployError(f"{target.slot}: the supervisor for {self.host}:{port} exited: "
                                   f"{_one_line(log_tail(slot / 'supervisor.log', 600))}")
             state = self._state(target) or {}
@@ -185,6 +193,38 @@ class LocalProcessDeployer(Deployer):
                 return ready
             time.sleep(self.poll_seconds)
         raise DeployError(f"{target.slot}: the supervisor did not come up within 20 s")
+
+    def _supervisor_gone(self, target: Target, state: dict[str, Any]) -> bool:
+        """Whether the slot's last supervisor is gone: nobody holds its lock (a pid can be reused;
+        the lock goes with the process); a slot from before the lock by its pid."""
+        slot = self.slot_dir(target)
+        pid = int(state.get("pid") or 0)
+        if not (protocol.private_dir(slot) / protocol.SUPERVISOR_LOCK).exists():
+            return not pid_alive(pid)
+        # a killed process reads as gone (its main thread a zombie) a moment before its last thread
+        # lets go of its files, the lock too: a recorded pid that is gone gets that moment
+        deadline = time.monotonic() + (2.0 if not pid_alive(pid) else 0.0)
+        while protocol.supervisor_running(slot):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_seconds)
+        return True
+
+    def revive(self, target: Target) -> dict[str, Any] | None:
+        """Start a supervisor again for ``target`` if its last one died without being stopped (it did
+        not record ``stopped``); the new one adopts the workers still serving, or relaunches the version
+        that was current (``resources.serving.supervisor``, "Adoption") and says so in a signed
+        ``supervisor_restarted`` event. Returns ``{slot, previous_pid, pid}``, or None when there was
+        nothing to revive. DeployError (one line) if it could not be started."""
+        state = self._state(target)
+        if not state or state.get("stopped") or not self._supervisor_gone(target, state):
+            return None
+        with self._locked(f"{target.slot}.lock"):
+            state = self._state(target)  # a deploy may have started one meanwhile
+            if not state or state.get("stopped") or not self._supervisor_gone(target, state):
+                return None
+            self._start_supervisor(target)
+        return {"slot": target.slot, "previous_pid": state.get("pid"), "pid": (self._state(target) or {}).get("pid")}
 
     def _call(self, slot: Path, path: str, data: dict | None = None, timeout: float = 30) -> Any:
         try:
@@ -338,6 +378,15 @@ class LocalProcessDeployer(Deployer):
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+        state = self._state(target) or state
+        if not state.get("stopped") and self._supervisor_gone(target, state):
+            # its supervisor died and nobody adopted its workers (they outlive it): stop what still holds
+            # the stable socket, and record the stop, so that nothing revives the slot
+            inode = state.get("stable_inode")
+            if isinstance(inode, int) and not isinstance(inode, bool):
+                stop_socket_holders(inode, keep=set(), wait=40, until_exit=True)
+            atomic_write(self.slot_dir(target) / "state.json",
+                         json.dumps({**state, "stopped": True}, indent=2, sort_keys=True).encode())
 
     def status(self, target: Target) -> DeploymentStatus:
         """What serves, asked at the stable address, but only believed while this slot's supervisor runs:
@@ -381,12 +430,12 @@ class LocalProcessDeployer(Deployer):
         """Stop every supervisor under run_dir (in parallel); returns the slots that were running."""
         from concurrent.futures import ThreadPoolExecutor
 
-        running = []
+        running = []  # a slot whose supervisor died without being stopped counts: its workers may serve on
         for slot in self.slots():
             name, env = slot.rsplit(".", 1)
             t = Target(name, env)
             st = self._state(t)
-            if st and not st.get("stopped") and pid_alive(int(st["pid"])):
+            if st and not st.get("stopped"):
                 running.append((slot, t))
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(running)))) as pool:
             list(pool.map(lambda item: self._stop(item[1]), running))

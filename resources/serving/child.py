@@ -5,10 +5,10 @@ The supervisor passes listening sockets as inherited file descriptors named in
 Unix socket in the slot's owner-only private directory, which only the supervisor talks to). All
 processes of an environment accept from the same stable socket, so a new version starts taking
 connections the moment it listens and an old one drains by closing only its own copy: no
-connection waiting in the queue is lost. A child whose supervisor has gone stops by itself.
+connection waiting in the queue is lost. A child whose supervisor has gone keeps serving: it offers
+its stable socket to the next supervisor of the slot (``offer_handoff``), which adopts it.
 
-Draining (on SIGTERM, SIGINT, or when the supervisor has gone) drops no request, also on
-keep-alive connections:
+Draining (on SIGTERM or SIGINT) drops no request, also on keep-alive connections:
 
 1. the process closes its listening sockets at once, so every new connection reaches the new
    version (the supervisor's promote waits for exactly this);
@@ -170,17 +170,43 @@ def serve(app: Any) -> None:
     )
     server = _draining_server_class()(config, drain, budget,
                                       _seconds("ONEPATH_DRAIN_IDLE_SECONDS", IDLE_GRACE_DEFAULT))
-    parent = os.getppid()
-
-    def watch_parent() -> None:
-        while not server.should_exit:
-            if os.getppid() != parent:
-                server.stop_soon()
-                return
-            time.sleep(0.5)
-
-    threading.Thread(target=watch_parent, daemon=True).start()
+    offer_handoff(sockets[0], drain)
     server.run(sockets=sockets)
+
+
+def offer_handoff(stable: socket.socket, drain: Drain) -> None:
+    """Offer ``stable`` to a new supervisor of the slot on the handoff socket the supervisor passed
+    down (``ONEPATH_HANDOFF_FD``; ``resources.serving.protocol.offer_listening_socket``), so that a
+    supervisor that died is replaced without the address ever closing. Only while not draining, and
+    only the socket this process inherited (checked by inode: once uvicorn closed it on a drain, the
+    fd number may name something else). Without a handoff fd or a readable secret nothing is offered:
+    the worker serves all the same, and a new supervisor that cannot adopt it starts afresh."""
+    raw, slot_dir = os.environ.get("ONEPATH_HANDOFF_FD", ""), os.environ.get("ONEPATH_SLOT_DIR", "")
+    if not raw or not slot_dir:
+        return
+    listener = socket.socket(fileno=int(raw))
+    fd, inode = stable.fileno(), os.fstat(stable.fileno()).st_ino
+
+    def current_fd() -> int | None:
+        if drain.active:
+            return None
+        try:
+            return fd if os.fstat(fd).st_ino == inode else None
+        except OSError:
+            return None
+
+    def run() -> None:  # in its thread: the protocol module (and its HTTP client) stays off the start path
+        from resources.serving import protocol
+
+        try:
+            secret = protocol.read_secret(slot_dir)
+        except protocol.ControlError as err:
+            print(f"onepath worker: no socket handoff: {err}", file=sys.stderr)
+            listener.close()
+            return
+        protocol.offer_listening_socket(listener, secret, current_fd)
+
+    threading.Thread(target=run, name="onepath-handoff", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -336,3 +336,109 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
                 raise SpecError(f"launch: 'calls' {name} must be http://127.0.0.1:<port>, got {url!r}")
         out.update(entrypoint=entry, calls={n.upper(): u for n, u in calls.items()})
     return out
+
+
+# -- a worker's listening socket, handed to a new supervisor of its slot ------------------------------
+# A worker outlives its supervisor (see ``resources.serving.supervisor``, "Adoption"). It offers the
+# slot's stable listening socket on its own handoff socket ``<slot>/private/w-<group>-<i>.fd.sock``
+# (in the 0700 private directory, made by the supervisor that started it and inherited as the fd named
+# in ``ONEPATH_HANDOFF_FD``): a peer whose SO_PEERCRED uid is ours sends ``HANDOFF_HELLO`` and the
+# slot's secret as hex on one line; the worker answers ``ok`` with the socket attached (SCM_RIGHTS),
+# or one ``refused: <why>`` line and nothing else. A draining worker (its copy already closed) refuses.
+HANDOFF_HELLO = b"onepath-handoff/1"
+HANDOFF_SUFFIX = ".fd.sock"
+SUPERVISOR_LOCK = "supervisor.lock"
+
+
+def worker_socket(slot_dir: Path | str, group: str, index: int, *, handoff: bool = False) -> str:
+    """The path of worker ``index`` of ``group``'s private health socket (or its handoff socket)."""
+    return str(private_dir(slot_dir) / f"w-{group}-{index}{HANDOFF_SUFFIX if handoff else '.sock'}")
+
+
+def peer_uid(sock: socket.socket) -> int:
+    import struct
+
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)[1]
+
+
+def offer_listening_socket(listener: socket.socket, secret: bytes, current_fd: Any) -> None:
+    """Answer handoff requests on ``listener`` for ever (a worker runs it in a daemon thread).
+    ``current_fd()`` is the fd of the stable listening socket to hand over, or None while it may not
+    be handed over (draining, closed)."""
+    want = HANDOFF_HELLO + b" " + header_value(secret).encode()
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.settimeout(2.0)
+                if peer_uid(conn) != os.getuid():
+                    conn.sendall(b"refused: peer uid is not ours\n")
+                    continue
+                line = b""
+                while not line.endswith(b"\n") and len(line) <= 2 * len(want):
+                    chunk = conn.recv(256)
+                    if not chunk:
+                        break
+                    line += chunk
+                if not hmac.compare_digest(line.strip(), want):
+                    conn.sendall(b"refused: missing or wrong slot secret\n")
+                    continue
+                fd = current_fd()
+                if fd is None:
+                    conn.sendall(b"refused: this worker no longer holds the listening socket (draining)\n")
+                    continue
+                socket.send_fds(conn, [b"ok\n"], [fd])
+            except OSError:
+                continue
+
+
+def fetch_listening_socket(path: str, secret: bytes, timeout: float = 2.0) -> socket.socket:
+    """The listening socket a worker offers on its handoff socket ``path``; ControlError (one line) if
+    it does not hand one over."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        connect_unix(sock, path)
+        sock.sendall(HANDOFF_HELLO + b" " + header_value(secret).encode() + b"\n")
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 256, 1)
+    except OSError as err:
+        raise ControlError(f"handoff {path}: {err}") from None
+    finally:
+        sock.close()
+    if not msg.startswith(b"ok") or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise ControlError(f"handoff {path}: {msg.decode('utf-8', 'replace').strip() or 'no answer'}")
+    got = socket.socket(fileno=fds[0])
+    got.set_inheritable(False)
+    return got
+
+
+def acquire_supervisor_lock(slot_dir: Path | str) -> int | None:
+    """An fd holding the slot's supervisor lock (``flock``, held until the process ends, SIGKILL too),
+    or None if another process holds it: one supervisor per slot, whatever state.json says."""
+    import fcntl
+
+    fd = os.open(private_dir(slot_dir) / SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def supervisor_running(slot_dir: Path | str) -> bool:
+    """Whether a process holds the slot's supervisor lock (a live supervisor, starting or running)."""
+    if not (private_dir(slot_dir) / SUPERVISOR_LOCK).exists():
+        return False
+    fd = acquire_supervisor_lock(slot_dir)
+    if fd is None:
+        return True
+    os.close(fd)  # closing drops the lock
+    return False

@@ -5,8 +5,8 @@ stable address once and keeps it for its whole life, so the address never change
 does. It starts the version's worker processes with that listening socket inherited (plus a private
 health socket each: a Unix socket in the slot's private directory, never a TCP port), promotes a
 healthy group to "current" and drains the old one with SIGTERM, restarts a current worker that dies
-(with backoff), and tells the truth about all of it on its control socket. It runs in its own session, so it and its children outlive the Dagster run that
-started it; ``onepath down`` stops it.
+(with backoff), and tells the truth about all of it on its control socket. It runs in its own
+session, so it and its children outlive the Dagster run that started it; ``onepath down`` stops it.
 
 A current version that crash-loops (more than RESTART_LIMIT restarts within RESTART_WINDOW) is
 replaced at once by its *fallback*: the launch spec its promote named (the promotion flow's governed
@@ -26,6 +26,27 @@ A worker that exits with ``EXIT_ARTIFACT_REFUSED`` (its bytes do not match the d
 restarted: the supervisor records ``artifact_refused`` and marks it refused; a current group whose
 every worker refused is treated like a crash loop.
 
+Adoption: a supervisor's death is not an outage. Its workers do not exit with it: each one offers
+the stable listening socket on its own handoff socket ``<slot>/private/w-<group>-<i>.fd.sock``
+(``resources.serving.protocol.offer_listening_socket``: only to a peer of our uid showing the slot's
+secret). A supervisor started for a slot (``LocalProcessDeployer.revive``: by the ``endpoint_status``
+sensor, ``onepath status`` or any deploy) first takes the slot's lock (``<slot>/private/supervisor.lock``,
+an ``flock`` released with the process however it dies: one supervisor per slot, exit 6 otherwise),
+then reads ``state.json``: for each recorded worker of the current group it pins the pid with a pidfd
+and checks that this very process holds the recorded stable socket (inode, from /proc) and answers
+/health (an endpoint's /version with the recorded version, digest and pid). It asks one of them for
+the socket, checks it is the recorded one (inode, port, listening) and adopts the group: ``Adopted``
+process handles (pidfd: ``poll``/``send_signal``; an adopted worker's exit status is unknown,
+``EXIT_UNKNOWN``, and its exit counts as a crash), the fencing token and ``previous_spec`` kept, a
+worker that died meanwhile started again. Anything else still holding the socket (a dead supervisor's
+candidate, never promoted by anyone alive) is told to drain (SIGTERM; SIGKILL if it still holds the
+socket 5 s later). With no live worker it binds the port afresh
+and relaunches the recorded current spec (validated again, digest-checked by the worker); until that
+version answers, the address refuses. It records ``supervisor_restarted`` (previous pid, adopted pids,
+workers respawned, pids stopped, ``relaunched``, ``unsupervised_seconds``: since the last supervisor's
+``heartbeat``, touched every second) and, after a relaunch, ``serving_restored`` or ``relaunch_failed``;
+``sensors.supervisor_events`` makes them ``supervisor_restarted`` and ``outage`` ledger entries.
+
 Control API: JSON over HTTP on the Unix socket ``<slot>/private/control.sock``; every request needs
 the peer's uid to be ours and the slot's secret (see ``resources.serving.protocol``). ``GET /status``,
 ``GET /ping``, ``POST /launch``, ``POST /probe {group}`` (each worker's /version document),
@@ -41,6 +62,8 @@ import argparse
 import hmac
 import json
 import os
+import re
+import select
 import signal
 import socket
 import socketserver
@@ -89,6 +112,69 @@ def log_tail(path: Path, limit: int = 2000) -> str:
     return data.decode("utf-8", "replace").strip()
 
 
+# what ``returncode`` reads for an adopted worker that exited: its exit status went to the process
+# that reaped it, not to us (outside 0..255 and the negative signal numbers, so never a real one)
+EXIT_UNKNOWN = -256
+GROUP_ID_RE = re.compile(r"[0-9a-f]{10}")
+
+
+class Adopted:
+    """A worker this supervisor did not start (adopted from one that died): the few calls ``Group``
+    makes of a ``subprocess.Popen`` (``pid``, ``poll``, ``returncode``, ``send_signal``), over a pidfd,
+    so a signal can never reach a process that merely reused the pid. Its exit code is unknown
+    (``EXIT_UNKNOWN``): an exit counts as a crash and is restarted as one."""
+
+    def __init__(self, pid: int, pidfd: int):
+        self.pid = pid
+        self._pidfd: int | None = pidfd
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:  # readable: it exited
+            os.close(self._pidfd)
+            self._pidfd = None
+            self.returncode = EXIT_UNKNOWN
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            assert self._pidfd is not None
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    def wait(self, timeout: float) -> int | None:
+        """``poll()`` after waiting at most ``timeout`` s for the process to exit."""
+        if self._pidfd is not None:
+            select.select([self._pidfd], [], [], max(0.0, timeout))
+        return self.poll()
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def holds_socket(pid: int, inode: int) -> bool:
+    """Whether process ``pid`` has the socket ``inode`` among its open fds (read from /proc)."""
+    target = f"socket:[{inode}]"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def socket_holders(inode: int) -> list[int]:
+    """Every process (that we may inspect) holding the socket ``inode``, except this one."""
+    me = os.getpid()
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != me and holds_socket(int(d), inode)]
+
+
 class Group:
     """The worker processes of one version. ``command`` is what the supervisor built for the spec:
     (argv, environment additions)."""
@@ -100,10 +186,11 @@ class Group:
         self.version = str(spec["version"])
         self.workers = int(spec["workers"])
         self.state = "starting"  # starting | current | draining | failed | stopped | crashloop
-        self.procs: list[subprocess.Popen | None] = [None] * self.workers
+        self.procs: list[subprocess.Popen | Adopted | None] = [None] * self.workers
         self.argv, self.env = command
-        self.private = protocol.private_dir(slot_dir)
-        self.sockets = [str(self.private / f"w-{self.id}-{i}.sock") for i in range(self.workers)]
+        self.slot_dir = slot_dir
+        self.sockets = [protocol.worker_socket(slot_dir, self.id, i) for i in range(self.workers)]
+        self.handoffs = [protocol.worker_socket(slot_dir, self.id, i, handoff=True) for i in range(self.workers)]
         self.refused: list[bool] = [False] * self.workers
         self.restarts: list[float] = []
         self.started_at = now_iso()
@@ -113,32 +200,29 @@ class Group:
         self.drain_deadline = 0.0
 
     def spawn(self, i: int, stable: socket.socket) -> None:
-        path = self.sockets[i]
+        private = _listening_unix(self.sockets[i])
+        handoff = _listening_unix(self.handoffs[i])
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            protocol.bind_unix(private, path)
-            private.listen(64)
             env = dict(os.environ)
             env.update(self.env)
             env["ONEPATH_LISTEN_FDS"] = f"{stable.fileno()},{private.fileno()}"
+            env["ONEPATH_HANDOFF_FD"] = str(handoff.fileno())  # see "Adoption" above
+            env["ONEPATH_SLOT_DIR"] = str(self.slot_dir)
             env["ONEPATH_WORKER_INDEX"] = str(i)
             with open(self.log_path, "ab") as log:
                 proc = subprocess.Popen(
                     self.argv, cwd=str(PROJECT_ROOT), env=env,
-                    pass_fds=(stable.fileno(), private.fileno()), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
+                    pass_fds=(stable.fileno(), private.fileno(), handoff.fileno()), stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 )
         finally:
-            private.close()  # only the child holds it now
+            private.close()  # only the child holds them now
+            handoff.close()
         self.procs[i] = proc
         self.exit_codes[i] = None
 
     def remove_sockets(self) -> None:
-        for path in self.sockets:
+        for path in self.sockets + self.handoffs:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -165,6 +249,21 @@ class Group:
             "restarts": len(self.restarts), "kind": self.spec["kind"], "digest": self.spec.get("digest"),
             "artifact": self.spec["artifact"], "log": str(self.log_path),
         }
+
+
+def _listening_unix(path: str) -> socket.socket:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        protocol.bind_unix(sock, path)
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def read_state(slot_dir: Path) -> dict[str, Any]:
@@ -197,19 +296,125 @@ class Supervisor:
             if older.exists():
                 os.chmod(older, 0o600)
         self.on_change: Any = lambda: None  # persists state.json; set by main()
-        # The spec of the version that was current before the current one: what a crash loop rolls
-        # back to. A supervisor started again for this slot reads it (and what was current then,
-        # which becomes "previous" once something new is promoted) from the last state.json.
+        # The fallback the current version's promote named: what a crash loop of it may roll back to.
+        # A supervisor started again for this slot reads it from the last state.json.
         before = read_state(slot_dir)
         token = before.get("fencing_token")
         self.fencing_token: int | None = token if isinstance(token, int) and not isinstance(token, bool) else None
         self.previous_spec: dict[str, Any] | None = before.get("previous_spec")
-        self.stable = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.stable.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.stable.bind((host, port))
-        self.stable.listen(4096)
+        self.heartbeat = protocol.private_dir(slot_dir) / "heartbeat"
+        try:  # when the supervisor before this one was last seen alive (it touches the file every second)
+            last_seen: float | None = os.stat(self.heartbeat).st_mtime
+        except OSError:
+            last_seen = None
+        self.takeover: dict[str, Any] = {
+            "previous_pid": before.get("pid"), "previous_stopped": bool(before.get("stopped")),
+            "unsupervised_seconds": round(max(0.0, time.time() - last_seen), 1) if last_seen and before else None,
+            "adopted_pids": [], "respawned": [], "stopped_pids": [], "handoff_errors": [], "relaunch": None,
+        }
+        self.stable = self._take_over(before)
         self.stable.set_inheritable(True)
         self.port = self.stable.getsockname()[1]
+
+    # -- adoption ---------------------------------------------------------------------------
+    def _take_over(self, before: dict[str, Any]) -> socket.socket:
+        """The slot's stable listening socket: the one the live workers of the last current group
+        hold, handed over by one of them (that group is adopted), else a fresh bind (OSError if the
+        port is taken); a current spec with no live worker is left in ``takeover["relaunch"]``."""
+        cur = before.get("current") or {}
+        inode = before.get("stable_inode")
+        spec: Any = before.get("current_spec")
+        if (cur.get("state") != "current" or not isinstance(spec, dict) or before.get("stopped")
+                or not isinstance(cur.get("id"), str) or not GROUP_ID_RE.fullmatch(cur["id"])):
+            return self._bind(inode)
+        try:
+            spec = protocol.validate_launch_spec(spec, self.artifact_roots)  # state.json is only a file
+        except SpecError as err:
+            self.takeover["handoff_errors"].append(f"the recorded current spec is refused: {err}")
+            return self._bind(inode)
+        stable = None
+        if isinstance(inode, int) and not isinstance(inode, bool):
+            g = Group(spec, self.slot_dir, self._command(spec, cur["id"]), cur["id"])
+            pids = cur.get("pids") if isinstance(cur.get("pids"), list) else []
+            for i in range(g.workers):
+                g.procs[i] = _verify_worker(pids[i] if i < len(pids) else None, inode, g.sockets[i], spec)
+            for i, p in enumerate(g.procs):
+                if p is None:
+                    continue
+                try:
+                    got = protocol.fetch_listening_socket(g.handoffs[i], self.secret)
+                except ControlError as err:
+                    self.takeover["handoff_errors"].append(str(err))
+                    continue
+                if _is_listener(got, inode, self.port):
+                    stable = got
+                    break
+                got.close()
+                self.takeover["handoff_errors"].append(f"worker {p.pid} handed over a socket that is not the slot's")
+            if stable is None:
+                for p in g.procs:
+                    if isinstance(p, Adopted):
+                        p.close()
+            else:
+                g.state = "current"
+                if isinstance(cur.get("started_at"), str):
+                    g.started_at = cur["started_at"]
+                self.groups[g.id] = g
+                self.current = g
+                self.takeover["adopted_pids"] = [p.pid for p in g.procs if p is not None]
+                # anything else holding the slot's socket is a dead supervisor's candidate or stray worker:
+                # never promoted by anyone alive, it must not serve; it drains (a draining one closed its copy)
+                self.takeover["stopped_pids"] = stop_socket_holders(inode, keep=set(self.takeover["adopted_pids"]))
+                for i, p in enumerate(g.procs):
+                    if p is None:  # this worker died meanwhile: started again, counted as a restart
+                        g.restarts.append(time.time())
+                        g.spawn(i, stable)
+                        self.takeover["respawned"].append(i)
+                return stable
+        self.takeover["relaunch"] = spec
+        return self._bind(inode)
+
+    def _bind(self, old_inode: Any) -> socket.socket:
+        """A fresh stable socket; first stopping whatever still holds the old one without being
+        adoptable (it would keep the port taken, and nobody supervises it)."""
+        if isinstance(old_inode, int) and not isinstance(old_inode, bool):
+            self.takeover["stopped_pids"] = stop_socket_holders(old_inode, keep=set())
+        stable = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            stable.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            stable.bind((self.host, self.port))
+            stable.listen(4096)
+        except OSError:
+            stable.close()
+            raise
+        return stable
+
+    def relaunch(self, spec: dict[str, Any]) -> None:
+        """Serve ``spec`` (the version that was current when the last supervisor died with all its
+        workers) again: launch, wait until every worker answers /health, promote. In a thread."""
+        t0 = time.monotonic()
+        version = str(spec["version"])
+        try:
+            new = self.groups[self.launch(spec)["id"]]
+        except (OSError, ValueError, KeyError) as err:
+            self.event("relaunch_failed", group=None, version=version, reason=f"cannot launch version {version}: {err}")
+            return
+        why = self._await_group_healthy(new, t0 + RESTORE_SECONDS)
+        with self.lock:
+            if why is None and self.current is not None:
+                why = f"version {self.current.version} was promoted meanwhile"
+            if why is None:
+                try:  # the same version again: its fallback stays what its promotion named
+                    self.promote(new.id, fallback=self.previous_spec)
+                except (ValueError, SpecError) as err:
+                    why = " ".join(str(err).split())
+            if why is not None:
+                new.state = "failed"
+                new.signal_all(signal.SIGKILL)
+                self.event("relaunch_failed", group=new.id, version=version, reason=why)
+                return
+            self.event("serving_restored", group=new.id, version=version, seconds=round(time.monotonic() - t0, 3))
+        self.on_change()
 
     # -- records --------------------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
@@ -224,6 +429,7 @@ class Supervisor:
             cur = self.current
             write_json_atomic(self.slot_dir / "state.json", {
                 "pid": os.getpid(), "host": self.host, "port": self.port, "fencing_token": self.fencing_token,
+                "stable_inode": os.fstat(self.stable.fileno()).st_ino,
                 "current": cur.view() if cur else None,
                 "current_spec": cur.spec if cur else None,
                 "previous_spec": self.previous_spec,
@@ -340,27 +546,9 @@ class Supervisor:
         SIGTERM and only finishes the requests it already has), so from then on every new connection
         reaches the new version. Read from /proc: the socket's inode among each process's fds."""
         inode = os.fstat(self.stable.fileno()).st_ino
-        target = f"socket:[{inode}]"
         deadline = time.time() + limit
         while time.time() < deadline:
-            holding = False
-            for p in old.procs:
-                if p is None or p.poll() is not None:
-                    continue
-                try:
-                    fds = os.listdir(f"/proc/{p.pid}/fd")
-                except OSError:
-                    continue
-                for fd in fds:
-                    try:
-                        if os.readlink(f"/proc/{p.pid}/fd/{fd}") == target:
-                            holding = True
-                            break
-                    except OSError:
-                        continue
-                if holding:
-                    break
-            if not holding:
+            if not any(p is not None and p.poll() is None and holds_socket(p.pid, inode) for p in old.procs):
                 return
             time.sleep(0.01)
 
@@ -431,6 +619,24 @@ class Supervisor:
                     # keep the record small: finished groups are in events.jsonl
                     if time.time() - _parse_ts(g.started_at) > 300:
                         del self.groups[gid]
+
+    def _await_group_healthy(self, new: Group, deadline: float) -> str | None:
+        """Wait until each worker of ``new`` answers /health on its private socket; None then, else
+        why not (a worker exited, the supervisor stops, or ``deadline`` passed)."""
+        while True:
+            if self.stopping.is_set():
+                return "the supervisor is stopping"
+            with self.lock:
+                dead = new.state != "starting" or any(p is None or p.poll() is not None for p in new.procs)
+                paths = list(new.sockets)
+            if dead:
+                return (f"version {new.version} exited while starting; log: "
+                        f"{' '.join(log_tail(new.log_path, 600).split())}")
+            if all(_answers_health(path, new.version) for path in paths):
+                return None
+            if time.monotonic() > deadline:
+                return f"version {new.version} did not answer /health within {RESTORE_SECONDS:g} s"
+            time.sleep(0.05)
 
     def _check_starting(self, g: Group) -> None:
         """A candidate with a worker that exited has failed; one that refused its artifact says so."""
@@ -505,24 +711,10 @@ class Supervisor:
         except (OSError, ValueError, KeyError) as err:
             failed(f"cannot launch version {to}: {err}")
             return
-        deadline = t0 + RESTORE_SECONDS
-        while True:
-            if self.stopping.is_set():
-                failed("the supervisor is stopping", new)
-                return
-            with self.lock:
-                dead = new.state != "starting" or any(p is None or p.poll() is not None for p in new.procs)
-                paths = list(new.sockets)
-            if dead:
-                failed(f"version {to} exited while starting; log: {' '.join(log_tail(new.log_path, 600).split())}",
-                       new)
-                return
-            if all(_answers_health(path, to) for path in paths):
-                break
-            if time.monotonic() > deadline:
-                failed(f"version {to} did not answer /health within {RESTORE_SECONDS:g} s", new)
-                return
-            time.sleep(0.05)
+        why = self._await_group_healthy(new, t0 + RESTORE_SECONDS)
+        if why is not None:
+            failed(why, new)
+            return
         with self.lock:
             if self.current is not looped:
                 now = self.current.version if self.current else None
@@ -541,6 +733,78 @@ class Supervisor:
         self.on_change()
 
 
+def _verify_worker(pid: Any, inode: int, path: str, spec: dict[str, Any]) -> Adopted | None:
+    """A handle on ``pid`` if it is a live worker of ``spec`` this slot started: pinned by a pidfd
+    first (so what is checked next is that very process), it holds the slot's stable socket ``inode``,
+    and its private socket ``path`` answers /health for the version (an endpoint's /version also with
+    the spec's digest and this pid). Otherwise None."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+        return None
+    try:
+        p = Adopted(pid, os.pidfd_open(pid))
+    except OSError:
+        return None
+    ok = holds_socket(pid, inode)
+    if ok and spec["kind"] == "endpoint":
+        doc = _worker_version(path, 2.0)
+        ok = (doc is not None and str(doc.get("version")) == spec["version"] and doc.get("digest") == spec["digest"]
+              and doc.get("pid") in (None, pid))
+    elif ok:
+        ok = _answers_health(path, spec["version"])
+    if ok and p.poll() is None:
+        return p
+    p.close()
+    return None
+
+
+def _is_listener(sock: socket.socket, inode: Any, port: int) -> bool:
+    """Whether ``sock`` is the slot's stable socket: the recorded inode, listening, on ``port``."""
+    try:
+        return (os.fstat(sock.fileno()).st_ino == inode and sock.getsockname()[1] == port
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1)
+    except OSError:
+        return False
+
+
+def stop_socket_holders(inode: int, keep: set[int], *, wait: float = 5.0, until_exit: bool = False) -> list[int]:
+    """SIGTERM every process but ``keep`` that holds the socket ``inode`` (each pinned by a pidfd first,
+    and checked again through it): a worker drains, closing its copy at once and answering the
+    requests it has, so no client loses one. Wait at most ``wait`` s until each has let go of the
+    socket (``until_exit``: has exited), then SIGKILL the ones that have not. Returns their pids."""
+    handles = []
+    for pid in socket_holders(inode):
+        if pid in keep:
+            continue
+        try:
+            h = Adopted(pid, os.pidfd_open(pid))
+        except OSError:
+            continue
+        if holds_socket(pid, inode):  # still that process, and still holding it
+            try:
+                h.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            handles.append(h)
+        else:
+            h.close()
+    deadline = time.monotonic() + wait
+
+    def done(h: Adopted) -> bool:
+        return h.poll() is not None or (not until_exit and not holds_socket(h.pid, inode))
+
+    while not all(done(h) for h in handles) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for h in handles:
+        if not done(h):
+            try:
+                h.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            h.wait(2.0)
+        h.close()
+    return [h.pid for h in handles]
+
+
 def _answers_health(path: str, version: str) -> bool:
     """Whether the worker listening on the Unix socket ``path`` answers /health 200 for ``version``."""
     got = protocol.unix_get(path, "/health", 1.0)
@@ -553,12 +817,12 @@ def _answers_health(path: str, version: str) -> bool:
     return not isinstance(doc, dict) or "version" not in doc or str(doc["version"]) == version
 
 
-def _worker_version(path: str) -> dict[str, Any] | None:
+def _worker_version(path: str, timeout: float = 0.5) -> dict[str, Any] | None:
     """The worker's /version document if its /health answers 200, else None."""
-    got = protocol.unix_get(path, "/health", 0.5)
+    got = protocol.unix_get(path, "/health", timeout)
     if got is None or got[0] != 200:
         return None
-    got = protocol.unix_get(path, "/version", 0.5)
+    got = protocol.unix_get(path, "/version", timeout)
     if got is None or got[0] != 200:
         return None
     try:
@@ -737,6 +1001,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ControlError, OSError) as err:
         print(f"onepath supervisor: refusing to start for {slot_dir}: {err}", file=sys.stderr)
         raise SystemExit(5) from None
+    deadline = time.monotonic() + 1.0  # the deployer's liveness look holds the lock for an instant
+    while (lock := protocol.acquire_supervisor_lock(slot_dir)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if lock is None:
+        print(f"onepath supervisor: another supervisor runs for {slot_dir} (it holds "
+              f"{protocol.private_dir(slot_dir) / protocol.SUPERVISOR_LOCK}); not starting a second one",
+              file=sys.stderr)
+        raise SystemExit(6)
     try:
         sup = Supervisor(slot_dir, args.host, args.port, secret=secret, artifact_roots=args.artifact_root,
                          inference_log_dir=args.inference_log_dir)
@@ -754,6 +1026,18 @@ def main(argv: list[str] | None = None) -> None:
     sup.on_change = sup.persist
     sup.persist()
     sup.event("supervisor_start", pid=os.getpid(), port=sup.port)
+    found = sup.takeover
+    if found["previous_pid"] is not None and not found["previous_stopped"]:
+        # the last supervisor of this slot died without being stopped (see "Adoption")
+        cur = sup.current
+        relaunch = found["relaunch"]
+        sup.event("supervisor_restarted", pid=os.getpid(), previous_pid=found["previous_pid"],
+                  version=cur.version if cur else (str(relaunch["version"]) if relaunch else None),
+                  group=cur.id if cur else None, adopted_pids=found["adopted_pids"], respawned=found["respawned"],
+                  stopped_pids=found["stopped_pids"], relaunched=relaunch is not None,
+                  unsupervised_seconds=found["unsupervised_seconds"], detail="; ".join(found["handoff_errors"])[:500])
+        if relaunch is not None:
+            threading.Thread(target=sup.relaunch, args=(relaunch,), name="relaunch", daemon=True).start()
 
     def on_term(signum: int, frame: Any) -> None:
         threading.Thread(target=_stop_and_exit, args=(sup,), daemon=True).start()
@@ -761,8 +1045,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_term)
     threading.Thread(target=control.serve_forever, daemon=True).start()
     persisted = None
+    beat = 0.0
     while not sup.stopping.is_set():
         sup.tick()
+        if time.monotonic() - beat >= 1.0:  # what a supervisor after this one reads as our last sign of life
+            sup.heartbeat.touch()
+            beat = time.monotonic()
         with sup.lock:  # compared with what was last written: changes made between ticks count too
             now = (sup.current.view() if sup.current else None, sup.previous_spec, sup.fencing_token)
         if now != persisted:

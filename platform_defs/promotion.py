@@ -161,9 +161,10 @@ def app_target(spec: AppSpec, env: str) -> Target:
 
 
 def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, version: str,
-                     artifact: Any, digest: str | None) -> Release:
-    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` (a promotion and a rollback alike)."""
-    return Release(version=version, artifact=str(artifact), workers=spec.workers, digest=digest, config={
+                     artifact: Any, digest: str | None, *, env: str) -> Release:
+    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` in ``env`` (a promotion and a
+    rollback alike)."""
+    return Release(version=version, artifact=str(artifact), workers=spec.workers_in(env), digest=digest, config={
         "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
         "model_threads": spec.model_threads, "inference_log": spec.inference_log,
     })
@@ -409,7 +410,7 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
         artifact, digest = _verified_artifact(services, model, version, subject=spec.name, env=env, actor=actor,
                                               still_serving=previous)
         deploy_t0 = time.perf_counter()
-        status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
+        status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env), lock,
                          who={"model": model.name}, actor=actor, still_serving=previous, verdicts=verdicts)
         alias_error = _move_alias(services, lock, model.name, env, version)
         entry = book.append("deploy", spec.name, {
@@ -623,7 +624,7 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
                              f"{serving or 'nothing'} keeps serving")
     artifact, digest = _verified_artifact(services, model, version, subject=spec.name, env=env, actor=actor,
                                           still_serving=serving)
-    status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
+    status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env), lock,
                      who={"model": model.name}, actor=actor, still_serving=serving, verdicts=[])
     address = status.address or deployer.address(target)
     # The restored version serves. Move the alias (as a promotion does), then record; an alias that

@@ -117,7 +117,7 @@ def test_a_holder_that_lost_its_lease_can_neither_switch_traffic_nor_record(worl
         artifact, digest = verified_artifact(book, services.mlflow, model.name, "1")
         before = services.deployer.status(t)
         with pytest.raises(DeployError, match="fencing token"):
-            services.deployer.deploy(t, endpoint_release(spec, model, dataset, "1", artifact, digest),
+            services.deployer.deploy(t, endpoint_release(spec, model, dataset, "1", artifact, digest, env=t.env),
                                      fencing_token=stale.token)
         with pytest.raises(LeaseLost):
             book.append("deploy", "churn_scoring", {"version": "1"}, "run-stalled", env="prod", fence=stale)

@@ -89,7 +89,7 @@ def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: s
                        who={"model": model.name}, still_serving=before.serving_version, policy=policy,
                        trigger="test") is None
     artifact, digest = verified_artifact(book, mlflow, model.name, version)
-    status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest))
+    status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env))
     if before.healthy:
         drained(before.detail["server"]["pid"])
     mlflow.set_alias(model.name, env, version)

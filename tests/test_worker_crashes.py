@@ -154,8 +154,8 @@ class Deployer(LocalProcessDeployer):
 d = Deployer(Path(run_dir), port_base=int(port_base), inference_log_dir=Path(root) / "logs",
              artifact_roots=[Path(root) / "models"])
 d.promote_margin = 1.0  # a candidate left behind is discarded 1 s after the deploy's own deadline
-# (the deploy's timeout: long enough for a worker to load on a busy 2-core machine)
-d.deploy(Target("wc", "prod"), model_release(version, model, {"model_name": "credit_risk"}), timeout=15)
+# (a short deploy timeout: the candidate is still loading when the deadline passes)
+d.deploy(Target("wc", "prod"), model_release(version, model, {"model_name": "credit_risk"}), timeout=3)
 '''
 
 
@@ -182,9 +182,9 @@ def _steady(world, target: Target, version: str, times: int = 5) -> None:
 
 def test_an_interrupted_deploy_leaves_nothing_of_its_candidate_serving(world, serving):
     """SIGINT during the health wait: the deployer discards its candidate on the way out. SIGKILL
-    during it: the candidate becomes healthy, is never activated (takes no connection), and the
-    supervisor discards it once its launch's deadline has passed. The old version answers every
-    request throughout; status never names the candidate."""
+    during it: the supervisor discards the candidate once its launch's deadline has passed. A
+    candidate that is healthy but not promoted (what a hung or killed deployer leaves) takes no
+    connection. The old version answers every request throughout; status never names a candidate."""
     d = world["deployer"]
     target, port = serving
     load = Load(port, rate=60).start()
@@ -205,26 +205,15 @@ def test_an_interrupted_deploy_leaves_nothing_of_its_candidate_serving(world, se
         assert any(e["event"] == "discard" and e["group"] == cand["id"] for e in events(world, target))
         _steady(world, target, "1")
 
-        # SIGKILL while the candidate loads: nobody is left to discard it
+        # SIGKILL while the candidate loads: nobody is left to discard it but the supervisor
         proc = _deploy_in_subprocess(world, "3", "good")
         assert proc.stdout.readline() == b"health wait\n"
         cand = _candidate(world, target, "3")
         assert cand is not None
         proc.kill()
         proc.communicate(timeout=30)
-        slot = d.slot_dir(target)
-
-        def healthy_candidate() -> bool | str:
-            group = next(g for g in supervisor_status(world, target)["groups"] if g["id"] == cand["id"])
-            if group["state"] != "starting":
-                return f"the orphan is {group['state']} already"
-            docs = protocol.control_call(slot, "/probe", {"group": cand["id"]})["workers"]
-            return all(doc is not None and doc.get("version") == "3" for doc in docs)
-
-        assert wait_for("the orphaned candidate healthy on its private socket", healthy_candidate, 60) is True
-        seen = load.ok
-        wait_for("requests answered while the orphan is healthy", lambda: load.ok >= seen + 30, 30)
-        _steady(world, target, "1")
+        launch = next(e for e in events(world, target) if e["event"] == "launch" and e["group"] == cand["id"])
+        assert launch["promote_within"] == 3 + 1.0  # the deploy's timeout plus the deployer's margin
         expired = wait_for("the supervisor discarded the orphan", lambda: next(
             (e for e in events(world, target) if e["event"] == "candidate_expired" and e["group"] == cand["id"]),
             None), 30)
@@ -232,6 +221,17 @@ def test_an_interrupted_deploy_leaves_nothing_of_its_candidate_serving(world, se
         wait_for("the orphan's workers gone", lambda: not any(
             next(g for g in supervisor_status(world, target)["groups"] if g["id"] == cand["id"])["alive"]), 10)
         _steady(world, target, "1")
+
+        # a candidate healthy on its private socket but never promoted answers no client
+        cand = d._launch(target, release(world, "4", "good"), promote_within=300)
+        slot, gid = cand.handle["slot"], cand.handle["group"]
+        wait_for("the unpromoted candidate healthy on its private socket", lambda: all(
+            doc is not None and doc.get("version") == "4"
+            for doc in protocol.control_call(slot, "/probe", {"group": gid})["workers"]), 90)
+        seen = load.ok
+        wait_for("requests answered while it is healthy", lambda: load.ok >= seen + 30, 30)
+        _steady(world, target, "1")
+        d._discard(cand)
     finally:
         load.stop()
     assert not load.failures, load.failures[:10]
@@ -263,6 +263,11 @@ def test_a_version_stopped_for_crash_looping_is_refused_at_once_saying_why(world
     port = int(st.address.rsplit(":", 1)[1])
     first = supervisor_status(world, target)["current"]["pids"][0]
     os.kill(first, signal.SIGKILL)
+    # its only worker is restarting (python alone takes longer to start than this takes to see)
+    status, doc, seconds = wait_for("the supervisor answering for the restarting worker",
+                                    lambda: (lambda got: got if got[0] == 503 else None)(_raw_request(port)), 10)
+    assert (doc["cause"], doc["retry-after"], doc["version"]) == ("restarting", "1", "1") and seconds < 1.0, doc
+    assert "every worker of version 1 of wc_loop staging exited" in doc["error"]
     again = wait_for("the worker restarted", lambda: (
         lambda pid: pid if pid not in (None, first) else None)(supervisor_status(world, target)["current"]["pids"][0]),
         30)

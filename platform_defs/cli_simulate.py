@@ -39,6 +39,8 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from resources.serving.retry import call_with_retry
+
 if TYPE_CHECKING:  # imported where used: `onepath` starts without pydantic for other verbs
     from platform_defs.specs import DatasetSpec, EndpointSpec, Organisation
 
@@ -233,26 +235,27 @@ class PredictClient:
     def __call__(self, record: dict[str, Any], request_id: str) -> dict[str, Any]:
         body = json.dumps(record).encode()
         headers = {"content-type": "application/json", "x-request-id": request_id}
-        for attempt in (0, 1):
+
+        def send() -> tuple[http.client.HTTPResponse, bytes]:
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
                 self._conn.request("POST", "/predict", body=body, headers=headers)
                 resp = self._conn.getresponse()
                 raw = resp.read()
-                if resp.getheader("connection", "").lower() == "close":
-                    self.close()
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.close()  # a kept-alive connection the server closed: once more on a new one
-                if attempt:
-                    raise
-            except OSError:
-                self.close()
+            except BaseException:
+                self.close()  # the next attempt (if the retry rule allows one) opens a new connection
                 raise
-            except http.client.HTTPException as err:
+            if resp.getheader("connection", "").lower() == "close":
                 self.close()
-                raise RequestFailed(f"{type(err).__name__}: {err}") from None
+            return resp, raw
+
+        try:
+            # a kept-alive connection the server closed, or a worker that died holding the request:
+            # once more on a new connection, same request id (resources.serving.retry)
+            resp, raw = call_with_retry(send)
+        except http.client.HTTPException as err:
+            raise RequestFailed(f"{type(err).__name__}: {err}") from None
         if resp.status != 200:
             raise RequestFailed(f"HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}")
         doc = json.loads(raw)

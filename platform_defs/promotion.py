@@ -161,9 +161,10 @@ def app_target(spec: AppSpec, env: str) -> Target:
 
 
 def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, version: str,
-                     artifact: Any, digest: str | None) -> Release:
-    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` (a promotion and a rollback alike)."""
-    return Release(version=version, artifact=str(artifact), workers=spec.workers, digest=digest, config={
+                     artifact: Any, digest: str | None, *, env: str) -> Release:
+    """What a deployer gets to serve ``version`` of ``model`` at ``spec`` in ``env`` (a promotion and a
+    rollback alike)."""
+    return Release(version=version, artifact=str(artifact), workers=spec.workers_in(env), digest=digest, config={
         "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
         "model_threads": spec.model_threads, "inference_log": spec.inference_log,
     })
@@ -357,7 +358,7 @@ def fallback_release(org: Organisation, policy: Policy, spec: EndpointSpec, env:
             artifact, digest = verified_artifact(services.ledger, services.mlflow, model.name, candidate)
         except (NotRegistered, ArtifactMismatch):
             continue
-        return endpoint_release(spec, model, dataset, candidate, artifact, digest)
+        return endpoint_release(spec, model, dataset, candidate, artifact, digest, env=env)
     return None
 
 
@@ -441,7 +442,7 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
                                               still_serving=previous)
         fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
         deploy_t0 = time.perf_counter()
-        status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
+        status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env), lock,
                          who={"model": model.name}, actor=actor, still_serving=previous, verdicts=verdicts,
                          fallback=fallback)
         alias_error = _move_alias(services, lock, model.name, env, version)
@@ -663,7 +664,7 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
     artifact, digest = _verified_artifact(services, model, version, subject=spec.name, env=env, actor=actor,
                                           still_serving=serving)
     fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
-    status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest), lock,
+    status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env), lock,
                      who={"model": model.name}, actor=actor, still_serving=serving, verdicts=[], fallback=fallback)
     address = status.address or deployer.address(target)
     # The restored version serves. Move the alias (as a promotion does), then record; an alias that

@@ -199,10 +199,21 @@ class EndpointSpec(_Declaration):
     model: str = Field(description="Name of the model declaration it serves.")
     environments: list[str] = Field(default_factory=lambda: ["staging", "prod"], min_length=1)
     backend: Literal["local"] = Field("local", description="Deployer backend.")
-    workers: int = Field(1, ge=1, le=16)
+    workers: int | None = Field(
+        None, ge=1, le=16,
+        description="Worker processes per environment. Unset (the default): 2 in an environment named prod, so "
+                    "a worker that dies loses no request another could answer, and 1 elsewhere; a value given "
+                    "here is used in every environment.")
     ports: dict[str, int] = Field(
         default_factory=dict, description="Fixed stable ports per environment (otherwise allocated once and kept)."
     )
+
+    def workers_in(self, env: str) -> int:
+        """How many workers serve this endpoint in ``env`` (see ``workers``)."""
+        if self.workers is not None:
+            return self.workers
+        return 2 if env == "prod" else 1
+
     max_batch: int = Field(64, ge=1, le=4096, description="Most rows scored in one model call.")
     model_threads: int = Field(
         1, ge=1, le=64,

@@ -266,8 +266,10 @@ def test_version_defaults(client, env):
 
 def test_serves_under_the_platform_child_process(scorer, tmp_path):
     """The way the platform runs a release: resources.serving.child with --app-dir on inherited sockets
-    (the shared stable TCP socket, and a private health socket that is a Unix socket)."""
-    from resources.serving.protocol import unix_get
+    (the shared stable TCP socket, and a private health socket that is a Unix socket), taking
+    connections on the stable one once the supervisor's activation came on the private one."""
+    from resources.serving.protocol import ACTIVATE_ROUTE, unix_get
+    from tests.conftest import wait_for
 
     stable = socket.create_server(("127.0.0.1", 0))
     health = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -280,10 +282,12 @@ def test_serves_under_the_platform_child_process(scorer, tmp_path):
         [sys.executable, "-m", "resources.serving.child", "--app-dir", str(APP_DIR), "--app", "loan_portal.main:app"],
         cwd=ROOT, env=env, pass_fds=(stable.fileno(), health.fileno()))
     try:
+        got = wait_for("the release answering on its private socket", lambda: unix_get(str(tmp_path / "w.sock"),
+                                                                                       "/health", 10), 60)
+        assert got[0] == 200 and json.loads(got[1])["version"] == "9.9.9"
+        assert unix_get(str(tmp_path / "w.sock"), ACTIVATE_ROUTE, 10, method="POST")[0] == 200
         with httpx.Client(base_url=f"http://127.0.0.1:{stable.getsockname()[1]}", timeout=60) as http:
             assert http.get("/health").json() == {"status": "ok", "version": "9.9.9"}
-            got = unix_get(str(tmp_path / "w.sock"), "/health", 10)
-            assert got is not None and got[0] == 200 and json.loads(got[1])["version"] == "9.9.9"
             r = http.post("/api/apply", json=VALID)
             assert r.status_code == 200 and r.json()["decision"] == "approve"
         assert scorer.calls[-1]["headers"]["x-request-id"] == r.json()["application_id"]

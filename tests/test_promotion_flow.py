@@ -117,12 +117,13 @@ def test_a_holder_that_lost_its_lease_can_neither_switch_traffic_nor_record(worl
         artifact, digest = verified_artifact(book, services.mlflow, model.name, "1")
         before = services.deployer.status(t)
         with pytest.raises(DeployError, match="fencing token"):
-            services.deployer.deploy(t, endpoint_release(spec, model, dataset, "1", artifact, digest),
+            services.deployer.deploy(t, endpoint_release(spec, model, dataset, "1", artifact, digest, env=t.env),
                                      fencing_token=stale.token)
         with pytest.raises(LeaseLost):
             book.append("deploy", "churn_scoring", {"version": "1"}, "run-stalled", env="prod", fence=stale)
         after = services.deployer.status(t)
-        assert serving_version(after) == "1" and after.detail["server"]["pid"] == before.detail["server"]["pid"]
+        # the same processes serve (prod runs two workers; either may answer the probe)
+        assert serving_version(after) == "1" and after.detail["supervisor"]["pids"] == before.detail["supervisor"]["pids"]
     finally:
         book.release_lease(fresh)
 
@@ -274,7 +275,8 @@ def test_a_swapped_model_file_never_serves_under_the_approved_label(two_versions
     cache = services.mlflow.download("churn", "1")
     (cache / "model.skops").write_bytes((tmp_path / "sub" / "model.skops").read_bytes())
     assert skops.io.load(cache / "model.skops", trusted=trusted_types(substitute)) is not None  # a real model
-    os.kill(status.detail["server"]["pid"], signal.SIGKILL)
+    for pid in status.detail["supervisor"]["pids"]:  # every worker (prod runs two): each restart refuses
+        os.kill(pid, signal.SIGKILL)
 
     deadline = time.monotonic() + 180
     while True:  # the supervisor notices the refusal and falls back; wait on what it reports

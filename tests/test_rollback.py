@@ -91,7 +91,7 @@ def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: s
     artifact, digest = verified_artifact(book, mlflow, model.name, version)
     services = Services(mlflow=mlflow, deployer=deployer, ledger=book)
     fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
-    status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest),
+    status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env),
                              fallback=fallback)
     if before.healthy:
         drained(before.detail["server"]["pid"])

@@ -116,15 +116,19 @@ def ledger_view(world, endpoint: str) -> list[tuple[str, str | None]]:
 def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
     org, deployer = world["org"], world["deployer"]
     st = deploy_like_factories(org, "sv_restart", "prod", "1", world["resources"])
+    assert len(st.detail["supervisor"]["pids"]) == 2  # prod's default
     pid = st.detail["server"]["pid"]
+    worker = st.detail["supervisor"]["pids"].index(pid)
     os.kill(pid, signal.SIGKILL)
 
     def back():
         now = deployer.status(target(world, "sv_restart"))
-        return now if now.healthy and now.detail["server"]["pid"] != pid else None
+        sup = now.detail["supervisor"] or {}
+        ready = now.healthy and sup.get("ready") == [True, True] and pid not in sup["pids"]
+        return now if ready and not pid_alive(pid) else None
 
-    now = wait_for("the killed worker answering again", back, 60)
-    assert not pid_alive(pid) and now.serving_version == "1" and now.detail["supervisor"]["restarts"] == 1
+    now = wait_for("the killed worker restarted and taking connections again", back, 60)
+    assert now.serving_version == "1" and now.detail["supervisor"]["restarts"] == 1
     assert predict(now.address)["version"] == "1"
     assert [e["event"] for e in events(world, "sv_restart")].count("restart") == 1
 
@@ -132,7 +136,7 @@ def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
     assert [(e.kind, e.subject, e.env, e.actor) for e in written] == [
         ("restart", "sv_restart", "prod", "supervisor:sv_restart.prod")]
     data = written[0].data
-    assert (data["worker"], data["exit_code"], data["version"], data["model"]) == (0, -9, "1", "sv_restart_model")
+    assert (data["worker"], data["exit_code"], data["version"], data["model"]) == (worker, -9, "1", "sv_restart_model")
     assert cursor["sv_restart.prod"]["offset"] == (deployer.slot_dir(target(world, "sv_restart")) / "events.jsonl").stat().st_size
     # nothing new: nothing written; a lost cursor does not record the restart twice either
     assert relay(world, cursor)[0] == []

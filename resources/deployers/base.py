@@ -15,6 +15,12 @@
   ``maxUnavailable: 0``, and a ``preStop`` hook plus ``terminationGracePeriodSeconds`` that cover
   the old pods' drain; a SageMaker blue/green deployment does it by shifting traffic to the new
   fleet once healthy and keeping the old one through its wait interval.
+* A deploy that does not complete leaves nothing of its candidate: the candidate takes no traffic
+  before its cutover (the local backend's workers accept on the stable socket only once the
+  supervisor activates them at promote), it is discarded on any failure or interruption of
+  ``deploy`` (``KeyboardInterrupt``, ``SystemExit``, Dagster's run termination), and the backend
+  itself discards a candidate not cut over within the deploy's timeout plus ``promote_margin``
+  (a deployer killed mid-deploy).
 * ``delete(target)`` stops serving and is idempotent: deleting what is not there is not an error.
 * ``status(target)`` reports what really serves, by asking the server at the stable address, also
   after the orchestrator restarts.
@@ -266,6 +272,8 @@ class Deployer(ABC):
     """Lifecycle shared by every backend. Subclasses are also Dagster resources."""
 
     poll_seconds: float = 0.05
+    # a candidate not promoted within the deploy's timeout plus this is discarded by the backend itself
+    promote_margin: float = 10.0
 
     # -- the contract ---------------------------------------------------------------------
     def deploy(self, target: Target, release: Release, timeout: float = 120.0,
@@ -275,12 +283,14 @@ class Deployer(ABC):
         changed) if the backend has seen a higher token. ``fallback`` is the only release the backend
         may put back on its own should ``release`` crash-loop (the promotion flow names the governed way
         back); with none, a crash-looping release is stopped and the address says so."""
-        candidate = self._launch(target, release)
+        candidate = self._launch(target, release, timeout + self.promote_margin)
         deadline = time.monotonic() + timeout
         try:
             self._await_healthy(candidate, deadline)
             self._cutover(candidate, fencing_token, fallback)
-        except DeployError:
+        except BaseException:
+            # any interruption too (SIGINT's KeyboardInterrupt, SystemExit, Dagster's Terminate): a
+            # candidate left behind would be a version nobody deployed; it never took traffic
             self._discard(candidate)
             raise
         address = self._address(target)
@@ -356,7 +366,10 @@ class Deployer(ABC):
         return self._address(target)
 
     @abstractmethod
-    def _launch(self, target: Target, release: Release) -> Candidate: ...
+    def _launch(self, target: Target, release: Release, promote_within: float) -> Candidate:
+        """Start ``release`` beside what serves, taking no traffic until ``_cutover``. The backend
+        discards it by itself if it is not cut over within ``promote_within`` seconds (the process
+        that deploys may be killed mid-deploy, with no chance to discard it)."""
 
     @abstractmethod
     def _candidate_failure(self, candidate: Candidate) -> str | None:

@@ -233,8 +233,8 @@ class LocalProcessDeployer(Deployer):
             raise DeployError(f"{slot.name}: {err}") from None
 
     # -- backend calls --------------------------------------------------------------------
-    def _launch(self, target: Target, release: Release) -> Candidate:
-        spec = self._launch_spec(target, release)
+    def _launch(self, target: Target, release: Release, promote_within: float) -> Candidate:
+        spec = {**self._launch_spec(target, release), "promote_within": promote_within}
         with self._locked(f"{target.slot}.lock"):
             slot = self._ensure_supervisor(target)
             group = self._call(slot, "/launch", spec)
@@ -420,7 +420,8 @@ class LocalProcessDeployer(Deployer):
         return {"supervisor": {"pid": st["pid"], "state": cur.get("state"), "version": cur.get("version"),
                                "digest": cur.get("digest"), "pids": cur.get("pids"),
                                "restarts": cur.get("restarts"), "refused": cur.get("refused"),
-                               "started_at": cur.get("started_at")}}
+                               "ready": cur.get("ready"), "started_at": cur.get("started_at"),
+                               "refusing": st.get("refusing")}}
 
     # -- whole-machine helpers ------------------------------------------------------------
     def slots(self) -> list[str]:

@@ -3,10 +3,13 @@
 The supervisor passes listening sockets as inherited file descriptors named in
 ``ONEPATH_LISTEN_FDS`` (the shared stable TCP socket, then this process's private health socket: a
 Unix socket in the slot's owner-only private directory, which only the supervisor talks to). All
-processes of an environment accept from the same stable socket, so a new version starts taking
-connections the moment it listens and an old one drains by closing only its own copy: no
-connection waiting in the queue is lost. A child whose supervisor has gone keeps serving: it offers
-its stable socket to the next supervisor of the slot (``offer_handoff``), which adopts it.
+processes of an environment accept from the same stable socket, and an old version drains by
+closing only its own copy: no connection waiting in the queue is lost. A child given both sockets
+serves only the private one until the supervisor activates it (``Activation``: ``POST
+protocol.ACTIVATE_ROUTE`` on the private socket, at promote): a candidate takes no client
+connection before it is promoted. A child given one socket serves it at once. A child whose
+supervisor has gone keeps serving: it offers its stable socket to the next supervisor of the slot
+(``offer_handoff``), which adopts it.
 
 Draining (on SIGTERM or SIGINT) drops no request, also on keep-alive connections:
 
@@ -97,6 +100,63 @@ def close_when_draining(app: Any, drain: Drain) -> Callable:
     return wrapped
 
 
+class Activation:
+    """The stable socket this process accepts on only once the supervisor says so (``activate``).
+
+    A worker starts serving its private health socket alone: a candidate must not take a single
+    client connection before it is promoted (an interrupted deploy would leave it answering). On
+    promote the supervisor POSTs ``protocol.ACTIVATE_ROUTE`` on the private socket; the worker then
+    accepts on the inherited stable socket too and answers 200, the acknowledgement the supervisor
+    waits for before it drains the old version."""
+
+    def __init__(self, stable: socket.socket | None):
+        self.stable = stable
+        self.server: Any = None  # the DrainingServer, set once it exists
+        self.active = stable is None  # nothing to activate: a process serving one socket serves it at once
+
+    async def activate(self) -> tuple[int, str]:
+        server = self.server
+        if server is None or not server.started:
+            return 503, "not started yet"
+        if server.onepath_drain.active or server.should_exit:
+            return 409, "this worker is draining: it accepts no new connections"
+        if not self.active:
+            loop = asyncio.get_running_loop()
+            listener = await loop.create_server(server.onepath_protocol, sock=self.stable,
+                                                backlog=server.config.backlog)
+            server.servers.append(listener)  # closed with the others when the drain begins
+            self.active = True
+        return 200, "active"
+
+
+def serve_activation(app: Any, activation: Activation) -> Callable:
+    """ASGI middleware: ``POST protocol.ACTIVATE_ROUTE`` on the private Unix socket (where ASGI's
+    ``scope["server"]`` is ``[path, None]`` or None, never a host and port) activates the stable
+    socket; everything else goes to ``app``. On the stable TCP socket the route is the app's like any
+    other path."""
+    from resources.serving.protocol import ACTIVATE_ROUTE
+
+    async def wrapped(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != ACTIVATE_ROUTE:
+            await app(scope, receive, send)
+            return
+        server = scope.get("server")
+        if server is not None and server[1] is not None:  # a TCP connection: not ours to answer
+            await app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            status, why = 405, "POST only"
+        else:
+            status, why = await activation.activate()
+        body = ('{"active": %s, "pid": %d, "detail": "%s"}'
+                % ("true" if activation.active else "false", os.getpid(), why)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
+
+
 def _draining_server_class() -> type:
     import uvicorn
 
@@ -114,6 +174,12 @@ def _draining_server_class() -> type:
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             self.onepath_loop = asyncio.get_running_loop()
             await super().startup(sockets=sockets)
+
+        def onepath_protocol(self, _loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            """A connection's protocol, made as uvicorn's ``startup`` makes it for its own listeners
+            (uvicorn has no public call to add a listener to a running server)."""
+            return self.config.http_protocol_class(config=self.config, server_state=self.server_state,
+                                                   app_state=self.lifespan.state, _loop=_loop)
 
         def stop_soon(self) -> None:
             """Begin the drain now (from any thread): uvicorn itself notices ``should_exit`` only on
@@ -157,6 +223,12 @@ def serve(app: Any) -> None:
     import uvicorn
 
     sockets = inherited_sockets()
+    stable = sockets[0]
+    # [stable, private]: serve the private one now, the stable one once activated (Activation)
+    activation = Activation(stable if len(sockets) > 1 else None)
+    if activation.stable is not None:
+        sockets = sockets[1:]
+    app = serve_activation(app, activation)
     drain_seconds = _seconds("ONEPATH_DRAIN_SECONDS", DRAIN_SECONDS_DEFAULT)
     # end before the supervisor's SIGKILL at the same deadline, with the lifespan shutdown done
     budget = max(0.0, drain_seconds - min(0.5, drain_seconds * 0.1))
@@ -170,7 +242,8 @@ def serve(app: Any) -> None:
     )
     server = _draining_server_class()(config, drain, budget,
                                       _seconds("ONEPATH_DRAIN_IDLE_SECONDS", IDLE_GRACE_DEFAULT))
-    offer_handoff(sockets[0], drain)
+    activation.server = server
+    offer_handoff(stable, drain)
     server.run(sockets=sockets)
 
 

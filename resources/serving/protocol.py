@@ -40,6 +40,9 @@ SECRET_FILE = "secret"
 SECRET_HEADER = "X-Onepath-Secret"
 SECRET_BYTES = 32
 MAX_BODY = 64 * 1024  # a control request is a few hundred bytes; anything bigger is refused
+# A worker serves only its private socket until the supervisor POSTs this there (never reachable on the
+# stable TCP socket): then it starts accepting on the stable one too (``resources.serving.child``).
+ACTIVATE_ROUTE = "/-/onepath/activate"
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                     "NUMEXPR_NUM_THREADS")
@@ -203,12 +206,12 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def unix_get(path: str, route: str, timeout: float = 1.0) -> tuple[int, bytes] | None:
-    """GET ``route`` from the HTTP server on the Unix socket ``path``: (status, body), or None if
-    nothing answers in time."""
+def unix_get(path: str, route: str, timeout: float = 1.0, method: str = "GET") -> tuple[int, bytes] | None:
+    """GET (or ``method``, without a body) ``route`` from the HTTP server on the Unix socket ``path``:
+    (status, body), or None if nothing answers in time."""
     conn = UnixHTTPConnection(path, timeout)
     try:
-        conn.request("GET", route, headers={"connection": "close"})
+        conn.request(method, route, headers={"connection": "close", "content-length": "0"})
         resp = conn.getresponse()
         return resp.status, resp.read()
     except (OSError, http.client.HTTPException):
@@ -255,6 +258,9 @@ ENTRYPOINT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[
 CALL_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 CALL_URL_RE = re.compile(r"http://127\.0\.0\.1:([0-9]{1,5})")
 COMMON_KEYS = ("kind", "version", "artifact", "digest", "workers")
+# optional: seconds within which the candidate must be promoted, else the supervisor discards it by
+# itself (the deployer that launched it may have been killed mid-deploy); absent: no deadline
+OPTIONAL_KEYS = ("promote_within",)
 KIND_KEYS = {
     "endpoint": ("model_name", "pii_columns", "max_batch", "model_threads", "inference_log"),
     "app": ("entrypoint", "calls"),
@@ -282,8 +288,9 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
         raise SpecError(f"launch: 'kind' must be 'endpoint' or 'app', got {kind!r}")
     allowed = set(COMMON_KEYS) | set(KIND_KEYS[kind])
     for key in spec:
-        if key not in allowed:
-            raise SpecError(f"launch: unknown key '{key}' (a {kind} spec has only {', '.join(sorted(allowed))})")
+        if key not in allowed and key not in OPTIONAL_KEYS:
+            raise SpecError(f"launch: unknown key '{key}' (a {kind} spec has only "
+                            f"{', '.join(sorted(allowed | set(OPTIONAL_KEYS)))})")
     for key in sorted(allowed):
         if key not in spec:
             raise SpecError(f"launch: missing key '{key}'")
@@ -306,6 +313,11 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
         raise SpecError(f"launch: 'digest' must be 'sha256:<64 hex>' or null, got {digest!r}")
     out: dict[str, Any] = {"kind": kind, "version": version, "artifact": real, "digest": digest,
                            "workers": _int(spec, "workers", 1, 64)}
+    within = spec.get("promote_within")
+    if within is not None:
+        if isinstance(within, bool) or not isinstance(within, (int, float)) or not 0 < within <= 86400:
+            raise SpecError(f"launch: 'promote_within' must be a number of seconds within 0..86400, got {within!r}")
+        out["promote_within"] = float(within)
     if kind == "endpoint":
         name = spec["model_name"]
         if not isinstance(name, str) or not VERSION_RE.fullmatch(name):

@@ -3,10 +3,18 @@
 One supervisor owns one *slot*: an endpoint or app release in one environment. It binds the slot's
 stable address once and keeps it for its whole life, so the address never changes when the version
 does. It starts the version's worker processes with that listening socket inherited (plus a private
-health socket each: a Unix socket in the slot's private directory, never a TCP port), promotes a
-healthy group to "current" and drains the old one with SIGTERM, restarts a current worker that dies
-(with backoff), and tells the truth about all of it on its control socket. It runs in its own
-session, so it and its children outlive the Dagster run that started it; ``onepath down`` stops it.
+health socket each: a Unix socket in the slot's private directory, never a TCP port). A worker
+serves only its private socket until it is activated (``POST protocol.ACTIVATE_ROUTE`` there), so a
+candidate takes no client connection before its promote. Promote activates every worker of the
+healthy group, and only once each acknowledged does it make the group "current" and drain the old
+one with SIGTERM. A current worker that dies is restarted (with backoff) and activated again once it
+answers ``/health``. A candidate not promoted within its launch's ``promote_within`` seconds (its
+deployer was killed mid-deploy) is discarded here (``candidate_expired``). Whenever no worker of
+the current group is ready (nothing deployed, all restarting, stopped after a crash loop), the
+``Refuser`` answers every connection on the stable socket at once with 503 and a JSON body saying
+why (``Retry-After`` while a restart or rollback is under way), and accepts nothing once a worker is
+ready. It tells the truth about all of it on its control socket. It runs in its own session, so it
+and its children outlive the Dagster run that started it; ``onepath down`` stops it.
 
 A current version that crash-loops (more than RESTART_LIMIT restarts within RESTART_WINDOW) is
 replaced at once by its *fallback*: the launch spec its promote named (the promotion flow's governed
@@ -180,9 +188,11 @@ class Group:
     (argv, environment additions)."""
 
     def __init__(self, spec: dict[str, Any], slot_dir: Path, command: tuple[list[str], dict[str, str]],
-                 group_id: str):
+                 group_id: str, promote_within: float | None = None):
         self.id = group_id
         self.spec = spec
+        # a candidate not promoted by then is discarded by the supervisor itself (monotonic clock)
+        self.promote_by = time.monotonic() + promote_within if promote_within else None
         self.version = str(spec["version"])
         self.workers = int(spec["workers"])
         self.state = "starting"  # starting | current | draining | failed | stopped | crashloop
@@ -198,6 +208,9 @@ class Group:
         self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.exit_codes: list[int | None] = [None] * self.workers
         self.drain_deadline = 0.0
+        # a worker is ready once it answered /health since its spawn and accepts on the stable socket
+        # (activated); while no worker of the current group is, the supervisor answers 503 itself
+        self.ready: list[bool] = [False] * self.workers
 
     def spawn(self, i: int, stable: socket.socket) -> None:
         private = _listening_unix(self.sockets[i])
@@ -220,6 +233,7 @@ class Group:
             handoff.close()
         self.procs[i] = proc
         self.exit_codes[i] = None
+        self.ready[i] = False
 
     def remove_sockets(self) -> None:
         for path in self.sockets + self.handoffs:
@@ -247,7 +261,7 @@ class Group:
             "exit_codes": [p.poll() if p else None for p in self.procs],
             "refused": list(self.refused), "started_at": self.started_at,
             "restarts": len(self.restarts), "kind": self.spec["kind"], "digest": self.spec.get("digest"),
-            "artifact": self.spec["artifact"], "log": str(self.log_path),
+            "artifact": self.spec["artifact"], "log": str(self.log_path), "ready": list(self.ready),
         }
 
 
@@ -315,6 +329,10 @@ class Supervisor:
         self.stable = self._take_over(before)
         self.stable.set_inheritable(True)
         self.port = self.stable.getsockname()[1]
+        # why nothing serves, once the current version was stopped (crash loop): (cause, detail, retry)
+        self.outage: tuple[str, str, int | None] | None = None
+        self.refuser = Refuser(self.stable)
+        self._update_refusal()  # nothing is deployed yet
 
     # -- adoption ---------------------------------------------------------------------------
     def _take_over(self, before: dict[str, Any]) -> socket.socket:
@@ -442,14 +460,15 @@ class Supervisor:
         """Start the workers of the release ``spec`` names (checked by ``validate_launch_spec``; raises
         SpecError). The command, environment, working directory and config are built here."""
         spec = protocol.validate_launch_spec(spec, self.artifact_roots)
+        within = spec.pop("promote_within", None)  # about this launch, not the release: never restored
         with self.lock:
             gid = uuid.uuid4().hex[:10]
-            g = Group(spec, self.slot_dir, self._command(spec, gid), gid)
+            g = Group(spec, self.slot_dir, self._command(spec, gid), gid, within)
             self.groups[g.id] = g
             for i in range(g.workers):
                 g.spawn(i, self.stable)
             self.event("launch", group=g.id, version=g.version, digest=spec.get("digest"),
-                       pids=[p.pid for p in g.procs if p])
+                       pids=[p.pid for p in g.procs if p], promote_within=within)
             return g.view()
 
     def _command(self, spec: dict[str, Any], gid: str) -> tuple[list[str], dict[str, str]]:
@@ -523,11 +542,25 @@ class Supervisor:
             g = self.groups.get(group_id)
             if g is None or g.state != "starting" or not all(p and p.poll() is None for p in g.procs):
                 raise ValueError(f"group {group_id} is not a live candidate")
+            # until now the candidate served only its private sockets; from here on it takes
+            # connections, and the old version is drained only once every new worker said so
+            acks = _in_threads(_activate, list(g.sockets))
+            if not all(acks):
+                g.state = "draining"  # a worker that did activate finishes what it took, then goes
+                g.drain_deadline = time.time() + DRAIN_SECONDS
+                g.signal_all(signal.SIGTERM)
+                missing = [i for i, ok in enumerate(acks) if not ok]
+                self.event("promote_failed", group=g.id, version=g.version, workers=missing,
+                           reason="not every worker acknowledged its activation")
+                raise ValueError(f"group {group_id}: worker(s) {missing} did not acknowledge their activation; "
+                                 f"the version that served keeps serving")
+            g.ready = [True] * g.workers
             if token is not None:
                 self.fencing_token = token
             old = self.current
             g.state = "current"
             self.current = g
+            self.outage = None
             if old is not None and old is not g:
                 if old.state == "current":
                     old.state = "draining"
@@ -539,6 +572,7 @@ class Supervisor:
             self.previous_spec = None if restoring or fallback is None or fallback["version"] == g.version \
                 else fallback
             self.event("promote", group=g.id, version=g.version, previous=old.version if old else None)
+            self._update_refusal()
             return g.view()
 
     def _await_released(self, old: Group, limit: float = 10.0) -> None:
@@ -560,6 +594,8 @@ class Supervisor:
             if g is self.current:
                 raise ValueError("the current group cannot be discarded; promote another first")
             self._check_starting(g)  # the deployer may have seen a worker exit before the watch loop did
+            if g.state == "draining":  # activated by a promote that failed: it finishes what it took
+                return {"discarded": True}
             g.state = "failed" if g.state == "starting" else g.state
             g.signal_all(signal.SIGKILL)
             self.event("discard", group=g.id, version=g.version)
@@ -572,6 +608,7 @@ class Supervisor:
                 "artifact_roots": self.artifact_roots, "fencing_token": self.fencing_token,
                 "current": self.current.view() if self.current else None,
                 "groups": [g.view() for g in self.groups.values()],
+                "refusing": self.refuser.refusing(),
             }
 
     def stop(self) -> None:
@@ -600,9 +637,14 @@ class Supervisor:
                         g.signal_all(signal.SIGKILL)
                 elif g.state == "starting":
                     self._check_starting(g)
+                    if g.state == "starting" and g.promote_by is not None and time.monotonic() > g.promote_by:
+                        self._expire(g)
                 elif g.state == "current" and not self.stopping.is_set():
                     for i, p in enumerate(g.procs):
-                        if p is None or p.poll() is None or g.refused[i]:
+                        if p is None or p.poll() is None:
+                            continue
+                        g.ready[i] = False
+                        if g.refused[i]:
                             continue
                         if p.returncode == EXIT_ARTIFACT_REFUSED:
                             self._refused(g, i)  # not a crash: starting it again would refuse again
@@ -619,6 +661,46 @@ class Supervisor:
                     # keep the record small: finished groups are in events.jsonl
                     if time.time() - _parse_ts(g.started_at) > 300:
                         del self.groups[gid]
+            self._update_refusal()
+
+    def _expire(self, g: Group) -> None:
+        """A candidate nobody promoted within its launch's ``promote_within``: whoever deployed it is
+        gone (killed mid-deploy), so it is discarded here. It never took a connection."""
+        g.state = "failed"
+        g.signal_all(signal.SIGKILL)
+        self.event("candidate_expired", group=g.id, version=g.version,
+                   detail=f"version {g.version} was not promoted within the deadline of its launch; discarded "
+                          "(the deploy that launched it did not finish)")
+
+    def _outage(self) -> tuple[str, str, int | None] | None:
+        """(cause, detail, Retry-After seconds or None) while no worker of the current version is ready
+        to answer at the stable address, else None."""
+        if self.stopping.is_set():
+            return None
+        cur = self.current
+        if cur is not None and cur.state == "current":
+            if any(cur.ready):
+                return None
+            return ("restarting", f"every worker of version {cur.version} of {self.name} {self.env_name} exited "
+                                  "and is being restarted", 1)
+        if self.outage is not None:
+            return self.outage
+        if cur is None:
+            return ("not_deployed", f"nothing is deployed at {self.name} {self.env_name} yet; nothing serves here",
+                    None)
+        return ("stopped", f"version {cur.version} of {self.name} {self.env_name} is {cur.state}; "
+                           "nothing serves here", None)
+
+    def _update_refusal(self) -> None:
+        """Point the refusal responder at the current outage (or stop it). Called with the lock held."""
+        out = self._outage()
+        if out is None:
+            self.refuser.clear()
+        else:
+            cause, detail, retry = out
+            self.refuser.refuse({"error": detail, "cause": cause, "endpoint": self.name,
+                                 "environment": self.env_name,
+                                 "version": self.current.version if self.current else None}, retry)
 
     def _await_group_healthy(self, new: Group, deadline: float) -> str | None:
         """Wait until each worker of ``new`` answers /health on its private socket; None then, else
@@ -668,8 +750,28 @@ class Supervisor:
             return  # try again on a later tick
         g.restarts.append(t)
         g.spawn(i, self.stable)
+        threading.Thread(target=self._activate_when_healthy, args=(g, i, g.procs[i]), name=f"activate-{g.id}-{i}",
+                         daemon=True).start()
         self.event("restart", group=g.id, version=g.version, worker=i, exit_code=code,
                    restarts=len(g.restarts))
+
+    def _activate_when_healthy(self, g: Group, i: int, proc: subprocess.Popen | None) -> None:
+        """A worker restarted inside the current group takes connections once it answers /health:
+        activate it then (and stop refusing, if it is the first ready one)."""
+        deadline = time.monotonic() + RESTORE_SECONDS
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            with self.lock:
+                if g.procs[i] is not proc or proc is None or proc.poll() is not None or g.state != "current":
+                    return
+            if _answers_health(g.sockets[i], g.version):
+                with self.lock:
+                    if g.procs[i] is not proc or g.state != "current":
+                        return
+                    if _activate(g.sockets[i]):
+                        g.ready[i] = True
+                        self._update_refusal()
+                        return
+            time.sleep(0.05)
 
 
     def _crashloop(self, g: Group, code: int, why: str | None = None) -> None:
@@ -681,13 +783,20 @@ class Supervisor:
         prev = self.previous_spec
         common = {"group": g.id, "version": g.version, "restarts": len(g.restarts), "exit_code": code,
                   "restart_limit": RESTART_LIMIT, "window_seconds": RESTART_WINDOW}
+        what = f"version {g.version} of {self.name} {self.env_name}"
+        n = len(g.restarts)
+        looped = (f"{what} was stopped after crash-looping ({n} restart{'' if n == 1 else 's'} within "
+                  f"{RESTART_WINDOW:g} s)") if why is None else f"{what} was stopped: {why}"
         why = why or f"version {g.version} restarted {len(g.restarts)} times within {RESTART_WINDOW:g} s"
         if prev is None or str(prev.get("version")) == g.version:
+            self.outage = ("crashloop_stopped", f"{looped} and there is no version to go back to; nothing serves here",
+                           None)
             self.event("crashloop", **common, action="stopped", rollback_to=None,
                        detail=f"{why} and its promotion named no governed version to go back to: "
                               "it is stopped and nothing serves at this address")
             return
         to = str(prev["version"])
+        self.outage = ("rolling_back", f"{looped}; version {prev['version']} is being restored", 2)
         self.event("crashloop", **common, action="rollback", rollback_to=to,
                    detail=f"{why}: rolling back to version {to}")
         threading.Thread(target=self._restore, args=(g, prev), name="crashloop-rollback", daemon=True).start()
@@ -703,6 +812,13 @@ class Supervisor:
                 with self.lock:
                     group.state = "failed"
                     group.signal_all(signal.SIGKILL)
+            with self.lock:
+                if self.current is looped:
+                    self.outage = ("crashloop_stopped",
+                                   f"version {looped.version} of {self.name} {self.env_name} was stopped after "
+                                   f"crash-looping and version {to} could not come back ({why}); nothing serves here",
+                                   None)
+                    self._update_refusal()
             self.event("crashloop_rollback_failed", group=group.id if group else None, from_version=looped.version,
                        to_version=to, reason=why)
 
@@ -815,6 +931,171 @@ def _answers_health(path: str, version: str) -> bool:
     except ValueError:
         return True  # an app release may answer /health with plain text: 200 is healthy
     return not isinstance(doc, dict) or "version" not in doc or str(doc["version"]) == version
+
+
+def _activate(path: str) -> bool:
+    """Tell the worker on the private socket ``path`` to accept on the stable socket; True once it says
+    it does."""
+    got = protocol.unix_get(path, protocol.ACTIVATE_ROUTE, 5.0, method="POST")
+    return got is not None and got[0] == 200
+
+
+class Refuser:
+    """Answers every connection on the stable socket at once with ``503`` and a JSON body saying why,
+    while nothing of the current version can (``refuse``); accepts nothing otherwise (``clear``), so
+    it never takes a connection a ready worker could have answered.
+
+    One thread, one selector, non-blocking sockets: a connection's request head (and a body of at
+    most BODY_LIMIT bytes) is read first so the client reads the answer rather than a reset, for at
+    most CONN_SECONDS; then the answer, ``connection: close``. At most MAX_CONNS at once: beyond that
+    a connection is answered without reading its request."""
+
+    HEAD_LIMIT = 16 * 1024
+    BODY_LIMIT = 1024 * 1024
+    CONN_SECONDS = 2.0
+    MAX_CONNS = 256
+
+    def __init__(self, stable: socket.socket):
+        self.stable = stable
+        # a worker may take the connection between select and accept: never block on accept (the flag
+        # is shared with the workers' copies, which asyncio sets non-blocking anyway)
+        stable.setblocking(False)
+        self.answer: bytes | None = None
+        self.doc: dict[str, Any] | None = None
+
+    def refuse(self, doc: dict[str, Any], retry_after: int | None) -> None:
+        if doc == self.doc:
+            return
+        body = json.dumps(doc).encode()
+        head = ("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n"
+                + (f"retry-after: {retry_after}\r\n" if retry_after else "") + "\r\n")
+        self.doc, self.answer = doc, head.encode() + body
+
+    def clear(self) -> None:
+        self.doc = self.answer = None
+
+    def refusing(self) -> dict[str, Any] | None:
+        return self.doc
+
+    def run(self) -> None:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        listening = False
+        conns: dict[socket.socket, dict[str, Any]] = {}
+        while True:
+            want = self.answer is not None and len(conns) < self.MAX_CONNS
+            if want != listening:
+                if want:
+                    sel.register(self.stable, selectors.EVENT_READ)
+                else:
+                    sel.unregister(self.stable)
+                listening = want
+            for key, _ in sel.select(0.05):
+                if key.fileobj is self.stable:
+                    answer = self.answer
+                    if answer is None:  # a worker became ready meanwhile: leave the connection to it
+                        continue
+                    try:
+                        conn, _addr = self.stable.accept()
+                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                        continue
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    conns[conn] = {"buf": b"", "out": answer, "need": None,
+                                   "until": time.monotonic() + self.CONN_SECONDS}
+                    sel.register(conn, selectors.EVENT_READ)
+                else:
+                    self._service(sel, conns, key.fileobj, key.events)
+            t = time.monotonic()
+            for conn, st in list(conns.items()):
+                if t > st["until"]:
+                    if st["need"] == "closing":
+                        self._close(sel, conns, conn)
+                    else:
+                        self._answer(sel, conns, conn)
+
+    def _service(self, sel: Any, conns: dict, conn: Any, events: int) -> None:
+        import selectors
+
+        st = conns.get(conn)
+        if st is None:
+            return
+        if events & selectors.EVENT_WRITE:
+            self._answer(sel, conns, conn)
+            return
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(sel, conns, conn)
+            return
+        if st["need"] == "closing":  # answered; waiting for the client to close
+            if not data:
+                self._close(sel, conns, conn)
+            return
+        if not data:
+            self._answer(sel, conns, conn)
+            return
+        st["buf"] += data
+        buf = st["buf"]
+        if st["need"] is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self.HEAD_LIMIT:
+                    self._answer(sel, conns, conn)
+                return
+            head = buf[:end].decode("latin-1", "replace").lower()
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.strip() == "content-length":
+                    try:
+                        length = int(value.strip())
+                    except ValueError:
+                        length = 0
+            chunked = "transfer-encoding: chunked" in head
+            st["need"] = ("chunked", end + 4) if chunked else ("length", end + 4 + max(0, min(length, self.BODY_LIMIT)))
+        kind, n = st["need"]
+        if (kind == "length" and len(buf) >= n) or (kind == "chunked" and buf.endswith(b"0\r\n\r\n")) \
+                or len(buf) > self.HEAD_LIMIT + self.BODY_LIMIT:
+            self._answer(sel, conns, conn)
+
+    def _answer(self, sel: Any, conns: dict, conn: Any) -> None:
+        import selectors
+
+        st = conns[conn]
+        try:
+            sent = conn.send(st["out"])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(sel, conns, conn)
+            return
+        st["out"] = st["out"][sent:]
+        st["buf"] = b""
+        if st["out"]:
+            sel.modify(conn, selectors.EVENT_WRITE)
+            return
+        try:
+            conn.shutdown(socket.SHUT_WR)  # the answer is whole; the client closes, we read its EOF
+        except OSError:
+            self._close(sel, conns, conn)
+            return
+        st["need"] = "closing"
+        st["until"] = time.monotonic() + self.CONN_SECONDS
+        sel.modify(conn, selectors.EVENT_READ)
+
+    def _close(self, sel: Any, conns: dict, conn: Any) -> None:
+        conns.pop(conn, None)
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
 
 
 def _worker_version(path: str, timeout: float = 0.5) -> dict[str, Any] | None:
@@ -1044,6 +1325,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     threading.Thread(target=control.serve_forever, daemon=True).start()
+    threading.Thread(target=sup.refuser.run, name="refuser", daemon=True).start()
     persisted = None
     beat = 0.0
     while not sup.stopping.is_set():

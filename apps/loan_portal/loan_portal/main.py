@@ -28,6 +28,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
+from resources.serving.retry import acall_with_retry  # onepath's worker runs this app with the platform on its path
+
 log = logging.getLogger("loan_portal")
 
 SCORING_TIMEOUT_S = 2.0
@@ -150,8 +152,10 @@ async def score(applicant: dict[str, Any]) -> dict[str, Any]:
     record = {"application_id": app_id, **{name: applicant[name] for name in SCORED}}
     try:
         async with httpx.AsyncClient(timeout=SCORING_TIMEOUT_S) as client:
-            resp = await client.post(f"{url.rstrip('/')}/predict", json={"records": [record]},
-                                     headers={"X-Request-ID": app_id})
+            # a scoring worker that died holding the request: once more, same request id (a score is a
+            # pure function of its input; resources.serving.retry says when)
+            resp = await acall_with_retry(lambda: client.post(f"{url.rstrip('/')}/predict", json={"records": [record]},
+                                                              headers={"X-Request-ID": app_id}))
         resp.raise_for_status()
         body = resp.json()
         prob, version = body["predictions"][0]["probability"], body["version"]

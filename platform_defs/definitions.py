@@ -22,9 +22,9 @@ from platform_defs.drift_check import build_drift_checks
 from sensors.approval_promotion import build_approval_promotion_sensor
 from sensors.drift_sensor import build_drift_sensor
 from sensors.endpoint_status import build_endpoint_status_sensor
-from sensors.serving_health import build_serving_health_checks
+from sensors.serving_health import build_continuity_checks, build_serving_health_checks
 from sensors.handoff import build_handoff_sensor
-from sensors.supervisor_events import build_continuity_checks, build_supervisor_events_sensor
+from sensors.supervisor_events import build_supervisor_events_sensor
 
 
 def build_definitions(org: Organisation | None = None, settings: Settings | None = None,

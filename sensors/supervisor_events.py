@@ -28,7 +28,7 @@ The actor is ``supervisor:<slot>``. Every entry carries the event's ``event_id``
 the ledger already holds for that subject and environment is not recorded again, so a reset cursor,
 or a tick that failed half way, never records anything twice.
 
-An outage fails the environment's ``served_without_outage`` check (``build_continuity_checks``, declared
+An outage fails the environment's ``served_without_outage`` check (``sensors.serving_health``, declared
 non-blocking; ``outage_verdict``): the sensor reports the failed evaluation when it records the entry,
 and the check, run on demand, reads the same from the ledger until the next deploy or rollback.
 
@@ -51,6 +51,7 @@ from resources.deployers.base import Target
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Entry, LedgerResource
 from resources.mlflow_registry import MlflowRegistry
+from sensors.serving_health import outage_evaluation
 
 RELAYED = ("restart", "crashloop", "crashloop_rollback", "crashloop_rollback_failed", "artifact_refused",
            "supervisor_restarted", "serving_restored", "relaunch_failed")
@@ -174,56 +175,6 @@ def _str(v: Any) -> str | None:
     return None if v is None else str(v)
 
 
-# -- the outage check ----------------------------------------------------------------------------------
-CONTINUITY_CHECK = "served_without_outage"
-CONTINUITY_DESCRIPTION = ("No outage is recorded for this environment since its last deploy or rollback: the ledger "
-                          "holds no 'outage' entry (a supervisor and all its workers died, and the address refused "
-                          "until the version was relaunched) after it. Non-blocking; reported by supervisor_events.")
-
-
-def outage_verdict(book: Any, subject: str, env: str) -> tuple[bool, str, dict[str, Any]]:
-    """(passed, description, metadata) of ``served_without_outage`` for (subject, env), from the ledger:
-    failed when an ``outage`` entry follows the environment's last ``deploy``/``rollback`` entry."""
-    since = max((e.seq for e in book.entries(subject=subject, env=env) if e.kind in ("deploy", "rollback")),
-                default=0)
-    outages = book.entries(kind="outage", subject=subject, env=env, since_seq=since)
-    if not outages:
-        return True, "no outage recorded since the last deploy", {"outages": 0}
-    last = outages[-1]
-    began = next((e for e in reversed(outages) if e.data.get("phase") == "began"), last)
-    state = {"ended": "it ended", "unresolved": "it is NOT resolved"}.get(str(last.data.get("phase")), "it goes on")
-    return False, (f"outage of version {last.data.get('version')} recorded at {began.ts} (ledger #{began.seq}): "
-                   f"{began.data.get('detail')}; {state}"
-                   + (f" after {last.data.get('seconds')} s of relaunch" if last.data.get("phase") == "ended" else "")
-                   + (f": {last.data.get('detail')}" if last.data.get("phase") == "unresolved" else "")), {
-        "outages": len([e for e in outages if e.data.get("phase") == "began"]), "ledger_entry": last.seq,
-        "phase": str(last.data.get("phase")), "version": str(last.data.get("version"))}
-
-
-def _continuity_evaluation(book: Any, subject: str, env: str) -> dg.AssetCheckEvaluation:
-    passed, description, metadata = outage_verdict(book, subject, env)
-    return dg.AssetCheckEvaluation(asset_key=dg.AssetKey(endpoint_asset_name(subject, env)),
-                                   check_name=CONTINUITY_CHECK, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-                                   blocking=False, description=description, metadata=metadata)
-
-
-def build_continuity_checks(org: Organisation) -> list[dg.AssetChecksDefinition]:
-    """One declared, non-blocking ``served_without_outage`` check per endpoint and app environment."""
-    return [_continuity_check(target) for _, target in _targets(org)]
-
-
-def _continuity_check(target: Target) -> dg.AssetChecksDefinition:
-    key = endpoint_asset_name(target.name, target.env)
-
-    @dg.asset_check(asset=key, name=CONTINUITY_CHECK, blocking=False, description=CONTINUITY_DESCRIPTION)
-    def _check(ledger: LedgerResource) -> dg.AssetCheckResult:
-        passed, description, metadata = outage_verdict(ledger.ledger(), target.name, target.env)
-        return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, description=description,
-                                   metadata=metadata)
-
-    return _check
-
-
 def build_supervisor_events_sensor(org: Organisation, policy: Policy) -> dg.SensorDefinition:
     """The ``supervisor_events`` sensor: ``relay_events`` every 5 s, its cursor kept as the sensor's."""
 
@@ -266,7 +217,7 @@ def build_supervisor_events_sensor(org: Organisation, policy: Policy) -> dg.Sens
                                                                     for e in written))
         book = services.ledger
         outaged = sorted({(e.subject, e.env or "") for e in written if e.kind == "outage"})
-        observations += [_continuity_evaluation(book, subject, env) for subject, env in outaged]
+        observations += [outage_evaluation(book, subject, env) for subject, env in outaged]
         if not observations:
             return dg.SkipReason(f"recorded {len(written)} restart(s) in the ledger")
         return dg.SensorResult(asset_events=observations)
@@ -274,5 +225,4 @@ def build_supervisor_events_sensor(org: Organisation, policy: Policy) -> dg.Sens
     return supervisor_events
 
 
-__all__ = ["CONTINUITY_CHECK", "build_continuity_checks", "build_supervisor_events_sensor", "outage_verdict",
-           "relay_events"]
+__all__ = ["build_supervisor_events_sensor", "relay_events"]

@@ -30,7 +30,8 @@ from resources.ledger import LedgerResource
 from resources.processes import pid_alive
 from resources.serving import protocol
 from sensors.endpoint_status import revive_supervisors
-from sensors.supervisor_events import outage_verdict, relay_events
+from sensors.serving_health import outage_verdict
+from sensors.supervisor_events import relay_events
 from tests.conftest import _free_port_base, model_release, save_credit_model, wait_for
 from tests.test_rollback import write_org
 

@@ -332,7 +332,11 @@ class Supervisor:
         # why nothing serves, once the current version was stopped (crash loop): (cause, detail, retry)
         self.outage: tuple[str, str, int | None] | None = None
         self.refuser = Refuser(self.stable)
-        self._update_refusal()  # nothing is deployed yet
+        self._update_refusal()  # nothing is deployed yet, or what was adopted is ready
+        if self.current is not None:  # workers started again during the takeover take traffic once healthy
+            for i in self.takeover["respawned"]:
+                threading.Thread(target=self._activate_when_healthy, args=(self.current, i, self.current.procs[i]),
+                                 name=f"activate-{self.current.id}-{i}", daemon=True).start()
 
     # -- adoption ---------------------------------------------------------------------------
     def _take_over(self, before: dict[str, Any]) -> socket.socket:
@@ -388,6 +392,8 @@ class Supervisor:
                         g.restarts.append(time.time())
                         g.spawn(i, stable)
                         self.takeover["respawned"].append(i)
+                    else:  # a worker of the current group accepts on the stable socket (activation is idempotent)
+                        g.ready[i] = _activate(g.sockets[i])
                 return stable
         self.takeover["relaunch"] = spec
         return self._bind(inode)

@@ -7,7 +7,8 @@ dies (SIGKILL, OOM) takes the requests it had already read with it, and the othe
 one restarted, answers the copy. What is retried: the server closed or reset the connection without
 an answer (``http.client.RemoteDisconnected``, ``ConnectionResetError``, ``BrokenPipeError``,
 ``ConnectionAbortedError``; httpx's ``RemoteProtocolError``, ``ReadError``, ``WriteError``,
-``ConnectError``). Never retried: an HTTP answer of any status (a 4xx or 5xx is the answer), and a
+``ConnectError``), or with an answer cut short (``http.client.IncompleteRead``: the worker died
+while writing it; measured once in 6,461 raw requests over five kills). Never retried: an HTTP answer of any status (a 4xx or 5xx is the answer), and a
 timeout (the server may still be working on it; a second copy would only add load).
 
 Used by ``onepath simulate-traffic`` (``platform_defs.cli_simulate.PredictClient``) and by
@@ -21,7 +22,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 T = TypeVar("T")
 RETRIES = 1
 _UNANSWERED = frozenset({"RemoteDisconnected", "ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError",
-                         "RemoteProtocolError", "ReadError", "WriteError", "ConnectError"})
+                         "IncompleteRead", "RemoteProtocolError", "ReadError", "WriteError", "ConnectError"})
 
 
 def unanswered(err: BaseException) -> bool:

@@ -795,8 +795,8 @@ class Supervisor:
                   f"{RESTART_WINDOW:g} s)") if why is None else f"{what} was stopped: {why}"
         why = why or f"version {g.version} restarted {len(g.restarts)} times within {RESTART_WINDOW:g} s"
         if prev is None or str(prev.get("version")) == g.version:
-            self.outage = ("crashloop_stopped", f"{looped} and there is no version to go back to; nothing serves here",
-                           None)
+            self.outage = ("crashloop_stopped", f"{looped} and its promotion named no governed version to go "
+                                                "back to; nothing serves here", None)
             self.event("crashloop", **common, action="stopped", rollback_to=None,
                        detail=f"{why} and its promotion named no governed version to go back to: "
                               "it is stopped and nothing serves at this address")

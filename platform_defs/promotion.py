@@ -484,6 +484,16 @@ def _deploy(services: Services, target: Target, release: Release, lock: Promotio
             "error": one_line(err, 500)}, actor, env=target.env)
         raise PromotionError(str(err), verdicts=verdicts, metadata={
             "refused_version": release.version, "still_serving": still_serving or "nothing"}) from None
+    except BaseException:
+        # interrupted (SIGINT, Dagster's Terminate): before the switch the deployer discarded the candidate;
+        # after it, the version serves, and what serves is never off the record
+        status = services.deployer.status(target)
+        if serving_version(status) == release.version and release.version != still_serving:
+            services.ledger.append("deploy", target.name, {
+                **who, "version": release.version, "digest": release.digest, "previous_version": still_serving,
+                "address": status.address, "interrupted": "the promotion was interrupted after the switch; "
+                "the alias was not moved", "fencing_token": lock.token}, actor, env=target.env, fence=lock.lease)
+        raise
 
 
 def _move_alias(services: Services, lock: PromotionLock, model: str, env: str, version: str) -> str | None:

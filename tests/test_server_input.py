@@ -169,6 +169,23 @@ def read_until_closed(s: socket.socket) -> bytes:
         out += chunk
 
 
+def answer_then_blank_line(port: int, request: bytes) -> bytes:
+    """Send ``request`` on a kept-alive connection, read its whole answer, then send one blank line
+    and read until the server closes the connection (the socket's timeout fails the test if it never does)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        out = b""
+        while b"\r\n\r\n" not in out:
+            out += s.recv(65536)
+        head, _, body = out.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            body += s.recv(65536)
+        s.sendall(b"\r\n")
+        return out + read_until_closed(s)
+
+
 def status_of(raw: bytes) -> tuple[int, dict]:
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)
@@ -279,16 +296,23 @@ def test_read_timeouts_close_a_stalled_client_with_408(worker):
             s.sendall(data)
             return read_until_closed(s)
 
-    with ThreadPoolExecutor(3) as pool:
+    good = json.dumps(GOOD).encode()
+    answered_then_blank = (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: %d\r\n\r\n%s" % (len(good), good))
+    with ThreadPoolExecutor(4) as pool:
         headers = pool.submit(stall, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-le")
         body = pool.submit(stall, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\n\r\n{\"income\"")
         idle = pool.submit(stall, b"")
-        h, b, i = headers.result(), body.result(), idle.result()
+        # a kept-alive connection that sends a blank line after its answer (it begins no request, yet
+        # made uvicorn drop its keep-alive timer) is closed by the read timeout all the same
+        blank = pool.submit(answer_then_blank_line, worker.port, answered_then_blank)
+        h, b, i, k = headers.result(), body.result(), idle.result(), blank.result()
     assert status_of(h) == (408, {"error": "request headers not received within 1 s"})
     assert status_of(b) == (408, {"error": "request body stalled: no byte for 1 s"})
     assert i == b""
+    assert k.startswith(b"HTTP/1.1 200 ") and k.count(b"HTTP/1.1 ") == 1
     delta = worker.counts() - before
-    assert delta == Counter({("other", 408): 1, ("/predict", 408): 1, ("/metrics", 200): 1}), delta
+    assert delta == Counter({("other", 408): 1, ("/predict", 408): 1, ("/predict", 200): 1, ("/metrics", 200): 1}), delta
     assert worker.post("/predict", GOOD)[0] == 200
 
 

@@ -228,16 +228,17 @@ def serve(app: Any) -> None:
     activation = Activation(stable if len(sockets) > 1 else None)
     if activation.stable is not None:
         sockets = sockets[1:]
+    from resources.serving.http_limits import protocol_for  # header/URL limits, read timeouts
+
+    protocol = protocol_for(app)  # the app's own limits and response counting (before any wrapper)
     app = serve_activation(app, activation)
     drain_seconds = _seconds("ONEPATH_DRAIN_SECONDS", DRAIN_SECONDS_DEFAULT)
     # end before the supervisor's SIGKILL at the same deadline, with the lifespan shutdown done
     budget = max(0.0, drain_seconds - min(0.5, drain_seconds * 0.1))
     drain = Drain()
-    from resources.serving.http_limits import protocol_for  # header/URL limits, read timeouts
-
     config = uvicorn.Config(
         close_when_draining(app, drain), lifespan="on", access_log=False, log_level="warning",
-        loop="uvloop", http=protocol_for(app), timeout_graceful_shutdown=budget, timeout_keep_alive=5,
+        loop="uvloop", http=protocol, timeout_graceful_shutdown=budget, timeout_keep_alive=5,
         proxy_headers=False,  # nothing is proxied to a worker: a local peer cannot claim another address
     )
     server = _draining_server_class()(config, drain, budget,

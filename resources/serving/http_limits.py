@@ -95,6 +95,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         phase = self._op_phase
         if phase is None:
+            # Bytes that began no request (the blank lines httptools skips between requests) made
+            # uvicorn cancel its keep-alive timer: without ours too the connection would live for good.
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and self.timeout_keep_alive_task is None and not self.transport.is_closing():
+                self._op_phase, self._op_since = "new", self._op_last
+                if self._op_timer is None:
+                    self._op_arm()
             return
         if phase == "body" and not (self.cycle is not None and self.cycle.more_body):
             self._op_phase = None  # the message is complete (uvicorn's on_message_complete ran)

@@ -442,18 +442,21 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
                                               still_serving=previous)
         fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
         deploy_t0 = time.perf_counter()
-        status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env), lock,
-                         who={"model": model.name}, actor=actor, still_serving=previous, verdicts=verdicts,
-                         fallback=fallback)
-        alias_error = _move_alias(services, lock, model.name, env, version)
-        entry = book.append("deploy", spec.name, {
-            **({"alias_error": alias_error} if alias_error else {}),
-            "model": model.name, "version": version, "digest": digest, "previous_version": previous,
-            "address": status.address, "promoted_from": upstream_env, "track": model.track,
-            "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
-            "policy_hash": policy_hash(policy), "initiated_by": initiated_by, "fencing_token": lock.token,
-            "fallback_version": fallback.version if fallback else None,
-            "deploy_seconds": round(time.perf_counter() - deploy_t0, 3)}, actor, env=env, fence=lock.lease)
+        release = endpoint_release(spec, model, dataset, version, artifact, digest, env=env)
+        with _never_off_the_record(services, target, release, lock, who={"model": model.name}, actor=actor,
+                                   still_serving=previous) as record:
+            status = _deploy(services, target, release, lock, who={"model": model.name}, actor=actor,
+                             still_serving=previous, verdicts=verdicts, fallback=fallback)
+            alias_error = _move_alias(services, lock, model.name, env, version)
+            entry = book.append("deploy", spec.name, {
+                **({"alias_error": alias_error} if alias_error else {}),
+                "model": model.name, "version": version, "digest": digest, "previous_version": previous,
+                "address": status.address, "promoted_from": upstream_env, "track": model.track,
+                "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
+                "policy_hash": policy_hash(policy), "initiated_by": initiated_by, "fencing_token": lock.token,
+                "fallback_version": fallback.version if fallback else None,
+                "deploy_seconds": round(time.perf_counter() - deploy_t0, 3)}, actor, env=env, fence=lock.lease)
+            record["recorded"] = True
         if alias_error:
             raise PromotionError(f"{spec.name}.{env}: version {version} serves (ledger #{entry.seq}), but the MLflow "
                                  f"alias {model.name}@{env} could not be moved: {alias_error}", verdicts=verdicts)
@@ -484,15 +487,27 @@ def _deploy(services: Services, target: Target, release: Release, lock: Promotio
             "error": one_line(err, 500)}, actor, env=target.env)
         raise PromotionError(str(err), verdicts=verdicts, metadata={
             "refused_version": release.version, "still_serving": still_serving or "nothing"}) from None
-    except BaseException:
-        # interrupted (SIGINT, Dagster's Terminate): before the switch the deployer discarded the candidate;
-        # after it, the version serves, and what serves is never off the record
-        status = services.deployer.status(target)
-        if serving_version(status) == release.version and release.version != still_serving:
-            services.ledger.append("deploy", target.name, {
-                **who, "version": release.version, "digest": release.digest, "previous_version": still_serving,
-                "address": status.address, "interrupted": "the promotion was interrupted after the switch; "
-                "the alias was not moved", "fencing_token": lock.token}, actor, env=target.env, fence=lock.lease)
+
+
+@contextmanager
+def _never_off_the_record(services: Services, target: Target, release: Release, lock: PromotionLock, *,
+                          who: dict[str, str], actor: str, still_serving: str | None) -> Iterator[dict[str, bool]]:
+    """Around a switch and its ``deploy`` entry: interrupted in between (SIGINT, Dagster's Terminate, an
+    error while the alias moves), a version that already serves is recorded all the same, marked
+    ``interrupted``, before the interruption goes on. The caller sets ``recorded`` once it appended its
+    entry. Before the switch there is nothing to record: the deployer discarded its candidate."""
+    state = {"recorded": False}
+    try:
+        yield state
+    except BaseException as err:
+        if not state["recorded"] and not isinstance(err, PromotionError):
+            status = services.deployer.status(target)
+            if serving_version(status) == release.version and release.version != still_serving:
+                services.ledger.append("deploy", target.name, {
+                    **who, "version": release.version, "digest": release.digest, "previous_version": still_serving,
+                    "address": status.address, "fencing_token": lock.token, "interrupted":
+                    f"the promotion was interrupted after the switch ({type(err).__name__}); the alias may not have "
+                    f"moved"}, actor, env=target.env, fence=lock.lease)
         raise
 
 
@@ -674,24 +689,28 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
     artifact, digest = _verified_artifact(services, model, version, subject=spec.name, env=env, actor=actor,
                                           still_serving=serving)
     fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
-    status = _deploy(services, target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env), lock,
-                     who={"model": model.name}, actor=actor, still_serving=serving, verdicts=[], fallback=fallback)
-    address = status.address or deployer.address(target)
-    # The restored version serves. Move the alias (as a promotion does), then record; an alias that
-    # could not be moved is recorded with the rollback and reported, since the deploy itself happened.
-    alias_error = _move_alias(services, lock, model.name, env, version)
-    rb = book.append("rollback", spec.name, {
-        "model": model.name, "from_version": current, "to_version": version, "reason": reason, "digest": digest,
-        "address": address, "serving_before": serving, "restored_deploy_entry": chosen.seq,
-        "fencing_token": lock.token, **({"alias_error": alias_error} if alias_error else {}),
-    }, actor, env=env, fence=lock.lease)
-    dep = book.append("deploy", spec.name, {
-        "model": model.name, "version": version, "digest": digest, "previous_version": serving,
-        "address": address, "promoted_from": None, "track": model.track, "owner": model.owner,
-        "checks": chosen.data.get("checks") or list(policy.track(model.track).checks), "via": "rollback",
-        "rollback_entry": rb.seq, "policy_hash": policy_hash(policy), "fencing_token": lock.token,
-        "fallback_version": fallback.version if fallback else None,
-    }, actor, env=env, fence=lock.lease)
+    release = endpoint_release(spec, model, dataset, version, artifact, digest, env=env)
+    with _never_off_the_record(services, target, release, lock, who={"model": model.name}, actor=actor,
+                               still_serving=serving) as record:
+        status = _deploy(services, target, release, lock, who={"model": model.name}, actor=actor, still_serving=serving,
+                         verdicts=[], fallback=fallback)
+        address = status.address or deployer.address(target)
+        # The restored version serves. Move the alias (as a promotion does), then record; an alias that
+        # could not be moved is recorded with the rollback and reported, since the deploy itself happened.
+        alias_error = _move_alias(services, lock, model.name, env, version)
+        rb = book.append("rollback", spec.name, {
+            "model": model.name, "from_version": current, "to_version": version, "reason": reason, "digest": digest,
+            "address": address, "serving_before": serving, "restored_deploy_entry": chosen.seq,
+            "fencing_token": lock.token, **({"alias_error": alias_error} if alias_error else {}),
+        }, actor, env=env, fence=lock.lease)
+        dep = book.append("deploy", spec.name, {
+            "model": model.name, "version": version, "digest": digest, "previous_version": serving,
+            "address": address, "promoted_from": None, "track": model.track, "owner": model.owner,
+            "checks": chosen.data.get("checks") or list(policy.track(model.track).checks), "via": "rollback",
+            "rollback_entry": rb.seq, "policy_hash": policy_hash(policy), "fencing_token": lock.token,
+            "fallback_version": fallback.version if fallback else None,
+        }, actor, env=env, fence=lock.lease)
+        record["recorded"] = True
     if alias_error:
         raise PromotionError(f"{label}: version {version} serves again at {address} (ledger #{rb.seq}), but the "
                              f"MLflow alias {model.name}@{env} could not be moved: {alias_error}")
@@ -831,14 +850,17 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
             raise PromotionError(refusal, verdicts=verdicts, metadata={"refused_version": version})
         release = Release(version, str(artifact), config={"entrypoint": spec.entrypoint, "calls": env_vars})
         fallback = _app_fallback(spec, env, version, services, env_vars)
-        status = _deploy(services, target, release, lock, who={"app": spec.name}, actor=actor,
-                         still_serving=previous, verdicts=verdicts, fallback=fallback)
-        entry = book.append("deploy", spec.name, {
-            "app": spec.name, "version": version, "previous_version": previous, "address": status.address,
-            "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
-            "checks": [v.check for v in verdicts], "trigger": trigger, "calls": env_vars,
-            "policy_hash": policy_hash(policy), "fencing_token": lock.token,
-            "fallback_version": fallback.version if fallback else None}, actor, env=env, fence=lock.lease)
+        with _never_off_the_record(services, target, release, lock, who={"app": spec.name}, actor=actor,
+                                   still_serving=previous) as record:
+            status = _deploy(services, target, release, lock, who={"app": spec.name}, actor=actor,
+                             still_serving=previous, verdicts=verdicts, fallback=fallback)
+            entry = book.append("deploy", spec.name, {
+                "app": spec.name, "version": version, "previous_version": previous, "address": status.address,
+                "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
+                "checks": [v.check for v in verdicts], "trigger": trigger, "calls": env_vars,
+                "policy_hash": policy_hash(policy), "fencing_token": lock.token,
+                "fallback_version": fallback.version if fallback else None}, actor, env=env, fence=lock.lease)
+            record["recorded"] = True
     return Promotion(spec.name, env, version, previous, status.address, None, "deployed", deploy_entry=entry.seq,
                      verdicts=verdicts, calls={f"ONEPATH_{name}_URL": url for name, url in env_vars.items()},
                      seconds=round(time.perf_counter() - t0, 3))

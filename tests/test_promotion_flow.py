@@ -367,3 +367,35 @@ def test_whatever_answers_on_a_free_stable_port_is_not_believed(world):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _InterruptedWhileTheAliasMoves:
+    """The real MLflow registry, except that moving an alias is interrupted (a SIGINT's KeyboardInterrupt
+    arriving while MLflow's client sits in its own retries)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def set_alias(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_a_way_back_interrupted_after_its_switch_is_still_on_the_record(two_versions):
+    import dataclasses
+
+    from platform_defs.promotion import roll_back
+
+    world = two_versions
+    services = dataclasses.replace(world["services"], mlflow=_InterruptedWhileTheAliasMoves(world["services"].mlflow))
+    before = len(deploys(world, "prod"))
+    with pytest.raises(KeyboardInterrupt):
+        roll_back(world["org"], world["policy"], "churn_scoring", "prod", services=services, actor="pat",
+                  reason="interrupted on purpose", to_version="1")
+    assert serving(world, "prod") == "1"
+    after = deploys(world, "prod")
+    assert len(after) == before + 1
+    last = after[-1].data
+    assert last["version"] == "1" and last["interrupted"].startswith("the promotion was interrupted after the switch")

@@ -406,6 +406,9 @@ class LocalProcessDeployer(Deployer):
                                   f"({sup.get('restarts')} restarts)" + ("" if st.healthy else "; nothing serves"))
         elif sup and sup.get("state") == "current" and not st.healthy:
             st.problems.insert(0, f"version {sup.get('version')} is current but no worker answers at {st.address}")
+        elif sup and isinstance(sup.get("refusing"), dict) and sup["refusing"].get("cause") != "not_deployed" \
+                and not st.healthy:  # a crash-loop stop a restarted supervisor keeps, a relaunch, ...
+            st.problems.insert(0, str(sup["refusing"].get("error")))
         return st
 
     def _backend_detail(self, target: Target) -> dict[str, Any]:

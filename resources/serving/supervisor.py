@@ -331,6 +331,14 @@ class Supervisor:
         self.port = self.stable.getsockname()[1]
         # why nothing serves, once the current version was stopped (crash loop): (cause, detail, retry)
         self.outage: tuple[str, str, int | None] | None = None
+        recorded = before.get("outage")
+        if self.current is None and self.takeover["relaunch"] is not None:
+            v = self.takeover["relaunch"].get("version")
+            self.outage = ("relaunching", f"every worker of version {v} of {self.name} {self.env_name} died with its "
+                                          "supervisor; it is being started again", 2)
+        elif (self.current is None and isinstance(recorded, list) and len(recorded) == 3
+              and all(isinstance(x, str) for x in recorded[:2])):
+            self.outage = (recorded[0], recorded[1], None)  # still stopped: no restart under way
         self.refuser = Refuser(self.stable)
         self._update_refusal()  # nothing is deployed yet, or what was adopted is ready
         if self.current is not None:  # workers started again during the takeover take traffic once healthy
@@ -422,6 +430,11 @@ class Supervisor:
             new = self.groups[self.launch(spec)["id"]]
         except (OSError, ValueError, KeyError) as err:
             self.event("relaunch_failed", group=None, version=version, reason=f"cannot launch version {version}: {err}")
+            with self.lock:
+                if self.current is None:
+                    self.outage = ("relaunch_failed", f"version {version} of {self.name} {self.env_name} could not "
+                                                      f"be started again ({err}); nothing serves here", None)
+                    self._update_refusal()
             return
         why = self._await_group_healthy(new, t0 + RESTORE_SECONDS)
         with self.lock:
@@ -436,6 +449,10 @@ class Supervisor:
                 new.state = "failed"
                 new.signal_all(signal.SIGKILL)
                 self.event("relaunch_failed", group=new.id, version=version, reason=why)
+                if self.current is None:
+                    self.outage = ("relaunch_failed", f"version {version} of {self.name} {self.env_name} could not "
+                                                      f"be started again ({why}); nothing serves here", None)
+                    self._update_refusal()
                 return
             self.event("serving_restored", group=new.id, version=version, seconds=round(time.monotonic() - t0, 3))
         self.on_change()
@@ -459,6 +476,8 @@ class Supervisor:
                 "previous_spec": self.previous_spec,
                 "previous_version": str(self.previous_spec["version"]) if self.previous_spec else None,
                 "updated_at": now_iso(), "stopped": self.stopping.is_set(),
+                # why nothing serves (a crash-loop stop): a supervisor started again still says so
+                "outage": list(self.outage) if self.outage else None,
             })
 
     # -- commands -------------------------------------------------------------------------

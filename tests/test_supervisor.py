@@ -265,6 +265,21 @@ def test_a_crash_loop_with_nothing_to_go_back_to_stops_the_version(world, monkey
     assert entry.data["health"] == "down" and "crash-looping" in entry.data["problems"][0]
     assert evaluate_health([(spec, "prod", t)], [st], world["ledger"], reported) == []  # reported once
 
+    # a supervisor started again after this one dies still says why nothing serves
+    dead = state(world, "sv_alone")["pid"]
+    os.kill(dead, signal.SIGKILL)
+    wait_for("the supervisor gone", lambda: not pid_alive(dead))
+    assert deployer.revive(t) is not None
+
+    def said_again():
+        now = deployer.status(t)
+        sup = now.detail.get("supervisor") or {}
+        return now if sup.get("pid") not in (None, dead) and now.problems else None
+
+    again = wait_for("the revived supervisor saying the version was stopped", said_again)
+    assert again.health == "down" and "crash-looping" in again.problems[0]
+    assert again.detail["supervisor"]["refusing"]["cause"] == "crashloop_stopped"
+
 
 def test_a_previous_version_that_cannot_come_back_leaves_nothing_serving_and_says_why(world, monkeypatch, tmp_path):
     monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")

@@ -378,15 +378,16 @@ class LocalProcessDeployer(Deployer):
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
-        state = self._state(target) or state
-        if not state.get("stopped") and self._supervisor_gone(target, state):
-            # its supervisor died and nobody adopted its workers (they outlive it): stop what still holds
-            # the stable socket, and record the stop, so that nothing revives the slot
-            inode = state.get("stable_inode")
-            if isinstance(inode, int) and not isinstance(inode, bool):
-                stop_socket_holders(inode, keep=set(), wait=40, until_exit=True)
-            atomic_write(self.slot_dir(target) / "state.json",
-                         json.dumps({**state, "stopped": True}, indent=2, sort_keys=True).encode())
+        with self._locked(f"{target.slot}.lock"):  # a revive (sensor, status) waits, then finds it stopped
+            state = self._state(target) or state
+            if not state.get("stopped") and self._supervisor_gone(target, state):
+                # its supervisor died and nobody adopted its workers (they outlive it): record the stop first,
+                # so that nothing revives the slot, then stop what still holds the stable socket
+                atomic_write(self.slot_dir(target) / "state.json",
+                             json.dumps({**state, "stopped": True}, indent=2, sort_keys=True).encode())
+                inode = state.get("stable_inode")
+                if isinstance(inode, int) and not isinstance(inode, bool):
+                    stop_socket_holders(inode, keep=set(), wait=40, until_exit=True)
 
     def status(self, target: Target) -> DeploymentStatus:
         """What serves, asked at the stable address, but only believed while this slot's supervisor runs:

@@ -341,10 +341,11 @@ class Supervisor:
             self.outage = (recorded[0], recorded[1], None)  # still stopped: no restart under way
         self.refuser = Refuser(self.stable)
         self._update_refusal()  # nothing is deployed yet, or what was adopted is ready
-        if self.current is not None:  # workers started again during the takeover take traffic once healthy
-            for i in self.takeover["respawned"]:
-                threading.Thread(target=self._activate_when_healthy, args=(self.current, i, self.current.procs[i]),
-                                 name=f"activate-{self.current.id}-{i}", daemon=True).start()
+        if self.current is not None:  # workers started again, or not yet activated, take traffic once healthy
+            for i, ready in enumerate(self.current.ready):
+                if not ready:
+                    threading.Thread(target=self._activate_when_healthy, args=(self.current, i, self.current.procs[i]),
+                                     name=f"activate-{self.current.id}-{i}", daemon=True).start()
 
     # -- adoption ---------------------------------------------------------------------------
     def _take_over(self, before: dict[str, Any]) -> socket.socket:
@@ -586,6 +587,7 @@ class Supervisor:
             g.state = "current"
             self.current = g
             self.outage = None
+            self._update_refusal()  # the new workers answer from now on, not after the old ones drained
             if old is not None and old is not g:
                 if old.state == "current":
                     old.state = "draining"
@@ -973,7 +975,7 @@ class Refuser:
     One thread, one selector, non-blocking sockets: a connection's request head (and a body of at
     most BODY_LIMIT bytes) is read first so the client reads the answer rather than a reset, for at
     most CONN_SECONDS; then the answer, ``connection: close``. At most MAX_CONNS at once: beyond that
-    a connection is answered without reading its request."""
+    new connections wait in the backlog until one of those is answered (within CONN_SECONDS)."""
 
     HEAD_LIMIT = 16 * 1024
     BODY_LIMIT = 1024 * 1024
@@ -1004,6 +1006,17 @@ class Refuser:
         return self.doc
 
     def run(self) -> None:
+        """The responder's thread: an unexpected error is said and the loop starts again (its open
+        connections are dropped), so the address never silently goes back to hanging."""
+        while True:
+            try:
+                self._serve()
+            except Exception as err:  # noqa: BLE001 - see docstring
+                print(f"onepath supervisor: refusal responder: {type(err).__name__}: {err}; restarting it",
+                      file=sys.stderr)
+                time.sleep(0.05)
+
+    def _serve(self) -> None:
         import selectors
 
         sel = selectors.DefaultSelector()

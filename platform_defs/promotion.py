@@ -802,6 +802,39 @@ def confirm_supervisor_rollback(org: Organisation, policy: Policy, spec: Endpoin
         return [rb, dep]
 
 
+@refusals_in_one_line
+def confirm_relaunch(org: Organisation, policy: Policy, spec: EndpointSpec | AppSpec, env: str, *,
+                     services: Services, event: dict[str, Any], actor: str) -> list[Entry]:
+    """A supervisor started after its predecessor died with every worker says it serves the version of its
+    ``state.json`` again. That file is only a file: believe it only if what answers is the version the
+    ledger last recorded as deployed there (an endpoint with its registered digest); otherwise stop the
+    environment and say why. Returns what was written (nothing when it checks out)."""
+    from platform_defs.registration import registered_digest
+
+    is_app = isinstance(spec, AppSpec)
+    target = app_target(spec, env) if is_app else endpoint_target(spec, env)  # type: ignore[arg-type]
+    status = services.deployer.status(target)
+    served = serving_version(status)
+    if served is None:
+        return []
+    deploys = services.ledger.entries(kind="deploy", subject=spec.name, env=env)
+    recorded = str(deploys[-1].data.get("version")) if deploys else None
+    problem = None
+    if served != recorded:
+        problem = f"it serves version {served}, but the version last deployed here is {recorded or 'none'}"
+    elif not is_app:
+        model = resolve_endpoint(org, spec.name, env)[1]
+        digest = registered_digest(services.ledger, model.name, served)
+        if digest is None or status.serving_digest != digest:
+            problem = (f"version {served} answers with digest {status.serving_digest}, not its registered "
+                       f"{digest or '(none)'}")
+    if problem is None:
+        return []
+    return [stop_serving(services, target, actor=actor, reason=(
+        f"a supervisor relaunched what its state file named after every worker had died, and {problem}: "
+        f"stopped, nothing serves"), extra={"event_id": event.get("id"), "version": served})]
+
+
 # --------------------------------------------------------------------------------------------
 # App releases
 
@@ -891,5 +924,5 @@ def _app_fallback(spec: AppSpec, env: str, version: str, services: Services,
 
 
 __all__ = ["Promotion", "PromotionError", "RollbackResult", "Services", "app_target", "confirm_supervisor_rollback",
-           "endpoint_release", "endpoint_target", "fallback_release", "governed", "promote_app", "promote_endpoint", "promotion_lock",
+           "confirm_relaunch", "endpoint_release", "endpoint_target", "fallback_release", "governed", "promote_app", "promote_endpoint", "promotion_lock",
            "record_gate", "resolve_endpoint", "roll_back", "rollback_target", "stop_serving"]

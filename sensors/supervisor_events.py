@@ -44,7 +44,7 @@ from typing import Any
 import dagster as dg
 
 from platform_defs.policy import Policy
-from platform_defs.promotion import PromotionError, Services, confirm_supervisor_rollback
+from platform_defs.promotion import PromotionError, Services, confirm_relaunch, confirm_supervisor_rollback
 from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name
 from resources.data_store import DataStore
 from resources.deployers.base import Target
@@ -159,12 +159,16 @@ def _record(org: Organisation, policy: Policy, spec: Any, target: Target, event:
                       "relaunches it"}, actor, env=target.env)]
     if kind in ("serving_restored", "relaunch_failed"):
         restored = kind == "serving_restored"
-        return [ledger.append("outage", target.name, {
+        written = [ledger.append("outage", target.name, {
             **common, "version": _str(event.get("version")), "phase": "ended" if restored else "unresolved",
             "seconds": event.get("seconds"),
             "detail": f"version {event.get('version')} serves again" if restored
                       else f"relaunching version {event.get('version')} failed, nothing serves: {event.get('reason')}"},
             actor, env=target.env)]
+        if restored:  # what it relaunched came from state.json: the flow checks it against the ledger
+            written += confirm_relaunch(org, policy, spec, target.env, services=services,
+                                        event={**event, "id": event_id}, actor=actor)
+        return written
     # crashloop_rollback: the supervisor already serves to_version again; the flow confirms and records it
     # a tick does not wait for a promotion in flight (a bake can hold the lock for minutes): next tick
     return confirm_supervisor_rollback(org, policy, spec, target.env, services=services,

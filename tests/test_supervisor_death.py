@@ -219,6 +219,15 @@ def test_supervisor_and_workers_killed_the_revive_relaunches_and_records_the_out
     assert probe(st.address) is None  # nothing serves: an outage
     assert not deployer.status(t).healthy
 
+    # what the flow would have recorded for version 2: its registration (digest) and its deploy here; a
+    # relaunch is believed only when it serves exactly that (confirm_relaunch)
+    from resources.artifact_digest import folder_digest
+
+    book = world["ledger"]
+    book.append("model_registered", "sd_adopt_model", {"model": "sd_adopt_model", "version": "2",
+                                                       "digest": folder_digest(world["model"])}, "test")
+    book.append("deploy", "sd_adopt", {"model": "sd_adopt_model", "version": "2"}, "test", env="prod")
+
     revived = revive_supervisors(deployer, [t])
     assert [r["previous_pid"] for r in revived] == [sup]
     now = wait_for("version 2 serving again", lambda: current(world, "sd_adopt", "2"), 60)

@@ -315,7 +315,14 @@ class Supervisor:
         before = read_state(slot_dir)
         token = before.get("fencing_token")
         self.fencing_token: int | None = token if isinstance(token, int) and not isinstance(token, bool) else None
-        self.previous_spec: dict[str, Any] | None = before.get("previous_spec")
+        self.previous_spec: dict[str, Any] | None = None
+        prev = before.get("previous_spec")
+        if prev is not None:  # state.json is only a file: a fallback it names is checked like any launch
+            try:
+                self.previous_spec = protocol.validate_launch_spec(prev, self.artifact_roots)
+            except SpecError as err:
+                print(f"onepath supervisor: the recorded fallback is refused: {' '.join(str(err).split())}",
+                      file=sys.stderr)
         self.heartbeat = protocol.private_dir(slot_dir) / "heartbeat"
         try:  # when the supervisor before this one was last seen alive (it touches the file every second)
             last_seen: float | None = os.stat(self.heartbeat).st_mtime
@@ -352,7 +359,8 @@ class Supervisor:
         """The slot's stable listening socket: the one the live workers of the last current group
         hold, handed over by one of them (that group is adopted), else a fresh bind (OSError if the
         port is taken); a current spec with no live worker is left in ``takeover["relaunch"]``."""
-        cur = before.get("current") or {}
+        cur = before.get("current")
+        cur = cur if isinstance(cur, dict) else {}
         inode = before.get("stable_inode")
         spec: Any = before.get("current_spec")
         if (cur.get("state") != "current" or not isinstance(spec, dict) or before.get("stopped")
@@ -442,9 +450,14 @@ class Supervisor:
             if why is None and self.current is not None:
                 why = f"version {self.current.version} was promoted meanwhile"
             if why is None:
-                try:  # the same version again: its fallback stays what its promotion named
-                    self.promote(new.id, fallback=self.previous_spec)
-                except (ValueError, SpecError) as err:
+                try:  # the same version again: its fallback stays what its promotion named, if still valid
+                    try:
+                        self.promote(new.id, fallback=self.previous_spec)
+                    except SpecError as err:  # a way back that can no longer launch must not cost the version
+                        self.event("fallback_refused", group=new.id, version=version,
+                                   reason=" ".join(str(err).split()))
+                        self.promote(new.id, fallback=None)
+                except ValueError as err:
                     why = " ".join(str(err).split())
             if why is not None:
                 new.state = "failed"

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from resources.serving.model_server import FLOAT32_MAX  # what the server accepts: tree models compute in float32
+
 import dagster as dg
 
 from platform_defs.policy import DriftPolicy, Policy, effective_drift
@@ -86,13 +88,11 @@ def prune_reports(directory: Path, keep_last: int, max_age_days: float, now: flo
     return gone
 
 
-# The largest magnitude a model input may have: what the model server accepts (tree models compute in
-# float32). Drift statistics cannot bin a column spanning more (Evidently fails on +-1e308).
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def within_model_range(frame: Any, columns: list[str]) -> tuple[Any, int]:
-    """``frame`` without the rows whose numeric inputs are infinite or beyond +-FLOAT32_MAX (a log written
+    """Drift statistics cannot bin a column spanning more than a model input may (Evidently fails on
+    +-1e308): ``frame`` without the rows whose numeric inputs are infinite or beyond +-FLOAT32_MAX (a log written
     before the server refused them), and how many rows that took out."""
     import numpy as np
 

@@ -900,13 +900,19 @@ def _verify_worker(pid: Any, inode: int, path: str, spec: dict[str, Any]) -> Ado
         p = Adopted(pid, os.pidfd_open(pid))
     except OSError:
         return None
-    ok = holds_socket(pid, inode)
-    if ok and spec["kind"] == "endpoint":
-        doc = _worker_version(path, 2.0)
-        ok = (doc is not None and str(doc.get("version")) == spec["version"] and doc.get("digest") == spec["digest"]
-              and doc.get("pid") in (None, pid))
-    elif ok:
-        ok = _answers_health(path, spec["version"])
+    ok, verified = holds_socket(pid, inode), False
+    for _attempt in range(3):  # a busy worker may answer late: asked three times before it is given up
+        if not ok or p.poll() is not None:
+            break
+        if spec["kind"] == "endpoint":
+            doc = _worker_version(path, 2.0)
+            verified = (doc is not None and str(doc.get("version")) == spec["version"]
+                        and doc.get("digest") == spec["digest"] and doc.get("pid") in (None, pid))
+        else:
+            verified = _answers_health(path, spec["version"])
+        if verified:
+            break
+    ok = ok and verified
     if ok and p.poll() is None:
         return p
     p.close()

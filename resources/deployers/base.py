@@ -34,6 +34,9 @@
   (what a bake judges a freshly switched version on); ``[]`` when nothing is current. Workers have no
   address of their own: the backend fetches it through its own authenticated channel (the local
   supervisor over its Unix sockets), so nothing but the stable address listens on the network.
+* ``deploy(target, release, fallback=R)``: ``R`` is the only release the backend may restore on its
+  own should ``release`` crash-loop (the promotion flow names its governed way back); with none, a
+  crash-looping release is stopped. A backend never chooses a way back itself.
 * ``deploy(target, release, fencing_token=N)`` and ``fence(target, N)``: whoever deploys holds a
   lease whose token grows with each holder; a cutover carrying a token lower than the highest the
   backend has seen is refused (``DeployError``) and changes nothing, so a deployer that lost its

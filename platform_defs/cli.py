@@ -1,4 +1,4 @@
-"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``keys``, ``audit``, ``rollback``, ``inventory``.
+"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``keys``, ``audit``, ``rollback``, ``inventory``, ``witness``.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -22,6 +22,7 @@ from platform_defs.cli_governance import add_governance_parsers
 from platform_defs.cli_inventory import add_inventory_parser
 from platform_defs.cli_rollback import add_rollback_parser
 from platform_defs.cli_simulate import add_simulate_parser
+from platform_defs.cli_witness import add_witness_parser
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
 from resources.files import tighten_tree, use_private_umask
 from resources.processes import group_alive
@@ -102,7 +103,7 @@ def _status_rows(settings: Settings, env: str | None) -> list[dict[str, Any]]:
               file=sys.stderr)
     with ThreadPoolExecutor(max_workers=16) as pool:
         statuses = list(pool.map(lambda t: deployer.status(t[2]), targets))
-    book = Ledger(*ledger_paths(settings.home))
+    book = Ledger(*ledger_paths(settings.home), witness_socket=settings.witness_socket)
     rows = []
     for (d, e, target), st in zip(targets, statuses):
         sup = st.detail.get("supervisor") or {}
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     add_inventory_parser(sub)
     add_audit_parser(sub)
     add_simulate_parser(sub)
+    add_witness_parser(sub)
     args = ap.parse_args(argv)
     try:
         return int(args.fn(args) or 0)

@@ -1,6 +1,8 @@
-"""``onepath audit verify`` and ``onepath audit export --out DIR``: the platform ledger from the shell.
+"""``onepath audit verify [--full]`` and ``onepath audit export --out DIR``: the platform ledger from the shell.
 
-Errors are one line on stderr and a non-zero exit, never a traceback.
+``verify`` prints one line per finding (the chain, the head signatures under the pinned key, the
+witness) and exits 1 when the ledger is not intact. Errors are one line on stderr and a non-zero
+exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,30 +18,49 @@ from platform_defs.settings import load_settings
 def _ledger():
     from resources.ledger import Ledger, ledger_paths
 
-    db, key = ledger_paths(load_settings().home)
-    return Ledger(db, key)
+    settings = load_settings()
+    db, key = ledger_paths(settings.home)
+    return Ledger(db, key, witness_socket=settings.witness_socket)
+
+
+def _witness_line(ledger, v) -> str:
+    if ledger.witness_socket is None:
+        return "witness: none configured (ONEPATH_WITNESS_SOCKET)"
+    if v.witness_seq is None:
+        return f"witness at {ledger.witness_socket}: not asked or unreachable"
+    return (f"witness at {ledger.witness_socket}: countersigned up to #{v.witness_seq}"
+            + (f", {v.unwitnessed} not yet" if v.unwitnessed else ""))
+
+
+def _ledger_findings(ledger, full: bool) -> tuple[bool, list[str], list[str]]:
+    """(ok, lines for stdout, lines for stderr) of the ledger check."""
+    v = ledger.verify(full=full)
+    if not v.ok:
+        where = f" at entry #{v.first_bad_seq}" if v.first_bad_seq is not None else ""
+        first, *rest = v.findings or (v.reason,)
+        return False, [], [f"ledger TAMPERED{where}: {first}", *rest, _witness_line(ledger, v)]
+    if v.entries == 0:
+        return True, [f"ledger intact: 0 entries ({ledger.db_path})"], []
+    key = (f"head signed by the platform key pinned in policy #{v.pinned_in}" if v.signed_by_pin
+           else "head signed by the platform key (not pinned: no policy recorded yet)")
+    return True, [f"ledger intact: {v.entries} entries, head #{v.head_seq} {(v.head_hash or '')[:12]}, {key}"
+                  + (", every signature checked" if full else ""), *v.findings, _witness_line(ledger, v)], []
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     ledger = _ledger()
     try:
-        v = ledger.verify()
-    except (OSError, sqlite3.Error) as err:
-        print(f"onepath: audit verify failed: {err}", file=sys.stderr)
+        ok, out, err = _ledger_findings(ledger, bool(getattr(args, "full", False)))
+    except (OSError, sqlite3.Error) as e:
+        print(f"onepath: audit verify failed: {e}", file=sys.stderr)
         return 1
-    if not v.ok:
-        where = f" at entry #{v.first_bad_seq}" if v.first_bad_seq is not None else ""
-        print(f"ledger TAMPERED{where}: {v.reason}", file=sys.stderr)
-        return 1
-    if v.entries == 0:
-        print(f"ledger intact: 0 entries ({ledger.db_path})")
-        return 0
-    line = (f"ledger intact: {v.entries} entries, head #{v.head_seq} {(v.head_hash or '')[:12]}, "
-            f"anchor signed at {v.anchor_signed_at}")
-    if v.unanchored:
-        line += f" ({v.reason})"
-    print(line)
-    return 0
+    # Seam for the policy-chain check (the recorded, signed policy): it adds its own lines and its
+    # own verdict here, after the ledger's, and the exit is 1 when either is not ok.
+    for line in out:
+        print(line)
+    for line in err:
+        print(line, file=sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
@@ -54,10 +75,12 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def add_audit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``audit verify`` and ``audit export --out DIR`` to ``onepath``'s subcommands."""
+    """Add ``audit verify [--full]`` and ``audit export --out DIR`` to ``onepath``'s subcommands."""
     audit = sub.add_parser("audit", help="check or export the tamper-evident platform ledger")
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
-    p = asub.add_parser("verify", help="recompute every hash and link and check the signed anchor")
+    p = asub.add_parser("verify", help="recompute every hash and link, check the head signature under the "
+                                       "pinned platform key and compare with the witness")
+    p.add_argument("--full", action="store_true", help="check every head signature, not only the newest (slower)")
     p.set_defaults(fn=cmd_audit_verify)
     p = asub.add_parser("export", help="write ledger.jsonl and ledger.csv to a folder")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the files to")

@@ -32,6 +32,8 @@ class Settings:
     releases_dir: Path
     host: str
     port_base: int
+    # the ledger's witness (onepath witness serve, its own OS user); None: no witness
+    witness_socket: Path | None = None
 
     def ensure_dirs(self) -> "Settings":
         """Create every folder owner-only (0700), and an embedded MLflow store as an owner-only file:
@@ -77,4 +79,5 @@ def load_settings() -> Settings:
         releases_dir=Path(os.environ.get("ONEPATH_RELEASES_DIR", home / "releases")).resolve(),
         host=os.environ.get("ONEPATH_HOST", "127.0.0.1"),
         port_base=int(os.environ.get("ONEPATH_PORT_BASE", "18000")),
+        witness_socket=Path(os.environ["ONEPATH_WITNESS_SOCKET"]) if os.environ.get("ONEPATH_WITNESS_SOCKET") else None,
     )

@@ -22,7 +22,8 @@ def build_resources(settings: Settings) -> dict[str, object]:
         ),
         "data_store": DataStore(root=str(settings.data_dir)),
         "ledger": LedgerResource(db_path=str(ledger_paths(settings.home)[0]),
-                                 key_path=str(ledger_paths(settings.home)[1])),
+                                 key_path=str(ledger_paths(settings.home)[1]),
+                                 witness_socket=str(settings.witness_socket) if settings.witness_socket else None),
         "deployer_local": LocalDeployerResource(
             run_dir=str(settings.run_dir), host=settings.host, port_base=settings.port_base,
             inference_log_dir=str(settings.inference_log_dir),

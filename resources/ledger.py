@@ -6,18 +6,43 @@ keys, ``(",", ":")`` separators) of the object
 
     {"seq", "ts", "kind", "subject", "env", "actor", "data", "prev_hash"}
 
-so anyone can re-check the chain with ``sqlite3`` and ``hashlib``. A chain alone only proves
-consistency: someone who can write the database could rewrite it and re-hash every entry. So after
-every append the head ``(seq, hash)`` is signed with the platform's Ed25519 key, which lives in a
-file outside the database, and written to an *anchor* file:
+so anyone can re-check the chain with ``sqlite3`` and ``hashlib`` (``data`` is stored in that very
+canonical form, and ``verify`` hashes it as stored).
 
-    {"seq": 12, "hash": "...", "signed_at": "...", "signature": base64(sign(f"{seq}:{hash}"))}
+A chain alone only proves consistency: whoever can write the database can rewrite it and re-hash
+every entry. Three things stand against that, each against a stronger insider:
 
-``verify()`` recomputes every hash and link, checks the seq runs 1..n without gaps, checks the
-anchor's signature with the public key (``<key>.pub``) and that the entry at the anchor's seq still
-has the signed hash (and still exists). Before it signs a new head, ``append`` checks the same of
-the current anchor, so a tampered tail is never laundered by the next legitimate append: it raises
-:class:`LedgerTampered` instead (fail closed).
+* **A head signature per append, in the same transaction.** Every append signs its new head
+  ``(seq, hash)`` (``anchor_message``: ``f"{seq}:{hash}"``) with the platform's Ed25519 key (a file
+  outside the database) and inserts ``(seq, key, sig)`` into ``head_signatures`` inside the append's
+  own ``BEGIN IMMEDIATE .. COMMIT``: an entry and its signature are durable together or not at all.
+  Only the head is signed, never every entry again (one signature per append). Before it inserts,
+  an append checks that the current head carries a signature that verifies under the expected key,
+  so a row INSERTed with sqlite by someone without the key is *tampering*, refused
+  (:class:`LedgerTampered`), never signed over by the next legitimate append.
+* **The key is pinned in the recorded policy.** The expected key is the ``platform_key`` of the
+  newest ``policy_recorded`` entry (see ``platform_defs/policy_record.py``; trust on first use, the
+  key file's own public key, before any policy is recorded). A key pair replaced under
+  ``$ONEPATH_HOME/keys`` no longer matches the pin: appends refuse, verify says so.
+* **A witness** (``resources.witness``), a service running as its own OS user with its own log,
+  countersigns every head: after each append commits (still under the lock) the rows it does not
+  hold yet are submitted to it; it accepts only a batch that continues its log and ends in a head
+  signed by the platform key it was initialised with. An insider who rewrites history, replaces the
+  key and re-signs everything is named by ``verify`` at the first entry that differs from what the
+  witness countersigned. The witness being unreachable never fails an append (deploys must still be
+  recorded): those rows are submitted with the next append, and ``verify`` reports them.
+
+``verify()`` walks the chain (hash, links, seq continuity), checks the head's signature (the chain
+links every earlier entry to it), and when that fails finds the first bad signature by binary
+search over the signed heads (a key-less re-hash from entry j breaks every signature from j on and
+none before); ``verify(full=True)`` checks every signature. With a witness it asks the witness's
+head and, when the chains differ, binary-searches the witness's ``hash_at`` for the first entry that
+differs. A witness pinned in the policy but unreachable makes ``verify`` fail closed.
+
+A ``ledger.db`` from before head signatures (an anchor file ``keys/ledger.anchor.json``) is migrated
+on its first append: when the old anchor verifies under the platform key and names the current
+head, its signature becomes the head's signature (it signs the same message), and the anchor file
+is removed.
 
 Promotion leases live in the same database (table ``promotion_leases``): one row per endpoint or
 app environment, naming its holder, a *fencing token* that grows by one with every grant, and an
@@ -28,11 +53,10 @@ side, which refuses a cutover whose token is older than one it has seen. So a st
 lost its lease can neither switch traffic nor record that it did. The lease rows are state, not
 history: they are outside the hash chain.
 
-Concurrency: an append (read head, insert, commit, re-sign the anchor) runs under an exclusive
-``fcntl.flock`` on ``<db>.lock`` and inside ``BEGIN IMMEDIATE``, so separate processes (Dagster
-runs, sensors, the CLI) and threads of one process serialize. ``verify`` takes a shared lock just
-long enough to read the anchor and open its database snapshot, so both name the same head; other
-reads take no lock.
+Concurrency: an append (read head, check its signature, insert entry and signature, commit,
+submit to the witness) runs under an exclusive ``fcntl.flock`` on ``<db>.lock`` and inside
+``BEGIN IMMEDIATE``, so separate processes (Dagster runs, sensors, the CLI) and threads of one
+process serialize. ``verify`` reads one database snapshot; other reads take no lock.
 """
 
 from __future__ import annotations
@@ -46,7 +70,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -60,6 +84,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import Field
 
 from resources.files import atomic_write, create_private_file
+from resources.witness import WitnessClient, WitnessError
 
 KINDS: tuple[str, ...] = (
     "deploy",
@@ -89,12 +114,18 @@ KINDS: tuple[str, ...] = (
     "serving_recovered",
     "supervisor_restarted",
     "outage",
+    "policy_recorded",
+    "approval_revoked",
 )
 
 GENESIS_HASH = "0" * 64
 TABLE = "ledger_entries"
+SIGS = "head_signatures"
 COLUMNS = ("seq", "ts", "kind", "subject", "env", "actor", "data", "prev_hash", "hash")
 BUSY_TIMEOUT_S = 60.0
+WITNESS_TIMEOUT_S = 5.0
+POLICY_KIND = "policy_recorded"
+LEGACY_ANCHOR = "ledger.anchor.json"
 
 _THREAD = threading.local()  # per-thread sqlite connections, by db path
 _FORKED: list[sqlite3.Connection] = []
@@ -111,6 +142,15 @@ _SCHEMA = (
         data      TEXT NOT NULL,
         prev_hash TEXT NOT NULL,
         hash      TEXT NOT NULL)""",
+    # key: b64 of the signer's raw 32-byte public key; sig: b64 Ed25519 over anchor_message(seq, hash)
+    f"""CREATE TABLE IF NOT EXISTS {SIGS} (
+        seq INTEGER PRIMARY KEY,
+        key TEXT NOT NULL,
+        sig TEXT NOT NULL)""",
+    # where the witness is: its countersignature of the newest head it accepted (state, not history)
+    """CREATE TABLE IF NOT EXISTS witness_receipts (
+        seq   INTEGER PRIMARY KEY,
+        cosig TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS promotion_leases (
         name       TEXT PRIMARY KEY,
         holder     TEXT NOT NULL,
@@ -118,12 +158,11 @@ _SCHEMA = (
         expires_at REAL NOT NULL)""",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_subject ON {TABLE} (subject, kind)",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_kind ON {TABLE} (kind)",
-    # Guards against accidents, not attackers (who can drop them): the hashes and the signed
-    # anchor are what make tampering evident.
-    f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_no_update BEFORE UPDATE ON {TABLE}
-        BEGIN SELECT RAISE(ABORT, 'the onepath ledger is append-only'); END""",
-    f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_no_delete BEFORE DELETE ON {TABLE}
-        BEGIN SELECT RAISE(ABORT, 'the onepath ledger is append-only'); END""",
+    # Guards against accidents, not attackers (who can drop them): the hashes, the head signatures
+    # and the witness are what make tampering evident.
+    *(f"""CREATE TRIGGER IF NOT EXISTS {t}_no_{op} BEFORE {op.upper()} ON {t}
+        BEGIN SELECT RAISE(ABORT, 'the onepath ledger is append-only'); END"""
+      for t in (TABLE, SIGS) for op in ("update", "delete")),
 )
 
 
@@ -174,6 +213,7 @@ class Entry:
         return cls(seq, ts, kind, subject, env, actor, json.loads(data), prev_hash, hash_)
 
 
+
 @dataclass(frozen=True)
 class Verification:
     ok: bool
@@ -182,13 +222,16 @@ class Verification:
     reason: str
     head_seq: int | None = None
     head_hash: str | None = None
-    anchor_seq: int | None = None
-    anchor_signed_at: str | None = None
-    unanchored: int = 0
+    signed_by_pin: bool = False  # the head's signature verifies under the key pinned in the recorded policy
+    witness_seq: int | None = None  # the witness's head, when a witness was asked and answered
+    unwitnessed: int = 0  # entries after the witness's head (or after the last receipt when it is down)
+    findings: tuple[str, ...] = ()  # every problem and note, one line each (reason leads with the first)
+    pinned_in: int | None = None  # seq of the policy_recorded entry whose platform key was checked
 
 
 class LedgerTampered(RuntimeError):
-    """Raised by ``append`` when the current head no longer matches the signed anchor."""
+    """Raised by ``append`` when the head is not one this platform signed with the expected key
+    (nothing is written)."""
 
     def __init__(self, first_bad_seq: int | None, reason: str):
         super().__init__(f"ledger tampered at entry #{first_bad_seq}: {reason}"
@@ -221,33 +264,97 @@ class LeaseLost(RuntimeError):
     """The holder's grant is no longer the current one (it expired and was granted again, or was released)."""
 
 
-@dataclass
-class _Anchor:
-    seq: int
-    hash: str
-    signed_at: str
-    signature: bytes
 
 
-@dataclass
-class _AnchorState:
-    """What the anchor file says: absent, unreadable (``error``) or an anchor."""
+def _raw_b64(pub: Ed25519PublicKey) -> str:
+    return base64.b64encode(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
 
-    anchor: _Anchor | None = None
-    error: str | None = None
-    present: bool = False
+
+_PUBS: dict[str, Ed25519PublicKey | None] = {}
+
+
+def _pub_from_b64(text: Any) -> Ed25519PublicKey | None:
+    """The public key of a b64 raw 32-byte Ed25519 key, or None when ``text`` is not one."""
+    if not isinstance(text, str):
+        return None
+    if text not in _PUBS:
+        try:
+            _PUBS[text] = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+        except (ValueError, TypeError):
+            _PUBS[text] = None
+        if len(_PUBS) > 64:
+            _PUBS.pop(next(iter(_PUBS)))
+    return _PUBS[text]
+
+
+def _sig_ok(key_b64: str, sig_b64: str, seq: int, hash_: str | None) -> bool:
+    pub = _pub_from_b64(key_b64)
+    if pub is None or hash_ is None:
+        return False
+    try:
+        pub.verify(base64.b64decode(sig_b64, validate=True), anchor_message(seq, hash_))
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+class _Pins:
+    """The ``platform_key`` (and ``witness_key``) of every ``policy_recorded`` entry, oldest first."""
+
+    def __init__(self, records: Iterable[tuple[int, str]]):
+        self.pins: list[tuple[int, Any, Any]] = []
+        for seq, data_text in records:
+            try:
+                data = json.loads(data_text)
+            except (TypeError, ValueError):
+                data = {}
+            data = data if isinstance(data, dict) else {}
+            self.pins.append((seq, data.get("platform_key"), data.get("witness_key")))
+
+    def newest(self) -> tuple[int, Any, Any] | None:
+        return self.pins[-1] if self.pins else None
+
+    def at(self, seq: int) -> tuple[int, Any] | None:
+        """The pin in force when head ``seq`` was signed: the newest policy recorded before it; heads
+        signed before the first policy (trust on first use) were signed by the key it then pinned."""
+        if not self.pins:
+            return None
+        best = self.pins[0]
+        for p in self.pins:
+            if p[0] < seq:
+                best = p
+            else:
+                break
+        return best[0], best[1]
+
+
+def _first_failing(seqs: list[int], good: Callable[[int], bool]) -> int:
+    """Index of the first seq in ``seqs`` whose check fails, given that the last fails and failures
+    are a suffix (a re-hash from entry j breaks every signed head from j on and none before)."""
+    lo, hi = 0, len(seqs) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if good(seqs[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 class Ledger:
-    """The append-only, hash-chained, signed-anchor ledger (see the module docstring)."""
+    """The append-only, hash-chained ledger with signed heads and a witness (see the module docstring)."""
 
-    def __init__(self, db_path: Path, key_path: Path, anchor_path: Path | None = None):
+    def __init__(self, db_path: Path, key_path: Path, witness_socket: Path | str | None = None,
+                 witness_timeout: float = WITNESS_TIMEOUT_S):
         self.db_path = Path(db_path)
         self.key_path = Path(key_path)
         self.pub_path = self.key_path.with_suffix(".pub")
-        self.anchor_path = Path(anchor_path) if anchor_path else self.key_path.parent / "ledger.anchor.json"
+        self.legacy_anchor_path = self.key_path.parent / LEGACY_ANCHOR
+        self.witness_socket = Path(witness_socket) if witness_socket else None
+        self.witness_timeout = witness_timeout
         self.lock_path = self.db_path.with_name(self.db_path.name + ".lock")
         self._key: Ed25519PrivateKey | None = None
+
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.db_path)!r})"
@@ -362,7 +469,7 @@ class Ledger:
                 raise
         return [Entry.from_row(r) for r in rows]
 
-    # -- keys and anchor -------------------------------------------------------------------------
+    # -- keys --------------------------------------------------------------------------------------
 
     def _private_key(self, create: bool) -> Ed25519PrivateKey | None:
         if self._key is not None:
@@ -420,37 +527,170 @@ class Ledger:
             elif _public_pem(pub) != _public_pem(priv.public_key()):
                 return None, f"public key {self.pub_path} does not match the platform key {self.key_path}"
         if pub is None:
-            return None, f"no platform key to check the anchor with ({self.pub_path} is missing)"
+            return None, f"no platform key to check signatures with ({self.pub_path} is missing)"
         return pub, None
 
-    def _read_anchor(self) -> _AnchorState:
-        try:
-            raw = self.anchor_path.read_bytes()
-        except FileNotFoundError:
-            return _AnchorState()
-        try:
-            doc = json.loads(raw)
-            anchor = _Anchor(seq=doc["seq"], hash=doc["hash"], signed_at=doc["signed_at"],
-                             signature=base64.b64decode(doc["signature"], validate=True))
-            if not isinstance(anchor.seq, int) or not isinstance(anchor.hash, str):
-                raise TypeError("seq must be an integer and hash a string")
-        except (ValueError, KeyError, TypeError) as err:
-            return _AnchorState(present=True, error=f"anchor {self.anchor_path} is unreadable ({err})")
-        return _AnchorState(anchor=anchor, present=True)
 
-    def _write_anchor(self, key: Ed25519PrivateKey, seq: int, hash_: str) -> None:
-        doc = {"seq": seq, "hash": hash_, "signed_at": _utc_now(),
-               "signature": base64.b64encode(key.sign(anchor_message(seq, hash_))).decode()}
-        atomic_write(self.anchor_path, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
+    # -- the pinned key, the head signatures -----------------------------------------------------
+
+    def platform_public_key_b64(self, create: bool = True) -> str:
+        """The platform key's public half as b64 of its 32 raw bytes (what a policy pins); the key pair
+        is created on first use, as the first append would."""
+        if create and not self.key_path.exists():
+            with self._exclusive():
+                key = self._private_key(create=True)
+                assert key is not None
+                if not self.pub_path.exists():
+                    atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o600)
+        pub, err = self._public_key()
+        if pub is None:
+            raise LedgerTampered(None, err or f"no platform key at {self.key_path}")
+        return _raw_b64(pub)
+
+    def _pins(self, conn: sqlite3.Connection) -> _Pins:
+        try:
+            return _Pins(conn.execute(f"SELECT seq, data FROM {TABLE} WHERE kind = ? ORDER BY seq",
+                                      (POLICY_KIND,)).fetchall())
+        except sqlite3.OperationalError as err:
+            if "no such table" in str(err):
+                return _Pins(())
+            raise
+
+    def _newest_pin(self) -> tuple[int, Any, Any] | None:
+        with self._reader() as conn:
+            if conn is None:
+                return None
+            try:
+                row = conn.execute(f"SELECT seq, data FROM {TABLE} WHERE kind = ? ORDER BY seq DESC LIMIT 1",
+                                   (POLICY_KIND,)).fetchone()
+            except sqlite3.OperationalError as err:
+                if "no such table" in str(err):
+                    return None
+                raise
+        return _Pins([row]).newest() if row else None
+
+    def pinned_platform_key(self) -> str | None:
+        """The ``platform_key`` of the newest ``policy_recorded`` entry (None before any policy).
+
+        The ledger only reads the field; whether that record is signed by an administrator is
+        ``platform_defs.policy_record``'s job."""
+        pin = self._newest_pin()
+        return pin[1] if pin and isinstance(pin[1], str) else None
+
+    def pinned_witness_key(self) -> str | None:
+        pin = self._newest_pin()
+        return pin[2] if pin and isinstance(pin[2], str) else None
+
+    def witness_public_key_b64(self) -> str | None:
+        """The configured witness's public key (asked over its socket); None when no witness is configured.
+        Raises :class:`resources.witness.WitnessError` when it cannot be reached."""
+        if self.witness_socket is None:
+            return None
+        with WitnessClient(self.witness_socket, self.witness_timeout) as w:
+            return w.public_key()
+
+    def _key_desc(self, pin: tuple[int, Any] | None) -> str:
+        return f"the platform key pinned in policy #{pin[0]}" if pin else f"the platform key {self.pub_path}"
+
+    def _signature_problem(self, signed: list[int], sig_of: Callable[[int], tuple[str, str] | None],
+                           hash_of: Callable[[int], str | None], head_seq: int, pins: _Pins,
+                           own_b64: str | None, full: bool) -> tuple[int | None, str] | None:
+        """The first head signature that does not verify under the key expected at its seq, if any.
+
+        ``signed``: the signed seqs up to the head, ascending; the head is among them."""
+
+        def expected(seq: int) -> tuple[str | None, tuple[int, Any] | None]:
+            pin = pins.at(seq)
+            return (pin[1] if pin else own_b64), pin
+
+        def good(seq: int) -> bool:
+            got = sig_of(seq)
+            want, _ = expected(seq)
+            return got is not None and got[0] == want and _sig_ok(got[0], got[1], seq, hash_of(seq))
+
+        if full:
+            bad = next((i for i, s in enumerate(signed) if not good(s)), None)
+            if bad is None:
+                return None
+        else:
+            if good(head_seq):
+                return None
+            bad = _first_failing(signed, good)
+        seq = signed[bad]
+        first = signed[bad - 1] + 1 if bad else 1
+        want, pin = expected(seq)
+        got = sig_of(seq)
+        desc = self._key_desc(pin)
+        if want is None or _pub_from_b64(want) is None:
+            return first, (f"entry #{first}: its signature cannot be checked: {desc} ({want!r}) is not an "
+                           f"Ed25519 public key")
+        where = f"entry #{first}" if first == seq else f"entries #{first}..#{seq} (signed head #{seq})"
+        if got is not None and got[0] != want:
+            return first, (f"{where}: signed with key {got[0][:16]}..., not with {desc} ({want[:16]}...): "
+                           f"entries from #{first} were rewritten and re-signed with another key")
+        return first, (f"{where}: its signature does not verify with {desc}: entries from #{first} were "
+                       f"rewritten and re-hashed, or signed with another key")
+
+    def _migrate_legacy_anchor(self, conn: sqlite3.Connection, head_seq: int, head_hash: str,
+                               key: Ed25519PrivateKey) -> bool:
+        """Inside the append's transaction: turn a verified old anchor naming the head into the head's
+        signature (the same message was signed). False when there is no anchor file; LedgerTampered
+        when there is one that does not verify or names another entry."""
+        try:
+            doc = json.loads(self.legacy_anchor_path.read_bytes())
+        except FileNotFoundError:
+            return False
+        except ValueError as err:
+            raise LedgerTampered(None, f"cannot migrate: the old anchor {self.legacy_anchor_path} is "
+                                       f"unreadable ({err})") from None
+        try:
+            seq, hash_, sig = doc["seq"], doc["hash"], doc["signature"]
+            ok = isinstance(seq, int) and isinstance(hash_, str) and isinstance(sig, str)
+        except (KeyError, TypeError):
+            ok = False
+        own = _raw_b64(key.public_key())
+        if not ok or not _sig_ok(own, sig, seq, hash_):
+            raise LedgerTampered(None, f"cannot migrate: the old anchor {self.legacy_anchor_path} does not "
+                                       f"verify with the platform key {self.key_path}")
+        if (seq, hash_) != (head_seq, head_hash):
+            raise LedgerTampered(min(seq, head_seq) + 1 if seq != head_seq else seq,
+                                 f"cannot migrate: the old anchor {self.legacy_anchor_path} signs #{seq} "
+                                 f"{hash_[:12]} but the head is #{head_seq} {head_hash[:12]}: entries "
+                                 f"after the anchor were not signed by onepath")
+        conn.execute(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (?,?,?)", (seq, own, sig))
+        return True
+
+    def _migrate_now(self) -> None:
+        """verify's way to migrate an old ledger (an append does it in its own transaction)."""
+        with self._exclusive():
+            conn = self._connection(create=True)
+            assert conn is not None
+            self._ensure_schema(conn)  # the head_signatures table of a ledger from before them
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute(f"SELECT 1 FROM {SIGS} LIMIT 1").fetchone() is None:
+                    row = conn.execute(f"SELECT seq, hash FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+                    key = self._private_key(create=False)
+                    if row is not None and key is not None:
+                        self._migrate_legacy_anchor(conn, row[0], row[1], key)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        self.legacy_anchor_path.unlink(missing_ok=True)
 
     # -- append ----------------------------------------------------------------------------------
 
     def append(self, kind: str, subject: str, data: dict, actor: str, env: str | None = None,
                fence: Lease | None = None) -> Entry:
-        """Append one entry and re-sign the anchor over it; returns the stored entry.
+        """Append one entry and its head signature in one transaction; returns the stored entry.
 
-        With ``fence``, the entry is written only while that lease grant is still the current one and
-        unexpired (checked in the same transaction); otherwise :class:`LeaseLost` and nothing is written."""
+        The current head must carry a signature that verifies under the expected key (the pinned
+        one), else :class:`LedgerTampered` and nothing is written. With ``fence``, the entry is written
+        only while that lease grant is still the current one and unexpired (checked in the same
+        transaction); otherwise :class:`LeaseLost` and nothing is written. After the commit, still
+        under the lock, the rows the witness does not hold yet are submitted to it (best effort)."""
         for name, value in (("kind", kind), ("subject", subject), ("actor", actor)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"ledger entry field {name!r} must be a non-empty string (got {value!r})")
@@ -464,63 +704,125 @@ class Ledger:
         with self._exclusive():
             conn = self._connection(create=True)
             assert conn is not None
+            migrated = False
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 if fence is not None:
                     self._check_fence(conn, fence)
-                row = conn.execute(f"SELECT seq, hash FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
-                head_seq, head_hash = row if row else (0, GENESIS_HASH)
-                key = self._check_head_before_append(conn, head_seq)
+                row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+                key, own_b64, migrated = self._check_head_before_append(conn, row)
+                head_seq, head_hash = (row[0], row[8]) if row else (0, GENESIS_HASH)
                 seq, ts = head_seq + 1, _utc_now()
                 hash_ = entry_hash(seq, ts, kind, subject, env, actor, data_obj, head_hash)
+                sig = base64.b64encode(key.sign(anchor_message(seq, hash_))).decode()
                 conn.execute(f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?)",
                              (seq, ts, kind, subject, env, actor, data_text, head_hash, hash_))
+                conn.execute(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (?,?,?)", (seq, own_b64, sig))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            # Still under the lock: the anchor always names the newest head.
-            self._write_anchor(key, seq, hash_)
+            if migrated:
+                self.legacy_anchor_path.unlink(missing_ok=True)
+            # Still under the lock: the witness sees heads in order.
+            self._witness_catch_up(conn, seq, sig)
         return Entry(seq, ts, kind, subject, env, actor, data_obj, head_hash, hash_)
 
-    def _check_head_before_append(self, conn: sqlite3.Connection, head_seq: int) -> Ed25519PrivateKey:
-        """Refuse to sign over a chain whose anchored part was altered, truncated or unsigned."""
-        state = self._read_anchor()
-        if state.error:
-            raise LedgerTampered(None, state.error)
-        if state.anchor is None:
-            if head_seq > 0:
-                raise LedgerTampered(1, f"the signed anchor {self.anchor_path} is missing but the "
-                                        f"ledger holds {head_seq} entries")
-            key = self._private_key(create=True)
-            assert key is not None
-            if not self.pub_path.exists():
-                atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o600)
-            return key
-        anchor = state.anchor
-        key = self._private_key(create=False)
+    def _check_head_before_append(self, conn: sqlite3.Connection,
+                                  head: tuple | None) -> tuple[Ed25519PrivateKey, str, bool]:
+        """Refuse to extend a chain whose head this platform did not sign with the expected key.
+
+        Returns the signing key, its b64 raw public key and whether an old anchor was migrated."""
+        head_seq = head[0] if head else 0
+        pins = self._pins(conn)
+        key = self._private_key(create=head_seq == 0 and not pins.pins)
         if key is None:
-            raise LedgerTampered(None, f"platform key {self.key_path} is missing; the anchor cannot be checked")
+            raise LedgerTampered(None, f"the platform key {self.key_path} is missing: the ledger's "
+                                       f"{head_seq} entries cannot be extended")
         if not self.pub_path.exists():
             atomic_write(self.pub_path, _public_pem(key.public_key()), mode=0o600)
+        pub, err = self._public_key()
+        if pub is None:
+            raise LedgerTampered(None, err or "no public key")
+        own_b64 = _raw_b64(key.public_key())
+        newest = pins.newest()
+        if newest is not None and newest[1] != own_b64:
+            raise LedgerTampered(None, f"the platform key {self.key_path} is not the key pinned in policy "
+                                       f"#{newest[0]} ({str(newest[1])[:16]}..., this key {own_b64[:16]}...): "
+                                       f"it was replaced; nothing was written (restore the pinned key)")
         try:
-            key.public_key().verify(anchor.signature, anchor_message(anchor.seq, anchor.hash))
-        except InvalidSignature:
-            raise LedgerTampered(anchor.seq, "the anchor's signature is invalid (forged or altered anchor)") from None
-        if head_seq < anchor.seq:
-            raise LedgerTampered(head_seq + 1, f"truncated: the ledger ends at #{head_seq} but the "
-                                               f"signed anchor is at #{anchor.seq}")
-        rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WHERE seq >= ? ORDER BY seq",
-                            (anchor.seq,)).fetchall()
-        if not rows or rows[0][0] != anchor.seq or rows[0][8] != anchor.hash:
-            raise LedgerTampered(anchor.seq, f"re-hashed chain: entry #{anchor.seq} does not match the signed anchor")
-        # Entries after the anchor exist only if a writer died between commit and re-signing:
-        # they must still chain from the anchored entry before this append anchors them.
-        problem = _walk(rows, first_seq=anchor.seq, prev_hash=None).problem
+            last_signed = conn.execute(f"SELECT MAX(seq) FROM {SIGS}").fetchone()[0]
+        except sqlite3.OperationalError as err:
+            if "no such table" not in str(err):
+                raise
+            raise LedgerTampered(1 if head else None, f"the {SIGS} table of {self.db_path} was dropped: no "
+                                                      f"entry can be vouched for; nothing was written") from None
+        if head is None:
+            if last_signed is not None:
+                raise LedgerTampered(1, f"truncated: the ledger is empty but heads up to #{last_signed} "
+                                        f"were signed")
+            return key, own_b64, False
+        seq, hash_ = head[0], head[8]
+        altered = _walk([head], first_seq=seq, prev_hash=None).problem  # the head's own hash
+        if altered:
+            raise LedgerTampered(*altered)
+        migrated = False
+        if last_signed is None:
+            migrated = self._migrate_legacy_anchor(conn, seq, hash_, key)
+            last_signed = seq if migrated else None
+        if last_signed is not None and last_signed > seq:
+            raise LedgerTampered(seq + 1, f"truncated: entries #{seq + 1}..#{last_signed} are missing (the "
+                                          f"ledger ends at #{seq} but heads up to #{last_signed} were signed)")
+        if conn.execute(f"SELECT 1 FROM {SIGS} WHERE seq = ?", (seq,)).fetchone() is None:
+            k = (last_signed or 0) + 1
+            span = f"entry #{k} is" if k == seq else f"entries #{k}..#{seq} are"
+            raise LedgerTampered(k, f"entry #{k} carries no platform signature: it was written outside "
+                                    f"onepath ({span} unsigned); nothing was written")
+        signed = [r[0] for r in conn.execute(f"SELECT seq FROM {SIGS} WHERE seq <= ? ORDER BY seq", (seq,))]
+
+        def sig_of(s: int) -> tuple[str, str] | None:
+            return conn.execute(f"SELECT key, sig FROM {SIGS} WHERE seq = ?", (s,)).fetchone()
+
+        def hash_of(s: int) -> str | None:
+            r = conn.execute(f"SELECT hash FROM {TABLE} WHERE seq = ?", (s,)).fetchone()
+            return r[0] if r else None
+
+        problem = self._signature_problem(signed, sig_of, hash_of, seq, pins, own_b64, full=False)
         if problem:
-            raise LedgerTampered(*problem)
-        return key
+            raise LedgerTampered(problem[0], problem[1] + "; nothing was written")
+        return key, own_b64, migrated
+
+    # -- the witness -----------------------------------------------------------------------------
+
+    def _witness_catch_up(self, conn: sqlite3.Connection, head_seq: int, head_sig: str) -> None:
+        """Submit every row the witness does not hold yet, ending in the new head. Never raises:
+        an unreachable witness leaves the rows un-witnessed until the next append (verify says so)."""
+        if self.witness_socket is None:
+            return
+        try:
+            pin = self._pins(conn).newest()
+            wkey = pin[2] if pin and isinstance(pin[2], str) else None
+            with WitnessClient(self.witness_socket, self.witness_timeout, wkey) as w:
+                last = conn.execute("SELECT MAX(seq) FROM witness_receipts").fetchone()[0] or 0
+                start = last + 1
+                if last == 0 or last >= head_seq:
+                    start = w.head()[0] + 1  # unsure where the witness is: ask it
+                for attempt in (0, 1):
+                    rows = [list(r) for r in conn.execute(
+                        f"SELECT seq, prev_hash, hash FROM {TABLE} WHERE seq >= ? ORDER BY seq", (start,))]
+                    if not rows or rows[-1][0] != head_seq:
+                        return  # the witness holds our head already, or is ahead of us (verify reports it)
+                    accepted, answer = w.submit(rows, head_sig)
+                    if accepted:
+                        conn.execute("INSERT OR REPLACE INTO witness_receipts (seq, cosig) VALUES (?, ?)",
+                                     (head_seq, answer["sig"]))
+                        return
+                    if attempt == 0:
+                        start = w.head()[0] + 1  # our receipts may be behind the witness: ask it
+        except (WitnessError, OSError, ValueError, sqlite3.Error):
+            return
+
 
     # -- promotion leases ------------------------------------------------------------------------
 
@@ -637,144 +939,310 @@ class Ledger:
                             canonical_json(e.data), e.prev_hash, e.hash])
         return len(rows)
 
+
     # -- verify ----------------------------------------------------------------------------------
 
-    def verify(self) -> Verification:
-        """Recompute every hash and link, check seq continuity and the signed anchor."""
+    def verify(self, full: bool = False) -> Verification:
+        """Walk the chain, check the head signature (every signature with ``full``) under the pinned
+        key, and compare with what the witness countersigned; name the first bad entry."""
         try:
-            state, rows, locked = self._snapshot()
-            if not locked and not state.present and rows:
-                # No lock file when we started, but entries now: the very first append ran
-                # meanwhile. Look again, under its lock this time.
-                state, rows, locked = self._snapshot()
+            if self.legacy_anchor_path.exists() and self.db_path.exists() and not self._has_signatures():
+                try:
+                    self._migrate_now()
+                except LedgerTampered as err:
+                    return Verification(False, len(self._select()), err.first_bad_seq, err.reason,
+                                        findings=(err.reason,))
+            rows, sigs, receipt, witness = self._snapshot()
         except sqlite3.DatabaseError as err:
-            return Verification(False, 0, None, f"ledger database {self.db_path} is unreadable: {err}")
+            reason = f"ledger database {self.db_path} is unreadable: {err}"
+            return Verification(False, 0, None, reason, findings=(reason,))
 
-        walk = _walk(rows, first_seq=1, prev_hash=GENESIS_HASH,
-                     want_hash_at=state.anchor.seq if state.anchor else None)
         n = len(rows)
         head_seq = rows[-1][0] if rows else None
         head_hash = rows[-1][8] if rows else None
-        base = {"entries": n, "head_seq": head_seq, "head_hash": head_hash}
+        hashes = {r[0]: r[8] for r in rows}
+        problems: list[tuple[int | None, str]] = []  # (seq, reason)
+        notes: list[str] = []
 
-        def bad(seq: int | None, reason: str) -> Verification:
-            return Verification(False, first_bad_seq=seq, reason=reason, **base)
+        walk = _walk(rows, first_seq=1, prev_hash=GENESIS_HASH)
+        if walk.problem:
+            problems.append(walk.problem)
 
-        problem = self._anchor_problem(state, n, head_seq or 0, walk.hash_at)
-        if walk.problem and (problem is None or problem[0] is None or walk.problem[0] <= problem[0]):
-            return bad(*walk.problem)  # the lowest bad seq wins
-        if problem:
-            return bad(*problem)
-        if state.anchor is None:
-            return Verification(True, first_bad_seq=None, reason="empty ledger", **base)
-        anchor = state.anchor
-        last = head_seq or 0
-        unanchored = last - anchor.seq
-        reason = "intact"
-        if unanchored:
-            reason = (f"intact; {unanchored} entr{'y' if unanchored == 1 else 'ies'} after the signed "
-                      f"anchor #{anchor.seq} {'is' if unanchored == 1 else 'are'} not yet anchored")
-        return Verification(True, first_bad_seq=None, reason=reason, anchor_seq=anchor.seq,
-                            anchor_signed_at=anchor.signed_at, unanchored=unanchored, **base)
+        pins = _Pins((r[0], r[6]) for r in rows if r[2] == POLICY_KIND)
+        newest = pins.newest()
+        pub, key_err = self._public_key()
+        own_b64 = _raw_b64(pub) if pub is not None else None
+        key_unknown = pub is None and bool(rows) and newest is None
+        if key_unknown:
+            problems.append((None, key_err or "no platform key"))
+        if newest is not None and own_b64 is not None and own_b64 != newest[1]:
+            problems.append((None, f"the platform key {self.pub_path} ({own_b64[:16]}...) is not the key "
+                                   f"pinned in policy #{newest[0]} ({str(newest[1])[:16]}...): it was replaced"))
 
-    def _snapshot(self) -> tuple[_AnchorState, list[tuple], bool]:
-        """The anchor and every row, as of one moment: (anchor, rows, whether the lock was held).
+        sig_problem, signed_by_pin = (None, False) if key_unknown else self._verify_signatures(
+            rows, sigs, hashes, pins, own_b64, full)
+        if sig_problem:
+            problems.append(sig_problem)
 
-        Both are taken under the shared lock, so no append is between its commit and its
-        re-signing: they name the same head. The lock is released as soon as the read
-        transaction holds its snapshot; the rows are read after.
-        """
+        witness_problem, witness_seq, unwitnessed = self._verify_witness(rows, hashes, receipt, witness,
+                                                                         newest, notes)
+        if witness_problem:
+            problems.append(witness_problem)
+
+        base = {"entries": n, "head_seq": head_seq, "head_hash": head_hash, "signed_by_pin": signed_by_pin,
+                "witness_seq": witness_seq, "unwitnessed": unwitnessed,
+                "pinned_in": newest[0] if newest else None}
+        if not problems:
+            reason = "intact" if n else "empty ledger"
+            return Verification(True, first_bad_seq=None, reason="; ".join([reason, *notes]),
+                                findings=tuple(notes), **base)
+        # The lowest named entry wins; when the witness names one, its answer names the entry (a
+        # re-signed history has valid-looking signatures up to where the key changed) and the reason
+        # still mentions the key.
+        def key(p: tuple[int | None, str]) -> tuple[int, int]:
+            return (0 if p is witness_problem else 1, p[0]) if p[0] is not None else (2, 0)
+
+        named = [p for p in problems if p[0] is not None]
+        if witness_problem and walk.problem and walk.problem[0] < witness_problem[0]:
+            primary = walk.problem
+        elif witness_problem:
+            primary = witness_problem
+        elif named:
+            primary = min(named, key=lambda p: p[0])
+        else:
+            primary = problems[0]
+        ordered = [primary, *sorted((p for p in problems if p is not primary), key=key)]
+        texts = [p[1] for p in ordered]
+        return Verification(False, first_bad_seq=primary[0], reason="; ".join(texts),
+                            findings=tuple(texts + notes), **base)
+
+    def _has_signatures(self) -> bool:
+        with self._reader() as conn:
+            if conn is None:
+                return False
+            try:
+                return conn.execute(f"SELECT 1 FROM {SIGS} LIMIT 1").fetchone() is not None
+            except sqlite3.OperationalError as err:
+                if "no such table" in str(err):
+                    return False
+                raise
+
+    def _snapshot(self) -> tuple[list[tuple], list[tuple], int, tuple[int, str] | WitnessError | None]:
+        """Every row, every head signature, the newest witness receipt's seq and the witness's signed
+        head, as of one moment.
+
+        The witness is asked under the shared lock, right after the read transaction took its
+        snapshot: no append is between its commit and its submission, so the witness's head and the
+        database's agree unless someone else changed one of them."""
         conn = None
+        witness: tuple[int, str] | WitnessError | None = None
         try:
-            with self._shared() as locked:
-                state = self._read_anchor()
+            with self._shared():
                 conn = self._connection(create=False)
                 if conn is not None:
                     conn.execute("BEGIN")
                     try:
-                        conn.execute(f"SELECT 1 FROM {TABLE} LIMIT 1").fetchall()
+                        conn.execute(f"SELECT seq FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchall()
                     except sqlite3.OperationalError as err:
                         if "no such table" not in str(err):
                             raise
-                        return state, [], locked
+                        conn.execute("ROLLBACK")
+                        conn = None
+                if self.witness_socket is not None:
+                    witness = self._ask_witness_head(conn)
             if conn is None:
-                return state, [], locked
+                return [], [], 0, witness
             rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY seq").fetchall()
-            return state, rows, locked
+            sigs, receipt = [], 0
+            try:
+                sigs = conn.execute(f"SELECT seq, key, sig FROM {SIGS} ORDER BY seq").fetchall()
+                receipt = conn.execute("SELECT MAX(seq) FROM witness_receipts").fetchone()[0] or 0
+            except sqlite3.OperationalError as err:  # a ledger from before head signatures
+                if "no such table" not in str(err):
+                    raise
+            return rows, sigs, receipt, witness
         finally:
             if conn is not None and conn.in_transaction:
                 conn.execute("ROLLBACK")
 
-    def _anchor_problem(self, state: _AnchorState, n: int, last: int,
-                        hash_at_anchor: str | None) -> tuple[int | None, str] | None:
-        """What is wrong with the anchor against a chain of ``n`` entries ending at ``last``."""
-        if not state.present:
-            if n == 0:
-                return None
-            return 1, (f"the signed anchor {self.anchor_path} is missing: none of the {n} entries "
-                       f"can be vouched for")
-        if state.error:
-            return None, state.error
-        anchor = state.anchor
-        assert anchor is not None
-        pub, err = self._public_key()
-        if pub is None:
-            return None, err or "no public key"
+    def _witness_client(self, wkey: str | None) -> WitnessClient:
+        assert self.witness_socket is not None
+        return WitnessClient(self.witness_socket, self.witness_timeout, wkey)
+
+    def _ask_witness_head(self, conn: sqlite3.Connection | None) -> tuple[int, str] | WitnessError:
+        wkey = None
+        if conn is not None:
+            pin = self._pins(conn).newest()
+            wkey = pin[2] if pin and isinstance(pin[2], str) else None
         try:
-            pub.verify(anchor.signature, anchor_message(anchor.seq, anchor.hash))
-        except InvalidSignature:
-            return anchor.seq, f"the anchor's signature is invalid (forged or altered anchor for #{anchor.seq})"
-        if last < anchor.seq:
-            return last + 1, (f"truncated: entries #{last + 1}..#{anchor.seq} are missing (the ledger "
-                              f"ends at #{last} but the signed anchor is at #{anchor.seq})")
-        if hash_at_anchor != anchor.hash:
-            return anchor.seq, (f"re-hashed chain: the chain does not match the signed anchor (entry "
-                                f"#{anchor.seq} hash {str(hash_at_anchor)[:12]}, signed {anchor.hash[:12]}); "
-                                f"entries up to #{anchor.seq} were rewritten and re-hashed")
-        return None
+            with self._witness_client(wkey) as w:
+                seq, hash_, _ = w.head()
+                return seq, hash_
+        except WitnessError as err:
+            return err
+
+    def _verify_signatures(self, rows: list[tuple], sigs: list[tuple], hashes: dict[int, str], pins: _Pins,
+                           own_b64: str | None, full: bool) -> tuple[tuple[int, str] | None, bool]:
+        if not rows:
+            if sigs:
+                return (1, f"truncated: the ledger is empty but heads up to #{sigs[-1][0]} were signed"), False
+            return None, False
+        head_seq = rows[-1][0]
+        truncated = None
+        if sigs and sigs[-1][0] > head_seq:
+            truncated = (head_seq + 1, f"truncated: entries #{head_seq + 1}..#{sigs[-1][0]} are missing (the "
+                                       f"ledger ends at #{head_seq} but heads up to #{sigs[-1][0]} were signed)")
+            sigs = [s for s in sigs if s[0] <= head_seq]
+        by_seq = {s: (k, g) for s, k, g in sigs}
+        if head_seq not in by_seq and not truncated:
+            k = (sigs[-1][0] if sigs else 0) + 1
+            span = f"entry #{k} is" if k == head_seq else f"entries #{k}..#{head_seq} are"
+            hint = (f" (a ledger from before head signatures: its anchor {self.legacy_anchor_path} is gone)"
+                    if not sigs else "")
+            return (k, f"entry #{k} carries no platform signature: it was written outside onepath "
+                       f"({span} unsigned){hint}"), False
+        signed = [s for s, _, _ in sigs]
+        problem = self._signature_problem(signed, by_seq.get, hashes.get, head_seq, pins, own_b64, full)
+        if truncated:
+            return ((problem[0], f"{problem[1]}; {truncated[1]}") if problem else truncated), False
+        newest = pins.newest()
+        signed_by_pin = problem is None and newest is not None and by_seq[head_seq][0] == newest[1]
+        return problem, signed_by_pin
+
+    def _verify_witness(self, rows: list[tuple], hashes: dict[int, str], receipt: int,
+                        witness: tuple[int, str] | WitnessError | None, newest: tuple[int, Any, Any] | None,
+                        notes: list[str]) -> tuple[tuple[int | None, str] | None, int | None, int]:
+        """(problem, witness seq, unwitnessed count); notes get the un-witnessed tail."""
+        n = rows[-1][0] if rows else 0
+        pinned_wkey = newest[2] if newest and isinstance(newest[2], str) else None
+        ts_of = {r[0]: r[1] for r in rows[-1000:]} if rows else {}
+
+        def since(k: int) -> str:
+            return ts_of.get(k + 1) or next((r[1] for r in rows if r[0] == k + 1), "?")
+
+        def tail_note(k: int, why: str) -> int:
+            u = n - k
+            if u > 0:
+                notes.append(f"{u} entr{'y' if u == 1 else 'ies'} after #{k} {'is' if u == 1 else 'are'} not "
+                             f"yet countersigned by the witness: {why} since {since(k)}")
+            return max(u, 0)
+
+        if self.witness_socket is None:
+            if pinned_wkey:
+                return (None, f"policy #{newest[0]} pins a witness but no witness socket is configured "
+                              f"(ONEPATH_WITNESS_SOCKET): the ledger cannot be vouched for"), None, 0
+            return None, None, 0
+        if isinstance(witness, WitnessError):
+            if pinned_wkey:
+                return (None, f"{witness}: the witness pinned in policy #{newest[0]} does not answer, so the "
+                              f"ledger cannot be vouched for"), None, n - min(receipt, n)
+            return None, None, tail_note(min(receipt, n), f"the witness at {self.witness_socket} is unreachable "
+                                                          f"({witness}); not submitted")
+        assert witness is not None
+        wseq, whash = witness
+        if wseq == 0:
+            return None, 0, tail_note(0, "the witness's log is empty; not submitted")
+        if wseq <= n and hashes.get(wseq) == whash:
+            return None, wseq, tail_note(wseq, "the witness was unreachable; pending")
+        # The chains differ somewhere at or before min(wseq, n): find the first seq that differs.
+        try:
+            with self._witness_client(pinned_wkey) as w:
+                hi = min(wseq, n)
+                wh_hi = w.hash_at(hi) if hi else None
+                if hi and hashes.get(hi) == wh_hi:
+                    return (hi + 1, f"truncated: entries #{hi + 1}..#{wseq} are missing: the witness "
+                                    f"countersigned up to #{wseq} {whash[:12]}, the ledger ends at #{n}"), wseq, 0
+                if not hi:
+                    return (1, f"truncated: the ledger is empty but the witness countersigned up to "
+                               f"#{wseq} {whash[:12]}"), wseq, 0
+                seqs = list(range(1, hi + 1))
+                seen: dict[int, str | None] = {hi: wh_hi}
+
+                def wit(s: int) -> str | None:
+                    if s not in seen:
+                        try:
+                            seen[s] = w.hash_at(s)
+                        except WitnessError as err:
+                            if "holds no entry" not in str(err):
+                                raise
+                            seen[s] = None  # before the witness's first entry: nothing to compare
+                    return seen[s]
+
+                i = _first_failing(seqs, lambda s: wit(s) is None or wit(s) == hashes.get(s))
+                j = seqs[i]
+                return (j, f"entry #{j} differs from what the witness countersigned (witness: "
+                           f"{str(wit(j))[:12]}, ledger: {str(hashes.get(j))[:12]}): history from #{j} "
+                           f"was rewritten"), wseq, 0
+        except WitnessError as err:
+            return (None, f"{err}: the witness stopped answering while the ledger was compared with it"), wseq, 0
+
 
 
 @dataclass
 class _Walk:
     problem: tuple[int, str] | None = None
-    hash_at: str | None = None
 
 
-def _walk(rows: list[tuple], first_seq: int, prev_hash: str | None,
-          want_hash_at: int | None = None) -> _Walk:
+_QUOTE: dict[Any, str] = {}
+
+
+def _q(value: Any) -> str:
+    """``json.dumps`` of a string (or None), memoised: kind, subject, env and actor repeat."""
+    out = _QUOTE.get(value)
+    if out is None:
+        out = json.dumps(value)
+        if len(_QUOTE) < 4096:
+            _QUOTE[value] = out
+    return out
+
+
+def _qt(text: Any) -> str:
+    """``json.dumps`` of a string that is unique per entry (a timestamp, a hash), fast for plain ASCII."""
+    if isinstance(text, str) and text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text)
+
+
+def _walk(rows: list[tuple], first_seq: int, prev_hash: str | None) -> _Walk:
     """Check seq continuity, every entry's hash and every link; remember the first problem.
 
-    ``prev_hash=None`` trusts the first row's own link (used to check from the anchored entry on).
-    """
+    ``prev_hash=None`` trusts the first row's own link."""
     out = _Walk()
     expected = first_seq
+    sha256 = hashlib.sha256
     for seq, ts, kind, subject, env, actor, data_text, prev, hash_ in rows:
-        if seq == want_hash_at:
-            out.hash_at = hash_
-        if out.problem:
-            continue
         if seq != expected:
-            if seq > expected:
+            if isinstance(seq, int) and seq > expected:
                 missing = f"#{expected}" if seq == expected + 1 else f"#{expected}..#{seq - 1}"
                 out.problem = (expected, (f"entry {missing} is missing (the seq jumps from "
                                           f"#{expected - 1} to #{seq})"))
             else:
-                out.problem = (seq, f"unexpected entry #{seq} (expected #{expected})")
-            continue
+                out.problem = (expected, f"unexpected entry #{seq} (expected #{expected})")
+            return out
         expected += 1
-        try:
-            data = json.loads(data_text)
-        except (TypeError, ValueError):
-            out.problem = (seq, f"entry #{seq} was altered: its data is not valid JSON")
-            continue
-        if entry_hash(seq, ts, kind, subject, env, actor, data, prev) != hash_:
-            out.problem = (seq, f"entry #{seq} was altered: its content does not match its hash")
-            continue
+        fast = None
+        if isinstance(data_text, str):
+            fast = sha256((f'{{"actor":{_q(actor)},"data":{data_text},"env":{_q(env)},"kind":{_q(kind)},'
+                           f'"prev_hash":{_qt(prev)},"seq":{seq},"subject":{_q(subject)},"ts":{_qt(ts)}}}'
+                           ).encode()).hexdigest()
+        if fast != hash_:
+            try:
+                data = json.loads(data_text)
+            except (TypeError, ValueError):
+                out.problem = (seq, f"entry #{seq} was altered: its data is not valid JSON")
+                return out
+            try:
+                exact = entry_hash(seq, ts, kind, subject, env, actor, data, prev)
+            except (TypeError, ValueError):
+                exact = None
+            if exact != hash_:
+                out.problem = (seq, f"entry #{seq} was altered: its content does not match its hash")
+                return out
         if prev_hash is not None and prev != prev_hash:
             out.problem = (seq, (f"entry #{seq} does not link to entry #{seq - 1} (prev_hash "
-                                 f"{prev[:12]} != {prev_hash[:12]}): an earlier entry was altered "
+                                 f"{str(prev)[:12]} != {str(prev_hash)[:12]}): an earlier entry was altered "
                                  f"and re-hashed, removed or moved"))
-            continue
+            return out
         prev_hash = hash_
     return out
 
@@ -784,16 +1252,17 @@ def _public_pem(key: Ed25519PublicKey) -> bytes:
 
 
 class LedgerResource(dg.ConfigurableResource):
-    """The platform ledger: append-only, hash-chained, its head signed by the platform key."""
+    """The platform ledger: append-only, hash-chained, each head signed by the platform key and
+    countersigned by the witness when one is configured."""
 
     db_path: str = Field(description="sqlite file holding the ledger (default $ONEPATH_HOME/ledger.db).")
     key_path: str = Field(
         description="Ed25519 platform signing key (PEM, mode 0600), kept outside the database; "
                     "created on first append; its public key is written next to it as .pub.")
-    anchor_path: str | None = Field(
-        None, description="Signed anchor file (seq, hash, signature of the head); default "
-                          "ledger.anchor.json next to the key.")
+    witness_socket: str | None = Field(
+        None, description="Unix socket of the ledger's witness (onepath witness serve), a service running as "
+                          "its own OS user that countersigns every head (env ONEPATH_WITNESS_SOCKET).")
 
     def ledger(self) -> Ledger:
         return Ledger(Path(self.db_path), Path(self.key_path),
-                      Path(self.anchor_path) if self.anchor_path else None)
+                      Path(self.witness_socket) if self.witness_socket else None)

@@ -1,8 +1,9 @@
-"""The tamper-evident ledger: chain, signed anchor, every tampering case, concurrent writers, CLI.
+"""The tamper-evident ledger: chain, head signatures, every tampering case, concurrent writers, CLI.
 
 Everything runs against real sqlite files and real keys in a temporary folder. Tampering is done
 the way an attacker with write access would: a plain sqlite connection that first drops the
-append-only triggers.
+append-only triggers. The platform's user (tier b) is this test process; the witness cases, which
+need a second OS user, are in tests/test_witness.py.
 """
 
 from __future__ import annotations
@@ -63,11 +64,21 @@ def tamper(ledger: Ledger, *statements: tuple[str, tuple] | str) -> None:
     try:
         conn.execute("DROP TRIGGER IF EXISTS ledger_entries_no_update")
         conn.execute("DROP TRIGGER IF EXISTS ledger_entries_no_delete")
+        conn.execute("DROP TRIGGER IF EXISTS head_signatures_no_update")
+        conn.execute("DROP TRIGGER IF EXISTS head_signatures_no_delete")
         conn.execute("BEGIN")
         for st in statements:
             sql, params = (st, ()) if isinstance(st, str) else st
             conn.execute(sql, params)
         conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def sigs_of(ledger: Ledger) -> list[tuple]:
+    conn = sqlite3.connect(ledger.db_path)
+    try:
+        return conn.execute("SELECT seq, key, sig FROM head_signatures ORDER BY seq").fetchall()
     finally:
         conn.close()
 
@@ -125,7 +136,8 @@ def test_append_read_verify(tmp_path: Path) -> None:
 
     v = ledger.verify()
     assert (v.ok, v.entries, v.first_bad_seq, v.reason) == (True, N, None, "intact")
-    assert (v.head_seq, v.head_hash, v.anchor_seq) == (N, written[-1].hash, N)
+    assert (v.head_seq, v.head_hash, v.signed_by_pin, v.witness_seq) == (N, written[-1].hash, False, None)
+    assert ledger.verify(full=True).ok
 
     # filters
     assert [e.seq for e in ledger.entries(kind="deploy")] == [1, 6]
@@ -137,7 +149,7 @@ def test_append_read_verify(tmp_path: Path) -> None:
 
 
 def test_hash_format_is_reproducible_without_onepath(tmp_path: Path) -> None:
-    """An auditor can re-check an entry and the anchor with hashlib, json and the public key."""
+    """An auditor can re-check an entry and the head signatures with hashlib, json and the public key."""
     ledger = make_ledger(tmp_path)
     fill(ledger, 3)
     for seq, ts, kind, subject, env, actor, data, prev, h in rows(ledger):
@@ -147,18 +159,21 @@ def test_hash_format_is_reproducible_without_onepath(tmp_path: Path) -> None:
         expected = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
         assert h == expected.hexdigest()
         assert ts.endswith("+00:00")
-    anchor = json.loads(ledger.anchor_path.read_text())
-    assert set(anchor) == {"seq", "hash", "signed_at", "signature"}
-    assert (anchor["seq"], anchor["hash"]) == (3, ledger.head().hash)
     pub = serialization.load_pem_public_key(ledger.pub_path.read_bytes())
-    pub.verify(base64.b64decode(anchor["signature"]), f"3:{anchor['hash']}".encode())  # raises if bad
+    raw = base64.b64encode(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+    assert ledger.platform_public_key_b64() == raw
+    sigs = sigs_of(ledger)
+    assert [s for s, _, _ in sigs] == [1, 2, 3], "one head signature per append"
+    for (seq, key, sig), row in zip(sigs, rows(ledger), strict=True):
+        assert key == raw
+        pub.verify(base64.b64decode(sig), f"{seq}:{row[8]}".encode())  # raises if bad
+    assert not (ledger.key_path.parent / "ledger.anchor.json").exists()
 
 
 def test_key_lives_outside_the_db_with_mode_0600(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
     ledger.append("deploy", "credit_scoring", {}, actor="ci")
     assert ledger.key_path == tmp_path / "keys" / "platform.key"
-    assert ledger.anchor_path == tmp_path / "keys" / "ledger.anchor.json"
     assert stat.S_IMODE(ledger.key_path.stat().st_mode) == 0o600
     key = serialization.load_pem_private_key(ledger.key_path.read_bytes(), password=None)
     assert ledger.pub_path == tmp_path / "keys" / "platform.pub"
@@ -226,10 +241,10 @@ def test_edited_and_rehashed_middle_entry_breaks_the_next_link(filled: Ledger) -
     assert_bad(filled, 5, "entry #5 does not link to entry #4")
 
 
-def test_edited_and_rehashed_last_entry_mismatches_the_anchor(filled: Ledger) -> None:
+def test_edited_and_rehashed_last_entry_breaks_its_signature(filled: Ledger) -> None:
     tamper(filled, ("UPDATE ledger_entries SET actor = 'mallory' WHERE seq = ?", (N,)))
     rehash_from(filled, N)
-    assert_bad(filled, N, "re-hashed chain", "signed anchor")
+    assert_bad(filled, N, f"entry #{N}: its signature does not verify", "rewritten and re-hashed")
 
 
 def test_deleted_middle_entry_is_a_seq_gap(filled: Ledger) -> None:
@@ -237,12 +252,12 @@ def test_deleted_middle_entry_is_a_seq_gap(filled: Ledger) -> None:
     assert_bad(filled, 5, "entry #5 is missing")
 
 
-def test_deleted_middle_entry_with_relinked_chain_is_still_a_gap(filled: Ledger) -> None:
-    # Renumbering would need re-hashing everything after it: that is the rewritten-chain case.
+def test_deleted_middle_entry_with_relinked_chain_is_named_where_it_was_removed(filled: Ledger) -> None:
+    # Renumbering needs re-hashing everything after it: the signatures from #5 on no longer verify.
     tamper(filled, "DELETE FROM ledger_entries WHERE seq = 5")
     tamper(filled, *[("UPDATE ledger_entries SET seq = ? WHERE seq = ?", (s - 1, s)) for s in range(6, N + 1)])
     rehash_from(filled, 5)
-    assert_bad(filled, N, "truncated")
+    assert_bad(filled, 5, "entry #5: its signature does not verify", "truncated")
 
 
 def test_reordered_entries_are_caught_at_the_first_moved_one(filled: Ledger) -> None:
@@ -258,61 +273,70 @@ def test_truncated_newest_entries_are_caught_at_the_first_missing(filled: Ledger
     assert_bad(filled, N - 1, "truncated", f"#{N - 1}..#{N}")
 
 
-def test_emptied_or_deleted_database_is_truncation_from_one(filled: Ledger) -> None:
+def test_emptied_database_is_truncation_from_one(filled: Ledger) -> None:
     tamper(filled, "DELETE FROM ledger_entries")
     assert_bad(filled, 1, "truncated")
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(filled.db_path) + suffix).unlink(missing_ok=True)
-    v = filled.verify()
-    assert (v.ok, v.first_bad_seq, v.entries) == (False, 1, 0) and "truncated" in v.reason
+    # (a deleted database file, signatures and all, is only caught by the witness: test_witness.py)
 
 
-def test_whole_chain_rewritten_and_rehashed_mismatches_the_anchor(filled: Ledger) -> None:
-    tamper(filled, "UPDATE ledger_entries SET actor = 'mallory' WHERE seq = 2")
-    rehash_from(filled, 1)
-    # internally consistent: every hash and link checks out ...
-    prev = GENESIS_HASH
+@pytest.mark.parametrize("j", [1, 2, 7])
+def test_rewrite_and_rehash_without_the_key_is_named_at_the_first_rewritten_entry(filled: Ledger, j: int) -> None:
+    """Entry j rewritten and every later one re-hashed (no key): internally consistent, yet named at #j."""
+    tamper(filled, ("UPDATE ledger_entries SET actor = 'mallory' WHERE seq = ?", (j,)))
+    rehash_from(filled, j)
+    prev = GENESIS_HASH  # every hash and link checks out ...
     for seq, ts, kind, subject, env, actor, data, p, h in rows(filled):
         assert p == prev and h == entry_hash(seq, ts, kind, subject, env, actor, json.loads(data), p)
         prev = h
-    # ... but it is not the chain the platform signed
-    assert_bad(filled, N, "re-hashed chain", "does not match the signed anchor")
+    # ... but not the heads the platform signed: named at #j, not at the head
+    assert_bad(filled, j, f"entry #{j}: its signature does not verify", f"entries from #{j} were rewritten")
+    v = filled.verify(full=True)
+    assert (v.ok, v.first_bad_seq) == (False, j), v
+    with pytest.raises(LedgerTampered) as err:
+        filled.append("deploy", "credit_scoring", {}, actor="ci")
+    assert err.value.first_bad_seq == j and "nothing was written" in str(err.value)
+    assert len(rows(filled)) == N and len(sigs_of(filled)) == N
 
 
-def test_forged_anchor_signature_is_caught(filled: Ledger) -> None:
-    tamper(filled, "UPDATE ledger_entries SET actor = 'mallory' WHERE seq = 2")
-    rehash_from(filled, 1)
-    head = rows(filled)[-1]
-    anchor = json.loads(filled.anchor_path.read_text())
-    anchor["hash"] = head[8]  # point the anchor at the rewritten head, keep the old signature
-    filled.anchor_path.write_text(json.dumps(anchor))
-    assert_bad(filled, N, "signature is invalid")
-    # re-signed with the attacker's own key: still invalid for the platform's public key
+def test_a_keyless_insert_is_tampering_and_the_next_append_refuses_it(filled: Ledger) -> None:
+    """A correctly hashed row INSERTed with sqlite by someone without the key is never laundered."""
+    ts, h = rows(filled)[-1][1], rows(filled)[-1][8]
+    new = (N + 1, ts, "approval", "credit_scoring", "prod", "mallory", "{}", h)
+    conn = sqlite3.connect(filled.db_path)
+    with conn:
+        conn.execute("INSERT INTO ledger_entries VALUES (?,?,?,?,?,?,?,?,?)",
+                     (*new, entry_hash(*new[:6], {}, h)))
+    conn.close()
+    assert_bad(filled, N + 1, f"entry #{N + 1} carries no platform signature", "written outside onepath")
+    with pytest.raises(LedgerTampered, match="carries no platform signature") as err:
+        filled.append("deploy", "credit_scoring", {}, actor="ci")
+    assert err.value.first_bad_seq == N + 1
+    assert len(rows(filled)) == N + 1 and len(sigs_of(filled)) == N, "nothing was written"
+    # ... and a forged signature for it (the attacker's own key) does not make it one
     mallory = Ed25519PrivateKey.generate()
-    anchor["signature"] = base64.b64encode(mallory.sign(f"{N}:{head[8]}".encode())).decode()
-    filled.anchor_path.write_text(json.dumps(anchor))
-    assert_bad(filled, N, "signature is invalid")
+    raw = base64.b64encode(mallory.public_key().public_bytes(serialization.Encoding.Raw,
+                                                             serialization.PublicFormat.Raw)).decode()
+    forged = base64.b64encode(mallory.sign(f"{N + 1}:{rows(filled)[-1][8]}".encode())).decode()
+    tamper(filled, ("INSERT INTO head_signatures VALUES (?,?,?)", (N + 1, raw, forged)))
+    assert_bad(filled, N + 1, "signed with key", "not with the platform key")
+    with pytest.raises(LedgerTampered, match="signed with key"):
+        filled.append("deploy", "credit_scoring", {}, actor="ci")
 
 
 def test_replaced_public_key_is_caught(filled: Ledger) -> None:
     mallory = Ed25519PrivateKey.generate()
-    head = rows(filled)[-1]
     filled.pub_path.write_bytes(mallory.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    filled.anchor_path.write_text(json.dumps({
-        "seq": N, "hash": head[8], "signed_at": "2020-01-01T00:00:00+00:00",
-        "signature": base64.b64encode(mallory.sign(f"{N}:{head[8]}".encode())).decode()}))
     assert_bad(filled, None, "does not match the platform key")
+    with pytest.raises(LedgerTampered, match="does not match the platform key"):
+        filled.append("deploy", "credit_scoring", {}, actor="ci")
 
 
-def test_garbage_anchor_is_caught(filled: Ledger) -> None:
-    filled.anchor_path.write_text("{not json")
-    assert_bad(filled, None, "unreadable")
-
-
-def test_deleted_anchor_with_entries_is_not_ok(filled: Ledger) -> None:
-    filled.anchor_path.unlink()
-    assert_bad(filled, 1, "anchor", "missing")
+def test_deleted_signatures_are_caught(filled: Ledger) -> None:
+    tamper(filled, "DELETE FROM head_signatures")
+    assert_bad(filled, 1, "entry #1 carries no platform signature")
+    with pytest.raises(LedgerTampered, match="no platform signature"):
+        filled.append("deploy", "credit_scoring", {}, actor="ci")
 
 
 def test_the_lowest_bad_entry_is_reported(filled: Ledger) -> None:
@@ -322,41 +346,99 @@ def test_the_lowest_bad_entry_is_reported(filled: Ledger) -> None:
 
 
 def test_append_refuses_to_sign_over_a_tampered_head(filled: Ledger) -> None:
-    """The next legitimate append must not launder a truncated or re-hashed tail."""
+    """The next legitimate append must not launder a truncated, altered or re-hashed tail."""
     tamper(filled, ("DELETE FROM ledger_entries WHERE seq > ?", (N - 2,)))
     with pytest.raises(LedgerTampered, match="truncated") as err:
         filled.append("deploy", "credit_scoring", {}, actor="ci")
     assert err.value.first_bad_seq == N - 1
-    assert_bad(filled, N - 1, "truncated")  # nothing was written, the anchor is unchanged
+    assert_bad(filled, N - 1, "truncated")  # nothing was written
 
     other = make_ledger(filled.db_path.parent / "other")
     fill(other, 3)
-    tamper(other, "UPDATE ledger_entries SET actor = 'mallory' WHERE seq = 3")
-    rehash_from(other, 3)
-    with pytest.raises(LedgerTampered, match="re-hashed"):
+    set_data(other, 3, {"version": "forged"})
+    with pytest.raises(LedgerTampered, match="entry #3 was altered"):
         other.append("deploy", "credit_scoring", {}, actor="ci")
     assert len(rows(other)) == 3
 
-    other.anchor_path.unlink()
-    with pytest.raises(LedgerTampered, match="missing"):
-        other.append("deploy", "credit_scoring", {}, actor="ci")
+
+def pin_policy(ledger: Ledger, platform_key: str, witness_key: str | None = None) -> Entry:
+    """A policy_recorded entry with the common shape (the ledger reads only platform_key/witness_key;
+    whether the record is admin-signed is platform_defs.policy_record's job)."""
+    return ledger.append("policy_recorded", "policy", {
+        "hash": "sha256:" + "ab" * 32, "previous_hash": None, "previous_entry": None, "text": "teams: {}\n",
+        "diff": "", "platform_key": platform_key, "witness_key": witness_key, "demo": False,
+        "signed_by": "admin", "signed_at": "2026-12-01T00:00:00+00:00", "signature": "not-checked-here"},
+        actor="admin")
 
 
-def test_entries_after_the_anchor_are_reported_then_anchored(filled: Ledger) -> None:
-    """A writer that died between commit and re-signing leaves chained but unanchored entries."""
-    ts, h = rows(filled)[-1][1], rows(filled)[-1][8]
-    new = (N + 1, ts, "restart", "credit_scoring", "prod", "supervisor", "{}", h)
-    conn = sqlite3.connect(filled.db_path)
-    with conn:
-        conn.execute("INSERT INTO ledger_entries VALUES (?,?,?,?,?,?,?,?,?)",
-                     (*new, entry_hash(*new[:6], {}, h)))
-    conn.close()
-    v = filled.verify()
-    assert (v.ok, v.entries, v.unanchored, v.anchor_seq) == (True, N + 1, 1, N)
-    assert "1 entry after the signed anchor #10 is not yet anchored" in v.reason
+def test_a_replaced_key_pair_is_refused_once_the_key_is_pinned(filled: Ledger) -> None:
+    """Tier (b): the platform's user replaces keys/platform.key and .pub and re-signs every head."""
+    pinned = filled.platform_public_key_b64()
+    p = pin_policy(filled, pinned)
     filled.append("deploy", "credit_scoring", {}, actor="ci")
     v = filled.verify()
-    assert (v.ok, v.entries, v.unanchored, v.anchor_seq, v.reason) == (True, N + 2, 0, N + 2, "intact")
+    assert (v.ok, v.signed_by_pin, v.pinned_in) == (True, True, p.seq), v
+    assert filled.pinned_platform_key() == pinned
+
+    mallory = Ed25519PrivateKey.generate()
+    filled.key_path.write_bytes(mallory.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    filled.pub_path.write_bytes(mallory.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    raw = base64.b64encode(mallory.public_key().public_bytes(serialization.Encoding.Raw,
+                                                             serialization.PublicFormat.Raw)).decode()
+    tamper(filled, "DELETE FROM head_signatures", *[
+        ("INSERT INTO head_signatures VALUES (?,?,?)",
+         (seq, raw, base64.b64encode(mallory.sign(f"{seq}:{h}".encode())).decode()))
+        for seq, *_, h in rows(filled)])
+    fresh = Ledger(filled.db_path, filled.key_path)
+    v = fresh.verify()
+    assert not v.ok and not v.signed_by_pin, v
+    assert f"not the key pinned in policy #{p.seq}" in v.reason, v
+    assert "signed with key" in v.reason, v
+    with pytest.raises(LedgerTampered, match=f"is not the key pinned in policy #{p.seq}") as err:
+        fresh.append("deploy", "credit_scoring", {}, actor="mallory")
+    assert err.value.first_bad_seq is None
+    assert len(rows(filled)) == N + 2
+
+
+def test_a_ledger_from_before_head_signatures_is_migrated_from_its_anchor(tmp_path: Path) -> None:
+    """An old ledger.db (no head_signatures table, a signed anchor file): the first open under the
+    exclusive lock turns the verified anchor into the head's signature."""
+    ledger = make_ledger(tmp_path)
+    fill(ledger, 3)
+    head = rows(ledger)[-1]
+    key = serialization.load_pem_private_key(ledger.key_path.read_bytes(), password=None)
+    conn = sqlite3.connect(ledger.db_path, isolation_level=None)
+    conn.execute("DROP TRIGGER head_signatures_no_update")
+    conn.execute("DROP TRIGGER head_signatures_no_delete")
+    conn.execute("DROP TABLE head_signatures")
+    conn.execute("DROP TABLE witness_receipts")
+    conn.close()
+    anchor = ledger.legacy_anchor_path
+    anchor.write_text(json.dumps({"seq": 3, "hash": head[8], "signed_at": "2026-11-30T00:00:00+00:00",
+                                  "signature": base64.b64encode(key.sign(f"3:{head[8]}".encode())).decode()}))
+    old = Ledger(ledger.db_path, ledger.key_path)
+    v = old.verify()
+    assert v.ok and v.entries == 3, v
+    assert not anchor.exists() and [s for s, _, _ in sigs_of(ledger)] == [3]
+    old.append("deploy", "credit_scoring", {}, actor="ci")
+    assert old.verify().ok and [s for s, _, _ in sigs_of(ledger)] == [3, 4]
+
+    # an anchor that does not name the head is refused in one line, nothing written
+    other = make_ledger(tmp_path / "other")
+    fill(other, 3)
+    conn = sqlite3.connect(other.db_path, isolation_level=None)
+    conn.execute("DROP TRIGGER head_signatures_no_delete")
+    conn.execute("DELETE FROM head_signatures")
+    conn.close()
+    okey = serialization.load_pem_private_key(other.key_path.read_bytes(), password=None)
+    h2 = rows(other)[1][8]
+    other.legacy_anchor_path.write_text(json.dumps({
+        "seq": 2, "hash": h2, "signed_at": "x", "signature": base64.b64encode(okey.sign(f"2:{h2}".encode())).decode()}))
+    with pytest.raises(LedgerTampered, match="cannot migrate") as err:
+        other.append("deploy", "credit_scoring", {}, actor="ci")
+    assert err.value.first_bad_seq == 3 and len(rows(other)) == 3
 
 
 # -- concurrency --------------------------------------------------------------------------------
@@ -402,8 +484,8 @@ def test_concurrent_processes_and_threads_keep_one_gapless_chain(tmp_path: Path)
             done = writers_done.is_set()
             v = ledger.verify()
             verifications.append(v)
-            # Appends commit and re-sign under one lock, so a verify never sees a half-done one.
-            if not v.ok or v.unanchored:
+            # An entry and its head signature commit in one transaction: a verify never sees one alone.
+            if not v.ok or v.head_seq != v.entries or (v.entries and v.reason != "intact"):
                 bad_verifications.append(v)
             if done:
                 break
@@ -435,7 +517,7 @@ def test_concurrent_processes_and_threads_keep_one_gapless_chain(tmp_path: Path)
                 p.wait()
 
     assert errors == []
-    assert bad_verifications == [], "a verify running alongside the writers saw a broken chain"
+    assert bad_verifications == [], f"a verify running alongside the writers saw a broken chain: {bad_verifications[:1]}"
     assert verifications and verifications[-1].entries == (procs_n + threads_n) * each
     entries = ledger.entries()
     total = (procs_n + threads_n) * each
@@ -444,7 +526,8 @@ def test_concurrent_processes_and_threads_keep_one_gapless_chain(tmp_path: Path)
     names = [f"p{i}" for i in range(procs_n)] + [f"t{i}" for i in range(threads_n)]
     assert seen == sorted((n, i) for n in names for i in range(each))
     v = ledger.verify()
-    assert (v.ok, v.entries, v.anchor_seq, v.unanchored) == (True, total, total, 0)
+    assert (v.ok, v.entries, v.head_seq, v.reason) == (True, total, total, "intact")
+    assert len(sigs_of(ledger)) == total
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -489,9 +572,11 @@ def test_cli_verify_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     written = fill(ledger, 3)
     assert run_cli(["audit", "verify"]) == 0
     out = capsys.readouterr().out
-    anchor = json.loads(ledger.anchor_path.read_text())
-    assert out.strip() == (f"ledger intact: 3 entries, head #3 {written[-1].hash[:12]}, "
-                           f"anchor signed at {anchor['signed_at']}")
+    assert out.strip().splitlines() == [
+        f"ledger intact: 3 entries, head #3 {written[-1].hash[:12]}, head signed by the platform key "
+        f"(not pinned: no policy recorded yet)", "witness: none configured (ONEPATH_WITNESS_SOCKET)"]
+    assert run_cli(["audit", "verify", "--full"]) == 0
+    assert "every signature checked" in capsys.readouterr().out
 
     assert run_cli(["audit", "export", "--out", str(tmp_path / "exp")]) == 0
     assert "exported 3 entries" in capsys.readouterr().out
@@ -503,14 +588,15 @@ def test_cli_verify_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     captured = capsys.readouterr()
     assert captured.out == ""
     err_lines = captured.err.strip().splitlines()
-    assert len(err_lines) == 1 and err_lines[0].startswith("ledger TAMPERED at entry #2: ")
+    assert err_lines[0].startswith("ledger TAMPERED at entry #2: ") and len(err_lines) == 2
+    assert err_lines[1].startswith("witness: none configured")
 
     for suffix in ("", "-wal", "-shm"):
         Path(str(ledger.db_path) + suffix).unlink(missing_ok=True)
     ledger.db_path.write_bytes(b"this is not a database" * 100)
     assert run_cli(["audit", "verify"]) == 1
     captured = capsys.readouterr()
-    assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+    assert "unreadable" in captured.err.splitlines()[0] and "Traceback" not in captured.err
 
     with pytest.raises(SystemExit):
         run_cli(["audit", "export"])  # --out is required

@@ -485,7 +485,7 @@ def test_concurrent_processes_and_threads_keep_one_gapless_chain(tmp_path: Path)
             v = ledger.verify()
             verifications.append(v)
             # An entry and its head signature commit in one transaction: a verify never sees one alone.
-            if not v.ok or v.head_seq != v.entries or (v.entries and v.reason != "intact"):
+            if not v.ok or (v.head_seq or 0) != v.entries or (v.entries and v.reason != "intact"):
                 bad_verifications.append(v)
             if done:
                 break

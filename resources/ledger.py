@@ -40,7 +40,7 @@ head and, when the chains differ, binary-searches the witness's ``hash_at`` for 
 differs. A witness pinned in the policy but unreachable makes ``verify`` fail closed.
 
 A ``ledger.db`` from before head signatures (an anchor file ``keys/ledger.anchor.json``) is migrated
-on its first append: when the old anchor verifies under the platform key and names the current
+on its first append or verify, under the exclusive lock: when the old anchor verifies under the platform key and names the current
 head, its signature becomes the head's signature (it signs the same message), and the anchor file
 is removed.
 
@@ -282,8 +282,8 @@ def _pub_from_b64(text: Any) -> Ed25519PublicKey | None:
             _PUBS[text] = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
         except (ValueError, TypeError):
             _PUBS[text] = None
-        if len(_PUBS) > 64:
-            _PUBS.pop(next(iter(_PUBS)))
+        if len(_PUBS) > 64:  # tests and tools see many keys; the platform sees one or two
+            _PUBS.clear()
     return _PUBS[text]
 
 
@@ -592,12 +592,14 @@ class Ledger:
     def _key_desc(self, pin: tuple[int, Any] | None) -> str:
         return f"the platform key pinned in policy #{pin[0]}" if pin else f"the platform key {self.pub_path}"
 
-    def _signature_problem(self, signed: list[int], sig_of: Callable[[int], tuple[str, str] | None],
+    def _signature_problem(self, signed_seqs: Callable[[], list[int]],
+                           sig_of: Callable[[int], tuple[str, str] | None],
                            hash_of: Callable[[int], str | None], head_seq: int, pins: _Pins,
                            own_b64: str | None, full: bool) -> tuple[int | None, str] | None:
         """The first head signature that does not verify under the key expected at its seq, if any.
 
-        ``signed``: the signed seqs up to the head, ascending; the head is among them."""
+        ``signed_seqs()``: the signed seqs up to the head, ascending, the head among them (only asked
+        for when the head's signature fails, or with ``full``: an append checks one signature)."""
 
         def expected(seq: int) -> tuple[str | None, tuple[int, Any] | None]:
             pin = pins.at(seq)
@@ -608,13 +610,14 @@ class Ledger:
             want, _ = expected(seq)
             return got is not None and got[0] == want and _sig_ok(got[0], got[1], seq, hash_of(seq))
 
+        if not full and good(head_seq):
+            return None
+        signed = signed_seqs()
         if full:
             bad = next((i for i, s in enumerate(signed) if not good(s)), None)
             if bad is None:
                 return None
         else:
-            if good(head_seq):
-                return None
             bad = _first_failing(signed, good)
         seq = signed[bad]
         first = signed[bad - 1] + 1 if bad else 1
@@ -779,7 +782,8 @@ class Ledger:
             span = f"entry #{k} is" if k == seq else f"entries #{k}..#{seq} are"
             raise LedgerTampered(k, f"entry #{k} carries no platform signature: it was written outside "
                                     f"onepath ({span} unsigned); nothing was written")
-        signed = [r[0] for r in conn.execute(f"SELECT seq FROM {SIGS} WHERE seq <= ? ORDER BY seq", (seq,))]
+        def signed() -> list[int]:
+            return [r[0] for r in conn.execute(f"SELECT seq FROM {SIGS} WHERE seq <= ? ORDER BY seq", (seq,))]
 
         def sig_of(s: int) -> tuple[str, str] | None:
             return conn.execute(f"SELECT key, sig FROM {SIGS} WHERE seq = ?", (s,)).fetchone()
@@ -1101,8 +1105,7 @@ class Ledger:
                     if not sigs else "")
             return (k, f"entry #{k} carries no platform signature: it was written outside onepath "
                        f"({span} unsigned){hint}"), False
-        signed = [s for s, _, _ in sigs]
-        problem = self._signature_problem(signed, by_seq.get, hashes.get, head_seq, pins, own_b64, full)
+        problem = self._signature_problem(lambda: [s for s, _, _ in sigs], by_seq.get, hashes.get, head_seq, pins, own_b64, full)
         if truncated:
             return ((problem[0], f"{problem[1]}; {truncated[1]}") if problem else truncated), False
         newest = pins.newest()
@@ -1221,10 +1224,13 @@ def _walk(rows: list[tuple], first_seq: int, prev_hash: str | None) -> _Walk:
             return out
         expected += 1
         fast = None
-        if isinstance(data_text, str):
-            fast = sha256((f'{{"actor":{_q(actor)},"data":{data_text},"env":{_q(env)},"kind":{_q(kind)},'
-                           f'"prev_hash":{_qt(prev)},"seq":{seq},"subject":{_q(subject)},"ts":{_qt(ts)}}}'
-                           ).encode()).hexdigest()
+        try:
+            if isinstance(data_text, str):
+                fast = sha256((f'{{"actor":{_q(actor)},"data":{data_text},"env":{_q(env)},"kind":{_q(kind)},'
+                               f'"prev_hash":{_qt(prev)},"seq":{seq},"subject":{_q(subject)},"ts":{_qt(ts)}}}'
+                               ).encode()).hexdigest()
+        except (TypeError, ValueError, UnicodeError):  # a value JSON cannot hold (a planted BLOB): the long way
+            fast = None
         if fast != hash_:
             try:
                 data = json.loads(data_text)

@@ -204,11 +204,13 @@ class Witness:
                         "platform_key": self.platform_key_b64}
             if op == "head":
                 nonce = req.get("nonce")
-                if not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
-                    return {"ok": False, "error": "head needs a 'nonce' string of 8..128 characters"}
+                if nonce is not None and (not isinstance(nonce, str) or not 8 <= len(nonce) <= 128):
+                    return {"ok": False, "error": "head's 'nonce' must be a string of 8..128 characters"}
                 seq, hash_ = self._last()
-                return {"ok": True, "seq": seq, "hash": hash_, "sig": self.sign(witness_message(seq, hash_)),
-                        "nonce_sig": self.sign(head_message(nonce, seq, hash_))}
+                answer = {"ok": True, "seq": seq, "hash": hash_, "sig": self.sign(witness_message(seq, hash_))}
+                if nonce is not None:
+                    answer["nonce_sig"] = self.sign(head_message(nonce, seq, hash_))
+                return answer
             if op == "hash_at":
                 seq = req.get("seq")
                 if not isinstance(seq, int) or isinstance(seq, bool):

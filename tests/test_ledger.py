@@ -247,6 +247,11 @@ def test_edited_and_rehashed_last_entry_breaks_its_signature(filled: Ledger) -> 
     assert_bad(filled, N, f"entry #{N}: its signature does not verify", "rewritten and re-hashed")
 
 
+def test_a_planted_value_json_cannot_hold_is_named_not_a_crash(filled: Ledger) -> None:
+    tamper(filled, "UPDATE ledger_entries SET actor = X'00ff' WHERE seq = 6")
+    assert_bad(filled, 6, "entry #6 was altered")
+
+
 def test_deleted_middle_entry_is_a_seq_gap(filled: Ledger) -> None:
     tamper(filled, "DELETE FROM ledger_entries WHERE seq = 5")
     assert_bad(filled, 5, "entry #5 is missing")

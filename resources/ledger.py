@@ -75,6 +75,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 import dagster as dg
@@ -956,10 +957,14 @@ class Ledger:
                 except LedgerTampered as err:
                     return Verification(False, len(self._select()), err.first_bad_seq, err.reason,
                                         findings=(err.reason,))
-            rows, sigs, receipt, witness = self._snapshot()
+            with self._snapshot() as (conn, rows, receipt, witness):
+                return self._verify_snapshot(conn, rows, receipt, witness, full)
         except sqlite3.DatabaseError as err:
             reason = f"ledger database {self.db_path} is unreadable: {err}"
             return Verification(False, 0, None, reason, findings=(reason,))
+
+    def _verify_snapshot(self, conn: sqlite3.Connection | None, rows: list[tuple], receipt: int,
+                         witness: tuple[int, str] | WitnessError | None, full: bool) -> Verification:
 
         n = len(rows)
         head_seq = rows[-1][0] if rows else None
@@ -984,7 +989,7 @@ class Ledger:
                                    f"pinned in policy #{newest[0]} ({str(newest[1])[:16]}...): it was replaced"))
 
         sig_problem, signed_by_pin = (None, False) if key_unknown else self._verify_signatures(
-            rows, sigs, hashes, pins, own_b64, full)
+            rows, conn, hashes, pins, own_b64, full)
         if sig_problem:
             problems.append(sig_problem)
 
@@ -1031,9 +1036,12 @@ class Ledger:
                     return False
                 raise
 
-    def _snapshot(self) -> tuple[list[tuple], list[tuple], int, tuple[int, str] | WitnessError | None]:
-        """Every row, every head signature, the newest witness receipt's seq and the witness's signed
-        head, as of one moment.
+    @contextmanager
+    def _snapshot(self) -> Iterator[tuple[sqlite3.Connection | None, list[tuple], int,
+                                          tuple[int, str] | WitnessError | None]]:
+        """The read transaction (None for a ledger never written), every row, the newest witness
+        receipt's seq and the witness's signed head, as of one moment; head signatures are read
+        from the same transaction, as needed (one for the head, a few for a binary search).
 
         The witness is asked under the shared lock, right after the read transaction took its
         snapshot: no append is between its commit and its submission, so the witness's head and the
@@ -1055,16 +1063,16 @@ class Ledger:
                 if self.witness_socket is not None:
                     witness = self._ask_witness_head(conn)
             if conn is None:
-                return [], [], 0, witness
+                yield None, [], 0, witness
+                return
             rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY seq").fetchall()
-            sigs, receipt = [], 0
+            receipt = 0
             try:
-                sigs = conn.execute(f"SELECT seq, key, sig FROM {SIGS} ORDER BY seq").fetchall()
                 receipt = conn.execute("SELECT MAX(seq) FROM witness_receipts").fetchone()[0] or 0
             except sqlite3.OperationalError as err:  # a ledger from before head signatures
                 if "no such table" not in str(err):
                     raise
-            return rows, sigs, receipt, witness
+            yield conn, rows, receipt, witness
         finally:
             if conn is not None and conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -1085,31 +1093,53 @@ class Ledger:
         except WitnessError as err:
             return err
 
-    def _verify_signatures(self, rows: list[tuple], sigs: list[tuple], hashes: dict[int, str], pins: _Pins,
-                           own_b64: str | None, full: bool) -> tuple[tuple[int, str] | None, bool]:
+    def _verify_signatures(self, rows: list[tuple], conn: sqlite3.Connection | None, hashes: dict[int, str],
+                           pins: _Pins, own_b64: str | None, full: bool) -> tuple[tuple[int, str] | None, bool]:
+        def q(sql: str, *params: Any) -> list[tuple]:
+            if conn is None:
+                return []
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as err:  # a ledger from before head signatures
+                if "no such table" not in str(err):
+                    raise
+                return []
+
+        last_signed = (q(f"SELECT MAX(seq) FROM {SIGS}") or [(None,)])[0][0]
         if not rows:
-            if sigs:
-                return (1, f"truncated: the ledger is empty but heads up to #{sigs[-1][0]} were signed"), False
+            if last_signed:
+                return (1, f"truncated: the ledger is empty but heads up to #{last_signed} were signed"), False
             return None, False
         head_seq = rows[-1][0]
         truncated = None
-        if sigs and sigs[-1][0] > head_seq:
-            truncated = (head_seq + 1, f"truncated: entries #{head_seq + 1}..#{sigs[-1][0]} are missing (the "
-                                       f"ledger ends at #{head_seq} but heads up to #{sigs[-1][0]} were signed)")
-            sigs = [s for s in sigs if s[0] <= head_seq]
-        by_seq = {s: (k, g) for s, k, g in sigs}
-        if head_seq not in by_seq and not truncated:
-            k = (sigs[-1][0] if sigs else 0) + 1
+        if last_signed and last_signed > head_seq:
+            truncated = (head_seq + 1, f"truncated: entries #{head_seq + 1}..#{last_signed} are missing (the "
+                                       f"ledger ends at #{head_seq} but heads up to #{last_signed} were signed)")
+        if full:
+            everything = {s: (k, g) for s, k, g in q(f"SELECT seq, key, sig FROM {SIGS} WHERE seq <= ?", head_seq)}
+            sig_of: Callable[[int], tuple[str, str] | None] = everything.get
+        else:
+            def sig_of(seq: int) -> tuple[str, str] | None:
+                found = q(f"SELECT key, sig FROM {SIGS} WHERE seq = ?", seq)
+                return found[0] if found else None
+        head_sig = sig_of(head_seq)
+        if head_sig is None and not truncated:
+            below = (q(f"SELECT MAX(seq) FROM {SIGS} WHERE seq < ?", head_seq) or [(None,)])[0][0]
+            k = (below or 0) + 1
             span = f"entry #{k} is" if k == head_seq else f"entries #{k}..#{head_seq} are"
             hint = (f" (a ledger from before head signatures: its anchor {self.legacy_anchor_path} is gone)"
-                    if not sigs else "")
+                    if not last_signed else "")
             return (k, f"entry #{k} carries no platform signature: it was written outside onepath "
                        f"({span} unsigned){hint}"), False
-        problem = self._signature_problem(lambda: [s for s, _, _ in sigs], by_seq.get, hashes.get, head_seq, pins, own_b64, full)
+
+        def signed_seqs() -> list[int]:
+            return [r[0] for r in q(f"SELECT seq FROM {SIGS} WHERE seq <= ? ORDER BY seq", head_seq)]
+
+        problem = self._signature_problem(signed_seqs, sig_of, hashes.get, head_seq, pins, own_b64, full)
         if truncated:
             return ((problem[0], f"{problem[1]}; {truncated[1]}") if problem else truncated), False
         newest = pins.newest()
-        signed_by_pin = problem is None and newest is not None and by_seq[head_seq][0] == newest[1]
+        signed_by_pin = problem is None and newest is not None and head_sig is not None and head_sig[0] == newest[1]
         return problem, signed_by_pin
 
     def _verify_witness(self, rows: list[tuple], hashes: dict[int, str], receipt: int,
@@ -1186,33 +1216,18 @@ class _Walk:
     problem: tuple[int, str] | None = None
 
 
-_QUOTE: dict[Any, str] = {}
-
-
-def _q(value: Any) -> str:
-    """``json.dumps`` of a string (or None), memoised: kind, subject, env and actor repeat."""
-    out = _QUOTE.get(value)
-    if out is None:
-        out = json.dumps(value)
-        if len(_QUOTE) < 4096:
-            _QUOTE[value] = out
-    return out
-
-
-def _qt(text: Any) -> str:
-    """``json.dumps`` of a string that is unique per entry (a timestamp, a hash), fast for plain ASCII."""
-    if isinstance(text, str) and text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-        return f'"{text}"'
-    return json.dumps(text)
-
-
 def _walk(rows: list[tuple], first_seq: int, prev_hash: str | None) -> _Walk:
     """Check seq continuity, every entry's hash and every link; remember the first problem.
 
-    ``prev_hash=None`` trusts the first row's own link."""
+    ``prev_hash=None`` trusts the first row's own link. The fast way builds each canonical payload
+    around the stored data text (written canonical by ``append``), each other field encoded exactly as
+    ``json.dumps`` does; only when that does not give the stored hash is the row hashed the long way
+    (``entry_hash`` over the parsed data), so what passes is the documented hash either way."""
     out = _Walk()
     expected = first_seq
     sha256 = hashlib.sha256
+    esc = encode_basestring_ascii  # json.dumps' own (C) string encoder, ensure_ascii=True
+    memo: dict[Any, str] = {None: "null"}
     for seq, ts, kind, subject, env, actor, data_text, prev, hash_ in rows:
         if seq != expected:
             if isinstance(seq, int) and seq > expected:
@@ -1223,12 +1238,20 @@ def _walk(rows: list[tuple], first_seq: int, prev_hash: str | None) -> _Walk:
                 out.problem = (expected, f"unexpected entry #{seq} (expected #{expected})")
             return out
         expected += 1
-        fast = None
         try:
-            if isinstance(data_text, str):
-                fast = sha256((f'{{"actor":{_q(actor)},"data":{data_text},"env":{_q(env)},"kind":{_q(kind)},'
-                               f'"prev_hash":{_qt(prev)},"seq":{seq},"subject":{_q(subject)},"ts":{_qt(ts)}}}'
-                               ).encode()).hexdigest()
+            a, k, s, e = memo.get(actor), memo.get(kind), memo.get(subject), memo.get(env)
+            if a is None:
+                a = memo[actor] = esc(actor)
+            if k is None:
+                k = memo[kind] = esc(kind)
+            if s is None:
+                s = memo[subject] = esc(subject)
+            if e is None:
+                e = memo[env] = esc(env)
+            if len(memo) > 4096:
+                memo = {None: "null"}
+            fast = sha256((f'{{"actor":{a},"data":{data_text},"env":{e},"kind":{k},"prev_hash":{esc(prev)},'
+                           f'"seq":{seq},"subject":{s},"ts":{esc(ts)}}}').encode()).hexdigest()
         except (TypeError, ValueError, UnicodeError):  # a value JSON cannot hold (a planted BLOB): the long way
             fast = None
         if fast != hash_:

@@ -977,7 +977,7 @@ class Ledger:
         if walk.problem:
             problems.append(walk.problem)
 
-        pins = _Pins((r[0], r[6]) for r in rows if r[2] == POLICY_KIND)
+        pins = self._pins(conn) if conn is not None else _Pins(())
         newest = pins.newest()
         pub, key_err = self._public_key()
         own_b64 = _raw_b64(pub) if pub is not None else None
@@ -993,7 +993,7 @@ class Ledger:
         if sig_problem:
             problems.append(sig_problem)
 
-        witness_problem, witness_seq, unwitnessed = self._verify_witness(rows, hashes, receipt, witness,
+        witness_problem, witness_seq, unwitnessed = self._verify_witness(conn, rows, hashes, receipt, witness,
                                                                          newest, notes)
         if witness_problem:
             problems.append(witness_problem)
@@ -1142,16 +1142,16 @@ class Ledger:
         signed_by_pin = problem is None and newest is not None and head_sig is not None and head_sig[0] == newest[1]
         return problem, signed_by_pin
 
-    def _verify_witness(self, rows: list[tuple], hashes: dict[int, str], receipt: int,
+    def _verify_witness(self, conn: sqlite3.Connection | None, rows: list[tuple], hashes: dict[int, str], receipt: int,
                         witness: tuple[int, str] | WitnessError | None, newest: tuple[int, Any, Any] | None,
                         notes: list[str]) -> tuple[tuple[int | None, str] | None, int | None, int]:
         """(problem, witness seq, unwitnessed count); notes get the un-witnessed tail."""
         n = rows[-1][0] if rows else 0
         pinned_wkey = newest[2] if newest and isinstance(newest[2], str) else None
-        ts_of = {r[0]: r[1] for r in rows[-1000:]} if rows else {}
 
         def since(k: int) -> str:
-            return ts_of.get(k + 1) or next((r[1] for r in rows if r[0] == k + 1), "?")
+            found = conn.execute(f"SELECT ts FROM {TABLE} WHERE seq = ?", (k + 1,)).fetchone() if conn else None
+            return str(found[0]) if found else "?"
 
         def tail_note(k: int, why: str) -> int:
             u = n - k

@@ -40,8 +40,8 @@ head and, when the chains differ, binary-searches the witness's ``hash_at`` for 
 differs. A witness pinned in the policy but unreachable makes ``verify`` fail closed.
 
 A ``ledger.db`` from before head signatures (an anchor file ``keys/ledger.anchor.json``) is migrated
-on its first append or verify, under the exclusive lock: when the old anchor verifies under the platform key and names the current
-head, its signature becomes the head's signature (it signs the same message), and the anchor file
+on its first append or verify, under the exclusive lock: when the old anchor verifies under the
+platform key and names the current head, its signature becomes the head's signature (it signs the same message), and the anchor file
 is removed.
 
 Promotion leases live in the same database (table ``promotion_leases``): one row per endpoint or
@@ -390,7 +390,7 @@ class Ledger:
             conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            # An entry the anchor was signed over must survive a power cut, or the anchor would
+            # An entry the witness countersigned must survive a power cut, or the witness would
             # be "ahead" of the database afterwards: commit durably.
             conn.execute("PRAGMA synchronous=FULL")
             ready = False

@@ -328,6 +328,16 @@ def test_a_keyless_insert_is_tampering_and_the_next_append_refuses_it(filled: Le
         filled.append("deploy", "credit_scoring", {}, actor="ci")
 
 
+def test_full_verify_checks_every_signature(filled: Ledger) -> None:
+    """A forged signature below an intact head: the chain vouches for the entry (the head's signature
+    covers it through the links), so the quick check passes; the audit (full=True) names it."""
+    key, sig = next((k, g) for s, k, g in sigs_of(filled) if s == 4)
+    tamper(filled, ("UPDATE head_signatures SET sig = ? WHERE seq = 4", (sig[:-4] + ("AAA=" if sig[-4:] != "AAA=" else "BBB="),)))
+    assert filled.verify().ok
+    v = filled.verify(full=True)
+    assert (v.ok, v.first_bad_seq) == (False, 4) and "entry #4: its signature does not verify" in v.reason, v
+
+
 def test_replaced_public_key_is_caught(filled: Ledger) -> None:
     mallory = Ed25519PrivateKey.generate()
     filled.pub_path.write_bytes(mallory.public_key().public_bytes(

@@ -27,7 +27,7 @@ def _witness_line(ledger, v) -> str:
     if ledger.witness_socket is None:
         return "witness: none configured (ONEPATH_WITNESS_SOCKET)"
     if v.witness_seq is None:
-        return f"witness at {ledger.witness_socket}: not asked or unreachable"
+        return f"witness at {ledger.witness_socket}: unreachable"
     return (f"witness at {ledger.witness_socket}: countersigned up to #{v.witness_seq}"
             + (f", {v.unwitnessed} not yet" if v.unwitnessed else ""))
 

@@ -1157,7 +1157,7 @@ class Ledger:
             u = n - k
             if u > 0:
                 notes.append(f"{u} entr{'y' if u == 1 else 'ies'} after #{k} {'is' if u == 1 else 'are'} not "
-                             f"yet countersigned by the witness: {why} since {since(k)}")
+                             f"yet countersigned by the witness: {why.format(since=since(k))}")
             return max(u, 0)
 
         if self.witness_socket is None:
@@ -1169,14 +1169,14 @@ class Ledger:
             if pinned_wkey:
                 return (None, f"{witness}: the witness pinned in policy #{newest[0]} does not answer, so the "
                               f"ledger cannot be vouched for"), None, n - min(receipt, n)
-            return None, None, tail_note(min(receipt, n), f"the witness at {self.witness_socket} is unreachable "
-                                                          f"({witness}); not submitted")
+            err = str(witness).replace("{", "{{").replace("}", "}}")
+            return None, None, tail_note(min(receipt, n), "unreachable since {since} (" + err + ")")
         assert witness is not None
         wseq, whash = witness
         if wseq == 0:
-            return None, 0, tail_note(0, "the witness's log is empty; not submitted")
+            return None, 0, tail_note(0, "its log is empty; the next append submits them")
         if wseq <= n and hashes.get(wseq) == whash:
-            return None, wseq, tail_note(wseq, "the witness was unreachable; pending")
+            return None, wseq, tail_note(wseq, "it was unreachable since {since}; the next append submits them")
         # The chains differ somewhere at or before min(wseq, n): find the first seq that differs.
         try:
             with self._witness_client(pinned_wkey) as w:

@@ -89,6 +89,8 @@ KINDS: tuple[str, ...] = (
     "serving_recovered",
     "supervisor_restarted",
     "outage",
+    "approval_revoked",
+    "approval_lapsed",
 )
 
 GENESIS_HASH = "0" * 64

@@ -121,7 +121,7 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
         return None if v in (None, "") else cast(v)
 
     claims = {k: v for k, v in (claims or {}).items() if v not in (None, "")}
-    if via == "graph":
+    if via == "graph" or registered_by:  # the platform registers it, and vouches for the author it names
         author_verified = bool(author)
     else:  # a client onepath does not trust: its author is whoever signed the registration, or nobody
         author, author_verified = None, False
@@ -176,10 +176,10 @@ def registered_author(entry: Any) -> tuple[str | None, bool]:
     (``team:<owner>``, written and signed by the platform); a handoff names an identity only when its
     registration signature verified (``author_verified``). Never a run tag or ``mlflow.user``."""
     data = entry.data
-    if data.get("via", "graph") == "graph":
+    if "author_verified" in data:
+        return (str(data["author"]), True) if data["author_verified"] and data.get("author") else (None, False)
+    if data.get("via", "graph") == "graph":  # recorded before authors were marked verified: the platform's own
         return data.get("author"), True
-    if data.get("author_verified") and data.get("author"):
-        return str(data["author"]), True
     return None, False
 
 

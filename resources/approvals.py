@@ -196,12 +196,12 @@ def verify(approval: Approval, policy: Policy, *, asset: str, version: str, env:
     if approval_seq is not None and approval_seq < registered.seq:
         raise ApprovalError(f"approval was recorded (ledger #{approval_seq}) before {registered.what} was "
                             f"registered (ledger #{registered.seq}): an approval must follow the registration")
-    if role not in ident.roles:
-        raise ApprovalError(f"{approval.approver} lacks the role '{role}' (has: {', '.join(ident.roles) or 'none'})")
-    if other_team and ident.team == owner_team:
-        raise ApprovalError(f"{approval.approver} is in the owning team '{owner_team}': approval must be independent")
     if author and approval.approver == author:
         raise ApprovalError(f"{approval.approver} authored version {version}: self-approval is not allowed")
+    if other_team and ident.team == owner_team:
+        raise ApprovalError(f"{approval.approver} is in the owning team '{owner_team}': approval must be independent")
+    if role not in ident.roles:
+        raise ApprovalError(f"{approval.approver} lacks the role '{role}' (has: {', '.join(ident.roles) or 'none'})")
     shared = {e.lower() for e in ident.git_emails} & {e.lower() for e in (author_emails or set())}
     if shared:
         raise ApprovalError(f"{approval.approver} authored changes in release {version} ({', '.join(sorted(shared))}): "

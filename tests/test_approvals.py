@@ -337,11 +337,14 @@ def test_a_serving_version_whose_approval_expired_fails_approval_in_force(book, 
 
 
 @pytest.fixture
-def cli(settings, capsys):
+def cli(settings, capsys, monkeypatch, tmp_path):
+    """``onepath`` in this process, on a home of its own (its ledger is the one the commands write)."""
     from platform_defs.cli import main
+    from platform_defs.settings import load_settings
     from platform_defs.wiring import build_resources
 
-    book = build_resources(settings)["ledger"].ledger()
+    monkeypatch.setenv("ONEPATH_HOME", str(tmp_path / "home"))
+    book = build_resources(load_settings().ensure_dirs())["ledger"].ledger()
 
     def run(*argv: str) -> tuple[int, str]:
         code = main(list(argv))

@@ -178,8 +178,11 @@ def registered_author(entry: Any) -> tuple[str | None, bool]:
     data = entry.data
     if "author_verified" in data:
         return (str(data["author"]), True) if data["author_verified"] and data.get("author") else (None, False)
-    if data.get("via", "graph") == "graph":  # recorded before authors were marked verified: the platform's own
-        return data.get("author"), True
+    if data.get("via", "graph") == "graph":
+        # recorded before authors were authenticated: the platform's own registration, but its author field
+        # may hold a dagster/user run tag; only a team name is kept (the owning team is refused anyway)
+        author = data.get("author")
+        return (author if isinstance(author, str) and author.startswith("team:") else None), True
     return None, False
 
 

@@ -32,8 +32,8 @@ TAG = "onepath."
 LINEAGE_TAGS = ("dataset_key", "data_hash", "code_hash")
 # facts fixed in the version's model_registered ledger entry that an MLflow tag may repeat: a tag that
 # differs from its entry was changed after registration
-# (not the author: an ``onepath.author`` tag is a client's claim; the author is the registration's signer)
-REGISTERED_TAGS = ("dataset_key", "data_hash", "code_hash", "code_path", "split_seed", "test_size", "training_rows")
+REGISTERED_TAGS = ("dataset_key", "data_hash", "code_hash", "code_path", "author", "split_seed", "test_size",
+                   "training_rows")
 DESCRIPTIONS = {
     "data_quality": "The version's training snapshot passes its dataset's declared expectations (re-run).",
     "performance": "Held-out metrics meet the declared minimums.",
@@ -258,6 +258,8 @@ class ModelGate:
                                              f"{', '.join(TAG + m for m in missing)}: {HOW_TO_LOG_LINEAGE}")
         problems = []
         for name in REGISTERED_TAGS:  # MLflow tags are client-writable: any change since registration fails
+            if name == "author" and facts.get("via") != "graph":
+                continue  # from outside onepath the tag is the client's claim; the author is the registration's signer
             tag, recorded = v.tags.get(TAG + name), facts.get(name)
             if recorded is None and tag is None:
                 continue

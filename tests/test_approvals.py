@@ -397,3 +397,19 @@ def test_revoke_refuses_someone_without_the_right_and_records_the_approver(cli):
     code, out = run("revoke", MODEL, "--version", "7199", "--env", "prod", "--reason", "x", "--as", "mira",
                     "--key", str(KEYS / "mira.key"))
     assert code == 1 and "no approval of credit_risk version 7199 in prod" in out
+
+
+def test_approve_refuses_a_notebook_version_nobody_signed(cli):
+    """Its client said onepath.author=mira and mlflow.user=carla: claims. With no registration signature the
+    author is unknown, so independence cannot be checked and no approval is recorded."""
+    book, run = cli
+    book.append("model_registered", MODEL, {"model": MODEL, "version": "7104", "run_id": "run-7104",
+                                            "digest": DIGEST, "via": "handoff", "author": None,
+                                            "author_verified": False,
+                                            "claims": {"onepath.author": "mira", "mlflow.user": "carla"}},
+                "sensor:registry_handoff")
+    code, out = run("approve", MODEL, "--version", "7104", "--env", "prod", "--reason", "ok", "--as", "pat",
+                    "--key", str(KEYS / "pat.key"))
+    assert code == 1 and "registered from outside onepath without a registration signature" in out
+    assert "onepath sign-version credit_risk --version 7104" in out
+    assert not book.entries(kind="approval", subject=MODEL)

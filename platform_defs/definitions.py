@@ -19,6 +19,7 @@ from platform_defs.specs import Organisation
 from platform_defs.wiring import build_resources
 from sensors.alias_drift import build_alias_checks, build_alias_drift_sensor
 from platform_defs.drift_check import build_drift_checks
+from sensors.approval_in_force import build_approval_in_force_checks
 from sensors.approval_promotion import build_approval_promotion_sensor
 from sensors.drift_sensor import build_drift_sensor
 from sensors.endpoint_status import build_endpoint_status_sensor
@@ -37,13 +38,13 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
         assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy),
                 build_inventory_asset(org, policy)],
         asset_checks=[*build_alias_checks(org), *build_drift_checks(org, policy), *build_serving_health_checks(org),
-                      *build_continuity_checks(org)],
+                      *build_continuity_checks(org), *build_approval_in_force_checks(org, policy)],
         schedules=[build_platform_metrics_schedule(), build_inventory_schedule()],
         jobs=[build_rollback_job(org, policy)],
         resources=build_resources(settings),
         sensors=[
             build_endpoint_status_sensor(org), build_alias_drift_sensor(org), build_drift_sensor(org, policy),
-            build_approval_promotion_sensor(org), build_handoff_sensor(org), build_supervisor_events_sensor(org, policy),
+            build_approval_promotion_sensor(org, policy), build_handoff_sensor(org, policy), build_supervisor_events_sensor(org, policy),
             # assets drive assets: a new model version goes to staging, and on through the environments
             # the policy lets automation promote (never an app release: those have no condition)
             dg.AutomationConditionSensorDefinition(

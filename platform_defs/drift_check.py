@@ -174,11 +174,14 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
         "evaluation_seconds": seconds,
     }
     if result.dataset_drift:
+        from platform_defs.promotion import client_claims
+
         entry = ledger.append("drift_detected", m.endpoint.name, {
             "model": m.model.name, "version": version, "drifted_share": result.drifted_share,
             "drifted_columns": result.drifted_columns, "window_rows": window.rows,
             "report": str(result.report_html or report),
-            "methods": {k: [mt, th] for k, (mt, th) in result.method_by_type.items()}, "trigger": trigger,
+            "methods": {k: [mt, th] for k, (mt, th) in result.method_by_type.items()},
+            "claims": client_claims(trigger),  # what the run's tags say started it: a claim, not a fact
         }, actor, env=m.env)
         metadata["ledger_entry"] = entry.seq
     return dg.AssetCheckResult(check_name=CHECK_NAME, passed=not result.dataset_drift,

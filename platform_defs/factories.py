@@ -69,7 +69,10 @@ def latest_metadata(context: Any, key: dg.AssetKey, what: str) -> dict[str, Any]
 
 
 def run_trigger(context: Any) -> str:
-    """What started this run, for the ledger: a onepath sensor's reason, declarative automation, or a person."""
+    """What started this run, as its tags say: a onepath sensor's reason, declarative automation, or a person.
+
+    Run tags are set by whoever launches the run, so this is a claim: the promotion flow records it under
+    ``claims`` (``promotion.client_claims``), never as a fact; the fact is the entry's actor."""
     tags = context.run.tags
     if tags.get("onepath/trigger"):
         extra = tags.get("onepath/drift_entry") or tags.get("onepath/approval_entry")
@@ -300,7 +303,11 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
             f"{TAG_PREFIX}split_seed": str(spec.seed),
             f"{TAG_PREFIX}test_size": str(spec.test_size),
         }
-        tags[f"{TAG_PREFIX}author"] = context.run.tags.get("dagster/user", f"team:{spec.owner}")
+        # the author is the platform's run on behalf of the owner team, never a run tag: dagster/user is set by
+        # whoever launches the run (Dagster OSS never sets it), so it is recorded as a claim, and never used
+        author = f"team:{spec.owner}"
+        tags[f"{TAG_PREFIX}author"] = author
+        claimed_user = context.run.tags.get("dagster/user")
         # the reference sample drift monitoring compares production inputs with: real training rows
         # (features and protected attributes, never PII), as many as the track's policy asks for
         reference_rows = policy.track(spec.track).reference_rows
@@ -321,8 +328,10 @@ def build_model_defs(spec: ModelSpec, org: Organisation, policy: Policy) -> list
         reg = record_registration(
             ledger.ledger(), mlflow, model=spec.name, version=registered.version, run_id=registered.run_id,
             data_hash=data_hash, code_hash=c_hash, code_path=c_path, dataset_key=tags[f"{TAG_PREFIX}dataset_key"],
-            author=tags[f"{TAG_PREFIX}author"], split_seed=spec.seed, test_size=spec.test_size,
-            training_rows=len(X_train), metrics=metrics, actor=f"dagster:{context.run.run_id}")
+            author=author, split_seed=spec.seed, test_size=spec.test_size,
+            training_rows=len(X_train), metrics=metrics, actor=f"dagster:{context.run.run_id}",
+            registered_by={"principal": "onepath", "run": context.run.run_id, "owner": spec.owner},
+            claims={"dagster/user": claimed_user} if claimed_user else None)
         verdicts = metric_verdicts(metrics, spec.metrics)
         passed = all(ok for *_, ok in verdicts)
         check = dg.AssetCheckResult(

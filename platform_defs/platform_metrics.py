@@ -8,7 +8,8 @@ measure, or a population of zero); ``undefined`` says why. Nothing is estimated 
 Entries read (kind: subject / data the metrics use):
 
 - ``deploy`` (subject = endpoint or app, env): ``version``, ``model`` (model endpoints), ``owner``,
-  ``checks`` (the checks the gate evaluated), ``initiated_by`` (optional: the person who started the run),
+  ``checks`` (the checks the gate evaluated), ``claims.initiated_by`` (optional: the person the run's tags
+  claim started it; unauthenticated),
   ``via`` (``"rollback"`` on the deploy a rollback records after its ``rollback`` entry). Where the
   definitions say *prod deploys* they mean deploys of a change: entries with ``via: rollback``
   re-serve an old version and are left out of every count except where a deploy ends another
@@ -85,8 +86,9 @@ DEFINITIONS: dict[str, str] = {
         "Mean over models that have ever served in prod of (distinct versions with a prod 'deploy' in the "
         "window) / days observed x 30. Per model in model_update_frequency_by_model.",
     "self_service_share":
-        "Share of prod deploys in the window not performed by the platform team. The person is "
-        "data.initiated_by when the deploy records one, else the entry's actor; runs record actor "
+        "Share of prod deploys in the window not performed by the platform team. The person is the "
+        "initiator the run's tags claimed (data.claims.initiated_by: a claim, unauthenticated, counted in "
+        "deploys_with_claimed_initiator) when the deploy records one, else the entry's actor; runs record actor "
         "'dagster:<run id>', so an automated deploy with no recorded initiator counts as self-service "
         "(no platform engineer stepped in). Undefined when the platform team has no members listed.",
     "governance_compliance_rate":
@@ -185,8 +187,15 @@ class _E:
         return self.e.data or {}
 
 
+def _claimed_initiator(e: Entry) -> str | None:
+    """The initiator the run's tags claimed (``claims.initiated_by``; older entries: ``initiated_by``):
+    unauthenticated, so the metrics built on it say they count claims."""
+    data = e.data or {}
+    return (data.get("claims") or {}).get("initiated_by") or data.get("initiated_by")
+
+
 def _person(e: Entry) -> str:
-    return str((e.data or {}).get("initiated_by") or e.actor)
+    return str(_claimed_initiator(e) or e.actor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,9 +408,10 @@ def compute_platform_metrics(
     by_platform = sum(1 for x in prod_deploys if _person(x.e) in platform)
     by_owner = sum(1 for x in prod_deploys
                    if _person(x.e) in team_members.get(str(x.data.get("owner")), set()))
-    automated = sum(1 for x in prod_deploys if not x.data.get("initiated_by") and x.e.actor.startswith("dagster:"))
+    automated = sum(1 for x in prod_deploys if not _claimed_initiator(x.e) and x.e.actor.startswith("dagster:"))
+    claimed = sum(1 for x in prod_deploys if _claimed_initiator(x.e))
     counts.update(deploys_by_platform_team=by_platform, deploys_by_owning_team=by_owner,
-                  deploys_automated_no_initiator=automated)
+                  deploys_automated_no_initiator=automated, deploys_with_claimed_initiator=claimed)
     if not platform:
         self_service = None
         undefined["self_service_share"] = "the platform team has no members listed"

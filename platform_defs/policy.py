@@ -104,6 +104,8 @@ class TrackPolicy(_P):
     pii_allowed: bool = Field(True, description="Whether a dataset with declared PII may feed this track.")
     approval_envs: list[str] = Field(default_factory=lambda: ["prod"], description="Environments needing approval.")
     approver_role: Role = "model_approver"
+    approval_valid_days: float | None = Field(
+        None, gt=0, description="An approval older than this many days no longer counts (None: never expires).")
     security_fail_on: Literal["low", "medium", "high"] = "high"
     auto_promote: bool = Field(False, description="Whether automation may promote past staging.")
     drift: DriftPolicy = Field(default_factory=DriftPolicy)

@@ -260,25 +260,36 @@ def promotion_lock(book: Ledger, subject: str, env: str, holder: str,
 # Gate records
 
 
+CLAIMS_FROM = "dagster run tags (unauthenticated)"
+
+
+def client_claims(trigger: str | None, initiated_by: str | None = None, source: str = CLAIMS_FROM) -> dict[str, Any]:
+    """What the launcher of a run said about it (what started it, who), recorded as claims: run tags are
+    set by whoever launches the run, so the ledger's fact is the entry's ``actor`` (``dagster:<run id>``)."""
+    return {"trigger": trigger, **({"initiated_by": initiated_by} if initiated_by else {}), "from": source}
+
+
 def record_gate(book: Ledger, verdicts: list, *, subject: str, env: str, actor: str, version: str,
-                who: dict[str, str], still_serving: str | None, policy: Policy, trigger: str) -> str | None:
+                who: dict[str, str], still_serving: str | None, policy: Policy, trigger: str | None = None,
+                claims: dict[str, Any] | None = None) -> str | None:
     """Record the gate's verdicts (with the hash of the policy they were judged under); return the
     refusal message when any failed, else None. A version held back only by a missing approval is
     recorded as ``awaiting_approval`` (naming who may approve and the command), not as a refusal."""
     failed = [v for v in verdicts if not v.passed]
+    claims = claims or client_claims(trigger)
     book.append("gate_verdict", subject, {
-        **who, "version": version, "passed": not failed, "trigger": trigger, "policy_hash": policy_hash(policy),
+        **who, "version": version, "passed": not failed, "claims": claims, "policy_hash": policy_hash(policy),
         "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
     if not failed:
         return None
     if [v.check for v in failed] == ["approval"]:
         book.append("awaiting_approval", subject, {
-            **who, "version": version, "still_serving": still_serving, "trigger": trigger,
+            **who, "version": version, "still_serving": still_serving, "claims": claims,
             "approvers": failed[0].metadata.get("approvers"), "command": failed[0].metadata.get("command")},
             actor, env=env)
     else:
         book.append("promotion_refused", subject, {**who, "version": version, "still_serving": still_serving,
-                                                   "failed": [v.check for v in failed], "trigger": trigger},
+                                                   "failed": [v.check for v in failed], "claims": claims},
                     actor, env=env)
     return (f"{subject}.{env}: version {version} refused; "
             + "; ".join(f"{v.check}: {v.summary}" for v in failed)
@@ -394,8 +405,12 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
                      trigger: str, initiated_by: str | None = None,
                      wait_seconds: float = LOCK_WAIT_SECONDS) -> Promotion:
     """Deploy into ``name.env`` what the graph says belongs there: in the first environment the model's
-    newest registered version, in a later one exactly what the environment before it serves."""
+    newest registered version, in a later one exactly what the environment before it serves.
+
+    ``trigger`` and ``initiated_by`` come from the run's tags: they are recorded under ``claims``, never
+    as facts (the fact is ``actor``)."""
     t0 = time.perf_counter()
+    claims = client_claims(trigger, initiated_by)
     spec, model, dataset = resolve_endpoint(org, name, env)
     i = spec.environments.index(env)
     upstream_env = spec.environments[i - 1] if i else None
@@ -425,7 +440,7 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
             if same:
                 book.append("promotion_skipped", spec.name, {
                     "model": model.name, "version": version, "still_serving": previous,
-                    "reason": same, "trigger": trigger}, actor, env=env)
+                    "reason": same, "claims": claims}, actor, env=env)
                 raise PromotionError(f"{spec.name}.{env}: version {version} not promoted: {same}. "
                                      f"Version {previous} keeps serving.",
                                      metadata={"skipped_version": version, "still_serving": previous})
@@ -433,7 +448,7 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
                      f"{previous or 'nothing'}) at {deployer.address(target)}")
         verdicts = _model_gate(spec, model, dataset, org, policy, services).evaluate(version, env)
         refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
-                              who={"model": model.name}, still_serving=previous, policy=policy, trigger=trigger)
+                              who={"model": model.name}, still_serving=previous, policy=policy, claims=claims)
         if refusal:
             raise PromotionError(refusal, verdicts=verdicts, metadata={
                 "refused_version": version, "still_serving": previous or "nothing",
@@ -452,8 +467,8 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
                 **({"alias_error": alias_error} if alias_error else {}),
                 "model": model.name, "version": version, "digest": digest, "previous_version": previous,
                 "address": status.address, "promoted_from": upstream_env, "track": model.track,
-                "owner": model.owner, "checks": [v.check for v in verdicts], "trigger": trigger,
-                "policy_hash": policy_hash(policy), "initiated_by": initiated_by, "fencing_token": lock.token,
+                "owner": model.owner, "checks": [v.check for v in verdicts], "claims": claims,
+                "policy_hash": policy_hash(policy), "fencing_token": lock.token,
                 "fallback_version": fallback.version if fallback else None,
                 "deploy_seconds": round(time.perf_counter() - deploy_t0, 3)}, actor, env=env, fence=lock.lease)
             record["recorded"] = True
@@ -466,7 +481,7 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
         # has none (its gate asked for a signed first-release record instead), so it does not bake.
         if env in track.bake.environments and previous and previous != version:
             result.bake = _bake_or_roll_back(org, policy, spec, model, env, version, previous, services, lock,
-                                             actor, trigger, verdicts)
+                                             actor, claims, verdicts)
     result.card = _model_card(model, version, verdicts, services)
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
@@ -546,7 +561,7 @@ def _no_better(services: Services, model: str, candidate: str, serving: str, met
 
 def _bake_or_roll_back(org: Organisation, policy: Policy, spec: EndpointSpec, model: ModelSpec, env: str,
                        version: str, previous: str, services: Services, lock: PromotionLock, actor: str,
-                       trigger: str, verdicts: list) -> dict[str, Any]:
+                       claims: dict[str, Any], verdicts: list) -> dict[str, Any]:
     """Watch the freshly switched version for the policy's bake period on its own metrics. If it fails,
     put the previous version back through the way back (ledger: ``bake_failed``, then the rollback's
     entries) and raise."""
@@ -558,7 +573,7 @@ def _bake_or_roll_back(org: Organisation, policy: Policy, spec: EndpointSpec, mo
                  f"(min {bp.min_requests} requests, error rate <= {bp.max_error_rate:.1%}, "
                  f"p99 <= {bp.max_p99_latency_ms:g} ms)")
     verdict = bake(services.deployer, target, version, bp)
-    data = {"model": model.name, "version": version, "previous_version": previous, "trigger": trigger,
+    data = {"model": model.name, "version": version, "previous_version": previous, "claims": claims,
             **{k: v for k, v in verdict.as_dict().items() if k not in ("version",)}}
     if verdict.passed:
         services.ledger.append("bake_passed", spec.name, data, actor, env=env)
@@ -878,7 +893,8 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
                        repo_root=repo_root)
         verdicts = gate.evaluate(version, artifact, env)
         refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
-                              who={"app": spec.name}, still_serving=previous, policy=policy, trigger=trigger)
+                              who={"app": spec.name}, still_serving=previous, policy=policy,
+                              claims=client_claims(trigger))
         if refusal:
             raise PromotionError(refusal, verdicts=verdicts, metadata={"refused_version": version})
         release = Release(version, str(artifact), config={"entrypoint": spec.entrypoint, "calls": env_vars})
@@ -890,7 +906,7 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
             entry = book.append("deploy", spec.name, {
                 "app": spec.name, "version": version, "previous_version": previous, "address": status.address,
                 "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
-                "checks": [v.check for v in verdicts], "trigger": trigger, "calls": env_vars,
+                "checks": [v.check for v in verdicts], "claims": client_claims(trigger), "calls": env_vars,
                 "policy_hash": policy_hash(policy), "fencing_token": lock.token,
                 "fallback_version": fallback.version if fallback else None}, actor, env=env, fence=lock.lease)
             record["recorded"] = True
@@ -925,4 +941,4 @@ def _app_fallback(spec: AppSpec, env: str, version: str, services: Services,
 
 __all__ = ["Promotion", "PromotionError", "RollbackResult", "Services", "app_target", "confirm_supervisor_rollback",
            "confirm_relaunch", "endpoint_release", "endpoint_target", "fallback_release", "governed", "promote_app", "promote_endpoint", "promotion_lock",
-           "record_gate", "resolve_endpoint", "roll_back", "rollback_target", "stop_serving"]
+           "client_claims", "record_gate", "resolve_endpoint", "roll_back", "rollback_target", "stop_serving"]

@@ -93,12 +93,21 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
                         data_hash: str | None, code_hash: str | None, code_path: str | None,
                         dataset_key: str | None, author: str | None, split_seed: int | str | None,
                         test_size: float | str | None, training_rows: int | str | None,
-                        metrics: dict[str, float] | None, via: str = "graph", actor: str = "onepath") -> Any:
+                        metrics: dict[str, float] | None, via: str = "graph", actor: str = "onepath",
+                        registered_by: dict[str, Any] | None = None, claims: dict[str, Any] | None = None,
+                        policy: Any = None, signed_by: str | None = None,
+                        registration_signature: str | None = None) -> Any:
     """Append the ``model_registered`` entry of ``version``: the digest of its model folder as MLflow
     serves it now (a fresh download, not the cache), the lineage facts given, the held-out ``metrics``
     and the sha256 of its logged reference sample. Returns the entry (the existing one if already
     recorded: the first record stands). A version handed off from outside onepath (``via="handoff"``) must
-    pass :func:`refuse_outside_content`, or :class:`NotServable` and nothing is recorded."""
+    pass :func:`refuse_outside_content`, or :class:`NotServable` and nothing is recorded.
+
+    The author recorded is authenticated or absent. The graph passes ``author="team:<owner>"`` and
+    ``registered_by`` (the platform run that trained it: the ledger entry is the platform's, signed with
+    its head). A handoff's author is ``signed_by`` only when ``registration_signature`` verifies with that
+    identity's key in ``policy`` over ``{model, version, run_id, digest}`` (the digest computed here);
+    otherwise ``None``, and what the client said goes to ``claims``, never used."""
     existing = registration(book, model, version)
     if existing is not None:
         return existing
@@ -111,8 +120,30 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
     def _opt(v: Any, cast: Any) -> Any:
         return None if v in (None, "") else cast(v)
 
+    claims = {k: v for k, v in (claims or {}).items() if v not in (None, "")}
+    if via == "graph" or registered_by:  # the platform registers it, and vouches for the author it names
+        author_verified = bool(author)
+    else:  # a client onepath does not trust: its author is whoever signed the registration, or nobody
+        author, author_verified = None, False
+        if signed_by or registration_signature:
+            from resources.approvals import ApprovalError, verify_registration
+
+            claims["onepath.signed_by"] = signed_by
+            try:
+                if policy is None:
+                    raise ApprovalError("no policy to check the registration signature against")
+                verify_registration(policy, signed_by=str(signed_by or ""), signature=str(registration_signature or ""),
+                                    model=model, version=str(version), run_id=run_id, digest=digest)
+                author, author_verified = str(signed_by), True
+            except ApprovalError as err:
+                claims["signature_refused"] = str(err)
+    extra: dict[str, Any] = {"author_verified": author_verified}
+    if registered_by:
+        extra["registered_by"] = registered_by
+    if claims:
+        extra["claims"] = claims
     return book.append(KIND, model, {
-        "model": model, "version": str(version), "run_id": run_id, "digest": digest,
+        "model": model, "version": str(version), "run_id": run_id, "digest": digest, **extra,
         "data_hash": data_hash or None, "code_hash": code_hash or None, "code_path": code_path or None,
         "dataset_key": dataset_key or None, "author": author or None,
         "split_seed": _opt(split_seed, int), "test_size": _opt(test_size, float),
@@ -137,6 +168,30 @@ def explainability_record(book: Any, model: str, version: str) -> Any | None:
     return found[-1] if found else None
 
 
+HOW_TO_SIGN = "README: Registering from a notebook"
+
+
+def registered_author(entry: Any) -> tuple[str | None, bool]:
+    """``(author, known)`` of a ``model_registered`` entry: the graph's own registration names its owner team
+    (``team:<owner>``, written and signed by the platform); a handoff names an identity only when its
+    registration signature verified (``author_verified``). Never a run tag or ``mlflow.user``."""
+    data = entry.data
+    if "author_verified" in data:
+        return (str(data["author"]), True) if data["author_verified"] and data.get("author") else (None, False)
+    if data.get("via", "graph") == "graph":
+        # recorded before authors were authenticated: the platform's own registration, but its author field
+        # may hold a dagster/user run tag; only a team name is kept (the owning team is refused anyway)
+        author = data.get("author")
+        return (author if isinstance(author, str) and author.startswith("team:") else None), True
+    return None, False
+
+
+def unknown_author_text(model: str, version: str) -> str:
+    return (f"version {version} of {model} was registered from outside onepath without a registration signature, "
+            f"so its author is unknown and independence cannot be checked: sign it with onepath sign-version "
+            f"{model} --version {version} --as <you> ({HOW_TO_SIGN})")
+
+
 class NotRegistered(LookupError):
     """A version with no ``model_registered`` entry: nothing vouches for its files."""
 
@@ -151,6 +206,6 @@ def verified_artifact(book: Any, mlflow: Any, model: str, version: str) -> tuple
     return mlflow.fetch_verified(model, str(version), digest), digest
 
 
-__all__ = ["EXPLAINABILITY_KIND", "HOW_TO_REGISTER", "KIND", "NotRegistered", "NotServable", "refuse_outside_content", "explainability_record",
+__all__ = ["EXPLAINABILITY_KIND", "HOW_TO_REGISTER", "HOW_TO_SIGN", "KIND", "registered_author", "unknown_author_text", "NotRegistered", "NotServable", "refuse_outside_content", "explainability_record",
            "record_explainability", "record_registration", "registered_digest", "registration",
            "verified_artifact"]

@@ -117,6 +117,7 @@ KINDS: tuple[str, ...] = (
     "outage",
     "policy_recorded",
     "approval_revoked",
+    "approval_lapsed",
 )
 
 GENESIS_HASH = "0" * 64

@@ -11,6 +11,7 @@ before it serves that version and this one does not yet. The gate still verifies
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import dagster as dg
 
@@ -56,7 +57,9 @@ def tick(org: Organisation, *, book: Ledger, deployer, cursor: dict) -> tuple[li
     return requests, reasons, {"ledger_seq": head.seq}
 
 
-def build_approval_promotion_sensor(org: Organisation) -> dg.SensorDefinition:
+def build_approval_promotion_sensor(org: Organisation, policy: Any = None) -> dg.SensorDefinition:
+    """The sensor; with ``policy`` it also reports ``approval_in_force`` on every change (each tick: an
+    approval expires by the clock) and records each lapse (``sensors.approval_in_force``)."""
     @dg.sensor(
         name=SENSOR_NAME,
         description="When an approval lands in the ledger, promotes exactly that version into that environment "
@@ -68,11 +71,18 @@ def build_approval_promotion_sensor(org: Organisation) -> dg.SensorDefinition:
     def approved_promotions(context: dg.SensorEvaluationContext, ledger: LedgerResource,
                             deployer_local: LocalDeployerResource):
         cursor = json.loads(context.cursor) if context.cursor else {}
-        requests, reasons, new = tick(org, book=ledger.ledger(), deployer=deployer_local.deployer(), cursor=cursor)
-        context.update_cursor(json.dumps(new))
-        if not requests:
+        in_force = dict(cursor.pop("in_force", {}))
+        book = ledger.ledger()
+        requests, reasons, new = tick(org, book=book, deployer=deployer_local.deployer(), cursor=cursor)
+        events = []
+        if policy is not None:
+            from sensors.approval_in_force import evaluate_in_force
+
+            events = evaluate_in_force(org, policy, book, in_force)
+        context.update_cursor(json.dumps({**new, "in_force": in_force}, sort_keys=True))
+        if not requests and not events:
             return dg.SkipReason("; ".join(reasons) or "no new approvals")
-        return dg.SensorResult(run_requests=requests)
+        return dg.SensorResult(run_requests=requests, asset_events=events)
 
     return approved_promotions
 

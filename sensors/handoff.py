@@ -16,6 +16,7 @@ says exactly what to log and how. (Declarative automation would not: the model's
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import dagster as dg
 
@@ -46,8 +47,14 @@ def _vkey(v: str) -> int:
     return int(v) if str(v).isdigit() else 0
 
 
-def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
-         cursor: dict) -> tuple[list, list[dg.RunRequest], list[str], dict]:
+def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger, cursor: dict,
+         policy: Any = None) -> tuple[list, list[dg.RunRequest], list[str], dict]:
+    """One pass over the registry. ``policy`` holds the identities whose registration signatures name a
+    version's author (default: the policy file)."""
+    if policy is None:
+        from platform_defs.policy import load_policy
+
+        policy = load_policy()
     models = [d for d in org.of_kind("model") if isinstance(d, ModelSpec)]
     if not models:
         return [], [], ["no declared models"], cursor
@@ -73,7 +80,10 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
             if run is not None and run.data.tags.get(TAG_PREFIX + "dagster_run_id"):
                 continue  # the graph's own version, whose tags are being set right now: the model asset records it
             missing = [TAG_PREFIX + t for t in LINEAGE if not tags.get(TAG_PREFIX + t)]
-            author = tags.get(TAG_PREFIX + "author") or (run.info.user_id if run is not None else None)
+            # what the client says about authorship is a claim: MLflow's user and tags are set by the client.
+            # The author is the identity whose registration signature verifies (record_registration checks it)
+            claims = {"onepath.author": tags.get(TAG_PREFIX + "author"),
+                      "mlflow.user": run.info.user_id if run is not None else None}
             # the version's digest now, and the facts its tags carry now, fixed in the ledger (once), if
             # its files are ones onepath may load at all
             try:
@@ -81,27 +91,34 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
                     book, mlflow, model=m.name, version=str(mv.version), run_id=mv.run_id,
                     data_hash=tags.get(TAG_PREFIX + "data_hash"), code_hash=tags.get(TAG_PREFIX + "code_hash"),
                     code_path=tags.get(TAG_PREFIX + "code_path"), dataset_key=tags.get(TAG_PREFIX + "dataset_key"),
-                    author=author, split_seed=_int_or_none(tags.get(TAG_PREFIX + "split_seed")),
+                    author=None, split_seed=_int_or_none(tags.get(TAG_PREFIX + "split_seed")),
                     test_size=_float_or_none(tags.get(TAG_PREFIX + "test_size")),
                     training_rows=_int_or_none(tags.get(TAG_PREFIX + "training_rows")), metrics=None,
-                    via="handoff", actor=f"sensor:{SENSOR_NAME}")
+                    via="handoff", actor=f"sensor:{SENSOR_NAME}", claims=claims, policy=policy,
+                    signed_by=tags.get(TAG_PREFIX + "signed_by"),
+                    registration_signature=tags.get(TAG_PREFIX + "registration_signature"))
             except NotServable as err:
                 book.append("handoff", m.name, {
-                    "model": m.name, "version": str(mv.version), "run_id": mv.run_id, "author": author,
-                    "source": mv.source, "refused": str(err)}, f"sensor:{SENSOR_NAME}")
+                    "model": m.name, "version": str(mv.version), "run_id": mv.run_id, "author": None,
+                    "claims": {k: v for k, v in claims.items() if v}, "source": mv.source, "refused": str(err)},
+                    f"sensor:{SENSOR_NAME}")
                 notes.append(f"{m.name} version {mv.version} refused: {err}")
                 continue
+            author = reg.data.get("author") if reg.data.get("author_verified") else None
+            shown = author or ("unknown (claimed: " + (claims["onepath.author"] or claims["mlflow.user"] or "nobody")
+                               + "; not signed)")
             entry = book.append("handoff", m.name, {
                 "model": m.name, "version": str(mv.version), "run_id": mv.run_id, "author": author,
+                "author_verified": bool(author), "claims": {k: v for k, v in claims.items() if v},
                 "source": mv.source, "missing_lineage": missing, "digest": reg.data["digest"],
                 "registration_entry": reg.seq}, f"sensor:{SENSOR_NAME}")
             events.append(dg.AssetMaterialization(
                 asset_key=dg.AssetKey(m.name),
-                description=f"version {mv.version} registered outside onepath (notebook or script) by {author}",
+                description=f"version {mv.version} registered outside onepath (notebook or script); author: {shown}",
                 metadata={
                     "model_version": str(mv.version), "mlflow_run_id": mv.run_id,
                     "mlflow_version": dg.MetadataValue.url(mlflow.version_url(m.name, str(mv.version))),
-                    "registered_by": author, "source": "registered outside onepath",
+                    "registered_by": shown, "source": "registered outside onepath",
                     "missing_lineage": ", ".join(missing) or "none",
                     "next": "staging deploys it through its track's gates",
                     "ledger_entry": entry.seq, "digest": reg.data["digest"],
@@ -115,11 +132,11 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger,
                         run_key=f"handoff:{m.name}:{mv.version}:{ep.name}",
                         asset_selection=[dg.AssetKey(endpoint_asset_name(ep.name, ep.environments[0]))],
                         tags={"onepath/trigger": "handoff", "onepath/handoff_version": str(mv.version),
-                              "onepath/model": m.name, "onepath/registered_by": str(author)}))
+                              "onepath/model": m.name, "onepath/registered_by": str(author or "unknown")}))
     return events, requests, notes, new_cursor
 
 
-def build_handoff_sensor(org: Organisation) -> dg.SensorDefinition:
+def build_handoff_sensor(org: Organisation, policy: Any = None) -> dg.SensorDefinition:
     @dg.sensor(
         name=SENSOR_NAME,
         description="Picks up model versions registered in MLflow outside onepath (notebooks, scripts) and puts "
@@ -130,7 +147,7 @@ def build_handoff_sensor(org: Organisation) -> dg.SensorDefinition:
     )
     def registry_handoff(context: dg.SensorEvaluationContext, mlflow: MlflowRegistry, ledger: LedgerResource):
         cursor = json.loads(context.cursor) if context.cursor else {}
-        events, requests, notes, new = tick(org, mlflow=mlflow, book=ledger.ledger(), cursor=cursor)
+        events, requests, notes, new = tick(org, mlflow=mlflow, book=ledger.ledger(), cursor=cursor, policy=policy)
         context.update_cursor(json.dumps(new, sort_keys=True))
         if not events:
             return dg.SkipReason("no model version registered outside onepath since the last tick")

@@ -58,16 +58,29 @@ def test_a_reviewer_who_authored_a_change_cannot_review(tmp_path, monkeypatch):
     """rob's commit email is among the authors of the app's source: his review is refused."""
     from resources.approvals import ApprovalError, load_private_key, sign, verify
 
+    from datetime import datetime, timedelta, timezone
+
+    from resources.approvals import Registered
+
     policy = load_policy()
     authors = {"rob@lending.example", "someone@lending.example"}
+    # the release as its release_built entry recorded it: the review binds its content hash (run id "")
+    built = Registered("release r-1 of loan_portal", "", "c" * 64,
+                       (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat(), 3)
     a = sign(load_private_key(ROOT / "assets" / "demo_identities" / "rob.key"), asset="loan_portal",
-             version="r-1", env="prod", reason="lgtm", approver="rob")
+             version="r-1", env="prod", reason="lgtm", approver="rob", run_id="", digest="c" * 64)
     with pytest.raises(ApprovalError, match="authored changes in release r-1"):
         verify(a, policy, asset="loan_portal", version="r-1", env="prod", owner_team="digital-lending",
-               author=None, role="code_reviewer", other_team=False, author_emails=authors)
+               author=None, role="code_reviewer", registered=built, other_team=False, author_emails=authors)
     # from the same team, but not an author: accepted
     verify(a, policy, asset="loan_portal", version="r-1", env="prod", owner_team="digital-lending",
-           author=None, role="code_reviewer", other_team=False, author_emails={"dana@lending.example"})
+           author=None, role="code_reviewer", registered=built, other_team=False,
+           author_emails={"dana@lending.example"})
+    # ... for that content only
+    with pytest.raises(ApprovalError, match=f"binds digest {'c' * 64}, but release r-1 of loan_portal was registered with digest {'b' * 64}"):
+        verify(a, policy, asset="loan_portal", version="r-1", env="prod", owner_team="digital-lending",
+               author=None, role="code_reviewer", registered=Registered(built.what, "", "b" * 64, built.ts, 3),
+               other_team=False, author_emails={"dana@lending.example"})
 
 
 def test_authors_come_from_git_history(gate):

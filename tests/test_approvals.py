@@ -1,17 +1,31 @@
-"""The policy file validates with file-and-key errors; approvals cannot be forged by setting a variable."""
+"""The policy file validates with file-and-key errors; approvals cannot be forged by setting a variable,
+signed before the version existed, kept after they were taken back, or used past their time; a version's
+author is the identity that signed its registration, never a run tag.
+
+Attacks are driven as an attacker would: an approver with the right key signing early (before the
+version exists, dated later, recorded earlier), a revocation signed by someone without the right,
+a run launched with spoofed ``dagster/user`` / ``onepath/trigger`` tags, a notebook version carrying a
+client-set ``onepath.author`` but no registration signature.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from platform_defs.policy import PolicyError, load_policy
-from resources.approvals import ApprovalError, Approval, generate_key, load_private_key, sign, verify
+from resources.approvals import (ApprovalError, ApprovalExpired, Approval, Registered, generate_key, load_private_key,
+                                 sign, sign_revocation, verify)
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "assets" / "policy.yaml"
 KEYS = ROOT / "assets" / "demo_identities"
+DIGEST = "d" * 64
+NOW = datetime.now(timezone.utc)
+# version 3 as the ledger registered it ten minutes ago
+REG = Registered("version 3 of credit_scoring", "run-3", DIGEST, (NOW - timedelta(minutes=10)).isoformat(), 5)
 
 
 @pytest.fixture(scope="module")
@@ -19,16 +33,20 @@ def policy():
     return load_policy(POLICY)
 
 
+def key(who: str):
+    return load_private_key(KEYS / f"{who}.key")
+
+
 def check(policy, approval: Approval, **over):
     args = {"asset": "credit_scoring", "version": "3", "env": "prod", "owner_team": "credit-risk",
-            "author": "carla", "role": "model_approver", **over}
+            "author": "carla", "role": "model_approver", "registered": REG, **over}
     verify(approval, policy, **args)
 
 
 def mira_signs(**over) -> Approval:
     args = {"asset": "credit_scoring", "version": "3", "env": "prod", "reason": "fairness reviewed",
-            "approver": "mira", **over}
-    return sign(load_private_key(KEYS / "mira.key"), **args)
+            "approver": "mira", "run_id": "run-3", "digest": DIGEST, **over}
+    return sign(key("mira"), **args)
 
 
 def test_example_policy_loads(policy):
@@ -48,12 +66,12 @@ def test_an_independent_listed_approver_is_accepted(policy):
     ("missing role", "carla", {"owner_team": "retention", "author": "someone"}, "lacks the role 'model_approver'"),
 ])
 def test_refusals(policy, case, approval, over, message):
-    a = {"pat": lambda: sign(load_private_key(KEYS / "pat.key"), asset="credit_scoring", version="3", env="prod",
-                             reason="ok", approver="pat"),
+    a = {"pat": lambda: sign(key("pat"), asset="credit_scoring", version="3", env="prod", reason="ok",
+                             approver="pat", run_id="run-3", digest=DIGEST),
          "mira": mira_signs,
          "mira-staging": lambda: mira_signs(env="staging"),
-         "carla": lambda: sign(load_private_key(KEYS / "carla.key"), asset="credit_scoring", version="3",
-                               env="prod", reason="ok", approver="carla")}[approval]()
+         "carla": lambda: sign(key("carla"), asset="credit_scoring", version="3", env="prod", reason="ok",
+                               approver="carla", run_id="run-3", digest=DIGEST)}[approval]()
     with pytest.raises(ApprovalError, match=message):
         check(policy, a, **over)
 
@@ -68,7 +86,7 @@ def test_altered_approval_is_refused(policy):
 def test_unknown_key_claiming_a_listed_identity_is_refused(policy, tmp_path):
     generate_key(tmp_path / "evil.key")
     a = sign(load_private_key(tmp_path / "evil.key"), asset="credit_scoring", version="3", env="prod",
-             reason="trust me", approver="mira")
+             reason="trust me", approver="mira", run_id="run-3", digest=DIGEST)
     with pytest.raises(ApprovalError, match="signature does not verify with mira's public key"):
         check(policy, a)
 
@@ -76,7 +94,7 @@ def test_unknown_key_claiming_a_listed_identity_is_refused(policy, tmp_path):
 def test_unknown_approver_is_refused(policy, tmp_path):
     generate_key(tmp_path / "x.key")
     a = sign(load_private_key(tmp_path / "x.key"), asset="credit_scoring", version="3", env="prod",
-             reason="r", approver="mallory")
+             reason="r", approver="mallory", run_id="run-3", digest=DIGEST)
     with pytest.raises(ApprovalError, match="unknown approver 'mallory'"):
         check(policy, a)
 
@@ -123,3 +141,275 @@ def test_policy_forbidding_pii_on_a_track_refuses_a_model_fed_pii(tmp_path, sett
     line = str(err.value)
     assert line.startswith("declaration 'credit_risk' (model, assets/credit/declarations.py): field 'dataset': ")
     assert "declares PII (full_name, national_id, email)" in line and "track 'ml-high-risk'" in line
+
+
+# -- approvals bind the registration ------------------------------------------------------------
+
+
+def test_an_approval_of_other_content_is_refused_naming_both_digests(policy):
+    a = mira_signs(digest="e" * 64)  # signed, with the right key, for other bytes under the same version number
+    with pytest.raises(ApprovalError) as err:
+        check(policy, a)
+    assert f"binds digest {'e' * 64}" in str(err.value) and f"registered with digest {DIGEST}" in str(err.value)
+
+
+def test_an_approval_of_another_run_is_refused_naming_both(policy):
+    with pytest.raises(ApprovalError, match="binds run 'run-2', but version 3 of credit_scoring was registered "
+                                            "from run 'run-3'"):
+        check(policy, mira_signs(run_id="run-2"))
+
+
+def test_an_approval_from_before_approvals_were_bound_binds_nothing(policy):
+    old = mira_signs()
+    legacy = {k: v for k, v in old.as_dict().items() if k not in ("run_id", "digest")}
+    with pytest.raises(ApprovalError, match="signature does not verify|binds run"):
+        check(policy, Approval.from_dict(legacy))
+
+
+def test_an_approval_dated_before_the_registration_is_refused(policy):
+    early = mira_signs(approved_at=(NOW - timedelta(hours=1)).isoformat())
+    with pytest.raises(ApprovalError, match="before version 3 of credit_scoring was registered"):
+        check(policy, early)
+
+
+def test_an_approval_dated_in_the_future_is_refused(policy):
+    with pytest.raises(ApprovalError, match="in the future"):
+        check(policy, mira_signs(approved_at=(NOW + timedelta(minutes=6)).isoformat()))
+    check(policy, mira_signs(approved_at=(NOW + timedelta(minutes=4)).isoformat()))  # within the clock skew
+
+
+def test_an_approval_older_than_the_policy_allows_is_refused(policy):
+    """Registered 40 days ago, approved 31 days ago: valid for 30 days, so it expired yesterday."""
+    old = Registered(REG.what, REG.run_id, DIGEST, (NOW - timedelta(days=40)).isoformat(), 5)
+    a = mira_signs(approved_at=(NOW - timedelta(days=31)).isoformat())
+    valid_days = policy.track("ml-high-risk").approval_valid_days
+    assert valid_days == 30 and policy.track("app").approval_valid_days == 14
+    with pytest.raises(ApprovalExpired, match=r"expired on (\S+) .*: approve again") as err:
+        check(policy, a, registered=old, valid_days=valid_days)
+    assert err.value.ended.date() == (NOW - timedelta(days=1)).date()
+    check(policy, a, registered=old, valid_days=None)  # a track without approval_valid_days: never expires
+
+
+# -- the ledger: pre-signed, revoked, expired -----------------------------------------------------
+
+
+MODEL, ENDPOINT = "credit_risk", "credit_scoring"
+
+
+def register(book, version: str, *, digest: str = DIGEST, run_id: str | None = None, **extra):
+    """The model_registered entry the model asset writes (the platform's, signed with the ledger's head)."""
+    return book.append("model_registered", MODEL, {
+        "model": MODEL, "version": version, "run_id": run_id or f"run-{version}", "digest": digest, "via": "graph",
+        "author": "team:credit-risk", "author_verified": True,
+        "registered_by": {"principal": "onepath", "run": "r1", "owner": "credit-risk"}, **extra}, "dagster:r1")
+
+
+def approve_in_ledger(book, version: str, who: str = "mira", **over):
+    """What an approver holding their key can write: a signed approval, appended to the ledger."""
+    args = {"asset": MODEL, "version": version, "env": "prod", "reason": "reviewed", "approver": who,
+            "run_id": f"run-{version}", "digest": DIGEST, **over}
+    return book.append("approval", MODEL, sign(key(who), **args).as_dict(), who, env="prod")
+
+
+def revoke_in_ledger(book, version: str, who: str, approval_entry: int | None = None):
+    rev = sign_revocation(key(who), asset=MODEL, version=version, env="prod", reason="fairness numbers were wrong",
+                          revoker=who, approval_entry=approval_entry)
+    return book.append("approval_revoked", MODEL, rev.as_dict(), who, env="prod")
+
+
+def standing_of(book, policy, version: str, **over):
+    from platform_defs.governance.approval_standing import standing
+    from platform_defs.registration import registration
+
+    reg = registration(book, MODEL, version)
+    args = dict(asset=MODEL, version=version, env="prod", owner_team="credit-risk", author="team:credit-risk",
+                role="model_approver", registered=Registered.of_model(reg),
+                valid_days=policy.track("ml-high-risk").approval_valid_days)
+    return standing(book, policy, **{**args, **over})
+
+
+@pytest.fixture
+def book(tmp_path):
+    from resources.ledger import Ledger
+
+    return Ledger(tmp_path / "ledger.db", tmp_path / "keys" / "platform.key")
+
+
+def test_an_approval_presigned_before_the_version_existed_does_not_pass_once_it_is_registered(book, policy):
+    """mira, with her own key, signs version 4 before it exists -- even guessing its digest and run id --
+    and records it; then version 4 is registered. Dated honestly it precedes the registration; dated
+    later it is in the future; dated just inside the clock skew, its ledger entry still precedes it."""
+    honest = approve_in_ledger(book, "4")
+    later = approve_in_ledger(book, "4", approved_at=(datetime.now(timezone.utc) + timedelta(hours=2)).isoformat())
+    skewed = approve_in_ledger(book, "4", approved_at=(datetime.now(timezone.utc) + timedelta(minutes=4)).isoformat())
+    reg = register(book, "4")
+    s = standing_of(book, policy, "4")
+    assert s.valid == [] and len(s.refused) == 3
+    why = {int(r.split(" ")[0][1:]): r for r in s.refused}
+    assert "before version 4 of credit_risk was registered" in why[honest.seq]
+    assert "in the future" in why[later.seq]
+    assert f"recorded (ledger #{skewed.seq}) before version 4 of credit_risk was registered (ledger #{reg.seq})" \
+        in why[skewed.seq]
+    ok = approve_in_ledger(book, "4")  # signed after the registration: counts
+    assert [e.seq for e, _ in standing_of(book, policy, "4").valid] == [ok.seq]
+
+
+def test_a_revoked_approval_no_longer_counts_and_a_revocation_without_the_right_is_ignored(book, policy):
+    register(book, "5")
+    a = approve_in_ledger(book, "5")
+    carla = revoke_in_ledger(book, "5", "carla")  # carla holds no approver role and is not the approver
+    s = standing_of(book, policy, "5")
+    assert [e.seq for e, _ in s.valid] == [a.seq]
+    assert s.ignored_revocations and f"revocation #{carla.seq} by carla: carla may not revoke mira's approval" \
+        in s.ignored_revocations[0]
+    rev = revoke_in_ledger(book, "5", "mira", approval_entry=a.seq)
+    s = standing_of(book, policy, "5")
+    assert s.valid == [] and [(e.seq, re.seq) for e, _, re, _ in s.revoked] == [(a.seq, rev.seq)]
+    assert any(f"#{a.seq} by mira: revoked by mira" in x and "fairness numbers were wrong" in x for x in s.not_counted())
+    again = approve_in_ledger(book, "5", who="pat")  # a new approval after the revocation counts
+    assert [e.seq for e, _ in standing_of(book, policy, "5").valid] == [again.seq]
+    revoke_in_ledger(book, "5", "pat")  # default: every approval recorded before it (a platform_admin may)
+    assert standing_of(book, policy, "5").valid == []
+
+
+def test_an_expired_approval_no_longer_counts(book, policy):
+    register(book, "6")
+    approve_in_ledger(book, "6")
+    assert standing_of(book, policy, "6").valid
+    later = datetime.now(timezone.utc) + timedelta(days=31)
+    s = standing_of(book, policy, "6", now=later)
+    assert s.valid == [] and len(s.expired) == 1
+    assert "expired on" in s.lapsed()[0]
+
+
+def deploy_in_ledger(book, version: str):
+    return book.append("deploy", ENDPOINT, {"model": MODEL, "version": version, "digest": DIGEST}, "dagster:r2",
+                       env="prod")
+
+
+def test_a_serving_version_whose_approval_is_revoked_fails_approval_in_force_saying_what_happens_next(book, policy):
+    from platform_defs.loader import load_organisation
+    from sensors.approval_in_force import evaluate_in_force, in_force_verdict
+
+    org = load_organisation()
+    spec = org.by_name[ENDPOINT]
+    register(book, "7")
+    a = approve_in_ledger(book, "7")
+    deploy_in_ledger(book, "7")
+    passed, text, _ = in_force_verdict(org, policy, book, spec, "prod")
+    assert passed and f"serves under approval #{a.seq} by mira" in text and "valid until" in text
+    reported: dict = {}
+    assert [e.passed for e in evaluate_in_force(org, policy, book, reported) if e.asset_key.path == ["credit_scoring_prod"]] == [True]
+    rev = revoke_in_ledger(book, "7", "mira")
+    passed, text, meta = in_force_verdict(org, policy, book, spec, "prod")
+    assert not passed and meta["revocation_entry"] == rev.seq
+    assert text.startswith(f"approval #{a.seq} of credit_risk version 7 in prod was revoked by mira at ")
+    assert "(fairness numbers were wrong" in text
+    assert ("version 7 keeps serving until it is rolled back (onepath rollback credit_scoring --env prod --reason "
+            "\"...\") or approved again (onepath approve credit_risk --version 7 --env prod") in text
+    assert text.endswith("nothing newer promotes without a new approval")
+    events = [e for e in evaluate_in_force(org, policy, book, reported) if e.asset_key.path == ["credit_scoring_prod"]]
+    assert [(e.passed, e.description) for e in events] == [(False, text)]
+    lapsed = book.entries(kind="approval_lapsed", subject=ENDPOINT)
+    assert len(lapsed) == 1 and lapsed[0].data["revocation_entry"] == rev.seq
+    assert [e for e in evaluate_in_force(org, policy, book, reported) if e.asset_key.path == ["credit_scoring_prod"]] == []
+    evaluate_in_force(org, policy, book, {})  # a sensor whose cursor was reset: the lapse is recorded once
+    assert len(book.entries(kind="approval_lapsed", subject=ENDPOINT)) == 1
+    approve_in_ledger(book, "7", who="pat")  # approved again: in force again
+    assert in_force_verdict(org, policy, book, spec, "prod")[0]
+
+
+def test_a_serving_version_whose_approval_expired_fails_approval_in_force(book, policy):
+    from platform_defs.loader import load_organisation
+    from sensors.approval_in_force import in_force_verdict
+
+    org = load_organisation()
+    register(book, "8")
+    a = approve_in_ledger(book, "8")
+    deploy_in_ledger(book, "8")
+    passed, text, _ = in_force_verdict(org, policy, book, org.by_name[ENDPOINT], "prod",
+                                       now=datetime.now(timezone.utc) + timedelta(days=30, hours=1))
+    assert not passed and text.startswith(f"approval #{a.seq} of credit_risk version 8 in prod by mira expired on ")
+    assert "version 8 keeps serving until it is rolled back" in text
+
+
+# -- the CLI: approve binds the registration, revoke checks the right ----------------------------
+
+
+@pytest.fixture
+def cli(settings, capsys, monkeypatch, tmp_path):
+    """``onepath`` in this process, on a home of its own (its ledger is the one the commands write)."""
+    from platform_defs.cli import main
+    from platform_defs.settings import load_settings
+    from platform_defs.wiring import build_resources
+
+    monkeypatch.setenv("ONEPATH_HOME", str(tmp_path / "home"))
+    book = build_resources(load_settings().ensure_dirs())["ledger"].ledger()
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, (out.out + out.err).strip()
+
+    return book, run
+
+
+def test_approve_binds_the_registration_and_refuses_a_version_without_one(cli):
+    book, run = cli
+    code, out = run("approve", MODEL, "--version", "7101", "--env", "prod", "--reason", "ok", "--as", "mira",
+                    "--key", str(KEYS / "mira.key"))
+    assert code == 1 and out.startswith("onepath: credit_risk version 7101 has no model_registered ledger entry")
+    assert not [e for e in book.entries(kind="approval", subject=MODEL) if e.data.get("version") == "7101"]
+    reg = register(book, "7101", digest="f" * 64)
+    code, out = run("approve", MODEL, "--version", "7101", "--env", "prod", "--reason", "ok", "--as", "mira",
+                    "--key", str(KEYS / "mira.key"))
+    assert code == 0, out
+    entry = [e for e in book.entries(kind="approval", subject=MODEL) if e.data.get("version") == "7101"][-1]
+    assert (entry.data["run_id"], entry.data["digest"], entry.data["registration_entry"]) == ("run-7101", "f" * 64,
+                                                                                              reg.seq)
+
+
+def test_approve_judges_independence_by_the_registered_author(cli):
+    """A notebook version signed by mira: whatever MLflow says, mira authored it and may not approve it."""
+    book, run = cli
+    book.append("model_registered", MODEL, {"model": MODEL, "version": "7102", "run_id": "run-7102",
+                                            "digest": DIGEST, "via": "handoff", "author": "mira",
+                                            "author_verified": True}, "sensor:registry_handoff")
+    code, out = run("approve", MODEL, "--version", "7102", "--env", "prod", "--reason", "ok", "--as", "mira",
+                    "--key", str(KEYS / "mira.key"))
+    assert code == 1 and "mira authored version 7102: self-approval is not allowed" in out
+
+
+def test_revoke_refuses_someone_without_the_right_and_records_the_approver(cli):
+    book, run = cli
+    register(book, "7103")
+    approve_in_ledger(book, "7103")
+    n = len(book.entries(kind="approval_revoked"))
+    code, out = run("revoke", MODEL, "--version", "7103", "--env", "prod", "--reason", "no", "--as", "carla",
+                    "--key", str(KEYS / "carla.key"))
+    assert code == 1 and out.startswith("onepath: revocation refused: carla may not revoke mira's approval")
+    assert len(book.entries(kind="approval_revoked")) == n
+    code, out = run("revoke", MODEL, "--version", "7103", "--env", "prod", "--reason", "numbers wrong", "--as",
+                    "mira", "--key", str(KEYS / "mira.key"))
+    assert code == 0, out
+    rev = book.entries(kind="approval_revoked")[-1]
+    assert (rev.data["revoker"], rev.data["version"], rev.data["approval_entry"]) == ("mira", "7103", None)
+    code, out = run("revoke", MODEL, "--version", "7199", "--env", "prod", "--reason", "x", "--as", "mira",
+                    "--key", str(KEYS / "mira.key"))
+    assert code == 1 and "no approval of credit_risk version 7199 in prod" in out
+
+
+def test_approve_refuses_a_notebook_version_nobody_signed(cli):
+    """Its client said onepath.author=mira and mlflow.user=carla: claims. With no registration signature the
+    author is unknown, so independence cannot be checked and no approval is recorded."""
+    book, run = cli
+    book.append("model_registered", MODEL, {"model": MODEL, "version": "7104", "run_id": "run-7104",
+                                            "digest": DIGEST, "via": "handoff", "author": None,
+                                            "author_verified": False,
+                                            "claims": {"onepath.author": "mira", "mlflow.user": "carla"}},
+                "sensor:registry_handoff")
+    code, out = run("approve", MODEL, "--version", "7104", "--env", "prod", "--reason", "ok", "--as", "pat",
+                    "--key", str(KEYS / "pat.key"))
+    assert code == 1 and "registered from outside onepath without a registration signature" in out
+    assert "onepath sign-version credit_risk --version 7104" in out
+    assert not book.entries(kind="approval", subject=MODEL)

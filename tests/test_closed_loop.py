@@ -132,10 +132,13 @@ def entries(world, kind: str, subject: str | None = None):
 
 def sign_approval(world, model: str, version: str, env: str, who: str = "mira", first_release: bool = False):
     from platform_defs.cli_governance import identity_key_path
+    from platform_defs.registration import registration
     from resources.approvals import load_private_key, sign
 
+    reg = registration(world["ledger"], model, version).data  # what an approval binds
     approval = sign(load_private_key(identity_key_path(who)), asset=model, version=version, env=env,
-                    reason="reviewed in the closed-loop test", approver=who)
+                    reason="reviewed in the closed-loop test", approver=who, run_id=reg["run_id"] or "",
+                    digest=reg["digest"])
     return world["ledger"].append("approval", model, {**approval.as_dict(), "first_release": first_release}, who,
                                   env=env)
 
@@ -194,7 +197,7 @@ def test_drift_requests_one_retraining_run_then_cools_down(world):
     assert evaluation.passed is False, evaluation.metadata["verdict"].value
     assert evaluation.metadata["drifted_share"].value >= 0.3
     (detected,) = entries(world, "drift_detected", "churn_scoring")
-    assert detected.data["trigger"] == "new_inference_rows: 600 new rows"
+    assert detected.data["claims"]["trigger"] == "new_inference_rows: 600 new rows"  # its run's tags: a claim
     requests, _ = sensor_tick(world, "drift")
     (retrain,) = requests
     assert retrain.asset_selection == [dg.AssetKey("customer_activity"), dg.AssetKey("churn")]
@@ -228,7 +231,7 @@ def test_the_retrain_learns_from_labelled_production_data_and_automation_promote
     assert serving(world, "churn_scoring", "staging") == new and serving(world, "churn_scoring", "prod") == new
     deploys = [e for e in entries(world, "deploy", "churn_scoring") if e.data["version"] == new]
     assert {e.env for e in deploys} == {"staging", "prod"}
-    assert all(e.data["trigger"] == "declarative automation" for e in deploys)
+    assert all(e.data["claims"]["trigger"] == "declarative automation" for e in deploys)
     assert before != new
 
 
@@ -266,7 +269,7 @@ def test_high_risk_retrain_waits_for_approval_then_the_approval_promotes_it(worl
     execute(world, promote, raise_on_error=True)
     assert serving(world, "credit_scoring", "prod") == v2
     (deploy,) = [e for e in entries(world, "deploy", "credit_scoring") if e.env == "prod" and e.data["version"] == v2]
-    assert deploy.data["trigger"] == f"approval #{approved.seq}"
+    assert deploy.data["claims"]["trigger"] == f"approval #{approved.seq}" and "trigger" not in deploy.data
     world["credit_v2"] = v2
 
 

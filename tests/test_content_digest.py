@@ -365,8 +365,10 @@ def test_the_registered_author_cannot_approve_whatever_the_tag_says(world):
     mlflow.client().set_model_version_tag(MODEL, version, "onepath.author", "someone-else")
 
     def approve(who: str) -> None:
+        reg = registration(book, MODEL, version).data
         a = sign(load_private_key(ROOT / "assets" / "demo_identities" / f"{who}.key"), asset=MODEL,
-                 version=version, env="prod", reason="reviewed", approver=who)
+                 version=version, env="prod", reason="reviewed", approver=who, run_id=reg["run_id"] or "",
+                 digest=reg["digest"])
         book.append("approval", MODEL, a.as_dict(), who, env="prod")
 
     approve("mira")

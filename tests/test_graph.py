@@ -160,9 +160,9 @@ def test_prod_is_refused_until_an_independent_signed_approval(world):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--as", "carla"], "approval refused: carla lacks the role 'model_approver'"),
+    (["--as", "carla"], "approval refused: carla is in the owning team 'credit-risk'"),
     (["--as", "mira", "--env", "qa"], "'qa' is not an environment of credit_risk"),
-    (["--as", "mira", "--version", "999"], "credit_risk has no version 999"),
+    (["--as", "mira", "--version", "999"], "credit_risk version 999 has no model_registered ledger entry"),
     (["--as", "nobody"], "no private key at"),
 ])
 def test_cli_approval_refusals(world, args, message):

@@ -108,7 +108,9 @@ def ledger_entries(tmp_path: Path):
     book.append("deploy", "credit_scoring", {"model": "credit_risk", "version": "3", "previous_version": "2",
                                              "address": "http://127.0.0.1:1", "promoted_from": "staging",
                                              "track": "ml-high-risk", "owner": "credit-risk", "checks": [],
-                                             "initiated_by": "carla"}, actor, env="prod")
+                                             "claims": {"trigger": "manual run", "initiated_by": "carla",
+                                                        "from": "dagster run tags (unauthenticated)"}},
+                actor, env="prod")
     rb = book.append("rollback", "credit_scoring", {"model": "credit_risk", "from_version": "3", "to_version": "2",
                                                     "reason": "latency"}, "pat", env="prod")
     book.append("deploy", "credit_scoring", {"model": "credit_risk", "version": "2", "previous_version": "3",
@@ -129,7 +131,8 @@ def test_card_data_gathers_every_section(ledger_entries):
     assert (card.model, card.version, card.owner, card.track, card.run_id) == (
         "credit_risk", "3", "credit-risk", "ml-high-risk", RUN_ID)
     assert card.description.startswith("Scores the probability")
-    assert card.registered_at == "2025-03-01T08:00:00+00:00" and card.author == "carla"
+    # no registration entry among these: MLflow's onepath.author tag is shown only as a claim
+    assert card.registered_at == "2025-03-01T08:00:00+00:00" and card.author == "claimed: carla"
     metrics = {m.name: m for m in card.metrics}
     assert set(metrics) == {"accuracy", "log_loss", "roc_auc"}            # train_seconds is not held-out
     assert metrics["roc_auc"].bound == 0.70 and metrics["roc_auc"].meets is True
@@ -148,13 +151,29 @@ def test_card_data_gathers_every_section(ledger_entries):
         ("deploy", "prod", "2", "dagster:run-1"),
         ("deploy", "staging", "3", "dagster:run-1"),
         ("refused", "prod", "3", "dagster:run-1"),
-        ("deploy", "prod", "3", "carla"),                    # the recorded initiator, not the run
+        ("deploy", "prod", "3", "dagster:run-1 (claimed: carla)"),  # the run, and who its tags claim started it
         ("rollback", "prod", "2", "pat"),
         ("deploy", "prod", "2", "pat"),                      # what the rollback records after itself
     ]
     assert card.deployments[-2].detail == "rolled back from 3: latency"
     assert card.deployments[-1].detail == f"serves again after a rollback (ledger #{card.deployments[-2].ledger_seq})"
     assert all(d.ts and d.ledger_seq for d in card.deployments)
+
+
+def test_the_card_names_the_registered_author_never_the_tag(tmp_path):
+    """The author shown is the one the version's registration authenticated; an unsigned notebook version's
+    author is unknown, whatever its onepath.author tag (or its registration's claims) say."""
+    book = Ledger(tmp_path / "l.db", tmp_path / "keys" / "p.key")
+    book.append("model_registered", "credit_risk", {"model": "credit_risk", "version": "3", "via": "graph",
+                                                    "author": "team:credit-risk", "author_verified": True,
+                                                    "claims": {"dagster/user": "mira"}}, "dagster:run-1")
+    book.append("model_registered", "credit_risk", {"model": "credit_risk", "version": "4", "via": "handoff",
+                                                    "author": None, "author_verified": False,
+                                                    "claims": {"onepath.author": "mira"}}, "sensor:registry_handoff")
+    card3 = card_data_from(SPEC, version_record(), run_record(), verdicts(), book.entries(), generated_at=GENERATED)
+    assert card3.author == "team:credit-risk"  # not carla (the tag) nor mira (the run's claim)
+    card4 = card_data_from(SPEC, version_record("4"), run_record(), verdicts(), book.entries(), generated_at=GENERATED)
+    assert card4.author == "unknown: registered without a registration signature (claimed: mira)"
 
 
 def test_render_has_all_sections_in_both_formats(ledger_entries):
@@ -244,7 +263,7 @@ def test_real_mlflow_records_and_written_files(settings, tmp_path, ledger_entrie
                           client.get_run(run.info.run_id), verdicts(), ledger_entries)
     assert card.run_id == run.info.run_id and card.version == str(mv.version)
     assert [(m.name, m.value) for m in card.metrics if m.name == "roc_auc"] == [("roc_auc", 0.75)]
-    assert card.lineage["data_hash"] == "e" * 64 and card.author == "carla"
+    assert card.lineage["data_hash"] == "e" * 64 and card.author == "claimed: carla"
     assert card.registered_at is not None and card.deployments == []   # the ledger holds other models only
 
     md_path, html_path = write_model_card(card, tmp_path / "cards")

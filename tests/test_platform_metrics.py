@@ -70,8 +70,9 @@ class Book:
                owner=OWNER, checks=CHECKS, previous=None):
         data = {"model": model, "version": version, "previous_version": previous, "address": "http://x",
                 "promoted_from": "staging", "track": "ml-high-risk", "owner": owner, "checks": list(checks)}
-        if initiated_by:
-            data["initiated_by"] = initiated_by
+        if initiated_by:  # what the promotion flow records from the run's tags: a claim
+            data["claims"] = {"trigger": "manual run", "initiated_by": initiated_by,
+                              "from": "dagster run tags (unauthenticated)"}
         return self.add(at, "deploy", ep, data, actor=actor, env=env)
 
     def refused(self, at, version, failed, env="prod", ep=EP, model=MODEL):

@@ -46,7 +46,7 @@ def free_port() -> int:
 def ledger_text(book) -> str:
     """The whole ledger, one line per entry with its trigger and summary: a failure message that pytest
     prints in full (it shortens the repr of a list, not a string)."""
-    return "\n".join(f"#{e.seq} {e.kind} {e.subject} {e.env} trigger={e.data.get('trigger')!r} "
+    return "\n".join(f"#{e.seq} {e.kind} {e.subject} {e.env} trigger={e.data.get('trigger') or (e.data.get('claims') or {}).get('trigger')!r} "
                      f"{e.data.get('summary') or e.data.get('reason') or ''}" for e in book.entries())
 
 
@@ -131,7 +131,7 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
         time.sleep(1)
     deploys = book.entries(kind="deploy", subject="churn_scoring")
     assert [e.env for e in deploys] == ["staging", "prod"]
-    assert {e.data["trigger"] for e in deploys} == {"declarative automation"}
+    assert {e.data["claims"]["trigger"] for e in deploys} == {"declarative automation"}
     first = deploys[-1].data["version"]
 
     # the loop, closed by the running daemon alone: drifted traffic (outcomes delivered right away) ->
@@ -156,7 +156,7 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
         (asked,) = book.entries(kind="retrain_requested", subject="churn_scoring")
         assert asked.data["trigger"].startswith("drift_detected #")
         final = [e for e in book.entries(kind="deploy", subject="churn_scoring") if e.env == "prod"][-1]
-        assert final.data["trigger"] == "declarative automation" and final.data["version"] != first
+        assert final.data["claims"]["trigger"] == "declarative automation" and final.data["version"] != first
         # after all of that, everything the platform wrote is its own user's alone (attacker tier (a))
         from tests.test_file_permissions import loose_files
 

@@ -45,7 +45,8 @@ DESCRIPTIONS = {
     "drift_ready": "A reference sample of real training rows, sized by policy, is stored with the version "
                    "and still hashes to what registration recorded.",
     "rollback_path": "A previous approved version exists in this environment, or a signed first-release record.",
-    "approval": "An independent, signed approval of this exact version for this environment.",
+    "approval": "An independent, signed approval of this exact version (its registered run id and digest) for this "
+                "environment, signed after its registration, not revoked and not expired.",
 }
 from platform_defs.registration import HOW_TO_REGISTER  # noqa: E402
 
@@ -257,6 +258,8 @@ class ModelGate:
                                              f"{', '.join(TAG + m for m in missing)}: {HOW_TO_LOG_LINEAGE}")
         problems = []
         for name in REGISTERED_TAGS:  # MLflow tags are client-writable: any change since registration fails
+            if name == "author" and facts.get("via") != "graph":
+                continue  # from outside onepath the tag is the client's claim; the author is the registration's signer
             tag, recorded = v.tags.get(TAG + name), facts.get(name)
             if recorded is None and tag is None:
                 continue
@@ -321,34 +324,45 @@ class ModelGate:
                        "; ".join(problems) or f"{len(ref)} reference rows × {len(ref.columns)} columns",
                        {"reference_rows": len(ref), "policy_rows": want})
 
-    def _approvals(self, v: "_Version", env: str) -> tuple[list[Any], list[str]]:
-        from resources.approvals import Approval, ApprovalError, verify
+    def _standing(self, v: "_Version", env: str) -> Any:
+        """The approvals of this version in ``env`` that stand (``approval_standing.standing``), judged
+        against its registration (run id, digest, time) and its registered author, never a writable tag."""
+        from platform_defs.governance.approval_standing import standing
+        from platform_defs.registration import registered_author
+        from resources.approvals import Registered
 
-        valid, refused = [], []
-        author = v.require_registration().data.get("author")  # the registered author, not a writable tag
-        for entry in self.ledger.entries(kind="approval", subject=self.model.name, env=env):
-            a = Approval.from_dict(entry.data)
-            if a.version != v.version:
-                continue
-            try:
-                verify(a, self.policy, asset=self.model.name, version=v.version, env=env,
-                       owner_team=self.model.owner, author=author, role=self.track.approver_role)
-                valid.append((entry, a))
-            except ApprovalError as err:
-                refused.append(f"#{entry.seq} by {a.approver}: {err}")
-        return valid, refused
+        reg = v.require_registration()
+        author, _ = registered_author(reg)
+        return standing(self.ledger, self.policy, asset=self.model.name, version=v.version, env=env,
+                        owner_team=self.model.owner, author=author, role=self.track.approver_role,
+                        registered=Registered.of_model(reg), valid_days=self.track.approval_valid_days)
+
+    def _approvals(self, v: "_Version", env: str) -> tuple[list[Any], list[str]]:
+        s = self._standing(v, env)
+        return s.valid, s.not_counted()
 
     def _check_approval(self, v: "_Version", env: str) -> Verdict:
-        valid, refused = self._approvals(v, env)
-        if valid:
-            entry, a = valid[-1]
-            return Verdict("approval", True, f"approved by {a.approver} at {a.approved_at}: {a.reason}",
-                           {"approver": a.approver, "ledger_entry": entry.seq})
-        who = ", ".join(self.approvers(self.model.owner)) or "nobody (no approver listed in the policy)"
+        from platform_defs.registration import registered_author, unknown_author_text
+
         cmd = (f"onepath approve {self.model.name} --version {v.version} --env {env} --reason \"...\" --as <approver>")
-        return Verdict("approval", False, f"waiting for approval by {who}: run {cmd}",
-                       {"approvers": who, "command": cmd, "refused": len(refused)},
-                       {"refused_approvals": "\n".join(f"- {r}" for r in refused)} if refused else {})
+        who = ", ".join(self.approvers(self.model.owner)) or "nobody (no approver listed in the policy)"
+        reg = v.require_registration()
+        if not registered_author(reg)[1]:
+            sign = f"onepath sign-version {self.model.name} --version {v.version} --as <you>"
+            return Verdict("approval", False, unknown_author_text(self.model.name, v.version),
+                           {"approvers": who, "command": sign, "registration_entry": reg.seq})
+        s = self._standing(v, env)
+        if s.valid:
+            entry, a = s.valid[-1]
+            return Verdict("approval", True, f"approved by {a.approver} at {a.approved_at}: {a.reason}",
+                           {"approver": a.approver, "ledger_entry": entry.seq, "digest": a.digest,
+                            "revoked": len(s.revoked), "expired": len(s.expired)})
+        lapsed = s.lapsed()
+        text = (("; ".join(lapsed) + ", so it no longer counts; ") if lapsed else "") + f"waiting for approval by {who}: run {cmd}"
+        return Verdict("approval", False, text,
+                       {"approvers": who, "command": cmd, "refused": len(s.refused), "revoked": len(s.revoked),
+                        "expired": len(s.expired)},
+                       {"refused_approvals": "\n".join(f"- {r}" for r in s.not_counted())} if s.not_counted() else {})
 
     def _check_rollback_path(self, v: "_Version", env: str) -> Verdict:
         previous = [e for e in self.ledger.entries(kind="deploy", subject=self.endpoint.name, env=env)
@@ -501,7 +515,8 @@ def _trainer_hash(import_path: str) -> str:
 
 APP_DESCRIPTIONS = {
     "security_scan": "bandit and detect-secrets over the release's source; high-severity findings and any secret fail.",
-    "code_review": "A signed review of this exact release by a listed reviewer who authored none of its changes.",
+    "code_review": "A signed review of this exact release (its recorded content hash) by a listed reviewer who "
+                   "authored none of its changes, not revoked and not expired.",
     "integration_tests": "The release's own integration tests, run against its deployment in the previous environment.",
 }
 
@@ -544,29 +559,42 @@ class AppGate:
             return set()
         return {line.strip().lower() for line in out.stdout.splitlines() if line.strip()} if out.returncode == 0 else set()
 
-    def _check_code_review(self, version: str, build: Path, env: str) -> Verdict:
-        from resources.approvals import Approval, ApprovalError, verify
+    def release_registration(self, version: str) -> Any | None:
+        """The ``release_built`` entry of ``version`` (the first): its content hash is what a review binds."""
+        return next((e for e in self.ledger.entries(kind="release_built", subject=self.app.name)
+                     if str(e.data.get("version")) == str(version)), None)
 
-        authors = self.authors()
-        valid, refused = [], []
-        for entry in self.ledger.entries(kind="approval", subject=self.app.name, env=env):
-            a = Approval.from_dict(entry.data)
-            if a.version != version:
-                continue
-            try:
-                verify(a, self.policy, asset=self.app.name, version=version, env=env, owner_team=self.app.owner,
-                       author=None, role=self.track.approver_role, other_team=False, author_emails=authors)
-                valid.append(a)
-            except ApprovalError as err:
-                refused.append(f"#{entry.seq} by {a.approver}: {err}")
-        if valid:
-            return Verdict("code_review", True, f"reviewed by {valid[-1].approver}: {valid[-1].reason}",
-                           {"reviewer": valid[-1].approver, "authors": len(authors)})
+    def review_standing(self, version: str, env: str) -> Any:
+        from platform_defs.governance.approval_standing import standing
+        from resources.approvals import Registered
+
+        built = self.release_registration(version)
+        if built is None:
+            return None
+        return standing(self.ledger, self.policy, asset=self.app.name, version=version, env=env,
+                        owner_team=self.app.owner, author=None, role=self.track.approver_role,
+                        registered=Registered.of_release(built), valid_days=self.track.approval_valid_days,
+                        other_team=False, author_emails=self.authors())
+
+    def _check_code_review(self, version: str, build: Path, env: str) -> Verdict:
+        s = self.review_standing(version, env)
+        if s is None:
+            return Verdict("code_review", False, f"release {version} of {self.app.name} has no release_built ledger "
+                                                 f"entry, so no content hash a review could bind: build it through "
+                                                 f"the graph (materialize the {self.app.name} asset)")
+        if s.valid:
+            entry, a = s.valid[-1]
+            return Verdict("code_review", True, f"reviewed by {a.approver}: {a.reason}",
+                           {"reviewer": a.approver, "ledger_entry": entry.seq, "digest": a.digest,
+                            "revoked": len(s.revoked), "expired": len(s.expired)})
         who = ", ".join(sorted(n for n, i in self.policy.identities.items() if self.track.approver_role in i.roles))
         cmd = f"onepath approve {self.app.name} --version {version} --env {env} --reason \"...\" --as <reviewer>"
-        return Verdict("code_review", False, f"waiting for a code review by {who or 'nobody listed'}: run {cmd}",
-                       {"command": cmd, "refused": len(refused)},
-                       {"refused_reviews": "\n".join(f"- {r}" for r in refused)} if refused else {})
+        lapsed = s.lapsed()
+        text = ((("; ".join(lapsed) + ", so it no longer counts; ") if lapsed else "")
+                + f"waiting for a code review by {who or 'nobody listed'}: run {cmd}")
+        return Verdict("code_review", False, text,
+                       {"command": cmd, "refused": len(s.refused), "revoked": len(s.revoked), "expired": len(s.expired)},
+                       {"refused_reviews": "\n".join(f"- {r}" for r in s.not_counted())} if s.not_counted() else {})
 
     def _check_integration_tests(self, version: str, build: Path, env: str) -> Verdict:
         import os

@@ -250,9 +250,28 @@ def _chart(v: Any) -> str | None:
 
 
 def _person(entry: Any) -> str:
-    """Who did it: the person a run records as its initiator, else the entry's actor."""
+    """Who did it: the entry's actor (the fact), with the initiator the run's tags claimed, shown as a claim
+    (``claims.initiated_by``; older entries: ``initiated_by``), never in place of the actor."""
     data = entry.data or {}
-    return str(data.get("initiated_by") or entry.actor)
+    claimed = (data.get("claims") or {}).get("initiated_by") or data.get("initiated_by")
+    return f"{entry.actor} (claimed: {claimed})" if claimed else str(entry.actor)
+
+
+def _author(model: str, version: str, entries: Sequence[Any], tags: dict[str, Any]) -> str | None:
+    """The version's author as its ``model_registered`` entry records it (authenticated, or said to be
+    unknown); without the entry, an MLflow tag is shown only as a claim."""
+    reg = next((e for e in entries if e.kind == "model_registered" and e.subject == model
+                and str((e.data or {}).get("version")) == version), None)
+    if reg is not None:
+        from platform_defs.registration import registered_author
+
+        author, known = registered_author(reg)
+        if known:
+            return str(author)
+        claimed = (reg.data.get("claims") or {}).get("onepath.author") or (reg.data.get("claims") or {}).get("mlflow.user")
+        return "unknown: registered without a registration signature" + (f" (claimed: {claimed})" if claimed else "")
+    tag = tags.get(TAG + "author")
+    return f"claimed: {tag}" if tag else None
 
 
 def card_data_from(spec: Any, model_version: Any, run: Any = None, verdicts: Sequence[Any] = (),
@@ -299,6 +318,7 @@ def card_data_from(spec: Any, model_version: Any, run: Any = None, verdicts: Seq
     expl = by_check.get("explainability")
 
     model = str(getattr(spec, "name", _field(model_version, "name", "")))
+    entries = list(entries)
     approvals, deployments = [], []
     for e in sorted(entries, key=lambda x: x.seq):
         data = e.data or {}
@@ -336,7 +356,7 @@ def card_data_from(spec: Any, model_version: Any, run: Any = None, verdicts: Seq
         owner=str(getattr(spec, "owner", "") or tags.get(TAG + "owner", "")),
         track=str(getattr(spec, "track", "") or tags.get(TAG + "track", "")),
         run_id=run_id, registered_at=_iso_ms(_field(model_version, "creation_timestamp")),
-        author=tags.get(TAG + "author"),
+        author=_author(model, version, entries, tags),
         metrics=metric_rows,
         checks=[CheckRow(str(_field(v, "check")), bool(_field(v, "passed")), str(_field(v, "summary", "")))
                 for v in verdicts],

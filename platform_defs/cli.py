@@ -60,12 +60,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from platform_defs.specs import DeclarationError
 
     root = Path(args.path).resolve() if args.path else declarations_dir()
-    from platform_defs.policy import PolicyError, check_organisation, effective_drift, load_policy
+    from platform_defs.policy import PolicyError, effective_drift, load_policy
 
     try:
-        org = load_organisation(root)
         policy = load_policy()
-        check_organisation(org, policy)
+        org = load_organisation(root, policy)
         for ep in org.of_kind("endpoint"):
             effective_drift(ep, policy, org.sources.get(ep.name))
     except (DeclarationError, PolicyError) as err:

@@ -147,7 +147,7 @@ def test_validate_prints_exactly_the_first_line_and_no_traceback(tmp_path):
     assert out.stdout == ""
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
-    assert lines[0].startswith("declaration 'churn' (model, team/defs.yaml:21): field 'track'")
+    assert lines[0].startswith("declaration 'churn' (model, team/defs.yaml:20): field 'track'")
     assert problem in lines[0]
 
 

@@ -8,6 +8,7 @@ the file and the key path. Pure: parsing and validation only, no signatures chec
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -319,8 +320,13 @@ def load_policy(path: Path | None = None) -> Policy:
     shown = _shown(path)
     if not path.exists():
         raise PolicyError(shown, "(file)", "does not exist")
+    return parse_policy(path.read_text(), shown)
+
+
+def parse_policy(text: str, shown: str) -> Policy:
+    """Validate a policy's YAML ``text``; errors name ``shown`` (a file, or a ledger entry) and the key."""
     try:
-        data = strict_yaml.load(path.read_text())
+        data = strict_yaml.load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise PolicyError(f"{shown}:{mark.line + 1}" if mark else shown, "(yaml)",
@@ -338,6 +344,35 @@ def load_policy(path: Path | None = None) -> Policy:
         elif first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], (dict, list)):
             msg = f"{msg} (got {first['input']!r})"
         raise PolicyError(shown, loc or "(root)", msg) from None
+
+
+DEMO_KEYS_DIR = PROJECT_ROOT / "assets" / "demo_identities"
+
+
+@functools.lru_cache(maxsize=4)
+def shipped_demo_keys(folder: Path = DEMO_KEYS_DIR) -> frozenset[str]:
+    """The public keys (base64 raw) of the private keys shipped in ``assets/demo_identities``: anyone with
+    the repository holds them, so an identity with one of these keys is a demo identity whatever its
+    name or flag says."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    out = set()
+    for f in sorted(folder.glob("*.key")):
+        try:
+            key = serialization.load_pem_private_key(f.read_bytes(), password=None)
+        except (ValueError, OSError):
+            continue
+        if isinstance(key, Ed25519PrivateKey):
+            raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            out.add(base64.b64encode(raw).decode())
+    return frozenset(out)
+
+
+def is_demo_identity(policy: Policy, name: str) -> bool:
+    """Marked ``demo: true``, or holding a public key whose private half ships with the repository."""
+    ident = policy.identities.get(name)
+    return ident is not None and (ident.demo or ident.public_key in shipped_demo_keys())
 
 
 def policy_hash(policy: Policy) -> str:

@@ -89,6 +89,7 @@ KINDS: tuple[str, ...] = (
     "serving_recovered",
     "supervisor_restarted",
     "outage",
+    "policy_recorded",
 )
 
 GENESIS_HASH = "0" * 64

@@ -1,4 +1,5 @@
-"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``keys``, ``audit``, ``rollback``, ``inventory``.
+"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``keys``, ``audit``, ``rollback``,
+``inventory``, ``policy``.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from platform_defs.cli_audit import add_audit_parser
 from platform_defs.cli_governance import add_governance_parsers
 from platform_defs.cli_inventory import add_inventory_parser
+from platform_defs.cli_policy import add_policy_parser
 from platform_defs.cli_rollback import add_rollback_parser
 from platform_defs.cli_simulate import add_simulate_parser
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
@@ -180,9 +182,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if loose:
         print(f"onepath: took group and other permissions off {loose} entries under {settings.home}")
     ensure_instance(settings)
+    from platform_defs.policy import PolicyError
+
     try:
         org = load_organisation()
-    except DeclarationError as err:
+        print(f"onepath: {_policy_on_start(settings)}")
+    except (DeclarationError, PolicyError) as err:
         return _die(str(err).splitlines()[0])
     env = dict(os.environ)
     env.update({
@@ -223,6 +228,41 @@ def cmd_up(args: argparse.Namespace) -> int:
     code = 0 if stopping else (dagster.returncode or 0)
     print("onepath: Dagster stopped; endpoints keep serving (onepath down stops them)")
     return code
+
+
+def _policy_on_start(settings: Settings) -> str:
+    """On the first start of a demo organisation (the example's policy turns demo mode on), record its policy,
+    signed by its first demo platform admin with the shipped key, so the tour promotes; otherwise say what
+    records it. One line either way: the gates say the rest."""
+    from platform_defs.policy import is_demo_identity, load_policy, policy_path, shipped_demo_keys
+    from platform_defs.policy_record import PolicyRecordError, policy_standing, recorded_policies, record_policy
+    from platform_defs.settings import current_profile
+    from platform_defs.wiring import build_resources
+    from resources.approvals import load_private_key, public_key_b64
+
+    path = policy_path()
+    policy = load_policy(path)
+    book = build_resources(settings)["ledger"].ledger()
+    try:
+        records = recorded_policies(book)
+    except PolicyRecordError as err:
+        return f"the recorded policy chain is broken ({err}): nothing promotes"
+    if not records and policy.demo and current_profile() != "production":
+        demo_keys = PROJECT_ROOT / "assets" / "demo_identities"
+        for name, ident in policy.identities.items():
+            key_file = demo_keys / f"{name}.key"
+            if "platform_admin" not in ident.roles or not is_demo_identity(policy, name) or not key_file.exists():
+                continue
+            key = load_private_key(key_file)
+            if public_key_b64(key) != ident.public_key or ident.public_key not in shipped_demo_keys():
+                continue
+            entry = record_policy(book, path, signer=name, key=key, initial=True)
+            return (f"recorded the demo policy {path} as the policy in force (ledger #{entry.seq}), signed by the "
+                    f"demo platform admin {name} with its shipped key (demo mode: never for anything real)")
+    standing = policy_standing(book, policy, path)
+    if standing.ok:
+        return f"policy in force: ledger #{standing.entry_seq} (sha256 {standing.hash[:12]}…)"
+    return f"{standing.problem}; until then every gate says why nothing promotes"
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
@@ -269,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     add_rollback_parser(sub)
     add_inventory_parser(sub)
     add_audit_parser(sub)
+    add_policy_parser(sub)
     add_simulate_parser(sub)
     args = ap.parse_args(argv)
     try:

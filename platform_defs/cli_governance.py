@@ -13,16 +13,10 @@ from pathlib import Path
 
 from platform_defs.settings import PROJECT_ROOT, load_settings
 
-DEMO_KEYS = PROJECT_ROOT / "assets" / "demo_identities"
-
-
 def identity_key_path(name: str) -> Path:
-    """``$ONEPATH_HOME/keys/identities/NAME.key``; demo identities fall back to the shipped demo key."""
-    own = load_settings().home / "keys" / "identities" / f"{name}.key"
-    if own.exists():
-        return own
-    demo = DEMO_KEYS / f"{name}.key"
-    return demo if demo.exists() else own
+    """``$ONEPATH_HOME/keys/identities/NAME.key``. Never a shipped demo key: whoever signs with one of
+    those names it with ``--key`` (and only a policy in demo mode accepts it)."""
+    return load_settings().home / "keys" / "identities" / f"{name}.key"
 
 
 def _fail(msg: str) -> int:

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from platform_defs.policy import Policy
+from platform_defs.policy import Policy, is_demo_identity
 
 
 class ApprovalError(ValueError):
@@ -100,6 +100,10 @@ def verify(approval: Approval, policy: Policy, *, asset: str, version: str, env:
     ident = policy.identities.get(approval.approver)
     if ident is None:
         raise ApprovalError(f"unknown approver '{approval.approver}': not an identity in the policy")
+    if not policy.demo and is_demo_identity(policy, approval.approver):
+        why = "is marked demo" if ident.demo else "lists a public key whose private key ships in assets/demo_identities"
+        raise ApprovalError(f"{approval.approver} {why}: demo identities are refused unless the recorded policy is in "
+                            f"demo mode (demo: true)")
     try:
         pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(ident.public_key))
         pub.verify(base64.b64decode(approval.signature), approval.payload())

@@ -186,7 +186,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     try:
         org = load_organisation()
-        print(f"onepath: {_policy_on_start(settings)}")
+        policy_line = _policy_on_start(settings)
     except (DeclarationError, PolicyError) as err:
         return _die(str(err).splitlines()[0])
     env = dict(os.environ)
@@ -214,6 +214,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   "-h", args.host, "-p", str(args.port)]
     print(f"onepath: {len(org)} declarations loaded; Dagster UI on http://{args.host}:{args.port}"
           f"{'' if args.no_mlflow_ui else f', MLflow UI on {settings.mlflow_ui_url}'}; state in {settings.home}")
+    print(f"onepath: {policy_line}", flush=True)
     # dg dev runs in its own process group, so stopping it reaches its webserver, daemon and code
     # servers too: first a Ctrl-C, as a terminal would send, then SIGTERM, then SIGKILL.
     dagster = subprocess.Popen(dg_cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)

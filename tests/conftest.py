@@ -171,7 +171,8 @@ def wait_for(what: str, condition, seconds: float = 180.0, poll: float = 0.05):
     raise AssertionError(f"{what}: not within {seconds:g} s")
 
 
-DEMO_ADMIN_KEY = ROOT / "assets" / "demo_identities" / "pat.key"
+DEMO_KEYS = ROOT / "assets" / "demo_identities"
+DEMO_ADMIN_KEY = DEMO_KEYS / "pat.key"
 
 
 def record_policy(book, policy=None, path: Path | None = None):

@@ -170,7 +170,7 @@ def test_rollback_to_a_version_that_never_passed_the_gate_is_refused(two_version
 def test_a_changed_policy_reruns_the_gate_on_the_way_back(two_versions):
     world = two_versions
     stricter = world["policy"].model_copy(deep=True)
-    stricter.tracks["ml-standard"] = stricter.tracks["ml-standard"].model_copy(update={"reference_rows": 10**6})
+    stricter.tracks["ml-standard"] = stricter.tracks["ml-standard"].model_copy(update={"reference_rows": 100_000})
     record_policy(world["services"].ledger, stricter)  # the change, recorded (onepath policy apply)
     with pytest.raises(PromotionError, match=r"version 1 no longer passes the prod gate under the policy in force: "
                                              r"drift_ready"):

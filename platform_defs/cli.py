@@ -133,10 +133,12 @@ def _digest_cell(r: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from platform_defs.specs import DeclarationError
 
+    from platform_defs.policy import PolicyError
+
     settings = load_settings()
     try:
         rows = _status_rows(settings, args.env)
-    except DeclarationError as err:
+    except (DeclarationError, PolicyError) as err:
         return _die(str(err).splitlines()[0])
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -41,8 +41,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 def cmd_approve(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from platform_defs.loader import load_organisation
-    from platform_defs.policy import PolicyError, load_policy
+    from platform_defs.loader import load_governed
+    from platform_defs.policy import PolicyError
     from platform_defs.specs import AppSpec, DeclarationError, EndpointSpec, ModelSpec
     from resources.approvals import ApprovalError, load_private_key, sign, verify
 
@@ -50,7 +50,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     if not approver:
         return _fail("say who approves: --as NAME (or set ONEPATH_IDENTITY)")
     try:
-        org, policy = load_organisation(), load_policy()
+        org, policy = load_governed()
     except (DeclarationError, PolicyError) as err:
         return _fail(str(err).splitlines()[0])
     decl = org.by_name.get(args.asset)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,7 @@ EXAMPLE = (ROOT / "assets" / "policy.yaml").read_text()
 
 def with_identity(text: str, name: str, team: str, roles: list[str], public_key: str, demo: bool = False) -> str:
     """The policy text with one more identity (and team member): the edit an attacker makes."""
-    members = {"model-risk": "[mira]", "platform": "[pat]"}[team]
-    out = text.replace(f"{team}: {{members: {members}}}", f"{team}: {{members: {members[:-1]}, {name}]}}", 1)
+    out = re.sub(rf"(\n  {team}: {{members: \[[^\]]*)\]", rf"\1, {name}]", text, count=1)
     assert out != text
     flag = ", demo: true" if demo else ""
     return out.rstrip("\n") + f'\n  {name}: {{team: {team}, roles: [{", ".join(roles)}]{flag}, public_key: "{public_key}"}}\n'

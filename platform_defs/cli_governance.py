@@ -35,6 +35,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     print(f"private key written to {path} (keep it; mode 0600)")
     print("add this identity to the policy file (identities:), in a reviewed change:")
     print(f'  {args.identity}: {{team: <team>, roles: [<role>], public_key: "{public}"}}')
+    print("then record the change (nothing promotes until it is): onepath policy apply --as <platform admin>")
     return 0
 
 

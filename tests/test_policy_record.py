@@ -205,7 +205,7 @@ def world(settings, tmp_path_factory):
             services = Services(mlflow=resources["mlflow"], deployer=resources["deployer_local"].deployer(),
                                 ledger=book, data_store=resources["data_store"])
             yield {"org": load_organisation(), "services": services, "book": book, "settings": s,
-                   "policy_file": policy_file}
+                   "policy_file": policy_file, "instance": instance}
             services.deployer.stop_all()
     finally:
         if saved is None:
@@ -248,6 +248,16 @@ def test_an_unrecorded_edit_of_the_policy_blocks_promotion_until_an_admin_applie
     assert gate.data["policy_hash"] == policy_hash(edited) and "onepath policy apply" in gate.data["policy_problem"]
     assert serving_version(services.deployer.status(endpoint_target(world["org"].by_name["churn_scoring"], "prod"))) \
         is None
+
+    # the same through the graph (what the UI runs): the prod asset's blocking checks fail, saying why
+    from platform_defs.definitions import build_definitions
+
+    defs = build_definitions(settings=world["settings"], policy=edited)
+    run = dg.materialize(list(defs.assets), selection=["churn_scoring_prod"], resources=defs.resources,
+                         instance=world["instance"], raise_on_error=False)
+    checks = run.get_asset_check_evaluations()
+    assert not run.success and checks and all(not c.passed for c in checks)
+    assert all("onepath policy apply --as" in c.metadata["verdict"].value for c in checks)
 
     shown = onepath(world, "policy", "show")
     assert shown.returncode == 1 and "differs from the policy recorded in ledger #" in shown.stdout

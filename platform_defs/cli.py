@@ -1,4 +1,5 @@
-"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``keys``, ``audit``, ``rollback``, ``inventory``, ``witness``.
+"""The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``revoke``, ``sign-version``, ``keys``,
+``audit``, ``rollback``, ``inventory``, ``policy``, ``witness``.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from platform_defs.cli_audit import add_audit_parser
 from platform_defs.cli_governance import add_governance_parsers
 from platform_defs.cli_inventory import add_inventory_parser
+from platform_defs.cli_policy import add_policy_parser
 from platform_defs.cli_rollback import add_rollback_parser
 from platform_defs.cli_simulate import add_simulate_parser
 from platform_defs.cli_witness import add_witness_parser
@@ -61,12 +63,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from platform_defs.specs import DeclarationError
 
     root = Path(args.path).resolve() if args.path else declarations_dir()
-    from platform_defs.policy import PolicyError, check_organisation, effective_drift, load_policy
+    from platform_defs.policy import PolicyError, effective_drift, load_policy
 
     try:
-        org = load_organisation(root)
         policy = load_policy()
-        check_organisation(org, policy)
+        org = load_organisation(root, policy)
         for ep in org.of_kind("endpoint"):
             effective_drift(ep, policy, org.sources.get(ep.name))
     except (DeclarationError, PolicyError) as err:
@@ -133,10 +134,12 @@ def _digest_cell(r: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from platform_defs.specs import DeclarationError
 
+    from platform_defs.policy import PolicyError
+
     settings = load_settings()
     try:
         rows = _status_rows(settings, args.env)
-    except DeclarationError as err:
+    except (DeclarationError, PolicyError) as err:
         return _die(str(err).splitlines()[0])
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -182,9 +185,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if loose:
         print(f"onepath: took group and other permissions off {loose} entries under {settings.home}")
     ensure_instance(settings)
+    from platform_defs.policy import PolicyError
+
     try:
         org = load_organisation()
-    except DeclarationError as err:
+        policy_line = _policy_on_start(settings)
+    except (DeclarationError, PolicyError) as err:
         return _die(str(err).splitlines()[0])
     env = dict(os.environ)
     env.update({
@@ -211,6 +217,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   "-h", args.host, "-p", str(args.port)]
     print(f"onepath: {len(org)} declarations loaded; Dagster UI on http://{args.host}:{args.port}"
           f"{'' if args.no_mlflow_ui else f', MLflow UI on {settings.mlflow_ui_url}'}; state in {settings.home}")
+    print(f"onepath: {policy_line}", flush=True)
     # dg dev runs in its own process group, so stopping it reaches its webserver, daemon and code
     # servers too: first a Ctrl-C, as a terminal would send, then SIGTERM, then SIGKILL.
     dagster = subprocess.Popen(dg_cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)
@@ -225,6 +232,41 @@ def cmd_up(args: argparse.Namespace) -> int:
     code = 0 if stopping else (dagster.returncode or 0)
     print("onepath: Dagster stopped; endpoints keep serving (onepath down stops them)")
     return code
+
+
+def _policy_on_start(settings: Settings) -> str:
+    """On the first start of a demo organisation (the example's policy turns demo mode on), record its policy,
+    signed by its first demo platform admin with the shipped key, so the tour promotes; otherwise say what
+    records it. One line either way: the gates say the rest."""
+    from platform_defs.policy import is_demo_identity, load_policy, policy_path, shipped_demo_keys
+    from platform_defs.policy_record import PolicyRecordError, policy_standing, recorded_policies, record_policy
+    from platform_defs.settings import current_profile
+    from platform_defs.wiring import build_resources
+    from resources.approvals import load_private_key, public_key_b64
+
+    path = policy_path()
+    policy = load_policy(path)
+    book = build_resources(settings)["ledger"].ledger()
+    try:
+        records = recorded_policies(book)
+    except PolicyRecordError as err:
+        return f"the recorded policy chain is broken ({err}): nothing promotes"
+    if not records and policy.demo and current_profile() != "production":
+        demo_keys = PROJECT_ROOT / "assets" / "demo_identities"
+        for name, ident in policy.identities.items():
+            key_file = demo_keys / f"{name}.key"
+            if "platform_admin" not in ident.roles or not is_demo_identity(policy, name) or not key_file.exists():
+                continue
+            key = load_private_key(key_file)
+            if public_key_b64(key) != ident.public_key or ident.public_key not in shipped_demo_keys():
+                continue
+            entry = record_policy(book, path, signer=name, key=key, initial=True)
+            return (f"recorded the demo policy {path} as the policy in force (ledger #{entry.seq}), signed by the "
+                    f"demo platform admin {name} with its shipped key (demo mode: never for anything real)")
+    standing = policy_standing(book, policy, path)
+    if standing.ok:
+        return f"policy in force: ledger #{standing.entry_seq} (sha256 {standing.hash[:12]}…)"
+    return f"{standing.problem}; until then every gate says why nothing promotes"
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
@@ -271,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     add_rollback_parser(sub)
     add_inventory_parser(sub)
     add_audit_parser(sub)
+    add_policy_parser(sub)
     add_simulate_parser(sub)
     add_witness_parser(sub)
     args = ap.parse_args(argv)

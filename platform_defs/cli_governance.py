@@ -16,16 +16,10 @@ from typing import Any
 
 from platform_defs.settings import PROJECT_ROOT, load_settings
 
-DEMO_KEYS = PROJECT_ROOT / "assets" / "demo_identities"
-
-
 def identity_key_path(name: str) -> Path:
-    """``$ONEPATH_HOME/keys/identities/NAME.key``; demo identities fall back to the shipped demo key."""
-    own = load_settings().home / "keys" / "identities" / f"{name}.key"
-    if own.exists():
-        return own
-    demo = DEMO_KEYS / f"{name}.key"
-    return demo if demo.exists() else own
+    """``$ONEPATH_HOME/keys/identities/NAME.key``. Never a shipped demo key: whoever signs with one of
+    those names it with ``--key`` (and only a policy in demo mode accepts it)."""
+    return load_settings().home / "keys" / "identities" / f"{name}.key"
 
 
 def _fail(msg: str) -> int:
@@ -44,6 +38,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     print(f"private key written to {path} (keep it; mode 0600)")
     print("add this identity to the policy file (identities:), in a reviewed change:")
     print(f'  {args.identity}: {{team: <team>, roles: [<role>], public_key: "{public}"}}')
+    print("then record the change (nothing promotes until it is): onepath policy apply --as <platform admin>")
     return 0
 
 
@@ -57,8 +52,8 @@ def _model_of(args: argparse.Namespace, org) -> Any:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from platform_defs.loader import load_organisation
-    from platform_defs.policy import PolicyError, load_policy
+    from platform_defs.loader import load_governed
+    from platform_defs.policy import PolicyError
     from platform_defs.registration import registered_author, registration, unknown_author_text
     from platform_defs.specs import AppSpec, DeclarationError, ModelSpec
     from resources.approvals import ApprovalError, Registered, load_private_key, sign, verify
@@ -67,7 +62,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     if not approver:
         return _fail("say who approves: --as NAME (or set ONEPATH_IDENTITY)")
     try:
-        org, policy = load_organisation(), load_policy()
+        org, policy = load_governed()
     except (DeclarationError, PolicyError) as err:
         return _fail(str(err).splitlines()[0])
     decl = _model_of(args, org)

@@ -26,13 +26,13 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from platform_defs.inventory import build_inventory, summarize, text_table
-    from platform_defs.loader import load_organisation
-    from platform_defs.policy import PolicyError, load_policy
+    from platform_defs.loader import load_governed
+    from platform_defs.policy import PolicyError
     from platform_defs.specs import AppSpec, DeclarationError, EndpointSpec
     from platform_defs.wiring import build_resources
 
     try:
-        org, policy = load_organisation(), load_policy()
+        org, policy = load_governed()
     except (DeclarationError, PolicyError) as err:
         return _fail(str(err).splitlines()[0])
     envs = sorted({e for d in org.by_name.values() if isinstance(d, (EndpointSpec, AppSpec))

@@ -30,7 +30,7 @@ def default_actor() -> str:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from platform_defs.policy import PolicyError, load_policy
+    from platform_defs.policy import PolicyError
     from platform_defs.promotion import PromotionError, Services, roll_back
     from platform_defs.settings import load_settings
     from platform_defs.specs import DeclarationError
@@ -42,9 +42,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     actor = (args.as_ or "").strip() or default_actor()
     try:
         from platform_defs.wiring import build_resources
-        from platform_defs.loader import load_organisation
+        from platform_defs.loader import load_governed
 
-        org, policy = load_organisation(), load_policy()
+        org, policy = load_governed()
     except (DeclarationError, PolicyError) as err:
         return _fail(str(err).splitlines()[0])
     resources = build_resources(load_settings())

@@ -12,7 +12,7 @@ from platform_defs.factories import build_all
 from platform_defs.inventory import build_inventory_asset, build_inventory_schedule
 from platform_defs.loader import load_organisation
 from platform_defs.platform_metrics import build_platform_metrics_asset, build_platform_metrics_schedule
-from platform_defs.policy import Policy, check_organisation, load_policy
+from platform_defs.policy import Policy, load_policy, resolve_organisation
 from platform_defs.rollback import build_rollback_job
 from platform_defs.settings import Settings, load_settings
 from platform_defs.specs import Organisation
@@ -31,9 +31,9 @@ from sensors.supervisor_events import build_supervisor_events_sensor
 def build_definitions(org: Organisation | None = None, settings: Settings | None = None,
                       policy: Policy | None = None) -> dg.Definitions:
     settings = (settings or load_settings()).ensure_dirs()
-    org = org or load_organisation()
     policy = policy or load_policy()
-    check_organisation(org, policy)
+    # tracks come from the policy: an organisation passed in is resolved against it like a loaded one
+    org = resolve_organisation(org or load_organisation(policy=policy), policy)
     return dg.Definitions(
         assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy),
                 build_inventory_asset(org, policy)],

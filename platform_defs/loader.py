@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -19,6 +20,9 @@ from platform_defs import strict_yaml
 
 from platform_defs.settings import PROJECT_ROOT
 from platform_defs.specs import DeclarationError, Organisation, parse_declaration
+
+if TYPE_CHECKING:
+    from platform_defs.policy import Policy
 
 YAML_NAMES = ("defs.yaml", "defs.yml")
 
@@ -92,7 +96,10 @@ def _load_yaml(path: Path) -> list:
     return out
 
 
-def load_organisation(root: Path | None = None) -> Organisation:
+def load_organisation(root: Path | None = None, policy: "Policy | None" = None) -> Organisation:
+    """Every declaration under ``root``, checked, with its track decided by ``policy`` (default: the
+    policy file in use): an owner the policy does not know, a track the team may not use, or a purpose
+    below its minimum track fails here, for every entry point."""
     root = root or declarations_dir()
     if not root.is_dir():
         raise DeclarationError("?", "(folder)", f"declarations folder {root} does not exist")
@@ -113,7 +120,17 @@ def load_organisation(root: Path | None = None) -> Organisation:
             # keep the first place for the message, name the second as the offender
             sources[f"{d.name}#dup"] = source
         decls.append(d)
-    return _organisation(decls, sources)
+    from platform_defs.policy import load_policy, resolve_organisation
+
+    return resolve_organisation(_organisation(decls, sources), policy or load_policy())
+
+
+def load_governed(root: Path | None = None) -> "tuple[Organisation, Policy]":
+    """``(organisation, policy)``: the policy file in use and the declarations resolved against it."""
+    from platform_defs.policy import load_policy
+
+    policy = load_policy()
+    return load_organisation(root, policy), policy
 
 
 def _check_code_refs(org: Organisation) -> None:

@@ -8,6 +8,7 @@ the file and the key path. Pure: parsing and validation only, no signatures chec
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -132,8 +133,37 @@ class Identity(_P):
         return v
 
 
+TrackName = Literal["app", "ml-standard", "ml-high-risk"]
+MlTrack = Literal["ml-standard", "ml-high-risk"]
+# how strict an ML track is: a purpose's min_track is met by its track or a stricter one. 'app' is apart:
+# only app releases are on it, and an app release is on nothing else
+ML_TRACK_ORDER = ("ml-standard", "ml-high-risk")
+
+
 class Team(_P):
     members: list[str] = Field(default_factory=list)
+    tracks: list[TrackName] = Field(default_factory=list,
+                                    description="Tracks this team's declarations may use; empty: it may own none.")
+    default_track: TrackName | None = Field(None, description="Track of a declaration that names none (default: "
+                                                              "the team's only track, when it has one).")
+
+    @model_validator(mode="after")
+    def _default(self) -> "Team":
+        if self.default_track is not None and self.default_track not in self.tracks:
+            raise ValueError(f"default_track: '{self.default_track}' is not one of this team's tracks "
+                             f"({', '.join(self.tracks) or 'none'})")
+        return self
+
+    def track_for(self) -> str | None:
+        """The track a declaration of this team gets when it names none."""
+        if self.default_track is not None:
+            return self.default_track
+        return self.tracks[0] if len(self.tracks) == 1 else None
+
+
+class Purpose(_P):
+    min_track: MlTrack = Field(description="The least strict track a model or endpoint with this purpose may use.")
+    description: str = ""
 
 
 class Policy(_P):
@@ -141,6 +171,10 @@ class Policy(_P):
     teams: dict[str, Team]
     identities: dict[str, Identity] = Field(default_factory=dict)
     platform_team: str = "platform"
+    purposes: dict[str, Purpose] = Field(default_factory=dict,
+                                         description="Declared purposes (credit_decision, ...) and the track each needs.")
+    demo: bool = Field(False, description="Demo mode: identities marked demo, and the keys shipped in "
+                                          "assets/demo_identities, may sign. Never in production.")
 
     @model_validator(mode="after")
     def _refs(self) -> "Policy":
@@ -174,19 +208,102 @@ class Policy(_P):
         return self.tracks[name]  # type: ignore[index]
 
 
-def check_organisation(org: "Organisation", policy: Policy) -> None:
-    """What the policy forbids in declarations: PII feeding a model on a track that forbids it."""
-    from platform_defs.specs import DatasetSpec, DeclarationError, ModelSpec
+def resolve_organisation(org: "Organisation", policy: Policy, policy_file: Path | None = None) -> "Organisation":
+    """The organisation with every track decided by the policy, checked against it; the one place a
+    declaration meets the policy (every entry point loads through it: ``loader.load_organisation``).
 
-    for m in org.of_kind("model"):
-        assert isinstance(m, ModelSpec)
-        ds = org.by_name[m.dataset]
+    A declaration's owner must be a team of the policy, its track one the team may use (a declaration
+    that names none gets the team's default), an ML model's or endpoint's purpose one the policy lists,
+    on at least that purpose's ``min_track``; an endpoint follows its model. PII may not feed a model on a
+    track that forbids it. Anything else is a ``DeclarationError`` naming the file, the declaration, the
+    field and the policy rule."""
+    from platform_defs.specs import AppSpec, DatasetSpec, DeclarationError, EndpointSpec, ModelSpec, Organisation
+
+    where = _shown(policy_file or policy_path())
+
+    def err(d, field: str, problem: str) -> DeclarationError:
+        return DeclarationError(d.name, field, problem, org.sources.get(d.name), d.kind)
+
+    def team_of(d) -> Team:
+        team = policy.teams.get(d.owner)
+        if team is None:
+            raise err(d, "owner", f"team '{d.owner}' is not a team of the policy (policy {where} teams: "
+                                  f"{', '.join(sorted(policy.teams))})")
+        return team
+
+    def track_of(d, team: Team, ml: bool) -> str:
+        rule = f"policy {where} teams.{d.owner}.tracks is [{', '.join(team.tracks)}]"
+        track = d.track
+        if track is None:
+            track = team.track_for()
+            if track is None:
+                raise err(d, "track", f"no track declared and team '{d.owner}' has no default ({rule}"
+                                      f"{'' if not team.tracks else f'; set teams.{d.owner}.default_track'}): "
+                                      f"declare the track")
+        if track not in team.tracks:
+            raise err(d, "track", f"team '{d.owner}' may not use track '{track}' ({rule})")
+        if ml and track == "app":
+            raise err(d, "track", f"a {d.kind} is on an ML track, not 'app' (only app releases are on track 'app')")
+        return track
+
+    def check_purpose(d, track: str) -> None:
+        if d.purpose is None:
+            return
+        purpose = policy.purposes.get(d.purpose)
+        if purpose is None:
+            raise err(d, "purpose", f"unknown purpose '{d.purpose}' (policy {where} purposes: "
+                                    f"{', '.join(sorted(policy.purposes)) or 'none'})")
+        if ML_TRACK_ORDER.index(track) < ML_TRACK_ORDER.index(purpose.min_track):
+            raise err(d, "track", f"purpose '{d.purpose}' needs track '{purpose.min_track}' or stricter, not "
+                                  f"'{track}' (policy {where} purposes.{d.purpose}.min_track is {purpose.min_track})")
+
+    resolved: dict[str, object] = {}
+    order = {"dataset": 0, "model": 1, "endpoint": 2, "app": 3}
+    for d in sorted(org.by_name.values(), key=lambda x: order[x.kind]):
+        team = team_of(d)
+        update: dict[str, object] = {}
+        if isinstance(d, EndpointSpec):
+            model = resolved[d.model]
+            assert isinstance(model, ModelSpec)
+            if d.track is not None and d.track != model.track:
+                raise err(d, "track", f"'{d.track}' differs from model '{model.name}' track '{model.track}' "
+                                      f"(an endpoint follows its model)")
+            if d.purpose is not None and d.purpose != model.purpose:
+                raise err(d, "purpose", f"'{d.purpose}' differs from model '{model.name}' purpose "
+                                        f"'{model.purpose}' (an endpoint follows its model)")
+            track = model.track
+            if track not in team.tracks:
+                raise err(d, "owner", f"team '{d.owner}' may not use track '{track}' of model '{model.name}' "
+                                      f"(policy {where} teams.{d.owner}.tracks is [{', '.join(team.tracks)}])")
+            update = {"track": track, "purpose": model.purpose}
+        elif isinstance(d, AppSpec):
+            if "app" not in team.tracks:
+                raise err(d, "owner", f"team '{d.owner}' may not use track 'app' (policy {where} "
+                                      f"teams.{d.owner}.tracks is [{', '.join(team.tracks)}])")
+            update = {"track": "app"}
+        else:
+            track = track_of(d, team, ml=True)
+            if isinstance(d, ModelSpec):
+                check_purpose(d, track)
+            update = {"track": track}
+        resolved[d.name] = d.model_copy(update=update) if any(getattr(d, k) != v for k, v in update.items()) else d
+    for m in resolved.values():
+        if not isinstance(m, ModelSpec):
+            continue
+        ds = resolved[m.dataset]
         assert isinstance(ds, DatasetSpec)
         if ds.pii_columns and not policy.track(m.track).pii_allowed:
-            raise DeclarationError(
-                m.name, "dataset",
-                f"dataset '{ds.name}' declares PII ({', '.join(ds.pii_columns)}) and the policy forbids PII "
-                f"on track '{m.track}': feed the model a de-identified dataset", org.sources.get(m.name), m.kind)
+            raise err(m, "dataset",
+                      f"dataset '{ds.name}' declares PII ({', '.join(ds.pii_columns)}) and the policy forbids PII "
+                      f"on track '{m.track}': feed the model a de-identified dataset")
+    if all(resolved[n] is d for n, d in org.by_name.items()):
+        return org
+    return Organisation([resolved[n] for n in org.by_name], {k: v for k, v in org.sources.items() if "#" not in k})
+
+
+def check_organisation(org: "Organisation", policy: Policy) -> "Organisation":
+    """``resolve_organisation`` (kept under its old name for callers that only check)."""
+    return resolve_organisation(org, policy)
 
 
 def policy_path() -> Path:
@@ -205,8 +322,13 @@ def load_policy(path: Path | None = None) -> Policy:
     shown = _shown(path)
     if not path.exists():
         raise PolicyError(shown, "(file)", "does not exist")
+    return parse_policy(path.read_text(), shown)
+
+
+def parse_policy(text: str, shown: str) -> Policy:
+    """Validate a policy's YAML ``text``; errors name ``shown`` (a file, or a ledger entry) and the key."""
     try:
-        data = strict_yaml.load(path.read_text())
+        data = strict_yaml.load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise PolicyError(f"{shown}:{mark.line + 1}" if mark else shown, "(yaml)",
@@ -224,6 +346,35 @@ def load_policy(path: Path | None = None) -> Policy:
         elif first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], (dict, list)):
             msg = f"{msg} (got {first['input']!r})"
         raise PolicyError(shown, loc or "(root)", msg) from None
+
+
+DEMO_KEYS_DIR = PROJECT_ROOT / "assets" / "demo_identities"
+
+
+@functools.lru_cache(maxsize=4)
+def shipped_demo_keys(folder: Path = DEMO_KEYS_DIR) -> frozenset[str]:
+    """The public keys (base64 raw) of the private keys shipped in ``assets/demo_identities``: anyone with
+    the repository holds them, so an identity with one of these keys is a demo identity whatever its
+    name or flag says."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    out = set()
+    for f in sorted(folder.glob("*.key")):
+        try:
+            key = serialization.load_pem_private_key(f.read_bytes(), password=None)
+        except (ValueError, OSError):
+            continue
+        if isinstance(key, Ed25519PrivateKey):
+            raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            out.add(base64.b64encode(raw).decode())
+    return frozenset(out)
+
+
+def is_demo_identity(policy: Policy, name: str) -> bool:
+    """Marked ``demo: true``, or holding a public key whose private half ships with the repository."""
+    ident = policy.identities.get(name)
+    return ident is not None and (ident.demo or ident.public_key in shipped_demo_keys())
 
 
 def policy_hash(policy: Policy) -> str:

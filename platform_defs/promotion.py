@@ -269,20 +269,45 @@ def client_claims(trigger: str | None, initiated_by: str | None = None, source: 
     return {"trigger": trigger, **({"initiated_by": initiated_by} if initiated_by else {}), "from": source}
 
 
+def judge(book: Ledger, policy: Policy, required: list[str], evaluate: Callable[[], list]) -> tuple[list, Any]:
+    """The gate's verdicts, and the policy's standing they were judged under: every gate of every path (a
+    promotion, an app release, a way back's recheck) goes through here. When the policy file in use is not
+    the policy recorded in the ledger (``policy_record.policy_standing``), no check runs: each required
+    check is a failed verdict saying why and which command records the policy, and nothing deploys."""
+    from platform_defs.governance.gates import Verdict
+    from platform_defs.policy_record import policy_standing
+
+    standing = policy_standing(book, policy)
+    if standing.ok:
+        return evaluate(), standing
+    meta: dict[str, Any] = {"policy_problem": standing.problem}
+    if standing.entry_seq is not None:
+        meta["policy_entry"] = standing.entry_seq
+    return [Verdict(check, False, standing.problem or "the policy is not recorded", dict(meta))
+            for check in (required or ["policy"])], standing
+
+
 def record_gate(book: Ledger, verdicts: list, *, subject: str, env: str, actor: str, version: str,
                 who: dict[str, str], still_serving: str | None, policy: Policy, trigger: str | None = None,
-                claims: dict[str, Any] | None = None) -> str | None:
-    """Record the gate's verdicts (with the hash of the policy they were judged under); return the
-    refusal message when any failed, else None. A version held back only by a missing approval is
-    recorded as ``awaiting_approval`` (naming who may approve and the command), not as a refusal."""
+                claims: dict[str, Any] | None = None, standing: Any = None) -> str | None:
+    """Record the gate's verdicts (with the hash of the policy they were judged under and the ledger entry
+    that recorded it); return the refusal message when any failed, else None. A version held back only by
+    a missing approval is recorded as ``awaiting_approval`` (naming who may approve and the command), not
+    as a refusal. ``trigger``/``claims``: what the run's launcher said (recorded as claims)."""
+    if standing is None:
+        from platform_defs.policy_record import policy_standing
+
+        standing = policy_standing(book, policy)
     failed = [v for v in verdicts if not v.passed]
     claims = claims or client_claims(trigger)
     book.append("gate_verdict", subject, {
         **who, "version": version, "passed": not failed, "claims": claims, "policy_hash": policy_hash(policy),
+        "policy_entry": standing.entry_seq if standing.ok else None,
+        **({} if standing.ok else {"policy_problem": standing.problem}),
         "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
     if not failed:
         return None
-    if [v.check for v in failed] == ["approval"]:
+    if standing.ok and [v.check for v in failed] == ["approval"]:
         book.append("awaiting_approval", subject, {
             **who, "version": version, "still_serving": still_serving, "claims": claims,
             "approvers": failed[0].metadata.get("approvers"), "command": failed[0].metadata.get("command")},
@@ -319,6 +344,11 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
     too; an operator who names it (``operator_choice``) may restore it: a crash loop can be the host's
     doing (killed workers, memory), a failed bake is a verdict on the version."""
     book = services.ledger
+    from platform_defs.policy_record import policy_standing
+
+    standing = policy_standing(book, policy)
+    if not standing.ok:  # fail closed: under a policy that is not the recorded one, nothing is governed
+        return f"version {version} cannot be judged: {standing.problem}"
     passed = [e for e in book.entries(kind="gate_verdict", subject=spec.name, env=env)
               if str(e.data.get("version")) == version and e.data.get("passed")]
     if not passed:
@@ -335,11 +365,13 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
         return f"version {version} passed its {env} gate under an earlier policy and was not judged under this one"
     _, model, dataset = resolve_endpoint(org, spec.name, env)
     gate = _model_gate(spec, model, dataset, org, policy, services)
-    verdicts = [v for v in gate.evaluate(version, env) if v.check not in NOT_RECHECKED_ON_THE_WAY_BACK]
+    required = [c for c in gate.required(env) if c not in NOT_RECHECKED_ON_THE_WAY_BACK]
+    verdicts, standing = judge(book, policy, required, lambda: gate.evaluate(version, env))
+    verdicts = [v for v in verdicts if v.check not in NOT_RECHECKED_ON_THE_WAY_BACK]
     failed = [v for v in verdicts if not v.passed]
     book.append("gate_verdict", spec.name, {
         "model": model.name, "version": version, "passed": not failed, "trigger": "way back: policy changed",
-        "policy_hash": policy_hash(policy),
+        "policy_hash": policy_hash(policy), "policy_entry": standing.entry_seq if standing.ok else None,
         "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
     if failed:
         return (f"version {version} no longer passes the {env} gate under the policy in force: "
@@ -446,9 +478,11 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
                                      metadata={"skipped_version": version, "still_serving": previous})
         services.log(f"{spec.name}.{env}: deploying {model.name} version {version} (serving before: "
                      f"{previous or 'nothing'}) at {deployer.address(target)}")
-        verdicts = _model_gate(spec, model, dataset, org, policy, services).evaluate(version, env)
+        gate = _model_gate(spec, model, dataset, org, policy, services)
+        verdicts, standing = judge(book, policy, gate.required(env), lambda: gate.evaluate(version, env))
         refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
-                              who={"model": model.name}, still_serving=previous, policy=policy, claims=claims)
+                              who={"model": model.name}, still_serving=previous, policy=policy, claims=claims,
+                              standing=standing)
         if refusal:
             raise PromotionError(refusal, verdicts=verdicts, metadata={
                 "refused_version": version, "still_serving": previous or "nothing",
@@ -891,10 +925,10 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
         services.log(f"{spec.name}.{env}: deploying release {version} (before: {previous})")
         gate = AppGate(app=spec, policy=policy, ledger=book, deployer=deployer, source_dir=repo_root / spec.source,
                        repo_root=repo_root)
-        verdicts = gate.evaluate(version, artifact, env)
+        verdicts, standing = judge(book, policy, gate.required(env), lambda: gate.evaluate(version, artifact, env))
         refusal = record_gate(book, verdicts, subject=spec.name, env=env, actor=actor, version=version,
                               who={"app": spec.name}, still_serving=previous, policy=policy,
-                              claims=client_claims(trigger))
+                              claims=client_claims(trigger), standing=standing)
         if refusal:
             raise PromotionError(refusal, verdicts=verdicts, metadata={"refused_version": version})
         release = Release(version, str(artifact), config={"entrypoint": spec.entrypoint, "calls": env_vars})
@@ -940,5 +974,5 @@ def _app_fallback(spec: AppSpec, env: str, version: str, services: Services,
 
 
 __all__ = ["Promotion", "PromotionError", "RollbackResult", "Services", "app_target", "confirm_supervisor_rollback",
-           "confirm_relaunch", "endpoint_release", "endpoint_target", "fallback_release", "governed", "promote_app", "promote_endpoint", "promotion_lock",
+           "confirm_relaunch", "endpoint_release", "endpoint_target", "fallback_release", "governed", "judge", "promote_app", "promote_endpoint", "promotion_lock",
            "client_claims", "record_gate", "resolve_endpoint", "roll_back", "rollback_target", "stop_serving"]

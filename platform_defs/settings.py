@@ -34,6 +34,7 @@ class Settings:
     port_base: int
     # the ledger's witness (onepath witness serve, its own OS user); None: no witness
     witness_socket: Path | None = None
+    profile: str = "development"  # ONEPATH_PROFILE; "production" refuses what only a demo may do (demo mode)
 
     def ensure_dirs(self) -> "Settings":
         """Create every folder owner-only (0700), and an embedded MLflow store as an owner-only file:
@@ -80,4 +81,15 @@ def load_settings() -> Settings:
         host=os.environ.get("ONEPATH_HOST", "127.0.0.1"),
         port_base=int(os.environ.get("ONEPATH_PORT_BASE", "18000")),
         witness_socket=Path(os.environ["ONEPATH_WITNESS_SOCKET"]) if os.environ.get("ONEPATH_WITNESS_SOCKET") else None,
+        profile=current_profile(),
     )
+
+
+PROFILES = ("development", "production")
+
+
+def current_profile() -> str:
+    """``ONEPATH_PROFILE``: ``development`` (the default) or ``production``. Anything else is read as
+    production: a misspelt profile must not quietly allow what production refuses."""
+    value = os.environ.get("ONEPATH_PROFILE", "development").strip().lower() or "development"
+    return value if value in PROFILES else "production"

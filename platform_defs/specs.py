@@ -65,7 +65,8 @@ class ColumnSpec(_Spec):
 class _Declaration(_Spec):
     name: str
     owner: str = Field(description="The owning team, as listed in the policy file.")
-    track: Track
+    track: Track | None = Field(None, description="Governance track; left out, the policy's: the owner team's "
+                                                  "default track (see the policy's teams).")
     description: str = ""
 
     @field_validator("name")
@@ -140,6 +141,8 @@ class ModelSpec(_Declaration):
     )
     test_size: float = Field(0.25, gt=0, lt=1)
     seed: int = 7
+    purpose: str | None = Field(None, description="What the model decides, as named in the policy's purposes "
+                                                  "(e.g. credit_decision); a purpose sets a minimum track.")
     favourable_label: int = Field(0, description="The label value that is the good outcome for the person "
                                                  "(0 = will not default); fairness is judged on it.")
 
@@ -197,6 +200,7 @@ class FeedbackSpec(_Spec):
 class EndpointSpec(_Declaration):
     kind: Literal["endpoint"] = "endpoint"
     model: str = Field(description="Name of the model declaration it serves.")
+    purpose: str | None = Field(None, description="Left out: its model's (an endpoint follows its model).")
     environments: list[str] = Field(default_factory=lambda: ["staging", "prod"], min_length=1)
     backend: Literal["local"] = Field("local", description="Deployer backend.")
     workers: int | None = Field(
@@ -267,7 +271,7 @@ class AppSpec(_Declaration):
 
     @model_validator(mode="after")
     def _track(self) -> "AppSpec":
-        if self.track != "app":
+        if self.track not in (None, "app"):
             raise ValueError(f"an app release is on track 'app', not '{self.track}'")
         return self
 
@@ -382,7 +386,7 @@ class Organisation:
                     raise self._err(d, "feedback", "a dataset fed by outcomes needs a label column")
             if isinstance(d, EndpointSpec):
                 m = self._ref(d, "model", d.model, "model")
-                if m.track != d.track:
+                if m.track is not None and d.track is not None and m.track != d.track:
                     raise self._err(d, "track", f"'{d.track}' differs from model '{m.name}' track '{m.track}'")
             elif isinstance(d, AppSpec):
                 for i, ref in enumerate(d.calls):

@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from platform_defs.policy import Policy
+from platform_defs.policy import Policy, is_demo_identity
 
 FUTURE_SKEW = timedelta(minutes=5)  # an approved_at further ahead of the verifier's clock is refused
 
@@ -136,6 +136,10 @@ def _verify_signature(policy: Policy, who: str, signature: str, payload: bytes, 
     ident = policy.identities.get(who)
     if ident is None:
         raise ApprovalError(f"unknown {what} '{who}': not an identity in the policy")
+    if not policy.demo and is_demo_identity(policy, who):
+        why = "is marked demo" if ident.demo else "lists a public key whose private key ships in assets/demo_identities"
+        raise ApprovalError(f"{who} {why}: demo identities are refused unless the recorded policy is in "
+                            f"demo mode (demo: true)")
     try:
         pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(ident.public_key))
         pub.verify(base64.b64decode(signature), payload)

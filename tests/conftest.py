@@ -171,3 +171,31 @@ def wait_for(what: str, condition, seconds: float = 180.0, poll: float = 0.05):
             return out
         time.sleep(poll)
     raise AssertionError(f"{what}: not within {seconds:g} s")
+
+
+DEMO_KEYS = ROOT / "assets" / "demo_identities"
+DEMO_ADMIN_KEY = DEMO_KEYS / "pat.key"
+
+
+def record_policy(book, policy=None, path: Path | None = None):
+    """Make ``policy`` (a Policy object, e.g. ``quick_policy()``), or the policy file at ``path`` (default: the
+    example policy in use), the policy recorded in ``book``, as ``onepath policy init`` (or ``apply``, when
+    another one is recorded) would, signed by the example's demo platform admin pat with its shipped key.
+    Returns the ``policy_recorded`` entry, or None when it is already the policy in force."""
+    import yaml
+
+    from platform_defs.policy import policy_hash, policy_path
+    from platform_defs.policy_record import policy_in_force, record_policy as record
+    from resources.approvals import load_private_key
+
+    if policy is not None:
+        path = Path(book.db_path).parent / f"policy-{policy_hash(policy)[:16]}.yaml"
+        if not path.exists():
+            path.write_text(yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=True))
+    path = Path(path or policy_path())
+    from platform_defs.policy import load_policy
+
+    in_force = policy_in_force(book)
+    if in_force is not None and in_force.hash == policy_hash(load_policy(path)):
+        return None
+    return record(book, path, signer="pat", key=load_private_key(DEMO_ADMIN_KEY), initial=in_force is None)

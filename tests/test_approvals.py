@@ -413,3 +413,40 @@ def test_approve_refuses_a_notebook_version_nobody_signed(cli):
     assert code == 1 and "registered from outside onepath without a registration signature" in out
     assert "onepath sign-version credit_risk --version 7104" in out
     assert not book.entries(kind="approval", subject=MODEL)
+
+
+# -- demo mode: a property of the recorded policy, off unless it turns it on ---------------------------
+
+
+def demo_off(text: str | None = None):
+    from platform_defs.policy import parse_policy
+
+    text = (text or POLICY.read_text()).replace("\ndemo: true\n", "\ndemo: false\n", 1)
+    assert "\ndemo: false\n" in text
+    return parse_policy(text, "policy.yaml")
+
+
+def test_with_demo_mode_off_a_demo_identitys_approval_is_refused(policy):
+    check(policy, mira_signs())  # the example organisation is a demo: accepted there
+    with pytest.raises(ApprovalError, match="mira is marked demo: demo identities are refused unless the recorded "
+                                            r"policy is in demo mode \(demo: true\)"):
+        check(demo_off(), mira_signs())
+
+
+def test_a_shipped_demo_key_listed_under_another_name_is_refused(policy):
+    """The same attack through another door: mira's shipped public key under a new name, without the flag."""
+    mira_key = policy.identities["mira"].public_key
+    text = POLICY.read_text().replace("model-risk: {members: [mira]}", "model-risk: {members: [mira, moira]}", 1)
+    text = text.rstrip("\n") + f'\n  moira: {{team: model-risk, roles: [model_approver], public_key: "{mira_key}"}}\n'
+    strict = demo_off(text)
+    assert strict.identities["moira"].demo is False
+    with pytest.raises(ApprovalError, match="moira lists a public key whose private key ships in assets/demo_identities"):
+        check(strict, mira_signs(approver="moira"))
+
+
+def test_the_cli_never_falls_back_to_a_shipped_key(monkeypatch, tmp_path):
+    from platform_defs.cli_governance import identity_key_path
+
+    monkeypatch.setenv("ONEPATH_HOME", str(tmp_path))
+    assert identity_key_path("mira") == tmp_path.resolve() / "keys" / "identities" / "mira.key"
+    assert (KEYS / "mira.key").exists()

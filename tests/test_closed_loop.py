@@ -23,7 +23,7 @@ from platform_defs.definitions import build_definitions
 from platform_defs.policy import DriftPolicy
 from platform_defs.wiring import build_resources
 from resources.deployers.base import Target, http_json, probe
-from tests.conftest import isolated_settings, quick_policy, record_test_registration
+from tests.conftest import DEMO_KEYS, isolated_settings, quick_policy, record_policy, record_test_registration
 
 DRIFT = {"min_new_rows": 300, "window_rows": 600, "min_rows": 200, "cooldown_minutes": 60,
          "min_check_interval_minutes": 0}
@@ -131,12 +131,11 @@ def entries(world, kind: str, subject: str | None = None):
 
 
 def sign_approval(world, model: str, version: str, env: str, who: str = "mira", first_release: bool = False):
-    from platform_defs.cli_governance import identity_key_path
     from platform_defs.registration import registration
     from resources.approvals import load_private_key, sign
 
     reg = registration(world["ledger"], model, version).data  # what an approval binds
-    approval = sign(load_private_key(identity_key_path(who)), asset=model, version=version, env=env,
+    approval = sign(load_private_key(DEMO_KEYS / f"{who}.key"), asset=model, version=version, env=env,
                     reason="reviewed in the closed-loop test", approver=who, run_id=reg["run_id"] or "",
                     digest=reg["digest"])
     return world["ledger"].append("approval", model, {**approval.as_dict(), "first_release": first_release}, who,
@@ -150,8 +149,10 @@ def world(settings, tmp_path_factory):
 
     iso = isolated_settings(settings, tmp_path_factory.mktemp("loop"), port_offset=150)
     org = load_organisation()
-    defs = build_definitions(org=org, settings=iso, policy=loop_policy())
+    policy = loop_policy()
+    defs = build_definitions(org=org, settings=iso, policy=policy)
     res = build_resources(iso)
+    record_policy(res["ledger"].ledger(), policy)
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("loop_instance"))) as instance:
         w = {"defs": defs, "instance": instance, "settings": iso, "org": org, "cursors": {},
              "deployer": res["deployer_local"].deployer(), "ledger": res["ledger"].ledger(), "mlflow": res["mlflow"]}
@@ -368,9 +369,9 @@ def test_a_version_failing_its_bake_in_prod_is_rolled_back_by_itself(world, tmp_
         k: facts[k] for k in ("data_hash", "code_hash", "code_path", "dataset_key", "author", "split_seed",
                               "test_size", "training_rows")})
 
-    defs = build_definitions(org=world["org"], settings=world["settings"],
-                             policy=loop_policy(seconds=20, poll_seconds=0.2, min_requests=20,
-                                                pass_without_traffic=False))
+    baking = loop_policy(seconds=20, poll_seconds=0.2, min_requests=20, pass_without_traffic=False)
+    record_policy(world["ledger"], baking)  # a policy change, recorded as onepath policy apply would
+    defs = build_definitions(org=world["org"], settings=world["settings"], policy=baking)
     stop = threading.Event()
     address = world["deployer"].address(Target("churn_scoring", "prod", "endpoint"))
     record = {"tenure_months": 12.0, "plan": "basic", "monthly_fee": 0.0, "logins_30d": 3, "avg_balance": 900.0,

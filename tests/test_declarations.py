@@ -68,19 +68,86 @@ CASES = {
     "endpoint_track_mismatch": (
         GOOD.replace("track: ml-standard\n    model: churn", "track: ml-high-risk\n    model: churn"),
         "declaration 'churn_scoring' (endpoint, team/defs.yaml:", "field 'track': 'ml-high-risk' differs"),
+    # tracks come from the policy (assets/policy.yaml): the author no longer picks them
+    "unknown_team": (
+        GOOD.replace("name: churn\n    owner: retention", "name: churn\n    owner: growth-hackers"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'owner': team 'growth-hackers' is not a team of the "
+                                                       "policy (policy "),
+    "track_not_allowed": (
+        GOOD.replace("track: ml-standard\n    dataset", "track: ml-high-risk\n    dataset")
+            .replace("track: ml-standard\n    model: churn", "track: ml-high-risk\n    model: churn"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'track': team 'retention' may not use track "
+                                                       "'ml-high-risk' (policy "),
+    "credit_decision_on_ml_standard": (
+        GOOD.replace("track: ml-standard\n    dataset", "track: ml-standard\n    purpose: credit_decision\n    dataset"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'track': purpose 'credit_decision' needs track "
+                                                       "'ml-high-risk' or stricter, not 'ml-standard' (policy "),
+    "unknown_purpose": (
+        GOOD.replace("track: ml-standard\n    dataset", "track: ml-standard\n    purpose: loan_pricing\n    dataset"),
+        "declaration 'churn' (model, team/defs.yaml:", "field 'purpose': unknown purpose 'loan_pricing' (policy "),
     "bad_name": (
         GOOD.replace("name: churn\n", "name: Churn-Model\n"),
         "declaration 'Churn-Model' (model, team/defs.yaml:", "field 'name': 'Churn-Model' is not a valid name"),
 }
 
 
+RULES = {  # the policy rule each track refusal names
+    "unknown_team": "teams: credit-risk, digital-lending, model-risk, platform, retention)",
+    "track_not_allowed": "teams.retention.tracks is [ml-standard])",
+    "credit_decision_on_ml_standard": "purposes.credit_decision.min_track is ml-high-risk)",
+    "unknown_purpose": "purposes: credit_decision)",
+}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_yaml_declaration_names_declaration_file_and_field(tmp_path, case):
     text, head, problem = CASES[case]
+    assert text != GOOD
     write(tmp_path, {"team/defs.yaml": text})
     line = first_line(tmp_path)
     assert line.startswith(head), line
     assert problem in line, line
+    if case in RULES:
+        assert f"{ROOT / 'assets' / 'policy.yaml'} {RULES[case]}" in line, line
+
+
+def test_a_declaration_without_a_track_gets_the_policys():
+    org = load_organisation(ROOT / "assets")
+    raw = (ROOT / "assets" / "retention" / "defs.yaml").read_text()
+    assert "name: customer_activity\n    owner: retention      # no track" in raw  # the example leaves it out
+    assert org.by_name["customer_activity"].track == "ml-standard"  # retention's only track
+    # an endpoint that names none follows its model, purpose included
+    assert org.by_name["credit_scoring"].track == "ml-high-risk"
+    assert org.by_name["credit_scoring"].purpose == org.by_name["credit_risk"].purpose == "credit_decision"
+
+
+def test_a_team_with_several_tracks_and_no_default_must_name_one(tmp_path):
+    policy = (ROOT / "assets" / "policy.yaml").read_text().replace(
+        "retention: {members: [ravi], tracks: [ml-standard]}",
+        "retention: {members: [ravi], tracks: [ml-standard, ml-high-risk]}")
+    (tmp_path / "policy.yaml").write_text(policy)
+    from platform_defs.policy import load_policy
+
+    write(tmp_path, {"team/defs.yaml": GOOD})
+    with pytest.raises(DeclarationError) as err:
+        load_organisation(tmp_path, load_policy(tmp_path / "policy.yaml"))
+    line = str(err.value).splitlines()[0]
+    assert line.startswith("declaration 'customer_activity' (dataset, ") and "team/defs.yaml:" in line
+    assert "field 'track': no track declared and team 'retention' has no default" in line
+    assert "set teams.retention.default_track" in line
+    with_default = policy.replace("tracks: [ml-standard, ml-high-risk]}",
+                                  "tracks: [ml-standard, ml-high-risk], default_track: ml-standard}")
+    (tmp_path / "policy.yaml").write_text(with_default)
+    org = load_organisation(tmp_path, load_policy(tmp_path / "policy.yaml"))
+    assert org.by_name["customer_activity"].track == "ml-standard"
+
+
+def test_validate_refuses_an_unknown_team_in_one_line(tmp_path):
+    write(tmp_path, {"team/defs.yaml": CASES["unknown_team"][0]})
+    out = run_cli("validate", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 1 and out.stdout == "" and "Traceback" not in out.stderr
+    (line,) = out.stderr.splitlines()
+    assert "field 'owner': team 'growth-hackers' is not a team of the policy" in line
 
 
 def test_duplicate_name_across_files(tmp_path):
@@ -147,7 +214,7 @@ def test_validate_prints_exactly_the_first_line_and_no_traceback(tmp_path):
     assert out.stdout == ""
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
-    assert lines[0].startswith("declaration 'churn' (model, team/defs.yaml:21): field 'track'")
+    assert lines[0].startswith("declaration 'churn' (model, team/defs.yaml:20): field 'track'")
     assert problem in lines[0]
 
 

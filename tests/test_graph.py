@@ -18,7 +18,7 @@ from platform_defs.definitions import build_definitions, build_resources
 from platform_defs.loader import load_organisation
 from resources.data_store import dataframe_hash
 from resources.deployers.base import probe
-from tests.conftest import quick_policy
+from tests.conftest import DEMO_KEYS, quick_policy, record_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,18 +65,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def world(settings, tmp_path_factory):
     """Everything materialized; the credit line's prod refused until an independent approval, then promoted."""
-    defs = build_definitions(settings=settings, policy=quick_policy())
+    policy = quick_policy()
+    defs = build_definitions(settings=settings, policy=policy)
+    record_policy(build_resources(settings)["ledger"].ledger(), policy)
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("instance"))) as instance:
         first = materialize(defs, instance, ALL_BUT_PROD_CREDIT)
         refused = materialize(defs, instance, ["credit_scoring_prod"], raise_on_error=False)
         approval = run_cli("approve", "credit_risk", "--version", meta(first, "credit_risk")["model_version"],
-                           "--env", "prod", "--as", "mira", "--first-release",
+                           "--env", "prod", "--as", "mira", "--key", str(DEMO_KEYS / "mira.key"), "--first-release",
                            "--reason", "fairness and explainability reviewed")
         assert approval.returncode == 0, approval.stderr
         # the app's prod release waits for an independent code review; the credit prod deploy goes through
         promoted = materialize(defs, instance, ["credit_scoring_prod", "loan_portal_prod"], raise_on_error=False)
         review = run_cli("approve", "loan_portal", "--version", meta(first, "loan_portal")["release_version"],
-                         "--env", "prod", "--as", "rob", "--reason", "reviewed the diff")
+                         "--env", "prod", "--as", "rob", "--key", str(DEMO_KEYS / "rob.key"), "--reason", "reviewed the diff")
         assert review.returncode == 0, review.stderr
         app = materialize(defs, instance, ["loan_portal_prod"])
         yield {"defs": defs, "instance": instance, "first": [first, promoted, app], "refused": refused,
@@ -160,9 +162,10 @@ def test_prod_is_refused_until_an_independent_signed_approval(world):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--as", "carla"], "approval refused: carla is in the owning team 'credit-risk'"),
-    (["--as", "mira", "--env", "qa"], "'qa' is not an environment of credit_risk"),
-    (["--as", "mira", "--version", "999"], "credit_risk version 999 has no model_registered ledger entry"),
+    (["--as", "carla", "--key", str(DEMO_KEYS / "carla.key")], "approval refused: carla is in the owning team 'credit-risk'"),
+    (["--as", "mira", "--key", str(DEMO_KEYS / "mira.key"), "--env", "qa"], "'qa' is not an environment of credit_risk"),
+    (["--as", "mira", "--key", str(DEMO_KEYS / "mira.key"), "--version", "999"],
+     "credit_risk version 999 has no model_registered ledger entry"),
     (["--as", "nobody"], "no private key at"),
 ])
 def test_cli_approval_refusals(world, args, message):
@@ -277,7 +280,7 @@ def test_retrain_goes_to_staging_then_prod_is_promoted_alone_without_touching_th
     assert not waiting.success and probe(prod_address)["version"] == v1
     verdicts = {e.check_name: e.passed for e in waiting.get_asset_check_evaluations()}
     assert verdicts["approval"] is False and verdicts["rollback_path"] is True  # v1 served prod before
-    ok = run_cli("approve", "credit_scoring", "--version", v2, "--env", "prod", "--as", "pat", "--reason", "ok")
+    ok = run_cli("approve", "credit_scoring", "--version", v2, "--env", "prod", "--as", "pat", "--key", str(DEMO_KEYS / "pat.key"), "--reason", "ok")
     assert ok.returncode == 0, ok.stderr
     promoted = materialize(defs, instance, ["credit_scoring_prod"])  # picks the approval up
     m = meta(promoted, "credit_scoring_prod")

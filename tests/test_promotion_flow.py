@@ -19,7 +19,7 @@ from platform_defs.promotion import (PromotionError, Services, endpoint_release,
 from platform_defs.wiring import build_resources
 from resources.deployers.base import DeployError, serving_version
 from resources.ledger import LeaseLost
-from tests.conftest import isolated_settings, quick_policy
+from tests.conftest import isolated_settings, quick_policy, record_policy
 
 
 def materialize(defs: dg.Definitions, instance, keys: list[str], run_config: dict | None = None):
@@ -38,6 +38,7 @@ def world(settings, tmp_path_factory):
     policy = quick_policy()
     defs = build_definitions(settings=s, policy=policy)
     resources = build_resources(s)
+    record_policy(resources["ledger"].ledger(), policy)  # the policy in force is the recorded one
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("flow_instance"))) as instance:
         materialize(defs, instance, ["customer_activity", "churn", "churn_scoring_staging"])
         from platform_defs.loader import load_organisation
@@ -169,7 +170,8 @@ def test_rollback_to_a_version_that_never_passed_the_gate_is_refused(two_version
 def test_a_changed_policy_reruns_the_gate_on_the_way_back(two_versions):
     world = two_versions
     stricter = world["policy"].model_copy(deep=True)
-    stricter.tracks["ml-standard"] = stricter.tracks["ml-standard"].model_copy(update={"reference_rows": 10**6})
+    stricter.tracks["ml-standard"] = stricter.tracks["ml-standard"].model_copy(update={"reference_rows": 100_000})
+    record_policy(world["services"].ledger, stricter)  # the change, recorded (onepath policy apply)
     with pytest.raises(PromotionError, match=r"version 1 no longer passes the prod gate under the policy in force: "
                                              r"drift_ready"):
         roll_back(world["org"], stricter, "churn_scoring", "prod", services=world["services"],
@@ -177,7 +179,8 @@ def test_a_changed_policy_reruns_the_gate_on_the_way_back(two_versions):
     assert serving(world, "prod") == "2"
     rerun = world["services"].ledger.entries(kind="gate_verdict", subject="churn_scoring", env="prod")[-1]
     assert rerun.data["policy_hash"] == policy_hash(stricter) and rerun.data["passed"] is False
-    # under the policy it passed under, the way back is open, and it is recorded with the digest
+    # under the policy it passed under (recorded again), the way back is open, and it is recorded with the digest
+    record_policy(world["services"].ledger, world["policy"])
     result = roll_back(world["org"], world["policy"], "churn_scoring", "prod", services=world["services"],
                        to_version="1", reason="v2 misbehaves", actor="pat")
     assert (result.from_version, result.to_version) == ("2", "1") and serving(world, "prod") == "1"

@@ -25,7 +25,7 @@ from platform_defs.rollback import build_rollback_job
 from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec, Organisation
 from resources.deployers.base import probe
 from resources.processes import pid_alive
-from tests.conftest import record_test_registration, save_credit_model
+from tests.conftest import record_policy, record_test_registration, save_credit_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,6 +140,7 @@ def world(settings, tmp_path_factory, saved_models):
     org_dir = write_org(tmp_path_factory.mktemp("rb_org"), ENDPOINTS, "rb")
     org = load_organisation(org_dir)
     resources = build_resources(settings)
+    record_policy(resources["ledger"].ledger())  # the example policy, recorded as the one in force
     mlflow = resources["mlflow"]
     versions = {}
     # rb_broken's versions live in folders of their own: a test damages MLflow's copy of one of them

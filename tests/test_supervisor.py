@@ -29,7 +29,7 @@ from resources.processes import pid_alive
 from resources.serving.protocol import load_or_create_secret, sign_event
 from sensors.serving_health import evaluate_health
 from sensors.supervisor_events import build_supervisor_events_sensor, relay_events
-from tests.conftest import _free_port_base, model_release, save_credit_model, wait_for
+from tests.conftest import _free_port_base, model_release, record_policy, save_credit_model, wait_for
 from tests.test_rollback import deploy_like_factories, register, write_org
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
@@ -53,6 +53,7 @@ def world(settings, tmp_path_factory):
     plan = {"sv_restart": [good_a], "sv_loop": [good_a, crash], "sv_alone": [crash],
             "sv_resume": [good_a, good_b, crash], "sv_baked": [good_a, good_b]}
     book = LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")).ledger()
+    record_policy(book)  # the example policy, recorded as the one in force
     for ep, saved in plan.items():
         assert [register(mlflow, f"{ep}_model", s, book) for s in saved] == [str(i + 1) for i in range(len(saved))]
     run_dir = root / "run"

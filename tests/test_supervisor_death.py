@@ -32,7 +32,7 @@ from resources.serving import protocol
 from sensors.endpoint_status import revive_supervisors
 from sensors.serving_health import outage_verdict
 from sensors.supervisor_events import relay_events
-from tests.conftest import _free_port_base, model_release, save_credit_model, wait_for
+from tests.conftest import _free_port_base, model_release, record_policy, save_credit_model, wait_for
 from tests.test_rollback import write_org
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
@@ -49,6 +49,7 @@ def world(settings, tmp_path_factory):
     deployer = LocalProcessDeployer(run_dir, port_base=_free_port_base(), inference_log_dir=run_dir / "logs",
                                     artifact_roots=[tmp_path_factory.getbasetemp()])
     book = LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")).ledger()
+    record_policy(book)  # the example policy, recorded as the one in force
     services = Services(mlflow=None, deployer=deployer, ledger=book)
     yield {"org": org, "deployer": deployer, "model": model, "services": services, "ledger": book}
     deployer.stop_all()

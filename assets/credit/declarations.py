@@ -42,6 +42,7 @@ credit_risk = model(
     name="credit_risk",
     owner="credit-risk",
     track="ml-high-risk",
+    purpose="credit_decision",  # the policy's purposes: a credit decision needs ml-high-risk or stricter
     description="Probability that an applicant defaults; drives credit decisions.",
     dataset="credit_applications",
     trainer="assets.credit.trainer:train_credit_risk",
@@ -51,8 +52,7 @@ credit_risk = model(
 
 credit_scoring = endpoint(
     name="credit_scoring",
-    owner="credit-risk",
-    track="ml-high-risk",
+    owner="credit-risk",  # no track: an endpoint follows its model (ml-high-risk, purpose credit_decision)
     description="Online credit scoring for the loan portal.",
     model="credit_risk",
     environments=["staging", "prod"],

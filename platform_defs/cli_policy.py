@@ -1,0 +1,123 @@
+"""``onepath policy init|apply|show``: the policy in force is the one recorded, signed, in the ledger.
+
+``init`` records the first policy (trust on first use: signed by a platform admin that policy names);
+``apply`` records a change to the policy file, signed by a platform admin of the policy recorded before;
+``show`` says which policy is in force and whether the file in use matches it. The signing key defaults
+to ``$ONEPATH_HOME/keys/identities/NAME.key`` and is never looked up among the shipped demo keys: pass
+``--key assets/demo_identities/pat.key`` to sign as a demo identity (accepted only in demo mode).
+
+Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _fail(msg: str) -> int:
+    print(f"onepath: {msg}", file=sys.stderr)
+    return 1
+
+
+def _ledger() -> Any:
+    from platform_defs.settings import load_settings
+    from platform_defs.wiring import build_resources
+
+    return build_resources(load_settings())["ledger"].ledger()
+
+
+def _record(args: argparse.Namespace, *, initial: bool) -> int:
+    from platform_defs.cli_governance import identity_key_path
+    from platform_defs.policy import PolicyError, policy_path
+    from platform_defs.policy_record import PolicyRecordError, record_policy
+    from resources.approvals import ApprovalError, load_private_key
+    from resources.witness import WitnessError
+
+    signer = (args.as_ or "").strip()
+    if not signer:
+        return _fail(f"say who signs: onepath policy {'init' if initial else 'apply'} --as NAME (a platform admin)")
+    path = policy_path()
+    key_path = Path(args.key) if args.key else identity_key_path(signer)
+    try:
+        key = load_private_key(key_path)
+        book = _ledger()
+        entry = record_policy(book, path, signer=signer, key=key, initial=initial,
+                              rotate_platform_key=bool(getattr(args, "rotate_platform_key", False)))
+    except (PolicyError, PolicyRecordError, ApprovalError, WitnessError) as err:
+        return _fail(str(err).splitlines()[0])
+    d = entry.data
+    if initial:
+        print(f"recorded {path} (sha256 {d['hash'][:12]}…) as the policy in force: ledger #{entry.seq}, signed by "
+              f"{signer} (trust on first use: the first policy is signed by an admin it names itself)")
+    else:
+        print(d["diff"], end="" if d["diff"].endswith("\n") else "\n")
+        print(f"recorded the change to {path} (sha256 {d['hash'][:12]}…, was {d['previous_hash'][:12]}… in ledger "
+              f"#{d['previous_entry']}): ledger #{entry.seq}, signed by {signer}")
+    if d.get("demo"):
+        print("demo mode is on in this policy: demo identities and the shipped demo keys are accepted")
+    return 0
+
+
+def cmd_policy_init(args: argparse.Namespace) -> int:
+    return _record(args, initial=True)
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    return _record(args, initial=False)
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    from platform_defs.policy import PolicyError, load_policy, policy_hash, policy_path
+    from platform_defs.policy_record import PolicyRecordError, file_diff, policy_standing, recorded_policies
+
+    path = policy_path()
+    try:
+        book = _ledger()
+        records = recorded_policies(book)
+    except PolicyRecordError as err:
+        return _fail(f"the recorded policy chain is broken: {err}")
+    try:
+        policy = load_policy(path)
+    except PolicyError as err:
+        policy = None
+        file_problem = str(err).splitlines()[0]
+    if not records:
+        print("no policy is recorded in the ledger yet: run onepath policy init --as <platform admin>")
+    else:
+        r = records[-1]
+        print(f"in force: ledger #{r.seq}, sha256 {r.hash}, signed by {r.signed_by} at {r.signed_at}"
+              f"{', demo mode on' if r.demo else ''}; {len(records)} record(s)")
+        print(f"platform key pinned: {r.platform_key or 'none'}; witness key: {r.witness_key or 'none'}")
+    if policy is None:
+        print(f"file {path}: {file_problem}")
+        return 1
+    standing = policy_standing(book, policy, path)
+    if standing.ok:
+        print(f"file {path} (sha256 {policy_hash(policy)[:12]}…) is the policy in force")
+        return 0
+    print(standing.problem)
+    diff = file_diff(book, path) if records else ""
+    if diff:
+        print(diff, end="" if diff.endswith("\n") else "\n")
+    return 1
+
+
+def add_policy_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("policy", help="record the policy file as the policy in force (signed), or show it")
+    psub = p.add_subparsers(dest="policy_cmd", required=True)
+    for name, fn, text in (("init", cmd_policy_init, "record the first policy (trust on first use)"),
+                           ("apply", cmd_policy_apply, "record a change to the policy file")):
+        c = psub.add_parser(name, help=text)
+        c.add_argument("--as", dest="as_", metavar="NAME",
+                       help="the platform admin who signs (of the policy recorded before, for apply)")
+        c.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
+        if name == "apply":
+            c.add_argument("--rotate-platform-key", action="store_true",
+                           help="accept a platform key other than the one pinned in the recorded policy")
+        c.set_defaults(fn=fn)
+    c = psub.add_parser("show", help="the policy in force, and whether the policy file matches it")
+    c.set_defaults(fn=cmd_policy_show)
+    return p

@@ -20,7 +20,7 @@ from platform_defs.governance.gates import ModelGate, _Version
 from platform_defs.loader import load_organisation
 from platform_defs.registration import registration
 from resources.approvals import load_private_key, sign, sign_revocation
-from tests.conftest import isolated_settings, quick_policy, save_credit_model
+from tests.conftest import isolated_settings, quick_policy, record_policy, save_credit_model
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ROOT / "assets" / "demo_identities"
@@ -41,6 +41,7 @@ def world(settings, tmp_path_factory):
     iso = isolated_settings(settings, tmp_path_factory.mktemp("authors_home"), port_offset=130)
     policy = held_policy()
     defs = build_definitions(settings=iso, policy=policy)
+    record_policy(defs.resources["ledger"].ledger(), policy)  # the policy the gates judge under is the recorded one
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("authors_instance"))) as instance:
         result = dg.materialize(list(defs.assets), selection=["customer_activity", "churn", "churn_scoring_staging"],
                                 resources=defs.resources, instance=instance, tags=SPOOFED, raise_on_error=False)

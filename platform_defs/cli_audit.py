@@ -1,7 +1,8 @@
 """``onepath audit verify [--full]`` and ``onepath audit export --out DIR``: the platform ledger from the shell.
 
 ``verify`` prints one line per finding (the chain, the head signatures under the pinned key, the
-witness) and exits 1 when the ledger is not intact. Errors are one line on stderr and a non-zero
+witness, the recorded policy chain and whether the policy file matches it) and exits 1 when the ledger
+or its policy chain is not intact. Errors are one line on stderr and a non-zero
 exit, never a traceback.
 """
 
@@ -32,9 +33,8 @@ def _witness_line(ledger, v) -> str:
             + (f", {v.unwitnessed} not yet" if v.unwitnessed else ""))
 
 
-def _ledger_findings(ledger, full: bool) -> tuple[bool, list[str], list[str]]:
-    """(ok, lines for stdout, lines for stderr) of the ledger check."""
-    v = ledger.verify(full=full)
+def _ledger_findings(ledger, v, full: bool) -> tuple[bool, list[str], list[str]]:
+    """(ok, lines for stdout, lines for stderr) of the ledger check ``v`` (a ``Verification``)."""
     if not v.ok:
         where = f" at entry #{v.first_bad_seq}" if v.first_bad_seq is not None else ""
         first, *rest = v.findings or (v.reason,)
@@ -47,15 +47,45 @@ def _ledger_findings(ledger, full: bool) -> tuple[bool, list[str], list[str]]:
                   + (", every signature checked" if full else ""), *v.findings, _witness_line(ledger, v)], []
 
 
+def _policy_findings(ledger, pinned_in: int | None) -> tuple[bool, list[str], list[str]]:
+    """(ok, stdout lines, stderr lines) of the recorded policy chain: every ``policy_recorded`` entry signed by a
+    platform admin of the one before (the first by one of its own), and the key the ledger checked its head
+    with pinned by the newest of them. Whether the policy FILE matches is said, but is not the ledger's integrity."""
+    from platform_defs.policy import PolicyError, load_policy
+    from platform_defs.policy_record import PolicyRecordError, policy_standing, recorded_policies
+
+    try:
+        records = recorded_policies(ledger)
+    except PolicyRecordError as err:
+        return False, [], [f"policy chain BROKEN: {err}"]
+    if not records:
+        return True, ["policy: none recorded yet (onepath policy init --as <platform admin>): nothing promotes"], []
+    newest = records[-1]
+    if pinned_in is not None and pinned_in != newest.seq:
+        return False, [], [f"policy chain BROKEN: the ledger's head is checked with the key pinned in #{pinned_in}, "
+                           f"but the newest policy record that verifies is #{newest.seq}"]
+    out = [f"policy in force: ledger #{newest.seq} sha256 {newest.hash[:12]}, signed by {newest.signed_by} at "
+           f"{newest.signed_at}; {len(records)} record(s), each signed by a platform admin of the one before"
+           + ("; demo mode ON" if newest.demo else "")]
+    try:
+        standing = policy_standing(ledger, load_policy())
+        out.append("policy file: matches the policy in force" if standing.ok else f"policy file: {standing.problem}")
+    except PolicyError as err:
+        out.append(f"policy file: {str(err).splitlines()[0]}")
+    return True, out, []
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     ledger = _ledger()
     try:
-        ok, out, err = _ledger_findings(ledger, bool(getattr(args, "full", False)))
+        full = bool(getattr(args, "full", False))
+        v = ledger.verify(full=full)
+        ok, out, err = _ledger_findings(ledger, v, full)
+        policy_ok, policy_out, policy_err = _policy_findings(ledger, v.pinned_in if v.ok else None)
     except (OSError, sqlite3.Error) as e:
         print(f"onepath: audit verify failed: {e}", file=sys.stderr)
         return 1
-    # Seam for the policy-chain check (the recorded, signed policy): it adds its own lines and its
-    # own verdict here, after the ledger's, and the exit is 1 when either is not ok.
+    ok, out, err = ok and policy_ok, out + policy_out, err + policy_err
     for line in out:
         print(line)
     for line in err:

@@ -277,3 +277,44 @@ def test_an_unrecorded_edit_of_the_policy_blocks_promotion_until_an_admin_applie
     gate = book.entries(kind="gate_verdict", subject="churn_scoring", env="prod")[-1]
     assert gate.data["passed"] is True and gate.data["policy_entry"] == record.seq
     assert gate.data["policy_hash"] == policy_hash(edited)
+
+
+def test_audit_verify_catches_a_forged_record_that_pins_a_swapped_platform_key(tmp_path, ada, monkeypatch, capsys):
+    """Tier (b) with the platform key: append a policy record (correctly linked, signed with a key of its own)
+    that pins a NEW platform key, swap the key pair under keys/, and go on appending with the new key. The
+    ledger, which reads pins as data, accepts the new key; ``onepath audit verify`` checks the policy chain
+    and fails, naming the record."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from platform_defs.cli import main
+    from resources.ledger import ledger_paths
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ONEPATH_HOME", str(home))
+    db, key_path = ledger_paths(home)
+    book = Ledger(db, key_path)
+    key_file, public = ada
+    path = tmp_path / "policy.yaml"
+    path.write_text(production_text(public))
+    monkeypatch.setenv("ONEPATH_POLICY_FILE", str(path))
+    first = record_policy(book, path, signer="ada", key=load_private_key(key_file), initial=True)
+    book.append("deploy", "credit_scoring", {"version": "1"}, "dagster:r1", env="prod")
+    assert main(["audit", "verify"]) == 0
+    assert "policy in force: ledger #1" in capsys.readouterr().out
+
+    new = Ed25519PrivateKey.generate()
+    raw = new.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    data = {**first.data, "previous_hash": first.data["hash"], "previous_entry": first.seq, "diff": "",
+            "platform_key": base64.b64encode(raw).decode()}
+    data["signature"] = base64.b64encode(new.sign(signed_payload(data))).decode()  # not ada's key
+    forged = book.append("policy_recorded", "policy", data, "ada")
+    key_path.write_bytes(new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.with_suffix(".pub").write_bytes(new.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    Ledger(db, key_path).append("deploy", "credit_scoring", {"version": "666"}, "dagster:r2", env="prod")
+    assert main(["audit", "verify"]) == 1
+    err = capsys.readouterr().err
+    assert f"policy chain BROKEN: policy record ledger #{forged.seq}" in err
+    assert not policy_standing(book, load_policy(path), path).ok  # and nothing promotes

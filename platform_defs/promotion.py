@@ -359,6 +359,9 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
             return f"version {version} failed its bake in {env} (ledger #{e.seq})"
         if e.kind == "crashloop" and str(e.data.get("version")) == version and not operator_choice:
             return f"version {version} crash-looped in {env} (ledger #{e.seq})"
+    revoked = _approval_revoked(org, policy, spec, env, version, book)
+    if revoked:
+        return revoked
     if passed[-1].data.get("policy_hash") == policy_hash(policy):
         return None
     if not recheck:
@@ -376,6 +379,30 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
     if failed:
         return (f"version {version} no longer passes the {env} gate under the policy in force: "
                 + "; ".join(f"{v.check}: {v.summary}" for v in failed))
+    return None
+
+
+def _approval_revoked(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, version: str,
+                      book: Ledger) -> str | None:
+    """Why a way back may not restore ``version`` where the track asks for approval: every approval it had
+    there was revoked since (an expired one does not stop a way back: it was approved, and time alone
+    is no verdict on the version; a new promotion needs a new approval)."""
+    from platform_defs.governance.approval_standing import standing
+    from platform_defs.registration import registered_author, registration
+    from resources.approvals import Registered
+
+    model = org.by_name[spec.model]
+    track = policy.track(model.track)
+    if env not in track.approval_envs:
+        return None
+    reg = registration(book, model.name, version)
+    if reg is None:
+        return None  # the digest check refuses it anyway, naming the missing registration
+    author, _ = registered_author(reg)
+    s = standing(book, policy, asset=model.name, version=version, env=env, owner_team=model.owner, author=author,
+                 role=track.approver_role, registered=Registered.of_model(reg), valid_days=None)
+    if s.revoked and not s.valid:
+        return f"version {version}'s approval in {env} was revoked: " + "; ".join(x for x in s.lapsed())
     return None
 
 

@@ -124,7 +124,7 @@ def kinds(book, endpoint: str, env: str) -> list[tuple[str, str | None]]:
 
 # -- fixtures ----------------------------------------------------------------------------------
 
-ENDPOINTS = ["rb_main", "rb_refuse", "rb_broken", "rb_job", "rb_cli"]
+ENDPOINTS = ["rb_main", "rb_refuse", "rb_broken", "rb_job", "rb_cli", "rb_revoked"]
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +239,32 @@ def test_refusals_change_nothing(world, endpoint, env, kw, message):
     assert world["deployer"].status(target).serving_version == "1"
     assert mlflow.aliases("rb_refuse_model") == {"prod": "1"}
     assert [e.seq for e in book.entries(subject="rb_refuse")] == history
+
+
+def test_a_way_back_never_restores_a_version_whose_approval_was_revoked(world):
+    """mira approved version 1 for prod, then revoked it (the fairness numbers were wrong); version 2 went out.
+    A rollback is a promotion: it may not put back what the approver took back."""
+    from platform_defs.registration import registration
+    from resources.approvals import load_private_key, sign, sign_revocation
+    from tests.conftest import DEMO_KEYS
+
+    org, res, book = world["org"], world["resources"], world["ledger"]
+    mira = load_private_key(DEMO_KEYS / "mira.key")
+    deploy_like_factories(org, "rb_revoked", "prod", "1", res)
+    reg = registration(book, "rb_revoked_model", "1").data
+    approval = sign(mira, asset="rb_revoked_model", version="1", env="prod", reason="reviewed", approver="mira",
+                    run_id=reg["run_id"], digest=reg["digest"])
+    book.append("approval", "rb_revoked_model", approval.as_dict(), "mira", env="prod")
+    revocation = sign_revocation(mira, asset="rb_revoked_model", version="1", env="prod",
+                                 reason="fairness numbers were wrong", revoker="mira", approval_entry=None)
+    rev = book.append("approval_revoked", "rb_revoked_model", revocation.as_dict(), "mira", env="prod")
+    deploy_like_factories(org, "rb_revoked", "prod", "2", res)
+    history = [e.seq for e in book.entries(subject="rb_revoked")]
+    with pytest.raises(PromotionError, match=r"version 1's approval in prod was revoked: approval #\d+ of "
+                                             rf"rb_revoked_model version 1 in prod was revoked by mira .*ledger #{rev.seq}"):
+        do_rollback(world, "rb_revoked", to_version="1")
+    assert world["deployer"].status(endpoint_target(org.by_name["rb_revoked"], "prod")).serving_version == "2"
+    assert [e.seq for e in book.entries(subject="rb_revoked")] == history
 
 
 def test_a_failed_redeploy_leaves_the_current_version_serving(world):

@@ -45,7 +45,7 @@ def _record(args: argparse.Namespace, *, initial: bool) -> int:
         key = load_private_key(key_path)
         book = _ledger()
         entry = record_policy(book, path, signer=signer, key=key, initial=initial,
-                              rotate_platform_key=bool(getattr(args, "rotate_platform_key", False)))
+                              change_witness=bool(getattr(args, "change_witness", False)))
     except (PolicyError, PolicyRecordError, ApprovalError, WitnessError) as err:
         return _fail(str(err).splitlines()[0])
     d = entry.data
@@ -115,8 +115,9 @@ def add_policy_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="the platform admin who signs (of the policy recorded before, for apply)")
         c.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
         if name == "apply":
-            c.add_argument("--rotate-platform-key", action="store_true",
-                           help="accept a platform key other than the one pinned in the recorded policy")
+            c.add_argument("--change-witness", action="store_true",
+                           help="pin the configured witness (ONEPATH_WITNESS_SOCKET), or none, instead of the "
+                                "one pinned in the recorded policy")
         c.set_defaults(fn=fn)
     c = psub.add_parser("show", help="the policy in force, and whether the policy file matches it")
     c.set_defaults(fn=cmd_policy_show)

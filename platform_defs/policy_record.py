@@ -198,12 +198,15 @@ def policy_standing(book: Any, policy: Policy, path: Path | None = None) -> Poli
 
 
 def record_policy(book: Any, path: Path, *, signer: str, key: Ed25519PrivateKey, initial: bool,
-                  rotate_platform_key: bool = False) -> Any:
+                  change_witness: bool = False) -> Any:
     """Record the policy in ``path`` as the one in force, signed by ``signer`` with ``key``; returns the
     ledger entry. ``initial``: the first record (refused when one exists; the signer is a platform admin
     of this policy). Otherwise a change (refused when none is recorded, when nothing changed, or when the
-    signer is not a platform admin of the policy recorded before; a different platform key only with
-    ``rotate_platform_key``)."""
+    signer is not a platform admin of the policy recorded before). The record pins the ledger's platform
+    key (another key than the one pinned before is refused: rotation is not supported, and the ledger
+    refuses to append under it anyway) and the configured witness's key (a witness other than the one
+    pinned before, or none, only with ``change_witness``: a shell without ONEPATH_WITNESS_SOCKET must not
+    unpin the witness by accident). An unchanged policy may be recorded again to pin a new witness."""
     path = Path(path)
     policy = load_policy(path)
     text = path.read_text()
@@ -226,27 +229,30 @@ def record_policy(book: Any, path: Path, *, signer: str, key: Ed25519PrivateKey,
         raise PolicyRecordError(f"the key given is not {signer}'s: its public key differs from the one {where} "
                                 f"lists for {signer}")
     digest = policy_hash(policy)
-    if previous is not None and previous.hash == digest:
-        raise PolicyRecordError(f"{shown} is the policy recorded in ledger #{previous.seq} (sha256 {digest[:12]}…): "
-                                f"nothing changed, nothing recorded")
     platform_key = _platform_key(book)
-    if previous is not None and previous.platform_key and previous.platform_key != platform_key \
-            and not rotate_platform_key:
+    if previous is not None and previous.platform_key and previous.platform_key != platform_key:
         raise PolicyRecordError(
             f"the ledger's platform key ({platform_key[:12]}…) is not the one pinned in ledger #{previous.seq} "
-            f"({previous.platform_key[:12]}…): refused; if the key was rotated on purpose, say so with "
-            f"--rotate-platform-key")
+            f"({previous.platform_key[:12]}…): refused (the key pair was replaced; rotating it is not supported: "
+            f"restore the pinned key pair)")
+    witness_key = _witness_key(book)
+    if previous is not None and previous.witness_key != witness_key and not change_witness:
+        raise PolicyRecordError(
+            f"the configured witness ({(witness_key or 'none')[:12]}) is not the one pinned in ledger #{previous.seq} "
+            f"({(previous.witness_key or 'none')[:12]}): refused; set ONEPATH_WITNESS_SOCKET to the pinned witness, "
+            f"or say --change-witness to pin this one")
+    if previous is not None and previous.hash == digest and previous.witness_key == witness_key:
+        raise PolicyRecordError(f"{shown} is the policy recorded in ledger #{previous.seq} (sha256 {digest[:12]}…): "
+                                f"nothing changed, nothing recorded")
     diff = "" if previous is None else "".join(difflib.unified_diff(
         previous.text.splitlines(keepends=True), text.splitlines(keepends=True),
         fromfile=f"recorded (ledger #{previous.seq})", tofile=shown))
     data: dict[str, Any] = {
         "hash": digest, "previous_hash": previous.hash if previous else None,
         "previous_entry": previous.seq if previous else None, "text": text, "diff": diff,
-        "platform_key": platform_key, "witness_key": _witness_key(book), "demo": policy.demo,
+        "platform_key": platform_key, "witness_key": witness_key, "demo": policy.demo,
         "signed_by": signer, "signed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if previous is not None and platform_key != previous.platform_key:
-        data["rotated_platform_key_from"] = previous.platform_key
     data["signature"] = base64.b64encode(key.sign(signed_payload(data))).decode()
     return book.append(KIND, SUBJECT, data, signer)
 

@@ -156,13 +156,13 @@ def test_the_production_profile_refuses_a_demo_policy(book, tmp_path, monkeypatc
     assert "ONEPATH_PROFILE=production" in standing.problem
 
 
-def test_a_different_platform_key_is_refused_unless_the_rotation_is_said(book, tmp_path):
+def test_a_different_platform_key_is_refused(book, tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text(EXAMPLE)
     first = record_policy(book, path, signer="pat", key=load_private_key(DEMO_KEYS / "pat.key"), initial=True)
     path.write_text(EXAMPLE.replace("seconds: 60\n", "seconds: 90\n", 1))
     swapped = Ledger(book.db_path, tmp_path / "other-keys" / "platform.key")  # the key pair replaced
-    with pytest.raises(PolicyRecordError, match=f"is not the one pinned in ledger #{first.seq} .*--rotate-platform-key"):
+    with pytest.raises(PolicyRecordError, match=f"is not the one pinned in ledger #{first.seq} .*restore the pinned key pair"):
         record_policy(swapped, path, signer="pat", key=load_private_key(DEMO_KEYS / "pat.key"), initial=False)
 
 

@@ -305,3 +305,27 @@ def test_witness_cli_refuses_bad_input_in_one_line(public_base: Path, witness_us
     assert "--platform-key" in done.stderr and "Traceback" not in done.stderr
     done = proc.cli("serve", "--dir", str(public_base / "nowhere"), "--socket", str(public_base / "s.sock"))
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_the_recorded_policy_pins_the_witness_and_a_shell_without_it_cannot_unpin_it(world, tmp_path) -> None:
+    """``policy init`` with the witness configured pins its key; from then on the ledger checks the witness's
+    answers with the pinned key, and a ``policy apply`` from a shell without ONEPATH_WITNESS_SOCKET would
+    record no witness: refused unless said (--change-witness)."""
+    from platform_defs.policy_record import PolicyRecordError, policy_in_force, record_policy
+    from resources.approvals import load_private_key
+    from tests.conftest import DEMO_ADMIN_KEY
+
+    ledger, witness = world
+    path = tmp_path / "policy.yaml"
+    path.write_text((ROOT / "assets" / "policy.yaml").read_text())
+    record_policy(ledger, path, signer="pat", key=load_private_key(DEMO_ADMIN_KEY), initial=True)
+    assert policy_in_force(ledger).witness_key == witness.key
+    assert ledger.pinned_witness_key() == witness.key
+    fill(ledger, 3)
+    assert ledger.verify().ok
+    no_witness = Ledger(ledger.db_path, ledger.key_path)
+    path.write_text(path.read_text().replace("seconds: 60\n", "seconds: 90\n", 1))
+    with pytest.raises(PolicyRecordError, match="the configured witness \\(none\\) is not the one pinned in ledger #1"):
+        record_policy(no_witness, path, signer="pat", key=load_private_key(DEMO_ADMIN_KEY), initial=False)
+    v = no_witness.verify()  # the witness is pinned: a verify that cannot ask it vouches for nothing
+    assert not v.ok and "cannot be vouched for" in v.reason, v

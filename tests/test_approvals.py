@@ -39,8 +39,8 @@ def key(who: str):
 
 def check(policy, approval: Approval, **over):
     args = {"asset": "credit_scoring", "version": "3", "env": "prod", "owner_team": "credit-risk",
-            "author": "carla", "role": "model_approver", "registered": REG, **over}
-    verify(approval, policy, **args)
+            "author": "carla", "role": "model_approver", "registered": REG, "now": NOW, **over}
+    verify(approval, policy, **args)  # judged at NOW, the clock REG and the approvals are dated from
 
 
 def mira_signs(**over) -> Approval:

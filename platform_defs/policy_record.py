@@ -176,6 +176,14 @@ def policy_standing(book: Any, policy: Policy, path: Path | None = None) -> Poli
                                      f"(ONEPATH_PROFILE=production): demo identities and the shipped keys are never "
                                      f"trusted in production; set demo: false and record it with onepath policy "
                                      f"apply", None, None, mine)
+    # what the records (and every registration, approval and revocation the gates read next) say counts only
+    # when the ledger is intact: a row written with sqlite without the key, or a record deleted beneath the
+    # head, must not take effect before anyone runs audit verify
+    checked = book.verify()
+    if not checked.ok:
+        where = f" at entry #{checked.first_bad_seq}" if checked.first_bad_seq is not None else ""
+        return PolicyStanding(False, f"the ledger is not intact{where} ({checked.reason}): nothing promotes until it "
+                                     f"is restored (onepath audit verify)", None, None, mine)
     try:
         records = recorded_policies(book)
     except PolicyRecordError as err:

@@ -318,3 +318,27 @@ def test_audit_verify_catches_a_forged_record_that_pins_a_swapped_platform_key(t
     err = capsys.readouterr().err
     assert f"policy chain BROKEN: policy record ledger #{forged.seq}" in err
     assert not policy_standing(book, load_policy(path), path).ok  # and nothing promotes
+
+
+def test_a_record_deleted_beneath_the_head_with_sqlite_takes_no_effect(book, tmp_path, ada):
+    """Tier (b) without the key: policy v2 is recorded, then its row is deleted with sqlite (the triggers
+    dropped) and the v1 file put back. The chain of the remaining records would say v1 is in force; the
+    standing reads them only from an intact ledger, so nothing promotes until the ledger is restored."""
+    import sqlite3
+
+    key_file, public = ada
+    path = tmp_path / "policy.yaml"
+    v1 = production_text(public)
+    path.write_text(v1)
+    record_policy(book, path, signer="ada", key=load_private_key(key_file), initial=True)
+    path.write_text(v1.replace("seconds: 60\n", "seconds: 90\n", 1))
+    v2 = record_policy(book, path, signer="ada", key=load_private_key(key_file), initial=False)
+    book.append("deploy", "credit_scoring", {"version": "1"}, "dagster:r1", env="prod")
+    path.write_text(v1)
+    conn = sqlite3.connect(book.db_path)
+    conn.executescript(f"DROP TRIGGER ledger_entries_no_delete; DELETE FROM ledger_entries WHERE seq = {v2.seq};")
+    conn.close()
+    standing = policy_standing(book, load_policy(path), path)
+    assert not standing.ok
+    assert standing.problem.startswith(f"the ledger is not intact at entry #{v2.seq} (")
+    assert standing.problem.endswith("nothing promotes until it is restored (onepath audit verify)")

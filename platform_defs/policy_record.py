@@ -7,7 +7,14 @@ writing their own name into the file. Each record is a ``policy_recorded`` ledge
 policy's hash and full text, its diff against the previous record, the platform's public key (and the
 witness's) pinned, whether demo mode is on, and the signer's Ed25519 signature over
 
-    canonical_json({hash, previous_hash, previous_entry, platform_key, witness_key, demo, signed_by, signed_at})
+    canonical_json({hash, text_sha256, previous_hash, previous_entry, platform_key, witness_key, demo, signed_by,
+                    signed_at})
+
+``text_sha256`` (the sha256 of the recorded text's bytes) is what proves a record's text intact; ``hash``
+(``policy_hash``, the canonical JSON of the validated policy, defaults included) is what a file is
+compared with and what gate verdicts name. A later release that adds a defaulted field changes the
+file's ``hash`` (so the policy must be recorded again, by an admin: what it means changed) but never
+makes an old record look tampered with.
 
 :func:`policy_standing` is what every gate asks: the chain of records verifies, and the newest record's
 hash is the hash of the policy file in use. Otherwise nothing promotes, and the problem says which
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,8 +41,8 @@ from platform_defs.settings import current_profile
 KIND = "policy_recorded"
 SUBJECT = "policy"
 ADMIN_ROLE = "platform_admin"
-SIGNED_FIELDS = ("hash", "previous_hash", "previous_entry", "platform_key", "witness_key", "demo", "signed_by",
-                 "signed_at")
+SIGNED_FIELDS = ("hash", "text_sha256", "previous_hash", "previous_entry", "platform_key", "witness_key", "demo",
+                 "signed_by", "signed_at")
 
 
 class PolicyRecordError(ValueError):
@@ -65,6 +73,10 @@ class PolicyStanding:
 
 # --------------------------------------------------------------------------------------------
 # Signing
+
+
+def _text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def signed_payload(data: dict[str, Any]) -> bytes:
@@ -130,8 +142,9 @@ def recorded_policies(book: Any) -> list[RecordedPolicy]:
             raise PolicyRecordError(f"{label} holds no policy text") from None
         except PolicyError as err:
             raise PolicyRecordError(f"{label} does not hold a valid policy: {err}") from None
-        if d.get("hash") != policy_hash(policy):
-            raise PolicyRecordError(f"{label}: its text does not hash to its recorded hash {str(d.get('hash'))[:12]}")
+        if d.get("text_sha256") != _text_sha256(text):
+            raise PolicyRecordError(f"{label}: its text does not hash to its signed sha256 "
+                                    f"{str(d.get('text_sha256'))[:12]} (altered)")
         prev = out[-1] if out else None
         want = (prev.seq, prev.hash) if prev else (None, None)
         if (d.get("previous_entry"), d.get("previous_hash")) != want:
@@ -256,7 +269,7 @@ def record_policy(book: Any, path: Path, *, signer: str, key: Ed25519PrivateKey,
         previous.text.splitlines(keepends=True), text.splitlines(keepends=True),
         fromfile=f"recorded (ledger #{previous.seq})", tofile=shown))
     data: dict[str, Any] = {
-        "hash": digest, "previous_hash": previous.hash if previous else None,
+        "hash": digest, "text_sha256": _text_sha256(text), "previous_hash": previous.hash if previous else None,
         "previous_entry": previous.seq if previous else None, "text": text, "diff": diff,
         "platform_key": platform_key, "witness_key": witness_key, "demo": policy.demo,
         "signed_by": signer, "signed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

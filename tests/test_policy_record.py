@@ -9,6 +9,7 @@ platform admin of the recorded policy applies it with ``onepath policy apply``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 import subprocess
@@ -120,7 +121,8 @@ def test_a_policy_record_written_straight_into_the_ledger_breaks_the_standing_na
     (tmp_path / "forged.yaml").write_text(forged_text)
     forged_policy = load_policy(tmp_path / "forged.yaml")
     data = {**first.data, "hash": policy_hash(forged_policy), "previous_hash": first.data["hash"],
-            "previous_entry": first.seq, "text": forged_text, "diff": "", "signed_by": "ada"}
+            "previous_entry": first.seq, "text": forged_text, "diff": "", "signed_by": "ada",
+            "text_sha256": hashlib.sha256(forged_text.encode()).hexdigest()}
     data["signature"] = base64.b64encode(load_private_key(tmp_path / "mallory.key").sign(signed_payload(data))).decode()
     forged = book.append("policy_recorded", "policy", data, "ada")
     standing = policy_standing(book, forged_policy, tmp_path / "forged.yaml")

@@ -317,10 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     add_simulate_parser(sub)
     add_witness_parser(sub)
     args = ap.parse_args(argv)
+    import sqlite3
+
+    from resources.ledger import LedgerTampered
+
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except LedgerTampered as err:  # any command that appends refuses a ledger it did not write, in one line
+        print(f"onepath: {err}; nothing was recorded (onepath audit verify names what changed)", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as err:
+        print(f"onepath: the ledger database cannot be read ({err}): nothing was recorded", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

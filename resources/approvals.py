@@ -125,6 +125,8 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
         raise ApprovalError(f"no private key at {path}: run 'onepath keys init' first") from None
+    except OSError as err:  # a folder, a file this user may not read, ...
+        raise ApprovalError(f"cannot read the private key {path}: {err.strerror or err}") from None
     except ValueError as err:
         raise ApprovalError(f"{path} is not a PEM private key: {err}") from None
     if not isinstance(key, Ed25519PrivateKey):

@@ -344,3 +344,32 @@ def test_a_record_deleted_beneath_the_head_with_sqlite_takes_no_effect(book, tmp
     assert not standing.ok
     assert standing.problem.startswith(f"the ledger is not intact at entry #{v2.seq} (")
     assert standing.problem.endswith("nothing promotes until it is restored (onepath audit verify)")
+
+
+def test_bad_keys_and_a_tampered_ledger_are_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    from platform_defs.cli import main
+    from resources.ledger import ledger_paths
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ONEPATH_HOME", str(home))
+    monkeypatch.setenv("ONEPATH_POLICY_FILE", str(ROOT / "assets" / "policy.yaml"))
+    assert main(["policy", "init", "--as", "pat", "--key", str(tmp_path)]) == 1  # a folder, not a key
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onepath: ") and "cannot read the private key" in err and "\n" not in err
+    assert main(["policy", "init", "--as", "pat", "--key", str(DEMO_KEYS / "pat.key")]) == 0
+    db, _ = ledger_paths(home)
+    conn = sqlite3.connect(db)  # tier (b) without the key: a correctly linked row inserted with sqlite
+    seq, h = conn.execute("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1").fetchone()
+    conn.execute("INSERT INTO ledger_entries VALUES (?,?,?,?,?,?,?,?,?)",
+                 (seq + 1, "2026-12-01T00:00:00+00:00", "approval", "x", None, "mallory", "{}", h, "f" * 64))
+    conn.commit()
+    conn.close()
+    capsys.readouterr()
+    edited = tmp_path / "policy.yaml"
+    edited.write_text(EXAMPLE.replace("seconds: 60\n", "seconds: 90\n", 1))
+    monkeypatch.setenv("ONEPATH_POLICY_FILE", str(edited))
+    assert main(["policy", "apply", "--as", "pat", "--key", str(DEMO_KEYS / "pat.key")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onepath: ") and "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -8,7 +8,6 @@ the file and the key path. Pure: parsing and validation only, no signatures chec
 from __future__ import annotations
 
 import base64
-import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -189,6 +188,12 @@ class Policy(_P):
                 raise ValueError(f"identities.{who}.team: unknown team '{ident.team}'")
             if who not in self.teams[ident.team].members:
                 raise ValueError(f"identities.{who}.team: '{who}' is not listed in teams.{ident.team}.members")
+        holders: dict[str, str] = {}
+        for who, ident in self.identities.items():  # one key, one identity: else its holder signs as either
+            if ident.public_key in holders:
+                raise ValueError(f"identities.{who}.public_key: the same key as identities.{holders[ident.public_key]}"
+                                 f" (whoever holds it could sign as either)")
+            holders[ident.public_key] = who
         for team, t in self.teams.items():
             for m in t.members:
                 owners = [x for x, tt in self.teams.items() if m in tt.members]
@@ -348,27 +353,23 @@ def parse_policy(text: str, shown: str) -> Policy:
         raise PolicyError(shown, loc or "(root)", msg) from None
 
 
-DEMO_KEYS_DIR = PROJECT_ROOT / "assets" / "demo_identities"
 
 
-@functools.lru_cache(maxsize=4)
-def shipped_demo_keys(folder: Path = DEMO_KEYS_DIR) -> frozenset[str]:
-    """The public keys (base64 raw) of the private keys shipped in ``assets/demo_identities``: anyone with
-    the repository holds them, so an identity with one of these keys is a demo identity whatever its
-    name or flag says."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+# The public keys (base64 raw) of the private keys shipped in assets/demo_identities (mira, rob, carla, pat):
+# anyone with the repository holds them, so an identity listing one is a demo identity whatever its name or
+# flag says. Constants, not read from the folder at run time: a stripped install, or a shipped file
+# overwritten with garbage, must not make them look unknown (tests/test_approvals.py checks them against
+# the files).
+SHIPPED_DEMO_KEYS: frozenset[str] = frozenset({
+    "ISKeMx7KSOe3Z0XI6eEVr5LccV5ihTq/BMSueQu5Q08=",
+    "aOawIE/Iw6bEixRXbmAsI1IKRvEor5ut5xNm1LDBEp0=",
+    "Yai5js7FY+mIMa1IkvdNUiKfygEJxzHfkFifSIhR3sA=",
+    "W5AhSNCYQ2mSEcR+4EfCZ3Kd8w3I+PBvS8urqeDTomM=",
+})
 
-    out = set()
-    for f in sorted(folder.glob("*.key")):
-        try:
-            key = serialization.load_pem_private_key(f.read_bytes(), password=None)
-        except (ValueError, OSError):
-            continue
-        if isinstance(key, Ed25519PrivateKey):
-            raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            out.add(base64.b64encode(raw).decode())
-    return frozenset(out)
+
+def shipped_demo_keys() -> frozenset[str]:
+    return SHIPPED_DEMO_KEYS
 
 
 def is_demo_identity(policy: Policy, name: str) -> bool:

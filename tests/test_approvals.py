@@ -10,6 +10,8 @@ client-set ``onepath.author`` but no registration signature.
 
 from __future__ import annotations
 
+import re
+
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -437,6 +439,7 @@ def test_a_shipped_demo_key_listed_under_another_name_is_refused(policy):
     """The same attack through another door: mira's shipped public key under a new name, without the flag."""
     mira_key = policy.identities["mira"].public_key
     text = POLICY.read_text().replace("model-risk: {members: [mira]}", "model-risk: {members: [mira, moira]}", 1)
+    text = re.sub(r"\n  mira: \{[^}]*\}", "", text, count=1)  # mira is gone: only moira holds that key now
     text = text.rstrip("\n") + f'\n  moira: {{team: model-risk, roles: [model_approver], public_key: "{mira_key}"}}\n'
     strict = demo_off(text)
     assert strict.identities["moira"].demo is False
@@ -444,9 +447,20 @@ def test_a_shipped_demo_key_listed_under_another_name_is_refused(policy):
         check(strict, mira_signs(approver="moira"))
 
 
-def test_the_cli_never_falls_back_to_a_shipped_key(monkeypatch, tmp_path):
-    from platform_defs.cli_governance import identity_key_path
+def test_the_shipped_demo_keys_are_known_without_reading_the_files():
+    """The constants are the public halves of exactly the keys shipped in assets/demo_identities."""
+    from platform_defs.policy import SHIPPED_DEMO_KEYS
+    from resources.approvals import public_key_b64
 
-    monkeypatch.setenv("ONEPATH_HOME", str(tmp_path))
-    assert identity_key_path("mira") == tmp_path.resolve() / "keys" / "identities" / "mira.key"
-    assert (KEYS / "mira.key").exists()
+    assert {public_key_b64(load_private_key(f)) for f in KEYS.glob("*.key")} == SHIPPED_DEMO_KEYS
+
+
+def test_two_identities_with_one_key_are_refused_at_load(tmp_path):
+    """Whoever holds the key could sign as either: one key, one identity."""
+    text = POLICY.read_text()
+    rob_key = re.search(r'rob: \{[^}]*public_key: "([^"]+)"', text).group(1)
+    text = text.replace("model-risk: {members: [mira]}", "model-risk: {members: [mira, robin]}", 1)
+    bad = tmp_path / "policy.yaml"
+    bad.write_text(text.rstrip("\n") + f'\n  robin: {{team: model-risk, roles: [model_approver], public_key: "{rob_key}"}}\n')
+    with pytest.raises(PolicyError, match="identities.robin.public_key.*the same key as identities.rob"):
+        load_policy(bad)

@@ -206,6 +206,11 @@ def policy_standing(book: Any, policy: Policy, path: Path | None = None) -> Poli
         return PolicyStanding(False, "no policy is recorded in the ledger yet: run onepath policy init --as "
                                      "<platform admin>", None, None, mine)
     newest = records[-1]
+    if current_profile() == "production" and not newest.witness_key:
+        return PolicyStanding(False, f"the production profile (ONEPATH_PROFILE=production) needs a ledger witness pinned "
+                                     f"in the recorded policy (ledger #{newest.seq} pins none): run onepath witness serve "
+                                     f"as its own user, set ONEPATH_WITNESS_SOCKET and record it with onepath policy "
+                                     f"apply --change-witness", newest.seq, newest.hash, mine)
     if newest.hash != mine:
         return PolicyStanding(False, (
             f"{shown} (sha256 {mine[:12]}…) differs from the policy recorded in ledger #{newest.seq} (sha256 "

@@ -158,6 +158,20 @@ def test_the_production_profile_refuses_a_demo_policy(book, tmp_path, monkeypatc
     assert "ONEPATH_PROFILE=production" in standing.problem
 
 
+def test_the_production_profile_needs_a_pinned_witness(book, tmp_path, ada, monkeypatch):
+    """Out of demo mode, but no witness pinned: an insider with the platform key could rewrite history
+    undetected, which the production profile does not accept."""
+    key_file, public = ada
+    path = tmp_path / "policy.yaml"
+    path.write_text(production_text(public))
+    record_policy(book, path, signer="ada", key=load_private_key(key_file), initial=True)
+    assert policy_standing(book, load_policy(path), path).ok
+    monkeypatch.setenv("ONEPATH_PROFILE", "production")
+    standing = policy_standing(book, load_policy(path), path)
+    assert not standing.ok and standing.problem.startswith("the production profile (ONEPATH_PROFILE=production) needs "
+                                                           "a ledger witness pinned in the recorded policy (ledger #1")
+
+
 def test_a_different_platform_key_is_refused(book, tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text(EXAMPLE)

@@ -247,8 +247,9 @@ def add_governance_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--version", required=True)
     r.add_argument("--env", required=True)
     r.add_argument("--reason", required=True)
-    r.add_argument("--entry", type=int, help="the approval's ledger seq (default: every approval of that version "
-                                             "in that environment recorded so far)")
+    r.add_argument("--entry", type=int, help="the approval's ledger seq: revokes that approval in every entry "
+                                             "carrying it (default: every approval of that version in that "
+                                             "environment recorded so far or signed before now)")
     r.add_argument("--as", dest="as_", metavar="NAME", help="revoker identity (default $ONEPATH_IDENTITY)")
     r.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
     r.set_defaults(fn=cmd_revoke)

@@ -93,13 +93,14 @@ def cmd_approve(args: argparse.Namespace) -> int:
     track = policy.track(decl.track)
     try:
         approval = sign(load_private_key(key_path), asset=decl.name, version=str(args.version), env=args.env,
-                        reason=args.reason, approver=approver, run_id=registered.run_id, digest=registered.digest)
+                        reason=args.reason, approver=approver, run_id=registered.run_id, digest=registered.digest,
+                        first_release=bool(args.first_release))
         verify(approval, policy, asset=decl.name, version=str(args.version), env=args.env, owner_team=decl.owner,
                author=author, role=track.approver_role, registered=registered, valid_days=track.approval_valid_days)
     except ApprovalError as err:
         return _fail(f"approval refused: {err}")
-    entry = book.append("approval", decl.name, {**approval.as_dict(), "first_release": bool(args.first_release),
-                                                "registration_entry": reg.seq}, approver, env=args.env)
+    entry = book.append("approval", decl.name, {**approval.as_dict(), "registration_entry": reg.seq}, approver,
+                        env=args.env)
     print(f"approved {decl.name} version {args.version} (digest {registered.digest[:12]}, registered in ledger "
           f"#{reg.seq}) for {args.env} as {approver} (ledger #{entry.seq}); the approved_promotions sensor promotes "
           f"it once the environment before {args.env} serves it (or materialize the {args.env} asset)")
@@ -239,15 +240,16 @@ def add_governance_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--as", dest="as_", metavar="NAME", help="approver identity (default $ONEPATH_IDENTITY)")
     p.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
     p.add_argument("--first-release", action="store_true",
-                   help="also record this as the signed first release (no previous version to roll back to)")
+                   help="also sign that this is the first release there (no previous version to roll back to)")
     p.set_defaults(fn=cmd_approve)
     r = sub.add_parser("revoke", help="take back approvals of one version (or release) in one environment")
     r.add_argument("asset", help="model, endpoint or app name")
     r.add_argument("--version", required=True)
     r.add_argument("--env", required=True)
     r.add_argument("--reason", required=True)
-    r.add_argument("--entry", type=int, help="the approval's ledger seq (default: every approval of that version "
-                                             "in that environment recorded so far)")
+    r.add_argument("--entry", type=int, help="the approval's ledger seq: revokes that approval in every entry "
+                                             "carrying it (default: every approval of that version in that "
+                                             "environment recorded so far or signed before now)")
     r.add_argument("--as", dest="as_", metavar="NAME", help="revoker identity (default $ONEPATH_IDENTITY)")
     r.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
     r.set_defaults(fn=cmd_revoke)

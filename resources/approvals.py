@@ -8,7 +8,9 @@ the run id and content digest its registration recorded in the ledger (``model_r
 model version, ``release_built`` for an app release, whose run id is ``""``). It must have been signed
 after that registration (its ``approved_at`` and its ledger entry both follow the registration
 entry), not in the future, and, under a policy with ``approval_valid_days``, not too long ago. A
-signed ``approval_revoked`` entry takes it back (:class:`Revocation`).
+signed ``approval_revoked`` entry takes it back (:class:`Revocation`). An approval is its signed payload
+(:meth:`Approval.identity`), whichever ledger entries carry it: a copy appended again is the same approval,
+revoked or not. ``first_release`` (no previous version to roll back to) is part of that signed payload.
 
 A version registered from a notebook names its author by a registration signature
 (:func:`sign_registration`): the identity's Ed25519 signature over ``{model, version, run_id, digest}``,
@@ -18,9 +20,10 @@ which the handoff sensor checks against the policy (:func:`verify_registration`)
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -64,10 +67,20 @@ class Approval:
     approved_at: str
     run_id: str = ""  # the registration's MLflow run id ("" for an app release)
     digest: str = ""  # the registration's content digest (an app release: its content hash)
+    # signed: no previous version to roll back to is the approver's statement, not a note beside it
+    first_release: bool = False
     signature: str = ""
 
     def payload(self) -> bytes:
-        return _canonical({k: v for k, v in asdict(self).items() if k != "signature"})
+        body = {k: v for k, v in asdict(self).items() if k != "signature"}
+        if not self.first_release:  # absent means false: approvals signed before the flag was signed still verify
+            del body["first_release"]
+        return _canonical(body)
+
+    def identity(self) -> str:
+        """What makes two ledger entries the same approval: the sha256 of the signed payload. Not the
+        signature's text: base64 decoding skips stray characters, so one signature has many spellings."""
+        return hashlib.sha256(self.payload()).hexdigest()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +88,8 @@ class Approval:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Approval":
         # an approval recorded before approvals were bound to content has no run_id/digest: it binds nothing
-        return cls(**{f.name: str(d.get(f.name) or "") for f in fields(cls)})
+        return cls(**{f.name: str(d.get(f.name) or "") for f in fields(cls) if f.name != "first_release"},
+                   first_release=d.get("first_release") is True)
 
 
 @dataclass(frozen=True)
@@ -155,13 +169,33 @@ def _verify_signature(policy: Policy, who: str, signature: str, payload: bytes, 
 
 
 def sign(key: Ed25519PrivateKey, *, asset: str, version: str, env: str, reason: str, approver: str,
-         run_id: str, digest: str, approved_at: str | None = None) -> Approval:
+         run_id: str, digest: str, approved_at: str | None = None, first_release: bool = False) -> Approval:
+    """``first_release``: the approver also signs that this is the first release in ``env`` (no previous
+    version to roll back to), which the ``rollback_path`` check accepts in place of one."""
     if not reason.strip():
         raise ApprovalError("an approval needs a reason")
     draft = Approval(asset, str(version), env, reason.strip(), approver, approved_at or now_iso(),
-                     str(run_id or ""), str(digest or ""))
+                     str(run_id or ""), str(digest or ""), bool(first_release))
     sig = base64.b64encode(key.sign(draft.payload())).decode()
     return Approval(**{**asdict(draft), "signature": sig})
+
+
+def signed_flags_only(approval: Approval, policy: Policy) -> Approval:
+    """``approval`` without a ``first_release`` flag its signature does not cover. Before the flag was signed,
+    ``onepath approve --first-release`` wrote it beside the approval, where anyone appending to the ledger
+    could set it too: such an entry is the approval it signed, never a signed first release."""
+    if not approval.first_release:
+        return approval
+    bare = replace(approval, first_release=False)
+    try:
+        _verify_signature(policy, approval.approver, approval.signature, approval.payload(), "approver")
+    except ApprovalError:
+        try:
+            _verify_signature(policy, bare.approver, bare.signature, bare.payload(), "approver")
+        except ApprovalError:
+            return approval  # verifies neither way: verify() says why
+        return bare
+    return approval
 
 
 def expires_at(approval: Approval, valid_days: float | None) -> datetime | None:
@@ -252,10 +286,26 @@ class Revocation:
         return cls(None if entry is None else int(entry),
                    **{f.name: str(d.get(f.name) or "") for f in fields(cls) if f.name != "approval_entry"})
 
-    def covers(self, approval_seq: int, revocation_seq: int | None) -> bool:
+    def covers(self, approval: Approval, approval_seq: int, *, named: str | None, revocation_seq: int,
+               recorded_at: str) -> bool:
+        """Whether this revocation (recorded in ledger #``revocation_seq`` at ``recorded_at``) takes back
+        ``approval`` (its first ledger entry: #``approval_seq``), whatever entry carries it.
+
+        Naming an entry revokes the approval that entry carries (``named``: its :meth:`Approval.identity`),
+        so appending the same signed approval again brings nothing back. Revoking all takes back every
+        approval recorded before it and every approval signed at or before its ``revoked_at`` (no later than
+        its own entry, give or take the clock skew: a revocation cannot be dated ahead to void approvals
+        nobody has given yet)."""
         if self.approval_entry is not None:
-            return self.approval_entry == approval_seq
-        return revocation_seq is None or approval_seq < revocation_seq
+            return named is not None and approval.identity() == named
+        if approval_seq < revocation_seq:
+            return True
+        try:
+            cutoff = min(parse_time(self.revoked_at, "revoked_at"),
+                         parse_time(recorded_at, "ledger time") + FUTURE_SKEW)
+            return parse_time(approval.approved_at, "approved_at") <= cutoff
+        except ApprovalError:
+            return False  # an unreadable time covers by ledger order only
 
 
 def sign_revocation(key: Ed25519PrivateKey, *, asset: str, version: str, env: str, reason: str, revoker: str,

@@ -464,3 +464,151 @@ def test_two_identities_with_one_key_are_refused_at_load(tmp_path):
     bad.write_text(text.rstrip("\n") + f'\n  robin: {{team: model-risk, roles: [model_approver], public_key: "{rob_key}"}}\n')
     with pytest.raises(PolicyError, match="identities.robin.public_key.*the same key as identities.rob"):
         load_policy(bad)
+
+
+# -- an approval is its signed payload: copies, revocations across policy changes, the signed first release ------
+
+
+def test_a_revoked_approval_appended_again_stays_revoked_and_a_copy_never_counts_twice(book, policy):
+    """Whoever can append to the ledger (the platform's user; the approver too) appends mira's revoked approval
+    again: once as it was, once with its signature spelled differently (base64 decoding skips a stray
+    character, so the copy still verifies). A revocation naming her entry covers both copies, a revocation of
+    all covers the copies made after it, and an approval recorded twice is one approval."""
+    register(book, "9")
+    a = approve_in_ledger(book, "9")
+    named = revoke_in_ledger(book, "9", "mira", approval_entry=a.seq)
+    book.append("approval", MODEL, dict(a.data), "mira", env="prod")
+    book.append("approval", MODEL, {**a.data, "signature": "!" + a.data["signature"]}, "mira", env="prod")
+    s = standing_of(book, policy, "9")
+    assert s.valid == [] and [(e.seq, re.seq) for e, _, re, _ in s.revoked] == [(a.seq, named.seq)]
+    assert len(s.duplicates) == 2 and all(f"a copy of approval #{a.seq}" in d for d in s.duplicates)
+
+    b = approve_in_ledger(book, "9", who="pat")
+    book.append("approval", MODEL, dict(b.data), "pat", env="prod")
+    s = standing_of(book, policy, "9")
+    assert [e.seq for e, _ in s.valid] == [b.seq]  # recorded twice, counted once
+    every = revoke_in_ledger(book, "9", "pat")  # all of them
+    book.append("approval", MODEL, dict(b.data), "pat", env="prod")  # pat's approval, appended after it
+    s = standing_of(book, policy, "9")
+    assert s.valid == [] and (b.seq, every.seq) in [(e.seq, re.seq) for e, _, re, _ in s.revoked]
+    fresh = approve_in_ledger(book, "9", who="pat")  # signed after the revocation: a new approval counts
+    assert [e.seq for e, _ in standing_of(book, policy, "9").valid] == [fresh.seq]
+
+
+def test_an_approval_presigned_before_the_registration_does_not_pass_by_being_appended_again(book, policy):
+    """mira signs version 12 before it exists, dated inside the clock skew, and records it; once version 12
+    is registered she appends the same signed approval again, now after the registration entry. It is the
+    approval first recorded before the registration, judged as that entry."""
+    early = approve_in_ledger(book, "12", approved_at=(datetime.now(timezone.utc) + timedelta(minutes=4)).isoformat())
+    reg = register(book, "12")
+    book.append("approval", MODEL, dict(early.data), "mira", env="prod")
+    s = standing_of(book, policy, "12")
+    assert s.valid == [] and len(s.refused) == 1 and len(s.duplicates) == 1
+    assert f"recorded (ledger #{early.seq}) before version 12 of credit_risk was registered (ledger #{reg.seq})" \
+        in s.refused[0]
+
+
+def _nadia(tmp_path: Path, demo_text: str) -> tuple[str, Path]:
+    """The example policy plus nadia, an approver whose key is her own (not a shipped demo key)."""
+    from resources.approvals import generate_key
+
+    nadia_key = tmp_path / "nadia.key"
+    public = generate_key(nadia_key)
+    text = demo_text.replace("model-risk: {members: [mira]}", "model-risk: {members: [mira, nadia]}", 1)
+    assert text != demo_text
+    return text.rstrip("\n") + f'\n  nadia: {{team: model-risk, roles: [model_approver], public_key: "{public}"}}\n', \
+        nadia_key
+
+
+@pytest.mark.parametrize("change,why", [
+    ("mira: {team: model-risk, roles: [model_approver],", "mira may not revoke nadia's approval"),
+    ("\ndemo: true\n", "mira is marked demo"),
+])
+def test_a_revocation_stands_after_a_policy_change_that_would_refuse_it(book, tmp_path, change, why):
+    """nadia approved version 10 and mira, an approver (a demo identity, in a policy in demo mode), revoked
+    it. Then pat, a platform admin, records a policy change that would refuse mira's revocation if it were
+    signed today: mira loses her role, or demo mode is switched off. The revocation was valid when it was
+    appended and stays valid; a revocation mira signs under the new policy is judged under it."""
+    from platform_defs.policy import load_policy
+    from tests.conftest import record_policy
+
+    text, nadia_key = _nadia(tmp_path, POLICY.read_text())
+    before, after = tmp_path / "before.yaml", tmp_path / "after.yaml"
+    before.write_text(text)
+    assert change in text
+    after.write_text(text.replace(change, {"\ndemo: true\n": "\ndemo: false\n"}.get(
+        change, "mira: {team: model-risk, roles: [],"), 1))
+    record_policy(book, path=before)
+    register(book, "10")
+
+    def nadia_approves():
+        a = sign(load_private_key(nadia_key), asset=MODEL, version="10", env="prod", reason="reviewed",
+                 approver="nadia", run_id="run-10", digest=DIGEST)
+        return book.append("approval", MODEL, a.as_dict(), "nadia", env="prod")
+
+    a = nadia_approves()
+    rev = revoke_in_ledger(book, "10", "mira", approval_entry=a.seq)
+    assert standing_of(book, load_policy(before), "10").valid == []
+    record_policy(book, path=after)
+    today = load_policy(after)
+    s = standing_of(book, today, "10")
+    assert s.valid == [] and [(e.seq, re.seq) for e, _, re, _ in s.revoked] == [(a.seq, rev.seq)]
+    b = nadia_approves()  # approved again under the new policy
+    late = revoke_in_ledger(book, "10", "mira", approval_entry=b.seq)
+    s = standing_of(book, today, "10")
+    assert [e.seq for e, _ in s.valid] == [b.seq]
+    assert any(x.startswith(f"revocation #{late.seq} by mira: ") and why in x for x in s.ignored_revocations)
+
+
+def test_a_first_release_is_what_the_approver_signed_not_a_flag_beside_it(book, policy):
+    """The rollback_path check accepts a first release in place of a previous version only when the approver
+    signed it: a flag the platform's user writes next to a signed approval (as ``onepath approve`` used to
+    record it) leaves the approval standing and proves no first release; a copy of a signed first release with
+    the flag taken off does not verify; the signed one passes."""
+    from types import SimpleNamespace
+
+    from platform_defs.governance.gates import ModelGate
+    from platform_defs.loader import load_organisation
+    from platform_defs.registration import registration
+
+    org = load_organisation()
+    model = org.by_name[MODEL]
+    features, label = org.model_features(model)
+    gate = ModelGate(endpoint=org.by_name[ENDPOINT], model=model, dataset=org.by_name[model.dataset],
+                     features=features, label=label, policy=policy, mlflow=None, data_store=None, ledger=book,
+                     deployer=None)
+    register(book, "11")
+    reg = registration(book, MODEL, "11")
+    v = SimpleNamespace(version="11", require_registration=lambda: reg)
+    plain = sign(key("mira"), asset=MODEL, version="11", env="prod", reason="reviewed", approver="mira",
+                 run_id="run-11", digest=DIGEST)
+    forged = book.append("approval", MODEL, {**plain.as_dict(), "first_release": True}, "mira", env="prod")
+    s = standing_of(book, policy, "11")
+    assert [(e.seq, a.first_release) for e, a in s.valid] == [(forged.seq, False)]  # the approval it signed
+    verdict = gate._check_rollback_path(v, "prod")
+    assert not verdict.passed and "no signed first-release record" in verdict.summary
+    signed = sign(key("pat"), asset=MODEL, version="11", env="prod", reason="first release", approver="pat",
+                  run_id="run-11", digest=DIGEST, first_release=True)
+    assert signed.first_release and signed.as_dict()["first_release"] is True
+    stripped = book.append("approval", MODEL, {**signed.as_dict(), "first_release": False}, "pat", env="prod")
+    refused = standing_of(book, policy, "11").refused
+    assert any(x.startswith(f"#{stripped.seq} by pat: signature does not verify") for x in refused), refused
+    book.append("approval", MODEL, signed.as_dict(), "pat", env="prod")
+    verdict = gate._check_rollback_path(v, "prod")
+    assert verdict.passed and verdict.summary.endswith("recorded and signed by pat")
+
+
+def test_approve_first_release_signs_the_flag(cli, policy):
+    book, run = cli
+    reg = register(book, "7105")
+    code, out = run("approve", MODEL, "--version", "7105", "--env", "prod", "--reason", "first one", "--as", "mira",
+                    "--key", str(KEYS / "mira.key"), "--first-release")
+    assert code == 0, out
+    entry = [e for e in book.entries(kind="approval", subject=MODEL) if e.data.get("version") == "7105"][-1]
+    a = Approval.from_dict(entry.data)
+    assert a.first_release is True
+    args = dict(asset=MODEL, version="7105", env="prod", owner_team="credit-risk", author="team:credit-risk",
+                role="model_approver", registered=Registered.of_model(reg), approval_seq=entry.seq)
+    verify(a, policy, **args)
+    with pytest.raises(ApprovalError, match="signature does not verify"):  # the flag is under the signature
+        verify(Approval.from_dict({**entry.data, "first_release": False}), policy, **args)

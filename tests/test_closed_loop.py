@@ -137,9 +137,8 @@ def sign_approval(world, model: str, version: str, env: str, who: str = "mira", 
     reg = registration(world["ledger"], model, version).data  # what an approval binds
     approval = sign(load_private_key(DEMO_KEYS / f"{who}.key"), asset=model, version=version, env=env,
                     reason="reviewed in the closed-loop test", approver=who, run_id=reg["run_id"] or "",
-                    digest=reg["digest"])
-    return world["ledger"].append("approval", model, {**approval.as_dict(), "first_release": first_release}, who,
-                                  env=env)
+                    digest=reg["digest"], first_release=first_release)  # the flag is signed, like the rest
+    return world["ledger"].append("approval", model, approval.as_dict(), who, env=env)
 
 
 @pytest.fixture(scope="module")

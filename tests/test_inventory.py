@@ -131,8 +131,8 @@ def record(ledger: Ledger, endpoint: str, env: str, model: str, version: str, ad
 def approve(ledger: Ledger, who: str, subject: str, version: str, env: str) -> None:
     """What ``onepath approve`` writes (signed with the shipped demo key), without its verification."""
     a = sign(load_private_key(DEMO_KEYS / f"{who}.key"), asset=subject, version=version, env=env,
-             reason="reviewed", approver=who, run_id="", digest="")
-    ledger.append("approval", subject, {**a.as_dict(), "first_release": True}, who, env=env)
+             reason="reviewed", approver=who, run_id="", digest="", first_release=True)
+    ledger.append("approval", subject, a.as_dict(), who, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from datetime import datetime
 from typing import Any
 
 from platform_defs.policy import Policy
-from resources.approvals import (Approval, ApprovalError, ApprovalExpired, Registered, Revocation, verify,
-                                 verify_revocation)
+from resources.approvals import (Approval, ApprovalError, ApprovalExpired, Registered, Revocation,
+                                 signed_flags_only, verify, verify_revocation)
 
 REVOKED_KIND = "approval_revoked"
 
@@ -29,6 +29,7 @@ class Standing:
     expired: list[tuple[Any, Approval, datetime]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     ignored_revocations: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)  # entries carrying an approval an earlier entry carries
 
     def lapsed(self) -> list[str]:
         """One line per revoked or expired approval."""
@@ -42,7 +43,7 @@ class Standing:
                  for e, a, re, r in self.revoked]
                 + [f"#{e.seq} by {a.approver}: expired on {ended.isoformat(timespec='seconds')}: approve again"
                    for e, a, ended in self.expired]
-                + self.refused + [f"ignored {x}" for x in self.ignored_revocations])
+                + self.refused + self.duplicates + [f"ignored {x}" for x in self.ignored_revocations])
 
 
 def revoked_line(entry: Any, a: Approval, rev_entry: Any, r: Revocation) -> str:
@@ -54,14 +55,43 @@ def standing(book: Any, policy: Policy, *, asset: str, version: str, env: str, o
              author: str | None, role: str, registered: Registered, valid_days: float | None,
              other_team: bool = True, author_emails: set[str] | None = None,
              now: datetime | None = None) -> Standing:
+    """Approvals are judged under ``policy`` (the one in force), each once: an entry carrying an approval an
+    earlier entry already carries (the same signed payload, :meth:`Approval.identity`) adds nothing and is
+    judged as that first entry. A revocation is judged under the policy recorded when it was appended (the
+    newest ``policy_recorded`` entry before it; ``policy`` when none precedes it), so a later change of
+    policy (its revoker losing the role, demo mode switched off) never cancels it."""
     out = Standing()
     version = str(version)
     revocations = [(e, Revocation.from_dict(e.data)) for e in book.entries(kind=REVOKED_KIND, subject=asset, env=env)
                    if str(e.data.get("version")) == version]
-    for entry in book.entries(kind="approval", subject=asset, env=env):
-        a = Approval.from_dict(entry.data)
-        if a.version != version:
+    approvals = [(e, signed_flags_only(Approval.from_dict(e.data), policy))
+                 for e in book.entries(kind="approval", subject=asset, env=env)
+                 if str(e.data.get("version")) == version]
+    identity_at = {e.seq: a.identity() for e, a in approvals}
+    records: list[Any] | None = None
+
+    def policy_at(seq: int) -> Policy:
+        nonlocal records
+        if records is None:
+            from platform_defs.policy_record import PolicyRecordError, recorded_policies
+
+            try:
+                records = recorded_policies(book)
+            except PolicyRecordError as err:  # the gates refuse on a broken chain; here: judge under policy
+                records = []
+                out.ignored_revocations.append(f"the recorded policy chain does not verify ({err}): revocations "
+                                               f"judged under the policy in force")
+        before = [r for r in records if r.seq < seq]
+        return before[-1].policy if before else policy
+
+    first_entry: dict[str, int] = {}
+    for entry, a in approvals:
+        ident = a.identity()
+        if ident in first_entry:
+            out.duplicates.append(f"#{entry.seq} by {a.approver}: a copy of approval #{first_entry[ident]} "
+                                  f"(the same signed approval adds nothing)")
             continue
+        first_entry[ident] = entry.seq
         ended = None
         try:
             verify(a, policy, asset=asset, version=version, env=env, owner_team=owner_team, author=author, role=role,
@@ -74,10 +104,11 @@ def standing(book: Any, policy: Policy, *, asset: str, version: str, env: str, o
             continue
         revoked = None
         for rev_entry, rev in revocations:
-            if not rev.covers(entry.seq, rev_entry.seq):
+            if not rev.covers(a, entry.seq, named=identity_at.get(rev.approval_entry), revocation_seq=rev_entry.seq,
+                              recorded_at=rev_entry.ts):
                 continue
             try:
-                verify_revocation(rev, policy, approval=a, role=role)
+                verify_revocation(rev, policy_at(rev_entry.seq), approval=a, role=role)
             except ApprovalError as err:
                 out.ignored_revocations.append(f"revocation #{rev_entry.seq} by {rev.revoker}: {err}")
                 continue

@@ -372,7 +372,7 @@ class ModelGate:
             return Verdict("rollback_path", True, f"version {p.data.get('version')} served {env} before "
                            f"(ledger #{p.seq}); rollback target exists", {"rollback_to": str(p.data.get("version"))})
         valid, _ = self._approvals(v, env)
-        first = [a for e, a in valid if e.data.get("first_release")]
+        first = [a for _, a in valid if a.first_release]  # the signed flag of a verified approval only
         if first:
             return Verdict("rollback_path", True, f"first release of {self.endpoint.name} in {env}, "
                            f"recorded and signed by {first[-1].approver}", {"first_release_by": first[-1].approver})

@@ -214,8 +214,10 @@ def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
         for env in ("staging", "prod"):
             version = expected[(endpoint, env)]
             if env == "prod" and track == "ml-high-risk":
-                a = sign(mira, asset=model, version=version, env=env, reason="bench", approver="mira")
-                ledger.append("approval", model, {**a.as_dict(), "first_release": True}, "mira", env=env)
+                # the inventory lists approvals as recorded: what they bind is the gates' business, not timed here
+                a = sign(mira, asset=model, version=version, env=env, reason="bench", approver="mira",
+                         run_id=run_id, digest="0" * 64, first_release=True)
+                ledger.append("approval", model, a.as_dict(), "mira", env=env)
             ledger.append("gate_verdict", endpoint, {
                 "model": model, "version": version, "passed": True,
                 "verdicts": {c: {"passed": True, "summary": "ok"} for c in checks}}, "bench", env=env)

@@ -291,7 +291,8 @@ def test_a_server_that_accepts_but_never_answers_is_unhealthy(world):
                              environments=["qa"], ports={"qa": port})
         org = Organisation(list(world["org"].by_name.values()) + [extra])
         rows = {(r.name, r.env): r for r in build_inventory(org, world["policy"], world["mlflow"], world["ledger"],
-                                                             world["deployer"], timeout=0.3)}
+                                                             world["deployer"], timeout=2.0)}
+        # (a timeout the real servers meet on a loaded machine: the silent one misses any timeout)
         r = rows[("inv_silent", "qa")]
         assert r.address == f"http://127.0.0.1:{port}" and not r.healthy and r.live_version is None
         assert r.recorded_version is None and r.state == "not deployed"

@@ -109,7 +109,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> int:
     """A code review of one built release of an app, by a reviewer who authored none of its changes."""
     from platform_defs.wiring import build_resources
-    from platform_defs.governance.gates import AppGate
+    from platform_defs.governance.gates import AppGate, AuthorsUnknown
     from resources.approvals import ApprovalError, Registered, load_private_key, sign, verify
 
     if args.env not in app.environments:
@@ -130,11 +130,16 @@ def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> in
     track = policy.track("app")
     key_path = Path(args.key) if args.key else identity_key_path(approver)
     try:
+        authors = gate.authors()
+    except AuthorsUnknown as err:
+        return _fail(f"review refused: git could not list the commit authors of release {args.version} of "
+                     f"{app.name}, so your independence of them cannot be checked: {err}")
+    try:
         approval = sign(load_private_key(key_path), asset=app.name, version=str(args.version), env=args.env,
                         reason=args.reason, approver=approver, run_id=registered.run_id, digest=registered.digest)
         verify(approval, policy, asset=app.name, version=str(args.version), env=args.env, owner_team=app.owner,
                author=None, role=track.approver_role, registered=registered, valid_days=track.approval_valid_days,
-               other_team=False, author_emails=gate.authors())
+               other_team=False, author_emails=authors)
     except ApprovalError as err:
         return _fail(f"review refused: {err}")
     entry = book.append("approval", app.name, {**approval.as_dict(), "registration_entry": built.seq}, approver,

@@ -82,9 +82,17 @@ def in_force_verdict(org: Organisation, policy: Policy, book: Any, spec: Any, en
         if built is None:
             return False, (f"release {version} serves in {env} but has no release_built ledger entry, so no review "
                            f"can bind it"), {"serving_version": version}
+        if authors is None:
+            from platform_defs.governance.gates import AuthorsUnknown
+
+            try:
+                authors = gate.authors()
+            except AuthorsUnknown as err:
+                return False, (f"git could not list the commit authors of release {version} of {spec.name}, so no "
+                               f"review of it can be shown independent: {err}"), {"serving_version": version}
         s = standing(book, policy, asset=asset, version=version, env=env, owner_team=owner, author=None, role=role,
                      registered=Registered.of_release(built), valid_days=track.approval_valid_days, other_team=False,
-                     author_emails=gate.authors() if authors is None else authors, now=now)
+                     author_emails=authors, now=now)
         what = f"release {version}"
     else:
         model = org.by_name[spec.model]
@@ -149,8 +157,13 @@ def evaluate_in_force(org: Organisation, policy: Policy, book: Any, reported: di
             from platform_defs.governance.gates import AppGate
             from platform_defs.settings import PROJECT_ROOT
 
-            authors[spec.name] = AppGate(app=spec, policy=policy, ledger=book, deployer=None,
-                                         source_dir=PROJECT_ROOT / spec.source, repo_root=PROJECT_ROOT).authors()
+            from platform_defs.governance.gates import AuthorsUnknown
+
+            try:
+                authors[spec.name] = AppGate(app=spec, policy=policy, ledger=book, deployer=None,
+                                             source_dir=PROJECT_ROOT / spec.source, repo_root=PROJECT_ROOT).authors()
+            except AuthorsUnknown:
+                pass  # in_force_verdict asks again and fails, saying why
         passed, text, meta = in_force_verdict(org, policy, book, spec, env, now=now, authors=authors.get(spec.name))
         key = endpoint_asset_name(spec.name, env)
         state = "ok" if passed else text

@@ -88,3 +88,34 @@ def test_authors_come_from_git_history(gate):
     expected = subprocess.run(["git", "log", "--format=%ae", "--", "apps/loan_portal"], cwd=ROOT,
                               capture_output=True, text=True).stdout.split()
     assert emails and emails == {e.lower() for e in expected}
+
+
+def test_code_review_fails_closed_when_git_cannot_list_the_authors(tmp_path):
+    """rob authored a change to the release, so his review never counts; removing the checkout's .git (the
+    platform's own user can) leaves git unable to say who authored what: no list is not an empty list, so
+    the review still does not count and the verdict names git's error."""
+    from resources.approvals import load_private_key, sign
+    from resources.ledger import Ledger
+
+    app = load_organisation(ROOT / "assets").by_name["loan_portal"]
+    repo = tmp_path / "checkout"
+    source = repo / "apps" / "loan_portal"
+    shutil.copytree(ROOT / "apps" / "loan_portal", source, ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-c", "user.name=rob", "-c", "user.email=rob@lending.example", "-c", "commit.gpgsign=false"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "rob's change"]):
+        subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
+    book = Ledger(tmp_path / "ledger.db", tmp_path / "platform.key")
+    book.append("release_built", "loan_portal", {"version": "r-1", "content_hash": "c" * 64, "files": 1}, "dagster")
+    review = sign(load_private_key(ROOT / "assets" / "demo_identities" / "rob.key"), asset="loan_portal",
+                  version="r-1", env="prod", reason="lgtm", approver="rob", run_id="", digest="c" * 64)
+    book.append("approval", "loan_portal", review.as_dict(), "rob", env="prod")
+    gate = AppGate(app=app, policy=load_policy(), ledger=book, deployer=None, source_dir=source, repo_root=repo)
+    v = gate._check_code_review("r-1", source, "prod")
+    assert gate.authors() == {"rob@lending.example"}
+    assert not v.passed and "authored changes in release r-1" in v.markdown["refused_reviews"]
+    shutil.rmtree(repo / ".git")
+    v = gate._check_code_review("r-1", source, "prod")
+    assert not v.passed and v.metadata["authors"] == "unknown"
+    assert v.summary.startswith("git could not list the commit authors of release r-1 of loan_portal, so no reviewer "
+                                "can be shown independent of them: git log exited 128 in ")
+    assert "not a git repository" in v.summary

@@ -42,6 +42,19 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded(book: Any, policy: Any) -> tuple[Any, str | None]:
+    """``(the recorded policy in force, None)`` when ``policy`` (the file) is it, else ``(None, problem)``:
+    an approval or revocation is verified against the identities the ledger records, never against a file
+    anyone who can edit it could have given a new identity."""
+    from platform_defs.policy_record import policy_in_force, policy_standing
+
+    standing = policy_standing(book, policy)
+    recorded = policy_in_force(book) if standing.ok else None
+    if recorded is None:
+        return None, standing.problem or "no policy is recorded in the ledger yet"
+    return recorded.policy, None
+
+
 def _model_of(args: argparse.Namespace, org) -> Any:
     from platform_defs.specs import EndpointSpec
 
@@ -77,6 +90,9 @@ def cmd_approve(args: argparse.Namespace) -> int:
     from platform_defs.wiring import build_resources
 
     book = build_resources(load_settings())["ledger"].ledger()
+    policy, problem = _recorded(book, policy)
+    if problem:
+        return _fail(f"approval refused: {problem}")
     # what the approval binds and who authored the version: the version's registration in the ledger,
     # never MLflow's tags or its client-set mlflow.user
     reg = registration(book, decl.name, str(args.version))
@@ -110,7 +126,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> int:
     """A code review of one built release of an app, by a reviewer who authored none of its changes."""
     from platform_defs.wiring import build_resources
-    from platform_defs.governance.gates import AppGate
+    from platform_defs.governance.gates import AppGate, AuthorsUnknown
     from resources.approvals import ApprovalError, Registered, load_private_key, sign, verify
 
     if args.env not in app.environments:
@@ -121,6 +137,9 @@ def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> in
         known = sorted(p.name for p in builds.glob("r-*")) if builds.is_dir() else []
         return _fail(f"{app.name} has no built release {args.version} (built: {', '.join(known) or 'none'})")
     book = build_resources(settings)["ledger"].ledger()
+    policy, problem = _recorded(book, policy)
+    if problem:
+        return _fail(f"review refused: {problem}")
     gate = AppGate(app=app, policy=policy, ledger=book, deployer=None, source_dir=PROJECT_ROOT / app.source,
                    repo_root=PROJECT_ROOT)
     built = gate.release_registration(str(args.version))
@@ -131,11 +150,16 @@ def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> in
     track = policy.track("app")
     key_path = Path(args.key) if args.key else identity_key_path(approver)
     try:
+        authors = gate.authors()
+    except AuthorsUnknown as err:
+        return _fail(f"review refused: git could not list the commit authors of release {args.version} of "
+                     f"{app.name}, so your independence of them cannot be checked: {err}")
+    try:
         approval = sign(load_private_key(key_path), asset=app.name, version=str(args.version), env=args.env,
                         reason=args.reason, approver=approver, run_id=registered.run_id, digest=registered.digest)
         verify(approval, policy, asset=app.name, version=str(args.version), env=args.env, owner_team=app.owner,
                author=None, role=track.approver_role, registered=registered, valid_days=track.approval_valid_days,
-               other_team=False, author_emails=gate.authors())
+               other_team=False, author_emails=authors)
     except ApprovalError as err:
         return _fail(f"review refused: {err}")
     entry = book.append("approval", app.name, {**approval.as_dict(), "registration_entry": built.seq}, approver,
@@ -167,10 +191,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if not isinstance(decl, (ModelSpec, AppSpec)):
         known = ", ".join(sorted(d.name for d in org.by_name.values() if d.kind in ("model", "app")))
         return _fail(f"'{args.asset}' is not a declared model, endpoint or app (declared: {known})")
-    role = policy.track("app" if isinstance(decl, AppSpec) else decl.track).approver_role
     from platform_defs.wiring import build_resources
 
     book = build_resources(load_settings())["ledger"].ledger()
+    policy, problem = _recorded(book, policy)
+    if problem:
+        return _fail(f"revocation refused: {problem}")
+    role = policy.track("app" if isinstance(decl, AppSpec) else decl.track).approver_role
     approvals = [e for e in book.entries(kind="approval", subject=decl.name, env=args.env)
                  if str(e.data.get("version")) == str(args.version)]
     if args.entry is not None:

@@ -406,6 +406,68 @@ def _approval_revoked(org: Organisation, policy: Policy, spec: EndpointSpec, env
     return None
 
 
+def app_governed(policy: Policy, spec: AppSpec, env: str, version: str, *, services: Services,
+                 repo_root: Path | None = None, crashloop_rules_out: bool = True) -> str | None:
+    """Why app release ``version`` may NOT serve ``spec.env`` on a way back, or None when it may (the app
+    counterpart of :func:`governed`): the policy file is the recorded policy in force, the release passed
+    its gate for that environment under this very policy (an app's way back runs no gate again: one judged
+    under an earlier policy is refused, saying so), it has not crash-looped there since its gate
+    (``crashloop_rules_out``: for an automatic choice), and, where the app track asks for a code review
+    there, its review was not revoked (an expired one does not stop a way back, as for models)."""
+    book = services.ledger
+    from platform_defs.policy_record import policy_standing
+
+    standing = policy_standing(book, policy)
+    if not standing.ok:  # fail closed: under a policy that is not the recorded one, nothing is governed
+        return f"release {version} cannot be judged: {standing.problem}"
+    passed = [e for e in book.entries(kind="gate_verdict", subject=spec.name, env=env)
+              if str(e.data.get("version")) == version and e.data.get("passed")]
+    if not passed:
+        return f"release {version} never passed the {env} gate of {spec.name}"
+    if crashloop_rules_out:
+        for e in book.entries(subject=spec.name, env=env, since_seq=passed[-1].seq):
+            if e.kind == "crashloop" and str(e.data.get("version")) == version:
+                return f"release {version} crash-looped in {env} (ledger #{e.seq})"
+    if passed[-1].data.get("policy_hash") != policy_hash(policy):
+        return (f"release {version} passed its {env} gate (ledger #{passed[-1].seq}) under another policy than the "
+                f"one in force (ledger #{standing.entry_seq}) and an app's way back does not run its gate again: "
+                f"refused; promote it through its gate")
+    return _review_revoked(policy, spec, env, version, book, repo_root)
+
+
+def _review_revoked(policy: Policy, spec: AppSpec, env: str, version: str, book: Ledger,
+                    repo_root: Path | None) -> str | None:
+    """Why a way back may not restore app release ``version`` where the app track asks for a code review:
+    every review it had there was revoked since (or its authors cannot be listed, so no review is known
+    to stand)."""
+    from platform_defs.governance.approval_standing import standing
+    from platform_defs.governance.gates import AppGate, AuthorsUnknown
+    from resources.approvals import Registered
+
+    track = policy.track("app")
+    if "code_review" not in track.checks or env not in track.approval_envs:
+        return None
+    if repo_root is None:
+        from platform_defs.settings import PROJECT_ROOT
+
+        repo_root = PROJECT_ROOT
+    gate = AppGate(app=spec, policy=policy, ledger=book, deployer=None, source_dir=repo_root / spec.source,
+                   repo_root=repo_root)
+    built = gate.release_registration(version)
+    if built is None:
+        return f"release {version} has no release_built ledger entry, so no review of it can stand"
+    try:
+        authors = gate.authors()
+    except AuthorsUnknown as err:
+        return f"git could not list the commit authors of release {version}, so no review of it is known to stand: {err}"
+    s = standing(book, policy, asset=spec.name, version=version, env=env, owner_team=spec.owner, author=None,
+                 role=track.approver_role, registered=Registered.of_release(built), valid_days=None, other_team=False,
+                 author_emails=authors)
+    if s.revoked and not s.valid:
+        return f"release {version}'s code review in {env} was revoked: " + "; ".join(x for x in s.lapsed())
+    return None
+
+
 def fallback_release(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, version: str, *,
                      services: Services, actor: str) -> Release | None:
     """What the backend may put back on its own if ``version`` crash-loops in ``spec.env``: the newest
@@ -828,10 +890,9 @@ def confirm_supervisor_rollback(org: Organisation, policy: Policy, spec: Endpoin
     who: dict[str, str] = {"app": spec.name} if is_app else {"model": model.name}  # type: ignore[union-attr]
 
     def why_not(version: str, served_digest: str | None) -> str | None:
-        if is_app:
-            ok = any(str(e.data.get("version")) == version and e.data.get("passed")
-                     for e in book.entries(kind="gate_verdict", subject=spec.name, env=env))
-            return None if ok else f"release {version} never passed the {env} gate of {spec.name}"
+        if is_app:  # the supervisor chose it on a crash loop of another: a crash loop of its own is judged there
+            return app_governed(policy, spec, env, version, services=services,  # type: ignore[arg-type]
+                                crashloop_rules_out=False)
         from platform_defs.registration import registered_digest
 
         digest = registered_digest(book, model.name, version)  # type: ignore[union-attr]
@@ -959,7 +1020,7 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
         if refusal:
             raise PromotionError(refusal, verdicts=verdicts, metadata={"refused_version": version})
         release = Release(version, str(artifact), config={"entrypoint": spec.entrypoint, "calls": env_vars})
-        fallback = _app_fallback(spec, env, version, services, env_vars)
+        fallback = _app_fallback(policy, spec, env, version, services, env_vars, repo_root=repo_root)
         with _never_off_the_record(services, target, release, lock, who={"app": spec.name}, actor=actor,
                                    still_serving=previous) as record:
             status = _deploy(services, target, release, lock, who={"app": spec.name}, actor=actor,
@@ -976,11 +1037,12 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
                      seconds=round(time.perf_counter() - t0, 3))
 
 
-def _app_fallback(spec: AppSpec, env: str, version: str, services: Services,
-                  calls: dict[str, str]) -> Release | None:
+def _app_fallback(policy: Policy, spec: AppSpec, env: str, version: str, services: Services,
+                  calls: dict[str, str], *, repo_root: Path | None = None) -> Release | None:
     """The app release the backend may put back on its own if ``version`` crash-loops: the newest other
-    release deployed to ``env`` whose gate there passed and that has not crash-looped there since, still
-    built; None when there is none (the backend stops the release instead)."""
+    release deployed to ``env`` that is governed right now (:func:`app_governed`: recorded policy in force,
+    gate passed there under it, no crash loop since, review not revoked), still built; None when there is
+    none (the backend stops the release instead)."""
     book = services.ledger
     assert services.releases_dir is not None
     tried: set[str] = {version}
@@ -989,10 +1051,7 @@ def _app_fallback(spec: AppSpec, env: str, version: str, services: Services,
         if candidate in tried:
             continue
         tried.add(candidate)
-        passed = [e for e in book.entries(kind="gate_verdict", subject=spec.name, env=env)
-                  if str(e.data.get("version")) == candidate and e.data.get("passed")]
-        if not passed or any(e.kind == "crashloop" and str(e.data.get("version")) == candidate
-                             for e in book.entries(subject=spec.name, env=env, since_seq=passed[-1].seq)):
+        if app_governed(policy, spec, env, candidate, services=services, repo_root=repo_root):
             continue
         artifact = services.releases_dir / "apps" / spec.name / candidate
         if artifact.is_dir():
@@ -1001,5 +1060,5 @@ def _app_fallback(spec: AppSpec, env: str, version: str, services: Services,
 
 
 __all__ = ["Promotion", "PromotionError", "RollbackResult", "Services", "app_target", "confirm_supervisor_rollback",
-           "confirm_relaunch", "endpoint_release", "endpoint_target", "fallback_release", "governed", "judge", "promote_app", "promote_endpoint", "promotion_lock",
+           "confirm_relaunch", "app_governed", "endpoint_release", "endpoint_target", "fallback_release", "governed", "judge", "promote_app", "promote_endpoint", "promotion_lock",
            "client_claims", "record_gate", "resolve_endpoint", "roll_back", "rollback_target", "stop_serving"]

@@ -106,8 +106,10 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
     The author recorded is authenticated or absent. The graph passes ``author="team:<owner>"`` and
     ``registered_by`` (the platform run that trained it: the ledger entry is the platform's, signed with
     its head). A handoff's author is ``signed_by`` only when ``registration_signature`` verifies with that
-    identity's key in ``policy`` over ``{model, version, run_id, digest}`` (the digest computed here);
-    otherwise ``None``, and what the client said goes to ``claims``, never used."""
+    identity's key in the RECORDED policy in force over ``{model, version, run_id, digest}`` (the digest
+    computed here), and only while ``policy`` (the file handed in; default the policy file) is that policy;
+    otherwise ``None``, and what the client said goes to ``claims``, never used (``signature_unverified``
+    says why no signature was checked)."""
     existing = registration(book, model, version)
     if existing is not None:
         return existing
@@ -128,15 +130,27 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
         if signed_by or registration_signature:
             from resources.approvals import ApprovalError, verify_registration
 
+            from platform_defs.policy_record import policy_in_force, policy_standing
+
             claims["onepath.signed_by"] = signed_by
-            try:
-                if policy is None:
-                    raise ApprovalError("no policy to check the registration signature against")
-                verify_registration(policy, signed_by=str(signed_by or ""), signature=str(registration_signature or ""),
-                                    model=model, version=str(version), run_id=run_id, digest=digest)
-                author, author_verified = str(signed_by), True
-            except ApprovalError as err:
-                claims["signature_refused"] = str(err)
+            if policy is None:
+                from platform_defs.policy import load_policy
+
+                policy = load_policy()
+            # the identities that may sign are the recorded policy's, never the file's: whoever can edit the
+            # file could add an identity and sign as it. A file that is not the recorded policy vouches for nobody
+            standing = policy_standing(book, policy)
+            recorded = policy_in_force(book) if standing.ok else None
+            if recorded is None:
+                claims["signature_unverified"] = standing.problem or "no policy is recorded in the ledger yet"
+            else:
+                try:
+                    verify_registration(recorded.policy, signed_by=str(signed_by or ""),
+                                        signature=str(registration_signature or ""), model=model,
+                                        version=str(version), run_id=run_id, digest=digest)
+                    author, author_verified = str(signed_by), True
+                except ApprovalError as err:
+                    claims["signature_refused"] = str(err)
     extra: dict[str, Any] = {"author_verified": author_verified}
     if registered_by:
         extra["registered_by"] = registered_by

@@ -1294,5 +1294,9 @@ class LedgerResource(dg.ConfigurableResource):
                           "its own OS user that countersigns every head (env ONEPATH_WITNESS_SOCKET).")
 
     def ledger(self) -> Ledger:
-        return Ledger(Path(self.db_path), Path(self.key_path),
-                      Path(self.witness_socket) if self.witness_socket else None)
+        socket = self.witness_socket
+        if not socket:  # a run config may set the field to null: the configured witness still counts
+            from platform_defs.settings import load_settings  # here: platform_defs imports this module
+
+            socket = load_settings().witness_socket
+        return Ledger(Path(self.db_path), Path(self.key_path), Path(socket) if socket else None)

@@ -6,7 +6,8 @@ ledger last deployed there has an approval that verifies against its registratio
 and is neither revoked (a signed ``approval_revoked`` entry) nor expired (``approval_valid_days``).
 It fails, saying what happens next, when that approval was revoked or lapsed: the version keeps
 serving until it is rolled back or approved again, and nothing newer promotes without a new approval
-(the gate holds that). Nothing deployed there: it passes.
+(the gate holds that). Nothing deployed there: it passes. Under a policy file that is not the recorded
+policy in force (``policy_standing``) it fails with that problem, like every check.
 
 The ``approved_promotions`` sensor reports it (:func:`evaluate_in_force`) on every change, each tick
 (an approval expires by the clock, not by a ledger entry), and appends ``approval_lapsed`` once per
@@ -67,7 +68,12 @@ def in_force_verdict(org: Organisation, policy: Policy, book: Any, spec: Any, en
     from platform_defs.registration import registered_author, registration, unknown_author_text
     from resources.approvals import Registered
 
+    from platform_defs.policy_record import policy_standing
+
     version = ledger_serving_version(book, spec.name, env)
+    in_force = policy_standing(book, policy)
+    if not in_force.ok:  # what every check says under a policy that is not the recorded one
+        return False, str(in_force.problem), {"serving_version": version or "none", "policy_problem": True}
     if version is None:
         return True, "nothing serves here", {"serving_version": "none"}
     is_app = isinstance(spec, AppSpec)
@@ -82,9 +88,17 @@ def in_force_verdict(org: Organisation, policy: Policy, book: Any, spec: Any, en
         if built is None:
             return False, (f"release {version} serves in {env} but has no release_built ledger entry, so no review "
                            f"can bind it"), {"serving_version": version}
+        if authors is None:
+            from platform_defs.governance.gates import AuthorsUnknown
+
+            try:
+                authors = gate.authors()
+            except AuthorsUnknown as err:
+                return False, (f"git could not list the commit authors of release {version} of {spec.name}, so no "
+                               f"review of it can be shown independent: {err}"), {"serving_version": version}
         s = standing(book, policy, asset=asset, version=version, env=env, owner_team=owner, author=None, role=role,
                      registered=Registered.of_release(built), valid_days=track.approval_valid_days, other_team=False,
-                     author_emails=gate.authors() if authors is None else authors, now=now)
+                     author_emails=authors, now=now)
         what = f"release {version}"
     else:
         model = org.by_name[spec.model]
@@ -149,8 +163,13 @@ def evaluate_in_force(org: Organisation, policy: Policy, book: Any, reported: di
             from platform_defs.governance.gates import AppGate
             from platform_defs.settings import PROJECT_ROOT
 
-            authors[spec.name] = AppGate(app=spec, policy=policy, ledger=book, deployer=None,
-                                         source_dir=PROJECT_ROOT / spec.source, repo_root=PROJECT_ROOT).authors()
+            from platform_defs.governance.gates import AuthorsUnknown
+
+            try:
+                authors[spec.name] = AppGate(app=spec, policy=policy, ledger=book, deployer=None,
+                                             source_dir=PROJECT_ROOT / spec.source, repo_root=PROJECT_ROOT).authors()
+            except AuthorsUnknown:
+                pass  # in_force_verdict asks again and fails, saying why
         passed, text, meta = in_force_verdict(org, policy, book, spec, env, now=now, authors=authors.get(spec.name))
         key = endpoint_asset_name(spec.name, env)
         state = "ok" if passed else text
@@ -159,7 +178,8 @@ def evaluate_in_force(org: Organisation, policy: Policy, book: Any, reported: di
         before = reported.get(key)
         reported[key] = state
         events.append(evaluation(key, passed, text, meta))
-        if not passed and before in (None, "ok") and not _on_record(book, spec.name, env, meta):
+        if not passed and before in (None, "ok") and not meta.get("policy_problem") and \
+                not _on_record(book, spec.name, env, meta):  # an unrecorded policy is no lapse of the approval
             book.append(LAPSED_KIND, spec.name, {
                 "version": meta.get("serving_version"), "reason": text,
                 **{k: meta[k] for k in ("approval_entry", "revocation_entry") if k in meta}}, ACTOR, env=env)

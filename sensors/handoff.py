@@ -49,8 +49,9 @@ def _vkey(v: str) -> int:
 
 def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger, cursor: dict,
          policy: Any = None) -> tuple[list, list[dg.RunRequest], list[str], dict]:
-    """One pass over the registry. ``policy`` holds the identities whose registration signatures name a
-    version's author (default: the policy file)."""
+    """One pass over the registry. ``policy`` is the policy file in use (default: loaded); a registration
+    signature names a version's author only when it verifies with an identity of the RECORDED policy in
+    force, and only while ``policy`` is that policy (``record_registration`` checks it)."""
     if policy is None:
         from platform_defs.policy import load_policy
 

@@ -88,3 +88,94 @@ def test_authors_come_from_git_history(gate):
     expected = subprocess.run(["git", "log", "--format=%ae", "--", "apps/loan_portal"], cwd=ROOT,
                               capture_output=True, text=True).stdout.split()
     assert emails and emails == {e.lower() for e in expected}
+
+
+def test_code_review_fails_closed_when_git_cannot_list_the_authors(tmp_path):
+    """rob authored a change to the release, so his review never counts; removing the checkout's .git (the
+    platform's own user can) leaves git unable to say who authored what: no list is not an empty list, so
+    the review still does not count and the verdict names git's error."""
+    from resources.approvals import load_private_key, sign
+    from resources.ledger import Ledger
+
+    app = load_organisation(ROOT / "assets").by_name["loan_portal"]
+    repo = tmp_path / "checkout"
+    source = repo / "apps" / "loan_portal"
+    shutil.copytree(ROOT / "apps" / "loan_portal", source, ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-c", "user.name=rob", "-c", "user.email=rob@lending.example", "-c", "commit.gpgsign=false"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "rob's change"]):
+        subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
+    book = Ledger(tmp_path / "ledger.db", tmp_path / "platform.key")
+    book.append("release_built", "loan_portal", {"version": "r-1", "content_hash": "c" * 64, "files": 1}, "dagster")
+    review = sign(load_private_key(ROOT / "assets" / "demo_identities" / "rob.key"), asset="loan_portal",
+                  version="r-1", env="prod", reason="lgtm", approver="rob", run_id="", digest="c" * 64)
+    book.append("approval", "loan_portal", review.as_dict(), "rob", env="prod")
+    gate = AppGate(app=app, policy=load_policy(), ledger=book, deployer=None, source_dir=source, repo_root=repo)
+    v = gate._check_code_review("r-1", source, "prod")
+    assert gate.authors() == {"rob@lending.example"}
+    assert not v.passed and "authored changes in release r-1" in v.markdown["refused_reviews"]
+    shutil.rmtree(repo / ".git")
+    v = gate._check_code_review("r-1", source, "prod")
+    assert not v.passed and v.metadata["authors"] == "unknown"
+    assert v.summary.startswith("git could not list the commit authors of release r-1 of loan_portal, so no reviewer "
+                                "can be shown independent of them: git log exited 128 in ")
+    assert "not a git repository" in v.summary
+
+
+def test_an_app_way_back_needs_the_recorded_policy_a_gate_under_it_and_a_review_that_was_not_revoked(tmp_path,
+                                                                                                   monkeypatch):
+    """The release the backend may put back on its own when the new one crash-loops (and the one a supervisor
+    reports restoring) is judged like a model's way back: not under a policy file that is not the recorded
+    one, not on a gate passed under another policy, not when its code review in that environment was revoked."""
+    import yaml
+
+    from platform_defs.policy import policy_hash
+    from platform_defs.promotion import Services, _app_fallback, app_governed
+    from resources.approvals import load_private_key, sign, sign_revocation
+    from resources.ledger import Ledger
+    from tests.conftest import record_policy
+
+    app = load_organisation(ROOT / "assets").by_name["loan_portal"]
+    policy = load_policy()
+    book = Ledger(tmp_path / "ledger.db", tmp_path / "platform.key")
+    record_policy(book)
+    releases = tmp_path / "releases"
+    for r in ("r-1", "r-2"):
+        (releases / "apps" / "loan_portal" / r).mkdir(parents=True)
+        book.append("release_built", "loan_portal", {"version": r, "content_hash": r[-1] * 64, "files": 1}, "dagster")
+    gate_passed = {"app": "loan_portal", "version": "r-1", "passed": True, "policy_hash": policy_hash(policy),
+                   "verdicts": {}}
+    book.append("gate_verdict", "loan_portal", gate_passed, "dagster", env="prod")
+    book.append("deploy", "loan_portal", {"app": "loan_portal", "version": "r-1"}, "dagster", env="prod")
+    rob = load_private_key(ROOT / "assets" / "demo_identities" / "rob.key")
+    review = book.append("approval", "loan_portal", sign(rob, asset="loan_portal", version="r-1", env="prod",
+                                                         reason="lgtm", approver="rob", run_id="",
+                                                         digest="1" * 64).as_dict(), "rob", env="prod")
+    services = Services(mlflow=None, deployer=None, ledger=book, releases_dir=releases)
+
+    def fallback(p=policy):
+        return _app_fallback(p, app, "prod", "r-2", services, {}, repo_root=ROOT)
+
+    assert fallback().version == "r-1" and app_governed(policy, app, "prod", "r-1", services=services) is None
+    # the policy file edited, not recorded: nothing is governed
+    doc = yaml.safe_load((ROOT / "assets" / "policy.yaml").read_text())
+    doc["tracks"]["app"]["approval_envs"] = []
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    monkeypatch.setenv("ONEPATH_POLICY_FILE", str(tmp_path / "policy.yaml"))
+    edited = load_policy()
+    assert fallback(edited) is None
+    why = app_governed(edited, app, "prod", "r-1", services=services)
+    assert why.startswith("release r-1 cannot be judged: ") and "differs from the policy recorded in ledger #" in why
+    monkeypatch.delenv("ONEPATH_POLICY_FILE")
+    # a gate passed under another policy: an app's way back runs no gate again, so it refuses
+    book.append("gate_verdict", "loan_portal", {**gate_passed, "policy_hash": "0" * 64}, "dagster", env="prod")
+    assert fallback() is None
+    assert "under another policy than the one in force" in app_governed(policy, app, "prod", "r-1", services=services)
+    book.append("gate_verdict", "loan_portal", gate_passed, "dagster", env="prod")
+    assert fallback().version == "r-1"
+    # its code review in prod revoked: it does not come back
+    rev = sign_revocation(rob, asset="loan_portal", version="r-1", env="prod", reason="missed a bug", revoker="rob",
+                          approval_entry=review.seq)
+    book.append("approval_revoked", "loan_portal", rev.as_dict(), "rob", env="prod")
+    assert fallback() is None
+    assert app_governed(policy, app, "prod", "r-1", services=services).startswith(
+        "release r-1's code review in prod was revoked: ")

@@ -233,8 +233,11 @@ def standing_of(book, policy, version: str, **over):
 @pytest.fixture
 def book(tmp_path):
     from resources.ledger import Ledger
+    from tests.conftest import record_policy
 
-    return Ledger(tmp_path / "ledger.db", tmp_path / "keys" / "platform.key")
+    book = Ledger(tmp_path / "ledger.db", tmp_path / "keys" / "platform.key")
+    record_policy(book)  # the example policy is the one in force
+    return book
 
 
 def test_an_approval_presigned_before_the_version_existed_does_not_pass_once_it_is_registered(book, policy):
@@ -335,6 +338,35 @@ def test_a_serving_version_whose_approval_expired_fails_approval_in_force(book, 
     assert "version 8 keeps serving until it is rolled back" in text
 
 
+def test_approval_in_force_fails_under_a_policy_file_that_is_not_the_recorded_one(book, policy, tmp_path):
+    """Tier (b): the platform's own user edits the policy file (here: gives rob the model approver role, so his
+    approval would count) without recording it. approval_in_force, like every check, fails with the standing's
+    problem instead of judging under the edited file; it records no lapse (the approval did not lapse)."""
+    import yaml
+
+    from platform_defs.loader import load_organisation
+    from platform_defs.policy import parse_policy
+    from platform_defs.policy_record import policy_standing
+    from sensors.approval_in_force import evaluate_in_force, in_force_verdict
+
+    org = load_organisation()
+    spec = org.by_name[ENDPOINT]
+    register(book, "9")
+    approve_in_ledger(book, "9", who="rob")  # not a model approver under the recorded policy
+    deploy_in_ledger(book, "9")
+    assert not in_force_verdict(org, policy, book, spec, "prod")[0]
+    doc = yaml.safe_load(POLICY.read_text())
+    doc["identities"]["rob"]["roles"] = ["code_reviewer", "model_approver"]
+    edited = parse_policy(yaml.safe_dump(doc, sort_keys=False), "policy.yaml")
+    problem = policy_standing(book, edited).problem
+    assert problem and "differs from the policy recorded in ledger #" in problem
+    passed, text, meta = in_force_verdict(org, edited, book, spec, "prod")
+    assert (passed, text, meta["serving_version"]) == (False, problem, "9")
+    events = [e for e in evaluate_in_force(org, edited, book, {}) if e.asset_key.path == ["credit_scoring_prod"]]
+    assert [(e.passed, e.description) for e in events] == [(False, problem)]
+    assert not book.entries(kind="approval_lapsed")
+
+
 # -- the CLI: approve binds the registration, revoke checks the right ----------------------------
 
 
@@ -345,8 +377,11 @@ def cli(settings, capsys, monkeypatch, tmp_path):
     from platform_defs.settings import load_settings
     from platform_defs.wiring import build_resources
 
+    from tests.conftest import record_policy
+
     monkeypatch.setenv("ONEPATH_HOME", str(tmp_path / "home"))
     book = build_resources(load_settings().ensure_dirs())["ledger"].ledger()
+    record_policy(book)  # the example policy is the one in force (approve and revoke verify against it)
 
     def run(*argv: str) -> tuple[int, str]:
         code = main(list(argv))
@@ -399,6 +434,33 @@ def test_revoke_refuses_someone_without_the_right_and_records_the_approver(cli):
     code, out = run("revoke", MODEL, "--version", "7199", "--env", "prod", "--reason", "x", "--as", "mira",
                     "--key", str(KEYS / "mira.key"))
     assert code == 1 and "no approval of credit_risk version 7199 in prod" in out
+
+
+def test_an_identity_added_to_the_policy_file_but_not_recorded_cannot_approve_or_revoke(cli, tmp_path, monkeypatch):
+    """Tier (b): the platform's own user copies the policy file, gives a new identity ``ghost`` the approver role
+    and its own key, and points onepath at it. approve and revoke verify against the recorded policy, which
+    names no ghost: both refuse, saying the file is not the policy in force, and nothing is appended."""
+    import yaml
+
+    book, run = cli
+    public = generate_key(tmp_path / "ghost.key")
+    doc = yaml.safe_load(POLICY.read_text())
+    doc["identities"]["ghost"] = {"team": "model-risk", "roles": ["model_approver"], "public_key": public}
+    doc["teams"]["model-risk"]["members"].append("ghost")
+    edited = tmp_path / "policy.yaml"
+    edited.write_text(yaml.safe_dump(doc, sort_keys=False))
+    register(book, "7105")
+    approve_in_ledger(book, "7105")
+    monkeypatch.setenv("ONEPATH_POLICY_FILE", str(edited))
+    n = len(book.entries())
+    code, out = run("approve", MODEL, "--version", "7105", "--env", "prod", "--reason", "ok", "--as", "ghost",
+                    "--key", str(tmp_path / "ghost.key"))
+    assert code == 1 and out.startswith(f"onepath: approval refused: {edited}") and "differs from the policy " \
+        "recorded in ledger #" in out and "onepath policy apply" in out, out
+    code, out = run("revoke", MODEL, "--version", "7105", "--env", "prod", "--reason", "mine now", "--as", "ghost",
+                    "--key", str(tmp_path / "ghost.key"))
+    assert code == 1 and out.startswith(f"onepath: revocation refused: {edited}") and "differs from the policy" in out
+    assert len(book.entries()) == n  # nothing appended
 
 
 def test_approve_refuses_a_notebook_version_nobody_signed(cli):

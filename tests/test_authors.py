@@ -170,6 +170,41 @@ def test_a_notebook_version_signed_by_carla_has_carla_as_author(world, tmp_path,
     assert v.passed and v.metadata["approver"] == "pat"
 
 
+def test_an_identity_added_to_the_policy_file_but_not_recorded_signs_nothing(world, tmp_path, monkeypatch, capsys):
+    """Tier (b): the platform's own user adds an identity ``ghost`` to the policy file, reloads it, and signs a
+    notebook version as ghost. The sensor judges signatures against the recorded policy, which names no ghost,
+    and a file that is not the recorded policy vouches for nobody: ghost is only a claim."""
+    import yaml
+
+    from platform_defs.cli import main
+    from platform_defs.policy import Identity, load_policy
+    from resources.approvals import generate_key
+
+    public = generate_key(tmp_path / "ghost.key")
+    doc = world["policy"].model_dump(mode="json")
+    doc["identities"]["ghost"] = Identity(team="model-risk", roles=["model_approver"], public_key=public).model_dump(
+        mode="json")
+    doc["teams"]["model-risk"]["members"].append("ghost")
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(doc, sort_keys=True))
+    reloaded = load_policy(tmp_path / "policy.yaml")
+    assert "ghost" in reloaded.identities
+    version = notebook_version(world, tmp_path, 14, {})
+    monkeypatch.setenv("ONEPATH_HOME", str(world["settings"].home))
+    assert main(["sign-version", "credit_risk", "--version", version, "--as", "ghost",
+                 "--key", str(tmp_path / "ghost.key")]) == 0, capsys.readouterr().err
+    from sensors.handoff import tick
+
+    tick(world["org"], mlflow=world["mlflow"], book=world["book"], cursor={}, policy=reloaded)
+    reg = registration(world["book"], "credit_risk", version)
+    assert (reg.data["author"], reg.data["author_verified"]) == (None, False)
+    assert reg.data["claims"]["onepath.signed_by"] == "ghost"
+    assert "differs from the policy recorded in ledger #" in reg.data["claims"]["signature_unverified"]
+    handoff = [e for e in world["book"].entries(kind="handoff", subject="credit_risk")
+               if e.data["version"] == version][-1]
+    assert handoff.data["author"] is None and handoff.data["author_verified"] is False
+    assert not credit_verdict(world, version).passed
+
+
 def test_a_registration_signature_over_other_bytes_names_no_author(world, tmp_path):
     from resources.approvals import sign_registration
 

@@ -16,6 +16,7 @@ import pytest
 
 from platform_defs.definitions import build_definitions, build_resources
 from platform_defs.loader import load_organisation
+from platform_defs.policy import policy_hash
 from resources.data_store import dataframe_hash
 from resources.deployers.base import probe
 from tests.conftest import DEMO_KEYS, quick_policy, record_policy
@@ -57,9 +58,12 @@ ALL_BUT_PROD_CREDIT = ["credit_applications", "credit_risk", "credit_scoring_sta
                        "churn_scoring_prod"]
 
 
+CLI_ENV: dict[str, str] = {}  # the world's: the CLI reads the policy recorded in force, as an operator's shell would
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "platform_defs.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT), **CLI_ENV})
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,11 @@ def world(settings, tmp_path_factory):
     """Everything materialized; the credit line's prod refused until an independent approval, then promoted."""
     policy = quick_policy()
     defs = build_definitions(settings=settings, policy=policy)
-    record_policy(build_resources(settings)["ledger"].ledger(), policy)
+    book = build_resources(settings)["ledger"].ledger()
+    record_policy(book, policy)
+    # record_policy wrote the policy it recorded here: approve and revoke verify against the recorded policy
+    # and refuse under a file that is not it (the example file is not: quick_policy shortens the bakes)
+    CLI_ENV["ONEPATH_POLICY_FILE"] = str(Path(book.db_path).parent / f"policy-{policy_hash(policy)[:16]}.yaml")
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("instance"))) as instance:
         first = materialize(defs, instance, ALL_BUT_PROD_CREDIT)
         refused = materialize(defs, instance, ["credit_scoring_prod"], raise_on_error=False)
@@ -85,6 +93,7 @@ def world(settings, tmp_path_factory):
                "app_refused": promoted,
                "settings": settings, "mlflow": build_resources(settings)["mlflow"],
                "ledger": build_resources(settings)["ledger"].ledger()}
+    CLI_ENV.clear()
 
 
 def test_graph_lineage_kinds_owners_groups(world):

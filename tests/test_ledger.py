@@ -216,6 +216,27 @@ def test_resource_builds_the_ledger(tmp_path: Path) -> None:
     assert res.ledger().verify().ok
 
 
+def test_a_run_config_cannot_unset_the_configured_witness(tmp_path: Path, monkeypatch) -> None:
+    """A Dagster run config may override a resource's fields, null included: the ledger the run gets still
+    asks the witness the settings configure (ONEPATH_WITNESS_SOCKET), not none."""
+    import dagster as dg
+
+    db, key = ledger_paths(tmp_path)
+    socket = tmp_path / "witness.sock"
+    monkeypatch.setenv("ONEPATH_WITNESS_SOCKET", str(socket))
+    seen: list = []
+
+    @dg.asset
+    def probe(ledger: LedgerResource) -> None:
+        seen.append(ledger.ledger().witness_socket)
+
+    res = LedgerResource(db_path=str(db), key_path=str(key), witness_socket=str(socket))
+    result = dg.materialize([probe], resources={"ledger": res},
+                            run_config={"resources": {"ledger": {"config": {
+                                "db_path": str(db), "key_path": str(key), "witness_socket": None}}}})
+    assert result.success and seen == [socket]
+
+
 # -- tampering ----------------------------------------------------------------------------------
 
 

@@ -521,6 +521,10 @@ APP_DESCRIPTIONS = {
 }
 
 
+class AuthorsUnknown(RuntimeError):
+    """git could not list an app release's commit authors; one line says why."""
+
+
 class AppGate:
     """Evaluates an app release (a build folder) against the app track, for one environment."""
 
@@ -549,15 +553,22 @@ class AppGate:
                        {"findings_table": "\n".join(rows)} if res.findings else {})
 
     def authors(self) -> set[str]:
-        """Commit author emails of every commit that touched the app's source."""
+        """Commit author emails of every commit that touched the app's source. Raises :class:`AuthorsUnknown`
+        when git cannot say (not a checkout, git missing, failing or too slow): no list is not an empty list,
+        and a review judged against an empty one would count whoever wrote the changes."""
         import subprocess
 
         try:
             out = subprocess.run(["git", "log", "--format=%ae", "--", str(self.source_dir)], cwd=self.repo_root,
                                  capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return set()
-        return {line.strip().lower() for line in out.stdout.splitlines() if line.strip()} if out.returncode == 0 else set()
+        except subprocess.TimeoutExpired:
+            raise AuthorsUnknown(f"git log timed out after 30s in {self.repo_root}") from None
+        except OSError as err:
+            raise AuthorsUnknown(f"git could not run in {self.repo_root}: {err}") from None
+        if out.returncode != 0:
+            why = next((line.strip() for line in out.stderr.splitlines() if line.strip()), "no message")
+            raise AuthorsUnknown(f"git log exited {out.returncode} in {self.repo_root}: {why}")
+        return {line.strip().lower() for line in out.stdout.splitlines() if line.strip()}
 
     def release_registration(self, version: str) -> Any | None:
         """The ``release_built`` entry of ``version`` (the first): its content hash is what a review binds."""
@@ -577,7 +588,12 @@ class AppGate:
                         other_team=False, author_emails=self.authors())
 
     def _check_code_review(self, version: str, build: Path, env: str) -> Verdict:
-        s = self.review_standing(version, env)
+        try:
+            s = self.review_standing(version, env)
+        except AuthorsUnknown as err:
+            return Verdict("code_review", False, f"git could not list the commit authors of release {version} of "
+                                                 f"{self.app.name}, so no reviewer can be shown independent of them: "
+                                                 f"{err}", {"authors": "unknown"})
         if s is None:
             return Verdict("code_review", False, f"release {version} of {self.app.name} has no release_built ledger "
                                                  f"entry, so no content hash a review could bind: build it through "

@@ -81,7 +81,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         full = bool(getattr(args, "full", False))
         v = ledger.verify(full=full)
         ok, out, err = _ledger_findings(ledger, v, full)
-        policy_ok, policy_out, policy_err = _policy_findings(ledger, v.pinned_in if v.ok else None)
+        # the policy records are judged only from an intact ledger (a broken one vouches for none of them)
+        policy_ok, policy_out, policy_err = _policy_findings(ledger, v.pinned_in) if v.ok else (True, [], [])
     except (OSError, sqlite3.Error) as e:
         print(f"onepath: audit verify failed: {e}", file=sys.stderr)
         return 1

@@ -610,7 +610,8 @@ def test_cli_verify_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     out = capsys.readouterr().out
     assert out.strip().splitlines() == [
         f"ledger intact: 3 entries, head #3 {written[-1].hash[:12]}, head signed by the platform key "
-        f"(not pinned: no policy recorded yet)", "witness: none configured (ONEPATH_WITNESS_SOCKET)"]
+        f"(not pinned: no policy recorded yet)", "witness: none configured (ONEPATH_WITNESS_SOCKET)",
+        "policy: none recorded yet (onepath policy init --as <platform admin>): nothing promotes"]
     assert run_cli(["audit", "verify", "--full"]) == 0
     assert "every signature checked" in capsys.readouterr().out
 

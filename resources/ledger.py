@@ -279,14 +279,16 @@ def _pub_from_b64(text: Any) -> Ed25519PublicKey | None:
     """The public key of a b64 raw 32-byte Ed25519 key, or None when ``text`` is not one."""
     if not isinstance(text, str):
         return None
-    if text not in _PUBS:
-        try:
-            _PUBS[text] = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
-        except (ValueError, TypeError):
-            _PUBS[text] = None
-        if len(_PUBS) > 64:  # tests and tools see many keys; the platform sees one or two
-            _PUBS.clear()
-    return _PUBS[text]
+    if text in _PUBS:
+        return _PUBS[text]
+    try:
+        pub: Ed25519PublicKey | None = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except (ValueError, TypeError):
+        pub = None
+    if len(_PUBS) >= 64:  # tests and tools see many keys; the platform sees one or two (cleared BEFORE adding:
+        _PUBS.clear()     # clearing after it dropped the very key just parsed, a KeyError on the 65th key)
+    _PUBS[text] = pub
+    return pub
 
 
 def _sig_ok(key_b64: str, sig_b64: str, seq: int, hash_: str | None) -> bool:

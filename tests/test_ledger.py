@@ -637,3 +637,16 @@ def test_cli_verify_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
     with pytest.raises(SystemExit):
         run_cli(["audit", "export"])  # --out is required
+
+
+def test_the_public_key_cache_survives_many_keys() -> None:
+    """A process that meets more than 64 platform keys (a test session, an auditor's tool) still parses the
+    65th: the cache was cleared after adding it, a KeyError inside every append and verify."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from resources.ledger import _pub_from_b64
+    from resources.witness import raw_public_b64
+
+    keys = [raw_public_b64(Ed25519PrivateKey.generate().public_key()) for _ in range(200)]
+    assert all(_pub_from_b64(k) is not None for k in keys)
+    assert _pub_from_b64("not a key") is None

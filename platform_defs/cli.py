@@ -319,18 +319,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import sqlite3
 
-    from resources.ledger import LedgerTampered
-
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except LedgerTampered as err:  # any command that appends refuses a ledger it did not write, in one line
-        print(f"onepath: {err}; nothing was recorded (onepath audit verify names what changed)", file=sys.stderr)
-        return 1
     except sqlite3.DatabaseError as err:
         print(f"onepath: the ledger database cannot be read ({err}): nothing was recorded", file=sys.stderr)
         return 1
+    except Exception as err:
+        # any command that appends refuses a ledger it did not write, in one line. The class is looked up, not
+        # imported: resources.ledger imports Dagster, and `onepath witness` must start without it (it runs as
+        # its own OS user, which may read nothing but the standard library and cryptography)
+        ledger = sys.modules.get("resources.ledger")
+        if ledger is not None and isinstance(err, ledger.LedgerTampered):
+            print(f"onepath: {err}; nothing was recorded (onepath audit verify names what changed)", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ MAX_BODY = 64 * 1024  # a control request is a few hundred bytes; anything bigge
 # A worker serves only its private socket until the supervisor POSTs this there (never reachable on the
 # stable TCP socket): then it starts accepting on the stable one too (``resources.serving.child``).
 ACTIVATE_ROUTE = "/-/onepath/activate"
+# A model worker's process facts (pid, run_id, loaded_at, native_threads, version, digest): answered only
+# to the supervisor's own credential on the private Unix socket (``resources.serving.access``)
+WORKER_ROUTE = "/onepath/worker"
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                     "NUMEXPR_NUM_THREADS")
@@ -206,12 +209,13 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def unix_get(path: str, route: str, timeout: float = 1.0, method: str = "GET") -> tuple[int, bytes] | None:
-    """GET (or ``method``, without a body) ``route`` from the HTTP server on the Unix socket ``path``:
-    (status, body), or None if nothing answers in time."""
+def unix_get(path: str, route: str, timeout: float = 1.0, method: str = "GET",
+             headers: dict[str, str] | None = None) -> tuple[int, bytes] | None:
+    """GET (or ``method``, without a body) ``route`` from the HTTP server on the Unix socket ``path``,
+    with ``headers`` added (a worker's credential): (status, body), or None if nothing answers in time."""
     conn = UnixHTTPConnection(path, timeout)
     try:
-        conn.request(method, route, headers={"connection": "close", "content-length": "0"})
+        conn.request(method, route, headers={"connection": "close", "content-length": "0", **(headers or {})})
         resp = conn.getresponse()
         return resp.status, resp.read()
     except (OSError, http.client.HTTPException):

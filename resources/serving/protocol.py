@@ -269,6 +269,11 @@ KIND_KEYS = {
     "endpoint": ("model_name", "pii_columns", "max_batch", "model_threads", "inference_log"),
     "app": ("entrypoint", "calls"),
 }
+# optional per kind, so that a state.json written before the key existed still relaunches: the record
+# fields outside the signature an endpoint logs (default none)
+KIND_OPTIONAL = {"endpoint": ("pass_through",), "app": ()}
+PASS_THROUGH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+MAX_PASS_THROUGH = 64
 
 
 class SpecError(ValueError):
@@ -291,10 +296,11 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
     if kind not in KIND_KEYS:
         raise SpecError(f"launch: 'kind' must be 'endpoint' or 'app', got {kind!r}")
     allowed = set(COMMON_KEYS) | set(KIND_KEYS[kind])
+    optional = set(OPTIONAL_KEYS) | set(KIND_OPTIONAL[kind])
     for key in spec:
-        if key not in allowed and key not in OPTIONAL_KEYS:
+        if key not in allowed and key not in optional:
             raise SpecError(f"launch: unknown key '{key}' (a {kind} spec has only "
-                            f"{', '.join(sorted(allowed | set(OPTIONAL_KEYS)))})")
+                            f"{', '.join(sorted(allowed | optional))})")
     for key in sorted(allowed):
         if key not in spec:
             raise SpecError(f"launch: missing key '{key}'")
@@ -331,8 +337,17 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
             raise SpecError("launch: 'pii_columns' must be a list of strings")
         if not isinstance(spec["inference_log"], bool):
             raise SpecError(f"launch: 'inference_log' must be true or false, got {spec['inference_log']!r}")
+        passed = spec.get("pass_through", [])
+        if not isinstance(passed, list) or len(passed) > MAX_PASS_THROUGH:
+            raise SpecError(f"launch: 'pass_through' must be a list of at most {MAX_PASS_THROUGH} column names")
+        for n, col in enumerate(passed):
+            if not isinstance(col, str) or not PASS_THROUGH_RE.fullmatch(col):
+                raise SpecError(f"launch: 'pass_through.{n}' must match [A-Za-z_][A-Za-z0-9_.-]{{0,63}}, got {col!r}")
+        if len(set(passed)) != len(passed):
+            raise SpecError("launch: 'pass_through' names a column twice")
         out.update(model_name=name, pii_columns=list(pii), max_batch=_int(spec, "max_batch", 1, 100_000),
-                   model_threads=_int(spec, "model_threads", 1, 64), inference_log=spec["inference_log"])
+                   model_threads=_int(spec, "model_threads", 1, 64), inference_log=spec["inference_log"],
+                   pass_through=list(passed))
     else:
         entry = spec["entrypoint"]
         if not isinstance(entry, str) or len(entry) > 200 or not ENTRYPOINT_RE.fullmatch(entry):

@@ -26,7 +26,7 @@ import pytest
 
 from resources.deployers.base import Release, Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import _free_port_base, model_release, save_credit_model
+from tests.conftest import _free_port_base, caller_headers, model_release, save_credit_model
 
 FEATURES = ["annual_income", "loan_amount", "loan_term_months", "debt_to_income", "credit_history_years",
             "num_open_accounts", "delinquencies_2y", "employment_type", "home_ownership", "purpose"]
@@ -71,11 +71,17 @@ class Tally:
             self.failures.append(what)
 
 
-class Connection:
-    """One client connection: reused while the server keeps it alive, reopened when it asks."""
+def header_lines(headers: dict[str, str]) -> bytes:
+    """``headers`` (the caller's credential) as raw HTTP/1.1 header lines."""
+    return b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
 
-    def __init__(self, index: int, host: str, port: int, tally: Tally):
-        self.index, self.host, self.port, self.tally = index, host, port, tally
+
+class Connection:
+    """One client connection: reused while the server keeps it alive, reopened when it asks. Every
+    request carries ``auth`` (raw header lines: the caller's credential)."""
+
+    def __init__(self, index: int, host: str, port: int, tally: Tally, auth: bytes):
+        self.index, self.host, self.port, self.tally, self.auth = index, host, port, tally, auth
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.opened = 0
@@ -102,8 +108,8 @@ class Connection:
             self.opened = 0
         assert self.reader is not None
         self.opened += 1
-        self.writer.write(b"POST /predict HTTP/1.1\r\nHost: %s:%d\r\ncontent-type: application/json\r\n"
-                          b"content-length: %d\r\n\r\n%s" % (self.host.encode(), self.port, len(body), body))
+        self.writer.write(b"POST /predict HTTP/1.1\r\nHost: %s:%d\r\ncontent-type: application/json\r\n%s"
+                          b"content-length: %d\r\n\r\n%s" % (self.host.encode(), self.port, self.auth, len(body), body))
         await self.writer.drain()
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -119,13 +125,14 @@ class Connection:
         self.tally.record(self.index, json.loads(payload)["version"])
 
 
-async def closed_loop(host: str, port: int, bodies: list[bytes], connections: int, seconds: float) -> tuple[float, Tally]:
+async def closed_loop(host: str, port: int, bodies: list[bytes], connections: int, seconds: float,
+                      auth: bytes) -> tuple[float, Tally]:
     """Requests per second with ``connections`` clients each sending its next request on an answer."""
     tally = Tally()
     end = time.monotonic() + seconds
 
     async def client(i: int) -> int:
-        conn, n = Connection(i, host, port, tally), 0
+        conn, n = Connection(i, host, port, tally, auth), 0
         while time.monotonic() < end:
             await conn.post(bodies[(i * 131 + n) % len(bodies)])
             n += 1
@@ -137,14 +144,14 @@ async def closed_loop(host: str, port: int, bodies: list[bytes], connections: in
     return sum(done) / (time.monotonic() - t0), tally
 
 
-async def open_loop(host: str, port: int, bodies: list[bytes], rate: float, connections: int,
+async def open_loop(host: str, port: int, bodies: list[bytes], rate: float, connections: int, auth: bytes,
                     stop: threading.Event, tally: Tally) -> None:
     """Send at ``rate`` requests per second in total, whatever the answers take: connection ``k`` sends
     request ``j`` at ``t0 + (k + j * connections) / rate`` (or at once when it is behind)."""
     t0 = time.monotonic() + 0.05
 
     async def client(k: int) -> None:
-        conn, j = Connection(k, host, port, tally), 0
+        conn, j = Connection(k, host, port, tally, auth), 0
         while not stop.is_set():
             due = t0 + (k + j * connections) / rate
             delay = due - time.monotonic()
@@ -159,9 +166,9 @@ async def open_loop(host: str, port: int, bodies: list[bytes], rate: float, conn
 
 
 class Load(threading.Thread):
-    def __init__(self, host: str, port: int, bodies: list[bytes], rate: float, connections: int):
+    def __init__(self, host: str, port: int, bodies: list[bytes], rate: float, connections: int, auth: bytes):
         super().__init__(daemon=True)
-        self.args = (host, port, bodies, rate, connections)
+        self.args = (host, port, bodies, rate, connections, auth)
         self.stop_event = threading.Event()
         self.tally = Tally()
         self.error: BaseException | None = None
@@ -229,18 +236,19 @@ def test_redeploy_and_rollback_under_keep_alive_load_drop_no_request(model_dirs,
 
     load: Load | None = None
     try:
+        auth = header_lines(caller_headers(deployer, target))  # granted before the first deploy
         st = deployer.deploy(target, release("A"))
         assert st.healthy and st.serving_version == "1"
         host, port = "127.0.0.1", int(st.address.rsplit(":", 1)[1])
 
-        capacity, warm = run(closed_loop(host, port, bodies, connections=16, seconds=2.0))
+        capacity, warm = run(closed_loop(host, port, bodies, connections=16, seconds=2.0, auth=auth))
         assert not warm.failures, warm.failures[:5]
         assert capacity > 0
         rate = capacity / 2
         print(f"\ncapacity {capacity:.0f} req/s (closed loop, 16 keep-alive connections); "
               f"open loop at {rate:.0f} req/s over {OPEN_LOOP_CONNECTIONS} connections")
 
-        load = Load(host, port, bodies, rate, OPEN_LOOP_CONNECTIONS)
+        load = Load(host, port, bodies, rate, OPEN_LOOP_CONNECTIONS, auth)
         load.start()
         tally = load.tally
         wait_until(lambda: len(tally.latest) == OPEN_LOOP_CONNECTIONS, "every connection answered by A", 10, load)

@@ -341,10 +341,19 @@ def test_real_bake_fails_on_injected_latency(deployer, models):
 
 def test_real_bake_without_traffic(deployer, models):
     target = Target("bake_idle", "prod")
-    deployer.deploy(target, release(models, "good", "1"))
+    st = deployer.deploy(target, release(models, "good", "1"))
     v = bake(deployer, target, "1", policy(seconds=1, poll_seconds=0.2))
     assert not v.passed and v.reason == "too_little_traffic" and v.requests == 0
     assert "too little traffic: 0 of 20 requests" in v.summary
+    # callers without a credential are refused before the version sees them: no traffic for its bake
+    # (they cannot make a version pass, nor dilute its error rate or p99), counted by caller all the same
+    with Traffic(st.address, {}) as anonymous:
+        v = bake(deployer, target, "1", policy(seconds=1, poll_seconds=0.2))
+    assert len(anonymous.statuses) >= 20 and set(anonymous.statuses) == {401}
+    assert not v.passed and v.reason == "too_little_traffic" and v.requests == 0, v.summary
+    [text] = deployer.worker_metrics(target)
+    assert 'caller="anonymous",route="/predict",status="401"' in text
+    assert 'route="/predict",status="401"} ' not in text.split("# HELP onepath_caller_requests_total")[0]
     v = bake(deployer, target, "1", policy(seconds=1, poll_seconds=0.2, pass_without_traffic=True))
     assert v.passed and v.reason == "passed_without_traffic"
     deployer.delete(target)

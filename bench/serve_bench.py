@@ -14,20 +14,39 @@ What it does, all inside a fresh temporary directory:
    ``Popen`` for mlflow) to the first successful prediction, polled with a real request;
 3. drives each with wrk, same settings, bodies drawn from ~1000 different dataset rows: onepath gets
    ``POST /predict {"records": [row]}`` (row carries ``application_id`` as a pass-through column),
-   mlflow gets ``POST /invocations {"dataframe_records": [row]}`` (features only). The server
-   process tree is pinned to CPU 0 and wrk to CPU 1 (taskset) when the machine allows it;
+   mlflow gets ``POST /invocations {"dataframe_records": [row]}`` (features only). Every route of
+   onepath's server but /health needs a credential: before the deploy the bench grants itself one
+   (the caller ``bench``, routes predict, version and metrics) through the deployer's
+   ``publish_grants``, and every request it makes to onepath (the first-prediction polling, wrk's,
+   the /metrics reads) carries ``Authorization: Bearer <token>``; mlflow has no access control and
+   gets no header. wrk reads the token from a 0600 file in the temp dir, never from its command line
+   (which every user of the machine can read). The server process tree is pinned to CPU 0 and wrk to
+   CPU 1 (taskset) when the machine allows it;
 4. prints requests/s, p50, p99, non-2xx, cold start for both, the ratios and the targets, and writes
    the same as JSON to ``--json``;
 5. stops everything it started, also on Ctrl-C or an error.
 
 A run where either server answered anything but 2xx, or wrk saw socket errors, is reported as
-INVALID and the script exits non-zero.
+INVALID and the script exits non-zero. Requests/s counts 2xx answers only; a 401/403 (the
+credential refused) is counted apart as well, and the first-prediction polling stops at the first
+one instead of waiting out ``--start-timeout``.
 
 ``--against COMMIT`` compares onepath with itself instead: this tree against the tree of
 ``COMMIT`` (exported with ``git archive`` into ``--baseline-dir``, the repository's metadata left
 alone), interleaved:
 
-    .venv/bin/python bench/serve_bench.py --against 0f2ba97 [--rounds 8] [--duration 8]
+    .venv/bin/python bench/serve_bench.py --against f2568f1 [--rounds 8] [--duration 8]
+
+Against a commit before access control (``f2568f1``, issue 11's parent) this is credentials on
+against off. A driver whose tree has ``resources/serving/access.py`` grants the caller ``bench`` as
+above (through its own deployer's ``publish_grants``, before its deploy) and reports the token;
+every request to that tree carries it. A tree without access control gets the same header (the
+other tree's token), which it ignores: the bytes on the wire are the same for both, so the
+difference is what the server does with the credential (judging it), not wrk or the HTTP parser
+handling some 100 bytes more. Each tree is asked once without a credential: a tree with access
+control must answer 401 and one without 200, else the run is INVALID (it would not be on against
+off). Note that such a baseline differs from this tree by everything else that landed with the
+access control too (``/version``'s facts, the pass-through logging, the per-caller counts).
 
 Each tree deploys the same registered model through its own ``LocalProcessDeployer`` (a driver
 process per tree with ``PYTHONPATH`` and working directory set to that tree; it reports which
@@ -36,19 +55,22 @@ to CPU 0 and only one is under load at a time, wrk on CPU 1. ``--rounds`` rounds
 per side, the order alternating per round, so that noise from the rest of the machine hits both
 alike. The verdict is a sign test over the paired per-round ratios new/baseline of requests/s:
 "within noise" unless every round went the same way (with 8 rounds, p = 2/256 that a real tie
-looks like that). It also measures in-process what each input limit costs per request (the
+looks like that); it also prints the ratios of the medians of requests/s and of p99 against issue
+11's target (within 5 %). It also measures in-process what each input limit costs per request (the
 validation's range checks against the baseline's ``validate_records``, the nesting pre-scan, the
 request deadline's timer, the HTTP protocol's limits and read timeouts against uvicorn's own
-protocol), each as the median of interleaved timing repeats. ``./dev install`` compiles the venv's bytecode; on a venv
-without it (and with PYTHONDONTWRITEBYTECODE=1, as on our machines) every cold start compiles every
-imported module from source, which ``--bytecode-cache DIR`` works around for both servers alike. A
-run takes about 1.5 minutes with the defaults.
+protocol), each as the median of interleaved timing repeats, and, when this tree has access
+control, what ``AccessTable.judge`` costs per granted request. ``./dev install`` compiles the venv's
+bytecode; on a venv without it (and with PYTHONDONTWRITEBYTECODE=1, as on our machines) every cold
+start compiles every imported module from source, which ``--bytecode-cache DIR`` works around for
+both servers alike. A run takes about 1.5 minutes with the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import inspect
 import json
 import os
 import platform
@@ -200,10 +222,11 @@ def free_port() -> int:
 # HTTP probing
 
 
-def post(port: int, path: str, body: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
+def post(port: int, path: str, body: bytes, timeout: float = 5.0,
+         headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+        conn.request("POST", path, body=body, headers={"content-type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -211,15 +234,19 @@ def post(port: int, path: str, body: bytes, timeout: float = 5.0) -> tuple[int, 
 
 
 def wait_first_prediction(port: int, path: str, body: bytes, t0: float, timeout: float,
-                          alive: Callable[[], bool]) -> tuple[float, bytes]:
-    """Poll with a real prediction request until it succeeds; seconds since ``t0``."""
+                          alive: Callable[[], bool], headers: dict[str, str] | None = None) -> tuple[float, bytes]:
+    """Poll with a real prediction request (carrying ``headers``) until it succeeds; seconds since
+    ``t0``. A 401/403 stops at once: the grant is published before the deploy, so a refused
+    credential is a broken run, not a server still starting."""
     deadline = t0 + timeout
     last = ""
     while time.perf_counter() < deadline:
         try:
-            code, out = post(port, path, body, timeout=10)
+            code, out = post(port, path, body, timeout=10, headers=headers)
             if code == 200:
                 return time.perf_counter() - t0, out
+            if code in (401, 403):
+                raise RuntimeError(f"the server refused the bench's credential: HTTP {code}: {out[:300]!r}")
             last = f"HTTP {code}: {out[:300]!r}"
         except (OSError, http.client.HTTPException) as err:
             last = f"{type(err).__name__}: {err}"
@@ -230,14 +257,70 @@ def wait_first_prediction(port: int, path: str, body: bytes, t0: float, timeout:
 
 
 # ------------------------------------------------------------------------------------------------
+# credentials (a tree without resources/serving/access.py has no access control: every route answers anyone)
+
+BENCH_CALLER, BENCH_ROUTES = "bench", ["predict", "version", "metrics"]
+
+
+def bench_grant(endpoint: str, env: str) -> tuple[dict, str]:
+    """An access table with one grant for the caller ``bench`` (routes predict, version, metrics) at
+    ``endpoint`` ``env``, and the token it accepts: ``(table, token)`` (the shape of the conftest's
+    ``new_grant``/``access_table``)."""
+    import secrets
+    from datetime import datetime, timezone
+
+    from resources.serving.access import make_token, token_sha256
+
+    gid = secrets.token_hex(6)
+    token = make_token(endpoint, env, gid, secrets.token_urlsafe(32))
+    grant = {"id": gid, "caller": BENCH_CALLER, "routes": BENCH_ROUTES, "revoked": None,
+             "secrets": [{"sha256": token_sha256(token), "not_after": None}]}
+    return ({"version": 1, "endpoint": endpoint, "env": env, "generation": 1,
+             "updated_at": datetime.now(timezone.utc).isoformat(), "grants": [grant]}, token)
+
+
+def grant_bench_caller(deployer: Any, target: Any) -> str | None:
+    """Grant the caller ``bench`` at ``target`` through ``deployer.publish_grants`` (before or after
+    the deploy: workers read the table on their next request) and return its token; None for a tree
+    without access control. ``DRIVER`` carries this source (and ``bench_grant``'s), so each
+    ``--against`` tree grants with its own code."""
+    import importlib.util
+
+    if importlib.util.find_spec("resources.serving.access") is None:
+        return None
+    table, token = bench_grant(target.name, target.env)
+    deployer.publish_grants(target, table)
+    return token
+
+
+def credential_file(tmp: Path, name: str, token: str | None) -> Path | None:
+    """``token`` in ``tmp/credential-<name>`` (0600) for wrk to read (a token on wrk's command line
+    would be readable by every user of the machine); None without a token."""
+    if token is None:
+        return None
+    path = tmp / f"credential-{name}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+# ------------------------------------------------------------------------------------------------
 # wrk
 
 
 def run_wrk(port: int, path: str, bodies: Path, args: argparse.Namespace, duration: float,
-            pin: bool) -> dict[str, Any]:
+            pin: bool, credential: Path | None = None) -> dict[str, Any]:
+    """One wrk run; with ``credential`` (a file holding a token) every request carries it. ``rps``
+    counts 2xx answers only: a refused (401/403, also in ``denied``) or failed request is no
+    throughput, and any makes the run INVALID."""
     cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration:g}s", "--latency",
            f"--timeout={args.wrk_timeout:g}s", "-s", str(LUA), f"http://127.0.0.1:{port}", "--",
-           str(bodies), path]
+           str(bodies), path, *([str(credential)] if credential else [])]
     if pin:
         cmd = ["taskset", "-c", "1", *cmd]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
@@ -249,7 +332,7 @@ def run_wrk(port: int, path: str, bodies: Path, args: argparse.Namespace, durati
     res = json.loads(m.group(1))
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", r.stdout, re.M)
     non2xx_line = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", r.stdout)
-    res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+    res["rps"] = (res["requests"] - res["non2xx"]) / (res["duration_us"] / 1e6)
     res["rps_wrk_line"] = float(rps.group(1)) if rps else None
     res["non2xx_wrk_line"] = int(non2xx_line.group(1)) if non2xx_line else 0
     res["socket_errors"] = res["connect_errors"] + res["read_errors"] + res["write_errors"] + res["timeouts"]
@@ -343,6 +426,8 @@ def bench_onepath(tmp: Path, m: dict[str, Any], args: argparse.Namespace, pin: b
     deployer = LocalProcessDeployer(tmp / "run", host="127.0.0.1", port_base=args.port_base,
                                     artifact_roots=[m["local"].parent])
     target = Target(MODEL_NAME, "bench", kind="endpoint")
+    token = grant_bench_caller(deployer, target)  # before the deploy, as the platform grants an app's calls
+    headers = auth_headers(token)
 
     def stop() -> None:
         deployer.delete(target)
@@ -365,21 +450,25 @@ def bench_onepath(tmp: Path, m: dict[str, Any], args: argparse.Namespace, pin: b
     sup = (st.detail.get("supervisor") or {})
     sup_pid = sup.get("pid")
     cold, first = wait_first_prediction(port, "/predict", m["first_onepath"], t0, args.start_timeout,
-                                        alive=lambda: True)
+                                        alive=lambda: True, headers=headers)
     log(f"onepath: deploy() returned in {deploy_s:.2f} s, first prediction at {cold:.2f} s: {first[:160]!r}")
     pinning = pin_tree(int(sup_pid), 0) if pin and sup_pid else {"ok": False, "processes": []}
     def stats() -> tuple[int, int]:  # (rows scored, model calls) from the server's /metrics
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
-            conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
+            conn.request("GET", "/metrics", headers=headers)
+            resp = conn.getresponse()
+            text = resp.read().decode()
         finally:
             conn.close()
+        if resp.status != 200:
+            raise RuntimeError(f"onepath /metrics: HTTP {resp.status}: {text[:300]!r}")
         get = lambda name: int(float(re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M).group(1)))
         return get("onepath_predictions_total"), get("onepath_batches_total")
 
     return {"port": port, "cold_start_s": cold, "deploy_returned_s": deploy_s, "root_pid": sup_pid, "stats": stats,
             "pinning": pinning, "path": "/predict", "bodies": m["bodies_onepath"],
+            "credential": credential_file(tmp, "onepath", token),
             "first_response": first.decode(errors="replace")[:400]}
 
 
@@ -415,11 +504,11 @@ def bench_mlflow(tmp: Path, m: dict[str, Any], args: argparse.Namespace, pin: bo
 def drive(name: str, srv: dict[str, Any], args: argparse.Namespace, pin: bool) -> None:
     srv["loadavg_before"] = loadavg()
     if args.warmup > 0:
-        w = run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin)
+        w = run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin, srv.get("credential"))
         log(f"{name}: warm-up {args.warmup:g} s: {w['rps']:.0f} req/s, non-2xx {w['non2xx']}")
         srv["warmup"] = {k: v for k, v in w.items() if k != "stdout"}
     before = srv["stats"]() if srv.get("stats") else None
-    r = run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.duration, pin)
+    r = run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.duration, pin, srv.get("credential"))
     if before is not None:
         after = srv["stats"]()
         rows, batches = after[0] - before[0], after[1] - before[1]
@@ -428,7 +517,7 @@ def drive(name: str, srv: dict[str, Any], args: argparse.Namespace, pin: bool) -
         log(f"{name}: server scored {rows} rows in {batches} model calls "
             f"({rows / max(batches, 1):.1f} rows per call)")
     log(f"{name}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
-        f"non-2xx {r['non2xx']}, socket errors {r['socket_errors']}")
+        f"non-2xx {r['non2xx']} (credential refused {r['denied']}), socket errors {r['socket_errors']}")
     if args.verbose:
         print(r["stdout"])
     srv["wrk"] = {k: v for k, v in r.items() if k != "stdout"}
@@ -463,6 +552,8 @@ def report(ours: dict[str, Any], theirs: dict[str, Any], meta: dict[str, Any]) -
         ("p99 latency", f"{o['p99_ms']:.2f} ms", f"{t['p99_ms']:.2f} ms", f"{ratios['p99']:.2f}x", "<= 0.25x",
          verdict("p99", ratios["p99"])),
         ("non-2xx", str(o["non2xx"]), str(t["non2xx"]), "", "0", "OK" if o["non2xx"] == t["non2xx"] == 0 else "BAD"),
+        ("of which 401/403", str(o["denied"]), str(t["denied"]), "", "0",
+         "OK" if o["denied"] == t["denied"] == 0 else "BAD"),
         ("socket errors", str(o["socket_errors"]), str(t["socket_errors"]), "", "0",
          "OK" if o["socket_errors"] == t["socket_errors"] == 0 else "BAD"),
         ("cold start", f"{ours['cold_start_s']:.2f} s", f"{theirs['cold_start_s']:.2f} s",
@@ -476,6 +567,9 @@ def report(ours: dict[str, Any], theirs: dict[str, Any], meta: dict[str, Any]) -
           f"(+{meta['warmup']:g} s warm-up), {meta['n_bodies']} different request bodies; "
           f"model {MODEL_NAME} v1 ({meta['serialization_format']}), mlflow {meta['mlflow_version']}")
     print(f"pinning: servers -> CPU 0, wrk -> CPU 1: {meta['pinning']}")
+    cred = ("on (every request carries the bench caller's grant)" if ours.get("credential") else
+            "off (no access control)")
+    print(f"credentials: onepath {cred}; mlflow serve has no access control and gets no header")
     print(f"1-min load average before/after each measurement (other work on this machine skews both): onepath "
           f"{ours.get('loadavg_before')} / {ours.get('loadavg_after')}, mlflow {theirs.get('loadavg_before')} / "
           f"{theirs.get('loadavg_after')}")
@@ -490,7 +584,7 @@ def report(ours: dict[str, Any], theirs: dict[str, Any], meta: dict[str, Any]) -
     print(f"cold start = deploy() call (mlflow: Popen) -> first 200 prediction. onepath deploy() returned "
           f"after {ours['deploy_returned_s']:.2f} s; downloading the model from the registry beforehand "
           f"took {meta['download_s']:.2f} s (mlflow serve does its download inside its cold start).")
-    print("RESULT:", "VALID" if valid else "INVALID (non-2xx responses or socket errors)")
+    print("RESULT:", "VALID" if valid else "INVALID (non-2xx responses, 401/403 among them, or socket errors)")
     return {"ratios": ratios, "valid": valid,
             "verdicts": {k: verdict(k, v) for k, v in ratios.items()},
             "targets": {k: f"{op} {b}" for k, (op, b) in TARGETS.items()}}
@@ -512,15 +606,25 @@ deployer = LocalProcessDeployer(Path(args["run_dir"]), host="127.0.0.1", port_ba
 target = Target(args["name"], "bench", kind="endpoint")
 release = Release(version="1", artifact=args["model"], digest=folder_digest(args["model"]), workers=1,
                   config={"model_name": args["name"], "pii_columns": args["pii"], "max_batch": 64})
+token = grant_bench_caller(deployer, target)
 st = deployer.deploy(target, release)
 sup = (st.detail.get("supervisor") or {}).get("pid")
-print(json.dumps({"address": st.address, "supervisor_pid": sup, "resources": os.path.dirname(resources.__file__)}),
-      flush=True)
+print(json.dumps({"address": st.address, "supervisor_pid": sup, "resources": os.path.dirname(resources.__file__),
+                  "token": token}), flush=True)
 try:
     sys.stdin.read()  # until the bench closes our stdin
 finally:
     deployer.delete(target)
 """
+
+
+
+
+def driver_source() -> str:
+    """``DRIVER`` with the grant functions it calls (their source, run with the driver's tree)."""
+    funcs = "\n\n".join(inspect.getsource(f) for f in (bench_grant, grant_bench_caller))
+    consts = f"BENCH_CALLER, BENCH_ROUTES = {BENCH_CALLER!r}, {BENCH_ROUTES!r}\n"
+    return f"from __future__ import annotations\nfrom typing import Any\n{consts}\n{funcs}\n{DRIVER}"
 
 
 def export_tree(commit: str, path: Path) -> str:
@@ -547,7 +651,7 @@ def start_tree(name: str, tree: Path, tmp: Path, m: dict[str, Any], port_base: i
     env["PYTHONPATH"] = str(tree)
     cfg = {"run_dir": str(tmp / f"run-{name}"), "port_base": port_base, "model": str(m["local"]),
            "name": MODEL_NAME, "pii": PII}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg)], cwd=str(tree), env=env,
+    proc = subprocess.Popen([sys.executable, "-c", driver_source(), json.dumps(cfg)], cwd=str(tree), env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
 
     def stop() -> None:
@@ -566,8 +670,13 @@ def start_tree(name: str, tree: Path, tmp: Path, m: dict[str, Any], port_base: i
     if Path(info["resources"]).resolve() != (tree / "resources").resolve():
         raise RuntimeError(f"the {name} driver imported {info['resources']}, not {tree / 'resources'}")
     port = int(info["address"].rsplit(":", 1)[1])
-    wait_first_prediction(port, "/predict", m["first_onepath"], time.perf_counter(), 120, alive=lambda: True)
-    return {"port": port, "root_pid": info["supervisor_pid"], "path": "/predict", "bodies": m["bodies_onepath"]}
+    token = info.get("token")
+    wait_first_prediction(port, "/predict", m["first_onepath"], time.perf_counter(), 120, alive=lambda: True,
+                          headers=auth_headers(token))
+    anonymous, _ = post(port, "/predict", m["first_onepath"])  # what credentials on/off means: 401 / 200
+    return {"port": port, "root_pid": info["supervisor_pid"], "path": "/predict", "bodies": m["bodies_onepath"],
+            "access_control": token is not None, "anonymous_status": anonymous,
+            "credential": credential_file(tmp, name, token)}
 
 
 def limit_costs(base_tree: Path, m: dict[str, Any], repeats: int = 7) -> dict[str, float]:
@@ -699,50 +808,77 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
     m = build_model(tmp, args.rows, args.bodies)
     sides = {"baseline": start_tree("baseline", args.baseline_dir, tmp, m, args.port_base, cleanup),
              "new": start_tree("new", ROOT, tmp, m, args.port_base + 100, cleanup)}
+    shared = sides["new"]["credential"] or sides["baseline"]["credential"]
     for name, srv in sides.items():
+        # a tree without access control gets the other's header too (it ignores it): both sides get the
+        # same bytes on the wire, so the difference is what the server does with the credential
+        srv["credential"] = srv["credential"] or shared
+        want = 401 if srv["access_control"] else 200
+        log(f"{name}: credentials {'on' if srv['access_control'] else 'off'} (a request without one: HTTP "
+            f"{srv['anonymous_status']}{'' if srv['anonymous_status'] == want else f', expected {want}'}); "
+            f"wrk sends {'its own grant' if srv['access_control'] else 'the same header' if shared else 'none'}")
         if pin and srv["root_pid"]:
             srv["pinning"] = pin_tree(int(srv["root_pid"]), 0)
             log(f"{name}: pinned to CPU 0: {'ok' if srv['pinning']['ok'] else 'FAILED'}")
         if args.warmup > 0:
-            run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin)
+            run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin, srv["credential"])
+    access_ok = all(s["anonymous_status"] == (401 if s["access_control"] else 200) for s in sides.values())
     rounds = []
     for i in range(args.rounds):
         order = ["baseline", "new"] if i % 2 == 0 else ["new", "baseline"]
         row: dict[str, Any] = {"order": order}
         for name in order:
-            r = run_wrk(sides[name]["port"], sides[name]["path"], sides[name]["bodies"], args, args.duration, pin)
-            row[name] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "non2xx", "socket_errors")}
-        row["rps_ratio"] = row["new"]["rps"] / row["baseline"]["rps"]
+            r = run_wrk(sides[name]["port"], sides[name]["path"], sides[name]["bodies"], args, args.duration, pin,
+                        sides[name]["credential"])
+            row[name] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "non2xx", "denied", "socket_errors")}
+        row["rps_ratio"] = row["new"]["rps"] / row["baseline"]["rps"] if row["baseline"]["rps"] else float("inf")
+        row["p99_ratio"] = row["new"]["p99_ms"] / row["baseline"]["p99_ms"]
+        refused = row["baseline"]["denied"] + row["new"]["denied"]
         log(f"round {i + 1}/{args.rounds} ({' then '.join(order)}): baseline {row['baseline']['rps']:.0f} req/s "
             f"p99 {row['baseline']['p99_ms']:.2f} ms | new {row['new']['rps']:.0f} req/s p99 "
-            f"{row['new']['p99_ms']:.2f} ms | new/baseline {row['rps_ratio']:.3f}")
+            f"{row['new']['p99_ms']:.2f} ms | new/baseline {row['rps_ratio']:.3f}"
+            + (f" | {refused} requests REFUSED (401/403)" if refused else ""))
         rounds.append(row)
     log("measuring what each limit costs in-process")
-    costs = limit_costs(args.baseline_dir, m)
+    costs = {**limit_costs(args.baseline_dir, m), "judge": judge_cost(tmp)}
 
     def med(side: str, key: str) -> float:
         return statistics.median(r[side][key] for r in rounds)
 
     ratios = [r["rps_ratio"] for r in rounds]
     same_way = all(x < 1 for x in ratios) or all(x > 1 for x in ratios)
-    valid = all(r[s]["non2xx"] == 0 and r[s]["socket_errors"] == 0 for r in rounds for s in ("baseline", "new"))
+    p99_ratios = [r["p99_ratio"] for r in rounds]
+    denied = sum(r[s]["denied"] for r in rounds for s in ("baseline", "new"))
+    valid = access_ok and all(r[s]["non2xx"] == 0 and r[s]["socket_errors"] == 0
+                              for r in rounds for s in ("baseline", "new"))
     summary = {
         "baseline_commit": base_commit, "new_commit": here + (" (+ uncommitted changes)" if dirty else ""),
-        "rounds": rounds, "costs_us": costs, "valid": valid,
+        "rounds": rounds, "costs_us": costs, "valid": valid, "denied": denied,
+        "credentials": {s: {"on": sides[s]["access_control"], "anonymous_status": sides[s]["anonymous_status"],
+                            "header_sent": sides[s]["credential"] is not None} for s in sides},
         "median": {s: {k: med(s, k) for k in ("rps", "p50_ms", "p99_ms")} for s in ("baseline", "new")},
         "rps_ratio_median": statistics.median(ratios), "rps_ratio_range": [min(ratios), max(ratios)],
+        "p99_ratio_median": statistics.median(p99_ratios), "p99_ratio_range": [min(p99_ratios), max(p99_ratios)],
         "within_noise": not same_way,
     }
     b, n = summary["median"]["baseline"], summary["median"]["new"]
+    summary["within_5pct"] = {"rps": n["rps"] / b["rps"] >= 0.95, "p99": n["p99_ms"] / b["p99_ms"] <= 1.05}
+    onoff = lambda s: "on" if sides[s]["access_control"] else "off"  # noqa: E731
     print()
     print(f"onepath serve bench, {args.rounds} interleaved rounds of {args.duration:g} s per side, wrk "
           f"{args.threads} thread(s) x {args.connections} connections, {m['n_bodies']} bodies; "
           f"baseline {base_commit[:7]}, new {summary['new_commit']}; pinning {'on' if pin else 'off'}")
+    sent = "the bench caller's grant" if shared else "no header"
+    print(f"  credentials  baseline {onoff('baseline')}, new {onoff('new')}; every request to both carries {sent}"
+          + ("" if access_ok else " -- a tree's answer without a credential contradicts that (see above)"))
     print(f"  requests/s   median baseline {b['rps']:.0f}  new {n['rps']:.0f}  ratio of medians "
           f"{n['rps'] / b['rps']:.3f}; per-round ratios {min(ratios):.3f}..{max(ratios):.3f}, median "
           f"{statistics.median(ratios):.3f}, {sum(x < 1 for x in ratios)} of {len(ratios)} rounds slower")
     print(f"  p50 latency  median baseline {b['p50_ms']:.2f} ms  new {n['p50_ms']:.2f} ms")
-    print(f"  p99 latency  median baseline {b['p99_ms']:.2f} ms  new {n['p99_ms']:.2f} ms")
+    print(f"  p99 latency  median baseline {b['p99_ms']:.2f} ms  new {n['p99_ms']:.2f} ms  ratio of medians "
+          f"{n['p99_ms'] / b['p99_ms']:.3f}; per-round ratios {min(p99_ratios):.3f}..{max(p99_ratios):.3f}")
+    passed = {k: "PASS" if ok else "MISS" for k, ok in summary["within_5pct"].items()}
+    print(f"  within 5 % (issue 11's target, ratio of medians): requests/s {passed['rps']}, p99 {passed['p99']}")
     print("  what each limit costs per request (in-process, microseconds; medians of 7 interleaved repeats):")
     print(f"    validation with int64/float32 ranges + row limit   {costs['validate_new']:.2f}  "
           f"(baseline's {costs['validate_base']:.2f}: {costs['validation_cost']:+.2f})")
@@ -750,11 +886,43 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
     print(f"    request deadline (one deque append; upper bound)   {costs['deadline_timer']:.2f}")
     print(f"    HTTP protocol with header/URL limits and timeouts  {costs['protocol_new']:.2f}  "
           f"(uvicorn's own {costs['protocol_base']:.2f}: {costs['protocol_cost']:+.2f})")
+    if costs["judge"] is not None:
+        print(f"    credential check (AccessTable.judge: stat, sha256, compare) {costs['judge']:.2f}")
     print("  body size / row limits: one header scan and one len() per request (not measurable here)")
     verdict = ("WITHIN NOISE (the rounds went both ways)" if summary["within_noise"] else
                f"{'SLOWER' if ratios[0] < 1 else 'FASTER'} in every round")
-    print("RESULT:", verdict if valid else "INVALID (non-2xx responses or socket errors)")
+    why = ("a tree's credentials are not what they claim" if not access_ok else
+           f"{denied} requests refused a credential (401/403), counted as no throughput" if denied else
+           "non-2xx responses or socket errors")
+    print("RESULT:", verdict if valid else f"INVALID ({why})")
     return summary
+
+
+def judge_cost(tmp: Path, n: int = 20000, repeats: int = 7) -> float | None:
+    """Microseconds per ``AccessTable.judge`` of a granted ``/predict`` over TCP, the authorization
+    header last (what a worker adds per request with credentials on), median of ``repeats``; None for
+    a tree without access control."""
+    import importlib.util
+    import statistics
+    import timeit
+
+    if importlib.util.find_spec("resources.serving.access") is None:
+        return None
+    from resources.serving.access import TABLE_FILE, AccessTable
+
+    table, token = bench_grant(MODEL_NAME, "bench")
+    (tmp / "judge").mkdir(mode=0o700)
+    path = tmp / "judge" / TABLE_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f)
+    judge = AccessTable(MODEL_NAME, "bench", path).judge
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", b"250"),
+               (b"authorization", f"Bearer {token}".encode())]
+    if not judge(headers, "/predict", False, time.time()).ok:
+        raise RuntimeError("the judge refused the bench's own grant")
+    return statistics.median(timeit.timeit(lambda: judge(headers, "/predict", False, time.time()), number=n) / n * 1e6
+                             for _ in range(repeats))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,7 @@ def test_no_credential_is_401(world):
         assert code == 401, (path, code, out)
         assert out["credential"] == "missing" and "Authorization: Bearer" in out["error"]
         assert headers["www-authenticate"] == 'Bearer realm="onepath"'
+        assert "x-model-version" not in headers  # a refused caller learns nothing of what serves
 
 
 def test_bogus_credentials_are_401(world):

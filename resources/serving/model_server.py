@@ -1060,7 +1060,8 @@ class ModelApp:
                     refused: bool = False) -> None:
         hdrs = list(headers or JSON_HEADERS)
         hdrs.append((b"content-length", str(len(body)).encode()))
-        hdrs.append((b"x-model-version", self.model.version.encode()))
+        if not refused:  # a caller refused learns nothing of what serves here
+            hdrs.append((b"x-model-version", self.model.version.encode()))
         if request_id:
             hdrs.append((b"x-request-id", request_id.encode("latin-1", "replace")))
         await send({"type": "http.response.start", "status": status, "headers": hdrs})

@@ -114,7 +114,9 @@ def test_the_declared_caller_gets_its_answers(world):
     code, _, out = world.predict(APP(world))
     assert code == 200 and out["version"] == "1"
     assert world.request("GET", "/version", APP(world))[0] == 200
-    assert world.request("GET", "/health")[0] == 200  # /health needs no credential
+    code, _, health = world.request("GET", "/health")  # /health needs no credential, and tells a stranger little
+    assert code == 200 and health == {"status": "ok"}
+    assert world.request("GET", "/health", APP(world))[2]["version"] == "1"  # a caller hears the version
 
 
 def test_no_credential_is_401(world):
@@ -284,9 +286,10 @@ def test_a_bad_access_table_keeps_the_last_good_one_and_says_so_in_health(world)
     path.write_text("{ not json")
     try:
         assert world.predict(APP(world))[0] == 200  # the last good table
-        code, _, health = world.request("GET", "/health")
+        code, _, health = world.request("GET", "/health", APP(world))
         assert code == 200 and health["status"] == "degraded"
         assert any(str(path) in p and "not JSON" in p for p in health["problems"])
+        assert world.request("GET", "/health")[2] == {"status": "degraded"}  # no path for a stranger
     finally:
         world.restore()
     assert world.request("GET", "/health")[2]["status"] == "ok"

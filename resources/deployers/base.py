@@ -189,11 +189,12 @@ def _auth(credential: str | None) -> dict[str, str]:
 
 
 def probe(address: str, timeout: float = 1.0, credential: str | None = None) -> dict[str, Any] | None:
-    """What answers at ``address``: its /version document (asked with ``credential``, the backend's
-    ``probe`` token for an endpoint: see ``Deployer.probe_credential``), or None if nothing healthy
-    answers or /version is refused."""
+    """What answers at ``address``: its /version document with its /health one (both asked with
+    ``credential``, the backend's ``probe`` token for an endpoint: see ``Deployer.probe_credential``;
+    an endpoint tells an anonymous caller only ok/degraded), or None if nothing healthy answers or
+    /version is refused."""
     try:
-        code, health = http_json(address + "/health", timeout)
+        code, health = http_json(address + "/health", timeout, headers=_auth(credential))
         if code != 200:
             return None
         code, version = http_json(address + "/version", timeout, headers=_auth(credential))
@@ -207,7 +208,7 @@ def probe(address: str, timeout: float = 1.0, credential: str | None = None) -> 
 async def _probe_async(address: str, timeout: float, health: bool = True,
                        credential: str | None = None) -> dict[str, Any] | None:
     """``probe`` over one keep-alive connection with asyncio: GET /health (unless ``health`` is off),
-    then GET /version (with ``credential``)."""
+    then GET /version, both with ``credential``."""
     import asyncio
     from urllib.parse import urlsplit
 
@@ -217,8 +218,7 @@ async def _probe_async(address: str, timeout: float, health: bool = True,
     auth = f"Authorization: Bearer {credential}\r\n" if credential else ""
 
     async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes, bool]:
-        extra = auth if path == "/version" else ""
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}\r\n".encode())
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")

@@ -2,8 +2,9 @@
 
 Routes: ``POST /predict`` (one record object or ``{"records": [...]}``), ``POST /invocations``
 (MLflow's ``dataframe_records`` / ``dataframe_split`` / ``inputs`` shapes), ``GET /health``
-(``ModelApp.health``: "ok" or "degraded" with its problems, the inference log's state, the recent
-model errors, an access table that cannot be read), ``GET /version`` (endpoint, env, model, version,
+(``ModelApp.health``: "ok" or "degraded"; to a caller holding a credential of this endpoint also its
+problems, the version, the inference log's state, the recent model errors, an access table that
+cannot be read), ``GET /version`` (endpoint, env, model, version,
 digest, flavor, features: what a caller needs), ``GET /metrics`` (Prometheus text) and ``GET
 /onepath/worker`` (``protocol.WORKER_ROUTE``: pid, run id, load time, native thread pools, version,
 digest; for the supervisor alone).
@@ -735,9 +736,10 @@ class ModelApp:
 
     # -- health -----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """What ``/health`` answers (200 whenever the worker serves). ``status`` is "degraded", with
-        each reason in ``problems``, while the inference log cannot be written or while the model
-        raised on every one of the last (at least ``ALL_FAILING_MIN``) requests."""
+        """What ``/health`` answers a caller of this endpoint (200 whenever the worker serves; anyone else
+        hears only ``status``). ``status`` is "degraded", with each reason in ``problems``, while the
+        inference log cannot be written or while the model raised on every one of the last (at least
+        ``ALL_FAILING_MIN``) requests."""
         self.access.refresh()  # /health is not judged: look at the table here, so it reports what serves
         problems = list(self.access.problems)
         log = self.log
@@ -948,15 +950,20 @@ class ModelApp:
         t0 = time.perf_counter()
         caller = None
         try:
-            if route != "/health":  # every other route, an unknown one too, needs a credential
-                server = scope.get("server")
-                # uvicorn's scope["server"] is (path, None) on a Unix socket, (host, port) on TCP
-                verdict = self.access.judge(scope["headers"], path, server is not None and server[1] is None,
-                                            time.time())
-                caller = verdict.caller
-                if verdict.status != 200:
-                    await self._refuse(send, route, verdict, t0)
-                    return
+            server = scope.get("server")
+            # uvicorn's scope["server"] is (path, None) on a Unix socket, (host, port) on TCP
+            over_unix = server is not None and server[1] is None
+            if route == "/health":  # open to anyone, but only a caller of this endpoint hears more than ok/degraded
+                full = self.access.judge(scope["headers"], "/version", over_unix, time.time()).ok
+                doc = self.health()
+                await self._send(send, route, 200, orjson.dumps(doc if full else {"status": doc["status"]}), t0)
+                return
+            # every other route, an unknown one too, needs a credential
+            verdict = self.access.judge(scope["headers"], path, over_unix, time.time())
+            caller = verdict.caller
+            if verdict.status != 200:
+                await self._refuse(send, route, verdict, t0)
+                return
             await self._route(scope, receive, send, route, t0, caller)
         except Exception as err:  # a JSON 500 that is counted, never uvicorn's bare one
             print(f"onepath model server: unexpected {type(err).__name__} on {route}: {err}", file=sys.stderr)
@@ -981,8 +988,6 @@ class ModelApp:
                 await self._send(send, route, 405, b'{"error":"use POST"}', t0, caller=caller)
                 return
             await self._predict(scope, receive, send, route, t0, caller)
-        elif route == "/health":
-            await self._send(send, route, 200, orjson.dumps(self.health()), t0)
         elif route == "/version":
             await self._send(send, route, 200, self._version_body, t0, caller=caller)
         elif route == WORKER_ROUTE:

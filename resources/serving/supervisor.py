@@ -794,7 +794,8 @@ class Supervisor:
             if dead:
                 return (f"version {new.version} exited while starting; log: "
                         f"{' '.join(log_tail(new.log_path, 600).split())}")
-            if all(_answers_health(path, new.version) for path in paths):
+            headers = self.worker_headers if new.spec["kind"] == "endpoint" else None
+            if all(_answers_health(path, new.version, headers) for path in paths):
                 return None
             if time.monotonic() > deadline:
                 return f"version {new.version} did not answer /health within {RESTORE_SECONDS:g} s"
@@ -843,7 +844,7 @@ class Supervisor:
             with self.lock:
                 if g.procs[i] is not proc or proc is None or proc.poll() is not None or g.state != "current":
                     return
-            if _answers_health(g.sockets[i], g.version):
+            if _answers_health(g.sockets[i], g.version, self.worker_headers if g.spec["kind"] == "endpoint" else None):
                 with self.lock:
                     if g.procs[i] is not proc or g.state != "current":
                         return
@@ -1009,9 +1010,11 @@ def stop_socket_holders(inode: int, keep: set[int], *, wait: float = 5.0, until_
     return [h.pid for h in handles]
 
 
-def _answers_health(path: str, version: str) -> bool:
-    """Whether the worker listening on the Unix socket ``path`` answers /health 200 for ``version``."""
-    got = protocol.unix_get(path, "/health", 1.0)
+def _answers_health(path: str, version: str, headers: dict[str, str] | None = None) -> bool:
+    """Whether the worker listening on the Unix socket ``path`` answers /health 200 for ``version`` (an
+    endpoint worker names its version only to a caller of the endpoint: ``headers``, the supervisor's
+    credential)."""
+    got = protocol.unix_get(path, "/health", 1.0, headers=headers or None)
     if got is None or got[0] != 200:
         return False
     try:

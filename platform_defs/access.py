@@ -405,6 +405,12 @@ class Access:
             self._store(caller, endpoint, env, token)
             return token
 
+    def stored_credential(self, org: Organisation, caller: str, endpoint: str, env: str) -> Callable[[], str]:
+        """``caller_token`` now (refused as it is), then a function that answers the store's token, read again
+        whenever its file changed: a rotation during a long run (simulate-traffic) reaches the next request."""
+        token = self.caller_token(org, caller, endpoint, env)
+        return StoredCredential(self.caller_file(caller, endpoint, env), token)
+
     def revoke(self, org: Organisation | None, grant_id: str, why: str) -> Grant:
         why = " ".join((why or "").split())
         if not why:
@@ -522,6 +528,30 @@ class Access:
             return f"app {app.name} no longer declares calls: [{g.endpoint}] ({org.sources.get(app.name) or 'its declaration'})"
         where = f"the recorded policy (ledger #{recorded.seq})" if recorded is not None else "no recorded policy"
         return f"{where} no longer grants {g.caller} {g.endpoint}.{g.env} (access.callers)"
+
+
+class StoredCredential:
+    """A policy caller's token from the store, re-read when the file's (inode, mtime, size) changed."""
+
+    def __init__(self, path: Path, token: str):
+        self.path, self.token, self._seen = Path(path), token, self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def __call__(self) -> str:
+        seen = self._stat()
+        if seen is not None and seen != self._seen:
+            try:
+                self.token = self.path.read_text().strip() or self.token
+                self._seen = seen
+            except OSError:
+                pass
+        return self.token
 
 
 def access_for(settings: Any, *, actor: str = "onepath", book: Any = None, deployer: Any = None) -> Access:

@@ -277,10 +277,13 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
                 sharing[(d.model, e)] += 1
     addresses = known_addresses(deployer, [t for _, _, t in targets])
     unique = sorted({a for a in addresses if a})
+    # an endpoint's /version needs a credential: the backend's own probe token for each endpoint address
+    credentials = {a: deployer.probe_credential(t) for (_, _, t), a in zip(targets, addresses)
+                   if a and t.kind == "endpoint"}
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inventory-probe")
     try:
         # the probes (one asyncio loop, all addresses at once) run while the ledger and registry are read
-        probing: Future = pool.submit(probe_many, unique, timeout, 256, False)
+        probing: Future = pool.submit(probe_many, unique, timeout, 256, False, credentials)
         index = _LedgerIndex(ledger.entries())
         endpoints = [(d, e) for d, e, _ in targets if isinstance(d, EndpointSpec)]
         unrecorded = {d.model for d, e in endpoints if (d.name, e) not in index.deploys

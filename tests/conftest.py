@@ -199,3 +199,57 @@ def record_policy(book, policy=None, path: Path | None = None):
     if in_force is not None and in_force.hash == policy_hash(load_policy(path)):
         return None
     return record(book, path, signer="pat", key=load_private_key(DEMO_ADMIN_KEY), initial=in_force is None)
+
+
+# -- credentials (issue 11): every route of an endpoint but /health needs one ---------------------
+ALL_ROUTES = ("predict", "version", "metrics")
+
+
+def new_grant(target, caller: str = "test", routes=ALL_ROUTES, *, not_after: str | None = None,
+              revoked: dict | None = None) -> tuple[dict, str]:
+    """A grant for ``target`` (an endpoint Target) and the token it accepts: ``(grant, token)``."""
+    import secrets
+
+    from resources.serving.access import make_token, token_sha256
+
+    gid = secrets.token_hex(6)
+    token = make_token(target.name, target.env, gid, secrets.token_urlsafe(32))
+    return ({"id": gid, "caller": caller, "routes": list(routes), "revoked": revoked,
+             "secrets": [{"sha256": token_sha256(token), "not_after": not_after}]}, token)
+
+
+def access_table(target, grants: list[dict], generation: int = 1) -> dict:
+    """An access table document for ``target`` listing ``grants``."""
+    from datetime import datetime, timezone
+
+    return {"version": 1, "endpoint": target.name, "env": target.env, "generation": generation,
+            "updated_at": datetime.now(timezone.utc).isoformat(), "grants": grants}
+
+
+def grant_caller(deployer, target, caller: str = "test", routes=ALL_ROUTES) -> dict[str, str]:
+    """Publish an access table with one grant for ``caller`` at ``target`` (before or after its
+    deploy: workers read it on their next request) and return the headers that carry its token."""
+    grant, token = new_grant(target, caller, routes)
+    deployer.publish_grants(target, access_table(target, [grant]))
+    return {"authorization": f"Bearer {token}"}
+
+
+def worker_facts(deployer, target) -> list[dict | None]:
+    """Each current worker's process facts (pid, run_id, native_threads, ...: ``protocol.WORKER_ROUTE``),
+    asked as the supervisor asks them: on the worker's private Unix socket with the slot's own
+    supervisor credential (derived from the slot secret, which this test process, the platform's
+    user, may read)."""
+    import json as _json
+
+    from resources.serving import protocol
+    from resources.serving.access import backend_token, bearer
+
+    slot = deployer.slot_dir(target)
+    cur = protocol.control_call(slot, "/status")["current"]
+    headers = bearer(backend_token(protocol.read_secret(slot), target.name, target.env, "supervisor"))
+    out = []
+    for i in range(cur["workers"]):
+        got = protocol.unix_get(protocol.worker_socket(slot, cur["id"], i), protocol.WORKER_ROUTE, 5.0,
+                                headers=headers)
+        out.append(_json.loads(got[1]) if got is not None and got[0] == 200 else None)
+    return out

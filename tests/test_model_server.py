@@ -12,7 +12,10 @@ import pytest
 
 from resources.deployers.base import Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import artifact_roots, model_release
+from tests.conftest import artifact_roots, grant_caller, model_release, worker_facts
+
+# the credential the module's server was granted (every route but /health needs one)
+AUTH: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +49,18 @@ def tiny_deployer(settings) -> LocalProcessDeployer:
 def server(settings, tiny_model):
     deployer = tiny_deployer(settings)
     target = Target("validation", "test", kind="endpoint")
+    AUTH.update(grant_caller(deployer, target))
     st = deployer.deploy(target, model_release("7", tiny_model, {
-        "model_name": "tiny", "pii_columns": ["full_name", "national_id"]}))
+        "model_name": "tiny", "pii_columns": ["full_name", "national_id"], "pass_through": ["application_id"]}))
     yield st.address, settings.inference_log_dir / "validation" / "test"
     deployer.delete(target)
+    AUTH.clear()
 
 
 def call(address: str, path: str, body: bytes | str | dict | list, headers: dict | None = None):
     data = body if isinstance(body, bytes) else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
     req = urllib.request.Request(address + path, data=data, method="POST",
-                                 headers={"content-type": "application/json", **(headers or {})})
+                                 headers={"content-type": "application/json", **AUTH, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, json.loads(r.read())
@@ -64,7 +69,7 @@ def call(address: str, path: str, body: bytes | str | dict | list, headers: dict
 
 
 def get(address: str, path: str):
-    with urllib.request.urlopen(address + path, timeout=5) as r:
+    with urllib.request.urlopen(urllib.request.Request(address + path, headers=AUTH), timeout=5) as r:
         return r.status, r.read().decode()
 
 
@@ -155,14 +160,14 @@ def test_health_version_and_metrics(server):
 def test_native_thread_pools_have_the_releases_model_threads(server, settings, tiny_model):
     """Workers are the parallelism: each worker's OpenMP/BLAS pools have ``model_threads`` threads
     (default 1), as the libraries themselves report them (threadpoolctl), whatever the machine's cores."""
-    address, _ = server
-    pools = json.loads(get(address, "/version")[1])["native_threads"]
+    deployer = tiny_deployer(settings)
+    pools = worker_facts(deployer, Target("validation", "test", kind="endpoint"))[0]["native_threads"]
     assert "blas" in pools and set(pools.values()) == {1}, pools
-    deployer, target = tiny_deployer(settings), Target("validation", "threads", kind="endpoint")
+    target = Target("validation", "threads", kind="endpoint")
     try:
-        st = deployer.deploy(target, model_release("7", tiny_model, {
+        deployer.deploy(target, model_release("7", tiny_model, {
             "model_name": "tiny", "pii_columns": [], "model_threads": 2}))
-        pools = json.loads(get(st.address, "/version")[1])["native_threads"]
+        pools = worker_facts(deployer, target)[0]["native_threads"]
         # OpenMP takes what it is told; OpenBLAS caps its pool at the machine's cores
         assert pools == {"openmp": 2, "blas": min(2, os.cpu_count() or 1)}, pools
     finally:

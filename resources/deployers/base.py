@@ -42,6 +42,16 @@
   backend has seen is refused (``DeployError``) and changes nothing, so a deployer that lost its
   lease cannot overwrite the one that holds it. The local backend keeps the highest token in its
   supervisor's ``state.json``.
+* Every route of an endpoint but ``/health`` needs a credential (``resources.serving.access``).
+  ``publish_grants(target, table)`` makes an access table what an endpoint's workers judge callers by
+  from their next request on (before the first deploy too, never restarting anything; the local
+  backend writes ``<slot>/private/access.json``, owner-only, atomically). ``publish_credentials(target,
+  {NAME: token})`` gives an app release its tokens where only its workers read them (local:
+  ``<slot>/private/credentials/<NAME>``, 0600; names not given are removed) and never anywhere else.
+  ``probe_credential(target)`` is the backend's own ``probe`` token (route version only, derived from
+  the slot's secret), which ``status`` and ``deploy`` send to the stable address.
+* A release config key ``pass_through`` (column names) is what an endpoint's inference log keeps of
+  a record outside the model's signature (never a PII column); every other field is dropped and counted.
 * A release with a ``digest`` is served only if its artifact's bytes hash to it: a worker that finds
   otherwise refuses to serve, and a deploy of it fails naming the mismatch (the previous version
   keeps serving).
@@ -49,7 +59,8 @@
 The base class owns the lifecycle (launch a candidate beside the current version, wait for its
 health, cut over, verify at the stable address, discard on failure). A backend implements only its
 calls: ``_address``, ``_launch``, ``_candidate_failure``, ``_candidate_health``, ``_cutover``,
-``_fence``, ``_discard``, ``_stop``, ``_worker_metrics``.
+``_fence``, ``_discard``, ``_stop``, ``_worker_metrics`` (and, to serve credentials,
+``_publish_grants``, ``_publish_credentials``, ``_probe_credential``).
 """
 
 from __future__ import annotations
@@ -155,10 +166,12 @@ def server_problems(seen: dict[str, Any] | None) -> list[str]:
     return listed
 
 
-def http_json(url: str, timeout: float = 2.0, data: dict | None = None) -> tuple[int, Any]:
+def http_json(url: str, timeout: float = 2.0, data: dict | None = None,
+              headers: dict[str, str] | None = None) -> tuple[int, Any]:
     body = json.dumps(data).encode() if data is not None else None
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
-                                 headers={"content-type": "application/json", "connection": "close"})
+                                 headers={"content-type": "application/json", "connection": "close",
+                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
@@ -171,13 +184,19 @@ def http_json(url: str, timeout: float = 2.0, data: dict | None = None) -> tuple
             return err.code, raw.decode("utf-8", "replace")
 
 
-def probe(address: str, timeout: float = 1.0) -> dict[str, Any] | None:
-    """What answers at ``address``: its /version document, or None if nothing healthy answers."""
+def _auth(credential: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {credential}"} if credential else {}
+
+
+def probe(address: str, timeout: float = 1.0, credential: str | None = None) -> dict[str, Any] | None:
+    """What answers at ``address``: its /version document (asked with ``credential``, the backend's
+    ``probe`` token for an endpoint: see ``Deployer.probe_credential``), or None if nothing healthy
+    answers or /version is refused."""
     try:
         code, health = http_json(address + "/health", timeout)
         if code != 200:
             return None
-        code, version = http_json(address + "/version", timeout)
+        code, version = http_json(address + "/version", timeout, headers=_auth(credential))
         if code != 200 or not isinstance(version, dict):
             return None
         return {**version, "health": health} if isinstance(health, dict) else version
@@ -185,17 +204,21 @@ def probe(address: str, timeout: float = 1.0) -> dict[str, Any] | None:
         return None
 
 
-async def _probe_async(address: str, timeout: float, health: bool = True) -> dict[str, Any] | None:
+async def _probe_async(address: str, timeout: float, health: bool = True,
+                       credential: str | None = None) -> dict[str, Any] | None:
     """``probe`` over one keep-alive connection with asyncio: GET /health (unless ``health`` is off),
-    then GET /version."""
+    then GET /version (with ``credential``)."""
     import asyncio
     from urllib.parse import urlsplit
 
     parts = urlsplit(address)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
 
+    auth = f"Authorization: Bearer {credential}\r\n" if credential else ""
+
     async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes, bool]:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        extra = auth if path == "/version" else ""
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode())
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -244,8 +267,9 @@ async def _probe_async(address: str, timeout: float, health: bool = True) -> dic
 
 
 def probe_many(addresses: list[str], timeout: float = 1.0, concurrency: int = 256,
-               health: bool = True) -> dict[str, dict[str, Any] | None]:
-    """``probe`` every address at once (asyncio on uvloop, bounded concurrency); each gets ``timeout``.
+               health: bool = True, credentials: dict[str, str | None] | None = None) -> dict[str, dict[str, Any] | None]:
+    """``probe`` every address at once (asyncio on uvloop, bounded concurrency); each gets ``timeout``
+    and its credential from ``credentials`` (``{address: token}``; none for an address not in it).
 
     One event loop instead of a thread per request: thousands of addresses cost one process's worth
     of sockets, not a thread pool's queueing. ``health=False`` asks only /version: for a survey
@@ -259,12 +283,14 @@ def probe_many(addresses: list[str], timeout: float = 1.0, concurrency: int = 25
     except ImportError:  # uvloop is optional; asyncio's loop is slower, not wrong
         runner = asyncio.run
 
+    creds = credentials or {}
+
     async def all_of() -> dict[str, dict[str, Any] | None]:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(a: str) -> tuple[str, dict[str, Any] | None]:
             async with gate:
-                return a, await _probe_async(a, timeout, health)
+                return a, await _probe_async(a, timeout, health, creds.get(a))
 
         return dict(await asyncio.gather(*(one(a) for a in addresses)))
 
@@ -297,8 +323,9 @@ class Deployer(ABC):
             self._discard(candidate)
             raise
         address = self._address(target)
+        credential = self.probe_credential(target)
         while True:
-            seen = probe(address)
+            seen = probe(address, credential=credential)
             if seen and str(seen.get("version")) == release.version:
                 break
             if time.monotonic() > deadline:
@@ -311,7 +338,8 @@ class Deployer(ABC):
 
     def status(self, target: Target) -> DeploymentStatus:
         address = self._address_if_known(target)
-        seen = probe(address, timeout=3.0) if address else None  # a busy server is not a dead one
+        # a busy server is not a dead one
+        seen = probe(address, timeout=3.0, credential=self.probe_credential(target)) if address else None
         return DeploymentStatus(
             target=target, address=address,
             serving_version=str(seen["version"]) if seen else None,
@@ -331,6 +359,43 @@ class Deployer(ABC):
     def address(self, target: Target) -> str:
         """The stable address clients use; allocated on first use and never changed."""
         return self._address(target)
+
+    # -- who may call ------------------------------------------------------------------------
+    def publish_grants(self, target: Target, table: dict[str, Any]) -> None:
+        """Make ``table`` (the endpoint's access table, ``resources.serving.access``) what the workers
+        of the endpoint ``target`` judge callers by, from their next request on: before the first
+        deploy and while serving, never restarting anything. DeployError (one line naming the field)
+        for a table the workers would refuse."""
+        from resources.serving.access import parse_table
+
+        if target.kind != "endpoint":
+            raise DeployError(f"{target.slot}: grants are published for endpoints; this is an {target.kind}")
+        try:
+            parse_table(table, target.name, target.env)
+        except ValueError as err:
+            raise DeployError(f"{target.slot}: access table refused: {err}") from None
+        self._publish_grants(target, table)
+
+    def publish_credentials(self, target: Target, credentials: dict[str, str]) -> None:
+        """Give the app ``target`` its credentials (``{ENDPOINT_NAME_UPPER: token}``) where only its
+        workers are told to read them (``resources.serving.access.credential_header``); a name not given
+        is removed. Never in a launch spec, state, event, environment or any file another can read."""
+        from resources.serving.access import CREDENTIAL_NAME_RE, parse_token
+
+        if target.kind != "app":
+            raise DeployError(f"{target.slot}: credentials are published for app releases; this is an {target.kind}")
+        for name, token in credentials.items():
+            if not isinstance(name, str) or not CREDENTIAL_NAME_RE.fullmatch(name):
+                raise DeployError(f"{target.slot}: credential name {name!r} must be an endpoint name in upper case")
+            if not isinstance(token, str) or parse_token(token) is None:
+                raise DeployError(f"{target.slot}: the credential for {name} is not an onepath credential")
+        self._publish_credentials(target, dict(credentials))
+
+    def probe_credential(self, target: Target) -> str | None:
+        """The backend's own ``probe`` credential for the endpoint ``target`` (route version only: what
+        ``status`` and ``deploy`` send to the stable address), or None for an app or before the backend
+        has a secret for the slot."""
+        return self._probe_credential(target) if target.kind == "endpoint" else None
 
     def worker_metrics(self, target: Target, timeout: float = 2.0) -> list[str]:
         """The Prometheus text of ``/metrics`` of each worker of the version now current at ``target``.
@@ -406,3 +471,12 @@ class Deployer(ABC):
 
     def _backend_detail(self, target: Target) -> dict[str, Any]:
         return {}
+
+    def _publish_grants(self, target: Target, table: dict[str, Any]) -> None:
+        raise DeployError(f"{type(self).__name__} cannot publish an access table")
+
+    def _publish_credentials(self, target: Target, credentials: dict[str, str]) -> None:
+        raise DeployError(f"{type(self).__name__} cannot publish credentials")
+
+    def _probe_credential(self, target: Target) -> str | None:
+        return None

@@ -34,12 +34,13 @@ from typing import Any, Iterator, Sequence
 from platform_defs.settings import PROJECT_ROOT
 from resources.processes import pid_alive
 from resources.deployers.base import Candidate, Deployer, DeployError, DeploymentStatus, Release, Target
-from resources.serving import protocol
+from resources.serving import access, protocol
 from resources.serving.protocol import ControlError
 from resources.files import atomic_write
 from resources.serving.supervisor import log_tail, stop_socket_holders
 
-ENDPOINT_DEFAULTS = {"pii_columns": [], "max_batch": 64, "model_threads": 1, "inference_log": True}
+ENDPOINT_DEFAULTS = {"pii_columns": [], "max_batch": 64, "model_threads": 1, "inference_log": True,
+                     "pass_through": []}
 
 
 class LocalProcessDeployer(Deployer):
@@ -253,7 +254,7 @@ class LocalProcessDeployer(Deployer):
                     raise DeployError(f"{target.slot}: the inference log directory is the deployer's "
                                       "setting; a release only turns the log off (log_dir: None)")
                 cfg.setdefault("inference_log", False)
-            keys = protocol.KIND_KEYS["endpoint"]
+            keys = protocol.KIND_KEYS["endpoint"] + protocol.KIND_OPTIONAL["endpoint"]
             spec.update({k: cfg.pop(k, ENDPOINT_DEFAULTS.get(k)) for k in keys})
         elif target.kind == "app":
             spec.update(entrypoint=cfg.pop("entrypoint", None),
@@ -262,7 +263,8 @@ class LocalProcessDeployer(Deployer):
             raise DeployError(f"unknown target kind {target.kind!r}")
         if cfg:
             raise DeployError(f"{target.slot}: release config key '{sorted(cfg)[0]}' is not something a "
-                              f"{target.kind} release can set (known: {', '.join(protocol.KIND_KEYS[target.kind])})")
+                              f"{target.kind} release can set (known: "
+                              f"{', '.join(protocol.KIND_KEYS[target.kind] + protocol.KIND_OPTIONAL[target.kind])})")
         return spec
 
     def _group(self, candidate: Candidate) -> dict[str, Any] | None:
@@ -320,6 +322,46 @@ class LocalProcessDeployer(Deployer):
             return list(self._call(slot, "/metrics", {})["workers"])
         except DeployError:
             return []
+
+    # -- who may call ---------------------------------------------------------------------
+    def _private(self, target: Target) -> Path:
+        slot = self.slot_dir(target)
+        try:
+            protocol.ensure_owner_only_dir(slot)
+            protocol.ensure_owner_only_dir(protocol.private_dir(slot))
+        except ControlError as err:
+            raise DeployError(f"{target.slot}: {err}") from None
+        return protocol.private_dir(slot)
+
+    def _publish_grants(self, target: Target, table: dict[str, Any]) -> None:
+        """``<slot>/private/access.json``, replaced atomically (0600): each worker stats it per request."""
+        atomic_write(self._private(target) / access.TABLE_FILE, json.dumps(table, sort_keys=True).encode())
+
+    def _publish_credentials(self, target: Target, credentials: dict[str, str]) -> None:
+        """``<slot>/private/credentials/<NAME>`` (0700 dir, 0600 files, each replaced atomically); what
+        is not in ``credentials`` is removed."""
+        cdir = self._private(target) / access.CREDENTIALS_DIR
+        try:
+            protocol.ensure_owner_only_dir(cdir)
+        except ControlError as err:
+            raise DeployError(f"{target.slot}: {err}") from None
+        for name, token in credentials.items():
+            atomic_write(cdir / name, token.encode() + b"\n")
+        for old in os.listdir(cdir):
+            if old not in credentials and not old.startswith("."):
+                try:
+                    os.unlink(cdir / old)
+                except FileNotFoundError:
+                    pass
+
+    def _probe_credential(self, target: Target) -> str | None:
+        secret = self.slot_secret(target)
+        if secret is None:
+            return None
+        try:
+            return access.backend_token(secret, target.name, target.env, "probe")
+        except ValueError:  # a name no credential can carry: such an endpoint is never launched
+            return None
 
     # -- signed events --------------------------------------------------------------------
     def slot_secret(self, target: Target) -> bytes | None:

@@ -3,7 +3,20 @@
 Routes: ``POST /predict`` (one record object or ``{"records": [...]}``), ``POST /invocations``
 (MLflow's ``dataframe_records`` / ``dataframe_split`` / ``inputs`` shapes), ``GET /health``
 (``ModelApp.health``: "ok" or "degraded" with its problems, the inference log's state, the recent
-model errors), ``GET /version``, ``GET /metrics`` (Prometheus text).
+model errors, an access table that cannot be read), ``GET /version`` (endpoint, env, model, version,
+digest, flavor, features: what a caller needs), ``GET /metrics`` (Prometheus text) and ``GET
+/onepath/worker`` (``protocol.WORKER_ROUTE``: pid, run id, load time, native thread pools, version,
+digest; for the supervisor alone).
+
+Only declared callers get an answer. Every route but ``/health`` (an unknown path too) is judged
+first by ``resources.serving.access.AccessTable``: the endpoint's access table (config
+``access_file``, re-read on the next request whenever the file changes, so a revocation needs no
+redeploy) plus the backend's own credentials (config ``backend_credentials``: hashes only; the
+``supervisor`` one is accepted only on the private Unix socket, which uvicorn reports as a
+``scope["server"]`` of ``(path, None)``). No credential or one that is not this endpoint's is a 401
+with ``www-authenticate: Bearer realm="onepath"``; one for another endpoint or environment, revoked,
+rotated out, or not granted the route is a 403; no message repeats a token. Every judged response is
+counted by caller in ``onepath_caller_requests_total``. There is no setting that turns this off.
 
 Every request is judged alone. It is validated against the model's MLflow signature before it
 reaches the model, so that what passes can be framed and scored (``validate_records``: integers
@@ -11,7 +24,9 @@ within int64, numbers finite and within float32's range): a missing column or a 
 naming the record and the column, a malformed body or shape a 400 naming the field; a body, a row
 count or a nesting depth past its limit (``DEFAULT_LIMITS``, each settable in the config) a 413/422
 before any scoring. Columns outside the signature (an application id passed through for tracing)
-never reach the model; they are kept in the inference log unless declared PII. Rows of concurrent
+never reach the model; they reach the inference log only when the endpoint declares them as
+pass-through (config ``pass_through_columns``; never a PII column), and every other one is dropped from
+the log and counted (``onepath_inference_log_undeclared_fields_total``, one per field per record). Rows of concurrent
 requests are scored together in one model call (micro-batching), which is where most of the
 throughput comes from: a batch closes when an event-loop iteration brings no new request, after
 ``batch_wait_ms`` (config, default 2) or at ``max_batch`` rows, whichever comes first; a lone request
@@ -52,7 +67,9 @@ from typing import Any, Callable
 
 import orjson
 
+from resources.serving.access import AccessTable, Verdict
 from resources.serving.exit_codes import EXIT_ARTIFACT_REFUSED
+from resources.serving.protocol import WORKER_ROUTE
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SIGNATURE_TYPES = {
@@ -72,7 +89,8 @@ DEFAULT_LIMITS = {
     "max_json_depth": 32,            # 422: what is logged must be writable (orjson stops at 254)
     "request_deadline_s": 10.0,      # 503 if a request is ever not answered within it
 }
-ROUTES = ("/predict", "/invocations", "/health", "/version", "/metrics")  # metric labels; else "other"
+ROUTES = ("/predict", "/invocations", "/health", "/version", "/metrics", WORKER_ROUTE)  # metric labels; else "other"
+UNAUTHORIZED_HEADERS = [(b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="onepath"')]
 
 
 class RequestError(Exception):
@@ -433,6 +451,13 @@ class Metrics:
     batches: int = 0
     batch_splits: int = 0
     log_errors: int = 0
+    undeclared_fields: int = 0
+    # judged responses by (caller, route, status): who called, not only what was answered
+    callers: dict[tuple[str, str, int], int] = field(default_factory=dict)
+
+    def count_caller(self, caller: str, route: str, status: int) -> None:
+        key = (caller, route, status)
+        self.callers[key] = self.callers.get(key, 0) + 1
 
     def count(self, route: str, status: int) -> None:
         """One response sent (any route, also the protocol layer's): what the client saw."""
@@ -459,6 +484,18 @@ class Metrics:
         for (route, status), n in sorted(self.requests.items()):
             lines.append(f'onepath_requests_total{{{labels},route="{route}",status="{status}"}} {n}')
         lines += [
+            "# HELP onepath_caller_requests_total Requests judged for a credential, by caller (the grant's caller, "
+            "anonymous without a credential, unrecognised for one that is not this endpoint's), route and status.",
+            "# TYPE onepath_caller_requests_total counter",
+        ]
+        for (caller, route, status), n in sorted(self.callers.items()):
+            lines.append(f'onepath_caller_requests_total{{{labels},caller="{_label(caller)}",route="{route}",'
+                         f'status="{status}"}} {n}')
+        lines += [
+            "# HELP onepath_inference_log_undeclared_fields_total Record fields outside the signature and the "
+            "declared pass-through columns, dropped from the inference log (one per field per record).",
+            "# TYPE onepath_inference_log_undeclared_fields_total counter",
+            f"onepath_inference_log_undeclared_fields_total{{{labels}}} {self.undeclared_fields}",
             "# HELP onepath_request_errors_total Requests answered with a 4xx or 5xx.",
             "# TYPE onepath_request_errors_total counter",
             f"onepath_request_errors_total{{{labels}}} {self.errors}",
@@ -501,6 +538,11 @@ class Metrics:
             f"onepath_process_start_time_seconds {started:.3f}",
         ]
         return ("\n".join(lines) + "\n").encode()
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value (backslash, quote and newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +664,8 @@ class ModelApp:
 
     def __init__(self, model: LoadedModel, *, endpoint: str, env: str, pii: list[str],
                  log_dir: Path | None, max_batch: int = 64, batch_wait_ms: float = 2.0,
-                 limits: dict[str, Any] | None = None, http_limits: Any = None):
+                 limits: dict[str, Any] | None = None, http_limits: Any = None,
+                 access: AccessTable | None = None, pass_through: list[str] | None = None):
         import pandas as pd
 
         self._pd = pd
@@ -643,6 +686,9 @@ class ModelApp:
         self.recent: deque[bool] = deque(maxlen=self.RECENT)  # True: the model raised on that request
         self.started = time.time()
         self.labels = f'endpoint="{endpoint}",env="{env}"'
+        # who may call: every route but /health is judged; no table given means the backend's own
+        # credentials only (there is no way to serve without a judge)
+        self.access = access if access is not None else AccessTable(endpoint, env, None, [])
         self._pending: list[tuple[list[dict[str, Any]], asyncio.Future, str, float]] = []
         self._pending_rows = 0
         self._arrivals = 0  # requests submitted so far; _collect watches it move
@@ -652,20 +698,27 @@ class ModelApp:
         self._deadlines: deque[tuple[float, asyncio.Future]] = deque()  # (due, future) in arrival order
         self._sweeping: asyncio.TimerHandle | None = None
         self.batch_wait = batch_wait_ms / 1000.0
+        # what a caller needs to know; the process facts are the supervisor's alone (WORKER_ROUTE)
         self._version_body = orjson.dumps({
             "endpoint": endpoint, "env": env, "model": model.name, "version": model.version,
-            "run_id": model.run_id, "digest": model.digest, "flavor": model.flavor, "pid": os.getpid(),
+            "digest": model.digest, "flavor": model.flavor, "features": self.feature_names,
+        })
+        self._worker_body = orjson.dumps({
+            "pid": os.getpid(), "run_id": model.run_id,
             "loaded_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
-            "features": self.feature_names, "native_threads": native_threads(),
+            "native_threads": native_threads(), "version": model.version, "digest": model.digest,
         })
         dtypes = {"number": "float64", "integer": "int64", "string": "object", "boolean": "bool"}
         self._dtypes = {c.name: dtypes[c.kind] for c in model.columns if c.required}
         import numpy as np
 
         self._np = np
-        # inference log: which inputs are logged, which keys of a record are pass-through extras
+        # inference log: which inputs are logged; which keys of a record outside the signature are logged
+        # (declared pass-through, never PII); every other key is dropped from the log and counted
         self._logged_features = [k for k in self.feature_names if k not in self.pii]
-        self._not_extra = set(self._dtypes) | self.pii | set(self.feature_names)
+        self._features = set(self.feature_names)
+        self.pass_through = [c for c in (pass_through or []) if c not in self.pii and c not in self._features]
+        self._pass = frozenset(self.pass_through)
         self._columns_typed = [(c.name, np.dtype(self._dtypes[c.name]) if c.name in self._dtypes else None)
                                for c in model.columns]
 
@@ -674,7 +727,7 @@ class ModelApp:
         """What ``/health`` answers (200 whenever the worker serves). ``status`` is "degraded", with
         each reason in ``problems``, while the inference log cannot be written or while the model
         raised on every one of the last (at least ``ALL_FAILING_MIN``) requests."""
-        problems = []
+        problems = list(self.access.problems)
         log = self.log
         if log.enabled and not log.ok:
             problems.append(f"inference log: {log.error}")
@@ -839,20 +892,27 @@ class ModelApp:
     def _log_lines(self, lines: list[bytes], ts: str, recs: list[dict[str, Any]], res: list[Any],
                    request_id: str, t0: float) -> None:
         latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-        not_extra, logged = self._not_extra, self._logged_features
+        passed, features, logged = self._pass, self._features, self._logged_features
+        undeclared = 0
         for j, (rec, o) in enumerate(zip(recs, res)):
+            extras = {}
+            for k, v in rec.items():
+                if k in passed:
+                    extras[k] = v
+                elif k not in features:
+                    undeclared += 1
             entry = {
                 "ts": ts, "request_id": request_id if len(recs) == 1 else f"{request_id}:{j}",
                 "model": self.model.name, "version": self.model.version,
                 "inputs": {k: rec.get(k) for k in logged},
-                "extras": {k: v for k, v in rec.items() if k not in not_extra},
-                "output": o, "latency_ms": latency_ms,
+                "extras": extras, "output": o, "latency_ms": latency_ms,
             }
             try:
                 lines.append(orjson.dumps(entry) + b"\n")
             except (TypeError, orjson.JSONEncodeError) as err:  # validation keeps this out; never an answer
                 entry["extras"] = {"_not_logged": f"{type(err).__name__}: {err}"}
                 lines.append(orjson.dumps(entry, default=str) + b"\n")
+        self.metrics.undeclared_fields += undeclared
 
     # -- ASGI -------------------------------------------------------------------------------
     def onepath_protocol_response(self, path: str | None, status: int) -> None:
@@ -874,33 +934,54 @@ class ModelApp:
         path = scope["path"]
         route = path if path in ROUTES else "other"
         t0 = time.perf_counter()
+        caller = None
         try:
-            await self._route(scope, receive, send, route, t0)
+            if route != "/health":  # every other route, an unknown one too, needs a credential
+                server = scope.get("server")
+                # uvicorn's scope["server"] is (path, None) on a Unix socket, (host, port) on TCP
+                verdict = self.access.judge(scope["headers"], path, server is not None and server[1] is None,
+                                            time.time())
+                caller = verdict.caller
+                if verdict.status != 200:
+                    await self._refuse(send, route, verdict, t0)
+                    return
+            await self._route(scope, receive, send, route, t0, caller)
         except Exception as err:  # a JSON 500 that is counted, never uvicorn's bare one
             print(f"onepath model server: unexpected {type(err).__name__} on {route}: {err}", file=sys.stderr)
             try:
                 await self._send(send, route, 500, orjson.dumps(
-                    {"error": f"internal error: {type(err).__name__}"}), t0)
+                    {"error": f"internal error: {type(err).__name__}"}), t0, caller=caller)
             except Exception:  # the response had started: uvicorn closes the connection
                 pass
 
-    async def _route(self, scope: dict, receive: Callable, send: Callable, route: str, t0: float) -> None:
+    async def _refuse(self, send: Callable, route: str, verdict: Verdict, t0: float) -> None:
+        """401 (no credential, or not one of ours) or 403 (ours, but not for this): a message that never
+        repeats the token; a 401 says how to authenticate."""
+        body = orjson.dumps({"error": verdict.message, "credential": verdict.credential or "refused"})
+        await self._send(send, route, verdict.status, body, t0,
+                         UNAUTHORIZED_HEADERS if verdict.status == 401 else None, caller=verdict.caller)
+
+    async def _route(self, scope: dict, receive: Callable, send: Callable, route: str, t0: float,
+                     caller: str | None = None) -> None:
         method = scope["method"]
         if route in ("/predict", "/invocations"):
             if method != "POST":
-                await self._send(send, route, 405, b'{"error":"use POST"}', t0)
+                await self._send(send, route, 405, b'{"error":"use POST"}', t0, caller=caller)
                 return
-            await self._predict(scope, receive, send, route, t0)
+            await self._predict(scope, receive, send, route, t0, caller)
         elif route == "/health":
             await self._send(send, route, 200, orjson.dumps(self.health()), t0)
         elif route == "/version":
-            await self._send(send, route, 200, self._version_body, t0)
+            await self._send(send, route, 200, self._version_body, t0, caller=caller)
+        elif route == WORKER_ROUTE:
+            await self._send(send, route, 200, self._worker_body, t0, caller=caller)
         elif route == "/metrics":
             body = self.metrics.render(self.labels, self.model.version, self.started,
                                        log_ok=self.log.ok or not self.log.enabled)
-            await self._send(send, route, 200, body, t0, [(b"content-type", b"text/plain; version=0.0.4")])
+            await self._send(send, route, 200, body, t0, [(b"content-type", b"text/plain; version=0.0.4")],
+                             caller=caller)
         else:
-            await self._send(send, route, 404, b'{"error":"not found"}', t0)
+            await self._send(send, route, 404, b'{"error":"not found"}', t0, caller=caller)
 
     async def _read_body(self, scope: dict, receive: Callable) -> bytes | None:
         """The request body, or None if the client went away; a RequestError (413) past the limit,
@@ -936,7 +1017,8 @@ class ModelApp:
             if size >= _TRIM_AFTER_BYTES:
                 self._trimmer.soon()
 
-    async def _predict(self, scope: dict, receive: Callable, send: Callable, route: str, t0: float) -> None:
+    async def _predict(self, scope: dict, receive: Callable, send: Callable, route: str, t0: float,
+                       caller: str | None = None) -> None:
         request_id = None
         for k, v in scope["headers"]:
             if k == b"x-request-id":
@@ -952,17 +1034,17 @@ class ModelApp:
                              self.max_depth if (body.count(b"[") + body.count(b"{")) > self.max_depth else None)
             out = await self._submit(records, request_id, t0)
         except RequestError as err:
-            await self._send(send, route, err.status, err.body(), t0, request_id=request_id)
+            await self._send(send, route, err.status, err.body(), t0, request_id=request_id, caller=caller)
             return
         if route == "/predict":
             payload = {"request_id": request_id, "model": self.model.name, "version": self.model.version,
                        "predictions": out}
         else:
             payload = {"predictions": [o.get("prediction") for o in out]}
-        await self._send(send, route, 200, orjson.dumps(payload), t0, request_id=request_id)
+        await self._send(send, route, 200, orjson.dumps(payload), t0, request_id=request_id, caller=caller)
 
     async def _send(self, send: Callable, route: str, status: int, body: bytes, t0: float,
-                    headers: list | None = None, request_id: str | None = None) -> None:
+                    headers: list | None = None, request_id: str | None = None, caller: str | None = None) -> None:
         hdrs = list(headers or JSON_HEADERS)
         hdrs.append((b"content-length", str(len(body)).encode()))
         hdrs.append((b"x-model-version", self.model.version.encode()))
@@ -974,6 +1056,8 @@ class ModelApp:
             self.metrics.observe(route, status, time.perf_counter() - t0)
         else:
             self.metrics.count(route, status)
+        if caller is not None:
+            self.metrics.count_caller(caller, route, status)
 
 
 _TRIM_AFTER_BYTES = 16 * 1024
@@ -1011,13 +1095,16 @@ class _HeapTrimmer:
 def build_app(config: dict[str, Any]) -> ModelApp:
     model = load_model(Path(config["model_dir"]), config["model_name"], str(config["version"]),
                        config.get("expected_digest"))
+    access = AccessTable(config["endpoint"], config["env"], config.get("access_file"),
+                         config.get("backend_credentials") or [])
     app = ModelApp(
         model, endpoint=config["endpoint"], env=config["env"], pii=config.get("pii_columns", []),
         log_dir=Path(config["log_dir"]) if config.get("log_dir") else None,
         max_batch=int(config.get("max_batch", 64)),
         batch_wait_ms=float(config.get("batch_wait_ms", 2.0)),
         limits={k: config[k] for k in DEFAULT_LIMITS if config.get(k) is not None},
-        http_limits=_http_limits(config),
+        http_limits=_http_limits(config), access=access,
+        pass_through=list(config.get("pass_through_columns") or []),
     )
     app.self_test()
     return app

@@ -43,6 +43,9 @@ MAX_BODY = 64 * 1024  # a control request is a few hundred bytes; anything bigge
 # A worker serves only its private socket until the supervisor POSTs this there (never reachable on the
 # stable TCP socket): then it starts accepting on the stable one too (``resources.serving.child``).
 ACTIVATE_ROUTE = "/-/onepath/activate"
+# A model worker's process facts (pid, run_id, loaded_at, native_threads, version, digest): answered only
+# to the supervisor's own credential on the private Unix socket (``resources.serving.access``)
+WORKER_ROUTE = "/onepath/worker"
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                     "NUMEXPR_NUM_THREADS")
@@ -206,12 +209,13 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def unix_get(path: str, route: str, timeout: float = 1.0, method: str = "GET") -> tuple[int, bytes] | None:
-    """GET (or ``method``, without a body) ``route`` from the HTTP server on the Unix socket ``path``:
-    (status, body), or None if nothing answers in time."""
+def unix_get(path: str, route: str, timeout: float = 1.0, method: str = "GET",
+             headers: dict[str, str] | None = None) -> tuple[int, bytes] | None:
+    """GET (or ``method``, without a body) ``route`` from the HTTP server on the Unix socket ``path``,
+    with ``headers`` added (a worker's credential): (status, body), or None if nothing answers in time."""
     conn = UnixHTTPConnection(path, timeout)
     try:
-        conn.request(method, route, headers={"connection": "close", "content-length": "0"})
+        conn.request(method, route, headers={"connection": "close", "content-length": "0", **(headers or {})})
         resp = conn.getresponse()
         return resp.status, resp.read()
     except (OSError, http.client.HTTPException):
@@ -265,6 +269,11 @@ KIND_KEYS = {
     "endpoint": ("model_name", "pii_columns", "max_batch", "model_threads", "inference_log"),
     "app": ("entrypoint", "calls"),
 }
+# optional per kind, so that a state.json written before the key existed still relaunches: the record
+# fields outside the signature an endpoint logs (default none)
+KIND_OPTIONAL = {"endpoint": ("pass_through",), "app": ()}
+PASS_THROUGH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+MAX_PASS_THROUGH = 64
 
 
 class SpecError(ValueError):
@@ -287,10 +296,11 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
     if kind not in KIND_KEYS:
         raise SpecError(f"launch: 'kind' must be 'endpoint' or 'app', got {kind!r}")
     allowed = set(COMMON_KEYS) | set(KIND_KEYS[kind])
+    optional = set(OPTIONAL_KEYS) | set(KIND_OPTIONAL[kind])
     for key in spec:
-        if key not in allowed and key not in OPTIONAL_KEYS:
+        if key not in allowed and key not in optional:
             raise SpecError(f"launch: unknown key '{key}' (a {kind} spec has only "
-                            f"{', '.join(sorted(allowed | set(OPTIONAL_KEYS)))})")
+                            f"{', '.join(sorted(allowed | optional))})")
     for key in sorted(allowed):
         if key not in spec:
             raise SpecError(f"launch: missing key '{key}'")
@@ -327,8 +337,17 @@ def validate_launch_spec(spec: Any, artifact_roots: list[str]) -> dict[str, Any]
             raise SpecError("launch: 'pii_columns' must be a list of strings")
         if not isinstance(spec["inference_log"], bool):
             raise SpecError(f"launch: 'inference_log' must be true or false, got {spec['inference_log']!r}")
+        passed = spec.get("pass_through", [])
+        if not isinstance(passed, list) or len(passed) > MAX_PASS_THROUGH:
+            raise SpecError(f"launch: 'pass_through' must be a list of at most {MAX_PASS_THROUGH} column names")
+        for n, col in enumerate(passed):
+            if not isinstance(col, str) or not PASS_THROUGH_RE.fullmatch(col):
+                raise SpecError(f"launch: 'pass_through.{n}' must match [A-Za-z_][A-Za-z0-9_.-]{{0,63}}, got {col!r}")
+        if len(set(passed)) != len(passed):
+            raise SpecError("launch: 'pass_through' names a column twice")
         out.update(model_name=name, pii_columns=list(pii), max_batch=_int(spec, "max_batch", 1, 100_000),
-                   model_threads=_int(spec, "model_threads", 1, 64), inference_log=spec["inference_log"])
+                   model_threads=_int(spec, "model_threads", 1, 64), inference_log=spec["inference_log"],
+                   pass_through=list(passed))
     else:
         entry = spec["entrypoint"]
         if not isinstance(entry, str) or len(entry) > 200 or not ENTRYPOINT_RE.fullmatch(entry):

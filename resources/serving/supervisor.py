@@ -55,6 +55,15 @@ workers respawned, pids stopped, ``relaunched``, ``unsupervised_seconds``: since
 ``heartbeat``, touched every second) and, after a relaunch, ``serving_restored`` or ``relaunch_failed``;
 ``sensors.supervisor_events`` makes them ``supervisor_restarted`` and ``outage`` ledger entries.
 
+Credentials (``resources.serving.access``): every route of a model worker but /health needs one. The
+supervisor derives its own (``supervisor``: routes version, metrics, worker; accepted only on a
+worker's private Unix socket) from the slot's secret and keeps it in memory; it sends it on every
+call to a worker but /health and the activation, and asks an endpoint worker's pid, version and
+digest on ``protocol.WORKER_ROUTE`` (adoption, ``/probe``). Each endpoint worker's config (0600, in
+the private directory) names the access table ``<slot>/private/access.json`` and holds the hashes of
+the backend's two credentials and the launch spec's ``pass_through`` columns; an app worker is told
+``ONEPATH_CREDENTIALS_DIR=<slot>/private/credentials``. Neither state.json nor events hold a secret.
+
 Control API: JSON over HTTP on the Unix socket ``<slot>/private/control.sock``; every request needs
 the peer's uid to be ours and the slot's secret (see ``resources.serving.protocol``). ``GET /status``,
 ``GET /ping``, ``POST /launch``, ``POST /probe {group}`` (each worker's /version document),
@@ -86,7 +95,7 @@ from pathlib import Path
 from typing import Any
 
 from resources.files import atomic_write
-from resources.serving import protocol
+from resources.serving import access, protocol
 from resources.serving.protocol import EXIT_ARTIFACT_REFUSED, ControlError, SpecError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -301,6 +310,12 @@ class Supervisor:
         self.artifact_roots = [os.path.realpath(r) for r in artifact_roots]
         self.inference_log_dir = inference_log_dir
         self.name, _, self.env_name = slot_dir.name.rpartition(".")
+        # the supervisor's own credential for its endpoint workers (derived from the slot secret, held
+        # only in memory; the workers get its hash): sent on every HTTP call to a worker but /health
+        try:
+            self.worker_headers = access.bearer(access.backend_token(secret, self.name, self.env_name, "supervisor"))
+        except ValueError:  # a name no credential can carry: an endpoint launch here is refused (_command)
+            self.worker_headers = {}
         self.lock = threading.RLock()
         self.groups: dict[str, Group] = {}
         self.current: Group | None = None
@@ -373,10 +388,16 @@ class Supervisor:
             return self._bind(inode)
         stable = None
         if isinstance(inode, int) and not isinstance(inode, bool):
-            g = Group(spec, self.slot_dir, self._command(spec, cur["id"]), cur["id"])
+            try:
+                command = self._command(spec, cur["id"])
+            except SpecError as err:
+                self.takeover["handoff_errors"].append(str(err))
+                return self._bind(inode)
+            g = Group(spec, self.slot_dir, command, cur["id"])
             pids = cur.get("pids") if isinstance(cur.get("pids"), list) else []
             for i in range(g.workers):
-                g.procs[i] = _verify_worker(pids[i] if i < len(pids) else None, inode, g.sockets[i], spec)
+                g.procs[i] = _verify_worker(pids[i] if i < len(pids) else None, inode, g.sockets[i], spec,
+                                            self.worker_headers)
             for i, p in enumerate(g.procs):
                 if p is None:
                     continue
@@ -513,7 +534,11 @@ class Supervisor:
     def _command(self, spec: dict[str, Any], gid: str) -> tuple[list[str], dict[str, str]]:
         """argv and the environment additions for a worker of ``spec`` (already validated)."""
         env = {"ONEPATH_RELEASE_VERSION": spec["version"], "ONEPATH_ENV": self.env_name}
+        private = protocol.private_dir(self.slot_dir)
         if spec["kind"] == "endpoint":
+            if not self.worker_headers:
+                raise SpecError(f"launch: endpoint {self.name!r} env {self.env_name!r}: an endpoint's name and "
+                                "environment must match ^[a-z][a-z0-9_]{1,62}$ (its credentials carry them)")
             env.update(protocol.model_thread_env(spec["model_threads"]))
             log_dir = (os.path.join(self.inference_log_dir, self.name, self.env_name)
                        if spec["inference_log"] and self.inference_log_dir else None)
@@ -522,6 +547,11 @@ class Supervisor:
                 "model_dir": spec["artifact"], "model_name": spec["model_name"],
                 "pii_columns": spec["pii_columns"], "max_batch": spec["max_batch"], "log_dir": log_dir,
                 "expected_digest": spec["digest"],
+                # who may call (written by the platform through the deployer's publish_grants), and the
+                # backend's own credentials as hashes: this file never holds a token
+                "access_file": str(private / access.TABLE_FILE),
+                "backend_credentials": access.backend_credentials(self.secret, self.name, self.env_name),
+                "pass_through_columns": spec.get("pass_through", []),
             }
             configs = protocol.private_dir(self.slot_dir) / "configs"
             protocol.ensure_owner_only_dir(configs)
@@ -530,6 +560,9 @@ class Supervisor:
             return [sys.executable, "-m", "resources.serving.model_server", str(path)], env
         for name, url in spec["calls"].items():
             env[f"ONEPATH_{name}_URL"] = url
+        # where the platform publishes this app's credentials (publish_credentials; owner-only files):
+        # the path is in the environment, never a token (resources.serving.access.credential_header)
+        env[access.CREDENTIALS_ENV] = str(private / access.CREDENTIALS_DIR)
         return [sys.executable, "-m", "resources.serving.child", "--app-dir", spec["artifact"],
                 "--app", spec["entrypoint"]], env
 
@@ -544,12 +577,18 @@ class Supervisor:
             return {"fencing_token": token}
 
     def probe(self, group_id: Any) -> dict[str, Any]:
-        """Each worker's /version document (None where /health is not 200 or nothing answers)."""
+        """Each worker's facts (None where /health is not 200 or nothing answers): an endpoint worker's
+        ``protocol.WORKER_ROUTE`` document (pid, version, digest, ...), asked with the supervisor's
+        credential; an app worker's /version (never sent a credential: it is another team's code)."""
         with self.lock:
             g = self.groups.get(group_id) if isinstance(group_id, str) else None
             if g is None:
                 raise ValueError(f"probe: no group {group_id!r}")
             paths = list(g.sockets)
+            endpoint = g.spec["kind"] == "endpoint"
+        headers = self.worker_headers
+        if endpoint:
+            return {"group": g.id, "workers": _in_threads(lambda p: _worker_facts(p, headers), paths)}
         return {"group": g.id, "workers": _in_threads(_worker_version, paths)}
 
     def metrics(self) -> dict[str, Any]:
@@ -558,7 +597,8 @@ class Supervisor:
         with self.lock:
             cur = self.current
             paths = list(cur.sockets) if cur is not None and cur.state == "current" else []
-        return {"workers": _in_threads(_worker_metrics, paths)}
+            headers = self.worker_headers if cur is not None and cur.spec["kind"] == "endpoint" else {}
+        return {"workers": _in_threads(lambda p: _worker_metrics(p, headers), paths)}
 
     def promote(self, group_id: str, *, restoring: bool = False, fencing_token: Any = None,
                 fallback: Any = None) -> dict[str, Any]:
@@ -889,11 +929,13 @@ class Supervisor:
         self.on_change()
 
 
-def _verify_worker(pid: Any, inode: int, path: str, spec: dict[str, Any]) -> Adopted | None:
+def _verify_worker(pid: Any, inode: int, path: str, spec: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> Adopted | None:
     """A handle on ``pid`` if it is a live worker of ``spec`` this slot started: pinned by a pidfd
     first (so what is checked next is that very process), it holds the slot's stable socket ``inode``,
-    and its private socket ``path`` answers /health for the version (an endpoint's /version also with
-    the spec's digest and this pid). Otherwise None."""
+    and its private socket ``path`` answers /health for the version (an endpoint's
+    ``protocol.WORKER_ROUTE``, asked with the supervisor's credential ``headers``, also with the spec's
+    digest and this pid). Otherwise None."""
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
         return None
     try:
@@ -905,9 +947,9 @@ def _verify_worker(pid: Any, inode: int, path: str, spec: dict[str, Any]) -> Ado
         if not ok or p.poll() is not None:
             break
         if spec["kind"] == "endpoint":
-            doc = _worker_version(path, 2.0)
+            doc = _worker_facts(path, headers or {}, 2.0)
             verified = (doc is not None and str(doc.get("version")) == spec["version"]
-                        and doc.get("digest") == spec["digest"] and doc.get("pid") in (None, pid))
+                        and doc.get("digest") == spec["digest"] and doc.get("pid") == pid)
         else:
             verified = _answers_health(path, spec["version"])
         if verified:
@@ -1156,7 +1198,7 @@ class Refuser:
 
 
 def _worker_version(path: str, timeout: float = 0.5) -> dict[str, Any] | None:
-    """The worker's /version document if its /health answers 200, else None."""
+    """An app worker's /version document if its /health answers 200, else None."""
     got = protocol.unix_get(path, "/health", timeout)
     if got is None or got[0] != 200:
         return None
@@ -1170,8 +1212,24 @@ def _worker_version(path: str, timeout: float = 0.5) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _worker_metrics(path: str) -> str:
-    got = protocol.unix_get(path, "/metrics", 2.0)
+def _worker_facts(path: str, headers: dict[str, str], timeout: float = 0.5) -> dict[str, Any] | None:
+    """An endpoint worker's process facts (``protocol.WORKER_ROUTE``: pid, version, digest, ...) if its
+    /health answers 200 and it accepts the supervisor's credential ``headers``, else None."""
+    got = protocol.unix_get(path, "/health", timeout)
+    if got is None or got[0] != 200:
+        return None
+    got = protocol.unix_get(path, protocol.WORKER_ROUTE, timeout, headers=headers)
+    if got is None or got[0] != 200:
+        return None
+    try:
+        doc = json.loads(got[1])
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _worker_metrics(path: str, headers: dict[str, str] | None = None) -> str:
+    got = protocol.unix_get(path, "/metrics", 2.0, headers=headers)
     return got[1].decode("utf-8", "replace") if got is not None and got[0] == 200 else ""
 
 

@@ -253,3 +253,32 @@ def worker_facts(deployer, target) -> list[dict | None]:
                                 headers=headers)
         out.append(_json.loads(got[1]) if got is not None and got[0] == 200 else None)
     return out
+
+
+_GRANTED: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def caller_headers(deployer, target, caller: str = "test") -> dict[str, str]:
+    """The test's credential for the endpoint ``target`` of ``deployer``'s run dir: granted (one grant,
+    all routes, ``grant_caller``) the first time it is asked for, the same headers after."""
+    key = (str(deployer.run_dir), target.slot)
+    if key not in _GRANTED:
+        _GRANTED[key] = grant_caller(deployer, target, caller)
+    return _GRANTED[key]
+
+
+_BY_ADDRESS: dict[str, dict[str, str]] = {}
+
+
+def granted(deployer, target, caller: str = "test") -> dict[str, str]:
+    """``caller_headers`` for ``target``, also remembered by its stable address (``headers_at``), for
+    helpers that only know the address."""
+    headers = caller_headers(deployer, target, caller)
+    _BY_ADDRESS[deployer.address(target)] = headers
+    return headers
+
+
+def headers_at(address: str) -> dict[str, str]:
+    """The credential ``granted`` for the endpoint at ``address`` (KeyError if none was: a test must
+    hold one to be answered)."""
+    return _BY_ADDRESS[address.rstrip("/")]

@@ -16,7 +16,7 @@ import pytest
 
 from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import artifact_roots, model_release, save_credit_model
+from tests.conftest import artifact_roots, granted, headers_at, model_release, save_credit_model
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
@@ -44,7 +44,7 @@ def models(tmp_path_factory):
 
 def predict(address: str) -> dict:
     req = urllib.request.Request(address + "/predict", data=json.dumps(ROW).encode(),
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", **headers_at(address)})
     with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
 
@@ -57,6 +57,7 @@ def release(models, v: str) -> Release:
 def test_deployer_contract(backend, settings, models):
     deployer = BACKENDS[backend](settings)
     target = Target("contract", f"c{backend}", kind="endpoint")
+    granted(deployer, target)
     try:
         st = deployer.deploy(target, release(models, "1"))
         assert st.healthy and st.serving_version == "1"
@@ -129,7 +130,7 @@ def test_killed_worker_is_restarted_by_the_supervisor(settings, models):
     target = Target("contract", "restart", kind="endpoint")
     try:
         st = deployer.deploy(target, release(models, "1"))
-        pid = st.detail["server"]["pid"]
+        pid = st.detail["supervisor"]["pids"][0]
         os.kill(pid, signal.SIGKILL)
         # the supervisor respawns the worker on the same stable socket; wait for a new pid to answer
         import time
@@ -137,10 +138,10 @@ def test_killed_worker_is_restarted_by_the_supervisor(settings, models):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             now = deployer.status(target)
-            if now.healthy and now.detail["server"]["pid"] != pid:
+            if now.healthy and now.detail["supervisor"]["pids"][0] != pid:
                 break
             time.sleep(0.05)
-        assert now.healthy and now.serving_version == "1" and now.detail["server"]["pid"] != pid
+        assert now.healthy and now.serving_version == "1" and now.detail["supervisor"]["pids"][0] != pid
         assert now.detail["supervisor"]["restarts"] == 1
     finally:
         deployer.delete(target)
@@ -151,6 +152,7 @@ def test_a_cutover_with_a_stale_fencing_token_changes_nothing(backend, settings,
     """A deployer that lost its lease (a lower token than the backend has seen) cannot cut over."""
     deployer = BACKENDS[backend](settings)
     target = Target("contract", f"fence{backend}", kind="endpoint")
+    granted(deployer, target)
     try:
         st = deployer.deploy(target, release(models, "1"), fencing_token=2)
         with pytest.raises(DeployError, match="fencing token 1 is lower than the highest token seen 2"):

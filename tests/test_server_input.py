@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -25,8 +26,13 @@ from pathlib import Path
 
 import pytest
 
+from resources.serving.access import make_token, token_sha256
 from tests.conftest import ROOT, wait_for
 
+# every route but /health needs a credential: the module's one, granted in each worker's access table
+TOKEN = make_token("input", "test", secrets.token_hex(6), secrets.token_urlsafe(32))
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+POST_PREDICT = b"POST /predict HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + TOKEN.encode() + b"\r\n"
 SEGMENTS = ["retail", "sme", "corporate"]
 GOOD = {"income": 61.5, "accounts": 3, "segment": "sme", "member": True}
 TIMEOUTS = {"header_timeout": 1.0, "body_timeout": 1.0, "body_deadline": 3.0}
@@ -76,9 +82,13 @@ class Worker:
         self.listener.listen(1024)
         self.port = self.listener.getsockname()[1]
         self.log_dir = Path(config.pop("log_dir", work / "log"))
+        table = {"version": 1, "endpoint": "input", "env": "test", "generation": 1, "updated_at": "2026-12-01T00:00:00Z",
+                 "grants": [{"id": TOKEN.split(".")[3], "caller": "test", "routes": ["predict", "version", "metrics"],
+                             "secrets": [{"sha256": token_sha256(TOKEN), "not_after": None}], "revoked": None}]}
+        (work / "access.json").write_text(json.dumps(table))
         cfg = {"endpoint": "input", "env": "test", "version": "1", "model_dir": str(model_dir),
                "model_name": "fuzzed", "pii_columns": [], "max_batch": 64, "log_dir": str(self.log_dir),
-               "expected_digest": folder_digest(model_dir), **config}
+               "expected_digest": folder_digest(model_dir), "access_file": str(work / "access.json"), **config}
         (work / "config.json").write_text(json.dumps(cfg))
         env = {**os.environ, "ONEPATH_LISTEN_FDS": str(self.listener.fileno()),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -98,7 +108,8 @@ class Worker:
                 timeout: float = 5.0) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request(method, path, body=body, headers={"content-type": "application/json", **(headers or {})})
+            conn.request(method, path, body=body, headers={"content-type": "application/json", **AUTH,
+                                                           **(headers or {})})
             r = conn.getresponse()
             return r.status, r.read()
         except OSError:
@@ -146,7 +157,7 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def worker(model_dir, tmp_path_factory):
-    w = Worker(model_dir, tmp_path_factory.mktemp("worker"), **TIMEOUTS)
+    w = Worker(model_dir, tmp_path_factory.mktemp("worker"), pass_through_columns=["trace"], **TIMEOUTS)
     yield w
     w.stop()
 
@@ -258,7 +269,7 @@ def test_row_and_body_limits_answer_at_once(worker):
     code, out = worker.post("/predict", {"records": [GOOD] * 1001})
     assert code == 413 and "1001 records" in out["error"] and "max_request_rows" in out["error"]
     # the content-length alone is refused: not one byte of the 2 MiB body is sent
-    code, out = raw_exchange(worker.port, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    code, out = raw_exchange(worker.port, POST_PREDICT + b"content-type: application/json\r\n"
                                           b"content-length: 2097152\r\n\r\n")
     assert code == 413 and "max_body_bytes" in out["error"]
     # a chunked body has no content-length: refused as soon as it passes the limit (the client sends
@@ -266,7 +277,7 @@ def test_row_and_body_limits_answer_at_once(worker):
     chunk = b" " * 65536
     data = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(17))
     code, out = raw_exchange(
-        worker.port, b"POST /predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n" + data)
+        worker.port, POST_PREDICT + b"transfer-encoding: chunked\r\n\r\n" + data)
     assert code == 413 and "larger than 1048576 bytes" in out["error"]
 
 
@@ -297,11 +308,11 @@ def test_read_timeouts_close_a_stalled_client_with_408(worker):
             return read_until_closed(s)
 
     good = json.dumps(GOOD).encode()
-    answered_then_blank = (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    answered_then_blank = (POST_PREDICT + b"content-type: application/json\r\n"
                            b"content-length: %d\r\n\r\n%s" % (len(good), good))
     with ThreadPoolExecutor(4) as pool:
-        headers = pool.submit(stall, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-le")
-        body = pool.submit(stall, b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\n\r\n{\"income\"")
+        headers = pool.submit(stall, POST_PREDICT + b"content-le")
+        body = pool.submit(stall, POST_PREDICT + b"content-length: 500\r\n\r\n{\"income\"")
         idle = pool.submit(stall, b"")
         # a kept-alive connection that sends a blank line after its answer (it begins no request, yet
         # made uvicorn drop its keep-alive timer) is closed by the read timeout all the same
@@ -328,7 +339,7 @@ def send_together(port: int, bodies: list[bytes]) -> list[tuple[int, dict]]:
     microseconds apart), so the server reads them in the same few loop iterations and batches them
     together; then every answer is read."""
     socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in bodies]
-    wires = [b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+    wires = [POST_PREDICT + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
              % (len(body), body) for body in bodies]
     for s, wire in zip(socks, wires):
         s.sendall(wire)
@@ -381,7 +392,7 @@ def test_clients_that_send_part_of_a_body_cost_nothing_once_they_go(worker):
     for r in good_records(200, seed=9):  # warm: the steady state the baseline is taken in
         worker.post("/predict", r)
     before = worker.rss_mb()
-    head = (b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    head = (POST_PREDICT + b"content-type: application/json\r\n"
             b"content-length: 102400\r\n\r\n{\"records\": [")
     socks = []
     for _ in range(300):
@@ -552,7 +563,7 @@ def test_fuzz_no_5xx_no_hang_every_error_named_and_metrics_equal_what_clients_sa
     def client(part: list) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=5)
         for method, path, body in part:
-            conn.request(method, path, body=body or None, headers={"content-type": "application/json"})
+            conn.request(method, path, body=body or None, headers={"content-type": "application/json", **AUTH})
             r = conn.getresponse()  # a hang is a socket.timeout here: the test fails
             raw = r.read()
             route = path if path in routes else "other"

@@ -727,6 +727,7 @@ class ModelApp:
         """What ``/health`` answers (200 whenever the worker serves). ``status`` is "degraded", with
         each reason in ``problems``, while the inference log cannot be written or while the model
         raised on every one of the last (at least ``ALL_FAILING_MIN``) requests."""
+        self.access.refresh()  # /health is not judged: look at the table here, so it reports what serves
         problems = list(self.access.problems)
         log = self.log
         if log.enabled and not log.ok:

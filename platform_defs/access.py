@@ -534,7 +534,8 @@ class StoredCredential:
     """A policy caller's token from the store, re-read when the file's (inode, mtime, size) changed."""
 
     def __init__(self, path: Path, token: str):
-        self.path, self.token, self._seen = Path(path), token, self._stat()
+        self.path, self.token = Path(path), token
+        self._seen = self._stat()
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:

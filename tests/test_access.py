@@ -245,12 +245,21 @@ def test_reconcile_revokes_the_grant_when_the_app_stops_declaring_the_call(world
     app = org.by_name["loan_portal"]
     without = Organisation([d.model_copy(update={"calls": []}) if d.name == "loan_portal" else d
                             for d in org.by_name.values()], org.sources)
-    out = Access(book, world["deployer"], actor="test").reconcile(without)
-    assert [r["grant"] for r in out.revoked] == [g.id]
-    assert "no longer declares calls: [credit_scoring]" in out.revoked[0]["why"]
-    assert "credit_scoring.staging" in out.published
+    # the access sensor's tick, as the daemon runs it, on definitions built from the changed declarations
+    import dagster as dg
+
+    from sensors.access import build_access_sensor
+
+    res = build_resources(world["settings"])
+    sensor = build_access_sensor(without)
+    with dg.build_sensor_context(resources={"ledger": res["ledger"], "deployer_local": res["deployer_local"]}) as ctx:
+        tick = sensor.evaluate_tick(ctx)
+    assert "1 revoked" in tick.skip_message, tick.skip_message
+    revoked = book.entries(kind="credential_revoked")[-1]
+    assert revoked.data["grant"] == g.id and revoked.actor == "sensor:access"
+    assert "no longer declares calls: [credit_scoring]" in revoked.data["why"]
     assert apply(world)[0] == 503  # the running release is refused on its next call
-    again = Access(book, world["deployer"], actor="test").reconcile(without, published=out.digests)
+    again = Access(book, world["deployer"], actor="test").reconcile(without, published=json.loads(tick.cursor))
     assert again.revoked == [] and again.published == []  # nothing left to do, nothing rewritten
     world["deploy_app"](org)  # declared again: its deploy issues a new grant
     assert app_grant(world).id != g.id and apply(world)[0] == 200
@@ -335,6 +344,15 @@ def test_reconcile_rotates_what_is_older_than_rotate_after_days_and_revokes_what
     assert table(grants(book), "churn_scoring", "prod") == dep.tables["churn_scoring.prod"]
 
 
+def test_the_access_sensor_is_registered_and_running_by_default(settings):
+    import dagster as dg
+
+    from platform_defs.definitions import build_definitions
+
+    sensor = build_definitions(settings=settings, policy=quick_policy()).resolve_sensor_def("access")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+
 @pytest.mark.parametrize("access, key", [
     ({"callers": {"cli": {"routes": ["admin"]}}}, "access.callers.cli.routes.0"),
     ({"callers": {"cli": {"routes": []}}}, "access.callers.cli.routes"),
@@ -385,3 +403,13 @@ def test_the_declared_pass_through_keeps_what_feedback_and_fairness_read():
         assert not set(ep.pass_through) & set(dataset.pii_columns)
     assert parse_policy((ROOT / "assets" / "policy.yaml").read_text(), "x").access.callers[CLI_CALLER].routes == \
         ["predict", "version", "metrics"]
+
+
+def test_a_long_running_cli_caller_reads_its_rotated_credential_from_the_store(lone):
+    access, org = lone["access"], lone["org"]
+    current = access.stored_credential(org, CLI_CALLER, "credit_scoring", "prod")
+    first = current()
+    [g] = [g for g in grants(lone["book"]).values() if g.caller == CLI_CALLER]
+    access.rotate(org, g.id)
+    assert current() != first and current() == access.caller_file(CLI_CALLER, "credit_scoring", "prod").read_text()
+    assert stat.S_IMODE(access.caller_file(CLI_CALLER, "credit_scoring", "prod").stat().st_mode) == 0o600

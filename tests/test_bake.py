@@ -19,7 +19,7 @@ from platform_defs.policy import BakePolicy
 from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.serving.model_server import Metrics
-from tests.conftest import _free_port_base, model_release, save_credit_model
+from tests.conftest import _free_port_base, grant_caller, model_release, save_credit_model
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
@@ -269,8 +269,8 @@ def release(models, name: str, version: str, workers: int = 1) -> Release:
 class Traffic:
     """A client calling /predict in a loop in a thread until stopped; counts answers by status."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str, auth: dict[str, str]):
+        self.address, self.auth = address, auth  # a granted caller's credential (every /predict needs one)
         self.stop = threading.Event()
         self.statuses: list[int] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -279,7 +279,7 @@ class Traffic:
         body = json.dumps(ROW).encode()
         while not self.stop.is_set():
             req = urllib.request.Request(self.address + "/predict", data=body,
-                                         headers={"content-type": "application/json"})
+                                         headers={"content-type": "application/json", **self.auth})
             try:
                 with urllib.request.urlopen(req, timeout=10) as r:
                     self.statuses.append(r.status)
@@ -301,7 +301,7 @@ def test_real_bake_passes_with_healthy_traffic_across_workers(deployer, models):
     texts = deployer.worker_metrics(target)
     assert len(texts) == 2 and all('onepath_model_info{endpoint="bake_good",env="prod",version="1"} 1' in t
                                    for t in texts)
-    with Traffic(st.address) as traffic:
+    with Traffic(st.address, grant_caller(deployer, target)) as traffic:
         v = bake(deployer, target, "1", policy(seconds=3, poll_seconds=0.2, max_p99_latency_ms=2500))
     assert v.passed, v.summary
     assert v.requests >= 20 and v.errors == 0 and v.reason == "passed" and v.seconds >= 3
@@ -316,7 +316,7 @@ def test_real_bake_fails_on_the_fault_models_errors(deployer, models):
     target = Target("bake_fault", "prod")
     deployer.deploy(target, release(models, "good", "1"))
     st = deployer.deploy(target, release(models, "errors", "2"))
-    with Traffic(st.address) as traffic:
+    with Traffic(st.address, grant_caller(deployer, target)) as traffic:
         v = bake(deployer, target, "2", policy(seconds=3, poll_seconds=0.2, min_requests=10,
                                                max_p99_latency_ms=2500))
     assert not v.passed and v.reason == "error_rate", v.summary
@@ -328,7 +328,7 @@ def test_real_bake_fails_on_the_fault_models_errors(deployer, models):
 def test_real_bake_fails_on_injected_latency(deployer, models):
     target = Target("bake_slow", "prod")
     st = deployer.deploy(target, release(models, "slow", "1"))
-    with Traffic(st.address):
+    with Traffic(st.address, grant_caller(deployer, target)):
         v = bake(deployer, target, "1", policy(seconds=2, poll_seconds=0.2, min_requests=3))
     # each call sleeps 300 ms, so every request is in the (0.25, 0.5] bucket or above
     assert not v.passed and v.reason == "p99_latency" and v.p99_ms >= 500, v.summary

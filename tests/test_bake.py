@@ -19,12 +19,12 @@ from platform_defs.policy import BakePolicy
 from resources.deployers.base import DeployError, Release, Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.serving.model_server import Metrics
-from tests.conftest import _free_port_base, grant_caller, model_release, save_credit_model
+from tests.conftest import _free_port_base, caller_headers, model_release, save_credit_model
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
        "employment_type": "salaried", "home_ownership": "mortgage", "purpose": "car"}
-LABELS = 'endpoint="e",env="prod"'
+LABELS = 'endpoint="scripted",env="prod"'
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def test_parse_prometheus_reads_the_model_servers_own_text():
     buckets = {s.labels["le"]: s.value for s in samples if s.name == "onepath_request_latency_seconds_bucket"}
     assert buckets["0.005"] == 1 and buckets["0.25"] == 2 and buckets["2.5"] == 2 and buckets["+Inf"] == 3
     info = next(s for s in samples if s.name == "onepath_model_info")
-    assert info.labels == {"endpoint": "e", "env": "prod", "version": "7"} and info.value == 1
+    assert info.labels == {"endpoint": "scripted", "env": "prod", "version": "7"} and info.value == 1
     start = next(s for s in samples if s.name == "onepath_process_start_time_seconds")
     assert start.labels == {} and start.value == 1234.5
 
@@ -109,7 +109,7 @@ class Scripted:
             self.workers[worker][0].observe("/predict", status, seconds)
 
 
-TARGET = Target("e", "prod")
+TARGET = Target("scripted", "prod")  # an endpoint name as declarations allow: ^[a-z][a-z0-9_]{1,62}$
 
 
 def policy(**kw) -> BakePolicy:
@@ -128,7 +128,7 @@ def test_healthy_traffic_passes_and_what_came_before_the_switch_does_not_count()
     assert v.passed and v.reason == "passed"
     assert (v.requests, v.errors, v.error_rate, v.p99_ms, v.seconds) == (66, 0, 0.0, 5.0, 3.0)
     assert s.polls == 6
-    assert v.summary == ("bake of e.prod version 7 passed: 66 requests, 0 5xx (0.0%), p99 <= 5 ms in 3.0 of 3 s")
+    assert v.summary == ("bake of scripted.prod version 7 passed: 66 requests, 0 5xx (0.0%), p99 <= 5 ms in 3.0 of 3 s")
     json.dumps(v.metadata)
     assert v.metadata["bake_passed"] is True and v.metadata["bake_p99_latency_ms"] == "<= 5 ms"
 
@@ -157,7 +157,7 @@ def test_an_error_rate_over_the_threshold_at_the_end_fails():
 
     v = run(Scripted(traffic=traffic), min_requests=100)  # 62 requests: never early
     assert not v.passed and v.reason == "too_little_traffic" and v.seconds == 3.0
-    assert v.summary.startswith("bake of e.prod version 7 failed: too little traffic: 62 of 100 requests; "
+    assert v.summary.startswith("bake of scripted.prod version 7 failed: too little traffic: 62 of 100 requests; "
                                 "error rate 3.2% (2 5xx of 62 requests) over 1.0%")
     v = run(Scripted(traffic=traffic), min_requests=10)
     assert not v.passed and v.reason == "error_rate" and v.seconds == 3.0
@@ -267,10 +267,11 @@ def release(models, name: str, version: str, workers: int = 1) -> Release:
 
 
 class Traffic:
-    """A client calling /predict in a loop in a thread until stopped; counts answers by status."""
+    """A client calling /predict in a loop in a thread until stopped, with the caller's credential
+    ``headers`` (none: an anonymous client); counts answers by status."""
 
-    def __init__(self, address: str, auth: dict[str, str]):
-        self.address, self.auth = address, auth  # a granted caller's credential (every /predict needs one)
+    def __init__(self, address: str, headers: dict[str, str]):
+        self.address, self.headers = address, headers
         self.stop = threading.Event()
         self.statuses: list[int] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -279,7 +280,7 @@ class Traffic:
         body = json.dumps(ROW).encode()
         while not self.stop.is_set():
             req = urllib.request.Request(self.address + "/predict", data=body,
-                                         headers={"content-type": "application/json", **self.auth})
+                                         headers={"content-type": "application/json", **self.headers})
             try:
                 with urllib.request.urlopen(req, timeout=10) as r:
                     self.statuses.append(r.status)
@@ -297,11 +298,12 @@ class Traffic:
 
 def test_real_bake_passes_with_healthy_traffic_across_workers(deployer, models):
     target = Target("bake_good", "prod")
+    headers = caller_headers(deployer, target)
     st = deployer.deploy(target, release(models, "good", "1", workers=2))
     texts = deployer.worker_metrics(target)
     assert len(texts) == 2 and all('onepath_model_info{endpoint="bake_good",env="prod",version="1"} 1' in t
                                    for t in texts)
-    with Traffic(st.address, grant_caller(deployer, target)) as traffic:
+    with Traffic(st.address, headers) as traffic:
         v = bake(deployer, target, "1", policy(seconds=3, poll_seconds=0.2, max_p99_latency_ms=2500))
     assert v.passed, v.summary
     assert v.requests >= 20 and v.errors == 0 and v.reason == "passed" and v.seconds >= 3
@@ -314,9 +316,10 @@ def test_real_bake_passes_with_healthy_traffic_across_workers(deployer, models):
 
 def test_real_bake_fails_on_the_fault_models_errors(deployer, models):
     target = Target("bake_fault", "prod")
+    headers = caller_headers(deployer, target)
     deployer.deploy(target, release(models, "good", "1"))
     st = deployer.deploy(target, release(models, "errors", "2"))
-    with Traffic(st.address, grant_caller(deployer, target)) as traffic:
+    with Traffic(st.address, headers) as traffic:
         v = bake(deployer, target, "2", policy(seconds=3, poll_seconds=0.2, min_requests=10,
                                                max_p99_latency_ms=2500))
     assert not v.passed and v.reason == "error_rate", v.summary
@@ -327,8 +330,9 @@ def test_real_bake_fails_on_the_fault_models_errors(deployer, models):
 
 def test_real_bake_fails_on_injected_latency(deployer, models):
     target = Target("bake_slow", "prod")
+    headers = caller_headers(deployer, target)
     st = deployer.deploy(target, release(models, "slow", "1"))
-    with Traffic(st.address, grant_caller(deployer, target)):
+    with Traffic(st.address, headers):
         v = bake(deployer, target, "1", policy(seconds=2, poll_seconds=0.2, min_requests=3))
     # each call sleeps 300 ms, so every request is in the (0.25, 0.5] bucket or above
     assert not v.passed and v.reason == "p99_latency" and v.p99_ms >= 500, v.summary
@@ -337,10 +341,19 @@ def test_real_bake_fails_on_injected_latency(deployer, models):
 
 def test_real_bake_without_traffic(deployer, models):
     target = Target("bake_idle", "prod")
-    deployer.deploy(target, release(models, "good", "1"))
+    st = deployer.deploy(target, release(models, "good", "1"))
     v = bake(deployer, target, "1", policy(seconds=1, poll_seconds=0.2))
     assert not v.passed and v.reason == "too_little_traffic" and v.requests == 0
     assert "too little traffic: 0 of 20 requests" in v.summary
+    # callers without a credential are refused before the version sees them: no traffic for its bake
+    # (they cannot make a version pass, nor dilute its error rate or p99), counted by caller all the same
+    with Traffic(st.address, {}) as anonymous:
+        v = bake(deployer, target, "1", policy(seconds=1, poll_seconds=0.2))
+    assert len(anonymous.statuses) >= 20 and set(anonymous.statuses) == {401}
+    assert not v.passed and v.reason == "too_little_traffic" and v.requests == 0, v.summary
+    [text] = deployer.worker_metrics(target)
+    assert 'caller="anonymous",route="/predict",status="401"' in text
+    assert 'route="/predict",status="401"} ' not in text.split("# HELP onepath_caller_requests_total")[0]
     v = bake(deployer, target, "1", policy(seconds=1, poll_seconds=0.2, pass_without_traffic=True))
     assert v.passed and v.reason == "passed_without_traffic"
     deployer.delete(target)

@@ -38,7 +38,7 @@ from resources.deployers.base import DeployError, DeploymentStatus, Release, Tar
 from resources.mlflow_registry import ArtifactMismatch
 from resources.serving.model_server import load_estimator
 from resources.serving.protocol import EXIT_ARTIFACT_REFUSED
-from tests.conftest import grant_caller, isolated_settings, quick_policy, record_test_registration, save_credit_model
+from tests.conftest import caller_headers, isolated_settings, quick_policy, record_test_registration, save_credit_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "credit_risk"
@@ -255,16 +255,17 @@ def test_a_swapped_cache_is_refused_by_the_server_and_repaired_by_fetch_verified
     assert stat.S_IMODE(Path(world["mlflow"].cache_dir).stat().st_mode) == 0o700
 
     # served from the verified copy: /version reports the digest, and the answers are the approved model's
+    headers = caller_headers(deployer, target)
     st = deployer.deploy(target, Release(version, str(repaired), digest=registered,
                                          config={"model_name": MODEL}))
     assert st.serving_version == version and st.serving_digest == registered
-    asked_as = deployer.probe_credential(target)  # /version needs a credential: the backend's own probe one
-    assert probe(st.address, credential=asked_as)["digest"] == registered
+    probe_token = deployer.probe_credential(target)
+    assert probe(st.address, credential=probe_token)["digest"] == registered
     records = json.loads(X.head(20).to_json(orient="records"))
     import urllib.request
 
     req = urllib.request.Request(st.address + "/predict", data=json.dumps({"records": records}).encode(),
-                                 headers={"content-type": "application/json", **grant_caller(deployer, target)})
+                                 headers={"content-type": "application/json", **headers})
     with urllib.request.urlopen(req, timeout=10) as r:
         served = [p["probability"] for p in json.loads(r.read())["predictions"]]
     assert served == pytest.approx(p_ok[:20].tolist()) and served != pytest.approx(p_sub[:20].tolist())
@@ -272,7 +273,7 @@ def test_a_swapped_cache_is_refused_by_the_server_and_repaired_by_fetch_verified
     # the attack from the report: swap the cache under the running version and kill its worker; the
     # supervisor's restart reads the swapped file and refuses it, so nothing answers with the substitute
     (cache / "model.skops").write_bytes(sub_bytes)
-    [worker] = deployer.status(target).detail["supervisor"]["pids"]  # /version names no pid
+    [worker] = st.detail["supervisor"]["pids"]  # /version names no pid: the supervisor does
     os.kill(worker, 9)
     slot = deployer.slot_dir(target)
 
@@ -286,7 +287,7 @@ def test_a_swapped_cache_is_refused_by_the_server_and_repaired_by_fetch_verified
     while not refused_in_log() and time.monotonic() < deadline:
         time.sleep(0.1)  # polling a condition with a deadline
     assert refused_in_log(), "the restarted worker did not refuse the swapped artifact"
-    seen = probe(st.address, credential=asked_as)
+    seen = probe(st.address, credential=probe_token)
     assert seen is None or seen.get("digest") == registered
     deployer.delete(target)
     assert mlflow.fetch_verified(MODEL, version, registered) == cache  # repaired again for the tests after

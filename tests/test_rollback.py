@@ -93,8 +93,9 @@ def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: s
     fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
     status = deployer.deploy(target, endpoint_release(spec, model, dataset, version, artifact, digest, env=env),
                              fallback=fallback)
-    if before.healthy:
-        drained(before.detail["server"]["pid"])
+    if before.healthy:  # every worker of the version it replaced (/version names no pid: the supervisor does)
+        for pid in before.detail["supervisor"]["pids"]:
+            drained(pid)
     mlflow.set_alias(model.name, env, version)
     book.append("deploy", spec.name, {
         "model": model.name, "version": version, "digest": digest, "previous_version": before.serving_version,

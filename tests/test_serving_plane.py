@@ -43,7 +43,7 @@ from resources.deployers.local import LocalProcessDeployer
 from resources.processes import pid_alive
 from resources.serving import protocol
 from resources.serving.protocol import EXIT_ARTIFACT_REFUSED, ControlError
-from tests.conftest import _free_port_base, save_credit_model, wait_for
+from tests.conftest import _free_port_base, granted, save_credit_model, wait_for
 from tests.test_deployer_contract import predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,7 +355,7 @@ def test_with_the_secret_a_launch_runs_only_a_release_from_the_artifact_roots(wo
     with pytest.raises(DeployError, match="release config key 'env'"):
         world["deployer"].deploy(Target("sp_attack", "prod"), Release("9", str(world["a"]), {
             "model_name": "credit_risk", "env": {"LD_PRELOAD": "/tmp/x.so"}}))
-    assert probe(world["deployer"].address(target))["version"] == "1"
+    assert probe(world["deployer"].address(target), credential=world["deployer"].probe_credential(target))["version"] == "1"
 
 
 def test_a_supervisor_refuses_a_secret_file_it_did_not_make(world, tmp_path):
@@ -420,7 +420,7 @@ def test_a_promote_with_a_stale_fencing_token_is_refused_and_the_old_version_kee
     assert st.serving_version == "1"
     with pytest.raises(DeployError, match="fencing token 3 is lower than the highest token seen 5"):
         deployer.deploy(target, endpoint_release(world, "2", "b"), fencing_token=3)
-    assert probe(st.address)["version"] == "1"
+    assert probe(st.address, credential=deployer.probe_credential(target))["version"] == "1"
     groups = status(world, target)["groups"]
     assert status(world, target)["current"]["version"] == "1"
     assert [g["state"] for g in groups if g["version"] == "2"] == ["failed"]  # the candidate was discarded
@@ -430,7 +430,7 @@ def test_a_promote_with_a_stale_fencing_token_is_refused_and_the_old_version_kee
         deployer.fence(target, 4)
     with pytest.raises(DeployError, match="fencing token 8 is lower than the highest token seen 9"):
         deployer.deploy(target, endpoint_release(world, "2", "b"), fencing_token=8)
-    assert probe(st.address)["version"] == "1"
+    assert probe(st.address, credential=deployer.probe_credential(target))["version"] == "1"
 
     # the highest token survives the supervisor: a new one reads it from state.json
     old_pid = json.loads((deployer.slot_dir(target) / "state.json").read_text())["pid"]
@@ -518,6 +518,7 @@ def test_an_inference_log_that_cannot_be_written_degrades_the_environment_visibl
     blocker.write_text("a file where the endpoint's log folder should be")
     st = world["deployer"].deploy(target, endpoint_release(world, "1"))
     assert st.serving_version == "1"
+    granted(world["deployer"], target)
     assert predict(st.address)["version"] == "1"
     st = world["deployer"].status(target)
     assert st.health == "degraded" and st.problems and st.problems[0].startswith("inference log:")

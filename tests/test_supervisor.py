@@ -29,7 +29,7 @@ from resources.processes import pid_alive
 from resources.serving.protocol import load_or_create_secret, sign_event
 from sensors.serving_health import evaluate_health
 from sensors.supervisor_events import build_supervisor_events_sensor, relay_events
-from tests.conftest import _free_port_base, model_release, record_policy, save_credit_model, wait_for
+from tests.conftest import _free_port_base, granted, headers_at, model_release, record_policy, save_credit_model, wait_for
 from tests.test_rollback import deploy_like_factories, register, write_org
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
@@ -93,7 +93,7 @@ def state(world, endpoint: str, env: str = "prod") -> dict:
 
 def predict(address: str) -> dict:
     req = urllib.request.Request(address + "/predict", data=json.dumps(ROW).encode(),
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", **headers_at(address)})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -118,8 +118,8 @@ def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
     org, deployer = world["org"], world["deployer"]
     st = deploy_like_factories(org, "sv_restart", "prod", "1", world["resources"])
     assert len(st.detail["supervisor"]["pids"]) == 2  # prod's default
-    pid = st.detail["server"]["pid"]
-    worker = st.detail["supervisor"]["pids"].index(pid)
+    worker = 0
+    pid = st.detail["supervisor"]["pids"][worker]
     os.kill(pid, signal.SIGKILL)
 
     def back():
@@ -130,6 +130,7 @@ def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
 
     now = wait_for("the killed worker restarted and taking connections again", back, 60)
     assert now.serving_version == "1" and now.detail["supervisor"]["restarts"] == 1
+    granted(deployer, target(world, "sv_restart"))
     assert predict(now.address)["version"] == "1"
     assert [e["event"] for e in events(world, "sv_restart")].count("restart") == 1
 
@@ -195,6 +196,7 @@ def test_a_crash_looping_version_is_replaced_by_the_previous_one_and_relayed(wor
     assert state(world, "sv_loop")["previous_version"] == "1"
 
     back = wait_for("version 1 current again after version 2 crash-looped", lambda: serving(world, "sv_loop", "1"))
+    granted(deployer, target(world, "sv_loop"))
     assert predict(back.address)["version"] == "1"
     seen = events(world, "sv_loop")
     loop = next(e for e in seen if e["event"] == "crashloop")
@@ -323,7 +325,7 @@ def test_a_supervisor_started_again_still_knows_what_served_before(world, monkey
     # the supervisor dies; its worker serves on (tests/test_supervisor_death.py)
     os.kill(before["pid"], signal.SIGKILL)
     wait_for("the supervisor gone", lambda: not pid_alive(before["pid"]), 60)
-    assert pid_alive(st.detail["server"]["pid"])
+    assert pid_alive(st.detail["supervisor"]["pids"][0])
 
     # a deploy starts a new supervisor, which adopts version 2's worker and reads the old state.json
     monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "2")
@@ -332,6 +334,7 @@ def test_a_supervisor_started_again_still_knows_what_served_before(world, monkey
     assert now["pid"] != before["pid"] and st.serving_version == "3" and now["previous_version"] == "2"
 
     back = wait_for("version 2 current again after version 3 crash-looped", lambda: serving(world, "sv_resume", "2"))
+    granted(deployer, t)
     assert predict(back.address)["version"] == "2" and back.address == st.address
     rolled = next(e for e in events(world, "sv_resume") if e["event"] == "crashloop_rollback")
     assert (rolled["from_version"], rolled["to_version"]) == ("3", "2")

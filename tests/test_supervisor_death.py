@@ -32,7 +32,7 @@ from resources.serving import protocol
 from sensors.endpoint_status import revive_supervisors
 from sensors.serving_health import outage_verdict
 from sensors.supervisor_events import relay_events
-from tests.conftest import _free_port_base, model_release, record_policy, save_credit_model, wait_for
+from tests.conftest import _free_port_base, caller_headers, model_release, record_policy, save_credit_model, wait_for
 from tests.test_rollback import write_org
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
@@ -82,11 +82,12 @@ def relay(world) -> list:
 
 class Load:
     """Clients sending ``rate`` predictions/s in total through ``address`` (a new connection each, so a
-    request reaches whichever worker accepts it); every answer that is not a 200 of a known version,
-    and every connection error, is a failure."""
+    request reaches whichever worker accepts it), each holding the caller's credential ``headers``;
+    every answer that is not a 200 of a known version, and every connection error, is a failure."""
 
-    def __init__(self, address: str, rate: float = 150.0, clients: int = 6):
+    def __init__(self, address: str, headers: dict[str, str], rate: float = 150.0, clients: int = 6):
         self.host, self.port = address.removeprefix("http://").split(":")
+        self.headers = {"content-type": "application/json", **headers}
         self.interval = clients / rate
         self.ok = 0
         self.failures: list[str] = []
@@ -100,7 +101,7 @@ class Load:
     def _one(self) -> None:
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=10)
         try:
-            conn.request("POST", "/predict", body=json.dumps(ROW), headers={"content-type": "application/json"})
+            conn.request("POST", "/predict", body=json.dumps(ROW), headers=self.headers)
             resp = conn.getresponse()
             body = resp.read()
             with self.lock:
@@ -139,11 +140,12 @@ class Load:
 
 def test_a_killed_supervisor_is_adopted_under_load_without_a_failed_request(world):
     deployer, t = world["deployer"], target(world, "sd_adopt")
+    headers = caller_headers(deployer, t)  # granted before the first deploy: its workers read it on request
     st = deployer.deploy(t, model_release("1", world["model"], {"model_name": "sd_model", "inference_log": False}, workers=2))
     pids = st.detail["supervisor"]["pids"]
     assert len(pids) == 2 and all(pid_alive(p) for p in pids)
     old = state(world, "sd_adopt")["pid"]
-    load = Load(st.address)
+    load = Load(st.address, headers)
     try:
         wait_for("the load answered", load.more(50), 30)
         os.kill(old, signal.SIGKILL)
@@ -217,7 +219,7 @@ def test_supervisor_and_workers_killed_the_revive_relaunches_and_records_the_out
     for pid in [sup, *pids]:
         os.kill(pid, signal.SIGKILL)
     wait_for("the supervisor and its workers gone", lambda: not any(pid_alive(p) for p in [sup, *pids]), 10)
-    assert probe(st.address) is None  # nothing serves: an outage
+    assert probe(st.address, credential=deployer.probe_credential(t)) is None  # nothing serves: an outage
     assert not deployer.status(t).healthy
 
     # what the flow would have recorded for version 2: its registration (digest) and its deploy here; a
@@ -253,8 +255,8 @@ def test_a_stop_after_the_supervisor_died_stops_its_workers_and_nothing_revives(
     sup, pids = state(world, "sd_adopt")["pid"], st.detail["supervisor"]["pids"]
     os.kill(sup, signal.SIGKILL)
     wait_for("the supervisor gone", lambda: not pid_alive(sup), 10)
-    assert probe(st.address) is not None  # its workers serve on
+    assert probe(st.address, credential=deployer.probe_credential(t)) is not None  # its workers serve on
     assert deployer.stop_all() == ["sd_adopt.prod"]
     wait_for("its workers gone", lambda: not any(pid_alive(p) for p in pids), 10)
     assert state(world, "sd_adopt")["stopped"] is True and revive_supervisors(deployer, [t]) == []
-    assert probe(st.address) is None
+    assert probe(st.address, credential=deployer.probe_credential(t)) is None

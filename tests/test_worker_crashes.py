@@ -27,7 +27,7 @@ from resources.deployers.base import Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.serving import protocol
 from resources.serving.retry import call_with_retry
-from tests.conftest import _free_port_base, model_release, save_credit_model, wait_for
+from tests.conftest import _free_port_base, caller_headers, model_release, save_credit_model, wait_for
 
 ROW = {"annual_income": 52000.0, "loan_amount": 12000.0, "loan_term_months": 36, "debt_to_income": 0.3,
        "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
@@ -48,10 +48,12 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serving(world):
-    """Version 1 served with two workers at one prod target, for the module's tests in turn."""
+    """Version 1 served with two workers at one prod target, for the module's tests in turn: its
+    port and the test's credential for it (granted before the deploy)."""
     target = Target("wc", "prod")
+    headers = caller_headers(world["deployer"], target)
     st = world["deployer"].deploy(target, release(world, "1", "good", workers=2))
-    return target, int(st.address.rsplit(":", 1)[1])
+    return target, int(st.address.rsplit(":", 1)[1]), headers
 
 
 def release(world, version: str, which: str, workers: int = 1):
@@ -71,9 +73,11 @@ def events(world, target: Target) -> list[dict]:
 class Load:
     """Threads POSTing /predict at ``rate`` req/s in all, each request on a new connection (``keep``:
     over one kept-alive connection per thread). With ``retry`` each request goes through onepath's
-    own retry rule (``resources.serving.retry``)."""
+    own retry rule (``resources.serving.retry``). Every request carries the caller's credential
+    ``headers``."""
 
     port: int
+    headers: dict[str, str]
     rate: float = 100.0
     threads: int = 4
     keep: bool = False
@@ -106,7 +110,7 @@ class Load:
             if conn[0] is None:
                 conn[0] = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
             try:
-                conn[0].request("POST", "/predict", body=BODY, headers={"content-type": "application/json"})
+                conn[0].request("POST", "/predict", body=BODY, headers={"content-type": "application/json", **self.headers})
                 resp = conn[0].getresponse()
                 raw = resp.read()
             except BaseException:
@@ -186,8 +190,8 @@ def test_an_interrupted_deploy_leaves_nothing_of_its_candidate_serving(world, se
     candidate that is healthy but not promoted (what a hung or killed deployer leaves) takes no
     connection. The old version answers every request throughout; status never names a candidate."""
     d = world["deployer"]
-    target, port = serving
-    load = Load(port, rate=60).start()
+    target, port, headers = serving
+    load = Load(port, headers, rate=60).start()
     try:
         # SIGINT while the candidate loads (it was spawned a moment ago: python is still importing)
         proc = _deploy_in_subprocess(world, "2", "good")
@@ -239,12 +243,13 @@ def test_an_interrupted_deploy_leaves_nothing_of_its_candidate_serving(world, se
     assert load.ok > 100
 
 
-def _raw_request(port: int, method: str = "POST") -> tuple[int, dict, float]:
+def _raw_request(port: int, headers: dict[str, str], method: str = "POST") -> tuple[int, dict, float]:
     t0 = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request(method, "/predict" if method == "POST" else "/health",
-                     body=BODY if method == "POST" else None, headers={"content-type": "application/json"})
+                     body=BODY if method == "POST" else None,
+                     headers={"content-type": "application/json", **headers})
         resp = conn.getresponse()
         return resp.status, {"retry-after": resp.getheader("retry-after"), **json.loads(resp.read())}, \
             time.monotonic() - t0
@@ -259,13 +264,14 @@ def test_a_version_stopped_for_crash_looping_is_refused_at_once_saying_why(world
     monkeypatch.setenv("ONEPATH_RESTART_LIMIT", "1")  # read by the supervisor this deploy starts
     d = world["deployer"]
     target = Target("wc_loop", "staging")
+    headers = caller_headers(d, target)
     st = d.deploy(target, release(world, "1", "good"))
     port = int(st.address.rsplit(":", 1)[1])
     first = supervisor_status(world, target)["current"]["pids"][0]
     os.kill(first, signal.SIGKILL)
     # its only worker is restarting (python alone takes longer to start than this takes to see)
     status, doc, seconds = wait_for("the supervisor answering for the restarting worker",
-                                    lambda: (lambda got: got if got[0] == 503 else None)(_raw_request(port)), 10)
+                                    lambda: (lambda got: got if got[0] == 503 else None)(_raw_request(port, headers)), 10)
     assert (doc["cause"], doc["retry-after"], doc["version"]) == ("restarting", "1", "1"), doc
     assert "every worker of version 1 of wc_loop staging exited" in doc["error"]
     again = wait_for("the worker restarted", lambda: (
@@ -276,7 +282,7 @@ def test_a_version_stopped_for_crash_looping_is_refused_at_once_saying_why(world
              lambda: (supervisor_status(world, target)["current"] or {}).get("state") == "crashloop", 30)
     loop = next(e for e in events(world, target) if e["event"] == "crashloop")
     assert loop["action"] == "stopped"
-    answers = [_raw_request(port, "POST" if i % 2 else "GET") for i in range(40)]
+    answers = [_raw_request(port, headers, "POST" if i % 2 else "GET") for i in range(40)]
     for status, doc, seconds in answers:
         assert status == 503, (status, doc, seconds)
         assert (doc["endpoint"], doc["environment"], doc["version"], doc["cause"]) == (
@@ -291,7 +297,7 @@ def test_a_version_stopped_for_crash_looping_is_refused_at_once_saying_why(world
     # a good version deployed over it: the refusal stops, the new version answers every request
     st = d.deploy(target, release(world, "2", "good"))
     assert st.serving_version == "2"
-    statuses = [_raw_request(port)[:2] for _ in range(20)]
+    statuses = [_raw_request(port, headers)[:2] for _ in range(20)]
     assert all(s == 200 and doc["version"] == "2" for s, doc in statuses), statuses
     assert supervisor_status(world, target)["refusing"] is None
 
@@ -301,9 +307,9 @@ def test_a_sigkilled_worker_of_two_loses_no_request_of_a_retrying_client(world, 
     the two workers SIGKILLed in turn (once both are ready again). The retrying client's failures
     must be none (README: what a raw client sees, measured)."""
     d = world["deployer"]
-    target, port = serving
+    target, port, headers = serving
     restarts_before = sum(e["event"] == "restart" for e in events(world, target))
-    loads = [Load(port, rate=100, retry=True).start(), Load(port, rate=100, keep=True, retry=True).start()]
+    loads = [Load(port, headers, rate=100, retry=True).start(), Load(port, headers, rate=100, keep=True, retry=True).start()]
     try:
         for k in range(2):
             sup = d.status(target).detail["supervisor"]

@@ -16,7 +16,11 @@ redeploy) plus the backend's own credentials (config ``backend_credentials``: ha
 ``scope["server"]`` of ``(path, None)``). No credential or one that is not this endpoint's is a 401
 with ``www-authenticate: Bearer realm="onepath"``; one for another endpoint or environment, revoked,
 rotated out, or not granted the route is a 403; no message repeats a token. Every judged response is
-counted by caller in ``onepath_caller_requests_total``. There is no setting that turns this off.
+counted by caller in ``onepath_caller_requests_total``. There is no setting that turns this off. A
+refused request never reached the version, so it is counted there (and in
+``onepath_request_errors_total``) only: not in ``onepath_requests_total`` nor the latency histogram,
+which describe what the version answered and are what a bake judges it by (anonymous traffic must
+not make a failing or slow version's bake pass, nor dilute its error rate and p99).
 
 Every request is judged alone. It is validated against the model's MLflow signature before it
 reaches the model, so that what passes can be framed and scored (``validate_records``: integers
@@ -32,8 +36,8 @@ throughput comes from: a batch closes when an event-loop iteration brings no new
 ``batch_wait_ms`` (config, default 2) or at ``max_batch`` rows, whichever comes first; a lone request
 does not wait. A batch whose model call raises is bisected down to single requests, so only a
 request the model refuses alone gets a 500; every future of a batch is resolved whatever happens,
-and a request-level deadline answers 503 should one ever not be. Every response is counted by route
-and status (the HTTP protocol's own answers too: ``resources.serving.http_limits``), and an
+and a request-level deadline answers 503 should one ever not be. Every response but a refusal for the
+credential is counted by route and status (the HTTP protocol's own answers too: ``resources.serving.http_limits``), and an
 unexpected exception is a counted JSON 500. The inference log degrades (``InferenceLog``), never
 the predictions.
 
@@ -67,7 +71,7 @@ from typing import Any, Callable
 
 import orjson
 
-from resources.serving.access import AccessTable, Verdict
+from resources.serving.access import ANONYMOUS, AccessTable, Verdict
 from resources.serving.exit_codes import EXIT_ARTIFACT_REFUSED
 from resources.serving.protocol import WORKER_ROUTE
 
@@ -459,6 +463,12 @@ class Metrics:
         key = (caller, route, status)
         self.callers[key] = self.callers.get(key, 0) + 1
 
+    def refused(self, route: str, status: int, caller: str) -> None:
+        """A request the access judge refused (401/403): an error the client saw, counted by caller,
+        never as traffic of the version (``requests``, the latency histogram)."""
+        self.errors += 1
+        self.count_caller(caller, route, status)
+
     def count(self, route: str, status: int) -> None:
         """One response sent (any route, also the protocol layer's): what the client saw."""
         key = (route, status)
@@ -478,7 +488,8 @@ class Metrics:
 
     def render(self, labels: str, version: str, started: float, log_ok: bool = True) -> bytes:
         lines = [
-            "# HELP onepath_requests_total HTTP requests by route and status.",
+            "# HELP onepath_requests_total HTTP requests the version answered, by route and status (requests "
+            "refused for their credential are only in onepath_caller_requests_total).",
             "# TYPE onepath_requests_total counter",
         ]
         for (route, status), n in sorted(self.requests.items()):
@@ -960,7 +971,7 @@ class ModelApp:
         repeats the token; a 401 says how to authenticate."""
         body = orjson.dumps({"error": verdict.message, "credential": verdict.credential or "refused"})
         await self._send(send, route, verdict.status, body, t0,
-                         UNAUTHORIZED_HEADERS if verdict.status == 401 else None, caller=verdict.caller)
+                         UNAUTHORIZED_HEADERS if verdict.status == 401 else None, caller=verdict.caller, refused=True)
 
     async def _route(self, scope: dict, receive: Callable, send: Callable, route: str, t0: float,
                      caller: str | None = None) -> None:
@@ -1045,7 +1056,8 @@ class ModelApp:
         await self._send(send, route, 200, orjson.dumps(payload), t0, request_id=request_id, caller=caller)
 
     async def _send(self, send: Callable, route: str, status: int, body: bytes, t0: float,
-                    headers: list | None = None, request_id: str | None = None, caller: str | None = None) -> None:
+                    headers: list | None = None, request_id: str | None = None, caller: str | None = None,
+                    refused: bool = False) -> None:
         hdrs = list(headers or JSON_HEADERS)
         hdrs.append((b"content-length", str(len(body)).encode()))
         hdrs.append((b"x-model-version", self.model.version.encode()))
@@ -1053,6 +1065,9 @@ class ModelApp:
             hdrs.append((b"x-request-id", request_id.encode("latin-1", "replace")))
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": body})
+        if refused:
+            self.metrics.refused(route, status, caller or ANONYMOUS)
+            return
         if route in ("/predict", "/invocations"):
             self.metrics.observe(route, status, time.perf_counter() - t0)
         else:

@@ -22,16 +22,24 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def _world() -> tuple[Any, Any, Any]:
-    """(settings, organisation, Access) of the platform in use."""
+def _world(need_org: bool = True) -> tuple[Any, Any, Any]:
+    """(settings, organisation, Access) of the platform in use. Without ``need_org`` (a revocation), a
+    declaration or policy file that does not load leaves the organisation None: a leaked credential is
+    revoked whatever state the declarations are in."""
     from platform_defs.access import access_for
     from platform_defs.cli_rollback import default_actor
     from platform_defs.loader import load_organisation
-    from platform_defs.policy import load_policy
+    from platform_defs.policy import PolicyError, load_policy
     from platform_defs.settings import load_settings
+    from platform_defs.specs import DeclarationError
 
     settings = load_settings().ensure_dirs()
-    org = load_organisation(policy=load_policy())
+    try:
+        org = load_organisation(policy=load_policy())
+    except (DeclarationError, PolicyError):
+        if need_org:
+            raise
+        org = None
     return settings, org, access_for(settings, actor=default_actor())
 
 
@@ -107,7 +115,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_revoke(args: argparse.Namespace) -> int:
-    _, org, access = _world()
+    _, org, access = _world(need_org=False)
     g = access.revoke(org, args.grant, args.why or "")
     print(f"revoked grant {g.id} ({g.caller} on {g.endpoint}.{g.env}) at {g.revoked['at']} (ledger "
           f"#{g.revoked['seq']}): its next request is refused (403); nothing was redeployed")

@@ -104,18 +104,32 @@ def deploy_like_factories(org: Organisation, endpoint: str, env: str, version: s
     return status
 
 
-def drained(pid: int) -> None:
-    """Wait until a replaced worker has exited. Right after a cutover the previous version may still
-    take a connection or two on the shared stable socket while it drains; once its process is gone
+def drained(*pids: int) -> None:
+    """Wait until replaced workers have exited. Right after a cutover the previous version may still
+    take a connection or two on the shared stable socket while it drains; once its processes are gone
     only the new version can answer. (A condition with a deadline, not a sleep.)"""
     deadline = time.monotonic() + 60
-    while pid_alive(pid) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pid_alive(pid), f"worker {pid} did not drain within 60 s"
+    left = [p for p in pids if pid_alive(p)]
+    assert not left, f"workers {left} did not drain within 60 s"
 
 
-def server_pid(address: str) -> int:
-    return probe(address)["pid"]
+def _target(world, endpoint: str, env: str):
+    return endpoint_target(world["org"].by_name[endpoint], env)
+
+
+def worker_pids(world, endpoint: str, env: str = "prod") -> list[int]:
+    """Every worker of what serves ``endpoint`` in ``env`` now, as its supervisor names them (/version
+    names no pid)."""
+    return list(world["deployer"].status(_target(world, endpoint, env)).detail["supervisor"]["pids"])
+
+
+def served(world, endpoint: str, env: str = "prod") -> dict | None:
+    """What answers at the endpoint's stable address: its /version, asked with the backend's own probe
+    credential (an anonymous caller is refused), or None."""
+    deployer, target = world["deployer"], _target(world, endpoint, env)
+    return probe(deployer.address(target), credential=deployer.probe_credential(target))
 
 
 def kinds(book, endpoint: str, env: str) -> list[tuple[str, str | None]]:
@@ -177,14 +191,14 @@ def test_rollback_restores_the_previous_version_at_the_same_address_and_keeps_hi
     org, res, mlflow, book = world["org"], world["resources"], world["mlflow"], world["ledger"]
     deploy_like_factories(org, "rb_main", "prod", "1", res)
     address = deploy_like_factories(org, "rb_main", "prod", "2", res).address
-    assert probe(address)["version"] == "2" and mlflow.aliases("rb_main_model")["prod"] == "2"
+    assert served(world, "rb_main")["version"] == "2" and mlflow.aliases("rb_main_model")["prod"] == "2"
 
-    pid = server_pid(address)
+    pids = worker_pids(world, "rb_main")
     result = do_rollback(world, "rb_main")
-    drained(pid)
+    drained(*pids)
 
     assert (result.from_version, result.to_version, result.address) == ("2", "1", address)
-    seen = probe(address)
+    seen = served(world, "rb_main")
     assert seen["version"] == "1" and seen["model"] == "rb_main_model"
     assert mlflow.aliases("rb_main_model")["prod"] == "1"
     assert kinds(book, "rb_main", "prod") == [("deploy", "1"), ("deploy", "2"), ("rollback", "1"), ("deploy", "1")]
@@ -202,16 +216,16 @@ def test_rollback_restores_the_previous_version_at_the_same_address_and_keeps_hi
     assert mlflow.latest_version("rb_main_model") == "2"
 
     # rolling back again undoes the rollback: the newest deploy that is not what serves is version 2
-    pid = server_pid(address)
+    pids = worker_pids(world, "rb_main")
     again = do_rollback(world, "rb_main", reason="v1 was not the problem after all")
-    drained(pid)
+    drained(*pids)
     assert (again.from_version, again.to_version) == ("1", "2")
-    assert probe(address)["version"] == "2" and mlflow.aliases("rb_main_model")["prod"] == "2"
+    assert served(world, "rb_main")["version"] == "2" and mlflow.aliases("rb_main_model")["prod"] == "2"
     # and an explicit --to goes to exactly that version
-    pid = server_pid(address)
+    pids = worker_pids(world, "rb_main")
     pinned = do_rollback(world, "rb_main", to_version="1", reason="pin v1")
-    drained(pid)
-    assert pinned.to_version == "1" and probe(address)["version"] == "1"
+    drained(*pids)
+    assert pinned.to_version == "1" and served(world, "rb_main")["version"] == "1"
     assert len(book.entries(kind="rollback", subject="rb_main", env="prod")) == 3
     assert book.verify().ok
 
@@ -283,7 +297,7 @@ def test_a_failed_redeploy_leaves_the_current_version_serving(world):
         do_rollback(world, "rb_broken")
 
     assert "\n" not in str(err.value)
-    assert probe(address)["version"] == "2"
+    assert served(world, "rb_broken")["version"] == "2"
     assert mlflow.aliases("rb_broken_model")["prod"] == "2"
     # the detected tampering is recorded; no rollback or deploy is
     new = [e for e in book.entries(subject="rb_broken") if e.seq not in history]
@@ -314,11 +328,11 @@ def test_rollback_job_runs_from_run_config_and_fails_cleanly_on_refusal(world, t
                                       instance=instance, raise_on_error=False)
 
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        pid = server_pid(address)
+        pids = worker_pids(world, "rb_job")
         ok = run(instance, endpoint="rb_job", env="prod", reason="latency regression in v2")
         assert ok.success
-        drained(pid)
-        assert probe(address)["version"] == "1"
+        drained(*pids)
+        assert served(world, "rb_job")["version"] == "1"
         out = ok.output_for_node("rollback_endpoint")
         assert (out["from_version"], out["to_version"], out["address"]) == ("2", "1", address)
         rb = book.entries(kind="rollback", subject="rb_job", env="prod")[-1]
@@ -338,7 +352,7 @@ def test_rollback_job_runs_from_run_config_and_fails_cleanly_on_refusal(world, t
             error = failure.event_specific_data.error
             assert message in error.message and "Traceback" not in error.message
             assert error.cls_name == "Failure"
-        assert probe(address)["version"] == "1"
+        assert served(world, "rb_job")["version"] == "1"
         assert len(book.entries(kind="rollback", subject="rb_job")) == 1
 
 
@@ -380,21 +394,21 @@ def test_cli_rollback(world):
         assert out.returncode == 1, out.stdout + out.stderr
         assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
 
-    pid = server_pid(address)
+    pids = worker_pids(world, "rb_cli")
     out = onepath(world, "rollback", "rb_cli", "--env", "prod", "--reason", "bad v2", identity="mira")
     assert out.returncode == 0, out.stderr
-    drained(pid)
+    drained(*pids)
     assert out.stdout.startswith(f"rolled back rb_cli.prod from version 2 to version 1 at {address} "
                                  f"(MLflow alias rb_cli_model@prod -> 1;"), out.stdout
-    assert probe(address)["version"] == "1"
+    assert served(world, "rb_cli")["version"] == "1"
     assert book.entries(kind="rollback", subject="rb_cli")[-1].actor == "mira"  # $ONEPATH_IDENTITY
-    pid = server_pid(address)
+    pids = worker_pids(world, "rb_cli")
 
     out = onepath(world, "rollback", "rb_cli", "--env", "prod", "--to", "2", "--reason", "fixed upstream",
                   "--as", "pat", identity="mira")
     assert out.returncode == 0, out.stderr
-    drained(pid)
-    assert probe(address)["version"] == "2" and world["mlflow"].aliases("rb_cli_model")["prod"] == "2"
+    drained(*pids)
+    assert served(world, "rb_cli")["version"] == "2" and world["mlflow"].aliases("rb_cli_model")["prod"] == "2"
     last = book.entries(kind="rollback", subject="rb_cli")[-1]
     assert last.actor == "pat" and last.data["to_version"] == "2" and last.data["reason"] == "fixed upstream"
     json.dumps(last.data)  # plain JSON in the ledger

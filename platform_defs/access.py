@@ -419,11 +419,19 @@ class Access:
             g = self.state().get(grant_id)
             if g is None:
                 raise AccessError(f"no grant '{grant_id}' (onepath access list shows them)")
-            if not g.live:
+            already = not g.live
+            if not already:
+                self._revoke(g, why)
+            try:  # published every time, also for a grant revoked already: a publish that failed is retried here
+                self._publish(org, g.endpoint, g.env)
+            except Exception as err:
+                g = self.state()[grant_id]
+                raise AccessError(f"grant {grant_id} is revoked in the ledger (#{g.revoked['seq']}) but NOT in force "  # type: ignore[index]
+                                  f"yet: publishing {g.endpoint}.{g.env}'s table failed: {err}; run the same "
+                                  f"command again (or onepath access reconcile)") from None
+            if already:
                 raise AccessError(f"grant {grant_id} was revoked already at {g.revoked['at']} "  # type: ignore[index]
-                                  f"(ledger #{g.revoked['seq']}): {g.revoked['why']}")  # type: ignore[index]
-            self._revoke(g, why)
-            self._publish(org, g.endpoint, g.env)
+                                  f"(ledger #{g.revoked['seq']}): {g.revoked['why']}; its table is published again")  # type: ignore[index]
             return self.state()[grant_id]
 
     def rotate(self, org: Organisation, grant_id: str) -> Grant:
@@ -482,7 +490,9 @@ class Access:
                                         "why": why})
             rotated: set[str] = set()
             for g in list(self.state().values()):
-                if not g.live or g.id in rotated or g.secret_age(now) < timedelta(days=policy.rotate_after_days):
+                if not g.live or g.id in rotated:
+                    continue
+                if g.secret_age(now) < timedelta(days=policy.rotate_after_days) and self._held(org, g):
                     continue
                 try:
                     group = self._rotate_set(org, g, policy.overlap_seconds)
@@ -508,6 +518,22 @@ class Access:
                     out.digests.pop(slot, None)
                     out.errors.append(f"publishing the access table of {slot}: {err}")
         return out
+
+    def _held(self, org: Organisation, g: Grant) -> bool:
+        """Whether an app grant's current secret is what the app holds (a policy caller's is checked by
+        ``caller_token`` against its store). False when a hand-over did not happen, say a rotation whose
+        tables were written but whose credentials never reached the app, whose old secret then runs out:
+        reconcile rotates it again and hands it over."""
+        if not g.caller.startswith("app:"):
+            return True
+        spec = org.by_name.get(g.caller.removeprefix("app:"))
+        if not isinstance(spec, AppSpec) or g.env not in spec.environments:
+            return True  # reconcile revokes it; nothing to hand over
+        try:
+            held = self.deployer.held_credentials(app_target(spec, g.env))
+        except Exception:  # a backend that cannot say: nothing is judged missing
+            return True
+        return held is None or held.get(g.endpoint.upper()) == g.current.sha256
 
     @staticmethod
     def _unjustified(g: Grant, need: Need | None, org: Organisation, recorded: Any) -> str | None:

@@ -363,6 +363,18 @@ def resolve_organisation(org: "Organisation", policy: Policy, policy_file: Path 
             raise err(m, "dataset",
                       f"dataset '{ds.name}' declares PII ({', '.join(ds.pii_columns)}) and the policy forbids PII "
                       f"on track '{m.track}': feed the model a de-identified dataset")
+    endpoints = {d.name: d for d in resolved.values() if isinstance(d, EndpointSpec)}
+    envs = {e for d in endpoints.values() for e in d.environments}
+    for name, caller in policy.access.callers.items():  # a caller naming what nothing declares grants nothing, silently
+        for i, ep in enumerate(caller.endpoints if isinstance(caller.endpoints, list) else []):
+            if ep not in endpoints:
+                raise PolicyError(where, f"access.callers.{name}.endpoints.{i}",
+                                  f"'{ep}' is not a declared endpoint (declared: {', '.join(sorted(endpoints)) or 'none'})")
+        for i, env in enumerate(caller.environments if isinstance(caller.environments, list) else []):
+            if env not in envs:
+                raise PolicyError(where, f"access.callers.{name}.environments.{i}",
+                                  f"'{env}' is no environment of any declared endpoint "
+                                  f"(they have: {', '.join(sorted(envs)) or 'none'})")
     if all(resolved[n] is d for n, d in org.by_name.items()):
         return org
     return Organisation([resolved[n] for n in org.by_name], {k: v for k, v in org.sources.items() if "#" not in k})

@@ -418,6 +418,10 @@ class Organisation:
                                                                     f"(model '{m.name}' learns from it)")
                         if col.pii:
                             raise self._err(d, f"pass_through.{i}", f"column '{name}' is PII and is never logged")
+                        if col.role in ("label", "timestamp"):
+                            raise self._err(d, f"pass_through.{i}", f"column '{name}' is the dataset's {col.role}: "
+                                                                    f"a caller never sends it (the outcome arrives as "
+                                                                    f"feedback; the endpoint knows when it scored)")
                         if name in features:
                             raise self._err(d, f"pass_through.{i}", f"column '{name}' is a feature of model "
                                                                     f"'{m.name}': features are logged already")

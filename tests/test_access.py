@@ -30,6 +30,7 @@ from platform_defs.promotion import Services, promote_app
 from platform_defs.specs import DeclarationError, Organisation
 from platform_defs.wiring import build_resources
 from resources.deployers.base import Target
+from resources.serving.access import token_sha256
 from tests.conftest import isolated_settings, model_release, quick_policy, record_policy, save_credit_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,8 +287,16 @@ class RecordingDeployer:
         self.tables[target.slot] = doc
 
     def publish_credentials(self, target: Target, creds: dict[str, str]) -> None:
+        if getattr(self, "fail_credentials", False):
+            raise OSError("disk full")
         self.calls.append(("credentials", target.slot, dict(creds)))
         self.credentials[target.slot] = dict(creds)
+
+    def held_credentials(self, target: Target) -> dict[str, str] | None:
+        from resources.serving.access import token_sha256
+
+        held = self.credentials.get(target.slot)
+        return None if held is None else {k: token_sha256(v) for k, v in held.items()}
 
 
 @pytest.fixture
@@ -344,6 +353,23 @@ def test_reconcile_rotates_what_is_older_than_rotate_after_days_and_revokes_what
     assert table(grants(book), "churn_scoring", "prod") == dep.tables["churn_scoring.prod"]
 
 
+def test_a_hand_over_that_failed_is_repaired_by_the_next_reconcile(lone):
+    # a rotation whose tables were written but whose credentials never reached the app: the app's old
+    # secret runs out after the overlap, so reconcile must see the app does not hold the current one
+    access, dep, org, book = lone["access"], lone["deployer"], lone["org"], lone["book"]
+    [gid] = access.prepare_app(org, org.by_name["loan_portal"], "prod")
+    dep.fail_credentials = True
+    with pytest.raises(OSError):
+        access.rotate(org, gid)
+    held = dep.credentials["loan_portal.prod"]["CREDIT_SCORING"]
+    assert grants(book)[gid].current.sha256 != token_sha256(held)  # the app holds the secret on its way out
+    dep.fail_credentials = False
+    out = access.reconcile(org)
+    assert [r["grant"] for r in out.rotated] == [gid]
+    assert token_sha256(dep.credentials["loan_portal.prod"]["CREDIT_SCORING"]) == grants(book)[gid].current.sha256
+    assert access.reconcile(org).rotated == []  # held: nothing more to do
+
+
 def test_the_access_sensor_is_registered_and_running_by_default(settings):
     import dagster as dg
 
@@ -375,11 +401,31 @@ def test_bad_access_policy_input_names_file_and_field(access, key, tmp_path, mon
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 1 and f"key '{key}'" in out.stderr and out.stderr.count("\n") == 1
 
+@pytest.mark.parametrize("caller, key, problem", [
+    ({"routes": ["predict"], "endpoints": ["credit_scorng"]}, "access.callers.batch.endpoints.0",
+     "'credit_scorng' is not a declared endpoint"),
+    ({"routes": ["predict"], "environments": ["prd"]}, "access.callers.batch.environments.0",
+     "'prd' is no environment of any declared endpoint"),
+])
+def test_a_policy_caller_naming_what_nothing_declares_is_refused_at_load(caller, key, problem, tmp_path, monkeypatch):
+    # it would load and silently grant nothing, to be found out only when the batch job gets a 403
+    doc = yaml.safe_load((ROOT / "assets" / "policy.yaml").read_text())
+    doc["access"]["callers"]["batch"] = caller
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("ONEPATH_POLICY_FILE", str(path))
+    out = subprocess.run([sys.executable, "-m", "platform_defs.cli", "validate"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 1 and f"key '{key}': {problem}" in out.stderr and out.stderr.count("\n") == 1
+
+
 
 @pytest.mark.parametrize("names, problem", [
     (["phone"], "'phone' is not a column of dataset 'credit_applications'"),
     (["email"], "column 'email' is PII and is never logged"),
     (["annual_income"], "column 'annual_income' is a feature of model 'credit_risk'"),
+    (["defaulted"], "column 'defaulted' is the dataset's label"),
+    (["applied_on"], "column 'applied_on' is the dataset's timestamp"),
 ])
 def test_a_pass_through_column_is_checked_at_load(names, problem):
     org = load_organisation()

@@ -1,5 +1,5 @@
 """The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``revoke``, ``sign-version``, ``keys``,
-``audit``, ``rollback``, ``inventory``, ``policy``, ``witness``.
+``audit``, ``rollback``, ``inventory``, ``policy``, ``witness``, ``access``.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from platform_defs.cli_access import add_access_parser
 from platform_defs.cli_audit import add_audit_parser
 from platform_defs.cli_governance import add_governance_parsers
 from platform_defs.cli_inventory import add_inventory_parser
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     add_policy_parser(sub)
     add_simulate_parser(sub)
     add_witness_parser(sub)
+    add_access_parser(sub)
     args = ap.parse_args(argv)
     import sqlite3
 

@@ -106,8 +106,10 @@ def generator_params(dataset: DatasetSpec, *, rows: int, drift: bool, seed: int,
 
 def sent_columns(dataset: DatasetSpec) -> list[str]:
     """What a caller sends with each request: every column except the label, the timestamp (the
-    endpoint knows when it scored) and personal data. Model features are inputs; the id, protected
-    attributes and any other column pass through as extras into the inference log."""
+    endpoint knows when it scored) and personal data. Model features are inputs; the id and protected
+    attributes reach the inference log as extras only where the endpoint declares them ``pass_through``
+    (credit_scoring: application_id, gender, age_band; churn_scoring: customer_id), anything else is
+    dropped from the log and counted."""
     return [c.name for c in dataset.columns if not c.pii and c.role not in ("label", "timestamp")]
 
 
@@ -226,15 +228,22 @@ class RealClock:
 class PredictClient:
     """POSTs one record to ``<address>/predict`` over a kept-alive connection (reopened when it drops)."""
 
-    def __init__(self, address: str, timeout: float = 10.0):
+    def __init__(self, address: str, timeout: float = 10.0, credential: str | Callable[[], str] | None = None):
         parts = urlsplit(address)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
+        # the caller's own credential (onepath-cli's, platform_defs.access), asked before each request so a
+        # rotation during a long run reaches it: every route but /health needs one
+        self._credential = credential
+
+    def _auth(self) -> dict[str, str]:
+        token = self._credential() if callable(self._credential) else self._credential
+        return {"authorization": f"Bearer {token}"} if token else {}
 
     def __call__(self, record: dict[str, Any], request_id: str) -> dict[str, Any]:
         body = json.dumps(record).encode()
-        headers = {"content-type": "application/json", "x-request-id": request_id}
+        headers = {"content-type": "application/json", "x-request-id": request_id, **self._auth()}
 
         def send() -> tuple[http.client.HTTPResponse, bytes]:
             if self._conn is None:
@@ -256,6 +265,8 @@ class PredictClient:
             resp, raw = call_with_retry(send)
         except http.client.HTTPException as err:
             raise RequestFailed(f"{type(err).__name__}: {err}") from None
+        if resp.status in (401, 403):  # no retry helps: the credential itself is refused
+            raise CredentialRefused(f"HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}")
         if resp.status != 200:
             raise RequestFailed(f"HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}")
         doc = json.loads(raw)
@@ -271,6 +282,10 @@ class PredictClient:
 
 class RequestFailed(Exception):
     pass
+
+
+class CredentialRefused(RequestFailed):
+    """The endpoint refused the caller's credential (401/403): revoked, rotated out, or not granted."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,8 +506,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         generator_params(dataset, rows=1, drift=args.drift, seed=seed, today=date.today())
     except SimulateError as err:
         return _fail(str(err))
+    from platform_defs.access import AccessError, CLI_CALLER, access_for
+
+    try:  # onepath-cli's own credential, issued on first use when the recorded policy grants it
+        access = access_for(settings, actor=CLI_CALLER)
+        credential = access.stored_credential(org, CLI_CALLER, spec.name, args.env)
+    except AccessError as err:
+        return _fail(str(err))
     control = Control()
-    client = PredictClient(status.address)
+    client = PredictClient(status.address, credential=credential)
     try:
         sim = Simulation(
             endpoint=spec.name, env=args.env, outcomes_dir=settings.outcomes_dir,

@@ -17,6 +17,7 @@ from platform_defs.rollback import build_rollback_job
 from platform_defs.settings import Settings, load_settings
 from platform_defs.specs import Organisation
 from platform_defs.wiring import build_resources
+from sensors.access import build_access_sensor
 from sensors.alias_drift import build_alias_checks, build_alias_drift_sensor
 from platform_defs.drift_check import build_drift_checks
 from sensors.approval_in_force import build_approval_in_force_checks
@@ -45,6 +46,7 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
         sensors=[
             build_endpoint_status_sensor(org), build_alias_drift_sensor(org), build_drift_sensor(org, policy),
             build_approval_promotion_sensor(org, policy), build_handoff_sensor(org, policy), build_supervisor_events_sensor(org, policy),
+            build_access_sensor(org),
             # assets drive assets: a new model version goes to staging, and on through the environments
             # the policy lets automation promote (never an app release: those have no condition)
             dg.AutomationConditionSensorDefinition(

@@ -165,6 +165,66 @@ class Purpose(_P):
     description: str = ""
 
 
+GrantRoute = Literal["predict", "version", "metrics"]
+CALLER_NAME_RE = r"^[a-z][a-z0-9_-]{1,62}$"
+SCOPE_NAME_RE = r"^[a-z][a-z0-9_]{1,62}$"  # an endpoint or environment, as a credential names it
+
+
+class AccessCaller(_P):
+    """A caller the policy grants (a person's CLI, a batch job, the metrics scraper): which routes of which
+    endpoints in which environments. Each (endpoint, environment) it reaches is its own grant, its own secret."""
+
+    description: str = ""
+    routes: list[GrantRoute] = Field(min_length=1, description="Routes it may call: predict, version, metrics.")
+    endpoints: Literal["all"] | list[str] = Field("all", description="Endpoint names, or all.")
+    environments: Literal["all"] | list[str] = Field("all", description="Environment names, or all.")
+
+    @field_validator("routes")
+    @classmethod
+    def _routes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a route is listed twice")
+        return v
+
+    @field_validator("endpoints", "environments")
+    @classmethod
+    def _names(cls, v: str | list[str]) -> str | list[str]:
+        import re
+
+        if isinstance(v, list):
+            for i, name in enumerate(v):
+                if not re.match(SCOPE_NAME_RE, name):
+                    raise ValueError(f"'{name}' (item {i}) is not an endpoint or environment name "
+                                     f"(lowercase letters, digits and '_', starting with a letter)")
+            if len(set(v)) != len(v):
+                raise ValueError("a name is listed twice")
+        return v
+
+    def reaches(self, endpoint: str, env: str) -> bool:
+        return ((self.endpoints == "all" or endpoint in self.endpoints)
+                and (self.environments == "all" or env in self.environments))
+
+
+class AccessPolicy(_P):
+    """Who may call the endpoints besides the app releases that declare ``calls`` (``platform_defs.access``)."""
+
+    callers: dict[str, AccessCaller] = Field(default_factory=dict, description="Callers granted by policy.")
+    overlap_seconds: float = Field(60, ge=1, le=86_400,
+                                   description="After a rotation the old secret keeps working this long.")
+    rotate_after_days: float = Field(30, gt=0, le=3650, description="A secret older than this is rotated.")
+
+    @field_validator("callers")
+    @classmethod
+    def _callers(cls, v: dict[str, AccessCaller]) -> dict[str, AccessCaller]:
+        import re
+
+        for name in v:
+            if not re.match(CALLER_NAME_RE, name):
+                raise ValueError(f"'{name}' is not a caller name (lowercase letters, digits, '-' and '_', "
+                                 f"starting with a letter; 'app:...' callers come from declarations)")
+        return v
+
+
 class Policy(_P):
     tracks: dict[Literal["app", "ml-standard", "ml-high-risk"], TrackPolicy]
     teams: dict[str, Team]
@@ -174,6 +234,8 @@ class Policy(_P):
                                          description="Declared purposes (credit_decision, ...) and the track each needs.")
     demo: bool = Field(False, description="Demo mode: identities marked demo, and the keys shipped in "
                                           "assets/demo_identities, may sign. Never in production.")
+    access: AccessPolicy = Field(default_factory=AccessPolicy,
+                                 description="Callers the policy grants, rotation and overlap (platform_defs.access).")
 
     @model_validator(mode="after")
     def _refs(self) -> "Policy":
@@ -301,6 +363,18 @@ def resolve_organisation(org: "Organisation", policy: Policy, policy_file: Path 
             raise err(m, "dataset",
                       f"dataset '{ds.name}' declares PII ({', '.join(ds.pii_columns)}) and the policy forbids PII "
                       f"on track '{m.track}': feed the model a de-identified dataset")
+    endpoints = {d.name: d for d in resolved.values() if isinstance(d, EndpointSpec)}
+    envs = {e for d in endpoints.values() for e in d.environments}
+    for name, caller in policy.access.callers.items():  # a caller naming what nothing declares grants nothing, silently
+        for i, ep in enumerate(caller.endpoints if isinstance(caller.endpoints, list) else []):
+            if ep not in endpoints:
+                raise PolicyError(where, f"access.callers.{name}.endpoints.{i}",
+                                  f"'{ep}' is not a declared endpoint (declared: {', '.join(sorted(endpoints)) or 'none'})")
+        for i, env in enumerate(caller.environments if isinstance(caller.environments, list) else []):
+            if env not in envs:
+                raise PolicyError(where, f"access.callers.{name}.environments.{i}",
+                                  f"'{env}' is no environment of any declared endpoint "
+                                  f"(they have: {', '.join(sorted(envs)) or 'none'})")
     if all(resolved[n] is d for n, d in org.by_name.items()):
         return org
     return Organisation([resolved[n] for n in org.by_name], {k: v for k, v in org.sources.items() if "#" not in k})

@@ -167,6 +167,7 @@ def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec,
     return Release(version=version, artifact=str(artifact), workers=spec.workers_in(env), digest=digest, config={
         "model_name": model.name, "pii_columns": dataset.pii_columns, "max_batch": spec.max_batch,
         "model_threads": spec.model_threads, "inference_log": spec.inference_log,
+        "pass_through": list(spec.pass_through),
     })
 
 
@@ -614,12 +615,18 @@ def _deploy(services: Services, target: Target, release: Release, lock: Promotio
             actor: str, still_serving: str | None, verdicts: list, fallback: Release | None) -> Any:
     """Switch ``target`` to ``release`` under the lock: the server side is fenced with the lock's token
     first, so a holder that lost the lock before us can no longer cut over, and our cutover carries it.
-    ``fallback`` is the only release the backend may restore on its own if ``release`` crash-loops."""
+    ``fallback`` is the only release the backend may restore on its own if ``release`` crash-loops. An
+    endpoint's access table is published first (``platform_defs.access``): a fresh slot serves its callers
+    from its first request."""
+    from platform_defs.access import Access, AccessError
+
     lock.check()
     try:
         services.deployer.fence(target, lock.token)
+        if target.kind == "endpoint":  # its callers' grants are in place before a fresh slot's first request
+            Access(services.ledger, services.deployer).publish_table(target)
         return services.deployer.deploy(target, release, fencing_token=lock.token, fallback=fallback)
-    except DeployError as err:
+    except (DeployError, AccessError, OSError) as err:
         services.ledger.append("promotion_refused", target.name, {
             **who, "version": release.version, "still_serving": still_serving, "failed": ["deploy"],
             "error": one_line(err, 500)}, actor, env=target.env)
@@ -1021,6 +1028,8 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
             raise PromotionError(refusal, verdicts=verdicts, metadata={"refused_version": version})
         release = Release(version, str(artifact), config={"entrypoint": spec.entrypoint, "calls": env_vars})
         fallback = _app_fallback(policy, spec, env, version, services, env_vars, repo_root=repo_root)
+        grant_ids = _app_credentials(org, spec, env, services, lock, version=version, actor=actor,
+                                     still_serving=previous, verdicts=verdicts)
         with _never_off_the_record(services, target, release, lock, who={"app": spec.name}, actor=actor,
                                    still_serving=previous) as record:
             status = _deploy(services, target, release, lock, who={"app": spec.name}, actor=actor,
@@ -1029,12 +1038,31 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
                 "app": spec.name, "version": version, "previous_version": previous, "address": status.address,
                 "promoted_from": upstream_env, "track": spec.track, "owner": spec.owner,
                 "checks": [v.check for v in verdicts], "claims": client_claims(trigger), "calls": env_vars,
-                "policy_hash": policy_hash(policy), "fencing_token": lock.token,
+                "grants": grant_ids, "policy_hash": policy_hash(policy), "fencing_token": lock.token,
                 "fallback_version": fallback.version if fallback else None}, actor, env=env, fence=lock.lease)
             record["recorded"] = True
     return Promotion(spec.name, env, version, previous, status.address, None, "deployed", deploy_entry=entry.seq,
                      verdicts=verdicts, calls={f"ONEPATH_{name}_URL": url for name, url in env_vars.items()},
                      seconds=round(time.perf_counter() - t0, 3))
+
+
+def _app_credentials(org: Organisation, spec: AppSpec, env: str, services: Services, lock: PromotionLock, *,
+                     version: str, actor: str, still_serving: str | None, verdicts: list) -> list[str]:
+    """Before the release's workers start: its grants issued (or kept, with a fresh secret) on every endpoint it
+    declares it calls, those endpoints' tables published, and its credentials handed to its slot only, so its
+    first call works. Returns the grant ids (the deploy entry records them, never a token). A failure is a
+    refused promotion: nothing was deployed."""
+    from platform_defs.access import Access, AccessError
+
+    lock.check()
+    try:
+        return Access(services.ledger, services.deployer, actor=actor).prepare_app(org, spec, env)
+    except (AccessError, DeployError, OSError) as err:
+        services.ledger.append("promotion_refused", spec.name, {
+            "app": spec.name, "version": version, "still_serving": still_serving, "failed": ["credentials"],
+            "error": one_line(err, 500)}, actor, env=env)
+        raise PromotionError(f"{spec.name}.{env}: its credentials could not be issued: {err}", verdicts=verdicts,
+                             metadata={"refused_version": version, "still_serving": still_serving or "nothing"}) from None
 
 
 def _app_fallback(policy: Policy, spec: AppSpec, env: str, version: str, services: Services,

@@ -17,6 +17,7 @@ TRACKS = ("app", "ml-standard", "ml-high-risk")
 Track = Literal["app", "ml-standard", "ml-high-risk"]
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 TEAM_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+PASS_THROUGH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")  # resources.serving's launch-spec rule
 IMPORT_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -225,6 +226,12 @@ class EndpointSpec(_Declaration):
                     "parallelism, and a model call never waits at a thread barrier for a core that training or "
                     "another worker holds (bench/threads_bench.py: churn's p99 beside a training run, 15 ms vs 1816 ms).")
     inference_log: bool = True
+    pass_through: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="Dataset columns outside the model's features that callers send and the inference log keeps "
+                    "as extras (a tracing id, protected attributes for fairness monitoring). Each must be a column "
+                    "of the model's dataset, not PII and not a feature (features are logged already); any other "
+                    "key a caller sends is dropped from the log and counted.")
     drift: DriftWindowSpec = Field(default_factory=DriftWindowSpec,
                                    description="Drift window and methods; unset fields come from the track's policy.")
 
@@ -235,6 +242,17 @@ class EndpointSpec(_Declaration):
             _check_name(e)
         if len(set(v)) != len(v):
             raise ValueError("an environment is listed twice")
+        return v
+
+    @field_validator("pass_through")
+    @classmethod
+    def _pass_through(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            if not PASS_THROUGH_RE.match(name):
+                raise ValueError(f"item {i} '{name[:70]}' is not a column name (letters, digits, '_', '.', '-'; "
+                                 f"at most 64, starting with a letter or '_')")
+            if name in v[:i]:
+                raise ValueError(f"item {i} '{name}' is listed twice")
         return v
 
     @model_validator(mode="after")
@@ -388,6 +406,25 @@ class Organisation:
                 m = self._ref(d, "model", d.model, "model")
                 if m.track is not None and d.track is not None and m.track != d.track:
                     raise self._err(d, "track", f"'{d.track}' differs from model '{m.name}' track '{m.track}'")
+                if d.pass_through:
+                    assert isinstance(m, ModelSpec)
+                    ds = self._ref(m, "dataset", m.dataset, "dataset")
+                    assert isinstance(ds, DatasetSpec)
+                    features = set(self.model_features(m)[0]) if (m.label or ds.label) else set()
+                    for i, name in enumerate(d.pass_through):
+                        col = ds.column(name)
+                        if col is None:
+                            raise self._err(d, f"pass_through.{i}", f"'{name}' is not a column of dataset '{ds.name}' "
+                                                                    f"(model '{m.name}' learns from it)")
+                        if col.pii:
+                            raise self._err(d, f"pass_through.{i}", f"column '{name}' is PII and is never logged")
+                        if col.role in ("label", "timestamp"):
+                            raise self._err(d, f"pass_through.{i}", f"column '{name}' is the dataset's {col.role}: "
+                                                                    f"a caller never sends it (the outcome arrives as "
+                                                                    f"feedback; the endpoint knows when it scored)")
+                        if name in features:
+                            raise self._err(d, f"pass_through.{i}", f"column '{name}' is a feature of model "
+                                                                    f"'{m.name}': features are logged already")
             elif isinstance(d, AppSpec):
                 for i, ref in enumerate(d.calls):
                     ep = self._ref(d, f"calls.{i}", ref, "endpoint")

@@ -118,6 +118,9 @@ KINDS: tuple[str, ...] = (
     "policy_recorded",
     "approval_revoked",
     "approval_lapsed",
+    "credential_granted",  # platform_defs.access: a grant, its credential's sha256 (never a secret)
+    "credential_rotated",
+    "credential_revoked",
 )
 
 GENESIS_HASH = "0" * 64

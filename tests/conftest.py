@@ -282,3 +282,31 @@ def headers_at(address: str) -> dict[str, str]:
     """The credential ``granted`` for the endpoint at ``address`` (KeyError if none was: a test must
     hold one to be answered)."""
     return _BY_ADDRESS[address.rstrip("/")]
+
+
+def cli_token(book, deployer, endpoint: str, env: str, org=None) -> str:
+    """``onepath-cli``'s credential for ``endpoint.env``, got the way the CLI gets it (issued on first use
+    while the recorded policy in ``book`` grants it, kept in the callers' store beside the ledger). ``org``:
+    the test's own organisation when its endpoints are not the example's."""
+    from platform_defs.access import CLI_CALLER, Access
+    from platform_defs.loader import load_organisation
+
+    return Access(book, deployer).caller_token(org if org is not None else load_organisation(), CLI_CALLER,
+                                               endpoint, env)
+
+
+def cli_headers(book, deployer, endpoint: str, env: str, org=None) -> dict[str, str]:
+    """The ``authorization`` header carrying :func:`cli_token`."""
+    return {"authorization": f"Bearer {cli_token(book, deployer, endpoint, env, org)}"}
+
+
+def endpoint_of(deployer, org, address: str):
+    """The endpoint ``Target`` of ``org`` served at ``address`` by ``deployer`` (None: an app's, or nobody's)."""
+    from resources.deployers.base import Target
+
+    for ep in org.of_kind("endpoint"):
+        for env in ep.environments:
+            t = Target(ep.name, env, "endpoint", ep.ports.get(env))
+            if deployer.address(t).rstrip("/") == address.rstrip("/"):
+                return t
+    return None

@@ -23,7 +23,8 @@ from platform_defs.definitions import build_definitions
 from platform_defs.policy import DriftPolicy
 from platform_defs.wiring import build_resources
 from resources.deployers.base import Target, http_json, probe
-from tests.conftest import DEMO_KEYS, isolated_settings, quick_policy, record_policy, record_test_registration
+from tests.conftest import (DEMO_KEYS, cli_headers, cli_token, isolated_settings, quick_policy, record_policy,
+                            record_test_registration)
 
 DRIFT = {"min_new_rows": 300, "window_rows": 600, "min_rows": 200, "cooldown_minutes": 60,
          "min_check_interval_minutes": 0}
@@ -58,7 +59,7 @@ def send_traffic(world, endpoint: str, env: str, n: int, *, drift: bool, seed: i
 
     spec, dataset = resolve(world["org"], endpoint, env)
     address = world["deployer"].address(Target(endpoint, env, "endpoint", spec.ports.get(env)))
-    client = PredictClient(address)
+    client = PredictClient(address, credential=cli_token(world["ledger"], world["deployer"], endpoint, env, world["org"]))
     try:
         sim = Simulation(endpoint=endpoint, env=env, outcomes_dir=world["settings"].outcomes_dir,
                          requests=iter_requests(dataset, total=n, drift=drift, seed=seed, today=date.today),
@@ -122,7 +123,8 @@ def run_automation(world) -> tuple[list[str], dg.ExecuteInProcessResult | None]:
 
 
 def serving(world, endpoint: str, env: str) -> str | None:
-    seen = probe(world["deployer"].address(Target(endpoint, env, "endpoint")))
+    seen = probe(world["deployer"].address(Target(endpoint, env, "endpoint")),
+                 credential=cli_token(world["ledger"], world["deployer"], endpoint, env, world["org"]))
     return str(seen["version"]) if seen else None
 
 
@@ -376,9 +378,11 @@ def test_a_version_failing_its_bake_in_prod_is_rolled_back_by_itself(world, tmp_
     record = {"tenure_months": 12.0, "plan": "basic", "monthly_fee": 0.0, "logins_30d": 3, "avg_balance": 900.0,
               "complaints_90d": 1, "primary_channel": "app"}
 
+    auth = cli_headers(world["ledger"], world["deployer"], "churn_scoring", "prod", world["org"])
+
     def traffic() -> None:
         while not stop.is_set():
-            http_json(address + "/predict", timeout=5, data=record)
+            http_json(address + "/predict", timeout=5, data=record, headers=auth)
 
     threads = [threading.Thread(target=traffic, daemon=True) for _ in range(2)]
     for t in threads:

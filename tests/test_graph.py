@@ -18,8 +18,8 @@ from platform_defs.definitions import build_definitions, build_resources
 from platform_defs.loader import load_organisation
 from platform_defs.policy import policy_hash
 from resources.data_store import dataframe_hash
-from resources.deployers.base import probe
-from tests.conftest import DEMO_KEYS, quick_policy, record_policy
+from resources.deployers import base as deployer_base
+from tests.conftest import DEMO_KEYS, cli_headers, cli_token, endpoint_of, quick_policy, record_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,16 @@ def post(url: str, body: dict, headers: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
+CALLER: dict = {}  # the world's ledger and deployer: the test calls its endpoints as onepath-cli, as the CLI does
+
+
+def probe(address: str):
+    """What answers at ``address``, asked as onepath-cli (an endpoint's /version needs a credential; an app's not)."""
+    target = endpoint_of(CALLER["deployer"], CALLER["org"], address)
+    token = cli_token(CALLER["book"], CALLER["deployer"], target.name, target.env) if target else None
+    return deployer_base.probe(address, credential=token)
+
+
 ALL_BUT_PROD_CREDIT = ["credit_applications", "credit_risk", "credit_scoring_staging", "loan_portal",
                        "loan_portal_staging", "customer_activity", "churn", "churn_scoring_staging",
                        "churn_scoring_prod"]
@@ -73,6 +83,8 @@ def world(settings, tmp_path_factory):
     defs = build_definitions(settings=settings, policy=policy)
     book = build_resources(settings)["ledger"].ledger()
     record_policy(book, policy)
+    CALLER.update(book=book, deployer=build_resources(settings)["deployer_local"].deployer(),
+                  org=load_organisation(policy=policy))
     # record_policy wrote the policy it recorded here: approve and revoke verify against the recorded policy
     # and refuse under a file that is not it (the example file is not: quick_policy shortens the bakes)
     CLI_ENV["ONEPATH_POLICY_FILE"] = str(Path(book.db_path).parent / f"policy-{policy_hash(policy)[:16]}.yaml")
@@ -94,6 +106,7 @@ def world(settings, tmp_path_factory):
                "settings": settings, "mlflow": build_resources(settings)["mlflow"],
                "ledger": build_resources(settings)["ledger"].ledger()}
     CLI_ENV.clear()
+    CALLER.clear()
 
 
 def test_graph_lineage_kinds_owners_groups(world):
@@ -229,7 +242,8 @@ def test_prediction_over_http_and_inference_log_without_pii(world):
     address = meta(result, "credit_scoring_prod")["address"]
     df = __import__("pandas").read_parquet(meta(result, "credit_applications")["path"])
     row = json.loads(df.drop(columns=["defaulted"]).head(1).to_json(orient="records"))[0]
-    out = post(address + "/predict", row, {"x-request-id": "graph-test-1"})
+    out = post(address + "/predict", row, {"x-request-id": "graph-test-1",
+                                           **cli_headers(CALLER["book"], CALLER["deployer"], "credit_scoring", "prod")})
     assert 0.0 <= out["predictions"][0]["probability"] <= 1.0
     log_dir = settings.inference_log_dir / "credit_scoring" / "prod"
     text = "".join(p.read_text() for p in log_dir.glob("*.jsonl"))

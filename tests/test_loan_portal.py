@@ -93,6 +93,7 @@ def env(monkeypatch):
     monkeypatch.setenv("ONEPATH_RELEASE_VERSION", "3.1.4")
     monkeypatch.setenv("ONEPATH_ENV", "staging")
     monkeypatch.delenv("ONEPATH_CREDIT_SCORING_URL", raising=False)
+    monkeypatch.delenv("ONEPATH_CREDENTIALS_DIR", raising=False)
     return monkeypatch
 
 
@@ -262,6 +263,32 @@ def test_version_defaults(client, env):
     assert client.get("/health").json() == {"status": "ok", "version": "dev"}
     assert client.get("/version").json() == {"app": "loan_portal", "version": "dev", "env": "dev",
                                              "scoring_url": None}
+
+
+def test_each_scoring_call_carries_the_credential_onepath_handed_the_release_and_a_rotation_reaches_it(
+        client, scorer, env, tmp_path):
+    """The platform writes the release's credential to $ONEPATH_CREDENTIALS_DIR/CREDIT_SCORING (owner-only,
+    replaced atomically on rotation); the portal sends it as a bearer token with each call, read again when
+    the file changed, and never shows it to its own caller."""
+    from resources.files import atomic_write
+
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    first = "op1.credit_scoring.staging.0123456789ab." + "a" * 43
+    atomic_write(creds / "CREDIT_SCORING", first.encode())
+    env.setenv("ONEPATH_CREDENTIALS_DIR", str(creds))
+    r = client.post("/api/apply", json=VALID)
+    assert r.status_code == 200 and first not in r.text
+    assert scorer.calls[-1]["headers"]["authorization"] == f"Bearer {first}"
+    rotated = "op1.credit_scoring.staging.0123456789ab." + "b" * 43
+    atomic_write(creds / "CREDIT_SCORING", rotated.encode())
+    assert client.post("/api/apply", json=VALID).status_code == 200
+    assert scorer.calls[-1]["headers"]["authorization"] == f"Bearer {rotated}"
+
+
+def test_without_a_credential_the_call_carries_none(client, scorer):
+    assert client.post("/api/apply", json=VALID).status_code == 200
+    assert "authorization" not in scorer.calls[-1]["headers"]
 
 
 def test_serves_under_the_platform_child_process(scorer, tmp_path):

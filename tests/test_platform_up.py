@@ -103,7 +103,7 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
     repo = loc["repositories"][0]
     assert {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]} == {
         name: "RUNNING" for name in ("endpoint_status", "alias_drift", "drift", "approved_promotions",
-                                     "registry_handoff", "supervisor_events", "onepath_automation")}
+                                     "registry_handoff", "supervisor_events", "access", "onepath_automation")}
     keys = {"/".join(a["assetKey"]["path"]) for a in repo["assetNodes"]}
     assert {"credit_applications", "credit_risk", "credit_scoring_prod", "loan_portal_prod", "churn"} <= keys
     assert (tmp_path / "home" / "dagster_home" / "dagster.yaml").exists()

@@ -19,7 +19,7 @@ from platform_defs.promotion import (PromotionError, Services, endpoint_release,
 from platform_defs.wiring import build_resources
 from resources.deployers.base import DeployError, serving_version
 from resources.ledger import LeaseLost
-from tests.conftest import isolated_settings, quick_policy, record_policy
+from tests.conftest import cli_headers, isolated_settings, quick_policy, record_policy
 
 
 def materialize(defs: dg.Definitions, instance, keys: list[str], run_config: dict | None = None):
@@ -232,11 +232,13 @@ def test_a_signed_lie_moves_nothing(two_versions):
                 if e.data.get("to_version") == unvetted]
 
 
-def _predictions(address: str, rows: list[dict]) -> list:
+def _predictions(world, env: str, address: str, rows: list[dict]) -> list:
+    """Scores asked as onepath-cli (every route but /health needs a credential)."""
     import urllib.request
 
+    auth = cli_headers(world["services"].ledger, world["services"].deployer, "churn_scoring", env, world["org"])
     req = urllib.request.Request(address + "/predict", data=json.dumps({"records": rows}).encode(),
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", **auth})
     with urllib.request.urlopen(req, timeout=30) as r:
         return [p["probability"] for p in json.loads(r.read())["predictions"]]
 
@@ -271,7 +273,7 @@ def test_a_swapped_model_file_never_serves_under_the_approved_label(two_versions
     substitute = train_churn(snapshot[features], 1 - snapshot[label], {})
     mlflow.sklearn.save_model(substitute, str(tmp_path / "sub"), serialization_format="skops",
                               skops_trusted_types=trusted_types(substitute))
-    approved = _predictions(status.address, rows)
+    approved = _predictions(world, "prod", status.address, rows)
     forged = [float(p) for p in substitute.predict_proba(snapshot[features].head(25))[:, 1]]
     assert max(abs(a - b) for a, b in zip(approved, forged)) > 0.2
 
@@ -289,7 +291,7 @@ def test_a_swapped_model_file_never_serves_under_the_approved_label(two_versions
         assert time.monotonic() < deadline, "no governed version serves again within 180 s"
         time.sleep(0.2)
     assert serving_version(after) == "2" and after.serving_digest == registered_digest(book, "churn", "2")
-    answered = _predictions(after.address, rows)
+    answered = _predictions(world, "prod", after.address, rows)
     assert max(abs(a - b) for a, b in zip(answered, forged)) > 0.2  # never the substitute's answers
     written, _ = _relay(world)
     kinds = [e.kind for e in written]

@@ -31,7 +31,7 @@ from resources.deployers.base import Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.feedback import dataset_rows_from_feedback, labelled_rows
 from resources.gx_validation import validate
-from tests.conftest import model_release, save_credit_model
+from tests.conftest import grant_caller, model_release, record_policy, save_credit_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT, ENV = "credit_scoring", "simtest"
@@ -78,9 +78,14 @@ def served(settings, org, tmp_path_factory):
     target = Target(ENDPOINT, ENV, kind="endpoint")
     dataset = org.by_name["credit_applications"]
     try:
-        st = deployer.deploy(target, model_release("1", model, {"model_name": "credit_risk",
-                                                                "pii_columns": dataset.pii_columns}))
-        yield {"address": st.address, "logs": logs, "dataset": dataset}
+        # "simtest" is no declared environment: this module's caller gets a grant of its own (as a policy
+        # caller would), and the endpoint keeps what credit_scoring declares it passes through
+        auth = grant_caller(deployer, target, "simulate-test")
+        st = deployer.deploy(target, model_release("1", model, {
+            "model_name": "credit_risk", "pii_columns": dataset.pii_columns,
+            "pass_through": list(org.by_name[ENDPOINT].pass_through)}))
+        yield {"address": st.address, "logs": logs, "dataset": dataset,
+               "token": auth["authorization"].removeprefix("Bearer ")}
     finally:
         deployer.delete(target)
 
@@ -88,7 +93,7 @@ def served(settings, org, tmp_path_factory):
 def simulation(served, tmp_path, clock, *, total=300, drift=True, seed=11, label_delay=30.0, rate=20.0,
                control=None, send=None):
     control = control or Control()
-    client = PredictClient(served["address"])
+    client = PredictClient(served["address"], credential=served["token"])
     today = datetime.fromtimestamp(clock.now(), timezone.utc).date()
     sim = Simulation(endpoint=ENDPOINT, env=ENV, outcomes_dir=tmp_path / "outcomes",
                      requests=iter_requests(served["dataset"], total=total, drift=drift, seed=seed,
@@ -161,7 +166,7 @@ def test_drifted_traffic_becomes_labelled_rows_of_a_moved_world(served, tmp_path
     t0 = clock.now()
     today = datetime.fromtimestamp(t0, timezone.utc).date()
     sent: dict[str, tuple[float, dict]] = {}
-    client = PredictClient(served["address"])
+    client = PredictClient(served["address"], credential=served["token"])
 
     def send(record, rid):
         sent[rid] = (clock.now(), record)
@@ -196,7 +201,8 @@ def test_drifted_traffic_becomes_labelled_rows_of_a_moved_world(served, tmp_path
     batch = [{**r, "application_id": f"BATCH-{j}"} for j, r in enumerate(batch)]
     import urllib.request
     req = urllib.request.Request(served["address"] + "/predict", data=json.dumps({"records": batch}).encode(),
-                                 headers={"content-type": "application/json", "x-request-id": "portal-batch"})
+                                 headers={"content-type": "application/json", "x-request-id": "portal-batch",
+                                          "authorization": f"Bearer {served['token']}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         assert json.loads(r.read())["request_id"] == "portal-batch"
     from resources.feedback import record_outcomes
@@ -321,6 +327,10 @@ def prod_world(settings, tmp_path):
                                     inference_log_dir=tmp_path / "logs", artifact_roots=[tmp_path])
     target = Target("credit_scoring", "prod", kind="endpoint")
     model = save_credit_model(tmp_path / "model", seed=5)
+    from resources.ledger import Ledger, ledger_paths
+
+    # the home's recorded policy grants onepath-cli, whose credential simulate-traffic asks for on first use
+    record_policy(Ledger(*ledger_paths(tmp_path / "home")))
     try:
         deployer.deploy(target, model_release("1", model, {"model_name": "credit_risk",
                                                            "pii_columns": ["full_name", "national_id", "email"]}))
@@ -402,3 +412,21 @@ def test_second_ctrl_c_drops_owed_outcomes_and_exits_130(prod_world):
     sent = int(final.split("sent ")[1].split(" ")[0])
     assert f"dropped {sent}" in final and "outcomes delivered 0" in final
     assert not list((root / "outcomes").glob("**/*.jsonl"))
+
+
+def test_simulate_traffic_without_a_grant_of_the_recorded_policy_is_refused_in_one_line(prod_world, tmp_path):
+    env, root = prod_world
+    # the same serving endpoint, seen from a home whose ledger records no policy: nothing grants onepath-cli
+    bare = {**env, "ONEPATH_HOME": str(tmp_path / "bare")}
+    out = run_cli("simulate-traffic", "credit_scoring", "--requests", "3", env=bare)
+    assert out.returncode == 1 and out.stdout == "" and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("onepath: onepath-cli may not call credit_scoring.prod: no policy is recorded")
+    assert "assets/policy.yaml" in out.stderr and _logged(root) == 0
+    # under the recorded policy of its own home it is granted, on first use, and sends with it
+    ok = run_cli("simulate-traffic", "credit_scoring", "--requests", "3", "--label-delay", "0", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert _logged(root) == 3
+    from resources.ledger import Ledger, ledger_paths
+
+    granted = Ledger(*ledger_paths(Path(env["ONEPATH_HOME"]))).entries(kind="credential_granted")
+    assert [(e.data["caller"], e.data["endpoint"], e.env) for e in granted] == [("onepath-cli", "credit_scoring", "prod")]

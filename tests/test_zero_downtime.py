@@ -26,7 +26,7 @@ import pytest
 
 from resources.deployers.base import Release, Target
 from resources.deployers.local import LocalProcessDeployer
-from tests.conftest import _free_port_base, caller_headers, model_release, save_credit_model
+from tests.conftest import _free_port_base, grant_caller, model_release, save_credit_model
 
 FEATURES = ["annual_income", "loan_amount", "loan_term_months", "debt_to_income", "credit_history_years",
             "num_open_accounts", "delinquencies_2y", "employment_type", "home_ownership", "purpose"]
@@ -71,17 +71,25 @@ class Tally:
             self.failures.append(what)
 
 
-def header_lines(headers: dict[str, str]) -> bytes:
-    """``headers`` (the caller's credential) as raw HTTP/1.1 header lines."""
-    return b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
+@dataclass(frozen=True)
+class Route:
+    """What the client POSTs to and which field of a 200 answer names the version that answered."""
+
+    path: str = "/predict"
+    headers: dict[str, str] = field(default_factory=dict)  # the caller's credential
+    version_field: str = "version"
+
+    def head(self, host: str, port: int, length: int) -> bytes:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+        return (f"POST {self.path} HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n{extra}"
+                f"content-length: {length}\r\n\r\n").encode("latin-1")
 
 
 class Connection:
-    """One client connection: reused while the server keeps it alive, reopened when it asks. Every
-    request carries ``auth`` (raw header lines: the caller's credential)."""
+    """One client connection: reused while the server keeps it alive, reopened when it asks."""
 
-    def __init__(self, index: int, host: str, port: int, tally: Tally, auth: bytes):
-        self.index, self.host, self.port, self.tally, self.auth = index, host, port, tally, auth
+    def __init__(self, index: int, host: str, port: int, tally: Tally, route: Route):
+        self.index, self.host, self.port, self.tally, self.route = index, host, port, tally, route
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.opened = 0
@@ -108,8 +116,7 @@ class Connection:
             self.opened = 0
         assert self.reader is not None
         self.opened += 1
-        self.writer.write(b"POST /predict HTTP/1.1\r\nHost: %s:%d\r\ncontent-type: application/json\r\n%s"
-                          b"content-length: %d\r\n\r\n%s" % (self.host.encode(), self.port, self.auth, len(body), body))
+        self.writer.write(self.route.head(self.host, self.port, len(body)) + body)
         await self.writer.drain()
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -122,17 +129,17 @@ class Connection:
         if status != 200:
             self.tally.fail(f"connection {self.index}: HTTP {status}: {payload[:200]!r}")
             return
-        self.tally.record(self.index, json.loads(payload)["version"])
+        self.tally.record(self.index, str(json.loads(payload)[self.route.version_field]))
 
 
 async def closed_loop(host: str, port: int, bodies: list[bytes], connections: int, seconds: float,
-                      auth: bytes) -> tuple[float, Tally]:
+                      route: Route) -> tuple[float, Tally]:
     """Requests per second with ``connections`` clients each sending its next request on an answer."""
     tally = Tally()
     end = time.monotonic() + seconds
 
     async def client(i: int) -> int:
-        conn, n = Connection(i, host, port, tally, auth), 0
+        conn, n = Connection(i, host, port, tally, route), 0
         while time.monotonic() < end:
             await conn.post(bodies[(i * 131 + n) % len(bodies)])
             n += 1
@@ -144,14 +151,14 @@ async def closed_loop(host: str, port: int, bodies: list[bytes], connections: in
     return sum(done) / (time.monotonic() - t0), tally
 
 
-async def open_loop(host: str, port: int, bodies: list[bytes], rate: float, connections: int, auth: bytes,
+async def open_loop(host: str, port: int, bodies: list[bytes], rate: float, connections: int, route: Route,
                     stop: threading.Event, tally: Tally) -> None:
     """Send at ``rate`` requests per second in total, whatever the answers take: connection ``k`` sends
     request ``j`` at ``t0 + (k + j * connections) / rate`` (or at once when it is behind)."""
     t0 = time.monotonic() + 0.05
 
     async def client(k: int) -> None:
-        conn, j = Connection(k, host, port, tally, auth), 0
+        conn, j = Connection(k, host, port, tally, route), 0
         while not stop.is_set():
             due = t0 + (k + j * connections) / rate
             delay = due - time.monotonic()
@@ -166,9 +173,9 @@ async def open_loop(host: str, port: int, bodies: list[bytes], rate: float, conn
 
 
 class Load(threading.Thread):
-    def __init__(self, host: str, port: int, bodies: list[bytes], rate: float, connections: int, auth: bytes):
+    def __init__(self, host: str, port: int, bodies: list[bytes], rate: float, connections: int, route: Route):
         super().__init__(daemon=True)
-        self.args = (host, port, bodies, rate, connections, auth)
+        self.args = (host, port, bodies, rate, connections, route)
         self.stop_event = threading.Event()
         self.tally = Tally()
         self.error: BaseException | None = None
@@ -236,19 +243,19 @@ def test_redeploy_and_rollback_under_keep_alive_load_drop_no_request(model_dirs,
 
     load: Load | None = None
     try:
-        auth = header_lines(caller_headers(deployer, target))  # granted before the first deploy
+        route = Route("/predict", grant_caller(deployer, target, "zdt-load", ("predict",)))  # a granted caller
         st = deployer.deploy(target, release("A"))
         assert st.healthy and st.serving_version == "1"
         host, port = "127.0.0.1", int(st.address.rsplit(":", 1)[1])
 
-        capacity, warm = run(closed_loop(host, port, bodies, connections=16, seconds=2.0, auth=auth))
+        capacity, warm = run(closed_loop(host, port, bodies, connections=16, seconds=2.0, route=route))
         assert not warm.failures, warm.failures[:5]
         assert capacity > 0
         rate = capacity / 2
         print(f"\ncapacity {capacity:.0f} req/s (closed loop, 16 keep-alive connections); "
               f"open loop at {rate:.0f} req/s over {OPEN_LOOP_CONNECTIONS} connections")
 
-        load = Load(host, port, bodies, rate, OPEN_LOOP_CONNECTIONS, auth)
+        load = Load(host, port, bodies, rate, OPEN_LOOP_CONNECTIONS, route)
         load.start()
         tally = load.tally
         wait_until(lambda: len(tally.latest) == OPEN_LOOP_CONNECTIONS, "every connection answered by A", 10, load)
@@ -279,6 +286,110 @@ def test_redeploy_and_rollback_under_keep_alive_load_drop_no_request(model_dirs,
             load.stop_event.set()
             load.join(REQUEST_TIMEOUT + 5)
         deployer.delete(target)
+        deployer.stop_all()
+
+
+# ------------------------------------------------------------------------------------------------
+# the app release's own calls, through a model redeploy and a rotation of its credential (issue 11)
+
+APPLICATION = {
+    "full_name": "Ada Lovelace", "national_id": "NI-1", "email": "ada@example.org", "gender": "F",
+    "age_band": "36-50", "annual_income": 52000, "loan_amount": 12000, "loan_term_months": 36,
+    "debt_to_income": 0.31, "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
+    "employment_type": "salaried", "home_ownership": "mortgage", "purpose": "car",
+}
+OVERLAP_SECONDS = 3.0  # the old secret's last moments, kept short so the test sees it refused
+
+
+def test_the_app_release_calls_its_endpoint_with_its_credential_through_a_redeploy_and_a_rotation(
+        model_dirs, tmp_path, monkeypatch):
+    """loan_portal deployed by the promotion flow (which issues its grant and hands it its credential before
+    its workers start) is driven under load while the model it calls is redeployed and its credential is
+    rotated: every application is scored (0 failed), and once the overlap is over the old secret is refused."""
+    import urllib.error
+    import urllib.request
+
+    from platform_defs.access import Access, grants
+    from platform_defs.loader import load_organisation
+    from platform_defs.promotion import Services, promote_app
+    from resources.ledger import Ledger
+    from tests.conftest import quick_policy, record_policy
+
+    monkeypatch.setenv("ONEPATH_DRAIN_SECONDS", "5")
+    root = Path(__file__).resolve().parents[1]
+    policy = quick_policy()
+    policy = policy.model_copy(update={"access": policy.access.model_copy(update={"overlap_seconds": OVERLAP_SECONDS})})
+    book = Ledger(tmp_path / "ledger.db", tmp_path / "keys" / "platform.key")
+    record_policy(book, policy)
+    releases = tmp_path / "releases"
+    shutil.copytree(root / "apps" / "loan_portal", releases / "apps" / "loan_portal" / "r1",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    deployer = LocalProcessDeployer(tmp_path / "run", port_base=_free_port_base(),
+                                    inference_log_dir=tmp_path / "inference",
+                                    artifact_roots=[model_dirs["A"].parent, releases])
+    org = load_organisation(policy=policy)
+    endpoint = Target("credit_scoring", "staging", kind="endpoint")
+    access = Access(book, deployer, actor="test")
+
+    def release(which: str, version: str) -> Release:
+        return model_release(version, model_dirs[which], {"model_name": "credit_risk", "pii_columns": [],
+                                                          "pass_through": ["application_id", "gender", "age_band"]})
+
+    def refused(token: str) -> bool:  # the endpoint's answer to a direct call with ``token``
+        req = urllib.request.Request(deployer.address(endpoint) + "/version", headers={"authorization": f"Bearer {token}"})
+        try:
+            urllib.request.urlopen(req, timeout=5).close()
+            return False
+        except urllib.error.HTTPError as err:
+            return err.code == 403 and b"rotated out" in err.read()
+
+    load: Load | None = None
+    try:
+        access.publish_table(endpoint)  # as every endpoint deploy does first
+        assert deployer.deploy(endpoint, release("A", "1")).serving_version == "1"
+        app = promote_app(org, policy, "loan_portal", "staging", actor="test", trigger="test", repo_root=root,
+                          newest_build=lambda: "r1",
+                          services=Services(mlflow=None, deployer=deployer, ledger=book, releases_dir=releases))
+        [grant] = [g for g in grants(book).values() if g.caller == "app:loan_portal"]
+        credential = deployer.slot_dir(Target("loan_portal", "staging", "app")) / "private" / "credentials" / "CREDIT_SCORING"
+        old = credential.read_text().strip()
+        host, port = "127.0.0.1", int(app.address.rsplit(":", 1)[1])
+        route = Route("/api/apply", {}, "model_version")  # the load is the app's customers: no credential of theirs
+        bodies = [json.dumps({**APPLICATION, "loan_amount": 5000 + 37 * i}).encode() for i in range(200)]
+
+        capacity, warm = run(closed_loop(host, port, bodies, connections=8, seconds=2.0, route=route))
+        assert not warm.failures, warm.failures[:5]
+        rate = max(5.0, capacity / 2)
+        load = Load(host, port, bodies, rate, 6, route)
+        load.start()
+        tally = load.tally
+        wait_until(lambda: len(tally.latest) == 6, "every connection's application scored by version 1", 15, load)
+
+        access.publish_table(endpoint)
+        before = tally.ok
+        assert deployer.deploy(endpoint, release("B", "2")).serving_version == "2"  # the model redeployed
+        wait_until(lambda: set(tally.latest.values()) == {"2"} and len(tally.latest) == 6,
+                   "every connection's application scored by version 2", 20, load)
+        assert tally.ok > before
+
+        rotated = access.rotate(org, grant.id)  # the credential rotated while the app is busy
+        assert rotated.id == grant.id and credential.read_text().strip() != old
+        wait_until(lambda: refused(old), "the old secret refused once the overlap is over", OVERLAP_SECONDS + 15, load)
+        after = tally.ok
+        wait_until(lambda: tally.ok >= after + max(10, int(rate)), "applications still scored after the overlap",
+                   20, load)
+        load.stop()
+        print(f"\napp capacity {capacity:.0f} applications/s (closed loop, 8 connections); under load at {rate:.0f}/s: "
+              f"{tally.scheduled} applications, {tally.ok} scored, "
+              f"{len(tally.failures)} failed, through a model redeploy and a rotation")
+        assert not tally.failures, f"{len(tally.failures)} of {tally.scheduled} failed: {tally.failures[:10]}"
+        assert tally.ok == tally.scheduled
+        rotations = [e for e in book.entries(kind="credential_rotated") if e.data["grant"] == grant.id]
+        assert rotations and old.rsplit(".", 1)[1] not in json.dumps([e.as_dict() for e in book.entries()])
+    finally:
+        if load is not None and load.is_alive():
+            load.stop_event.set()
+            load.join(REQUEST_TIMEOUT + 5)
         deployer.stop_all()
 
 

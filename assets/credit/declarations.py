@@ -56,6 +56,9 @@ credit_scoring = endpoint(
     description="Online credit scoring for the loan portal.",
     model="credit_risk",
     environments=["staging", "prod"],
+    # logged beside the features: the tracing id (feedback joins outcomes by it) and the protected attributes
+    # (fairness monitoring). Anything else a caller sends is dropped from the inference log and counted.
+    pass_through=["application_id", "gender", "age_band"],
 )
 
 loan_portal = app(

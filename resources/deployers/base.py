@@ -60,7 +60,7 @@ The base class owns the lifecycle (launch a candidate beside the current version
 health, cut over, verify at the stable address, discard on failure). A backend implements only its
 calls: ``_address``, ``_launch``, ``_candidate_failure``, ``_candidate_health``, ``_cutover``,
 ``_fence``, ``_discard``, ``_stop``, ``_worker_metrics`` (and, to serve credentials,
-``_publish_grants``, ``_publish_credentials``, ``_probe_credential``).
+``_publish_grants``, ``_publish_credentials``, ``_held_credentials``, ``_probe_credential``).
 """
 
 from __future__ import annotations
@@ -391,6 +391,14 @@ class Deployer(ABC):
                 raise DeployError(f"{target.slot}: the credential for {name} is not an onepath credential")
         self._publish_credentials(target, dict(credentials))
 
+    def held_credentials(self, target: Target) -> dict[str, str] | None:
+        """What the app ``target`` holds now: ``{ENDPOINT_NAME_UPPER: sha256 of its token}`` (never a token),
+        or None when it was never given credentials. How the platform sees a hand-over that did not happen
+        (a rotation that failed between the tables and the app) and repairs it."""
+        if target.kind != "app":
+            raise DeployError(f"{target.slot}: credentials are held by app releases; this is an {target.kind}")
+        return self._held_credentials(target)
+
     def probe_credential(self, target: Target) -> str | None:
         """The backend's own ``probe`` credential for the endpoint ``target`` (route version only: what
         ``status`` and ``deploy`` send to the stable address), or None for an app or before the backend
@@ -477,6 +485,9 @@ class Deployer(ABC):
 
     def _publish_credentials(self, target: Target, credentials: dict[str, str]) -> None:
         raise DeployError(f"{type(self).__name__} cannot publish credentials")
+
+    def _held_credentials(self, target: Target) -> dict[str, str] | None:
+        raise DeployError(f"{type(self).__name__} cannot say which credentials an app holds")
 
     def _probe_credential(self, target: Target) -> str | None:
         return None

@@ -354,6 +354,20 @@ class LocalProcessDeployer(Deployer):
                 except FileNotFoundError:
                     pass
 
+    def _held_credentials(self, target: Target) -> dict[str, str] | None:
+        cdir = self._private(target) / access.CREDENTIALS_DIR
+        try:
+            names = [n for n in os.listdir(cdir) if not n.startswith(".")]
+        except FileNotFoundError:
+            return None
+        held = {}
+        for name in names:
+            try:
+                held[name] = access.token_sha256((cdir / name).read_text().strip())
+            except (OSError, UnicodeDecodeError):
+                continue  # unreadable is not held: the platform hands it over again
+        return held
+
     def _probe_credential(self, target: Target) -> str | None:
         secret = self.slot_secret(target)
         if secret is None:

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
+from resources.serving.access import credential_header  # the credential onepath issued this release, re-read when rotated
 from resources.serving.retry import acall_with_retry  # onepath's worker runs this app with the platform on its path
 
 log = logging.getLogger("loan_portal")
@@ -154,8 +155,11 @@ async def score(applicant: dict[str, Any]) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=SCORING_TIMEOUT_S) as client:
             # a scoring worker that died holding the request: once more, same request id (a score is a
             # pure function of its input; resources.serving.retry says when)
+            # the endpoint answers only a declared caller: this release's own credential, asked on every call
+            # (a rotation reaches it on the next one)
             resp = await acall_with_retry(lambda: client.post(f"{url.rstrip('/')}/predict", json={"records": [record]},
-                                                              headers={"X-Request-ID": app_id}))
+                                                              headers={"X-Request-ID": app_id,
+                                                                       **credential_header("CREDIT_SCORING")}))
         resp.raise_for_status()
         body = resp.json()
         prob, version = body["predictions"][0]["probability"], body["version"]

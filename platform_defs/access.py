@@ -236,14 +236,20 @@ def _policy_file() -> str:
 # Operations
 
 
-def endpoint_target(org: Organisation | None, endpoint: str, env: str) -> Target:
-    spec = org.by_name.get(endpoint) if org is not None else None
-    port = spec.ports.get(env) if isinstance(spec, EndpointSpec) else None
-    return Target(endpoint, env, kind="endpoint", port=port)
+def endpoint_target(spec: EndpointSpec, env: str) -> Target:
+    """Where the endpoint ``spec`` serves in ``env`` (the one definition: promotion uses it too)."""
+    return Target(spec.name, env, kind="endpoint", port=spec.ports.get(env))
 
 
 def app_target(spec: AppSpec, env: str) -> Target:
+    """Where the app release ``spec`` serves in ``env``."""
     return Target(spec.name, env, kind="app", port=spec.ports.get(env))
+
+
+def _endpoint_target_named(org: Organisation | None, endpoint: str, env: str) -> Target:
+    """``endpoint_target`` by name; an endpoint no longer declared still has its slot (its table is revoked)."""
+    spec = org.by_name.get(endpoint) if org is not None else None
+    return endpoint_target(spec, env) if isinstance(spec, EndpointSpec) else Target(endpoint, env, kind="endpoint")
 
 
 @dataclass
@@ -319,7 +325,7 @@ class Access:
     def _publish(self, org: Organisation | None, endpoint: str, env: str,
                  state: dict[str, Grant] | None = None, target: Target | None = None) -> str:
         doc = table(state if state is not None else grants(self.book), endpoint, env)
-        self.deployer.publish_grants(target or endpoint_target(org, endpoint, env), doc)
+        self.deployer.publish_grants(target or _endpoint_target_named(org, endpoint, env), doc)
         return table_digest(doc)
 
     def _store(self, caller: str, endpoint: str, env: str, token: str) -> None:
@@ -405,11 +411,11 @@ class Access:
             self._store(caller, endpoint, env, token)
             return token
 
-    def stored_credential(self, org: Organisation, caller: str, endpoint: str, env: str) -> Callable[[], str]:
+    def stored_credential(self, org: Organisation, caller: str, endpoint: str, env: str) -> Callable[[], str | None]:
         """``caller_token`` now (refused as it is), then a function that answers the store's token, read again
         whenever its file changed: a rotation during a long run (simulate-traffic) reaches the next request."""
         token = self.caller_token(org, caller, endpoint, env)
-        return StoredCredential(self.caller_file(caller, endpoint, env), token)
+        return wire.WatchedToken(self.caller_file(caller, endpoint, env), token)
 
     def revoke(self, org: Organisation | None, grant_id: str, why: str) -> Grant:
         why = " ".join((why or "").split())
@@ -512,7 +518,7 @@ class Access:
                 if published is not None and published.get(slot) == digest:
                     continue
                 try:
-                    self.deployer.publish_grants(endpoint_target(org, endpoint, env), doc)
+                    self.deployer.publish_grants(_endpoint_target_named(org, endpoint, env), doc)
                     out.published.append(slot)
                 except Exception as err:
                     out.digests.pop(slot, None)
@@ -556,31 +562,6 @@ class Access:
         return f"{where} no longer grants {g.caller} {g.endpoint}.{g.env} (access.callers)"
 
 
-class StoredCredential:
-    """A policy caller's token from the store, re-read when the file's (inode, mtime, size) changed."""
-
-    def __init__(self, path: Path, token: str):
-        self.path, self.token = Path(path), token
-        self._seen = self._stat()
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
-
-    def __call__(self) -> str:
-        seen = self._stat()
-        if seen is not None and seen != self._seen:
-            try:
-                self.token = self.path.read_text().strip() or self.token
-                self._seen = seen
-            except OSError:
-                pass
-        return self.token
-
-
 def access_for(settings: Any, *, actor: str = "onepath", book: Any = None, deployer: Any = None) -> Access:
     """An :class:`Access` on the platform's own ledger and local deployer (what the CLI uses)."""
     from platform_defs.wiring import build_resources
@@ -597,7 +578,7 @@ def cli_token(settings: Any, org: Organisation, endpoint: str, env: str) -> str:
 
 
 def cli_header(settings: Any, org: Organisation, endpoint: str, env: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {cli_token(settings, org, endpoint, env)}"}
+    return wire.bearer(cli_token(settings, org, endpoint, env))
 
 
 __all__ = ["APP_ROUTES", "Access", "AccessError", "CLI_CALLER", "Grant", "Need", "Reconciled", "access_for",

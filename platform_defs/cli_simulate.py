@@ -39,6 +39,7 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from resources.serving.access import bearer
 from resources.serving.retry import call_with_retry
 
 if TYPE_CHECKING:  # imported where used: `onepath` starts without pydantic for other verbs
@@ -239,7 +240,7 @@ class PredictClient:
 
     def _auth(self) -> dict[str, str]:
         token = self._credential() if callable(self._credential) else self._credential
-        return {"authorization": f"Bearer {token}"} if token else {}
+        return bearer(token) if token else {}
 
     def __call__(self, record: dict[str, Any], request_id: str) -> dict[str, Any]:
         body = json.dumps(record).encode()

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from contextlib import contextmanager
 
+from platform_defs.access import app_target, endpoint_target
 from platform_defs.policy import Policy, policy_hash
 from platform_defs.specs import AppSpec, DatasetSpec, EndpointSpec, ModelSpec, Organisation
 from resources.deployers.base import Deployer, DeployError, Release, Target, serving_version
@@ -150,14 +151,6 @@ def refusals_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # --------------------------------------------------------------------------------------------
 # Targets and releases
-
-
-def endpoint_target(spec: EndpointSpec, env: str) -> Target:
-    return Target(spec.name, env, kind="endpoint", port=spec.ports.get(env))
-
-
-def app_target(spec: AppSpec, env: str) -> Target:
-    return Target(spec.name, env, kind="app", port=spec.ports.get(env))
 
 
 def endpoint_release(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, version: str,

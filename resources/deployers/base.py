@@ -75,6 +75,7 @@ from typing import Any
 
 
 # one definition, in the module the supervisor (standard library only) can import
+from resources.serving.access import bearer
 from resources.serving.protocol import THREAD_VARIABLES, model_thread_env  # noqa: F401  (re-exported)
 
 
@@ -185,7 +186,7 @@ def http_json(url: str, timeout: float = 2.0, data: dict | None = None,
 
 
 def _auth(credential: str | None) -> dict[str, str]:
-    return {"authorization": f"Bearer {credential}"} if credential else {}
+    return bearer(credential) if credential else {}
 
 
 def probe(address: str, timeout: float = 1.0, credential: str | None = None) -> dict[str, Any] | None:

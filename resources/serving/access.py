@@ -346,37 +346,53 @@ class AccessTable:
         return ok if ok is not None else grant.denied[scope]
 
 
-# -- the app side --------------------------------------------------------------------------------
-_CACHE: dict[str, tuple[tuple[int, int, int], dict[str, str]]] = {}
+# -- the holder's side ---------------------------------------------------------------------------
+class WatchedToken:
+    """The credential in the file ``path`` (one line), read again whenever the file's (inode, mtime_ns,
+    size) changed, so a rotation reaches a running holder on its next call. Opened without following
+    a symlink; a file that holds no onepath credential counts as none. ``__call__`` answers the token
+    or None (``default`` while the file cannot be read)."""
+
+    def __init__(self, path: str | os.PathLike, default: str | None = None):
+        self.path = os.fspath(path)
+        self._sig: tuple[int, int, int] | None = None
+        self._token = default
+
+    def __call__(self) -> str | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return self._token if self._sig is None else None
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if sig == self._sig:
+            return self._token
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                text = os.read(fd, 4096).decode("ascii").strip()
+            finally:
+                os.close(fd)
+        except (OSError, UnicodeDecodeError):
+            return self._token
+        self._sig, self._token = sig, (text if parse_token(text) else None)
+        return self._token
+
+
+_WATCHED: dict[str, WatchedToken] = {}
 CREDENTIAL_NAME_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 def credential_header(name: str) -> dict[str, str]:
     """``{"authorization": "Bearer <token>"}`` for calling the endpoint ``name`` (what the platform
-    published for this app in ``$ONEPATH_CREDENTIALS_DIR/<NAME>``), re-read whenever the file changes
-    (a rotation reaches a running app on its next request); ``{}`` when there is none."""
+    published for this app in ``$ONEPATH_CREDENTIALS_DIR/<NAME>``, a ``WatchedToken``: a rotation reaches
+    a running app on its next request); ``{}`` when there is none."""
     directory = os.environ.get(CREDENTIALS_ENV)
     key = str(name).upper()
     if not directory or not CREDENTIAL_NAME_RE.fullmatch(key):
         return {}
     path = os.path.join(directory, key)
-    try:
-        st = os.stat(path)
-    except OSError:
-        _CACHE.pop(path, None)
-        return {}
-    sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-    hit = _CACHE.get(path)
-    if hit is not None and hit[0] == sig:
-        return hit[1]
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            token = os.read(fd, 4096).decode("ascii").strip()
-        finally:
-            os.close(fd)
-    except (OSError, UnicodeDecodeError):
-        return {}
-    header = bearer(token) if parse_token(token) else {}
-    _CACHE[path] = (sig, header)
-    return header
+    watched = _WATCHED.get(path)
+    if watched is None:
+        watched = _WATCHED[path] = WatchedToken(path)
+    token = watched()
+    return bearer(token) if token else {}

@@ -147,9 +147,9 @@ def test_server_ahead_of_the_ledger_is_confirmed_on_the_next_tick_and_an_outage_
     # version 2 cut over without its ledger entry and alias yet: what a deploy looks like for a few
     # milliseconds, or a deploy made outside onepath. Reported only if still so on the next tick.
     target = endpoint_target(spec, "prod")
-    pid = deployer.status(target).detail["server"]["pid"]
+    pids = deployer.status(target).detail["supervisor"]["pids"]  # /version names no pid
     deployer.deploy(target, model_release("2", mlflow.download(model, "2"), {"model_name": model}))
-    drained(pid)
+    drained(*pids)
     waiting = tick()
     assert isinstance(waiting, str) and "1 mismatch(es) to confirm next tick" in waiting and not moved(line)
     confirmed = tick()
@@ -217,10 +217,10 @@ def test_served_content_that_is_not_the_registered_digest_fails_the_check_once(l
     assert ok[0] is True and ok[1]["serving_digest"] == registered_digest(book, model, "1") != "none"
 
     target = endpoint_target(line["org"].by_name[name], "prod")
-    pid = deployer.status(target).detail["server"]["pid"]
+    pids = deployer.status(target).detail["supervisor"]["pids"]  # /version names no pid
     # labelled 1, content of 2 (a release assembled around the platform, its own digest passed along)
     deployer.deploy(target, model_release("1", mlflow.download(model, "2"), {"model_name": model}))
-    drained(pid)
+    drained(*pids)
     one, two = registered_digest(book, model, "1"), registered_digest(book, model, "2")
     assert one != two
     passed, meta, description = tick()[f"{name}_prod"]

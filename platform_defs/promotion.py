@@ -329,6 +329,23 @@ def _model_gate(spec: EndpointSpec, model: ModelSpec, dataset: DatasetSpec, org:
 NOT_RECHECKED_ON_THE_WAY_BACK = ("no_regression",)
 
 
+def _passed_gate(book: Ledger, policy: Policy, name: str, env: str, version: str,
+                 noun: str) -> tuple[Entry | None, Any, str | None]:
+    """What every way back starts from: ``(newest passed gate verdict of version in env, the policy standing,
+    None)``, or ``(None, standing, why not)`` when the policy file is not the recorded one in force (fail
+    closed: nothing is governed) or the version never passed that gate. ``noun``: "version" or "release"."""
+    from platform_defs.policy_record import policy_standing
+
+    standing = policy_standing(book, policy)
+    if not standing.ok:
+        return None, standing, f"{noun} {version} cannot be judged: {standing.problem}"
+    passed = [e for e in book.entries(kind="gate_verdict", subject=name, env=env)
+              if str(e.data.get("version")) == version and e.data.get("passed")]
+    if not passed:
+        return None, standing, f"{noun} {version} never passed the {env} gate of {name}"
+    return passed[-1], standing, None
+
+
 def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, version: str, *,
              services: Services, actor: str, recheck: bool = True, operator_choice: bool = False) -> str | None:
     """Why ``version`` may NOT serve ``spec.env`` on a way back, or None when it may: it passed its gate
@@ -338,17 +355,11 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
     too; an operator who names it (``operator_choice``) may restore it: a crash loop can be the host's
     doing (killed workers, memory), a failed bake is a verdict on the version."""
     book = services.ledger
-    from platform_defs.policy_record import policy_standing
-
-    standing = policy_standing(book, policy)
-    if not standing.ok:  # fail closed: under a policy that is not the recorded one, nothing is governed
-        return f"version {version} cannot be judged: {standing.problem}"
-    passed = [e for e in book.entries(kind="gate_verdict", subject=spec.name, env=env)
-              if str(e.data.get("version")) == version and e.data.get("passed")]
-    if not passed:
-        return f"version {version} never passed the {env} gate of {spec.name}"
+    last, standing, refusal = _passed_gate(book, policy, spec.name, env, version, "version")
+    if last is None:
+        return refusal
     # judged bad here since its gate passed: it failed its bake, or crash-looped, in this environment
-    for e in book.entries(subject=spec.name, env=env, since_seq=passed[-1].seq):
+    for e in book.entries(subject=spec.name, env=env, since_seq=last.seq):
         if e.kind == "bake_failed" and str(e.data.get("version")) == version:
             return f"version {version} failed its bake in {env} (ledger #{e.seq})"
         if e.kind == "crashloop" and str(e.data.get("version")) == version and not operator_choice:
@@ -356,7 +367,7 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
     revoked = _approval_revoked(org, policy, spec, env, version, book)
     if revoked:
         return revoked
-    if passed[-1].data.get("policy_hash") == policy_hash(policy):
+    if last.data.get("policy_hash") == policy_hash(policy):
         return None
     if not recheck:
         return f"version {version} passed its {env} gate under an earlier policy and was not judged under this one"
@@ -409,21 +420,15 @@ def app_governed(policy: Policy, spec: AppSpec, env: str, version: str, *, servi
     (``crashloop_rules_out``: for an automatic choice), and, where the app track asks for a code review
     there, its review was not revoked (an expired one does not stop a way back, as for models)."""
     book = services.ledger
-    from platform_defs.policy_record import policy_standing
-
-    standing = policy_standing(book, policy)
-    if not standing.ok:  # fail closed: under a policy that is not the recorded one, nothing is governed
-        return f"release {version} cannot be judged: {standing.problem}"
-    passed = [e for e in book.entries(kind="gate_verdict", subject=spec.name, env=env)
-              if str(e.data.get("version")) == version and e.data.get("passed")]
-    if not passed:
-        return f"release {version} never passed the {env} gate of {spec.name}"
+    last, standing, refusal = _passed_gate(book, policy, spec.name, env, version, "release")
+    if last is None:
+        return refusal
     if crashloop_rules_out:
-        for e in book.entries(subject=spec.name, env=env, since_seq=passed[-1].seq):
+        for e in book.entries(subject=spec.name, env=env, since_seq=last.seq):
             if e.kind == "crashloop" and str(e.data.get("version")) == version:
                 return f"release {version} crash-looped in {env} (ledger #{e.seq})"
-    if passed[-1].data.get("policy_hash") != policy_hash(policy):
-        return (f"release {version} passed its {env} gate (ledger #{passed[-1].seq}) under another policy than the "
+    if last.data.get("policy_hash") != policy_hash(policy):
+        return (f"release {version} passed its {env} gate (ledger #{last.seq}) under another policy than the "
                 f"one in force (ledger #{standing.entry_seq}) and an app's way back does not run its gate again: "
                 f"refused; promote it through its gate")
     return _review_revoked(policy, spec, env, version, book, repo_root)

@@ -588,8 +588,9 @@ class Supervisor:
             endpoint = g.spec["kind"] == "endpoint"
         headers = self.worker_headers
         if endpoint:
-            return {"group": g.id, "workers": _in_threads(lambda p: _worker_facts(p, headers), paths)}
-        return {"group": g.id, "workers": _in_threads(_worker_version, paths)}
+            return {"group": g.id, "workers": _in_threads(
+                lambda p: _worker_doc(p, protocol.WORKER_ROUTE, headers), paths)}
+        return {"group": g.id, "workers": _in_threads(_worker_doc, paths)}
 
     def metrics(self) -> dict[str, Any]:
         """The /metrics text of each worker of the current group ('' where none answers), or no
@@ -948,7 +949,7 @@ def _verify_worker(pid: Any, inode: int, path: str, spec: dict[str, Any],
         if not ok or p.poll() is not None:
             break
         if spec["kind"] == "endpoint":
-            doc = _worker_facts(path, headers or {}, 2.0)
+            doc = _worker_doc(path, protocol.WORKER_ROUTE, headers, 2.0)
             verified = (doc is not None and str(doc.get("version")) == spec["version"]
                         and doc.get("digest") == spec["digest"] and doc.get("pid") == pid)
         else:
@@ -1200,28 +1201,16 @@ class Refuser:
         conn.close()
 
 
-def _worker_version(path: str, timeout: float = 0.5) -> dict[str, Any] | None:
-    """An app worker's /version document if its /health answers 200, else None."""
+def _worker_doc(path: str, route: str = "/version", headers: dict[str, str] | None = None,
+                timeout: float = 0.5) -> dict[str, Any] | None:
+    """The JSON document a worker answers on ``route`` if its /health answers 200, else None: an app
+    worker's /version (never sent a credential: it is another team's code), an endpoint worker's process
+    facts (``protocol.WORKER_ROUTE``: pid, version, digest, ...) asked with the supervisor's credential
+    ``headers``."""
     got = protocol.unix_get(path, "/health", timeout)
     if got is None or got[0] != 200:
         return None
-    got = protocol.unix_get(path, "/version", timeout)
-    if got is None or got[0] != 200:
-        return None
-    try:
-        doc = json.loads(got[1])
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _worker_facts(path: str, headers: dict[str, str], timeout: float = 0.5) -> dict[str, Any] | None:
-    """An endpoint worker's process facts (``protocol.WORKER_ROUTE``: pid, version, digest, ...) if its
-    /health answers 200 and it accepts the supervisor's credential ``headers``, else None."""
-    got = protocol.unix_get(path, "/health", timeout)
-    if got is None or got[0] != 200:
-        return None
-    got = protocol.unix_get(path, protocol.WORKER_ROUTE, timeout, headers=headers)
+    got = protocol.unix_get(path, route, timeout, headers=headers)
     if got is None or got[0] != 200:
         return None
     try:

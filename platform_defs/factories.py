@@ -28,6 +28,8 @@ from platform_defs.settings import PROJECT_ROOT
 from platform_defs.specs import (
     AppSpec,
     DatasetSpec,
+    NotebookModelSpec,
+    SnapshotDatasetSpec,
     EndpointSpec,
     ModelSpec,
     Organisation,
@@ -576,10 +578,75 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organ
     return _deploy
 
 
+# --------------------------------------------------------------------------------------------
+# Notebook models: a snapshot-only dataset and a model with no trainer
+
+
+def build_snapshot_dataset_defs(spec: SnapshotDatasetSpec, org: Organisation) -> list[Any]:
+    """The snapshots ``onepath.register`` stored (by content hash); materializing lists them, never generates."""
+
+    @dg.asset(
+        key=spec.name, description=spec.description, kinds=KINDS["dataset"],
+        metadata={"onepath/pii_columns": ", ".join(spec.pii_columns) or "none",
+                  "onepath/protected_columns": ", ".join(spec.protected_columns) or "none",
+                  "onepath/generator": "none: snapshots stored by onepath.register"},
+        **common(spec),
+    )
+    def _snapshots(context: dg.AssetExecutionContext, data_store: DataStore):
+        folder = Path(data_store.root) / spec.name
+        snaps = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        if not snaps:
+            raise dg.Failure(description=f"dataset '{spec.name}' has no snapshot yet: run onepath.register(...) "
+                                         f"in the notebook that trains the model")
+        newest = snaps[-1].stem
+        return dg.MaterializeResult(
+            metadata={"snapshots": len(snaps), "data_hash": newest, "expectations_passed": True,
+                      "path": str(snaps[-1])},
+            data_version=dg.DataVersion(newest[:16]))
+
+    return [_snapshots]
+
+
+def build_notebook_model_defs(spec: NotebookModelSpec, org: Organisation, policy: Policy) -> list[Any]:
+    """The pinned version of a notebook model: reported, never trained (the notebook registered it)."""
+    features, label = org.model_features(spec)
+
+    @dg.asset(
+        key=spec.name, deps=[dg.AssetKey(spec.dataset)],
+        description=(spec.description or f"Model {spec.name}") + f" (pinned version {spec.version})",
+        kinds=KINDS["model"],
+        metadata={"onepath/trainer": "none: registered from a notebook", "onepath/label": label,
+                  "onepath/features": ", ".join(features) or "every column but the label and PII",
+                  "onepath/pinned_version": str(spec.version)},
+        **common(spec),
+    )
+    def _pinned(context: dg.AssetExecutionContext, mlflow: MlflowRegistry):
+        version = str(spec.version)
+        try:
+            mv = mlflow.get_version(spec.name, version)
+        except Exception:  # noqa: BLE001 - MLflow says "not found" in several ways
+            raise dg.Failure(description=f"model '{spec.name}': pinned version {version} is not registered "
+                                         f"(run onepath.register(...) again, or fix 'version' in "
+                                         f"{org.sources.get(spec.name, 'its declaration')})") from None
+        newest = mlflow.latest_version(spec.name)
+        return dg.MaterializeResult(
+            metadata={"model_version": version, "pinned_by": org.sources.get(spec.name, ""),
+                      "newest_registered": newest or "none",
+                      "mlflow_version": dg.MetadataValue.url(mlflow.version_url(spec.name, version)),
+                      "mlflow_run_id": getattr(mv, "run_id", "") or ""},
+            data_version=dg.DataVersion(version))
+
+    return [_pinned]
+
+
 def build_all(org: Organisation, releases_dir: Path, policy: Policy) -> list[Any]:
     out: list[Any] = []
     for d in org.by_name.values():
-        if isinstance(d, DatasetSpec):
+        if isinstance(d, SnapshotDatasetSpec):
+            out += build_snapshot_dataset_defs(d, org)
+        elif isinstance(d, NotebookModelSpec):
+            out += build_notebook_model_defs(d, org, policy)
+        elif isinstance(d, DatasetSpec):
             out += build_dataset_defs(d, org)
         elif isinstance(d, ModelSpec):
             out += build_model_defs(d, org, policy)

@@ -113,6 +113,10 @@ def load_organisation(root: Path | None = None, policy: "Policy | None" = None) 
             found += _load_yaml(path)
     sources: dict[str, str] = {}
     decls = []
+    from platform_defs.specs import NotebookDeclSpec
+
+    found = [(x, source) for d, source in found
+             for x in (d.expand() if isinstance(d, NotebookDeclSpec) else [d])]
     for d, source in found:
         if d.name not in sources:
             sources[d.name] = source
@@ -137,7 +141,7 @@ def _check_code_refs(org: Organisation) -> None:
     """Generators and trainers must import and be callable; app source folders must exist."""
     for d in org.by_name.values():
         for field in ("generator", "trainer"):
-            if not hasattr(d, field):
+            if not getattr(d, field, None):  # a notebook model and its snapshot dataset have neither
                 continue
             module, attr = getattr(d, field).split(":")
             try:

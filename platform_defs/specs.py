@@ -294,6 +294,97 @@ class AppSpec(_Declaration):
         return self
 
 
+def notebook_dataset_name(model: str) -> str:
+    """The snapshot-only dataset of a notebook model: the train/test snapshots ``onepath.register`` stored."""
+    return f"{model}_data"
+
+
+def notebook_endpoint_name(model: str) -> str:
+    """The endpoint a notebook model is served by."""
+    return f"{model}_scoring"
+
+
+class NotebookDeclSpec(_Declaration):
+    """A model trained in a notebook (``source: notebook``), as ``onepath.register`` writes it. The loader
+    expands it into a snapshot-only dataset, the model (pinned to ``version``) and its endpoint."""
+
+    kind: Literal["model"] = "model"
+    source: Literal["notebook"] = "notebook"
+    version: int = Field(ge=1, description="The registered version this declaration pins (deployed, gated).")
+    label: str = Field(description="Label column of the train and test frames.")
+    pii: list[str] = Field(default_factory=list, description="Personal-data columns: never features.")
+    protected: list[str] = Field(default_factory=list, description="Protected attributes fairness slices by.")
+    features: list[str] | None = Field(None, description="Feature columns; default: every other column.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Minimum held-out metric values.")
+    purpose: str | None = None
+    favourable_label: int = 0
+    environments: list[str] | None = Field(None, description="The endpoint's environments; default the policy's.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        return ModelSpec._metrics(v)  # type: ignore[operator]
+
+    @model_validator(mode="after")
+    def _columns(self) -> "NotebookDeclSpec":
+        for field in ("pii", "protected", "features"):
+            for c in getattr(self, field) or []:
+                if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", c):
+                    raise ValueError(f"'{c}' in {field} is not a valid column name")
+        for c in self.features or []:
+            if c in self.pii:
+                raise ValueError(f"feature '{c}' is PII and can never be a model feature")
+            if c == self.label:
+                raise ValueError(f"feature '{c}' is the label")
+        if self.label in self.pii or self.label in self.protected:
+            raise ValueError(f"the label '{self.label}' cannot be PII or protected")
+        return self
+
+    def expand(self) -> list["_Declaration"]:
+        """The three declarations a notebook model stands for: ``<name>_data``, the model, ``<name>_scoring``."""
+        cols = [ColumnSpec(name=self.label, dtype="int", role="label")]
+        cols += [ColumnSpec(name=c, dtype="string", pii=True) for c in self.pii]
+        cols += [ColumnSpec(name=c, dtype="string", protected=True) for c in self.protected if c not in self.pii]
+        cols += [ColumnSpec(name=c, dtype="float") for c in self.features or []
+                 if c not in self.pii and c not in self.protected]
+        shared = {"owner": self.owner, "track": self.track}
+        ds = SnapshotDatasetSpec(name=notebook_dataset_name(self.name), columns=cols, min_rows=1,
+                                 description=f"Train and test snapshots of notebook model {self.name}", **shared)
+        model = NotebookModelSpec(
+            name=self.name, dataset=ds.name, label=self.label, features=self.features, metrics=self.metrics,
+            purpose=self.purpose, favourable_label=self.favourable_label, version=self.version,
+            description=self.description or f"Model {self.name}, trained in a notebook", **shared)
+        ep_fields: dict[str, Any] = {"environments": self.environments} if self.environments else {}
+        ep = EndpointSpec(name=notebook_endpoint_name(self.name), model=self.name,
+                          description=f"Scoring endpoint of {self.name}", **shared, **ep_fields)
+        return [ds, model, ep]
+
+
+class SnapshotDatasetSpec(DatasetSpec):
+    """A dataset with no generator: its versions are the snapshots ``onepath.register`` stored."""
+
+    source: Literal["snapshot"] = "snapshot"
+    generator: str = ""
+
+    @field_validator("generator")
+    @classmethod
+    def _generator(cls, v: str) -> str:
+        return v
+
+
+class NotebookModelSpec(ModelSpec):
+    """A model with no trainer: its versions are registered by ``onepath.register``; ``version`` is the pin."""
+
+    source: Literal["notebook"] = "notebook"
+    trainer: str = ""
+    version: int = Field(ge=1)
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer(cls, v: str) -> str:
+        return v
+
+
 Declaration = Annotated[Union[DatasetSpec, ModelSpec, EndpointSpec, AppSpec], Field(discriminator="kind")]
 SPEC_TYPES: dict[str, type[_Declaration]] = {
     "dataset": DatasetSpec,
@@ -328,8 +419,14 @@ def parse_declaration(data: Any, source: str | None = None) -> _Declaration:
         raise DeclarationError(
             name, "kind", f"unknown kind {kind!r} (expected one of: {', '.join(SPEC_TYPES)})", source
         )
+    spec_type: type[_Declaration] = SPEC_TYPES[kind]
+    if kind == "model" and data.get("source") == "notebook":
+        spec_type = NotebookDeclSpec
+    elif kind == "model" and "source" in data:
+        raise DeclarationError(name, "source", f"unknown source {data['source']!r} (a model's source is "
+                                               f"'notebook', or left out for a trainer)", source, kind)
     try:
-        return SPEC_TYPES[kind].model_validate(data)
+        return spec_type.model_validate(data)
     except ValidationError as err:
         raise error_from_validation(name, kind, source, err) from None
 

@@ -96,7 +96,7 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
                         metrics: dict[str, float] | None, via: str = "graph", actor: str = "onepath",
                         registered_by: dict[str, Any] | None = None, claims: dict[str, Any] | None = None,
                         policy: Any = None, signed_by: str | None = None,
-                        registration_signature: str | None = None) -> Any:
+                        registration_signature: str | None = None, test_data_hash: str | None = None) -> Any:
     """Append the ``model_registered`` entry of ``version``: the digest of its model folder as MLflow
     serves it now (a fresh download, not the cache), the lineage facts given, the held-out ``metrics``
     and the sha256 of its logged reference sample. Returns the entry (the existing one if already
@@ -162,6 +162,7 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
         "dataset_key": dataset_key or None, "author": author or None,
         "split_seed": _opt(split_seed, int), "test_size": _opt(test_size, float),
         "training_rows": _opt(training_rows, int),
+        **({"test_data_hash": test_data_hash} if test_data_hash else {}),
         "metrics": {k: float(x) for k, x in (metrics or {}).items()},
         "reference_digest": _reference_digest(mlflow, run_id), "via": via,
     }, actor)

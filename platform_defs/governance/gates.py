@@ -33,7 +33,7 @@ LINEAGE_TAGS = ("dataset_key", "data_hash", "code_hash")
 # facts fixed in the version's model_registered ledger entry that an MLflow tag may repeat: a tag that
 # differs from its entry was changed after registration
 REGISTERED_TAGS = ("dataset_key", "data_hash", "code_hash", "code_path", "author", "split_seed", "test_size",
-                   "training_rows")
+                   "training_rows", "test_data_hash")
 DESCRIPTIONS = {
     "data_quality": "The version's training snapshot passes its dataset's declared expectations (re-run).",
     "performance": "Held-out metrics meet the declared minimums.",
@@ -454,8 +454,14 @@ class _Version:
         """The same held-out rows the version was evaluated on: same snapshot, seed and test size (as registered)."""
         from sklearn.model_selection import train_test_split
 
-        df = self.snapshot
         reg = self.require_registration().data
+        if reg.get("test_data_hash"):  # registered from a notebook: its held-out rows are the TEST snapshot
+            try:
+                test = self.gate.data_store.read(self.gate.dataset.name, reg["test_data_hash"])
+            except (FileNotFoundError, ValueError) as err:
+                raise _Missing(str(err)) from None
+            return test[self.gate.features], test[self.gate.label], test
+        df = self.snapshot
         seed = int(reg["split_seed"] if reg.get("split_seed") is not None else self.gate.model.seed)
         size = float(reg["test_size"] if reg.get("test_size") is not None else self.gate.model.test_size)
         _, test = train_test_split(df, test_size=size, random_state=seed, stratify=df[self.gate.label])

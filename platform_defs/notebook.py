@@ -1,0 +1,331 @@
+"""A model trained in a notebook reaches the platform in one call: ``onepath.register(model, train=..., test=...)``.
+
+It snapshots the train and test frames as versions of the model's snapshot-only dataset (``<name>_data``, by
+content hash), refuses when it cannot tell which rows the model never saw, evaluates the model on the test rows
+with the evaluators the gates use and prints a verdict per check, stores the reference sample drift compares
+production with, logs the model with its signature and the lineage facts the gates read (its held-out rows are
+the TEST snapshot), records the code that produced it, signs the registration with the data scientist's
+identity and writes (or updates) the model's declaration with the version it registered: the pin that
+``onepath promote`` deploys. The data scientist never sees MLflow tags, artifact folders or split seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from platform_defs.specs import (ModelSpec, NotebookModelSpec, notebook_dataset_name, notebook_endpoint_name)
+
+
+class NotebookError(ValueError):
+    """Why a registration was refused, in one line that says what to do."""
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    summary: str
+
+    def __str__(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.summary}"
+
+
+@dataclass
+class Registered:
+    """What ``onepath.register`` did: the version, the declaration that pins it, the checks and what to run next."""
+
+    name: str
+    version: str
+    declaration: Path
+    checks: list[Check] = field(default_factory=list)
+    next: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def __str__(self) -> str:
+        lines = [f"registered {self.name} version {self.version}, pinned in {self.declaration}"]
+        lines += [f"  {c}" for c in self.checks]
+        lines.append(f"next: {self.next}")
+        return "\n".join(lines)
+
+    _repr_pretty_ = lambda self, p, cycle: p.text(str(self))  # noqa: E731 - IPython shows the summary
+
+
+# --------------------------------------------------------------------------------------------
+# Which rows the model never saw
+
+
+def _row_hashes(df: Any, columns: list[str]) -> set[int]:
+    import pandas as pd
+
+    return set(pd.util.hash_pandas_object(df[columns], index=False).tolist())
+
+
+def held_out_problem(train: Any, test: Any, label: str, id_column: str | None = None) -> str | None:
+    """Why ``test`` cannot be trusted as rows the model never saw, or None."""
+    if test is None:
+        return ("no test rows given: pass test=<the rows you held out> (onepath evaluates and gates the model on "
+                "rows it never saw, and cannot tell which those are otherwise)")
+    if len(test) == 0:
+        return "the test frame is empty: pass the rows you held out from training"
+    if label not in test.columns or label not in train.columns:
+        return f"label column '{label}' is missing from the {'test' if label not in test.columns else 'train'} frame"
+    if id_column is not None:
+        if id_column not in train.columns or id_column not in test.columns:
+            return f"id column '{id_column}' is not in both frames"
+        shared = set(train[id_column]) & set(test[id_column])
+        if shared:
+            return (f"train and test share {len(shared)} id(s) in '{id_column}' (e.g. {sorted(shared, key=str)[0]!r}):"
+                    f" the test rows must be rows the model never saw; split again so no id is in both")
+    common = [c for c in train.columns if c in test.columns]
+    overlap = len(_row_hashes(train, common) & _row_hashes(test, common))
+    if overlap:
+        return (f"{overlap} test row(s) are also in the train frame: the test rows must be rows the model never "
+                f"saw; split again (e.g. sklearn's train_test_split) and train on the train part only")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The code that produced the model
+
+
+def code_record() -> tuple[str, str, str]:
+    """``(sha256, where, text)``: in IPython the source of the cells that ran (the shell's ``In``), in a script
+    the file's bytes."""
+    try:
+        from IPython import get_ipython  # type: ignore[import-not-found]
+
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None and "In" in shell.user_ns:
+        cells = [c for c in shell.user_ns["In"] if c]
+        text = "\n\n# ---- cell ----\n".join(cells) + "\n"
+        return hashlib.sha256(text.encode()).hexdigest(), f"notebook cells ({len(cells)})", text
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main and Path(main).is_file():
+        data = Path(main).read_bytes()
+        return hashlib.sha256(data).hexdigest(), str(Path(main).resolve()), data.decode(errors="replace")
+    return hashlib.sha256(b"").hexdigest(), "interactive (no source)", ""
+
+
+# --------------------------------------------------------------------------------------------
+# The declaration
+
+
+def render_declaration(*, name: str, owner: str, version: str, label: str, pii: list[str], protected: list[str],
+                       features: list[str] | None) -> str:
+    lines = ["  - kind: model", f"    name: {name}", f"    owner: {owner}", "    source: notebook",
+             f"    version: {version}", f"    label: {label}"]
+    for key, cols in (("pii", pii), ("protected", protected), ("features", features)):
+        if cols:
+            lines.append(f"    {key}: [{', '.join(cols)}]")
+    return "\n".join(lines) + "\n"
+
+
+def write_declaration(path: Path, block: str, name: str) -> None:
+    """Create ``path`` with ``block``, or replace the model's block in it (others are left as they are)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("declarations:\n" + block)
+        return
+    text = path.read_text()
+    pattern = re.compile(rf"^  - kind: model\n    name: {re.escape(name)}\n(?:    .*\n?)*", re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        if not text.strip():
+            text = "declarations:\n"
+        text = text if text.endswith("\n") else text + "\n"
+        text += block
+    path.write_text(text)
+
+
+def declaration_path(owner: str, declarations: str | Path | None = None) -> Path:
+    from platform_defs.loader import declarations_dir
+
+    return Path(declarations) if declarations else declarations_dir() / owner / "defs.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# The identity that signs
+
+
+def signing_key(identity: str | None, key: str | Path | None) -> tuple[str, Any]:
+    from resources.approvals import ApprovalError, load_private_key
+
+    from platform_defs.cli_governance import identity_key_path
+
+    who = identity or os.environ.get("ONEPATH_IDENTITY")
+    if not who:
+        raise NotebookError("say who you are: register(..., identity='NAME') or set ONEPATH_IDENTITY (your name in "
+                            "the policy's identities)")
+    path = Path(key or os.environ.get("ONEPATH_KEY") or identity_key_path(who))
+    if not path.is_file():
+        raise NotebookError(f"no signing key for '{who}' at {path}: ask your platform engineer to create it "
+                            f"(onepath keys init NAME) and add its public key to the policy's identities, then set "
+                            f"ONEPATH_KEY to the file")
+    try:
+        return who, load_private_key(path)
+    except ApprovalError as err:
+        raise NotebookError(str(err).splitlines()[0]) from None
+
+
+# --------------------------------------------------------------------------------------------
+# register
+
+
+def _checks(estimator: Any, X_test: Any, y_test: Any, test: Any, protected: list[str], thresholds: dict[str, float],
+            track: Any, favourable_label: int) -> tuple[list[Check], dict[str, float]]:
+    from platform_defs.factories import evaluate_classifier, metric_verdicts
+    from platform_defs.governance.fairness import apply_decision_threshold, evaluate_fairness
+
+    metrics = evaluate_classifier(estimator, X_test, y_test)
+    verdicts = metric_verdicts(metrics, thresholds)
+    shown = ", ".join(f"{m} {v:.3f}" for m, v in metrics.items() if m in ("roc_auc", "accuracy", "f1"))
+    if verdicts:
+        failed = [f"{m} {v:.3f} < {t}" for m, v, t, ok in verdicts if not ok]
+        checks = [Check("performance", not failed, "; ".join(failed) if failed else f"{shown} (minimums met)")]
+    else:
+        checks = [Check("performance", True, f"{shown} (no minimums declared)")]
+    if protected:
+        fp = track.fairness
+        proba = estimator.predict_proba(X_test)
+        classes = list(estimator.classes_)
+        unfavourable = [c for c in classes if c != favourable_label]
+        decisions = apply_decision_threshold(proba[:, classes.index(unfavourable[0])], fp.decision_threshold)
+        y_pred = [favourable_label if d == 0 else unfavourable[0] for d in decisions]
+        res = evaluate_fairness(
+            y_test.to_numpy(), y_pred, test[protected].reset_index(drop=True), favourable_label=favourable_label,
+            max_demographic_parity_difference=fp.max_demographic_parity_difference,
+            max_equalized_odds_difference=fp.max_equalized_odds_difference,
+            min_disparate_impact_ratio=fp.min_disparate_impact_ratio, min_group_size=fp.min_group_size)
+        checks.append(Check("fairness", res.passed, res.summary))
+    return checks, metrics
+
+
+def register(model: Any, *, train: Any, test: Any = None, label: str, name: str, owner: str | None = None,
+             pii: list[str] | tuple[str, ...] = (), protected: list[str] | tuple[str, ...] = (),
+             features: list[str] | None = None, id_column: str | None = None, identity: str | None = None,
+             key: str | Path | None = None, declarations: str | Path | None = None, quiet: bool = False,
+             settings: Any = None) -> Registered:
+    """Register a model trained in a notebook (see the module's docstring); returns what it did."""
+    from platform_defs.factories import TAG_PREFIX
+    from platform_defs.policy import load_policy
+    from platform_defs.registration import record_registration
+    from platform_defs.settings import load_settings
+    from platform_defs.specs import NAME_RE, TEAM_RE
+    from platform_defs.wiring import build_resources
+    from resources.approvals import sign_registration
+    from resources.artifact_digest import folder_digest
+
+    owner = owner or os.environ.get("ONEPATH_TEAM")
+    if not owner or not TEAM_RE.match(owner):
+        raise NotebookError(f"owner {owner!r} is not a team: pass owner='<your team in the policy>'")
+    if not NAME_RE.match(name):
+        raise NotebookError(f"name '{name}' is not valid: lowercase letters, digits and '_', starting with a letter")
+    pii, protected = list(pii), list(protected)
+    problem = held_out_problem(train, test, label, id_column)
+    if problem:
+        raise NotebookError(f"{name}: {problem}")
+    feats = list(features) if features else [c for c in train.columns
+                                             if c not in (label, id_column) and c not in pii and c not in protected]
+    missing = [c for c in feats + protected + pii if c not in train.columns or c not in test.columns]
+    if missing:
+        raise NotebookError(f"{name}: column '{missing[0]}' is not in both the train and the test frame")
+    leaked = [c for c in feats if c in pii]
+    if leaked:
+        raise NotebookError(f"{name}: feature '{leaked[0]}' is PII and can never be a model feature")
+    who, private_key = signing_key(identity, key)
+    policy = load_policy()
+    if owner not in policy.teams:
+        raise NotebookError(f"team '{owner}' is not in the policy: your platform engineer adds it under 'teams' "
+                            f"in assets/policy.yaml")
+    track_name = policy.teams[owner].track_for()
+    if track_name is None:
+        raise NotebookError(f"team '{owner}' has no default track in the policy: your platform engineer sets "
+                            f"'default_track' for it in assets/policy.yaml")
+    track = policy.track(track_name)
+    resources = build_resources(settings or load_settings())
+    mlflow, data_store, ledger = resources["mlflow"], resources["data_store"], resources["ledger"]
+    dataset = notebook_dataset_name(name)
+    keep = [c for c in dict.fromkeys(feats + protected + pii + [label]) if c in train.columns]
+    _, train_hash = data_store.write(dataset, train[keep].reset_index(drop=True))
+    _, test_hash = data_store.write(dataset, test[keep].reset_index(drop=True))
+    X_test, y_test = test[feats], test[label]
+    checks, metrics = _checks(model, X_test, y_test, test.reset_index(drop=True), protected, {}, track, 0)
+    c_hash, c_where, c_text = code_record()
+    reference = train[feats + [c for c in protected if c not in feats]].sample(
+        n=min(track.reference_rows, len(train)), random_state=0)
+    tags = {f"{TAG_PREFIX}declaration": name, f"{TAG_PREFIX}dataset_key": dataset,
+            f"{TAG_PREFIX}data_hash": train_hash, f"{TAG_PREFIX}test_data_hash": test_hash,
+            f"{TAG_PREFIX}code_hash": c_hash, f"{TAG_PREFIX}code_path": c_where, f"{TAG_PREFIX}owner": owner,
+            f"{TAG_PREFIX}training_rows": str(len(train)), f"{TAG_PREFIX}test_rows": str(len(test)),
+            f"{TAG_PREFIX}source": "notebook"}
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_path = Path(tmp) / "reference_sample.parquet"
+        reference.to_parquet(ref_path, index=False)
+        code_path = Path(tmp) / "code" / "source.py"
+        code_path.parent.mkdir()
+        code_path.write_text(c_text)
+        registered = mlflow.log_and_register(
+            model_name=name, estimator=model, X_example=train[feats], y_pred_example=model.predict(train[feats].head(50)),
+            metrics=metrics, params={"features": ",".join(feats), "label": label}, tags=tags,
+            experiment=f"onepath/{name}", artifacts={"onepath": str(ref_path), "onepath/code": str(code_path)})
+        digest = folder_digest(mlflow.fresh_copy(name, registered.version, Path(tmp) / "copy"))
+    version = registered.version
+    signature = sign_registration(private_key, model=name, version=version, run_id=registered.run_id, digest=digest)
+    client = mlflow.client()
+    client.set_model_version_tag(name, version, TAG_PREFIX + "signed_by", who)
+    client.set_model_version_tag(name, version, TAG_PREFIX + "registration_signature", signature)
+    record_registration(
+        ledger.ledger(), mlflow, model=name, version=version, run_id=registered.run_id, data_hash=train_hash,
+        code_hash=c_hash, code_path=c_where, dataset_key=dataset, author=None, split_seed=None, test_size=None,
+        training_rows=len(train), metrics=metrics, via="handoff", actor=f"notebook:{who}", policy=policy,
+        signed_by=who, registration_signature=signature, test_data_hash=test_hash)
+    path = declaration_path(owner, declarations)
+    write_declaration(path, render_declaration(name=name, owner=owner, version=version, label=label, pii=pii,
+                                               protected=protected, features=feats), name)
+    out = Registered(name, version, path, checks, f"onepath promote {name} --to prod")
+    if not quiet:
+        print(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Which version promote deploys
+
+
+def version_to_promote(org: Any, model_name: str, book: Any, mlflow: Any) -> tuple[str, str, list[str]]:
+    """``(version, why, newer)``: for a notebook model the version its declaration pins, otherwise the newest
+    registered version; ``newer`` lists registered versions above it that are NOT deployed by this."""
+    model = org.by_name.get(model_name)
+    if model is None or not isinstance(model, ModelSpec):
+        endpoint = org.by_name.get(model_name)
+        model = org.by_name.get(getattr(endpoint, "model", "")) if endpoint is not None else None
+    if model is None:
+        raise NotebookError(f"'{model_name}' is not a declared model or endpoint")
+    versions = sorted((int(v.version) for v in mlflow.client().search_model_versions(f"name = '{model.name}'")))
+    if isinstance(model, NotebookModelSpec):
+        pin = int(model.version)
+        if pin not in versions:
+            raise NotebookError(f"{model.name}: version {pin} pinned by {org.sources.get(model.name, '?')} is not "
+                                f"registered (registered: {', '.join(map(str, versions)) or 'none'})")
+        return str(pin), f"pinned by {org.sources.get(model.name, 'its declaration').rsplit(':', 1)[0]}", \
+            [str(v) for v in versions if v > pin]
+    if not versions:
+        raise NotebookError(f"{model.name} has no registered version yet: materialize it first")
+    return str(versions[-1]), "the newest registered version", []
+
+
+def endpoint_of(model_name: str) -> str:
+    return notebook_endpoint_name(model_name)

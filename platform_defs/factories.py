@@ -405,7 +405,8 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream
     key = endpoint_asset_name(spec.name, env)
     dep = dg.AssetKey(endpoint_asset_name(spec.name, upstream_env)) if upstream_env else dg.AssetKey(model.name)
     source = (f"the version '{upstream_env}' serves" if upstream_env
-              else f"the newest registered version of model '{model.name}'")
+              else f"the version model '{model.name}' pins ({org.sources.get(model.name, 'its declaration')})"
+              if isinstance(model, NotebookModelSpec) else f"the newest registered version of model '{model.name}'")
     meta = common(spec)
     meta["tags"] = {**meta["tags"], "onepath/env": env}
     track = policy.track(model.track)
@@ -422,6 +423,9 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream
         metadata={"onepath/endpoint": spec.name, "onepath/env": env, "onepath/model": model.name,
                   "onepath/deploys": source, "onepath/gate": ", ".join(required)},
         check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=DESCRIPTIONS[c]) for c in required],
+        config_schema={"version": dg.Field(str, is_required=False, description=(
+            "Deploy exactly this registered version (first environment); in a later one it must be what the "
+            "environment before serves, or the run is refused."))},
         **meta,
     )
     def _endpoint(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,
@@ -433,7 +437,8 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream
                 org, policy, spec.name, env,
                 services=flow_services(context, mlflow, deployer_local, ledger, data_store),
                 actor=f"dagster:{context.run.run_id}", trigger=run_trigger(context),
-                initiated_by=context.run.tags.get("dagster/user"))
+                initiated_by=context.run.tags.get("dagster/user"),
+                version=(context.op_execution_context.op_config or {}).get("version"))
         except PromotionError as err:
             if err.verdicts:
                 yield from check_results(err.verdicts, str(err.metadata.get("refused_version", "")), "model")

@@ -523,9 +523,11 @@ def _verified_artifact(services: Services, model: ModelSpec, version: str, *, su
 @refusals_in_one_line
 def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, actor: str,
                      trigger: str, initiated_by: str | None = None,
-                     wait_seconds: float = LOCK_WAIT_SECONDS) -> Promotion:
+                     wait_seconds: float = LOCK_WAIT_SECONDS, version: str | None = None) -> Promotion:
     """Deploy into ``name.env`` what the graph says belongs there: in the first environment the model's
-    newest registered version, in a later one exactly what the environment before it serves.
+    newest registered version (a notebook model's: the version its declaration pins; ``version``, the run
+    config's, when given), in a later one exactly what the environment before it serves (``version``, when
+    given, must be that one: anything else is refused, never substituted).
 
     ``trigger`` and ``initiated_by`` come from the run's tags: they are recorded under ``claims``, never
     as facts (the fact is ``actor``)."""
@@ -538,15 +540,36 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
     track = policy.track(model.track)
     book, deployer, mlflow = services.ledger, services.deployer, services.mlflow
     with promotion_lock(book, spec.name, env, actor, wait_seconds) as (lock, waited):
+        requested, why, newer = (str(version) if version not in (None, "") else None), "", []
         if upstream_env is None:
-            version = mlflow.latest_version(model.name)
-            if version is None:
-                raise PromotionError(f"model '{model.name}' has no registered version: materialize it first")
+            from platform_defs.notebook import NotebookError, version_to_promote
+
+            try:
+                chosen, why, newer = version_to_promote(org, model.name, book, mlflow)
+            except NotebookError as err:
+                if requested is None:
+                    raise PromotionError(f"{spec.name}.{env}: {err}") from None
+                chosen = requested
+            if requested is not None and requested != chosen:
+                try:
+                    mlflow.get_version(model.name, requested)
+                except Exception:  # noqa: BLE001 - MLflow says "not found" in several ways
+                    raise PromotionError(f"{spec.name}.{env}: version {requested} of model '{model.name}' is not "
+                                         f"registered") from None
+                newer = [v for v in newer + ([chosen] if int(chosen) > int(requested) else []) if v != requested]
+                chosen, why = requested, "asked for (run config version)"
+            version = chosen
+            services.log(f"{spec.name}.{env}: version {version}: {why}"
+                         + (f"; newer version(s) {', '.join(newer)} exist and are NOT deployed" if newer else ""))
         else:
             version = serving_version(deployer.status(endpoint_target(spec, upstream_env)))
             if version is None:
                 raise PromotionError(f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote "
                                      f"to '{env}'; deploy '{upstream_env}' first")
+            why = f"what '{upstream_env}' serves"
+            if requested is not None and requested != version:
+                raise PromotionError(f"{spec.name}.{env}: version {requested} asked, but '{upstream_env}' serves "
+                                     f"version {version}: promote {requested} to '{upstream_env}' first")
         before = deployer.status(target)
         previous = serving_version(before)
         if waited and previous == version:
@@ -587,7 +610,8 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
             alias_error = _move_alias(services, lock, model.name, env, version)
             entry = book.append("deploy", spec.name, {
                 **({"alias_error": alias_error} if alias_error else {}),
-                "model": model.name, "version": version, "digest": digest, "previous_version": previous,
+                "model": model.name, "version": version, "why": why, "newer_not_deployed": newer,
+                "digest": digest, "previous_version": previous,
                 "address": status.address, "promoted_from": upstream_env, "track": model.track,
                 "owner": model.owner, "checks": [v.check for v in verdicts], "claims": claims,
                 "policy_hash": policy_hash(policy), "fencing_token": lock.token,

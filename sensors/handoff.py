@@ -129,9 +129,14 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger, cursor: dic
             notes.append(f"{m.name} version {mv.version} handed off")
             for ep in endpoints:
                 if ep.model == m.name:
+                    first = endpoint_asset_name(ep.name, ep.environments[0])
+                    # the run deploys exactly the version handed off: without it the first environment took the
+                    # newest registered version, and a version 7 registered meanwhile was deployed under a
+                    # "handoff of version 6" (the request named one version, the asset chose another)
                     requests.append(dg.RunRequest(
                         run_key=f"handoff:{m.name}:{mv.version}:{ep.name}",
-                        asset_selection=[dg.AssetKey(endpoint_asset_name(ep.name, ep.environments[0]))],
+                        asset_selection=[dg.AssetKey(first)],
+                        run_config={"ops": {first: {"config": {"version": str(mv.version)}}}},
                         tags={"onepath/trigger": "handoff", "onepath/handoff_version": str(mv.version),
                               "onepath/model": m.name, "onepath/registered_by": str(author or "unknown")}))
     return events, requests, notes, new_cursor

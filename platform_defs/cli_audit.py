@@ -105,15 +105,24 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_audit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``audit verify [--full]`` and ``audit export --out DIR`` to ``onepath``'s subcommands."""
-    audit = sub.add_parser("audit", help="check or export the tamper-evident platform ledger")
-    asub = audit.add_subparsers(dest="audit_cmd", required=True)
-    p = asub.add_parser("verify", help="recompute every hash and link, check the head signature under the "
-                                       "pinned platform key and compare with the witness")
-    p.add_argument("--full", action="store_true", help="check every head signature, not only the newest (slower)")
-    p.set_defaults(fn=cmd_audit_verify)
-    p = asub.add_parser("export", help="write ledger.jsonl and ledger.csv to a folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the files to")
-    p.set_defaults(fn=cmd_audit_export)
-    return audit
+import click  # noqa: E402
+
+from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
+
+
+@click.group("audit", context_settings=GROUP_SETTINGS)
+def audit() -> None:
+    """Check or export the tamper-evident platform ledger."""
+
+
+@audit.command("verify", help="recompute every hash and link, check the head signature under the pinned platform "
+                              "key and compare with the witness")
+@click.option("--full", is_flag=True, help="check every head signature, not only the newest (slower)")
+def _verify(**kw):  # noqa: ANN003
+    return verb(cmd_audit_verify)(**kw)
+
+
+@audit.command("export", help="write ledger.jsonl and ledger.csv to a folder")
+@click.option("--out", required=True, metavar="DIR", help="folder to write the files to")
+def _export(**kw):  # noqa: ANN003
+    return verb(cmd_audit_export)(**kw)

@@ -29,6 +29,7 @@ from platform_defs.cli_policy import policy
 from platform_defs.cli_rollback import rollback
 from platform_defs.cli_runs import materialize, runs
 from platform_defs.cli_simulate import simulate_traffic
+from platform_defs.cli_why import why
 from platform_defs.cli_witness import witness
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
 from resources.files import tighten_tree, use_private_umask
@@ -329,7 +330,7 @@ def _down(**kw):  # noqa: ANN003
 
 
 for _command in (approve, revoke, sign_version, keys, rollback, inventory, audit, policy, simulate_traffic,
-                 witness, access, materialize, runs):
+                 witness, access, materialize, runs, why):
     onepath.add_command(_command)
 
 

@@ -94,10 +94,49 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _when(flag: str, text: str | None):
+    """An ISO time (``2026-02-01``, ``2026-02-01T10:00``, with or without a zone; none means UTC), or None."""
+    from datetime import UTC, datetime
+
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--{flag} {text!r} is not an ISO time: write e.g. 2026-02-01 or 2026-02-01T10:00:00Z")
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def export_filter(asset: str | None, env: str | None, since: str | None, until: str | None):
+    """The entries ``audit export`` keeps: of ``asset`` (an entry's subject; an endpoint's or app's environment
+    asset ``<name>_<env>`` too), in ``env``, recorded at or after ``since`` and before ``until``."""
+    from datetime import datetime
+
+    lo, hi = _when("since", since), _when("until", until)
+
+    def keep(e) -> bool:  # noqa: ANN001
+        if asset and e.subject != asset and not (e.env and f"{e.subject}_{e.env}" == asset):
+            return False
+        if env and e.env != env:
+            return False
+        if lo or hi:
+            ts = datetime.fromisoformat(e.ts)
+            if (lo and ts < lo) or (hi and ts >= hi):
+                return False
+        return True
+    return keep
+
+
 def cmd_audit_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
-        n = _ledger().export(out / "ledger.jsonl", out / "ledger.csv")
+        keep = export_filter(getattr(args, "asset", None), getattr(args, "env", None),
+                             getattr(args, "since", None), getattr(args, "until", None))
+    except ValueError as err:
+        print(f"onepath: {err}", file=sys.stderr)
+        return 2
+    try:
+        n = _ledger().export(out / "ledger.jsonl", out / "ledger.csv", where=keep)
     except (OSError, sqlite3.Error) as err:
         print(f"onepath: audit export failed: {err}", file=sys.stderr)
         return 1
@@ -122,7 +161,14 @@ def _verify(**kw):  # noqa: ANN003
     return verb(cmd_audit_verify)(**kw)
 
 
-@audit.command("export", help="write ledger.jsonl and ledger.csv to a folder")
+@audit.command("export", help="write ledger.jsonl and ledger.csv to a folder: every entry, or those the filters "
+                              "keep (all of them must hold)")
 @click.option("--out", required=True, metavar="DIR", help="folder to write the files to")
+@click.option("--asset", metavar="NAME", help="only entries about this asset: a dataset, model, endpoint or app "
+                                              "(its subject), or an environment asset such as credit_scoring_prod")
+@click.option("--env", metavar="ENV", help="only entries recorded for this environment (e.g. prod)")
+@click.option("--since", metavar="ISO", help="only entries recorded at or after this time, e.g. 2026-02-01 or "
+                                             "2026-02-01T10:00:00Z (no zone: UTC)")
+@click.option("--until", metavar="ISO", help="only entries recorded before this time (same form as --since)")
 def _export(**kw):  # noqa: ANN003
     return verb(cmd_audit_export)(**kw)

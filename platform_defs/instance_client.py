@@ -241,3 +241,30 @@ class InstanceClient:
             raise InstanceError(f"the code location '{location}' did not reload: "
                                 f"{(info.message or '').strip().splitlines()[:1] or info.failure_type}")
         self._location = None
+
+
+_CHECKS = """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { __typename
+  ... on AssetNode { assetChecksOrError { __typename ... on AssetChecks { checks { name description } } } } } }"""
+_CHECK_RUNS = """query($key: AssetKeyInput!, $check: String!) {
+  assetCheckExecutions(assetKey: $key, checkName: $check, limit: 1) { runId status timestamp
+    evaluation { checkName success severity description %s } } }""" % _META
+
+
+def latest_check_evaluations(client: InstanceClient, asset: str) -> list[dict[str, Any]]:
+    """Each check of ``asset`` with its latest execution: check, description, run_id, status, passed, severity,
+    metadata (passed None when it never ran)."""
+    key = {"path": asset.split("/")}
+    node = client.query(_CHECKS, {"key": key})["assetNodeOrError"]
+    if node["__typename"] != "AssetNode":
+        raise InstanceError(f"the running platform has no asset '{asset}' (onepath inventory lists what is declared)")
+    checks = (node.get("assetChecksOrError") or {}).get("checks") or []
+    out = []
+    for c in checks:
+        runs = client.query(_CHECK_RUNS, {"key": key, "check": c["name"]})["assetCheckExecutions"]
+        ex = runs[0] if runs else None
+        ev = (ex or {}).get("evaluation") or {}
+        out.append({"asset": asset, "check": c["name"], "description": c.get("description"),
+                    "run_id": ex and ex["runId"], "status": ex and ex["status"],
+                    "passed": ev.get("success") if ev else None, "severity": ev.get("severity"),
+                    "summary": ev.get("description"), "metadata": _metadata(ev.get("metadataEntries") or [])})
+    return out

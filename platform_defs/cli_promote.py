@@ -156,6 +156,11 @@ def promote(name: str, to: str, version: str | None, as_json: bool) -> int:
                 for f in result["failures"] if not failing else []:
                     print(f"  step {f['step']}: {f['message']}")
                 return 1
+            served = serving_version(deployer.status(target))
+            if served != version:  # what the run deployed is not what was asked: said, never substituted silently
+                out["refused"] = env
+                return _fail(f"{decl.name}.{env} serves {served or 'nothing'} after run {run_id}, not {version}: "
+                             f"nothing further is promoted (onepath runs show {run_id})")
         st = deployer.status(Target(decl.name, to, decl.kind, decl.ports.get(to)))
         out["address"] = st.address
         if decl.kind == "endpoint":

@@ -27,6 +27,7 @@ from platform_defs.cli_governance import approve, keys, revoke, sign_version
 from platform_defs.cli_inventory import inventory
 from platform_defs.cli_policy import policy
 from platform_defs.cli_promote import promote
+from platform_defs.cli_register import register
 from platform_defs.cli_rollback import rollback
 from platform_defs.cli_runs import materialize, runs
 from platform_defs.cli_simulate import simulate_traffic
@@ -331,7 +332,7 @@ def _down(**kw):  # noqa: ANN003
 
 
 for _command in (approve, revoke, sign_version, keys, rollback, inventory, audit, policy, simulate_traffic,
-                 witness, access, materialize, runs, why, promote):
+                 witness, access, materialize, runs, why, promote, register):
     onepath.add_command(_command)
 
 

@@ -173,10 +173,18 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
         "reports_pruned": len(pruned),
         "evaluation_seconds": seconds,
     }
+    no_trainer = None
+    if result.dataset_drift and not getattr(m.model, "trainer", ""):
+        # a notebook model: nothing here can retrain it; its owner registers a new version
+        no_trainer = (f"model '{m.model.name}' has no trainer (registered from a notebook): drift cannot retrain "
+                      f"it; team '{m.model.owner}', please train on fresh data and run onepath.register(...) again "
+                      f"for a new version")
+        metadata["action"] = no_trainer
     if result.dataset_drift:
         from platform_defs.promotion import client_claims
 
         entry = ledger.append("drift_detected", m.endpoint.name, {
+            **({"no_trainer": True, "action": no_trainer, "ask": m.model.owner} if no_trainer else {}),
             "model": m.model.name, "version": version, "drifted_share": result.drifted_share,
             "drifted_columns": result.drifted_columns, "window_rows": window.rows,
             "report": str(result.report_html or report),
@@ -185,7 +193,8 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
         }, actor, env=m.env)
         metadata["ledger_entry"] = entry.seq
     return dg.AssetCheckResult(check_name=CHECK_NAME, passed=not result.dataset_drift,
-                               severity=dg.AssetCheckSeverity.WARN, metadata=metadata)
+                               severity=dg.AssetCheckSeverity.WARN, metadata=metadata,
+                               **({"description": no_trainer} if no_trainer else {}))
 
 
 def build_drift_checks(org: Organisation, policy: Policy) -> list[dg.AssetChecksDefinition]:

@@ -106,6 +106,11 @@ def tick(targets: list[Monitored], *, monitoring: MonitoringResource, book: Ledg
             m = by_label.get(f"{entry.subject}.{entry.env}")
             if m is None or not m.drift.retrain:
                 continue
+            if not getattr(m.model, "trainer", ""):
+                reasons.append(f"drift #{entry.seq} on {m.label}: no retraining requested: model '{m.model.name}' "
+                               f"has no trainer (registered from a notebook); its owner '{m.model.owner}' is asked "
+                               f"for a new version (onepath.register)")
+                continue
             cooling, why = in_cooldown(book, m, now)
             if cooling:
                 reasons.append(f"drift #{entry.seq} not acted on: {why}")

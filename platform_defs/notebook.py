@@ -217,7 +217,7 @@ def register(model: Any, *, train: Any, test: Any = None, label: str, name: str,
              pii: list[str] | tuple[str, ...] = (), protected: list[str] | tuple[str, ...] = (),
              features: list[str] | None = None, id_column: str | None = None, identity: str | None = None,
              key: str | Path | None = None, declarations: str | Path | None = None, quiet: bool = False,
-             settings: Any = None) -> Registered:
+             settings: Any = None, policy: Any = None) -> Registered:
     """Register a model trained in a notebook (see the module's docstring); returns what it did."""
     from platform_defs.factories import TAG_PREFIX
     from platform_defs.policy import load_policy
@@ -246,7 +246,7 @@ def register(model: Any, *, train: Any, test: Any = None, label: str, name: str,
     if leaked:
         raise NotebookError(f"{name}: feature '{leaked[0]}' is PII and can never be a model feature")
     who, private_key = signing_key(identity, key)
-    policy = load_policy()
+    policy = policy or load_policy()
     if owner not in policy.teams:
         raise NotebookError(f"team '{owner}' is not in the policy: your platform engineer adds it under 'teams' "
                             f"in assets/policy.yaml")

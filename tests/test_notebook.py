@@ -179,10 +179,11 @@ def test_three_steps_from_a_jupyter_kernel(settings, tmp_path):
         assert entry.data["version"] == "1" and entry.data["newer_not_deployed"] == ["2"]
         assert entry.data["why"].startswith("pinned by")
         headers = cli_headers(book, services.deployer, "fraud_scoring", "staging", org)
-        resp = httpx.post(f"{result.address}/predict", json={"rows": out["probe"]}, headers=headers, timeout=30)
+        resp = httpx.post(f"{result.address}/predict", json={"records": out["probe"]}, headers=headers, timeout=30)
         assert resp.status_code == 200, resp.text
         body = resp.json()
-        got = [p.get("probability", p) for p in body.get("predictions", body)]
+        assert body["version"] == "1"
+        got = [p["probability"] for p in body["predictions"]]
         assert got == pytest.approx(out["proba"], abs=1e-6)
     finally:
         services.deployer.stop_all()

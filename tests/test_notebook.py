@@ -105,8 +105,8 @@ def test_register_refuses_in_one_line_without_a_key(tmp_path, monkeypatch):
 
 KERNEL_CELLS = [
     """import os, sys
-os.environ.update({ENV})
-sys.path.insert(0, {ROOT!r})""",
+os.environ.update(@ENV@)
+sys.path.insert(0, @ROOT@)""",
     """import numpy as np, pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -120,11 +120,12 @@ df["is_fraud"] = ((df.amount > 150) | (rng.random(n) < 0.1)).astype(int)
 df_train, df_test = train_test_split(df, test_size=0.3, random_state=1, stratify=df.is_fraud)""",
     """model = LogisticRegression().fit(df_train[["amount", "hour"]], df_train.is_fraud)
 first = onepath.register(model, train=df_train, test=df_test, label="is_fraud", name="fraud", owner="retention",
-                         protected=["age_band"], identity="carla", key={KEY!r}, policy=quick_policy())""",
+                         protected=["age_band"], identity="carla", key=@KEY@, policy=quick_policy())""",
     # a second version arrives between step 1 and step 2 (registered elsewhere: the pin stays on the first)
     """other = LogisticRegression(C=0.01).fit(df_train[["amount"]].assign(hour=0.0), df_train.is_fraud)
 second = onepath.register(other, train=df_train, test=df_test, label="is_fraud", name="fraud", owner="retention",
-                          identity="carla", key={KEY!r}, declarations={SCRATCH!r}, policy=quick_policy())
+                          protected=["age_band"],
+                          identity="carla", key=@KEY@, declarations=@SCRATCH@, policy=quick_policy())
 probe = df_test.head(20)[["amount", "hour"]]
 import json
 print(json.dumps({"first": first.version, "second": second.version, "decl": str(first.declaration),
@@ -153,9 +154,16 @@ def test_three_steps_from_a_jupyter_kernel(settings, tmp_path):
     book = resources["ledger"].ledger()
     record_policy(book, policy)
     env = {"ONEPATH_HOME": str(settings.home), "ONEPATH_DECLARATIONS_DIR": str(decl)}
-    fill = {"ENV": repr(env), "ROOT": str(PROJECT_ROOT), "KEY": str(PROJECT_ROOT / "assets/demo_identities/carla.key"),
-            "SCRATCH": str(tmp_path / "scratch.yaml")}
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c.format(**fill)) for c in KERNEL_CELLS])
+    fill = {"ENV": repr(env), "ROOT": repr(str(PROJECT_ROOT)),
+            "KEY": repr(str(PROJECT_ROOT / "assets/demo_identities/carla.key")),
+            "SCRATCH": repr(str(tmp_path / "scratch.yaml"))}
+
+    def cell(text: str) -> str:
+        for k, v in fill.items():
+            text = text.replace(f"@{k}@", v)
+        return text
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell(c)) for c in KERNEL_CELLS])
     NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     out = json.loads([o for o in nb.cells[-1].outputs if o.get("name") == "stdout"][-1]["text"].splitlines()[-1])
     assert (out["first"], out["second"]) == ("1", "2")

@@ -60,26 +60,48 @@ def ensure_instance(settings: Settings) -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from platform_defs.loader import declarations_dir, load_organisation
+    from platform_defs.loader import declarations_dir
     from platform_defs.specs import DeclarationError
 
     root = Path(args.path).resolve() if args.path else declarations_dir()
-    from platform_defs.policy import PolicyError, effective_drift, load_policy
+    from platform_defs.policy import PolicyError
 
     try:
-        policy = load_policy()
-        org = load_organisation(root, policy)
-        for ep in org.of_kind("endpoint"):
-            effective_drift(ep, policy, org.sources.get(ep.name))
+        problems, org = validate_declarations(root)
     except (DeclarationError, PolicyError) as err:
         print(str(err).splitlines()[0], file=sys.stderr)
         return 1
+    for line in problems:
+        print(line, file=sys.stderr)
     counts: dict[str, int] = {}
     for d in org.by_name.values():
         counts[d.kind] = counts.get(d.kind, 0) + 1
     summary = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in sorted(counts.items()))
+    if problems:
+        print(f"{len(problems)} problem(s); {len(org)} declarations load in {root} ({summary or 'none'})",
+              file=sys.stderr)
+        return 1
     print(f"ok: {len(org)} declarations in {root} ({summary})")
     return 0
+
+
+def validate_declarations(root: Path) -> "tuple[list[str], Any]":
+    """Every problem of the declarations under ``root``, one line each, and the organisation of what loads:
+    the code location's tolerant load plus what only validate (and CI) checks: that every trainer and
+    generator imports and is callable, and each endpoint's drift settings. A broken policy file raises."""
+    from platform_defs.loader import load_organisation
+    from platform_defs.policy import effective_drift, load_policy
+    from platform_defs.specs import DeclarationError
+
+    policy = load_policy()
+    org = load_organisation(root, policy, tolerant=True, check_imports=True)
+    lines = [str(p).splitlines()[0] for p in org.problems]
+    for ep in org.of_kind("endpoint"):
+        try:
+            effective_drift(ep, policy, org.sources.get(ep.name))
+        except DeclarationError as err:
+            lines.append(str(err).splitlines()[0])
+    return lines, org
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -305,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("validate", help="load and check every declaration; print the first problem")
+    p = sub.add_parser("validate", help="load and check every declaration; print every problem, one line each")
     p.add_argument("path", nargs="?", help="declarations folder (default: the project's assets/)")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("down", help="stop every endpoint and app process onepath started")

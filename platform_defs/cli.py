@@ -211,7 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from platform_defs.policy import PolicyError
 
     try:
-        org = load_organisation()
+        org = load_organisation(tolerant=True)  # as the code location loads: a broken declaration is left out
         policy_line = _policy_on_start(settings)
     except (DeclarationError, PolicyError) as err:
         return _die(str(err).splitlines()[0])
@@ -241,20 +241,38 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"onepath: {len(org)} declarations loaded; Dagster UI on http://{args.host}:{args.port}"
           f"{'' if args.no_mlflow_ui else f', MLflow UI on {settings.mlflow_ui_url}'}; state in {settings.home}")
     print(f"onepath: {policy_line}", flush=True)
+    for problem in org.problems:
+        print(f"onepath: left out: {str(problem).splitlines()[0]}", flush=True)
     # dg dev runs in its own process group, so stopping it reaches its webserver, daemon and code
     # servers too: first a Ctrl-C, as a terminal would send, then SIGTERM, then SIGKILL.
     dagster = subprocess.Popen(dg_cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)
     procs.append(dagster)
+    watcher = _start_watcher(args.host, args.port)
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
     while dagster.poll() is None and not stopping:
         time.sleep(0.2)
+    watcher.stop.set()
     for p in procs:
         _stop_group(p)
     code = 0 if stopping else (dagster.returncode or 0)
     print("onepath: Dagster stopped; endpoints keep serving (onepath down stops them)")
     return code
+
+
+def _start_watcher(host: str, port: int):
+    """The thread that reloads the code location when a declaration or the policy file changes."""
+    from platform_defs.loader import declarations_dir
+    from platform_defs.policy import policy_path
+    from platform_defs.reload import Watcher
+
+    addr = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    watched = [declarations_dir(), policy_path()]
+    watcher = Watcher(watched, f"http://{addr}:{port}/graphql", lambda line: print(f"onepath: {line}", flush=True))
+    watcher.start()
+    print(f"onepath: watching {watched[0]} and {watched[1]}: a change reloads the code location", flush=True)
+    return watcher
 
 
 def _policy_on_start(settings: Settings) -> str:

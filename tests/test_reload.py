@@ -21,7 +21,7 @@ from tests.test_platform_up import free_port, gql
 ROOT = Path(__file__).resolve().parents[1]
 RETENTION = (ROOT / "assets" / "retention" / "defs.yaml").read_text()
 # a second line of the retention shape, under other names
-UPSELL = (RETENTION.replace("customer_activity", "upsell_activity").replace("churn_scoring", "upsell_scoring")
+UPSELL = (RETENTION.replace(": customer_activity", ": upsell_activity").replace("churn_scoring", "upsell_scoring")
           .replace("name: churn\n", "name: upsell\n").replace("model: churn\n", "model: upsell\n"))
 NODES = """{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename
   ... on PythonError { message } ... on RepositoryLocation { repositories { name

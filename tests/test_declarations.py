@@ -321,7 +321,8 @@ def test_an_endpoints_drift_settings_are_checked_against_the_policy_with_file_an
     write(tmp_path, {"team/defs.yaml": bad})
     out = run_cli("validate", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    (line,) = out.stderr.splitlines()
+    line, count = out.stderr.splitlines()
+    assert count.startswith("1 problem(s); 3 declarations load")
     assert line.startswith("declaration 'churn_scoring' (endpoint, team/defs.yaml:")
     assert "field 'drift.numeric_method'" in line and "(got 'kss')" in line
     both = src.replace("    model: churn\n", "    model: churn\n    drift: {window_rows: 500, window_hours: 2}\n")

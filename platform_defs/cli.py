@@ -18,14 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from platform_defs.cli_access import add_access_parser
-from platform_defs.cli_audit import add_audit_parser
-from platform_defs.cli_governance import add_governance_parsers
-from platform_defs.cli_inventory import add_inventory_parser
-from platform_defs.cli_policy import add_policy_parser
-from platform_defs.cli_rollback import add_rollback_parser
-from platform_defs.cli_simulate import add_simulate_parser
-from platform_defs.cli_witness import add_witness_parser
+import click
+
+from platform_defs.cli_access import access
+from platform_defs.cli_audit import audit
+from platform_defs.cli_base import GROUP_SETTINGS, verb
+from platform_defs.cli_governance import approve, keys, revoke, sign_version
+from platform_defs.cli_inventory import inventory
+from platform_defs.cli_policy import policy
+from platform_defs.cli_rollback import rollback
+from platform_defs.cli_runs import materialize, runs
+from platform_defs.cli_simulate import simulate_traffic
+from platform_defs.cli_why import why
+from platform_defs.cli_witness import witness
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
 from resources.files import tighten_tree, use_private_umask
 from resources.processes import group_alive
@@ -265,11 +270,13 @@ def _start_watcher(host: str, port: int):
     """The thread that reloads the code location when a declaration or the policy file changes."""
     from platform_defs.loader import declarations_dir
     from platform_defs.policy import policy_path
+    from platform_defs.instance_client import InstanceClient
     from platform_defs.reload import Watcher
 
     addr = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     watched = [declarations_dir(), policy_path()]
-    watcher = Watcher(watched, f"http://{addr}:{port}/graphql", lambda line: print(f"onepath: {line}", flush=True))
+    client = InstanceClient(addr, port, timeout=120.0)
+    watcher = Watcher(watched, client, lambda line: print(f"onepath: {line}", flush=True))
     watcher.start()
     print(f"onepath: watching {watched[0]} and {watched[1]}: a change reloads the code location", flush=True)
     return watcher
@@ -332,37 +339,64 @@ def _stop_group(p: subprocess.Popen) -> None:
         pass
 
 
+@click.group("onepath", context_settings=GROUP_SETTINGS)
+def onepath() -> None:
+    """One delivery path for data, models, endpoints and apps."""
+
+
+@onepath.command("up", help="start the platform: Dagster UI (with sensors) and the MLflow UI")
+@click.option("--host", default=lambda: os.environ.get("ONEPATH_UI_HOST", "127.0.0.1"), show_default="127.0.0.1")
+@click.option("--port", type=int, default=lambda: int(os.environ.get("ONEPATH_UI_PORT", "3000")),
+              show_default="3000")
+@click.option("--no-mlflow-ui", is_flag=True)
+def _up(**kw):  # noqa: ANN003
+    return verb(cmd_up)(**kw)
+
+
+@onepath.command("status", help="every endpoint and app release per environment, asked live")
+@click.option("--env")
+@click.option("--json", "json", is_flag=True)
+def _status(**kw):  # noqa: ANN003
+    return verb(cmd_status)(**kw)
+
+
+@onepath.command("validate", help="load and check every declaration; print every problem, one line each")
+@click.argument("path", required=False)
+def _validate(**kw):  # noqa: ANN003
+    return verb(cmd_validate)(**kw)
+
+
+@onepath.command("down", help="stop every endpoint and app process onepath started")
+def _down(**kw):  # noqa: ANN003
+    return verb(cmd_down)(**kw)
+
+
+for _command in (approve, revoke, sign_version, keys, rollback, inventory, audit, policy, simulate_traffic,
+                 witness, access, materialize, runs, why):
+    onepath.add_command(_command)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``onepath`` on ``argv`` (default: the process's arguments); every error is one line on stderr and an
+    exit code: 2 for a usage error, 1 for the rest, never a traceback."""
     use_private_umask()  # everything this command, and every server it starts, creates is owner-only
-    ap = argparse.ArgumentParser(prog="onepath", description="One delivery path for data, models, endpoints and apps.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("up", help="start the platform: Dagster UI (with sensors) and the MLflow UI")
-    p.add_argument("--host", default=os.environ.get("ONEPATH_UI_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("ONEPATH_UI_PORT", "3000")))
-    p.add_argument("--no-mlflow-ui", action="store_true")
-    p.set_defaults(fn=cmd_up)
-    p = sub.add_parser("status", help="every endpoint and app release per environment, asked live")
-    p.add_argument("--env")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("validate", help="load and check every declaration; print every problem, one line each")
-    p.add_argument("path", nargs="?", help="declarations folder (default: the project's assets/)")
-    p.set_defaults(fn=cmd_validate)
-    p = sub.add_parser("down", help="stop every endpoint and app process onepath started")
-    p.set_defaults(fn=cmd_down)
-    add_governance_parsers(sub)
-    add_rollback_parser(sub)
-    add_inventory_parser(sub)
-    add_audit_parser(sub)
-    add_policy_parser(sub)
-    add_simulate_parser(sub)
-    add_witness_parser(sub)
-    add_access_parser(sub)
-    args = ap.parse_args(argv)
     import sqlite3
 
     try:
-        return int(args.fn(args) or 0)
+        return int(onepath.main(args=argv, prog_name="onepath", standalone_mode=False) or 0)
+    except click.exceptions.NoArgsIsHelpError as err:  # `onepath` or `onepath access` alone: its help, and 2
+        print(err.ctx.get_help() if err.ctx is not None else "onepath --help", file=sys.stderr)
+        return 2
+    except click.UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "onepath"
+        print(f"{where}: {err.format_message()} (onepath {'' if where == 'onepath' else where[8:] + ' '}--help)",
+              file=sys.stderr)
+        return 2
+    except click.Abort:
+        return 130
+    except click.ClickException as err:
+        print(f"onepath: {err.format_message()}", file=sys.stderr)
+        return err.exit_code or 1
     except KeyboardInterrupt:
         return 130
     except sqlite3.DatabaseError as err:

@@ -149,29 +149,31 @@ def cmd_issue(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_access_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("access", help="grants and credentials: who may call which endpoint")
-    asub = p.add_subparsers(dest="access_cmd", required=True)
-    c = asub.add_parser("list", help="every grant in force (--all: revoked ones too) and why it exists")
-    c.add_argument("--all", action="store_true")
-    for name in ("caller", "endpoint", "env"):
-        c.add_argument(f"--{name}")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(fn=cmd_list)
-    c = asub.add_parser("rotate", help="a new secret for a grant; the old one works for overlap_seconds more")
-    c.add_argument("grant", nargs="?", help="grant id (onepath access list)")
-    for name in ("caller", "endpoint", "env"):
-        c.add_argument(f"--{name}")
-    c.set_defaults(fn=cmd_rotate)
-    c = asub.add_parser("revoke", help="end a grant now (recorded; its next request is refused)")
-    c.add_argument("grant", help="grant id (onepath access list)")
-    c.add_argument("--why", required=True, help="recorded in the ledger")
-    c.set_defaults(fn=cmd_revoke)
-    c = asub.add_parser("reconcile", help="revoke what nothing justifies, rotate what is old, publish the tables")
-    c.set_defaults(fn=cmd_reconcile)
-    c = asub.add_parser("issue", help="write a policy caller's credential to the callers' store; prints its path")
-    c.add_argument("--caller", required=True)
-    c.add_argument("--endpoint", required=True)
-    c.add_argument("--env", required=True)
-    c.set_defaults(fn=cmd_issue)
-    return p
+import click  # noqa: E402
+
+from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
+
+
+@click.group("access", context_settings=GROUP_SETTINGS)
+def access() -> None:
+    """Grants and credentials: who may call which endpoint."""
+
+
+def _pick_options(f):  # noqa: ANN001
+    for name in ("env", "endpoint", "caller"):
+        f = click.option(f"--{name}")(f)
+    return f
+
+
+access.command("list", help="every grant in force (--all: revoked ones too) and why it exists")(
+    click.option("--json", "json", is_flag=True)(_pick_options(click.option("--all", "all", is_flag=True)(
+        verb(cmd_list)))))
+access.command("rotate", help="a new secret for a grant; the old one works for overlap_seconds more")(
+    _pick_options(click.argument("grant", required=False)(verb(cmd_rotate))))
+access.command("revoke", help="end a grant now (recorded; its next request is refused)")(
+    click.argument("grant")(click.option("--why", required=True, help="recorded in the ledger")(verb(cmd_revoke))))
+access.command("reconcile", help="revoke what nothing justifies, rotate what is old, publish the tables")(
+    verb(cmd_reconcile))
+access.command("issue", help="write a policy caller's credential to the callers' store; prints its path")(
+    click.option("--caller", required=True)(click.option("--endpoint", required=True)(
+        click.option("--env", required=True)(verb(cmd_issue)))))

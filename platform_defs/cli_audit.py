@@ -94,10 +94,49 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _when(flag: str, text: str | None):
+    """An ISO time (``2026-02-01``, ``2026-02-01T10:00``, with or without a zone; none means UTC), or None."""
+    from datetime import UTC, datetime
+
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--{flag} {text!r} is not an ISO time: write e.g. 2026-02-01 or 2026-02-01T10:00:00Z")
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def export_filter(asset: str | None, env: str | None, since: str | None, until: str | None):
+    """The entries ``audit export`` keeps: of ``asset`` (an entry's subject; an endpoint's or app's environment
+    asset ``<name>_<env>`` too), in ``env``, recorded at or after ``since`` and before ``until``."""
+    from datetime import datetime
+
+    lo, hi = _when("since", since), _when("until", until)
+
+    def keep(e) -> bool:  # noqa: ANN001
+        if asset and e.subject != asset and not (e.env and f"{e.subject}_{e.env}" == asset):
+            return False
+        if env and e.env != env:
+            return False
+        if lo or hi:
+            ts = datetime.fromisoformat(e.ts)
+            if (lo and ts < lo) or (hi and ts >= hi):
+                return False
+        return True
+    return keep
+
+
 def cmd_audit_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
-        n = _ledger().export(out / "ledger.jsonl", out / "ledger.csv")
+        keep = export_filter(getattr(args, "asset", None), getattr(args, "env", None),
+                             getattr(args, "since", None), getattr(args, "until", None))
+    except ValueError as err:
+        print(f"onepath: {err}", file=sys.stderr)
+        return 2
+    try:
+        n = _ledger().export(out / "ledger.jsonl", out / "ledger.csv", where=keep)
     except (OSError, sqlite3.Error) as err:
         print(f"onepath: audit export failed: {err}", file=sys.stderr)
         return 1
@@ -105,15 +144,31 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_audit_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``audit verify [--full]`` and ``audit export --out DIR`` to ``onepath``'s subcommands."""
-    audit = sub.add_parser("audit", help="check or export the tamper-evident platform ledger")
-    asub = audit.add_subparsers(dest="audit_cmd", required=True)
-    p = asub.add_parser("verify", help="recompute every hash and link, check the head signature under the "
-                                       "pinned platform key and compare with the witness")
-    p.add_argument("--full", action="store_true", help="check every head signature, not only the newest (slower)")
-    p.set_defaults(fn=cmd_audit_verify)
-    p = asub.add_parser("export", help="write ledger.jsonl and ledger.csv to a folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the files to")
-    p.set_defaults(fn=cmd_audit_export)
-    return audit
+import click  # noqa: E402
+
+from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
+
+
+@click.group("audit", context_settings=GROUP_SETTINGS)
+def audit() -> None:
+    """Check or export the tamper-evident platform ledger."""
+
+
+@audit.command("verify", help="recompute every hash and link, check the head signature under the pinned platform "
+                              "key and compare with the witness")
+@click.option("--full", is_flag=True, help="check every head signature, not only the newest (slower)")
+def _verify(**kw):  # noqa: ANN003
+    return verb(cmd_audit_verify)(**kw)
+
+
+@audit.command("export", help="write ledger.jsonl and ledger.csv to a folder: every entry, or those the filters "
+                              "keep (all of them must hold)")
+@click.option("--out", required=True, metavar="DIR", help="folder to write the files to")
+@click.option("--asset", metavar="NAME", help="only entries about this asset: a dataset, model, endpoint or app "
+                                              "(its subject), or an environment asset such as credit_scoring_prod")
+@click.option("--env", metavar="ENV", help="only entries recorded for this environment (e.g. prod)")
+@click.option("--since", metavar="ISO", help="only entries recorded at or after this time, e.g. 2026-02-01 or "
+                                             "2026-02-01T10:00:00Z (no zone: UTC)")
+@click.option("--until", metavar="ISO", help="only entries recorded before this time (same form as --since)")
+def _export(**kw):  # noqa: ANN003
+    return verb(cmd_audit_export)(**kw)

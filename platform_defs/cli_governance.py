@@ -257,38 +257,55 @@ def cmd_sign_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_governance_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("approve", help="sign an approval of one model version (or a code review of one app "
-                                       "release) for one environment")
-    p.add_argument("asset", help="model, endpoint or app name")
-    p.add_argument("--version", required=True)
-    p.add_argument("--env", required=True)
-    p.add_argument("--reason", required=True)
-    p.add_argument("--as", dest="as_", metavar="NAME", help="approver identity (default $ONEPATH_IDENTITY)")
-    p.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
-    p.add_argument("--first-release", action="store_true",
-                   help="also sign that this is the first release there (no previous version to roll back to)")
-    p.set_defaults(fn=cmd_approve)
-    r = sub.add_parser("revoke", help="take back approvals of one version (or release) in one environment")
-    r.add_argument("asset", help="model, endpoint or app name")
-    r.add_argument("--version", required=True)
-    r.add_argument("--env", required=True)
-    r.add_argument("--reason", required=True)
-    r.add_argument("--entry", type=int, help="the approval's ledger seq: revokes that approval in every entry "
-                                             "carrying it (default: every approval of that version in that "
-                                             "environment recorded so far or signed before now)")
-    r.add_argument("--as", dest="as_", metavar="NAME", help="revoker identity (default $ONEPATH_IDENTITY)")
-    r.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
-    r.set_defaults(fn=cmd_revoke)
-    sv = sub.add_parser("sign-version", help="sign a model version registered from a notebook as its author")
-    sv.add_argument("model")
-    sv.add_argument("--version", required=True)
-    sv.add_argument("--as", dest="as_", metavar="NAME", help="your identity (default $ONEPATH_IDENTITY)")
-    sv.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
-    sv.set_defaults(fn=cmd_sign_version)
-    keys = sub.add_parser("keys", help="manage signing keys")
-    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
-    k = ksub.add_parser("init", help="create an Ed25519 key pair for an identity")
-    k.add_argument("--identity", required=True)
-    k.add_argument("--out", help="where to write the private key")
-    k.set_defaults(fn=cmd_keys_init)
+import click  # noqa: E402
+
+from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
+
+_KEY = click.option("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
+
+
+@click.command("approve", help="sign an approval of one model version (or a code review of one app release) "
+                               "for one environment")
+@click.argument("asset")
+@click.option("--version", required=True)
+@click.option("--env", required=True)
+@click.option("--reason", required=True)
+@click.option("--as", "as_", metavar="NAME", help="approver identity (default $ONEPATH_IDENTITY)")
+@_KEY
+@click.option("--first-release", is_flag=True, help="also sign that this is the first release there (no previous version to roll back to)")
+def approve(**kw):  # noqa: ANN003
+    return verb(cmd_approve)(**kw)
+
+
+@click.command("revoke", help="take back approvals of one version (or release) in one environment")
+@click.argument("asset")
+@click.option("--version", required=True)
+@click.option("--env", required=True)
+@click.option("--reason", required=True)
+@click.option("--entry", type=int, help="the approval's ledger seq: revokes that approval in every entry carrying it "
+                   "(default: every approval of that version in that environment recorded so far or signed before now)")
+@click.option("--as", "as_", metavar="NAME", help="revoker identity (default $ONEPATH_IDENTITY)")
+@_KEY
+def revoke(**kw):  # noqa: ANN003
+    return verb(cmd_revoke)(**kw)
+
+
+@click.command("sign-version", help="sign a model version registered from a notebook as its author")
+@click.argument("model")
+@click.option("--version", required=True)
+@click.option("--as", "as_", metavar="NAME", help="your identity (default $ONEPATH_IDENTITY)")
+@_KEY
+def sign_version(**kw):  # noqa: ANN003
+    return verb(cmd_sign_version)(**kw)
+
+
+@click.group("keys", context_settings=GROUP_SETTINGS)
+def keys() -> None:
+    """Manage signing keys."""
+
+
+@keys.command("init", help="create an Ed25519 key pair for an identity")
+@click.option("--identity", required=True)
+@click.option("--out", help="where to write the private key")
+def _keys_init(**kw):  # noqa: ANN003
+    return verb(cmd_keys_init)(**kw)

@@ -61,13 +61,16 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_inventory_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``inventory [--env ENV] [--json] [--timeout S]`` to ``onepath``'s subcommands."""
-    p = sub.add_parser("inventory", help="every endpoint and app release per environment: recorded "
-                                         "version, approvals, gates, lineage, and what answers live")
-    p.add_argument("--env", help="only this environment (e.g. prod)")
-    p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
-    p.add_argument("--timeout", type=float, default=1.0, metavar="S",
-                   help="seconds to wait for each server's /health and /version (default 1.0)")
-    p.set_defaults(fn=cmd_inventory)
-    return p
+import click  # noqa: E402
+
+from platform_defs.cli_base import verb  # noqa: E402
+
+
+@click.command("inventory", help="every endpoint and app release per environment: recorded version, approvals, "
+                                 "gates, lineage, and what answers live")
+@click.option("--env", help="only this environment (e.g. prod)")
+@click.option("--json", "json", is_flag=True, help="one JSON object per row instead of a table")
+@click.option("--timeout", type=float, default=1.0, metavar="S",
+              help="seconds to wait for each server's /health and /version (default 1.0)")
+def inventory(**kw):  # noqa: ANN003
+    return verb(cmd_inventory)(**kw)

@@ -105,20 +105,38 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     return 1
 
 
-def add_policy_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("policy", help="record the policy file as the policy in force (signed), or show it")
-    psub = p.add_subparsers(dest="policy_cmd", required=True)
-    for name, fn, text in (("init", cmd_policy_init, "record the first policy (trust on first use)"),
-                           ("apply", cmd_policy_apply, "record a change to the policy file")):
-        c = psub.add_parser(name, help=text)
-        c.add_argument("--as", dest="as_", metavar="NAME",
-                       help="the platform admin who signs (of the policy recorded before, for apply)")
-        c.add_argument("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
-        if name == "apply":
-            c.add_argument("--change-witness", action="store_true",
-                           help="pin the configured witness (ONEPATH_WITNESS_SOCKET), or none, instead of the "
-                                "one pinned in the recorded policy")
-        c.set_defaults(fn=fn)
-    c = psub.add_parser("show", help="the policy in force, and whether the policy file matches it")
-    c.set_defaults(fn=cmd_policy_show)
-    return p
+import click  # noqa: E402
+
+from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
+
+
+@click.group("policy", context_settings=GROUP_SETTINGS)
+def policy() -> None:
+    """Record the policy file as the policy in force (signed), or show it."""
+
+
+_AS = click.option("--as", "as_", metavar="NAME",
+                   help="the platform admin who signs (of the policy recorded before, for apply)")
+_KEY = click.option("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
+
+
+@policy.command("init", help="record the first policy (trust on first use)")
+@_AS
+@_KEY
+def _init(**kw):  # noqa: ANN003
+    return verb(cmd_policy_init)(**kw)
+
+
+@policy.command("apply", help="record a change to the policy file")
+@_AS
+@_KEY
+@click.option("--change-witness", is_flag=True,
+              help="pin the configured witness (ONEPATH_WITNESS_SOCKET), or none, instead of the one pinned in the "
+                   "recorded policy")
+def _apply(**kw):  # noqa: ANN003
+    return verb(cmd_policy_apply)(**kw)
+
+
+@policy.command("show", help="the policy in force, and whether the policy file matches it")
+def _show(**kw):  # noqa: ANN003
+    return verb(cmd_policy_show)(**kw)

@@ -59,14 +59,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_rollback_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``rollback`` to ``onepath``'s subcommands."""
-    p = sub.add_parser("rollback", help="redeploy the version an endpoint environment served before")
-    p.add_argument("endpoint", help="endpoint name (as declared)")
-    p.add_argument("--env", help="environment to roll back (e.g. prod); required")
-    p.add_argument("--to", metavar="VERSION",
-                   help="version to restore (must have been deployed to ENV before); default: the previous one")
-    p.add_argument("--reason", help="why; recorded in the ledger; required")
-    p.add_argument("--as", dest="as_", metavar="NAME", help="who rolls back (default $ONEPATH_IDENTITY, else the OS user)")
-    p.set_defaults(fn=cmd_rollback)
-    return p
+import click  # noqa: E402
+
+from platform_defs.cli_base import verb  # noqa: E402
+
+
+@click.command("rollback", help="redeploy the version an endpoint environment served before")
+@click.argument("endpoint")
+@click.option("--env", help="environment to roll back (e.g. prod); required")
+@click.option("--to", metavar="VERSION",
+              help="version to restore (must have been deployed to ENV before); default: the previous one")
+@click.option("--reason", help="why; recorded in the ledger; required")
+@click.option("--as", "as_", metavar="NAME", help="who rolls back (default $ONEPATH_IDENTITY, else the OS user)")
+def rollback(**kw):  # noqa: ANN003
+    return verb(cmd_rollback)(**kw)

@@ -565,20 +565,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 1 if summary.state == "failed" else 0
 
 
-def add_simulate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``simulate-traffic`` to ``onepath``'s subcommands."""
-    p = sub.add_parser("simulate-traffic",
-                       help="send realistic requests to an endpoint and deliver their outcomes later")
-    p.add_argument("endpoint", help="endpoint name (as declared)")
-    p.add_argument("--env", default="prod", help="environment (default prod)")
-    p.add_argument("--drift", action="store_true",
-                   help=f"draw from a moved population (generator shift={DRIFT_SHIFT})")
-    p.add_argument("--rate", type=float, default=20.0, help="requests per second (default 20)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--requests", type=int, metavar="N", help="send N requests (default: until Ctrl-C)")
-    g.add_argument("--duration", type=float, metavar="S", help="send for S seconds")
-    p.add_argument("--label-delay", type=float, default=30.0, metavar="S",
-                   help="seconds after a request until its outcome arrives (default 30)")
-    p.add_argument("--seed", type=int, help="generator seed (default: a random one, printed)")
-    p.set_defaults(fn=cmd_simulate)
-    return p
+import click  # noqa: E402
+
+from platform_defs.cli_base import exclusive, verb  # noqa: E402
+
+
+@click.command("simulate-traffic", help="send realistic requests to an endpoint and deliver their outcomes later")
+@click.argument("endpoint")
+@click.option("--env", default="prod", help="environment (default prod)")
+@click.option("--drift", is_flag=True, help=f"draw from a moved population (generator shift={DRIFT_SHIFT})")
+@click.option("--rate", type=float, default=20.0, help="requests per second (default 20)")
+@click.option("--requests", type=int, metavar="N", help="send N requests (default: until Ctrl-C)")
+@click.option("--duration", type=float, metavar="S", help="send for S seconds")
+@click.option("--label-delay", type=float, default=30.0, metavar="S",
+              help="seconds after a request until its outcome arrives (default 30)")
+@click.option("--seed", type=int, help="generator seed (default: a random one, printed)")
+def simulate_traffic(**kw):  # noqa: ANN003
+    exclusive(requests=kw["requests"], duration=kw["duration"])
+    return verb(cmd_simulate)(**kw)

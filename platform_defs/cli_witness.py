@@ -45,18 +45,27 @@ def cmd_witness_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_witness_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``witness init`` and ``witness serve`` to ``onepath``'s subcommands."""
-    witness = sub.add_parser("witness", help="the ledger's witness: run it as its own OS user")
-    wsub = witness.add_subparsers(dest="witness_cmd", required=True)
-    p = wsub.add_parser("init", help="create the witness's folder (0700), key (0600) and log; print its public key")
-    p.add_argument("--dir", required=True, metavar="D")
-    p.add_argument("--platform-key", required=True, metavar="B64",
-                   help="the platform's public key, b64 raw 32 bytes (onepath's Ledger.platform_public_key_b64)")
-    p.set_defaults(fn=cmd_witness_init)
-    p = wsub.add_parser("serve", help="answer the ledger on a unix socket (one JSON line per request)")
-    p.add_argument("--dir", required=True, metavar="D")
-    p.add_argument("--socket", required=True, metavar="PATH",
-                   help="socket path, inside a folder only the witness's user can write")
-    p.set_defaults(fn=cmd_witness_serve)
-    return witness
+import click  # noqa: E402
+
+from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
+
+
+@click.group("witness", context_settings=GROUP_SETTINGS)
+def witness() -> None:
+    """The ledger's witness: run it as its own OS user."""
+
+
+@witness.command("init", help="create the witness's folder (0700), key (0600) and log; print its public key")
+@click.option("--dir", "dir", required=True, metavar="D")
+@click.option("--platform-key", required=True, metavar="B64",
+              help="the platform's public key, b64 raw 32 bytes (onepath's Ledger.platform_public_key_b64)")
+def _init(**kw):  # noqa: ANN003
+    return verb(cmd_witness_init)(**kw)
+
+
+@witness.command("serve", help="answer the ledger on a unix socket (one JSON line per request)")
+@click.option("--dir", "dir", required=True, metavar="D")
+@click.option("--socket", required=True, metavar="PATH",
+              help="socket path, inside a folder only the witness's user can write")
+def _serve(**kw):  # noqa: ANN003
+    return verb(cmd_witness_serve)(**kw)

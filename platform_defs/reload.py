@@ -15,13 +15,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import httpx
-
-LOCATIONS = "{ workspaceOrError { __typename ... on Workspace { locationEntries { name } } } }"
-RELOAD = """mutation($name: String!) { reloadRepositoryLocation(repositoryLocationName: $name) { __typename
-  ... on WorkspaceLocationEntry { name locationOrLoadError { __typename ... on PythonError { message } } }
-  ... on PythonError { message } ... on RepositoryLocationNotFound { message } ... on UnauthorizedError { message } } }"""
-
 
 def snapshot(paths: list[Path]) -> tuple:
     """What the watcher compares: every file under the folders (and the files) with its size and mtime."""
@@ -48,28 +41,6 @@ def snapshot(paths: list[Path]) -> tuple:
     return tuple(out)
 
 
-def _gql(url: str, query: str, variables: dict | None = None) -> dict:
-    r = httpx.post(url, json={"query": query, "variables": variables or {}}, timeout=120)
-    r.raise_for_status()
-    body = r.json()
-    if body.get("errors"):
-        raise RuntimeError(body["errors"][0].get("message", "GraphQL error"))
-    return body["data"]
-
-
-def reload_locations(url: str) -> list[str]:
-    """Reload every code location of the webserver at ``url``; the load errors, one line each."""
-    ws = _gql(url, LOCATIONS)["workspaceOrError"]
-    errors = []
-    for entry in ws.get("locationEntries") or []:
-        res = _gql(url, RELOAD, {"name": entry["name"]})["reloadRepositoryLocation"]
-        if res["__typename"] != "WorkspaceLocationEntry":
-            errors.append(f"{entry['name']}: {res.get('message', res['__typename'])}".splitlines()[0])
-        elif (res.get("locationOrLoadError") or {}).get("__typename") == "PythonError":
-            errors.append(f"{entry['name']}: {res['locationOrLoadError']['message']}".strip().splitlines()[-1])
-    return errors
-
-
 def summary_line(errors: list[str]) -> str:
     """``reloaded: N declarations, k left out: ...`` from a tolerant load in this process (the code server
     loads the same folder and policy), or the location's own error."""
@@ -90,9 +61,9 @@ def summary_line(errors: list[str]) -> str:
 class Watcher(threading.Thread):
     """Polls ``paths`` every ``interval`` seconds; a change that holds still for one more poll reloads."""
 
-    def __init__(self, paths: list[Path], url: str, say: Callable[[str], None], interval: float = 1.0):
+    def __init__(self, paths: list[Path], client, say: Callable[[str], None], interval: float = 1.0):
         super().__init__(name="onepath-reload", daemon=True)
-        self.paths, self.url, self.say, self.interval = paths, url, say, interval
+        self.paths, self.client, self.say, self.interval = paths, client, say, interval
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -109,7 +80,11 @@ class Watcher(threading.Thread):
                     now = settled
                 seen = now
                 started = time.monotonic()
-                errors = reload_locations(self.url)
+                errors: list[str] = []
+                try:
+                    self.client.reload_location()  # instance_client.InstanceClient: reloadRepositoryLocation
+                except Exception as err:  # PlatformNotRunning, InstanceError: one line each
+                    errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
                 self.say(f"{summary_line(errors)} ({time.monotonic() - started:.1f} s)")
             except Exception as err:  # the webserver may still be starting: say it, keep watching
                 self.say(f"reload failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")

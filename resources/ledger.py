@@ -933,9 +933,10 @@ class Ledger:
                 raise
         return Entry.from_row(row) if row else None
 
-    def export(self, jsonl_path: Path, csv_path: Path) -> int:
-        """Write every entry as JSON lines and as CSV (``data`` as a JSON string); returns the count."""
-        rows = self._select()
+    def export(self, jsonl_path: Path, csv_path: Path, where: Callable[["Entry"], bool] | None = None) -> int:
+        """Write every entry (or those ``where`` keeps) as JSON lines and as CSV (``data`` as a JSON string);
+        returns the count."""
+        rows = [e for e in self._select() if where is None or where(e)]
         jsonl_path, csv_path = Path(jsonl_path), Path(csv_path)
         for p in (jsonl_path, csv_path):
             p.parent.mkdir(parents=True, exist_ok=True)

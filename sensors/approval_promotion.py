@@ -1,9 +1,10 @@
 """Promote a held version once a person approves it.
 
-A version of a model on a track whose next environment needs an approval stops after staging: the
+A version of a model (or a release of an app) on a track whose next environment needs an approval stops after staging: the
 promotion's ``approval`` check says who may approve and the exact ``onepath approve`` command, and the
-ledger holds an ``awaiting_approval`` entry. When ``onepath approve`` appends an ``approval`` entry,
-this sensor requests the promotion of that exact version into that environment -- if the environment
+ledger holds an ``awaiting_approval`` entry. When ``onepath approve`` appends an ``approval`` entry (its
+subject a model, for each endpoint serving it, or an app), this sensor requests the promotion of that exact
+version or release into that environment -- if the environment
 before it serves that version and this one does not yet. The gate still verifies the approval
 (signature, role, independence, version, environment); the sensor only saves someone a click.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 import dagster as dg
 
-from platform_defs.specs import EndpointSpec, Organisation, endpoint_asset_name
+from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name
 from resources.deployers.base import Target, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import Ledger, LedgerResource
@@ -29,28 +30,30 @@ def tick(org: Organisation, *, book: Ledger, deployer, cursor: dict) -> tuple[li
     if head is None or head.seq <= seen:
         return [], ["no new approvals"], {"ledger_seq": seen}
     requests, reasons = [], []
-    endpoints = [d for d in org.of_kind("endpoint") if isinstance(d, EndpointSpec)]
+    # what an approval's subject promotes: an endpoint's model (its versions), or an app itself (its releases)
+    targets = [(ep, ep.model, "endpoint") for ep in org.of_kind("endpoint") if isinstance(ep, EndpointSpec)]
+    targets += [(app, app.name, "app") for app in org.of_kind("app") if isinstance(app, AppSpec)]
     for entry in book.entries(kind="approval", since_seq=seen):
         version, env = str(entry.data.get("version")), entry.env
-        for ep in endpoints:
-            if ep.model != entry.subject or env not in ep.environments:
+        for decl, subject, kind in targets:
+            if subject != entry.subject or env not in decl.environments:
                 continue
-            i = ep.environments.index(env)
+            i = decl.environments.index(env)
             if i == 0:
                 continue
-            up, here = ep.environments[i - 1], env
-            up_serves = serving_version(deployer.status(Target(ep.name, up, "endpoint", ep.ports.get(up))))
-            here_serves = serving_version(deployer.status(Target(ep.name, here, "endpoint", ep.ports.get(here))))
+            up, here = decl.environments[i - 1], env
+            up_serves = serving_version(deployer.status(Target(decl.name, up, kind, decl.ports.get(up))))
+            here_serves = serving_version(deployer.status(Target(decl.name, here, kind, decl.ports.get(here))))
             if up_serves != version:
-                reasons.append(f"approval #{entry.seq}: {ep.name}.{up} serves {up_serves or 'nothing'}, not "
+                reasons.append(f"approval #{entry.seq}: {decl.name}.{up} serves {up_serves or 'nothing'}, not "
                                f"{version}; {here} follows when {up} does")
                 continue
             if here_serves == version:
-                reasons.append(f"approval #{entry.seq}: {ep.name}.{here} already serves {version}")
+                reasons.append(f"approval #{entry.seq}: {decl.name}.{here} already serves {version}")
                 continue
             requests.append(dg.RunRequest(
-                run_key=f"approved:{ep.name}:{here}:{entry.seq}",
-                asset_selection=[dg.AssetKey(endpoint_asset_name(ep.name, here))],
+                run_key=f"approved:{decl.name}:{here}:{entry.seq}",
+                asset_selection=[dg.AssetKey(endpoint_asset_name(decl.name, here))],
                 tags={"onepath/trigger": "approval", "onepath/approval_entry": str(entry.seq),
                       "onepath/approved_version": version, "onepath/approver": str(entry.data.get("approver"))},
             ))

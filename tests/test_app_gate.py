@@ -179,3 +179,47 @@ def test_an_app_way_back_needs_the_recorded_policy_a_gate_under_it_and_a_review_
     assert fallback() is None
     assert app_governed(policy, app, "prod", "r-1", services=services).startswith(
         "release r-1's code review in prod was revoked: ")
+
+
+def test_an_app_release_approved_for_prod_is_promoted_by_the_approved_promotions_sensor(tmp_path):
+    """The review of a release staging serves asks the sensor for exactly that release in prod, as an approval
+    of a model's version does (it used to skip it: 'no new approvals'); a release staging does not serve
+    waits, saying why."""
+    from types import SimpleNamespace
+
+    import dagster as dg
+
+    from resources.approvals import load_private_key, sign
+    from resources.ledger import Ledger, ledger_paths
+    from sensors.approval_promotion import build_approval_promotion_sensor
+
+    org = load_organisation(ROOT / "assets")
+    book = Ledger(*ledger_paths(tmp_path / "home"))
+    serves = {("loan_portal", "staging"): "r-1"}
+
+    class Deployer:  # what each environment serves, as the supervisor reports it
+        def status(self, target):
+            version = serves.get((target.name, target.env))
+            return SimpleNamespace(detail={"supervisor": {"state": "current", "version": version} if version else {}},
+                                   healthy=bool(version), serving_version=version)
+
+    resources = {"ledger": SimpleNamespace(ledger=lambda: book),
+                 "deployer_local": SimpleNamespace(deployer=lambda: Deployer())}
+    sensor = build_approval_promotion_sensor(org)
+    rob = load_private_key(ROOT / "assets" / "demo_identities" / "rob.key")
+    for version in ("r-0", "r-1"):
+        book.append("approval", "loan_portal", sign(rob, asset="loan_portal", version=version, env="prod",
+                                                    reason="lgtm", approver="rob", run_id="",
+                                                    digest="1" * 64).as_dict(), "rob", env="prod")
+    with dg.build_sensor_context(resources=resources) as ctx:
+        result = sensor.evaluate_tick(ctx)
+    (request,) = result.run_requests
+    assert request.asset_selection == [dg.AssetKey("loan_portal_prod")]
+    assert request.tags["onepath/approved_version"] == "r-1" and request.tags["onepath/approver"] == "rob"
+    serves[("loan_portal", "prod")] = "r-1"
+    book.append("approval", "loan_portal", sign(rob, asset="loan_portal", version="r-1", env="prod", reason="again",
+                                                approver="rob", run_id="", digest="1" * 64).as_dict(), "rob",
+                env="prod")
+    with dg.build_sensor_context(resources=resources, cursor=result.cursor) as ctx:
+        again = sensor.evaluate_tick(ctx)
+    assert again.run_requests == [] and "loan_portal.prod already serves r-1" in again.skip_message

@@ -27,7 +27,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from platform_defs.cli_inventory import add_inventory_parser
 from platform_defs.inventory import InventoryRow, build_inventory, build_inventory_asset
 from platform_defs.loader import load_organisation
 from platform_defs.policy import load_policy
@@ -334,10 +333,9 @@ def test_one_ledger_read_and_batched_registry_calls(world):
 
 
 def run_cli(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="onepath")
-    add_inventory_parser(ap.add_subparsers(dest="cmd", required=True))
-    args = ap.parse_args(argv)
-    return args.fn(args)
+    from platform_defs.cli import main
+
+    return main(argv)
 
 
 def test_cli_json_and_table(world, monkeypatch, capsys):

@@ -8,7 +8,6 @@ need a second OS user, are in tests/test_witness.py.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import hashlib
@@ -588,12 +587,9 @@ def test_export_writes_jsonl_and_csv(filled: Ledger, tmp_path: Path) -> None:
 
 
 def run_cli(argv: list[str]) -> int:
-    from platform_defs.cli_audit import add_audit_parser
+    from platform_defs.cli import main
 
-    ap = argparse.ArgumentParser(prog="onepath")
-    add_audit_parser(ap.add_subparsers(dest="cmd", required=True))
-    args = ap.parse_args(argv)
-    return args.fn(args)
+    return main(argv)
 
 
 def test_cli_verify_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -635,8 +631,39 @@ def test_cli_verify_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     captured = capsys.readouterr()
     assert "unreadable" in captured.err.splitlines()[0] and "Traceback" not in captured.err
 
-    with pytest.raises(SystemExit):
-        run_cli(["audit", "export"])  # --out is required
+    assert run_cli(["audit", "export"]) == 2  # --out is required: a usage error, in one line
+    assert "Missing option '--out'" in capsys.readouterr().err
+
+
+def test_audit_export_filters_by_asset_env_and_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("ONEPATH_HOME", str(home))
+    ledger = Ledger(*ledger_paths(home))
+    ledger.append("deploy", "credit_scoring", {"version": "1"}, "t", env="staging")
+    ledger.append("deploy", "credit_scoring", {"version": "1"}, "t", env="prod")
+    ledger.append("approval", "credit_risk", {"version": "1"}, "t", env="prod")
+    cut = ledger.entries()[-1].ts
+
+    def exported(*flags: str) -> list[int]:
+        out = tmp_path / "exp"
+        assert run_cli(["audit", "export", "--out", str(out), *flags]) == 0
+        capsys.readouterr()
+        return [json.loads(line)["seq"] for line in (out / "ledger.jsonl").read_text().splitlines()]
+
+    assert exported() == [1, 2, 3]
+    assert exported("--asset", "credit_scoring") == [1, 2]
+    assert exported("--asset", "credit_scoring_prod") == [2]
+    assert exported("--env", "prod") == [2, 3]
+    assert exported("--since", cut) == [3] and exported("--until", cut) == [1, 2]
+    assert exported("--since", "2000-01-01", "--until", "2000-01-02") == []
+    assert run_cli(["audit", "export", "--out", str(tmp_path), "--since", "yesterday"]) == 2
+    assert capsys.readouterr().err.strip() == ("onepath: --since 'yesterday' is not an ISO time: write e.g. "
+                                               "2026-02-01 or 2026-02-01T10:00:00Z")
+    assert run_cli(["audit", "export", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--asset", "--env", "--since", "--until"):
+        assert flag in help_text
 
 
 def test_the_public_key_cache_survives_many_keys() -> None:

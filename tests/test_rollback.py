@@ -358,14 +358,11 @@ def test_rollback_job_runs_from_run_config_and_fails_cleanly_on_refusal(world, t
 
 # -- the command -------------------------------------------------------------------------------
 
-# ``onepath rollback`` as cli.main() runs it once add_rollback_parser is registered there
+# ``onepath rollback`` as the console script runs it
 CLI = textwrap.dedent("""
-    import argparse, sys
-    from platform_defs.cli_rollback import add_rollback_parser
-    ap = argparse.ArgumentParser(prog="onepath")
-    add_rollback_parser(ap.add_subparsers(dest="cmd", required=True))
-    args = ap.parse_args(sys.argv[1:])
-    sys.exit(int(args.fn(args) or 0))
+    import sys
+    from platform_defs.cli import main
+    sys.exit(main(sys.argv[1:]))
 """)
 
 

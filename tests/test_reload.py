@@ -84,14 +84,14 @@ def running(tmp_path):
 def endpoint(tmp_path):
     """A model endpoint serving before any declaration changes (its own local deployer)."""
     from resources.deployers.base import Target
-    from resources.deployers.local import LocalDeployerResource
+    from resources.deployers.resource import LocalDeployerResource
 
     run_dir = tmp_path / "ep-run"
     deployer = LocalDeployerResource(run_dir=str(run_dir), port_base=_free_port_base(),
                                      inference_log_dir=str(run_dir / "logs"),
                                      artifact_roots=[str(tmp_path)]).deployer()
     model = save_credit_model(tmp_path / "model")
-    status = deployer.deploy(Target("rl_scoring", "staging", "endpoint", None), model_release("1", model))
+    status = deployer.deploy(Target("rl_scoring", "staging", "endpoint", None), model_release("1", model, {"model_name": "rl_model", "pii_columns": []}))
     assert status.healthy, status
     yield status.address
     deployer.stop_all()

@@ -67,26 +67,48 @@ def ensure_instance(settings: Settings) -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from platform_defs.loader import declarations_dir, load_organisation
+    from platform_defs.loader import declarations_dir
     from platform_defs.specs import DeclarationError
 
     root = Path(args.path).resolve() if args.path else declarations_dir()
-    from platform_defs.policy import PolicyError, effective_drift, load_policy
+    from platform_defs.policy import PolicyError
 
     try:
-        policy = load_policy()
-        org = load_organisation(root, policy)
-        for ep in org.of_kind("endpoint"):
-            effective_drift(ep, policy, org.sources.get(ep.name))
+        problems, org = validate_declarations(root)
     except (DeclarationError, PolicyError) as err:
         print(str(err).splitlines()[0], file=sys.stderr)
         return 1
+    for line in problems:
+        print(line, file=sys.stderr)
     counts: dict[str, int] = {}
     for d in org.by_name.values():
         counts[d.kind] = counts.get(d.kind, 0) + 1
     summary = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in sorted(counts.items()))
+    if problems:
+        print(f"{len(problems)} problem(s); {len(org)} declarations load in {root} ({summary or 'none'})",
+              file=sys.stderr)
+        return 1
     print(f"ok: {len(org)} declarations in {root} ({summary})")
     return 0
+
+
+def validate_declarations(root: Path) -> "tuple[list[str], Any]":
+    """Every problem of the declarations under ``root``, one line each, and the organisation of what loads:
+    the code location's tolerant load plus what only validate (and CI) checks: that every trainer and
+    generator imports and is callable, and each endpoint's drift settings. A broken policy file raises."""
+    from platform_defs.loader import load_organisation
+    from platform_defs.policy import effective_drift, load_policy
+    from platform_defs.specs import DeclarationError
+
+    policy = load_policy()
+    org = load_organisation(root, policy, tolerant=True, check_imports=True)
+    lines = [str(p).splitlines()[0] for p in org.problems]
+    for ep in org.of_kind("endpoint"):
+        try:
+            effective_drift(ep, policy, org.sources.get(ep.name))
+        except DeclarationError as err:
+            lines.append(str(err).splitlines()[0])
+    return lines, org
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -196,7 +218,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from platform_defs.policy import PolicyError
 
     try:
-        org = load_organisation()
+        org = load_organisation(tolerant=True)  # as the code location loads: a broken declaration is left out
         policy_line = _policy_on_start(settings)
     except (DeclarationError, PolicyError) as err:
         return _die(str(err).splitlines()[0])
@@ -226,20 +248,40 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"onepath: {len(org)} declarations loaded; Dagster UI on http://{args.host}:{args.port}"
           f"{'' if args.no_mlflow_ui else f', MLflow UI on {settings.mlflow_ui_url}'}; state in {settings.home}")
     print(f"onepath: {policy_line}", flush=True)
+    for problem in org.problems:
+        print(f"onepath: left out: {str(problem).splitlines()[0]}", flush=True)
     # dg dev runs in its own process group, so stopping it reaches its webserver, daemon and code
     # servers too: first a Ctrl-C, as a terminal would send, then SIGTERM, then SIGKILL.
     dagster = subprocess.Popen(dg_cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)
     procs.append(dagster)
+    watcher = _start_watcher(args.host, args.port)
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
     while dagster.poll() is None and not stopping:
         time.sleep(0.2)
+    watcher.stop.set()
     for p in procs:
         _stop_group(p)
     code = 0 if stopping else (dagster.returncode or 0)
     print("onepath: Dagster stopped; endpoints keep serving (onepath down stops them)")
     return code
+
+
+def _start_watcher(host: str, port: int):
+    """The thread that reloads the code location when a declaration or the policy file changes."""
+    from platform_defs.loader import declarations_dir
+    from platform_defs.policy import policy_path
+    from platform_defs.instance_client import InstanceClient
+    from platform_defs.reload import Watcher
+
+    addr = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    watched = [declarations_dir(), policy_path()]
+    client = InstanceClient(addr, port, timeout=120.0)
+    watcher = Watcher(watched, client, lambda line: print(f"onepath: {line}", flush=True))
+    watcher.start()
+    print(f"onepath: watching {watched[0]} and {watched[1]}: a change reloads the code location", flush=True)
+    return watcher
 
 
 def _policy_on_start(settings: Settings) -> str:
@@ -320,7 +362,7 @@ def _status(**kw):  # noqa: ANN003
     return verb(cmd_status)(**kw)
 
 
-@onepath.command("validate", help="load and check every declaration; print the first problem")
+@onepath.command("validate", help="load and check every declaration; print every problem, one line each")
 @click.argument("path", required=False)
 def _validate(**kw):  # noqa: ANN003
     return verb(cmd_validate)(**kw)

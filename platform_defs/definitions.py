@@ -1,13 +1,14 @@
 """Composition root: load the organisation's declarations, build every asset, attach resources and sensors.
 
-``workspace.yaml`` and ``dg dev`` load ``defs`` from here. A bad declaration fails the load with a
-``DeclarationError`` whose first line names the declaration, its file, the field and the problem.
+``workspace.yaml`` and ``dg dev`` load ``defs`` from here. A bad declaration is left out (with what depends
+on it), its one-line error on the ``declarations`` asset; a bad policy file fails the load.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
+from platform_defs.declarations_asset import build_declarations_asset
 from platform_defs.factories import build_all
 from platform_defs.inventory import build_inventory_asset, build_inventory_schedule
 from platform_defs.loader import load_organisation
@@ -34,10 +35,15 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
     settings = (settings or load_settings()).ensure_dirs()
     policy = policy or load_policy()
     # tracks come from the policy: an organisation passed in is resolved against it like a loaded one
-    org = resolve_organisation(org or load_organisation(policy=policy), policy)
+    # tolerant: a broken declaration (and what depends on it) is left out with its error, shown on the
+    # `declarations` asset; everything else loads, so sensors keep ticking and endpoints keep serving
+    loaded = org or load_organisation(policy=policy, tolerant=True)
+    problems = list(getattr(loaded, "problems", []))
+    org = resolve_organisation(loaded, policy)
+    org.problems = problems
     return dg.Definitions(
         assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy),
-                build_inventory_asset(org, policy)],
+                build_inventory_asset(org, policy), build_declarations_asset(org)],
         asset_checks=[*build_alias_checks(org), *build_drift_checks(org, policy), *build_serving_health_checks(org),
                       *build_continuity_checks(org), *build_approval_in_force_checks(org, policy)],
         schedules=[build_platform_metrics_schedule(), build_inventory_schedule()],

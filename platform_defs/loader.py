@@ -74,12 +74,16 @@ def _load_python(path: Path) -> list:
     return [(d, source) for d in decls]
 
 
-def _load_yaml(path: Path) -> list:
+def _load_yaml(path: Path, problems: list | None = None) -> list:
+    """Every declaration of one YAML file; with ``problems`` (a tolerant load) a declaration that does not
+    parse is added there and left out, and the rest of the file still loads."""
     source = _rel(path)
     text = path.read_text()
     try:
         data = strict_yaml.load(text)
-        node = yaml.compose(text)
+        # the node tree only for line numbers: composed by libyaml (the pure-Python composer cost ~2.5 s
+        # for 500 lines, more than parsing them)
+        node = yaml.compose(text, Loader=strict_yaml._Base)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -92,25 +96,45 @@ def _load_yaml(path: Path) -> list:
     out = []
     for item, item_node in zip(data["declarations"], items_nodes):
         where = f"{source}:{item_node.start_mark.line + 1}"
-        out.append((parse_declaration(item, where), where))
+        try:
+            out.append((parse_declaration(item, where), where))
+        except DeclarationError as err:
+            if problems is None:
+                raise
+            problems.append(err)
     return out
 
 
-def load_organisation(root: Path | None = None, policy: "Policy | None" = None) -> Organisation:
+def load_organisation(root: Path | None = None, policy: "Policy | None" = None, *, tolerant: bool = False,
+                      check_imports: bool = False) -> Organisation:
     """Every declaration under ``root``, checked, with its track decided by ``policy`` (default: the
     policy file in use): an owner the policy does not know, a track the team may not use, or a purpose
-    below its minimum track fails here, for every entry point."""
+    below its minimum track fails here, for every entry point.
+
+    ``tolerant=True`` (the code location's load): a declaration that fails is left out, with its error in
+    ``org.problems``, and so is every declaration that depends on it (its own error: "left out: depends on
+    'x', which is broken"); everything else loads. A broken policy file still fails the whole load.
+
+    ``check_imports=True`` (``onepath validate``, CI) imports every trainer and generator; a load only
+    checks that the module exists and defines the name (importing sklearn-heavy trainers cost most of a
+    code location's load, and every run worker paid it)."""
     root = root or declarations_dir()
     if not root.is_dir():
         raise DeclarationError("?", "(folder)", f"declarations folder {root} does not exist")
+    problems: list[DeclarationError] | None = [] if tolerant else None
     found = []
     for path in sorted(root.rglob("*")):
         if any(part.startswith((".", "__")) for part in path.relative_to(root).parts):
             continue
-        if path.name == "declarations.py":
-            found += _load_python(path)
-        elif path.name in YAML_NAMES:
-            found += _load_yaml(path)
+        try:
+            if path.name == "declarations.py":
+                found += _load_python(path)
+            elif path.name in YAML_NAMES:
+                found += _load_yaml(path, problems)
+        except DeclarationError as err:
+            if problems is None:
+                raise
+            problems.append(err)
     sources: dict[str, str] = {}
     decls = []
     from platform_defs.specs import NotebookDeclSpec
@@ -120,13 +144,63 @@ def load_organisation(root: Path | None = None, policy: "Policy | None" = None) 
     for d, source in found:
         if d.name not in sources:
             sources[d.name] = source
+        elif problems is not None:  # the second one is left out, the first loads
+            problems.append(DeclarationError(d.name, "name", f"duplicate name: already declared in {sources[d.name]}",
+                                             source, d.kind))
+            continue
         else:
             # keep the first place for the message, name the second as the offender
             sources[f"{d.name}#dup"] = source
         decls.append(d)
     from platform_defs.policy import load_policy, resolve_organisation
 
-    return resolve_organisation(_organisation(decls, sources), policy or load_policy())
+    policy = policy or load_policy()
+    if problems is None:
+        return resolve_organisation(_organisation(decls, sources, check_imports), policy)
+    return _tolerant(decls, sources, policy, problems, check_imports)
+
+
+def _refs(d) -> list[str]:
+    """The declarations ``d`` names (what it cannot load without)."""
+    out = [getattr(d, f) for f in ("dataset", "model") if isinstance(getattr(d, f, None), str)]
+    feedback = getattr(d, "feedback", None)
+    if feedback is not None:
+        out.append(feedback.endpoint)
+    return out + list(getattr(d, "calls", None) or [])
+
+
+def _tolerant(decls: list, sources: dict[str, str], policy: "Policy", problems: list,
+              check_imports: bool) -> Organisation:
+    """The organisation of every declaration that loads: build, and on each error leave the declaration it
+    names out (a dependent of one left out gets its own line) and build again."""
+    from platform_defs.policy import resolve_organisation
+
+    broken = {p.name for p in problems if p.name != "?"}
+    kept = list(decls)
+    for d in kept:
+        try:
+            _check_code_refs_one(d, sources, check_imports)
+        except DeclarationError as err:
+            problems.append(err)
+            broken.add(d.name)
+    while True:
+        kept = [d for d in kept if d.name not in broken]
+        try:
+            org = resolve_organisation(
+                _organisation(kept, {n: s for n, s in sources.items() if n in {d.name for d in kept}}, None),
+                policy)
+        except DeclarationError as err:
+            culprit = next((d for d in kept if d.name == err.name), None)
+            if culprit is None:  # not one declaration's fault: nothing to leave out
+                raise
+            gone = next((r for r in _refs(culprit) if r in broken), None)
+            problems.append(err if gone is None else DeclarationError(
+                culprit.name, "(depends)", f"left out: depends on '{gone}', which is broken",
+                sources.get(culprit.name), culprit.kind))
+            broken.add(culprit.name)
+            continue
+        org.problems = problems
+        return org
 
 
 def load_governed(root: Path | None = None) -> "tuple[Organisation, Policy]":
@@ -137,33 +211,68 @@ def load_governed(root: Path | None = None) -> "tuple[Organisation, Policy]":
     return load_organisation(root, policy), policy
 
 
-def _check_code_refs(org: Organisation) -> None:
-    """Generators and trainers must import and be callable; app source folders must exist."""
-    for d in org.by_name.values():
-        for field in ("generator", "trainer"):
-            if not getattr(d, field, None):  # a notebook model and its snapshot dataset have neither
-                continue
-            module, attr = getattr(d, field).split(":")
-            try:
-                found = importlib.util.find_spec(module)
-            except (ImportError, ValueError):
-                found = None
-            if found is None:
-                raise DeclarationError(d.name, field, f"module '{module}' not found", org.sources.get(d.name), d.kind)
-            try:
-                target = getattr(importlib.import_module(module), attr, None)
-            except Exception as err:  # someone's module failed to import: one line, not a traceback
-                raise DeclarationError(d.name, field, f"importing '{module}' failed: {type(err).__name__}: {err}",
-                                       org.sources.get(d.name), d.kind) from None
-            if not callable(target):
+def _defines(origin: str | None, attr: str) -> bool:
+    """Whether a module's source defines ``attr`` at top level (a def, a class, an assignment or an import),
+    read without importing it."""
+    import ast
+
+    if not origin or not origin.endswith(".py"):
+        return True  # compiled or namespace: only an import can tell
+    try:
+        tree = ast.parse(Path(origin).read_text())
+    except (OSError, SyntaxError):
+        return True  # the import check (validate) says what is wrong
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == attr:
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == attr for t in targets):
+                return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((a.asname or a.name.split(".")[0]) == attr for a in node.names):
+                return True
+    return False
+
+
+def _check_code_refs_one(d, sources: dict[str, str], check_imports: bool = True) -> None:
+    """Generators and trainers must exist (and, with ``check_imports``, import and be callable); app source
+    folders must exist."""
+    for field in ("generator", "trainer"):
+        if not getattr(d, field, None):  # a notebook model and its snapshot dataset have neither
+            continue
+        module, attr = getattr(d, field).split(":")
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise DeclarationError(d.name, field, f"module '{module}' not found", sources.get(d.name), d.kind)
+        if not check_imports:
+            if not _defines(found.origin, attr):
                 raise DeclarationError(d.name, field, f"'{attr}' is not a function in module '{module}'",
-                                       org.sources.get(d.name), d.kind)
-        if d.kind == "app" and not (PROJECT_ROOT / d.source).is_dir():
-            raise DeclarationError(d.name, "source", f"folder '{d.source}' does not exist in the project",
-                                   org.sources.get(d.name), d.kind)
+                                       sources.get(d.name), d.kind)
+            continue
+        try:
+            target = getattr(importlib.import_module(module), attr, None)
+        except Exception as err:  # someone's module failed to import: one line, not a traceback
+            raise DeclarationError(d.name, field, f"importing '{module}' failed: {type(err).__name__}: {err}",
+                                   sources.get(d.name), d.kind) from None
+        if not callable(target):
+            raise DeclarationError(d.name, field, f"'{attr}' is not a function in module '{module}'",
+                                   sources.get(d.name), d.kind)
+    if d.kind == "app" and not (PROJECT_ROOT / d.source).is_dir():
+        raise DeclarationError(d.name, "source", f"folder '{d.source}' does not exist in the project",
+                               sources.get(d.name), d.kind)
 
 
-def _organisation(decls: list, sources: dict[str, str]) -> Organisation:
+def _check_code_refs(org: Organisation, check_imports: bool = True) -> None:
+    for d in org.by_name.values():
+        _check_code_refs_one(d, org.sources, check_imports)
+
+
+def _organisation(decls: list, sources: dict[str, str], check_imports: bool | None = True) -> Organisation:
+    """``check_imports=None``: the code references are checked by the caller."""
     seen: dict[str, str] = {}
     for d in decls:
         if d.name in seen:
@@ -173,5 +282,6 @@ def _organisation(decls: list, sources: dict[str, str]) -> Organisation:
             )
         seen[d.name] = sources[d.name]
     org = Organisation(decls, {k: v for k, v in sources.items() if "#" not in k})
-    _check_code_refs(org)
+    if check_imports is not None:
+        _check_code_refs(org, check_imports)
     return org

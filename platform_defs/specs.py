@@ -440,6 +440,8 @@ class Organisation:
 
     def __init__(self, declarations: list[_Declaration], sources: dict[str, str] | None = None):
         self.sources = sources or {}
+        # what a tolerant load left out (``load_organisation(tolerant=True)``), one error each
+        self.problems: list[DeclarationError] = []
         self.by_name: dict[str, _Declaration] = {}
         for d in declarations:
             if d.name in self.by_name:

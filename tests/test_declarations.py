@@ -146,7 +146,7 @@ def test_validate_refuses_an_unknown_team_in_one_line(tmp_path):
     write(tmp_path, {"team/defs.yaml": CASES["unknown_team"][0]})
     out = run_cli("validate", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 1 and out.stdout == "" and "Traceback" not in out.stderr
-    (line,) = out.stderr.splitlines()
+    line = out.stderr.splitlines()[0]  # then what depends on it, one line each, and the count
     assert "field 'owner': team 'growth-hackers' is not a team of the policy" in line
 
 
@@ -206,16 +206,77 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_validate_prints_exactly_the_first_line_and_no_traceback(tmp_path):
+def test_validate_prints_every_problem_one_line_each_and_no_traceback(tmp_path):
     text, _, problem = CASES["unknown_track"]
     write(tmp_path, {"team/defs.yaml": text})
     out = run_cli("validate", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 1
     assert out.stdout == ""
     lines = out.stderr.splitlines()
-    assert len(lines) == 1 and "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr
     assert lines[0].startswith("declaration 'churn' (model, team/defs.yaml:20): field 'track'")
     assert problem in lines[0]
+    # what depends on churn is left out with its own line, then the count
+    assert lines[1].startswith("declaration 'churn_scoring' (endpoint, team/defs.yaml:")
+    assert lines[1].endswith("left out: depends on 'churn', which is broken")
+    assert lines[2].startswith("declaration 'customer_activity' (dataset, team/defs.yaml:")
+    assert lines[2].endswith("left out: depends on 'churn_scoring', which is broken")
+    assert lines[3].startswith("3 problem(s); 0 declarations load") and len(lines) == 4
+
+
+def test_a_tolerant_load_leaves_out_each_broken_declaration_and_its_dependents_with_one_line_each(tmp_path):
+    other = (GOOD.replace(": customer_activity", ": upsell_activity").replace("churn_scoring", "upsell_scoring")
+             .replace("name: churn\n", "name: upsell\n").replace("model: churn\n", "model: upsell\n"))
+    write(tmp_path, {
+        "good/defs.yaml": GOOD,
+        # an unknown key on the model: it, its endpoint and the dataset fed by that endpoint are left out
+        "other/defs.yaml": other.replace("metrics: {roc_auc: 0.65}", "metrics: {roc_auc: 0.65}\n    colour: red"),
+        "yaml/defs.yaml": "declarations:\n  - kind: dataset\n    name: [unclosed\n",
+        "trainer/defs.yaml": other.replace("upsell", "xsell").replace("assets.retention.trainer", "assets.nowhere"),
+    })
+    org = load_organisation(tmp_path, tolerant=True)
+    assert sorted(org.by_name) == ["churn", "churn_scoring", "customer_activity"]
+    lines = [str(p).splitlines()[0] for p in org.problems]
+    assert any(x.startswith("declaration 'upsell' (model, ") and "other/defs.yaml:" in x and "colour" in x for x in lines), lines
+    assert any("'upsell_scoring'" in x and x.endswith("depends on 'upsell', which is broken") for x in lines), lines
+    assert any("'upsell_activity'" in x and x.endswith("depends on 'upsell_scoring', which is broken") for x in lines)
+    assert any("yaml/defs.yaml:" in x and "not valid YAML" in x for x in lines), lines
+    assert any(x.startswith("declaration 'xsell' (model") and "module 'assets.nowhere' not found" in x
+               for x in lines), lines
+    assert len(lines) == 7 and all("\n" not in x for x in lines), lines
+    with pytest.raises(DeclarationError):  # not tolerant: the first problem fails the load, as before
+        load_organisation(tmp_path)
+
+
+def test_the_code_location_loads_tolerant_and_its_declarations_check_names_each_problem(tmp_path, settings):
+    import dagster as dg
+
+    from platform_defs.definitions import build_definitions
+
+    write(tmp_path, {"good/defs.yaml": GOOD, "bad/defs.yaml": CASES["unknown_reference"][0].replace(
+        "customer_activity", "other_activity").replace("churn", "other")})
+    defs = build_definitions(org=load_organisation(tmp_path, tolerant=True), settings=settings)
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {"churn", "churn_scoring_prod", "declarations"} <= keys
+    result = dg.materialize([defs.resolve_assets_def("declarations")], raise_on_error=False)
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.check_name == "all_declarations_load"
+    assert "declaration 'other' (model" in check.description and "depends on 'other'" in check.description
+
+
+def test_validate_imports_trainers_a_load_does_not(tmp_path):
+    write(tmp_path, {"team/defs.yaml": GOOD.replace("assets.retention.trainer:train_churn", "broken_trainer:train"),
+                     "broken_trainer.py": "import not_a_module_anywhere\ndef train(X, y, params):\n    pass\n"})
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert len(load_organisation(tmp_path, tolerant=True).problems) == 0  # found and defined: loads
+    finally:
+        sys.path.remove(str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "platform_defs.cli", "validate", str(tmp_path)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    assert out.returncode == 1
+    assert "field 'trainer': importing 'broken_trainer' failed: ModuleNotFoundError" in out.stderr.splitlines()[0]
 
 
 def test_validate_ok():
@@ -260,7 +321,8 @@ def test_an_endpoints_drift_settings_are_checked_against_the_policy_with_file_an
     write(tmp_path, {"team/defs.yaml": bad})
     out = run_cli("validate", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    (line,) = out.stderr.splitlines()
+    line, count = out.stderr.splitlines()
+    assert count.startswith("1 problem(s); 3 declarations load")
     assert line.startswith("declaration 'churn_scoring' (endpoint, team/defs.yaml:")
     assert "field 'drift.numeric_method'" in line and "(got 'kss')" in line
     both = src.replace("    model: churn\n", "    model: churn\n    drift: {window_rows: 500, window_hours: 2}\n")

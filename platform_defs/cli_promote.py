@@ -24,23 +24,6 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def newest_registered_version(mlflow: Any, model: str) -> tuple[str, str, list[str]]:
-    """REPLACE AT THE MERGE OF i12-nb with ``platform_defs.notebook.version_to_promote``: the newest registered
-    version of ``model`` (what that function answers for a model that is not a notebook's)."""
-    version = mlflow.latest_version(model)
-    if version is None:
-        raise click.ClickException(f"model '{model}' has no registered version yet: materialize {model} first")
-    return str(version), "the newest registered version", []
-
-
-def _version_to_promote(org: Any, model: str, book: Any, mlflow: Any) -> tuple[str, str, list[str]]:
-    try:
-        from platform_defs.notebook import version_to_promote  # NB's branch (i12-nb)
-    except ImportError:
-        return newest_registered_version(mlflow, model)
-    return version_to_promote(org, model, book, mlflow)
-
-
 def _newest_release(settings: Any, app: str) -> tuple[str, str, list[str]]:
     builds = settings.releases_dir / "apps" / app
     known = sorted((p for p in builds.glob("r-*") if p.is_dir()), key=lambda p: p.stat().st_mtime) \
@@ -63,20 +46,14 @@ def _resolve(org: Any, name: str) -> Any:
     raise click.ClickException(f"no endpoint, app or served model is named '{name}' (onepath inventory lists them)")
 
 
-def _launch_version(client: Any, org: Any, asset: str, version: str, say: Any) -> str:
-    """Submit ``asset`` deploying exactly ``version``. REPLACE AT THE MERGE OF i12-nb (its environment assets take
-    ``version``): until then an asset that refuses the parameter is run without it, and says so."""
-    from platform_defs.instance_client import InstanceError
+def _launch_version(client: Any, org: Any, decl: Any, asset: str, version: str) -> str:
+    """Submit ``asset`` deploying exactly ``version``: an endpoint's environment takes it as its ``version``; an
+    app's deploys what the environment before it serves (its first, the newest build), which the caller checks."""
     from platform_defs.run_params import run_config_for
 
     tags = {"onepath/trigger": "onepath promote", "onepath/requested_version": version}
-    try:
-        return client.launch([asset], run_config=run_config_for(org, asset, {"version": version}), tags=tags)
-    except InstanceError as err:
-        if "parameters" not in str(err):
-            raise
-        say(f"  note: {asset} takes no version on this platform yet: it deploys what its gate picks")
-        return client.launch([asset], tags=tags)
+    config = run_config_for(org, asset, {"version": version}) if decl.kind == "endpoint" else None
+    return client.launch([asset], run_config=config, tags=tags)
 
 
 @click.command("promote", help="deploy a model's version (or an app's release) through each environment in order "
@@ -92,7 +69,6 @@ def promote(name: str, to: str, version: str | None, as_json: bool) -> int:
     from platform_defs.instance_client import InstanceClient, InstanceError, PlatformNotRunning
     from platform_defs.loader import load_organisation
     from platform_defs.policy import PolicyError
-    from platform_defs.run_params import run_config_for
     from platform_defs.settings import load_settings
     from platform_defs.specs import DeclarationError, endpoint_asset_name
     from platform_defs.wiring import build_resources
@@ -111,8 +87,13 @@ def promote(name: str, to: str, version: str | None, as_json: bool) -> int:
     why, newer = "named with --version", []
     if version is None:
         if decl.kind == "endpoint":
-            version, why, newer = _version_to_promote(org, decl.model, resources["ledger"].ledger(),
-                                                      resources["mlflow"])
+            from platform_defs.notebook import NotebookError, version_to_promote
+
+            try:
+                version, why, newer = version_to_promote(org, decl.model, resources["ledger"].ledger(),
+                                                         resources["mlflow"])
+            except NotebookError as err:
+                return _fail(str(err))
         else:
             version, why, newer = _newest_release(settings, decl.name)
     say = (lambda *a: None) if as_json else print
@@ -131,7 +112,7 @@ def promote(name: str, to: str, version: str | None, as_json: bool) -> int:
                 out["environments"].append({"env": env, "skipped": "already serves it"})
                 continue
             asset = endpoint_asset_name(decl.name, env)
-            run_id = _launch_version(client, org, asset, version, say)
+            run_id = _launch_version(client, org, decl, asset, version)
             say(f"{env}: run {run_id}")
 
             def on_event(e: dict[str, Any]) -> None:

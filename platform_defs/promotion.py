@@ -346,6 +346,22 @@ def _passed_gate(book: Ledger, policy: Policy, name: str, env: str, version: str
     return passed[-1], standing, None
 
 
+def _verdicts_of_the_deploy(book: Ledger, name: str, env: str, version: str, noun: str) -> list:
+    """The verdicts of the newest passed gate of ``version`` in ``name.env``, read back from the ledger: what a
+    promotion that finds its version already deployed (by another run, while it waited for the lock) reports
+    as its checks; a version serving there that never passed that gate is refused."""
+    from platform_defs.governance.gates import Verdict
+
+    passed = [e for e in book.entries(kind="gate_verdict", subject=name, env=env)
+              if str(e.data.get("version")) == version and e.data.get("passed")]
+    if not passed:
+        raise PromotionError(f"{name}.{env}: {noun} {version} serves but never passed the {env} gate")
+    entry = passed[-1]
+    return [Verdict(check, bool(v.get("passed")), f"{v.get('summary')} (gate of ledger entry #{entry.seq}, which "
+                    f"deployed it while this promotion waited)", {"ledger_entry": entry.seq})
+            for check, v in (entry.data.get("verdicts") or {}).items()]
+
+
 def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, version: str, *,
              services: Services, actor: str, recheck: bool = True, operator_choice: bool = False) -> str | None:
     """Why ``version`` may NOT serve ``spec.env`` on a way back, or None when it may: it passed its gate
@@ -577,7 +593,8 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
             services.log(f"{spec.name}.{env}: version {version} already serves (deployed while this promotion "
                          f"waited for the lock); nothing to do")
             return Promotion(spec.name, env, version, previous, before.address, before.serving_digest,
-                             "already serving", seconds=round(time.perf_counter() - t0, 3))
+                             "already serving", seconds=round(time.perf_counter() - t0, 3),
+                             verdicts=_verdicts_of_the_deploy(book, spec.name, env, version, "version"))
         if upstream_env is None and previous and previous != version:
             same = _no_better(services, model.name, version, previous, track.regression_metric)
             if same:
@@ -1038,7 +1055,8 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
         previous = serving_version(before)
         if waited and previous == version:
             return Promotion(spec.name, env, version, previous, before.address, None, "already serving",
-                             seconds=round(time.perf_counter() - t0, 3))
+                             seconds=round(time.perf_counter() - t0, 3),
+                             verdicts=_verdicts_of_the_deploy(book, spec.name, env, version, "release"))
         services.log(f"{spec.name}.{env}: deploying release {version} (before: {previous})")
         gate = AppGate(app=spec, policy=policy, ledger=book, deployer=deployer, source_dir=repo_root / spec.source,
                        repo_root=repo_root)

@@ -67,11 +67,14 @@ def deploys(world, env: str) -> list:
 def test_two_promotions_of_one_environment_at_once_deploy_once(world):
     assert serving(world, "staging") == "1" and serving(world, "prod") is None
     outcomes: list = []
+    results: list = []
 
     def promote(who: str) -> None:
         try:
-            outcomes.append(promote_endpoint(world["org"], world["policy"], "churn_scoring", "prod",
-                                             services=world["services"], actor=who, trigger="test").outcome)
+            result = promote_endpoint(world["org"], world["policy"], "churn_scoring", "prod",
+                                      services=world["services"], actor=who, trigger="test")
+            outcomes.append(result.outcome)
+            results.append(result)
         except Exception as err:  # noqa: BLE001 - recorded and asserted below
             outcomes.append(repr(err))
 
@@ -81,6 +84,11 @@ def test_two_promotions_of_one_environment_at_once_deploy_once(world):
     for t in threads:
         t.join(timeout=300)
     assert sorted(outcomes) == ["already serving", "deployed"], outcomes
+    # the run that found its version deployed reports the deploy's checks (its asset's blocking checks need a
+    # result each, or Dagster fails the run), read back from the gate that passed
+    deployed, waited = sorted(results, key=lambda r: r.outcome != "deployed")
+    assert sorted(v.check for v in waited.verdicts) == sorted(v.check for v in deployed.verdicts) != []
+    assert all(v.passed and "gate of ledger entry #" in v.summary for v in waited.verdicts)
     assert [e.data["version"] for e in deploys(world, "prod")] == ["1"]
     assert serving(world, "prod") == "1"
     entry = deploys(world, "prod")[-1]

@@ -96,10 +96,12 @@ def _load_yaml(path: Path) -> list:
     return out
 
 
-def load_organisation(root: Path | None = None, policy: "Policy | None" = None) -> Organisation:
+def load_organisation(root: Path | None = None, policy: "Policy | None" = None, *,
+                      check_code: bool = True) -> Organisation:
     """Every declaration under ``root``, checked, with its track decided by ``policy`` (default: the
     policy file in use): an owner the policy does not know, a track the team may not use, or a purpose
-    below its minimum track fails here, for every entry point."""
+    below its minimum track fails here, for every entry point. ``check_code=False`` leaves out importing each
+    generator and trainer (a reader such as ``onepath inventory`` runs none, and they import pandas/sklearn)."""
     root = root or declarations_dir()
     if not root.is_dir():
         raise DeclarationError("?", "(folder)", f"declarations folder {root} does not exist")
@@ -122,15 +124,15 @@ def load_organisation(root: Path | None = None, policy: "Policy | None" = None) 
         decls.append(d)
     from platform_defs.policy import load_policy, resolve_organisation
 
-    return resolve_organisation(_organisation(decls, sources), policy or load_policy())
+    return resolve_organisation(_organisation(decls, sources, check_code), policy or load_policy())
 
 
-def load_governed(root: Path | None = None) -> "tuple[Organisation, Policy]":
+def load_governed(root: Path | None = None, *, check_code: bool = True) -> "tuple[Organisation, Policy]":
     """``(organisation, policy)``: the policy file in use and the declarations resolved against it."""
     from platform_defs.policy import load_policy
 
     policy = load_policy()
-    return load_organisation(root, policy), policy
+    return load_organisation(root, policy, check_code=check_code), policy
 
 
 def _check_code_refs(org: Organisation) -> None:
@@ -159,7 +161,7 @@ def _check_code_refs(org: Organisation) -> None:
                                    org.sources.get(d.name), d.kind)
 
 
-def _organisation(decls: list, sources: dict[str, str]) -> Organisation:
+def _organisation(decls: list, sources: dict[str, str], check_code: bool = True) -> Organisation:
     seen: dict[str, str] = {}
     for d in decls:
         if d.name in seen:
@@ -169,5 +171,6 @@ def _organisation(decls: list, sources: dict[str, str]) -> Organisation:
             )
         seen[d.name] = sources[d.name]
     org = Organisation(decls, {k: v for k, v in sources.items() if "#" not in k})
-    _check_code_refs(org)
+    if check_code:
+        _check_code_refs(org)
     return org

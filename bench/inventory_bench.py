@@ -1,39 +1,39 @@
-"""Inventory benchmark: ``build_inventory`` against a naive loop over the same world, in one run.
+"""Inventory benchmark: ``onepath inventory --json`` as a FRESH PROCESS, this tree against a baseline commit.
 
-    .venv/bin/python bench/inventory_bench.py [--models 1000] [--answering 10] [--timeout 1.0]
-        [--repeat 3] [--seed 7] [--json results.json]
+    .venv/bin/python bench/inventory_bench.py [--against ebcb2bc] [--models 1000] [--answering 10]
+        [--rounds 3] [--timeout 1.0] [--seed 7] [--baseline-dir DIR] [--json results.json]
 
-What it does, all inside a fresh temporary directory (removed at the end):
+What a person pays is a new process: ``python -m platform_defs.cli inventory --json`` from its first
+import to its last byte of output. The bench builds one world, all inside a fresh temporary directory
+(removed at the end), and times that command in both trees against it, interleaved:
 
 1. a fresh MLflow sqlite store: one tiny logged model (a DummyClassifier) and ``--models``
-   registered models with 1-3 versions each, all pointing at that one logged model (so registering
-   is fast), each version tagged with lineage (``onepath.dataset_key/data_hash/code_hash``, author),
-   aliases ``staging`` (newest version) and ``prod`` (the one before, or the newest);
-2. a real ledger (``resources.ledger.Ledger``, hash-chained and signed) with what the endpoint asset
-   writes per model and environment: a ``gate_verdict`` and a ``deploy`` entry; high-risk models get
-   a signed ``approval`` for prod (the demo identity mira);
-3. an organisation built in memory with ``platform_defs.specs``: one dataset, ``--models`` models and
-   one endpoint per model (staging + prod), so 2 x ``--models`` rows; no loader import checks;
+   registered models with 1-3 versions each, all pointing at that one logged model, each version
+   tagged with lineage (``onepath.dataset_key/data_hash/code_hash``), aliases ``staging`` and ``prod``;
+2. the platform ledger (``resources.ledger.Ledger`` at ``$ONEPATH_HOME/ledger.db``, hash-chained and
+   signed) with what the platform writes: a ``model_registered`` entry per version (its digest and
+   lineage, as the model asset records them), then per endpoint and environment a ``gate_verdict`` and
+   a ``deploy``; high-risk models get a signed ``approval`` for prod (the demo identity mira);
+3. declarations on disk (``$ONEPATH_DECLARATIONS_DIR``): one dataset, ``--models`` models (the credit
+   example's generator and trainer) and one endpoint per model (staging + prod): 2 x ``--models`` rows;
 4. stable addresses: the local deployer's port registry (``run/ports.json``) maps every endpoint
-   environment to its own loopback port. The answering servers are ONE helper process (this script
-   with ``--serve``, asyncio) listening on many ports and answering ``/health`` and ``/version``
-   like a model server, with the recorded version except on every 50th port (a deliberate
-   mismatch). Two scenarios, each timed separately:
-   * ``handful``: the helper listens on ``--answering`` ports; every other port is closed
-     (connection refused at once);
-   * ``all``: the helper listens on every port (2 x ``--models`` sockets), so every probe makes two
-     real HTTP requests. Client and helper share this machine's CPUs.
-5. per scenario: ``build_inventory`` once (``first``: the first call of the scenario; the MLflow
-   store of this process is already open from the setup) and ``--repeat`` times more (``warm``,
-   median), and once the NAIVE loop: per model ``get_registered_model``,
-   ``search_model_versions``, ``get_model_version`` per version, then per environment three ledger
-   queries (deploy, approval, gate_verdict for that subject/env) and a sequential ``probe``. Both
-   results are checked against each other and against what was set up (answering, mismatches);
-6. prints both times, the ratio, and PASS/MISS against the 1 s target.
+   environment to its own loopback port; ONE helper process (this script with ``--serve``, asyncio)
+   answers ``/health`` and ``/version`` like a model server on ``--answering`` of them (the recorded
+   version and its registered digest, except every 50th port: a deliberate mismatch); every other
+   port is closed (connection refused at once);
+5. ``--rounds`` rounds, the order alternating per round: the command in this tree and in the tree of
+   ``--against`` (exported with ``git archive`` into ``--baseline-dir``, the repository left alone),
+   each with ``PYTHONPATH`` and working directory set to its tree (each child reports which
+   ``platform_defs`` it imported; the run stops if that is not its tree). Both outputs are checked
+   against what was set up (2 x ``--models`` rows, recorded versions, answering, mismatches) and
+   against each other row for row;
+6. prints the median and every round for both, the ratio, and PASS/MISS against the 1 s target, and
+   which of dagster, mlflow, pandas, sklearn the new tree's process imported (a child with
+   ``-X importtime``, not timed).
 
-The servers are not model servers (2000 of those would need 2000 processes): they answer the same
-two routes with the same JSON shapes, which is all ``probe`` reads. A run takes 1-3 minutes with
-the defaults, most of it registering models and appending ledger entries.
+Without ``--against`` only this tree is timed. ``--bytecode-cache DIR`` runs both as an installed image would (see
+its help). A run takes 3-8 minutes with the defaults, most of it
+registering models and appending ledger entries.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 TARGET_SECONDS = 1.0
 MISMATCH_EVERY = 50
+BYTECODE_CACHE: Path | None = None  # --bytecode-cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ MISMATCH_EVERY = 50
 
 
 def serve(mapping_path: str) -> None:
-    mapping: dict[str, list[str]] = json.loads(Path(mapping_path).read_text())  # port -> [endpoint, model, version]
+    mapping: dict[str, list[Any]] = json.loads(Path(mapping_path).read_text())  # port -> [endpoint, model, version, digest]
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: str) -> None:
         try:
@@ -75,12 +76,12 @@ def serve(mapping_path: str) -> None:
                 pass
             parts = line.split()
             path = parts[1].decode() if len(parts) > 1 else "/"
-            endpoint, model, version = mapping[port]
+            endpoint, model, version, digest = mapping[port]
             if path == "/health":
                 status, body = b"200 OK", {"status": "ok", "version": version}
             elif path == "/version":
                 status, body = b"200 OK", {"endpoint": endpoint, "env": "bench", "model": model,
-                                           "version": version, "pid": os.getpid()}
+                                           "version": version, "digest": digest, "pid": os.getpid()}
             else:
                 status, body = b"404 Not Found", {"error": "not found"}
             raw = json.dumps(body).encode()
@@ -106,7 +107,7 @@ def serve(mapping_path: str) -> None:
     asyncio.run(main())
 
 
-def start_helper(mapping: dict[int, tuple[str, str, str]], workdir: Path, name: str) -> subprocess.Popen:
+def start_helper(mapping: dict[int, tuple[Any, ...]], workdir: Path, name: str) -> subprocess.Popen:
     path = workdir / f"{name}.json"
     path.write_text(json.dumps({str(p): list(v) for p, v in mapping.items()}))
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(path)], stdout=subprocess.PIPE,
@@ -149,6 +150,18 @@ def free_ports(n: int, start: int = 20000, end: int = 32000) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # the world
 
+DATASET = """\
+  - kind: dataset
+    name: bench_data
+    owner: credit-risk
+    track: ml-high-risk
+    generator: assets.credit.data:generate_credit_applications
+    columns:
+      - {name: application_id, dtype: string, role: id}
+      - {name: annual_income, dtype: float}
+      - {name: defaulted, dtype: int, role: label}
+"""
+
 
 def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -159,16 +172,16 @@ def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
     from sklearn.dummy import DummyClassifier
 
     from platform_defs.policy import load_policy
-    from platform_defs.specs import DatasetSpec, EndpointSpec, ModelSpec, Organisation
     from resources.approvals import load_private_key, sign
-    from resources.deployers.local import LocalProcessDeployer
-    from resources.ledger import Ledger
+    from resources.ledger import Ledger, ledger_paths
     from resources.mlflow_registry import MlflowRegistry
 
     rng = random.Random(seed)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    registry = MlflowRegistry(tracking_uri=uri, artifact_root=str(tmp / "mlartifacts"),
-                              cache_dir=str(tmp / "cache"))
+    home = tmp / "home"
+    home.mkdir(mode=0o700)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    registry = MlflowRegistry(tracking_uri=uri, artifact_root=str(home / "mlartifacts"),
+                              cache_dir=str(home / "releases" / "models"))
     client = registry.client()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -180,33 +193,42 @@ def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
 
     policy = load_policy()
     mira = load_private_key(ROOT / "assets" / "demo_identities" / "mira.key")
-    ledger = Ledger(tmp / "ledger.db", tmp / "keys" / "platform.key")
-    dataset = DatasetSpec(name="bench_data", owner="credit-risk", track="ml-high-risk",
-                          generator="bench.data:generate", columns=[
-                              {"name": "x", "dtype": "float"}, {"name": "y", "dtype": "int", "role": "label"}])
-    decls: list[Any] = [dataset]
+    ledger = Ledger(*ledger_paths(home))
+    yaml_lines = ["declarations:", DATASET.rstrip("\n")]
     expected: dict[tuple[str, str], str] = {}  # (endpoint, env) -> recorded version
+    digests: dict[tuple[str, str], str] = {}  # (model, version) -> registered digest
+    lineage: dict[tuple[str, str], dict[str, str]] = {}
     t_models = time.perf_counter()
     n_versions = 0
     for i in range(n_models):
         model, endpoint = f"bench_m{i:04d}", f"bench_e{i:04d}"
         track, owner = ("ml-high-risk", "credit-risk") if i % 2 else ("ml-standard", "retention")
-        decls.append(ModelSpec(name=model, owner=owner, track=track, dataset="bench_data",
-                               trainer="bench.trainer:train"))
-        decls.append(EndpointSpec(name=endpoint, owner=owner, track=track, model=model))
+        yaml_lines.append(f"  - {{kind: model, name: {model}, owner: {owner}, track: {track}, dataset: bench_data, "
+                          f"trainer: 'assets.credit.trainer:train_credit_risk'}}")
+        yaml_lines.append(f"  - {{kind: endpoint, name: {endpoint}, owner: {owner}, track: {track}, model: {model}}}")
         client.create_registered_model(model)
         versions = rng.randint(1, 3)
         for v in range(1, versions + 1):
+            facts = {"dataset_key": "bench_data", "data_hash": f"{rng.getrandbits(256):064x}",
+                     "code_hash": f"{rng.getrandbits(256):064x}"}
+            lineage[(model, str(v))] = facts
+            digests[(model, str(v))] = f"sha256:{rng.getrandbits(256):064x}"
             client.create_model_version(model, source, run_id=run_id, model_id=model_id, tags={
-                "onepath.dataset_key": "bench_data", "onepath.data_hash": f"{rng.getrandbits(256):064x}",
-                "onepath.code_hash": f"{rng.getrandbits(256):064x}", "onepath.author": owner.split("-")[0],
+                **{f"onepath.{k}": x for k, x in facts.items()}, "onepath.author": owner.split("-")[0],
                 "onepath.track": track})
         n_versions += versions
         staging, prod = str(versions), str(max(1, versions - 1))
         client.set_registered_model_alias(model, "staging", staging)
         client.set_registered_model_alias(model, "prod", prod)
         expected[(endpoint, "staging")], expected[(endpoint, "prod")] = staging, prod
+    decls = tmp / "declarations"
+    (decls / "bench").mkdir(parents=True)
+    (decls / "bench" / "defs.yaml").write_text("\n".join(yaml_lines) + "\n")
     t_ledger = time.perf_counter()
+    for (model, version), digest in sorted(digests.items()):  # what the model asset records per version
+        ledger.append("model_registered", model, {"model": model, "version": version, "digest": digest,
+                                                  "run_id": run_id, "author": "bench", **lineage[(model, version)]},
+                      "bench")
     checks = policy.track("ml-high-risk").checks
     for i in range(n_models):
         model, endpoint = f"bench_m{i:04d}", f"bench_e{i:04d}"
@@ -214,9 +236,8 @@ def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
         for env in ("staging", "prod"):
             version = expected[(endpoint, env)]
             if env == "prod" and track == "ml-high-risk":
-                # the inventory lists approvals as recorded: what they bind is the gates' business, not timed here
                 a = sign(mira, asset=model, version=version, env=env, reason="bench", approver="mira",
-                         run_id=run_id, digest="0" * 64, first_release=True)
+                         run_id=run_id, digest=digests[(model, version)], first_release=True)
                 ledger.append("approval", model, a.as_dict(), "mira", env=env)
             ledger.append("gate_verdict", endpoint, {
                 "model": model, "version": version, "passed": True,
@@ -226,162 +247,122 @@ def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
     t_done = time.perf_counter()
 
     ports = free_ports(2 * n_models)
-    run_dir = tmp / "run"
-    deployer = LocalProcessDeployer(run_dir, inference_log_dir=tmp / "logs")
+    run_dir = home / "run"
+    run_dir.mkdir(mode=0o700)
     slots: dict[str, int] = {}
-    serving: dict[int, tuple[str, str, str]] = {}  # port -> (endpoint, model, version it answers)
+    serving: dict[int, tuple[str, str, str, str | None]] = {}  # port -> (endpoint, model, version, digest)
     for k, ((endpoint, env), version) in enumerate(sorted(expected.items())):
         port = ports[k]
         slots[f"{endpoint}.{env}"] = port
+        model = endpoint.replace("_e", "_m")
         live = version if k % MISMATCH_EVERY else str(int(version) + 1)  # every 50th: a mismatch
-        serving[port] = (endpoint, endpoint.replace("_e", "_m"), live)
+        serving[port] = (endpoint, model, live, digests.get((model, live)))
     (run_dir / "ports.json").write_text(json.dumps(slots, indent=1, sort_keys=True))
-    org = Organisation(decls)
-    return {"registry": registry, "ledger": ledger, "deployer": deployer, "org": org, "policy": policy,
-            "expected": expected, "serving": serving, "slots": slots, "versions": n_versions,
+    env = {"ONEPATH_HOME": str(home), "ONEPATH_DECLARATIONS_DIR": str(decls), "MLFLOW_TRACKING_URI": uri,
+           "MLFLOW_REGISTRY_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}
+    return {"expected": expected, "serving": serving, "slots": slots, "versions": n_versions, "env": env,
             "entries": len(ledger.entries()),
             "setup": {"log_model": t_models - t0, "register": t_ledger - t_models, "ledger": t_done - t_ledger}}
 
 
 # --------------------------------------------------------------------------------------------
-# the naive loop
+# one fresh process
 
 
-def naive_inventory(world: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    from resources.deployers.base import probe
-    from resources.mlflow_registry import TAG_PREFIX
-
-    client = world["registry"].client()
-    ledger, slots = world["ledger"], world["slots"]
-    rows = []
-    for d in world["org"].of_kind("endpoint"):
-        rm = client.get_registered_model(d.model)
-        aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
-        versions = client.search_model_versions(f"name = '{d.model}'")
-        tags = {str(mv.version): client.get_model_version(d.model, str(mv.version)).tags for mv in versions}
-        for env in d.environments:
-            deploys = [e for e in ledger.entries(kind="deploy", subject=d.name, env=env) if "version" in e.data]
-            recorded = str(deploys[-1].data["version"]) if deploys else aliases.get(env)
-            approvals = [e for e in ledger.entries(kind="approval", subject=d.model, env=env)
-                         if str(e.data.get("version")) == recorded]
-            gates = [e for e in ledger.entries(kind="gate_verdict", subject=d.name, env=env)
-                     if str(e.data.get("version")) == recorded]
-            port = slots.get(f"{d.name}.{env}")
-            seen = probe(f"http://127.0.0.1:{port}", timeout) if port else None
-            live = str(seen["version"]) if seen else None
-            rows.append({"name": d.name, "env": env, "recorded_version": recorded, "live_version": live,
-                         "approvals": [e.data.get("approver") for e in approvals],
-                         "gate": gates[-1].data.get("passed") if gates else None,
-                         "lineage": {k: (tags.get(recorded) or {}).get(TAG_PREFIX + k)
-                                     for k in ("dataset_key", "data_hash", "code_hash")},
-                         "agrees": (live == recorded) if live is not None and recorded else None})
-    return rows
+def export_tree(commit: str, into: Path) -> str:
+    """``commit``'s tree exported with git archive into ``into`` (reused if it holds that commit)."""
+    full = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{commit}^{{commit}}"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    stamp = into / ".bench-commit"
+    if stamp.exists() and stamp.read_text().strip() == full:
+        return full
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", full], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    stamp.write_text(full + "\n")
+    return full
 
 
-# --------------------------------------------------------------------------------------------
+def child_env(world: dict[str, Any], tree: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ONEPATH_", "MLFLOW_", "DAGSTER_"))}
+    env.update(world["env"])
+    env["PYTHONPATH"] = str(tree)
+    if BYTECODE_CACHE is not None:  # as an installed image with compiled bytecode would run, both trees alike
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(BYTECODE_CACHE)
+    return env
 
 
-def fast(world: dict[str, Any], timeout: float) -> tuple[float, list[Any]]:
-    from platform_defs.inventory import build_inventory
+def check_tree(world: dict[str, Any], tree: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", "import platform_defs; print(platform_defs.__file__)"],
+                         cwd=tree, env=child_env(world, tree), check=True, capture_output=True, text=True)
+    got = Path(out.stdout.strip()).resolve()
+    if not got.is_relative_to(tree.resolve()):
+        raise RuntimeError(f"the child for {tree} imported platform_defs from {got}, not from its tree")
 
+
+def fresh_inventory(world: dict[str, Any], tree: Path, timeout: float) -> tuple[float, list[dict[str, Any]]]:
+    """Wall time of ``python -m platform_defs.cli inventory --json`` in ``tree``, and its rows."""
     t = time.perf_counter()
-    rows = build_inventory(world["org"], world["policy"], world["registry"], world["ledger"], world["deployer"],
-                           timeout=timeout)
-    return time.perf_counter() - t, rows
+    out = subprocess.run([sys.executable, "-m", "platform_defs.cli", "inventory", "--json", "--timeout", str(timeout)],
+                         cwd=tree, env=child_env(world, tree), capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"onepath inventory in {tree} exited {out.returncode}: {out.stderr.strip()[-800:]}")
+    return wall, json.loads(out.stdout)
 
 
-def parts(world: dict[str, Any], timeout: float) -> dict[str, float]:
-    """Each part of build_inventory alone, to show where the time goes."""
-
-    from platform_defs import inventory as inv
-    from resources.deployers.base import probe_many
-
-    out = {}
-    t = time.perf_counter()
-    inv._LedgerIndex(world["ledger"].entries())
-    out["part_ledger_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    inv._version_tags(world["registry"].client(), {d.model for d in world["org"].of_kind("endpoint")})
-    out["part_mlflow_s"] = time.perf_counter() - t
-    addresses = [f"http://127.0.0.1:{p}" for p in world["slots"].values()]
-    t = time.perf_counter()
-    probe_many(addresses, timeout, 256, False)
-    out["part_probes_s"] = time.perf_counter() - t
-    return out
+def heavy_imports(world: dict[str, Any], tree: Path, timeout: float) -> list[str]:
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "platform_defs.cli", "inventory", "--json",
+                          "--timeout", str(timeout)], cwd=tree, env=child_env(world, tree), capture_output=True,
+                         text=True, timeout=600)
+    names = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    return sorted(names & {"dagster", "mlflow", "pandas", "sklearn"})
 
 
-def check(world: dict[str, Any], rows: list[Any], naive: list[dict[str, Any]], answering: set[int]) -> list[str]:
-    """Where the fast inventory disagrees with the naive loop or with what was set up."""
+def check(world: dict[str, Any], rows: list[dict[str, Any]], answering: set[int]) -> list[str]:
+    """Where an inventory's rows disagree with what was set up."""
     problems = []
-    by_key = {(r.name, r.env): r for r in rows}
-    nv = {(r["name"], r["env"]): r for r in naive}
-    if set(by_key) != set(nv) or set(by_key) != set(world["expected"]):
-        problems.append(f"row sets differ: fast {len(by_key)}, naive {len(nv)}, expected {len(world['expected'])}")
-    want_mismatch = set()
-    for slot, port in world["slots"].items():
-        endpoint, env = slot.rsplit(".", 1)
-        if port in answering and world["serving"][port][2] != world["expected"][(endpoint, env)]:
-            want_mismatch.add((endpoint, env))
+    by_key = {(r["name"], r["env"]): r for r in rows}
+    if set(by_key) != set(world["expected"]):
+        problems.append(f"rows: {len(by_key)}, expected {len(world['expected'])}")
     for key, r in by_key.items():
-        n = nv.get(key, {})
-        if r.recorded_version != world["expected"].get(key) or r.recorded_version != n.get("recorded_version"):
-            problems.append(f"{key}: recorded {r.recorded_version}, naive {n.get('recorded_version')}")
-        if r.live_version != n.get("live_version") or r.agrees != n.get("agrees"):
-            problems.append(f"{key}: live {r.live_version}/{r.agrees}, naive {n.get('live_version')}/{n.get('agrees')}")
-        if r.lineage != n.get("lineage"):
-            problems.append(f"{key}: lineage differs")
-        if [a["approver"] for a in r.approvals] != n.get("approvals"):
-            problems.append(f"{key}: approvals {r.approvals} vs {n.get('approvals')}")
-        if (r.gate or {}).get("passed") != n.get("gate"):
-            problems.append(f"{key}: gate differs")
-        if (r.state == "mismatch") != (key in want_mismatch):
-            problems.append(f"{key}: state {r.state}, expected mismatch={key in want_mismatch}")
+        port = world["slots"].get(f"{key[0]}.{key[1]}")
+        live = world["serving"][port][2] if port in answering else None
+        want = "down" if live is None else ("ok" if live == world["expected"].get(key) else "mismatch")
+        if r["recorded_version"] != world["expected"].get(key):
+            problems.append(f"{key}: recorded {r['recorded_version']}, set up {world['expected'].get(key)}")
+        if r["live_version"] != live or r["state"] != want:
+            problems.append(f"{key}: live {r['live_version']} state {r['state']}, set up {live} {want}")
     return problems[:10]
 
 
-def run_scenario(name: str, world: dict[str, Any], listen: list[int], tmp: Path, timeout: float,
-                 repeat: int) -> dict[str, Any]:
-    from platform_defs.inventory import summarize
-
-    helper = start_helper({p: world["serving"][p] for p in listen}, tmp, name)
-    try:
-        cold, rows = fast(world, timeout)
-        t = time.perf_counter()
-        naive = naive_inventory(world, timeout)
-        naive_s = time.perf_counter() - t
-        warm = []
-        for _ in range(repeat):
-            s, rows = fast(world, timeout)
-            warm.append(s)
-        floors = parts(world, timeout)
-    finally:
-        stop_helper(helper)
-    counts = summarize(rows)
-    return {"scenario": name, "listening": len(listen), "counts": counts, "fast_first_s": cold,
-            "fast_warm_s": statistics.median(warm), "fast_warm_all_s": warm, "naive_s": naive_s, **floors,
-            "load_avg_1m": os.getloadavg()[0],
-            "problems": check(world, rows, naive, set(listen))}
-
-
-def fresh_process_store_init(uri: str) -> dict[str, float]:
-    """What a new process pays before its first registry answer: import mlflow, open the sqlite store."""
-    code = ("import time, json; t = time.perf_counter(); from mlflow import MlflowClient; i = time.perf_counter(); "
-            f"MlflowClient(tracking_uri={uri!r}).search_registered_models(max_results=1); "
-            "print(json.dumps({'import_s': i - t, 'open_s': time.perf_counter() - i}))")
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring MLflow store init failed: {out.stderr[-500:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def compare(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> list[str]:
+    """Where the two trees' rows differ on what both report."""
+    keys = ("recorded_version", "live_version", "state", "lineage", "healthy", "agrees", "deployed_at")
+    a = {(r["name"], r["env"]): r for r in new}
+    b = {(r["name"], r["env"]): r for r in old}
+    out = [f"{k}: {f} {a[k][f]!r} vs {b[k][f]!r}" for k in sorted(set(a) & set(b)) for f in keys if a[k][f] != b[k][f]]
+    out += [f"{k}: approvals differ" for k in sorted(set(a) & set(b))
+            if [x["approver"] for x in a[k]["approvals"]] != [x["approver"] for x in b[k]["approvals"]]]
+    return ([f"row sets differ: {len(a)} vs {len(b)}"] if set(a) != set(b) else []) + out[:10]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=int, default=1000)
-    ap.add_argument("--answering", type=int, default=10, help="ports that answer in the 'handful' scenario")
+    ap.add_argument("--answering", type=int, default=10, help="ports that answer (the rest are closed)")
     ap.add_argument("--timeout", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--against", metavar="COMMIT", help="also time the command in this commit's tree")
+    ap.add_argument("--baseline-dir", help="where --against's tree is exported (default: in the temp dir)")
+    ap.add_argument("--bytecode-cache", type=Path, metavar="DIR",
+                    help="run both trees' commands with Python's bytecode cache in DIR (PYTHONPYCACHEPREFIX, writes "
+                         "allowed), as an image with compiled bytecode would; an untimed run of each fills it. "
+                         "Default: the environment as it is (PYTHONDONTWRITEBYTECODE=1 compiles every module "
+                         "from source in every process)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -390,8 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="onepath-inventory-bench-"))
-    store_init = None
+    helper = None
+    trees = {"new": ROOT}
+    times: dict[str, list[float]] = {"new": []}
+    problems: list[str] = []
     try:
+        if args.against:
+            base = Path(args.baseline_dir) if args.baseline_dir else tmp / "baseline"
+            base_commit = export_tree(args.against, base)
+            trees["baseline"], times["baseline"] = base, []
         t = time.perf_counter()
         print(f"building: {args.models} models in {tmp} ...", flush=True)
         world = build_world(tmp, args.models, args.seed)
@@ -399,42 +387,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {args.models} registered models, {world['versions']} versions, {world['entries']} ledger entries, "
               f"{2 * args.models} endpoint environments ({time.perf_counter() - t:.1f} s: log model "
               f"{setup['log_model']:.1f}, register {setup['register']:.1f}, ledger {setup['ledger']:.1f})", flush=True)
-        store_init = fresh_process_store_init(world["registry"].tracking_uri)
+        global BYTECODE_CACHE
+        BYTECODE_CACHE = args.bytecode_cache
+        for tree in trees.values():
+            check_tree(world, tree)
         ports = sorted(world["serving"])
-        handful = sorted(random.Random(args.seed).sample(ports, min(args.answering, len(ports))))
-        results = [run_scenario("handful", world, handful, tmp, args.timeout, args.repeat),
-                   run_scenario("all", world, ports, tmp, args.timeout, args.repeat)]
+        listen = sorted(random.Random(args.seed).sample(ports, min(args.answering, len(ports))))
+        helper = start_helper({p: world["serving"][p] for p in listen}, tmp, "helper")
+        last: dict[str, list[dict[str, Any]]] = {}
+        if BYTECODE_CACHE is not None:
+            for tree in trees.values():  # fills the cache, untimed
+                fresh_inventory(world, tree, args.timeout)
+        for i in range(args.rounds):
+            order = list(trees) if i % 2 == 0 else list(reversed(trees))
+            for side in order:
+                wall, rows = fresh_inventory(world, trees[side], args.timeout)
+                times[side].append(wall)
+                last[side] = rows
+                problems += [f"{side}: {p}" for p in check(world, rows, set(listen))]
+                print(f"  round {i + 1} {side:>8}: {wall:6.2f} s ({len(rows)} rows)", flush=True)
+        if "baseline" in last:
+            problems += [f"new vs baseline: {p}" for p in compare(last["new"], last["baseline"])]
+        imported = {side: heavy_imports(world, tree, args.timeout) for side, tree in trees.items()}
     finally:
+        stop_helper(helper)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\ninventory of {args.models} models = {2 * args.models} rows (probe timeout {args.timeout} s, "
-          f"target < {TARGET_SECONDS:.0f} s)")
-    print(f"(a fresh process, as `onepath inventory` is, also pays once: importing mlflow and opening its "
-          f"store = {store_init['import_s']:.2f} s + {store_init['open_s']:.2f} s, measured in a subprocess)")
-    bad = False
-    for r in results:
-        c = r["counts"]
-        print(f"\n[{r['scenario']}] {r['listening']} of {2 * args.models} stable addresses answering (one helper "
-              f"process); inventory saw {c['serving']} answering, {c['mismatches']} mismatches, {c['unhealthy']} down")
-        for label, key in (("first", "fast_first_s"), ("warm", "fast_warm_s")):
-            s = r[key]
-            print(f"  build_inventory {label:>4}: {s:7.3f} s   naive loop: {r['naive_s']:7.3f} s   "
-                  f"ratio {r['naive_s'] / s:6.1f}x   {'PASS' if s < TARGET_SECONDS else 'MISS'} (< 1 s)")
-        print(f"  parts alone: ledger read+index {r['part_ledger_s']:.3f} s, MLflow version search "
-              f"{r['part_mlflow_s']:.3f} s, {2 * args.models} probes ({r['listening']} answering) "
-              f"{r['part_probes_s']:.3f} s; all {len(r['fast_warm_all_s'])} warm runs: "
-              f"{', '.join(f'{x:.3f}' for x in r['fast_warm_all_s'])} s; 1-min load average {r['load_avg_1m']:.1f} "
-              f"on {os.cpu_count()} CPUs")
-        if r["problems"]:
-            bad = True
-            print("  DISAGREEMENT: " + "; ".join(r["problems"]))
-        else:
-            print("  fast and naive results agree row for row (recorded, live, agrees, lineage, approvals, gate)")
+    print(f"\nonepath inventory --json as a fresh process, {args.models} models = {2 * args.models} rows, "
+          f"{len(listen)} answering (probe timeout {args.timeout} s, target < {TARGET_SECONDS:.0f} s); "
+          f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for side in trees:
+        label = "this tree" if side == "new" else f"baseline {base_commit[:7]}"
+        m = statistics.median(times[side])
+        print(f"  {label:>16}: median {m:6.2f} s  (rounds: {', '.join(f'{x:.2f}' for x in times[side])})  "
+              f"{'PASS' if m < TARGET_SECONDS else 'MISS'} (< 1 s); of dagster, mlflow, pandas, sklearn it imports: "
+              f"{', '.join(imported[side]) or 'none'}")
+    if "baseline" in times:
+        print(f"  ratio baseline/this tree (medians): "
+              f"{statistics.median(times['baseline']) / statistics.median(times['new']):.1f}x")
+    if problems:
+        print("  DISAGREEMENT: " + "; ".join(problems[:10]))
+    else:
+        print("  every output agrees with what was set up" + (" and the two trees agree row for row"
+                                                               if "baseline" in times else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"models": args.models, "timeout": args.timeout,
-                                               "fresh_process_store_init": store_init,
-                                               "results": results}, indent=2))
-    return 1 if bad else 0
+                                               "answering": len(listen), "times": times, "imports": imported,
+                                               "against": args.against, "problems": problems}, indent=2))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

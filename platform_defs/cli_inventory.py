@@ -13,6 +13,7 @@ import argparse
 import json
 import sqlite3
 import sys
+from typing import Any
 
 from platform_defs.settings import load_settings
 
@@ -22,17 +23,30 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def cmd_inventory(args: argparse.Namespace) -> int:
-    from mlflow.exceptions import MlflowException
+class _Registry:
+    """The MLflow registry, opened only if the inventory asks it something (the ledger lacks a deploy entry
+    or a registration): a fresh ``onepath inventory`` of versions registered through the platform never
+    imports MLflow or Dagster."""
 
+    def __init__(self, settings: Any):
+        self.settings = settings
+
+    def client(self) -> Any:
+        from platform_defs.wiring import build_resources
+
+        return build_resources(self.settings)["mlflow"].client()
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
     from platform_defs.inventory import build_inventory, summarize, text_table
     from platform_defs.loader import load_governed
     from platform_defs.policy import PolicyError
     from platform_defs.specs import AppSpec, DeclarationError, EndpointSpec
-    from platform_defs.wiring import build_resources
+    from resources.deployers.local import from_config, settings_config
+    from resources.ledger import Ledger, ledger_paths
 
     try:
-        org, policy = load_governed()
+        org, policy = load_governed()  # a load imports no trainer (onepath validate does)
     except (DeclarationError, PolicyError) as err:
         return _fail(str(err).splitlines()[0])
     envs = sorted({e for d in org.by_name.values() if isinstance(d, (EndpointSpec, AppSpec))
@@ -41,13 +55,17 @@ def cmd_inventory(args: argparse.Namespace) -> int:
         return _fail(f"no endpoint or app has an environment '{args.env}' (environments: {', '.join(envs) or 'none'})")
     if args.timeout <= 0:
         return _fail(f"--timeout must be positive (got {args.timeout})")
-    resources = build_resources(load_settings())
+    settings = load_settings()
+    book = Ledger(*ledger_paths(settings.home), witness_socket=settings.witness_socket)
     try:
-        rows = build_inventory(org, policy, resources["mlflow"], resources["ledger"].ledger(),
-                               resources["deployer_local"].deployer(), env=args.env, timeout=args.timeout)
-    except (MlflowException, sqlite3.Error, OSError) as err:
-        first = (str(err).splitlines() or [""])[0]
-        return _fail(f"inventory failed: {type(err).__name__}: {first}")
+        rows = build_inventory(org, policy, _Registry(settings), book, from_config(**settings_config(settings)),
+                               env=args.env, timeout=args.timeout)
+    except (sqlite3.Error, OSError) as err:
+        return _fail(f"inventory failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
+    except Exception as err:  # MLflow's errors, without importing MLflow to name them
+        if type(err).__module__.split(".")[0] != "mlflow":
+            raise
+        return _fail(f"inventory failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
@@ -65,12 +83,21 @@ import click  # noqa: E402
 
 from platform_defs.cli_base import verb  # noqa: E402
 
+# the keys of each --json object, in order (InventoryRow.as_dict; tests/test_inventory.py holds them equal):
+# named here so that `onepath --help` does not import the inventory
+JSON_KEYS = ("name", "kind", "env", "track", "owner", "model", "recorded_version", "version_source",
+             "deployed_at", "deployed_by", "deploy_entry", "previous_version", "approvals", "approval_required",
+             "gate", "lineage", "address", "live_version", "registered_digest", "live_digest", "healthy", "agrees",
+             "digest_agrees", "notes", "state", "mismatch")
+
 
 @click.command("inventory", help="every endpoint and app release per environment: recorded version, approvals, "
                                  "gates, lineage, and what answers live")
 @click.option("--env", help="only this environment (e.g. prod)")
-@click.option("--json", "json", is_flag=True, help="one JSON object per row instead of a table")
+@click.option("--json", "json", is_flag=True,
+              help="print a JSON array instead of the table, one object per row with the keys "
+                   + ", ".join(JSON_KEYS))
 @click.option("--timeout", type=float, default=1.0, metavar="S",
-              help="seconds to wait for each server's /health and /version (default 1.0)")
+              help="seconds to wait for each server's /version (all asked at once; default 1.0)")
 def inventory(**kw):  # noqa: ANN003
     return verb(cmd_inventory)(**kw)

@@ -6,19 +6,20 @@ A declarations module lists what it declares in ``DECLARATIONS``.
 
 from __future__ import annotations
 
-import inspect
 import os
+import sys
 from typing import Any
 
 from platform_defs.specs import AppSpec, DatasetSpec, EndpointSpec, ModelSpec, parse_declaration
 
 
 def _source() -> str | None:
-    frame = inspect.stack()[2]
+    # the caller of dataset()/model()/...: its code's file (inspect.stack() would read every frame's source)
+    filename = sys._getframe(2).f_code.co_filename
     try:
-        return os.path.relpath(frame.filename)
+        return os.path.relpath(filename)
     except ValueError:
-        return frame.filename
+        return filename
 
 
 def dataset(**fields: Any) -> DatasetSpec:

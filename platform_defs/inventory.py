@@ -37,17 +37,21 @@ from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dagster as dg
-
+# Only what a fresh ``onepath inventory`` needs is imported here: the ledger (sqlite), the specs and the
+# probes. Dagster is imported by the asset and the schedule, MLflow only when the ledger lacks something.
 from platform_defs.policy import Policy
-from platform_defs.specs import AppSpec, EndpointSpec, Organisation
+from platform_defs.specs import AppSpec, EndpointSpec, Organisation, targets_of
 from resources.deployers.base import Deployer, Target, probe_many
-from resources.deployers.resource import LocalDeployerResource
-from resources.ledger import Entry, Ledger, LedgerResource
-from resources.mlflow_registry import TAG_PREFIX, MlflowRegistry
-from sensors.endpoint_status import targets_of
+from resources.ledger import Entry, Ledger
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+    from resources.mlflow_registry import MlflowRegistry
+
+TAG_PREFIX = "onepath."  # resources.mlflow_registry.TAG_PREFIX (that module imports Dagster and MLflow)
 
 LINEAGE_TAGS = ("dataset_key", "data_hash", "code_hash")
 NAMES_PER_QUERY = 200  # model names per MLflow "name IN (...)" filter
@@ -72,6 +76,7 @@ class InventoryRow:
     deploy_entry: int | None = None  # its ledger seq
     previous_version: str | None = None
     approvals: list[dict[str, Any]] = field(default_factory=list)
+    approval_required: bool = True  # False: the track's policy requires no approval in this environment
     gate: dict[str, Any] | None = None
     lineage: dict[str, str | None] | None = None
     address: str | None = None
@@ -259,7 +264,12 @@ def _gate(index: _LedgerIndex, policy: Policy, d: Any, env: str, version: str) -
             "missing": [c for c in required if c not in checks]}
 
 
-def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, ledger: Ledger,
+def approval_required(policy: Policy, d: Any, env: str) -> bool:
+    """Whether the track's policy asks for an approval in ``env`` (a model's ``approval``, an app's ``code_review``)."""
+    return ("code_review" if isinstance(d, AppSpec) else "approval") in _required_checks(policy, d, env)
+
+
+def build_inventory(org: Organisation, policy: Policy, mlflow: "MlflowRegistry", ledger: Ledger,
                     deployer: Deployer, env: str | None = None, timeout: float = 1.0) -> list[InventoryRow]:
     """Every endpoint and app release per environment (only ``env`` if given): recorded vs live.
 
@@ -286,14 +296,22 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
         probing: Future = pool.submit(probe_many, unique, timeout, 256, False, credentials)
         index = _LedgerIndex(ledger.entries())
         endpoints = [(d, e) for d, e, _ in targets if isinstance(d, EndpointSpec)]
+        # an alias stands in only where something was ever deployed: a stable address is allocated by the first
+        # deploy, so without one the alias names nothing that serves here
+        placed = {(d.name, e) for (d, e, _), a in zip(targets, addresses) if a}
         unrecorded = {d.model for d, e in endpoints if (d.name, e) not in index.deploys
-                      and sharing[(d.model, e)] == 1}
+                      and sharing[(d.model, e)] == 1 and (d.name, e) in placed}
+        # the registry is asked only what the ledger does not know (a fresh `onepath inventory` of a platform
+        # whose versions were all registered through it never imports MLflow): the alias standing in for a
+        # missing deploy entry, and the lineage tags of a recorded version without a model_registered entry
+        unregistered = {d.model for d, e in endpoints if (d.name, e) in index.deploys
+                        and (d.model, str(index.deploys[(d.name, e)].data["version"])) not in index.registrations}
         aliases: dict[str, dict[str, str]] = {}
         tags: dict[tuple[str, str], dict[str, str]] = {}
-        if endpoints:
+        if unrecorded or unregistered:
             client = mlflow.client()
             aliases = _aliases(client, unrecorded) if unrecorded else {}
-            tags = _version_tags(client, {d.model for d, _ in endpoints})
+            tags = _version_tags(client, unrecorded | unregistered)
         live = probing.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -313,7 +331,7 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
             row.previous_version = str(prev) if prev is not None else None
             if deploy.data.get("via") == "rollback":
                 row.notes.append(f"deployed by a rollback (ledger #{deploy.data.get('rollback_entry', deploy.seq)})")
-        elif is_endpoint and aliases.get(d.model, {}).get(e) is not None:
+        elif is_endpoint and (d.name, e) in placed and aliases.get(d.model, {}).get(e) is not None:
             row.recorded_version, row.version_source = aliases[d.model][e], "mlflow_alias"
             row.notes.append(f"no deploy entry in the ledger; version from MLflow alias {d.model}@{e}")
         elif is_endpoint and sharing[(d.model, e)] > 1:
@@ -327,13 +345,14 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: MlflowRegistry, l
             else:
                 row.notes.append(f"version {version} of '{d.model}' has no model_registered ledger entry "
                                  f"(no digest to compare what serves with)")
-            if (d.model, version) in tags:
-                version_tags = tags[(d.model, version)]
-                # lineage as registration recorded it (tags are client-writable); the tags only without one
-                row.lineage = ({k: reg.data.get(k) for k in LINEAGE_TAGS} if reg is not None
-                               else {k: version_tags.get(TAG_PREFIX + k) for k in LINEAGE_TAGS})
+            # lineage as registration recorded it (tags are client-writable); the registry's tags only without one
+            if reg is not None:
+                row.lineage = {k: reg.data.get(k) for k in LINEAGE_TAGS}
+            elif (d.model, version) in tags:
+                row.lineage = {k: tags[(d.model, version)].get(TAG_PREFIX + k) for k in LINEAGE_TAGS}
             else:
                 row.notes.append(f"MLflow has no version {version} of model '{d.model}'")
+        row.approval_required = approval_required(policy, d, e)
         if version is not None:
             row.approvals = _approvals(index, d.model if is_endpoint else d.name, e, version)
             row.gate = _gate(index, policy, d, e, version)
@@ -372,6 +391,8 @@ def summarize(rows: list[InventoryRow]) -> dict[str, int]:
 
 
 def _approved(r: InventoryRow) -> str:
+    if not r.approvals and not r.approval_required:
+        return "not required by track"
     return ", ".join(a["approver"] for a in r.approvals) or "-"
 
 
@@ -415,8 +436,13 @@ def markdown_table(rows: list[InventoryRow]) -> str:
 # The asset
 
 
-def build_inventory_asset(org: Organisation, policy: Policy) -> dg.AssetsDefinition:
+def build_inventory_asset(org: Organisation, policy: Policy) -> "dg.AssetsDefinition":
     """``production_inventory``: the inventory as an asset, refreshed on demand or by a schedule."""
+    import dagster as dg
+
+    from resources.deployers.resource import LocalDeployerResource
+    from resources.ledger import LedgerResource
+    from resources.mlflow_registry import MlflowRegistry
 
     @dg.asset(
         key="production_inventory",
@@ -445,12 +471,14 @@ def build_inventory_asset(org: Organisation, policy: Policy) -> dg.AssetsDefinit
     return production_inventory
 
 
-def build_inventory_schedule(cron: str = "*/15 * * * *") -> dg.ScheduleDefinition:
+def build_inventory_schedule(cron: str = "*/15 * * * *") -> "dg.ScheduleDefinition":
     """Refresh ``production_inventory`` on a cron (every 15 minutes by default)."""
+    import dagster as dg
+
     return dg.ScheduleDefinition(name="production_inventory_schedule", cron_schedule=cron,
                                  target=dg.AssetSelection.assets("production_inventory"),
                                  default_status=dg.DefaultScheduleStatus.RUNNING)
 
 
-__all__ = ["InventoryRow", "build_inventory", "build_inventory_asset", "build_inventory_schedule",
+__all__ = ["InventoryRow", "approval_required", "build_inventory", "build_inventory_asset", "build_inventory_schedule",
            "known_addresses", "markdown_table", "summarize", "text_table"]

@@ -558,3 +558,16 @@ class Organisation:
 
     def __len__(self) -> int:
         return len(self.by_name)
+
+
+def targets_of(org: Organisation) -> list[tuple[Any, str, Any]]:
+    """``(declaration, env, Target)`` for every endpoint and app release environment, in declaration order."""
+    from resources.deployers.base import Target  # here: specs stays importable without the deployers
+
+    out: list[tuple[Any, str, Any]] = []
+    for d in org.by_name.values():
+        if isinstance(d, EndpointSpec):
+            out += [(d, env, Target(d.name, env, "endpoint", d.ports.get(env))) for env in d.environments]
+        elif isinstance(d, AppSpec):
+            out += [(d, env, Target(d.name, env, "app", d.ports.get(env))) for env in d.environments]
+    return out

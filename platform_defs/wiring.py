@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from platform_defs.settings import Settings
 from resources.data_store import DataStore
+from resources.deployers.local import settings_config
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource, ledger_paths
 from resources.mlflow_registry import MlflowRegistry
@@ -24,11 +25,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "ledger": LedgerResource(db_path=str(ledger_paths(settings.home)[0]),
                                  key_path=str(ledger_paths(settings.home)[1]),
                                  witness_socket=str(settings.witness_socket) if settings.witness_socket else None),
-        "deployer_local": LocalDeployerResource(
-            run_dir=str(settings.run_dir), host=settings.host, port_base=settings.port_base,
-            inference_log_dir=str(settings.inference_log_dir),
-            artifact_roots=[str(settings.releases_dir / "models"), str(settings.releases_dir)],
-        ),
+        "deployer_local": LocalDeployerResource(**settings_config(settings)),
         "monitoring": MonitoringResource(
             inference_log_dir=str(settings.inference_log_dir), outcomes_dir=str(settings.outcomes_dir),
             drift_reports_dir=str(settings.drift_reports_dir),

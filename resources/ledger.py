@@ -78,11 +78,9 @@ from pathlib import Path
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
-import dagster as dg
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import Field
 
 from resources.files import atomic_write, create_private_file
 from resources.witness import WitnessClient, WitnessError
@@ -1287,22 +1285,11 @@ def _public_pem(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-class LedgerResource(dg.ConfigurableResource):
-    """The platform ledger: append-only, hash-chained, each head signed by the platform key and
-    countersigned by the witness when one is configured."""
+def __getattr__(name: str) -> Any:
+    # the Dagster resource lives in resources.ledger_resource: reading the ledger (onepath inventory, audit,
+    # witness) must not pay Dagster's import; ``from resources.ledger import LedgerResource`` still works
+    if name == "LedgerResource":
+        from resources.ledger_resource import LedgerResource
 
-    db_path: str = Field(description="sqlite file holding the ledger (default $ONEPATH_HOME/ledger.db).")
-    key_path: str = Field(
-        description="Ed25519 platform signing key (PEM, mode 0600), kept outside the database; "
-                    "created on first append; its public key is written next to it as .pub.")
-    witness_socket: str | None = Field(
-        None, description="Unix socket of the ledger's witness (onepath witness serve), a service running as "
-                          "its own OS user that countersigns every head (env ONEPATH_WITNESS_SOCKET).")
-
-    def ledger(self) -> Ledger:
-        socket = self.witness_socket
-        if not socket:  # a run config may set the field to null: the configured witness still counts
-            from platform_defs.settings import load_settings  # here: platform_defs imports this module
-
-            socket = load_settings().witness_socket
-        return Ledger(Path(self.db_path), Path(self.key_path), Path(socket) if socket else None)
+        return LedgerResource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

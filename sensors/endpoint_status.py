@@ -19,22 +19,12 @@ from typing import Any
 
 import dagster as dg
 
-from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name
+from platform_defs.specs import AppSpec, EndpointSpec, Organisation, endpoint_asset_name, targets_of  # noqa: F401
 from sensors.serving_health import evaluate_health
 from resources.deployers.base import DeployError, Target
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry
-
-
-def targets_of(org: Organisation) -> list[tuple[Any, str, Target]]:
-    out = []
-    for d in org.by_name.values():
-        if isinstance(d, EndpointSpec):
-            out += [(d, env, Target(d.name, env, "endpoint", d.ports.get(env))) for env in d.environments]
-        elif isinstance(d, AppSpec):
-            out += [(d, env, Target(d.name, env, "app", d.ports.get(env))) for env in d.environments]
-    return out
 
 
 def revive_supervisors(deployer: Any, targets: list[Target]) -> list[dict[str, Any]]:

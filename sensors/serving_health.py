@@ -79,7 +79,7 @@ def evaluate_health(targets: list[tuple[Any, str, Target]], statuses: list[Deplo
 
 
 def build_serving_health_checks(org: Organisation) -> list[dg.AssetChecksDefinition]:
-    from sensors.endpoint_status import targets_of
+    from platform_defs.specs import targets_of
 
     return [_check(spec, env, target) for spec, env, target in targets_of(org)]
 
@@ -131,7 +131,7 @@ def outage_evaluation(book: Any, subject: str, env: str) -> dg.AssetCheckEvaluat
 
 def build_continuity_checks(org: Organisation) -> list[dg.AssetChecksDefinition]:
     """One declared, non-blocking ``served_without_outage`` check per endpoint and app environment."""
-    from sensors.endpoint_status import targets_of
+    from platform_defs.specs import targets_of
 
     return [_continuity_check(target) for _, _, target in targets_of(org)]
 

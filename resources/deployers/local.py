@@ -521,3 +521,19 @@ def _bindable(host: str, port: int) -> bool:
         return False
     finally:
         s.close()
+
+
+def settings_config(settings: Any) -> dict[str, Any]:
+    """The local backend's configuration from onepath's ``Settings``: the fields of ``LocalDeployerResource``
+    (platform_defs.wiring builds the resource from it, ``onepath inventory`` the deployer, without Dagster)."""
+    return {"run_dir": str(settings.run_dir), "host": settings.host, "port_base": settings.port_base,
+            "inference_log_dir": str(settings.inference_log_dir),
+            "artifact_roots": [str(settings.releases_dir / "models"), str(settings.releases_dir)]}
+
+
+def from_config(run_dir: str, host: str, port_base: int, inference_log_dir: str,
+                artifact_roots: Sequence[str]) -> LocalProcessDeployer:
+    """The deployer a ``settings_config`` (or a ``LocalDeployerResource``'s fields) describes."""
+    return LocalProcessDeployer(Path(run_dir), host=host, port_base=port_base,
+                                inference_log_dir=Path(inference_log_dir),
+                                artifact_roots=[Path(r) for r in artifact_roots])

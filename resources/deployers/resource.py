@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from resources.deployers.base import Deployer
-from resources.deployers.local import LocalProcessDeployer
+from resources.deployers.local import LocalProcessDeployer, from_config  # noqa: F401
 
 
 class LocalDeployerResource(dg.ConfigurableResource):
@@ -24,6 +23,4 @@ class LocalDeployerResource(dg.ConfigurableResource):
                     "dir); a supervisor launches nothing from anywhere else.")
 
     def deployer(self) -> Deployer:
-        return LocalProcessDeployer(Path(self.run_dir), host=self.host, port_base=self.port_base,
-                                    inference_log_dir=Path(self.inference_log_dir),
-                                    artifact_roots=[Path(r) for r in self.artifact_roots])
+        return from_config(self.run_dir, self.host, self.port_base, self.inference_log_dir, self.artifact_roots)

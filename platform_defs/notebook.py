@@ -323,7 +323,7 @@ def version_to_promote(org: Any, model_name: str, book: Any, mlflow: Any) -> tup
         return str(pin), f"pinned by {org.sources.get(model.name, 'its declaration').rsplit(':', 1)[0]}", \
             [str(v) for v in versions if v > pin]
     if not versions:
-        raise NotebookError(f"{model.name} has no registered version yet: materialize it first")
+        raise NotebookError(f"model '{model.name}' has no registered version yet: materialize {model.name} first")
     return str(versions[-1]), "the newest registered version", []
 
 

@@ -55,6 +55,9 @@ def why(asset: str, env: str | None, as_json: bool) -> int:
     if not checks:
         print(f"{name} has no checks")
         return 0
+    running = sorted({c["running"] for c in checks if c.get("running")})
+    if running:  # what follows is the latest result; a newer attempt has not given one yet
+        print(f"{name}: run {', '.join(running)} is evaluating it again now (onepath runs follow {running[0]})")
     if not failing:
         print(f"{name}: every check of its latest evaluation passed"
               + (f" ({', '.join(never)} never ran: onepath materialize {name})" if never else ""))

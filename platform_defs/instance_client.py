@@ -246,13 +246,14 @@ class InstanceClient:
 _CHECKS = """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { __typename
   ... on AssetNode { assetChecksOrError { __typename ... on AssetChecks { checks { name description } } } } } }"""
 _CHECK_RUNS = """query($key: AssetKeyInput!, $check: String!) {
-  assetCheckExecutions(assetKey: $key, checkName: $check, limit: 1) { runId status timestamp
+  assetCheckExecutions(assetKey: $key, checkName: $check, limit: 10) { runId status timestamp
     evaluation { checkName success severity description %s } } }""" % _META
 
 
 def latest_check_evaluations(client: InstanceClient, asset: str) -> list[dict[str, Any]]:
-    """Each check of ``asset`` with its latest execution: check, description, run_id, status, passed, severity,
-    metadata (passed None when it never ran)."""
+    """Each check of ``asset`` with its latest evaluated execution: check, description, run_id, status, passed,
+    severity, metadata (passed None when it never ran); ``running``: the run of a newer execution not yet evaluated
+    (a run in progress, e.g. automation's next attempt), else None."""
     key = {"path": asset.split("/")}
     node = client.query(_CHECKS, {"key": key})["assetNodeOrError"]
     if node["__typename"] != "AssetNode":
@@ -261,10 +262,12 @@ def latest_check_evaluations(client: InstanceClient, asset: str) -> list[dict[st
     out = []
     for c in checks:
         runs = client.query(_CHECK_RUNS, {"key": key, "check": c["name"]})["assetCheckExecutions"]
-        ex = runs[0] if runs else None
+        ex = next((r for r in runs if r.get("evaluation")), None)
+        newer = runs[:runs.index(ex)] if ex is not None else runs
         ev = (ex or {}).get("evaluation") or {}
         out.append({"asset": asset, "check": c["name"], "description": c.get("description"),
                     "run_id": ex and ex["runId"], "status": ex and ex["status"],
                     "passed": ev.get("success") if ev else None, "severity": ev.get("severity"),
-                    "summary": ev.get("description"), "metadata": _metadata(ev.get("metadataEntries") or [])})
+                    "summary": ev.get("description"), "metadata": _metadata(ev.get("metadataEntries") or []),
+                    "running": newer[0]["runId"] if newer else None})
     return out

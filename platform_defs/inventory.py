@@ -36,7 +36,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 # Only what a fresh ``onepath inventory`` needs is imported here: the ledger (sqlite), the specs and the
@@ -116,7 +116,8 @@ class InventoryRow:
         return s
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # field by field, not dataclasses.asdict: its deep copy cost ~1 s for 2,000 rows (the values are JSON's)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["state"] = self.state
         d["mismatch"] = self.mismatch
         return d

@@ -78,8 +78,7 @@ def _load_yaml(path: Path) -> list:
     source = _rel(path)
     text = path.read_text()
     try:
-        data = strict_yaml.load(text)
-        node = yaml.compose(text)
+        data, node = strict_yaml.load_with_node(text)  # one parse, libyaml's (the pure-Python one costs seconds)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source

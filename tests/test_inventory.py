@@ -405,6 +405,11 @@ def test_a_fresh_inventory_reads_the_ledger_and_the_servers_only(world):
 
 
 def test_the_registry_is_asked_only_what_the_ledger_lacks(world):
+    from platform_defs import inventory as inv
+    from resources import mlflow_registry
+
+    assert inv.TAG_PREFIX == mlflow_registry.TAG_PREFIX  # named twice so that the inventory imports no MLflow
+
     class Unasked:
         def client(self):
             raise AssertionError("the registry was asked")

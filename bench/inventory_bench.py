@@ -31,7 +31,10 @@ import to its last byte of output. The bench builds one world, all inside a fres
    which of dagster, mlflow, pandas, sklearn the new tree's process imported (a child with
    ``-X importtime``, not timed).
 
-Without ``--against`` only this tree is timed. ``--bytecode-cache DIR`` runs both as an installed image would (see
+Each child's CPU time (user + system, from ``getrusage``) is reported next to its wall time: on
+a shared machine the wall time carries the other tenants' load, the CPU time much less.
+``--world DIR`` keeps the world (and reuses it on the next run). Without ``--against`` only this
+tree is timed. ``--bytecode-cache DIR`` runs both as an installed image would (see
 its help). A run takes 3-8 minutes with the defaults, most of it
 registering models and appending ledger entries.
 """
@@ -60,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 TARGET_SECONDS = 1.0
 MISMATCH_EVERY = 50
 BYTECODE_CACHE: Path | None = None  # --bytecode-cache
+CPU: list[float] = []  # CPU seconds (user + system) of each timed child, in order
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,20 +253,35 @@ def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
     ports = free_ports(2 * n_models)
     run_dir = home / "run"
     run_dir.mkdir(mode=0o700)
-    slots: dict[str, int] = {}
+    slots = {f"{endpoint}.{env}": ports[k] for k, (endpoint, env) in enumerate(sorted(expected))}
+    (run_dir / "ports.json").write_text(json.dumps(slots, indent=1, sort_keys=True))
+    world = load_world(tmp)
+    world["setup"] = {"log_model": t_models - t0, "register": t_ledger - t_models, "ledger": t_done - t_ledger}
+    return world
+
+
+def load_world(tmp: Path) -> dict[str, Any]:
+    """The world ``build_world`` made in ``tmp``, read back from disk (the ledger, the port registry): what
+    the inventory must say about it. ``--world DIR`` reuses one this way."""
+    from resources.ledger import Ledger, ledger_paths
+
+    home = tmp / "home"
+    book = Ledger(*ledger_paths(home))
+    entries = book.entries()
+    expected = {(e.subject, e.env): str(e.data["version"]) for e in entries if e.kind == "deploy"}
+    digests = {(e.subject, str(e.data["version"])): e.data["digest"] for e in entries if e.kind == "model_registered"}
+    slots = json.loads((home / "run" / "ports.json").read_text())
     serving: dict[int, tuple[str, str, str, str | None]] = {}  # port -> (endpoint, model, version, digest)
     for k, ((endpoint, env), version) in enumerate(sorted(expected.items())):
-        port = ports[k]
-        slots[f"{endpoint}.{env}"] = port
         model = endpoint.replace("_e", "_m")
         live = version if k % MISMATCH_EVERY else str(int(version) + 1)  # every 50th: a mismatch
-        serving[port] = (endpoint, model, live, digests.get((model, live)))
-    (run_dir / "ports.json").write_text(json.dumps(slots, indent=1, sort_keys=True))
-    env = {"ONEPATH_HOME": str(home), "ONEPATH_DECLARATIONS_DIR": str(decls), "MLFLOW_TRACKING_URI": uri,
-           "MLFLOW_REGISTRY_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}
-    return {"expected": expected, "serving": serving, "slots": slots, "versions": n_versions, "env": env,
-            "entries": len(ledger.entries()),
-            "setup": {"log_model": t_models - t0, "register": t_ledger - t_models, "ledger": t_done - t_ledger}}
+        serving[slots[f"{endpoint}.{env}"]] = (endpoint, model, live, digests.get((model, live)))
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    env = {"ONEPATH_HOME": str(home), "ONEPATH_DECLARATIONS_DIR": str(tmp / "declarations"),
+           "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "GX_ANALYTICS_ENABLED": "false"}
+    return {"expected": expected, "serving": serving, "slots": slots, "versions": len(digests), "env": env,
+            "entries": len(entries), "models": len({e for e, _ in expected})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,10 +323,15 @@ def check_tree(world: dict[str, Any], tree: Path) -> None:
 
 def fresh_inventory(world: dict[str, Any], tree: Path, timeout: float) -> tuple[float, list[dict[str, Any]]]:
     """Wall time of ``python -m platform_defs.cli inventory --json`` in ``tree``, and its rows."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "platform_defs.cli", "inventory", "--json", "--timeout", str(timeout)],
                          cwd=tree, env=child_env(world, tree), capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
     if out.returncode != 0:
         raise RuntimeError(f"onepath inventory in {tree} exited {out.returncode}: {out.stderr.strip()[-800:]}")
     return wall, json.loads(out.stdout)
@@ -363,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                          "allowed), as an image with compiled bytecode would; an untimed run of each fills it. "
                          "Default: the environment as it is (PYTHONDONTWRITEBYTECODE=1 compiles every module "
                          "from source in every process)")
+    ap.add_argument("--world", metavar="DIR", help="build the world in DIR and keep it; reuse the one there if any "
+                                                  "(its setup takes minutes; --models and --seed then do not apply)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -370,23 +396,32 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve)
         return 0
 
-    tmp = Path(tempfile.mkdtemp(prefix="onepath-inventory-bench-"))
+    tmp = Path(args.world) if args.world else Path(tempfile.mkdtemp(prefix="onepath-inventory-bench-"))
     helper = None
     trees = {"new": ROOT}
     times: dict[str, list[float]] = {"new": []}
+    cpu: dict[str, list[float]] = {"new": []}
     problems: list[str] = []
     try:
         if args.against:
             base = Path(args.baseline_dir) if args.baseline_dir else tmp / "baseline"
             base_commit = export_tree(args.against, base)
-            trees["baseline"], times["baseline"] = base, []
+            trees["baseline"], times["baseline"], cpu["baseline"] = base, [], []
         t = time.perf_counter()
-        print(f"building: {args.models} models in {tmp} ...", flush=True)
-        world = build_world(tmp, args.models, args.seed)
-        setup = world["setup"]
-        print(f"  {args.models} registered models, {world['versions']} versions, {world['entries']} ledger entries, "
-              f"{2 * args.models} endpoint environments ({time.perf_counter() - t:.1f} s: log model "
-              f"{setup['log_model']:.1f}, register {setup['register']:.1f}, ledger {setup['ledger']:.1f})", flush=True)
+        if (tmp / "home" / "run" / "ports.json").exists():
+            world = load_world(tmp)
+            args.models = world["models"]
+            print(f"reusing the world in {tmp}: {args.models} models, {world['versions']} versions, "
+                  f"{world['entries']} ledger entries", flush=True)
+        else:
+            tmp.mkdir(parents=True, exist_ok=True)
+            print(f"building: {args.models} models in {tmp} ...", flush=True)
+            world = build_world(tmp, args.models, args.seed)
+            setup = world["setup"]
+            print(f"  {args.models} registered models, {world['versions']} versions, {world['entries']} ledger "
+                  f"entries, {2 * args.models} endpoint environments ({time.perf_counter() - t:.1f} s: log model "
+                  f"{setup['log_model']:.1f}, register {setup['register']:.1f}, ledger {setup['ledger']:.1f})",
+                  flush=True)
         global BYTECODE_CACHE
         BYTECODE_CACHE = args.bytecode_cache
         for tree in trees.values():
@@ -403,15 +438,18 @@ def main(argv: list[str] | None = None) -> int:
             for side in order:
                 wall, rows = fresh_inventory(world, trees[side], args.timeout)
                 times[side].append(wall)
+                cpu[side].append(CPU[-1])
                 last[side] = rows
                 problems += [f"{side}: {p}" for p in check(world, rows, set(listen))]
-                print(f"  round {i + 1} {side:>8}: {wall:6.2f} s ({len(rows)} rows)", flush=True)
+                print(f"  round {i + 1} {side:>8}: {wall:6.2f} s wall, {CPU[-1]:5.2f} s CPU ({len(rows)} rows)",
+                      flush=True)
         if "baseline" in last:
             problems += [f"new vs baseline: {p}" for p in compare(last["new"], last["baseline"])]
         imported = {side: heavy_imports(world, tree, args.timeout) for side, tree in trees.items()}
     finally:
         stop_helper(helper)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.world:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nonepath inventory --json as a fresh process, {args.models} models = {2 * args.models} rows, "
           f"{len(listen)} answering (probe timeout {args.timeout} s, target < {TARGET_SECONDS:.0f} s); "
@@ -419,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     for side in trees:
         label = "this tree" if side == "new" else f"baseline {base_commit[:7]}"
         m = statistics.median(times[side])
-        print(f"  {label:>16}: median {m:6.2f} s  (rounds: {', '.join(f'{x:.2f}' for x in times[side])})  "
+        print(f"  {label:>16}: median {m:6.2f} s wall, {statistics.median(cpu[side]):5.2f} s CPU  "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in times[side])})  "
               f"{'PASS' if m < TARGET_SECONDS else 'MISS'} (< 1 s); of dagster, mlflow, pandas, sklearn it imports: "
               f"{', '.join(imported[side]) or 'none'}")
     if "baseline" in times:
@@ -432,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                if "baseline" in times else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"models": args.models, "timeout": args.timeout,
-                                               "answering": len(listen), "times": times, "imports": imported,
+                                               "answering": len(listen), "times": times, "cpu": cpu, "imports": imported,
                                                "against": args.against, "problems": problems}, indent=2))
     return 1 if problems else 0
 

@@ -67,7 +67,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
             raise
         return _fail(f"inventory failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
     if args.json:
-        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        print(json.dumps([r.as_dict() for r in rows]))  # no indent: json's C encoder (indent takes the Python one)
         return 0
     if not rows:
         print("no endpoint or app release is declared")

@@ -80,10 +80,7 @@ def _load_yaml(path: Path, problems: list | None = None) -> list:
     source = _rel(path)
     text = path.read_text()
     try:
-        data = strict_yaml.load(text)
-        # the node tree only for line numbers: composed by libyaml (the pure-Python composer cost ~2.5 s
-        # for 500 lines, more than parsing them)
-        node = yaml.compose(text, Loader=strict_yaml._Base)
+        data, node = strict_yaml.load_with_node(text)  # one parse, libyaml's (the pure-Python one costs seconds)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source

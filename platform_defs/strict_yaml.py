@@ -38,3 +38,13 @@ class StrictLoader(_Base):  # type: ignore[misc, valid-type]
 def load(text: str) -> Any:
     """``yaml.safe_load`` that refuses a duplicate key (``yaml.YAMLError`` naming it and its lines)."""
     return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_with_node(text: str) -> tuple[Any, Any]:
+    """``(load(text), yaml.compose(text))`` from ONE parse: the data and its node tree (for line numbers)."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node
+    finally:
+        loader.dispose()

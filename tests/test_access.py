@@ -305,7 +305,9 @@ def lone(tmp_path):
 
     book = Ledger(tmp_path / "ledger.db", tmp_path / "keys" / "platform.key")
     record_policy(book)
-    clock = [datetime(2026, 12, 1, tzinfo=timezone.utc)]
+    # the test's clock starts now: a secret's issue time is its ledger entry's, stamped with the real time
+    # (a fixed date stopped being "31 days later" once the real date passed it)
+    clock = [datetime.now(timezone.utc).replace(microsecond=0)]
     dep = RecordingDeployer()
     return {"book": book, "org": load_organisation(), "deployer": dep, "clock": clock, "tmp": tmp_path,
             "access": Access(book, dep, actor="test", clock=lambda: clock[0])}

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -365,6 +368,92 @@ def test_cli_json_and_table(world, monkeypatch, capsys):
     line = next(x for x in text.splitlines() if x.startswith("inv_scoring") and " prod " in x)
     assert "mira, carla" in line and " ok " in line
     assert "7 rows: 5 answering, 1 mismatch(es), 1 down, 1 unrecorded, 1 not deployed" in text
+
+
+HEAVY = ("dagster", "mlflow", "pandas", "sklearn")
+
+
+def imported(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``python -X importtime -m platform_defs.cli *argv`` as a fresh process: its result, and which of
+    ``HEAVY`` it imported."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "platform_defs.cli", *argv], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True,
+                         timeout=120)
+    names = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    return out, names & set(HEAVY)
+
+
+def test_help_imports_nothing_heavy():
+    out, heavy = imported(["--help"])
+    assert out.returncode == 0 and "inventory" in out.stdout
+    assert heavy == set(), f"`onepath --help` imported {sorted(heavy)}"
+
+
+def test_a_fresh_inventory_reads_the_ledger_and_the_servers_only(world):
+    """Where the ledger records every version (staging here: deploys and registrations), a fresh
+    ``onepath inventory`` imports none of Dagster, MLflow, pandas, sklearn, and says the same as
+    ``build_inventory`` with the registry."""
+    out, heavy = imported(["inventory", "--env", "staging", "--json"],
+                          {"ONEPATH_DECLARATIONS_DIR": str(world["decls"])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert heavy == set(), f"`onepath inventory` imported {sorted(heavy)}"
+    got = {(r["name"], r["env"]): r for r in json.loads(out.stdout)}
+    want = inventory(world, env="staging")
+    assert set(got) == set(want)
+    for key, r in want.items():
+        assert got[key] == json.loads(json.dumps(r.as_dict())), key
+
+
+def test_the_registry_is_asked_only_what_the_ledger_lacks(world):
+    from platform_defs import inventory as inv
+    from resources import mlflow_registry
+
+    assert inv.TAG_PREFIX == mlflow_registry.TAG_PREFIX  # named twice so that the inventory imports no MLflow
+
+    class Unasked:
+        def client(self):
+            raise AssertionError("the registry was asked")
+
+    rows = build_inventory(world["org"], world["policy"], Unasked(), world["ledger"], world["deployer"],
+                           env="staging")
+    assert {(r.name, r.recorded_version, r.state) for r in rows} == {
+        ("inv_scoring", "2", "ok"), ("inv_shadow", "1", "mismatch"), ("inv_portal", None, "unrecorded")}
+    scoring = next(r for r in rows if r.name == "inv_scoring")
+    assert scoring.lineage["data_hash"] == world["credit"]["2"]["onepath.data_hash"]  # the ledger's registration
+
+
+def test_json_prints_what_its_help_says(world, monkeypatch, capsys):
+    from platform_defs.cli_inventory import JSON_KEYS
+
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(world["decls"]))
+    assert run_cli(["inventory", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "print a JSON array instead of the table, one object per row with the keys " + ", ".join(JSON_KEYS) \
+        in help_text
+    assert run_cli(["inventory", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out, list) and len(out) == 7
+    assert all(isinstance(r, dict) and tuple(r) == JSON_KEYS for r in out)
+
+
+def test_no_approval_required_by_the_track_says_so(world, monkeypatch, capsys):
+    rows = inventory(world)
+    # ml-high-risk asks an approval in prod only; the app track a code review in prod only
+    assert {k: r.approval_required for k, r in rows.items()} == {
+        ("inv_scoring", "staging"): False, ("inv_scoring", "prod"): True, ("inv_shadow", "staging"): False,
+        ("inv_shadow", "prod"): True, ("inv_portal", "staging"): False, ("inv_portal", "prod"): True,
+        ("inv_idle", "prod"): True}
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(world["decls"]))
+    assert run_cli(["inventory"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def line(name: str, env: str) -> str:
+        return next(x for x in lines if x.startswith(name) and f" {env} " in x)
+
+    assert "not required by track" in line("inv_scoring", "staging")
+    assert "not required by track" in line("inv_portal", "staging")
+    assert "not required by track" not in line("inv_idle", "prod")  # required, and nobody approved: "-"
+    assert "mira, carla" in line("inv_scoring", "prod")
 
 
 @pytest.mark.parametrize("setup,argv,message", [

@@ -56,6 +56,16 @@ def witness_user() -> pwd.struct_passwd:
         return pwd.getpwnam(WITNESS_USER)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def venv_readable_by_the_witness(witness_user) -> None:
+    """The witness user runs this very interpreter and venv; if it cannot read them, Python falls back
+    to the system's interpreter and its packages, and the witness would be another program."""
+    seen = as_user(WITNESS_USER, sys.executable, "-c", "import sys; print(sys.prefix)")
+    assert seen.stdout.strip() == sys.prefix, (
+        f"the witness user sees prefix {seen.stdout.strip()!r}, not the venv {sys.prefix!r}: "
+        f"the venv must be readable by other users (./dev installs it with umask 022)")
+
+
 class WitnessProcess:
     """``onepath witness serve`` as the witness's own user; :meth:`stop` / :meth:`start` for outages."""
 

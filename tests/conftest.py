@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -44,6 +45,24 @@ def private_umask() -> None:
     from resources.files import use_private_umask
 
     use_private_umask()
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_uri_leaks_to_the_next_test() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` / ``set_registry_uri`` (the MLflow resource calls them) also set
+    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` in this process's environment "so that subprocess can
+    inherit it", and ``load_settings`` honours them: a later test's ``onepath up`` ran on an earlier test's
+    MLflow (test_cli found credit_risk versions it never trained). The session starts without them
+    (``onepath_home``); after each test they are gone again, and MLflow's own globals are cleared with them
+    so that the next ``_use()`` sets both again. A module-scoped world that set them in its setup is cleared
+    at its first test's end, before any other module's test starts."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)  # clears the global (and the variable, again)
+        mlflow.set_registry_uri(None)  # clears the global; sets no variable for None
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def test_materialize_why_and_promote_from_a_terminal(platform):  # noqa: F811
     # nothing registered yet: promote says what to do, in one line
     early = onepath(tmp_path, port, "promote", "credit_scoring", "--to", "prod")
     assert early.returncode == 1 and early.stderr == ("onepath: model 'credit_risk' has no registered version yet: "
-                                                      "materialize credit_risk first\n"), early.stderr
+                                                      "materialize credit_risk first\n"), early.stdout + early.stderr
     trained = onepath(tmp_path, port, "materialize", "credit_applications", "credit_risk")
     assert trained.returncode == 0 and "check credit_risk:performance passed" in trained.stdout, trained.stdout
 

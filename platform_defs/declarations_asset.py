@@ -34,7 +34,8 @@ def build_declarations_asset(org: Organisation) -> dg.AssetsDefinition:
                                        description="Every declaration loads; fails naming each one left out.")],
         metadata={"onepath/left_out": dg.MetadataValue.int(len(lines)),
                   **({"onepath/problems": dg.MetadataValue.md("\n".join(f"- {x}" for x in lines))} if lines else {})},
-        automation_condition=dg.AutomationCondition.missing() | dg.AutomationCondition.code_version_changed(),
+        automation_condition=(dg.AutomationCondition.missing() & ~dg.AutomationCondition.in_progress())
+        | dg.AutomationCondition.code_version_changed(),  # once while missing, not again each tick while it runs
     )
     def _declarations():
         meta = {"loaded": dg.MetadataValue.int(loaded), "left_out": dg.MetadataValue.int(len(lines))}

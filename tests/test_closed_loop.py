@@ -157,8 +157,10 @@ def world(settings, tmp_path_factory):
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("loop_instance"))) as instance:
         w = {"defs": defs, "instance": instance, "settings": iso, "org": org, "cursors": {},
              "deployer": res["deployer_local"].deployer(), "ledger": res["ledger"].ledger(), "mlflow": res["mlflow"]}
-        first = dg.materialize(list(defs.assets), selection=["customer_activity", "churn", "churn_scoring_staging",
-                                                             "churn_scoring_prod"],
+        # as `onepath up` does, the declarations asset is materialized once at the start (automation asks
+        # for it while it is missing)
+        first = dg.materialize(list(defs.assets), selection=["declarations", "customer_activity", "churn",
+                                                             "churn_scoring_staging", "churn_scoring_prod"],
                                resources=defs.resources, instance=instance)
         assert first.success
         automation(w)  # the automation cursor starts after the first deploys

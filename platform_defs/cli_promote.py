@@ -105,6 +105,8 @@ def promote(name: str, to: str, version: str | None, as_json: bool) -> int:
     client = InstanceClient.from_settings()
     out: dict[str, Any] = {"name": decl.name, "version": version, "why": why, "newer": newer, "environments": []}
     try:
+        client.ensure_assets([endpoint_asset_name(decl.name, env)
+                              for env in decl.environments[:decl.environments.index(to) + 1]])
         for env in decl.environments[:decl.environments.index(to) + 1]:
             target = Target(decl.name, env, decl.kind, decl.ports.get(env))
             if serving_version(deployer.status(target)) == version:

@@ -40,6 +40,7 @@ _EVENTS = """query($id: ID!, $after: String) { logsForRun(runId: $id, afterCurso
 _RUN = """query($id: ID!) { runOrError(runId: $id) { __typename
   ... on Run { runId status startTime endTime tags { key value } assetSelection { path } }
   ... on RunNotFoundError { message } ... on PythonError { message } } }"""
+_NODE = """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { __typename } }"""
 _RUNS = """query($limit: Int) { runsOrError(limit: $limit) { __typename
   ... on Runs { results { runId status startTime endTime tags { key value } assetSelection { path } } }
   ... on PythonError { message } } }"""
@@ -226,6 +227,20 @@ class InstanceClient:
         if got["__typename"] != "Runs":
             raise InstanceError(f"the platform could not list its runs: {got.get('message', '')}")
         return [self._shape(r, []) for r in got["results"]]
+
+    def has_asset(self, name: str) -> bool:
+        return self.query(_NODE, {"key": {"path": name.split("/")}})["assetNodeOrError"]["__typename"] == "AssetNode"
+
+    def ensure_assets(self, names: list[str]) -> None:
+        """The running code location has every one of ``names``. A declaration written a moment ago (by
+        ``onepath.register``, or by hand) may not be loaded there yet: reload once, then name what is missing."""
+        missing = [n for n in names if not self.has_asset(n)]
+        if missing:
+            self.reload_location()
+            missing = [n for n in names if not self.has_asset(n)]
+        if missing:
+            raise InstanceError(f"the running platform has no asset '{missing[0]}' even after a reload: its "
+                                f"declaration did not load there (onepath validate says why)")
 
     def reload_location(self) -> None:
         """Reload the platform's code location (the declarations), as the UI's Reload button does."""

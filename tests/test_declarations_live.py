@@ -1,7 +1,10 @@
-"""Declarations reload while the platform runs: a real `onepath up` with its own declarations folder;
-adding a declaration shows it in the UI with no restart, breaking one leaves it (and what depends on it)
-out with its error on the `declarations` asset and its failing check while the rest stays, a sensor keeps
-ticking and an endpoint deployed before keeps answering; fixing it brings it back."""
+"""Declarations that change while the platform runs, on one real `onepath up` with its own declarations
+folder (started once for this file). By hand: adding a declaration shows it in the UI with no restart;
+breaking one leaves it (and what depends on it) out with its error on the `declarations` asset and its
+failing check while the rest stays, a sensor keeps ticking and an endpoint deployed before keeps answering;
+fixing it brings it back. From a notebook: the data scientist's three steps, in a real Jupyter kernel
+(`onepath.register` writes the declaration, a second version arrives, `onepath promote fraud --to prod`
+deploys the registered one, the endpoint answers with the kernel's predictions)."""
 
 from __future__ import annotations
 
@@ -52,16 +55,17 @@ def last_tick(port: int, sensor: str) -> float | None:
     return ticks[0]["timestamp"] if ticks else None
 
 
-@pytest.fixture()
-def running(tmp_path):
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("live")
     decl = tmp_path / "declarations"
     (decl / "retention").mkdir(parents=True)
     (decl / "retention" / "defs.yaml").write_text(RETENTION)
     port = free_port()
     env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
            "PYTHONPATH": str(ROOT), "ONEPATH_DECLARATIONS_DIR": str(decl)}
-    env.pop("DAGSTER_HOME", None)
-    env.pop("ONEPATH_POLICY_FILE", None)
+    for var in ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(var, None)
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -143,3 +147,96 @@ def test_declarations_reload_while_the_platform_runs(running, endpoint):
     assert answers()
     log = (tmp_path / "up.log").read_text()
     assert "reloaded: 3 declarations, 3 left out: declaration 'upsell'" in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# The data scientist's three steps, from a real Jupyter kernel, on the running platform
+
+
+KERNEL_CELLS = [
+    """import os, sys
+os.environ.update(@ENV@)
+sys.path.insert(0, @ROOT@)""",
+    """import numpy as np, pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+rng = np.random.default_rng(3)
+n = 1200
+df = pd.DataFrame({"amount": rng.gamma(2, 50, n), "hour": rng.integers(0, 24, n).astype(float),
+                   "age_band": rng.choice(["18-30", "31-50", "51+"], n)})
+df["is_fraud"] = ((df.amount > 150) | (rng.random(n) < 0.1)).astype(int)
+df_train, df_test = train_test_split(df, test_size=0.3, random_state=1, stratify=df.is_fraud)
+model = LogisticRegression().fit(df_train[["amount", "hour"]], df_train.is_fraud)""",
+    # step 1
+    """import onepath
+first = onepath.register(model, train=df_train, test=df_test, label="is_fraud", name="fraud", owner="retention",
+                         protected=["age_band"], identity="carla", key=@KEY@)""",
+    # a second version arrives between step 1 and step 2 (registered elsewhere: the pin stays on the first)
+    """other = LogisticRegression(C=0.01).fit(df_train[["amount"]].assign(hour=0.0), df_train.is_fraud)
+second = onepath.register(other, train=df_train, test=df_test, label="is_fraud", name="fraud", owner="retention",
+                          protected=["age_band"], identity="carla", key=@KEY@, declarations=@SCRATCH@)
+probe = df_test.head(20)[["amount", "hour"]]
+import json
+print(json.dumps({"first": first.version, "second": second.version, "decl": str(first.declaration),
+                  "next": first.next, "probe": probe.to_dict(orient="records"),
+                  "proba": model.predict_proba(probe)[:, 1].tolist()}))""",
+]
+
+
+def test_three_steps_from_a_jupyter_kernel_to_prod(running):
+    import json
+    import re
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from resources.ledger import Ledger, ledger_paths
+
+    port, decl, tmp_path = running
+    home = tmp_path / "home"
+    env = {"ONEPATH_HOME": str(home), "ONEPATH_DECLARATIONS_DIR": str(decl)}
+    fill = {"ENV": repr(env), "ROOT": repr(str(ROOT)), "KEY": repr(str(ROOT / "assets/demo_identities/carla.key")),
+            "SCRATCH": repr(str(tmp_path / "scratch.yaml"))}
+
+    def cell(text: str) -> str:
+        for k, v in fill.items():
+            text = text.replace(f"@{k}@", v)
+        return text
+
+    # step 1, in the kernel
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell(c)) for c in KERNEL_CELLS])
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    out = json.loads([o for o in nb.cells[-1].outputs if o.get("name") == "stdout"][-1]["text"].splitlines()[-1])
+    assert (out["first"], out["second"]) == ("1", "2")
+    assert out["next"] == "onepath promote fraud --to prod"
+    written = Path(out["decl"]).read_text().splitlines()
+    assert Path(out["decl"]) == decl / "retention" / "defs.yaml"  # the owner team's file, in the platform's folder
+    block = written[written.index("    name: fraud") - 1:]
+    assert len(block) + 1 <= 10 and max(map(len, block)) <= 100 and "    version: 1" in block, block
+
+    # step 2, from a terminal: the version registered in step 1, not the newer one, through staging to prod
+    cli_env = {**os.environ, **env, "ONEPATH_UI_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    for var in ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        cli_env.pop(var, None)
+    promoted = subprocess.run([sys.executable, "-m", "platform_defs.cli", *out["next"].split()[1:]], cwd=ROOT,
+                              env=cli_env, text=True, capture_output=True, timeout=900, check=False)
+    said = promoted.stdout + promoted.stderr
+    assert promoted.returncode == 0, said + (tmp_path / "up.log").read_text()[-4000:]
+    assert "promoting fraud_scoring version 1 (pinned by " in said, said
+    assert "note: version 2 exists and is NOT deployed" in said, said
+    assert re.search(r"fraud_scoring\.prod serves 1 at http://127\.0\.0\.1:\d+", said), said
+    book = Ledger(*ledger_paths(home))
+    staged = book.entries(kind="deploy", subject="fraud_scoring", env="staging")[-1]
+    assert staged.data["version"] == "1" and staged.data["newer_not_deployed"] == ["2"], staged.data
+    assert staged.data["why"].startswith("pinned by"), staged.data
+    assert book.entries(kind="deploy", subject="fraud_scoring", env="prod")[-1].data["version"] == "1"
+
+    # step 3: call the endpoint with the curl line's address and credential
+    address = re.search(r"curl -s -X POST (http://\S+)/predict", said).group(1)
+    credential = Path(re.search(r"\$\(cat ([^)\s]+)\)", said).group(1)).read_text().strip()
+    resp = httpx.post(f"{address}/predict", json={"records": out["probe"]},
+                      headers={"authorization": f"Bearer {credential}"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["version"] == "1"
+    assert [p["probability"] for p in body["predictions"]] == pytest.approx(out["proba"], abs=1e-6)

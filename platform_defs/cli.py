@@ -222,6 +222,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         policy_line = _policy_on_start(settings)
     except (DeclarationError, PolicyError) as err:
         return _die(str(err).splitlines()[0])
+    from platform_defs.wiring import build_resources
+
+    build_resources(settings)["mlflow"].ready()  # its tables exist before any other process (UI, daemon) uses it
     env = dict(os.environ)
     env.update({
         "DAGSTER_HOME": str(settings.dagster_home),

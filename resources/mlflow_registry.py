@@ -48,6 +48,32 @@ def _owner_only(folder: Path) -> None:
                 os.chmod(p, 0o600)
 
 
+_READY: set[str] = set()
+
+
+def ready_store(uri: str) -> None:
+    """Create (or upgrade) a sqlite MLflow store's tables once per process, under an exclusive lock beside the
+    database. MLflow creates them on a store's first use, and two processes doing so at once fail ("table ...
+    already exists"): `onepath up`'s daemon and a notebook's first `onepath.register` did."""
+    if uri in _READY or not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(f"{db}.init-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking store's tables
+        client.search_registered_models(max_results=1)  # the registry's (same database)
+    finally:
+        os.close(fd)  # closing releases the lock
+    _READY.add(uri)
+
+
 @dataclass(frozen=True)
 class RegisteredVersion:
     name: str
@@ -78,14 +104,22 @@ class MlflowRegistry(dg.ConfigurableResource):
     ui_url: str = Field("http://127.0.0.1:5000", description="MLflow UI base URL, for links in metadata.")
     cache_dir: str = Field(description="Where downloaded model versions are kept (immutable per version).")
 
+    def ready(self) -> None:
+        """The store exists with its tables (see :func:`ready_store`); every use below calls it first."""
+        ready_store(self.tracking_uri)
+        if self.registry_uri and self.registry_uri != self.tracking_uri:
+            ready_store(self.registry_uri)
+
     def client(self):
         from mlflow import MlflowClient
 
+        self.ready()
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri)
 
     def _use(self) -> None:
         import mlflow
 
+        self.ready()
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
 

@@ -99,3 +99,36 @@ def test_register_refuses_in_one_line_without_a_key(tmp_path, monkeypatch):
     with pytest.raises(onepath.NotebookError, match="no test rows"):
         onepath.register(m, train=train, label="is_fraud", name="fraud", owner="retention", identity="nobody",
                          key=tmp_path / "missing.key")
+
+
+# --------------------------------------------------------------------------------------------
+# A fresh MLflow store, first used by several processes at once (onepath up's daemon and a notebook's
+# first register did: "table latest_metrics already exists")
+
+
+def _first_use(uri, barrier, answers) -> None:
+    import mlflow  # noqa: F401  (imported before the barrier: the race is the store's creation, not imports)
+
+    from resources.mlflow_registry import ready_store
+
+    barrier.wait()
+    try:
+        ready_store(uri)
+        answers.put("ok")
+    except Exception as err:  # noqa: BLE001 - the test reports what each process met
+        answers.put(str(err).splitlines()[0][:160])
+
+
+def test_processes_first_using_a_fresh_mlflow_store_at_once_all_succeed(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    barrier, answers = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_first_use, args=(uri, barrier, answers)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    assert [answers.get(timeout=5) for _ in procs] == ["ok"] * 4
+    assert oct((tmp_path / "mlflow.db.init-lock").stat().st_mode & 0o777) == "0o600"

@@ -17,6 +17,7 @@ from platform_defs.settings import PROJECT_ROOT
 from tests.conftest import cli_headers, isolated_settings, quick_policy, record_policy
 
 KEY = PROJECT_ROOT / "assets" / "demo_identities" / "carla.key"
+COMMIT = "4f1c2a9e8b7d6c5f4e3d2c1b0a9f8e7d6c5b4a39"
 
 
 def _frames():
@@ -32,7 +33,7 @@ def _frames():
     return train_test_split(df, test_size=0.3, random_state=2, stratify=df.is_fraud)
 
 
-def _log_with_plain_mlflow(tracking_uri: str, name: str, model, X, **kw) -> str:
+def _log_with_plain_mlflow(tracking_uri: str, name: str, model, X, run_tags: dict | None = None, **kw) -> str:
     """What a data scientist does without onepath: log and register the model with MLflow alone."""
     import mlflow
     import mlflow.sklearn
@@ -41,7 +42,7 @@ def _log_with_plain_mlflow(tracking_uri: str, name: str, model, X, **kw) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     mlflow.set_experiment(f"plain-{name}")
-    with mlflow.start_run():
+    with mlflow.start_run(tags=run_tags):
         info = mlflow.sklearn.log_model(model, name="model", registered_model_name=name,
                                         signature=infer_signature(X, model.predict(X)), **kw)
     return str(info.registered_model_version)
@@ -99,9 +100,11 @@ def test_register_adopts_the_mlflow_version_and_a_staging_deploy_passes_the_gate
     train, test, resources = world["train"], world["test"], world["resources"]
     mlflow, book = resources["mlflow"], resources["ledger"].ledger()
     model = LogisticRegression().fit(train[["amount", "hour"]], train.is_fraud)
-    # MLflow's defaults (the pinned MLflow 3 stores sklearn models in skops format by default)
+    # MLflow's defaults (the pinned MLflow 3 stores sklearn models in skops format by default); the commit is
+    # the tag MLflow sets itself when the training script runs in a git checkout (fixed here, so the test
+    # does not depend on where it runs)
     version = _log_with_plain_mlflow(world["settings"].mlflow_tracking_uri, "fraud", model,
-                                     train[["amount", "hour"]])
+                                     train[["amount", "hour"]], run_tags={"mlflow.source.git.commit": COMMIT})
     assert version == "1"
     mv = mlflow.get_version("fraud", "1")
     with_tags_before = dict(mv.tags or {})
@@ -140,8 +143,8 @@ def test_register_adopts_the_mlflow_version_and_a_staging_deploy_passes_the_gate
         assert mlflow.run_artifact(mv.run_id, "onepath/reference_sample.parquet", Path(tmp)) is not None
         code = mlflow.run_artifact(mv.run_id, CODE_RECORD, Path(tmp)).read_text()
     assert "adopted by onepath" in code and "onepath register models:/fraud/1" in code, code
-    run_tags = mlflow.client().get_run(mv.run_id).data.tags
-    assert entry.data["code_known"] is bool(run_tags.get("mlflow.source.git.commit"))
+    assert f"mlflow.source.git.commit: {COMMIT}" in code
+    assert entry.data["code_known"] is True and entry.data["code_path"].endswith(f"at git commit {COMMIT}")
 
     # registering it again is refused, in one line, and signs nothing anew
     again = world["onepath"](*_register_args(world, "models:/fraud/1"))
@@ -175,6 +178,43 @@ def test_register_adopts_the_mlflow_version_and_a_staging_deploy_passes_the_gate
         assert got == pytest.approx(model.predict_proba(probe)[:, 1].tolist(), abs=1e-6)
     finally:
         services.deployer.stop_all()
+
+    # lineage, as a track that requires it checks it: the code record on the run still hashes to the code hash
+    # registered; changed on the run afterwards (MLflow's artifacts are client-writable), it fails, naming it
+    from platform_defs.governance.gates import _Version
+    from platform_defs.promotion import _model_gate
+
+    gate = _model_gate(org.by_name["fraud_scoring"], org.by_name["fraud"], org.by_name["fraud_data"], org,
+                       world["policy"], services)
+    lineage = gate._check_lineage(_Version(gate, "1"), "staging")
+    assert lineage.passed, lineage.summary
+    forged = world["root"] / "forged" / "source.py"
+    forged.parent.mkdir()
+    forged.write_text("# another story\n")
+    mlflow.log_run_artifact(mv.run_id, forged, "onepath/code")
+    lineage = gate._check_lineage(_Version(gate, "1"), "staging")
+    assert not lineage.passed and "code record hashes to" in lineage.summary, lineage.summary
+    assert "changed after registration" in lineage.summary
+
+
+def test_code_of_an_adopted_version_is_known_only_by_a_git_commit_and_unknown_code_fails_lineage():
+    from types import SimpleNamespace
+
+    from platform_defs.governance.gates import ModelGate
+    from platform_defs.notebook import adopted_code_record
+
+    h, where, text, known = adopted_code_record({"mlflow.source.name": "train.py", "mlflow.source.git.commit": COMMIT,
+                                                 "mlflow.user": "x"}, "models:/fraud/3", "onepath register ...")
+    assert known and where == f"train.py at git commit {COMMIT}" and "mlflow.user" not in text
+    assert __import__("hashlib").sha256(text.encode()).hexdigest() == h
+    _, where, text, known = adopted_code_record({"mlflow.source.name": "train.py"}, "models:/fraud/3", "cmd")
+    assert not known and "no git commit" in where and "# mlflow.source.name: train.py" in text
+    _, where, _, known = adopted_code_record({}, "models:/fraud/3", "onepath register models:/fraud/3 --train t")
+    assert not known and where.startswith("unknown: its MLflow run records no source")
+    gate = ModelGate.__new__(ModelGate)
+    problems = gate._code_record_problems(SimpleNamespace(version="3"), {"code_known": False, "code_path": where})
+    assert len(problems) == 1 and problems[0].startswith("version 3 was registered without knowing its code (unknown: its MLflow run")
+    assert "git checkout" in problems[0]
 
 
 def test_register_refuses_a_pickled_version_in_one_line_and_touches_nothing(world):

@@ -300,9 +300,9 @@ class ModelGate:
         from platform_defs.registration import CODE_RECORD
 
         if facts.get("code_known") is False:
-            return [f"version {v.version}'s code is unknown: {facts.get('code_path')}; register it from the "
-                    f"notebook or script that trained it (onepath.register), or log it with MLflow from a git "
-                    f"checkout so its run records the commit"]
+            return [f"version {v.version} was registered without knowing its code ({facts.get('code_path')}): "
+                    f"register it from the notebook or script that trained it (onepath.register), or log it "
+                    f"with MLflow from a git checkout so its run records the commit"]
         if not facts.get("run_id"):
             return [f"version {v.version} was registered without an MLflow run, so it has no code record"]
         with tempfile.TemporaryDirectory() as tmp:

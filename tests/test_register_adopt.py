@@ -5,9 +5,12 @@ the digest it signed is the one a deploy verifies (a deploy to staging through t
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,8 +64,6 @@ def world(settings, tmp_path_factory):
     record_policy(resources["ledger"].ledger(), path=policy_file)  # the file the CLI reads is the recorded one
     decl = root / "assets"
     for team in ("credit", "retention"):
-        import shutil
-
         shutil.copytree(PROJECT_ROOT / "assets" / team, decl / team)
     train, test = _frames()
     train.to_parquet(root / "train.parquet", index=False)
@@ -133,13 +134,13 @@ def test_register_adopts_the_mlflow_version_and_a_staging_deploy_passes_the_gate
     assert entry is not None and entry.data["version"] == "1" and entry.data["run_id"] == mv.run_id
     assert entry.data["author"] == "carla" and entry.data["author_verified"] is True, entry.data
     # the digest signed and recorded is the digest of the folder MLflow serves for version 1
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         assert entry.data["digest"] == folder_digest(mlflow.fresh_copy("fraud", "1", Path(tmp)))
     tags = dict(mlflow.get_version("fraud", "1").tags or {})
     assert tags["onepath.signed_by"] == "carla" and tags["onepath.source"] == "mlflow"
     assert tags["onepath.data_hash"] == entry.data["data_hash"]
     # onepath's artifacts went onto the version's own run; the code record says what the run said of its code
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         assert mlflow.run_artifact(mv.run_id, "onepath/reference_sample.parquet", Path(tmp)) is not None
         code = mlflow.run_artifact(mv.run_id, CODE_RECORD, Path(tmp)).read_text()
     assert "adopted by onepath" in code and "onepath register models:/fraud/1" in code, code
@@ -206,14 +207,15 @@ def test_code_of_an_adopted_version_is_known_only_by_a_git_commit_and_unknown_co
     h, where, text, known = adopted_code_record({"mlflow.source.name": "train.py", "mlflow.source.git.commit": COMMIT,
                                                  "mlflow.user": "x"}, "models:/fraud/3", "onepath register ...")
     assert known and where == f"train.py at git commit {COMMIT}" and "mlflow.user" not in text
-    assert __import__("hashlib").sha256(text.encode()).hexdigest() == h
+    assert hashlib.sha256(text.encode()).hexdigest() == h
     _, where, text, known = adopted_code_record({"mlflow.source.name": "train.py"}, "models:/fraud/3", "cmd")
     assert not known and "no git commit" in where and "# mlflow.source.name: train.py" in text
     _, where, _, known = adopted_code_record({}, "models:/fraud/3", "onepath register models:/fraud/3 --train t")
     assert not known and where.startswith("unknown: its MLflow run records no source")
     gate = ModelGate.__new__(ModelGate)
     problems = gate._code_record_problems(SimpleNamespace(version="3"), {"code_known": False, "code_path": where})
-    assert len(problems) == 1 and problems[0].startswith("version 3 was registered without knowing its code (unknown: its MLflow run")
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("version 3 was registered without knowing its code (unknown: its MLflow run")
     assert "git checkout" in problems[0]
 
 

@@ -311,8 +311,8 @@ class ModelGate:
         if found is None:
             return [f"version {v.version}'s code record {CODE_RECORD} is missing from its run {facts['run_id']}"]
         if found != facts["code_hash"]:
-            return [f"version {v.version}'s code record hashes to {found[:12]}, registration (ledger #{v.registration.seq}) "
-                    f"recorded {facts['code_hash'][:12]}: it was changed after registration"]
+            return [f"version {v.version}'s code record hashes to {found[:12]}, registration (ledger "
+                    f"#{v.registration.seq}) recorded {facts['code_hash'][:12]}: it was changed after registration"]
         return []
 
     def _check_drift_ready(self, v: "_Version", env: str) -> Verdict:

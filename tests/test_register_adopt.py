@@ -36,18 +36,28 @@ def _frames():
     return train_test_split(df, test_size=0.3, random_state=2, stratify=df.is_fraud)
 
 
-def _log_with_plain_mlflow(tracking_uri: str, name: str, model, X, run_tags: dict | None = None, **kw) -> str:
+def _log_with_plain_mlflow(world, name: str, model, X, run_tags: dict | None = None, **kw) -> str:
     """What a data scientist does without onepath: log and register the model with MLflow alone."""
     import mlflow
     import mlflow.sklearn
     from mlflow.models import infer_signature
 
+    # the fluent API's tracking URI is process-wide: set it for this log only, and leave no active experiment
+    tracking_uri = world["settings"].mlflow_tracking_uri
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    mlflow.set_experiment(f"plain-{name}")
-    with mlflow.start_run(tags=run_tags):
-        info = mlflow.sklearn.log_model(model, name="model", registered_model_name=name,
-                                        signature=infer_signature(X, model.predict(X)), **kw)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        exp = client.get_experiment_by_name(f"plain-{name}")
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            f"plain-{name}", artifact_location=(world["root"] / "plain-mlflow").as_uri())
+        with mlflow.start_run(experiment_id=exp_id, tags=run_tags):
+            info = mlflow.sklearn.log_model(model, name="model", registered_model_name=name,
+                                            signature=infer_signature(X, model.predict(X)), **kw)
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
     return str(info.registered_model_version)
 
 
@@ -104,7 +114,7 @@ def test_register_adopts_the_mlflow_version_and_a_staging_deploy_passes_the_gate
     # MLflow's defaults (the pinned MLflow 3 stores sklearn models in skops format by default); the commit is
     # the tag MLflow sets itself when the training script runs in a git checkout (fixed here, so the test
     # does not depend on where it runs)
-    version = _log_with_plain_mlflow(world["settings"].mlflow_tracking_uri, "fraud", model,
+    version = _log_with_plain_mlflow(world, "fraud", model,
                                      train[["amount", "hour"]], run_tags={"mlflow.source.git.commit": COMMIT})
     assert version == "1"
     mv = mlflow.get_version("fraud", "1")
@@ -224,7 +234,7 @@ def test_register_refuses_a_pickled_version_in_one_line_and_touches_nothing(worl
 
     train, mlflow = world["train"], world["resources"]["mlflow"]
     model = LogisticRegression().fit(train[["amount", "hour"]], train.is_fraud)
-    version = _log_with_plain_mlflow(world["settings"].mlflow_tracking_uri, "fraud_pickled", model,
+    version = _log_with_plain_mlflow(world, "fraud_pickled", model,
                                      train[["amount", "hour"]], serialization_format="cloudpickle")
     out = world["onepath"](*_register_args(world, f"models:/fraud_pickled/{version}"))
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr

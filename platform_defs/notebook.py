@@ -118,8 +118,10 @@ def code_record() -> tuple[str, str, str]:
         return hashlib.sha256(text.encode()).hexdigest(), f"notebook cells ({len(cells)})", text
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     if main and Path(main).is_file():
-        data = Path(main).read_bytes()
-        return hashlib.sha256(data).hexdigest(), str(Path(main).resolve()), data.decode(errors="replace")
+        # the hash is of the text stored as the code record (the file's bytes when it is UTF-8), so the lineage
+        # check's re-hash of that record agrees with it
+        text = Path(main).read_bytes().decode(errors="replace")
+        return hashlib.sha256(text.encode()).hexdigest(), str(Path(main).resolve()), text
     return hashlib.sha256(b"").hexdigest(), NO_SOURCE, ""
 
 
@@ -318,7 +320,7 @@ def _register(model: Any, *, train: Any, test: Any, label: str, name: str, owner
         reference.to_parquet(ref_path, index=False)
         code_path = Path(tmp) / CODE_RECORD
         code_path.parent.mkdir(parents=True)
-        code_path.write_text(c_text)
+        code_path.write_bytes(c_text.encode())  # exactly the bytes c_hash is of
         artifacts = {"onepath": str(ref_path), str(Path(CODE_RECORD).parent): str(code_path)}
         if existing is None:
             logged = mlflow.log_and_register(

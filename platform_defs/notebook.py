@@ -46,6 +46,7 @@ class Registered:
     declaration: Path
     checks: list[Check] = field(default_factory=list)
     next: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -54,6 +55,7 @@ class Registered:
     def __str__(self) -> str:
         lines = [f"registered {self.name} version {self.version}, pinned in {self.declaration}"]
         lines += [f"  {c}" for c in self.checks]
+        lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"next: {self.next}")
         return "\n".join(lines)
 
@@ -98,6 +100,9 @@ def held_out_problem(train: Any, test: Any, label: str, id_column: str | None = 
 # The code that produced the model
 
 
+NO_SOURCE = "interactive (no source)"
+
+
 def code_record() -> tuple[str, str, str]:
     """``(sha256, where, text)``: in IPython the source of the cells that ran (the shell's ``In``), in a script
     the file's bytes."""
@@ -113,9 +118,11 @@ def code_record() -> tuple[str, str, str]:
         return hashlib.sha256(text.encode()).hexdigest(), f"notebook cells ({len(cells)})", text
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     if main and Path(main).is_file():
-        data = Path(main).read_bytes()
-        return hashlib.sha256(data).hexdigest(), str(Path(main).resolve()), data.decode(errors="replace")
-    return hashlib.sha256(b"").hexdigest(), "interactive (no source)", ""
+        # the hash is of the text stored as the code record (the file's bytes when it is UTF-8), so the lineage
+        # check's re-hash of that record agrees with it
+        text = Path(main).read_bytes().decode(errors="replace")
+        return hashlib.sha256(text.encode()).hexdigest(), str(Path(main).resolve()), text
+    return hashlib.sha256(b"").hexdigest(), NO_SOURCE, ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,15 +220,40 @@ def _checks(estimator: Any, X_test: Any, y_test: Any, test: Any, protected: list
     return checks, metrics
 
 
+@dataclass(frozen=True)
+class Existing:
+    """A version already in MLflow's registry (logged with plain MLflow) that registration adopts as it is."""
+
+    version: str
+    run_id: str
+    features: list[str]  # the model's signature: the columns it was trained on
+    code: tuple[str, str, str, bool]  # (sha256, where, text, known): see adopted_code_record
+    uri: str
+
+
 def register(model: Any, *, train: Any, test: Any = None, label: str, name: str, owner: str | None = None,
              pii: list[str] | tuple[str, ...] = (), protected: list[str] | tuple[str, ...] = (),
              features: list[str] | None = None, id_column: str | None = None, identity: str | None = None,
              key: str | Path | None = None, declarations: str | Path | None = None, quiet: bool = False,
              settings: Any = None, policy: Any = None) -> Registered:
     """Register a model trained in a notebook (see the module's docstring); returns what it did."""
+    return _register(model, train=train, test=test, label=label, name=name, owner=owner, pii=pii,
+                     protected=protected, features=features, id_column=id_column, identity=identity, key=key,
+                     declarations=declarations, quiet=quiet, settings=settings, policy=policy)
+
+
+def _register(model: Any, *, train: Any, test: Any, label: str, name: str, owner: str | None,
+              pii: list[str] | tuple[str, ...], protected: list[str] | tuple[str, ...], features: list[str] | None,
+              id_column: str | None, identity: str | None, key: str | Path | None,
+              declarations: str | Path | None, quiet: bool, settings: Any, policy: Any,
+              existing: Existing | None = None, resources: Any = None) -> Registered:
+    """The one registration path. Without ``existing`` it logs ``model`` as a new MLflow version; with it, it
+    adopts that version (``model`` is its estimator, loaded from its verified files): the same refusals and
+    checks, onepath's artifacts and tags put on the version's own run, and that version signed, recorded and
+    pinned."""
     from platform_defs.factories import TAG_PREFIX
     from platform_defs.policy import load_policy
-    from platform_defs.registration import record_registration
+    from platform_defs.registration import CODE_RECORD, record_registration
     from platform_defs.settings import load_settings
     from platform_defs.specs import NAME_RE, TEAM_RE
     from platform_defs.wiring import build_resources
@@ -237,11 +269,19 @@ def register(model: Any, *, train: Any, test: Any = None, label: str, name: str,
     problem = held_out_problem(train, test, label, id_column)
     if problem:
         raise NotebookError(f"{name}: {problem}")
-    feats = list(features) if features else [c for c in train.columns
-                                             if c not in (label, id_column) and c not in pii and c not in protected]
-    missing = [c for c in feats + protected + pii if c not in train.columns or c not in test.columns]
-    if missing:
-        raise NotebookError(f"{name}: column '{missing[0]}' is not in both the train and the test frame")
+    if existing is not None:  # the columns the logged model was trained on, as its signature names them
+        feats = list(existing.features)
+        for c in feats + protected + pii:
+            for frame, df in (("train", train), ("test", test)):
+                if c not in df.columns:
+                    whose = "of the model's signature " if c in feats else ""
+                    raise NotebookError(f"{existing.uri}: column '{c}' {whose}is not in the {frame} frame")
+    else:
+        feats = list(features) if features else [c for c in train.columns
+                                                 if c not in (label, id_column) and c not in pii and c not in protected]
+        missing = [c for c in feats + protected + pii if c not in train.columns or c not in test.columns]
+        if missing:
+            raise NotebookError(f"{name}: column '{missing[0]}' is not in both the train and the test frame")
     leaked = [c for c in feats if c in pii]
     if leaked:
         raise NotebookError(f"{name}: feature '{leaked[0]}' is PII and can never be a model feature")
@@ -255,7 +295,7 @@ def register(model: Any, *, train: Any, test: Any = None, label: str, name: str,
         raise NotebookError(f"team '{owner}' has no default track in the policy: your platform engineer sets "
                             f"'default_track' for it in assets/policy.yaml")
     track = policy.track(track_name)
-    resources = build_resources(settings or load_settings())
+    resources = resources or build_resources(settings or load_settings())
     mlflow, data_store, ledger = resources["mlflow"], resources["data_store"], resources["ledger"]
     dataset = notebook_dataset_name(name)
     keep = [c for c in dict.fromkeys(feats + protected + pii + [label]) if c in train.columns]
@@ -263,42 +303,140 @@ def register(model: Any, *, train: Any, test: Any = None, label: str, name: str,
     _, test_hash = data_store.write(dataset, test[keep].reset_index(drop=True))
     X_test, y_test = test[feats], test[label]
     checks, metrics = _checks(model, X_test, y_test, test.reset_index(drop=True), protected, {}, track, 0)
-    c_hash, c_where, c_text = code_record()
+    if existing is not None:
+        c_hash, c_where, c_text, c_known = existing.code
+    else:
+        c_hash, c_where, c_text = code_record()
+        c_known = c_where != NO_SOURCE
     reference = train[feats + [c for c in protected if c not in feats]].sample(
         n=min(track.reference_rows, len(train)), random_state=0)
     tags = {f"{TAG_PREFIX}declaration": name, f"{TAG_PREFIX}dataset_key": dataset,
             f"{TAG_PREFIX}data_hash": train_hash, f"{TAG_PREFIX}test_data_hash": test_hash,
             f"{TAG_PREFIX}code_hash": c_hash, f"{TAG_PREFIX}code_path": c_where, f"{TAG_PREFIX}owner": owner,
             f"{TAG_PREFIX}training_rows": str(len(train)), f"{TAG_PREFIX}test_rows": str(len(test)),
-            f"{TAG_PREFIX}source": "notebook"}
+            f"{TAG_PREFIX}source": "notebook" if existing is None else "mlflow"}
     with tempfile.TemporaryDirectory() as tmp:
         ref_path = Path(tmp) / "reference_sample.parquet"
         reference.to_parquet(ref_path, index=False)
-        code_path = Path(tmp) / "code" / "source.py"
-        code_path.parent.mkdir()
-        code_path.write_text(c_text)
-        registered = mlflow.log_and_register(
-            model_name=name, estimator=model, X_example=train[feats], y_pred_example=model.predict(train[feats].head(50)),
-            metrics=metrics, params={"features": ",".join(feats), "label": label}, tags=tags,
-            experiment=f"onepath/{name}", artifacts={"onepath": str(ref_path), "onepath/code": str(code_path)})
-        digest = folder_digest(mlflow.fresh_copy(name, registered.version, Path(tmp) / "copy"))
-    version = registered.version
-    signature = sign_registration(private_key, model=name, version=version, run_id=registered.run_id, digest=digest)
+        code_path = Path(tmp) / CODE_RECORD
+        code_path.parent.mkdir(parents=True)
+        code_path.write_bytes(c_text.encode())  # exactly the bytes c_hash is of
+        artifacts = {"onepath": str(ref_path), str(Path(CODE_RECORD).parent): str(code_path)}
+        if existing is None:
+            logged = mlflow.log_and_register(
+                model_name=name, estimator=model, X_example=train[feats],
+                y_pred_example=model.predict(train[feats].head(50)), metrics=metrics,
+                params={"features": ",".join(feats), "label": label}, tags=tags, experiment=f"onepath/{name}",
+                artifacts=artifacts)
+            version, run_id = logged.version, logged.run_id
+        else:  # adopted: onepath's files go onto the version's own run, its model folder stays as it was
+            version, run_id = existing.version, existing.run_id
+            mlflow.attach_to_version(model_name=name, version=version, run_id=run_id, tags=tags, artifacts=artifacts)
+        # the digest signed is the one the ledger records and every deploy verifies: the folder MLflow serves
+        digest = folder_digest(mlflow.fresh_copy(name, version, Path(tmp) / "copy"))
+    signature = sign_registration(private_key, model=name, version=version, run_id=run_id, digest=digest)
     client = mlflow.client()
     client.set_model_version_tag(name, version, TAG_PREFIX + "signed_by", who)
     client.set_model_version_tag(name, version, TAG_PREFIX + "registration_signature", signature)
     record_registration(
-        ledger.ledger(), mlflow, model=name, version=version, run_id=registered.run_id, data_hash=train_hash,
+        ledger.ledger(), mlflow, model=name, version=version, run_id=run_id, data_hash=train_hash,
         code_hash=c_hash, code_path=c_where, dataset_key=dataset, author=None, split_seed=None, test_size=None,
         training_rows=len(train), metrics=metrics, via="handoff", actor=f"notebook:{who}", policy=policy,
-        signed_by=who, registration_signature=signature, test_data_hash=test_hash)
+        signed_by=who, registration_signature=signature, test_data_hash=test_hash, code_known=c_known)
     path = declaration_path(owner, declarations)
     write_declaration(path, render_declaration(name=name, owner=owner, version=version, label=label, pii=pii,
                                                protected=protected, features=feats), name)
     out = Registered(name, version, path, checks, f"onepath promote {name} --to prod")
+    if not c_known:
+        out.notes.append(f"code unknown: {c_where} (a track with the lineage check refuses this version)")
     if not quiet:
         print(out)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Adopting a version logged with plain MLflow
+
+
+def adopted_code_record(run_tags: dict[str, str], uri: str, invocation: str) -> tuple[str, str, str, bool]:
+    """``(sha256, where, text, known)`` for a version logged outside onepath: onepath never saw its code, so the
+    record holds what the MLflow run says of it (``mlflow.source.*`` tags). The code is known only when the run
+    names a git commit: a source file's name alone does not say which version of it ran."""
+    src = run_tags.get("mlflow.source.name")
+    commit = run_tags.get("mlflow.source.git.commit")
+    lines = [f"# code record of {uri}, adopted by onepath: the model was logged with plain MLflow, and onepath",
+             "# did not see its code. What its MLflow run says of it:"]
+    lines += [f"# {k}: {run_tags[k]}" for k in sorted(run_tags) if k.startswith("mlflow.source.")]
+    lines.append(f"# registered with: {invocation}")
+    text = "\n".join(lines) + "\n"
+    if commit:
+        where = f"{src or 'a source the run does not name'} at git commit {commit}"
+    elif src:
+        where = f"{src} as its MLflow run names it, with no git commit (which version of it ran is unknown)"
+    else:
+        where = f"unknown: its MLflow run records no source ({invocation})"
+    return hashlib.sha256(text.encode()).hexdigest(), where, text, bool(commit)
+
+
+def adopt(name: str, version: str | int, *, train: Any, test: Any = None, label: str, owner: str | None = None,
+          pii: list[str] | tuple[str, ...] = (), protected: list[str] | tuple[str, ...] = (),
+          id_column: str | None = None, identity: str | None = None, key: str | Path | None = None,
+          declarations: str | Path | None = None, quiet: bool = False, settings: Any = None, policy: Any = None,
+          invocation: str | None = None) -> Registered:
+    """Make ``models:/name/version``, logged with plain MLflow, the platform's version: adopted, not copied.
+
+    Refuses (one line) a version onepath already registered, one without a run, one onepath will not load
+    (``refuse_outside_content``: sklearn in skops format only) or without an input signature; then registers
+    it through the same path as :func:`register`, with the signature's columns as its features."""
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from platform_defs.factories import TAG_PREFIX
+    from platform_defs.registration import NotServable, refuse_outside_content, registration
+    from platform_defs.settings import load_settings
+    from platform_defs.wiring import build_resources
+    from resources.artifact_digest import folder_digest
+    from resources.serving.model_server import load_estimator, read_signature
+
+    version = str(version)
+    uri = f"models:/{name}/{version}"
+    resources = build_resources(settings or load_settings())
+    mlflow = resources["mlflow"]
+    try:
+        mv = mlflow.get_version(name, version)
+    except MlflowException:
+        known = sorted(int(v.version) for v in mlflow.client().search_model_versions(f"name = '{name}'"))
+        raise NotebookError(f"{uri} is not in MLflow's registry (versions of '{name}': "
+                            f"{', '.join(map(str, known)) or 'none'})") from None
+    tags = dict(mv.tags or {})
+    entry = registration(resources["ledger"].ledger(), name, version)
+    if tags.get(TAG_PREFIX + "registration_signature") or tags.get(TAG_PREFIX + "signed_by") or entry is not None:
+        by = tags.get(TAG_PREFIX + "signed_by")
+        how = f"signed by {by}" if by else (f"recorded via {entry.data.get('via')}" if entry is not None else "signed")
+        recorded = f", ledger #{entry.seq}" if entry is not None else ""
+        raise NotebookError(f"already registered by onepath: {uri} ({how}{recorded}); promote it with "
+                            f"`onepath promote {name} --version {version}`, or log a new version to register")
+    if not mv.run_id:
+        raise NotebookError(f"{uri} has no MLflow run: onepath stores its reference sample and code record on the "
+                            f"version's run; log the model inside mlflow.start_run()")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = mlflow.fresh_copy(name, version, Path(tmp))
+        try:
+            refuse_outside_content(folder)
+        except NotServable as err:
+            raise NotebookError(f"{uri}: onepath will not load it: {err}") from None
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+        try:
+            features = [c.name for c in read_signature(mlmodel)]
+        except RuntimeError as err:
+            raise NotebookError(f"{uri}: {str(err).splitlines()[0]}") from None
+        estimator = load_estimator(folder, name, version, folder_digest(folder))
+    run_tags = dict(mlflow.client().get_run(mv.run_id).data.tags)
+    code = adopted_code_record(run_tags, uri, invocation or f"onepath.adopt({name!r}, {version!r})")
+    return _register(estimator, train=train, test=test, label=label, name=name, owner=owner, pii=pii,
+                     protected=protected, features=None, id_column=id_column, identity=identity, key=key,
+                     declarations=declarations, quiet=quiet, settings=settings, policy=policy,
+                     existing=Existing(version, str(mv.run_id), features, code, uri), resources=resources)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from resources.artifact_digest import bytes_digest, folder_digest
 KIND = "model_registered"
 EXPLAINABILITY_KIND = "explainability_report"
 REFERENCE_SAMPLE = "onepath/reference_sample.parquet"
+# a notebook's (or adopted version's) code record on the version's run: the gates' lineage check re-hashes it
+CODE_RECORD = "onepath/code/source.py"
 HOW_TO_REGISTER = ("train it through the graph (materialize the model asset) or let the registry_handoff "
                    "sensor pick it up (it records versions registered outside onepath)")
 
@@ -96,7 +98,8 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
                         metrics: dict[str, float] | None, via: str = "graph", actor: str = "onepath",
                         registered_by: dict[str, Any] | None = None, claims: dict[str, Any] | None = None,
                         policy: Any = None, signed_by: str | None = None,
-                        registration_signature: str | None = None, test_data_hash: str | None = None) -> Any:
+                        registration_signature: str | None = None, test_data_hash: str | None = None,
+                        code_known: bool | None = None) -> Any:
     """Append the ``model_registered`` entry of ``version``: the digest of its model folder as MLflow
     serves it now (a fresh download, not the cache), the lineage facts given, the held-out ``metrics``
     and the sha256 of its logged reference sample. Returns the entry (the existing one if already
@@ -109,7 +112,9 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
     identity's key in the RECORDED policy in force over ``{model, version, run_id, digest}`` (the digest
     computed here), and only while ``policy`` (the file handed in; default the policy file) is that policy;
     otherwise ``None``, and what the client said goes to ``claims``, never used (``signature_unverified``
-    says why no signature was checked)."""
+    says why no signature was checked). ``code_known=False`` records that the code behind ``code_hash`` is
+    not known (a version adopted from plain MLflow whose run names no git commit, or an interactive session
+    with no source): the lineage check refuses such a version rather than vouch for its code."""
     existing = registration(book, model, version)
     if existing is not None:
         return existing
@@ -163,6 +168,7 @@ def record_registration(book: Any, mlflow: Any, *, model: str, version: str, run
         "split_seed": _opt(split_seed, int), "test_size": _opt(test_size, float),
         "training_rows": _opt(training_rows, int),
         **({"test_data_hash": test_data_hash} if test_data_hash else {}),
+        **({"code_known": bool(code_known)} if code_known is not None else {}),
         "metrics": {k: float(x) for k, x in (metrics or {}).items()},
         "reference_digest": _reference_digest(mlflow, run_id), "via": via,
     }, actor)
@@ -221,6 +227,6 @@ def verified_artifact(book: Any, mlflow: Any, model: str, version: str) -> tuple
     return mlflow.fetch_verified(model, str(version), digest), digest
 
 
-__all__ = ["EXPLAINABILITY_KIND", "HOW_TO_REGISTER", "HOW_TO_SIGN", "KIND", "registered_author", "unknown_author_text", "NotRegistered", "NotServable", "refuse_outside_content", "explainability_record",
+__all__ = ["CODE_RECORD", "EXPLAINABILITY_KIND", "HOW_TO_REGISTER", "HOW_TO_SIGN", "KIND", "registered_author", "unknown_author_text", "NotRegistered", "NotServable", "refuse_outside_content", "explainability_record",
            "record_explainability", "record_registration", "registered_digest", "registration",
            "verified_artifact"]

@@ -163,11 +163,23 @@ class MlflowRegistry(dg.ConfigurableResource):
                 skops_trusted_types=trusted_types(estimator),
             )
         version = str(info.registered_model_version)
+        self._tag_version(model_name, version, tags)
+        return RegisteredVersion(model_name, version, run.info.run_id, f"models:/{model_name}/{version}",
+                                 info.model_uri)
+
+    def _tag_version(self, model_name: str, version: str, tags: dict[str, str]) -> None:
         client = self.client()
         for k, v in tags.items():
             client.set_model_version_tag(model_name, version, k, v)
-        return RegisteredVersion(model_name, version, run.info.run_id, f"models:/{model_name}/{version}",
-                                 info.model_uri)
+
+    def attach_to_version(self, *, model_name: str, version: str, run_id: str, tags: dict[str, str],
+                          artifacts: dict[str, str]) -> None:
+        """Put ``artifacts`` ({run artifact dir: local file}) on the run of an EXISTING version and ``tags`` on
+        that version: what :meth:`log_and_register` adds to a version it logs, for one logged elsewhere. The
+        model folder itself is not touched (its digest stays what it was)."""
+        for artifact_dir, path in artifacts.items():
+            self.log_run_artifact(run_id, Path(path), artifact_dir)
+        self._tag_version(model_name, version, tags)
 
     def latest_version(self, name: str) -> str | None:
         versions = self.client().search_model_versions(f"name = '{name}'", order_by=["version_number DESC"],

@@ -276,19 +276,44 @@ class ModelGate:
         recomputed = dataframe_hash(v.snapshot)  # the snapshot, read and hashed again
         if recomputed != facts["data_hash"]:
             problems.append(f"snapshot hashes to {recomputed[:12]}, registration says {facts['data_hash'][:12]}")
-        if facts.get("via") != "graph":
-            # registered outside the graph (a notebook): the code hash must be the declared trainer's
+        if facts.get("via") != "graph" and self.model.trainer:
+            # registered outside the graph: the code hash must be the declared trainer's
             current = _trainer_hash(self.model.trainer)
             if current != facts["code_hash"]:
                 problems.append(f"version {v.version} was registered outside the graph and its code hash "
                                 f"{facts['code_hash'][:12]} is not the declared trainer's ({current[:12]}): "
                                 f"{HOW_TO_LOG_LINEAGE}")
+        elif facts.get("via") != "graph":  # no trainer (a notebook model): the code record it was registered with
+            problems += self._code_record_problems(v, facts)
         return Verdict("lineage", not problems,
                        "; ".join(problems) or f"dataset {self.dataset.name} @ {facts['data_hash'][:12]} (recomputed), "
                                                f"code {facts['code_hash'][:12]}, registered in ledger #{reg.seq}",
                        {"data_hash": facts["data_hash"], "code_hash": facts["code_hash"],
                         "dataset_key": facts["dataset_key"], "registration_entry": reg.seq,
                         "digest": facts.get("digest")})
+
+    def _code_record_problems(self, v: "_Version", facts: dict[str, Any]) -> list[str]:
+        """A trainer-less version's code: known at registration, and its code record on the run (the notebook's
+        cells, the script, or what an adopted version's run said of its source) still hashes to code_hash."""
+        import hashlib
+
+        from platform_defs.registration import CODE_RECORD
+
+        if facts.get("code_known") is False:
+            return [f"version {v.version} was registered without knowing its code ({facts.get('code_path')}): "
+                    f"register it from the notebook or script that trained it (onepath.register), or log it "
+                    f"with MLflow from a git checkout so its run records the commit"]
+        if not facts.get("run_id"):
+            return [f"version {v.version} was registered without an MLflow run, so it has no code record"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.mlflow.run_artifact(str(facts["run_id"]), CODE_RECORD, Path(tmp))
+            found = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+        if found is None:
+            return [f"version {v.version}'s code record {CODE_RECORD} is missing from its run {facts['run_id']}"]
+        if found != facts["code_hash"]:
+            return [f"version {v.version}'s code record hashes to {found[:12]}, registration (ledger "
+                    f"#{v.registration.seq}) recorded {facts['code_hash'][:12]}: it was changed after registration"]
+        return []
 
     def _check_drift_ready(self, v: "_Version", env: str) -> Verdict:
         import io

@@ -91,8 +91,7 @@ JSON_KEYS = ("name", "kind", "env", "track", "owner", "model", "recorded_version
              "digest_agrees", "notes", "state", "mismatch")
 
 
-@click.command("inventory", help="every endpoint and app release per environment: recorded version, approvals, "
-                                 "gates, lineage, and what answers live")
+@click.command("inventory")  # its help: platform_defs.cli.VERBS
 @click.option("--env", help="only this environment (e.g. prod)")
 @click.option("--json", "json", is_flag=True,
               help="print a JSON array instead of the table, one object per row with the keys "

@@ -51,8 +51,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-@click.command("register", help="register a model version logged with plain MLflow (models:/NAME/VERSION), "
-                                "with its train and test rows, as onepath.register does from a notebook")
+@click.command("register")  # its help: platform_defs.cli.VERBS
 @click.argument("uri")
 @click.option("--train", required=True, help="the training rows (.parquet or .csv)")
 @click.option("--test", help="the held-out rows the model never saw (.parquet or .csv)")

@@ -39,14 +39,17 @@ class _Registry:
 
 def cmd_inventory(args: argparse.Namespace) -> int:
     from platform_defs.inventory import build_inventory, summarize, text_table
-    from platform_defs.loader import load_governed
+    from platform_defs.loader import load_governed, parse_cache_dir
     from platform_defs.policy import PolicyError
     from platform_defs.specs import AppSpec, DeclarationError, EndpointSpec
     from resources.deployers.local import from_config, settings_config
     from resources.ledger import Ledger, ledger_paths
 
+    settings = load_settings()
     try:
-        org, policy = load_governed()  # a load imports no trainer (onepath validate does)
+        # a load imports no trainer (onepath validate does); a declarations file parsed before, byte for byte,
+        # is read from the home's parse cache
+        org, policy = load_governed(parse_cache=parse_cache_dir(settings.home))
     except (DeclarationError, PolicyError) as err:
         return _fail(str(err).splitlines()[0])
     envs = sorted({e for d in org.by_name.values() if isinstance(d, (EndpointSpec, AppSpec))
@@ -55,7 +58,6 @@ def cmd_inventory(args: argparse.Namespace) -> int:
         return _fail(f"no endpoint or app has an environment '{args.env}' (environments: {', '.join(envs) or 'none'})")
     if args.timeout <= 0:
         return _fail(f"--timeout must be positive (got {args.timeout})")
-    settings = load_settings()
     book = Ledger(*ledger_paths(settings.home), witness_socket=settings.witness_socket)
     try:
         rows = build_inventory(org, policy, _Registry(settings), book, from_config(**settings_config(settings)),

@@ -349,3 +349,118 @@ def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
     bad.write_text(policy + "\n" + first_key + "\n")
     with pytest.raises(PolicyError, match=f"duplicate key '{first_key.rstrip(':').split(':')[0]}'"):
         load_policy(bad)
+
+
+# -- the parse cache (``load_organisation(parse_cache=...)``, what `onepath inventory` uses) ------------------
+
+
+def loaded(org) -> dict:
+    """What a load says: every declaration as its fields, its source (file:line), and the problems."""
+    return {"decls": {n: d.model_dump() for n, d in org.by_name.items()}, "sources": dict(org.sources),
+            "problems": [str(p) for p in org.problems]}
+
+
+def cached_load(root: Path, cache: Path, **kw):
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return load_organisation(root, parse_cache=cache, **kw)
+    finally:
+        os.chdir(cwd)
+
+
+def test_a_cached_parse_loads_what_a_fresh_parse_does(tmp_path):
+    import stat
+
+    from platform_defs.loader import parse_cache_dir
+
+    root = write(tmp_path / "decls", {"team/defs.yaml": GOOD})
+    cache = parse_cache_dir(tmp_path / "home")
+    fresh = loaded(cached_load(root, None))
+    assert loaded(cached_load(root, cache)) == fresh  # parsed, and kept
+    (entry,) = cache.glob("*.json")
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and stat.S_IMODE(cache.parent.stat().st_mode) == 0o700
+    assert loaded(cached_load(root, cache)) == fresh  # read from the cache
+    # a broken declaration is named with its file and line from a cached parse as from a fresh one
+    bad = GOOD.replace("metrics: {roc_auc: 0.65}", "metrics: {roc_auc: high}")
+    (root / "team" / "defs.yaml").write_text(bad)
+    want = loaded(cached_load(root, None, tolerant=True))
+    assert want["problems"] and ":" in want["problems"][0]
+    assert loaded(cached_load(root, cache, tolerant=True)) == want
+    assert loaded(cached_load(root, cache, tolerant=True)) == want
+    assert len(list(cache.glob("*.json"))) == 2
+
+
+def test_a_changed_file_is_parsed_again(tmp_path):
+    from platform_defs.loader import parse_cache_dir
+
+    root = write(tmp_path / "decls", {"team/defs.yaml": GOOD})
+    cache = parse_cache_dir(tmp_path / "home")
+    cached_load(root, cache)
+    changed = GOOD.replace("metrics: {roc_auc: 0.65}", "metrics: {roc_auc: 0.7}")
+    assert changed != GOOD
+    (root / "team" / "defs.yaml").write_text(changed)
+    assert cached_load(root, cache).by_name["churn"].metrics == {"roc_auc": 0.7}
+
+
+def test_a_cache_entry_is_used_only_if_it_is_ours_alone_and_names_this_text(tmp_path):
+    """A cache entry another user could have written, a link, or one that says it is the parse of other text is
+    not read: the file is parsed (and what loads is what the file says)."""
+    import json
+
+    from platform_defs.loader import parse_cache_dir
+
+    root = write(tmp_path / "decls", {"team/defs.yaml": GOOD})
+    cache = parse_cache_dir(tmp_path / "home")
+    cached_load(root, cache)
+    (entry,) = cache.glob("*.json")
+    doc = json.loads(entry.read_text())
+    forged = json.loads(json.dumps(doc))
+    churn = next(d for d in forged["data"]["declarations"] if d["name"] == "churn")
+    churn["metrics"] = {"roc_auc": 0.01}
+    planted = tmp_path / "planted.json"
+    planted.write_text(json.dumps(forged))
+
+    def attempt(setup) -> float:
+        entry.unlink(missing_ok=True)
+        setup()
+        return cached_load(root, cache).by_name["churn"].metrics["roc_auc"]
+
+    def group_writable():
+        entry.write_text(json.dumps(forged))
+        entry.chmod(0o620)
+
+    def a_link():
+        planted.chmod(0o600)
+        entry.symlink_to(planted)
+
+    def another_key():
+        entry.write_text(json.dumps({**forged, "key": "0" * 64}))
+        entry.chmod(0o600)
+
+    for setup in (group_writable, a_link, another_key):
+        assert attempt(setup) == 0.65, setup.__name__
+    # the control: the same forged entry, ours alone and naming this text, is what the cache is (the home is
+    # owner-only: whoever can write there is the platform's user)
+    assert attempt(lambda: (entry.write_text(json.dumps(forged)), entry.chmod(0o600))) == 0.01
+
+
+def test_what_json_cannot_carry_exactly_is_not_cached(tmp_path):
+    from platform_defs.loader import parse_cache_dir
+
+    import datetime
+
+    import yaml
+
+    # a date in a generator's parameters: YAML reads it as a date, JSON would give it back as a string
+    data = yaml.safe_load(GOOD)
+    ds = next(d for d in data["declarations"] if d["kind"] == "dataset")
+    ds.setdefault("params", {})["period_start"] = datetime.date(2026, 2, 1)
+    dated = yaml.safe_dump(data, sort_keys=False)
+    root = write(tmp_path / "decls", {"team/defs.yaml": dated})
+    cache = parse_cache_dir(tmp_path / "home")
+    org = cached_load(root, cache)
+    assert org.by_name[ds["name"]].params["period_start"] == datetime.date(2026, 2, 1)
+    assert list(cache.glob("*.json")) == []
+    assert cached_load(root, cache).by_name[ds["name"]].params["period_start"] == datetime.date(2026, 2, 1)

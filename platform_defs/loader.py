@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,17 +17,11 @@ import yaml
 
 from platform_defs import strict_yaml
 
-from platform_defs.settings import PROJECT_ROOT
+from platform_defs.settings import PROJECT_ROOT, YAML_NAMES, declaration_files, declarations_dir  # noqa: F401
 from platform_defs.specs import DeclarationError, Organisation, parse_declaration
 
 if TYPE_CHECKING:
     from platform_defs.policy import Policy
-
-YAML_NAMES = ("defs.yaml", "defs.yml")
-
-
-def declarations_dir() -> Path:
-    return Path(os.environ.get("ONEPATH_DECLARATIONS_DIR", PROJECT_ROOT / "assets")).resolve()
 
 
 def _rel(p: Path) -> str:
@@ -74,132 +67,25 @@ def _load_python(path: Path) -> list:
     return [(d, source) for d in decls]
 
 
-# -- the parse cache ----------------------------------------------------------------------------
-# A YAML file's parse (its data and each declaration's line) kept as JSON under the owner-only home, named by
-# the sha256 of the exact text parsed (and of this format and PyYAML's version): a file read again with the
-# same bytes is not parsed again (PyYAML's constructor is Python: 0.4 s for 2,000 declarations), one with
-# other bytes is, and its parse replaces nothing (it is another name). Only what JSON carries exactly is kept
-# (mappings with string keys, lists, strings, finite numbers, booleans, null): a file holding a date or a
-# binary value is parsed every time. What comes out goes through the same validation as a fresh parse.
-PARSE_CACHE_FORMAT = "onepath-yaml-parse/1"
-PARSE_CACHE_KEEP = 256  # entries; the oldest go first
-
-
-def parse_cache_dir(home: Path) -> Path:
-    return Path(home) / "cache" / "declarations"
-
-
-def _json_exact(x: object) -> bool:
-    if x is None or isinstance(x, (str, bool, int)):
-        return True
-    if isinstance(x, float):
-        return x == x and x not in (float("inf"), float("-inf"))
-    if isinstance(x, list):
-        return all(_json_exact(v) for v in x)
-    if isinstance(x, dict):
-        return all(isinstance(k, str) and _json_exact(v) for k, v in x.items())
-    return False
-
-
-def _cache_key(text: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256(f"{PARSE_CACHE_FORMAT}\0{yaml.__version__}\0".encode())
-    h.update(text.encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
-
-
-def _cache_read(cache: Path, key: str) -> tuple[object, list[int] | None] | None:
-    """The cached parse named ``key``, if its file is a regular file of ours that no one else may write, and
-    says it is the parse of ``key``; else None (the file is parsed)."""
-    import json
-    import stat
-
-    try:
-        fd = os.open(cache / f"{key}.json", os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-            return None
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            doc = json.loads(fh.read())
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
-    if not isinstance(doc, dict) or doc.get("format") != PARSE_CACHE_FORMAT or doc.get("key") != key:
-        return None
-    data, lines = doc.get("data"), doc.get("lines")
-    if _declarations_shaped(data):
-        if not (isinstance(lines, list) and len(lines) == len(data["declarations"])  # type: ignore[index]
-                and all(type(n) is int for n in lines)):
-            return None
-    elif lines is not None:
-        return None
-    return data, lines
-
-
-def _declarations_shaped(data: object) -> bool:
-    return isinstance(data, dict) and set(data) == {"declarations"} and isinstance(data["declarations"], list)
-
-
-def _cache_write(cache: Path, key: str, data: object, lines: list[int] | None) -> None:
-    """Keep a parse (best effort: a cache that cannot be written is a slower next load, nothing else)."""
-    import json
-
-    from resources.files import atomic_write, private_dir
-
-    try:
-        private_dir(cache.parent)
-        private_dir(cache)
-        atomic_write(cache / f"{key}.json", json.dumps({"format": PARSE_CACHE_FORMAT, "key": key, "data": data,
-                                                        "lines": lines}).encode(), mode=0o600)
-        kept = sorted(cache.glob("*.json"), key=lambda q: q.stat().st_mtime)
-        for old in kept[:-PARSE_CACHE_KEEP]:
-            old.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def _parse_yaml(text: str, source: str, cache: Path | None) -> tuple[object, list[int] | None]:
-    """``(data, lines)``: the file's data and, when it has the shape of a declarations file, the line of each
-    declaration; from ``cache`` when it holds this exact text's parse."""
-    key = _cache_key(text) if cache is not None else ""
-    if cache is not None:
-        hit = _cache_read(cache, key)
-        if hit is not None:
-            return hit
+def _load_yaml(path: Path, problems: list | None = None) -> list:
+    """Every declaration of one YAML file; with ``problems`` (a tolerant load) a declaration that does not
+    parse is added there and left out, and the rest of the file still loads."""
+    source = _rel(path)
+    text = path.read_text()
     try:
         data, node = strict_yaml.load_with_node(text)  # one parse, libyaml's (the pure-Python one costs seconds)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise DeclarationError("?", "(yaml)", f"not valid YAML: {getattr(err, 'problem', err)}", where) from None
-    lines = None
-    if _declarations_shaped(data):
-        items_nodes = next(v for k, v in node.value if k.value == "declarations").value
-        lines = [n.start_mark.line + 1 for n in items_nodes]
-    if cache is not None and _json_exact(data):
-        _cache_write(cache, key, data, lines)
-    return data, lines
-
-
-def _load_yaml(path: Path, problems: list | None = None, cache: Path | None = None) -> list:
-    """Every declaration of one YAML file; with ``problems`` (a tolerant load) a declaration that does not
-    parse is added there and left out, and the rest of the file still loads. ``cache``: where parses are
-    kept (see ``_parse_yaml``)."""
-    source = _rel(path)
-    text = path.read_text()
-    data, lines = _parse_yaml(text, source, cache)
     if data is None:
         return []
-    if not _declarations_shaped(data) or lines is None:
+    if not isinstance(data, dict) or set(data) - {"declarations"} or not isinstance(data.get("declarations"), list):
         raise DeclarationError("?", "declarations", "the file must hold one key, 'declarations', with a list", source)
+    items_nodes = next(v for k, v in node.value if k.value == "declarations").value
     out = []
-    for item, line in zip(data["declarations"], lines):
-        where = f"{source}:{line}"
+    for item, item_node in zip(data["declarations"], items_nodes):
+        where = f"{source}:{item_node.start_mark.line + 1}"
         try:
             out.append((parse_declaration(item, where), where))
         except DeclarationError as err:
@@ -210,7 +96,7 @@ def _load_yaml(path: Path, problems: list | None = None, cache: Path | None = No
 
 
 def load_organisation(root: Path | None = None, policy: "Policy | None" = None, *, tolerant: bool = False,
-                      check_imports: bool = False, parse_cache: Path | None = None) -> Organisation:
+                      check_imports: bool = False) -> Organisation:
     """Every declaration under ``root``, checked, with its track decided by ``policy`` (default: the
     policy file in use): an owner the policy does not know, a track the team may not use, or a purpose
     below its minimum track fails here, for every entry point.
@@ -221,23 +107,18 @@ def load_organisation(root: Path | None = None, policy: "Policy | None" = None, 
 
     ``check_imports=True`` (``onepath validate``, CI) imports every trainer and generator; a load only
     checks that the module exists and defines the name (importing sklearn-heavy trainers cost most of a
-    code location's load, and every run worker paid it).
-
-    ``parse_cache`` (a folder under the owner-only home, ``parse_cache_dir``): YAML files whose exact text was
-    parsed before are read from there (see ``_parse_yaml``); the result is the same."""
+    code location's load, and every run worker paid it)."""
     root = root or declarations_dir()
     if not root.is_dir():
         raise DeclarationError("?", "(folder)", f"declarations folder {root} does not exist")
     problems: list[DeclarationError] | None = [] if tolerant else None
     found = []
-    for path in sorted(root.rglob("*")):
-        if any(part.startswith((".", "__")) for part in path.relative_to(root).parts):
-            continue
+    for path in declaration_files(root):
         try:
             if path.name == "declarations.py":
                 found += _load_python(path)
-            elif path.name in YAML_NAMES:
-                found += _load_yaml(path, problems, parse_cache)
+            else:
+                found += _load_yaml(path, problems)
         except DeclarationError as err:
             if problems is None:
                 raise
@@ -311,12 +192,12 @@ def _tolerant(decls: list, sources: dict[str, str], policy: "Policy", problems: 
         return org
 
 
-def load_governed(root: Path | None = None, parse_cache: Path | None = None) -> "tuple[Organisation, Policy]":
+def load_governed(root: Path | None = None) -> "tuple[Organisation, Policy]":
     """``(organisation, policy)``: the policy file in use and the declarations resolved against it."""
     from platform_defs.policy import load_policy
 
     policy = load_policy()
-    return load_organisation(root, policy, parse_cache=parse_cache), policy
+    return load_organisation(root, policy), policy
 
 
 def _top_level_names(origin: str | None) -> set[str] | None:

@@ -3,7 +3,7 @@ platform recorded about it and what its server says right now.
 
 ``build_inventory`` joins three sources, each read once:
 
-* the **ledger** (one ``entries()`` read, indexed in memory): the version the platform believes
+* the **ledger** (one ``entries()`` read of the four kinds below, indexed in memory): the version the platform believes
   serves (the latest ``deploy`` entry for the subject and environment; a rollback records one
   too), when and by whom it was deployed, the ``approval`` entries for that model (or app),
   version and environment, and the latest ``gate_verdict`` for that subject, environment and
@@ -139,6 +139,8 @@ def _short(digest: str | None) -> str:
 
 
 class _LedgerIndex:
+    KINDS = ("deploy", "approval", "gate_verdict", "model_registered")  # what it reads (ledger.entries(kinds=))
+
     def __init__(self, entries: Iterable[Entry]):
         self.registrations: dict[tuple[str, str], Entry] = {}
         self.deploys: dict[tuple[str, str | None], Entry] = {}
@@ -349,7 +351,7 @@ def inventory_of(subjects: list[Subject], mlflow: "MlflowRegistry", ledger: Ledg
     try:
         # the probes (one asyncio loop, all addresses at once) run while the ledger and registry are read
         probing: Future = pool.submit(probe_many, unique, timeout, 256, False, credentials)
-        index = _LedgerIndex(ledger.entries())
+        index = _LedgerIndex(ledger.entries(kinds=_LedgerIndex.KINDS))
         endpoints = [(s, s.env) for s in chosen if s.kind == "endpoint"]
         # an alias stands in only where something was ever deployed: a stable address is allocated by the first
         # deploy, so without one the alias names nothing that serves here

@@ -265,7 +265,8 @@ async def _probe_async(address: str, timeout: float, health: bool = True,
             writer.close()
 
     try:
-        return await asyncio.wait_for(run(), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: that wraps every probe in a task of its own
+            return await run()
     except (OSError, ValueError, IndexError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         return None
 
@@ -296,13 +297,16 @@ def probe_many(addresses: list[str], timeout: float = 1.0, concurrency: int = 25
         return (lambda: creds(a)) if callable(creds) else creds.get(a)
 
     async def all_of() -> dict[str, dict[str, Any] | None]:
-        gate = asyncio.Semaphore(concurrency)
+        # ``concurrency`` workers taking the next address, not a task per address waiting on a Semaphore: its
+        # wake-up walks every waiter (Python 3.11), which cost 0.2 s of CPU at 2,000 addresses
+        todo, seen = iter(addresses), {}
 
-        async def one(a: str) -> tuple[str, dict[str, Any] | None]:
-            async with gate:
-                return a, await _probe_async(a, timeout, health, credential_of(a))
+        async def worker() -> None:
+            for a in todo:
+                seen[a] = await _probe_async(a, timeout, health, credential_of(a))
 
-        return dict(await asyncio.gather(*(one(a) for a in addresses)))
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(addresses)))))
+        return {a: seen[a] for a in addresses}
 
     return runner(all_of()) if addresses else {}
 

@@ -143,10 +143,13 @@ def read(home: Path, key: str) -> list["Subject"] | None:
 
 
 def write(home: Path, key: str, subjects: list["Subject"], org: Any) -> None:
-    """Keep ``subjects`` under ``key`` (best effort: a cache that cannot be written is a slower next run)."""
+    """Keep ``subjects`` under ``key`` (best effort: a cache that cannot be written is a slower next run). Not
+    in a home that does not exist: an inventory makes no home of its own."""
     from resources.files import atomic_write, private_dir
 
     path = cache_path(home)
+    if not Path(home).is_dir():
+        return
     try:
         private_dir(path.parent)
         doc = {"format": FORMAT, "key": key, "outside": _outside(org), "subjects": [s.as_json() for s in subjects]}

@@ -150,3 +150,9 @@ def test_a_failed_load_and_a_python_declarations_module_are_never_kept(org):
     assert inventory_cache.inputs_key(org["root"]) is None  # Python may read anything: no key covers it
     assert inventory_cache.load_subjects(org["home"]) == loaded(org["root"])
     assert not inventory_cache.cache_path(org["home"]).exists()
+
+
+def test_an_inventory_makes_no_home_of_its_own(org, tmp_path):
+    nowhere = tmp_path / "no-home"
+    assert inventory_cache.load_subjects(nowhere) == loaded(org["root"])
+    assert not nowhere.exists()

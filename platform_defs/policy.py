@@ -16,7 +16,7 @@ import yaml
 from platform_defs import strict_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from platform_defs.settings import PROJECT_ROOT, policy_path  # noqa: F401  (policy_path: one place, in settings)
+from platform_defs.settings import policy_path  # one place, in settings (no pydantic there)
 
 if TYPE_CHECKING:
     from platform_defs.specs import EndpointSpec, Organisation

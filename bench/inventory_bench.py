@@ -33,6 +33,9 @@ import to its last byte of output. The bench builds one world, all inside a fres
 
 Each child's CPU time (user + system, from ``getrusage``) is reported next to its wall time: on
 a shared machine the wall time carries the other tenants' load, the CPU time much less.
+An inventory keeps what it needs of the organisation in the home between runs (``platform_defs.inventory_cache``):
+by default an untimed run fills it and the timed ones find it, as a person's second run does; ``--cold``
+removes it before every timed run (the first inventory after a declaration, the policy or the code changed).
 ``--world DIR`` keeps the world (and reuses it on the next run). Without ``--against`` only this
 tree is timed. ``--bytecode-cache DIR`` runs both as an installed image would (see
 its help). A run takes 3-8 minutes with the defaults, most of it
@@ -63,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 TARGET_SECONDS = 1.0
 MISMATCH_EVERY = 50
 BYTECODE_CACHE: Path | None = None  # --bytecode-cache
+COLD = False  # --cold
 CPU: list[float] = []  # CPU seconds (user + system) of each timed child, in order
 
 
@@ -322,9 +326,13 @@ def check_tree(world: dict[str, Any], tree: Path) -> None:
 
 
 def fresh_inventory(world: dict[str, Any], tree: Path, timeout: float) -> tuple[float, list[dict[str, Any]]]:
-    """Wall time of ``python -m platform_defs.cli inventory --json`` in ``tree``, and its rows."""
+    """Wall time of ``python -m platform_defs.cli inventory --json`` in ``tree``, and its rows. With ``--cold``
+    the home's ``cache`` folder (what an inventory keeps of the organisation) is removed first: the first run
+    after a declaration, the policy or the code changed."""
     import resource
 
+    if COLD:
+        shutil.rmtree(Path(world["env"]["ONEPATH_HOME"]) / "cache", ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "platform_defs.cli", "inventory", "--json", "--timeout", str(timeout)],
@@ -387,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                          "allowed), as an image with compiled bytecode would; an untimed run of each fills it. "
                          "Default: the environment as it is (PYTHONDONTWRITEBYTECODE=1 compiles every module "
                          "from source in every process)")
+    ap.add_argument("--cold", action="store_true",
+                    help="remove the home's cache folder before every timed run: the first inventory after a change "
+                         "(default: as a person runs it again, the organisation kept by the previous run)")
     ap.add_argument("--world", metavar="DIR", help="build the world in DIR and keep it; reuse the one there if any "
                                                   "(its setup takes minutes; --models and --seed then do not apply)")
     ap.add_argument("--json", help="also write the results here")
@@ -422,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"entries, {2 * args.models} endpoint environments ({time.perf_counter() - t:.1f} s: log model "
                   f"{setup['log_model']:.1f}, register {setup['register']:.1f}, ledger {setup['ledger']:.1f})",
                   flush=True)
-        global BYTECODE_CACHE
-        BYTECODE_CACHE = args.bytecode_cache
+        global BYTECODE_CACHE, COLD
+        BYTECODE_CACHE, COLD = args.bytecode_cache, args.cold
         for tree in trees.values():
             check_tree(world, tree)
         ports = sorted(world["serving"])
@@ -433,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         if BYTECODE_CACHE is not None:
             for tree in trees.values():  # fills the cache, untimed
                 fresh_inventory(world, tree, args.timeout)
+        elif not COLD:  # what a person's second run finds: the organisation kept by a first one (untimed)
+            fresh_inventory(world, trees["new"], args.timeout)
         for i in range(args.rounds):
             order = list(trees) if i % 2 == 0 else list(reversed(trees))
             for side in order:
@@ -452,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nonepath inventory --json as a fresh process, {args.models} models = {2 * args.models} rows, "
-          f"{len(listen)} answering (probe timeout {args.timeout} s, target < {TARGET_SECONDS:.0f} s); "
+          f"{len(listen)} answering (probe timeout {args.timeout} s, target < {TARGET_SECONDS:.0f} s"
+          f"{'; --cold: no kept organisation' if COLD else ''}); "
           f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for side in trees:
         label = "this tree" if side == "new" else f"baseline {base_commit[:7]}"

@@ -20,19 +20,7 @@ from typing import Any
 
 import click
 
-from platform_defs.cli_access import access
-from platform_defs.cli_audit import audit
 from platform_defs.cli_base import GROUP_SETTINGS, verb
-from platform_defs.cli_governance import approve, keys, revoke, sign_version
-from platform_defs.cli_inventory import inventory
-from platform_defs.cli_policy import policy
-from platform_defs.cli_promote import promote
-from platform_defs.cli_register import register
-from platform_defs.cli_rollback import rollback
-from platform_defs.cli_runs import materialize, runs
-from platform_defs.cli_simulate import simulate_traffic
-from platform_defs.cli_why import why
-from platform_defs.cli_witness import witness
 from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
 from resources.files import tighten_tree, use_private_umask
 from resources.processes import group_alive
@@ -344,7 +332,93 @@ def _stop_group(p: subprocess.Popen) -> None:
         pass
 
 
-@click.group("onepath", context_settings=GROUP_SETTINGS)
+# The verbs kept in modules of their own: name -> (module, command, help). A verb's module is imported only
+# when that verb runs (`onepath inventory` imports platform_defs.cli_inventory and no other verb's module:
+# importing all of them cost a fresh process 0.2 s), and this table is the one place of each verb's help:
+# `onepath --help` lists it from here, and the command gets it when it is loaded.
+VERBS: dict[str, tuple[str, str, str]] = {
+    "access": ("platform_defs.cli_access", "access", "Grants and credentials: who may call which endpoint."),
+    "approve": ("platform_defs.cli_governance", "approve",
+                "sign an approval of one model version (or a code review of one app release) for one environment"),
+    "audit": ("platform_defs.cli_audit", "audit", "Check or export the tamper-evident platform ledger."),
+    "inventory": ("platform_defs.cli_inventory", "inventory",
+                  "every endpoint and app release per environment: recorded version, approvals, gates, lineage, "
+                  "and what answers live"),
+    "keys": ("platform_defs.cli_governance", "keys", "Manage signing keys."),
+    "materialize": ("platform_defs.cli_runs", "materialize",
+                    "submit a run of the named assets (and their checks) to the running platform. --param "
+                    "NAME=VALUE sets a dataset's generator parameter (e.g. period_start=2026-02-01) or an "
+                    "environment's version; --no-follow returns the run id at once"),
+    "policy": ("platform_defs.cli_policy", "policy",
+               "Record the policy file as the policy in force (signed), or show it."),
+    "promote": ("platform_defs.cli_promote", "promote",
+                "deploy a model's version (or an app's release) through each environment in order up to --to, on "
+                "the running platform; shows each check, then the stable address and a ready curl line, or what "
+                "to do about a refusal"),
+    "register": ("platform_defs.cli_register", "register",
+                 "adopt a model version logged with plain MLflow (models:/NAME/VERSION) as the platform's "
+                 "version, with its train and test rows: checked, signed, recorded and pinned as it is"),
+    "revoke": ("platform_defs.cli_governance", "revoke",
+               "take back approvals of one version (or release) in one environment"),
+    "rollback": ("platform_defs.cli_rollback", "rollback", "redeploy the version an endpoint environment served before"),
+    "runs": ("platform_defs.cli_runs", "runs", "Runs on the running platform: list them, show one, follow one."),
+    "sign-version": ("platform_defs.cli_governance", "sign_version",
+                     "sign a model version registered from a notebook as its author"),
+    "simulate-traffic": ("platform_defs.cli_simulate", "simulate_traffic",
+                         "send realistic requests to an endpoint and deliver their outcomes later"),
+    "why": ("platform_defs.cli_why", "why",
+            "each failing check of an asset's latest evaluation: its numbers, what it says, and what to do next "
+            "(an approval: who may approve and the exact command)"),
+    "witness": ("platform_defs.cli_witness", "witness", "The ledger's witness: run it as its own OS user."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose ``VERBS`` are imported on first use (Click's documented LazyGroup pattern): listing them
+    (``--help``, a misspelt verb's suggestion) imports none."""
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str, str]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            self.add_command(self._load(name), name)
+        return super().get_command(ctx, name)
+
+    def _load(self, name: str) -> click.Command:
+        module, attr, help_text = self.lazy[name]
+        # __import__, not importlib.import_module: it goes through the interpreter's own import, so that
+        # `-X importtime` (the tests', the bench's) sees the verb module
+        cmd = getattr(__import__(module, fromlist=[attr]), attr)
+        if not isinstance(cmd, click.Command) or cmd.name != name or cmd.help is not None:
+            raise RuntimeError(f"{module}.{attr} is not the click command '{name}' without a help of its own "
+                               f"(its help is platform_defs.cli.VERBS['{name}'])")
+        cmd.help = help_text
+        return cmd
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand as err:  # its "Did you mean" looks at loaded commands only
+            raise click.exceptions.NoSuchCommand(err.command_name, possibilities=self.list_commands(ctx),
+                                                 ctx=ctx) from None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # click.Group.format_commands, with each verb not loaded yet standing in as a bare command with its help
+        names = self.list_commands(ctx)
+        rows = [(n, self.commands.get(n) or click.Command(n, help=self.lazy[n][2])) for n in names]
+        rows = [(n, c) for n, c in rows if not c.hidden]
+        if rows:
+            limit = formatter.width - 6 - max(len(n) for n, _ in rows)
+            with formatter.section("Commands"):
+                formatter.write_dl([(n, c.get_short_help_str(limit)) for n, c in rows])
+
+
+@click.group("onepath", cls=LazyGroup, lazy=VERBS, context_settings=GROUP_SETTINGS)
 def onepath() -> None:
     """One delivery path for data, models, endpoints and apps."""
 
@@ -374,11 +448,6 @@ def _validate(**kw):  # noqa: ANN003
 @onepath.command("down", help="stop every endpoint and app process onepath started")
 def _down(**kw):  # noqa: ANN003
     return verb(cmd_down)(**kw)
-
-
-for _command in (approve, revoke, sign_version, keys, rollback, inventory, audit, policy, simulate_traffic,
-                 witness, access, materialize, runs, why, promote, register):
-    onepath.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,7 +156,7 @@ from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
 
 @click.group("access", context_settings=GROUP_SETTINGS)
 def access() -> None:
-    """Grants and credentials: who may call which endpoint."""
+    pass  # its help: platform_defs.cli.VERBS (one place: `onepath --help` lists it without importing this module)
 
 
 def _pick_options(f):  # noqa: ANN001

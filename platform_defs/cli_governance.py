@@ -264,8 +264,7 @@ from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
 _KEY = click.option("--key", help="private key file (default $ONEPATH_HOME/keys/identities/NAME.key)")
 
 
-@click.command("approve", help="sign an approval of one model version (or a code review of one app release) "
-                               "for one environment")
+@click.command("approve")  # its help: platform_defs.cli.VERBS
 @click.argument("asset")
 @click.option("--version", required=True)
 @click.option("--env", required=True)
@@ -277,7 +276,7 @@ def approve(**kw):  # noqa: ANN003
     return verb(cmd_approve)(**kw)
 
 
-@click.command("revoke", help="take back approvals of one version (or release) in one environment")
+@click.command("revoke")  # its help: platform_defs.cli.VERBS
 @click.argument("asset")
 @click.option("--version", required=True)
 @click.option("--env", required=True)
@@ -290,7 +289,7 @@ def revoke(**kw):  # noqa: ANN003
     return verb(cmd_revoke)(**kw)
 
 
-@click.command("sign-version", help="sign a model version registered from a notebook as its author")
+@click.command("sign-version")  # its help: platform_defs.cli.VERBS
 @click.argument("model")
 @click.option("--version", required=True)
 @click.option("--as", "as_", metavar="NAME", help="your identity (default $ONEPATH_IDENTITY)")
@@ -301,7 +300,7 @@ def sign_version(**kw):  # noqa: ANN003
 
 @click.group("keys", context_settings=GROUP_SETTINGS)
 def keys() -> None:
-    """Manage signing keys."""
+    pass  # its help: platform_defs.cli.VERBS (one place: `onepath --help` lists it without importing this module)
 
 
 @keys.command("init", help="create an Ed25519 key pair for an identity")

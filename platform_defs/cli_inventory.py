@@ -37,29 +37,38 @@ class _Registry:
         return build_resources(self.settings)["mlflow"].client()
 
 
+def _load_error(err: BaseException) -> bool:
+    """Whether ``err`` is a declaration's or the policy's one-line error. Looked up, not imported: both modules
+    import pydantic, which an inventory of an unchanged organisation never needs."""
+    specs, policy = sys.modules.get("platform_defs.specs"), sys.modules.get("platform_defs.policy")
+    return ((specs is not None and isinstance(err, specs.DeclarationError))
+            or (policy is not None and isinstance(err, policy.PolicyError)))
+
+
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from platform_defs.inventory import build_inventory, summarize, text_table
-    from platform_defs.loader import load_governed
-    from platform_defs.policy import PolicyError
-    from platform_defs.specs import AppSpec, DeclarationError, EndpointSpec
+    from platform_defs.inventory import inventory_of, summarize, text_table
+    from platform_defs.inventory_cache import load_subjects
     from resources.deployers.local import from_config, settings_config
     from resources.ledger import Ledger, ledger_paths
 
+    settings = load_settings()
     try:
-        org, policy = load_governed()  # a load imports no trainer (onepath validate does)
-    except (DeclarationError, PolicyError) as err:
+        # the organisation's endpoints and apps as the last run found them when nothing they come from changed
+        # (platform_defs.inventory_cache), else from a load (which imports no trainer: onepath validate does)
+        subjects = load_subjects(settings.home)
+    except Exception as err:
+        if not _load_error(err):
+            raise
         return _fail(str(err).splitlines()[0])
-    envs = sorted({e for d in org.by_name.values() if isinstance(d, (EndpointSpec, AppSpec))
-                   for e in d.environments})
+    envs = sorted({s.env for s in subjects})
     if args.env is not None and args.env not in envs:
         return _fail(f"no endpoint or app has an environment '{args.env}' (environments: {', '.join(envs) or 'none'})")
     if args.timeout <= 0:
         return _fail(f"--timeout must be positive (got {args.timeout})")
-    settings = load_settings()
     book = Ledger(*ledger_paths(settings.home), witness_socket=settings.witness_socket)
     try:
-        rows = build_inventory(org, policy, _Registry(settings), book, from_config(**settings_config(settings)),
-                               env=args.env, timeout=args.timeout)
+        rows = inventory_of(subjects, _Registry(settings), book, from_config(**settings_config(settings)),
+                            env=args.env, timeout=args.timeout)
     except (sqlite3.Error, OSError) as err:
         return _fail(f"inventory failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
     except Exception as err:  # MLflow's errors, without importing MLflow to name them
@@ -91,8 +100,7 @@ JSON_KEYS = ("name", "kind", "env", "track", "owner", "model", "recorded_version
              "digest_agrees", "notes", "state", "mismatch")
 
 
-@click.command("inventory", help="every endpoint and app release per environment: recorded version, approvals, "
-                                 "gates, lineage, and what answers live")
+@click.command("inventory")  # its help: platform_defs.cli.VERBS
 @click.option("--env", help="only this environment (e.g. prod)")
 @click.option("--json", "json", is_flag=True,
               help="print a JSON array instead of the table, one object per row with the keys "

@@ -112,7 +112,7 @@ from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
 
 @click.group("policy", context_settings=GROUP_SETTINGS)
 def policy() -> None:
-    """Record the policy file as the policy in force (signed), or show it."""
+    pass  # its help: platform_defs.cli.VERBS (one place: `onepath --help` lists it without importing this module)
 
 
 _AS = click.option("--as", "as_", metavar="NAME",

@@ -56,9 +56,7 @@ def _launch_version(client: Any, org: Any, decl: Any, asset: str, version: str) 
     return client.launch([asset], run_config=config, tags=tags)
 
 
-@click.command("promote", help="deploy a model's version (or an app's release) through each environment in order "
-                               "up to --to, on the running platform; shows each check, then the stable address "
-                               "and a ready curl line, or what to do about a refusal")
+@click.command("promote")  # its help: platform_defs.cli.VERBS
 @click.argument("name")
 @click.option("--to", "to", required=True, metavar="ENV", help="the last environment (e.g. prod)")
 @click.option("--version", metavar="N", help="the version or release (default: what the platform says to deploy)")

@@ -55,9 +55,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-@click.command("register", help="adopt a model version logged with plain MLflow (models:/NAME/VERSION) as the "
-                                "platform's version, with its train and test rows: checked, signed, recorded and "
-                                "pinned as it is")
+@click.command("register")  # its help: platform_defs.cli.VERBS
 @click.argument("uri")
 @click.option("--train", required=True, help="the training rows (.parquet or .csv)")
 @click.option("--test", help="the held-out rows the model never saw (.parquet or .csv)")

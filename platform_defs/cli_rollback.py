@@ -64,7 +64,7 @@ import click  # noqa: E402
 from platform_defs.cli_base import verb  # noqa: E402
 
 
-@click.command("rollback", help="redeploy the version an endpoint environment served before")
+@click.command("rollback")  # its help: platform_defs.cli.VERBS
 @click.argument("endpoint")
 @click.option("--env", help="environment to roll back (e.g. prod); required")
 @click.option("--to", metavar="VERSION",

@@ -570,7 +570,7 @@ import click  # noqa: E402
 from platform_defs.cli_base import exclusive, verb  # noqa: E402
 
 
-@click.command("simulate-traffic", help="send realistic requests to an endpoint and deliver their outcomes later")
+@click.command("simulate-traffic")  # its help: platform_defs.cli.VERBS
 @click.argument("endpoint")
 @click.option("--env", default="prod", help="environment (default prod)")
 @click.option("--drift", is_flag=True, help=f"draw from a moved population (generator shift={DRIFT_SHIFT})")

@@ -30,8 +30,7 @@ def next_step(c: dict[str, Any]) -> str:
     return f"fix what the check says, then: onepath materialize {c['asset']}"
 
 
-@click.command("why", help="each failing check of an asset's latest evaluation: its numbers, what it says, and "
-                           "what to do next (an approval: who may approve and the exact command)")
+@click.command("why")  # its help: platform_defs.cli.VERBS
 @click.argument("asset")
 @click.option("--env", help="an endpoint's or app's environment: `why credit_scoring --env prod` is "
                             "`why credit_scoring_prod`")

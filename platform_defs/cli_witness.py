@@ -52,7 +52,7 @@ from platform_defs.cli_base import GROUP_SETTINGS, verb  # noqa: E402
 
 @click.group("witness", context_settings=GROUP_SETTINGS)
 def witness() -> None:
-    """The ledger's witness: run it as its own OS user."""
+    pass  # its help: platform_defs.cli.VERBS (one place: `onepath --help` lists it without importing this module)
 
 
 @witness.command("init", help="create the witness's folder (0700), key (0600) and log; print its public key")

@@ -3,7 +3,7 @@ platform recorded about it and what its server says right now.
 
 ``build_inventory`` joins three sources, each read once:
 
-* the **ledger** (one ``entries()`` read, indexed in memory): the version the platform believes
+* the **ledger** (one ``entries()`` read of the four kinds below, indexed in memory): the version the platform believes
   serves (the latest ``deploy`` entry for the subject and environment; a rollback records one
   too), when and by whom it was deployed, the ``approval`` entries for that model (or app),
   version and environment, and the latest ``gate_verdict`` for that subject, environment and
@@ -41,16 +41,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-# Only what a fresh ``onepath inventory`` needs is imported here: the ledger (sqlite), the specs and the
-# probes. Dagster is imported by the asset and the schedule, MLflow only when the ledger lacks something.
-from platform_defs.policy import Policy
-from platform_defs.specs import AppSpec, EndpointSpec, Organisation, targets_of
+# Only what a fresh ``onepath inventory`` needs is imported here: the ledger (sqlite) and the probes. The specs
+# and the policy (pydantic) only where declarations become ``Subject``s (``subjects_of``; a fresh inventory
+# whose organisation is unchanged reads them from ``platform_defs.inventory_cache``), Dagster by the asset and
+# the schedule, MLflow only when the ledger lacks something.
 from resources.deployers.base import Deployer, Target, probe_many
 from resources.ledger import Entry, Ledger
 
 if TYPE_CHECKING:
     import dagster as dg
 
+    from platform_defs.policy import Policy
+    from platform_defs.specs import Organisation
     from resources.mlflow_registry import MlflowRegistry
 
 TAG_PREFIX = "onepath."  # resources.mlflow_registry.TAG_PREFIX (that module imports Dagster and MLflow)
@@ -137,6 +139,8 @@ def _short(digest: str | None) -> str:
 
 
 class _LedgerIndex:
+    KINDS = ("deploy", "approval", "gate_verdict", "model_registered")  # what it reads (ledger.entries(kinds=))
+
     def __init__(self, entries: Iterable[Entry]):
         self.registrations: dict[tuple[str, str], Entry] = {}
         self.deploys: dict[tuple[str, str | None], Entry] = {}
@@ -203,8 +207,45 @@ def _version_tags(client: Any, models: set[str]) -> dict[tuple[str, str], dict[s
 # Addresses and probes
 
 
-def _targets(org: Organisation, env: str | None) -> list[tuple[Any, str, Target]]:
-    return [t for t in targets_of(org) if env is None or t[1] == env]
+@dataclass(frozen=True)
+class Subject:
+    """What the inventory needs of one endpoint or app release environment: its declaration's facts and what
+    the policy requires of it there (``subjects_of``, the one place that computes them)."""
+
+    name: str
+    kind: str  # endpoint | app
+    env: str
+    track: str
+    owner: str
+    model: str | None  # endpoints: the model it serves
+    port: int | None  # a fixed stable port, if declared
+    required_checks: tuple[str, ...]  # what the gate requires here (as ModelGate / AppGate decide)
+    approval_required: bool  # whether the policy asks an approval (a code review for an app) here
+
+    @property
+    def target(self) -> Target:
+        return Target(self.name, self.env, self.kind, self.port)
+
+    def as_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Subject":
+        return cls(**{**d, "required_checks": tuple(d["required_checks"])})
+
+
+def subjects_of(org: "Organisation", policy: "Policy") -> list[Subject]:
+    """Every endpoint and app release environment of ``org``, in declaration order, with what ``policy``
+    requires of it."""
+    from platform_defs.specs import targets_of
+
+    out = []
+    for d, env, t in targets_of(org):
+        checks = tuple(_required_checks(policy, d, env))
+        out.append(Subject(name=d.name, kind=t.kind, env=env, track=d.track, owner=d.owner,
+                           model=d.model if t.kind == "endpoint" else None, port=t.port, required_checks=checks,
+                           approval_required=("code_review" if t.kind == "app" else "approval") in checks))
+    return out
 
 
 def known_addresses(deployer: Deployer, targets: list[Target]) -> list[str | None]:
@@ -246,8 +287,10 @@ def _approvals(index: _LedgerIndex, subject: str, env: str, version: str) -> lis
     return out
 
 
-def _required_checks(policy: Policy, d: Any, env: str) -> list[str]:
+def _required_checks(policy: "Policy", d: Any, env: str) -> list[str]:
     """The checks the gate requires for this declaration in ``env`` (as ModelGate / AppGate decide)."""
+    from platform_defs.specs import AppSpec
+
     tp = policy.track(d.track)
     if isinstance(d, AppSpec):
         first = env == d.environments[0]
@@ -256,23 +299,24 @@ def _required_checks(policy: Policy, d: Any, env: str) -> list[str]:
     return [c for c in tp.checks if c not in ("approval", "rollback_path") or env in tp.approval_envs]
 
 
-def _gate(index: _LedgerIndex, policy: Policy, d: Any, env: str, version: str) -> dict[str, Any] | None:
-    e = index.gates.get((d.name, env, version))
+def _gate(index: _LedgerIndex, s: Subject, version: str) -> dict[str, Any] | None:
+    e = index.gates.get((s.name, s.env, version))
     if e is None:
         return None
     checks = {str(k): {"passed": bool(v.get("passed")), "summary": v.get("summary")}
               for k, v in (e.data.get("verdicts") or {}).items() if isinstance(v, dict)}
-    required = _required_checks(policy, d, env)
     return {"passed": bool(e.data.get("passed")), "checks": checks, "ledger_entry": e.seq, "at": e.ts,
-            "missing": [c for c in required if c not in checks]}
+            "missing": [c for c in s.required_checks if c not in checks]}
 
 
-def approval_required(policy: Policy, d: Any, env: str) -> bool:
+def approval_required(policy: "Policy", d: Any, env: str) -> bool:
     """Whether the track's policy asks for an approval in ``env`` (a model's ``approval``, an app's ``code_review``)."""
+    from platform_defs.specs import AppSpec
+
     return ("code_review" if isinstance(d, AppSpec) else "approval") in _required_checks(policy, d, env)
 
 
-def build_inventory(org: Organisation, policy: Policy, mlflow: "MlflowRegistry", ledger: Ledger,
+def build_inventory(org: "Organisation", policy: "Policy", mlflow: "MlflowRegistry", ledger: Ledger,
                     deployer: Deployer, env: str | None = None, timeout: float = 1.0) -> list[InventoryRow]:
     """Every endpoint and app release per environment (only ``env`` if given): recorded vs live.
 
@@ -280,28 +324,38 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: "MlflowRegistry",
     search per 200 names, and for aliases only of models with an environment the ledger has no
     deploy entry for; probes every known stable address in parallel, each with ``timeout``.
     """
-    targets = _targets(org, env)
+    return inventory_of(subjects_of(org, policy), mlflow, ledger, deployer, env=env, timeout=timeout)
+
+
+def inventory_of(subjects: list[Subject], mlflow: "MlflowRegistry", ledger: Ledger, deployer: Deployer,
+                 env: str | None = None, timeout: float = 1.0) -> list[InventoryRow]:
+    """``build_inventory`` of the organisation's ``subjects_of`` (every environment: an alias is judged against
+    all of them)."""
     # an alias names what serves one model in one environment: a stand-in for a missing deploy entry
     # only where a single endpoint serves that model there
     sharing: dict[tuple[str, str], int] = defaultdict(int)
-    for d in org.by_name.values():
-        if isinstance(d, EndpointSpec):
-            for e in d.environments:
-                sharing[(d.model, e)] += 1
-    addresses = known_addresses(deployer, [t for _, _, t in targets])
+    for s in subjects:
+        if s.kind == "endpoint":
+            sharing[(s.model, s.env)] += 1  # type: ignore[index]
+    chosen = [s for s in subjects if env is None or s.env == env]
+    targets = [s.target for s in chosen]
+    addresses = known_addresses(deployer, targets)
     unique = sorted({a for a in addresses if a})
-    # an endpoint's /version needs a credential: the backend's own probe token for each endpoint address
-    credentials = {a: deployer.probe_credential(t) for (_, _, t), a in zip(targets, addresses)
-                   if a and t.kind == "endpoint"}
+    # an endpoint's /version needs a credential: the backend's own probe token for each endpoint address, read
+    # only for a server that accepts the connection (a slot secret per address cost 0.2 s at 2,000 addresses)
+    probed = {a: t for t, a in zip(targets, addresses) if a and t.kind == "endpoint"}
+
+    def credentials(address: str) -> str | None:
+        return deployer.probe_credential(probed[address]) if address in probed else None
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inventory-probe")
     try:
         # the probes (one asyncio loop, all addresses at once) run while the ledger and registry are read
         probing: Future = pool.submit(probe_many, unique, timeout, 256, False, credentials)
-        index = _LedgerIndex(ledger.entries())
-        endpoints = [(d, e) for d, e, _ in targets if isinstance(d, EndpointSpec)]
+        index = _LedgerIndex(ledger.entries(kinds=_LedgerIndex.KINDS))
+        endpoints = [(s, s.env) for s in chosen if s.kind == "endpoint"]
         # an alias stands in only where something was ever deployed: a stable address is allocated by the first
         # deploy, so without one the alias names nothing that serves here
-        placed = {(d.name, e) for (d, e, _), a in zip(targets, addresses) if a}
+        placed = {(s.name, s.env) for s, a in zip(chosen, addresses) if a}
         unrecorded = {d.model for d, e in endpoints if (d.name, e) not in index.deploys
                       and sharing[(d.model, e)] == 1 and (d.name, e) in placed}
         # the registry is asked only what the ledger does not know (a fresh `onepath inventory` of a platform
@@ -320,9 +374,10 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: "MlflowRegistry",
         pool.shutdown(wait=False, cancel_futures=True)
 
     rows = []
-    for (d, e, target), address in zip(targets, addresses):
-        row = InventoryRow(name=d.name, kind=target.kind, env=e, track=d.track, owner=d.owner, address=address)
-        is_endpoint = isinstance(d, EndpointSpec)
+    for d, address in zip(chosen, addresses):
+        e = d.env
+        row = InventoryRow(name=d.name, kind=d.kind, env=e, track=d.track, owner=d.owner, address=address)
+        is_endpoint = d.kind == "endpoint"
         if is_endpoint:
             row.model = d.model
         deploy = index.deploys.get((d.name, e))
@@ -355,10 +410,10 @@ def build_inventory(org: Organisation, policy: Policy, mlflow: "MlflowRegistry",
                 row.lineage = {k: tags[(d.model, version)].get(TAG_PREFIX + k) for k in LINEAGE_TAGS}
             else:
                 row.notes.append(f"MLflow has no version {version} of model '{d.model}'")
-        row.approval_required = approval_required(policy, d, e)
+        row.approval_required = d.approval_required
         if version is not None:
             row.approvals = _approvals(index, d.model if is_endpoint else d.name, e, version)
-            row.gate = _gate(index, policy, d, e, version)
+            row.gate = _gate(index, d, version)
         seen = live.get(address) if address else None
         if seen is not None:
             row.healthy = True
@@ -439,7 +494,7 @@ def markdown_table(rows: list[InventoryRow]) -> str:
 # The asset
 
 
-def build_inventory_asset(org: Organisation, policy: Policy) -> "dg.AssetsDefinition":
+def build_inventory_asset(org: "Organisation", policy: "Policy") -> "dg.AssetsDefinition":
     """``production_inventory``: the inventory as an asset, refreshed on demand or by a schedule."""
     import dagster as dg
 
@@ -483,5 +538,6 @@ def build_inventory_schedule(cron: str = "*/15 * * * *") -> "dg.ScheduleDefiniti
                                  default_status=dg.DefaultScheduleStatus.RUNNING)
 
 
-__all__ = ["InventoryRow", "approval_required", "build_inventory", "build_inventory_asset", "build_inventory_schedule",
-           "known_addresses", "markdown_table", "summarize", "text_table"]
+__all__ = ["InventoryRow", "Subject", "approval_required", "build_inventory", "build_inventory_asset",
+           "build_inventory_schedule", "inventory_of", "known_addresses", "markdown_table", "subjects_of", "summarize",
+           "text_table"]

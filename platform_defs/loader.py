@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,17 +17,11 @@ import yaml
 
 from platform_defs import strict_yaml
 
-from platform_defs.settings import PROJECT_ROOT
+from platform_defs.settings import PROJECT_ROOT, YAML_NAMES, declaration_files, declarations_dir  # noqa: F401
 from platform_defs.specs import DeclarationError, Organisation, parse_declaration
 
 if TYPE_CHECKING:
     from platform_defs.policy import Policy
-
-YAML_NAMES = ("defs.yaml", "defs.yml")
-
-
-def declarations_dir() -> Path:
-    return Path(os.environ.get("ONEPATH_DECLARATIONS_DIR", PROJECT_ROOT / "assets")).resolve()
 
 
 def _rel(p: Path) -> str:
@@ -120,13 +113,11 @@ def load_organisation(root: Path | None = None, policy: "Policy | None" = None, 
         raise DeclarationError("?", "(folder)", f"declarations folder {root} does not exist")
     problems: list[DeclarationError] | None = [] if tolerant else None
     found = []
-    for path in sorted(root.rglob("*")):
-        if any(part.startswith((".", "__")) for part in path.relative_to(root).parts):
-            continue
+    for path in declaration_files(root):
         try:
             if path.name == "declarations.py":
                 found += _load_python(path)
-            elif path.name in YAML_NAMES:
+            else:
                 found += _load_yaml(path, problems)
         except DeclarationError as err:
             if problems is None:
@@ -174,9 +165,10 @@ def _tolerant(decls: list, sources: dict[str, str], policy: "Policy", problems: 
 
     broken = {p.name for p in problems if p.name != "?"}
     kept = list(decls)
+    memo = _CodeRefMemo()
     for d in kept:
         try:
-            _check_code_refs_one(d, sources, check_imports)
+            _check_code_refs_one(d, sources, check_imports, memo)
         except DeclarationError as err:
             problems.append(err)
             broken.add(d.name)
@@ -208,45 +200,67 @@ def load_governed(root: Path | None = None) -> "tuple[Organisation, Policy]":
     return load_organisation(root, policy), policy
 
 
-def _defines(origin: str | None, attr: str) -> bool:
-    """Whether a module's source defines ``attr`` at top level (a def, a class, an assignment or an import),
-    read without importing it."""
+def _top_level_names(origin: str | None) -> set[str] | None:
+    """The names a module's source defines at top level (a def, a class, an assignment or an import), read
+    without importing it; None when only an import can tell (compiled, namespace, unreadable, a syntax error:
+    the import check in validate says what is wrong)."""
     import ast
 
     if not origin or not origin.endswith(".py"):
-        return True  # compiled or namespace: only an import can tell
+        return None
     try:
         tree = ast.parse(Path(origin).read_text())
     except (OSError, SyntaxError):
-        return True  # the import check (validate) says what is wrong
+        return None
+    names: set[str] = set()
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == attr:
-            return True
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == attr for t in targets):
-                return True
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any((a.asname or a.name.split(".")[0]) == attr for a in node.names):
-                return True
-    return False
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(a.asname or a.name.split(".")[0] for a in node.names)
+    return names
 
 
-def _check_code_refs_one(d, sources: dict[str, str], check_imports: bool = True) -> None:
+class _CodeRefMemo:
+    """What one load learnt about code references, asked once per module and once per source file: a
+    thousand models naming one trainer parsed its file a thousand times (0.6 s of a 1,000-model load)."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, object] = {}
+        self.names: dict[str | None, set[str] | None] = {}
+
+    def find_spec(self, module: str):
+        if module not in self.specs:
+            try:
+                self.specs[module] = importlib.util.find_spec(module)
+            except (ImportError, ValueError):
+                self.specs[module] = None
+        return self.specs[module]
+
+    def defines(self, origin: str | None, attr: str) -> bool:
+        if origin not in self.names:
+            self.names[origin] = _top_level_names(origin)
+        names = self.names[origin]
+        return names is None or attr in names
+
+
+def _check_code_refs_one(d, sources: dict[str, str], check_imports: bool = True,
+                         memo: _CodeRefMemo | None = None) -> None:
     """Generators and trainers must exist (and, with ``check_imports``, import and be callable); app source
-    folders must exist."""
+    folders must exist. ``memo``: what this load already found out about a module."""
+    memo = memo or _CodeRefMemo()
     for field in ("generator", "trainer"):
         if not getattr(d, field, None):  # a notebook model and its snapshot dataset have neither
             continue
         module, attr = getattr(d, field).split(":")
-        try:
-            found = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            found = None
+        found = memo.find_spec(module)
         if found is None:
             raise DeclarationError(d.name, field, f"module '{module}' not found", sources.get(d.name), d.kind)
         if not check_imports:
-            if not _defines(found.origin, attr):
+            if not memo.defines(found.origin, attr):
                 raise DeclarationError(d.name, field, f"'{attr}' is not a function in module '{module}'",
                                        sources.get(d.name), d.kind)
             continue
@@ -264,8 +278,9 @@ def _check_code_refs_one(d, sources: dict[str, str], check_imports: bool = True)
 
 
 def _check_code_refs(org: Organisation, check_imports: bool = True) -> None:
+    memo = _CodeRefMemo()
     for d in org.by_name.values():
-        _check_code_refs_one(d, org.sources, check_imports)
+        _check_code_refs_one(d, org.sources, check_imports, memo)
 
 
 def _organisation(decls: list, sources: dict[str, str], check_imports: bool | None = True) -> Organisation:

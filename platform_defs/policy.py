@@ -8,7 +8,6 @@ the file and the key path. Pure: parsing and validation only, no signatures chec
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -17,7 +16,7 @@ import yaml
 from platform_defs import strict_yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from platform_defs.settings import PROJECT_ROOT
+from platform_defs.settings import policy_path  # one place, in settings (no pydantic there)
 
 if TYPE_CHECKING:
     from platform_defs.specs import EndpointSpec, Organisation
@@ -383,10 +382,6 @@ def resolve_organisation(org: "Organisation", policy: Policy, policy_file: Path 
 def check_organisation(org: "Organisation", policy: Policy) -> "Organisation":
     """``resolve_organisation`` (kept under its old name for callers that only check)."""
     return resolve_organisation(org, policy)
-
-
-def policy_path() -> Path:
-    return Path(os.environ.get("ONEPATH_POLICY_FILE", PROJECT_ROOT / "assets" / "policy.yaml")).resolve()
 
 
 def _shown(path: Path) -> str:

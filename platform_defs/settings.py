@@ -85,6 +85,27 @@ def load_settings() -> Settings:
     )
 
 
+def declarations_dir() -> Path:
+    """Where the organisation's declarations are (``ONEPATH_DECLARATIONS_DIR``; default the project's ``assets/``)."""
+    return Path(os.environ.get("ONEPATH_DECLARATIONS_DIR", PROJECT_ROOT / "assets")).resolve()
+
+
+YAML_NAMES = ("defs.yaml", "defs.yml")
+
+
+def declaration_files(root: Path) -> list[Path]:
+    """Every file under ``root`` a load reads declarations from (``declarations.py`` modules and ``defs.yaml``
+    files), in the order it reads them; folders whose name starts with '.' or '__' are not looked into."""
+    return [path for path in sorted(root.rglob("*"))
+            if not any(part.startswith((".", "__")) for part in path.relative_to(root).parts)
+            and (path.name == "declarations.py" or path.name in YAML_NAMES)]
+
+
+def policy_path() -> Path:
+    """The policy file in use (``ONEPATH_POLICY_FILE``; default the project's ``assets/policy.yaml``)."""
+    return Path(os.environ.get("ONEPATH_POLICY_FILE", PROJECT_ROOT / "assets" / "policy.yaml")).resolve()
+
+
 PROFILES = ("development", "production")
 
 

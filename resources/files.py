@@ -44,6 +44,27 @@ def atomic_write(path: Path, content: bytes, mode: int = 0o600) -> None:
     os.replace(tmp, path)
 
 
+def read_private(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file (not a link) of this user that no one else may write or
+    read; else None. For what a process keeps for itself under the home (a cache) and trusts as its own."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            return None
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def create_private_file(path: Path) -> None:
     """Create ``path`` empty with mode 0600 unless it exists (so a library that opens it later, such as
     sqlite, finds an owner-only file instead of making one with the process's umask)."""

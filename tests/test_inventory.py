@@ -531,3 +531,28 @@ def test_status_and_inventory_compare_what_serves_by_digest(world, monkeypatch, 
         assert f"MISMATCH served={credit['1']['digest'][:19]} registered={credit['2']['digest'][:19]}" in line
     finally:
         deployer.delete(target)
+
+
+def test_probe_many_tells_closed_addresses_apart_without_the_event_loop():
+    """``_refusing``: a closed port is refused at once; a socket that listens (and never answers) and a host
+    name are left to the asyncio probe, which gives the listener its timeout and reports it unhealthy."""
+    import time
+
+    from resources.deployers.base import _refusing, probe_many
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    try:
+        up = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        named = f"http://localhost:{closed.getsockname()[1]}"
+        assert _refusing([up, down, named], 1.0, 2) == {down}
+        t = time.monotonic()
+        assert probe_many([up, down, named], timeout=0.5, health=False) == {up: None, down: None, named: None}
+        assert 0.4 < time.monotonic() - t < 5  # the listener had its timeout; nothing waited on the closed port
+    finally:
+        listener.close()
+        closed.close()

@@ -145,6 +145,9 @@ def test_append_read_verify(tmp_path: Path) -> None:
     assert [e.seq for e in ledger.entries(since_seq=7)] == [8, 9, 10]
     assert [e.seq for e in ledger.entries(kind="promotion", subject="credit_risk", since_seq=1)] == [3]
     assert ledger.entries(kind="deploy")[0].as_dict()["data"] == {"version": "0", "checks": {"roc_auc": 0.7}}
+    assert ledger.entries(kinds=["deploy", "promotion"]) == [e for e in written if e.kind in ("deploy", "promotion")]
+    assert ledger.entries(kinds=["deploy"], env="prod") == [e for e in written if e.kind == "deploy" and e.env == "prod"]
+    assert ledger.entries(kinds=[]) == []
 
 
 def test_hash_format_is_reproducible_without_onepath(tmp_path: Path) -> None:

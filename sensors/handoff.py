@@ -21,7 +21,7 @@ from typing import Any
 import dagster as dg
 
 from platform_defs.registration import NotServable, record_registration
-from platform_defs.specs import EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
+from platform_defs.specs import EndpointSpec, ModelSpec, NotebookModelSpec, Organisation, endpoint_asset_name
 from resources.ledger import Ledger, LedgerResource
 from resources.mlflow_registry import TAG_PREFIX, MlflowRegistry
 
@@ -56,7 +56,11 @@ def tick(org: Organisation, *, mlflow: MlflowRegistry, book: Ledger, cursor: dic
         from platform_defs.policy import load_policy
 
         policy = load_policy()
-    models = [d for d in org.of_kind("model") if isinstance(d, ModelSpec)]
+    # A notebook model's versions are registered by onepath.register / `onepath register` (which record them
+    # themselves, with their held-out rows and code) and deployed by the pin in its declaration: handing them off
+    # here would record a registration from tags alone (racing the register's own record) and send each new
+    # version to staging over the pin.
+    models = [d for d in org.of_kind("model") if isinstance(d, ModelSpec) and not isinstance(d, NotebookModelSpec)]
     if not models:
         return [], [], ["no declared models"], cursor
     names = ", ".join(f"'{m.name}'" for m in models)

@@ -170,6 +170,12 @@ def test_register_adopts_the_mlflow_version_and_a_staging_deploy_passes_the_gate
     finally:
         os.environ.pop("ONEPATH_DECLARATIONS_DIR")
     assert version_to_promote(org, "fraud", book, mlflow)[:3:2] == ("1", [])
+    # the registry_handoff sensor leaves a notebook model alone: no registration from tags, no run over the pin
+    from sensors.handoff import tick
+
+    _events, requests, _notes, _cursor = tick(org, mlflow=mlflow, book=book, cursor={}, policy=world["policy"])
+    assert not [r for r in requests if "fraud" in str(r.asset_selection)], requests
+    assert not book.entries(kind="handoff", subject="fraud")
 
     # the real proof: the gates pass the adopted version and the deployer serves exactly its files
     services = Services(mlflow=mlflow, deployer=resources["deployer_local"].deployer(), ledger=book,

@@ -299,7 +299,7 @@ class ModelGate:
 
         from platform_defs.registration import CODE_RECORD
 
-        if facts.get("code_known") is False:
+        if facts.get("code_known") is not True:  # fail closed: only a register that saw the code says it is known
             return [f"version {v.version} was registered without knowing its code ({facts.get('code_path')}): "
                     f"register it from the notebook or script that trained it (onepath.register), or log it "
                     f"with MLflow from a git checkout so its run records the commit"]

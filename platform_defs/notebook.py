@@ -139,22 +139,56 @@ def render_declaration(*, name: str, owner: str, version: str, label: str, pii: 
     return "\n".join(lines) + "\n"
 
 
+OWNED_KEYS = ("version", "label", "pii", "protected", "features")  # what a register says; the rest is the team's
+
+
+def _update_block(existing: str, block: str) -> str:
+    """``existing`` (a model's block in a declaration file) with the keys a register owns taken from ``block``.
+    Declared ``pii``/``protected`` columns stay when this register names none. Everything else a person wrote
+    there stays: ``metrics`` minimums, ``purpose`` (and so its minimum track),
+    ``track``, ``environments``, ``favourable_label``, ``description``, comments."""
+    ours = {m.group(1): m.group(0) for m in re.finditer(r"^    (\w+):.*$", block, re.M) if m.group(1) in OWNED_KEYS}
+    out, skipping, seen = [], False, set()
+    for line in existing.splitlines():
+        key = re.match(r"^    (\w+):", line)
+        if key:
+            # a register that names no pii/protected columns this time does not take the declared ones away
+            skipping = key.group(1) in OWNED_KEYS and (key.group(1) in ours or key.group(1) not in ("pii", "protected"))
+            if skipping:
+                seen.add(key.group(1))
+                if key.group(1) in ours:
+                    out.append(ours[key.group(1)])
+                continue
+        elif skipping and line.startswith("      "):
+            continue  # the rest of an owned key's block-style value
+        else:
+            skipping = False
+        out.append(line)
+    out += [ours[k] for k in OWNED_KEYS if k in ours and k not in seen]
+    return "\n".join(out) + "\n"
+
+
 def write_declaration(path: Path, block: str, name: str) -> None:
-    """Create ``path`` with ``block``, or replace the model's block in it (others are left as they are)."""
+    """Create ``path`` with ``block``, or update the model's block in it (the keys a register owns; the rest of
+    the block and the other declarations are left as they are). Written atomically: the reload watcher and a
+    code server may read the folder at any moment."""
+    from resources.files import atomic_write
+
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("declarations:\n" + block)
+        atomic_write(path, ("declarations:\n" + block).encode())
         return
     text = path.read_text()
-    pattern = re.compile(rf"^  - kind: model\n    name: {re.escape(name)}\n(?:    .*\n?)*", re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
+    pattern = re.compile(rf"^  - kind: model\n    name: {re.escape(name)}\n(?:(?:    .*)?\n?)*?(?=^  - |\Z)", re.M)
+    found = pattern.search(text)
+    if found:
+        text = text[:found.start()] + _update_block(found.group(0), block) + text[found.end():]
     else:
         if not text.strip():
             text = "declarations:\n"
         text = text if text.endswith("\n") else text + "\n"
         text += block
-    path.write_text(text)
+    atomic_write(path, text.encode(), mode=path.stat().st_mode & 0o777)
 
 
 def declaration_path(owner: str, declarations: str | Path | None = None) -> Path:

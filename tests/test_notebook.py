@@ -106,14 +106,14 @@ def test_register_refuses_in_one_line_without_a_key(tmp_path, monkeypatch):
 # first register did: "table latest_metrics already exists")
 
 
-def _first_use(uri, barrier, answers) -> None:
+def _first_use(uri, artifacts, barrier, answers) -> None:
     import mlflow  # noqa: F401  (imported before the barrier: the race is the store's creation, not imports)
 
     from resources.mlflow_registry import ready_store
 
     barrier.wait()
     try:
-        ready_store(uri)
+        ready_store(uri, artifacts)
         answers.put("ok")
     except Exception as err:  # noqa: BLE001 - the test reports what each process met
         answers.put(str(err).splitlines()[0][:160])
@@ -125,10 +125,34 @@ def test_processes_first_using_a_fresh_mlflow_store_at_once_all_succeed(tmp_path
     ctx = multiprocessing.get_context("spawn")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     barrier, answers = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_first_use, args=(uri, barrier, answers)) for _ in range(4)]
+    procs = [ctx.Process(target=_first_use, args=(uri, tmp_path / "artifacts", barrier, answers)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=180)
     assert [answers.get(timeout=5) for _ in procs] == ["ok"] * 4
     assert oct((tmp_path / "mlflow.db.init-lock").stat().st_mode & 0o777) == "0o600"
+    from mlflow import MlflowClient
+
+    default = MlflowClient(tracking_uri=uri).get_experiment("0")  # not ./mlruns of the first process's folder
+    assert default.artifact_location == (tmp_path / "artifacts" / "0").as_uri(), default.artifact_location
+
+
+def test_a_second_register_updates_its_keys_and_keeps_what_the_team_declared(tmp_path):
+    from platform_defs.notebook import render_declaration, write_declaration
+
+    path = tmp_path / "defs.yaml"
+    write_declaration(path, render_declaration(name="fraud", owner="retention", version="1", label="is_fraud",
+                                               pii=[], protected=["age_band"], features=["amount", "hour"]), "fraud")
+    # the team adds governance by hand (a purpose raises the minimum track; metric minimums), and a neighbour
+    reviewed = path.read_text().replace("    label: is_fraud\n", "    label: is_fraud\n    purpose: credit_decision\n"
+                                        "    metrics: {roc_auc: 0.7}  # agreed with model risk\n")
+    path.write_text(reviewed + "  - kind: model\n    name: other\n    owner: retention\n    source: notebook\n"
+                               "    version: 4\n    label: y\n")
+    write_declaration(path, render_declaration(name="fraud", owner="retention", version="2", label="is_fraud",
+                                               pii=[], protected=[], features=["amount"]), "fraud")
+    text = path.read_text()
+    assert "    version: 2\n" in text and "    version: 1\n" not in text and "    features: [amount]\n" in text
+    assert "    purpose: credit_decision\n" in text and "metrics: {roc_auc: 0.7}  # agreed with model risk" in text
+    assert "    protected: [age_band]\n" in text  # naming none this time takes none away
+    assert text.endswith("    name: other\n    owner: retention\n    source: notebook\n    version: 4\n    label: y\n")

@@ -51,24 +51,26 @@ def _owner_only(folder: Path) -> None:
 _READY: set[str] = set()
 
 
-def ready_store(uri: str) -> None:
+def ready_store(uri: str, artifact_root: str | Path) -> None:
     """Create (or upgrade) a sqlite MLflow store's tables once per process, under an exclusive lock beside the
     database. MLflow creates them on a store's first use, and two processes doing so at once fail ("table ...
-    already exists"): `onepath up`'s daemon and a notebook's first `onepath.register` did."""
+    already exists"): `onepath up`'s daemon and a notebook's first `onepath.register` did. The store is made
+    with ``artifact_root`` (in the owner-only home) as its default, so its Default experiment never points at
+    ``./mlruns`` of whatever folder the first process ran in."""
     if uri in _READY or not uri.startswith("sqlite:///"):
         return
     import fcntl
 
-    from mlflow import MlflowClient
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(f"{db}.init-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(f"{db}.init-lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_experiments(max_results=1)  # the tracking store's tables
-        client.search_registered_models(max_results=1)  # the registry's (same database)
+        SqlAlchemyStore(uri, Path(artifact_root).as_uri())  # the tracking tables and the Default experiment
+        RegistryStore(uri)  # the registry's (same database)
     finally:
         os.close(fd)  # closing releases the lock
     _READY.add(uri)
@@ -106,9 +108,9 @@ class MlflowRegistry(dg.ConfigurableResource):
 
     def ready(self) -> None:
         """The store exists with its tables (see :func:`ready_store`); every use below calls it first."""
-        ready_store(self.tracking_uri)
+        ready_store(self.tracking_uri, self.artifact_root)
         if self.registry_uri and self.registry_uri != self.tracking_uri:
-            ready_store(self.registry_uri)
+            ready_store(self.registry_uri, self.artifact_root)
 
     def client(self):
         from mlflow import MlflowClient

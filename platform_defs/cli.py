@@ -484,7 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         if ledger is not None and isinstance(err, ledger.LedgerTampered):
             print(f"onepath: {err}; nothing was recorded (onepath audit verify names what changed)", file=sys.stderr)
             return 1
-        raise
+        if os.environ.get("ONEPATH_DEBUG"):
+            raise
+        # anything else (MLflow or the platform down mid-verb, a disk full): one line naming it, never a traceback
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"onepath: {type(err).__name__}: {first or 'no message'} (ONEPATH_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

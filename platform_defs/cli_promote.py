@@ -16,8 +16,6 @@ from typing import Any
 
 import click
 
-CLI_CALLER = "onepath-cli"
-
 
 def _fail(msg: str) -> int:
     print(f"onepath: {msg}", file=sys.stderr)
@@ -62,6 +60,7 @@ def _launch_version(client: Any, org: Any, decl: Any, asset: str, version: str) 
 @click.option("--version", metavar="N", help="the version or release (default: what the platform says to deploy)")
 @click.option("--json", "as_json", is_flag=True, help="the result (each environment's run and checks) as JSON")
 def promote(name: str, to: str, version: str | None, as_json: bool) -> int:
+    from platform_defs.access import CLI_CALLER
     from platform_defs.cli_runs import describe
     from platform_defs.cli_why import next_step
     from platform_defs.instance_client import InstanceClient, InstanceError, PlatformNotRunning

@@ -129,14 +129,44 @@ def code_record() -> tuple[str, str, str]:
 # The declaration
 
 
+def _scalar(value: str) -> str:
+    """``value`` as a YAML scalar that reads back as exactly that string (``on``, ``#x``, ``a: b`` quoted)."""
+    import json
+
+    import yaml
+
+    plain = str(value)
+    try:
+        if yaml.safe_load(f"k: {plain}") == {"k": plain} and not plain.startswith(("[", "{", "'", '"')):
+            return plain
+    except yaml.YAMLError:
+        pass
+    return json.dumps(plain)  # a JSON string is a YAML double-quoted scalar
+
+
 def render_declaration(*, name: str, owner: str, version: str, label: str, pii: list[str], protected: list[str],
                        features: list[str] | None) -> str:
     lines = ["  - kind: model", f"    name: {name}", f"    owner: {owner}", "    source: notebook",
-             f"    version: {version}", f"    label: {label}"]
+             f"    version: {version}", f"    label: {_scalar(label)}"]
     for key, cols in (("pii", pii), ("protected", protected), ("features", features)):
         if cols:
-            lines.append(f"    {key}: [{', '.join(cols)}]")
+            flow = f"    {key}: [{', '.join(_scalar(c) for c in cols)}]"
+            # within 100 characters a line; a longer list goes one item a line (block style)
+            lines += [flow] if len(flow) <= 100 else [f"    {key}:", *(f"      - {_scalar(c)}" for c in cols)]
     return "\n".join(lines) + "\n"
+
+
+def check_declaration(block: str, where: str) -> None:
+    """Parse ``block`` as the loader will, before anything is logged, snapshotted or signed: a column name the
+    declaration cannot carry is one line here, not a broken file after the registration."""
+    import yaml
+
+    from platform_defs.specs import DeclarationError, parse_declaration
+
+    try:
+        parse_declaration(yaml.safe_load("declarations:\n" + block)["declarations"][0], where)
+    except (DeclarationError, yaml.YAMLError) as err:
+        raise NotebookError(f"the declaration this would write is not valid: {str(err).splitlines()[0]}") from None
 
 
 OWNED_KEYS = ("version", "label", "pii", "protected", "features")  # what a register says; the rest is the team's
@@ -147,7 +177,8 @@ def _update_block(existing: str, block: str) -> str:
     Declared ``pii``/``protected`` columns stay when this register names none. Everything else a person wrote
     there stays: ``metrics`` minimums, ``purpose`` (and so its minimum track),
     ``track``, ``environments``, ``favourable_label``, ``description``, comments."""
-    ours = {m.group(1): m.group(0) for m in re.finditer(r"^    (\w+):.*$", block, re.M) if m.group(1) in OWNED_KEYS}
+    ours = {m.group(1): m.group(0).rstrip("\n") for m in re.finditer(r"^    (\w+):.*\n(?:      .*\n)*", block, re.M)
+            if m.group(1) in OWNED_KEYS}  # a key with its block-style items
     out, skipping, seen = [], False, set()
     for line in existing.splitlines():
         key = re.match(r"^    (\w+):", line)
@@ -319,6 +350,9 @@ def _register(model: Any, *, train: Any, test: Any, label: str, name: str, owner
     leaked = [c for c in feats if c in pii]
     if leaked:
         raise NotebookError(f"{name}: feature '{leaked[0]}' is PII and can never be a model feature")
+    path = declaration_path(owner, declarations)
+    check_declaration(render_declaration(name=name, owner=owner, version="1", label=label, pii=pii,
+                                         protected=protected, features=feats), str(path))
     who, private_key = signing_key(identity, key)
     policy = policy or load_policy()
     if owner not in policy.teams:
@@ -377,7 +411,6 @@ def _register(model: Any, *, train: Any, test: Any, label: str, name: str, owner
         code_hash=c_hash, code_path=c_where, dataset_key=dataset, author=None, split_seed=None, test_size=None,
         training_rows=len(train), metrics=metrics, via="handoff", actor=f"notebook:{who}", policy=policy,
         signed_by=who, registration_signature=signature, test_data_hash=test_hash, code_known=c_known)
-    path = declaration_path(owner, declarations)
     write_declaration(path, render_declaration(name=name, owner=owner, version=version, label=label, pii=pii,
                                                protected=protected, features=feats), name)
     out = Registered(name, version, path, checks, f"onepath promote {name} --to prod")

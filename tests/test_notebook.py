@@ -156,3 +156,23 @@ def test_a_second_register_updates_its_keys_and_keeps_what_the_team_declared(tmp
     assert "    purpose: credit_decision\n" in text and "metrics: {roc_auc: 0.7}  # agreed with model risk" in text
     assert "    protected: [age_band]\n" in text  # naming none this time takes none away
     assert text.endswith("    name: other\n    owner: retention\n    source: notebook\n    version: 4\n    label: y\n")
+
+
+def test_a_column_the_declaration_cannot_carry_is_refused_before_anything_is_registered(tmp_path):
+    import onepath
+    from sklearn.linear_model import LogisticRegression
+
+    from platform_defs.notebook import render_declaration
+
+    train, test = (f.rename(columns={"hour": "#hour"}) for f in _frames())
+    m = LogisticRegression().fit(train[["amount", "#hour"]], train.is_fraud)
+    with pytest.raises(onepath.NotebookError) as err:  # no key is needed to be told: nothing was logged or signed
+        onepath.register(m, train=train, test=test, label="is_fraud", name="fraud", owner="retention",
+                         identity="nobody", key=tmp_path / "missing.key", declarations=tmp_path / "d.yaml")
+    assert str(err.value).startswith("the declaration this would write is not valid: ") and "'#hour'" in str(err.value)
+    assert not (tmp_path / "d.yaml").exists()
+    # what YAML would read otherwise is quoted; a long list goes one item a line, within 100 characters
+    block = render_declaration(name="fraud", owner="retention", version="1", label="on", pii=[], protected=[],
+                               features=[f"feature_number_{i}" for i in range(9)])
+    assert '    label: "on"' in block and "      - feature_number_8" in block
+    assert max(map(len, block.splitlines())) <= 100

@@ -403,14 +403,19 @@ def _register(model: Any, *, train: Any, test: Any, label: str, name: str, owner
         # the digest signed is the one the ledger records and every deploy verifies: the folder MLflow serves
         digest = folder_digest(mlflow.fresh_copy(name, version, Path(tmp) / "copy"))
     signature = sign_registration(private_key, model=name, version=version, run_id=run_id, digest=digest)
-    client = mlflow.client()
-    client.set_model_version_tag(name, version, TAG_PREFIX + "signed_by", who)
-    client.set_model_version_tag(name, version, TAG_PREFIX + "registration_signature", signature)
-    record_registration(
+    entry = record_registration(
         ledger.ledger(), mlflow, model=name, version=version, run_id=run_id, data_hash=train_hash,
         code_hash=c_hash, code_path=c_where, dataset_key=dataset, author=None, split_seed=None, test_size=None,
         training_rows=len(train), metrics=metrics, via="handoff", actor=f"notebook:{who}", policy=policy,
         signed_by=who, registration_signature=signature, test_data_hash=test_hash, code_known=c_known)
+    if entry.data.get("test_data_hash") != test_hash or entry.data.get("digest") != digest:
+        # record_registration keeps the first entry of a version: one written by something else is not ours
+        raise NotebookError(f"{name} version {version} was already recorded (ledger #{entry.seq}) with other "
+                            f"facts than this registration's: nothing was signed for it; register again")
+    # the tags only mirror the ledger entry (the ledger decides whether a version is registered)
+    client = mlflow.client()
+    client.set_model_version_tag(name, version, TAG_PREFIX + "signed_by", who)
+    client.set_model_version_tag(name, version, TAG_PREFIX + "registration_signature", signature)
     write_declaration(path, render_declaration(name=name, owner=owner, version=version, label=label, pii=pii,
                                                protected=protected, features=feats), name)
     out = Registered(name, version, path, checks, f"onepath promote {name} --to prod")
@@ -458,7 +463,6 @@ def adopt(name: str, version: str | int, *, train: Any, test: Any = None, label:
     import yaml
     from mlflow.exceptions import MlflowException
 
-    from platform_defs.factories import TAG_PREFIX
     from platform_defs.registration import NotServable, refuse_outside_content, registration
     from platform_defs.settings import load_settings
     from platform_defs.wiring import build_resources
@@ -475,13 +479,11 @@ def adopt(name: str, version: str | int, *, train: Any, test: Any = None, label:
         known = sorted(int(v.version) for v in mlflow.client().search_model_versions(f"name = '{name}'"))
         raise NotebookError(f"{uri} is not in MLflow's registry (versions of '{name}': "
                             f"{', '.join(map(str, known)) or 'none'})") from None
-    tags = dict(mv.tags or {})
     entry = registration(resources["ledger"].ledger(), name, version)
-    if tags.get(TAG_PREFIX + "registration_signature") or tags.get(TAG_PREFIX + "signed_by") or entry is not None:
-        by = tags.get(TAG_PREFIX + "signed_by")
-        how = f"signed by {by}" if by else (f"recorded via {entry.data.get('via')}" if entry is not None else "signed")
-        recorded = f", ledger #{entry.seq}" if entry is not None else ""
-        raise NotebookError(f"already registered by onepath: {uri} ({how}{recorded}); promote it with "
+    if entry is not None:  # the ledger decides (a tag is anyone's to write)
+        by = entry.data.get("author") if entry.data.get("author_verified") else None
+        how = f"signed by {by}" if by else f"recorded via {entry.data.get('via')}"
+        raise NotebookError(f"already registered by onepath: {uri} ({how}, ledger #{entry.seq}); promote it with "
                             f"`onepath promote {name} --version {version}`, or log a new version to register")
     if not mv.run_id:
         raise NotebookError(f"{uri} has no MLflow run: onepath stores its reference sample and code record on the "

@@ -309,13 +309,6 @@ def _gate(index: _LedgerIndex, s: Subject, version: str) -> dict[str, Any] | Non
             "missing": [c for c in s.required_checks if c not in checks]}
 
 
-def approval_required(policy: "Policy", d: Any, env: str) -> bool:
-    """Whether the track's policy asks for an approval in ``env`` (a model's ``approval``, an app's ``code_review``)."""
-    from platform_defs.specs import AppSpec
-
-    return ("code_review" if isinstance(d, AppSpec) else "approval") in _required_checks(policy, d, env)
-
-
 def build_inventory(org: "Organisation", policy: "Policy", mlflow: "MlflowRegistry", ledger: Ledger,
                     deployer: Deployer, env: str | None = None, timeout: float = 1.0) -> list[InventoryRow]:
     """Every endpoint and app release per environment (only ``env`` if given): recorded vs live.
@@ -538,6 +531,6 @@ def build_inventory_schedule(cron: str = "*/15 * * * *") -> "dg.ScheduleDefiniti
                                  default_status=dg.DefaultScheduleStatus.RUNNING)
 
 
-__all__ = ["InventoryRow", "Subject", "approval_required", "build_inventory", "build_inventory_asset",
+__all__ = ["InventoryRow", "Subject", "build_inventory", "build_inventory_asset",
            "build_inventory_schedule", "inventory_of", "known_addresses", "markdown_table", "subjects_of", "summarize",
            "text_table"]

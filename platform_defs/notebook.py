@@ -301,10 +301,14 @@ def register(model: Any, *, train: Any, test: Any = None, label: str, name: str,
              features: list[str] | None = None, id_column: str | None = None, identity: str | None = None,
              key: str | Path | None = None, declarations: str | Path | None = None, quiet: bool = False,
              settings: Any = None, policy: Any = None) -> Registered:
-    """Register a model trained in a notebook (see the module's docstring); returns what it did."""
-    return _register(model, train=train, test=test, label=label, name=name, owner=owner, pii=pii,
-                     protected=protected, features=features, id_column=id_column, identity=identity, key=key,
-                     declarations=declarations, quiet=quiet, settings=settings, policy=policy)
+    """Register a model trained in a notebook (see the module's docstring); returns what it did. What it
+    creates (snapshots, the code record, a first MLflow database) is owner-only whatever the kernel's umask."""
+    from resources.files import private_umask
+
+    with private_umask():
+        return _register(model, train=train, test=test, label=label, name=name, owner=owner, pii=pii,
+                         protected=protected, features=features, id_column=id_column, identity=identity, key=key,
+                         declarations=declarations, quiet=quiet, settings=settings, policy=policy)
 
 
 def _register(model: Any, *, train: Any, test: Any, label: str, name: str, owner: str | None,

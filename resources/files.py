@@ -8,10 +8,12 @@ process onepath starts creates what it creates with mode 0600 (files) or 0700 (f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
 from pathlib import Path
+from typing import Iterator
 
 PRIVATE_UMASK = 0o077
 
@@ -19,6 +21,17 @@ PRIVATE_UMASK = 0o077
 def use_private_umask() -> None:
     """Make everything this process (and every process it starts) creates owner-only."""
     os.umask(PRIVATE_UMASK)
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Owner-only creation for the length of a block, in a process that is not onepath's own (a notebook's
+    kernel keeps Jupyter's umask, usually 022, for everything else it does)."""
+    before = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(before)
 
 
 def private_dir(path: Path) -> Path:

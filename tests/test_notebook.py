@@ -176,3 +176,19 @@ def test_a_column_the_declaration_cannot_carry_is_refused_before_anything_is_reg
                                features=[f"feature_number_{i}" for i in range(9)])
     assert '    label: "on"' in block and "      - feature_number_8" in block
     assert max(map(len, block.splitlines())) <= 100
+
+
+def test_private_umask_makes_a_blocks_files_owner_only_and_gives_the_kernel_its_umask_back(tmp_path):
+    import os
+
+    from resources.files import private_umask
+
+    before = os.umask(0o022)  # Jupyter's usual umask
+    try:
+        with private_umask():
+            (tmp_path / "inside").write_text("x")
+        (tmp_path / "after").write_text("x")
+    finally:
+        os.umask(before)
+    assert oct((tmp_path / "inside").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "after").stat().st_mode & 0o777) == "0o644"  # the kernel's own umask comes back

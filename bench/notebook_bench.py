@@ -117,6 +117,9 @@ def main() -> int:
         wall = time.perf_counter() - t0
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
+        from resources.deployers.local import LocalProcessDeployer
+
+        LocalProcessDeployer(base / "home" / "run").stop_all()  # the endpoints it deployed serve on without it
     print(f"{'measure':<40} {'value':>10}  target")
     print(f"{'steps (register, promote, call)':<40} {steps:>10}  3")
     print(f"{'lines of YAML written':<40} {yaml_lines:>10}  <= 10")

@@ -82,6 +82,9 @@ def running(tmp_path_factory):
     os.kill(proc.pid, signal.SIGTERM)
     proc.wait(timeout=90)
     log.close()
+    from resources.deployers.local import LocalProcessDeployer
+
+    LocalProcessDeployer(tmp_path / "home" / "run").stop_all()  # what the platform deployed serves on without it
 
 
 @pytest.fixture()

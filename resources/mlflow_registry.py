@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -67,11 +68,15 @@ def ready_store(uri: str, artifact_root: str | Path) -> None:
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(f"{db}.init-lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    chatty = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..." on stderr
+    level = chatty.level
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        chatty.setLevel(logging.WARNING)
         SqlAlchemyStore(uri, Path(artifact_root).as_uri())  # the tracking tables and the Default experiment
         RegistryStore(uri)  # the registry's (same database)
     finally:
+        chatty.setLevel(level)
         os.close(fd)  # closing releases the lock
     _READY.add(uri)
 

@@ -218,6 +218,8 @@ def test_model_version_carries_lineage_that_recomputes(world):
     # the signature excludes PII, protected attributes, ids and the label
     import mlflow.models
 
+    mlflow.set_tracking_uri(world["mlflow"].tracking_uri)  # the fluent API reads the process's URI: this world's
+    mlflow.set_registry_uri(world["mlflow"].registry_uri or world["mlflow"].tracking_uri)
     sig = mlflow.models.get_model_info(f"models:/credit_risk/{m['model_version']}").signature
     names = set(sig.inputs.input_names())
     assert not names & {"full_name", "national_id", "email", "gender", "age_band", "application_id", "defaulted"}

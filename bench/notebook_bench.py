@@ -36,13 +36,10 @@ def _free_port() -> int:
 def _platform(base: Path, decl: Path, port: int) -> tuple[subprocess.Popen, dict[str, str]]:
     import httpx
 
-    env = {**os.environ, "ONEPATH_HOME": str(base / "home"), "ONEPATH_DECLARATIONS_DIR": str(decl),
-           "ONEPATH_UI_PORT": str(port), "PYTHONPATH": str(ROOT)}
-    for var in ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        env.pop(var, None)
-    log = open(base / "up.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from tests.conftest import onepath_env, start_onepath_up
+
+    env = onepath_env(base / "home", port, decl)
+    proc = start_onepath_up(env, base / "up.log")
     query = {"query": "{ assetNodeOrError(assetKey: {path: [\"churn_scoring_prod\"]}) { __typename } }"}
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -68,7 +65,7 @@ def main() -> int:
     proc, env = _platform(base, decl, port)
     print(f"platform up in {time.perf_counter() - started:.1f} s (not counted)", flush=True)
     os.environ.update({k: env[k] for k in ("ONEPATH_HOME", "ONEPATH_DECLARATIONS_DIR")})
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # this process is the notebook, on that home
         os.environ.pop(var, None)
     import httpx
     import numpy as np

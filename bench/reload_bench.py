@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import onepath_env, start_onepath_up  # noqa: E402
+
 RETENTION = (ROOT / "assets" / "retention" / "defs.yaml").read_text()
 
 
@@ -43,16 +47,11 @@ def _free_port() -> int:
 class Platform:
     def __init__(self, base: Path, decl: Path):
         self.base, self.port = base, _free_port()
-        self.env = {**os.environ, "ONEPATH_HOME": str(base / "home"), "ONEPATH_DECLARATIONS_DIR": str(decl),
-                    "ONEPATH_UI_PORT": str(self.port), "PYTHONPATH": str(ROOT)}
-        for var in ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            self.env.pop(var, None)
+        self.env = onepath_env(base / "home", self.port, decl)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log = open(self.base / "up.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT,
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = start_onepath_up(self.env, self.base / "up.log")
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +46,28 @@ def private_umask() -> None:
     from resources.files import use_private_umask
 
     use_private_umask()
+
+
+# what the test process's own environment may carry that a platform started for a test (or a bench) must not
+# inherit: another home's Dagster, policy file or MLflow store
+NOT_INHERITED = ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def onepath_env(home: Path, port: int, declarations: Path | None = None) -> dict[str, str]:
+    """The environment of an `onepath` process (the platform, or a CLI verb against it) on ``home``, with the UI
+    on ``port`` and, if given, its own declarations folder."""
+    env = {**os.environ, "ONEPATH_HOME": str(home), "ONEPATH_UI_PORT": str(port), "PYTHONPATH": str(ROOT),
+           **({"ONEPATH_DECLARATIONS_DIR": str(declarations)} if declarations else {})}
+    for var in NOT_INHERITED:
+        env.pop(var, None)
+    return env
+
+
+def start_onepath_up(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`onepath up --no-mlflow-ui` in its own session (stop it with os.killpg), its output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.fixture(autouse=True)

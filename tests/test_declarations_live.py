@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import _free_port_base, model_release, save_credit_model, wait_for
+from tests.conftest import (_free_port_base, model_release, onepath_env, save_credit_model, start_onepath_up,
+                            wait_for)
 from tests.test_platform_up import free_port, gql
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,13 +63,7 @@ def running(tmp_path_factory):
     (decl / "retention").mkdir(parents=True)
     (decl / "retention" / "defs.yaml").write_text(RETENTION)
     port = free_port()
-    env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
-           "PYTHONPATH": str(ROOT), "ONEPATH_DECLARATIONS_DIR": str(decl)}
-    for var in ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        env.pop(var, None)
-    log = open(tmp_path / "up.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_onepath_up(onepath_env(tmp_path / "home", port, decl), tmp_path / "up.log")
 
     def up() -> bool:
         assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
@@ -81,7 +76,6 @@ def running(tmp_path_factory):
     yield port, decl, tmp_path
     os.kill(proc.pid, signal.SIGTERM)
     proc.wait(timeout=90)
-    log.close()
     from resources.deployers.local import LocalProcessDeployer
 
     LocalProcessDeployer(tmp_path / "home" / "run").stop_all()  # what the platform deployed serves on without it
@@ -218,9 +212,7 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running):
     assert len(block) + 1 <= 10 and max(map(len, block)) <= 100 and "    version: 1" in block, block
 
     # step 2, from a terminal: the version registered in step 1, not the newer one, through staging to prod
-    cli_env = {**os.environ, **env, "ONEPATH_UI_PORT": str(port), "PYTHONPATH": str(ROOT)}
-    for var in ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        cli_env.pop(var, None)
+    cli_env = onepath_env(home, port, decl)
     promoted = subprocess.run([sys.executable, "-m", "platform_defs.cli", *out["next"].split()[1:]], cwd=ROOT,
                               env=cli_env, text=True, capture_output=True, timeout=900, check=False)
     said = promoted.stdout + promoted.stderr

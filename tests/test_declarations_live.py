@@ -117,7 +117,7 @@ def test_declarations_reload_while_the_platform_runs(running, endpoint):
     tick_before = wait_for("a supervisor_events tick", lambda: last_tick(port, "supervisor_events"), 120, 0.5)
     written = time.monotonic()
     (decl / "upsell" / "defs.yaml").write_text(UPSELL.replace("metrics: {roc_auc: 0.65}",
-                                                                   "metrics: {roc_auc: 0.65}\n    colour: red"))
+                                                                   "metrics: {roc_auc: 0.65}\n  colour: red"))
     wait_for("the broken declaration left out", lambda: "upsell" not in keys(port), 120, 0.2)
     print(f"broken declaration left out {time.monotonic() - written:.1f} s after the write")
     now = keys(port)

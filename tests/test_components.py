@@ -1,7 +1,7 @@
 """Declarations as Dagster components (``type: onepath.Model`` in ``assets/**/defs.yaml``): dg's own tools on
 the project, the same graph from a component as from Python, and ``onepath migrate-declarations``.
 
-dg runs as subprocesses (seconds each): the four dg runs of this file run side by side, on copies of the project.
+dg runs as subprocesses (seconds each): the five dg runs of this file run side by side, on copies of the project.
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ def _dg_env(project: Path, home: Path) -> dict[str, str]:
 
 
 def test_dg_checks_lists_and_scaffolds_the_project_and_check_defs_names_a_broken_field(tmp_path):
-    good, scaffold, broken = (_copy_project(tmp_path / n) for n in ("good", "scaffold", "broken"))
+    good, scaffold, broken, schema = (_copy_project(tmp_path / n) for n in ("good", "scaffold", "broken", "schema"))
+    # a mistake the type's schema (derived from the spec) shows: dg check yaml says where
+    typo = schema / "assets" / "retention" / "defs.yaml"
+    typo.write_text(typo.read_text().replace("{name: plan, dtype: string", "{name: plan, dtype: strng"))
+    typo_line = next(i for i, x in enumerate(typo.read_text().splitlines(), 1) if "strng" in x)
     retention = broken / "assets" / "retention" / "defs.yaml"
     # a mistake dg's own schema check cannot see (metrics is a mapping of numbers): only onepath's load can
     text = retention.read_text()
@@ -101,6 +105,7 @@ def test_dg_checks_lists_and_scaffolds_the_project_and_check_defs_names_a_broken
         "list": (good, [str(DG), "list", "defs", "--json"]),
         "scaffold": (scaffold, [str(DG), "scaffold", "defs", "onepath.Model", "fraud_model"]),
         "broken": (broken, [str(DG), "check", "defs"]),
+        "schema": (schema, [str(DG), "check", "yaml"]),
     }
     procs = {k: subprocess.Popen(cmd, cwd=where, env=_dg_env(where, tmp_path / f"home-{k}"), text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -132,6 +137,11 @@ def test_dg_checks_lists_and_scaffolds_the_project_and_check_defs_names_a_broken
     assert rc == 1, said
     assert (f"declaration 'churn' (model, assets/retention/defs.yaml:{bad_line}): field 'metrics': "
             f"unknown metric 'rocauc'") in said, said
+
+    said, rc = out["schema"]
+    assert rc == 1, said
+    assert (f"assets/retention/defs.yaml:{typo_line} - onepath.Dataset attributes.columns.2.dtype 'strng' is not "
+            f"one of ['int', 'float', 'string', 'bool']") in said, said
 
     # onepath validate says the same, in one line and no traceback
     check = subprocess.run([sys.executable, "-m", "platform_defs.cli", "validate"], cwd=broken, text=True,

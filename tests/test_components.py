@@ -282,5 +282,5 @@ def test_migrate_declarations_leaves_a_file_it_cannot_convert_as_it_was_and_says
     (team / "defs.yaml").write_text(bad)
     rc, out, err = _migrate(team.parent, capsys=capsys)
     assert rc == 1 and out == ""
-    assert "t/defs.yaml: left in the old form: declaration 'churn_scoring'" in err and "endpiont" in err, err
+    assert "t/defs.yaml: not converted, left as it was: declaration 'churn_scoring'" in err and "endpiont" in err, err
     assert (team / "defs.yaml").read_text() == bad

@@ -284,3 +284,12 @@ def test_migrate_declarations_leaves_a_file_it_cannot_convert_as_it_was_and_says
     assert rc == 1 and out == ""
     assert "t/defs.yaml: not converted, left as it was: declaration 'churn_scoring'" in err and "endpiont" in err, err
     assert (team / "defs.yaml").read_text() == bad
+
+
+def test_a_file_of_components_may_end_with_a_separator_and_comments(tmp_path):
+    team = tmp_path / "nb"
+    team.mkdir()
+    (team / "defs.yaml").write_text(MODEL_LINE + "---\n# the next model line goes here\n")
+    org = load_organisation(tmp_path)
+    assert list(org.by_name) == ["fraud_data", "fraud", "fraud_scoring"]
+    assert org.sources["fraud"].endswith("nb/defs.yaml:2")  # the document's first line (its type)

@@ -174,7 +174,8 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
 
     s = isolated_settings(settings, tmp_path_factory.mktemp("custom_home"), port_offset=210)
     base = quick_policy()
-    track = base.tracks["ml-standard"]
+    # the package's check beside one built-in (the others cost time and prove nothing more here)
+    track = base.tracks["ml-standard"].model_copy(update={"checks": ["performance"]})
 
     def with_min_recall(bound: float):
         from platform_defs.policy import CustomCheck
@@ -197,7 +198,7 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
             assert specs["min_recall"].blocking
             assert specs["min_recall"].description == ("Recall on the held-out rows. (custom check: acme_checks:"
                                                        "min_recall (entry point onepath.checks:min_recall))")
-            assert set(specs) == {"data_quality", "performance", "no_regression", "drift_ready", "min_recall"}
+            assert set(specs) == {"performance", "min_recall"}
 
             run = dg.materialize(list(defs.assets), selection=["customer_activity", "churn", "churn_scoring_staging"],
                                  resources=defs.resources, instance=instance, raise_on_error=False)

@@ -81,6 +81,18 @@ class CheckContext:
         self.build = build  # an app release: its build folder
         self._v = _version
 
+    @classmethod
+    def for_test(cls, *, estimator: Any = None, X: Any = None, y: Any = None, params: Mapping[str, Any] | None = None,
+                 check: str = "check", subject: str = "test", version: str = "1", env: str = "staging",
+                 track: str = "ml-standard", build: Path | None = None) -> "CheckContext":
+        """A context over what you give it (a fitted model and held-out rows; or, for an app check, a build
+        folder), for your check's own unit tests: ``ctx.estimator``, ``ctx.held_out`` and ``ctx.metrics`` are
+        yours. The gate never uses it."""
+        given = _Given(estimator, X, y) if build is None else None
+        return cls(check=check, kind="model" if build is None else "app", subject=subject, version=version, env=env,
+                   track=track, params=params or {}, spec=None, features=list(getattr(X, "columns", [])),
+                   label=getattr(y, "name", None), build=build, _version=given)
+
     def _model_only(self, what: str) -> Any:
         if self._v is None:
             raise TypeError(f"ctx.{what} is for model checks: '{self.subject}' is an app release")
@@ -111,6 +123,28 @@ class CheckContext:
     def snapshot(self) -> Any:
         """The training snapshot (a DataFrame) by its registered content hash."""
         return self._model_only("snapshot").snapshot
+
+
+class _Given:
+    """What ``CheckContext.for_test`` was given, in the shape of the gate's candidate version."""
+
+    def __init__(self, estimator: Any, X: Any, y: Any):
+        self.estimator, self.held_out = estimator, (X, y, X)
+
+    @property
+    def held_out_metrics(self) -> dict[str, float]:
+        from platform_defs.factories import evaluate_classifier
+
+        return evaluate_classifier(self.estimator, self.held_out[0], self.held_out[1])
+
+    @property
+    def snapshot(self) -> Any:
+        raise TypeError("ctx.snapshot: CheckContext.for_test was given no snapshot")
+
+    def require_registration(self) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(data={})
 
 
 @dataclass(frozen=True)
@@ -184,6 +218,29 @@ def unprovided(policy: "Policy") -> tuple[str, str] | None:
                 if isinstance(found, str):
                     return f"tracks.{track_name}.checks.{i}", found
     return None
+
+
+def importable_problems(policy: "Policy") -> list[str]:
+    """One line per custom check a track names whose function does not import or is not callable (what
+    ``onepath validate`` adds to the load's checks; the gate fails closed on the same)."""
+    from platform_defs.policy import _shown
+    from platform_defs.settings import policy_path
+
+    out = []
+    for name in dict.fromkeys(c for t in policy.tracks.values() for c in t.checks if is_custom(c)):
+        found = provider(policy, name)
+        if isinstance(found, str):
+            out.append(f"policy {_shown(policy_path())}: {found}")
+            continue
+        try:
+            fn = found.load()
+        except BaseException as err:  # noqa: BLE001 - an import can raise anything
+            out.append(f"policy {_shown(policy_path())}: custom check '{name}' ({found.function}) could not be "
+                       f"imported: {_one_line(f'{type(err).__name__}: {err}')}")
+            continue
+        if not callable(fn):
+            out.append(f"policy {_shown(policy_path())}: custom check '{name}' ({found.function}) is not callable")
+    return out
 
 
 def describe(policy: "Policy", name: str) -> str:

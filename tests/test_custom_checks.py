@@ -40,9 +40,10 @@ def test_a_check_nobody_provides_is_refused_naming_the_file_track_and_check():
     doc = policy_doc()
     doc["tracks"]["ml-standard"]["checks"].append("min_recall")
     assert refused(doc) == (
-        "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': no check 'min_recall': not built in, not "
+        "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': unknown check 'min_recall': not built in, not "
         "declared under custom_checks, and no installed package provides 'min_recall' in entry-point group "
-        "'onepath.checks'")
+        "'onepath.checks' (built in for track 'ml-standard': data_quality, performance, no_regression, fairness, "
+        "explainability, lineage, drift_ready, rollback_path, approval)")
     doc["custom_checks"] = {"min_recall": {"entry_point": "acme_min_recall"}}
     assert refused(doc) == ("policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': custom check 'min_recall': "
                             "no installed package provides entry point 'acme_min_recall' in group 'onepath.checks'")

@@ -230,3 +230,21 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
             assert verdict.data["verdicts"]["min_recall"]["passed"] is True
     finally:
         deployer.stop_all()
+
+
+def test_an_app_tracks_custom_check_runs_in_the_app_gate_after_the_built_ins(tmp_path):
+    """The app gate runs the policy's custom check for the release and environment, beside security_scan."""
+    import shutil
+
+    from platform_defs.governance.gates import AppGate
+    from platform_defs.loader import load_organisation
+
+    policy = _policy_with(echo="tests.fixtures.bad_checks:params_echo")
+    build = tmp_path / "r-test"
+    shutil.copytree(ROOT / "apps" / "loan_portal", build, ignore=shutil.ignore_patterns("__pycache__"))
+    gate = AppGate(app=load_organisation(ROOT / "assets").by_name["loan_portal"], policy=policy, ledger=None,
+                   deployer=None, source_dir=ROOT / "apps" / "loan_portal", repo_root=ROOT)
+    assert gate.required("staging") == ["security_scan", "echo"]
+    scan, echo = gate.evaluate("r-test", build, "staging")
+    assert scan.check == "security_scan" and scan.passed
+    assert (echo.check, echo.passed, echo.summary) == ("echo", True, "judged loan_portal r-test for staging")

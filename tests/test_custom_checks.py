@@ -248,3 +248,35 @@ def test_an_app_tracks_custom_check_runs_in_the_app_gate_after_the_built_ins(tmp
     scan, echo = gate.evaluate("r-test", build, "staging")
     assert scan.check == "security_scan" and scan.passed
     assert (echo.check, echo.passed, echo.summary) == ("echo", True, "judged loan_portal r-test for staging")
+
+
+def test_a_trainer_from_an_installed_package_is_declared_through_onepath_trainers(acme, tmp_path):
+    """``trainer: "onepath.trainers:acme_logistic"`` resolves through the package's entry point: the declaration
+    loads (and validate's import check passes), the trainer trains, and its code hash is the package's file; a
+    name nobody provides is the declaration's one-line trainer problem."""
+    import shutil
+
+    import pandas as pd
+
+    from platform_defs.factories import code_hash, import_string
+    from platform_defs.loader import load_organisation
+
+    policy = load_policy()
+    declarations = tmp_path / "assets"
+    shutil.copytree(ROOT / "assets" / "retention", declarations / "retention")
+    defs = declarations / "retention" / "defs.yaml"
+    text = defs.read_text()
+    assert "assets.retention.trainer:train_churn" in text
+    defs.write_text(text.replace("assets.retention.trainer:train_churn", "onepath.trainers:acme_logistic"))
+    org = load_organisation(declarations, policy, tolerant=True, check_imports=True)
+    assert org.problems == [] and org.by_name["churn"].trainer == "onepath.trainers:acme_logistic"
+    trainer = import_string(org.by_name["churn"].trainer)
+    X = pd.DataFrame({"a": [0.0, 1.0, 2.0, 3.0] * 5, "b": ["x", "y"] * 10})
+    y = pd.Series([0, 0, 1, 1] * 5)
+    assert trainer(X, y, {"C": 0.5}).predict(X).tolist() == y.tolist()
+    assert code_hash(trainer)[1].endswith("acme_checks/__init__.py")
+    defs.write_text(text.replace("assets.retention.trainer:train_churn", "onepath.trainers:acme_nothing"))
+    (problem, *_) = load_organisation(declarations, policy, tolerant=True, check_imports=True).problems
+    assert str(problem).splitlines()[0].endswith(
+        "field 'trainer': no installed package provides trainer 'acme_nothing' in entry-point group "
+        "'onepath.trainers'"), str(problem)

@@ -201,8 +201,9 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
                                                        "min_recall (entry point onepath.checks:min_recall))")
             assert set(specs) == {"performance", "min_recall"}
 
+            small = {"ops": {"customer_activity": {"config": {"params": {"rows": 1500}}}}}  # less to train and log
             run = dg.materialize(list(defs.assets), selection=["customer_activity", "churn", "churn_scoring_staging"],
-                                 resources=defs.resources, instance=instance, raise_on_error=False)
+                                 resources=defs.resources, instance=instance, raise_on_error=False, run_config=small)
             checks = {e.check_name: e for e in run.get_asset_check_evaluations()
                       if e.asset_key == dg.AssetKey("churn_scoring_staging")}
             assert not checks["min_recall"].passed and checks["performance"].passed

@@ -281,3 +281,33 @@ def test_a_trainer_from_an_installed_package_is_declared_through_onepath_trainer
     assert str(problem).splitlines()[0].endswith(
         "field 'trainer': no installed package provides trainer 'acme_nothing' in entry-point group "
         "'onepath.trainers'"), str(problem)
+
+
+def test_a_name_two_installed_packages_provide_is_refused_at_load(acme, tmp_path):
+    """A second package offering 'min_recall' cannot quietly take over the check the policy names: the policy
+    is refused until it says which (custom_checks.min_recall.function)."""
+    src = tmp_path / "rival"
+    (src / "rival_checks").mkdir(parents=True)
+    (src / "rival_checks" / "__init__.py").write_text(
+        "import onepath\n\n\ndef min_recall(ctx):\n    return onepath.Verdict(True, 'always')\n")
+    (src / "pyproject.toml").write_text(
+        '[project]\nname = "rival-checks"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n'
+        'min_recall = "rival_checks:min_recall"\n\n[build-system]\nrequires = ["setuptools>=68"]\n'
+        'build-backend = "setuptools.build_meta"\n\n[tool.setuptools]\npackages = ["rival_checks"]\n')
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = policy_doc()
+    doc["tracks"]["ml-standard"]["checks"].append("min_recall")
+    sys.path.insert(0, str(target))
+    try:
+        assert refused(doc) == (
+            "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': check 'min_recall': entry point "
+            "'min_recall' in group 'onepath.checks' is provided by more than one package (acme-checks==1.0.0 "
+            "(acme_checks:min_recall), rival-checks==0.1 (rival_checks:min_recall)); declare it under custom_checks "
+            "with function: instead")
+        doc["custom_checks"] = {"min_recall": {"function": "acme_checks:min_recall"}}
+        assert provider(parse(doc), "min_recall").function == "acme_checks:min_recall"
+    finally:
+        sys.path.remove(str(target))

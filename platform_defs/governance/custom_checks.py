@@ -216,7 +216,7 @@ def unprovided(policy: "Policy") -> tuple[str, str] | None:
             if is_custom(check):
                 found = provider(policy, check)
                 if isinstance(found, str):
-                    if check not in policy.custom_checks:  # most often a typo of a built-in: list them
+                    if found.startswith("unknown check"):  # most often a typo of a built-in: list them
                         from platform_defs.policy import APP_CHECKS, ML_CHECKS
 
                         known = APP_CHECKS if track_name == "app" else ML_CHECKS

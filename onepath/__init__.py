@@ -3,6 +3,6 @@
 See README, "Registering from a notebook": one call registers the model, then ``onepath promote <name> --to prod``.
 """
 
-from platform_defs.notebook import NotebookError, Registered, register
+from platform_defs.notebook import NotebookError, Registered, predict, register
 
-__all__ = ["register", "Registered", "NotebookError"]
+__all__ = ["register", "predict", "Registered", "NotebookError"]

@@ -349,6 +349,9 @@ VERBS: dict[str, tuple[str, str, str]] = {
                     "submit a run of the named assets (and their checks) to the running platform. --param "
                     "NAME=VALUE sets a dataset's generator parameter (e.g. period_start=2026-02-01) or an "
                     "environment's version; --no-follow returns the run id at once"),
+    "migrate-declarations": ("platform_defs.cli_migrate", "migrate_declarations",
+                             "rewrite old-form declaration files (declarations: [...]) as Dagster components "
+                             "(type: onepath.Model); --check only says whether any is left"),
     "policy": ("platform_defs.cli_policy", "policy",
                "Record the policy file as the policy in force (signed), or show it."),
     "promote": ("platform_defs.cli_promote", "promote",

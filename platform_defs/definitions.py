@@ -1,10 +1,18 @@
 """Composition root: load the organisation's declarations, build every asset, attach resources and sensors.
 
 ``workspace.yaml`` and ``dg dev`` load ``defs`` from here. A bad declaration is left out (with what depends
-on it), its one-line error on the ``declarations`` asset; a bad policy file fails the load.
+on it), its one-line error on the ``declarations`` asset; a bad policy file fails the load. Under
+``dg check defs`` (``DAGSTER_IS_DEFS_VALIDATION_CLI=1``) the load is strict: a broken declaration fails it,
+naming file, line and field (dg's own ``check yaml`` validates only one file per component type).
+
+A component (``platform_defs.components``) gets its declaration's slice of this one graph from
+``declaration_slice``: the graph is built here once per load, over the whole organisation.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import dagster as dg
 
@@ -37,7 +45,8 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
     # tracks come from the policy: an organisation passed in is resolved against it like a loaded one
     # tolerant: a broken declaration (and what depends on it) is left out with its error, shown on the
     # `declarations` asset; everything else loads, so sensors keep ticking and endpoints keep serving
-    loaded = org or load_organisation(policy=policy, tolerant=True)
+    strict = os.environ.get("DAGSTER_IS_DEFS_VALIDATION_CLI") == "1"
+    loaded = org or load_organisation(policy=policy, tolerant=not strict)
     problems = list(getattr(loaded, "problems", []))
     org = resolve_organisation(loaded, policy)
     org.problems = problems
@@ -62,6 +71,16 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
                             "model, later environments after the one before when policy allows."),
         ],
     )
+
+
+def declaration_slice(specs: list[Any], built: dg.Definitions | None = None) -> dg.Definitions:
+    """The assets and asset checks of ``specs`` (declarations) in ``built`` (default: this code location's
+    ``defs``), taken from the one graph the composition root built, with governance applied by track."""
+    keys = {dg.AssetKey(n) for d in specs for n in Organisation.asset_names(d)}
+    built = built or defs
+    assets = [a for a in built.assets or [] if isinstance(a, dg.AssetsDefinition) and set(a.keys) & keys]
+    checks = [c for c in built.asset_checks or [] if {k.asset_key for k in c.check_keys} & keys]
+    return dg.Definitions(assets=assets, asset_checks=checks)
 
 
 defs = build_definitions()

@@ -18,7 +18,7 @@ import yaml
 from platform_defs import strict_yaml
 
 from platform_defs.settings import PROJECT_ROOT, YAML_NAMES, declaration_files, declarations_dir  # noqa: F401
-from platform_defs.specs import DeclarationError, Organisation, parse_declaration
+from platform_defs.specs import DeclarationError, NotebookDeclSpec, Organisation, parse_component, parse_declaration
 
 if TYPE_CHECKING:
     from platform_defs.policy import Policy
@@ -67,20 +67,80 @@ def _load_python(path: Path) -> list:
     return [(d, source) for d in decls]
 
 
-def _load_yaml(path: Path, problems: list | None = None) -> list:
+def _yaml_error(err: yaml.YAMLError, source: str) -> DeclarationError:
+    mark = getattr(err, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    return DeclarationError("?", "(yaml)", f"not valid YAML: {getattr(err, 'problem', err)}", where)
+
+
+def is_old_form(docs: list) -> bool:
+    """Whether a YAML file's documents are the old ``declarations: [...]`` form (not components)."""
+    return len(docs) == 1 and isinstance(docs[0][0], dict) and "declarations" in docs[0][0]
+
+
+def _load_yaml(path: Path, problems: list | None = None, lines: dict | None = None) -> list:
     """Every declaration of one YAML file; with ``problems`` (a tolerant load) a declaration that does not
-    parse is added there and left out, and the rest of the file still loads."""
+    parse is added there and left out, and the rest of the file still loads.
+
+    Two forms: components (one YAML document each, ``type: onepath.Model`` and ``attributes:``), and the old
+    ``declarations:`` list (``onepath migrate-declarations`` converts it). A component's error names the line
+    of the field; ``lines`` (when given) gets each component declaration's ``(file, attributes node)`` so
+    that later errors (references, policy) can name their field's line too."""
     source = _rel(path)
-    text = path.read_text()
     try:
-        data, node = strict_yaml.load_with_node(text)  # one parse, libyaml's (the pure-Python one costs seconds)
+        docs = strict_yaml.load_all_with_nodes(path.read_text())  # libyaml's parse (the pure-Python one costs seconds)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise DeclarationError("?", "(yaml)", f"not valid YAML: {getattr(err, 'problem', err)}", where) from None
-    if data is None:
+        raise _yaml_error(err, source) from None
+    if not docs:
         return []
-    if not isinstance(data, dict) or set(data) - {"declarations"} or not isinstance(data.get("declarations"), list):
+    if is_old_form(docs):
+        return _load_old_form(docs[0], source, problems)
+    out = []
+    for data, node in docs:
+        where = f"{source}:{node.start_mark.line + 1}"
+        try:
+            if not isinstance(data, dict) or "type" not in data:
+                raise DeclarationError("?", "type", "expected a component (type: onepath.Model, attributes: ...) "
+                                                    "or the old form (declarations: [...])", where)
+            extra = sorted(set(data) - {"type", "attributes"})
+            if extra:
+                raise DeclarationError("?", extra[0], "unknown key (a component has 'type' and 'attributes')",
+                                       f"{source}:{strict_yaml.line_of(node, [extra[0]])}")
+            attrs_node = next((v for k, v in node.value if k.value == "attributes"), node)
+            try:
+                spec = parse_component(data["type"], data.get("attributes"), where)
+            except DeclarationError as err:
+                raise _at_field(err, source, attrs_node) from None
+            if lines is not None:
+                for d in (spec.expand() if isinstance(spec, NotebookDeclSpec) else [spec]):
+                    lines[d.name] = (source, attrs_node)
+            out.append((spec, where))
+        except DeclarationError as err:
+            if problems is None:
+                raise
+            problems.append(err)
+    return out
+
+
+def _at_field(err: DeclarationError, source: str, attrs_node) -> DeclarationError:
+    """``err`` with its place the line of its field in a component's attributes."""
+    if err.field in ("type", "attributes", "(yaml)"):
+        return err
+    line = strict_yaml.line_of(attrs_node, err.field.split("."))
+    return DeclarationError(err.name, err.field, err.problem, f"{source}:{line}", err.kind)
+
+
+def _located(err: DeclarationError, lines: dict) -> DeclarationError:
+    """A load's error on a component declaration, placed at its field's line (the file's own check placed it
+    at the document)."""
+    place = lines.get(err.name)
+    same_file = place is not None and (err.source or "").rsplit(":", 1)[0] == place[0]
+    return _at_field(err, *place) if same_file else err
+
+
+def _load_old_form(doc: tuple, source: str, problems: list | None) -> list:
+    data, node = doc
+    if set(data) - {"declarations"} or not isinstance(data.get("declarations"), list):
         raise DeclarationError("?", "declarations", "the file must hold one key, 'declarations', with a list", source)
     items_nodes = next(v for k, v in node.value if k.value == "declarations").value
     out = []
@@ -113,20 +173,19 @@ def load_organisation(root: Path | None = None, policy: "Policy | None" = None, 
         raise DeclarationError("?", "(folder)", f"declarations folder {root} does not exist")
     problems: list[DeclarationError] | None = [] if tolerant else None
     found = []
+    lines: dict = {}  # a component declaration's (file, attributes node): its errors name their field's line
     for path in declaration_files(root):
         try:
             if path.name == "declarations.py":
                 found += _load_python(path)
             else:
-                found += _load_yaml(path, problems)
+                found += _load_yaml(path, problems, lines)
         except DeclarationError as err:
             if problems is None:
                 raise
             problems.append(err)
     sources: dict[str, str] = {}
     decls = []
-    from platform_defs.specs import NotebookDeclSpec
-
     found = [(x, source) for d, source in found
              for x in (d.expand() if isinstance(d, NotebookDeclSpec) else [d])]
     for d, source in found:
@@ -144,8 +203,13 @@ def load_organisation(root: Path | None = None, policy: "Policy | None" = None, 
 
     policy = policy or load_policy()
     if problems is None:
-        return resolve_organisation(_organisation(decls, sources, check_imports), policy)
-    return _tolerant(decls, sources, policy, problems, check_imports)
+        try:
+            return resolve_organisation(_organisation(decls, sources, check_imports), policy)
+        except DeclarationError as err:
+            raise _located(err, lines) from None
+    org = _tolerant(decls, sources, policy, problems, check_imports)
+    org.problems = [_located(p, lines) for p in org.problems]
+    return org
 
 
 def _refs(d) -> list[str]:

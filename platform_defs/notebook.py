@@ -144,15 +144,20 @@ def _scalar(value: str) -> str:
     return json.dumps(plain)  # a JSON string is a YAML double-quoted scalar
 
 
+MODEL_LINE = "onepath.ModelLine"
+
+
 def render_declaration(*, name: str, owner: str, version: str, label: str, pii: list[str], protected: list[str],
                        features: list[str] | None) -> str:
-    lines = ["  - kind: model", f"    name: {name}", f"    owner: {owner}", "    source: notebook",
-             f"    version: {version}", f"    label: {_scalar(label)}"]
+    """The model line's component document (``type: onepath.ModelLine``): at most 10 lines for a short list of
+    columns."""
+    lines = [f"type: {MODEL_LINE}", "attributes:", f"  name: {name}", f"  owner: {owner}",
+             f"  version: {version}", f"  label: {_scalar(label)}"]
     for key, cols in (("pii", pii), ("protected", protected), ("features", features)):
         if cols:
-            flow = f"    {key}: [{', '.join(_scalar(c) for c in cols)}]"
+            flow = f"  {key}: [{', '.join(_scalar(c) for c in cols)}]"
             # within 100 characters a line; a longer list goes one item a line (block style)
-            lines += [flow] if len(flow) <= 100 else [f"    {key}:", *(f"      - {_scalar(c)}" for c in cols)]
+            lines += [flow] if len(flow) <= 100 else [f"  {key}:", *(f"    - {_scalar(c)}" for c in cols)]
     return "\n".join(lines) + "\n"
 
 
@@ -161,10 +166,11 @@ def check_declaration(block: str, where: str) -> None:
     declaration cannot carry is one line here, not a broken file after the registration."""
     import yaml
 
-    from platform_defs.specs import DeclarationError, parse_declaration
+    from platform_defs.specs import DeclarationError, parse_component
 
     try:
-        parse_declaration(yaml.safe_load("declarations:\n" + block)["declarations"][0], where)
+        doc = yaml.safe_load(block)
+        parse_component(doc["type"], doc["attributes"], where)
     except (DeclarationError, yaml.YAMLError) as err:
         raise NotebookError(f"the declaration this would write is not valid: {str(err).splitlines()[0]}") from None
 
@@ -172,16 +178,18 @@ def check_declaration(block: str, where: str) -> None:
 OWNED_KEYS = ("version", "label", "pii", "protected", "features")  # what a register says; the rest is the team's
 
 
-def _update_block(existing: str, block: str) -> str:
-    """``existing`` (a model's block in a declaration file) with the keys a register owns taken from ``block``.
-    Declared ``pii``/``protected`` columns stay when this register names none. Everything else a person wrote
-    there stays: ``metrics`` minimums, ``purpose`` (and so its minimum track),
-    ``track``, ``environments``, ``favourable_label``, ``description``, comments."""
-    ours = {m.group(1): m.group(0).rstrip("\n") for m in re.finditer(r"^    (\w+):.*\n(?:      .*\n)*", block, re.M)
+def _update_block(existing: str, block: str, ind: str = "  ") -> str:
+    """``existing`` (a model line's document in a declaration file) with the keys a register owns taken from
+    ``block``; ``ind`` is the indentation of its attributes. Declared ``pii``/``protected`` columns stay when this
+    register names none. Everything else a person wrote there stays: ``metrics`` minimums, ``purpose`` (and so
+    its minimum track), ``track``, ``environments``, ``favourable_label``, ``description``, comments."""
+    key_re = re.compile(rf"^{ind}(\w+):")
+    ours = {m.group(1): m.group(0).rstrip("\n")
+            for m in re.finditer(rf"^{ind}(\w+):.*\n(?:{ind} .*\n)*", block, re.M)
             if m.group(1) in OWNED_KEYS}  # a key with its block-style items
     out, skipping, seen = [], False, set()
     for line in existing.splitlines():
-        key = re.match(r"^    (\w+):", line)
+        key = key_re.match(line)
         if key:
             # a register that names no pii/protected columns this time does not take the declared ones away
             skipping = key.group(1) in OWNED_KEYS and (key.group(1) in ours or key.group(1) not in ("pii", "protected"))
@@ -190,35 +198,53 @@ def _update_block(existing: str, block: str) -> str:
                 if key.group(1) in ours:
                     out.append(ours[key.group(1)])
                 continue
-        elif skipping and line.startswith("      "):
+        elif skipping and line.startswith(ind + " "):
             continue  # the rest of an owned key's block-style value
         else:
             skipping = False
         out.append(line)
+    while out and not out[-1].strip():  # the new keys go after the attributes, before the blank lines
+        out.pop()
     out += [ours[k] for k in OWNED_KEYS if k in ours and k not in seen]
     return "\n".join(out) + "\n"
 
 
+_DOC_SPLIT = re.compile(r"^---[ \t]*(?:#.*)?\n", re.M)
+
+
 def write_declaration(path: Path, block: str, name: str) -> None:
-    """Create ``path`` with ``block``, or update the model's block in it (the keys a register owns; the rest of
-    the block and the other declarations are left as they are). Written atomically: the reload watcher and a
-    code server may read the folder at any moment."""
+    """Create ``path`` with ``block``, or update the model line's document in it (the keys a register owns; the
+    rest of that document and the other declarations are left as they are), or add it as a document of its own.
+    An old-form file (``declarations: [...]``) is converted to components first (``onepath
+    migrate-declarations``, comments kept). Written atomically: the reload watcher and a code server may read the
+    folder at any moment."""
+    from platform_defs.migrate import render_components
     from resources.files import atomic_write
 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, ("declarations:\n" + block).encode())
+        atomic_write(path, block.encode())
         return
     text = path.read_text()
-    pattern = re.compile(rf"^  - kind: model\n    name: {re.escape(name)}\n(?:(?:    .*)?\n?)*?(?=^  - |\Z)", re.M)
-    found = pattern.search(text)
-    if found:
-        text = text[:found.start()] + _update_block(found.group(0), block) + text[found.end():]
+    if re.search(r"^declarations:", text, re.M):
+        try:
+            text = render_components(text)
+        except Exception as err:  # noqa: BLE001 - a file the migration cannot read is the team's to fix
+            raise NotebookError(f"{path}: an old-form declaration file that could not be converted to components "
+                                f"({str(err).splitlines()[0]}): run onepath migrate-declarations") from None
+    starts = [0] + [m.end() for m in _DOC_SPLIT.finditer(text)]
+    ends = [m.start() for m in _DOC_SPLIT.finditer(text)] + [len(text)]
+    mine = re.compile(rf"^type: {re.escape(MODEL_LINE)}[ \t]*(?:#.*)?$(?s:.*)^  name: {re.escape(name)}[ \t]*(?:#.*)?$",
+                      re.M)
+    for start, end in zip(starts, ends):
+        if mine.search(text[start:end]):
+            text = text[:start] + _update_block(text[start:end], block) + text[end:]
+            break
     else:
-        if not text.strip():
-            text = "declarations:\n"
-        text = text if text.endswith("\n") else text + "\n"
-        text += block
+        if text.strip():
+            text = (text if text.endswith("\n") else text + "\n") + "---\n" + block
+        else:
+            text = block
     atomic_write(path, text.encode(), mode=path.stat().st_mode & 0o777)
 
 

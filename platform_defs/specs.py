@@ -571,3 +571,57 @@ def targets_of(org: Organisation) -> list[tuple[Any, str, Any]]:
         elif isinstance(d, AppSpec):
             out += [(d, env, Target(d.name, env, "app", d.ports.get(env))) for env in d.environments]
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The component form: ``type: onepath.Model`` + ``attributes:`` (one YAML document each). The type says
+# the kind; the attributes are the spec's fields without it (``platform_defs.components`` derives the
+# Dagster component types and their schemas from these same specs: one place for each field).
+
+COMPONENT_TYPES: dict[str, type[_Declaration]] = {
+    "onepath.Dataset": DatasetSpec,
+    "onepath.Model": ModelSpec,
+    "onepath.Endpoint": EndpointSpec,
+    "onepath.AppRelease": AppSpec,
+    "onepath.ModelLine": NotebookDeclSpec,  # dataset -> model -> endpoint, as ``onepath.register`` writes it
+}
+
+
+def fixed_by_type(spec_type: type[_Declaration]) -> dict[str, str]:
+    """The fields a component's ``type:`` says, so its attributes leave them out: the kind (and a model line's
+    ``source: notebook``)."""
+    fixed = {"kind": spec_type.model_fields["kind"].default}
+    if spec_type is NotebookDeclSpec:
+        fixed["source"] = "notebook"
+    return fixed
+
+
+def component_type_of(data: dict[str, Any]) -> str | None:
+    """The component type an old-form declaration mapping becomes (``kind: model, source: notebook`` is a model
+    line); None for a kind no type has."""
+    kind = data.get("kind")
+    if kind == "model" and data.get("source") == "notebook":
+        return "onepath.ModelLine"
+    return next((t for t, s in COMPONENT_TYPES.items() if s is not NotebookDeclSpec
+                 and s.model_fields["kind"].default == kind), None)
+
+
+def parse_component(type_name: Any, attributes: Any, source: str | None = None) -> _Declaration:
+    """One spec from a component document's ``type`` and ``attributes`` (``DeclarationError`` like
+    ``parse_declaration``; ``field`` is the attribute's path)."""
+    spec_type = COMPONENT_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if spec_type is None:
+        raise DeclarationError("?", "type", f"unknown component type {type_name!r} (known: "
+                                            f"{', '.join(COMPONENT_TYPES)})", source)
+    fixed = fixed_by_type(spec_type)
+    kind = fixed["kind"]
+    if not isinstance(attributes, dict):
+        raise DeclarationError("?", "attributes", f"expected a mapping, got {type(attributes).__name__}", source, kind)
+    name = str(attributes.get("name", "?"))
+    for key in fixed:
+        if key in attributes:
+            raise DeclarationError(name, key, f"unknown field (the type {type_name} says it)", source, kind)
+    try:
+        return spec_type.model_validate({**attributes, **fixed})
+    except ValidationError as err:
+        raise error_from_validation(name, kind, source, err) from None

@@ -48,3 +48,36 @@ def load_with_node(text: str) -> tuple[Any, Any]:
         return (loader.construct_document(node) if node is not None else None), node
     finally:
         loader.dispose()
+
+
+def load_all_with_nodes(text: str) -> list[tuple[Any, Any]]:
+    """``(data, node)`` of every document of ``text`` (``---`` separated), from one parse; an empty document
+    is left out."""
+    loader = StrictLoader(text)
+    out = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is not None:
+                out.append((loader.construct_document(node), node))
+        return out
+    finally:
+        loader.dispose()
+
+
+def line_of(node: Any, path: list[str]) -> int:
+    """The 1-based line of the deepest node ``path`` (mapping keys and sequence indexes, as pydantic's error
+    locations name them) reaches from ``node``: a wrong value's own line, a missing key's mapping."""
+    line = node.start_mark.line + 1
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and str(part).isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

@@ -117,7 +117,7 @@ def test_declarations_reload_while_the_platform_runs(running, endpoint):
     tick_before = wait_for("a supervisor_events tick", lambda: last_tick(port, "supervisor_events"), 120, 0.5)
     written = time.monotonic()
     (decl / "upsell" / "defs.yaml").write_text(UPSELL.replace("metrics: {roc_auc: 0.65}",
-                                                                   "metrics: {roc_auc: 0.65}\n    colour: red"))
+                                                                   "metrics: {roc_auc: 0.65}\n  colour: red"))
     wait_for("the broken declaration left out", lambda: "upsell" not in keys(port), 120, 0.2)
     print(f"broken declaration left out {time.monotonic() - written:.1f} s after the write")
     now = keys(port)
@@ -213,8 +213,9 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running, tmp_path):
     assert out["next"] == "onepath promote fraud --to prod" and out["next"] in promotes[0].commands
     written = Path(out["decl"]).read_text().splitlines()
     assert Path(out["decl"]) == decl / "retention" / "defs.yaml"  # the owner team's file, in the platform's folder
-    block = written[written.index("    name: fraud") - 1:]
-    assert len(block) + 1 <= 10 and max(map(len, block)) <= 100 and "    version: 1" in block, block
+    block = written[written.index("type: onepath.ModelLine"):]  # the model line's component document
+    block = block[:block.index("---")] if "---" in block else block
+    assert len(block) <= 10 and max(map(len, block)) <= 100 and {"  name: fraud", "  version: 1"} <= set(block), block
 
     # step 2, from a terminal: the version registered in step 1, not the newer one, through staging to prod
     assert "promoting fraud_scoring version 1 (pinned by " in said, said

@@ -17,12 +17,14 @@ from platform_defs.specs import DeclarationError
 ROOT = Path(__file__).resolve().parents[1]
 RETENTION = (ROOT / "assets" / "retention" / "defs.yaml").read_text()
 APP = """\
-  - kind: app
-    name: cache_portal
-    owner: digital-lending
-    source: apps/loan_portal
-    entrypoint: app:app
-    calls: [churn_scoring]
+---
+type: onepath.AppRelease
+attributes:
+  name: cache_portal
+  owner: digital-lending
+  source: apps/loan_portal
+  entrypoint: app:app
+  calls: [churn_scoring]
 """
 
 
@@ -80,8 +82,8 @@ def test_a_change_to_anything_it_was_made_of_loads_again(org, monkeypatch, chang
     inventory_cache.load_subjects(org["home"])
     decls = org["root"] / "retention" / "defs.yaml"
     if change == "declaration":  # churn_scoring gets a third environment
-        decls.write_text(decls.read_text().replace("    model: churn\n",
-                                                   "    model: churn\n    environments: [dev, staging, prod]\n", 1))
+        decls.write_text(decls.read_text().replace("  model: churn\n",
+                                                   "  model: churn\n  environments: [dev, staging, prod]\n", 1))
     elif change == "policy":  # an app release needs its code review in staging as well
         text = org["policy"].read_text()
         org["policy"].write_text(text.replace("approval_envs: [prod]", "approval_envs: [staging, prod]"))

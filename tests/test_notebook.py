@@ -4,6 +4,7 @@ test_declarations_live.py."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,15 @@ from platform_defs.specs import (DeclarationError, NotebookModelSpec, SnapshotDa
                                  notebook_endpoint_name)
 from platform_defs.settings import PROJECT_ROOT
 
-NOTEBOOK_DECL = """declarations:
+NOTEBOOK_DECL = """type: onepath.ModelLine
+attributes:
+  name: fraud
+  owner: retention
+  version: 3
+  label: is_fraud
+  protected: [age_band]
+"""
+OLD_FORM = """declarations:
   - kind: model
     name: fraud
     owner: retention
@@ -35,28 +44,31 @@ def _org_dir(tmp_path: Path, text: str) -> Path:
     return root
 
 
-def test_notebook_model_expands_into_dataset_model_and_endpoint(tmp_path):
-    org = load_organisation(_org_dir(tmp_path, NOTEBOOK_DECL))
+@pytest.mark.parametrize("text, line", [(NOTEBOOK_DECL, 1), (OLD_FORM, 2)], ids=["component", "old-form"])
+def test_notebook_model_expands_into_dataset_model_and_endpoint(tmp_path, text, line):
+    org = load_organisation(_org_dir(tmp_path, text))
     assert notebook_dataset_name("fraud") == "fraud_data" and notebook_endpoint_name("fraud") == "fraud_scoring"
     ds, model, ep = org.by_name["fraud_data"], org.by_name["fraud"], org.by_name["fraud_scoring"]
     assert isinstance(ds, SnapshotDatasetSpec) and not ds.generator
     assert isinstance(model, NotebookModelSpec) and model.version == 3 and not model.trainer
     assert model.dataset == "fraud_data" and ep.model == "fraud" and ep.environments == ["staging", "prod"]
     assert ds.protected_columns == ["age_band"] and ds.label == "is_fraud"
-    assert org.sources["fraud"].endswith("nb/defs.yaml:2")
+    assert org.sources["fraud"].endswith(f"nb/defs.yaml:{line}")
 
 
-@pytest.mark.parametrize("change, field, problem", [
-    (("version: 3", "version: three"), "version", "valid integer"),
-    (("version: 3", "version: 3\n    colour: red"), "colour", "unknown field"),
-    (("source: notebook", "source: laptop"), "source", "unknown source"),
-    (("    label: is_fraud\n", ""), "label", "required"),
+@pytest.mark.parametrize("change, field, problem, line", [
+    (("version: 3", "version: three"), "version", "valid integer", 5),
+    (("version: 3", "version: 3\n  colour: red"), "colour", "unknown field", 6),
+    (("version: 3", "version: 3\n  source: laptop"), "source", "the type onepath.modelline says it", 6),
+    (("  label: is_fraud\n", ""), "label", "required", 3),  # missing: the attributes' first line
+    (("protected: [age_band]", "protected: [age_band]\n  metrics: {rocauc: 0.7}"), "metrics", "unknown metric", 8),
+    (("onepath.ModelLine", "onepath.ModelLin"), "type", "known: onepath.dataset, onepath.model, ", 1),
 ])
-def test_bad_notebook_declaration_is_one_line_naming_file_line_and_field(tmp_path, change, field, problem):
+def test_bad_notebook_declaration_is_one_line_naming_file_line_and_field(tmp_path, change, field, problem, line):
     with pytest.raises(DeclarationError) as err:
         load_organisation(_org_dir(tmp_path, NOTEBOOK_DECL.replace(*change)))
-    line = str(err.value).splitlines()[0]
-    assert f"field '{field}'" in line and problem in line.lower() and "nb/defs.yaml:2" in line, line
+    said = str(err.value).splitlines()[0]
+    assert f"field '{field}'" in said and problem in said.lower() and f"nb/defs.yaml:{line})" in said, said
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,17 +157,42 @@ def test_a_second_register_updates_its_keys_and_keeps_what_the_team_declared(tmp
     write_declaration(path, render_declaration(name="fraud", owner="retention", version="1", label="is_fraud",
                                                pii=[], protected=["age_band"], features=["amount", "hour"]), "fraud")
     # the team adds governance by hand (a purpose raises the minimum track; metric minimums), and a neighbour
-    reviewed = path.read_text().replace("    label: is_fraud\n", "    label: is_fraud\n    purpose: credit_decision\n"
-                                        "    metrics: {roc_auc: 0.7}  # agreed with model risk\n")
-    path.write_text(reviewed + "  - kind: model\n    name: other\n    owner: retention\n    source: notebook\n"
-                               "    version: 4\n    label: y\n")
+    assert path.read_text().startswith("type: onepath.ModelLine\nattributes:\n  name: fraud\n")
+    assert len(path.read_text().splitlines()) <= 10
+    reviewed = path.read_text().replace("  label: is_fraud\n", "  label: is_fraud\n  purpose: credit_decision\n"
+                                        "  metrics: {roc_auc: 0.7}  # agreed with model risk\n")
+    other = "type: onepath.ModelLine\nattributes:\n  name: other\n  owner: retention\n  version: 4\n  label: y\n"
+    path.write_text(reviewed + "---\n" + other)
     write_declaration(path, render_declaration(name="fraud", owner="retention", version="2", label="is_fraud",
                                                pii=[], protected=[], features=["amount"]), "fraud")
     text = path.read_text()
-    assert "    version: 2\n" in text and "    version: 1\n" not in text and "    features: [amount]\n" in text
-    assert "    purpose: credit_decision\n" in text and "metrics: {roc_auc: 0.7}  # agreed with model risk" in text
-    assert "    protected: [age_band]\n" in text  # naming none this time takes none away
-    assert text.endswith("    name: other\n    owner: retention\n    source: notebook\n    version: 4\n    label: y\n")
+    assert "  version: 2\n" in text and "  version: 1\n" not in text and "  features: [amount]\n" in text
+    assert "  purpose: credit_decision\n" in text and "metrics: {roc_auc: 0.7}  # agreed with model risk" in text
+    assert "  protected: [age_band]\n" in text  # naming none this time takes none away
+    assert text.endswith("---\n" + other)
+    # a third model line goes in a document of its own; the file loads as three model lines
+    write_declaration(path, render_declaration(name="third", owner="retention", version="1", label="y", pii=[],
+                                               protected=[], features=None), "third")
+    from platform_defs.loader import _load_yaml
+
+    specs = [d for d, _ in _load_yaml(path)]
+    assert [(d.name, d.version) for d in specs] == [("fraud", 2), ("other", 4), ("third", 1)]
+    assert specs[0].purpose == "credit_decision" and specs[0].metrics == {"roc_auc": 0.7}
+
+
+def test_a_register_into_an_old_form_file_converts_it_and_keeps_the_team_fields(tmp_path):
+    from platform_defs.loader import _load_yaml
+    from platform_defs.notebook import render_declaration, write_declaration
+
+    path = tmp_path / "defs.yaml"
+    path.write_text(OLD_FORM.replace("    label: is_fraud\n", "    label: is_fraud\n    purpose: fraud_check  # ours\n"))
+    write_declaration(path, render_declaration(name="fraud", owner="retention", version="5", label="is_fraud",
+                                               pii=[], protected=[], features=None), "fraud")
+    text = path.read_text()
+    assert text.startswith("type: onepath.ModelLine\n") and "declarations:" not in text
+    assert re.search(r"^  purpose: fraud_check +# ours$", text, re.M), text
+    (spec, _), = _load_yaml(path)
+    assert spec.version == 5 and spec.purpose == "fraud_check" and spec.protected == ["age_band"]
 
 
 def test_a_column_the_declaration_cannot_carry_is_refused_before_anything_is_registered(tmp_path):
@@ -174,7 +211,7 @@ def test_a_column_the_declaration_cannot_carry_is_refused_before_anything_is_reg
     # what YAML would read otherwise is quoted; a long list goes one item a line, within 100 characters
     block = render_declaration(name="fraud", owner="retention", version="1", label="on", pii=[], protected=[],
                                features=[f"feature_number_{i}" for i in range(9)])
-    assert '    label: "on"' in block and "      - feature_number_8" in block
+    assert '  label: "on"' in block and "    - feature_number_8" in block
     assert max(map(len, block.splitlines())) <= 100
 
 

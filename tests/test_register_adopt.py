@@ -139,7 +139,7 @@ def test_register_adopts_the_mlflow_version_and_a_staging_deploy_passes_the_gate
     versions = sorted(str(v.version) for v in mlflow.client().search_model_versions("name = 'fraud'"))
     assert versions == ["1"], versions
     written = (world["decl"] / "retention" / "defs.yaml").read_text()
-    assert "    name: fraud\n" in written and "    version: 1\n" in written, written
+    assert "type: onepath.ModelLine\nattributes:\n  name: fraud\n" in written and "  version: 1\n" in written, written
     entry = registration(book, "fraud", "1")
     assert entry is not None and entry.data["version"] == "1" and entry.data["run_id"] == mv.run_id
     assert entry.data["author"] == "carla" and entry.data["author_verified"] is True, entry.data

@@ -1,16 +1,20 @@
-"""onepath for data scientists: ``import onepath; onepath.register(model, train=df_train, test=df_test, ...)``.
+"""onepath for data scientists and ML engineers.
 
-See README, "Registering from a notebook": one call registers the model, then ``onepath promote <name> --to prod``.
+``import onepath; onepath.register(model, train=df_train, test=df_test, ...)`` registers a model from a notebook
+(README, "Registering from a notebook"), then ``onepath promote <name> --to prod``; ``onepath.predict(name, rows)``
+calls its endpoint. ``onepath.CheckContext`` and ``onepath.Verdict`` are the contract of a custom check
+(docs/guides/ml-engineer.md; ``platform_defs.governance.custom_checks``).
 
 ``onepath.Dataset``, ``Model``, ``Endpoint``, ``AppRelease`` and ``ModelLine`` are the Dagster component types
 of a declaration file (``type: onepath.Model``); they are imported on first use (``platform_defs.components``
 imports Dagster, which a notebook's ``import onepath`` need not pay for).
 """
 
+from platform_defs.governance.custom_checks import CheckContext, Verdict
 from platform_defs.notebook import NotebookError, Registered, predict, register
 
 COMPONENT_TYPES = ("Dataset", "Model", "Endpoint", "AppRelease", "ModelLine")
-__all__ = ["register", "predict", "Registered", "NotebookError", *COMPONENT_TYPES]
+__all__ = ["register", "predict", "Registered", "NotebookError", "CheckContext", "Verdict", *COMPONENT_TYPES]
 
 
 def __getattr__(name: str):

@@ -96,6 +96,9 @@ def validate_declarations(root: Path) -> "tuple[list[str], Any]":
             effective_drift(ep, policy, org.sources.get(ep.name))
         except DeclarationError as err:
             lines.append(str(err).splitlines()[0])
+    from platform_defs.governance.custom_checks import importable_problems
+
+    lines += importable_problems(policy)  # like a trainer: a custom check a track names must import
     return lines, org
 
 

@@ -376,8 +376,9 @@ def check_results(verdicts: list, version: str, who: str) -> list[dg.AssetCheckR
     """The gate's verdicts as the asset's blocking check results."""
     return [dg.AssetCheckResult(
         check_name=v.check, passed=v.passed, severity=dg.AssetCheckSeverity.ERROR,
-        metadata={f"{who}_version": version, "verdict": v.summary,
-                  **v.metadata, **{k: dg.MetadataValue.md(text) for k, text in v.markdown.items()}},
+        # the version and verdict last: a custom check's metrics cannot stand in for them
+        metadata={**v.metadata, **{k: dg.MetadataValue.md(text) for k, text in v.markdown.items()},
+                  f"{who}_version": version, "verdict": v.summary},
     ) for v in verdicts]
 
 
@@ -399,7 +400,8 @@ def build_endpoint_defs(spec: EndpointSpec, org: Organisation, policy: Policy) -
 
 def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream_env: str | None,
                         org: Organisation, policy: Policy) -> Any:
-    from platform_defs.governance.gates import DESCRIPTIONS, model_checks
+    from platform_defs.governance.custom_checks import describe
+    from platform_defs.governance.gates import model_checks
 
     required = model_checks(policy.track(model.track), env)
     key = endpoint_asset_name(spec.name, env)
@@ -422,7 +424,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream
         kinds={"endpoint", spec.backend, "mlflow"},
         metadata={"onepath/endpoint": spec.name, "onepath/env": env, "onepath/model": model.name,
                   "onepath/deploys": source, "onepath/gate": ", ".join(required)},
-        check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=DESCRIPTIONS[c]) for c in required],
+        check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=describe(policy, c)) for c in required],
         config_schema={"version": dg.Field(str, is_required=False, description=(
             "Deploy exactly this registered version (first environment); in a later one it must be what the "
             "environment before serves, or the run is refused."))},
@@ -534,7 +536,8 @@ def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path, policy:
 
 def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organisation, releases_dir: Path,
                    policy: Policy) -> Any:
-    from platform_defs.governance.gates import APP_DESCRIPTIONS, app_checks
+    from platform_defs.governance.custom_checks import describe
+    from platform_defs.governance.gates import app_checks
 
     required = app_checks(policy.track("app"), spec.environments, env)
     key = endpoint_asset_name(spec.name, env)
@@ -552,7 +555,7 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organ
         kinds={"app", "local"},
         metadata={"onepath/app": spec.name, "onepath/env": env, "onepath/deploys": source,
                   "onepath/gate": ", ".join(required)},
-        check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=APP_DESCRIPTIONS[c]) for c in required],
+        check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=describe(policy, c)) for c in required],
         **meta,
     )
     def _deploy(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,

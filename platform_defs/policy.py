@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -109,6 +109,35 @@ class TrackPolicy(_P):
     auto_promote: bool = Field(False, description="Whether automation may promote past staging.")
     drift: DriftPolicy = Field(default_factory=DriftPolicy)
     bake: BakePolicy = Field(default_factory=BakePolicy)
+
+
+class CustomCheck(_P):
+    """A check the built-ins do not have, declared once and named in a track's ``checks`` like a built-in one
+    (``platform_defs.governance.custom_checks``: the contract, and how it runs and fails closed)."""
+
+    function: str | None = Field(None, description="'package.module:function(ctx: onepath.CheckContext) -> onepath.Verdict'.")
+    entry_point: str | None = Field(None, description="Instead of function: the name an installed package gives it in "
+                                                      "the 'onepath.checks' entry-point group.")
+    applies_to: list[Literal["model", "app"]] = Field(default_factory=lambda: ["model"],
+                                                      description="What it judges: model versions, app releases.")
+    description: str = Field("", description="One line, shown on the asset check.")
+    timeout_seconds: float = Field(60, gt=0, le=3600, description="Longer than this: the check fails.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Given to the check as ctx.params.")
+
+    @field_validator("function")
+    @classmethod
+    def _function(cls, v: str | None) -> str | None:
+        from platform_defs.specs import IMPORT_PATH_RE
+
+        if v is not None and not IMPORT_PATH_RE.match(v):
+            raise ValueError(f"'{v}' is not an import path of the form 'package.module:function'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CustomCheck":
+        if (self.function is None) == (self.entry_point is None):
+            raise ValueError("set exactly one of function and entry_point")
+        return self
 
 
 class Identity(_P):
@@ -235,15 +264,37 @@ class Policy(_P):
                                           "assets/demo_identities, may sign. Never in production.")
     access: AccessPolicy = Field(default_factory=AccessPolicy,
                                  description="Callers the policy grants, rotation and overlap (platform_defs.access).")
+    custom_checks: dict[str, CustomCheck] = Field(
+        default_factory=dict, description="Checks beyond the built-in ones, by the name a track's checks use.")
 
     @model_validator(mode="after")
     def _refs(self) -> "Policy":
+        import re
+
+        builtin = set(APP_CHECKS) | set(ML_CHECKS)
+        for name in self.custom_checks:  # a declaration may add a check, never stand in for a built-in one
+            if name in builtin:
+                raise ValueError(f"custom_checks.{name}: '{name}' is a built-in check; a custom check cannot "
+                                 f"replace it (choose another name)")
+            if not re.match(r"^[a-z][a-z0-9_]{0,63}$", name):
+                raise ValueError(f"custom_checks.{name}: not a check name (lowercase letters, digits and '_', "
+                                 f"starting with a letter)")
         for name, track in self.tracks.items():
             allowed = APP_CHECKS if name == "app" else ML_CHECKS
+            other = ML_CHECKS if name == "app" else APP_CHECKS
+            kind = "app" if name == "app" else "model"
+            if len(set(track.checks)) != len(track.checks):
+                raise ValueError(f"tracks.{name}.checks: a check is listed twice")
             for i, check in enumerate(track.checks):
-                if check not in allowed:
+                if check in other and check not in allowed:
                     raise ValueError(f"tracks.{name}.checks.{i}: unknown check '{check}' for track '{name}' "
                                      f"(known: {', '.join(allowed)})")
+                custom = self.custom_checks.get(check)
+                if custom is not None and kind not in custom.applies_to:
+                    raise ValueError(f"tracks.{name}.checks.{i}: custom check '{check}' applies to "
+                                     f"{', '.join(custom.applies_to)}, not to the {kind}s of track '{name}' "
+                                     f"(custom_checks.{check}.applies_to)")
+                # any other name must be provided by an installed package: parse_policy looks it up (I/O)
         for who, ident in self.identities.items():
             if ident.team not in self.teams:
                 raise ValueError(f"identities.{who}.team: unknown team '{ident.team}'")
@@ -408,7 +459,7 @@ def parse_policy(text: str, shown: str) -> Policy:
         raise PolicyError(f"{shown}:{mark.line + 1}" if mark else shown, "(yaml)",
                           f"not valid YAML: {getattr(err, 'problem', err)}") from None
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
@@ -420,6 +471,12 @@ def parse_policy(text: str, shown: str) -> Policy:
         elif first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], (dict, list)):
             msg = f"{msg} (got {first['input']!r})"
         raise PolicyError(shown, loc or "(root)", msg) from None
+    from platform_defs.governance.custom_checks import unprovided
+
+    problem = unprovided(policy)  # every check a track names is built in, declared, or an installed package's
+    if problem is not None:
+        raise PolicyError(shown, *problem)
+    return policy
 
 
 

@@ -107,14 +107,29 @@ class ModelGate:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, version: str, env: str) -> list[Verdict]:
+        from platform_defs.governance.custom_checks import is_custom
+
         ctx = _Version(self, str(version))
         out = []
         for check in self.required(env):
+            if is_custom(check):  # named by the track in the signed policy; see governance.custom_checks
+                out.append(self._custom(check, ctx, env))
+                continue
             try:
                 out.append(getattr(self, f"_check_{check}")(ctx, env))
             except _Missing as err:
                 out.append(Verdict(check, False, str(err)))
         return out
+
+    def _custom(self, check: str, v: "_Version", env: str) -> Verdict:
+        from platform_defs.governance.custom_checks import CheckContext, run_custom
+
+        declared = self.policy.custom_checks.get(check)
+        ctx = CheckContext(check=check, kind="model", subject=self.endpoint.name, version=v.version, env=env,
+                           track=self.model.track, params=declared.params if declared else {}, spec=self.endpoint,
+                           model=self.model, dataset=self.dataset, features=self.features, label=self.label,
+                           _version=v)
+        return run_custom(self.policy, check, ctx)
 
     def _check_data_quality(self, v: "_Version", env: str) -> Verdict:
         from resources.gx_validation import validate
@@ -569,7 +584,18 @@ class AppGate:
         return app_checks(self.track, self.app.environments, env)
 
     def evaluate(self, version: str, build: Path, env: str) -> list[Verdict]:
-        return [getattr(self, f"_check_{c}")(version, build, env) for c in self.required(env)]
+        from platform_defs.governance.custom_checks import CheckContext, is_custom, run_custom
+
+        out = []
+        for c in self.required(env):
+            if is_custom(c):  # named by the app track in the signed policy; see governance.custom_checks
+                declared = self.policy.custom_checks.get(c)
+                out.append(run_custom(self.policy, c, CheckContext(
+                    check=c, kind="app", subject=self.app.name, version=str(version), env=env, track="app",
+                    params=declared.params if declared else {}, spec=self.app, build=Path(build))))
+            else:
+                out.append(getattr(self, f"_check_{c}")(version, build, env))
+        return out
 
     def _check_security_scan(self, version: str, build: Path, env: str) -> Verdict:
         from platform_defs.governance.security_scan import scan_source

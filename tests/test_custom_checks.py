@@ -1,0 +1,231 @@
+"""Custom checks (platform_defs/governance/custom_checks.py): a third-party package installed for real adds a
+check to a track through the policy, and it gates a promotion like a built-in one; a check that misbehaves
+fails closed; a policy naming a check nobody provides, or trying to replace a built-in, is refused at load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from platform_defs.governance.custom_checks import CheckContext, provider, run_custom
+from platform_defs.policy import PolicyError, load_policy, parse_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "assets" / "policy.yaml"
+SHOWN = "assets/policy.yaml"
+
+
+def policy_doc() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def parse(doc: dict):
+    return parse_policy(yaml.safe_dump(doc, sort_keys=False), SHOWN)
+
+
+def refused(doc: dict) -> str:
+    with pytest.raises(PolicyError) as err:
+        parse(doc)
+    return str(err.value)
+
+
+# -- the policy at load ---------------------------------------------------------------------------------
+
+def test_a_check_nobody_provides_is_refused_naming_the_file_track_and_check():
+    doc = policy_doc()
+    doc["tracks"]["ml-standard"]["checks"].append("min_recall")
+    assert refused(doc) == (
+        "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': no check 'min_recall': not built in, not "
+        "declared under custom_checks, and no installed package provides 'min_recall' in entry-point group "
+        "'onepath.checks'")
+    doc["custom_checks"] = {"min_recall": {"entry_point": "acme_min_recall"}}
+    assert refused(doc) == ("policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': custom check 'min_recall': "
+                            "no installed package provides entry point 'acme_min_recall' in group 'onepath.checks'")
+
+
+def test_a_custom_check_cannot_replace_a_built_in_or_gate_what_it_does_not_apply_to():
+    doc = policy_doc()
+    doc["custom_checks"] = {"performance": {"function": "tests.fixtures.bad_checks:params_echo"}}
+    assert refused(doc) == ("policy assets/policy.yaml: key 'custom_checks.performance': 'performance' is a built-in "
+                            "check; a custom check cannot replace it (choose another name)")
+    doc["custom_checks"] = {"echo": {"function": "tests.fixtures.bad_checks:params_echo", "applies_to": ["model"]}}
+    doc["tracks"]["app"]["checks"].append("echo")
+    assert refused(doc) == ("policy assets/policy.yaml: key 'tracks.app.checks.3': custom check 'echo' applies to "
+                            "model, not to the apps of track 'app' (custom_checks.echo.applies_to)")
+    doc["tracks"]["app"]["checks"] = ["security_scan", "performance"]
+    assert "key 'tracks.app.checks.1': unknown check 'performance' for track 'app'" in refused(doc)
+    doc = policy_doc()
+    doc["custom_checks"] = {"echo": {"function": "not an import path"}}
+    assert refused(doc).startswith("policy assets/policy.yaml: key 'custom_checks.echo.function': 'not an import "
+                                   "path' is not an import path of the form 'package.module:function'")
+    doc["custom_checks"] = {"echo": {"function": "a.b:c", "entry_point": "c"}}
+    assert refused(doc) == ("policy assets/policy.yaml: key 'custom_checks.echo': set exactly one of "
+                            "function and entry_point")
+    doc["custom_checks"] = {"echo": {"function": "a.b:c", "timeout": 3}}
+    assert refused(doc) == "policy assets/policy.yaml: key 'custom_checks.echo.timeout': unknown key"
+
+
+# -- the check at run time: fails closed -----------------------------------------------------------------
+
+def _policy_with(**functions: str):
+    doc = policy_doc()
+    doc["custom_checks"] = {name: {"function": fn, "applies_to": ["app"], "timeout_seconds": 0.5,
+                                   "params": {"pass": True}} for name, fn in functions.items()}
+    doc["tracks"]["app"]["checks"] += list(functions)
+    return parse(doc)
+
+
+def _ctx(name: str, policy) -> CheckContext:
+    return CheckContext(check=name, kind="app", subject="loan_portal", version="r-1", env="staging", track="app",
+                        params=policy.custom_checks[name].params, spec=None, build=ROOT)
+
+
+@pytest.mark.parametrize("fn, why", [
+    ("tests.fixtures.bad_checks:raises", "raised RuntimeError: the metrics service is down"),
+    ("tests.fixtures.bad_checks:wrong_type", "returned bool, not onepath.Verdict"),
+    ("tests.fixtures.bad_checks:bad_verdict", "raised TypeError: Verdict.passed must be a bool, got str"),
+    ("tests.fixtures.bad_checks:needs_a_model", "raised TypeError: ctx.estimator is for model checks: "
+                                                "'loan_portal' is an app release"),
+    ("tests.fixtures.no_such_module:check", "could not be imported: ModuleNotFoundError: No module named "
+                                            "'tests.fixtures.no_such_module'"),
+    ("tests.fixtures.bad_checks:missing", "could not be imported: AttributeError: module "
+                                          "'tests.fixtures.bad_checks' has no attribute 'missing'"),
+    ("tests.fixtures.bad_checks:NOT_A_FUNCTION", "is not callable (a int)"),
+    ("tests.fixtures.bad_checks:slow", "did not finish within 0.5s (custom_checks.c.timeout_seconds)"),
+])
+def test_a_check_that_misbehaves_fails_closed_naming_the_check_and_its_function(fn, why):
+    from tests.fixtures import bad_checks
+
+    policy = _policy_with(c=fn)
+    bad_checks.RELEASE.clear()
+    try:
+        v = run_custom(policy, "c", _ctx("c", policy))
+    finally:
+        bad_checks.RELEASE.set()
+    assert (v.check, v.passed) == ("c", False)
+    assert v.summary == f"custom check 'c' ({fn}) {why}"
+    assert "\n" not in v.summary and v.metadata["check_function"] == fn
+
+
+def test_a_verdict_is_recorded_like_a_built_ins_and_cannot_restate_the_version():
+    from platform_defs.factories import check_results
+
+    policy = _policy_with(echo="tests.fixtures.bad_checks:params_echo")
+    v = run_custom(policy, "echo", _ctx("echo", policy))
+    assert (v.passed, v.summary) == (True, "judged loan_portal r-1 for staging")
+    (result,) = check_results([v], "r-1", "release")
+    meta = {k: getattr(m, "value", m) for k, m in result.metadata.items()}
+    assert result.check_name == "echo" and result.passed and result.severity == dg.AssetCheckSeverity.ERROR
+    assert meta["release_version"] == "r-1" and meta["verdict"] == v.summary and meta["n"] == 3
+    assert meta["check_function"] == "tests.fixtures.bad_checks:params_echo" and meta["provided_by"] == "policy"
+    v = run_custom(policy, "echo", _ctx("echo", policy))
+    (result,) = check_results([v], "r-1", "model")
+    assert result.metadata["model_version"].value == "r-1"  # the check's own "model_version" metric does not win
+
+
+# -- a third-party package, installed for real, gates a promotion ---------------------------------------
+
+@pytest.fixture(scope="module")
+def acme(tmp_path_factory):
+    """acme-checks (tests/fixtures/acme_checks) installed with pip into a folder put on sys.path: its
+    entry points are what importlib.metadata sees; the shared environment is not touched."""
+    import shutil
+
+    target, source = tmp_path_factory.mktemp("acme_site"), tmp_path_factory.mktemp("acme_src") / "acme_checks"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "acme_checks", source)  # a build writes next to its source
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(target), str(source)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    sys.path.insert(0, str(target))
+    import importlib
+
+    importlib.invalidate_caches()
+    yield target
+    sys.path.remove(str(target))
+    sys.modules.pop("acme_checks", None)
+
+
+def test_an_installed_package_provides_a_check_but_never_a_built_in(acme):
+    doc = policy_doc()
+    doc["tracks"]["ml-standard"]["checks"].append("min_recall")
+    policy = parse(doc)  # loads now: the package provides min_recall
+    found = provider(policy, "min_recall")
+    assert found.provided_by == "acme-checks==1.0.0"
+    assert found.function == "acme_checks:min_recall (entry point onepath.checks:min_recall)"
+    from platform_defs.governance.custom_checks import describe
+    from platform_defs.governance.gates import DESCRIPTIONS
+
+    # the package's 'performance' is never consulted: built-in names are the built-ins
+    assert describe(policy, "performance") == DESCRIPTIONS["performance"]
+    assert "unlisted" not in {c for t in policy.tracks.values() for c in t.checks}
+
+
+def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_promotion(acme, settings,
+                                                                                          tmp_path_factory):
+    from platform_defs.definitions import build_definitions
+    from platform_defs.wiring import build_resources
+    from tests.conftest import isolated_settings, quick_policy, record_policy
+
+    s = isolated_settings(settings, tmp_path_factory.mktemp("custom_home"), port_offset=210)
+    base = quick_policy()
+    # the package's check beside one built-in (the others cost time and prove nothing more here)
+    track = base.tracks["ml-standard"].model_copy(update={"checks": ["performance"]})
+
+    def with_min_recall(bound: float):
+        from platform_defs.policy import CustomCheck
+
+        return base.model_copy(update={
+            "tracks": {**base.tracks, "ml-standard": track.model_copy(update={"checks": [*track.checks, "min_recall"]})},
+            "custom_checks": {"min_recall": CustomCheck(entry_point="min_recall", params={"min": bound},
+                                                        description="Recall on the held-out rows.")}})
+
+    strict, lenient = with_min_recall(1.01), with_min_recall(0.0)
+    resources = build_resources(s)
+    book = resources["ledger"].ledger()
+    deployer = resources["deployer_local"].deployer()
+    try:
+        with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("custom_instance"))) as instance:
+            record_policy(book, strict)  # signed and recorded, as `onepath policy init` does
+            defs = build_definitions(settings=s, policy=strict)
+            staging = next(a for a in defs.assets if dg.AssetKey("churn_scoring_staging") in a.keys)
+            specs = {c.name: c for c in staging.check_specs}
+            assert specs["min_recall"].blocking
+            assert specs["min_recall"].description == ("Recall on the held-out rows. (custom check: acme_checks:"
+                                                       "min_recall (entry point onepath.checks:min_recall))")
+            assert set(specs) == {"performance", "min_recall"}
+
+            run = dg.materialize(list(defs.assets), selection=["customer_activity", "churn", "churn_scoring_staging"],
+                                 resources=defs.resources, instance=instance, raise_on_error=False)
+            checks = {e.check_name: e for e in run.get_asset_check_evaluations()
+                      if e.asset_key == dg.AssetKey("churn_scoring_staging")}
+            assert not checks["min_recall"].passed and checks["performance"].passed
+            reason = checks["min_recall"].metadata["verdict"].value
+            assert reason.startswith("recall ") and reason.endswith(" held-out rows (min 1.01)")
+            assert checks["min_recall"].metadata["provided_by"].value == "acme-checks==1.0.0"
+            assert "held_out_roc_auc" in checks["performance"].metadata  # the built-in ran, not the package's
+            (refusal,) = book.entries(kind="promotion_refused", subject="churn_scoring", env="staging")
+            assert refusal.data["failed"] == ["min_recall"] and refusal.data["still_serving"] is None
+            failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
+            assert f"min_recall: {reason}" in failure.step_failure_data.error.message
+
+            record_policy(book, lenient)  # the policy changed the recorded way (`onepath policy apply`)
+            defs = build_definitions(settings=s, policy=lenient)
+            run = dg.materialize(list(defs.assets), selection=["churn_scoring_staging"], resources=defs.resources,
+                                 instance=instance)
+            checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
+            assert checks["min_recall"].passed and checks["min_recall"].metadata["verdict"].value.endswith("(min 0.0)")
+            (mat,) = run.get_asset_materialization_events()
+            meta = mat.materialization.metadata
+            assert meta["outcome"].value == "deployed" and meta["model_version"].value == "1"
+            assert "min_recall" in meta["model_card"].value  # on the model card with the built-ins
+            (verdict,) = [e for e in book.entries(kind="gate_verdict", subject="churn_scoring", env="staging")
+                          if e.data["passed"]]
+            assert verdict.data["verdicts"]["min_recall"]["passed"] is True
+    finally:
+        deployer.stop_all()

@@ -154,7 +154,9 @@ def guide_env(project: Path, home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ONEPATH_", "MLFLOW_", "DAGSTER_")) and k != "PYTEST_CURRENT_TEST"}
     env.update({"ONEPATH_HOME": str(home), "ONEPATH_DECLARATIONS_DIR": str(project / "assets"),
-                "ONEPATH_POLICY_FILE": str(project / "assets" / "policy.yaml"), "PYTHONPATH": str(ROOT),
+                "ONEPATH_POLICY_FILE": str(project / "assets" / "policy.yaml"),
+                # the project's own packages (assets/, apps/: what a guide writes there) before onepath's
+                "PYTHONPATH": f"{project}{os.pathsep}{ROOT}",
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
     env.update(extra)
     return env

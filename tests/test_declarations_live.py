@@ -2,9 +2,10 @@
 folder (started once for this file). By hand: adding a declaration shows it in the UI with no restart;
 breaking one leaves it (and what depends on it) out with its error on the `declarations` asset and its
 failing check while the rest stays, a sensor keeps ticking and an endpoint deployed before keeps answering;
-fixing it brings it back. From a notebook: the data scientist's three steps, in a real Jupyter kernel
-(`onepath.register` writes the declaration, a second version arrives, `onepath promote fraud --to prod`
-deploys the registered one, the endpoint answers with the kernel's predictions)."""
+fixing it brings it back. From a notebook: the data scientist's three steps as docs/guides/data-scientist.md
+says them, its own blocks run in a real Jupyter kernel and a terminal (`onepath.register` writes the
+declaration, a second version arrives, `onepath promote fraud --to prod` deploys the registered one, the
+endpoint answers with the kernel's predictions); then docs/guides/auditor.md's commands on what it promoted."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,7 @@ class Session:
         self.km: Any = None
         self.kc: Any = None
         self.log: list[str] = []
+        self.timings: list[tuple[str, float]] = []  # (where, seconds) per block run: what a guide costs CI
 
     # -- the three kinds of step
     def write(self, block: Block) -> None:
@@ -236,13 +238,21 @@ class Session:
         return said
 
     def run(self, block: Block) -> Any:
-        if block.file is not None:
-            return self.write(block)
-        if block.lang == "console":
-            return self.console(block)
-        if block.lang == "python":
-            return self.python(block)
-        return None
+        started = time.monotonic()
+        try:
+            if block.file is not None:
+                return self.write(block)
+            if block.lang == "console":
+                return self.console(block)
+            if block.lang == "python":
+                return self.python(block)
+            return None
+        finally:
+            if block.runs:
+                self.timings.append((block.where, time.monotonic() - started))
+
+    def report(self) -> str:
+        return "\n".join(f"{t:6.1f} s  {where}" for where, t in self.timings)
 
     def run_guide(self, guide: Path, live_ok: bool = False) -> None:
         for block in parse(guide):

@@ -208,6 +208,7 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running, tmp_path):
                                       .splitlines()[-1])
     finally:
         session.close()
+        print(f"\n{guide.name}:\n{session.report()}")
 
     # step 1, in the kernel
     assert (out["first"], out["second"]) == ("1", "2")
@@ -258,6 +259,7 @@ def test_the_auditors_guide_on_what_the_data_scientist_promoted(running, tmp_pat
     for b in parse(guide):
         for cmd, out in zip(b.commands, session.run(b) or []):
             said[cmd] = out
+    print(f"\n{guide.name}:\n{session.report()}")
     rows = json.loads(said["onepath inventory --env prod --json"])
     fraud = next(r for r in rows if r["name"] == "fraud_scoring")
     assert (fraud["recorded_version"], fraud["live_version"], fraud["mismatch"]) == ("1", "1", False), fraud

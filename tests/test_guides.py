@@ -40,6 +40,7 @@ def test_guide_runs(guide, session):
         assert callable(getattr(live, LIVE_GUIDES[guide.name], None)), LIVE_GUIDES[guide.name]
         return
     session.run_guide(guide)
+    print(f"\n{guide.name}:\n{session.report()}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,15 +159,16 @@ def free_ports(n: int, start: int = 20000, end: int = 32000) -> list[int]:
 # the world
 
 DATASET = """\
-  - kind: dataset
-    name: bench_data
-    owner: credit-risk
-    track: ml-high-risk
-    generator: assets.credit.data:generate_credit_applications
-    columns:
-      - {name: application_id, dtype: string, role: id}
-      - {name: annual_income, dtype: float}
-      - {name: defaulted, dtype: int, role: label}
+type: onepath.Dataset
+attributes:
+  name: bench_data
+  owner: credit-risk
+  track: ml-high-risk
+  generator: assets.credit.data:generate_credit_applications
+  columns:
+    - {name: application_id, dtype: string, role: id}
+    - {name: annual_income, dtype: float}
+    - {name: defaulted, dtype: int, role: label}
 """
 
 
@@ -202,7 +203,7 @@ def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
     policy = load_policy()
     mira = load_private_key(ROOT / "assets" / "demo_identities" / "mira.key")
     ledger = Ledger(*ledger_paths(home))
-    yaml_lines = ["declarations:", DATASET.rstrip("\n")]
+    yaml_lines = [DATASET.rstrip("\n")]  # one component document each
     expected: dict[tuple[str, str], str] = {}  # (endpoint, env) -> recorded version
     digests: dict[tuple[str, str], str] = {}  # (model, version) -> registered digest
     lineage: dict[tuple[str, str], dict[str, str]] = {}
@@ -211,9 +212,10 @@ def build_world(tmp: Path, n_models: int, seed: int) -> dict[str, Any]:
     for i in range(n_models):
         model, endpoint = f"bench_m{i:04d}", f"bench_e{i:04d}"
         track, owner = ("ml-high-risk", "credit-risk") if i % 2 else ("ml-standard", "retention")
-        yaml_lines.append(f"  - {{kind: model, name: {model}, owner: {owner}, track: {track}, dataset: bench_data, "
-                          f"trainer: 'assets.credit.trainer:train_credit_risk'}}")
-        yaml_lines.append(f"  - {{kind: endpoint, name: {endpoint}, owner: {owner}, track: {track}, model: {model}}}")
+        yaml_lines.append(f"---\ntype: onepath.Model\nattributes: {{name: {model}, owner: {owner}, track: {track}, "
+                          f"dataset: bench_data, trainer: 'assets.credit.trainer:train_credit_risk'}}")
+        yaml_lines.append(f"---\ntype: onepath.Endpoint\nattributes: {{name: {endpoint}, owner: {owner}, track: {track}, "
+                          f"model: {model}}}")
         client.create_registered_model(model)
         versions = rng.randint(1, 3)
         for v in range(1, versions + 1):

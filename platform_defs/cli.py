@@ -1,5 +1,5 @@
 """The ``onepath`` command: ``up``, ``status``, ``validate``, ``down``, ``approve``, ``revoke``, ``sign-version``, ``keys``,
-``audit``, ``rollback``, ``inventory``, ``policy``, ``witness``, ``access``.
+``audit``, ``rollback``, ``inventory``, ``policy``, ``witness``, ``access``, ``migrate-declarations``, ...
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """

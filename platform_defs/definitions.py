@@ -75,12 +75,13 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
 
 def declaration_slice(specs: list[Any], built: dg.Definitions | None = None) -> dg.Definitions:
     """The assets and asset checks of ``specs`` (declarations) in ``built`` (default: this code location's
-    ``defs``), taken from the one graph the composition root built, with governance applied by track."""
+    ``defs``), taken from the one graph the composition root built, with governance applied by track; with the
+    resources they run with, so the slice loads on its own."""
     keys = {dg.AssetKey(n) for d in specs for n in Organisation.asset_names(d)}
     built = built or defs
     assets = [a for a in built.assets or [] if isinstance(a, dg.AssetsDefinition) and set(a.keys) & keys]
     checks = [c for c in built.asset_checks or [] if {k.asset_key for k in c.check_keys} & keys]
-    return dg.Definitions(assets=assets, asset_checks=checks)
+    return dg.Definitions(assets=assets, asset_checks=checks, resources=built.resources)
 
 
 defs = build_definitions()

@@ -1,4 +1,6 @@
-"""Find and validate an organisation's declarations: ``declarations.py`` modules and ``defs.yaml`` files.
+"""Find and validate an organisation's declarations: ``declarations.py`` modules and ``defs.yaml`` files
+(Dagster components, ``type: onepath.Model`` + ``attributes:``, one YAML document each; or the old
+``declarations: [...]`` form, which ``onepath migrate-declarations`` converts).
 
 The declarations folder defaults to the project's ``assets/`` and can be moved with
 ``ONEPATH_DECLARATIONS_DIR``. Every problem surfaces as a ``DeclarationError`` whose first line names
@@ -78,17 +80,18 @@ def is_old_form(docs: list) -> bool:
     return len(docs) == 1 and isinstance(docs[0][0], dict) and "declarations" in docs[0][0]
 
 
-def _load_yaml(path: Path, problems: list | None = None, lines: dict | None = None) -> list:
+def _load_yaml(path: Path, problems: list | None = None, lines: dict | None = None, text: str | None = None) -> list:
     """Every declaration of one YAML file; with ``problems`` (a tolerant load) a declaration that does not
     parse is added there and left out, and the rest of the file still loads.
 
     Two forms: components (one YAML document each, ``type: onepath.Model`` and ``attributes:``), and the old
     ``declarations:`` list (``onepath migrate-declarations`` converts it). A component's error names the line
     of the field; ``lines`` (when given) gets each component declaration's ``(file, attributes node)`` so
-    that later errors (references, policy) can name their field's line too."""
+    that later errors (references, policy) can name their field's line too. ``text``: read that instead of
+    the file (what the file would become)."""
     source = _rel(path)
     try:
-        docs = strict_yaml.load_all_with_nodes(path.read_text())  # libyaml's parse (the pure-Python one costs seconds)
+        docs = strict_yaml.load_all_with_nodes(path.read_text() if text is None else text)  # libyaml's parse (the pure-Python one costs seconds)
     except yaml.YAMLError as err:
         raise _yaml_error(err, source) from None
     if not docs:

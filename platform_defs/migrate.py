@@ -113,17 +113,12 @@ def migrate(root: Path, check: bool = False) -> Migration:
             before = [d for d, _ in _load_yaml(path)]
             text = path.read_text()
             new = render_components(text)
-            tmp = path.with_name(f".{path.name}.migrate-check.yaml")
-            try:  # the new text must load to exactly the same declarations before it replaces the old
-                tmp.write_text(new)
-                after = [d for d, _ in _load_yaml(tmp)]
-            finally:
-                tmp.unlink(missing_ok=True)
+            after = [d for d, _ in _load_yaml(path, text=new)]  # must be the same declarations to replace the old
         except DeclarationError as err:
-            result.refused.append(f"{_rel(path)}: left in the old form: {str(err).splitlines()[0]}")
+            result.refused.append(f"{_rel(path)}: not converted, left as it was: {str(err).splitlines()[0]}")
             continue
         if _plain(before) != _plain(after):
-            result.refused.append(f"{_rel(path)}: left in the old form: the component form would not load "
+            result.refused.append(f"{_rel(path)}: not converted, left as it was: the component form would not load "
                                   f"the same declarations")
             continue
         if not check:

@@ -52,14 +52,15 @@ def load_with_node(text: str) -> tuple[Any, Any]:
 
 def load_all_with_nodes(text: str) -> list[tuple[Any, Any]]:
     """``(data, node)`` of every document of ``text`` (``---`` separated), from one parse; an empty document
-    is left out."""
+    (nothing, or only comments, e.g. after a trailing ``---``) is left out."""
     loader = StrictLoader(text)
     out = []
     try:
         while loader.check_node():
             node = loader.get_node()
-            if node is not None:
-                out.append((loader.construct_document(node), node))
+            data = loader.construct_document(node) if node is not None else None
+            if data is not None:
+                out.append((data, node))
         return out
     finally:
         loader.dispose()

@@ -215,9 +215,9 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running, tmp_path):
     assert out["next"] == "onepath promote fraud --to prod" and out["next"] in promotes[0].commands
     written = Path(out["decl"]).read_text().splitlines()
     assert Path(out["decl"]) == decl / "retention" / "defs.yaml"  # the owner team's file, in the platform's folder
-    block = written[written.index("type: onepath.ModelLine"):]  # the model line's component document
-    block = block[:block.index("---")] if "---" in block else block
-    assert len(block) <= 10 and max(map(len, block)) <= 100 and {"  name: fraud", "  version: 1"} <= set(block), block
+    block = written[written.index("  name: fraud") - 2:]  # its own document, after the team's churn line
+    assert block[0] == "type: onepath.ModelLine" and written[written.index("  name: fraud") - 3] == "---", written
+    assert len(block) + 1 <= 10 and max(map(len, block)) <= 100 and "  version: 1" in block, block
 
     # step 2, from a terminal: the version registered in step 1, not the newer one, through staging to prod
     assert "promoting fraud_scoring version 1 (pinned by " in said, said

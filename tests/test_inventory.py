@@ -50,41 +50,78 @@ HIGH_RISK = ["data_quality", "performance", "fairness", "explainability", "linea
              "rollback_path", "approval"]
 
 DEFS_YAML = """\
-declarations:
-  - kind: dataset
-    name: inv_applications
-    owner: credit-risk
-    track: ml-high-risk
-    generator: assets.credit.data:generate_credit_applications
-    columns:
-      - {name: application_id, dtype: string, role: id}
-      - {name: applied_on, dtype: string, role: timestamp}
-      - {name: full_name, dtype: string, pii: true}
-      - {name: national_id, dtype: string, pii: true}
-      - {name: email, dtype: string, pii: true}
-      - {name: gender, dtype: string, protected: true}
-      - {name: age_band, dtype: string, protected: true}
-      - {name: annual_income, dtype: float}
-      - {name: loan_amount, dtype: float}
-      - {name: loan_term_months, dtype: int}
-      - {name: debt_to_income, dtype: float}
-      - {name: credit_history_years, dtype: float}
-      - {name: num_open_accounts, dtype: int}
-      - {name: delinquencies_2y, dtype: int}
-      - {name: employment_type, dtype: string}
-      - {name: home_ownership, dtype: string}
-      - {name: purpose, dtype: string}
-      - {name: defaulted, dtype: int, role: label}
-  - {kind: model, name: inv_credit, owner: credit-risk, track: ml-high-risk, dataset: inv_applications,
-     trainer: "assets.credit.trainer:train_credit_risk"}
-  - {kind: model, name: inv_other, owner: credit-risk, track: ml-high-risk, dataset: inv_applications,
-     trainer: "assets.credit.trainer:train_credit_risk"}
-  - {kind: endpoint, name: inv_scoring, owner: credit-risk, track: ml-high-risk, model: inv_credit}
-  - {kind: endpoint, name: inv_shadow, owner: credit-risk, track: ml-high-risk, model: inv_other}
-  - {kind: endpoint, name: inv_idle, owner: credit-risk, track: ml-high-risk, model: inv_credit,
-     environments: [prod]}
-  - {kind: app, name: inv_portal, owner: digital-lending, track: app, source: apps/loan_portal,
-     entrypoint: "loan_portal.main:app", calls: [inv_scoring]}
+type: onepath.Dataset
+attributes:
+  name: inv_applications
+  owner: credit-risk
+  track: ml-high-risk
+  generator: assets.credit.data:generate_credit_applications
+  columns:
+    - {name: application_id, dtype: string, role: id}
+    - {name: applied_on, dtype: string, role: timestamp}
+    - {name: full_name, dtype: string, pii: true}
+    - {name: national_id, dtype: string, pii: true}
+    - {name: email, dtype: string, pii: true}
+    - {name: gender, dtype: string, protected: true}
+    - {name: age_band, dtype: string, protected: true}
+    - {name: annual_income, dtype: float}
+    - {name: loan_amount, dtype: float}
+    - {name: loan_term_months, dtype: int}
+    - {name: debt_to_income, dtype: float}
+    - {name: credit_history_years, dtype: float}
+    - {name: num_open_accounts, dtype: int}
+    - {name: delinquencies_2y, dtype: int}
+    - {name: employment_type, dtype: string}
+    - {name: home_ownership, dtype: string}
+    - {name: purpose, dtype: string}
+    - {name: defaulted, dtype: int, role: label}
+---
+type: onepath.Model
+attributes:
+  name: inv_credit
+  owner: credit-risk
+  track: ml-high-risk
+  dataset: inv_applications
+  trainer: "assets.credit.trainer:train_credit_risk"
+---
+type: onepath.Model
+attributes:
+  name: inv_other
+  owner: credit-risk
+  track: ml-high-risk
+  dataset: inv_applications
+  trainer: "assets.credit.trainer:train_credit_risk"
+---
+type: onepath.Endpoint
+attributes:
+  name: inv_scoring
+  owner: credit-risk
+  track: ml-high-risk
+  model: inv_credit
+---
+type: onepath.Endpoint
+attributes:
+  name: inv_shadow
+  owner: credit-risk
+  track: ml-high-risk
+  model: inv_other
+---
+type: onepath.Endpoint
+attributes:
+  name: inv_idle
+  owner: credit-risk
+  track: ml-high-risk
+  model: inv_credit
+  environments: [prod]
+---
+type: onepath.AppRelease
+attributes:
+  name: inv_portal
+  owner: digital-lending
+  track: app
+  source: apps/loan_portal
+  entrypoint: "loan_portal.main:app"
+  calls: [inv_scoring]
 """
 
 

@@ -269,8 +269,8 @@ def load_governed(root: Path | None = None) -> "tuple[Organisation, Policy]":
 
 def _top_level_names(origin: str | None) -> set[str] | None:
     """The names a module's source defines at top level (a def, a class, an assignment or an import), read
-    without importing it; None when only an import can tell (compiled, namespace, unreadable, a syntax error:
-    the import check in validate says what is wrong)."""
+    without importing it; None when only an import can tell (compiled, namespace, unreadable, a syntax error,
+    a module ``__getattr__``: the import check in validate says what is wrong)."""
     import ast
 
     if not origin or not origin.endswith(".py"):
@@ -281,6 +281,8 @@ def _top_level_names(origin: str | None) -> set[str] | None:
         return None
     names: set[str] = set()
     for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "__getattr__":
+            return None  # a module __getattr__ (onepath.trainers: entry points) answers only when imported
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -332,9 +334,18 @@ def _check_code_refs_one(d, sources: dict[str, str], check_imports: bool = True,
                                        sources.get(d.name), d.kind)
             continue
         try:
-            target = getattr(importlib.import_module(module), attr, None)
+            mod = importlib.import_module(module)
         except Exception as err:  # someone's module failed to import: one line, not a traceback
             raise DeclarationError(d.name, field, f"importing '{module}' failed: {type(err).__name__}: {err}",
+                                   sources.get(d.name), d.kind) from None
+        try:
+            target = getattr(mod, attr)
+        except AttributeError as err:  # a module __getattr__ (onepath.trainers) says why it has no such name
+            if hasattr(mod, "__getattr__"):
+                raise DeclarationError(d.name, field, str(err), sources.get(d.name), d.kind) from None
+            target = None
+        except Exception as err:  # noqa: BLE001 - an entry point's module failed to import
+            raise DeclarationError(d.name, field, f"'{module}:{attr}' failed to load: {type(err).__name__}: {err}",
                                    sources.get(d.name), d.kind) from None
         if not callable(target):
             raise DeclarationError(d.name, field, f"'{attr}' is not a function in module '{module}'",

@@ -510,7 +510,10 @@ def policy_hash(policy: Policy) -> str:
     import hashlib
     import json
 
-    text = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    data = policy.model_dump(mode="json")
+    if not data["custom_checks"]:  # a policy with none hashes as it did before custom checks existed
+        del data["custom_checks"]
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -40,9 +40,10 @@ def test_a_check_nobody_provides_is_refused_naming_the_file_track_and_check():
     doc = policy_doc()
     doc["tracks"]["ml-standard"]["checks"].append("min_recall")
     assert refused(doc) == (
-        "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': no check 'min_recall': not built in, not "
+        "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': unknown check 'min_recall': not built in, not "
         "declared under custom_checks, and no installed package provides 'min_recall' in entry-point group "
-        "'onepath.checks'")
+        "'onepath.checks' (built in for track 'ml-standard': data_quality, performance, no_regression, fairness, "
+        "explainability, lineage, drift_ready, rollback_path, approval)")
     doc["custom_checks"] = {"min_recall": {"entry_point": "acme_min_recall"}}
     assert refused(doc) == ("policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': custom check 'min_recall': "
                             "no installed package provides entry point 'acme_min_recall' in group 'onepath.checks'")
@@ -200,8 +201,9 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
                                                        "min_recall (entry point onepath.checks:min_recall))")
             assert set(specs) == {"performance", "min_recall"}
 
+            small = {"ops": {"customer_activity": {"config": {"params": {"rows": 1500}}}}}  # less to train and log
             run = dg.materialize(list(defs.assets), selection=["customer_activity", "churn", "churn_scoring_staging"],
-                                 resources=defs.resources, instance=instance, raise_on_error=False)
+                                 resources=defs.resources, instance=instance, raise_on_error=False, run_config=small)
             checks = {e.check_name: e for e in run.get_asset_check_evaluations()
                       if e.asset_key == dg.AssetKey("churn_scoring_staging")}
             assert not checks["min_recall"].passed and checks["performance"].passed
@@ -229,3 +231,83 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
             assert verdict.data["verdicts"]["min_recall"]["passed"] is True
     finally:
         deployer.stop_all()
+
+
+def test_an_app_tracks_custom_check_runs_in_the_app_gate_after_the_built_ins(tmp_path):
+    """The app gate runs the policy's custom check for the release and environment, beside security_scan."""
+    import shutil
+
+    from platform_defs.governance.gates import AppGate
+    from platform_defs.loader import load_organisation
+
+    policy = _policy_with(echo="tests.fixtures.bad_checks:params_echo")
+    build = tmp_path / "r-test"
+    shutil.copytree(ROOT / "apps" / "loan_portal", build, ignore=shutil.ignore_patterns("__pycache__"))
+    gate = AppGate(app=load_organisation(ROOT / "assets").by_name["loan_portal"], policy=policy, ledger=None,
+                   deployer=None, source_dir=ROOT / "apps" / "loan_portal", repo_root=ROOT)
+    assert gate.required("staging") == ["security_scan", "echo"]
+    scan, echo = gate.evaluate("r-test", build, "staging")
+    assert scan.check == "security_scan" and scan.passed
+    assert (echo.check, echo.passed, echo.summary) == ("echo", True, "judged loan_portal r-test for staging")
+
+
+def test_a_trainer_from_an_installed_package_is_declared_through_onepath_trainers(acme, tmp_path):
+    """``trainer: "onepath.trainers:acme_logistic"`` resolves through the package's entry point: the declaration
+    loads (and validate's import check passes), the trainer trains, and its code hash is the package's file; a
+    name nobody provides is the declaration's one-line trainer problem."""
+    import shutil
+
+    import pandas as pd
+
+    from platform_defs.factories import code_hash, import_string
+    from platform_defs.loader import load_organisation
+
+    policy = load_policy()
+    declarations = tmp_path / "assets"
+    shutil.copytree(ROOT / "assets" / "retention", declarations / "retention")
+    defs = declarations / "retention" / "defs.yaml"
+    text = defs.read_text()
+    assert "assets.retention.trainer:train_churn" in text
+    defs.write_text(text.replace("assets.retention.trainer:train_churn", "onepath.trainers:acme_logistic"))
+    org = load_organisation(declarations, policy, tolerant=True, check_imports=True)
+    assert org.problems == [] and org.by_name["churn"].trainer == "onepath.trainers:acme_logistic"
+    trainer = import_string(org.by_name["churn"].trainer)
+    X = pd.DataFrame({"a": [0.0, 1.0, 2.0, 3.0] * 5, "b": ["x", "y"] * 10})
+    y = pd.Series([0, 0, 1, 1] * 5)
+    assert trainer(X, y, {"C": 0.5}).predict(X).tolist() == y.tolist()
+    assert code_hash(trainer)[1].endswith("acme_checks/__init__.py")
+    defs.write_text(text.replace("assets.retention.trainer:train_churn", "onepath.trainers:acme_nothing"))
+    (problem, *_) = load_organisation(declarations, policy, tolerant=True, check_imports=True).problems
+    assert str(problem).splitlines()[0].endswith(
+        "field 'trainer': no installed package provides trainer 'acme_nothing' in entry-point group "
+        "'onepath.trainers'"), str(problem)
+
+
+def test_a_name_two_installed_packages_provide_is_refused_at_load(acme, tmp_path):
+    """A second package offering 'min_recall' cannot quietly take over the check the policy names: the policy
+    is refused until it says which (custom_checks.min_recall.function)."""
+    src = tmp_path / "rival"
+    (src / "rival_checks").mkdir(parents=True)
+    (src / "rival_checks" / "__init__.py").write_text(
+        "import onepath\n\n\ndef min_recall(ctx):\n    return onepath.Verdict(True, 'always')\n")
+    (src / "pyproject.toml").write_text(
+        '[project]\nname = "rival-checks"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n'
+        'min_recall = "rival_checks:min_recall"\n\n[build-system]\nrequires = ["setuptools>=68"]\n'
+        'build-backend = "setuptools.build_meta"\n\n[tool.setuptools]\npackages = ["rival_checks"]\n')
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = policy_doc()
+    doc["tracks"]["ml-standard"]["checks"].append("min_recall")
+    sys.path.insert(0, str(target))
+    try:
+        assert refused(doc) == (
+            "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': check 'min_recall': entry point "
+            "'min_recall' in group 'onepath.checks' is provided by more than one package (acme-checks==1.0.0 "
+            "(acme_checks:min_recall), rival-checks==0.1 (rival_checks:min_recall)); declare it under custom_checks "
+            "with function: instead")
+        doc["custom_checks"] = {"min_recall": {"function": "acme_checks:min_recall"}}
+        assert provider(parse(doc), "min_recall").function == "acme_checks:min_recall"
+    finally:
+        sys.path.remove(str(target))

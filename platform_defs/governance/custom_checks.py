@@ -192,8 +192,8 @@ def provider(policy: "Policy", name: str) -> Provider | str:
     ep_name = declared.entry_point if declared is not None else name
     eps = _entry_points().get(ep_name or "", [])
     if not eps:
-        return (f"no check '{name}': not built in, not declared under custom_checks, and no installed package "
-                f"provides '{ep_name}' in entry-point group '{GROUP}'") if declared is None else (
+        return (f"unknown check '{name}': not built in, not declared under custom_checks, and no installed "
+                f"package provides '{ep_name}' in entry-point group '{GROUP}'") if declared is None else (
                 f"custom check '{name}': no installed package provides entry point '{ep_name}' in group '{GROUP}'")
     if len(eps) > 1:
         return (f"check '{name}': entry point '{ep_name}' in group '{GROUP}' is provided by more than one package "
@@ -216,6 +216,11 @@ def unprovided(policy: "Policy") -> tuple[str, str] | None:
             if is_custom(check):
                 found = provider(policy, check)
                 if isinstance(found, str):
+                    if found.startswith("unknown check"):  # most often a typo of a built-in: list them
+                        from platform_defs.policy import APP_CHECKS, ML_CHECKS
+
+                        known = APP_CHECKS if track_name == "app" else ML_CHECKS
+                        found += f" (built in for track '{track_name}': {', '.join(known)})"
                     return f"tracks.{track_name}.checks.{i}", found
     return None
 

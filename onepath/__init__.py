@@ -1,7 +1,8 @@
 """onepath for data scientists and ML engineers.
 
 ``import onepath; onepath.register(model, train=df_train, test=df_test, ...)`` registers a model from a notebook
-(README, "Registering from a notebook"), then ``onepath promote <name> --to prod``. ``onepath.CheckContext`` and ``onepath.Verdict`` are the contract of a custom check
+(README, "Registering from a notebook"), then ``onepath promote <name> --to prod``; ``onepath.predict(name, rows)``
+calls its endpoint. ``onepath.CheckContext`` and ``onepath.Verdict`` are the contract of a custom check
 (docs/guides/ml-engineer.md; ``platform_defs.governance.custom_checks``).
 
 ``onepath.Dataset``, ``Model``, ``Endpoint``, ``AppRelease`` and ``ModelLine`` are the Dagster component types
@@ -10,10 +11,10 @@ imports Dagster, which a notebook's ``import onepath`` need not pay for).
 """
 
 from platform_defs.governance.custom_checks import CheckContext, Verdict
-from platform_defs.notebook import NotebookError, Registered, register
+from platform_defs.notebook import NotebookError, Registered, predict, register
 
 COMPONENT_TYPES = ("Dataset", "Model", "Endpoint", "AppRelease", "ModelLine")
-__all__ = ["register", "Registered", "NotebookError", "CheckContext", "Verdict", *COMPONENT_TYPES]
+__all__ = ["register", "predict", "Registered", "NotebookError", "CheckContext", "Verdict", *COMPONENT_TYPES]
 
 
 def __getattr__(name: str):

@@ -566,3 +566,38 @@ def version_to_promote(org: Any, model_name: str, book: Any, mlflow: Any) -> tup
 
 def endpoint_of(model_name: str) -> str:
     return notebook_endpoint_name(model_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Calling the endpoint (step 3)
+
+
+def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Score ``rows`` (a DataFrame or a list of records) at the stable address of the endpoint serving model
+    ``name`` (or of the endpoint ``name``) in ``env``, as the platform's own caller (``onepath-cli``, which the
+    recorded policy must grant): the ``predictions`` the endpoint answered, one per row. What it does is what
+    the ``curl`` line ``onepath promote`` prints does; a refusal is one NotebookError line."""
+    import httpx
+
+    from platform_defs.access import CLI_CALLER, access_for
+    from platform_defs.loader import load_organisation
+    from platform_defs.settings import load_settings
+    from resources.deployers.base import Target
+
+    org = load_organisation(tolerant=True)
+    decl = org.by_name.get(name)
+    if decl is None or decl.kind != "endpoint":
+        decl = next((d for d in org.of_kind("endpoint") if getattr(d, "model", None) == name), None)
+    if decl is None:
+        raise NotebookError(f"no endpoint serves '{name}': register it first (onepath.register), then promote it")
+    access = access_for(load_settings(), actor="onepath.predict")
+    status = access.deployer.status(Target(decl.name, env, "endpoint", decl.ports.get(env)))
+    if not status.address or not status.healthy:
+        raise NotebookError(f"{decl.name}.{env} does not answer: promote it first (onepath promote {name} --to {env})")
+    token = access.caller_token(org, CLI_CALLER, decl.name, env)
+    records = rows.to_dict(orient="records") if hasattr(rows, "to_dict") else list(rows)
+    resp = httpx.post(f"{status.address}/predict", json={"records": records}, timeout=timeout,
+                      headers={"authorization": f"Bearer {token}"})
+    if resp.status_code != 200:
+        raise NotebookError(f"{decl.name}.{env} answered {resp.status_code}: {resp.text[:300]}")
+    return resp.json()["predictions"]

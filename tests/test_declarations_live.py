@@ -2,9 +2,10 @@
 folder (started once for this file). By hand: adding a declaration shows it in the UI with no restart;
 breaking one leaves it (and what depends on it) out with its error on the `declarations` asset and its
 failing check while the rest stays, a sensor keeps ticking and an endpoint deployed before keeps answering;
-fixing it brings it back. From a notebook: the data scientist's three steps, in a real Jupyter kernel
-(`onepath.register` writes the declaration, a second version arrives, `onepath promote fraud --to prod`
-deploys the registered one, the endpoint answers with the kernel's predictions)."""
+fixing it brings it back. From a notebook: the data scientist's three steps as docs/guides/data-scientist.md
+says them, its own blocks run in a real Jupyter kernel and a terminal (`onepath.register` writes the
+declaration, a second version arrives, `onepath promote fraud --to prod` deploys the registered one, the
+endpoint answers with the kernel's predictions); then docs/guides/auditor.md's commands on what it promoted."""
 
 from __future__ import annotations
 
@@ -150,62 +151,68 @@ def test_declarations_reload_while_the_platform_runs(running, endpoint):
 # The data scientist's three steps, from a real Jupyter kernel, on the running platform
 
 
-KERNEL_CELLS = [
-    """import os, sys
-os.environ.update(@ENV@)
-sys.path.insert(0, @ROOT@)""",
-    """import numpy as np, pandas as pd
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-rng = np.random.default_rng(3)
-n = 1200
-df = pd.DataFrame({"amount": rng.gamma(2, 50, n), "hour": rng.integers(0, 24, n).astype(float),
-                   "age_band": rng.choice(["18-30", "31-50", "51+"], n)})
-df["is_fraud"] = ((df.amount > 150) | (rng.random(n) < 0.1)).astype(int)
-df_train, df_test = train_test_split(df, test_size=0.3, random_state=1, stratify=df.is_fraud)
-model = LogisticRegression().fit(df_train[["amount", "hour"]], df_train.is_fraud)""",
-    # step 1
-    """import onepath
-first = onepath.register(model, train=df_train, test=df_test, label="is_fraud", name="fraud", owner="retention",
-                         protected=["age_band"], identity="carla", key=@KEY@)""",
-    # a second version arrives between step 1 and step 2 (registered elsewhere: the pin stays on the first)
-    """other = LogisticRegression(C=0.01).fit(df_train[["amount"]].assign(hour=0.0), df_train.is_fraud)
+# The guide's blocks run in order in one real Jupyter kernel (python) and a terminal (console), on this module's
+# platform: the guide is what is tested. A guide with a `live` block must be named here with the test that runs
+# it (tests/test_guides.py checks).
+LIVE_GUIDES = {"data-scientist.md": "test_three_steps_from_a_jupyter_kernel_to_prod",
+               "auditor.md": "test_the_auditors_guide_on_what_the_data_scientist_promoted"}
+
+# a second version arrives between step 1 and step 2 (registered elsewhere: the pin stays on the first); it
+# uses the guide's names (model, registered, df_train, df_test)
+SECOND_VERSION = """other = LogisticRegression(C=0.01).fit(df_train[["amount"]].assign(hour=0.0), df_train.is_fraud)
 second = onepath.register(other, train=df_train, test=df_test, label="is_fraud", name="fraud", owner="retention",
-                          protected=["age_band"], identity="carla", key=@KEY@, declarations=@SCRATCH@)
+                          protected=["age_band"], identity="carla", key="assets/demo_identities/carla.key",
+                          declarations=@SCRATCH@)
 probe = df_test.head(20)[["amount", "hour"]]
 import json
-print(json.dumps({"first": first.version, "second": second.version, "decl": str(first.declaration),
-                  "next": first.next, "probe": probe.to_dict(orient="records"),
-                  "proba": model.predict_proba(probe)[:, 1].tolist()}))""",
-]
+print(json.dumps({"first": registered.version, "second": second.version, "decl": str(registered.declaration),
+                  "next": registered.next, "probe": probe.to_dict(orient="records"),
+                  "proba": model.predict_proba(probe)[:, 1].tolist()}))"""
+# after the guide's step 3: what onepath.predict answered against the kernel's own model
+ANSWERED = """import json
+print(json.dumps({"got": [p["probability"] for p in _],
+                  "want": model.predict_proba(df_test.head(5)[["amount", "hour"]])[:, 1].tolist()}))"""
 
 
-def test_three_steps_from_a_jupyter_kernel_to_prod(running):
+def test_three_steps_from_a_jupyter_kernel_to_prod(running, tmp_path):
     import json
     import re
 
-    import nbformat
-    from nbclient import NotebookClient
-
     from resources.ledger import Ledger, ledger_paths
+    from tests.guide_runner import GUIDES, Block, Session, parse, project_copy
 
-    port, decl, tmp_path = running
-    home = tmp_path / "home"
-    env = {"ONEPATH_HOME": str(home), "ONEPATH_DECLARATIONS_DIR": str(decl)}
-    fill = {"ENV": repr(env), "ROOT": repr(str(ROOT)), "KEY": repr(str(ROOT / "assets/demo_identities/carla.key")),
-            "SCRATCH": repr(str(tmp_path / "scratch.yaml"))}
-
-    def cell(text: str) -> str:
-        for k, v in fill.items():
-            text = text.replace(f"@{k}@", v)
-        return text
+    port, decl, up_dir = running
+    home = up_dir / "home"
+    guide = GUIDES / next(g for g, t in LIVE_GUIDES.items() if t == "test_three_steps_from_a_jupyter_kernel_to_prod")
+    blocks = parse(guide)
+    registers = [b for b in blocks if b.lang == "python" and "onepath.register(" in b.body and not b.flags]
+    promotes = [b for b in blocks if b.lang == "console" and any(c.startswith("onepath promote ") for c in b.commands)]
+    calls = [b for b in blocks if b.lang == "python" and "onepath.predict(" in b.body]
+    assert len(registers) == len(promotes) == len(calls) == 1, f"{guide}: one register, one promote, one call"
+    # the reader's terminal and kernel: the project folder as cwd, the platform's home and declarations folder
+    env = {**onepath_env(home, port, decl), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    session = Session(project_copy(tmp_path / "project"), env)
+    out: dict = {}
+    said = ""
+    try:
+        for b in blocks:
+            result = session.run(b)
+            if b is registers[0]:  # step 1 done
+                printed = session.python(Block(guide, b.line, "python", set(), None,
+                                               SECOND_VERSION.replace("@SCRATCH@", repr(str(tmp_path / "scratch.yaml")))))
+                out = json.loads(printed.strip().splitlines()[-1])
+            elif b is promotes[0]:
+                said = "".join(result)
+            elif b is calls[0]:
+                answered = json.loads(session.python(Block(guide, b.line, "python", set(), None, ANSWERED)).strip()
+                                      .splitlines()[-1])
+    finally:
+        session.close()
+        print(f"\n{guide.name}:\n{session.report()}")
 
     # step 1, in the kernel
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell(c)) for c in KERNEL_CELLS])
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    out = json.loads([o for o in nb.cells[-1].outputs if o.get("name") == "stdout"][-1]["text"].splitlines()[-1])
     assert (out["first"], out["second"]) == ("1", "2")
-    assert out["next"] == "onepath promote fraud --to prod"
+    assert out["next"] == "onepath promote fraud --to prod" and out["next"] in promotes[0].commands
     written = Path(out["decl"]).read_text().splitlines()
     assert Path(out["decl"]) == decl / "retention" / "defs.yaml"  # the owner team's file, in the platform's folder
     block = written[written.index("  name: fraud") - 2:]  # its own document, after the team's churn line
@@ -213,11 +220,6 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running):
     assert len(block) + 1 <= 10 and max(map(len, block)) <= 100 and "  version: 1" in block, block
 
     # step 2, from a terminal: the version registered in step 1, not the newer one, through staging to prod
-    cli_env = onepath_env(home, port, decl)
-    promoted = subprocess.run([sys.executable, "-m", "platform_defs.cli", *out["next"].split()[1:]], cwd=ROOT,
-                              env=cli_env, text=True, capture_output=True, timeout=900, check=False)
-    said = promoted.stdout + promoted.stderr
-    assert promoted.returncode == 0, said + (tmp_path / "up.log").read_text()[-4000:]
     assert "promoting fraud_scoring version 1 (pinned by " in said, said
     assert "note: version 2 exists and is NOT deployed" in said, said
     assert re.search(r"fraud_scoring\.prod serves 1 at http://127\.0\.0\.1:\d+", said), said
@@ -227,7 +229,9 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running):
     assert staged.data["why"].startswith("pinned by"), staged.data
     assert book.entries(kind="deploy", subject="fraud_scoring", env="prod")[-1].data["version"] == "1"
 
-    # step 3: call the endpoint with the curl line's address and credential
+    # step 3: the guide's call answered the kernel's own model's probabilities; so does the curl line's address
+    # with its credential
+    assert answered["got"] == pytest.approx(answered["want"], abs=1e-6)
     address = re.search(r"curl -s -X POST (http://\S+)/predict", said).group(1)
     credential = Path(re.search(r"\$\(cat ([^)\s]+)\)", said).group(1)).read_text().strip()
     resp = httpx.post(f"{address}/predict", json={"records": out["probe"]},
@@ -236,3 +240,30 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running):
     body = resp.json()
     assert body["version"] == "1"
     assert [p["probability"] for p in body["predictions"]] == pytest.approx(out["proba"], abs=1e-6)
+
+
+def test_the_auditors_guide_on_what_the_data_scientist_promoted(running, tmp_path):
+    """The auditor's guide, on the platform the data scientist's steps (the test before) promoted fraud on: its
+    inventory, ledger verification and export, and policy history, as the auditor types them."""
+    import json
+
+    from tests.guide_runner import GUIDES, Session, parse, project_copy
+
+    port, decl, up_dir = running
+    guide = GUIDES / next(g for g, t in LIVE_GUIDES.items()
+                          if t == "test_the_auditors_guide_on_what_the_data_scientist_promoted")
+    env = {**onepath_env(up_dir / "home", port, decl),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    session = Session(project_copy(tmp_path / "project"), env)
+    said: dict[str, str] = {}
+    for b in parse(guide):
+        for cmd, out in zip(b.commands, session.run(b) or []):
+            said[cmd] = out
+    print(f"\n{guide.name}:\n{session.report()}")
+    rows = json.loads(said["onepath inventory --env prod --json"])
+    fraud = next(r for r in rows if r["name"] == "fraud_scoring")
+    assert (fraud["recorded_version"], fraud["live_version"], fraud["mismatch"]) == ("1", "1", False), fraud
+    assert "ledger intact" in said["onepath audit verify"], said
+    exported = (session.project / "audit-fraud-prod" / "ledger.jsonl").read_text().splitlines()
+    assert exported and all(json.loads(e)["subject"] == "fraud_scoring" for e in exported), exported[:3]
+    assert any(json.loads(e)["kind"] == "deploy" for e in exported), exported

@@ -1,0 +1,267 @@
+"""Run a getting-started guide (docs/guides/*.md) the way its reader would, so the guides cannot rot.
+
+The format (shared by every guide):
+
+- a ```console block holds commands the reader types, one a line starting with ``$ `` (a trailing ``\\``
+  continues it on the next line); every other line is illustrative output, not checked. ``console refused``:
+  each command is expected to be refused (exit non-zero, but not a usage error, a missing program or a
+  traceback). ``console live``: the command needs the running platform (see LIVE below).
+- a fenced block whose info string has ``file=PATH`` (```yaml file=assets/fraud/defs.yaml) is a file the reader
+  writes, relative to the project; the runner writes it.
+- a ```python block is code the reader runs in a notebook: the blocks of one guide run in one Jupyter kernel,
+  in order, with the kernel's working directory the project.
+- a ```bash / ```sh / ```shell block is refused (a command goes in a console block, so that it is run); any
+  other block (```yaml, ```text, ```json without ``file=``) is illustrative. ``python refused``: the block is
+  expected to stop with onepath's one-line refusal (``onepath.NotebookError``), not any other exception.
+
+Everything is run in order, in a fresh copy of the example project with its own ``ONEPATH_HOME``, ``onepath``
+on ``PATH`` and the working directory the project copy (tests/test_guides.py). A guide with a ``live`` block
+runs whole on the platform tests/test_declarations_live.py starts, which names it in its ``LIVE_GUIDES``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDES = ROOT / "docs" / "guides"
+FLAGS = {"refused", "live"}
+SHELL_LANGS = {"bash", "sh", "shell", "zsh"}
+FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<info>[^`]*)$")
+# a refusal is the program saying no, not the shell or Click failing to run it
+NOT_A_REFUSAL = {2: "a usage error (wrong flag or argument)", 126: "not executable", 127: "command not found"}
+
+
+class GuideError(Exception):
+    """A guide that does not follow the format, or a step of it that did not do what the guide says."""
+
+
+@dataclass
+class Block:
+    guide: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    flags: set[str]
+    file: str | None
+    body: str
+    commands: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"{self.guide.name}:{self.line}"
+
+    @property
+    def runs(self) -> bool:
+        return self.file is not None or self.lang in ("console", "python")
+
+    @property
+    def live(self) -> bool:
+        return "live" in self.flags
+
+
+def _commands(body: str, where: str) -> list[str]:
+    out: list[str] = []
+    lines = body.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("$ "):
+            cmd = [line[2:]]
+            while cmd[-1].endswith("\\"):
+                i += 1
+                if i >= len(lines):
+                    raise GuideError(f"{where}: a command ends in '\\' with no line after it")
+                cmd.append(lines[i])
+            out.append("\n".join(cmd))
+        i += 1
+    if not out:
+        raise GuideError(f"{where}: a console block with no command (a command line starts with '$ ')")
+    return out
+
+
+def parse(guide: Path, text: str | None = None) -> list[Block]:
+    """Every fenced block of ``guide``, in order; GuideError (naming file and line) for one off the format."""
+    text = guide.read_text() if text is None else text
+    lines = text.splitlines()
+    blocks: list[Block] = []
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        start, indent, fence = i + 1, len(m["indent"]), m["fence"]
+        tokens = m["info"].split()
+        where = f"{guide.name}:{start}"
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and lines[i].strip() != fence:
+            body.append(lines[i])
+            i += 1
+        if i >= len(lines):
+            raise GuideError(f"{where}: a fenced block that is never closed")
+        i += 1
+        lang = tokens[0] if tokens else ""
+        file = None
+        flags: set[str] = set()
+        for tok in tokens[1:]:
+            if tok.startswith("file="):
+                file = tok[len("file="):]
+            elif tok in FLAGS:
+                flags.add(tok)
+            else:
+                raise GuideError(f"{where}: unknown word '{tok}' in the info string (known: file=PATH, "
+                                 f"{', '.join(sorted(FLAGS))})")
+        if lang in SHELL_LANGS:
+            raise GuideError(f"{where}: a ```{lang} block: a command the reader types goes in a ```console block "
+                             f"('$ ' before it), so that the guide's test runs it")
+        if flags and lang not in ("console", "python"):
+            raise GuideError(f"{where}: '{' '.join(sorted(flags))}' only applies to console or python blocks")
+        text_body = textwrap.dedent("\n".join(line[indent:] if line[:indent].strip() == "" else line
+                                              for line in body))
+        block = Block(guide, start, lang, flags, file, text_body + ("\n" if text_body else ""))
+        if file is None and lang == "console":
+            block.commands = _commands(text_body, where)
+        blocks.append(block)
+    return blocks
+
+
+def discover() -> list[Path]:
+    return sorted(GUIDES.glob("*.md"))
+
+
+def project_copy(dest: Path) -> Path:
+    """A fresh copy of the example project: declarations folder and policy (assets/), apps, the project file."""
+    dest.mkdir(parents=True)
+    for name in ("assets", "apps"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "workspace.yaml"):
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def guide_env(project: Path, home: Path, **extra: str) -> dict[str, str]:
+    """The reader's environment: ``onepath`` on PATH, their own ONEPATH_HOME, the project's declarations and
+    policy (nothing of the developer's own environment that names another home or MLflow)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ONEPATH_", "MLFLOW_", "DAGSTER_")) and k != "PYTEST_CURRENT_TEST"}
+    env.update({"ONEPATH_HOME": str(home), "ONEPATH_DECLARATIONS_DIR": str(project / "assets"),
+                "ONEPATH_POLICY_FILE": str(project / "assets" / "policy.yaml"),
+                # the project's own packages (assets/, apps/: what a guide writes there) before onepath's
+                "PYTHONPATH": f"{project}{os.pathsep}{ROOT}",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    env.update(extra)
+    return env
+
+
+class Session:
+    """One reader going through guides: a project folder, an environment, and (on first python block) a
+    Jupyter kernel whose state carries from block to block."""
+
+    def __init__(self, project: Path, env: dict[str, str], timeout: float = 900):
+        self.project, self.env, self.timeout = project, env, timeout
+        self.km: Any = None
+        self.kc: Any = None
+        self.log: list[str] = []
+        self.timings: list[tuple[str, float]] = []  # (where, seconds) per block run: what a guide costs CI
+
+    # -- the three kinds of step
+    def write(self, block: Block) -> None:
+        rel = Path(block.file or "")
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise GuideError(f"{block.where}: file={block.file} must be a path inside the project")
+        path = self.project / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(block.body)
+
+    def console(self, block: Block) -> list[str]:
+        outputs = []
+        for cmd in block.commands:
+            p = subprocess.run(["bash", "-c", cmd], cwd=self.project, env=self.env, text=True, capture_output=True,
+                               timeout=self.timeout, check=False)
+            said = p.stdout + p.stderr
+            self.log.append(f"$ {cmd}\n{said}")
+            shown = f"{block.where}: `{cmd}` exited {p.returncode}"
+            if "Traceback (most recent call last)" in said:
+                raise GuideError(f"{shown} with a traceback:\n{said[-4000:]}")
+            if "refused" in block.flags:
+                if p.returncode == 0:
+                    raise GuideError(f"{shown}; the guide says it is refused:\n{said[-4000:]}")
+                if p.returncode in NOT_A_REFUSAL:
+                    raise GuideError(f"{shown}, {NOT_A_REFUSAL[p.returncode]}, not a refusal:\n{said[-4000:]}")
+            elif p.returncode != 0:
+                raise GuideError(f"{shown}:\n{said[-4000:]}")
+            outputs.append(said)
+        return outputs
+
+    def python(self, block: Block) -> str:
+        if self.kc is None:
+            from jupyter_client import KernelManager
+
+            self.km = KernelManager(kernel_name="python3")
+            self.km.start_kernel(cwd=str(self.project), env=self.env)
+            self.kc = self.km.client()
+            self.kc.start_channels()
+            self.kc.wait_for_ready(timeout=120)
+        out: list[str] = []
+
+        def hook(msg: dict) -> None:
+            kind, content = msg["header"]["msg_type"], msg["content"]
+            if kind == "stream":
+                out.append(content["text"])
+            elif kind in ("execute_result", "display_data"):
+                out.append(content["data"].get("text/plain", "") + "\n")
+            elif kind == "error":
+                out.append("\n".join(content["traceback"]))
+
+        reply = self.kc.execute_interactive(block.body, timeout=self.timeout, output_hook=hook)
+        said = re.sub(r"\x1b\[[0-9;]*m", "", "".join(out))
+        self.log.append(f">>> {block.where}\n{said}")
+        content = reply["content"]
+        if "refused" in block.flags:
+            if content["status"] == "ok":
+                raise GuideError(f"{block.where}: the python block ran; the guide says it is refused:\n{said[-4000:]}")
+            if content.get("ename") != "NotebookError":
+                raise GuideError(f"{block.where}: the python block failed with {content.get('ename')}, not onepath's "
+                                 f"refusal (NotebookError):\n{said[-4000:]}")
+        elif content["status"] != "ok":
+            raise GuideError(f"{block.where}: the python block failed:\n{said[-4000:]}")
+        return said
+
+    def run(self, block: Block) -> Any:
+        started = time.monotonic()
+        try:
+            if block.file is not None:
+                return self.write(block)
+            if block.lang == "console":
+                return self.console(block)
+            if block.lang == "python":
+                return self.python(block)
+            return None
+        finally:
+            if block.runs:
+                self.timings.append((block.where, time.monotonic() - started))
+
+    def report(self) -> str:
+        return "\n".join(f"{t:6.1f} s  {where}" for where, t in self.timings)
+
+    def run_guide(self, guide: Path, live_ok: bool = False) -> None:
+        for block in parse(guide):
+            if block.live and not live_ok:
+                raise GuideError(f"{block.where}: a live block, and this run has no platform running")
+            self.run(block)
+
+    def close(self) -> None:
+        if self.kc is not None:
+            self.kc.stop_channels()
+            self.km.shutdown_kernel(now=True)
+            self.kc = self.km = None

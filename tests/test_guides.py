@@ -1,0 +1,108 @@
+"""Every getting-started guide (docs/guides/*.md, discovered, not listed) is run as its reader would run it: each
+command and code block in order, in a fresh copy of the example project with its own ONEPATH_HOME
+(tests/guide_runner.py says the format). A guide that needs the running platform (a ``live`` block) runs whole
+in tests/test_declarations_live.py, which names it in LIVE_GUIDES. The runner itself is shown to fail on a
+wrong flag, a missing file, a refusal that is not one, and a guide off the format."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.guide_runner import GuideError, Session, discover, guide_env, parse, project_copy
+from tests.test_declarations_live import LIVE_GUIDES
+
+GUIDE_FILES = discover()
+
+
+def test_there_are_guides_for_every_role():
+    names = {g.name for g in GUIDE_FILES}
+    assert {"data-scientist.md", "app-developer.md", "platform-engineer.md", "auditor.md"} <= names, names
+
+
+@pytest.fixture()
+def session(tmp_path):
+    project = project_copy(tmp_path / "project")
+    s = Session(project, guide_env(project, tmp_path / "home"))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("guide", GUIDE_FILES, ids=[g.stem for g in GUIDE_FILES])
+def test_guide_runs(guide, session):
+    blocks = parse(guide)  # the format: a guide off it fails here, naming file and line
+    assert any(b.runs for b in blocks), f"{guide.name}: nothing in it is run"
+    if any(b.live for b in blocks):
+        # the live module runs it whole, on its platform; it must say so
+        assert guide.name in LIVE_GUIDES, (f"{guide.name} has a live block: name it in tests/"
+                                           f"test_declarations_live.py LIVE_GUIDES with the test that runs it")
+        import tests.test_declarations_live as live
+
+        assert callable(getattr(live, LIVE_GUIDES[guide.name], None)), LIVE_GUIDES[guide.name]
+        return
+    session.run_guide(guide)
+    print(f"\n{guide.name}:\n{session.report()}")
+
+
+# --------------------------------------------------------------------------------------------
+# The runner can fail
+
+
+def _guide(tmp_path, text: str):
+    p = tmp_path / "broken.md"
+    p.write_text(text)
+    return p
+
+
+def test_a_wrong_flag_fails_the_runner(tmp_path, session):
+    guide = _guide(tmp_path, "# x\n\n```console\n$ onepath inventory --env prod --jsn\n```\n")
+    with pytest.raises(GuideError, match=r"broken\.md:3: `onepath inventory --env prod --jsn` exited 2"):
+        session.run_guide(guide)
+    # and a refusal that is really a usage error is no refusal
+    guide = _guide(tmp_path, "```console refused\n$ onepath validate --strictly\n```\n")
+    with pytest.raises(GuideError, match="a usage error"):
+        session.run_guide(guide)
+
+
+def test_a_missing_file_fails_the_runner(tmp_path, session):
+    guide = _guide(tmp_path, "```console\n$ onepath policy init --as pat --key assets/demo_identities/nobody.key\n```\n")
+    with pytest.raises(GuideError, match=r"broken\.md:1: `onepath policy init"):
+        session.run_guide(guide)
+
+
+def test_a_command_that_does_not_exist_fails_the_runner(tmp_path, session):
+    guide = _guide(tmp_path, "```console refused\n$ onepath card fraud\n```\n")
+    with pytest.raises(GuideError, match="a usage error"):
+        session.run_guide(guide)
+    guide = _guide(tmp_path, "```console\n$ onepth status\n```\n")
+    with pytest.raises(GuideError, match="exited 127"):
+        session.run_guide(guide)
+
+
+def test_a_refusal_that_succeeds_fails_the_runner(tmp_path, session):
+    guide = _guide(tmp_path, "```console refused\n$ onepath audit verify\n```\n")
+    with pytest.raises(GuideError, match="the guide says it is refused"):
+        session.run_guide(guide)
+
+
+def test_a_file_the_reader_writes_is_written_where_it_says(tmp_path, session):
+    written = "```yaml file=notes/team.yaml\nteam: payments\n```\n\n"
+    session.run_guide(_guide(tmp_path, written + "```console\n$ grep -qx 'team: payments' notes/team.yaml\n```\n"))
+    with pytest.raises(GuideError, match=r"broken\.md:5: `grep -qx 'team: risk' notes/team.yaml` exited 1"):
+        session.run_guide(_guide(tmp_path, written + "```console\n$ grep -qx 'team: risk' notes/team.yaml\n```\n"))
+
+
+@pytest.mark.parametrize("text, says", [
+    ("```bash\nonepath status\n```\n", r"broken\.md:1: a ```bash block"),
+    ("```console\nonepath status\n```\n", r"broken\.md:1: a console block with no command"),
+    ("```console refuse\n$ onepath status\n```\n", r"unknown word 'refuse'"),
+    ("```yaml file=../outside.yaml\na: 1\n```\n", r"must be a path inside the project"),
+    ("```console\n$ onepath status\n", r"never closed"),
+])
+def test_a_guide_off_the_format_fails(tmp_path, session, text, says):
+    with pytest.raises(GuideError, match=says):
+        session.run_guide(_guide(tmp_path, text))
+
+
+def test_a_live_block_outside_the_live_run_fails(tmp_path, session):
+    with pytest.raises(GuideError, match="a live block"):
+        session.run_guide(_guide(tmp_path, "```console live\n$ onepath status\n```\n"))

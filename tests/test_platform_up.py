@@ -1,10 +1,12 @@
 """`onepath up` (the README's first command, after install) starts the platform for real: the Dagster
 UI with the example organisation loaded and its sensor running, driven here through the GraphQL
-API the way the UI's clicks drive it; stopping it leaves no Dagster process behind."""
+API the way the UI's clicks drive it, then in a real browser (headless Chromium) on the same platform;
+stopping it leaves no Dagster process behind."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,8 +67,37 @@ def loop_policy_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture()
-def platform(tmp_path):
+# first, before this module's platform starts: a second `onepath up` beside it would slow both
+def test_stopping_up_leaves_no_dagster_process(tmp_path):
+    port = free_port()
+    env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
+           "PYTHONPATH": str(ROOT)}
+    env.pop("DAGSTER_HOME", None)
+    proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    first = proc.stdout.readline().decode()
+    assert first.startswith("onepath: 7 declarations loaded"), first
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            gql(port, "{ version }")
+            break
+        except Exception:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.5)
+    children = children_of(proc.pid)
+    assert children, "onepath up should have started dg dev"
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=90)[0].decode()
+    assert proc.returncode == 0 and "Dagster stopped" in out
+    assert not any(group_alive(pid) for pid in children)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    """One `onepath up` (with the MLflow UI) for this module's tests: the automation loop runs first, the
+    browser tour after it on the same platform (starting one costs most of a minute)."""
+    tmp_path = tmp_path_factory.mktemp("up")
     port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
            "ONEPATH_MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}", "PYTHONPATH": str(ROOT),
@@ -108,17 +139,7 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
     assert {"credit_applications", "credit_risk", "credit_scoring_prod", "loan_portal_prod", "churn"} <= keys
     assert (tmp_path / "home" / "dagster_home" / "dagster.yaml").exists()
 
-    params = {"selector": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
-                           "jobName": "__ASSET_JOB", "assetSelection": [{"path": ["customer_activity"]}]},
-              "mode": "default"}
-    launched = gql(port, LAUNCH, {"p": params})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline = time.monotonic() + 240
-    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    assert status == "SUCCESS"
+    assert wait_run(client, launch_assets(port, ["customer_activity"]), 240) == "SUCCESS"
     assert list((tmp_path / "home" / "data" / "customer_activity").glob("*.parquet"))
     # nobody asks for more: the running automation sensor trains churn on the new data and takes it
     # through staging's gate to prod (ml-standard may auto-promote); the ledger names the trigger
@@ -166,26 +187,139 @@ def test_up_loads_the_organisation_runs_sensors_and_materializes_from_the_api(pl
         traffic.wait(timeout=60)
 
 
-def test_stopping_up_leaves_no_dagster_process(tmp_path):
-    port = free_port()
-    env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
-           "PYTHONPATH": str(ROOT)}
-    env.pop("DAGSTER_HOME", None)
-    proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    first = proc.stdout.readline().decode()
-    assert first.startswith("onepath: 7 declarations loaded"), first
-    deadline = time.monotonic() + 240
-    while True:
+def test_the_dagster_ui_in_a_browser(platform):
+    """After the loop above (it needs the automation sensor this test turns off), on the same platform."""
+    client, port, tmp_path = platform
+    from tests.browser import artifacts_dir
+
+    ui_tour(port, client, tmp_path / "home", artifacts_dir())
+
+
+# -- the Dagster UI in a real browser, on the same platform ---------------------------------------------
+
+SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { __typename ... on Sensor { id } } }"""
+STOP_SENSOR = """mutation($id: String) { stopSensor(id: $id) { __typename
+  ... on StopSensorMutationResult { instigationState { status } } ... on PythonError { message } } }"""
+
+
+def launch_assets(port: int, keys: list[str]) -> str:
+    """Launch one run materializing ``keys`` (GraphQL, as the UI's Materialize does); its run id."""
+    entry = gql(port, LOCATION_QUERY)["workspaceOrError"]["locationEntries"][0]
+    repo = entry["locationOrLoadError"]["repositories"][0]
+    params = {"selector": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
+                           "jobName": "__ASSET_JOB", "assetSelection": [{"path": [k]} for k in keys]},
+              "mode": "default"}
+    launched = gql(port, LAUNCH, {"p": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def wait_run(client, run_id: str, seconds: float = 300) -> str:
+    deadline = time.monotonic() + seconds
+    while (status := client.get_run_status(run_id).value) not in ("SUCCESS", "FAILURE", "CANCELED"):
+        assert time.monotonic() < deadline, f"run {run_id} still {status} after {seconds} s"
+        time.sleep(0.5)
+    return status
+
+
+def stop_automation(port: int) -> None:
+    """Turn the automation sensor off, so that nothing but the browser's click deploys the credit line."""
+    entry = gql(port, LOCATION_QUERY)["workspaceOrError"]["locationEntries"][0]
+    repo = entry["locationOrLoadError"]["repositories"][0]
+    sensor = gql(port, SENSOR, {"s": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
+                                      "sensorName": "onepath_automation"}})["sensorOrError"]
+    assert sensor["__typename"] == "Sensor", sensor
+    stopped = gql(port, STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+    assert stopped.get("instigationState", {}).get("status") == "STOPPED", stopped
+
+
+def ui_tour(port: int, client, home: Path, shots: Path) -> None:
+    """The Dagster UI of the platform on ``port`` in headless Chromium, one full-page screenshot per step in
+    ``shots``: the graph shows the four kinds of asset; Materialize on a staging endpoint's page deploys a
+    version new to its stable address; a blocked promotion shows its failing check's reason."""
+    from playwright.sync_api import expect
+
+    from platform_defs.access import endpoint_target
+    from platform_defs.loader import load_organisation
+    from resources.deployers.base import probe
+    from resources.deployers.local import LocalProcessDeployer
+    from resources.ledger import Ledger, ledger_paths
+    from tests.browser import chromium_page
+
+    shots.mkdir(parents=True, exist_ok=True)
+    for old in shots.glob("*.png"):
+        old.unlink()
+    deployer = LocalProcessDeployer(home / "run")
+    staging = endpoint_target(load_organisation().by_name["credit_scoring"], "staging")
+    book = Ledger(*ledger_paths(home))
+
+    def served() -> str | None:
+        """The version credit_scoring's staging stable address answers with (asked with the backend's probe
+        credential), or None."""
+        got = probe(deployer.address(staging), credential=deployer.probe_credential(staging))
+        return str(got["version"]) if got else None
+
+    # a credit_risk version that staging does not serve yet, and nothing but the browser to deploy it: with
+    # automation on, the sensor would take the new version to staging by itself
+    stop_automation(port)
+    assert wait_run(client, launch_assets(port, ["credit_applications", "credit_risk"])) == "SUCCESS"
+    before = served()
+
+    with chromium_page(f"http://127.0.0.1:{port}") as page:
+        # Dagster's one-time "Join the Dagster community" dialog, whenever it comes up
+        page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
+        step = "0-start"
+
+        def shot(name: str) -> None:
+            nonlocal step
+            step = name
+            page.screenshot(path=shots / f"{name}.png", full_page=True)
+
+        def materialize(key: str) -> str:
+            """Click Materialize on ``key``'s asset page; the id of the run the UI launched, its page open."""
+            page.goto(f"/assets/{key}")
+            expect(page.get_by_text("Latest materialization")).to_be_visible(timeout=60_000)
+            with page.expect_response(lambda r: "/graphql" in r.url and "LaunchPipelineExecution"
+                                      in (r.request.post_data or ""), timeout=90_000) as launched:
+                page.get_by_role("button", name=re.compile(r"Materialize$")).click()
+            answer = launched.value.json()["data"]["launchPipelineExecution"]
+            assert answer["__typename"] == "LaunchRunSuccess", f"the UI's launch of {key} answered {answer}"
+            page.goto(f"/runs/{answer['run']['id']}")
+            return answer["run"]["id"]
+
         try:
-            gql(port, "{ version }")
-            break
-        except Exception:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.5)
-    children = children_of(proc.pid)
-    assert children, "onepath up should have started dg dev"
-    os.kill(proc.pid, signal.SIGTERM)
-    out = proc.communicate(timeout=90)[0].decode()
-    assert proc.returncode == 0 and "Dagster stopped" in out
-    assert not any(group_alive(pid) for pid in children)
+            # a) the graph, every group expanded (the graph's own shortcut), names the four kinds of asset
+            page.goto("/asset-groups")
+            expect(page.get_by_text("retention", exact=True).last).to_be_visible(timeout=60_000)
+            page.keyboard.press("Alt+e")
+            for name in ("customer_activity", "churn", "churn_scoring_prod", "loan_portal_prod"):
+                expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
+            shot("1-graph")
+
+            # b) Materialize on the staging endpoint's page: the run succeeds on screen and the stable address
+            # answers with the version that run deployed, which it did not serve before
+            run_id = materialize("credit_scoring_staging")
+            expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=300_000)
+            shot("2-staging-deployed")
+            (deploy,) = [e for e in book.entries(kind="deploy", subject="credit_scoring")
+                         if e.env == "staging" and e.actor == f"dagster:{run_id}"]
+            version = str(deploy.data["version"])
+            assert version != before, f"staging served {before} already"
+            assert served() == version
+
+            # c) prod without an independent approval: the run fails, and the approval check's page shows why
+            run_id = materialize("credit_scoring_prod")
+            expect(page.get_by_text("Failure", exact=True).first).to_be_visible(timeout=300_000)
+            shot("3-prod-refused")
+            verdict = [e for e in book.entries(kind="gate_verdict", subject="credit_scoring")
+                       if e.env == "prod" and e.actor == f"dagster:{run_id}"][-1].data["verdicts"]["approval"]
+            assert not verdict["passed"] and verdict["summary"].startswith("waiting for approval by"), verdict
+            page.goto("/assets/credit_scoring_prod?view=checks&checkDetail=approval")
+            expect(page.get_by_text("This is a blocking asset check.")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(verdict["summary"], exact=True)).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Failed", exact=True).last).to_be_visible()
+            shot("4-approval-check")
+        except Exception as err:
+            page.screenshot(path=shots / "failed.png", full_page=True)
+            raise AssertionError(f"the UI tour failed after step {step} (screenshots of each step and of the "
+                                 f"failure in {shots}): {err}") from err

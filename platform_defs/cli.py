@@ -344,6 +344,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "approve": ("platform_defs.cli_governance", "approve",
                 "sign an approval of one model version (or a code review of one app release) for one environment"),
     "audit": ("platform_defs.cli_audit", "audit", "Check or export the tamper-evident platform ledger."),
+    "card": ("platform_defs.cli_card", "card",
+             "print a model version's model card (default: the version last deployed); --html FILE writes its page"),
     "inventory": ("platform_defs.cli_inventory", "inventory",
                   "every endpoint and app release per environment: recorded version, approvals, gates, lineage, "
                   "and what answers live"),

@@ -66,3 +66,38 @@ def test_a_verb_imports_its_own_module_only():
 def test_a_misspelt_verb_is_suggested():
     out, loaded = fresh("inventori")
     assert out.returncode == 2 and "Did you mean 'inventory'?" in out.stderr and loaded == set()
+
+
+def test_card_prints_a_versions_card_and_writes_its_page(tmp_path, monkeypatch):
+    """`onepath card`: the card a deploy wrote into the version's run, printed and saved; one line otherwise."""
+    from platform_defs.settings import load_settings
+    from platform_defs.wiring import build_resources
+
+    env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DAGSTER_HOME"):
+        env.pop(k, None)
+
+    def card(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "platform_defs.cli", "card", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    never = card("churn")
+    assert never.returncode == 1 and never.stderr.strip() == (
+        "onepath card: no version of churn was ever deployed, so no card was written; name one with --version")
+    assert card("nosuch").stderr.strip().startswith("onepath card: no model 'nosuch' is declared (models: ")
+
+    monkeypatch.setenv("ONEPATH_HOME", env["ONEPATH_HOME"])  # the card a deploy would have written, in that home
+    registry = build_resources(load_settings())["mlflow"]
+    client = registry.client()
+    run = client.create_run(client.create_experiment("cards")).info.run_id
+    (tmp_path / "c").mkdir()
+    for ext, text in (("md", "# Model card: churn v1\n"), ("html", "<html><body>churn v1</body></html>")):
+        (tmp_path / "c" / f"model_card-churn-v1.{ext}").write_text(text)
+        registry.log_run_artifact(run, tmp_path / "c" / f"model_card-churn-v1.{ext}", "onepath/model_card")
+    client.create_registered_model("churn")
+    client.create_model_version("churn", f"runs:/{run}/model", run_id=run)
+    shown = card("churn", "--version", "1", "--html", "page.html")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == "# Model card: churn v1\n"
+    assert (tmp_path / "page.html").read_text() == "<html><body>churn v1</body></html>"
+    assert card("churn", "--version", "2").stderr.strip() == "onepath card: churn has no version 2"

@@ -244,7 +244,7 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running, tmp_path):
 
 def test_the_auditors_guide_on_what_the_data_scientist_promoted(running, tmp_path):
     """The auditor's guide, on the platform the data scientist's steps (the test before) promoted fraud on: its
-    inventory, ledger verification and export, and policy history, as the auditor types them."""
+    inventory, ledger verification and export, policy history and model card, as the auditor types them."""
     import json
 
     from tests.guide_runner import GUIDES, Session, parse, project_copy
@@ -267,3 +267,7 @@ def test_the_auditors_guide_on_what_the_data_scientist_promoted(running, tmp_pat
     exported = (session.project / "audit-fraud-prod" / "ledger.jsonl").read_text().splitlines()
     assert exported and all(json.loads(e)["subject"] == "fraud_scoring" for e in exported), exported[:3]
     assert any(json.loads(e)["kind"] == "deploy" for e in exported), exported
+    # the card of the version the data scientist promoted, printed and saved as its page
+    card = said["onepath card fraud"]
+    assert card.lstrip().startswith("#") and "fraud" in card and "prod" in card, card[:500]
+    assert "<html" in (session.project / "fraud-v1-card.html").read_text().lower()

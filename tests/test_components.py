@@ -293,3 +293,23 @@ def test_a_file_of_components_may_end_with_a_separator_and_comments(tmp_path):
     org = load_organisation(tmp_path)
     assert list(org.by_name) == ["fraud_data", "fraud", "fraud_scoring"]
     assert org.sources["fraud"].endswith("nb/defs.yaml:2")  # the document's first line (its type)
+
+
+@pytest.mark.parametrize("broken, field, line", [
+    ("type: onepath.Dataset\nattributes: {name: sales}\n1: 2\nfoo: 3\n", "1", 4),  # keys of mixed types
+    ("type: onepath.Dataset\nattributes: {name: sales}\ntrue: 2\n", "True", 4),
+    ("type: onepath.Dataset\nattributes: [name, sales]\n", "attributes", 2),  # attributes not a mapping
+    ("- type: onepath.Dataset\n- attributes: {}\n", "type", 2),  # a list document
+    ("type: [onepath.Dataset]\nattributes: {name: sales}\n", "type", 2),  # type not a string
+    ("type: 3\nattributes: {name: sales}\n", "type", 2),
+    ("type: onepath.Dataset\nattributes: {name: [sales]}\n", "name", 3),
+])
+def test_a_broken_component_document_is_one_line_and_only_it_is_left_out(tmp_path, broken, field, line):
+    team = tmp_path / "nb"
+    team.mkdir()
+    (team / "defs.yaml").write_text("---\n" + broken + MODEL_LINE)
+    org = load_organisation(tmp_path, tolerant=True)
+    assert list(org.by_name) == ["fraud_data", "fraud", "fraud_scoring"]  # the file's valid document still loads
+    [problem] = org.problems
+    said = str(problem)
+    assert len(said.splitlines()) == 1 and f"nb/defs.yaml:{line}" in said and f"field '{field}'" in said, said

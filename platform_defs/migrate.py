@@ -97,8 +97,22 @@ def _copy_comments(src, dst, dropped: set) -> None:
         dst.yaml_set_comment_before_after_key(next(iter(dst)), before="; ".join(lost), indent=2)
 
 
-def migrate(root: Path, check: bool = False) -> Migration:
+def checked_components(path: Path, text: str) -> str:
+    """``text`` (an old-form file at ``path``) as components, only if they load to exactly the same declarations
+    (``DeclarationError`` otherwise, or for an entry that does not load)."""
     from platform_defs.loader import _load_yaml, _rel
+
+    before = [d for d, _ in _load_yaml(path, text=text)]
+    new = render_components(text)
+    after = [d for d, _ in _load_yaml(path, text=new)]
+    if _plain(before) != _plain(after):
+        raise DeclarationError("?", "declarations", "the component form would not load the same declarations",
+                               _rel(path))
+    return new
+
+
+def migrate(root: Path, check: bool = False) -> Migration:
+    from platform_defs.loader import _rel
     from resources.files import atomic_write
 
     result = Migration()
@@ -110,16 +124,9 @@ def migrate(root: Path, check: bool = False) -> Migration:
             result.current.append(path)
             continue
         try:
-            before = [d for d, _ in _load_yaml(path)]
-            text = path.read_text()
-            new = render_components(text)
-            after = [d for d, _ in _load_yaml(path, text=new)]  # must be the same declarations to replace the old
+            new = checked_components(path, path.read_text())
         except DeclarationError as err:
             result.refused.append(f"{_rel(path)}: not converted, left as it was: {str(err).splitlines()[0]}")
-            continue
-        if _plain(before) != _plain(after):
-            result.refused.append(f"{_rel(path)}: not converted, left as it was: the component form would not load "
-                                  f"the same declarations")
             continue
         if not check:
             atomic_write(path, new.encode(), mode=path.stat().st_mode & 0o777)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from platform_defs import strict_yaml
 from platform_defs.settings import declaration_files
-from platform_defs.specs import DeclarationError, component_type_of
+from platform_defs.specs import COMPONENT_TYPES, DeclarationError, component_type_of, fixed_by_type
 
 
 @dataclass
@@ -48,7 +48,10 @@ def render_components(text: str) -> str:
     rt.width = 120
     rt.indent(mapping=2, sequence=4, offset=2)
     data = rt.load(text)
-    head = _comment_of(data, "declarations")
+    # the file's leading comments (``# team file``) and the one on ``declarations:`` go before the first document
+    leading = [line.strip().lstrip("#").strip() for tok in ((data.ca.comment or [None, None])[1] or [])
+               for line in tok.value.splitlines() if line.strip()]
+    head = "\n".join(c for c in [*leading, _comment_of(data, "declarations")] if c)
     docs = []
     for i, item in enumerate(data["declarations"]):
         if not isinstance(item, dict):
@@ -56,7 +59,7 @@ def render_components(text: str) -> str:
         type_name = component_type_of(dict(item))
         if type_name is None:
             raise DeclarationError(str(item.get("name", "?")), "kind", f"unknown kind {item.get('kind')!r}")
-        fixed = {"kind"} | ({"source"} if type_name == "onepath.ModelLine" else set())
+        fixed = set(fixed_by_type(COMPONENT_TYPES[type_name]))  # what the type says, left out of its attributes
         attrs = CommentedMap()
         for k in item:
             if k not in fixed:

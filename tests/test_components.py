@@ -249,12 +249,13 @@ def test_migrate_declarations_converts_the_old_form_to_the_same_organisation_onc
     team = tmp_path / "decls" / "retention"
     team.mkdir(parents=True)
     path = team / "defs.yaml"
-    path.write_text(OLD_RETENTION)
+    old = "# the team file: retention\n\n" + OLD_RETENTION  # a leading comment is kept too
+    path.write_text(old)
     before = load_organisation(team.parent)
 
     rc, out, err = _migrate(team.parent, "--check", capsys=capsys)
     assert rc == 1 and "retention/defs.yaml: still in the old form" in out and "1 file(s) in the old form" in err
-    assert path.read_text() == OLD_RETENTION  # --check writes nothing
+    assert path.read_text() == old  # --check writes nothing
 
     rc, out, err = _migrate(team.parent, capsys=capsys)
     assert rc == 0 and "retention/defs.yaml: converted to components" in out, (out, err)
@@ -263,7 +264,7 @@ def test_migrate_declarations_converts_the_old_form_to_the_same_organisation_onc
     assert [d["type"] for d in docs] == ["onepath.Dataset", "onepath.Model", "onepath.Endpoint", "onepath.ModelLine"]
     assert list(docs[0]["attributes"]) == ["name", "owner", "generator", "params", "feedback", "columns"]  # order kept
     assert "kind" not in docs[1]["attributes"] and "source" not in docs[3]["attributes"]
-    for comment in ("# the retention team's churn line", "# no track: the policy gives it", "# logged beside"):
+    for comment in ("# the team file: retention", "# the retention team's churn line", "# no track: the policy gives it", "# logged beside"):
         assert comment in new, new
     after = load_organisation(team.parent)
     assert list(after.by_name) == list(before.by_name)

@@ -304,6 +304,8 @@ def test_a_file_of_components_may_end_with_a_separator_and_comments(tmp_path):
     ("type: [onepath.Dataset]\nattributes: {name: sales}\n", "type", 2),  # type not a string
     ("type: 3\nattributes: {name: sales}\n", "type", 2),
     ("type: onepath.Dataset\nattributes: {name: [sales]}\n", "name", 3),
+    # a non-string attribute key
+    ("type: onepath.ModelLine\nattributes: {name: other, owner: retention, version: 1, label: y, 1: 2}\n", "1", 3),
 ])
 def test_a_broken_component_document_is_one_line_and_only_it_is_left_out(tmp_path, broken, field, line):
     team = tmp_path / "nb"

@@ -264,7 +264,8 @@ def test_migrate_declarations_converts_the_old_form_to_the_same_organisation_onc
     assert [d["type"] for d in docs] == ["onepath.Dataset", "onepath.Model", "onepath.Endpoint", "onepath.ModelLine"]
     assert list(docs[0]["attributes"]) == ["name", "owner", "generator", "params", "feedback", "columns"]  # order kept
     assert "kind" not in docs[1]["attributes"] and "source" not in docs[3]["attributes"]
-    for comment in ("# the team file: retention", "# the retention team's churn line", "# no track: the policy gives it", "# logged beside"):
+    for comment in ("# the team file: retention", "# the retention team's churn line",
+                    "# no track: the policy gives it", "# logged beside"):
         assert comment in new, new
     after = load_organisation(team.parent)
     assert list(after.by_name) == list(before.by_name)

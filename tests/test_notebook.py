@@ -253,7 +253,8 @@ def test_a_register_finds_its_model_line_in_any_layout_and_keeps_the_team_fields
     from platform_defs.notebook import render_declaration, write_declaration
 
     path = tmp_path / "defs.yaml"
-    other = "# the next line\ntype: onepath.ModelLine\nattributes: {name: other, owner: retention, version: 4, label: y}\n"
+    other = ("# the next line\ntype: onepath.ModelLine\n"
+             "attributes: {name: other, owner: retention, version: 4, label: y}\n")
     path.write_text(_TEAM_LAYOUTS[layout] + "---\n" + other)
     write_declaration(path, render_declaration(name="fraud", owner="retention", version="2", label="is_fraud",
                                                pii=[], protected=["age_band"], features=["amount"]), "fraud")

@@ -105,10 +105,13 @@ def _load_yaml(path: Path, problems: list | None = None, lines: dict | None = No
             if not isinstance(data, dict) or "type" not in data:
                 raise DeclarationError("?", "type", "expected a component (type: onepath.Model, attributes: ...) "
                                                     "or the old form (declarations: [...])", where)
-            extra = sorted(set(data) - {"type", "attributes"})
+            # a key of any YAML type (``1: 2``, ``~: x``, ``true: y``) is named as text, the first in the file
+            # (the constructed keys are the key nodes in order: duplicates are refused, a merge key has no node)
+            keys = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+            extra = [(str(k), kn.start_mark.line + 1) for k, kn in zip(data, keys) if k not in ("type", "attributes")]
             if extra:
-                raise DeclarationError("?", extra[0], "unknown key (a component has 'type' and 'attributes')",
-                                       f"{source}:{strict_yaml.line_of(node, [extra[0]])}")
+                raise DeclarationError("?", extra[0][0], "unknown key (a component has 'type' and 'attributes')",
+                                       f"{source}:{extra[0][1]}")
             attrs_node = next((v for k, v in node.value if k.value == "attributes"), node)
             try:
                 spec = parse_component(data["type"], data.get("attributes"), where)

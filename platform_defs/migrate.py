@@ -11,7 +11,7 @@ from pathlib import Path
 
 from platform_defs import strict_yaml
 from platform_defs.settings import declaration_files
-from platform_defs.specs import DeclarationError, component_type_of
+from platform_defs.specs import COMPONENT_TYPES, DeclarationError, component_type_of, fixed_by_type
 
 
 @dataclass
@@ -48,7 +48,10 @@ def render_components(text: str) -> str:
     rt.width = 120
     rt.indent(mapping=2, sequence=4, offset=2)
     data = rt.load(text)
-    head = _comment_of(data, "declarations")
+    # the file's leading comments (``# team file``) and the one on ``declarations:`` go before the first document
+    leading = [line.strip().lstrip("#").strip() for tok in ((data.ca.comment or [None, None])[1] or [])
+               for line in tok.value.splitlines() if line.strip()]
+    head = "\n".join(c for c in [*leading, _comment_of(data, "declarations")] if c)
     docs = []
     for i, item in enumerate(data["declarations"]):
         if not isinstance(item, dict):
@@ -56,7 +59,7 @@ def render_components(text: str) -> str:
         type_name = component_type_of(dict(item))
         if type_name is None:
             raise DeclarationError(str(item.get("name", "?")), "kind", f"unknown kind {item.get('kind')!r}")
-        fixed = {"kind"} | ({"source"} if type_name == "onepath.ModelLine" else set())
+        fixed = set(fixed_by_type(COMPONENT_TYPES[type_name]))  # what the type says, left out of its attributes
         attrs = CommentedMap()
         for k in item:
             if k not in fixed:
@@ -97,8 +100,22 @@ def _copy_comments(src, dst, dropped: set) -> None:
         dst.yaml_set_comment_before_after_key(next(iter(dst)), before="; ".join(lost), indent=2)
 
 
-def migrate(root: Path, check: bool = False) -> Migration:
+def checked_components(path: Path, text: str) -> str:
+    """``text`` (an old-form file at ``path``) as components, only if they load to exactly the same declarations
+    (``DeclarationError`` otherwise, or for an entry that does not load)."""
     from platform_defs.loader import _load_yaml, _rel
+
+    before = [d for d, _ in _load_yaml(path, text=text)]
+    new = render_components(text)
+    after = [d for d, _ in _load_yaml(path, text=new)]
+    if _plain(before) != _plain(after):
+        raise DeclarationError("?", "declarations", "the component form would not load the same declarations",
+                               _rel(path))
+    return new
+
+
+def migrate(root: Path, check: bool = False) -> Migration:
+    from platform_defs.loader import _rel
     from resources.files import atomic_write
 
     result = Migration()
@@ -110,16 +127,9 @@ def migrate(root: Path, check: bool = False) -> Migration:
             result.current.append(path)
             continue
         try:
-            before = [d for d, _ in _load_yaml(path)]
-            text = path.read_text()
-            new = render_components(text)
-            after = [d for d, _ in _load_yaml(path, text=new)]  # must be the same declarations to replace the old
+            new = checked_components(path, path.read_text())
         except DeclarationError as err:
             result.refused.append(f"{_rel(path)}: not converted, left as it was: {str(err).splitlines()[0]}")
-            continue
-        if _plain(before) != _plain(after):
-            result.refused.append(f"{_rel(path)}: not converted, left as it was: the component form would not load "
-                                  f"the same declarations")
             continue
         if not check:
             atomic_write(path, new.encode(), mode=path.stat().st_mode & 0o777)

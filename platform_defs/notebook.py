@@ -12,14 +12,17 @@ identity and writes (or updates) the model's declaration with the version it reg
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from platform_defs import strict_yaml
 from platform_defs.specs import (ModelSpec, NotebookModelSpec, notebook_dataset_name, notebook_endpoint_name)
 
 
@@ -178,74 +181,122 @@ def check_declaration(block: str, where: str) -> None:
 OWNED_KEYS = ("version", "label", "pii", "protected", "features")  # what a register says; the rest is the team's
 
 
-def _update_block(existing: str, block: str, ind: str = "  ") -> str:
-    """``existing`` (a model line's document in a declaration file) with the keys a register owns taken from
-    ``block``; ``ind`` is the indentation of its attributes. Declared ``pii``/``protected`` columns stay when this
-    register names none. Everything else a person wrote there stays: ``metrics`` minimums, ``purpose`` (and so
-    its minimum track), ``track``, ``environments``, ``favourable_label``, ``description``, comments."""
-    key_re = re.compile(rf"^{ind}(\w+):")
-    ours = {m.group(1): m.group(0).rstrip("\n")
-            for m in re.finditer(rf"^{ind}(\w+):.*\n(?:{ind} .*\n)*", block, re.M)
-            if m.group(1) in OWNED_KEYS}  # a key with its block-style items
-    out, skipping, seen = [], False, set()
-    for line in existing.splitlines():
-        key = key_re.match(line)
-        if key:
-            # a register that names no pii/protected columns this time does not take the declared ones away
-            skipping = key.group(1) in OWNED_KEYS and (key.group(1) in ours or key.group(1) not in ("pii", "protected"))
-            if skipping:
-                seen.add(key.group(1))
-                if key.group(1) in ours:
-                    out.append(ours[key.group(1)])
-                continue
-        elif skipping and line.startswith(ind + " "):
-            continue  # the rest of an owned key's block-style value
-        else:
-            skipping = False
-        out.append(line)
-    while out and not out[-1].strip():  # the new keys go after the attributes, before the blank lines
-        out.pop()
-    out += [ours[k] for k in OWNED_KEYS if k in ours and k not in seen]
-    return "\n".join(out) + "\n"
+def _attributes_of(doc: Any) -> Any:
+    return doc.get("attributes") if isinstance(doc, dict) else None
 
 
-_DOC_SPLIT = re.compile(r"^---[ \t]*(?:#.*)?\n", re.M)
+def _is_line(doc: Any, name: str) -> bool:
+    """Whether a parsed document is ``name``'s model line (however the team laid it out: flow or block style,
+    quoted, any key order or indentation)."""
+    attrs = _attributes_of(doc)
+    return doc.get("type") == MODEL_LINE and isinstance(attrs, dict) and attrs.get("name") == name
+
+
+def _round_trip():
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # a team's long line stays one line
+    rt.indent(mapping=2, sequence=4, offset=2)
+    return rt
+
+
+def _updated_document(chunk: str, block: str) -> str:
+    """``chunk`` (the text of one model line's document) with the keys a register owns taken from ``block``,
+    edited as YAML (ruamel's round trip keeps the comments, key order and quoting of everything else).
+    Declared ``pii``/``protected`` columns stay when this register names none; a ``features`` it no longer
+    names goes. Everything else a person wrote stays: ``metrics`` minimums, ``purpose``, ``track``,
+    ``environments``, ``favourable_label``, ``description``."""
+    rt = _round_trip()
+    doc = rt.load(chunk)
+    attrs, ours = doc["attributes"], rt.load(block)["attributes"]
+    for key in OWNED_KEYS:
+        if key in ours:
+            attrs[key] = ours[key]
+        elif key in attrs and key not in ("pii", "protected"):
+            del attrs[key]
+    out = io.StringIO()
+    rt.dump(doc, out)
+    return out.getvalue()
+
+
+def plan_declaration(path: Path, block: str, name: str) -> str:
+    """The text ``path`` would hold after this register (``block`` is its model line's document), checked:
+    it loads, and to the same declarations as before except the keys of ``name``'s model line that a register
+    owns (or that line added). Any problem is ``NotebookError`` (one line), and nothing is written; call it
+    before anything is logged, so a register that cannot update the file changes nothing anywhere.
+
+    The model line's document is found by parsing (``type: onepath.ModelLine`` and ``attributes.name``), and
+    only its lines are rewritten: the other documents and the comments between them stay as they are. An
+    old-form file (``declarations: [...]``) is converted as ``onepath migrate-declarations`` would (and only if
+    the components load to the same declarations)."""
+    from platform_defs.loader import _load_yaml, is_old_form
+    from platform_defs.migrate import checked_components
+    from platform_defs.specs import DeclarationError
+
+    if not path.exists():
+        text, old = "", []
+    else:
+        text = path.read_text()
+        try:
+            docs = strict_yaml.load_all_with_nodes(text)
+            if is_old_form(docs):
+                text = checked_components(path, text)
+                docs = strict_yaml.load_all_with_nodes(text)
+            old = [d for d, _ in _load_yaml(path, text=text)]
+        except (DeclarationError, yaml.YAMLError) as err:
+            raise NotebookError(f"{path}: fix this declaration file first (nothing was registered): "
+                                f"{str(err).splitlines()[0]}") from None
+    mine = [node for data, node in docs if _is_line(data, name)] if text else []
+    if len(mine) > 1:
+        raise NotebookError(f"{path}: model line '{name}' is declared {len(mine)} times (lines "
+                            f"{', '.join(str(n.start_mark.line + 1) for n in mine)}): keep one")
+    if mine:
+        lines = text.splitlines(keepends=True)
+        start, end = mine[0].start_mark, mine[0].end_mark
+        stop = end.line + (1 if end.column else 0)
+        chunk = "".join(lines[start.line:stop])
+        new = "".join(lines[:start.line]) + _updated_document(chunk, block) + "".join(lines[stop:])
+    elif text.strip():
+        new = (text if text.endswith("\n") else text + "\n") + "---\n" + block
+    else:
+        new = block
+    try:
+        after = [d for d, _ in _load_yaml(path, text=new)]
+    except (DeclarationError, yaml.YAMLError) as err:
+        raise NotebookError(f"{path}: the file this register would write does not load, so nothing was "
+                            f"registered: {str(err).splitlines()[0]}") from None
+    target = next((d for d in after if d.name == name), None)
+    wanted = yaml.safe_load(block)["attributes"]
+    unchanged = [_plain(d) for d in old if d.name != name] == [_plain(d) for d in after if d.name != name]
+    before_line = next((d for d in old if d.name == name), None)
+    ok = (unchanged and target is not None and len(after) == len(old) + (before_line is None)
+          and all(getattr(target, k) == v for k, v in wanted.items())
+          and (before_line is None or _plain(before_line, OWNED_KEYS) == _plain(target, OWNED_KEYS)))
+    if not ok:
+        raise NotebookError(f"{path}: updating model line '{name}' would change more than its "
+                            f"{'/'.join(OWNED_KEYS)}, so nothing was registered: edit the file by hand")
+    return new
+
+
+def _plain(decl: Any, leave_out: tuple = ()) -> tuple:
+    return type(decl).__name__, {k: v for k, v in decl.model_dump().items() if k not in leave_out}
 
 
 def write_declaration(path: Path, block: str, name: str) -> None:
-    """Create ``path`` with ``block``, or update the model line's document in it (the keys a register owns; the
-    rest of that document and the other declarations are left as they are), or add it as a document of its own.
-    An old-form file (``declarations: [...]``) is converted to components first (``onepath
-    migrate-declarations``, comments kept). Written atomically: the reload watcher and a code server may read the
-    folder at any moment."""
-    from platform_defs.migrate import render_components
+    """Create ``path`` with ``block``, or update the model line's document in it (``plan_declaration``: the keys
+    a register owns; the rest of that document and the other declarations are left as they are), or add it as a
+    document of its own. Written atomically: the reload watcher and a code server may read the folder at any
+    moment."""
     from resources.files import atomic_write
 
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, block.encode())
-        return
-    text = path.read_text()
-    if re.search(r"^declarations:", text, re.M):
-        try:
-            text = render_components(text)
-        except Exception as err:  # noqa: BLE001 - a file the migration cannot read is the team's to fix
-            raise NotebookError(f"{path}: an old-form declaration file that could not be converted to components "
-                                f"({str(err).splitlines()[0]}): run onepath migrate-declarations") from None
-    starts = [0] + [m.end() for m in _DOC_SPLIT.finditer(text)]
-    ends = [m.start() for m in _DOC_SPLIT.finditer(text)] + [len(text)]
-    mine = re.compile(rf"^type: {re.escape(MODEL_LINE)}[ \t]*(?:#.*)?$(?s:.*)^  name: {re.escape(name)}[ \t]*(?:#.*)?$",
-                      re.M)
-    for start, end in zip(starts, ends):
-        if mine.search(text[start:end]):
-            text = text[:start] + _update_block(text[start:end], block) + text[end:]
-            break
+    text = plan_declaration(path, block, name)
+    if path.exists():
+        atomic_write(path, text.encode(), mode=path.stat().st_mode & 0o777)
     else:
-        if text.strip():
-            text = (text if text.endswith("\n") else text + "\n") + "---\n" + block
-        else:
-            text = block
-    atomic_write(path, text.encode(), mode=path.stat().st_mode & 0o777)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text.encode())
 
 
 def declaration_path(owner: str, declarations: str | Path | None = None) -> Path:
@@ -383,6 +434,10 @@ def _register(model: Any, *, train: Any, test: Any, label: str, name: str, owner
     path = declaration_path(owner, declarations)
     check_declaration(render_declaration(name=name, owner=owner, version="1", label=label, pii=pii,
                                          protected=protected, features=feats), str(path))
+    # the file this register would write, checked before anything is logged, snapshotted or signed (the version
+    # is MLflow's, known later; the check compares everything but the keys a register owns)
+    plan_declaration(path, render_declaration(name=name, owner=owner, version="1", label=label, pii=pii,
+                                              protected=protected, features=feats), name)
     who, private_key = signing_key(identity, key)
     policy = policy or load_policy()
     if owner not in policy.teams:

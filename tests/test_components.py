@@ -249,12 +249,13 @@ def test_migrate_declarations_converts_the_old_form_to_the_same_organisation_onc
     team = tmp_path / "decls" / "retention"
     team.mkdir(parents=True)
     path = team / "defs.yaml"
-    path.write_text(OLD_RETENTION)
+    old = "# the team file: retention\n\n" + OLD_RETENTION  # a leading comment is kept too
+    path.write_text(old)
     before = load_organisation(team.parent)
 
     rc, out, err = _migrate(team.parent, "--check", capsys=capsys)
     assert rc == 1 and "retention/defs.yaml: still in the old form" in out and "1 file(s) in the old form" in err
-    assert path.read_text() == OLD_RETENTION  # --check writes nothing
+    assert path.read_text() == old  # --check writes nothing
 
     rc, out, err = _migrate(team.parent, capsys=capsys)
     assert rc == 0 and "retention/defs.yaml: converted to components" in out, (out, err)
@@ -263,7 +264,8 @@ def test_migrate_declarations_converts_the_old_form_to_the_same_organisation_onc
     assert [d["type"] for d in docs] == ["onepath.Dataset", "onepath.Model", "onepath.Endpoint", "onepath.ModelLine"]
     assert list(docs[0]["attributes"]) == ["name", "owner", "generator", "params", "feedback", "columns"]  # order kept
     assert "kind" not in docs[1]["attributes"] and "source" not in docs[3]["attributes"]
-    for comment in ("# the retention team's churn line", "# no track: the policy gives it", "# logged beside"):
+    for comment in ("# the team file: retention", "# the retention team's churn line",
+                    "# no track: the policy gives it", "# logged beside"):
         assert comment in new, new
     after = load_organisation(team.parent)
     assert list(after.by_name) == list(before.by_name)
@@ -293,3 +295,25 @@ def test_a_file_of_components_may_end_with_a_separator_and_comments(tmp_path):
     org = load_organisation(tmp_path)
     assert list(org.by_name) == ["fraud_data", "fraud", "fraud_scoring"]
     assert org.sources["fraud"].endswith("nb/defs.yaml:2")  # the document's first line (its type)
+
+
+@pytest.mark.parametrize("broken, field, line", [
+    ("type: onepath.Dataset\nattributes: {name: sales}\n1: 2\nfoo: 3\n", "1", 4),  # keys of mixed types
+    ("type: onepath.Dataset\nattributes: {name: sales}\ntrue: 2\n", "True", 4),
+    ("type: onepath.Dataset\nattributes: [name, sales]\n", "attributes", 2),  # attributes not a mapping
+    ("- type: onepath.Dataset\n- attributes: {}\n", "type", 2),  # a list document
+    ("type: [onepath.Dataset]\nattributes: {name: sales}\n", "type", 2),  # type not a string
+    ("type: 3\nattributes: {name: sales}\n", "type", 2),
+    ("type: onepath.Dataset\nattributes: {name: [sales]}\n", "name", 3),
+    # a non-string attribute key
+    ("type: onepath.ModelLine\nattributes: {name: other, owner: retention, version: 1, label: y, 1: 2}\n", "1", 3),
+])
+def test_a_broken_component_document_is_one_line_and_only_it_is_left_out(tmp_path, broken, field, line):
+    team = tmp_path / "nb"
+    team.mkdir()
+    (team / "defs.yaml").write_text("---\n" + broken + MODEL_LINE)
+    org = load_organisation(tmp_path, tolerant=True)
+    assert list(org.by_name) == ["fraud_data", "fraud", "fraud_scoring"]  # the file's valid document still loads
+    [problem] = org.problems
+    said = str(problem)
+    assert len(said.splitlines()) == 1 and f"nb/defs.yaml:{line}" in said and f"field '{field}'" in said, said

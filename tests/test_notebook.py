@@ -229,3 +229,62 @@ def test_private_umask_makes_a_blocks_files_owner_only_and_gives_the_kernel_its_
         os.umask(before)
     assert oct((tmp_path / "inside").stat().st_mode & 0o777) == "0o600"
     assert oct((tmp_path / "after").stat().st_mode & 0o777) == "0o644"  # the kernel's own umask comes back
+
+
+_TEAM_LAYOUTS = {  # the same model line as a team may lay it out; each keeps its purpose and comment
+    "block, pii items at the key's indentation": (
+        "# team file\ntype: onepath.ModelLine\nattributes:\n  name: fraud  # ours\n  owner: retention\n  version: 1\n"
+        "  label: is_fraud\n  purpose: fraud_check\n  pii:\n  - email\n"),
+    "flow attributes": (
+        "type: onepath.ModelLine  # ours\nattributes: {name: fraud, owner: retention, version: 1, label: is_fraud, "
+        "purpose: fraud_check, pii: [email]}\n"),
+    "quoted type and name": (
+        "type: 'onepath.ModelLine'\nattributes:\n  name: \"fraud\"  # ours\n  owner: retention\n  version: 1\n"
+        "  label: is_fraud\n  purpose: fraud_check\n  pii: [email]\n"),
+    "attributes before type, 4-space indentation": (
+        "attributes:\n    name: fraud  # ours\n    owner: retention\n    version: 1\n    label: is_fraud\n"
+        "    purpose: fraud_check\n    pii:\n        - email\ntype: onepath.ModelLine\n"),
+}
+
+
+@pytest.mark.parametrize("layout", list(_TEAM_LAYOUTS))
+def test_a_register_finds_its_model_line_in_any_layout_and_keeps_the_team_fields(tmp_path, layout):
+    from platform_defs.loader import _load_yaml
+    from platform_defs.notebook import render_declaration, write_declaration
+
+    path = tmp_path / "defs.yaml"
+    other = ("# the next line\ntype: onepath.ModelLine\n"
+             "attributes: {name: other, owner: retention, version: 4, label: y}\n")
+    path.write_text(_TEAM_LAYOUTS[layout] + "---\n" + other)
+    write_declaration(path, render_declaration(name="fraud", owner="retention", version="2", label="is_fraud",
+                                               pii=[], protected=["age_band"], features=["amount"]), "fraud")
+    text = path.read_text()
+    specs = [d for d, _ in _load_yaml(path)]
+    assert [(d.name, d.version) for d in specs] == [("fraud", 2), ("other", 4)], text  # updated, not duplicated
+    assert specs[0].purpose == "fraud_check" and specs[0].pii == ["email"] and specs[0].protected == ["age_band"]
+    assert specs[0].features == ["amount"] and "# ours" in text and text.endswith("---\n" + other), text
+    assert text.startswith("# team file\n") == layout.startswith("block")
+
+
+def test_a_register_that_cannot_update_the_file_changes_nothing_anywhere(tmp_path):
+    import onepath
+
+    from platform_defs.notebook import plan_declaration, render_declaration
+
+    path = tmp_path / "defs.yaml"
+    line = "type: onepath.ModelLine\nattributes: {name: fraud, owner: retention, version: 1, label: is_fraud}\n"
+    path.write_text(line + "---\n" + line)  # declared twice: which one to update is not register's to guess
+    block = render_declaration(name="fraud", owner="retention", version="2", label="is_fraud", pii=[], protected=[],
+                               features=None)
+    with pytest.raises(onepath.NotebookError) as err:
+        plan_declaration(path, block, "fraud")
+    assert "declared 2 times (lines 1, 4)" in str(err.value) and len(str(err.value).splitlines()) == 1
+    # register checks the file before anything is logged: no key is needed to be told, nothing was written
+    train, test = _frames()
+    from sklearn.linear_model import LogisticRegression
+
+    m = LogisticRegression().fit(train[["amount", "hour"]], train.is_fraud)
+    with pytest.raises(onepath.NotebookError, match="declared 2 times"):
+        onepath.register(m, train=train, test=test, label="is_fraud", name="fraud", owner="retention",
+                         identity="nobody", key=tmp_path / "missing.key", declarations=path)
+    assert path.read_text() == line + "---\n" + line

@@ -81,6 +81,8 @@ def cmd_card(args: argparse.Namespace) -> int:
             return _fail(f"{spec.name} version {version} has no model card: a card is written when a version "
                          f"is deployed")
         if args.html:
+            if not page.is_file():
+                return _fail(f"{spec.name} version {version}'s card has no HTML page ({page.name}) in its run")
             Path(args.html).write_bytes(page.read_bytes())
         print(f"# {spec.name} version {version}" + (f" (last deployed to {where})" if where else "")
               + f": the card in MLflow run {mv.run_id}, onepath/model_card/{md.name}", file=sys.stderr)

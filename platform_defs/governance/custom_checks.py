@@ -10,15 +10,20 @@ The contract (``onepath.CheckContext`` in, ``onepath.Verdict`` out)::
         return onepath.Verdict(recall >= ctx.params["min"], f"recall {recall:.3f} (min {ctx.params['min']})",
                                {"recall": recall})
 
-Where a check comes from: a track's ``checks`` in the policy names it, and the name is either declared
-once under the policy's ``custom_checks`` (``function: "pkg.mod:fn"``, or ``entry_point: name``), or
-provided by an installed package in the ``onepath.checks`` entry-point group
-(``[project.entry-points."onepath.checks"] min_recall = "acme_checks:min_recall"``). The policy is signed
-and recorded, so a track's checks come from it only: a package can add a check nobody named, and it never
-runs; it cannot take a built-in's name (built-in names always resolve to the built-ins, and the policy
-refuses a ``custom_checks`` entry named like one); a name two installed packages provide is refused.
+Where a check comes from: a track's ``checks`` in the policy names it, and it is declared once under the
+policy's ``custom_checks``: ``function: "pkg.mod:fn"`` from a platform-owned module outside the declarations
+folder (a module there, which teams write, is refused at load and at run time, unimported), optionally pinned
+by ``sha256:`` of its file; or ``entry_point: name`` with the ``distribution:`` that must provide it in the
+``onepath.checks`` entry-point group (``[project.entry-points."onepath.checks"] min_recall =
+"acme_checks:min_recall"``), optionally pinned by ``version:``. The policy is signed and recorded, so a
+track's checks come from it only: a package can add a check nobody declared, and it never runs; it cannot
+take a built-in's name (built-in names always resolve to the built-ins, and the policy refuses a
+``custom_checks`` entry named like one); another package's entry point of the same name never stands in
+for the declared distribution. Every verdict records what ran: ``check_function``, ``provided_by``
+(``name==version``) and ``check_sha256`` (of the module file); code other than the pinned fails closed.
 
-How it runs: in the gate, after the built-ins, for the exact version and environment being gated; its
+How it runs: in the gate, after every built-in, for the exact version and environment being gated, on
+copies of what the gate loaded (``Copies``); its
 verdict is recorded like theirs (the asset's blocking check, the ``gate_verdict`` ledger entry, the model
 card). It fails closed, with one line naming the check and its function, when the function cannot be
 imported, raises, returns anything but an ``onepath.Verdict``, or takes longer than its
@@ -199,7 +204,7 @@ class Provider:
     file: Path | None = None  # the module's source file (its sha256 is recorded with every verdict)
 
 
-def _dist(ep: Any) -> str:
+def dist_of(ep: Any) -> str:  # "name==version" of the distribution providing ep
     d = getattr(ep, "dist", None)
     return f"{d.metadata['Name']}=={d.version}" if d is not None else "an unknown distribution"
 
@@ -218,7 +223,7 @@ def entry_points_named(group: str, name: str) -> list[Any]:
 
     out: dict[tuple[str, str], Any] = {}
     for ep in entry_points(group=group, name=name):
-        out.setdefault((_normal(_dist(ep).split("==")[0]), ep.value), ep)
+        out.setdefault((_normal(dist_of(ep).split("==")[0]), ep.value), ep)
     return list(out.values())
 
 
@@ -285,9 +290,9 @@ def provider(policy: "Policy", name: str) -> Provider | str:
     else:
         eps = entry_points_named(GROUP, declared.entry_point or "")
         want = _normal(declared.distribution or "")
-        mine = [e for e in eps if _normal(_dist(e).split("==")[0]) == want]
+        mine = [e for e in eps if _normal(dist_of(e).split("==")[0]) == want]
         if not mine:
-            others = f" (provided by {', '.join(sorted(_dist(e) for e in eps))})" if eps else ""
+            others = f" (provided by {', '.join(sorted(dist_of(e) for e in eps))})" if eps else ""
             return (f"custom check '{name}': distribution '{declared.distribution}' is not installed with entry "
                     f"point '{declared.entry_point}' in group '{GROUP}'{others}")
         if len(mine) > 1:
@@ -296,7 +301,7 @@ def provider(policy: "Policy", name: str) -> Provider | str:
                     f"({', '.join(sorted(e.value for e in mine))})")
         ep = mine[0]
         files = module_files(ep.module)
-        found = Provider(name, f"{ep.value} (entry point {GROUP}:{ep.name})", _dist(ep), ep.load,
+        found = Provider(name, f"{ep.value} (entry point {GROUP}:{ep.name})", dist_of(ep), ep.load,
                          files[-1] if files else None)
     return found
 

@@ -415,6 +415,36 @@ def test_a_check_module_under_the_declarations_folder_is_refused_at_load_and_at_
     assert "tests.fixtures.bad_checks" not in sys.modules  # refused before importing it
 
 
+def test_a_team_module_found_by_any_finder_is_refused_like_one_on_sys_path(tmp_path, monkeypatch):
+    """An editable install maps packages with a finder on sys.meta_path, not sys.path: the refusal follows
+    the import system, so a declarations folder reached that way is refused too, unimported."""
+    import importlib.util
+
+    declarations = tmp_path / "assets"
+    (declarations / "retention").mkdir(parents=True)
+    (declarations / "retention" / "teamcheck.py").write_text("raise SystemExit('imported')\n")
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))
+
+    class Editable:  # what setuptools' editable finder does: a name mapped to a file
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "onepath_team_code":
+                return importlib.util.spec_from_file_location(name, declarations / "retention" / "teamcheck.py")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, Editable()])
+    with pytest.raises(PolicyError, match="teamcheck.py is under the declarations folder"):
+        _policy_with(c="onepath_team_code:ok")  # refused at load
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(tmp_path / "elsewhere"))
+    policy = _policy_with(c="onepath_team_code:ok")  # loaded while it was not a declarations folder ...
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))  # ... refused in the gate once it is
+    found = provider(policy, "c")
+    assert isinstance(found, str) and "teamcheck.py is under the declarations folder, which teams write" in found
+    v = run_custom(policy, "c", _ctx("c", policy))
+    assert not v.passed and "is under the declarations folder" in v.summary
+    assert "onepath_team_code" not in sys.modules
+
+
 def test_a_pinned_sha256_that_no_longer_matches_fails_the_check_closed(tmp_path, monkeypatch):
     module = tmp_path / "platform_checks_pin.py"
     module.write_text("import onepath\n\n\ndef ok(ctx):\n    return onepath.Verdict(True, 'fine')\n")

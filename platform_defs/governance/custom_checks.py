@@ -230,13 +230,11 @@ def entry_points_named(group: str, name: str) -> list[Any]:
 def module_files(module: str) -> list[Path]:
     """The source files importing ``module`` runs (each parent package's ``__init__`` and the module),
     found the way the import system finds them, without running any of them; [] when it is not found."""
-    from importlib.machinery import PathFinder
-
     files, search = [], None
     parts = module.split(".")
     for i in range(len(parts)):
         try:
-            spec = PathFinder.find_spec(".".join(parts[:i + 1]), search)
+            spec = _find_spec(".".join(parts[:i + 1]), search)
             namespace = spec is not None and spec.origin is None and spec.submodule_search_locations is not None
         except KeyError:  # a namespace package inside one not imported yet (importlib looks its parent up)
             spec, namespace = None, True
@@ -250,6 +248,20 @@ def module_files(module: str) -> list[Path]:
             files.append(Path(spec.origin).resolve())
         search = list(spec.submodule_search_locations or [])
     return files
+
+
+def _find_spec(fullname: str, search: list[str] | None) -> Any:
+    """The spec the import system would use for ``fullname``: the module already imported, else the first
+    finder on ``sys.meta_path`` that finds it (an editable install's finder included, not only sys.path)."""
+    loaded = sys.modules.get(fullname)
+    if loaded is not None and getattr(loaded, "__spec__", None) is not None:
+        return loaded.__spec__
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        spec = find(fullname, search) if find is not None else None
+        if spec is not None:
+            return spec
+    return None
 
 
 def sha256_of(path: Path) -> str:

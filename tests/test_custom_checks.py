@@ -413,6 +413,13 @@ def test_a_check_module_under_the_declarations_folder_is_refused_at_load_and_at_
                                             "teams write; a custom check comes from an installed package or a "
                                             "platform-owned module outside it")
     assert "tests.fixtures.bad_checks" not in sys.modules  # refused before importing it
+    monkeypatch.delenv("ONEPATH_DECLARATIONS_DIR")  # `onepath validate tests/`: the folder validated counts too
+    from platform_defs.governance.custom_checks import importable_problems
+
+    (problem,) = importable_problems(policy, ROOT / "tests")
+    assert problem.endswith("tests/fixtures/bad_checks.py is under the declarations folder, which teams write; a "
+                            "custom check comes from an installed package or a platform-owned module outside it")
+    assert importable_problems(policy) == [] and importable_problems(policy, ROOT / "assets") == []
 
 
 def test_a_team_module_found_by_any_finder_is_refused_like_one_on_sys_path(tmp_path, monkeypatch):

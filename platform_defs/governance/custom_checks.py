@@ -270,16 +270,16 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _team_written(module: str) -> Path | None:
+def _team_written(module: str, also: tuple[Path, ...] = ()) -> Path | None:
     """The first file importing ``module`` would run that lies under the declarations folder (teams write
     it: a check from there could pass itself, or patch the built-ins at import time), else None."""
     from platform_defs.settings import declarations_dir
 
-    root = declarations_dir()
-    return next((f for f in reversed(module_files(module)) if f.is_relative_to(root)), None)
+    roots = (declarations_dir(), *(Path(r).resolve() for r in also))
+    return next((f for f in reversed(module_files(module)) if any(f.is_relative_to(r) for r in roots)), None)
 
 
-def provider(policy: "Policy", name: str) -> Provider | str:
+def provider(policy: "Policy", name: str, also: tuple[Path, ...] = ()) -> Provider | str:
     """Who provides custom check ``name``, or a one-line reason nobody (or not the pinned code) does. Only a
     check declared under ``custom_checks`` runs: from a platform-owned module (``function:``, outside the
     declarations folder, optionally pinned by ``sha256:``) or from the named installed distribution
@@ -291,7 +291,7 @@ def provider(policy: "Policy", name: str) -> Provider | str:
     if declared.function is not None:
         fn = declared.function
         module = fn.split(":")[0]
-        bad = _team_written(module)
+        bad = _team_written(module, also)  # also: a declarations folder given to onepath validate
         if bad is not None:
             from platform_defs.policy import _shown
 
@@ -369,15 +369,16 @@ def unprovided(policy: "Policy") -> tuple[str, str] | None:
     return None
 
 
-def importable_problems(policy: "Policy") -> list[str]:
-    """One line per custom check a track names whose function does not import or is not callable (what
-    ``onepath validate`` adds to the load's checks; the gate fails closed on the same)."""
+def importable_problems(policy: "Policy", declarations: Path | None = None) -> list[str]:
+    """One line per custom check a track names whose function does not import or is not callable, or lies
+    under ``declarations`` (the folder validated) (what ``onepath validate`` adds to the load's checks; the
+    gate fails closed on the same)."""
     from platform_defs.policy import _shown
     from platform_defs.settings import policy_path
 
     out = []
     for name in dict.fromkeys(c for t in policy.tracks.values() for c in t.checks if is_custom(c)):
-        found = provider(policy, name)
+        found = provider(policy, name, () if declarations is None else (declarations,))
         if isinstance(found, str):
             out.append(f"policy {_shown(policy_path())}: {found}")
             continue

@@ -16,12 +16,13 @@ GROUP = "onepath.trainers"
 def __getattr__(name: str) -> Any:  # PEP 562: every attribute is an entry point's name
     if name.startswith("__"):
         raise AttributeError(name)
-    from importlib.metadata import entry_points
+    from platform_defs.governance.custom_checks import dist_of, entry_points_named  # one lookup for both groups
 
-    found = {(ep.dist.metadata["Name"] if ep.dist else "?", ep.value): ep for ep in entry_points(group=GROUP, name=name)}
+    found = entry_points_named(GROUP, name)
     if not found:
         raise AttributeError(f"no installed package provides trainer '{name}' in entry-point group '{GROUP}'")
     if len(found) > 1:
         raise AttributeError(f"trainer '{name}' in entry-point group '{GROUP}' is provided by more than one package "
-                             f"({', '.join(sorted(f'{d} ({v})' for d, v in found))}): name its module:function instead")
-    return next(iter(found.values())).load()
+                             f"({', '.join(sorted(f'{dist_of(e)} ({e.value})' for e in found))}): name its "
+                             f"module:function instead")
+    return found[0].load()

@@ -98,7 +98,7 @@ def validate_declarations(root: Path) -> "tuple[list[str], Any]":
             lines.append(str(err).splitlines()[0])
     from platform_defs.governance.custom_checks import importable_problems
 
-    lines += importable_problems(policy)  # like a trainer: a custom check a track names must import
+    lines += importable_problems(policy, root)  # like a trainer: a custom check a track names must import
     return lines, org
 
 

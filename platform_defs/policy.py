@@ -116,8 +116,13 @@ class CustomCheck(_P):
     (``platform_defs.governance.custom_checks``: the contract, and how it runs and fails closed)."""
 
     function: str | None = Field(None, description="'package.module:function(ctx: onepath.CheckContext) -> onepath.Verdict'.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="With function: the sha256 of its module's file; other code fails the check.")
     entry_point: str | None = Field(None, description="Instead of function: the name an installed package gives it in "
                                                       "the 'onepath.checks' entry-point group.")
+    distribution: str | None = Field(None, description="With entry_point (required): the distribution that must "
+                                                       "provide it (another package's entry point of that name never runs).")
+    version: str | None = Field(None, description="With entry_point: the distribution's version; another fails the check.")
     applies_to: list[Literal["model", "app"]] = Field(default_factory=lambda: ["model"],
                                                       description="What it judges: model versions, app releases.")
     description: str = Field("", description="One line, shown on the asset check.")
@@ -137,6 +142,10 @@ class CustomCheck(_P):
     def _one_source(self) -> "CustomCheck":
         if (self.function is None) == (self.entry_point is None):
             raise ValueError("set exactly one of function and entry_point")
+        if self.function is not None and (self.distribution is not None or self.version is not None):
+            raise ValueError("distribution and version pin an entry_point; a function is pinned by sha256")
+        if self.entry_point is not None and self.sha256 is not None:
+            raise ValueError("sha256 pins a function's module; an entry_point is pinned by distribution and version")
         return self
 
 
@@ -283,8 +292,6 @@ class Policy(_P):
             allowed = APP_CHECKS if name == "app" else ML_CHECKS
             other = ML_CHECKS if name == "app" else APP_CHECKS
             kind = "app" if name == "app" else "model"
-            if len(set(track.checks)) != len(track.checks):
-                raise ValueError(f"tracks.{name}.checks: a check is listed twice")
             for i, check in enumerate(track.checks):
                 if check in other and check not in allowed:
                     raise ValueError(f"tracks.{name}.checks.{i}: unknown check '{check}' for track '{name}' "
@@ -294,7 +301,7 @@ class Policy(_P):
                     raise ValueError(f"tracks.{name}.checks.{i}: custom check '{check}' applies to "
                                      f"{', '.join(custom.applies_to)}, not to the {kind}s of track '{name}' "
                                      f"(custom_checks.{check}.applies_to)")
-                # any other name must be provided by an installed package: parse_policy looks it up (I/O)
+                # any other name must be declared and provided: load_policy looks it up (use_problem)
         for who, ident in self.identities.items():
             if ident.team not in self.teams:
                 raise ValueError(f"identities.{who}.team: unknown team '{ident.team}'")
@@ -447,11 +454,33 @@ def load_policy(path: Path | None = None) -> Policy:
     shown = _shown(path)
     if not path.exists():
         raise PolicyError(shown, "(file)", "does not exist")
-    return parse_policy(path.read_text(), shown)
+    policy = parse_policy(path.read_text(), shown)
+    problem = use_problem(policy)
+    if problem is not None:
+        raise PolicyError(shown, *problem)
+    return policy
+
+
+def use_problem(policy: Policy) -> tuple[str, str] | None:
+    """``(key, problem)`` for what a policy loaded for use (the gate, ``onepath validate``, ``policy apply``)
+    must also satisfy, beyond ``parse_policy``'s structure: rules added after policies were recorded (a check
+    listed twice) and what the installed packages provide. Never applied to recorded history: uninstalling a
+    package, or a newer rule, must not break the recorded chain (the gate fails closed at run time anyway)."""
+    for name, track in policy.tracks.items():
+        if len(set(track.checks)) != len(track.checks):
+            return f"tracks.{name}.checks", "a check is listed twice"
+    for name, check in policy.custom_checks.items():
+        if check.entry_point is not None and check.distribution is None:
+            return (f"custom_checks.{name}", "entry_point needs distribution: (the installed distribution that must "
+                                             "provide it; another package's entry point of that name never runs)")
+    from platform_defs.governance.custom_checks import unprovided
+
+    return unprovided(policy)  # every check a track names is built in, or declared and provided
 
 
 def parse_policy(text: str, shown: str) -> Policy:
-    """Validate a policy's YAML ``text``; errors name ``shown`` (a file, or a ledger entry) and the key."""
+    """Validate a policy's YAML ``text``, structurally (no I/O: recorded history is re-parsed with it); errors
+    name ``shown`` (a file, or a ledger entry) and the key. A policy for use goes through ``load_policy``."""
     try:
         data = strict_yaml.load(text)
     except yaml.YAMLError as err:
@@ -471,11 +500,6 @@ def parse_policy(text: str, shown: str) -> Policy:
         elif first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], (dict, list)):
             msg = f"{msg} (got {first['input']!r})"
         raise PolicyError(shown, loc or "(root)", msg) from None
-    from platform_defs.governance.custom_checks import unprovided
-
-    problem = unprovided(policy)  # every check a track names is built in, declared, or an installed package's
-    if problem is not None:
-        raise PolicyError(shown, *problem)
     return policy
 
 
@@ -513,6 +537,10 @@ def policy_hash(policy: Policy) -> str:
     data = policy.model_dump(mode="json")
     if not data["custom_checks"]:  # a policy with none hashes as it did before custom checks existed
         del data["custom_checks"]
+    for check in data.get("custom_checks", {}).values():  # pins unset: hashes as before pins existed
+        for pin in ("sha256", "distribution", "version"):
+            if check[pin] is None:
+                del check[pin]
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -281,6 +281,12 @@ def judge(book: Ledger, policy: Policy, required: list[str], evaluate: Callable[
             for check in (required or ["policy"])], standing
 
 
+
+def _code_of(v: Any) -> dict[str, Any]:
+    """A custom check's verdict: the code that judged it (function, distribution, module sha256)."""
+    keys = ("check_function", "provided_by", "check_sha256")
+    return {k: v.metadata[k] for k in keys if k in v.metadata} if "check_sha256" in v.metadata else {}
+
 def record_gate(book: Ledger, verdicts: list, *, subject: str, env: str, actor: str, version: str,
                 who: dict[str, str], still_serving: str | None, policy: Policy, trigger: str | None = None,
                 claims: dict[str, Any] | None = None, standing: Any = None) -> str | None:
@@ -298,7 +304,8 @@ def record_gate(book: Ledger, verdicts: list, *, subject: str, env: str, actor: 
         **who, "version": version, "passed": not failed, "claims": claims, "policy_hash": policy_hash(policy),
         "policy_entry": standing.entry_seq if standing.ok else None,
         **({} if standing.ok else {"policy_problem": standing.problem}),
-        "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
+        "verdicts": {v.check: {"passed": v.passed, "summary": v.summary, **_code_of(v)} for v in verdicts}},
+        actor, env=env)
     if not failed:
         return None
     if standing.ok and [v.check for v in failed] == ["approval"]:
@@ -396,7 +403,8 @@ def governed(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, ve
     book.append("gate_verdict", spec.name, {
         "model": model.name, "version": version, "passed": not failed, "trigger": "way back: policy changed",
         "policy_hash": policy_hash(policy), "policy_entry": standing.entry_seq if standing.ok else None,
-        "verdicts": {v.check: {"passed": v.passed, "summary": v.summary} for v in verdicts}}, actor, env=env)
+        "verdicts": {v.check: {"passed": v.passed, "summary": v.summary, **_code_of(v)} for v in verdicts}},
+        actor, env=env)
     if failed:
         return (f"version {version} no longer passes the {env} gate under the policy in force: "
                 + "; ".join(f"{v.check}: {v.summary}" for v in failed))

@@ -4,6 +4,7 @@ fails closed; a policy naming a check nobody provides, or trying to replace a bu
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,14 @@ def policy_doc() -> dict:
 
 
 def parse(doc: dict):
-    return parse_policy(yaml.safe_dump(doc, sort_keys=False), SHOWN)
+    """The policy loaded for use, as ``load_policy`` loads a file: structure, then the use-time rules."""
+    from platform_defs.policy import use_problem
+
+    policy = parse_policy(yaml.safe_dump(doc, sort_keys=False), SHOWN)
+    problem = use_problem(policy)
+    if problem is not None:
+        raise PolicyError(SHOWN, *problem)
+    return policy
 
 
 def refused(doc: dict) -> str:
@@ -40,13 +48,21 @@ def test_a_check_nobody_provides_is_refused_naming_the_file_track_and_check():
     doc = policy_doc()
     doc["tracks"]["ml-standard"]["checks"].append("min_recall")
     assert refused(doc) == (
-        "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': unknown check 'min_recall': not built in, not "
-        "declared under custom_checks, and no installed package provides 'min_recall' in entry-point group "
-        "'onepath.checks' (built in for track 'ml-standard': data_quality, performance, no_regression, fairness, "
+        "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': unknown check 'min_recall': not built in and "
+        "not declared under custom_checks (a custom check is declared there with function: or entry_point: and "
+        "distribution:) (built in for track 'ml-standard': data_quality, performance, no_regression, fairness, "
         "explainability, lineage, drift_ready, rollback_path, approval)")
     doc["custom_checks"] = {"min_recall": {"entry_point": "acme_min_recall"}}
+    assert refused(doc) == ("policy assets/policy.yaml: key 'custom_checks.min_recall': entry_point needs "
+                            "distribution: (the installed distribution that must provide it; another package's "
+                            "entry point of that name never runs)")
+    doc["custom_checks"]["min_recall"]["distribution"] = "acme-checks"
     assert refused(doc) == ("policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': custom check 'min_recall': "
-                            "no installed package provides entry point 'acme_min_recall' in group 'onepath.checks'")
+                            "distribution 'acme-checks' is not installed with entry point 'acme_min_recall' in group "
+                            "'onepath.checks'")
+    doc["tracks"]["ml-standard"]["checks"].append("Min-Recall")  # not a check name: one line, not a traceback
+    assert "key 'tracks.ml-standard.checks.5': unknown check 'Min-Recall'" in refused(
+        {**doc, "custom_checks": {"min_recall": {"function": "tests.fixtures.bad_checks:params_echo"}}})
 
 
 def test_a_custom_check_cannot_replace_a_built_in_or_gate_what_it_does_not_apply_to():
@@ -155,10 +171,17 @@ def acme(tmp_path_factory):
 def test_an_installed_package_provides_a_check_but_never_a_built_in(acme):
     doc = policy_doc()
     doc["tracks"]["ml-standard"]["checks"].append("min_recall")
-    policy = parse(doc)  # loads now: the package provides min_recall
+    assert "unknown check 'min_recall': not built in and not declared" in refused(doc)  # installed is not enough
+    doc["custom_checks"] = {"min_recall": {"entry_point": "min_recall", "distribution": "acme_checks"}}
+    policy = parse(doc)  # loads now: the named distribution provides min_recall
     found = provider(policy, "min_recall")
     assert found.provided_by == "acme-checks==1.0.0"
     assert found.function == "acme_checks:min_recall (entry point onepath.checks:min_recall)"
+    doc["custom_checks"]["min_recall"]["version"] = "2.0"  # pinned to another release: refused at load
+    assert refused(doc) == ("policy assets/policy.yaml: key 'custom_checks.min_recall': custom check 'min_recall' "
+                            "(acme_checks:min_recall (entry point onepath.checks:min_recall)) is not the pinned "
+                            "distribution: custom_checks.min_recall.version expects acme_checks==2.0, found "
+                            "acme-checks==1.0.0")
     from platform_defs.governance.custom_checks import describe
     from platform_defs.governance.gates import DESCRIPTIONS
 
@@ -183,7 +206,8 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
 
         return base.model_copy(update={
             "tracks": {**base.tracks, "ml-standard": track.model_copy(update={"checks": [*track.checks, "min_recall"]})},
-            "custom_checks": {"min_recall": CustomCheck(entry_point="min_recall", params={"min": bound},
+            "custom_checks": {"min_recall": CustomCheck(entry_point="min_recall", distribution="acme-checks",
+                                                        params={"min": bound},
                                                         description="Recall on the held-out rows.")}})
 
     strict, lenient = with_min_recall(1.01), with_min_recall(0.0)
@@ -210,6 +234,8 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
             reason = checks["min_recall"].metadata["verdict"].value
             assert reason.startswith("recall ") and reason.endswith(" held-out rows (min 1.01)")
             assert checks["min_recall"].metadata["provided_by"].value == "acme-checks==1.0.0"
+            acme_file = acme / "acme_checks" / "__init__.py"  # the code that ran, by its hash
+            assert checks["min_recall"].metadata["check_sha256"].value == hashlib.sha256(acme_file.read_bytes()).hexdigest()
             assert "held_out_roc_auc" in checks["performance"].metadata  # the built-in ran, not the package's
             (refusal,) = book.entries(kind="promotion_refused", subject="churn_scoring", env="staging")
             assert refusal.data["failed"] == ["min_recall"] and refusal.data["still_serving"] is None
@@ -229,6 +255,8 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
             (verdict,) = [e for e in book.entries(kind="gate_verdict", subject="churn_scoring", env="staging")
                           if e.data["passed"]]
             assert verdict.data["verdicts"]["min_recall"]["passed"] is True
+            assert verdict.data["verdicts"]["min_recall"]["check_sha256"] == \
+                hashlib.sha256(acme_file.read_bytes()).hexdigest()
     finally:
         deployer.stop_all()
 
@@ -249,6 +277,55 @@ def test_an_app_tracks_custom_check_runs_in_the_app_gate_after_the_built_ins(tmp
     scan, echo = gate.evaluate("r-test", build, "staging")
     assert scan.check == "security_scan" and scan.passed
     assert (echo.check, echo.passed, echo.summary) == ("echo", True, "judged loan_portal r-test for staging")
+
+
+def test_custom_checks_run_after_every_built_in_on_copies_never_the_gates_objects(tmp_path):
+    """A custom check listed first still runs after the built-ins (so patching them at run time changes no
+    verdict of this gate), results stay in the policy's order, and what it edits is its own copy."""
+    import shutil
+
+    import pandas as pd
+    from sklearn.dummy import DummyClassifier
+
+    from platform_defs.governance.custom_checks import Copies
+    from platform_defs.governance.gates import AppGate
+    from platform_defs.loader import load_organisation
+
+    policy = _policy_with(patch="tests.fixtures.bad_checks:patches_the_built_ins")
+    app = policy.tracks["app"].model_copy(update={"checks": ["patch", "security_scan"]})
+    policy = policy.model_copy(update={"tracks": {**policy.tracks, "app": app}})
+    build = tmp_path / "r-test"
+    shutil.copytree(ROOT / "apps" / "loan_portal", build, ignore=shutil.ignore_patterns("__pycache__"))
+    (build / "leak.py").write_text('PASSWORD = "hunter2-but-longer-and-random-Zx81Qw"\nimport pickle, subprocess\n'
+                                   'subprocess.call("rm -rf /tmp/x", shell=True)\n')
+    gate = AppGate(app=load_organisation(ROOT / "assets").by_name["loan_portal"], policy=policy, ledger=None,
+                   deployer=None, source_dir=ROOT / "apps" / "loan_portal", repo_root=ROOT)
+    original = AppGate._check_security_scan
+    try:
+        patch, scan = gate.evaluate("r-test", build, "staging")
+    finally:
+        AppGate._check_security_scan = original
+    assert (patch.check, patch.passed) == ("patch", True)
+    assert (scan.check, scan.passed) == ("security_scan", False) and scan.summary != "patched"
+
+    X = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0]})
+    y = pd.Series([0, 1, 0, 1])
+
+    class Candidate:  # the gate's cached version, in shape
+        gate = "the gate"
+        estimator = DummyClassifier().fit(X, y)
+        held_out = (X, y, X)
+
+    candidate = Candidate()
+    params = {"min": 0.5}
+    ctx = CheckContext(check="e", kind="model", subject="m", version="1", env="staging", track="ml-standard",
+                       params=params, spec=None, _version=Copies(candidate))
+    from tests.fixtures.bad_checks import edits_what_it_is_given
+
+    assert edits_what_it_is_given(ctx).passed
+    assert X["a"].tolist() == [1.0, 2.0, 3.0, 4.0] and not hasattr(candidate.estimator, "fitted_")
+    assert params == {"min": 0.5} and not hasattr(ctx._v, "gate")
+    assert ctx.held_out[0]["a"].tolist() == [0, 0, 0, 0]  # its own copy, kept for that check
 
 
 def test_a_trainer_from_an_installed_package_is_declared_through_onepath_trainers(acme, tmp_path):
@@ -283,9 +360,9 @@ def test_a_trainer_from_an_installed_package_is_declared_through_onepath_trainer
         "'onepath.trainers'"), str(problem)
 
 
-def test_a_name_two_installed_packages_provide_is_refused_at_load(acme, tmp_path):
+def test_a_second_package_offering_the_name_never_stands_in_for_the_declared_distribution(acme, tmp_path):
     """A second package offering 'min_recall' cannot quietly take over the check the policy names: the policy
-    is refused until it says which (custom_checks.min_recall.function)."""
+    names the distribution, and only that distribution's entry point runs."""
     src = tmp_path / "rival"
     (src / "rival_checks").mkdir(parents=True)
     (src / "rival_checks" / "__init__.py").write_text(
@@ -300,14 +377,128 @@ def test_a_name_two_installed_packages_provide_is_refused_at_load(acme, tmp_path
     assert out.returncode == 0, out.stderr
     doc = policy_doc()
     doc["tracks"]["ml-standard"]["checks"].append("min_recall")
-    sys.path.insert(0, str(target))
+    doc["custom_checks"] = {"min_recall": {"entry_point": "min_recall", "distribution": "acme-checks"}}
+    sys.path.insert(0, str(target))  # installed after the policy was written, in the same process: seen
     try:
+        assert provider(parse(doc), "min_recall").provided_by == "acme-checks==1.0.0"
+        doc["custom_checks"]["min_recall"]["distribution"] = "rival-checks"
+        assert provider(parse(doc), "min_recall").provided_by == "rival-checks==0.1"
+        doc["custom_checks"]["min_recall"]["distribution"] = "other-checks"
         assert refused(doc) == (
-            "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': check 'min_recall': entry point "
-            "'min_recall' in group 'onepath.checks' is provided by more than one package (acme-checks==1.0.0 "
-            "(acme_checks:min_recall), rival-checks==0.1 (rival_checks:min_recall)); declare it under custom_checks "
-            "with function: instead")
-        doc["custom_checks"] = {"min_recall": {"function": "acme_checks:min_recall"}}
-        assert provider(parse(doc), "min_recall").function == "acme_checks:min_recall"
+            "policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': custom check 'min_recall': distribution "
+            "'other-checks' is not installed with entry point 'min_recall' in group 'onepath.checks' (provided by "
+            "acme-checks==1.0.0, rival-checks==0.1)")
     finally:
         sys.path.remove(str(target))
+
+
+# -- the code that runs is the platform's: never a team's file, and pinned by the policy -----------------
+
+def test_a_check_module_under_the_declarations_folder_is_refused_at_load_and_at_run_time(monkeypatch):
+    """A team writes the declarations folder: a check from there could return Verdict(True) or patch the
+    built-ins when imported. It is refused without being imported, at load and in the gate."""
+    doc = policy_doc()
+    doc["custom_checks"] = {"min_recall": {"function": "assets.retention.trainer:train_churn"}}
+    doc["tracks"]["ml-standard"]["checks"].append("min_recall")
+    why = ("custom check 'min_recall' (assets.retention.trainer:train_churn): assets/retention/trainer.py is under "
+           "the declarations folder, which teams write; a custom check comes from an installed package or a "
+           "platform-owned module outside it")
+    assert refused(doc) == f"policy assets/policy.yaml: key 'tracks.ml-standard.checks.4': {why}"
+    policy = _policy_with(c="tests.fixtures.bad_checks:params_echo")  # loads: tests/ is not a declarations folder
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(ROOT / "tests"))  # ... until it is
+    sys.modules.pop("tests.fixtures.bad_checks", None)
+    v = run_custom(policy, "c", _ctx("c", policy))
+    assert (v.passed, v.summary) == (False, "custom check 'c' (tests.fixtures.bad_checks:params_echo): "
+                                            "tests/fixtures/bad_checks.py is under the declarations folder, which "
+                                            "teams write; a custom check comes from an installed package or a "
+                                            "platform-owned module outside it")
+    assert "tests.fixtures.bad_checks" not in sys.modules  # refused before importing it
+    monkeypatch.delenv("ONEPATH_DECLARATIONS_DIR")  # `onepath validate tests/`: the folder validated counts too
+    from platform_defs.governance.custom_checks import importable_problems
+
+    (problem,) = importable_problems(policy, ROOT / "tests")
+    assert problem.endswith("tests/fixtures/bad_checks.py is under the declarations folder, which teams write; a "
+                            "custom check comes from an installed package or a platform-owned module outside it")
+    assert importable_problems(policy) == [] and importable_problems(policy, ROOT / "assets") == []
+
+
+def test_a_team_module_found_by_any_finder_is_refused_like_one_on_sys_path(tmp_path, monkeypatch):
+    """An editable install maps packages with a finder on sys.meta_path, not sys.path: the refusal follows
+    the import system, so a declarations folder reached that way is refused too, unimported."""
+    import importlib.util
+
+    declarations = tmp_path / "assets"
+    (declarations / "retention").mkdir(parents=True)
+    (declarations / "retention" / "teamcheck.py").write_text("raise SystemExit('imported')\n")
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))
+
+    class Editable:  # what setuptools' editable finder does: a name mapped to a file
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "onepath_team_code":
+                return importlib.util.spec_from_file_location(name, declarations / "retention" / "teamcheck.py")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, Editable()])
+    with pytest.raises(PolicyError, match="teamcheck.py is under the declarations folder"):
+        _policy_with(c="onepath_team_code:ok")  # refused at load
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(tmp_path / "elsewhere"))
+    policy = _policy_with(c="onepath_team_code:ok")  # loaded while it was not a declarations folder ...
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))  # ... refused in the gate once it is
+    found = provider(policy, "c")
+    assert isinstance(found, str) and "teamcheck.py is under the declarations folder, which teams write" in found
+    v = run_custom(policy, "c", _ctx("c", policy))
+    assert not v.passed and "is under the declarations folder" in v.summary
+    assert "onepath_team_code" not in sys.modules
+
+
+def test_a_pinned_sha256_that_no_longer_matches_fails_the_check_closed(tmp_path, monkeypatch):
+    module = tmp_path / "platform_checks_pin.py"
+    module.write_text("import onepath\n\n\ndef ok(ctx):\n    return onepath.Verdict(True, 'fine')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pinned = hashlib.sha256(module.read_bytes()).hexdigest()
+    policy = _policy_with(c="platform_checks_pin:ok")
+    policy = policy.model_copy(update={"custom_checks": {"c": policy.custom_checks["c"].model_copy(
+        update={"sha256": pinned})}})
+    v = run_custom(policy, "c", _ctx("c", policy))
+    assert (v.passed, v.metadata["check_sha256"]) == (True, pinned)
+    module.write_text(module.read_text().replace("True", "False") + "# changed\n")  # the file changed since
+    found = hashlib.sha256(module.read_bytes()).hexdigest()
+    v = run_custom(policy, "c", _ctx("c", policy))
+    assert (v.passed, v.summary) == (False, f"custom check 'c' (platform_checks_pin:ok) is not the pinned code: "
+                                            f"custom_checks.c.sha256 expects {pinned}, found {found}")
+    assert v.metadata["check_sha256"] == found
+    doc = policy_doc()
+    doc["custom_checks"] = {"c": {"function": "platform_checks_pin:ok", "sha256": pinned}}
+    doc["tracks"]["ml-standard"]["checks"].append("c")
+    assert refused(doc) == (f"policy assets/policy.yaml: key 'custom_checks.c': custom check 'c' "
+                            f"(platform_checks_pin:ok) is not the pinned code: custom_checks.c.sha256 expects "
+                            f"{pinned}, found {found}")
+
+
+def test_a_recorded_policy_naming_an_uninstalled_package_still_verifies_as_a_chain(acme, tmp_path):
+    """History is re-parsed structurally: uninstalling the package a recorded policy names (or a rule added
+    since) does not break the recorded chain; only loading that policy for use refuses it."""
+    import importlib
+
+    from platform_defs.policy_record import recorded_policies
+    from resources.ledger import Ledger
+    from tests.conftest import record_policy
+
+    doc = policy_doc()
+    doc["tracks"]["ml-standard"]["checks"].append("min_recall")
+    doc["custom_checks"] = {"min_recall": {"entry_point": "min_recall", "distribution": "acme-checks"}}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    book = Ledger(tmp_path / "ledger.db", tmp_path / "keys" / "platform.key")
+    record_policy(book, path=path)
+    sys.path.remove(str(acme))  # the package is uninstalled (an auditor's machine never had it)
+    importlib.invalidate_caches()
+    try:
+        (record,) = recorded_policies(book)
+        assert record.policy.custom_checks["min_recall"].distribution == "acme-checks"
+        with pytest.raises(PolicyError, match="distribution 'acme-checks' is not installed"):
+            load_policy(path)
+    finally:
+        sys.path.insert(0, str(acme))
+        importlib.invalidate_caches()

@@ -10,15 +10,20 @@ The contract (``onepath.CheckContext`` in, ``onepath.Verdict`` out)::
         return onepath.Verdict(recall >= ctx.params["min"], f"recall {recall:.3f} (min {ctx.params['min']})",
                                {"recall": recall})
 
-Where a check comes from: a track's ``checks`` in the policy names it, and the name is either declared
-once under the policy's ``custom_checks`` (``function: "pkg.mod:fn"``, or ``entry_point: name``), or
-provided by an installed package in the ``onepath.checks`` entry-point group
-(``[project.entry-points."onepath.checks"] min_recall = "acme_checks:min_recall"``). The policy is signed
-and recorded, so a track's checks come from it only: a package can add a check nobody named, and it never
-runs; it cannot take a built-in's name (built-in names always resolve to the built-ins, and the policy
-refuses a ``custom_checks`` entry named like one); a name two installed packages provide is refused.
+Where a check comes from: a track's ``checks`` in the policy names it, and it is declared once under the
+policy's ``custom_checks``: ``function: "pkg.mod:fn"`` from a platform-owned module outside the declarations
+folder (a module there, which teams write, is refused at load and at run time, unimported), optionally pinned
+by ``sha256:`` of its file; or ``entry_point: name`` with the ``distribution:`` that must provide it in the
+``onepath.checks`` entry-point group (``[project.entry-points."onepath.checks"] min_recall =
+"acme_checks:min_recall"``), optionally pinned by ``version:``. The policy is signed and recorded, so a
+track's checks come from it only: a package can add a check nobody declared, and it never runs; it cannot
+take a built-in's name (built-in names always resolve to the built-ins, and the policy refuses a
+``custom_checks`` entry named like one); another package's entry point of the same name never stands in
+for the declared distribution. Every verdict records what ran: ``check_function``, ``provided_by``
+(``name==version``) and ``check_sha256`` (of the module file); code other than the pinned fails closed.
 
-How it runs: in the gate, after the built-ins, for the exact version and environment being gated; its
+How it runs: in the gate, after every built-in, for the exact version and environment being gated, on
+copies of what the gate loaded (``Copies``); its
 verdict is recorded like theirs (the asset's blocking check, the ``gate_verdict`` ledger entry, the model
 card). It fails closed, with one line naming the check and its function, when the function cannot be
 imported, raises, returns anything but an ``onepath.Verdict``, or takes longer than its
@@ -29,10 +34,11 @@ install only packages you would let deploy.
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
@@ -75,8 +81,9 @@ class CheckContext:
                  features: list[str] | None = None, label: str | None = None, build: Path | None = None,
                  _version: Any = None):
         self.check, self.kind, self.subject, self.version, self.env, self.track = check, kind, subject, version, env, track
-        self.params = dict(params)
-        self.spec, self.model, self.dataset = spec, model, dataset  # EndpointSpec/AppSpec, ModelSpec, DatasetSpec
+        self.params = copy.deepcopy(dict(params))  # a check that edits its params edits only its own
+        # EndpointSpec/AppSpec, ModelSpec, DatasetSpec: copies, never the gate's own objects
+        self.spec, self.model, self.dataset = copy.deepcopy(spec), copy.deepcopy(model), copy.deepcopy(dataset)
         self.features, self.label = list(features or []), label
         self.build = build  # an app release: its build folder
         self._v = _version
@@ -147,33 +154,186 @@ class _Given:
         return SimpleNamespace(data={})
 
 
+class Copies:
+    """What a custom check reads of the gate's candidate version: copies (DataFrames ``.copy()``, the estimator
+    and records ``copy.deepcopy``), each made on first use and kept for that check only, never the gate's
+    cached objects nor the gate itself (the built-ins that run after nothing, and judge what was loaded)."""
+
+    __slots__ = ("_get",)
+
+    def __init__(self, version: Any):
+        made: dict[str, Any] = {}
+
+        def get(what: str) -> Any:
+            if what not in made:
+                if what == "estimator":
+                    made[what] = copy.deepcopy(version.estimator)
+                elif what == "held_out":
+                    made[what] = tuple(_copied(part) for part in version.held_out)
+                elif what == "snapshot":
+                    made[what] = _copied(version.snapshot)
+                elif what == "held_out_metrics":
+                    made[what] = copy.deepcopy(dict(version.held_out_metrics))
+                else:  # the registration entry
+                    from types import SimpleNamespace
+
+                    made[what] = SimpleNamespace(data=copy.deepcopy(dict(version.require_registration().data)))
+            return made[what]
+
+        self._get = get
+
+    estimator = property(lambda self: self._get("estimator"))
+    held_out = property(lambda self: self._get("held_out"))
+    snapshot = property(lambda self: self._get("snapshot"))
+    held_out_metrics = property(lambda self: self._get("held_out_metrics"))
+
+    def require_registration(self) -> Any:
+        return self._get("registration")
+
+
+def _copied(value: Any) -> Any:
+    return value.copy() if hasattr(value, "to_numpy") else copy.deepcopy(value)  # a DataFrame or Series
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str
-    function: str  # what runs: an import path, or "entry point <name> = <value>"
+    function: str  # what runs: an import path, or "<value> (entry point onepath.checks:<name>)"
     provided_by: str  # "policy", or the distribution and its version
     load: Callable[[], Any]
+    file: Path | None = None  # the module's source file (its sha256 is recorded with every verdict)
 
 
-def _dist(ep: Any) -> str:
+def dist_of(ep: Any) -> str:  # "name==version" of the distribution providing ep
     d = getattr(ep, "dist", None)
     return f"{d.metadata['Name']}=={d.version}" if d is not None else "an unknown distribution"
 
 
-def _entry_points() -> dict[str, list[Any]]:
-    return _entry_points_on(tuple(__import__("sys").path))
+def _normal(dist: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", dist).lower()
 
 
-@lru_cache(maxsize=8)
-def _entry_points_on(path: tuple[str, ...]) -> dict[str, list[Any]]:
-    """The ``onepath.checks`` entry points of every installed distribution (on this ``sys.path``); each
-    distinct (distribution, value) once: the same dist seen twice on the path is one provider."""
+def entry_points_named(group: str, name: str) -> list[Any]:
+    """The installed entry points called ``name`` in ``group`` (each distinct (distribution, value) once: the
+    same distribution seen twice on ``sys.path`` is one provider). Looked up on every call, never cached: a
+    long-lived process sees a package installed or removed since (shared with ``onepath.trainers``)."""
     from importlib.metadata import entry_points
 
-    out: dict[str, dict[tuple[str, str], Any]] = {}
-    for ep in entry_points(group=GROUP):
-        out.setdefault(ep.name, {}).setdefault((_dist(ep).split("==")[0], ep.value), ep)
-    return {name: list(eps.values()) for name, eps in out.items()}
+    out: dict[tuple[str, str], Any] = {}
+    for ep in entry_points(group=group, name=name):
+        out.setdefault((_normal(dist_of(ep).split("==")[0]), ep.value), ep)
+    return list(out.values())
+
+
+def module_files(module: str) -> list[Path]:
+    """The source files importing ``module`` runs (each parent package's ``__init__`` and the module),
+    found the way the import system finds them, without running any of them; [] when it is not found."""
+    files, search = [], None
+    parts = module.split(".")
+    for i in range(len(parts)):
+        try:
+            spec = _find_spec(".".join(parts[:i + 1]), search)
+            namespace = spec is not None and spec.origin is None and spec.submodule_search_locations is not None
+        except KeyError:  # a namespace package inside one not imported yet (importlib looks its parent up)
+            spec, namespace = None, True
+        if namespace:  # its folders of that name on the search path
+            search = [str(Path(p) / parts[i]) for p in (search if search is not None else sys.path)
+                      if (Path(p) / parts[i]).is_dir()]
+            continue
+        if spec is None:
+            return []
+        if spec.origin and spec.has_location:
+            files.append(Path(spec.origin).resolve())
+        search = list(spec.submodule_search_locations or [])
+    return files
+
+
+def _find_spec(fullname: str, search: list[str] | None) -> Any:
+    """The spec the import system would use for ``fullname``: the module already imported, else the first
+    finder on ``sys.meta_path`` that finds it (an editable install's finder included, not only sys.path)."""
+    loaded = sys.modules.get(fullname)
+    if loaded is not None and getattr(loaded, "__spec__", None) is not None:
+        return loaded.__spec__
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        spec = find(fullname, search) if find is not None else None
+        if spec is not None:
+            return spec
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _team_written(module: str, also: tuple[Path, ...] = ()) -> Path | None:
+    """The first file importing ``module`` would run that lies under the declarations folder (teams write
+    it: a check from there could pass itself, or patch the built-ins at import time), else None."""
+    from platform_defs.settings import declarations_dir
+
+    roots = (declarations_dir(), *(Path(r).resolve() for r in also))
+    return next((f for f in reversed(module_files(module)) if any(f.is_relative_to(r) for r in roots)), None)
+
+
+def provider(policy: "Policy", name: str, also: tuple[Path, ...] = ()) -> Provider | str:
+    """Who provides custom check ``name``, or a one-line reason nobody (or not the pinned code) does. Only a
+    check declared under ``custom_checks`` runs: from a platform-owned module (``function:``, outside the
+    declarations folder, optionally pinned by ``sha256:``) or from the named installed distribution
+    (``entry_point:`` + ``distribution:``, optionally ``version:``)."""
+    declared = policy.custom_checks.get(name)
+    if declared is None:
+        return (f"unknown check '{name}': not built in and not declared under custom_checks (a custom check is "
+                f"declared there with function: or entry_point: and distribution:)")
+    if declared.function is not None:
+        fn = declared.function
+        module = fn.split(":")[0]
+        bad = _team_written(module, also)  # also: a declarations folder given to onepath validate
+        if bad is not None:
+            from platform_defs.policy import _shown
+
+            return (f"custom check '{name}' ({fn}): {_shown(bad)} is under the declarations folder, which teams "
+                    f"write; a custom check comes from an installed package or a platform-owned module outside it")
+        files = module_files(module)
+        found = Provider(name, fn, "policy", lambda: _import(fn), files[-1] if files else None)
+    else:
+        eps = entry_points_named(GROUP, declared.entry_point or "")
+        want = _normal(declared.distribution or "")
+        mine = [e for e in eps if _normal(dist_of(e).split("==")[0]) == want]
+        if not mine:
+            others = f" (provided by {', '.join(sorted(dist_of(e) for e in eps))})" if eps else ""
+            return (f"custom check '{name}': distribution '{declared.distribution}' is not installed with entry "
+                    f"point '{declared.entry_point}' in group '{GROUP}'{others}")
+        if len(mine) > 1:
+            return (f"custom check '{name}': distribution '{declared.distribution}' provides entry point "
+                    f"'{declared.entry_point}' in group '{GROUP}' more than once "
+                    f"({', '.join(sorted(e.value for e in mine))})")
+        ep = mine[0]
+        files = module_files(ep.module)
+        found = Provider(name, f"{ep.value} (entry point {GROUP}:{ep.name})", dist_of(ep), ep.load,
+                         files[-1] if files else None)
+    return found
+
+
+def pin_problem(policy: "Policy", found: Provider) -> tuple[dict[str, Any], str | None]:
+    """What a verdict records about the code that ran (function, distribution, module sha256), and the
+    reason it must not run when that is not what the policy pins (``sha256:``, ``version:``)."""
+    declared = policy.custom_checks[found.name]
+    meta: dict[str, Any] = {"check_function": found.function, "provided_by": found.provided_by}
+    digest = sha256_of(found.file) if found.file is not None and found.file.is_file() else None
+    meta["check_sha256"] = digest or "unknown"
+    if declared.sha256 is not None and digest != declared.sha256:
+        return meta, (f"is not the pinned code: custom_checks.{found.name}.sha256 expects {declared.sha256}, "
+                      f"found {digest or 'no module file'}")
+    if declared.version is not None:
+        found_version = found.provided_by.split("==", 1)[-1]
+        if found_version != declared.version:
+            return meta, (f"is not the pinned distribution: custom_checks.{found.name}.version expects "
+                          f"{declared.distribution}=={declared.version}, found {found.provided_by}")
+    return meta, None
 
 
 def _import(path: str) -> Any:
@@ -181,26 +341,6 @@ def _import(path: str) -> Any:
 
     module, attr = path.split(":")
     return getattr(importlib.import_module(module), attr)
-
-
-def provider(policy: "Policy", name: str) -> Provider | str:
-    """Who provides custom check ``name``, or a one-line reason nobody (or more than one) does."""
-    declared = policy.custom_checks.get(name)
-    if declared is not None and declared.function is not None:
-        fn = declared.function
-        return Provider(name, fn, "policy", lambda: _import(fn))
-    ep_name = declared.entry_point if declared is not None else name
-    eps = _entry_points().get(ep_name or "", [])
-    if not eps:
-        return (f"unknown check '{name}': not built in, not declared under custom_checks, and no installed "
-                f"package provides '{ep_name}' in entry-point group '{GROUP}'") if declared is None else (
-                f"custom check '{name}': no installed package provides entry point '{ep_name}' in group '{GROUP}'")
-    if len(eps) > 1:
-        return (f"check '{name}': entry point '{ep_name}' in group '{GROUP}' is provided by more than one package "
-                f"({', '.join(sorted(f'{_dist(e)} ({e.value})' for e in eps))}); declare it under custom_checks "
-                f"with function: instead")
-    ep = eps[0]
-    return Provider(name, f"{ep.value} (entry point {GROUP}:{ep.name})", _dist(ep), ep.load)
 
 
 def is_custom(name: str) -> bool:
@@ -215,25 +355,30 @@ def unprovided(policy: "Policy") -> tuple[str, str] | None:
         for i, check in enumerate(track.checks):
             if is_custom(check):
                 found = provider(policy, check)
-                if isinstance(found, str):
-                    if found.startswith("unknown check"):  # most often a typo of a built-in: list them
-                        from platform_defs.policy import APP_CHECKS, ML_CHECKS
+                if isinstance(found, Provider):  # provided: is it the code the policy pins?
+                    pinned = pin_problem(policy, found)[1]
+                    if pinned is not None:
+                        return f"custom_checks.{check}", f"custom check '{check}' ({found.function}) {pinned}"
+                    continue
+                if found.startswith("unknown check"):  # most often a typo of a built-in: list them
+                    from platform_defs.policy import APP_CHECKS, ML_CHECKS
 
-                        known = APP_CHECKS if track_name == "app" else ML_CHECKS
-                        found += f" (built in for track '{track_name}': {', '.join(known)})"
-                    return f"tracks.{track_name}.checks.{i}", found
+                    known = APP_CHECKS if track_name == "app" else ML_CHECKS
+                    found += f" (built in for track '{track_name}': {', '.join(known)})"
+                return f"tracks.{track_name}.checks.{i}", found
     return None
 
 
-def importable_problems(policy: "Policy") -> list[str]:
-    """One line per custom check a track names whose function does not import or is not callable (what
-    ``onepath validate`` adds to the load's checks; the gate fails closed on the same)."""
+def importable_problems(policy: "Policy", declarations: Path | None = None) -> list[str]:
+    """One line per custom check a track names whose function does not import or is not callable, or lies
+    under ``declarations`` (the folder validated) (what ``onepath validate`` adds to the load's checks; the
+    gate fails closed on the same)."""
     from platform_defs.policy import _shown
     from platform_defs.settings import policy_path
 
     out = []
     for name in dict.fromkeys(c for t in policy.tracks.values() for c in t.checks if is_custom(c)):
-        found = provider(policy, name)
+        found = provider(policy, name, () if declarations is None else (declarations,))
         if isinstance(found, str):
             out.append(f"policy {_shown(policy_path())}: {found}")
             continue
@@ -271,13 +416,15 @@ def run_custom(policy: "Policy", name: str, ctx: CheckContext) -> Any:
     from platform_defs.governance.gates import Verdict as GateVerdict
 
     found = provider(policy, name)
-    if isinstance(found, str):  # the policy loaded, then the package went away: fail closed
+    if isinstance(found, str):  # the policy loaded, then the package or file changed: fail closed
         return GateVerdict(name, False, _one_line(found), {"check_function": "unresolved"})
-    meta = {"check_function": found.function, "provided_by": found.provided_by}
+    meta, pinned = pin_problem(policy, found)
 
     def failed(why: str) -> Any:
         return GateVerdict(name, False, _one_line(f"custom check '{name}' ({found.function}) {why}"), dict(meta))
 
+    if pinned is not None:
+        return failed(pinned)
     try:
         fn = found.load()
     except BaseException as err:  # noqa: BLE001 - an import can raise anything, SystemExit included
@@ -309,8 +456,9 @@ def run_custom(policy: "Policy", name: str, ctx: CheckContext) -> Any:
     result = box.get("result")
     if type(result) is not Verdict:
         return failed(f"returned {type(result).__name__}, not onepath.Verdict")
-    try:  # fields reassigned after construction (object.__setattr__) are checked again
-        Verdict(result.passed, result.reason, dict(result.metrics))
-    except TypeError as err:
-        return failed(f"returned an invalid onepath.Verdict: {err}")
-    return GateVerdict(name, result.passed, _one_line(result.reason), {**dict(result.metrics), **meta})
+    try:  # fields reassigned after construction (object.__setattr__) are checked again; metrics copied once
+        metrics = dict(result.metrics)
+        checked = Verdict(result.passed, result.reason, metrics)
+    except Exception as err:  # noqa: BLE001 - a hostile Mapping can raise anything
+        return failed(f"returned an invalid onepath.Verdict: {_one_line(f'{type(err).__name__}: {err}')}")
+    return GateVerdict(name, checked.passed, _one_line(checked.reason), {**metrics, **meta})

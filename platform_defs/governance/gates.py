@@ -110,25 +110,27 @@ class ModelGate:
         from platform_defs.governance.custom_checks import is_custom
 
         ctx = _Version(self, str(version))
-        out = []
-        for check in self.required(env):
-            if is_custom(check):  # named by the track in the signed policy; see governance.custom_checks
-                out.append(self._custom(check, ctx, env))
-                continue
-            try:
-                out.append(getattr(self, f"_check_{check}")(ctx, env))
-            except _Missing as err:
-                out.append(Verdict(check, False, str(err)))
-        return out
+        required = self.required(env)
+        out: dict[str, Verdict] = {}
+        for check in required:  # every built-in first: a custom check runs after them, on copies
+            if not is_custom(check):
+                try:
+                    out[check] = getattr(self, f"_check_{check}")(ctx, env)
+                except _Missing as err:
+                    out[check] = Verdict(check, False, str(err))
+        for check in required:  # named by the track in the signed policy; see governance.custom_checks
+            if is_custom(check):
+                out[check] = self._custom(check, ctx, env)
+        return [out[c] for c in required]  # in the order the policy lists them
 
     def _custom(self, check: str, v: "_Version", env: str) -> Verdict:
-        from platform_defs.governance.custom_checks import CheckContext, run_custom
+        from platform_defs.governance.custom_checks import CheckContext, Copies, run_custom
 
         declared = self.policy.custom_checks.get(check)
         ctx = CheckContext(check=check, kind="model", subject=self.endpoint.name, version=v.version, env=env,
                            track=self.model.track, params=declared.params if declared else {}, spec=self.endpoint,
                            model=self.model, dataset=self.dataset, features=self.features, label=self.label,
-                           _version=v)
+                           _version=Copies(v))  # copies, never the gate's cached objects or the gate
         return run_custom(self.policy, check, ctx)
 
     def _check_data_quality(self, v: "_Version", env: str) -> Verdict:
@@ -586,16 +588,15 @@ class AppGate:
     def evaluate(self, version: str, build: Path, env: str) -> list[Verdict]:
         from platform_defs.governance.custom_checks import CheckContext, is_custom, run_custom
 
-        out = []
-        for c in self.required(env):
-            if is_custom(c):  # named by the app track in the signed policy; see governance.custom_checks
+        required = self.required(env)
+        out = {c: getattr(self, f"_check_{c}")(version, build, env) for c in required if not is_custom(c)}
+        for c in required:  # after every built-in; named by the app track in the signed policy
+            if is_custom(c):
                 declared = self.policy.custom_checks.get(c)
-                out.append(run_custom(self.policy, c, CheckContext(
+                out[c] = run_custom(self.policy, c, CheckContext(
                     check=c, kind="app", subject=self.app.name, version=str(version), env=env, track="app",
-                    params=declared.params if declared else {}, spec=self.app, build=Path(build))))
-            else:
-                out.append(getattr(self, f"_check_{c}")(version, build, env))
-        return out
+                    params=declared.params if declared else {}, spec=self.app, build=Path(build)))
+        return [out[c] for c in required]  # in the order the policy lists them
 
     def _check_security_scan(self, version: str, build: Path, env: str) -> Verdict:
         from platform_defs.governance.security_scan import scan_source

@@ -70,7 +70,7 @@ def test_a_missing_file_fails_the_runner(tmp_path, session):
 
 
 def test_a_command_that_does_not_exist_fails_the_runner(tmp_path, session):
-    guide = _guide(tmp_path, "```console refused\n$ onepath card fraud\n```\n")
+    guide = _guide(tmp_path, "```console refused\n$ onepath no-such-verb\n```\n")
     with pytest.raises(GuideError, match="a usage error"):
         session.run_guide(guide)
     guide = _guide(tmp_path, "```console\n$ onepth status\n```\n")

@@ -186,7 +186,7 @@ class Session:
     def console(self, block: Block) -> list[str]:
         outputs = []
         for cmd in block.commands:
-            p = subprocess.run(["bash", "-c", cmd], cwd=self.project, env=self.env, text=True, capture_output=True,
+            p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", cmd], cwd=self.project, env=self.env, text=True, capture_output=True,
                                timeout=self.timeout, check=False)
             said = p.stdout + p.stderr
             self.log.append(f"$ {cmd}\n{said}")

@@ -5,14 +5,16 @@ The format (shared by every guide):
 - a ```console block holds commands the reader types, one a line starting with ``$ `` (a trailing ``\\``
   continues it on the next line); every other line is illustrative output, not checked. ``console refused``:
   each command is expected to be refused (exit non-zero, but not a usage error, a missing program or a
-  traceback). ``console live``: the command needs the running platform (see LIVE below).
+  traceback), for the reason the guide shows: the first line under the command must be the first line the
+  command printed on stdout or stderr (whitespace-normalised; ``...`` in the guide's line stands for anything). ``console live``: the command needs the running platform (see LIVE below).
 - a fenced block whose info string has ``file=PATH`` (```yaml file=assets/fraud/defs.yaml) is a file the reader
   writes, relative to the project; the runner writes it.
 - a ```python block is code the reader runs in a notebook: the blocks of one guide run in one Jupyter kernel,
   in order, with the kernel's working directory the project.
 - a ```bash / ```sh / ```shell block is refused (a command goes in a console block, so that it is run); any
   other block (```yaml, ```text, ```json without ``file=``) is illustrative. ``python refused``: the block is
-  expected to stop with onepath's one-line refusal (``onepath.NotebookError``), not any other exception.
+  expected to stop with onepath's one-line refusal (``onepath.NotebookError``), not any other exception, and the
+  ```text block after it shows that refusal's line (``NotebookError: ...``, compared as for console blocks).
 
 Everything is run in order, in a fresh copy of the example project with its own ``ONEPATH_HOME``, ``onepath``
 on ``PATH`` and the working directory the project copy (tests/test_guides.py). A guide with a ``live`` block
@@ -54,6 +56,7 @@ class Block:
     file: str | None
     body: str
     commands: list[str] = field(default_factory=list)
+    shown: list[str | None] = field(default_factory=list)  # per command: the first output line the guide shows
 
     @property
     def where(self) -> str:
@@ -68,8 +71,37 @@ class Block:
         return "live" in self.flags
 
 
-def _commands(body: str, where: str) -> list[str]:
+@dataclass
+class Said:
+    """What one command did: its exit status and what it printed, stdout and stderr apart."""
+
+    cmd: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def both(self) -> str:
+        return self.stdout + self.stderr
+
+
+def _norm(line: str) -> str:
+    return " ".join(line.split())
+
+
+def _first_line(text: str) -> str | None:
+    return next((line for line in text.splitlines() if line.strip()), None)
+
+
+def shows(shown: str, printed: list[str]) -> bool:
+    """Whether the guide's line ``shown`` is the first line of one of ``printed`` (``...`` matches anything)."""
+    pattern = ".*".join(re.escape(part) for part in _norm(shown).split("..."))
+    return any(re.fullmatch(pattern, _norm(first)) for first in map(_first_line, printed) if first is not None)
+
+
+def _commands(body: str, where: str) -> tuple[list[str], list[str | None]]:
     out: list[str] = []
+    shown: list[str | None] = []
     lines = body.splitlines()
     i = 0
     while i < len(lines):
@@ -82,10 +114,13 @@ def _commands(body: str, where: str) -> list[str]:
                     raise GuideError(f"{where}: a command ends in '\\' with no line after it")
                 cmd.append(lines[i])
             out.append("\n".join(cmd))
+            shown.append(None)
+        elif out and shown[-1] is None and line.strip():
+            shown[-1] = line
         i += 1
     if not out:
         raise GuideError(f"{where}: a console block with no command (a command line starts with '$ ')")
-    return out
+    return out, shown
 
 
 def parse(guide: Path, text: str | None = None) -> list[Block]:
@@ -130,8 +165,15 @@ def parse(guide: Path, text: str | None = None) -> list[Block]:
                                               for line in body))
         block = Block(guide, start, lang, flags, file, text_body + ("\n" if text_body else ""))
         if file is None and lang == "console":
-            block.commands = _commands(text_body, where)
+            block.commands, block.shown = _commands(text_body, where)
         blocks.append(block)
+    for n, block in enumerate(blocks):
+        if block.lang == "python" and "refused" in block.flags:
+            after = blocks[n + 1] if n + 1 < len(blocks) else None
+            if after is None or after.lang != "text" or _first_line(after.body) is None:
+                raise GuideError(f"{block.where}: a python refused block needs a ```text block after it showing "
+                                 f"the refusal's line (NotebookError: ...)")
+            block.shown = [_first_line(after.body)]
     return blocks
 
 
@@ -183,11 +225,11 @@ class Session:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(block.body)
 
-    def console(self, block: Block) -> list[str]:
+    def console(self, block: Block) -> list[Said]:
         outputs = []
-        for cmd in block.commands:
-            p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", cmd], cwd=self.project, env=self.env, text=True, capture_output=True,
-                               timeout=self.timeout, check=False)
+        for cmd, expected in zip(block.commands, block.shown):
+            p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", cmd], cwd=self.project, env=self.env,
+                               text=True, capture_output=True, timeout=self.timeout, check=False)
             said = p.stdout + p.stderr
             self.log.append(f"$ {cmd}\n{said}")
             shown = f"{block.where}: `{cmd}` exited {p.returncode}"
@@ -198,9 +240,14 @@ class Session:
                     raise GuideError(f"{shown}; the guide says it is refused:\n{said[-4000:]}")
                 if p.returncode in NOT_A_REFUSAL:
                     raise GuideError(f"{shown}, {NOT_A_REFUSAL[p.returncode]}, not a refusal:\n{said[-4000:]}")
+                if expected is None:
+                    raise GuideError(f"{shown}: a refused command needs its refusal's first line shown under it")
+                if not shows(expected, [p.stdout, p.stderr]):
+                    raise GuideError(f"{shown}, refused for another reason than the guide shows ({expected!r}):"
+                                     f"\n{said[-4000:]}")
             elif p.returncode != 0:
                 raise GuideError(f"{shown}:\n{said[-4000:]}")
-            outputs.append(said)
+            outputs.append(Said(cmd, p.returncode, p.stdout, p.stderr))
         return outputs
 
     def python(self, block: Block) -> str:
@@ -233,6 +280,10 @@ class Session:
             if content.get("ename") != "NotebookError":
                 raise GuideError(f"{block.where}: the python block failed with {content.get('ename')}, not onepath's "
                                  f"refusal (NotebookError):\n{said[-4000:]}")
+            refusal = f"{content.get('ename')}: {content.get('evalue', '')}"
+            if not shows(block.shown[0], [refusal]):
+                raise GuideError(f"{block.where}: refused for another reason than the guide shows "
+                                 f"({block.shown[0]!r}):\n{refusal[-4000:]}")
         elif content["status"] != "ok":
             raise GuideError(f"{block.where}: the python block failed:\n{said[-4000:]}")
         return said

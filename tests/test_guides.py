@@ -84,6 +84,24 @@ def test_a_refusal_that_succeeds_fails_the_runner(tmp_path, session):
         session.run_guide(guide)
 
 
+def test_a_refusal_for_another_reason_fails_the_runner(tmp_path, session):
+    # refused, but not for the reason the guide shows under the command
+    refused = "```console refused\n$ onepath card churn\nonepath card: no model 'churn' is declared ...\n```\n"
+    with pytest.raises(GuideError, match="refused for another reason than the guide shows"):
+        session.run_guide(_guide(tmp_path, refused))  # churn is declared; it was never deployed
+    session.run_guide(_guide(tmp_path, refused.replace("churn", "nosuch")))  # the reason shown: passes
+    guide = _guide(tmp_path, "```console refused\n$ onepath card nosuch\n```\n")
+    with pytest.raises(GuideError, match="needs its refusal's first line shown"):
+        session.run_guide(guide)
+    # a notebook refusal: NotebookError, but another one than the ```text block after it shows
+    cell = ("```python refused\nimport onepath\nonepath.predict('no_such_model', [])\n```\n\n"
+            "```text\nNotebookError: fraud: no test rows given: ...\n```\n")
+    with pytest.raises(GuideError, match="refused for another reason than the guide shows"):
+        session.run_guide(_guide(tmp_path, cell))
+    with pytest.raises(GuideError, match="needs a ```text block after it"):
+        session.run_guide(_guide(tmp_path, cell.split("\n\n")[0]))
+
+
 def test_a_file_the_reader_writes_is_written_where_it_says(tmp_path, session):
     written = "```yaml file=notes/team.yaml\nteam: payments\n```\n\n"
     session.run_guide(_guide(tmp_path, written + "```console\n$ grep -qx 'team: payments' notes/team.yaml\n```\n"))

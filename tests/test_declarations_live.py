@@ -264,10 +264,14 @@ def test_the_auditors_guide_on_what_the_data_scientist_promoted(running, tmp_pat
     fraud = next(r for r in rows if r["name"] == "fraud_scoring")
     assert (fraud["recorded_version"], fraud["live_version"], fraud["mismatch"]) == ("1", "1", False), fraud
     assert "ledger intact" in said["onepath audit verify"].both, said["onepath audit verify"]
-    exported = (session.project / "audit-fraud-prod" / "ledger.jsonl").read_text().splitlines()
-    assert exported and all(json.loads(e)["subject"] == "fraud_scoring" for e in exported), exported[:3]
-    assert any(json.loads(e)["kind"] == "deploy" for e in exported), exported
-    # the card of the version the data scientist promoted, printed and saved as its page
-    card = said["onepath card fraud"].both
-    assert card.lstrip().startswith("#") and "fraud" in card and "prod" in card, card[:500]
+    exported = [json.loads(e) for e in
+                (session.project / "audit-fraud-prod" / "ledger.jsonl").read_text().splitlines()]
+    assert exported and all(e["subject"] == "fraud_scoring" and e["env"] == "prod" for e in exported), exported[:3]
+    assert any(e["kind"] == "deploy" for e in exported), exported
+    # the card of the version the data scientist promoted, printed and saved as its page: where it came from on
+    # stderr, the card itself (platform_defs/governance/model_card.py render_markdown) alone on stdout
+    card = said["onepath card fraud"]
+    assert card.stderr.startswith("# fraud version 1 (last deployed to prod): "), card.stderr
+    assert card.stdout.startswith("# Model card: fraud version 1\n"), card.stdout[:500]
+    assert "\n## Ownership\n" in card.stdout and "\n| retention | ml-standard | " in card.stdout, card.stdout
     assert "<html" in (session.project / "fraud-v1-card.html").read_text().lower()

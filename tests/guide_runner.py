@@ -6,11 +6,14 @@ The format (shared by every guide):
   continues it on the next line); every other line is illustrative output, not checked. ``console refused``:
   each command is expected to be refused (exit non-zero, but not a usage error, a missing program or a
   traceback), for the reason the guide shows: the first line under the command must be the first line the
-  command printed on stdout or stderr (whitespace-normalised; ``...`` in the guide's line stands for anything). ``console live``: the command needs the running platform (see LIVE below).
+  command printed on stdout or stderr (whitespace-normalised; ``...`` in the guide's line stands for anything).
+  ``console live``: the command needs the running platform (see LIVE below).
 - a fenced block whose info string has ``file=PATH`` (```yaml file=assets/fraud/defs.yaml) is a file the reader
   writes, relative to the project; the runner writes it.
 - a ```python block is code the reader runs in a notebook: the blocks of one guide run in one Jupyter kernel,
   in order, with the kernel's working directory the project.
+- a command named only in prose (`inline code`) or a ```text block must be run by a block of the guide or be
+  listed in RUN_ELSEWHERE (the test that runs it, or "NOT RUN"): ``unrun_commands``.
 - a ```bash / ```sh / ```shell block is refused (a command goes in a console block, so that it is run); any
   other block (```yaml, ```text, ```json without ``file=``) is illustrative. ``python refused``: the block is
   expected to stop with onepath's one-line refusal (``onepath.NotebookError``), not any other exception, and the
@@ -41,6 +44,27 @@ SHELL_LANGS = {"bash", "sh", "shell", "zsh"}
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<info>[^`]*)$")
 # a refusal is the program saying no, not the shell or Click failing to run it
 NOT_A_REFUSAL = {2: "a usage error (wrong flag or argument)", 126: "not executable", 127: "command not found"}
+
+
+# A command a guide names in prose (`inline code`) or in a ```text block is not run by the guide's test. Each
+# must be run by one of the guide's own blocks, or be listed here under the test that runs it, or under
+# "NOT RUN" (tests/test_guides.py prints those, so the gap stays visible). An entry covers the commands it
+# starts (`onepath up` covers `onepath up --no-mlflow-ui`).
+RUN_ELSEWHERE: dict[str, tuple[str, ...]] = {
+    "tests/test_platform_up.py": ("onepath up",),  # python -m platform_defs.cli up, as the reader's platform
+    "tests/test_graph.py": ("onepath down",),
+    "tests/test_witness.py": ("onepath witness serve",),
+    "tests/test_approvals.py": ("onepath approve",),  # the verb, on a model version (data-scientist.md)
+    "NOT RUN": (
+        "./dev up",  # the wrapper (install, then `onepath up`): CI runs `./dev test`, never `./dev up`
+        "onepath policy apply --change-witness",
+        # app-developer.md, "Taking a release to prod": tests/test_app_gate.py drives the gate and the
+        # approved-promotions sensor through Python, not these verbs on this release
+        "onepath materialize staff_portal", "onepath promote staff_portal", "onepath status",
+        "onepath approve staff_portal", "onepath why staff_portal_prod",
+    ),
+}
+PROSE_COMMAND = re.compile(r"^(?:\$ )?(?P<cmd>onepath [a-z][a-z-]*\b.*|\./dev\b.*)$")
 
 
 class GuideError(Exception):
@@ -175,6 +199,42 @@ def parse(guide: Path, text: str | None = None) -> list[Block]:
                                  f"the refusal's line (NotebookError: ...)")
             block.shown = [_first_line(after.body)]
     return blocks
+
+
+def unrun_commands(guide: Path, text: str | None = None) -> list[str]:
+    """``guide:line: `command` `` for each command named in prose or a ```text block that none of the guide's
+    blocks runs and RUN_ELSEWHERE does not list: a command the reader is told to type that no test types."""
+    text = guide.read_text() if text is None else text
+    blocks = parse(guide, text)
+    ran = [c for b in blocks for c in b.commands]
+    listed = [c for cmds in RUN_ELSEWHERE.values() for c in cmds]
+    out: list[str] = []
+    fence: str | None = None
+    lang = ""
+    for n, line in enumerate(text.splitlines(), 1):
+        m = FENCE.match(line)
+        if fence is None and m:
+            fence, lang = m["fence"], (m["info"].split() or [""])[0]
+            continue
+        if fence is not None:
+            if line.strip() == fence:
+                fence = None
+                continue
+            named = [line.strip()] if lang == "text" else []
+        else:
+            named = [span.strip() for span in re.findall(r"`([^`]+)`", line)]
+        for cmd in (PROSE_COMMAND.match(x)["cmd"] for x in named if PROSE_COMMAND.match(x)):
+            if any(c == cmd or c.startswith(cmd + " ") for c in ran):
+                continue  # the guide's own blocks run it
+            if any(cmd == c or cmd.startswith(c + " ") for c in listed):
+                continue
+            out.append(f"{guide.name}:{n}: `{cmd}`")
+    return out
+
+
+def not_run() -> list[str]:
+    """The commands the guides name that no test runs (RUN_ELSEWHERE["NOT RUN"])."""
+    return list(RUN_ELSEWHERE["NOT RUN"])
 
 
 def discover() -> list[Path]:

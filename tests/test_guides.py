@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.guide_runner import GuideError, Session, discover, guide_env, parse, project_copy
+from tests.guide_runner import GuideError, Session, discover, guide_env, not_run, parse, project_copy, unrun_commands
 from tests.test_declarations_live import LIVE_GUIDES
 
 GUIDE_FILES = discover()
@@ -41,6 +41,22 @@ def test_guide_runs(guide, session):
         return
     session.run_guide(guide)
     print(f"\n{guide.name}:\n{session.report()}")
+
+
+def test_every_command_a_guide_names_is_run_by_a_test():
+    # a command in prose or a ```text block is run by the guide's own blocks, or RUN_ELSEWHERE names the test
+    # that runs it; the ones no test runs are listed there under "NOT RUN", and shown here
+    unrun = [line for g in GUIDE_FILES for line in unrun_commands(g)]
+    assert not unrun, ("commands the guides name that no test runs (run them in a console block, or list them "
+                       "in tests/guide_runner.py RUN_ELSEWHERE with the test that runs them):\n" + "\n".join(unrun))
+    print("\nnamed in the guides, run by no test (RUN_ELSEWHERE['NOT RUN']):\n  " + "\n  ".join(not_run()))
+
+
+def test_a_command_in_prose_that_nothing_runs_fails_the_lint(tmp_path):
+    text = ("# x\n\nThen `onepath rollback fraud --env prod` and:\n\n```text\n$ ./dev clean\n```\n\n"
+            "```console\n$ onepath validate\n```\n\nas `onepath validate` says; `onepath up` starts it.\n")
+    assert unrun_commands(_guide(tmp_path, text)) == ["broken.md:3: `onepath rollback fraud --env prod`",
+                                                      "broken.md:6: `./dev clean`"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -631,28 +631,43 @@ def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -
     """Score ``rows`` (a DataFrame or a list of records) at the stable address of the endpoint serving model
     ``name`` (or of the endpoint ``name``) in ``env``, as the platform's own caller (``onepath-cli``, which the
     recorded policy must grant): the ``predictions`` the endpoint answered, one per row. What it does is what
-    the ``curl`` line ``onepath promote`` prints does; a refusal is one NotebookError line."""
+    the ``curl`` line ``onepath promote`` prints does; every refusal (not declared, two endpoints serve the
+    model, no policy recorded or ``onepath-cli`` not granted, not answering, an HTTP error, an answer that is
+    not the endpoint's) is one NotebookError line."""
     import httpx
 
-    from platform_defs.access import CLI_CALLER, access_for
+    from platform_defs.access import AccessError, access_for, cli_token, endpoint_target
     from platform_defs.loader import load_organisation
     from platform_defs.settings import load_settings
-    from resources.deployers.base import Target
 
     org = load_organisation(tolerant=True)
     decl = org.by_name.get(name)
     if decl is None or decl.kind != "endpoint":
-        decl = next((d for d in org.of_kind("endpoint") if getattr(d, "model", None) == name), None)
+        serving = sorted(d.name for d in org.of_kind("endpoint") if getattr(d, "model", None) == name)
+        if len(serving) > 1:
+            raise NotebookError(f"two endpoints serve '{name}' ({', '.join(serving)}): name the one to call "
+                                f"(onepath.predict('{serving[0]}', rows))")
+        decl = org.by_name[serving[0]] if serving else None
     if decl is None:
         raise NotebookError(f"no endpoint serves '{name}': register it first (onepath.register), then promote it")
-    access = access_for(load_settings(), actor="onepath.predict")
-    status = access.deployer.status(Target(decl.name, env, "endpoint", decl.ports.get(env)))
+    settings = load_settings()
+    try:
+        token = cli_token(settings, org, decl.name, env)
+    except AccessError as err:
+        raise NotebookError(str(err).splitlines()[0]) from None
+    status = access_for(settings, actor="onepath.predict").deployer.status(endpoint_target(decl, env))
     if not status.address or not status.healthy:
         raise NotebookError(f"{decl.name}.{env} does not answer: promote it first (onepath promote {name} --to {env})")
-    token = access.caller_token(org, CLI_CALLER, decl.name, env)
     records = rows.to_dict(orient="records") if hasattr(rows, "to_dict") else list(rows)
-    resp = httpx.post(f"{status.address}/predict", json={"records": records}, timeout=timeout,
-                      headers={"authorization": f"Bearer {token}"})
+    try:
+        resp = httpx.post(f"{status.address}/predict", json={"records": records}, timeout=timeout,
+                          headers={"authorization": f"Bearer {token}"})
+    except httpx.HTTPError as err:
+        raise NotebookError(f"{decl.name}.{env} at {status.address}: {type(err).__name__}: {err}") from None
     if resp.status_code != 200:
-        raise NotebookError(f"{decl.name}.{env} answered {resp.status_code}: {resp.text[:300]}")
-    return resp.json()["predictions"]
+        raise NotebookError(f"{decl.name}.{env} answered {resp.status_code}: {' '.join(resp.text[:300].split())}")
+    try:
+        return resp.json()["predictions"]
+    except (ValueError, KeyError, TypeError):
+        raise NotebookError(f"{decl.name}.{env} answered 200 without a JSON 'predictions' list: "
+                            f"{' '.join(resp.text[:300].split())}") from None

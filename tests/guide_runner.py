@@ -5,14 +5,19 @@ The format (shared by every guide):
 - a ```console block holds commands the reader types, one a line starting with ``$ `` (a trailing ``\\``
   continues it on the next line); every other line is illustrative output, not checked. ``console refused``:
   each command is expected to be refused (exit non-zero, but not a usage error, a missing program or a
-  traceback). ``console live``: the command needs the running platform (see LIVE below).
+  traceback), for the reason the guide shows: the first line under the command must be the first line the
+  command printed on stdout or stderr (whitespace-normalised; ``...`` in the guide's line stands for anything).
+  ``console live``: the command needs the running platform (see LIVE below).
 - a fenced block whose info string has ``file=PATH`` (```yaml file=assets/fraud/defs.yaml) is a file the reader
   writes, relative to the project; the runner writes it.
 - a ```python block is code the reader runs in a notebook: the blocks of one guide run in one Jupyter kernel,
   in order, with the kernel's working directory the project.
+- a command named only in prose (`inline code`) or a ```text block must be run by a block of the guide or be
+  listed in RUN_ELSEWHERE (the test that runs it, or "NOT RUN"): ``unrun_commands``.
 - a ```bash / ```sh / ```shell block is refused (a command goes in a console block, so that it is run); any
   other block (```yaml, ```text, ```json without ``file=``) is illustrative. ``python refused``: the block is
-  expected to stop with onepath's one-line refusal (``onepath.NotebookError``), not any other exception.
+  expected to stop with onepath's one-line refusal (``onepath.NotebookError``), not any other exception, and the
+  ```text block after it shows that refusal's line (``NotebookError: ...``, compared as for console blocks).
 
 Everything is run in order, in a fresh copy of the example project with its own ``ONEPATH_HOME``, ``onepath``
 on ``PATH`` and the working directory the project copy (tests/test_guides.py). A guide with a ``live`` block
@@ -41,6 +46,27 @@ FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<info>[^`]*)$")
 NOT_A_REFUSAL = {2: "a usage error (wrong flag or argument)", 126: "not executable", 127: "command not found"}
 
 
+# A command a guide names in prose (`inline code`) or in a ```text block is not run by the guide's test. Each
+# must be run by one of the guide's own blocks, or be listed here under the test that runs it, or under
+# "NOT RUN" (tests/test_guides.py prints those, so the gap stays visible). An entry covers the commands it
+# starts (`onepath up` covers `onepath up --no-mlflow-ui`).
+RUN_ELSEWHERE: dict[str, tuple[str, ...]] = {
+    "tests/test_platform_up.py": ("onepath up",),  # python -m platform_defs.cli up, as the reader's platform
+    "tests/test_graph.py": ("onepath down",),
+    "tests/test_witness.py": ("onepath witness serve",),
+    "tests/test_approvals.py": ("onepath approve",),  # the verb, on a model version (data-scientist.md)
+    "NOT RUN": (
+        "./dev up",  # the wrapper (install, then `onepath up`): CI runs `./dev test`, never `./dev up`
+        "onepath policy apply --change-witness",
+        # app-developer.md, "Taking a release to prod": tests/test_app_gate.py drives the gate and the
+        # approved-promotions sensor through Python, not these verbs on this release
+        "onepath materialize staff_portal", "onepath promote staff_portal", "onepath status",
+        "onepath approve staff_portal", "onepath why staff_portal_prod",
+    ),
+}
+PROSE_COMMAND = re.compile(r"^(?:\$ )?(?P<cmd>onepath [a-z][a-z-]*\b.*|\./dev\b.*)$")
+
+
 class GuideError(Exception):
     """A guide that does not follow the format, or a step of it that did not do what the guide says."""
 
@@ -54,6 +80,7 @@ class Block:
     file: str | None
     body: str
     commands: list[str] = field(default_factory=list)
+    shown: list[str | None] = field(default_factory=list)  # per command: the first output line the guide shows
 
     @property
     def where(self) -> str:
@@ -68,8 +95,37 @@ class Block:
         return "live" in self.flags
 
 
-def _commands(body: str, where: str) -> list[str]:
+@dataclass
+class Said:
+    """What one command did: its exit status and what it printed, stdout and stderr apart."""
+
+    cmd: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def both(self) -> str:
+        return self.stdout + self.stderr
+
+
+def _norm(line: str) -> str:
+    return " ".join(line.split())
+
+
+def _first_line(text: str) -> str | None:
+    return next((line for line in text.splitlines() if line.strip()), None)
+
+
+def shows(shown: str, printed: list[str]) -> bool:
+    """Whether the guide's line ``shown`` is the first line of one of ``printed`` (``...`` matches anything)."""
+    pattern = ".*".join(re.escape(part) for part in _norm(shown).split("..."))
+    return any(re.fullmatch(pattern, _norm(first)) for first in map(_first_line, printed) if first is not None)
+
+
+def _commands(body: str, where: str) -> tuple[list[str], list[str | None]]:
     out: list[str] = []
+    shown: list[str | None] = []
     lines = body.splitlines()
     i = 0
     while i < len(lines):
@@ -82,10 +138,13 @@ def _commands(body: str, where: str) -> list[str]:
                     raise GuideError(f"{where}: a command ends in '\\' with no line after it")
                 cmd.append(lines[i])
             out.append("\n".join(cmd))
+            shown.append(None)
+        elif out and shown[-1] is None and line.strip():
+            shown[-1] = line
         i += 1
     if not out:
         raise GuideError(f"{where}: a console block with no command (a command line starts with '$ ')")
-    return out
+    return out, shown
 
 
 def parse(guide: Path, text: str | None = None) -> list[Block]:
@@ -130,9 +189,52 @@ def parse(guide: Path, text: str | None = None) -> list[Block]:
                                               for line in body))
         block = Block(guide, start, lang, flags, file, text_body + ("\n" if text_body else ""))
         if file is None and lang == "console":
-            block.commands = _commands(text_body, where)
+            block.commands, block.shown = _commands(text_body, where)
         blocks.append(block)
+    for n, block in enumerate(blocks):
+        if block.lang == "python" and "refused" in block.flags:
+            after = blocks[n + 1] if n + 1 < len(blocks) else None
+            if after is None or after.lang != "text" or _first_line(after.body) is None:
+                raise GuideError(f"{block.where}: a python refused block needs a ```text block after it showing "
+                                 f"the refusal's line (NotebookError: ...)")
+            block.shown = [_first_line(after.body)]
     return blocks
+
+
+def unrun_commands(guide: Path, text: str | None = None) -> list[str]:
+    """``guide:line: `command` `` for each command named in prose or a ```text block that none of the guide's
+    blocks runs and RUN_ELSEWHERE does not list: a command the reader is told to type that no test types."""
+    text = guide.read_text() if text is None else text
+    blocks = parse(guide, text)
+    ran = [c for b in blocks for c in b.commands]
+    listed = [c for cmds in RUN_ELSEWHERE.values() for c in cmds]
+    out: list[str] = []
+    fence: str | None = None
+    lang = ""
+    for n, line in enumerate(text.splitlines(), 1):
+        m = FENCE.match(line)
+        if fence is None and m:
+            fence, lang = m["fence"], (m["info"].split() or [""])[0]
+            continue
+        if fence is not None:
+            if line.strip() == fence:
+                fence = None
+                continue
+            named = [line.strip()] if lang == "text" else []
+        else:
+            named = [span.strip() for span in re.findall(r"`([^`]+)`", line)]
+        for cmd in (PROSE_COMMAND.match(x)["cmd"] for x in named if PROSE_COMMAND.match(x)):
+            if any(c == cmd or c.startswith(cmd + " ") for c in ran):
+                continue  # the guide's own blocks run it
+            if any(cmd == c or cmd.startswith(c + " ") for c in listed):
+                continue
+            out.append(f"{guide.name}:{n}: `{cmd}`")
+    return out
+
+
+def not_run() -> list[str]:
+    """The commands the guides name that no test runs (RUN_ELSEWHERE["NOT RUN"])."""
+    return list(RUN_ELSEWHERE["NOT RUN"])
 
 
 def discover() -> list[Path]:
@@ -183,11 +285,11 @@ class Session:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(block.body)
 
-    def console(self, block: Block) -> list[str]:
+    def console(self, block: Block) -> list[Said]:
         outputs = []
-        for cmd in block.commands:
-            p = subprocess.run(["bash", "-c", cmd], cwd=self.project, env=self.env, text=True, capture_output=True,
-                               timeout=self.timeout, check=False)
+        for cmd, expected in zip(block.commands, block.shown):
+            p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", cmd], cwd=self.project, env=self.env,
+                               text=True, capture_output=True, timeout=self.timeout, check=False)
             said = p.stdout + p.stderr
             self.log.append(f"$ {cmd}\n{said}")
             shown = f"{block.where}: `{cmd}` exited {p.returncode}"
@@ -198,9 +300,14 @@ class Session:
                     raise GuideError(f"{shown}; the guide says it is refused:\n{said[-4000:]}")
                 if p.returncode in NOT_A_REFUSAL:
                     raise GuideError(f"{shown}, {NOT_A_REFUSAL[p.returncode]}, not a refusal:\n{said[-4000:]}")
+                if expected is None:
+                    raise GuideError(f"{shown}: a refused command needs its refusal's first line shown under it")
+                if not shows(expected, [p.stdout, p.stderr]):
+                    raise GuideError(f"{shown}, refused for another reason than the guide shows ({expected!r}):"
+                                     f"\n{said[-4000:]}")
             elif p.returncode != 0:
                 raise GuideError(f"{shown}:\n{said[-4000:]}")
-            outputs.append(said)
+            outputs.append(Said(cmd, p.returncode, p.stdout, p.stderr))
         return outputs
 
     def python(self, block: Block) -> str:
@@ -233,6 +340,10 @@ class Session:
             if content.get("ename") != "NotebookError":
                 raise GuideError(f"{block.where}: the python block failed with {content.get('ename')}, not onepath's "
                                  f"refusal (NotebookError):\n{said[-4000:]}")
+            refusal = f"{content.get('ename')}: {content.get('evalue', '')}"
+            if not shows(block.shown[0], [refusal]):
+                raise GuideError(f"{block.where}: refused for another reason than the guide shows "
+                                 f"({block.shown[0]!r}):\n{refusal[-4000:]}")
         elif content["status"] != "ok":
             raise GuideError(f"{block.where}: the python block failed:\n{said[-4000:]}")
         return said

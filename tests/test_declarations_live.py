@@ -202,7 +202,7 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running, tmp_path):
                                                SECOND_VERSION.replace("@SCRATCH@", repr(str(tmp_path / "scratch.yaml")))))
                 out = json.loads(printed.strip().splitlines()[-1])
             elif b is promotes[0]:
-                said = "".join(result)
+                said = "".join(r.both for r in result)
             elif b is calls[0]:
                 answered = json.loads(session.python(Block(guide, b.line, "python", set(), None, ANSWERED)).strip()
                                       .splitlines()[-1])
@@ -255,19 +255,23 @@ def test_the_auditors_guide_on_what_the_data_scientist_promoted(running, tmp_pat
     env = {**onepath_env(up_dir / "home", port, decl),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     session = Session(project_copy(tmp_path / "project"), env)
-    said: dict[str, str] = {}
+    said: dict = {}  # command -> tests.guide_runner.Said (its stdout and stderr apart)
     for b in parse(guide):
         for cmd, out in zip(b.commands, session.run(b) or []):
             said[cmd] = out
     print(f"\n{guide.name}:\n{session.report()}")
-    rows = json.loads(said["onepath inventory --env prod --json"])
+    rows = json.loads(said["onepath inventory --env prod --json"].stdout)
     fraud = next(r for r in rows if r["name"] == "fraud_scoring")
     assert (fraud["recorded_version"], fraud["live_version"], fraud["mismatch"]) == ("1", "1", False), fraud
-    assert "ledger intact" in said["onepath audit verify"], said
-    exported = (session.project / "audit-fraud-prod" / "ledger.jsonl").read_text().splitlines()
-    assert exported and all(json.loads(e)["subject"] == "fraud_scoring" for e in exported), exported[:3]
-    assert any(json.loads(e)["kind"] == "deploy" for e in exported), exported
-    # the card of the version the data scientist promoted, printed and saved as its page
+    assert "ledger intact" in said["onepath audit verify"].both, said["onepath audit verify"]
+    exported = [json.loads(e) for e in
+                (session.project / "audit-fraud-prod" / "ledger.jsonl").read_text().splitlines()]
+    assert exported and all(e["subject"] == "fraud_scoring" and e["env"] == "prod" for e in exported), exported[:3]
+    assert any(e["kind"] == "deploy" for e in exported), exported
+    # the card of the version the data scientist promoted, printed and saved as its page: where it came from on
+    # stderr, the card itself (platform_defs/governance/model_card.py render_markdown) alone on stdout
     card = said["onepath card fraud"]
-    assert card.lstrip().startswith("#") and "fraud" in card and "prod" in card, card[:500]
+    assert card.stderr.startswith("# fraud version 1 (last deployed to prod): "), card.stderr
+    assert card.stdout.startswith("# Model card: fraud version 1\n"), card.stdout[:500]
+    assert "\n## Ownership\n" in card.stdout and "\n| retention | ml-standard | " in card.stdout, card.stdout
     assert "<html" in (session.project / "fraud-v1-card.html").read_text().lower()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.guide_runner import GuideError, Session, discover, guide_env, parse, project_copy
+from tests.guide_runner import GuideError, Session, discover, guide_env, not_run, parse, project_copy, unrun_commands
 from tests.test_declarations_live import LIVE_GUIDES
 
 GUIDE_FILES = discover()
@@ -43,6 +43,22 @@ def test_guide_runs(guide, session):
     print(f"\n{guide.name}:\n{session.report()}")
 
 
+def test_every_command_a_guide_names_is_run_by_a_test():
+    # a command in prose or a ```text block is run by the guide's own blocks, or RUN_ELSEWHERE names the test
+    # that runs it; the ones no test runs are listed there under "NOT RUN", and shown here
+    unrun = [line for g in GUIDE_FILES for line in unrun_commands(g)]
+    assert not unrun, ("commands the guides name that no test runs (run them in a console block, or list them "
+                       "in tests/guide_runner.py RUN_ELSEWHERE with the test that runs them):\n" + "\n".join(unrun))
+    print("\nnamed in the guides, run by no test (RUN_ELSEWHERE['NOT RUN']):\n  " + "\n  ".join(not_run()))
+
+
+def test_a_command_in_prose_that_nothing_runs_fails_the_lint(tmp_path):
+    text = ("# x\n\nThen `onepath rollback fraud --env prod` and:\n\n```text\n$ ./dev clean\n```\n\n"
+            "```console\n$ onepath validate\n```\n\nas `onepath validate` says; `onepath up` starts it.\n")
+    assert unrun_commands(_guide(tmp_path, text)) == ["broken.md:3: `onepath rollback fraud --env prod`",
+                                                      "broken.md:6: `./dev clean`"]
+
+
 # --------------------------------------------------------------------------------------------
 # The runner can fail
 
@@ -70,7 +86,7 @@ def test_a_missing_file_fails_the_runner(tmp_path, session):
 
 
 def test_a_command_that_does_not_exist_fails_the_runner(tmp_path, session):
-    guide = _guide(tmp_path, "```console refused\n$ onepath card fraud\n```\n")
+    guide = _guide(tmp_path, "```console refused\n$ onepath no-such-verb\n```\n")
     with pytest.raises(GuideError, match="a usage error"):
         session.run_guide(guide)
     guide = _guide(tmp_path, "```console\n$ onepth status\n```\n")
@@ -82,6 +98,24 @@ def test_a_refusal_that_succeeds_fails_the_runner(tmp_path, session):
     guide = _guide(tmp_path, "```console refused\n$ onepath audit verify\n```\n")
     with pytest.raises(GuideError, match="the guide says it is refused"):
         session.run_guide(guide)
+
+
+def test_a_refusal_for_another_reason_fails_the_runner(tmp_path, session):
+    # refused, but not for the reason the guide shows under the command
+    refused = "```console refused\n$ onepath card churn\nonepath card: no model 'churn' is declared ...\n```\n"
+    with pytest.raises(GuideError, match="refused for another reason than the guide shows"):
+        session.run_guide(_guide(tmp_path, refused))  # churn is declared; it was never deployed
+    session.run_guide(_guide(tmp_path, refused.replace("churn", "nosuch")))  # the reason shown: passes
+    guide = _guide(tmp_path, "```console refused\n$ onepath card nosuch\n```\n")
+    with pytest.raises(GuideError, match="needs its refusal's first line shown"):
+        session.run_guide(guide)
+    # a notebook refusal: NotebookError, but another one than the ```text block after it shows
+    cell = ("```python refused\nimport onepath\nonepath.predict('no_such_model', [])\n```\n\n"
+            "```text\nNotebookError: fraud: no test rows given: ...\n```\n")
+    with pytest.raises(GuideError, match="refused for another reason than the guide shows"):
+        session.run_guide(_guide(tmp_path, cell))
+    with pytest.raises(GuideError, match="needs a ```text block after it"):
+        session.run_guide(_guide(tmp_path, cell.split("\n\n")[0]))
 
 
 def test_a_file_the_reader_writes_is_written_where_it_says(tmp_path, session):

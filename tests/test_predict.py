@@ -21,8 +21,60 @@ def test_a_model_nothing_serves_is_one_line(home):
         onepath.predict("fraud", [{"amount": 1.0}])
 
 
+def _book(home):
+    from resources.ledger import Ledger, ledger_paths
+
+    home.mkdir(parents=True, exist_ok=True)
+    return Ledger(*ledger_paths(home))
+
+
+def test_no_recorded_policy_is_one_line(home):
+    with pytest.raises(onepath.NotebookError, match=r"^onepath-cli may not call churn_scoring\.prod: no policy is "
+                                                    r"recorded in the ledger[^\n]*$"):
+        onepath.predict("churn", [{"tenure_months": 3.0}])
+
+
+def test_a_policy_that_does_not_grant_onepath_cli_is_one_line(home, tmp_path):
+    from tests.conftest import ROOT, record_policy
+
+    text = (ROOT / "assets" / "policy.yaml").read_text()
+    granted = "      routes: [predict, version, metrics]\n      endpoints: all\n"
+    assert granted in text, "the example policy's onepath-cli grant moved: update this test"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text.replace(granted, "      routes: [predict, version, metrics]\n"
+                                            "      endpoints: [credit_scoring]\n"))
+    record_policy(_book(home), path=policy)
+    with pytest.raises(onepath.NotebookError, match=r"^onepath-cli may not call churn_scoring\.prod: the recorded "
+                                                    r"policy \(ledger #1\) grants it no access there[^\n]*$"):
+        onepath.predict("churn", [{"tenure_months": 3.0}])
+
+
 def test_an_endpoint_not_deployed_says_to_promote_it(home):
-    # churn is declared (the example organisation) and served by churn_scoring, which nothing deployed here
+    # churn is declared (the example organisation) and served by churn_scoring, which nothing deployed here; the
+    # recorded policy grants onepath-cli every endpoint
+    from tests.conftest import record_policy
+
+    record_policy(_book(home))
     with pytest.raises(onepath.NotebookError,
                        match=r"^churn_scoring\.prod does not answer: promote it first \(onepath promote churn --to prod\)"):
         onepath.predict("churn", [{"tenure_months": 3.0}])
+
+
+def test_a_model_two_endpoints_serve_is_refused_naming_both(home, tmp_path, monkeypatch):
+    import shutil
+
+    from tests.conftest import ROOT
+
+    decl = tmp_path / "assets"
+    shutil.copytree(ROOT / "assets", decl, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(decl / "retention" / "defs.yaml", "a") as f:
+        f.write("---\ntype: onepath.Endpoint\nattributes:\n  name: churn_shadow\n  owner: retention\n"
+                "  track: ml-standard\n  model: churn\n")
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(decl))
+    monkeypatch.setenv("ONEPATH_POLICY_FILE", str(decl / "policy.yaml"))
+    with pytest.raises(onepath.NotebookError, match=r"^two endpoints serve 'churn' \(churn_scoring, churn_shadow\): "
+                                                    r"name the one to call"):
+        onepath.predict("churn", [{"tenure_months": 3.0}])
+    # named by its endpoint, the call goes on (and stops where nothing was recorded)
+    with pytest.raises(onepath.NotebookError, match=r"^onepath-cli may not call churn_shadow\.prod: no policy"):
+        onepath.predict("churn_shadow", [{"tenure_months": 3.0}])

@@ -21,20 +21,12 @@ import yaml
 from platform_defs.loader import load_organisation
 from platform_defs.specs import COMPONENT_TYPES, parse_component
 from tests.conftest import NOT_INHERITED
+from tests.test_notebook import NOTEBOOK_DECL
 
 ROOT = Path(__file__).resolve().parents[1]
 DG = Path(sys.executable).parent / "dg"
 PROJECT = ("apps", "assets", "platform_defs", "resources", "sensors", "onepath", "pyproject.toml", "workspace.yaml")
-MODEL_LINE = """\
----
-type: onepath.ModelLine
-attributes:
-  name: fraud
-  owner: retention
-  version: 3
-  label: is_fraud
-  protected: [age_band]
-"""
+MODEL_LINE = "---\n" + NOTEBOOK_DECL  # the model line onepath.register writes (tests/test_notebook.py)
 # the example organisation's retention line as it was declared before components (the old form)
 OLD_RETENTION = """\
 declarations:  # the retention team's churn line, declared in YAML: dataset -> model -> endpoint

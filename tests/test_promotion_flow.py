@@ -79,8 +79,9 @@ def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_
     track = base.tracks["ml-standard"].model_copy(update={"checks": ["performance"]})
 
     def with_min_recall(bound: float):
+        checks = [*track.checks, "min_recall"]
         return base.model_copy(update={
-            "tracks": {**base.tracks, "ml-standard": track.model_copy(update={"checks": [*track.checks, "min_recall"]})},
+            "tracks": {**base.tracks, "ml-standard": track.model_copy(update={"checks": checks})},
             "custom_checks": {"min_recall": CustomCheck(entry_point="min_recall", distribution="acme-checks",
                                                         params={"min": bound},
                                                         description="Recall on the held-out rows.")}})

@@ -502,3 +502,47 @@ def test_a_recorded_policy_naming_an_uninstalled_package_still_verifies_as_a_cha
     finally:
         sys.path.insert(0, str(acme))
         importlib.invalidate_caches()
+
+
+def test_the_code_that_judges_is_the_code_hashed_never_an_older_import(tmp_path, monkeypatch):
+    """A long-lived process imported a check module, then the file changed and the policy pinned the new file:
+    the new bytes judge and their hash is recorded (the module imported earlier is not reused); a pin of the
+    old bytes fails closed naming expected and found; and what runs is the file that one lookup found and
+    hashed, not one a later lookup would find."""
+    import importlib
+
+    from platform_defs.governance.custom_checks import load, source_of
+
+    module = tmp_path / "platform_checks_stale.py"
+    a = "import onepath\n\n\ndef ok(ctx):\n    return onepath.Verdict(False, 'old code: fails')\n"
+    b = "import onepath\n\n\ndef ok(ctx):\n    return onepath.Verdict(True, 'new code: passes')\n"
+    sha_a, sha_b = (hashlib.sha256(t.encode()).hexdigest() for t in (a, b))
+    module.write_text(a)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "platform_checks_stale", raising=False)
+    imported = importlib.import_module("platform_checks_stale")  # the process imported A
+    base = _policy_with(c="platform_checks_stale:ok")
+
+    def pinned(digest: str):
+        return base.model_copy(update={"custom_checks": {"c": base.custom_checks["c"].model_copy(
+            update={"sha256": digest})}})
+
+    v = run_custom(pinned(sha_a), "c", _ctx("c", pinned(sha_a)))
+    assert (v.passed, v.summary, v.metadata["check_sha256"]) == (False, "old code: fails", sha_a)
+    module.write_text(b)  # the file changed; the policy pins the new file
+    v = run_custom(pinned(sha_b), "c", _ctx("c", pinned(sha_b)))
+    assert (v.passed, v.summary, v.metadata["check_sha256"]) == (True, "new code: passes", sha_b)
+    v = run_custom(pinned(sha_a), "c", _ctx("c", pinned(sha_a)))
+    assert (v.passed, v.summary, v.metadata["check_sha256"]) == (
+        False, f"custom check 'c' (platform_checks_stale:ok) is not the pinned code: custom_checks.c.sha256 "
+               f"expects {sha_a}, found {sha_b}", sha_b)
+    assert sys.modules["platform_checks_stale"] is imported and imported.ok(None).reason == "old code: fails"
+
+    found = provider(pinned(sha_b), "c")  # the one lookup ...
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "platform_checks_stale.py").write_text(a.replace("old code", "a file created since"))
+    monkeypatch.syspath_prepend(str(shadow))  # ... then a file earlier on the path, and nothing imported
+    monkeypatch.delitem(sys.modules, "platform_checks_stale")
+    assert load(found, source_of(found))(None).reason == "new code: passes"
+    assert "platform_checks_stale" not in sys.modules

@@ -546,3 +546,43 @@ def test_the_code_that_judges_is_the_code_hashed_never_an_older_import(tmp_path,
     monkeypatch.delitem(sys.modules, "platform_checks_stale")
     assert load(found, source_of(found))(None).reason == "new code: passes"
     assert "platform_checks_stale" not in sys.modules
+
+
+def test_an_entry_point_naming_a_module_under_the_declarations_folder_is_refused_unimported(tmp_path, monkeypatch):
+    """An installed package's entry point can name any module: one whose file lies under the declarations
+    folder (teams write it) is refused like a ``function:`` there, at load, in validate and in the gate,
+    located without being imported."""
+    from platform_defs.governance.custom_checks import importable_problems
+
+    declarations = tmp_path / "assets"
+    declarations.mkdir()
+    (declarations / "team_sneak.py").write_text("raise SystemExit('imported')\n")
+    src = tmp_path / "sneak"
+    src.mkdir()
+    (src / "pyproject.toml").write_text(  # metadata only: its entry point names the team's module
+        '[project]\nname = "sneak-checks"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n'
+        'sneak = "team_sneak:ok"\n\n[build-system]\nrequires = ["setuptools>=68"]\n'
+        'build-backend = "setuptools.build_meta"\n\n[tool.setuptools]\npy-modules = []\npackages = []\n')
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    monkeypatch.syspath_prepend(str(target))
+    monkeypatch.syspath_prepend(str(declarations))  # team_sneak is importable, from the declarations folder
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))
+    why = ("custom check 'sneak' (team_sneak:ok (entry point onepath.checks:sneak)): "
+           f"{declarations / 'team_sneak.py'} is under the declarations folder, which teams write; a custom check "
+           "comes from an installed package or a platform-owned module outside it")
+    doc = policy_doc()
+    doc["custom_checks"] = {"sneak": {"entry_point": "sneak", "distribution": "sneak-checks", "applies_to": ["app"]}}
+    doc["tracks"]["app"]["checks"].append("sneak")
+    assert refused(doc) == f"policy assets/policy.yaml: key 'tracks.app.checks.3': {why}"
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(tmp_path / "elsewhere"))
+    policy = parse(doc)  # loaded while it was not a declarations folder ...
+    (problem,) = importable_problems(policy, declarations)  # ... `onepath validate` of that folder refuses it
+    assert problem.endswith(why)
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))  # ... and so does the gate once it is one
+    v = run_custom(policy, "sneak", CheckContext(check="sneak", kind="app", subject="loan_portal", version="r-1",
+                                                 env="staging", track="app", params={}, spec=None, build=ROOT))
+    assert (v.passed, v.summary) == (False, why)
+    assert "team_sneak" not in sys.modules

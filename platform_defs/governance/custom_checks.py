@@ -12,10 +12,11 @@ The contract (``onepath.CheckContext`` in, ``onepath.Verdict`` out)::
 
 Where a check comes from: a track's ``checks`` in the policy names it, and it is declared once under the
 policy's ``custom_checks``: ``function: "pkg.mod:fn"`` from a platform-owned module outside the declarations
-folder (a module there, which teams write, is refused at load and at run time, unimported), optionally pinned
-by ``sha256:`` of its file; or ``entry_point: name`` with the ``distribution:`` that must provide it in the
-``onepath.checks`` entry-point group (``[project.entry-points."onepath.checks"] min_recall =
-"acme_checks:min_recall"``), optionally pinned by ``version:``. The policy is signed and recorded, so a
+folder, optionally pinned by ``sha256:`` of its file; or ``entry_point: name`` with the ``distribution:`` that
+must provide it in the ``onepath.checks`` entry-point group (``[project.entry-points."onepath.checks"]
+min_recall = "acme_checks:min_recall"``), optionally pinned by ``version:``. Either way, a module whose file
+(or a package ``__init__`` on its way) lies under the declarations folder is refused at load and at run time,
+unimported: the signed policy cannot name a team's file as a governance check. The policy is signed and recorded, so a
 track's checks come from it only: a package can add a check nobody declared, and it never runs; it cannot
 take a built-in's name (built-in names always resolve to the built-ins, and the policy refuses a
 ``custom_checks`` entry named like one); another package's entry point of the same name never stands in
@@ -300,9 +301,9 @@ def _team_written(files: list[tuple[str, Path]], also: tuple[Path, ...] = ()) ->
 
 def provider(policy: "Policy", name: str, also: tuple[Path, ...] = ()) -> Provider | str:
     """Who provides custom check ``name``, or a one-line reason nobody (or not the pinned code) does. Only a
-    check declared under ``custom_checks`` runs: from a platform-owned module (``function:``, outside the
-    declarations folder, optionally pinned by ``sha256:``) or from the named installed distribution
-    (``entry_point:`` + ``distribution:``, optionally ``version:``)."""
+    check declared under ``custom_checks`` runs: from a platform-owned module (``function:``, optionally pinned
+    by ``sha256:``) or from the named installed distribution (``entry_point:`` + ``distribution:``, optionally
+    ``version:``); either way from a module outside the declarations folder."""
     declared = policy.custom_checks.get(name)
     if declared is None:
         return (f"unknown check '{name}': not built in and not declared under custom_checks (a custom check is "
@@ -310,14 +311,7 @@ def provider(policy: "Policy", name: str, also: tuple[Path, ...] = ()) -> Provid
     if declared.function is not None:
         fn = declared.function
         module, attr = fn.split(":")
-        files, spec = _locate(module)  # one lookup: the files refused here are the files run
-        bad = _team_written(files, also)  # also: a declarations folder given to onepath validate
-        if bad is not None:
-            from platform_defs.policy import _shown
-
-            return (f"custom check '{name}' ({fn}): {_shown(bad)} is under the declarations folder, which teams "
-                    f"write; a custom check comes from an installed package or a platform-owned module outside it")
-        return Provider(name, fn, "policy", module, attr, tuple(files), spec)
+        return _checked(Provider(name, fn, "policy", module, attr), also)
     eps = entry_points_named(GROUP, declared.entry_point or "")
     want = _normal(declared.distribution or "")
     mine = [e for e in eps if _normal(dist_of(e).split("==")[0]) == want]
@@ -329,10 +323,26 @@ def provider(policy: "Policy", name: str, also: tuple[Path, ...] = ()) -> Provid
         return (f"custom check '{name}': distribution '{declared.distribution}' provides entry point "
                 f"'{declared.entry_point}' in group '{GROUP}' more than once "
                 f"({', '.join(sorted(e.value for e in mine))})")
-    ep = mine[0]
-    files, spec = _locate(ep.module)
-    return Provider(name, f"{ep.value} (entry point {GROUP}:{ep.name})", dist_of(ep), ep.module, ep.attr,
-                    tuple(files), spec)
+    ep = mine[0]  # where its module's file is, found without importing it, is refused like a function:'s
+    return _checked(Provider(name, f"{ep.value} (entry point {GROUP}:{ep.name})", dist_of(ep), ep.module, ep.attr),
+                    also)
+
+
+def _checked(found: Provider, also: tuple[Path, ...]) -> Provider | str:
+    """``found`` with its module located (one lookup: the files refused here are the files run), or why it
+    is refused: a file importing it runs lies under the declarations folder (or ``also``: a declarations
+    folder given to ``onepath validate``)."""
+    import dataclasses
+
+    files, spec = _locate(found.module)
+    bad = _team_written(files, also)
+    if bad is not None:
+        from platform_defs.policy import _shown
+
+        return (f"custom check '{found.name}' ({found.function}): {_shown(bad)} is under the declarations folder, "
+                f"which teams write; a custom check comes from an installed package or a platform-owned module "
+                f"outside it")
+    return dataclasses.replace(found, chain=tuple(files), spec=spec)
 
 
 def pin_problem(policy: "Policy", found: Provider, source: bytes | None) -> tuple[dict[str, Any], str | None]:

@@ -586,3 +586,25 @@ def test_an_entry_point_naming_a_module_under_the_declarations_folder_is_refused
                                                  env="staging", track="app", params={}, spec=None, build=ROOT))
     assert (v.passed, v.summary) == (False, why)
     assert "team_sneak" not in sys.modules
+
+
+def test_an_app_check_writes_a_copy_of_the_release_never_the_release_that_serves(tmp_path):
+    """Built-ins run first, so a file a custom check added to the release would be served unscanned: an app
+    check is given a copy of the build, removed after, and the release folder stays as the built-ins saw it."""
+    import shutil
+
+    from platform_defs.governance.gates import AppGate
+    from platform_defs.loader import load_organisation
+
+    policy = _policy_with(writes="tests.fixtures.bad_checks:writes_into_the_build")
+    build = tmp_path / "r-test"
+    shutil.copytree(ROOT / "apps" / "loan_portal", build, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {p.relative_to(build): p.read_bytes() for p in build.rglob("*") if p.is_file()}
+    gate = AppGate(app=load_organisation(ROOT / "assets").by_name["loan_portal"], policy=policy, ledger=None,
+                   deployer=None, source_dir=ROOT / "apps" / "loan_portal", repo_root=ROOT)
+    scan, writes = gate.evaluate("r-test", build, "staging")
+    assert scan.passed and (writes.check, writes.passed) == ("writes", True)
+    written = Path(writes.summary.removeprefix("wrote "))
+    assert written.name == "injected.py" and written.parent.name == "r-test" and not written.is_relative_to(build)
+    assert not written.parent.exists()  # the copy is removed after the check
+    assert {p.relative_to(build): p.read_bytes() for p in build.rglob("*") if p.is_file()} == before

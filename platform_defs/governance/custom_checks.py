@@ -25,7 +25,8 @@ for the declared distribution. Every verdict records what ran: ``check_function`
 run as a fresh module, never a copy already imported); code other than the pinned fails closed.
 
 How it runs: in the gate, after every built-in, for the exact version and environment being gated, on
-copies of what the gate loaded (``Copies``); its
+copies of what the gate loaded (``Copies``; an app check gets a copy of the release folder, removed after:
+what it writes is never served); its
 verdict is recorded like theirs (the asset's blocking check, the ``gate_verdict`` ledger entry, the model
 card). It fails closed, with one line naming the check and its function, when the function cannot be
 imported, raises, returns anything but an ``onepath.Verdict``, or takes longer than its
@@ -87,7 +88,7 @@ class CheckContext:
         # EndpointSpec/AppSpec, ModelSpec, DatasetSpec: copies, never the gate's own objects
         self.spec, self.model, self.dataset = copy.deepcopy(spec), copy.deepcopy(model), copy.deepcopy(dataset)
         self.features, self.label = list(features or []), label
-        self.build = build  # an app release: its build folder
+        self.build = build  # an app release: a copy of its build folder (the gate's own is never given)
         self._v = _version
 
     @classmethod

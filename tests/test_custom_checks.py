@@ -392,7 +392,7 @@ def test_a_second_package_offering_the_name_never_stands_in_for_the_declared_dis
         sys.path.remove(str(target))
 
 
-# -- the code that runs is the platform's: never a team's file, and pinned by the policy -----------------
+# -- a check's code is never a team's file (no boundary against team Python), and pinned by the policy -
 
 def test_a_check_module_under_the_declarations_folder_is_refused_at_load_and_at_run_time(monkeypatch):
     """A team writes the declarations folder: a check from there could return Verdict(True) or patch the

@@ -16,8 +16,11 @@ folder, optionally pinned by ``sha256:`` of its file; or ``entry_point: name`` w
 must provide it in the ``onepath.checks`` entry-point group (``[project.entry-points."onepath.checks"]
 min_recall = "acme_checks:min_recall"``), optionally pinned by ``version:``. Either way, a module whose file
 (or a package ``__init__`` on its way) lies under the declarations folder is refused at load and at run time,
-unimported: the signed policy cannot name a team's file as a governance check. The policy is signed and recorded, so a
-track's checks come from it only: a package can add a check nobody declared, and it never runs; it cannot
+unimported: the signed policy cannot name a team's file as a governance check, so the pin and ``check_sha256``
+mean something. It is no boundary against a team's Python: a ``declarations.py``, trainer or generator module
+there is imported by the processes that run the gates, trusted like an installed package (README, "Team
+Python"). The policy is signed and recorded, so a track's checks come from it only: a package can add a check
+nobody declared, and it never runs; it cannot
 take a built-in's name (built-in names always resolve to the built-ins, and the policy refuses a
 ``custom_checks`` entry named like one); another package's entry point of the same name never stands in
 for the declared distribution. Every verdict records what ran: ``check_function``, ``provided_by``

@@ -21,7 +21,7 @@ The format (shared by every guide):
 
 Everything is run in order, in a fresh copy of the example project with its own ``ONEPATH_HOME``, ``onepath``
 on ``PATH`` and the working directory the project copy (tests/test_guides.py). A guide with a ``live`` block
-runs whole on the platform tests/test_declarations_live.py starts, which names it in its ``LIVE_GUIDES``.
+runs whole on a running platform, by the test ``LIVE_GUIDES`` names for it.
 """
 
 from __future__ import annotations
@@ -58,11 +58,14 @@ RUN_ELSEWHERE: dict[str, tuple[str, ...]] = {
     "NOT RUN": (
         "./dev up",  # the wrapper (install, then `onepath up`): CI runs `./dev test`, never `./dev up`
         "onepath policy apply --change-witness",
-        # app-developer.md, "Taking a release to prod": tests/test_app_gate.py drives the gate and the
-        # approved-promotions sensor through Python, not these verbs on this release
-        "onepath materialize staff_portal", "onepath promote staff_portal", "onepath status",
-        "onepath approve staff_portal", "onepath why staff_portal_prod",
     ),
+}
+# A guide with a ``live`` block (it needs the running platform) runs whole, in order, on the platform of the test
+# named here (tests/test_guides.py checks that the test exists); ``live_guide`` gives a test its guide.
+LIVE_GUIDES: dict[str, str] = {
+    "data-scientist.md": "tests/test_declarations_live.py::test_three_steps_from_a_jupyter_kernel_to_prod",
+    "auditor.md": "tests/test_declarations_live.py::test_the_auditors_guide_on_what_the_data_scientist_promoted",
+    "app-developer.md": "tests/test_platform_up.py::test_the_app_developers_guide_takes_loan_portal_to_prod",
 }
 PROSE_COMMAND = re.compile(r"^(?:\$ )?(?P<cmd>onepath [a-z][a-z-]*\b.*|\./dev\b.*)$")
 
@@ -235,6 +238,12 @@ def unrun_commands(guide: Path, text: str | None = None) -> list[str]:
 def not_run() -> list[str]:
     """The commands the guides name that no test runs (RUN_ELSEWHERE["NOT RUN"])."""
     return list(RUN_ELSEWHERE["NOT RUN"])
+
+
+def live_guide(test: str) -> Path:
+    """The guide that the test named ``test`` (its function's name) runs live (LIVE_GUIDES)."""
+    (name,) = [g for g, t in LIVE_GUIDES.items() if t.endswith(f"::{test}")]
+    return GUIDES / name
 
 
 def discover() -> list[Path]:

@@ -109,7 +109,7 @@ def test_a_refusal_for_another_reason_fails_the_runner(tmp_path, session):
         session.run_guide(_guide(tmp_path, refused))  # churn is declared; it was never deployed
     session.run_guide(_guide(tmp_path, refused.replace("churn", "nosuch")))  # the reason shown: passes
     guide = _guide(tmp_path, "```console refused\n$ onepath card nosuch\n```\n")
-    with pytest.raises(GuideError, match="needs its refusal's first line shown"):
+    with pytest.raises(GuideError, match="needs what it prints \\(its reason\\) shown"):
         session.run_guide(guide)
     # a notebook refusal: NotebookError, but another one than the ```text block after it shows
     cell = ("```python refused\nimport onepath\nonepath.predict('no_such_model', [])\n```\n\n"
@@ -142,3 +142,12 @@ def test_a_guide_off_the_format_fails(tmp_path, session, text, says):
 def test_a_live_block_outside_the_live_run_fails(tmp_path, session):
     with pytest.raises(GuideError, match="a live block"):
         session.run_guide(_guide(tmp_path, "```console live\n$ onepath status\n```\n"))
+
+
+def test_every_line_a_refusal_shows_must_be_printed_in_that_order(tmp_path, session):
+    # the reason need not be the first line (a header may come first); every line shown is looked for, in order
+    cmd = "$ printf 'in force: #1\\nplatform key: k\\nthe file differs: nothing promotes\\n'; exit 1\n"
+    session.run_guide(_guide(tmp_path, f"```console refused\n{cmd}in force: ...\n...\nthe file differs: ...\n```\n"))
+    for wrong in ("in force: ...\nthe file matches: ...", "the file differs: ...\nin force: ..."):
+        with pytest.raises(GuideError, match="did not print"):
+            session.run_guide(_guide(tmp_path, f"```console refused\n{cmd}{wrong}\n```\n"))

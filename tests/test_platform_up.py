@@ -228,7 +228,7 @@ def test_the_app_developers_guide_takes_loan_portal_to_prod(platform, tmp_path):
                 said.setdefault(cmd, []).append(out)
     finally:
         session.close()
-        print(f"\n{guide.name}:\n{session.report()}")
+        print(f"\n{guide.name}:\n{session.report()}\n" + "\n".join(session.log))  # shown when it fails
     refused, promoted = said["onepath promote loan_portal --to prod"]
     assert "loan_portal did not reach prod:\n  code_review: " in refused.stdout, refused.stdout
     assert "integration_tests: " not in refused.stdout.split("did not reach prod:")[1], refused.stdout

@@ -52,14 +52,13 @@ NOT_A_REFUSAL = {2: "a usage error (wrong flag or argument)", 126: "not executab
 # "NOT RUN" (tests/test_guides.py prints those, so the gap stays visible). An entry covers the commands it
 # starts (`onepath up` covers `onepath up --no-mlflow-ui`).
 RUN_ELSEWHERE: dict[str, tuple[str, ...]] = {
-    "tests/test_platform_up.py": ("onepath up",),  # python -m platform_defs.cli up, as the reader's platform
+    # ./dev up by test_stopping_up_leaves_no_dagster_process; onepath up is the module's platform
+    "tests/test_platform_up.py": ("./dev up", "onepath up"),
     "tests/test_graph.py": ("onepath down",),
-    "tests/test_witness.py": ("onepath witness serve",),
+    # test_policy_apply_change_witness_pins_the_witness_and_unpins_it_from_the_command_line
+    "tests/test_witness.py": ("onepath witness serve", "onepath policy apply --change-witness"),
     "tests/test_approvals.py": ("onepath approve",),  # the verb, on a model version (data-scientist.md)
-    "NOT RUN": (
-        "./dev up",  # the wrapper (install, then `onepath up`): CI runs `./dev test`, never `./dev up`
-        "onepath policy apply --change-witness",
-    ),
+    "NOT RUN": (),  # none today
 }
 # A guide with a ``live`` block (it needs the running platform) runs whole, in order, on the platform of the test
 # named here (tests/test_guides.py checks that the test exists); ``live_guide`` gives a test its guide.

@@ -1,8 +1,8 @@
-"""`onepath up` (the README's first command, after install) starts the platform for real: the Dagster
-UI with the example organisation loaded and its sensor running, driven here through the GraphQL
-API the way the UI's clicks drive it, then in a real browser (headless Chromium), then by the app
-developer's guide from a terminal, all on the same platform; stopping it leaves no Dagster process
-behind."""
+"""`onepath up` (what the README's first command, `./dev up`, starts after install) starts the platform for
+real: the Dagster UI with the example organisation loaded and its sensor running, driven here through the
+GraphQL API the way the UI's clicks drive it, then in a real browser (headless Chromium), then by the app
+developer's guide from a terminal, all on the same platform; stopping it (started as `./dev up` itself)
+leaves no Dagster process behind."""
 
 from __future__ import annotations
 
@@ -70,28 +70,44 @@ def loop_policy_file(tmp_path: Path) -> Path:
 
 # first, before this module's platform starts: a second `onepath up` beside it would slow both
 def test_stopping_up_leaves_no_dagster_process(tmp_path):
+    """The README's first command, ``./dev up`` (here with --no-mlflow-ui): the wrapper installs only when the
+    lock changed, then execs ``.venv/bin/onepath up``, so the process started is the platform and SIGTERM to
+    it stops Dagster with it."""
+    venv = ROOT / ".venv"
+    assert venv.resolve() == Path(sys.prefix).resolve(), (
+        f"./dev up runs {venv}, these tests run in {sys.prefix}: it would start (or install) another venv than the "
+        f"one under test; run the tests with ./dev test")
     port = free_port()
     env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
            "PYTHONPATH": str(ROOT)}
     env.pop("DAGSTER_HOME", None)
-    proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    first = proc.stdout.readline().decode()
-    assert first.startswith("onepath: 7 declarations loaded"), first
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            gql(port, "{ version }")
-            break
-        except Exception:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.5)
-    children = children_of(proc.pid)
-    assert children, "onepath up should have started dg dev"
-    os.kill(proc.pid, signal.SIGTERM)
-    out = proc.communicate(timeout=90)[0].decode()
-    assert proc.returncode == 0 and "Dagster stopped" in out
-    assert not any(group_alive(pid) for pid in children)
+    proc = subprocess.Popen(["./dev", "up", "--no-mlflow-ui"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        first = proc.stdout.readline().decode()
+        assert first.startswith("onepath: 7 declarations loaded"), first
+        # ./dev exec'd onepath: the pid started is the platform itself, not a shell that keeps SIGTERM to itself
+        argv = [a.decode() for a in Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")]
+        assert (ROOT / argv[1]).resolve() == (venv / "bin" / "onepath").resolve(), argv
+        assert argv[2:4] == ["up", "--no-mlflow-ui"], argv
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                gql(port, "{ version }")
+                break
+            except Exception:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.5)
+        children = children_of(proc.pid)
+        assert children, "onepath up should have started dg dev"
+        os.kill(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=90)[0].decode()
+        assert proc.returncode == 0 and "Dagster stopped" in out
+        assert not any(group_alive(pid) for pid in children)
+    finally:
+        if proc.poll() is None:  # an assertion above failed with the platform still up: stop it as a user would
+            proc.terminate()
+            proc.communicate(timeout=90)
 
 
 @pytest.fixture(scope="module")

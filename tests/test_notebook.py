@@ -336,6 +336,23 @@ def test_a_register_keeps_every_comment_where_the_team_put_it(tmp_path, case):
         assert re.search(rf"^.*{re.escape(tail)}$", after, re.M), (tail, after)
 
 
+def test_a_model_line_in_flow_style_on_its_document_marker_line_is_updated_in_place(tmp_path):
+    from platform_defs.loader import _load_yaml
+    from platform_defs.notebook import render_declaration, write_declaration
+
+    path = tmp_path / "defs.yaml"
+    other = "type: onepath.ModelLine\nattributes: {name: other, owner: retention, version: 4, label: y}\n"
+    mine = ("--- {type: onepath.ModelLine, attributes: {name: fraud, owner: retention, version: 1, label: is_fraud,"
+            " purpose: fraud_check}}  # ours\n")
+    path.write_text(other + mine)
+    write_declaration(path, render_declaration(name="fraud", owner="retention", version="2", label="is_fraud",
+                                               pii=[], protected=[], features=["amount"]), "fraud")
+    assert path.read_text() == other + mine.replace("version: 1", "version: 2").replace(
+        "purpose: fraud_check}", "purpose: fraud_check, features: [amount]}")
+    specs = [d for d, _ in _load_yaml(path)]
+    assert [(d.name, d.version, d.features) for d in specs] == [("other", 4, None), ("fraud", 2, ["amount"])]
+
+
 def test_a_register_that_cannot_update_the_file_changes_nothing_anywhere(tmp_path):
     import onepath
 

@@ -740,7 +740,7 @@ def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -
     not the endpoint's) is one NotebookError line."""
     import httpx
 
-    from platform_defs.access import AccessError, access_for, cli_token, endpoint_target
+    from platform_defs.access import CLI_CALLER, AccessError, access_for, cli_token, endpoint_target
     from platform_defs.loader import load_organisation
     from platform_defs.settings import load_settings
 
@@ -755,13 +755,18 @@ def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -
     if decl is None:
         raise NotebookError(f"no endpoint serves '{name}': register it first (onepath.register), then promote it")
     settings = load_settings()
+    access = access_for(settings, actor="onepath.predict")
     try:
+        access.granted(org, CLI_CALLER, decl.name, env)  # the recorded policy must grant it (only read here)
+        status = access.deployer.status(endpoint_target(decl, env))
+        if not status.address or not status.healthy:
+            raise NotebookError(f"{decl.name}.{env} does not answer: promote it first (onepath promote {name} "
+                                f"--to {env})")
+        # issued only for an endpoint that answers: a first use records a grant, publishes the access table and
+        # stores the token
         token = cli_token(settings, org, decl.name, env)
     except AccessError as err:
         raise NotebookError(str(err).splitlines()[0]) from None
-    status = access_for(settings, actor="onepath.predict").deployer.status(endpoint_target(decl, env))
-    if not status.address or not status.healthy:
-        raise NotebookError(f"{decl.name}.{env} does not answer: promote it first (onepath promote {name} --to {env})")
     records = rows.to_dict(orient="records") if hasattr(rows, "to_dict") else list(rows)
     try:
         resp = httpx.post(f"{status.address}/predict", json={"records": records}, timeout=timeout,

@@ -55,9 +55,16 @@ def test_an_endpoint_not_deployed_says_to_promote_it(home):
     from tests.conftest import record_policy
 
     record_policy(_book(home))
+    recorded = [(e.seq, e.kind) for e in _book(home).entries()]
     with pytest.raises(onepath.NotebookError,
                        match=r"^churn_scoring\.prod does not answer: promote it first \(onepath promote churn --to prod\)"):
         onepath.predict("churn", [{"tenure_months": 3.0}])
+    # refused before a credential was issued: no grant in the ledger, no access table published, no token stored
+    from platform_defs.access import access_for
+    from platform_defs.settings import load_settings
+
+    assert [(e.seq, e.kind) for e in _book(home).entries()] == recorded
+    assert not access_for(load_settings()).caller_file("onepath-cli", "churn_scoring", "prod").exists()
 
 
 def test_a_model_two_endpoints_serve_is_refused_naming_both(home, tmp_path, monkeypatch):

@@ -376,7 +376,8 @@ def plan_declaration(path: Path, block: str, name: str) -> str:
           and (before_line is None or _plain(before_line, OWNED_KEYS) == _plain(target, OWNED_KEYS)))
     if not ok:
         raise NotebookError(f"{path}: updating model line '{name}' would change more than its "
-                            f"{'/'.join(OWNED_KEYS)} (or drop a comment), so nothing was registered: edit the file by hand")
+                            f"{'/'.join(OWNED_KEYS)} (or drop a comment), so nothing was registered: edit the file "
+                            f"by hand")
     return new
 
 
@@ -731,13 +732,64 @@ def endpoint_of(model_name: str) -> str:
 # Calling the endpoint (step 3)
 
 
+class _NotJSON(TypeError):
+    pass
+
+
+def _json_records(rows: Any) -> list[Any]:
+    """``rows`` (a DataFrame, or an iterable of records: dicts of column: value) as the JSON records ``/predict``
+    takes: what pandas' ``to_json`` converts is converted (timestamps to ISO text, numpy numbers, NaN and NaT to
+    null); a value it cannot is one NotebookError line naming its column."""
+    import json
+
+    import pandas as pd
+
+    def refuse(value: Any) -> Any:
+        raise _NotJSON(type(value).__name__)
+
+    def as_json(obj: Any) -> Any:
+        return json.loads(obj.to_json(orient="records", date_format="iso", default_handler=refuse))
+
+    def first_bad(cells: Any) -> str:  # where the first value JSON cannot carry is, and what it is
+        for where, cell in cells:
+            try:
+                as_json(cell)
+            except _NotJSON as err:
+                return f"{where} holds {err} values"
+        return "a value JSON cannot carry"
+
+    if isinstance(rows, pd.DataFrame):
+        try:
+            return as_json(rows)
+        except _NotJSON:
+            bad = first_bad((f"column '{c}'", rows[[c]]) for c in rows.columns)
+        except ValueError as err:  # e.g. two columns of one name
+            raise NotebookError(f"rows: {str(err).splitlines()[0]}") from None
+    else:
+        if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
+            one = ": pass [record] for one row" if isinstance(rows, dict) else ""
+            raise NotebookError(f"rows must be a DataFrame or a list of records (dicts of column: value), not "
+                                f"{type(rows).__name__}{one}")
+        records = list(rows)
+        odd = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        if odd is not None:
+            raise NotebookError(f"rows: record {odd} is not a dict of column: value "
+                                f"(got {type(records[odd]).__name__})")
+        try:
+            return as_json(pd.Series(records, dtype=object))
+        except _NotJSON:
+            bad = first_bad((f"record {i}, column '{k}'", pd.Series([v], dtype=object))
+                            for i, r in enumerate(records) for k, v in r.items())
+    raise NotebookError(f"rows: {bad}, which JSON cannot carry: convert them first (e.g. to str or numbers)")
+
+
 def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -> list[dict[str, Any]]:
     """Score ``rows`` (a DataFrame or a list of records) at the stable address of the endpoint serving model
     ``name`` (or of the endpoint ``name``) in ``env``, as the platform's own caller (``onepath-cli``, which the
     recorded policy must grant): the ``predictions`` the endpoint answered, one per row. What it does is what
-    the ``curl`` line ``onepath promote`` prints does; every refusal (not declared, two endpoints serve the
-    model, no policy recorded or ``onepath-cli`` not granted, not answering, an HTTP error, an answer that is
-    not the endpoint's) is one NotebookError line."""
+    the ``curl`` line ``onepath promote`` prints does; every refusal (rows JSON cannot carry, not declared, two
+    endpoints serve the model, no policy recorded or ``onepath-cli`` not granted, not answering, an HTTP error,
+    an answer that is not the endpoint's) is one NotebookError line."""
     import httpx
 
     from platform_defs.access import CLI_CALLER, AccessError, access_for, cli_token, endpoint_target
@@ -754,6 +806,7 @@ def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -
         decl = org.by_name[serving[0]] if serving else None
     if decl is None:
         raise NotebookError(f"no endpoint serves '{name}': register it first (onepath.register), then promote it")
+    records = _json_records(rows)
     settings = load_settings()
     access = access_for(settings, actor="onepath.predict")
     try:
@@ -767,7 +820,6 @@ def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -
         token = cli_token(settings, org, decl.name, env)
     except AccessError as err:
         raise NotebookError(str(err).splitlines()[0]) from None
-    records = rows.to_dict(orient="records") if hasattr(rows, "to_dict") else list(rows)
     try:
         resp = httpx.post(f"{status.address}/predict", json={"records": records}, timeout=timeout,
                           headers={"authorization": f"Bearer {token}"})

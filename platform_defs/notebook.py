@@ -312,7 +312,7 @@ def _updated_document(text: str, attrs: Any, current: dict, block: str) -> str:
             at = pairs[-1][2].end_mark.index
             edits.append((at, at, "".join(f", {key}: {_flow(ours[key])}" for key in added)))
         else:
-            indent = " " * attrs.value[0][0].start_mark.column
+            indent = " " * pairs[-1][1].start_mark.column  # the last pair is the mapping's own (a merge's come first)
             edits.append(_inserted(text, _line_end(text, _content_end(attrs)),
                                    "".join(_key_lines(key, ours[key], indent) for key in added)))
     for start, end, new in sorted(edits, key=lambda e: e[:2], reverse=True):

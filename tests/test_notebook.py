@@ -244,6 +244,9 @@ _TEAM_LAYOUTS = {  # the same model line as a team may lay it out; each keeps it
     "attributes before type, 4-space indentation": (
         "attributes:\n    name: fraud  # ours\n    owner: retention\n    version: 1\n    label: is_fraud\n"
         "    purpose: fraud_check\n    pii:\n        - email\ntype: onepath.ModelLine\n"),
+    "a merge key in the attributes": (
+        "type: onepath.ModelLine\nattributes:\n  <<: {owner: retention, version: 1}\n  name: fraud  # ours\n"
+        "  label: is_fraud\n  purpose: fraud_check\n  pii: [email]\n"),
 }
 
 

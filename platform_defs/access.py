@@ -382,22 +382,29 @@ class Access:
             self.deployer.publish_credentials(app_target(spec, env), tokens)
             return ids
 
+    def granted(self, org: Organisation, caller: str, endpoint: str, env: str) -> tuple[Any, Need]:
+        """The recorded policy and what it grants policy caller ``caller`` on ``endpoint.env``; refused
+        (AccessError, one line naming the policy file) when it grants nothing there. Only reads: nothing is
+        issued, recorded or published."""
+        recorded = _recorded(self.book)
+        shown = _policy_file()
+        if recorded is None:
+            raise AccessError(f"{caller} may not call {endpoint}.{env}: no policy is recorded in the ledger, so "
+                              f"none grants it (record {shown} with onepath policy init --as <platform admin>)")
+        need = next((n for n in policy_needs(org, recorded)
+                     if n.caller == caller and n.endpoint == endpoint and n.env == env), None)
+        if need is None:
+            raise AccessError(f"{caller} may not call {endpoint}.{env}: the recorded policy (ledger "
+                              f"#{recorded.seq}) grants it no access there (access.callers.{caller} in {shown}; "
+                              f"record a change with onepath policy apply)")
+        return recorded, need
+
     def caller_token(self, org: Organisation, caller: str, endpoint: str, env: str) -> str:
         """The credential of policy caller ``caller`` for ``endpoint.env``: from its store, issued on first use
         when the recorded policy grants it, a fresh secret when the store lost it. Refused (AccessError, one
         line naming the policy file) when the recorded policy does not grant it."""
         with self._locked():
-            recorded = _recorded(self.book)
-            shown = _policy_file()
-            if recorded is None:
-                raise AccessError(f"{caller} may not call {endpoint}.{env}: no policy is recorded in the ledger, so "
-                                  f"none grants it (record {shown} with onepath policy init --as <platform admin>)")
-            need = next((n for n in policy_needs(org, recorded)
-                         if n.caller == caller and n.endpoint == endpoint and n.env == env), None)
-            if need is None:
-                raise AccessError(f"{caller} may not call {endpoint}.{env}: the recorded policy (ledger "
-                                  f"#{recorded.seq}) grants it no access there (access.callers.{caller} in {shown}; "
-                                  f"record a change with onepath policy apply)")
+            recorded, need = self.granted(org, caller, endpoint, env)
             live = [g for g in self.state().values() if g.caller == caller and g.endpoint == endpoint
                     and g.env == env and g.live and tuple(g.routes) == need.routes]
             if live:

@@ -9,6 +9,7 @@ Parameters are in the platform's terms (a dataset's generator parameters, ``vers
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -35,7 +36,9 @@ def describe(e: dict[str, Any]) -> str | None:
     if t == "MaterializationEvent":
         return f"materialized {e['asset']}"
     if t == "ExecutionStepFailureEvent":
-        return f"step {e['step']} FAILED: {(e.get('error') or [e['message']])[0]}"
+        # a refusal is raised as dagster.Failure: its message is the platform's own line, not an internal class name
+        first = (e.get("error") or [e["message"]])[0]
+        return f"step {e['step']} FAILED: {re.sub(r'^dagster(?:[.][A-Za-z_]+)*[.]Failure: ', '', first)}"
     if t in ("ExecutionStepStartEvent",):
         return f"step {e['step']} started"
     if t in ("RunStartEvent", "RunSuccessEvent", "RunFailureEvent", "RunCanceledEvent"):

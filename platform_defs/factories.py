@@ -70,6 +70,13 @@ def latest_metadata(context: Any, key: dg.AssetKey, what: str) -> dict[str, Any]
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
+def run_asked_at(context: Any) -> Any:
+    """When this run was asked for (its record's creation time, UTC), or None: a promotion asked before another
+    one deployed the same version deploys nothing (``promotion.superseded``)."""
+    record = context.instance.get_run_record_by_id(context.run.run_id)
+    return record.create_timestamp if record is not None else None
+
+
 def run_trigger(context: Any) -> str:
     """What started this run, as its tags say: a onepath sensor's reason, declarative automation, or a person.
 
@@ -440,7 +447,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream
                 services=flow_services(context, mlflow, deployer_local, ledger, data_store),
                 actor=f"dagster:{context.run.run_id}", trigger=run_trigger(context),
                 initiated_by=context.run.tags.get("dagster/user"),
-                version=(context.op_execution_context.op_config or {}).get("version"))
+                version=(context.op_execution_context.op_config or {}).get("version"), asked_at=run_asked_at(context))
         except PromotionError as err:
             if err.verdicts:
                 yield from check_results(err.verdicts, str(err.metadata.get("refused_version", "")), "model")
@@ -567,6 +574,7 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organ
                 org, policy, spec.name, env,
                 services=flow_services(context, mlflow, deployer_local, ledger, releases_dir=releases_dir),
                 actor=f"dagster:{context.run.run_id}", trigger=run_trigger(context), repo_root=PROJECT_ROOT,
+                asked_at=run_asked_at(context),
                 newest_build=lambda: latest_metadata(context, dg.AssetKey(spec.name), "app release")["release_version"])
         except PromotionError as err:
             if err.verdicts:

@@ -278,7 +278,9 @@ def latest_check_evaluations(client: InstanceClient, asset: str) -> list[dict[st
     for c in checks:
         runs = client.query(_CHECK_RUNS, {"key": key, "check": c["name"]})["assetCheckExecutions"]
         ex = next((r for r in runs if r.get("evaluation")), None)
-        newer = runs[:runs.index(ex)] if ex is not None else runs
+        # a newer execution still in progress (one a finished run planned and skipped, as after a failed step,
+        # is not: it is SKIPPED, and evaluates nothing)
+        newer = [r for r in (runs[:runs.index(ex)] if ex is not None else runs) if r["status"] == "IN_PROGRESS"]
         ev = (ex or {}).get("evaluation") or {}
         out.append({"asset": asset, "check": c["name"], "description": c.get("description"),
                     "run_id": ex and ex["runId"], "status": ex and ex["status"],

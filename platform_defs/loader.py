@@ -106,12 +106,11 @@ def _load_yaml(path: Path, problems: list | None = None, lines: dict | None = No
                 raise DeclarationError("?", "type", "expected a component (type: onepath.Model, attributes: ...) "
                                                     "or the old form (declarations: [...])", where)
             # a key of any YAML type (``1: 2``, ``~: x``, ``true: y``) is named as text, the first in the file
-            # (the constructed keys are the key nodes in order: duplicates are refused, a merge key has no node)
-            keys = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
-            extra = [(str(k), kn.start_mark.line + 1) for k, kn in zip(data, keys) if k not in ("type", "attributes")]
+            extra = sorted((kn.start_mark.line + 1, str(k)) for k, kn in strict_yaml.key_nodes(node).items()
+                           if k not in ("type", "attributes"))
             if extra:
-                raise DeclarationError("?", extra[0][0], "unknown key (a component has 'type' and 'attributes')",
-                                       f"{source}:{extra[0][1]}")
+                raise DeclarationError("?", extra[0][1], "unknown key (a component has 'type' and 'attributes')",
+                                       f"{source}:{extra[0][0]}")
             attrs_node = next((v for k, v in node.value if k.value == "attributes"), node)
             try:
                 spec = parse_component(data["type"], data.get("attributes"), where)

@@ -156,12 +156,11 @@ def render_declaration(*, name: str, owner: str, version: str, label: str, pii: 
     columns."""
     lines = [f"type: {MODEL_LINE}", "attributes:", f"  name: {name}", f"  owner: {owner}",
              f"  version: {version}", f"  label: {_scalar(label)}"]
+    text = "\n".join(lines) + "\n"
     for key, cols in (("pii", pii), ("protected", protected), ("features", features)):
         if cols:
-            flow = f"  {key}: [{', '.join(_scalar(c) for c in cols)}]"
-            # within 100 characters a line; a longer list goes one item a line (block style)
-            lines += [flow] if len(flow) <= 100 else [f"  {key}:", *(f"    - {_scalar(c)}" for c in cols)]
-    return "\n".join(lines) + "\n"
+            text += _key_lines(key, cols, "  ")
+    return text
 
 
 def check_declaration(block: str, where: str) -> None:
@@ -192,33 +191,133 @@ def _is_line(doc: Any, name: str) -> bool:
     return doc.get("type") == MODEL_LINE and isinstance(attrs, dict) and attrs.get("name") == name
 
 
-def _round_trip():
-    from ruamel.yaml import YAML
-
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.width = 4096  # a team's long line stays one line
-    rt.indent(mapping=2, sequence=4, offset=2)
-    return rt
+# The model line's document is edited as text, at the places its parse gives (every node's start and end): only
+# the values a register owns change, so every comment, blank line, quote and layout of the team's stays where it
+# was, the document separators (``---`` and a flow mapping on its line) included.
 
 
-def _updated_document(chunk: str, block: str) -> str:
-    """``chunk`` (the text of one model line's document) with the keys a register owns taken from ``block``,
-    edited as YAML (ruamel's round trip keeps the comments, key order and quoting of everything else).
-    Declared ``pii``/``protected`` columns stay when this register names none; a ``features`` it no longer
-    names goes. Everything else a person wrote stays: ``metrics`` minimums, ``purpose``, ``track``,
-    ``environments``, ``favourable_label``, ``description``."""
-    rt = _round_trip()
-    doc = rt.load(chunk)
-    attrs, ours = doc["attributes"], rt.load(block)["attributes"]
+def _content_end(node: Any) -> int:
+    """Where ``node``'s text ends: a block collection's own end is past the comments that follow it."""
+    while isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.flow_style and node.value:
+        node = node.value[-1][1] if isinstance(node, yaml.MappingNode) else node.value[-1]
+    return node.end_mark.index
+
+
+def _line_start(text: str, i: int) -> int:
+    return text.rfind("\n", 0, i) + 1
+
+
+def _line_end(text: str, i: int) -> int:
+    """The start of the line after the one ``i`` is on (a block scalar's text already ends at one)."""
+    if i > 0 and text[i - 1] == "\n":
+        return i
+    nl = text.find("\n", i)
+    return len(text) if nl < 0 else nl + 1
+
+
+def _kept_comments(text: str, start: int, end: int, content_ends: list[int]) -> str:
+    """The comments of the lines ``[start, end)`` that are going, as comment lines of their own: a comment line
+    as it was, a comment after a value (after one of ``content_ends``) at the indentation of its line."""
+    kept = []
+    for line in text[start:end].splitlines(keepends=True):
+        at = start
+        start += len(line)
+        body = line.rstrip("\r\n")
+        if body.lstrip().startswith("#"):
+            kept.append(body + "\n")
+            continue
+        after = max((e for e in content_ends if at <= e <= at + len(body)), default=None)
+        rest = "" if after is None else text[after:at + len(body)].strip().removeprefix(":").strip()  # key: # x
+        if rest.startswith("#"):
+            kept.append(body[:len(body) - len(body.lstrip())] + rest + "\n")
+    return "".join(kept)
+
+
+def _flow(value: Any) -> str:
+    """``value`` (a column list, a name or a version) as YAML on one line."""
+    import json
+
+    if isinstance(value, list):
+        return f"[{', '.join(_scalar(c) for c in value)}]"
+    return _scalar(value) if isinstance(value, str) else json.dumps(value)
+
+
+def _key_lines(key: str, value: Any, indent: str) -> str:
+    """``key: value`` at ``indent``: a list in flow style within 100 characters a line, else one item a line."""
+    flow = f"{indent}{key}: {_flow(value)}"
+    if len(flow) <= 100 or not isinstance(value, list):
+        return flow + "\n"
+    return f"{indent}{key}:\n" + "".join(f"{indent}  - {_scalar(c)}\n" for c in value)
+
+
+def _inserted(text: str, at: int, lines: str) -> tuple[int, int, str]:
+    return at, at, ("\n" if at == len(text) and text and not text.endswith("\n") else "") + lines
+
+
+def _value_edits(text: str, node: Any, old: Any, new: Any) -> list[tuple[int, int, str]]:
+    """The edits that make ``node`` (holding ``old``) read ``new``: a list item by item, so the comments between
+    and after its items stay."""
+    items = node.value if isinstance(node, yaml.SequenceNode) else []
+    if not (isinstance(new, list) and isinstance(old, list) and items
+            and all(isinstance(i, yaml.ScalarNode) for i in items)):
+        return [(node.start_mark.index, _content_end(node), _flow(new))]
+    edits = [(i.start_mark.index, i.end_mark.index, _scalar(v))
+             for i, was, v in zip(items, old, new) if was != v]
+    last = items[min(len(items), len(new)) - 1]
+    if node.flow_style:
+        if len(items) > len(new):
+            edits.append((last.end_mark.index, items[-1].end_mark.index, ""))
+        elif len(new) > len(items):
+            edits.append((last.end_mark.index, last.end_mark.index,
+                          "".join(f", {_scalar(v)}" for v in new[len(items):])))
+        return edits
+    for gone in items[len(new):]:
+        start, end = _line_start(text, gone.start_mark.index), _line_end(text, gone.end_mark.index)
+        edits.append((start, end, _kept_comments(text, start, end, [gone.end_mark.index])))
+    if len(new) > len(items):
+        dash = text[_line_start(text, last.start_mark.index):last.start_mark.index].split("-")[0]
+        edits.append(_inserted(text, _line_end(text, last.end_mark.index),
+                               "".join(f"{dash}- {_scalar(v)}\n" for v in new[len(items):])))
+    return edits
+
+
+def _updated_document(text: str, attrs: Any, current: dict, block: str) -> str:
+    """``text`` with the keys a register owns in one model line's ``attributes`` (``attrs``, its node; ``current``,
+    its data) taken from ``block``. Declared ``pii``/``protected`` columns stay when this register names none; a
+    ``features`` it no longer names goes. Everything else a person wrote stays as they wrote it: ``metrics``
+    minimums, ``purpose``, ``track``, ``environments``, ``favourable_label``, ``description`` and every comment."""
+    ours = yaml.safe_load(block)["attributes"]
+    pairs = [(k.value, k, v) for k, v in attrs.value if isinstance(k, yaml.ScalarNode)]
+    node_of = {key: (k, v) for key, k, v in pairs}
+    edits = []
     for key in OWNED_KEYS:
-        if key in ours:
-            attrs[key] = ours[key]
-        elif key in attrs and key not in ("pii", "protected"):
-            del attrs[key]
-    out = io.StringIO()
-    rt.dump(doc, out)
-    return out.getvalue()
+        if key in ours and key in node_of:
+            if current.get(key) != ours[key]:
+                edits += _value_edits(text, node_of[key][1], current.get(key), ours[key])
+        elif key in node_of and key not in ("pii", "protected"):
+            k, v = node_of[key]
+            if attrs.flow_style:  # ", key: value" (the first pair: "key: value, ")
+                at = [p for p, _, _ in pairs].index(key)
+                start, end = ((pairs[at - 1][2].end_mark.index, v.end_mark.index) if at else
+                              (k.start_mark.index, pairs[1][1].start_mark.index))
+                edits.append((start, end, ""))
+            else:
+                start, end = _line_start(text, k.start_mark.index), _line_end(text, _content_end(v))
+                ends = [k.end_mark.index] + [n.end_mark.index for n in ([v] + list(v.value if isinstance(
+                    v, yaml.SequenceNode) else []))]
+                edits.append((start, end, _kept_comments(text, start, end, ends)))
+    added = [key for key in OWNED_KEYS if key in ours and key not in node_of]
+    if added:
+        if attrs.flow_style:
+            at = pairs[-1][2].end_mark.index
+            edits.append((at, at, "".join(f", {key}: {_flow(ours[key])}" for key in added)))
+        else:
+            indent = " " * pairs[-1][1].start_mark.column  # the last pair is the mapping's own (a merge's come first)
+            edits.append(_inserted(text, _line_end(text, _content_end(attrs)),
+                                   "".join(_key_lines(key, ours[key], indent) for key in added)))
+    for start, end, new in sorted(edits, key=lambda e: e[:2], reverse=True):
+        text = text[:start] + new + text[end:]
+    return text
 
 
 def plan_declaration(path: Path, block: str, name: str) -> str:
@@ -228,7 +327,8 @@ def plan_declaration(path: Path, block: str, name: str) -> str:
     before anything is logged, so a register that cannot update the file changes nothing anywhere.
 
     The model line's document is found by parsing (``type: onepath.ModelLine`` and ``attributes.name``), and
-    only its lines are rewritten: the other documents and the comments between them stay as they are. An
+    only the text of the values a register owns is rewritten: every comment (a file that would lose one is
+    refused), the other documents and the team's layout stay as they are. An
     old-form file (``declarations: [...]``) is converted as ``onepath migrate-declarations`` would (and only if
     the components load to the same declarations)."""
     from platform_defs.loader import _load_yaml, is_old_form
@@ -248,16 +348,14 @@ def plan_declaration(path: Path, block: str, name: str) -> str:
         except (DeclarationError, yaml.YAMLError) as err:
             raise NotebookError(f"{path}: fix this declaration file first (nothing was registered): "
                                 f"{str(err).splitlines()[0]}") from None
-    mine = [node for data, node in docs if _is_line(data, name)] if text else []
+    mine = [(data, node) for data, node in docs if _is_line(data, name)] if text else []
     if len(mine) > 1:
         raise NotebookError(f"{path}: model line '{name}' is declared {len(mine)} times (lines "
-                            f"{', '.join(str(n.start_mark.line + 1) for n in mine)}): keep one")
+                            f"{', '.join(str(n.start_mark.line + 1) for _, n in mine)}): keep one")
     if mine:
-        lines = text.splitlines(keepends=True)
-        start, end = mine[0].start_mark, mine[0].end_mark
-        stop = end.line + (1 if end.column else 0)
-        chunk = "".join(lines[start.line:stop])
-        new = "".join(lines[:start.line]) + _updated_document(chunk, block) + "".join(lines[stop:])
+        (data, node), = mine
+        attrs = next(v for k, v in node.value if getattr(k, "value", None) == "attributes")
+        new = _updated_document(text, attrs, data["attributes"], block)
     elif text.strip():
         new = (text if text.endswith("\n") else text + "\n") + "---\n" + block
     else:
@@ -271,13 +369,20 @@ def plan_declaration(path: Path, block: str, name: str) -> str:
     wanted = yaml.safe_load(block)["attributes"]
     unchanged = [_plain(d) for d in old if d.name != name] == [_plain(d) for d in after if d.name != name]
     before_line = next((d for d in old if d.name == name), None)
-    ok = (unchanged and target is not None and len(after) == len(old) + (before_line is None)
+    comments = iter(_comment_lines(new))  # every comment line of the file is still there, in the same order
+    ok = (unchanged and all(c in comments for c in _comment_lines(text))
+          and target is not None and len(after) == len(old) + (before_line is None)
           and all(getattr(target, k) == v for k, v in wanted.items())
           and (before_line is None or _plain(before_line, OWNED_KEYS) == _plain(target, OWNED_KEYS)))
     if not ok:
         raise NotebookError(f"{path}: updating model line '{name}' would change more than its "
-                            f"{'/'.join(OWNED_KEYS)}, so nothing was registered: edit the file by hand")
+                            f"{'/'.join(OWNED_KEYS)} (or drop a comment), so nothing was registered: edit the file "
+                            f"by hand")
     return new
+
+
+def _comment_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.lstrip().startswith("#")]
 
 
 def _plain(decl: Any, leave_out: tuple = ()) -> tuple:
@@ -627,16 +732,67 @@ def endpoint_of(model_name: str) -> str:
 # Calling the endpoint (step 3)
 
 
+class _NotJSON(TypeError):
+    pass
+
+
+def _json_records(rows: Any) -> list[Any]:
+    """``rows`` (a DataFrame, or an iterable of records: dicts of column: value) as the JSON records ``/predict``
+    takes: what pandas' ``to_json`` converts is converted (timestamps to ISO text, numpy numbers, NaN and NaT to
+    null); a value it cannot is one NotebookError line naming its column."""
+    import json
+
+    import pandas as pd
+
+    def refuse(value: Any) -> Any:
+        raise _NotJSON(type(value).__name__)
+
+    def as_json(obj: Any) -> Any:
+        return json.loads(obj.to_json(orient="records", date_format="iso", default_handler=refuse))
+
+    def first_bad(cells: Any) -> str:  # where the first value JSON cannot carry is, and what it is
+        for where, cell in cells:
+            try:
+                as_json(cell)
+            except _NotJSON as err:
+                return f"{where} holds {err} values"
+        return "a value JSON cannot carry"
+
+    if isinstance(rows, pd.DataFrame):
+        try:
+            return as_json(rows)
+        except _NotJSON:
+            bad = first_bad((f"column '{c}'", rows[[c]]) for c in rows.columns)
+        except ValueError as err:  # e.g. two columns of one name
+            raise NotebookError(f"rows: {str(err).splitlines()[0]}") from None
+    else:
+        if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
+            one = ": pass [record] for one row" if isinstance(rows, dict) else ""
+            raise NotebookError(f"rows must be a DataFrame or a list of records (dicts of column: value), not "
+                                f"{type(rows).__name__}{one}")
+        records = list(rows)
+        odd = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        if odd is not None:
+            raise NotebookError(f"rows: record {odd} is not a dict of column: value "
+                                f"(got {type(records[odd]).__name__})")
+        try:
+            return as_json(pd.Series(records, dtype=object))
+        except _NotJSON:
+            bad = first_bad((f"record {i}, column '{k}'", pd.Series([v], dtype=object))
+                            for i, r in enumerate(records) for k, v in r.items())
+    raise NotebookError(f"rows: {bad}, which JSON cannot carry: convert them first (e.g. to str or numbers)")
+
+
 def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -> list[dict[str, Any]]:
     """Score ``rows`` (a DataFrame or a list of records) at the stable address of the endpoint serving model
     ``name`` (or of the endpoint ``name``) in ``env``, as the platform's own caller (``onepath-cli``, which the
     recorded policy must grant): the ``predictions`` the endpoint answered, one per row. What it does is what
-    the ``curl`` line ``onepath promote`` prints does; every refusal (not declared, two endpoints serve the
-    model, no policy recorded or ``onepath-cli`` not granted, not answering, an HTTP error, an answer that is
-    not the endpoint's) is one NotebookError line."""
+    the ``curl`` line ``onepath promote`` prints does; every refusal (rows JSON cannot carry, not declared, two
+    endpoints serve the model, no policy recorded or ``onepath-cli`` not granted, not answering, an HTTP error,
+    an answer that is not the endpoint's) is one NotebookError line."""
     import httpx
 
-    from platform_defs.access import AccessError, access_for, cli_token, endpoint_target
+    from platform_defs.access import CLI_CALLER, AccessError, access_for, cli_token, endpoint_target
     from platform_defs.loader import load_organisation
     from platform_defs.settings import load_settings
 
@@ -650,15 +806,20 @@ def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -
         decl = org.by_name[serving[0]] if serving else None
     if decl is None:
         raise NotebookError(f"no endpoint serves '{name}': register it first (onepath.register), then promote it")
+    records = _json_records(rows)
     settings = load_settings()
+    access = access_for(settings, actor="onepath.predict")
     try:
+        access.granted(org, CLI_CALLER, decl.name, env)  # the recorded policy must grant it (only read here)
+        status = access.deployer.status(endpoint_target(decl, env))
+        if not status.address or not status.healthy:
+            raise NotebookError(f"{decl.name}.{env} does not answer: promote it first (onepath promote {name} "
+                                f"--to {env})")
+        # issued only for an endpoint that answers: a first use records a grant, publishes the access table and
+        # stores the token
         token = cli_token(settings, org, decl.name, env)
     except AccessError as err:
         raise NotebookError(str(err).splitlines()[0]) from None
-    status = access_for(settings, actor="onepath.predict").deployer.status(endpoint_target(decl, env))
-    if not status.address or not status.healthy:
-        raise NotebookError(f"{decl.name}.{env} does not answer: promote it first (onepath promote {name} --to {env})")
-    records = rows.to_dict(orient="records") if hasattr(rows, "to_dict") else list(rows)
     try:
         resp = httpx.post(f"{status.address}/predict", json={"records": records}, timeout=timeout,
                           headers={"authorization": f"Bearer {token}"})

@@ -12,7 +12,9 @@ What it guarantees, on every path:
 * **Exactly one promotion per endpoint (or app) environment at a time.** The flow holds the lease
   ``promotion:<name>.<env>`` in the ledger's database (``Ledger.acquire_lease``) while it works and
   renews it from a heartbeat thread. A second promotion waits for it (``wait_seconds``), then
-  re-evaluates what to deploy: when the version it would deploy already serves, it deploys nothing.
+  re-evaluates what to deploy: when the version it would deploy already serves, it deploys nothing. So
+  does one asked for (``asked_at``: its run's creation) before another promotion, that finished before
+  this one took the lock, deployed that very version (a sensor's run and a person's at once).
   The lease's fencing token goes to the server side before the switch (``Deployer.fence``) and
   with it (``deploy(..., fencing_token=...)``), and every ``deploy``/``rollback`` entry is appended
   fenced by it, so a holder that stalled and lost its lease can neither switch traffic nor record.
@@ -33,6 +35,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from contextlib import contextmanager
@@ -219,6 +222,22 @@ class PromotionLock:
         self._stop.set()
         self._thread.join(timeout=LEASE_RENEW_SECONDS)
         self.book.release_lease(self.lease)
+
+
+def superseded(book: Ledger, subject: str, env: str, version: str, previous: str | None, *, waited: bool,
+               asked_at: datetime | None) -> bool:
+    """Whether another promotion already did what this one was asked to: ``version`` serves ``subject.env``
+    (``previous``) and was deployed by a promotion this one waited for, or recorded after this one was asked
+    (``asked_at``). A promotion asked after the last deploy of its version redeploys it, as asked."""
+    if previous != version:
+        return False
+    if waited:
+        return True
+    if asked_at is None:
+        return False
+    deploys = book.entries(kind="deploy", subject=subject, env=env)
+    return bool(deploys) and str(deploys[-1].data.get("version")) == version \
+        and datetime.fromisoformat(deploys[-1].ts) >= asked_at
 
 
 def lock_name(subject: str, env: str) -> str:
@@ -547,7 +566,8 @@ def _verified_artifact(services: Services, model: ModelSpec, version: str, *, su
 @refusals_in_one_line
 def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, actor: str,
                      trigger: str, initiated_by: str | None = None,
-                     wait_seconds: float = LOCK_WAIT_SECONDS, version: str | None = None) -> Promotion:
+                     wait_seconds: float = LOCK_WAIT_SECONDS, version: str | None = None,
+                     asked_at: datetime | None = None) -> Promotion:
     """Deploy into ``name.env`` what the graph says belongs there: in the first environment the model's
     newest registered version (a notebook model's: the version its declaration pins; ``version``, the run
     config's, when given), in a later one exactly what the environment before it serves (``version``, when
@@ -596,10 +616,10 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
                                      f"version {version}: promote {requested} to '{upstream_env}' first")
         before = deployer.status(target)
         previous = serving_version(before)
-        if waited and previous == version:
-            # another promotion of this environment ran while we waited and left our version serving
-            services.log(f"{spec.name}.{env}: version {version} already serves (deployed while this promotion "
-                         f"waited for the lock); nothing to do")
+        if superseded(book, spec.name, env, version, previous, waited=waited, asked_at=asked_at):
+            # another promotion of this environment left our version serving since we were asked
+            services.log(f"{spec.name}.{env}: version {version} already serves (deployed by another promotion since "
+                         f"this one was asked); nothing to do")
             return Promotion(spec.name, env, version, previous, before.address, before.serving_digest,
                              "already serving", seconds=round(time.perf_counter() - t0, 3),
                              verdicts=_verdicts_of_the_deploy(book, spec.name, env, version, "version"))
@@ -1033,7 +1053,7 @@ def confirm_relaunch(org: Organisation, policy: Policy, spec: EndpointSpec | App
 @refusals_in_one_line
 def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, services: Services, actor: str,
                 trigger: str, newest_build: Callable[[], str], repo_root: Path,
-                wait_seconds: float = LOCK_WAIT_SECONDS) -> Promotion:
+                wait_seconds: float = LOCK_WAIT_SECONDS, asked_at: datetime | None = None) -> Promotion:
     """Deploy an app release into ``name.env``: the newest build first, later environments what the one
     before serves; through the app track's gate, under the lock, recorded."""
     from platform_defs.governance.gates import AppGate
@@ -1061,7 +1081,9 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
         env_vars = {t.name.upper(): deployer.address(t) for t in calls}  # the app reads ONEPATH_<NAME>_URL
         before = deployer.status(target)
         previous = serving_version(before)
-        if waited and previous == version:
+        if superseded(book, spec.name, env, version, previous, waited=waited, asked_at=asked_at):
+            services.log(f"{spec.name}.{env}: release {version} already serves (deployed by another promotion "
+                         f"since this one was asked); nothing to do")
             return Promotion(spec.name, env, version, previous, before.address, None, "already serving",
                              seconds=round(time.perf_counter() - t0, 3),
                              verdicts=_verdicts_of_the_deploy(book, spec.name, env, version, "release"))

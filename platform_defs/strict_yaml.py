@@ -66,13 +66,21 @@ def load_all_with_nodes(text: str) -> list[tuple[Any, Any]]:
         loader.dispose()
 
 
+def key_nodes(node: yaml.MappingNode) -> dict[Any, Any]:
+    """Each key of a constructed mapping ``node`` and the key node that gave its value: the last one with that key,
+    since constructing a mapping with a merge key (``<<:``) puts the merged pairs first, its own after."""
+    construct = yaml.constructor.SafeConstructor().construct_object
+    return {construct(k, deep=True): k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
+
+
 def line_of(node: Any, path: list[str]) -> int:
     """The 1-based line of the deepest node ``path`` (mapping keys and sequence indexes, as pydantic's error
     locations name them) reaches from ``node``: a wrong value's own line, a missing key's mapping."""
     line = node.start_mark.line + 1
     for part in path:
         if isinstance(node, yaml.MappingNode):
-            found = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            # the last pair with that key: a merge key's pairs come first (see ``key_nodes``)
+            found = next(((k, v) for k, v in reversed(node.value) if getattr(k, "value", None) == part), None)
             if found is None:
                 break
             line, node = found[0].start_mark.line + 1, found[1]

@@ -5,8 +5,9 @@ The format (shared by every guide):
 - a ```console block holds commands the reader types, one a line starting with ``$ `` (a trailing ``\\``
   continues it on the next line); every other line is illustrative output, not checked. ``console refused``:
   each command is expected to be refused (exit non-zero, but not a usage error, a missing program or a
-  traceback), for the reason the guide shows: the first line under the command must be the first line the
-  command printed on stdout or stderr (whitespace-normalised; ``...`` in the guide's line stands for anything).
+  traceback), for the reason the guide shows: every line the guide shows under the command must be a line the
+  command printed, in the same order (within stdout, and within stderr), whitespace-normalised; ``...`` in a
+  guide's line stands for anything, so a line of only ``...`` stands for any one line.
   ``console live``: the command needs the running platform (see LIVE below).
 - a fenced block whose info string has ``file=PATH`` (```yaml file=assets/fraud/defs.yaml) is a file the reader
   writes, relative to the project; the runner writes it.
@@ -21,7 +22,7 @@ The format (shared by every guide):
 
 Everything is run in order, in a fresh copy of the example project with its own ``ONEPATH_HOME``, ``onepath``
 on ``PATH`` and the working directory the project copy (tests/test_guides.py). A guide with a ``live`` block
-runs whole on the platform tests/test_declarations_live.py starts, which names it in its ``LIVE_GUIDES``.
+runs whole on a running platform, by the test ``LIVE_GUIDES`` names for it.
 """
 
 from __future__ import annotations
@@ -51,18 +52,20 @@ NOT_A_REFUSAL = {2: "a usage error (wrong flag or argument)", 126: "not executab
 # "NOT RUN" (tests/test_guides.py prints those, so the gap stays visible). An entry covers the commands it
 # starts (`onepath up` covers `onepath up --no-mlflow-ui`).
 RUN_ELSEWHERE: dict[str, tuple[str, ...]] = {
-    "tests/test_platform_up.py": ("onepath up",),  # python -m platform_defs.cli up, as the reader's platform
+    # ./dev up by test_stopping_up_leaves_no_dagster_process; onepath up is the module's platform
+    "tests/test_platform_up.py": ("./dev up", "onepath up"),
     "tests/test_graph.py": ("onepath down",),
-    "tests/test_witness.py": ("onepath witness serve",),
+    # test_policy_apply_change_witness_pins_the_witness_and_unpins_it_from_the_command_line
+    "tests/test_witness.py": ("onepath witness serve", "onepath policy apply --change-witness"),
     "tests/test_approvals.py": ("onepath approve",),  # the verb, on a model version (data-scientist.md)
-    "NOT RUN": (
-        "./dev up",  # the wrapper (install, then `onepath up`): CI runs `./dev test`, never `./dev up`
-        "onepath policy apply --change-witness",
-        # app-developer.md, "Taking a release to prod": tests/test_app_gate.py drives the gate and the
-        # approved-promotions sensor through Python, not these verbs on this release
-        "onepath materialize staff_portal", "onepath promote staff_portal", "onepath status",
-        "onepath approve staff_portal", "onepath why staff_portal_prod",
-    ),
+    "NOT RUN": (),  # none today
+}
+# A guide with a ``live`` block (it needs the running platform) runs whole, in order, on the platform of the test
+# named here (tests/test_guides.py checks that the test exists); ``live_guide`` gives a test its guide.
+LIVE_GUIDES: dict[str, str] = {
+    "data-scientist.md": "tests/test_declarations_live.py::test_three_steps_from_a_jupyter_kernel_to_prod",
+    "auditor.md": "tests/test_declarations_live.py::test_the_auditors_guide_on_what_the_data_scientist_promoted",
+    "app-developer.md": "tests/test_platform_up.py::test_the_app_developers_guide_takes_loan_portal_to_prod",
 }
 PROSE_COMMAND = re.compile(r"^(?:\$ )?(?P<cmd>onepath [a-z][a-z-]*\b.*|\./dev\b.*)$")
 
@@ -80,7 +83,7 @@ class Block:
     file: str | None
     body: str
     commands: list[str] = field(default_factory=list)
-    shown: list[str | None] = field(default_factory=list)  # per command: the first output line the guide shows
+    shown: list[list[str]] = field(default_factory=list)  # per command: the output lines the guide shows
 
     @property
     def where(self) -> str:
@@ -117,15 +120,31 @@ def _first_line(text: str) -> str | None:
     return next((line for line in text.splitlines() if line.strip()), None)
 
 
-def shows(shown: str, printed: list[str]) -> bool:
-    """Whether the guide's line ``shown`` is the first line of one of ``printed`` (``...`` matches anything)."""
+def _matches(shown: str, printed: str) -> bool:
     pattern = ".*".join(re.escape(part) for part in _norm(shown).split("..."))
-    return any(re.fullmatch(pattern, _norm(first)) for first in map(_first_line, printed) if first is not None)
+    return re.fullmatch(pattern, _norm(printed)) is not None
 
 
-def _commands(body: str, where: str) -> tuple[list[str], list[str | None]]:
+def unshown(shown: list[str], stdout: str, stderr: str) -> str | None:
+    """The first of the guide's lines ``shown`` that the command did not print, in order (each line is looked
+    for after the last one matched in the same stream: stdout and stderr are captured apart, so their
+    interleaving is unknown); None when every line was printed."""
+    streams = [[line for line in s.splitlines() if line.strip()] for s in (stdout, stderr)]
+    at = [0, 0]
+    for line in shown:
+        for n, lines in enumerate(streams):
+            hit = next((i for i in range(at[n], len(lines)) if _matches(line, lines[i])), None)
+            if hit is not None:
+                at[n] = hit + 1
+                break
+        else:
+            return line
+    return None
+
+
+def _commands(body: str, where: str) -> tuple[list[str], list[list[str]]]:
     out: list[str] = []
-    shown: list[str | None] = []
+    shown: list[list[str]] = []
     lines = body.splitlines()
     i = 0
     while i < len(lines):
@@ -138,9 +157,9 @@ def _commands(body: str, where: str) -> tuple[list[str], list[str | None]]:
                     raise GuideError(f"{where}: a command ends in '\\' with no line after it")
                 cmd.append(lines[i])
             out.append("\n".join(cmd))
-            shown.append(None)
-        elif out and shown[-1] is None and line.strip():
-            shown[-1] = line
+            shown.append([])
+        elif out and line.strip():
+            shown[-1].append(line)
         i += 1
     if not out:
         raise GuideError(f"{where}: a console block with no command (a command line starts with '$ ')")
@@ -197,7 +216,7 @@ def parse(guide: Path, text: str | None = None) -> list[Block]:
             if after is None or after.lang != "text" or _first_line(after.body) is None:
                 raise GuideError(f"{block.where}: a python refused block needs a ```text block after it showing "
                                  f"the refusal's line (NotebookError: ...)")
-            block.shown = [_first_line(after.body)]
+            block.shown = [[_first_line(after.body)]]
     return blocks
 
 
@@ -235,6 +254,12 @@ def unrun_commands(guide: Path, text: str | None = None) -> list[str]:
 def not_run() -> list[str]:
     """The commands the guides name that no test runs (RUN_ELSEWHERE["NOT RUN"])."""
     return list(RUN_ELSEWHERE["NOT RUN"])
+
+
+def live_guide(test: str) -> Path:
+    """The guide that the test named ``test`` (its function's name) runs live (LIVE_GUIDES)."""
+    (name,) = [g for g, t in LIVE_GUIDES.items() if t.endswith(f"::{test}")]
+    return GUIDES / name
 
 
 def discover() -> list[Path]:
@@ -300,11 +325,12 @@ class Session:
                     raise GuideError(f"{shown}; the guide says it is refused:\n{said[-4000:]}")
                 if p.returncode in NOT_A_REFUSAL:
                     raise GuideError(f"{shown}, {NOT_A_REFUSAL[p.returncode]}, not a refusal:\n{said[-4000:]}")
-                if expected is None:
-                    raise GuideError(f"{shown}: a refused command needs its refusal's first line shown under it")
-                if not shows(expected, [p.stdout, p.stderr]):
-                    raise GuideError(f"{shown}, refused for another reason than the guide shows ({expected!r}):"
-                                     f"\n{said[-4000:]}")
+                if not expected:
+                    raise GuideError(f"{shown}: a refused command needs what it prints (its reason) shown under it")
+                missing = unshown(expected, p.stdout, p.stderr)
+                if missing is not None:
+                    raise GuideError(f"{shown}, refused for another reason than the guide shows: it did not print "
+                                     f"{missing!r} (after the lines before it):\n{said[-4000:]}")
             elif p.returncode != 0:
                 raise GuideError(f"{shown}:\n{said[-4000:]}")
             outputs.append(Said(cmd, p.returncode, p.stdout, p.stderr))
@@ -341,9 +367,9 @@ class Session:
                 raise GuideError(f"{block.where}: the python block failed with {content.get('ename')}, not onepath's "
                                  f"refusal (NotebookError):\n{said[-4000:]}")
             refusal = f"{content.get('ename')}: {content.get('evalue', '')}"
-            if not shows(block.shown[0], [refusal]):
+            if unshown(block.shown[0], refusal, "") is not None:
                 raise GuideError(f"{block.where}: refused for another reason than the guide shows "
-                                 f"({block.shown[0]!r}):\n{refusal[-4000:]}")
+                                 f"({block.shown[0][0]!r}):\n{refusal[-4000:]}")
         elif content["status"] != "ok":
             raise GuideError(f"{block.where}: the python block failed:\n{said[-4000:]}")
         return said

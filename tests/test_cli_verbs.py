@@ -101,3 +101,16 @@ def test_card_prints_a_versions_card_and_writes_its_page(tmp_path, monkeypatch):
     assert shown.stdout == "# Model card: churn v1\n"
     assert (tmp_path / "page.html").read_text() == "<html><body>churn v1</body></html>"
     assert card("churn", "--version", "2").stderr.strip() == "onepath card: churn has no version 2"
+
+
+def test_a_refused_step_is_shown_as_the_platforms_own_line_not_an_internal_class_name():
+    from platform_defs.cli_runs import describe
+
+    def failed(first: str) -> str | None:
+        return describe({"type": "ExecutionStepFailureEvent", "step": "loan_portal_prod", "error": [first],
+                         "message": ""})
+
+    # the gate's refusal is raised as dagster.Failure, whose class Dagster reports by its private module path
+    assert failed("dagster._core.definitions.events.Failure: loan_portal.prod: version r-1 refused") == \
+        "step loan_portal_prod FAILED: loan_portal.prod: version r-1 refused"
+    assert failed("ValueError: boom") == "step loan_portal_prod FAILED: ValueError: boom"  # a bug keeps its name

@@ -336,6 +336,10 @@ def test_a_file_of_components_may_end_with_a_separator_and_comments(tmp_path):
     ("type: onepath.Dataset\nattributes: {name: [sales]}\n", "name", 3),
     # a non-string attribute key
     ("type: onepath.ModelLine\nattributes: {name: other, owner: retention, version: 1, label: y, 1: 2}\n", "1", 3),
+    # a merge key: the line of the key as written, not of its neighbour (the merged pairs come first)
+    ("<<: {type: onepath.Dataset}\ntype: onepath.Dataset\nattributes: {name: x}\nbogus: 1\n", "bogus", 5),
+    ("<<: {bogus: 1}\ntype: onepath.Dataset\nattributes: {name: x}\n", "bogus", 2),
+    ("type: onepath.Dataset\nattributes:\n  <<: {name: sales}\n  name: [sales]\n", "name", 5),
 ])
 def test_a_broken_component_document_is_one_line_and_only_it_is_left_out(tmp_path, broken, field, line):
     team = tmp_path / "nb"

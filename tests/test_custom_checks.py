@@ -301,7 +301,7 @@ def test_a_second_package_offering_the_name_never_stands_in_for_the_declared_dis
         sys.path.remove(str(target))
 
 
-# -- the code that runs is the platform's: never a team's file, and pinned by the policy -----------------
+# -- a check's code is never a team's file (no boundary against team Python), and pinned by the policy -
 
 def test_a_check_module_under_the_declarations_folder_is_refused_at_load_and_at_run_time(monkeypatch):
     """A team writes the declarations folder: a check from there could return Verdict(True) or patch the
@@ -411,3 +411,109 @@ def test_a_recorded_policy_naming_an_uninstalled_package_still_verifies_as_a_cha
     finally:
         sys.path.insert(0, str(acme))
         importlib.invalidate_caches()
+
+
+def test_the_code_that_judges_is_the_code_hashed_never_an_older_import(tmp_path, monkeypatch):
+    """A long-lived process imported a check module, then the file changed and the policy pinned the new file:
+    the new bytes judge and their hash is recorded (the module imported earlier is not reused); a pin of the
+    old bytes fails closed naming expected and found; and what runs is the file that one lookup found and
+    hashed, not one a later lookup would find."""
+    import importlib
+
+    from platform_defs.governance.custom_checks import load, source_of
+
+    module = tmp_path / "platform_checks_stale.py"
+    a = "import onepath\n\n\ndef ok(ctx):\n    return onepath.Verdict(False, 'old code: fails')\n"
+    b = "import onepath\n\n\ndef ok(ctx):\n    return onepath.Verdict(True, 'new code: passes')\n"
+    sha_a, sha_b = (hashlib.sha256(t.encode()).hexdigest() for t in (a, b))
+    module.write_text(a)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "platform_checks_stale", raising=False)
+    imported = importlib.import_module("platform_checks_stale")  # the process imported A
+    base = _policy_with(c="platform_checks_stale:ok")
+
+    def pinned(digest: str):
+        return base.model_copy(update={"custom_checks": {"c": base.custom_checks["c"].model_copy(
+            update={"sha256": digest})}})
+
+    v = run_custom(pinned(sha_a), "c", _ctx("c", pinned(sha_a)))
+    assert (v.passed, v.summary, v.metadata["check_sha256"]) == (False, "old code: fails", sha_a)
+    module.write_text(b)  # the file changed; the policy pins the new file
+    v = run_custom(pinned(sha_b), "c", _ctx("c", pinned(sha_b)))
+    assert (v.passed, v.summary, v.metadata["check_sha256"]) == (True, "new code: passes", sha_b)
+    v = run_custom(pinned(sha_a), "c", _ctx("c", pinned(sha_a)))
+    assert (v.passed, v.summary, v.metadata["check_sha256"]) == (
+        False, f"custom check 'c' (platform_checks_stale:ok) is not the pinned code: custom_checks.c.sha256 "
+               f"expects {sha_a}, found {sha_b}", sha_b)
+    assert sys.modules["platform_checks_stale"] is imported and imported.ok(None).reason == "old code: fails"
+
+    found = provider(pinned(sha_b), "c")  # the one lookup ...
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "platform_checks_stale.py").write_text(a.replace("old code", "a file created since"))
+    monkeypatch.syspath_prepend(str(shadow))  # ... then a file earlier on the path, and nothing imported
+    monkeypatch.delitem(sys.modules, "platform_checks_stale")
+    assert load(found, source_of(found))(None).reason == "new code: passes"
+    assert "platform_checks_stale" not in sys.modules
+
+
+def test_an_entry_point_naming_a_module_under_the_declarations_folder_is_refused_unimported(tmp_path, monkeypatch):
+    """An installed package's entry point can name any module: one whose file lies under the declarations
+    folder (teams write it) is refused like a ``function:`` there, at load, in validate and in the gate,
+    located without being imported."""
+    from platform_defs.governance.custom_checks import importable_problems
+
+    declarations = tmp_path / "assets"
+    declarations.mkdir()
+    (declarations / "team_sneak.py").write_text("raise SystemExit('imported')\n")
+    src = tmp_path / "sneak"
+    src.mkdir()
+    (src / "pyproject.toml").write_text(  # metadata only: its entry point names the team's module
+        '[project]\nname = "sneak-checks"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n'
+        'sneak = "team_sneak:ok"\n\n[build-system]\nrequires = ["setuptools>=68"]\n'
+        'build-backend = "setuptools.build_meta"\n\n[tool.setuptools]\npy-modules = []\npackages = []\n')
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    monkeypatch.syspath_prepend(str(target))
+    monkeypatch.syspath_prepend(str(declarations))  # team_sneak is importable, from the declarations folder
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))
+    why = ("custom check 'sneak' (team_sneak:ok (entry point onepath.checks:sneak)): "
+           f"{declarations / 'team_sneak.py'} is under the declarations folder, which teams write; a custom check "
+           "comes from an installed package or a platform-owned module outside it")
+    doc = policy_doc()
+    doc["custom_checks"] = {"sneak": {"entry_point": "sneak", "distribution": "sneak-checks", "applies_to": ["app"]}}
+    doc["tracks"]["app"]["checks"].append("sneak")
+    assert refused(doc) == f"policy assets/policy.yaml: key 'tracks.app.checks.3': {why}"
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(tmp_path / "elsewhere"))
+    policy = parse(doc)  # loaded while it was not a declarations folder ...
+    (problem,) = importable_problems(policy, declarations)  # ... `onepath validate` of that folder refuses it
+    assert problem.endswith(why)
+    monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))  # ... and so does the gate once it is one
+    v = run_custom(policy, "sneak", CheckContext(check="sneak", kind="app", subject="loan_portal", version="r-1",
+                                                 env="staging", track="app", params={}, spec=None, build=ROOT))
+    assert (v.passed, v.summary) == (False, why)
+    assert "team_sneak" not in sys.modules
+
+
+def test_an_app_check_writes_a_copy_of_the_release_never_the_release_that_serves(tmp_path):
+    """Built-ins run first, so a file a custom check added to the release would be served unscanned: an app
+    check is given a copy of the build, removed after, and the release folder stays as the built-ins saw it."""
+    import shutil
+
+    from platform_defs.governance.gates import AppGate
+    from platform_defs.loader import load_organisation
+
+    policy = _policy_with(writes="tests.fixtures.bad_checks:writes_into_the_build")
+    build = tmp_path / "r-test"
+    shutil.copytree(ROOT / "apps" / "loan_portal", build, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {p.relative_to(build): p.read_bytes() for p in build.rglob("*") if p.is_file()}
+    gate = AppGate(app=load_organisation(ROOT / "assets").by_name["loan_portal"], policy=policy, ledger=None,
+                   deployer=None, source_dir=ROOT / "apps" / "loan_portal", repo_root=ROOT)
+    scan, writes = gate.evaluate("r-test", build, "staging")
+    assert scan.passed and (writes.check, writes.passed) == ("writes", True)
+    written = Path(writes.summary.removeprefix("wrote "))
+    assert written.name == "injected.py" and written.parent.name == "r-test" and not written.is_relative_to(build)
+    assert not written.parent.exists()  # the copy is removed after the check
+    assert {p.relative_to(build): p.read_bytes() for p in build.rglob("*") if p.is_file()} == before

@@ -152,10 +152,7 @@ def test_declarations_reload_while_the_platform_runs(running, endpoint):
 
 
 # The guide's blocks run in order in one real Jupyter kernel (python) and a terminal (console), on this module's
-# platform: the guide is what is tested. A guide with a `live` block must be named here with the test that runs
-# it (tests/test_guides.py checks).
-LIVE_GUIDES = {"data-scientist.md": "test_three_steps_from_a_jupyter_kernel_to_prod",
-               "auditor.md": "test_the_auditors_guide_on_what_the_data_scientist_promoted"}
+# platform: the guide is what is tested (tests/guide_runner.py LIVE_GUIDES names the test that runs each guide).
 
 # a second version arrives between step 1 and step 2 (registered elsewhere: the pin stays on the first); it
 # uses the guide's names (model, registered, df_train, df_test)
@@ -179,11 +176,11 @@ def test_three_steps_from_a_jupyter_kernel_to_prod(running, tmp_path):
     import re
 
     from resources.ledger import Ledger, ledger_paths
-    from tests.guide_runner import GUIDES, Block, Session, parse, project_copy
+    from tests.guide_runner import Block, Session, live_guide, parse, project_copy
 
     port, decl, up_dir = running
     home = up_dir / "home"
-    guide = GUIDES / next(g for g, t in LIVE_GUIDES.items() if t == "test_three_steps_from_a_jupyter_kernel_to_prod")
+    guide = live_guide("test_three_steps_from_a_jupyter_kernel_to_prod")
     blocks = parse(guide)
     registers = [b for b in blocks if b.lang == "python" and "onepath.register(" in b.body and not b.flags]
     promotes = [b for b in blocks if b.lang == "console" and any(c.startswith("onepath promote ") for c in b.commands)]
@@ -247,11 +244,10 @@ def test_the_auditors_guide_on_what_the_data_scientist_promoted(running, tmp_pat
     inventory, ledger verification and export, policy history and model card, as the auditor types them."""
     import json
 
-    from tests.guide_runner import GUIDES, Session, parse, project_copy
+    from tests.guide_runner import Session, live_guide, parse, project_copy
 
     port, decl, up_dir = running
-    guide = GUIDES / next(g for g, t in LIVE_GUIDES.items()
-                          if t == "test_the_auditors_guide_on_what_the_data_scientist_promoted")
+    guide = live_guide("test_the_auditors_guide_on_what_the_data_scientist_promoted")
     env = {**onepath_env(up_dir / "home", port, decl),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     session = Session(project_copy(tmp_path / "project"), env)

@@ -1,15 +1,17 @@
 """Every getting-started guide (docs/guides/*.md, discovered, not listed) is run as its reader would run it: each
 command and code block in order, in a fresh copy of the example project with its own ONEPATH_HOME
 (tests/guide_runner.py says the format). A guide that needs the running platform (a ``live`` block) runs whole
-in tests/test_declarations_live.py, which names it in LIVE_GUIDES. The runner itself is shown to fail on a
+in the test tests/guide_runner.py LIVE_GUIDES names for it. The runner itself is shown to fail on a
 wrong flag, a missing file, a refusal that is not one, and a guide off the format."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.guide_runner import GuideError, Session, discover, guide_env, not_run, parse, project_copy, unrun_commands
-from tests.test_declarations_live import LIVE_GUIDES
+import importlib
+
+from tests.guide_runner import (LIVE_GUIDES, GuideError, Session, discover, guide_env, not_run, parse, project_copy,
+                                unrun_commands)
 
 GUIDE_FILES = discover()
 
@@ -32,12 +34,12 @@ def test_guide_runs(guide, session):
     blocks = parse(guide)  # the format: a guide off it fails here, naming file and line
     assert any(b.runs for b in blocks), f"{guide.name}: nothing in it is run"
     if any(b.live for b in blocks):
-        # the live module runs it whole, on its platform; it must say so
-        assert guide.name in LIVE_GUIDES, (f"{guide.name} has a live block: name it in tests/"
-                                           f"test_declarations_live.py LIVE_GUIDES with the test that runs it")
-        import tests.test_declarations_live as live
-
-        assert callable(getattr(live, LIVE_GUIDES[guide.name], None)), LIVE_GUIDES[guide.name]
+        # a live test runs it whole, on its platform; LIVE_GUIDES must name that test, and the test must exist
+        assert guide.name in LIVE_GUIDES, (f"{guide.name} has a live block: name the test that runs it in "
+                                           f"tests/guide_runner.py LIVE_GUIDES")
+        path, test = LIVE_GUIDES[guide.name].split("::")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert callable(getattr(module, test, None)), f"LIVE_GUIDES names {LIVE_GUIDES[guide.name]}: no such test"
         return
     session.run_guide(guide)
     print(f"\n{guide.name}:\n{session.report()}")
@@ -107,7 +109,7 @@ def test_a_refusal_for_another_reason_fails_the_runner(tmp_path, session):
         session.run_guide(_guide(tmp_path, refused))  # churn is declared; it was never deployed
     session.run_guide(_guide(tmp_path, refused.replace("churn", "nosuch")))  # the reason shown: passes
     guide = _guide(tmp_path, "```console refused\n$ onepath card nosuch\n```\n")
-    with pytest.raises(GuideError, match="needs its refusal's first line shown"):
+    with pytest.raises(GuideError, match="needs what it prints \\(its reason\\) shown"):
         session.run_guide(guide)
     # a notebook refusal: NotebookError, but another one than the ```text block after it shows
     cell = ("```python refused\nimport onepath\nonepath.predict('no_such_model', [])\n```\n\n"
@@ -140,3 +142,12 @@ def test_a_guide_off_the_format_fails(tmp_path, session, text, says):
 def test_a_live_block_outside_the_live_run_fails(tmp_path, session):
     with pytest.raises(GuideError, match="a live block"):
         session.run_guide(_guide(tmp_path, "```console live\n$ onepath status\n```\n"))
+
+
+def test_every_line_a_refusal_shows_must_be_printed_in_that_order(tmp_path, session):
+    # the reason need not be the first line (a header may come first); every line shown is looked for, in order
+    cmd = "$ printf 'in force: #1\\nplatform key: k\\nthe file differs: nothing promotes\\n'; exit 1\n"
+    session.run_guide(_guide(tmp_path, f"```console refused\n{cmd}in force: ...\n...\nthe file differs: ...\n```\n"))
+    for wrong in ("in force: ...\nthe file matches: ...", "the file differs: ...\nin force: ..."):
+        with pytest.raises(GuideError, match="did not print"):
+            session.run_guide(_guide(tmp_path, f"```console refused\n{cmd}{wrong}\n```\n"))

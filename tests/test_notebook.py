@@ -244,6 +244,9 @@ _TEAM_LAYOUTS = {  # the same model line as a team may lay it out; each keeps it
     "attributes before type, 4-space indentation": (
         "attributes:\n    name: fraud  # ours\n    owner: retention\n    version: 1\n    label: is_fraud\n"
         "    purpose: fraud_check\n    pii:\n        - email\ntype: onepath.ModelLine\n"),
+    "a merge key in the attributes": (
+        "type: onepath.ModelLine\nattributes:\n  <<: {owner: retention, version: 1}\n  name: fraud  # ours\n"
+        "  label: is_fraud\n  purpose: fraud_check\n  pii: [email]\n"),
 }
 
 
@@ -264,6 +267,93 @@ def test_a_register_finds_its_model_line_in_any_layout_and_keeps_the_team_fields
     assert specs[0].purpose == "fraud_check" and specs[0].pii == ["email"] and specs[0].protected == ["age_band"]
     assert specs[0].features == ["amount"] and "# ours" in text and text.endswith("---\n" + other), text
     assert text.startswith("# team file\n") == layout.startswith("block")
+
+
+_OTHER = "type: onepath.ModelLine\nattributes: {name: other, owner: retention, version: 4, label: y}\n"
+_LINE = "type: onepath.ModelLine\nattributes:\n  name: fraud\n  owner: retention\n  version: 1\n  label: is_fraud\n"
+_COMMENTED = {  # (a file, the features the register names): each comment must stay where the team put it
+    "after a list the register replaces": (
+        "type: onepath.ModelLine\nattributes:\n  name: fraud\n  owner: retention\n  features:\n    - amount\n"
+        "    - hour\n  # purpose decided with legal, ticket LEG-12: do not change\n  purpose: fraud_check\n"
+        "  version: 1\n  # the label column is the chargeback flag\n  label: is_fraud\n", ["amount"]),
+    "between and after the items of a list": (
+        "type: onepath.ModelLine\nattributes:\n  name: fraud\n  features:\n    # money first\n    - amount\n"
+        "    # then time\n    - hour  # local time\n    - day  # weekday\n  # who owns it\n  owner: retention\n"
+        "  version: 1  # bumped by register\n  label: is_fraud\n", ["amount", "minute"]),
+    "in a list the register takes away": (
+        "type: onepath.ModelLine\nattributes:\n  name: fraud\n  features:  # the inputs\n    # money\n"
+        "    - amount\n  # who owns it\n  owner: retention\n  version: 1\n  label: is_fraud\n", None),
+    "at the end of the file": (_OTHER + "---\n" + _LINE + "# trailing team note\n", ["amount"]),
+    "before the next document": (_LINE + "# next: other's line\n---\n" + _OTHER, ["amount"]),
+    "before the key after the attributes": (
+        "attributes:\n  name: fraud\n  owner: retention\n  version: 1\n  label: is_fraud\n# the type, checked\n"
+        "type: onepath.ModelLine\n# end\n", ["amount", "hour"]),
+}
+
+
+def _line_keys(text: str) -> list[str | None]:
+    """Each line's key (a mapping key, a list item's key, a document marker), None for a comment or blank line."""
+    keys: list[tuple[str | None, int]] = []
+    for line in text.splitlines():
+        body, indent = line.strip(), len(line) - len(line.lstrip())
+        if not body or body.startswith("#"):
+            key = None
+        elif body.startswith(("---", "...")):
+            key = body[:3]
+        elif body.startswith("-"):  # an item: its key is the nearest line above it that is less indented
+            key = next(k for k, i in reversed(keys) if k and i < indent)
+        else:
+            key = body.split(":")[0].strip()
+        keys.append((key, indent))
+    return [k for k, _ in keys]
+
+
+def _comment_places(text: str, keys: set[str]) -> list[tuple[str, str, str]]:
+    """Each comment line of ``text`` with the nearest line above and below it that has one of ``keys``
+    (``^``/``$``: the start and end of the file)."""
+    of = _line_keys(text)
+    return [(line.strip(), next((k for k in reversed(of[:i]) if k in keys), "^"),
+             next((k for k in of[i + 1:] if k in keys), "$"))
+            for i, line in enumerate(text.splitlines()) if line.strip().startswith("#")]
+
+
+@pytest.mark.parametrize("case", list(_COMMENTED))
+def test_a_register_keeps_every_comment_where_the_team_put_it(tmp_path, case):
+    from platform_defs.loader import _load_yaml
+    from platform_defs.notebook import render_declaration, write_declaration
+
+    path = tmp_path / "defs.yaml"
+    before, features = _COMMENTED[case]
+    path.write_text(before)
+    write_declaration(path, render_declaration(name="fraud", owner="retention", version="2", label="is_fraud",
+                                               pii=[], protected=[], features=features), "fraud")
+    after = path.read_text()
+    fraud = next(d for d, _ in _load_yaml(path) if d.name == "fraud")
+    assert fraud.version == 2 and fraud.features == features, after
+    # every comment line is still there, in the same order, between the same keys (of the keys both files have)
+    both = set(_line_keys(before)) & set(_line_keys(after)) - {None}
+    lines = {c for c, _, _ in _comment_places(before, both)}
+    assert [p for p in _comment_places(after, both) if p[0] in lines] == _comment_places(before, both), after
+    # a comment after a value stays after it, or (its line gone) becomes a comment line where its line was
+    for tail in re.findall(r"^ *[^#\s].* (#.*)$", before, re.M):
+        assert re.search(rf"^.*{re.escape(tail)}$", after, re.M), (tail, after)
+
+
+def test_a_model_line_in_flow_style_on_its_document_marker_line_is_updated_in_place(tmp_path):
+    from platform_defs.loader import _load_yaml
+    from platform_defs.notebook import render_declaration, write_declaration
+
+    path = tmp_path / "defs.yaml"
+    other = "type: onepath.ModelLine\nattributes: {name: other, owner: retention, version: 4, label: y}\n"
+    mine = ("--- {type: onepath.ModelLine, attributes: {name: fraud, owner: retention, version: 1, label: is_fraud,"
+            " purpose: fraud_check}}  # ours\n")
+    path.write_text(other + mine)
+    write_declaration(path, render_declaration(name="fraud", owner="retention", version="2", label="is_fraud",
+                                               pii=[], protected=[], features=["amount"]), "fraud")
+    assert path.read_text() == other + mine.replace("version: 1", "version: 2").replace(
+        "purpose: fraud_check}", "purpose: fraud_check, features: [amount]}")
+    specs = [d for d, _ in _load_yaml(path)]
+    assert [(d.name, d.version, d.features) for d in specs] == [("other", 4, None), ("fraud", 2, ["amount"])]
 
 
 def test_a_register_that_cannot_update_the_file_changes_nothing_anywhere(tmp_path):

@@ -1,7 +1,8 @@
-"""`onepath up` (the README's first command, after install) starts the platform for real: the Dagster
-UI with the example organisation loaded and its sensor running, driven here through the GraphQL
-API the way the UI's clicks drive it, then in a real browser (headless Chromium) on the same platform;
-stopping it leaves no Dagster process behind."""
+"""`onepath up` (what the README's first command, `./dev up`, starts after install) starts the platform for
+real: the Dagster UI with the example organisation loaded and its sensor running, driven here through the
+GraphQL API the way the UI's clicks drive it, then in a real browser (headless Chromium), then by the app
+developer's guide from a terminal, all on the same platform; stopping it (started as `./dev up` itself)
+leaves no Dagster process behind."""
 
 from __future__ import annotations
 
@@ -69,28 +70,44 @@ def loop_policy_file(tmp_path: Path) -> Path:
 
 # first, before this module's platform starts: a second `onepath up` beside it would slow both
 def test_stopping_up_leaves_no_dagster_process(tmp_path):
+    """The README's first command, ``./dev up`` (here with --no-mlflow-ui): the wrapper installs only when the
+    lock changed, then execs ``.venv/bin/onepath up``, so the process started is the platform and SIGTERM to
+    it stops Dagster with it."""
+    venv = ROOT / ".venv"
+    assert venv.resolve() == Path(sys.prefix).resolve(), (
+        f"./dev up runs {venv}, these tests run in {sys.prefix}: it would start (or install) another venv than the "
+        f"one under test; run the tests with ./dev test")
     port = free_port()
     env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
            "PYTHONPATH": str(ROOT)}
     env.pop("DAGSTER_HOME", None)
-    proc = subprocess.Popen([sys.executable, "-m", "platform_defs.cli", "up", "--no-mlflow-ui"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    first = proc.stdout.readline().decode()
-    assert first.startswith("onepath: 7 declarations loaded"), first
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            gql(port, "{ version }")
-            break
-        except Exception:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.5)
-    children = children_of(proc.pid)
-    assert children, "onepath up should have started dg dev"
-    os.kill(proc.pid, signal.SIGTERM)
-    out = proc.communicate(timeout=90)[0].decode()
-    assert proc.returncode == 0 and "Dagster stopped" in out
-    assert not any(group_alive(pid) for pid in children)
+    proc = subprocess.Popen(["./dev", "up", "--no-mlflow-ui"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        first = proc.stdout.readline().decode()
+        assert first.startswith("onepath: 7 declarations loaded"), first
+        # ./dev exec'd onepath: the pid started is the platform itself, not a shell that keeps SIGTERM to itself
+        argv = [a.decode() for a in Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")]
+        assert (ROOT / argv[1]).resolve() == (venv / "bin" / "onepath").resolve(), argv
+        assert argv[2:4] == ["up", "--no-mlflow-ui"], argv
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                gql(port, "{ version }")
+                break
+            except Exception:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.5)
+        children = children_of(proc.pid)
+        assert children, "onepath up should have started dg dev"
+        os.kill(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=90)[0].decode()
+        assert proc.returncode == 0 and "Dagster stopped" in out
+        assert not any(group_alive(pid) for pid in children)
+    finally:
+        if proc.poll() is None:  # an assertion above failed with the platform still up: stop it as a user would
+            proc.terminate()
+            proc.communicate(timeout=90)
 
 
 @pytest.fixture(scope="module")
@@ -195,9 +212,62 @@ def test_the_dagster_ui_in_a_browser(platform):
     ui_tour(port, client, tmp_path / "home", artifacts_dir())
 
 
+def test_the_app_developers_guide_takes_loan_portal_to_prod(platform, tmp_path):
+    """docs/guides/app-developer.md whole, as its reader types it, on this module's platform, after the browser
+    tour (which deployed credit_scoring's staging, which loan_portal's integration tests call): the example's
+    release is built and scanned into staging, refused in prod for want of a review (its integration tests pass),
+    reviewed by another identity, and promoted; prod then answers with that release."""
+    from platform_defs.factories import source_hash
+    from resources.deployers.base import Target
+    from resources.deployers.local import LocalProcessDeployer
+    from resources.ledger import Ledger, ledger_paths
+    from tests.guide_runner import Session, guide_env, live_guide, parse, project_copy
+
+    client, port, up = platform
+    home = up / "home"
+    stop_automation(port)  # only the guide's commands, and the approved-promotions sensor they invoke, deploy
+    guide = live_guide("test_the_app_developers_guide_takes_loan_portal_to_prod")
+    blocks = parse(guide)
+    release = "r-" + source_hash(ROOT / "apps" / "loan_portal")[0][:12]
+    (approve,) = [c for b in blocks for c in b.commands if c.startswith("onepath approve loan_portal ")]
+    assert f"--version {release} " in approve, (
+        f"{guide.name}: apps/loan_portal builds release {release} now; the guide names another (write {release} "
+        f"in its place, in every line that names it): {approve}")
+    project = project_copy(tmp_path / "project")
+    # the reader's terminal on this platform: its home and UI port and its policy; the guide's own project copy
+    env = guide_env(project, home, ONEPATH_UI_PORT=str(port), ONEPATH_POLICY_FILE=str(up / "policy.yaml"))
+    session = Session(project, env)
+    said: dict = {}  # command -> every tests.guide_runner.Said of it, in order
+    try:
+        for b in blocks:
+            for cmd, out in zip(b.commands, session.run(b) or []):
+                said.setdefault(cmd, []).append(out)
+    finally:
+        session.close()
+        print(f"\n{guide.name}:\n{session.report()}\n" + "\n".join(session.log))  # shown when it fails
+    refused, promoted = said["onepath promote loan_portal --to prod"]
+    assert "loan_portal did not reach prod:\n  code_review: " in refused.stdout, refused.stdout
+    assert "integration_tests: " not in refused.stdout.split("did not reach prod:")[1], refused.stdout
+    (why,) = said["onepath why loan_portal_prod"]
+    assert f"onepath approve loan_portal --version {release} --env prod " in why.stdout, why.stdout
+    assert promoted.stdout.rstrip().splitlines()[-1].startswith(f"loan_portal.prod serves {release} at http"), \
+        promoted.stdout
+    # the ledger: rob's review of exactly that release, and prod deployed it past a code_review that passed
+    book = Ledger(*ledger_paths(home))
+    (review,) = [e for e in book.entries(kind="approval", subject="loan_portal") if e.env == "prod"]
+    assert review.actor == "rob" and review.data["version"] == release, review
+    (deploy,) = [e for e in book.entries(kind="deploy", subject="loan_portal") if e.env == "prod"]
+    assert deploy.data["version"] == release, deploy
+    verdict = [e for e in book.entries(kind="gate_verdict", subject="loan_portal") if e.env == "prod"][-1]
+    assert verdict.data["verdicts"]["code_review"]["passed"], verdict.data
+    address = LocalProcessDeployer(home / "run").status(Target("loan_portal", "prod", "app")).address
+    assert httpx.get(f"{address}/version", timeout=10).json()["version"] == release
+
+
 # -- the Dagster UI in a real browser, on the same platform ---------------------------------------------
 
-SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { __typename ... on Sensor { id } } }"""
+SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { __typename
+  ... on Sensor { id sensorState { status } } } }"""
 STOP_SENSOR = """mutation($id: String) { stopSensor(id: $id) { __typename
   ... on StopSensorMutationResult { instigationState { status } } ... on PythonError { message } } }"""
 
@@ -223,12 +293,14 @@ def wait_run(client, run_id: str, seconds: float = 300) -> str:
 
 
 def stop_automation(port: int) -> None:
-    """Turn the automation sensor off, so that nothing but the browser's click deploys the credit line."""
+    """Turn the automation sensor off (if it is on), so that nothing but what the test does deploys."""
     entry = gql(port, LOCATION_QUERY)["workspaceOrError"]["locationEntries"][0]
     repo = entry["locationOrLoadError"]["repositories"][0]
     sensor = gql(port, SENSOR, {"s": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
                                       "sensorName": "onepath_automation"}})["sensorOrError"]
     assert sensor["__typename"] == "Sensor", sensor
+    if sensor["sensorState"]["status"] == "STOPPED":
+        return
     stopped = gql(port, STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
     assert stopped.get("instigationState", {}).get("status") == "STOPPED", stopped
 

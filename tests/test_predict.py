@@ -55,9 +55,16 @@ def test_an_endpoint_not_deployed_says_to_promote_it(home):
     from tests.conftest import record_policy
 
     record_policy(_book(home))
+    recorded = [(e.seq, e.kind) for e in _book(home).entries()]
     with pytest.raises(onepath.NotebookError,
                        match=r"^churn_scoring\.prod does not answer: promote it first \(onepath promote churn --to prod\)"):
         onepath.predict("churn", [{"tenure_months": 3.0}])
+    # refused before a credential was issued: no grant in the ledger, no access table published, no token stored
+    from platform_defs.access import access_for
+    from platform_defs.settings import load_settings
+
+    assert [(e.seq, e.kind) for e in _book(home).entries()] == recorded
+    assert not access_for(load_settings()).caller_file("onepath-cli", "churn_scoring", "prod").exists()
 
 
 def test_a_model_two_endpoints_serve_is_refused_naming_both(home, tmp_path, monkeypatch):
@@ -78,3 +85,31 @@ def test_a_model_two_endpoints_serve_is_refused_naming_both(home, tmp_path, monk
     # named by its endpoint, the call goes on (and stops where nothing was recorded)
     with pytest.raises(onepath.NotebookError, match=r"^onepath-cli may not call churn_shadow\.prod: no policy"):
         onepath.predict("churn_shadow", [{"tenure_months": 3.0}])
+
+
+def test_rows_are_sent_as_json_records_pandas_converts_and_the_rest_is_one_line_naming_the_column(home):
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from platform_defs.notebook import _json_records
+
+    frame = pd.DataFrame({"seen": pd.to_datetime(["2026-01-02 03:04", None]), "amount": [1.5, np.nan],
+                          "n": np.array([1, 2], dtype="int64")})
+    assert _json_records(frame) == [{"seen": "2026-01-02T03:04:00.000", "amount": 1.5, "n": 1},
+                                    {"seen": None, "amount": None, "n": 2}]
+    records = [{"seen": pd.Timestamp("2026-01-02"), "n": np.int64(3)}, {"n": 4}]  # a missing column stays missing
+    assert json.loads(json.dumps(_json_records(records))) == [{"seen": "2026-01-02T00:00:00.000", "n": 3}, {"n": 4}]
+    # refused before any access is looked at (churn is declared, nothing recorded or deployed here)
+    for rows, said in [
+        (pd.DataFrame({"ok": [1], "z": [complex(1, 2)]}), "rows: column 'z' holds complex values, which JSON cannot "
+                                                          "carry: convert them first"),
+        ([{"ok": 1}, {"ok": 2, "z": object()}], "rows: record 1, column 'z' holds object values"),
+        (3, "rows must be a DataFrame or a list of records (dicts of column: value), not int"),
+        ({"ok": 1}, "rows must be a DataFrame or a list of records (dicts of column: value), not dict: pass [record]"),
+        ([{"ok": 1}, 2], "rows: record 1 is not a dict of column: value (got int)"),
+    ]:
+        with pytest.raises(onepath.NotebookError) as err:
+            onepath.predict("churn", rows)
+        assert str(err.value).startswith(said) and len(str(err.value).splitlines()) == 1, err.value

@@ -168,6 +168,26 @@ def test_two_promotions_of_one_environment_at_once_deploy_once(world):
     assert entry.data["fencing_token"] >= 1
 
 
+def test_a_promotion_asked_before_another_deployed_its_version_deploys_nothing(world):
+    """A sensor's run and a person's, asked at once: the one that starts after the other finished never waits for
+    the lock, and still finds its version deployed since it was asked; asked after that deploy, it redeploys."""
+    from datetime import datetime, timedelta
+
+    last = deploys(world, "staging")[-1]
+    assert serving(world, "staging") == last.data["version"] == "1"
+
+    def promote(actor: str, asked_at: datetime):
+        return promote_endpoint(world["org"], world["policy"], "churn_scoring", "staging", services=world["services"],
+                                actor=actor, trigger="test", version="1", asked_at=asked_at)
+
+    asked = datetime.fromisoformat(last.ts) - timedelta(microseconds=1)  # just before that deploy was recorded
+    assert promote("run-late", asked).outcome == "already serving"
+    assert deploys(world, "staging")[-1].seq == last.seq  # nothing deployed, nothing recorded
+    again = promote("run-redeploy", datetime.fromisoformat(last.ts) + timedelta(seconds=1))
+    assert again.outcome == "deployed" and deploys(world, "staging")[-1].seq > last.seq
+    assert serving(world, "staging") == "1"
+
+
 def test_a_promotion_that_cannot_wait_is_refused_naming_the_holder(world):
     book = world["services"].ledger
     lease = book.acquire_lease("promotion:churn_scoring.prod", "dagster:someone-else", ttl=30)

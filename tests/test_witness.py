@@ -340,3 +340,61 @@ def test_the_recorded_policy_pins_the_witness_and_a_shell_without_it_cannot_unpi
         record_policy(no_witness, path, signer="pat", key=load_private_key(DEMO_ADMIN_KEY), initial=False)
     v = no_witness.verify()  # the witness is pinned: a verify that cannot ask it vouches for nothing
     assert not v.ok and "cannot be vouched for" in v.reason, v
+
+
+def test_policy_apply_change_witness_pins_the_witness_and_unpins_it_from_the_command_line(world, tmp_path) -> None:
+    """README, "A witness countersigns every head": with the witness serving, ``export ONEPATH_WITNESS_SOCKET``
+    and ``onepath policy apply --change-witness`` pin it in a ledger whose recorded policy pins none (the same
+    policy text, recorded again); without the flag the command refuses. A shell without the socket that says
+    --change-witness records "no witness" (removing it is a signed record like any change)."""
+    from platform_defs.policy_record import policy_in_force, record_policy
+    from resources.approvals import load_private_key
+    from tests.conftest import DEMO_ADMIN_KEY, NOT_INHERITED
+
+    ledger, witness = world
+    path = tmp_path / "policy.yaml"
+    path.write_text((ROOT / "assets" / "policy.yaml").read_text())
+    no_witness = Ledger(ledger.db_path, ledger.key_path)
+    first = record_policy(no_witness, path, signer="pat", key=load_private_key(DEMO_ADMIN_KEY), initial=True)
+    assert policy_in_force(ledger).witness_key is None and ledger.pinned_witness_key() is None
+
+    def policy_apply(*flags: str, socket: Path | None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "ONEPATH_HOME": str(ledger.db_path.parent)}
+        for var in (*NOT_INHERITED, "ONEPATH_WITNESS_SOCKET"):
+            env.pop(var, None)
+        env["ONEPATH_POLICY_FILE"] = str(path)
+        if socket is not None:
+            env["ONEPATH_WITNESS_SOCKET"] = str(socket)
+        return subprocess.run([sys.executable, "-m", "platform_defs.cli", "policy", "apply", *flags, "--as", "pat",
+                               "--key", str(DEMO_ADMIN_KEY)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    def records() -> int:
+        return len(ledger.entries(kind="policy_recorded"))
+
+    # the witness is configured now; the recorded policy pins none: not without saying so
+    refused = policy_apply(socket=witness.socket)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused
+    assert refused.stderr.startswith(f"onepath: the configured witness ({witness.key[:12]}) is not the one pinned in "
+                                     f"ledger #{first.seq} (none): refused"), refused.stderr
+    assert "--change-witness" in refused.stderr and "Traceback" not in refused.stderr
+    assert records() == 1
+
+    pinned = policy_apply("--change-witness", socket=witness.socket)
+    assert pinned.returncode == 0, pinned.stderr
+    in_force = policy_in_force(ledger)
+    assert in_force.seq > first.seq and f"ledger #{in_force.seq}, signed by pat" in pinned.stdout, pinned.stdout
+    assert in_force.witness_key == witness.key and ledger.pinned_witness_key() == witness.key
+    assert in_force.hash == policy_in_force(no_witness).hash == first.data["hash"]  # the same policy text
+    v = ledger.verify()  # the witness countersigned every entry, its answers checked with the pinned key
+    assert (v.ok, v.witness_seq, v.unwitnessed, v.reason) == (True, in_force.seq, 0, "intact"), v
+    assert not no_witness.verify().ok  # pinned: a verify that cannot ask the witness vouches for nothing
+
+    # the reverse (without the flag it is refused: the test above): a shell without ONEPATH_WITNESS_SOCKET that
+    # says --change-witness records "no witness"
+    unpinned = policy_apply("--change-witness", socket=None)
+    assert unpinned.returncode == 0, unpinned.stderr
+    newest = policy_in_force(no_witness)
+    assert newest.seq > in_force.seq and newest.witness_key is None and no_witness.pinned_witness_key() is None
+    v = no_witness.verify()
+    assert v.ok and v.witness_seq is None, v  # no witness pinned, none configured: nothing to ask

@@ -12,18 +12,24 @@ The contract (``onepath.CheckContext`` in, ``onepath.Verdict`` out)::
 
 Where a check comes from: a track's ``checks`` in the policy names it, and it is declared once under the
 policy's ``custom_checks``: ``function: "pkg.mod:fn"`` from a platform-owned module outside the declarations
-folder (a module there, which teams write, is refused at load and at run time, unimported), optionally pinned
-by ``sha256:`` of its file; or ``entry_point: name`` with the ``distribution:`` that must provide it in the
-``onepath.checks`` entry-point group (``[project.entry-points."onepath.checks"] min_recall =
-"acme_checks:min_recall"``), optionally pinned by ``version:``. The policy is signed and recorded, so a
-track's checks come from it only: a package can add a check nobody declared, and it never runs; it cannot
+folder, optionally pinned by ``sha256:`` of its file; or ``entry_point: name`` with the ``distribution:`` that
+must provide it in the ``onepath.checks`` entry-point group (``[project.entry-points."onepath.checks"]
+min_recall = "acme_checks:min_recall"``), optionally pinned by ``version:``. Either way, a module whose file
+(or a package ``__init__`` on its way) lies under the declarations folder is refused at load and at run time,
+unimported: the signed policy cannot name a team's file as a governance check, so the pin and ``check_sha256``
+mean something. It is no boundary against a team's Python: a ``declarations.py``, trainer or generator module
+there is imported by the processes that run the gates, trusted like an installed package (README, "Team
+Python"). The policy is signed and recorded, so a track's checks come from it only: a package can add a check
+nobody declared, and it never runs; it cannot
 take a built-in's name (built-in names always resolve to the built-ins, and the policy refuses a
 ``custom_checks`` entry named like one); another package's entry point of the same name never stands in
 for the declared distribution. Every verdict records what ran: ``check_function``, ``provided_by``
-(``name==version``) and ``check_sha256`` (of the module file); code other than the pinned fails closed.
+(``name==version``) and ``check_sha256`` (of the module's bytes: read once, hashed, compared with the pin, and
+run as a fresh module, never a copy already imported); code other than the pinned fails closed.
 
 How it runs: in the gate, after every built-in, for the exact version and environment being gated, on
-copies of what the gate loaded (``Copies``); its
+copies of what the gate loaded (``Copies``; an app check gets a copy of the release folder, removed after:
+what it writes is never served); its
 verdict is recorded like theirs (the asset's blocking check, the ``gate_verdict`` ledger entry, the model
 card). It fails closed, with one line naming the check and its function, when the function cannot be
 imported, raises, returns anything but an ``onepath.Verdict``, or takes longer than its
@@ -40,7 +46,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 if TYPE_CHECKING:
     from platform_defs.policy import Policy
@@ -85,7 +91,7 @@ class CheckContext:
         # EndpointSpec/AppSpec, ModelSpec, DatasetSpec: copies, never the gate's own objects
         self.spec, self.model, self.dataset = copy.deepcopy(spec), copy.deepcopy(model), copy.deepcopy(dataset)
         self.features, self.label = list(features or []), label
-        self.build = build  # an app release: its build folder
+        self.build = build  # an app release: a copy of its build folder (the gate's own is never given)
         self._v = _version
 
     @classmethod
@@ -200,8 +206,16 @@ class Provider:
     name: str
     function: str  # what runs: an import path, or "<value> (entry point onepath.checks:<name>)"
     provided_by: str  # "policy", or the distribution and its version
-    load: Callable[[], Any]
-    file: Path | None = None  # the module's source file (its sha256 is recorded with every verdict)
+    module: str  # the module holding the check
+    attr: str | None  # the check in it ("a.b" for a nested attribute); None: the module itself
+    chain: tuple[tuple[str, Path], ...] = ()  # (module, file) importing it runs, found once; its own file last
+    spec: Any = None  # the module's own spec from that same lookup (None: not found)
+
+    @property
+    def file(self) -> Path | None:
+        """The module's source file: its bytes are what is pinned, recorded and run."""
+        s = self.spec
+        return Path(s.origin).resolve() if s is not None and s.origin and s.has_location else None
 
 
 def dist_of(ep: Any) -> str:  # "name==version" of the distribution providing ep
@@ -230,11 +244,18 @@ def entry_points_named(group: str, name: str) -> list[Any]:
 def module_files(module: str) -> list[Path]:
     """The source files importing ``module`` runs (each parent package's ``__init__`` and the module),
     found the way the import system finds them, without running any of them; [] when it is not found."""
-    files, search = [], None
+    return [f for _, f in _locate(module)[0]]
+
+
+def _locate(module: str) -> tuple[list[tuple[str, Path]], Any]:
+    """``([(name, file), ...], spec)``: the files importing ``module`` runs, each with the module it is, and the
+    module's own spec (None, and no files, when it is not found), found without running any of them."""
+    files, search, spec = [], None, None
     parts = module.split(".")
     for i in range(len(parts)):
+        name = ".".join(parts[:i + 1])
         try:
-            spec = _find_spec(".".join(parts[:i + 1]), search)
+            spec = _find_spec(name, search)
             namespace = spec is not None and spec.origin is None and spec.submodule_search_locations is not None
         except KeyError:  # a namespace package inside one not imported yet (importlib looks its parent up)
             spec, namespace = None, True
@@ -243,11 +264,11 @@ def module_files(module: str) -> list[Path]:
                       if (Path(p) / parts[i]).is_dir()]
             continue
         if spec is None:
-            return []
+            return [], None
         if spec.origin and spec.has_location:
-            files.append(Path(spec.origin).resolve())
+            files.append((name, Path(spec.origin).resolve()))
         search = list(spec.submodule_search_locations or [])
-    return files
+    return files, spec
 
 
 def _find_spec(fullname: str, search: list[str] | None) -> Any:
@@ -264,66 +285,79 @@ def _find_spec(fullname: str, search: list[str] | None) -> Any:
     return None
 
 
-def sha256_of(path: Path) -> str:
-    import hashlib
+def source_of(found: Provider) -> bytes | None:
+    """The check module's bytes, read once: what ``check_sha256`` records, the ``sha256:`` pin compares and
+    :func:`load` runs (None: no readable source file)."""
+    try:
+        return found.file.read_bytes() if found.file is not None else None
+    except OSError:
+        return None
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-def _team_written(module: str, also: tuple[Path, ...] = ()) -> Path | None:
-    """The first file importing ``module`` would run that lies under the declarations folder (teams write
-    it: a check from there could pass itself, or patch the built-ins at import time), else None."""
+def _team_written(files: list[tuple[str, Path]], also: tuple[Path, ...] = ()) -> Path | None:
+    """The first of ``files`` (what importing a check's module runs) that lies under the declarations folder
+    (teams write it: a check from there could pass itself, or patch the built-ins at import time), else None."""
     from platform_defs.settings import declarations_dir
 
     roots = (declarations_dir(), *(Path(r).resolve() for r in also))
-    return next((f for f in reversed(module_files(module)) if any(f.is_relative_to(r) for r in roots)), None)
+    return next((f for _, f in reversed(files) if any(f.is_relative_to(r) for r in roots)), None)
 
 
 def provider(policy: "Policy", name: str, also: tuple[Path, ...] = ()) -> Provider | str:
     """Who provides custom check ``name``, or a one-line reason nobody (or not the pinned code) does. Only a
-    check declared under ``custom_checks`` runs: from a platform-owned module (``function:``, outside the
-    declarations folder, optionally pinned by ``sha256:``) or from the named installed distribution
-    (``entry_point:`` + ``distribution:``, optionally ``version:``)."""
+    check declared under ``custom_checks`` runs: from a platform-owned module (``function:``, optionally pinned
+    by ``sha256:``) or from the named installed distribution (``entry_point:`` + ``distribution:``, optionally
+    ``version:``); either way from a module outside the declarations folder."""
     declared = policy.custom_checks.get(name)
     if declared is None:
         return (f"unknown check '{name}': not built in and not declared under custom_checks (a custom check is "
                 f"declared there with function: or entry_point: and distribution:)")
     if declared.function is not None:
         fn = declared.function
-        module = fn.split(":")[0]
-        bad = _team_written(module, also)  # also: a declarations folder given to onepath validate
-        if bad is not None:
-            from platform_defs.policy import _shown
-
-            return (f"custom check '{name}' ({fn}): {_shown(bad)} is under the declarations folder, which teams "
-                    f"write; a custom check comes from an installed package or a platform-owned module outside it")
-        files = module_files(module)
-        found = Provider(name, fn, "policy", lambda: _import(fn), files[-1] if files else None)
-    else:
-        eps = entry_points_named(GROUP, declared.entry_point or "")
-        want = _normal(declared.distribution or "")
-        mine = [e for e in eps if _normal(dist_of(e).split("==")[0]) == want]
-        if not mine:
-            others = f" (provided by {', '.join(sorted(dist_of(e) for e in eps))})" if eps else ""
-            return (f"custom check '{name}': distribution '{declared.distribution}' is not installed with entry "
-                    f"point '{declared.entry_point}' in group '{GROUP}'{others}")
-        if len(mine) > 1:
-            return (f"custom check '{name}': distribution '{declared.distribution}' provides entry point "
-                    f"'{declared.entry_point}' in group '{GROUP}' more than once "
-                    f"({', '.join(sorted(e.value for e in mine))})")
-        ep = mine[0]
-        files = module_files(ep.module)
-        found = Provider(name, f"{ep.value} (entry point {GROUP}:{ep.name})", dist_of(ep), ep.load,
-                         files[-1] if files else None)
-    return found
+        module, attr = fn.split(":")
+        return _checked(Provider(name, fn, "policy", module, attr), also)
+    eps = entry_points_named(GROUP, declared.entry_point or "")
+    want = _normal(declared.distribution or "")
+    mine = [e for e in eps if _normal(dist_of(e).split("==")[0]) == want]
+    if not mine:
+        others = f" (provided by {', '.join(sorted(dist_of(e) for e in eps))})" if eps else ""
+        return (f"custom check '{name}': distribution '{declared.distribution}' is not installed with entry "
+                f"point '{declared.entry_point}' in group '{GROUP}'{others}")
+    if len(mine) > 1:
+        return (f"custom check '{name}': distribution '{declared.distribution}' provides entry point "
+                f"'{declared.entry_point}' in group '{GROUP}' more than once "
+                f"({', '.join(sorted(e.value for e in mine))})")
+    ep = mine[0]  # where its module's file is, found without importing it, is refused like a function:'s
+    return _checked(Provider(name, f"{ep.value} (entry point {GROUP}:{ep.name})", dist_of(ep), ep.module, ep.attr),
+                    also)
 
 
-def pin_problem(policy: "Policy", found: Provider) -> tuple[dict[str, Any], str | None]:
-    """What a verdict records about the code that ran (function, distribution, module sha256), and the
-    reason it must not run when that is not what the policy pins (``sha256:``, ``version:``)."""
+def _checked(found: Provider, also: tuple[Path, ...]) -> Provider | str:
+    """``found`` with its module located (one lookup: the files refused here are the files run), or why it
+    is refused: a file importing it runs lies under the declarations folder (or ``also``: a declarations
+    folder given to ``onepath validate``)."""
+    import dataclasses
+
+    files, spec = _locate(found.module)
+    bad = _team_written(files, also)
+    if bad is not None:
+        from platform_defs.policy import _shown
+
+        return (f"custom check '{found.name}' ({found.function}): {_shown(bad)} is under the declarations folder, "
+                f"which teams write; a custom check comes from an installed package or a platform-owned module "
+                f"outside it")
+    return dataclasses.replace(found, chain=tuple(files), spec=spec)
+
+
+def pin_problem(policy: "Policy", found: Provider, source: bytes | None) -> tuple[dict[str, Any], str | None]:
+    """What a verdict records about the code that runs (function, distribution, sha256 of ``source``, the
+    module's bytes :func:`load` runs), and the reason it must not run when that is not what the policy pins
+    (``sha256:``, ``version:``)."""
+    import hashlib
+
     declared = policy.custom_checks[found.name]
     meta: dict[str, Any] = {"check_function": found.function, "provided_by": found.provided_by}
-    digest = sha256_of(found.file) if found.file is not None and found.file.is_file() else None
+    digest = hashlib.sha256(source).hexdigest() if source is not None else None
     meta["check_sha256"] = digest or "unknown"
     if declared.sha256 is not None and digest != declared.sha256:
         return meta, (f"is not the pinned code: custom_checks.{found.name}.sha256 expects {declared.sha256}, "
@@ -336,11 +370,29 @@ def pin_problem(policy: "Policy", found: Provider) -> tuple[dict[str, Any], str 
     return meta, None
 
 
-def _import(path: str) -> Any:
+def load(found: Provider, source: bytes | None) -> Any:
+    """The check ``found`` names, from a fresh module object made of ``source`` (the bytes hashed and pinned),
+    every time: never the module in ``sys.modules``, which a long-lived process imported from older bytes, and
+    never a second lookup, which could find a file created since the first was checked. Its parent packages
+    are imported the usual way, and must be the files that lookup found."""
+    import functools
     import importlib
+    import importlib.util
 
-    module, attr = path.split(":")
-    return getattr(importlib.import_module(module), attr)
+    if found.spec is None:
+        raise ModuleNotFoundError(f"No module named '{found.module}'")
+    if source is None or found.file is None or found.file.suffix != ".py":
+        raise ImportError(f"module '{found.module}' has no Python source file to run ({found.spec.origin})")
+    parent = found.module.rpartition(".")[0]
+    if parent:
+        importlib.import_module(parent)
+    for name, file in (c for c in found.chain if c[0] != found.module):  # its packages: from the files checked
+        loaded = getattr(getattr(sys.modules.get(name), "__spec__", None), "origin", None)
+        if loaded is None or Path(loaded).resolve() != file:
+            raise ImportError(f"package '{name}' was imported from {loaded}, not the checked {file}")
+    module = importlib.util.module_from_spec(found.spec)  # a .py spec: a new, empty module object
+    exec(compile(source, str(found.file), "exec", dont_inherit=True), module.__dict__)
+    return functools.reduce(getattr, found.attr.split("."), module) if found.attr else module
 
 
 def is_custom(name: str) -> bool:
@@ -356,7 +408,7 @@ def unprovided(policy: "Policy") -> tuple[str, str] | None:
             if is_custom(check):
                 found = provider(policy, check)
                 if isinstance(found, Provider):  # provided: is it the code the policy pins?
-                    pinned = pin_problem(policy, found)[1]
+                    pinned = pin_problem(policy, found, source_of(found))[1]
                     if pinned is not None:
                         return f"custom_checks.{check}", f"custom check '{check}' ({found.function}) {pinned}"
                     continue
@@ -383,7 +435,7 @@ def importable_problems(policy: "Policy", declarations: Path | None = None) -> l
             out.append(f"policy {_shown(policy_path())}: {found}")
             continue
         try:
-            fn = found.load()
+            fn = load(found, source_of(found))
         except BaseException as err:  # noqa: BLE001 - an import can raise anything
             out.append(f"policy {_shown(policy_path())}: custom check '{name}' ({found.function}) could not be "
                        f"imported: {_one_line(f'{type(err).__name__}: {err}')}")
@@ -418,7 +470,8 @@ def run_custom(policy: "Policy", name: str, ctx: CheckContext) -> Any:
     found = provider(policy, name)
     if isinstance(found, str):  # the policy loaded, then the package or file changed: fail closed
         return GateVerdict(name, False, _one_line(found), {"check_function": "unresolved"})
-    meta, pinned = pin_problem(policy, found)
+    source = source_of(found)  # read once: hashed, compared with the pin, and run
+    meta, pinned = pin_problem(policy, found, source)
 
     def failed(why: str) -> Any:
         return GateVerdict(name, False, _one_line(f"custom check '{name}' ({found.function}) {why}"), dict(meta))
@@ -426,7 +479,7 @@ def run_custom(policy: "Policy", name: str, ctx: CheckContext) -> Any:
     if pinned is not None:
         return failed(pinned)
     try:
-        fn = found.load()
+        fn = load(found, source)
     except BaseException as err:  # noqa: BLE001 - an import can raise anything, SystemExit included
         return failed(f"could not be imported: {type(err).__name__}: {err}")
     if not callable(fn):

@@ -586,17 +586,30 @@ class AppGate:
         return app_checks(self.track, self.app.environments, env)
 
     def evaluate(self, version: str, build: Path, env: str) -> list[Verdict]:
-        from platform_defs.governance.custom_checks import CheckContext, is_custom, run_custom
+        from platform_defs.governance.custom_checks import is_custom
 
         required = self.required(env)
         out = {c: getattr(self, f"_check_{c}")(version, build, env) for c in required if not is_custom(c)}
         for c in required:  # after every built-in; named by the app track in the signed policy
             if is_custom(c):
-                declared = self.policy.custom_checks.get(c)
-                out[c] = run_custom(self.policy, c, CheckContext(
-                    check=c, kind="app", subject=self.app.name, version=str(version), env=env, track="app",
-                    params=declared.params if declared else {}, spec=self.app, build=Path(build)))
+                out[c] = self._custom(c, str(version), Path(build), env)
         return [out[c] for c in required]  # in the order the policy lists them
+
+    def _custom(self, check: str, version: str, build: Path, env: str) -> Verdict:
+        """Custom check ``check`` on a copy of the release (a temporary folder it may write, removed after),
+        like a model check on copies: what it writes never reaches the release the built-ins scanned and that
+        serves. A check that outlives its time limit may still write there; nothing reads it."""
+        import shutil
+
+        from platform_defs.governance.custom_checks import CheckContext, run_custom
+
+        declared = self.policy.custom_checks.get(check)
+        with tempfile.TemporaryDirectory(prefix=f"onepath-check-{check}-", ignore_cleanup_errors=True) as tmp:
+            copy = Path(tmp) / build.name
+            shutil.copytree(build, copy, symlinks=True)  # links stay links: nothing outside the release is copied
+            return run_custom(self.policy, check, CheckContext(
+                check=check, kind="app", subject=self.app.name, version=version, env=env, track="app",
+                params=declared.params if declared else {}, spec=self.app, build=copy))
 
     def _check_security_scan(self, version: str, build: Path, env: str) -> Verdict:
         from platform_defs.governance.security_scan import scan_source

@@ -123,6 +123,23 @@ def acme_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     target, source = tmp_path_factory.mktemp("acme_site"), tmp_path_factory.mktemp("acme_src") / "acme_checks"
     shutil.copytree(ROOT / "tests" / "fixtures" / "acme_checks", source)  # a build writes next to its source
+    return pip_install_into(target, source)
+
+
+def check_package(src: Path, name: str, entry_points: dict[str, str], packages: list[str]) -> Path:
+    """The source folder ``src`` of a package ``name`` whose ``onepath.checks`` entry points are ``entry_points``
+    (name -> "module:function") and whose packages are ``packages`` (their files the caller writes in ``src``)."""
+    src.mkdir(parents=True, exist_ok=True)
+    points = "".join(f'{k} = "{v}"\n' for k, v in entry_points.items())
+    (src / "pyproject.toml").write_text(
+        f'[project]\nname = "{name}"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n{points}\n'
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[tool.setuptools]\npy-modules = []\npackages = {packages!r}\n'.replace("'", '"'))
+    return src
+
+
+def pip_install_into(target: Path, source: Path) -> Path:
+    """The package at ``source`` installed with pip into the folder ``target`` only (never the shared venv)."""
     out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                           "--no-index", "--target", str(target), str(source)],
                          capture_output=True, text=True, timeout=120)

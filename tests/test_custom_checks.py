@@ -6,7 +6,6 @@ nobody provides, or trying to replace a built-in, is refused at load."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import yaml
 
 from platform_defs.governance.custom_checks import CheckContext, provider, run_custom
 from platform_defs.policy import PolicyError, load_policy, parse_policy
+from tests.conftest import check_package, pip_install_into
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "policy.yaml"
@@ -272,18 +272,12 @@ def test_a_trainer_from_an_installed_package_is_declared_through_onepath_trainer
 def test_a_second_package_offering_the_name_never_stands_in_for_the_declared_distribution(acme, tmp_path):
     """A second package offering 'min_recall' cannot quietly take over the check the policy names: the policy
     names the distribution, and only that distribution's entry point runs."""
-    src = tmp_path / "rival"
-    (src / "rival_checks").mkdir(parents=True)
+    src = check_package(tmp_path / "rival", "rival-checks", {"min_recall": "rival_checks:min_recall"},
+                        ["rival_checks"])
+    (src / "rival_checks").mkdir()
     (src / "rival_checks" / "__init__.py").write_text(
         "import onepath\n\n\ndef min_recall(ctx):\n    return onepath.Verdict(True, 'always')\n")
-    (src / "pyproject.toml").write_text(
-        '[project]\nname = "rival-checks"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n'
-        'min_recall = "rival_checks:min_recall"\n\n[build-system]\nrequires = ["setuptools>=68"]\n'
-        'build-backend = "setuptools.build_meta"\n\n[tool.setuptools]\npackages = ["rival_checks"]\n')
-    target = tmp_path / "site"
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    target = pip_install_into(tmp_path / "site", src)
     doc = policy_doc()
     doc["tracks"]["ml-standard"]["checks"].append("min_recall")
     doc["custom_checks"] = {"min_recall": {"entry_point": "min_recall", "distribution": "acme-checks"}}
@@ -466,16 +460,9 @@ def test_an_entry_point_naming_a_module_under_the_declarations_folder_is_refused
     declarations = tmp_path / "assets"
     declarations.mkdir()
     (declarations / "team_sneak.py").write_text("raise SystemExit('imported')\n")
-    src = tmp_path / "sneak"
-    src.mkdir()
-    (src / "pyproject.toml").write_text(  # metadata only: its entry point names the team's module
-        '[project]\nname = "sneak-checks"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n'
-        'sneak = "team_sneak:ok"\n\n[build-system]\nrequires = ["setuptools>=68"]\n'
-        'build-backend = "setuptools.build_meta"\n\n[tool.setuptools]\npy-modules = []\npackages = []\n')
-    target = tmp_path / "site"
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    # metadata only: its entry point names the team's module
+    target = pip_install_into(tmp_path / "site", check_package(tmp_path / "sneak", "sneak-checks",
+                                                               {"sneak": "team_sneak:ok"}, []))
     monkeypatch.syspath_prepend(str(target))
     monkeypatch.syspath_prepend(str(declarations))  # team_sneak is importable, from the declarations folder
     monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))

@@ -115,6 +115,52 @@ def onepath_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.update(saved)
 
 
+@pytest.fixture(scope="session")
+def acme_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """acme-checks (tests/fixtures/acme_checks) installed with pip into a folder of its own, once a session
+    (the shared environment is not touched); ``acme`` puts it on sys.path for a module."""
+    import shutil
+
+    target, source = tmp_path_factory.mktemp("acme_site"), tmp_path_factory.mktemp("acme_src") / "acme_checks"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "acme_checks", source)  # a build writes next to its source
+    return pip_install_into(target, source)
+
+
+def check_package(src: Path, name: str, entry_points: dict[str, str], packages: list[str]) -> Path:
+    """The source folder ``src`` of a package ``name`` whose ``onepath.checks`` entry points are ``entry_points``
+    (name -> "module:function") and whose packages are ``packages`` (their files the caller writes in ``src``)."""
+    src.mkdir(parents=True, exist_ok=True)
+    points = "".join(f'{k} = "{v}"\n' for k, v in entry_points.items())
+    (src / "pyproject.toml").write_text(
+        f'[project]\nname = "{name}"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n{points}\n'
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[tool.setuptools]\npy-modules = []\npackages = {packages!r}\n'.replace("'", '"'))
+    return src
+
+
+def pip_install_into(target: Path, source: Path) -> Path:
+    """The package at ``source`` installed with pip into the folder ``target`` only (never the shared venv)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(target), str(source)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return target
+
+
+@pytest.fixture(scope="module")
+def acme(acme_site: Path) -> Iterator[Path]:
+    """acme-checks installed (``acme_site``) for the module's tests: its folder on sys.path, so its entry points
+    are what importlib.metadata sees; gone again after the module (another module's "not installed" holds)."""
+    import importlib
+
+    sys.path.insert(0, str(acme_site))
+    importlib.invalidate_caches()
+    yield acme_site
+    sys.path.remove(str(acme_site))
+    sys.modules.pop("acme_checks", None)
+    importlib.invalidate_caches()
+
+
 def artifact_roots(settings) -> list[Path]:
     """Where a test deployer's supervisors may launch artifacts from: pytest's base temp directory,
     which holds every test's models and releases (the session's home is one of its directories)."""

@@ -1,7 +1,8 @@
 """Declarations as Dagster components (``type: onepath.Model`` in ``assets/**/defs.yaml``): dg's own tools on
 the project, the same graph from a component as from Python, and ``onepath migrate-declarations``.
 
-dg runs as subprocesses (seconds each): the five dg runs of this file run side by side, on copies of the project.
+dg runs as subprocesses (seconds each, most of it importing Dagster): the dg runs of this file run side by side,
+on copies of the project; the three that load no definitions share one process (``DG_IN_SEQUENCE``).
 """
 
 from __future__ import annotations
@@ -81,8 +82,31 @@ def _dg_env(project: Path, home: Path) -> dict[str, str]:
     return env
 
 
+# dg commands run one after another in one process, each as the `dg` script runs it (``sys.argv``, then
+# ``dagster_dg_cli.cli.main``), each one's output and exit status apart: for commands that load no definitions
+# (which a process imports once), so that Dagster is imported once for them
+DG_IN_SEQUENCE = """\
+import contextlib, io, json, sys
+from dagster_dg_cli.cli import main
+commands, result_file = json.loads(sys.argv[1]), sys.argv[2]
+said = []
+for args in commands:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        sys.argv = ["dg", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    said.append([out.getvalue(), code])
+with open(result_file, "w") as f:
+    json.dump(said, f)
+"""
+
+
 def test_dg_checks_lists_and_scaffolds_the_project_and_check_defs_names_a_broken_field(tmp_path):
-    good, scaffold, broken, schema = (_copy_project(tmp_path / n) for n in ("good", "scaffold", "broken", "schema"))
+    good, broken, schema = (_copy_project(tmp_path / n) for n in ("good", "broken", "schema"))
     # a mistake the type's schema (derived from the spec) shows: dg check yaml says where
     typo = schema / "assets" / "retention" / "defs.yaml"
     typo.write_text(typo.read_text().replace("{name: plan, dtype: string", "{name: plan, dtype: strng"))
@@ -92,24 +116,35 @@ def test_dg_checks_lists_and_scaffolds_the_project_and_check_defs_names_a_broken
     text = retention.read_text()
     retention.write_text(text.replace("metrics: {roc_auc: 0.65}", "metrics: {roc_auc: 0.65, rocauc: 0.7}"))
     bad_line = next(i for i, x in enumerate(retention.read_text().splitlines(), 1) if "rocauc" in x)
+    # the commands that load no definitions, in order in one process on the schema copy (the scaffold's file
+    # is written beside the typo: check yaml still finds the typo)
+    in_sequence = [["list", "components", "--json"], ["scaffold", "defs", "onepath.Model", "fraud_model"],
+                   ["check", "yaml"]]
     runs = {
         "check": (good, [str(DG), "check", "defs"]),
         "list": (good, [str(DG), "list", "defs", "--json"]),
-        "scaffold": (scaffold, [str(DG), "scaffold", "defs", "onepath.Model", "fraud_model"]),
         "broken": (broken, [str(DG), "check", "defs"]),
-        "schema": (schema, [str(DG), "check", "yaml"]),
+        "sequence": (schema, [sys.executable, "-c", DG_IN_SEQUENCE, json.dumps(in_sequence),
+                              str(tmp_path / "sequence.json")]),
+        # onepath validate says what dg check defs says, in one line and no traceback
+        "validate": (broken, [sys.executable, "-m", "platform_defs.cli", "validate"]),
     }
     procs = {k: subprocess.Popen(cmd, cwd=where, env=_dg_env(where, tmp_path / f"home-{k}"), text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k, (where, cmd) in runs.items()}
-    out = {k: (p.communicate(timeout=300)[0], p.returncode) for k, p in procs.items()}
+    raw = {k: (p.communicate(timeout=300), p.returncode) for k, p in procs.items()}
+    (_, stderr), rc = raw.pop("sequence")
+    assert rc == 0, stderr
+    out = {k: (stdout + stderr, rc) for k, ((stdout, stderr), rc) in raw.items()}
+    out.update(zip(("components", "scaffold", "schema"),
+                   map(tuple, json.loads((tmp_path / "sequence.json").read_text()))))
 
     said, rc = out["check"]
     assert rc == 0 and "All component YAML validated successfully" in said, said
     assert "All definitions loaded successfully" in said, said
 
-    said, rc = out["list"]
-    assert rc == 0, said
+    (said, _), rc = raw["list"]  # stdout alone: the JSON
+    assert rc == 0, out["list"][0]
     listed = json.loads(said[said.index("{"):])
     keys = {a["asset_key"] for a in listed["assets"]}
     assert {"customer_activity", "churn", "churn_scoring_staging", "churn_scoring_prod", "credit_risk",
@@ -117,9 +152,14 @@ def test_dg_checks_lists_and_scaffolds_the_project_and_check_defs_names_a_broken
     checks = {c["key"] for c in listed["asset_checks"]}
     assert {"churn:performance", "churn_scoring_prod:performance"} <= checks, checks
 
+    said, rc = out["components"]
+    assert rc == 0, said
+    types = {c["key"] for c in json.loads(said[said.index("{"):])["items"]}
+    assert set(COMPONENT_TYPES) <= types, types  # the five onepath types, from the project's registry module
+
     said, rc = out["scaffold"]
     assert rc == 0, said
-    written = (scaffold / "assets" / "fraud_model" / "defs.yaml").read_text()
+    written = (schema / "assets" / "fraud_model" / "defs.yaml").read_text()
     assert written.startswith("type: onepath.Model\n") and "# your team, as the policy lists it" in written
     doc = yaml.safe_load(written)
     spec = parse_component(doc["type"], doc["attributes"])  # valid as written: every field the spec's
@@ -135,13 +175,10 @@ def test_dg_checks_lists_and_scaffolds_the_project_and_check_defs_names_a_broken
     assert (f"assets/retention/defs.yaml:{typo_line} - onepath.Dataset attributes.columns.2.dtype 'strng' is not "
             f"one of ['int', 'float', 'string', 'bool']") in said, said
 
-    # onepath validate says the same, in one line and no traceback
-    check = subprocess.run([sys.executable, "-m", "platform_defs.cli", "validate"], cwd=broken, text=True,
-                           capture_output=True, env=_dg_env(broken, tmp_path / "home-validate"), timeout=120)
-    assert check.returncode == 1 and "Traceback" not in check.stderr, check.stderr
-    assert check.stderr.splitlines()[0].startswith(
-        f"declaration 'churn' (model, assets/retention/defs.yaml:{bad_line}): field 'metrics': unknown metric"), \
-        check.stderr
+    (_, stderr), rc = raw["validate"]
+    assert rc == 1 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[0].startswith(
+        f"declaration 'churn' (model, assets/retention/defs.yaml:{bad_line}): field 'metrics': unknown metric"), stderr
 
 
 def test_every_scaffold_is_a_valid_declaration_and_every_schema_is_its_specs_fields():

@@ -1,11 +1,11 @@
 """Custom checks (platform_defs/governance/custom_checks.py): a third-party package installed for real adds a
-check to a track through the policy, and it gates a promotion like a built-in one; a check that misbehaves
-fails closed; a policy naming a check nobody provides, or trying to replace a built-in, is refused at load."""
+check to a track through the policy, and it gates a promotion like a built-in one (that end to end, on a world
+with churn already trained: test_promotion_flow); a check that misbehaves fails closed; a policy naming a check
+nobody provides, or trying to replace a built-in, is refused at load."""
 
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import yaml
 
 from platform_defs.governance.custom_checks import CheckContext, provider, run_custom
 from platform_defs.policy import PolicyError, load_policy, parse_policy
+from tests.conftest import check_package, pip_install_into
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "policy.yaml"
@@ -145,28 +146,7 @@ def test_a_verdict_is_recorded_like_a_built_ins_and_cannot_restate_the_version()
     assert result.metadata["model_version"].value == "r-1"  # the check's own "model_version" metric does not win
 
 
-# -- a third-party package, installed for real, gates a promotion ---------------------------------------
-
-@pytest.fixture(scope="module")
-def acme(tmp_path_factory):
-    """acme-checks (tests/fixtures/acme_checks) installed with pip into a folder put on sys.path: its
-    entry points are what importlib.metadata sees; the shared environment is not touched."""
-    import shutil
-
-    target, source = tmp_path_factory.mktemp("acme_site"), tmp_path_factory.mktemp("acme_src") / "acme_checks"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "acme_checks", source)  # a build writes next to its source
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(source)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    sys.path.insert(0, str(target))
-    import importlib
-
-    importlib.invalidate_caches()
-    yield target
-    sys.path.remove(str(target))
-    sys.modules.pop("acme_checks", None)
-
+# -- a third-party package, installed for real (``acme``, conftest) -----------------------------------
 
 def test_an_installed_package_provides_a_check_but_never_a_built_in(acme):
     doc = policy_doc()
@@ -188,77 +168,6 @@ def test_an_installed_package_provides_a_check_but_never_a_built_in(acme):
     # the package's 'performance' is never consulted: built-in names are the built-ins
     assert describe(policy, "performance") == DESCRIPTIONS["performance"]
     assert "unlisted" not in {c for t in policy.tracks.values() for c in t.checks}
-
-
-def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_promotion(acme, settings,
-                                                                                          tmp_path_factory):
-    from platform_defs.definitions import build_definitions
-    from platform_defs.wiring import build_resources
-    from tests.conftest import isolated_settings, quick_policy, record_policy
-
-    s = isolated_settings(settings, tmp_path_factory.mktemp("custom_home"), port_offset=210)
-    base = quick_policy()
-    # the package's check beside one built-in (the others cost time and prove nothing more here)
-    track = base.tracks["ml-standard"].model_copy(update={"checks": ["performance"]})
-
-    def with_min_recall(bound: float):
-        from platform_defs.policy import CustomCheck
-
-        return base.model_copy(update={
-            "tracks": {**base.tracks, "ml-standard": track.model_copy(update={"checks": [*track.checks, "min_recall"]})},
-            "custom_checks": {"min_recall": CustomCheck(entry_point="min_recall", distribution="acme-checks",
-                                                        params={"min": bound},
-                                                        description="Recall on the held-out rows.")}})
-
-    strict, lenient = with_min_recall(1.01), with_min_recall(0.0)
-    resources = build_resources(s)
-    book = resources["ledger"].ledger()
-    deployer = resources["deployer_local"].deployer()
-    try:
-        with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("custom_instance"))) as instance:
-            record_policy(book, strict)  # signed and recorded, as `onepath policy init` does
-            defs = build_definitions(settings=s, policy=strict)
-            staging = next(a for a in defs.assets if dg.AssetKey("churn_scoring_staging") in a.keys)
-            specs = {c.name: c for c in staging.check_specs}
-            assert specs["min_recall"].blocking
-            assert specs["min_recall"].description == ("Recall on the held-out rows. (custom check: acme_checks:"
-                                                       "min_recall (entry point onepath.checks:min_recall))")
-            assert set(specs) == {"performance", "min_recall"}
-
-            small = {"ops": {"customer_activity": {"config": {"params": {"rows": 1500}}}}}  # less to train and log
-            run = dg.materialize(list(defs.assets), selection=["customer_activity", "churn", "churn_scoring_staging"],
-                                 resources=defs.resources, instance=instance, raise_on_error=False, run_config=small)
-            checks = {e.check_name: e for e in run.get_asset_check_evaluations()
-                      if e.asset_key == dg.AssetKey("churn_scoring_staging")}
-            assert not checks["min_recall"].passed and checks["performance"].passed
-            reason = checks["min_recall"].metadata["verdict"].value
-            assert reason.startswith("recall ") and reason.endswith(" held-out rows (min 1.01)")
-            assert checks["min_recall"].metadata["provided_by"].value == "acme-checks==1.0.0"
-            acme_file = acme / "acme_checks" / "__init__.py"  # the code that ran, by its hash
-            assert checks["min_recall"].metadata["check_sha256"].value == hashlib.sha256(acme_file.read_bytes()).hexdigest()
-            assert "held_out_roc_auc" in checks["performance"].metadata  # the built-in ran, not the package's
-            (refusal,) = book.entries(kind="promotion_refused", subject="churn_scoring", env="staging")
-            assert refusal.data["failed"] == ["min_recall"] and refusal.data["still_serving"] is None
-            failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
-            assert f"min_recall: {reason}" in failure.step_failure_data.error.message
-
-            record_policy(book, lenient)  # the policy changed the recorded way (`onepath policy apply`)
-            defs = build_definitions(settings=s, policy=lenient)
-            run = dg.materialize(list(defs.assets), selection=["churn_scoring_staging"], resources=defs.resources,
-                                 instance=instance)
-            checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
-            assert checks["min_recall"].passed and checks["min_recall"].metadata["verdict"].value.endswith("(min 0.0)")
-            (mat,) = run.get_asset_materialization_events()
-            meta = mat.materialization.metadata
-            assert meta["outcome"].value == "deployed" and meta["model_version"].value == "1"
-            assert "min_recall" in meta["model_card"].value  # on the model card with the built-ins
-            (verdict,) = [e for e in book.entries(kind="gate_verdict", subject="churn_scoring", env="staging")
-                          if e.data["passed"]]
-            assert verdict.data["verdicts"]["min_recall"]["passed"] is True
-            assert verdict.data["verdicts"]["min_recall"]["check_sha256"] == \
-                hashlib.sha256(acme_file.read_bytes()).hexdigest()
-    finally:
-        deployer.stop_all()
 
 
 def test_an_app_tracks_custom_check_runs_in_the_app_gate_after_the_built_ins(tmp_path):
@@ -363,18 +272,12 @@ def test_a_trainer_from_an_installed_package_is_declared_through_onepath_trainer
 def test_a_second_package_offering_the_name_never_stands_in_for_the_declared_distribution(acme, tmp_path):
     """A second package offering 'min_recall' cannot quietly take over the check the policy names: the policy
     names the distribution, and only that distribution's entry point runs."""
-    src = tmp_path / "rival"
-    (src / "rival_checks").mkdir(parents=True)
+    src = check_package(tmp_path / "rival", "rival-checks", {"min_recall": "rival_checks:min_recall"},
+                        ["rival_checks"])
+    (src / "rival_checks").mkdir()
     (src / "rival_checks" / "__init__.py").write_text(
         "import onepath\n\n\ndef min_recall(ctx):\n    return onepath.Verdict(True, 'always')\n")
-    (src / "pyproject.toml").write_text(
-        '[project]\nname = "rival-checks"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n'
-        'min_recall = "rival_checks:min_recall"\n\n[build-system]\nrequires = ["setuptools>=68"]\n'
-        'build-backend = "setuptools.build_meta"\n\n[tool.setuptools]\npackages = ["rival_checks"]\n')
-    target = tmp_path / "site"
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    target = pip_install_into(tmp_path / "site", src)
     doc = policy_doc()
     doc["tracks"]["ml-standard"]["checks"].append("min_recall")
     doc["custom_checks"] = {"min_recall": {"entry_point": "min_recall", "distribution": "acme-checks"}}
@@ -557,16 +460,9 @@ def test_an_entry_point_naming_a_module_under_the_declarations_folder_is_refused
     declarations = tmp_path / "assets"
     declarations.mkdir()
     (declarations / "team_sneak.py").write_text("raise SystemExit('imported')\n")
-    src = tmp_path / "sneak"
-    src.mkdir()
-    (src / "pyproject.toml").write_text(  # metadata only: its entry point names the team's module
-        '[project]\nname = "sneak-checks"\nversion = "0.1"\n\n[project.entry-points."onepath.checks"]\n'
-        'sneak = "team_sneak:ok"\n\n[build-system]\nrequires = ["setuptools>=68"]\n'
-        'build-backend = "setuptools.build_meta"\n\n[tool.setuptools]\npy-modules = []\npackages = []\n')
-    target = tmp_path / "site"
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    # metadata only: its entry point names the team's module
+    target = pip_install_into(tmp_path / "site", check_package(tmp_path / "sneak", "sneak-checks",
+                                                               {"sneak": "team_sneak:ok"}, []))
     monkeypatch.syspath_prepend(str(target))
     monkeypatch.syspath_prepend(str(declarations))  # team_sneak is importable, from the declarations folder
     monkeypatch.setenv("ONEPATH_DECLARATIONS_DIR", str(declarations))

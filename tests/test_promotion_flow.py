@@ -1,6 +1,7 @@
 """The one promotion flow (platform_defs/promotion.py), driven without Dagster on a real world: the churn
 line materialized for real (MLflow on sqlite, real endpoint processes), then promotions, ways back and
-supervisor events from several callers at once and from an attacker holding the platform's files."""
+supervisor events from several callers at once and from an attacker holding the platform's files; and a
+packaged custom check (acme-checks) named by the recorded policy gating that flow like a built-in."""
 
 from __future__ import annotations
 
@@ -62,6 +63,77 @@ def serving(world, env: str) -> str | None:
 
 def deploys(world, env: str) -> list:
     return world["services"].ledger.entries(kind="deploy", subject="churn_scoring", env=env)
+
+
+def test_a_packaged_check_named_by_the_signed_policy_blocks_then_lets_through_a_promotion(world, acme):
+    """acme-checks (tests/fixtures/acme_checks, installed for real with pip) adds min_recall to ml-standard
+    through the recorded policy: it blocks churn's staging promotion like a built-in, and once the policy is
+    re-recorded with a bound it meets, the same promotion passes and deploys. (Here, on this module's world,
+    so that churn is trained once: the gate judges the version staging serves.)"""
+    import hashlib
+
+    from platform_defs.policy import CustomCheck
+
+    s, book, base = world["settings"], world["services"].ledger, world["policy"]
+    # the package's check beside one built-in (the others cost time and prove nothing more here)
+    track = base.tracks["ml-standard"].model_copy(update={"checks": ["performance"]})
+
+    def with_min_recall(bound: float):
+        checks = [*track.checks, "min_recall"]
+        return base.model_copy(update={
+            "tracks": {**base.tracks, "ml-standard": track.model_copy(update={"checks": checks})},
+            "custom_checks": {"min_recall": CustomCheck(entry_point="min_recall", distribution="acme-checks",
+                                                        params={"min": bound},
+                                                        description="Recall on the held-out rows.")}})
+
+    strict, lenient = with_min_recall(1.01), with_min_recall(0.0)
+    version = serving(world, "staging")
+    assert version is not None  # churn trained and serving staging: the world's
+    refused_before = len(book.entries(kind="promotion_refused", subject="churn_scoring", env="staging"))
+    try:
+        record_policy(book, strict)  # signed and recorded, as `onepath policy init` does
+        defs = build_definitions(settings=s, policy=strict)
+        staging = next(a for a in defs.assets if dg.AssetKey("churn_scoring_staging") in a.keys)
+        specs = {c.name: c for c in staging.check_specs}
+        assert specs["min_recall"].blocking
+        assert specs["min_recall"].description == ("Recall on the held-out rows. (custom check: acme_checks:"
+                                                   "min_recall (entry point onepath.checks:min_recall))")
+        assert set(specs) == {"performance", "min_recall"}
+
+        run = dg.materialize(list(defs.assets), selection=["churn_scoring_staging"], resources=defs.resources,
+                             instance=world["instance"], raise_on_error=False)
+        checks = {e.check_name: e for e in run.get_asset_check_evaluations()
+                  if e.asset_key == dg.AssetKey("churn_scoring_staging")}
+        assert not checks["min_recall"].passed and checks["performance"].passed
+        reason = checks["min_recall"].metadata["verdict"].value
+        assert reason.startswith("recall ") and reason.endswith(" held-out rows (min 1.01)")
+        assert checks["min_recall"].metadata["provided_by"].value == "acme-checks==1.0.0"
+        acme_file = acme / "acme_checks" / "__init__.py"  # the code that ran, by its hash
+        assert checks["min_recall"].metadata["check_sha256"].value == hashlib.sha256(acme_file.read_bytes()).hexdigest()
+        assert "held_out_roc_auc" in checks["performance"].metadata  # the built-in ran, not the package's
+        (refusal,) = book.entries(kind="promotion_refused", subject="churn_scoring", env="staging")[refused_before:]
+        assert refusal.data["failed"] == ["min_recall"] and refusal.data["still_serving"] == version
+        failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
+        assert f"min_recall: {reason}" in failure.step_failure_data.error.message
+        assert serving(world, "staging") == version  # the refused promotion moved nothing
+
+        record_policy(book, lenient)  # the policy changed the recorded way (`onepath policy apply`)
+        defs = build_definitions(settings=s, policy=lenient)
+        run = dg.materialize(list(defs.assets), selection=["churn_scoring_staging"], resources=defs.resources,
+                             instance=world["instance"])
+        checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
+        assert checks["min_recall"].passed and checks["min_recall"].metadata["verdict"].value.endswith("(min 0.0)")
+        (mat,) = run.get_asset_materialization_events()
+        meta = mat.materialization.metadata
+        assert meta["outcome"].value == "deployed" and meta["model_version"].value == version
+        assert "min_recall" in meta["model_card"].value  # on the model card with the built-ins
+        (verdict,) = [e for e in book.entries(kind="gate_verdict", subject="churn_scoring", env="staging")
+                      if e.data["passed"] and e.data["policy_hash"] == policy_hash(lenient)]
+        assert verdict.data["verdicts"]["min_recall"]["passed"] is True
+        assert verdict.data["verdicts"]["min_recall"]["check_sha256"] == \
+            hashlib.sha256(acme_file.read_bytes()).hexdigest()
+    finally:
+        record_policy(book, base)  # the world's policy in force again, for the tests after this one
 
 
 def test_two_promotions_of_one_environment_at_once_deploy_once(world):

@@ -382,7 +382,20 @@ def plan_declaration(path: Path, block: str, name: str) -> str:
 
 
 def _comment_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.lstrip().startswith("#")]
+    """Every comment of ``text``, in order: a comment line, and the comment at the end of a line (a ``#`` after
+    a blank, outside quotes), so an edit that loses either is seen."""
+    out = []
+    for line in text.splitlines():
+        quote = None
+        for i, ch in enumerate(line):
+            if quote:
+                quote = None if ch == quote else quote
+            elif ch in "'\"" and (i == 0 or line[i - 1] in " \t[{,:-"):
+                quote = ch
+            elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+                out.append(line[i:].strip())
+                break
+    return out
 
 
 def _plain(decl: Any, leave_out: tuple = ()) -> tuple:

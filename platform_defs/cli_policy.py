@@ -32,7 +32,7 @@ def _ledger() -> Any:
 def _record(args: argparse.Namespace, *, initial: bool) -> int:
     from platform_defs.cli_governance import identity_key_path
     from platform_defs.policy import PolicyError, policy_path
-    from platform_defs.policy_record import PolicyRecordError, record_policy
+    from platform_defs.policy_record import PolicyRecordError, policy_in_force, record_policy
     from resources.approvals import ApprovalError, load_private_key
     from resources.witness import WitnessError
 
@@ -44,6 +44,7 @@ def _record(args: argparse.Namespace, *, initial: bool) -> int:
     try:
         key = load_private_key(key_path)
         book = _ledger()
+        before = policy_in_force(book)
         entry = record_policy(book, path, signer=signer, key=key, initial=initial,
                               change_witness=bool(getattr(args, "change_witness", False)))
     except (PolicyError, PolicyRecordError, ApprovalError, WitnessError) as err:
@@ -53,12 +54,20 @@ def _record(args: argparse.Namespace, *, initial: bool) -> int:
         print(f"recorded {path} (sha256 {d['hash'][:12]}…) as the policy in force: ledger #{entry.seq}, signed by "
               f"{signer} (trust on first use: the first policy is signed by an admin it names itself)")
     else:
-        print(d["diff"], end="" if d["diff"].endswith("\n") else "\n")
+        if d["diff"]:
+            print(d["diff"], end="" if d["diff"].endswith("\n") else "\n")
+        if before is not None and before.witness_key != d.get("witness_key"):
+            print(f"witness: {_key_or_none(before.witness_key)} -> {_key_or_none(d.get('witness_key'))} (pinned from "
+                  f"this record on)")
         print(f"recorded the change to {path} (sha256 {d['hash'][:12]}…, was {d['previous_hash'][:12]}… in ledger "
               f"#{d['previous_entry']}): ledger #{entry.seq}, signed by {signer}")
     if d.get("demo"):
         print("demo mode is on in this policy: demo identities and the shipped demo keys are accepted")
     return 0
+
+
+def _key_or_none(key: str | None) -> str:
+    return f"{key[:12]}…" if key else "none"
 
 
 def cmd_policy_init(args: argparse.Namespace) -> int:

@@ -57,7 +57,14 @@ def why(asset: str, env: str | None, as_json: bool) -> int:
     running = sorted({c["running"] for c in checks if c.get("running")})
     if running:  # what follows is the latest result; a newer attempt has not given one yet
         print(f"{name}: run {', '.join(running)} is evaluating it again now (onepath runs follow {running[0]})")
-    if not failing:
+    # a newer run that failed before evaluating any of the asset's checks (a run that evaluated some, then
+    # stopped, is shown below by what it evaluated): what follows is older than it
+    shown = {c["run_id"] for c in checks}
+    broke = sorted({c["failed_since"] for c in checks if c.get("failed_since") and c["failed_since"] not in shown})
+    if broke:
+        print(f"{name}: run {', '.join(broke)} failed before evaluating its checks, so the results below are from "
+              f"before it (onepath runs show {broke[0]} says why)")
+    if not failing and not broke:
         print(f"{name}: every check of its latest evaluation passed"
               + (f" ({', '.join(never)} never ran: onepath materialize {name})" if never else ""))
         return 0

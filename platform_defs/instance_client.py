@@ -268,7 +268,8 @@ _CHECK_RUNS = """query($key: AssetKeyInput!, $check: String!) {
 def latest_check_evaluations(client: InstanceClient, asset: str) -> list[dict[str, Any]]:
     """Each check of ``asset`` with its latest evaluated execution: check, description, run_id, status, passed,
     severity, metadata (passed None when it never ran); ``running``: the run of a newer execution not yet evaluated
-    (a run in progress, e.g. automation's next attempt), else None."""
+    (a run in progress, e.g. automation's next attempt), else None; ``failed_since``: the newest run that failed
+    before evaluating it (its result below is older), else None."""
     key = {"path": asset.split("/")}
     node = client.query(_CHECKS, {"key": key})["assetNodeOrError"]
     if node["__typename"] != "AssetNode":
@@ -278,13 +279,16 @@ def latest_check_evaluations(client: InstanceClient, asset: str) -> list[dict[st
     for c in checks:
         runs = client.query(_CHECK_RUNS, {"key": key, "check": c["name"]})["assetCheckExecutions"]
         ex = next((r for r in runs if r.get("evaluation")), None)
-        # a newer execution still in progress (one a finished run planned and skipped, as after a failed step,
-        # is not: it is SKIPPED, and evaluates nothing)
-        newer = [r for r in (runs[:runs.index(ex)] if ex is not None else runs) if r["status"] == "IN_PROGRESS"]
+        # newer executions that gave no evaluation: one still in progress (a run evaluating it now), or one whose
+        # run failed before evaluating it (EXECUTION_FAILED); a run that finished without it is SKIPPED
+        after = runs[:runs.index(ex)] if ex is not None else runs
+        newer = [r for r in after if r["status"] == "IN_PROGRESS"]
+        failed = [r for r in after if r["status"] == "EXECUTION_FAILED"]
         ev = (ex or {}).get("evaluation") or {}
         out.append({"asset": asset, "check": c["name"], "description": c.get("description"),
                     "run_id": ex and ex["runId"], "status": ex and ex["status"],
                     "passed": ev.get("success") if ev else None, "severity": ev.get("severity"),
                     "summary": ev.get("description"), "metadata": _metadata(ev.get("metadataEntries") or []),
-                    "running": newer[0]["runId"] if newer else None})
+                    "running": newer[0]["runId"] if newer else None,
+                    "failed_since": failed[0]["runId"] if failed else None})
     return out

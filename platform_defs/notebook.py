@@ -382,7 +382,20 @@ def plan_declaration(path: Path, block: str, name: str) -> str:
 
 
 def _comment_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.lstrip().startswith("#")]
+    """Every comment of ``text``, in order: a comment line, and the comment at the end of a line (a ``#`` after
+    a blank, outside quotes), so an edit that loses either is seen."""
+    out = []
+    for line in text.splitlines():
+        quote = None
+        for i, ch in enumerate(line):
+            if quote:
+                quote = None if ch == quote else quote
+            elif ch in "'\"" and (i == 0 or line[i - 1] in " \t[{,:-"):
+                quote = ch
+            elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+                out.append(line[i:].strip())
+                break
+    return out
 
 
 def _plain(decl: Any, leave_out: tuple = ()) -> tuple:
@@ -732,55 +745,54 @@ def endpoint_of(model_name: str) -> str:
 # Calling the endpoint (step 3)
 
 
-class _NotJSON(TypeError):
-    pass
+def _json_value(value: Any, where: str) -> Any:
+    """One cell as JSON carries it, exactly (no rounding: ``json`` writes a float's shortest exact repr): numpy
+    scalars as their Python values, NaN/NaT/None as null, timestamps and dates as ISO text; anything else is one
+    NotebookError line naming where it is."""
+    import datetime as dt
+    import math
 
-
-def _json_records(rows: Any) -> list[Any]:
-    """``rows`` (a DataFrame, or an iterable of records: dicts of column: value) as the JSON records ``/predict``
-    takes: what pandas' ``to_json`` converts is converted (timestamps to ISO text, numpy numbers, NaN and NaT to
-    null); a value it cannot is one NotebookError line naming its column."""
-    import json
-
+    import numpy as np
     import pandas as pd
 
-    def refuse(value: Any) -> Any:
-        raise _NotJSON(type(value).__name__)
+    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, (dt.datetime, dt.date)):  # datetime64 items
+            return value.isoformat()
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (pd.Timestamp, dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    raise NotebookError(f"rows: {where} holds {type(value).__name__} values, which JSON cannot carry: convert them "
+                        f"first (e.g. to str or numbers)")
 
-    def as_json(obj: Any) -> Any:
-        return json.loads(obj.to_json(orient="records", date_format="iso", default_handler=refuse))
 
-    def first_bad(cells: Any) -> str:  # where the first value JSON cannot carry is, and what it is
-        for where, cell in cells:
-            try:
-                as_json(cell)
-            except _NotJSON as err:
-                return f"{where} holds {err} values"
-        return "a value JSON cannot carry"
+def _json_records(rows: Any) -> list[dict[str, Any]]:
+    """``rows`` (a DataFrame, or an iterable of records: dicts of column: value) as the JSON records ``/predict``
+    takes, every value exactly as it was (``_json_value``); what JSON cannot carry is one NotebookError line
+    naming its column (and record)."""
+    import pandas as pd
 
     if isinstance(rows, pd.DataFrame):
-        try:
-            return as_json(rows)
-        except _NotJSON:
-            bad = first_bad((f"column '{c}'", rows[[c]]) for c in rows.columns)
-        except ValueError as err:  # e.g. two columns of one name
-            raise NotebookError(f"rows: {str(err).splitlines()[0]}") from None
-    else:
-        if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
-            one = ": pass [record] for one row" if isinstance(rows, dict) else ""
-            raise NotebookError(f"rows must be a DataFrame or a list of records (dicts of column: value), not "
-                                f"{type(rows).__name__}{one}")
-        records = list(rows)
-        odd = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
-        if odd is not None:
-            raise NotebookError(f"rows: record {odd} is not a dict of column: value "
-                                f"(got {type(records[odd]).__name__})")
-        try:
-            return as_json(pd.Series(records, dtype=object))
-        except _NotJSON:
-            bad = first_bad((f"record {i}, column '{k}'", pd.Series([v], dtype=object))
-                            for i, r in enumerate(records) for k, v in r.items())
-    raise NotebookError(f"rows: {bad}, which JSON cannot carry: convert them first (e.g. to str or numbers)")
+        if not rows.columns.is_unique:
+            raise NotebookError(f"rows: the DataFrame has columns of one name: "
+                                f"{', '.join(map(str, rows.columns[rows.columns.duplicated()].unique()))}")
+        columns = [str(c) for c in rows.columns]
+        return [{c: _json_value(v, f"column '{c}'") for c, v in zip(columns, row)}
+                for row in rows.itertuples(index=False, name=None)]
+    if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
+        one = ": pass [record] for one row" if isinstance(rows, dict) else ""
+        raise NotebookError(f"rows must be a DataFrame or a list of records (dicts of column: value), not "
+                            f"{type(rows).__name__}{one}")
+    records = list(rows)
+    odd = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if odd is not None:
+        raise NotebookError(f"rows: record {odd} is not a dict of column: value (got {type(records[odd]).__name__})")
+    return [{str(k): _json_value(v, f"record {i}, column '{k}'") for k, v in r.items()} for i, r in enumerate(records)]
 
 
 def predict(name: str, rows: Any, *, env: str = "prod", timeout: float = 30.0) -> list[dict[str, Any]]:

@@ -383,8 +383,8 @@ def _verdicts_of_the_deploy(book: Ledger, name: str, env: str, version: str, nou
     if not passed:
         raise PromotionError(f"{name}.{env}: {noun} {version} serves but never passed the {env} gate")
     entry = passed[-1]
-    return [Verdict(check, bool(v.get("passed")), f"{v.get('summary')} (gate of ledger entry #{entry.seq}, which "
-                    f"deployed it while this promotion waited)", {"ledger_entry": entry.seq})
+    return [Verdict(check, bool(v.get("passed")), f"{v.get('summary')} (gate of ledger entry #{entry.seq}, passed by "
+                    f"the promotion that deployed it since this one was asked)", {"ledger_entry": entry.seq})
             for check, v in (entry.data.get("verdicts") or {}).items()]
 
 

@@ -6,8 +6,9 @@ The format (shared by every guide):
   continues it on the next line); every other line is illustrative output, not checked. ``console refused``:
   each command is expected to be refused (exit non-zero, but not a usage error, a missing program or a
   traceback), for the reason the guide shows: every line the guide shows under the command must be a line the
-  command printed, in the same order (within stdout, and within stderr), whitespace-normalised; ``...`` in a
-  guide's line stands for anything, so a line of only ``...`` stands for any one line.
+  command printed, in the same order (within stdout, and within stderr), the first of them its first line (of
+  stdout or of stderr), whitespace-normalised; ``...`` in a guide's line stands for anything, so a line of only
+  ``...`` stands for any one line.
   ``console live``: the command needs the running platform (see LIVE below).
 - a fenced block whose info string has ``file=PATH`` (```yaml file=assets/fraud/defs.yaml) is a file the reader
   writes, relative to the project; the runner writes it.
@@ -126,14 +127,17 @@ def _matches(shown: str, printed: str) -> bool:
 
 
 def unshown(shown: list[str], stdout: str, stderr: str) -> str | None:
-    """The first of the guide's lines ``shown`` that the command did not print, in order (each line is looked
-    for after the last one matched in the same stream: stdout and stderr are captured apart, so their
-    interleaving is unknown); None when every line was printed."""
+    """The first of the guide's lines ``shown`` that the command did not print, in order (the first one must be
+    the first line of stdout or of stderr; each later one is looked for after the last one matched in the same
+    stream: stdout and stderr are captured apart, so their interleaving is unknown); None when every line was
+    printed."""
     streams = [[line for line in s.splitlines() if line.strip()] for s in (stdout, stderr)]
     at = [0, 0]
-    for line in shown:
+    for k, line in enumerate(shown):
         for n, lines in enumerate(streams):
-            hit = next((i for i in range(at[n], len(lines)) if _matches(line, lines[i])), None)
+            # the first line shown is the first the command printed (on stdout or on stderr)
+            hit = next((i for i in range(at[n], len(lines) if k else min(1, len(lines))) if _matches(line, lines[i])),
+                       None)
             if hit is not None:
                 at[n] = hit + 1
                 break

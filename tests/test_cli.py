@@ -43,6 +43,12 @@ def test_materialize_why_and_promote_from_a_terminal(platform):  # noqa: F811
     early = onepath(tmp_path, port, "promote", "credit_scoring", "--to", "prod")
     assert early.returncode == 1 and early.stderr == ("onepath: model 'credit_risk' has no registered version yet: "
                                                       "materialize credit_risk first\n"), early.stdout + early.stderr
+    # a run that failed before any check of the asset was evaluated: why says so, not "passed" or "evaluating"
+    failed = onepath(tmp_path, port, "materialize", "credit_scoring_prod")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    why = onepath(tmp_path, port, "why", "credit_scoring_prod")
+    assert why.returncode == 1 and why.stdout.startswith("credit_scoring_prod: run ") and \
+        "failed before evaluating its checks" in why.stdout.splitlines()[0], why.stdout + why.stderr
     trained = onepath(tmp_path, port, "materialize", "credit_applications", "credit_risk")
     assert trained.returncode == 0 and "check credit_risk:performance passed" in trained.stdout, trained.stdout
 

@@ -407,6 +407,22 @@ def test_a_recorded_policy_naming_an_uninstalled_package_still_verifies_as_a_cha
         importlib.invalidate_caches()
 
 
+def test_a_check_module_may_use_dataclasses_and_type_hints_like_any_module(tmp_path, monkeypatch):
+    """The gate runs a fresh module made of the checked bytes; while it runs it is sys.modules' entry for its
+    name, so what looks its module up there (a dataclass under ``from __future__ import annotations``,
+    typing.get_type_hints) works, and the entry before is put back after."""
+    (tmp_path / "platform_checks_typed.py").write_text(
+        "from __future__ import annotations\n\nimport typing\nfrom dataclasses import dataclass\n\nimport onepath\n\n\n"
+        "@dataclass\nclass Limit:\n    floor: float\n\n\nHINTS = typing.get_type_hints(Limit)\n\n\n"
+        "def ok(ctx):\n    return onepath.Verdict(Limit(0.5).floor == 0.5, f'hints {sorted(HINTS)}')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "platform_checks_typed", raising=False)
+    policy = _policy_with(c="platform_checks_typed:ok")
+    v = run_custom(policy, "c", _ctx("c", policy))
+    assert (v.passed, v.summary) == (True, "hints ['floor']"), v
+    assert "platform_checks_typed" not in sys.modules  # nothing imported it: nothing left behind
+
+
 def test_the_code_that_judges_is_the_code_hashed_never_an_older_import(tmp_path, monkeypatch):
     """A long-lived process imported a check module, then the file changed and the policy pinned the new file:
     the new bytes judge and their hash is recorded (the module imported earlier is not reused); a pin of the

@@ -145,9 +145,11 @@ def test_a_live_block_outside_the_live_run_fails(tmp_path, session):
 
 
 def test_every_line_a_refusal_shows_must_be_printed_in_that_order(tmp_path, session):
-    # the reason need not be the first line (a header may come first); every line shown is looked for, in order
+    # every line shown is looked for, in order, the first of them as the first line printed (a header may come
+    # before the reason: the guide shows both)
     cmd = "$ printf 'in force: #1\\nplatform key: k\\nthe file differs: nothing promotes\\n'; exit 1\n"
     session.run_guide(_guide(tmp_path, f"```console refused\n{cmd}in force: ...\n...\nthe file differs: ...\n```\n"))
-    for wrong in ("in force: ...\nthe file matches: ...", "the file differs: ...\nin force: ..."):
+    for wrong in ("in force: ...\nthe file matches: ...", "the file differs: ...\nin force: ...",
+                  "the file differs: ..."):  # the reason, but not the first line printed
         with pytest.raises(GuideError, match="did not print"):
             session.run_guide(_guide(tmp_path, f"```console refused\n{cmd}{wrong}\n```\n"))

@@ -339,6 +339,22 @@ def test_a_register_keeps_every_comment_where_the_team_put_it(tmp_path, case):
         assert re.search(rf"^.*{re.escape(tail)}$", after, re.M), (tail, after)
 
 
+def test_a_register_that_would_lose_an_end_of_line_comment_is_refused_leaving_the_file_as_it_was(tmp_path):
+    # a comment inside a flow list that spans lines: shortening the list would cut it; the check sees every
+    # comment, a line's end included (a '#' in quotes is not one), so the file is left alone, in one line
+    import onepath
+    from platform_defs.notebook import render_declaration, write_declaration
+
+    path = tmp_path / "defs.yaml"
+    before = ("type: onepath.ModelLine\nattributes:\n  name: fraud\n  owner: retention\n  version: 1\n"
+              "  label: is_fraud\n  description: 'not # a comment'\n  features: [amount,  # why amount\n    hour]\n")
+    path.write_text(before)
+    with pytest.raises(onepath.NotebookError, match="or drop a comment"):
+        write_declaration(path, render_declaration(name="fraud", owner="retention", version="2", label="is_fraud",
+                                                   pii=[], protected=[], features=["amount"]), "fraud")
+    assert path.read_text() == before
+
+
 def test_a_model_line_in_flow_style_on_its_document_marker_line_is_updated_in_place(tmp_path):
     from platform_defs.loader import _load_yaml
     from platform_defs.notebook import render_declaration, write_declaration

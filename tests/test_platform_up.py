@@ -77,6 +77,15 @@ def test_stopping_up_leaves_no_dagster_process(tmp_path):
     assert venv.resolve() == Path(sys.prefix).resolve(), (
         f"./dev up runs {venv}, these tests run in {sys.prefix}: it would start (or install) another venv than the "
         f"one under test; run the tests with ./dev test")
+    import hashlib
+
+    # ./dev installs when its stamp is not the lock's and pyproject's hash: never from a test, into the venv under test
+    installed_from = b"".join((ROOT / f).read_bytes() for f in ("requirements.lock", "pyproject.toml"))
+    want = hashlib.sha256(installed_from).hexdigest()
+    stamp = venv / ".onepath-installed"
+    assert stamp.is_file() and stamp.read_text().strip() == want, (
+        f"{venv} is not installed from this requirements.lock and pyproject.toml (./dev up would reinstall it under "
+        f"the running tests): run ./dev install, then the tests")
     port = free_port()
     env = {**os.environ, "ONEPATH_HOME": str(tmp_path / "home"), "ONEPATH_UI_PORT": str(port),
            "PYTHONPATH": str(ROOT)}

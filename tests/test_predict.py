@@ -87,7 +87,7 @@ def test_a_model_two_endpoints_serve_is_refused_naming_both(home, tmp_path, monk
         onepath.predict("churn_shadow", [{"tenure_months": 3.0}])
 
 
-def test_rows_are_sent_as_json_records_pandas_converts_and_the_rest_is_one_line_naming_the_column(home):
+def test_rows_are_sent_as_exact_json_records_and_what_json_cannot_carry_is_one_line_naming_the_column(home):
     import json
 
     import numpy as np
@@ -96,11 +96,13 @@ def test_rows_are_sent_as_json_records_pandas_converts_and_the_rest_is_one_line_
     from platform_defs.notebook import _json_records
 
     frame = pd.DataFrame({"seen": pd.to_datetime(["2026-01-02 03:04", None]), "amount": [1.5, np.nan],
-                          "n": np.array([1, 2], dtype="int64")})
-    assert _json_records(frame) == [{"seen": "2026-01-02T03:04:00.000", "amount": 1.5, "n": 1},
-                                    {"seen": None, "amount": None, "n": 2}]
-    records = [{"seen": pd.Timestamp("2026-01-02"), "n": np.int64(3)}, {"n": 4}]  # a missing column stays missing
-    assert json.loads(json.dumps(_json_records(records))) == [{"seen": "2026-01-02T00:00:00.000", "n": 3}, {"n": 4}]
+                          "n": np.array([1, 2], dtype="int64"), "tiny": [1e-12, 1.23456789e-7]})
+    assert _json_records(frame) == [{"seen": "2026-01-02T03:04:00", "amount": 1.5, "n": 1, "tiny": 1e-12},
+                                    {"seen": None, "amount": None, "n": 2, "tiny": 1.23456789e-7}]
+    # every value exactly as given (pandas' to_json would round floats to 10 decimals): what curl would send
+    records = [{"seen": pd.Timestamp("2026-01-02"), "n": np.int64(3), "x": np.float32(0.1)}, {"n": 2 ** 70}]
+    assert json.loads(json.dumps(_json_records(records))) == [  # a missing column stays missing
+        {"seen": "2026-01-02T00:00:00", "n": 3, "x": float(np.float32(0.1))}, {"n": 2 ** 70}]
     # refused before any access is looked at (churn is declared, nothing recorded or deployed here)
     for rows, said in [
         (pd.DataFrame({"ok": [1], "z": [complex(1, 2)]}), "rows: column 'z' holds complex values, which JSON cannot "

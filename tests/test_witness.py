@@ -384,6 +384,9 @@ def test_policy_apply_change_witness_pins_the_witness_and_unpins_it_from_the_com
     assert pinned.returncode == 0, pinned.stderr
     in_force = policy_in_force(ledger)
     assert in_force.seq > first.seq and f"ledger #{in_force.seq}, signed by pat" in pinned.stdout, pinned.stdout
+    # the text is the same: what changed is said (not an empty diff)
+    assert pinned.stdout.startswith(f"witness: none -> {witness.key[:12]}… (pinned from this record on)\n"), \
+        pinned.stdout
     assert in_force.witness_key == witness.key and ledger.pinned_witness_key() == witness.key
     assert in_force.hash == policy_in_force(no_witness).hash == first.data["hash"]  # the same policy text
     v = ledger.verify()  # the witness countersigned every entry, its answers checked with the pinned key
@@ -394,6 +397,7 @@ def test_policy_apply_change_witness_pins_the_witness_and_unpins_it_from_the_com
     # says --change-witness records "no witness"
     unpinned = policy_apply("--change-witness", socket=None)
     assert unpinned.returncode == 0, unpinned.stderr
+    assert unpinned.stdout.startswith(f"witness: {witness.key[:12]}… -> none"), unpinned.stdout
     newest = policy_in_force(no_witness)
     assert newest.seq > in_force.seq and newest.witness_key is None and no_witness.pinned_witness_key() is None
     v = no_witness.verify()

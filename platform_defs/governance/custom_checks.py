@@ -372,7 +372,8 @@ def pin_problem(policy: "Policy", found: Provider, source: bytes | None) -> tupl
 
 def load(found: Provider, source: bytes | None) -> Any:
     """The check ``found`` names, from a fresh module object made of ``source`` (the bytes hashed and pinned),
-    every time: never the module in ``sys.modules``, which a long-lived process imported from older bytes, and
+    every time: never the module in ``sys.modules`` (which a long-lived process imported from older bytes; it is
+    that module's entry only while the fresh one's code runs), and
     never a second lookup, which could find a file created since the first was checked. Its parent packages
     are imported the usual way, and must be the files that lookup found."""
     import functools
@@ -391,7 +392,18 @@ def load(found: Provider, source: bytes | None) -> Any:
         if loaded is None or Path(loaded).resolve() != file:
             raise ImportError(f"package '{name}' was imported from {loaded}, not the checked {file}")
     module = importlib.util.module_from_spec(found.spec)  # a .py spec: a new, empty module object
-    exec(compile(source, str(found.file), "exec", dont_inherit=True), module.__dict__)
+    # while its code runs, the module is sys.modules' entry for its name, as an import makes it: a dataclass, a
+    # typing.get_type_hints or an enum looks its own module up there; the entry before is put back after, so a
+    # module imported earlier stays what importing it gives
+    before = sys.modules.get(found.module)
+    sys.modules[found.module] = module
+    try:
+        exec(compile(source, str(found.file), "exec", dont_inherit=True), module.__dict__)
+    finally:
+        if before is None:
+            sys.modules.pop(found.module, None)
+        else:
+            sys.modules[found.module] = before
     return functools.reduce(getattr, found.attr.split("."), module) if found.attr else module
 
 

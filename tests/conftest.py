@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.stores import MotoServer, PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -398,3 +402,28 @@ def endpoint_of(deployer, org, address: str):
             if deployer.address(t).rstrip("/") == address.rstrip("/"):
                 return t
     return None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["PostgresServer"]:
+    """A real PostgreSQL 15 server for the session (tests/stores.py); ``create_database`` gives a test its own."""
+    from tests.stores import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator["MotoServer"]:
+    """moto's S3 server for the session, its own process on loopback (its state is in memory)."""
+    from tests.stores import start_moto
+
+    server = start_moto()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -436,14 +436,19 @@ class LocalProcessDeployer(Deployer):
                 pass
         with self._locked(f"{target.slot}.lock"):  # a revive (sensor, status) waits, then finds it stopped
             state = self._state(target) or state
+            inode = state.get("stable_inode")
+            inode = inode if isinstance(inode, int) and not isinstance(inode, bool) else None
             if not state.get("stopped") and self._supervisor_gone(target, state):
                 # its supervisor died and nobody adopted its workers (they outlive it): record the stop first,
                 # so that nothing revives the slot, then stop what still holds the stable socket
                 atomic_write(self.slot_dir(target) / "state.json",
                              json.dumps({**state, "stopped": True}, indent=2, sort_keys=True).encode())
-                inode = state.get("stable_inode")
-                if isinstance(inode, int) and not isinstance(inode, bool):
+                if inode is not None:
                     stop_socket_holders(inode, keep=set(), wait=40, until_exit=True)
+            elif inode is not None:
+                # stopped; a worker still draining from an earlier switch lets go of the stable socket now, so
+                # that nothing of ours answers at the address once the stop returns
+                stop_socket_holders(inode, keep=set(), wait=40)
 
     def status(self, target: Target) -> DeploymentStatus:
         """What serves, asked at the stable address, but only believed while this slot's supervisor runs:

@@ -272,9 +272,14 @@ class Access:
     def __init__(self, book: Any, deployer: Deployer, home: Path | None = None, *, actor: str = "onepath",
                  clock: Callable[[], datetime] = _now):
         """``home``: the onepath home whose ``access/`` holds the lock and the callers' store (default: the
-        folder of the ledger's database, which is ``$ONEPATH_HOME``)."""
+        folder of the ledger's sqlite file, which is ``$ONEPATH_HOME``; with the ledger on PostgreSQL, the
+        settings' ``$ONEPATH_HOME``)."""
         self.book, self.deployer, self.actor, self.clock = book, deployer, actor, clock
-        self.home = Path(home) if home is not None else Path(book.db_path).parent
+        if home is None:
+            from platform_defs.settings import load_settings
+
+            home = Path(book.db_path).parent if book.db_path is not None else load_settings().home
+        self.home = Path(home)
 
     # -- where things live ------------------------------------------------------------------------
 

@@ -114,7 +114,6 @@ def _status_rows(settings: Settings, env: str | None) -> list[dict[str, Any]]:
     # the platform's own deployer (its artifact roots too: a supervisor revived here relaunches only from them)
     deployer = build_resources(settings)["deployer_local"].deployer()
     from platform_defs.registration import registered_digest
-    from resources.ledger import Ledger, ledger_paths
 
     targets = [t for t in targets_of(org) if env is None or t[1] == env]
     for r in revive_supervisors(deployer, [t for _, _, t in targets]):
@@ -125,7 +124,7 @@ def _status_rows(settings: Settings, env: str | None) -> list[dict[str, Any]]:
               file=sys.stderr)
     with ThreadPoolExecutor(max_workers=16) as pool:
         statuses = list(pool.map(lambda t: deployer.status(t[2]), targets))
-    book = Ledger(*ledger_paths(settings.home), witness_socket=settings.witness_socket)
+    book = settings.ledger()
     rows = []
     for (d, e, target), st in zip(targets, statuses):
         sup = st.detail.get("supervisor") or {}
@@ -491,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         ledger = sys.modules.get("resources.ledger")
         if ledger is not None and isinstance(err, ledger.LedgerTampered):
             print(f"onepath: {err}; nothing was recorded (onepath audit verify names what changed)", file=sys.stderr)
+            return 1
+        if ledger is not None and isinstance(err, ledger.LedgerUnavailable):  # names the store, never a password
+            print(f"onepath: {err}: nothing was recorded (onepath doctor checks every store)", file=sys.stderr)
+            return 1
+        if ledger is not None and isinstance(err, ledger.STORE_ERRORS):
+            print(f"onepath: the ledger database cannot be read ({ledger.store_error_text(err)}): nothing was "
+                  f"recorded", file=sys.stderr)
             return 1
         if os.environ.get("ONEPATH_DEBUG"):
             raise

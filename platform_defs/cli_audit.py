@@ -9,7 +9,6 @@ exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -17,11 +16,19 @@ from platform_defs.settings import load_settings
 
 
 def _ledger():
-    from resources.ledger import Ledger, ledger_paths
+    return load_settings().ledger()
 
-    settings = load_settings()
-    db, key = ledger_paths(settings.home)
-    return Ledger(db, key, witness_socket=settings.witness_socket)
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    from resources.ledger import STORE_ERRORS
+
+    return STORE_ERRORS
+
+
+def _error_text(err: BaseException) -> str:
+    from resources.ledger import store_error_text
+
+    return store_error_text(err) if isinstance(err, _store_errors()) else str(err)
 
 
 def _witness_line(ledger, v) -> str:
@@ -40,7 +47,7 @@ def _ledger_findings(ledger, v, full: bool) -> tuple[bool, list[str], list[str]]
         first, *rest = v.findings or (v.reason,)
         return False, [], [f"ledger TAMPERED{where}: {first}", *rest, _witness_line(ledger, v)]
     if v.entries == 0:
-        return True, [f"ledger intact: 0 entries ({ledger.db_path})"], []
+        return True, [f"ledger intact: 0 entries ({ledger.location})"], []
     key = (f"head signed by the platform key pinned in policy #{v.pinned_in}" if v.signed_by_pin
            else "head signed by the platform key (not pinned: no policy recorded yet)")
     return True, [f"ledger intact: {v.entries} entries, head #{v.head_seq} {(v.head_hash or '')[:12]}, {key}"
@@ -83,8 +90,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         ok, out, err = _ledger_findings(ledger, v, full)
         # the policy records are judged only from an intact ledger (a broken one vouches for none of them)
         policy_ok, policy_out, policy_err = _policy_findings(ledger, v.pinned_in) if v.ok else (True, [], [])
-    except (OSError, sqlite3.Error) as e:
-        print(f"onepath: audit verify failed: {e}", file=sys.stderr)
+    except (OSError, *_store_errors()) as e:
+        print(f"onepath: audit verify failed: {_error_text(e)}", file=sys.stderr)
         return 1
     ok, out, err = ok and policy_ok, out + policy_out, err + policy_err
     for line in out:
@@ -137,8 +144,8 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         return 2
     try:
         n = _ledger().export(out / "ledger.jsonl", out / "ledger.csv", where=keep)
-    except (OSError, sqlite3.Error) as err:
-        print(f"onepath: audit export failed: {err}", file=sys.stderr)
+    except (OSError, *_store_errors()) as err:
+        print(f"onepath: audit export failed: {_error_text(err)}", file=sys.stderr)
         return 1
     print(f"exported {n} entries to {out / 'ledger.jsonl'} and {out / 'ledger.csv'}")
     return 0

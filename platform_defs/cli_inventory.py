@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 from typing import Any
 
@@ -49,7 +48,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     from platform_defs.inventory import inventory_of, summarize, text_table
     from platform_defs.inventory_cache import load_subjects
     from resources.deployers.local import from_config, settings_config
-    from resources.ledger import Ledger, ledger_paths
+    from resources.ledger import STORE_ERRORS, store_error_text
 
     settings = load_settings()
     try:
@@ -65,11 +64,13 @@ def cmd_inventory(args: argparse.Namespace) -> int:
         return _fail(f"no endpoint or app has an environment '{args.env}' (environments: {', '.join(envs) or 'none'})")
     if args.timeout <= 0:
         return _fail(f"--timeout must be positive (got {args.timeout})")
-    book = Ledger(*ledger_paths(settings.home), witness_socket=settings.witness_socket)
+    book = settings.ledger()
     try:
         rows = inventory_of(subjects, _Registry(settings), book, from_config(**settings_config(settings)),
                             env=args.env, timeout=args.timeout)
-    except (sqlite3.Error, OSError) as err:
+    except STORE_ERRORS as err:
+        return _fail(f"inventory failed: the ledger {book.location}: {store_error_text(err)}")
+    except OSError as err:
         return _fail(f"inventory failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
     except Exception as err:  # MLflow's errors, without importing MLflow to name them
         if type(err).__module__.split(".")[0] != "mlflow":

@@ -35,6 +35,20 @@ class Settings:
     # the ledger's witness (onepath witness serve, its own OS user); None: no witness
     witness_socket: Path | None = None
     profile: str = "development"  # ONEPATH_PROFILE; "production" refuses what only a demo may do (demo mode)
+    # ONEPATH_LEDGER_URL: the ledger on PostgreSQL (postgresql+psycopg2://user:password@host:port/db); None: the
+    # embedded sqlite file $ONEPATH_HOME/ledger.db. The URL holds a password: it is read from the environment only.
+    ledger_url: str | None = None
+
+    @property
+    def ledger_location(self) -> Path | str:
+        """The ledger's store: the PostgreSQL URL, else the embedded sqlite file."""
+        return self.ledger_url or self.home / "ledger.db"
+
+    def ledger(self):
+        """The platform ledger these settings name (its signing key under ``$ONEPATH_HOME/keys``)."""
+        from resources.ledger import Ledger, ledger_paths
+
+        return Ledger(self.ledger_location, ledger_paths(self.home)[1], witness_socket=self.witness_socket)
 
     def ensure_dirs(self) -> "Settings":
         """Create every folder owner-only (0700), and an embedded MLflow store as an owner-only file:
@@ -82,6 +96,7 @@ def load_settings() -> Settings:
         port_base=int(os.environ.get("ONEPATH_PORT_BASE", "18000")),
         witness_socket=Path(os.environ["ONEPATH_WITNESS_SOCKET"]) if os.environ.get("ONEPATH_WITNESS_SOCKET") else None,
         profile=current_profile(),
+        ledger_url=os.environ.get("ONEPATH_LEDGER_URL") or None,
     )
 
 

@@ -3,6 +3,8 @@ so command-line verbs can import it cheaply)."""
 
 from __future__ import annotations
 
+import dagster as dg
+
 from platform_defs.settings import Settings
 from resources.data_store import DataStore
 from resources.deployers.local import settings_config
@@ -22,7 +24,10 @@ def build_resources(settings: Settings) -> dict[str, object]:
             cache_dir=str(settings.releases_dir / "models"),
         ),
         "data_store": DataStore(root=str(settings.data_dir)),
-        "ledger": LedgerResource(db_path=str(ledger_paths(settings.home)[0]),
+        # a PostgreSQL URL holds a password: the resource reads it from the environment, so it is never shown
+        # in the UI or stored with a run's config
+        "ledger": LedgerResource(location=dg.EnvVar("ONEPATH_LEDGER_URL") if settings.ledger_url
+                                 else str(settings.ledger_location),
                                  key_path=str(ledger_paths(settings.home)[1]),
                                  witness_socket=str(settings.witness_socket) if settings.witness_socket else None),
         "deployer_local": LocalDeployerResource(**settings_config(settings)),

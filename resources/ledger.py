@@ -1,12 +1,13 @@
 """onepath's one tamper-evident ledger: every deploy, promotion, approval, rollback and verdict.
 
-Storage is one sqlite table (WAL), append-only: each entry carries ``prev_hash`` (the hash of the
+Storage is one append-only table (``resources.ledger_store``: sqlite, the embedded default, or PostgreSQL, through
+one SQLAlchemy Core layer): each entry carries ``prev_hash`` (the hash of the
 entry before it; 64 zeros for the first) and ``hash``, the sha256 of the canonical JSON (sorted
 keys, ``(",", ":")`` separators) of the object
 
     {"seq", "ts", "kind", "subject", "env", "actor", "data", "prev_hash"}
 
-so anyone can re-check the chain with ``sqlite3`` and ``hashlib`` (``data`` is stored in that very
+so anyone can re-check the chain with ``sqlite3`` (or ``psql``) and ``hashlib`` (``data`` is stored in that very
 canonical form, and ``verify`` hashes it as stored).
 
 A chain alone only proves consistency: whoever can write the database can rewrite it and re-hash
@@ -15,10 +16,10 @@ every entry. Three things stand against that, each against a stronger insider:
 * **A head signature per append, in the same transaction.** Every append signs its new head
   ``(seq, hash)`` (``anchor_message``: ``f"{seq}:{hash}"``) with the platform's Ed25519 key (a file
   outside the database) and inserts ``(seq, key, sig)`` into ``head_signatures`` inside the append's
-  own ``BEGIN IMMEDIATE .. COMMIT``: an entry and its signature are durable together or not at all.
+  own transaction: an entry and its signature are durable together or not at all.
   Only the head is signed, never every entry again (one signature per append). Before it inserts,
   an append checks that the current head carries a signature that verifies under the expected key,
-  so a row INSERTed with sqlite by someone without the key is *tampering*, refused
+  so a row INSERTed with sqlite or psql by someone without the key is *tampering*, refused
   (:class:`LedgerTampered`), never signed over by the next legitimate append.
 * **The key is pinned in the recorded policy.** The expected key is the ``platform_key`` of the
   newest ``policy_recorded`` entry (see ``platform_defs/policy_record.py``; trust on first use, the
@@ -54,20 +55,20 @@ lost its lease can neither switch traffic nor record that it did. The lease rows
 history: they are outside the hash chain.
 
 Concurrency: an append (read head, check its signature, insert entry and signature, commit,
-submit to the witness) runs under an exclusive ``fcntl.flock`` on ``<db>.lock`` and inside
-``BEGIN IMMEDIATE``, so separate processes (Dagster runs, sensors, the CLI) and threads of one
-process serialize. ``verify`` reads one database snapshot; other reads take no lock.
+submit to the witness) runs under the store's exclusive append lock (sqlite: an ``fcntl.flock`` on
+``<db>.lock`` and ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock held by the append's session, so
+writers on several hosts serialize with no shared lock file), so separate processes (Dagster runs,
+sensors, the CLI), hosts and threads serialize. ``verify`` reads one database snapshot; other reads
+take no lock.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import fcntl
 import hashlib
 import json
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -82,7 +83,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from resources.files import atomic_write, create_private_file
+import sqlalchemy as sa
+
+from resources.files import atomic_write
+from resources.ledger_store import (  # BUSY_TIMEOUT_S, LedgerUnavailable: re-exported for callers
+    BUSY_TIMEOUT_S,  # noqa: F401
+    COLUMNS,
+    RECEIPTS,
+    SIGS,
+    TABLE,
+    Conn,
+    LedgerStore,
+    LedgerUnavailable,
+)
 from resources.witness import WitnessClient, WitnessError
 
 KINDS: tuple[str, ...] = (
@@ -122,51 +135,21 @@ KINDS: tuple[str, ...] = (
 )
 
 GENESIS_HASH = "0" * 64
-TABLE = "ledger_entries"
-SIGS = "head_signatures"
-COLUMNS = ("seq", "ts", "kind", "subject", "env", "actor", "data", "prev_hash", "hash")
-BUSY_TIMEOUT_S = 60.0
 WITNESS_TIMEOUT_S = 5.0
 POLICY_KIND = "policy_recorded"
 LEGACY_ANCHOR = "ledger.anchor.json"
+_COLS = ", ".join(COLUMNS)
+# what a read or write of the store can raise besides our own errors (a driver error, the store unreachable)
+STORE_ERRORS: tuple[type[BaseException], ...] = (sa.exc.SQLAlchemyError, LedgerUnavailable)
 
-_THREAD = threading.local()  # per-thread sqlite connections, by db path
-_FORKED: list[sqlite3.Connection] = []
-_MAX_CONNS_PER_THREAD = 4
 
-_SCHEMA = (
-    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
-        seq       INTEGER PRIMARY KEY,
-        ts        TEXT NOT NULL,
-        kind      TEXT NOT NULL,
-        subject   TEXT NOT NULL,
-        env       TEXT,
-        actor     TEXT NOT NULL,
-        data      TEXT NOT NULL,
-        prev_hash TEXT NOT NULL,
-        hash      TEXT NOT NULL)""",
-    # key: b64 of the signer's raw 32-byte public key; sig: b64 Ed25519 over anchor_message(seq, hash)
-    f"""CREATE TABLE IF NOT EXISTS {SIGS} (
-        seq INTEGER PRIMARY KEY,
-        key TEXT NOT NULL,
-        sig TEXT NOT NULL)""",
-    # where the witness is: its countersignature of the newest head it accepted (state, not history)
-    """CREATE TABLE IF NOT EXISTS witness_receipts (
-        seq   INTEGER PRIMARY KEY,
-        cosig TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS promotion_leases (
-        name       TEXT PRIMARY KEY,
-        holder     TEXT NOT NULL,
-        token      INTEGER NOT NULL,
-        expires_at REAL NOT NULL)""",
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_subject ON {TABLE} (subject, kind)",
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_kind ON {TABLE} (kind)",
-    # Guards against accidents, not attackers (who can drop them): the hashes, the head signatures
-    # and the witness are what make tampering evident.
-    *(f"""CREATE TRIGGER IF NOT EXISTS {t}_no_{op} BEFORE {op.upper()} ON {t}
-        BEGIN SELECT RAISE(ABORT, 'the onepath ledger is append-only'); END"""
-      for t in (TABLE, SIGS) for op in ("update", "delete")),
-)
+def store_error_text(err: BaseException) -> str:
+    """One line for a store error: the driver's own message, not SQLAlchemy's wrapper and its link."""
+    text = str(getattr(err, "orig", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+_missing_table = LedgerStore.missing_table
 
 
 def canonical_json(obj: Any) -> str:
@@ -349,127 +332,51 @@ def _first_failing(seqs: list[int], good: Callable[[int], bool]) -> int:
 class Ledger:
     """The append-only, hash-chained ledger with signed heads and a witness (see the module docstring)."""
 
-    def __init__(self, db_path: Path, key_path: Path, witness_socket: Path | str | None = None,
+    def __init__(self, location: Path | str, key_path: Path, witness_socket: Path | str | None = None,
                  witness_timeout: float = WITNESS_TIMEOUT_S):
-        self.db_path = Path(db_path)
+        """``location``: the sqlite file (a path) or a PostgreSQL URL (``postgresql+psycopg2://...``)."""
+        self.store = LedgerStore(location)
+        self.db_path = self.store.db_path  # None on PostgreSQL
         self.key_path = Path(key_path)
         self.pub_path = self.key_path.with_suffix(".pub")
         self.legacy_anchor_path = self.key_path.parent / LEGACY_ANCHOR
         self.witness_socket = Path(witness_socket) if witness_socket else None
         self.witness_timeout = witness_timeout
-        self.lock_path = self.db_path.with_name(self.db_path.name + ".lock")
         self._key: Ed25519PrivateKey | None = None
 
-
     def __repr__(self) -> str:
-        return f"Ledger({str(self.db_path)!r})"
+        return f"Ledger({self.store.display!r})"
 
-    # -- connections and locking -----------------------------------------------------------------
+    @property
+    def location(self) -> str:
+        """Where the entries are, fit to print (a PostgreSQL URL without its password)."""
+        return self.store.display
 
-    def _connection(self, create: bool) -> sqlite3.Connection | None:
-        """This thread's connection to the ledger (None if the file does not exist and not ``create``).
+    def written(self) -> bool:
+        """Whether anything was ever stored (reading or verifying an unused ledger creates nothing)."""
+        with self.store.connect(create=False) as conn:
+            return conn is not None
 
-        Connections are kept per thread and process: closing the last connection to a WAL
-        database checkpoints it, which would triple the cost of every append. A connection is
-        reopened when the file was replaced (another inode) or after a fork.
-        """
-        try:
-            st = os.stat(self.db_path)
-        except FileNotFoundError:
-            if not create:
-                return None
-            st = None
-        cache: dict[str, tuple[tuple[int, int, int], sqlite3.Connection, bool]]
-        cache = _THREAD.__dict__.setdefault("conns", {})
-        path = str(self.db_path)
-        hit = cache.get(path)
-        if hit and st is not None and hit[0] == (os.getpid(), st.st_dev, st.st_ino):
-            conn, ready = hit[1], hit[2]
-        else:
-            if hit and hit[0][0] != os.getpid():
-                _FORKED.append(hit[1])  # never close a connection inherited through fork()
-            elif hit:
-                hit[1].close()
-            create_private_file(self.db_path)  # sqlite's -wal and -shm files take the database's mode
-            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            # An entry the witness countersigned must survive a power cut, or the witness would
-            # be "ahead" of the database afterwards: commit durably.
-            conn.execute("PRAGMA synchronous=FULL")
-            ready = False
-            st = os.stat(self.db_path)
-        if create and not ready:
-            self._ensure_schema(conn)
-            ready = True
-        cache.pop(path, None)
-        cache[path] = ((os.getpid(), st.st_dev, st.st_ino), conn, ready)
-        while len(cache) > _MAX_CONNS_PER_THREAD:  # tests and tools may open many ledgers
-            _, old, _ = cache.pop(next(iter(cache)))
-            old.close()
-        return conn
+    # -- reading in one snapshot -----------------------------------------------------------------
 
     @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
-
-    @contextmanager
-    def _shared(self) -> Iterator[bool]:
-        """Hold appends off (not other readers); yields False where there is no lock file yet."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY)
-        except OSError:
-            yield False
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield True
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _ensure_schema(conn: sqlite3.Connection) -> None:
-        """Create the table on first use. Called with the exclusive lock held."""
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _SCHEMA:
-                conn.execute(stmt)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    @contextmanager
-    def _reader(self) -> Iterator[sqlite3.Connection | None]:
+    def _reader(self) -> Iterator[Conn | None]:
         """A read transaction (one snapshot), or None when the ledger was never written."""
-        conn = self._connection(create=False)
-        if conn is None:
-            yield None
-            return
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        with self.store.connect(create=False) as conn:
+            if conn is None:
+                yield None
+                return
+            conn.begin(write=False)
+            yield conn  # connect() rolls the read transaction back
 
-    def _select(self, where: str = "", params: Iterable[Any] = ()) -> list[Entry]:
+    def _select(self, where: str = "", params: dict[str, Any] | None = None) -> list[Entry]:
         with self._reader() as conn:
             if conn is None:
                 return []
             try:
-                rows = conn.execute(
-                    f"SELECT {', '.join(COLUMNS)} FROM {TABLE} {where} ORDER BY seq", tuple(params)
-                ).fetchall()
-            except sqlite3.OperationalError as err:
-                if "no such table" in str(err):
+                rows = conn.rows(f"SELECT {_COLS} FROM {TABLE} {where} ORDER BY seq", **(params or {}))
+            except sa.exc.DBAPIError as err:
+                if _missing_table(err):
                     return []
                 raise
         return [Entry.from_row(r) for r in rows]
@@ -542,7 +449,7 @@ class Ledger:
         """The platform key's public half as b64 of its 32 raw bytes (what a policy pins); the key pair
         is created on first use, as the first append would."""
         if create and not self.key_path.exists():
-            with self._exclusive():
+            with self.store.file_lock():
                 key = self._private_key(create=True)
                 assert key is not None
                 if not self.pub_path.exists():
@@ -552,12 +459,11 @@ class Ledger:
             raise LedgerTampered(None, err or f"no platform key at {self.key_path}")
         return _raw_b64(pub)
 
-    def _pins(self, conn: sqlite3.Connection) -> _Pins:
+    def _pins(self, conn: Conn) -> _Pins:
         try:
-            return _Pins(conn.execute(f"SELECT seq, data FROM {TABLE} WHERE kind = ? ORDER BY seq",
-                                      (POLICY_KIND,)).fetchall())
-        except sqlite3.OperationalError as err:
-            if "no such table" in str(err):
+            return _Pins(conn.rows(f"SELECT seq, data FROM {TABLE} WHERE kind = :kind ORDER BY seq", kind=POLICY_KIND))
+        except sa.exc.DBAPIError as err:
+            if _missing_table(err):
                 return _Pins(())
             raise
 
@@ -566,10 +472,10 @@ class Ledger:
             if conn is None:
                 return None
             try:
-                row = conn.execute(f"SELECT seq, data FROM {TABLE} WHERE kind = ? ORDER BY seq DESC LIMIT 1",
-                                   (POLICY_KIND,)).fetchone()
-            except sqlite3.OperationalError as err:
-                if "no such table" in str(err):
+                row = conn.one(f"SELECT seq, data FROM {TABLE} WHERE kind = :kind ORDER BY seq DESC LIMIT 1",
+                               kind=POLICY_KIND)
+            except sa.exc.DBAPIError as err:
+                if _missing_table(err):
                     return None
                 raise
         return _Pins([row]).newest() if row else None
@@ -639,7 +545,7 @@ class Ledger:
         return first, (f"{where}: its signature does not verify with {desc}: entries from #{first} were "
                        f"rewritten and re-hashed, or signed with another key")
 
-    def _migrate_legacy_anchor(self, conn: sqlite3.Connection, head_seq: int, head_hash: str,
+    def _migrate_legacy_anchor(self, conn: Conn, head_seq: int, head_hash: str,
                                key: Ed25519PrivateKey) -> bool:
         """Inside the append's transaction: turn a verified old anchor naming the head into the head's
         signature (the same message was signed). False when there is no anchor file; LedgerTampered
@@ -665,27 +571,18 @@ class Ledger:
                                  f"cannot migrate: the old anchor {self.legacy_anchor_path} signs #{seq} "
                                  f"{hash_[:12]} but the head is #{head_seq} {head_hash[:12]}: entries "
                                  f"after the anchor were not signed by onepath")
-        conn.execute(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (?,?,?)", (seq, own, sig))
+        conn.execute(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (:seq, :key, :sig)", seq=seq, key=own, sig=sig)
         return True
 
     def _migrate_now(self) -> None:
         """verify's way to migrate an old ledger (an append does it in its own transaction)."""
-        with self._exclusive():
-            conn = self._connection(create=True)
-            assert conn is not None
-            self._ensure_schema(conn)  # the head_signatures table of a ledger from before them
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if conn.execute(f"SELECT 1 FROM {SIGS} LIMIT 1").fetchone() is None:
-                    row = conn.execute(f"SELECT seq, hash FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+        with self.store.exclusive() as conn:  # the schema: the head_signatures table of a ledger from before them
+            with conn.transaction(write=True):
+                if conn.one(f"SELECT 1 FROM {SIGS} LIMIT 1") is None:
+                    row = conn.one(f"SELECT seq, hash FROM {TABLE} ORDER BY seq DESC LIMIT 1")
                     key = self._private_key(create=False)
                     if row is not None and key is not None:
                         self._migrate_legacy_anchor(conn, row[0], row[1], key)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         self.legacy_anchor_path.unlink(missing_ok=True)
 
     # -- append ----------------------------------------------------------------------------------
@@ -709,35 +606,28 @@ class Ledger:
         data_text = canonical_json(data)  # raises on values JSON cannot represent
         data_obj = json.loads(data_text)
 
-        with self._exclusive():
-            conn = self._connection(create=True)
-            assert conn is not None
-            migrated = False
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+        with self.store.exclusive() as conn:
+            with conn.transaction(write=True):
                 if fence is not None:
-                    self._check_fence(conn, fence)
-                row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+                    self._check_fence(conn, fence, hold=True)
+                row = conn.one(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq DESC LIMIT 1")
                 key, own_b64, migrated = self._check_head_before_append(conn, row)
                 head_seq, head_hash = (row[0], row[8]) if row else (0, GENESIS_HASH)
                 seq, ts = head_seq + 1, _utc_now()
                 hash_ = entry_hash(seq, ts, kind, subject, env, actor, data_obj, head_hash)
                 sig = base64.b64encode(key.sign(anchor_message(seq, hash_))).decode()
-                conn.execute(f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES (?,?,?,?,?,?,?,?,?)",
-                             (seq, ts, kind, subject, env, actor, data_text, head_hash, hash_))
-                conn.execute(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (?,?,?)", (seq, own_b64, sig))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn.execute(f"INSERT INTO {TABLE} ({_COLS}) VALUES (:seq, :ts, :kind, :subject, :env, :actor, "
+                             f":data, :prev_hash, :hash)", seq=seq, ts=ts, kind=kind, subject=subject, env=env,
+                             actor=actor, data=data_text, prev_hash=head_hash, hash=hash_)
+                conn.execute(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (:seq, :key, :sig)", seq=seq, key=own_b64,
+                             sig=sig)
             if migrated:
                 self.legacy_anchor_path.unlink(missing_ok=True)
             # Still under the lock: the witness sees heads in order.
             self._witness_catch_up(conn, seq, sig)
         return Entry(seq, ts, kind, subject, env, actor, data_obj, head_hash, hash_)
 
-    def _check_head_before_append(self, conn: sqlite3.Connection,
+    def _check_head_before_append(self, conn: Conn,
                                   head: tuple | None) -> tuple[Ed25519PrivateKey, str, bool]:
         """Refuse to extend a chain whose head this platform did not sign with the expected key.
 
@@ -760,11 +650,11 @@ class Ledger:
                                        f"#{newest[0]} ({str(newest[1])[:16]}..., this key {own_b64[:16]}...): "
                                        f"it was replaced; nothing was written (restore the pinned key)")
         try:
-            last_signed = conn.execute(f"SELECT MAX(seq) FROM {SIGS}").fetchone()[0]
-        except sqlite3.OperationalError as err:
-            if "no such table" not in str(err):
+            last_signed = conn.scalar(f"SELECT MAX(seq) FROM {SIGS}")
+        except sa.exc.DBAPIError as err:
+            if not _missing_table(err):
                 raise
-            raise LedgerTampered(1 if head else None, f"the {SIGS} table of {self.db_path} was dropped: no "
+            raise LedgerTampered(1 if head else None, f"the {SIGS} table of {self.location} was dropped: no "
                                                       f"entry can be vouched for; nothing was written") from None
         if head is None:
             if last_signed is not None:
@@ -782,20 +672,19 @@ class Ledger:
         if last_signed is not None and last_signed > seq:
             raise LedgerTampered(seq + 1, f"truncated: entries #{seq + 1}..#{last_signed} are missing (the "
                                           f"ledger ends at #{seq} but heads up to #{last_signed} were signed)")
-        if conn.execute(f"SELECT 1 FROM {SIGS} WHERE seq = ?", (seq,)).fetchone() is None:
+        if conn.one(f"SELECT 1 FROM {SIGS} WHERE seq = :seq", seq=seq) is None:
             k = (last_signed or 0) + 1
             span = f"entry #{k} is" if k == seq else f"entries #{k}..#{seq} are"
             raise LedgerTampered(k, f"entry #{k} carries no platform signature: it was written outside "
                                     f"onepath ({span} unsigned); nothing was written")
         def signed() -> list[int]:
-            return [r[0] for r in conn.execute(f"SELECT seq FROM {SIGS} WHERE seq <= ? ORDER BY seq", (seq,))]
+            return [r[0] for r in conn.rows(f"SELECT seq FROM {SIGS} WHERE seq <= :seq ORDER BY seq", seq=seq)]
 
         def sig_of(s: int) -> tuple[str, str] | None:
-            return conn.execute(f"SELECT key, sig FROM {SIGS} WHERE seq = ?", (s,)).fetchone()
+            return conn.one(f"SELECT key, sig FROM {SIGS} WHERE seq = :seq", seq=s)  # type: ignore[return-value]
 
         def hash_of(s: int) -> str | None:
-            r = conn.execute(f"SELECT hash FROM {TABLE} WHERE seq = ?", (s,)).fetchone()
-            return r[0] if r else None
+            return conn.scalar(f"SELECT hash FROM {TABLE} WHERE seq = :seq", seq=s)
 
         problem = self._signature_problem(signed, sig_of, hash_of, seq, pins, own_b64, full=False)
         if problem:
@@ -804,7 +693,7 @@ class Ledger:
 
     # -- the witness -----------------------------------------------------------------------------
 
-    def _witness_catch_up(self, conn: sqlite3.Connection, head_seq: int, head_sig: str) -> None:
+    def _witness_catch_up(self, conn: Conn, head_seq: int, head_sig: str) -> None:
         """Submit every row the witness does not hold yet, ending in the new head. Never raises:
         an unreachable witness leaves the rows un-witnessed until the next append (verify says so)."""
         if self.witness_socket is None:
@@ -813,82 +702,77 @@ class Ledger:
             pin = self._pins(conn).newest()
             wkey = pin[2] if pin and isinstance(pin[2], str) else None
             with WitnessClient(self.witness_socket, self.witness_timeout, wkey) as w:
-                last = conn.execute("SELECT MAX(seq) FROM witness_receipts").fetchone()[0] or 0
+                last = conn.scalar(f"SELECT MAX(seq) FROM {RECEIPTS}") or 0
                 start = last + 1
                 if last == 0 or last >= head_seq:
                     start = w.head()[0] + 1  # unsure where the witness is: ask it
                 for attempt in (0, 1):
-                    rows = [list(r) for r in conn.execute(
-                        f"SELECT seq, prev_hash, hash FROM {TABLE} WHERE seq >= ? ORDER BY seq", (start,))]
+                    rows = [list(r) for r in conn.rows(
+                        f"SELECT seq, prev_hash, hash FROM {TABLE} WHERE seq >= :start ORDER BY seq", start=start)]
                     if not rows or rows[-1][0] != head_seq:
                         return  # the witness holds our head already, or is ahead of us (verify reports it)
                     accepted, answer = w.submit(rows, head_sig)
                     if accepted:
-                        conn.execute("INSERT OR REPLACE INTO witness_receipts (seq, cosig) VALUES (?, ?)",
-                                     (head_seq, answer["sig"]))
+                        conn.execute(f"INSERT INTO {RECEIPTS} (seq, cosig) VALUES (:seq, :cosig) "
+                                     f"ON CONFLICT (seq) DO UPDATE SET cosig = excluded.cosig",
+                                     seq=head_seq, cosig=answer["sig"])
                         return
                     if attempt == 0:
                         start = w.head()[0] + 1  # our receipts may be behind the witness: ask it
-        except (WitnessError, OSError, ValueError, sqlite3.Error):
+        except (WitnessError, OSError, ValueError, *STORE_ERRORS):
             return
 
 
     # -- promotion leases ------------------------------------------------------------------------
 
     @staticmethod
-    def _check_fence(conn: sqlite3.Connection, lease: Lease) -> None:
-        row = conn.execute("SELECT holder, token, expires_at FROM promotion_leases WHERE name = ?",
-                           (lease.name,)).fetchone()
+    def _check_fence(conn: Conn, lease: Lease, hold: bool = False) -> None:
+        row = conn.one(conn.lease_row_sql(hold), name=lease.name)
         if row is None or row[1] != lease.token or row[0] != lease.holder:
             now = f"token {row[1]} held by {row[0]}" if row else "no grant"
             raise LeaseLost(f"{lease.name}: the promotion lock (token {lease.token}) was lost; now {now}")
-        if row[2] <= time.time():
+        if row[2] <= conn.now():
             raise LeaseLost(f"{lease.name}: the promotion lock (token {lease.token}) expired")
 
     @contextmanager
-    def _lease_txn(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the lease table (sqlite's own lock serializes the writers)."""
-        conn = self._connection(create=True)
-        assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    def _lease_txn(self) -> Iterator[Conn]:
+        """One write transaction on the lease table, one lease writer at a time (``Conn.lock_leases``)."""
+        with self.store.connect(create=True) as conn:
+            assert conn is not None
+            with conn.transaction(write=True):
+                conn.lock_leases()
+                yield conn
 
     def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease:
         """Grant the lease ``name`` to ``holder`` for ``ttl`` seconds with the next fencing token, unless
-        someone else holds it unexpired (:class:`LeaseHeld`)."""
+        someone else holds it unexpired (:class:`LeaseHeld`). Expiry is on the store's clock."""
         with self._lease_txn() as conn:
-            row = conn.execute("SELECT holder, token, expires_at FROM promotion_leases WHERE name = ?",
-                               (name,)).fetchone()
-            now = time.time()
+            row = conn.one(conn.lease_row_sql(), name=name)
+            now = conn.now()
             if row is not None and row[2] > now:
                 raise LeaseHeld(name, row[0], row[1], row[2])
             token = (row[1] if row else 0) + 1
             lease = Lease(name, holder, token, now + ttl)
-            conn.execute("INSERT INTO promotion_leases (name, holder, token, expires_at) VALUES (?,?,?,?) "
-                         "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, token = excluded.token, "
-                         "expires_at = excluded.expires_at", (name, holder, token, lease.expires_at))
+            conn.execute("INSERT INTO promotion_leases (name, holder, token, expires_at) VALUES "
+                         "(:name, :holder, :token, :expires_at) ON CONFLICT (name) DO UPDATE SET "
+                         "holder = excluded.holder, token = excluded.token, expires_at = excluded.expires_at",
+                         name=name, holder=holder, token=token, expires_at=lease.expires_at)
         return lease
 
     def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         """Extend a grant that is still current; :class:`LeaseLost` if it is not."""
         with self._lease_txn() as conn:
             self._check_fence(conn, lease)
-            renewed = Lease(lease.name, lease.holder, lease.token, time.time() + ttl)
-            conn.execute("UPDATE promotion_leases SET expires_at = ? WHERE name = ? AND token = ?",
-                         (renewed.expires_at, lease.name, lease.token))
+            renewed = Lease(lease.name, lease.holder, lease.token, conn.now() + ttl)
+            conn.execute("UPDATE promotion_leases SET expires_at = :expires_at WHERE name = :name AND token = :token",
+                         expires_at=renewed.expires_at, name=lease.name, token=lease.token)
         return renewed
 
     def release_lease(self, lease: Lease) -> None:
         """Give the lease up (a no-op when the grant is no longer current). The token counter stays."""
         with self._lease_txn() as conn:
-            conn.execute("UPDATE promotion_leases SET expires_at = 0 WHERE name = ? AND token = ? AND holder = ?",
-                         (lease.name, lease.token, lease.holder))
+            conn.execute("UPDATE promotion_leases SET expires_at = 0 WHERE name = :name AND token = :token "
+                         "AND holder = :holder", name=lease.name, token=lease.token, holder=lease.holder)
 
     def lease(self, name: str) -> Lease | None:
         """The current unexpired grant of ``name``, or None."""
@@ -896,14 +780,13 @@ class Ledger:
             if conn is None:
                 return None
             try:
-                row = conn.execute("SELECT holder, token, expires_at FROM promotion_leases WHERE name = ?",
-                                   (name,)).fetchone()
-            except sqlite3.OperationalError as err:
-                if "no such table" in str(err):
+                row = conn.one(conn.lease_row_sql(), name=name)
+            except sa.exc.DBAPIError as err:
+                if _missing_table(err):
                     return None
                 raise
-        if row is None or row[2] <= time.time():
-            return None
+            if row is None or row[2] <= conn.now():
+                return None
         return Lease(name, row[0], row[1], row[2])
 
     # -- reading ---------------------------------------------------------------------------------
@@ -912,17 +795,19 @@ class Ledger:
                 since_seq: int = 0, kinds: Iterable[str] | None = None) -> list[Entry]:
         """Entries with ``seq > since_seq``, oldest first, filtered by kind/subject/env if given; ``kinds``: only
         entries of these kinds (one read; an entry of another kind is not decoded)."""
-        clauses, params = ["seq > ?"], [since_seq]
+        clauses, params = ["seq > :since"], {"since": since_seq}
         for col, value in (("kind", kind), ("subject", subject), ("env", env)):
             if value is not None:
-                clauses.append(f"{col} = ?")
-                params.append(value)
+                clauses.append(f"{col} = :{col}")
+                params[col] = value
         if kinds is not None:
             wanted = sorted(set(kinds))
-            # "+kind": scan in seq order and skip the others, rather than search the kind index and sort what it
-            # finds (twice the time when most entries are of these kinds, as the inventory's are)
-            clauses.append(f"+kind IN ({', '.join('?' * len(wanted))})" if wanted else "0")
-            params += wanted
+            # sqlite's "+kind": scan in seq order and skip the others, rather than search the kind index and sort
+            # what it finds (twice the time when most entries are of these kinds, as the inventory's are)
+            col = "+kind" if self.store.dialect == "sqlite" else "kind"
+            names = [f"k{i}" for i in range(len(wanted))]
+            clauses.append(f"{col} IN ({', '.join(':' + n for n in names)})" if wanted else "1 = 0")
+            params.update(zip(names, wanted))
         return self._select("WHERE " + " AND ".join(clauses), params)
 
     def head(self) -> Entry | None:
@@ -930,10 +815,9 @@ class Ledger:
             if conn is None:
                 return None
             try:
-                row = conn.execute(
-                    f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
-            except sqlite3.OperationalError as err:
-                if "no such table" in str(err):
+                row = conn.one(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq DESC LIMIT 1")
+            except sa.exc.DBAPIError as err:
+                if _missing_table(err):
                     return None
                 raise
         return Entry.from_row(row) if row else None
@@ -963,7 +847,8 @@ class Ledger:
         """Walk the chain, check the head signature (every signature with ``full``) under the pinned
         key, and compare with what the witness countersigned; name the first bad entry."""
         try:
-            if self.legacy_anchor_path.exists() and self.db_path.exists() and not self._has_signatures():
+            if (self.db_path is not None and self.legacy_anchor_path.exists() and self.db_path.exists()
+                    and not self._has_signatures()):
                 try:
                     self._migrate_now()
                 except LedgerTampered as err:
@@ -971,11 +856,13 @@ class Ledger:
                                         findings=(err.reason,))
             with self._snapshot() as (conn, rows, receipt, witness):
                 return self._verify_snapshot(conn, rows, receipt, witness, full)
-        except sqlite3.DatabaseError as err:
-            reason = f"ledger database {self.db_path} is unreadable: {err}"
+        except LedgerUnavailable as err:
+            return Verification(False, 0, None, str(err), findings=(str(err),))
+        except sa.exc.SQLAlchemyError as err:
+            reason = f"ledger database {self.location} is unreadable: {store_error_text(err)}"
             return Verification(False, 0, None, reason, findings=(reason,))
 
-    def _verify_snapshot(self, conn: sqlite3.Connection | None, rows: list[tuple], receipt: int,
+    def _verify_snapshot(self, conn: Conn | None, rows: list[tuple], receipt: int,
                          witness: tuple[int, str] | WitnessError | None, full: bool) -> Verification:
 
         n = len(rows)
@@ -1042,58 +929,47 @@ class Ledger:
             if conn is None:
                 return False
             try:
-                return conn.execute(f"SELECT 1 FROM {SIGS} LIMIT 1").fetchone() is not None
-            except sqlite3.OperationalError as err:
-                if "no such table" in str(err):
+                return conn.one(f"SELECT 1 FROM {SIGS} LIMIT 1") is not None
+            except sa.exc.DBAPIError as err:
+                if _missing_table(err):
                     return False
                 raise
 
     @contextmanager
-    def _snapshot(self) -> Iterator[tuple[sqlite3.Connection | None, list[tuple], int,
-                                          tuple[int, str] | WitnessError | None]]:
+    def _snapshot(self) -> Iterator[tuple[Conn | None, list[tuple], int, tuple[int, str] | WitnessError | None]]:
         """The read transaction (None for a ledger never written), every row, the newest witness
         receipt's seq and the witness's signed head, as of one moment; head signatures are read
         from the same transaction, as needed (one for the head, a few for a binary search).
 
-        The witness is asked under the shared lock, right after the read transaction took its
+        The witness is asked under the shared append lock, right after the read transaction took its
         snapshot: no append is between its commit and its submission, so the witness's head and the
         database's agree unless someone else changed one of them."""
-        conn = None
         witness: tuple[int, str] | WitnessError | None = None
-        try:
-            with self._shared():
-                conn = self._connection(create=False)
+        with self.store.connect(create=False) as conn:
+            reading: Conn | None = conn
+            with self.store.shared(conn):
                 if conn is not None:
-                    conn.execute("BEGIN")
-                    try:
-                        conn.execute(f"SELECT seq FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchall()
-                    except sqlite3.OperationalError as err:
-                        if "no such table" not in str(err):
-                            raise
-                        conn.execute("ROLLBACK")
-                        conn = None
+                    conn.begin(write=False)
+                    conn.tables_seen = conn.tables()  # the snapshot starts at this first read
+                    if TABLE not in conn.tables_seen:
+                        conn.rollback()
+                        reading = None
                 if self.witness_socket is not None:
-                    witness = self._ask_witness_head(conn)
-            if conn is None:
+                    witness = self._ask_witness_head(reading)
+            if reading is None:
                 yield None, [], 0, witness
                 return
-            rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY seq").fetchall()
+            rows = reading.rows(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq")
             receipt = 0
-            try:
-                receipt = conn.execute("SELECT MAX(seq) FROM witness_receipts").fetchone()[0] or 0
-            except sqlite3.OperationalError as err:  # a ledger from before head signatures
-                if "no such table" not in str(err):
-                    raise
-            yield conn, rows, receipt, witness
-        finally:
-            if conn is not None and conn.in_transaction:
-                conn.execute("ROLLBACK")
+            if RECEIPTS in reading.tables_seen:  # else a ledger from before head signatures
+                receipt = reading.scalar(f"SELECT MAX(seq) FROM {RECEIPTS}") or 0
+            yield reading, rows, receipt, witness
 
     def _witness_client(self, wkey: str | None) -> WitnessClient:
         assert self.witness_socket is not None
         return WitnessClient(self.witness_socket, self.witness_timeout, wkey)
 
-    def _ask_witness_head(self, conn: sqlite3.Connection | None) -> tuple[int, str] | WitnessError:
+    def _ask_witness_head(self, conn: Conn | None) -> tuple[int, str] | WitnessError:
         wkey = None
         if conn is not None:
             pin = self._pins(conn).newest()
@@ -1105,17 +981,12 @@ class Ledger:
         except WitnessError as err:
             return err
 
-    def _verify_signatures(self, rows: list[tuple], conn: sqlite3.Connection | None, hashes: dict[int, str],
+    def _verify_signatures(self, rows: list[tuple], conn: Conn | None, hashes: dict[int, str],
                            pins: _Pins, own_b64: str | None, full: bool) -> tuple[tuple[int, str] | None, bool]:
-        def q(sql: str, *params: Any) -> list[tuple]:
-            if conn is None:
+        def q(sql: str, **params: Any) -> list[tuple]:
+            if conn is None or SIGS not in conn.tables_seen:  # a ledger from before head signatures, or dropped
                 return []
-            try:
-                return conn.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as err:  # a ledger from before head signatures
-                if "no such table" not in str(err):
-                    raise
-                return []
+            return conn.rows(sql, **params)
 
         last_signed = (q(f"SELECT MAX(seq) FROM {SIGS}") or [(None,)])[0][0]
         if not rows:
@@ -1128,15 +999,15 @@ class Ledger:
             truncated = (head_seq + 1, f"truncated: entries #{head_seq + 1}..#{last_signed} are missing (the "
                                        f"ledger ends at #{head_seq} but heads up to #{last_signed} were signed)")
         if full:
-            everything = {s: (k, g) for s, k, g in q(f"SELECT seq, key, sig FROM {SIGS} WHERE seq <= ?", head_seq)}
+            everything = {s: (k, g) for s, k, g in q(f"SELECT seq, key, sig FROM {SIGS} WHERE seq <= :head", head=head_seq)}
             sig_of: Callable[[int], tuple[str, str] | None] = everything.get
         else:
             def sig_of(seq: int) -> tuple[str, str] | None:
-                found = q(f"SELECT key, sig FROM {SIGS} WHERE seq = ?", seq)
+                found = q(f"SELECT key, sig FROM {SIGS} WHERE seq = :seq", seq=seq)
                 return found[0] if found else None
         head_sig = sig_of(head_seq)
         if head_sig is None and not truncated:
-            below = (q(f"SELECT MAX(seq) FROM {SIGS} WHERE seq < ?", head_seq) or [(None,)])[0][0]
+            below = (q(f"SELECT MAX(seq) FROM {SIGS} WHERE seq < :head", head=head_seq) or [(None,)])[0][0]
             k = (below or 0) + 1
             span = f"entry #{k} is" if k == head_seq else f"entries #{k}..#{head_seq} are"
             hint = (f" (a ledger from before head signatures: its anchor {self.legacy_anchor_path} is gone)"
@@ -1145,7 +1016,7 @@ class Ledger:
                        f"({span} unsigned){hint}"), False
 
         def signed_seqs() -> list[int]:
-            return [r[0] for r in q(f"SELECT seq FROM {SIGS} WHERE seq <= ? ORDER BY seq", head_seq)]
+            return [r[0] for r in q(f"SELECT seq FROM {SIGS} WHERE seq <= :head ORDER BY seq", head=head_seq)]
 
         problem = self._signature_problem(signed_seqs, sig_of, hashes.get, head_seq, pins, own_b64, full)
         if truncated:
@@ -1154,7 +1025,7 @@ class Ledger:
         signed_by_pin = problem is None and newest is not None and head_sig is not None and head_sig[0] == newest[1]
         return problem, signed_by_pin
 
-    def _verify_witness(self, conn: sqlite3.Connection | None, rows: list[tuple], hashes: dict[int, str], receipt: int,
+    def _verify_witness(self, conn: Conn | None, rows: list[tuple], hashes: dict[int, str], receipt: int,
                         witness: tuple[int, str] | WitnessError | None, newest: tuple[int, Any, Any] | None,
                         notes: list[str]) -> tuple[tuple[int | None, str] | None, int | None, int]:
         """(problem, witness seq, unwitnessed count); notes get the un-witnessed tail."""
@@ -1162,8 +1033,8 @@ class Ledger:
         pinned_wkey = newest[2] if newest and isinstance(newest[2], str) else None
 
         def since(k: int) -> str:
-            found = conn.execute(f"SELECT ts FROM {TABLE} WHERE seq = ?", (k + 1,)).fetchone() if conn else None
-            return str(found[0]) if found else "?"
+            found = conn.scalar(f"SELECT ts FROM {TABLE} WHERE seq = :seq", seq=k + 1) if conn else None
+            return str(found) if found is not None else "?"
 
         def tail_note(k: int, why: str) -> int:
             u = n - k

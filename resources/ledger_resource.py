@@ -14,7 +14,10 @@ class LedgerResource(dg.ConfigurableResource):
     """The platform ledger: append-only, hash-chained, each head signed by the platform key and
     countersigned by the witness when one is configured."""
 
-    db_path: str = Field(description="sqlite file holding the ledger (default $ONEPATH_HOME/ledger.db).")
+    location: str = Field(
+        description="Where the entries are: a sqlite file (default $ONEPATH_HOME/ledger.db) or a PostgreSQL URL "
+                    "(postgresql+psycopg2://user:password@host:port/db), which carries a password: give it as "
+                    "dg.EnvVar(\"ONEPATH_LEDGER_URL\"), never as a literal (the settings do).")
     key_path: str = Field(
         description="Ed25519 platform signing key (PEM, mode 0600), kept outside the database; "
                     "created on first append; its public key is written next to it as .pub.")
@@ -28,4 +31,4 @@ class LedgerResource(dg.ConfigurableResource):
             from platform_defs.settings import load_settings  # here: platform_defs imports this module
 
             socket = load_settings().witness_socket
-        return Ledger(Path(self.db_path), Path(self.key_path), Path(socket) if socket else None)
+        return Ledger(self.location, Path(self.key_path), Path(socket) if socket else None)

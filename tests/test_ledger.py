@@ -212,7 +212,7 @@ def test_append_rejects_bad_input_and_the_db_refuses_edits(tmp_path: Path) -> No
 
 def test_resource_builds_the_ledger(tmp_path: Path) -> None:
     db, key = ledger_paths(tmp_path)
-    res = LedgerResource(db_path=str(db), key_path=str(key))
+    res = LedgerResource(location=str(db), key_path=str(key))
     entry = res.ledger().append("first_release", "loan_portal", {"release": "r-0123"}, actor="dagster")
     assert Ledger(db, key).head() == entry
     assert res.ledger().verify().ok
@@ -232,7 +232,7 @@ def test_a_run_config_cannot_unset_the_configured_witness(tmp_path: Path, monkey
     def probe(ledger: LedgerResource) -> None:
         seen.append(ledger.ledger().witness_socket)
 
-    res = LedgerResource(db_path=str(db), key_path=str(key), witness_socket=str(socket))
+    res = LedgerResource(location=str(db), key_path=str(key), witness_socket=str(socket))
     result = dg.materialize([probe], resources={"ledger": res},
                             run_config={"resources": {"ledger": {"config": {
                                 "db_path": str(db), "key_path": str(key), "witness_socket": None}}}})

@@ -323,7 +323,7 @@ def test_asset_materializes_numeric_metadata_with_real_resources(settings, book)
     asset = build_platform_metrics_asset(small_policy())
     assert asset.key == dg.AssetKey("platform_metrics")
     assert asset.group_names_by_key[asset.key] == "platform"
-    resources = {"ledger": LedgerResource(db_path=str(book.db), key_path=str(book.key)), "mlflow": mlflow}
+    resources = {"ledger": LedgerResource(location=str(book.db), key_path=str(book.key)), "mlflow": mlflow}
     defs = dg.Definitions(assets=[asset], schedules=[build_platform_metrics_schedule()], resources=resources)
     dg.Definitions.validate_loadable(defs)
     with dg.instance_for_test() as instance:

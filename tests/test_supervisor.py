@@ -52,7 +52,7 @@ def world(settings, tmp_path_factory):
     crash = save_fault_model(root / "models" / "crash", base_model_dir=good_a, exit_after_s=EXIT_AFTER_S)
     plan = {"sv_restart": [good_a], "sv_loop": [good_a, crash], "sv_alone": [crash],
             "sv_resume": [good_a, good_b, crash], "sv_baked": [good_a, good_b]}
-    book = LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")).ledger()
+    book = LedgerResource(location=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")).ledger()
     record_policy(book)  # the example policy, recorded as the one in force
     for ep, saved in plan.items():
         assert [register(mlflow, f"{ep}_model", s, book) for s in saved] == [str(i + 1) for i in range(len(saved))]
@@ -62,7 +62,7 @@ def world(settings, tmp_path_factory):
         "deployer_local": LocalDeployerResource(run_dir=str(run_dir), port_base=_free_port_base(),
                                                 inference_log_dir=str(run_dir / "logs"),
                                                 artifact_roots=[str(tmp_path_factory.getbasetemp())]),
-        "ledger": LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")),
+        "ledger": LedgerResource(location=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")),
         "data_store": build_resources(settings)["data_store"],
     }
     deployer = resources["deployer_local"].deployer()

@@ -48,7 +48,7 @@ def world(settings, tmp_path_factory):
     run_dir = root / "run"
     deployer = LocalProcessDeployer(run_dir, port_base=_free_port_base(), inference_log_dir=run_dir / "logs",
                                     artifact_roots=[tmp_path_factory.getbasetemp()])
-    book = LedgerResource(db_path=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")).ledger()
+    book = LedgerResource(location=str(root / "ledger.db"), key_path=str(root / "keys" / "platform.pem")).ledger()
     record_policy(book)  # the example policy, recorded as the one in force
     services = Services(mlflow=None, deployer=deployer, ledger=book)
     yield {"org": org, "deployer": deployer, "model": model, "services": services, "ledger": book}

@@ -57,7 +57,7 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
                       *build_continuity_checks(org), *build_approval_in_force_checks(org, policy)],
         schedules=[build_platform_metrics_schedule(), build_inventory_schedule()],
         jobs=[build_rollback_job(org, policy)],
-        resources=build_resources(settings),
+        resources=build_resources(settings, secrets_from_env=True),
         sensors=[
             build_endpoint_status_sensor(org), build_alias_drift_sensor(org), build_drift_sensor(org, policy),
             build_approval_promotion_sensor(org, policy), build_handoff_sensor(org, policy), build_supervisor_events_sensor(org, policy),

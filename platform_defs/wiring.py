@@ -14,7 +14,10 @@ from resources.mlflow_registry import MlflowRegistry
 from resources.monitoring import MonitoringResource
 
 
-def build_resources(settings: Settings) -> dict[str, object]:
+def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> dict[str, object]:
+    """The resources of ``settings``. ``secrets_from_env``: a store credential is given as ``dg.EnvVar``, which
+    Dagster reads when a run starts and never shows in the UI or stores with a run (the Definitions); the
+    command line, which calls the resources outside any run, gets the value itself."""
     return {
         "mlflow": MlflowRegistry(
             tracking_uri=settings.mlflow_tracking_uri,
@@ -24,9 +27,8 @@ def build_resources(settings: Settings) -> dict[str, object]:
             cache_dir=str(settings.releases_dir / "models"),
         ),
         "data_store": DataStore(root=str(settings.data_dir)),
-        # a PostgreSQL URL holds a password: the resource reads it from the environment, so it is never shown
-        # in the UI or stored with a run's config
-        "ledger": LedgerResource(location=dg.EnvVar("ONEPATH_LEDGER_URL") if settings.ledger_url
+        # a PostgreSQL URL holds a password
+        "ledger": LedgerResource(location=dg.EnvVar("ONEPATH_LEDGER_URL") if settings.ledger_url and secrets_from_env
                                  else str(settings.ledger_location),
                                  key_path=str(ledger_paths(settings.home)[1]),
                                  witness_socket=str(settings.witness_socket) if settings.witness_socket else None),

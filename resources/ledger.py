@@ -606,34 +606,56 @@ class Ledger:
         data_text = canonical_json(data)  # raises on values JSON cannot represent
         data_obj = json.loads(data_text)
 
-        with self.store.exclusive() as conn:
-            with conn.transaction(write=True):
-                if fence is not None:
-                    self._check_fence(conn, fence, hold=True)
-                row = conn.one(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq DESC LIMIT 1")
-                key, own_b64, migrated = self._check_head_before_append(conn, row)
-                head_seq, head_hash = (row[0], row[8]) if row else (0, GENESIS_HASH)
-                seq, ts = head_seq + 1, _utc_now()
-                hash_ = entry_hash(seq, ts, kind, subject, env, actor, data_obj, head_hash)
-                sig = base64.b64encode(key.sign(anchor_message(seq, hash_))).decode()
-                conn.execute(f"INSERT INTO {TABLE} ({_COLS}) VALUES (:seq, :ts, :kind, :subject, :env, :actor, "
-                             f":data, :prev_hash, :hash)", seq=seq, ts=ts, kind=kind, subject=subject, env=env,
-                             actor=actor, data=data_text, prev_hash=head_hash, hash=hash_)
-                conn.execute(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (:seq, :key, :sig)", seq=seq, key=own_b64,
-                             sig=sig)
+        with self.store.appending() as conn:  # the append lock held, a write transaction open
+            if fence is not None:
+                self._check_fence(conn, fence, hold=True)
+            head = self._head_for_append(conn)
+            pins = self._pins(conn)
+            key, own_b64, migrated = self._check_head_before_append(conn, head, pins)
+            head_seq, head_hash = (head.row[0], head.row[8]) if head.row else (0, GENESIS_HASH)
+            seq, ts = head_seq + 1, _utc_now()
+            hash_ = entry_hash(seq, ts, kind, subject, env, actor, data_obj, head_hash)
+            sig = base64.b64encode(key.sign(anchor_message(seq, hash_))).decode()
+            conn.commit_with(
+                (f"INSERT INTO {TABLE} ({_COLS}) VALUES (:seq, :ts, :kind, :subject, :env, :actor, :data, "
+                 f":prev_hash, :hash)", {"seq": seq, "ts": ts, "kind": kind, "subject": subject, "env": env,
+                                         "actor": actor, "data": data_text, "prev_hash": head_hash, "hash": hash_}),
+                (f"INSERT INTO {SIGS} (seq, key, sig) VALUES (:sig_seq, :sig_key, :sig_sig)",
+                 {"sig_seq": seq, "sig_key": own_b64, "sig_sig": sig}))
             if migrated:
                 self.legacy_anchor_path.unlink(missing_ok=True)
             # Still under the lock: the witness sees heads in order.
-            self._witness_catch_up(conn, seq, sig)
+            self._witness_catch_up(conn, [seq, head_hash, hash_], sig, pins, head.receipt)
         return Entry(seq, ts, kind, subject, env, actor, data_obj, head_hash, hash_)
 
-    def _check_head_before_append(self, conn: Conn,
-                                  head: tuple | None) -> tuple[Ed25519PrivateKey, str, bool]:
+    def _head_for_append(self, conn: Conn) -> "_Head":
+        """The head row, its signature, the newest signed seq and the newest witness receipt: one query."""
+        cols = ", ".join(f"e.{c}" for c in COLUMNS)
+        try:
+            found = conn.one(f"SELECT {cols}, s.key, s.sig, (SELECT MAX(seq) FROM {SIGS}), "
+                             f"(SELECT MAX(seq) FROM {RECEIPTS}) FROM {TABLE} e LEFT JOIN {SIGS} s ON s.seq = e.seq "
+                             f"ORDER BY e.seq DESC LIMIT 1")
+            if found is None:
+                return _Head(None, None, conn.scalar(f"SELECT MAX(seq) FROM {SIGS}"), 0)
+        except sa.exc.DBAPIError as err:
+            if not _missing_table(err):
+                raise
+            conn.rollback()
+            tables = conn.tables()
+            if TABLE in tables and SIGS not in tables:
+                raise LedgerTampered(None, f"the {SIGS} table of {self.location} was dropped: no entry can be "
+                                           f"vouched for; nothing was written") from None
+            raise
+        row, sig = found[:9], (found[9], found[10]) if found[9] is not None else None
+        return _Head(row, sig, found[11], found[12] or 0)
+
+    def _check_head_before_append(self, conn: Conn, found: "_Head",
+                                  pins: _Pins) -> tuple[Ed25519PrivateKey, str, bool]:
         """Refuse to extend a chain whose head this platform did not sign with the expected key.
 
         Returns the signing key, its b64 raw public key and whether an old anchor was migrated."""
+        head = found.row
         head_seq = head[0] if head else 0
-        pins = self._pins(conn)
         key = self._private_key(create=head_seq == 0 and not pins.pins)
         if key is None:
             raise LedgerTampered(None, f"the platform key {self.key_path} is missing: the ledger's "
@@ -649,13 +671,7 @@ class Ledger:
             raise LedgerTampered(None, f"the platform key {self.key_path} is not the key pinned in policy "
                                        f"#{newest[0]} ({str(newest[1])[:16]}..., this key {own_b64[:16]}...): "
                                        f"it was replaced; nothing was written (restore the pinned key)")
-        try:
-            last_signed = conn.scalar(f"SELECT MAX(seq) FROM {SIGS}")
-        except sa.exc.DBAPIError as err:
-            if not _missing_table(err):
-                raise
-            raise LedgerTampered(1 if head else None, f"the {SIGS} table of {self.location} was dropped: no "
-                                                      f"entry can be vouched for; nothing was written") from None
+        last_signed = found.last_signed
         if head is None:
             if last_signed is not None:
                 raise LedgerTampered(1, f"truncated: the ledger is empty but heads up to #{last_signed} "
@@ -672,7 +688,10 @@ class Ledger:
         if last_signed is not None and last_signed > seq:
             raise LedgerTampered(seq + 1, f"truncated: entries #{seq + 1}..#{last_signed} are missing (the "
                                           f"ledger ends at #{seq} but heads up to #{last_signed} were signed)")
-        if conn.one(f"SELECT 1 FROM {SIGS} WHERE seq = :seq", seq=seq) is None:
+        head_sig = found.sig
+        if head_sig is None and migrated:
+            head_sig = conn.one(f"SELECT key, sig FROM {SIGS} WHERE seq = :seq", seq=seq)  # type: ignore[assignment]
+        if head_sig is None:
             k = (last_signed or 0) + 1
             span = f"entry #{k} is" if k == seq else f"entries #{k}..#{seq} are"
             raise LedgerTampered(k, f"entry #{k} carries no platform signature: it was written outside "
@@ -681,10 +700,12 @@ class Ledger:
             return [r[0] for r in conn.rows(f"SELECT seq FROM {SIGS} WHERE seq <= :seq ORDER BY seq", seq=seq)]
 
         def sig_of(s: int) -> tuple[str, str] | None:
+            if s == seq:
+                return head_sig
             return conn.one(f"SELECT key, sig FROM {SIGS} WHERE seq = :seq", seq=s)  # type: ignore[return-value]
 
         def hash_of(s: int) -> str | None:
-            return conn.scalar(f"SELECT hash FROM {TABLE} WHERE seq = :seq", seq=s)
+            return hash_ if s == seq else conn.scalar(f"SELECT hash FROM {TABLE} WHERE seq = :seq", seq=s)
 
         problem = self._signature_problem(signed, sig_of, hash_of, seq, pins, own_b64, full=False)
         if problem:
@@ -693,21 +714,22 @@ class Ledger:
 
     # -- the witness -----------------------------------------------------------------------------
 
-    def _witness_catch_up(self, conn: Conn, head_seq: int, head_sig: str) -> None:
-        """Submit every row the witness does not hold yet, ending in the new head. Never raises:
-        an unreachable witness leaves the rows un-witnessed until the next append (verify says so)."""
+    def _witness_catch_up(self, conn: Conn, new_row: list, head_sig: str, pins: _Pins, last: int) -> None:
+        """Submit every row the witness does not hold yet, ending in the new head ``new_row`` ([seq, prev_hash,
+        hash]); ``last``: the newest receipt before this append. Never raises: an unreachable witness leaves the
+        rows un-witnessed until the next append (verify says so)."""
         if self.witness_socket is None:
             return
+        head_seq = new_row[0]
         try:
-            pin = self._pins(conn).newest()
+            pin = pins.newest()
             wkey = pin[2] if pin and isinstance(pin[2], str) else None
             with WitnessClient(self.witness_socket, self.witness_timeout, wkey) as w:
-                last = conn.scalar(f"SELECT MAX(seq) FROM {RECEIPTS}") or 0
                 start = last + 1
                 if last == 0 or last >= head_seq:
                     start = w.head()[0] + 1  # unsure where the witness is: ask it
                 for attempt in (0, 1):
-                    rows = [list(r) for r in conn.rows(
+                    rows = [new_row] if start == head_seq else [list(r) for r in conn.rows(
                         f"SELECT seq, prev_hash, hash FROM {TABLE} WHERE seq >= :start ORDER BY seq", start=start)]
                     if not rows or rows[-1][0] != head_seq:
                         return  # the witness holds our head already, or is ahead of us (verify reports it)
@@ -1092,6 +1114,16 @@ class Ledger:
         except WitnessError as err:
             return (None, f"{err}: the witness stopped answering while the ledger was compared with it"), wseq, 0
 
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What an append reads of the head in one query."""
+
+    row: tuple | None  # the head entry's columns (COLUMNS), None for an empty ledger
+    sig: tuple[str, str] | None  # its (key, sig), None when it carries none
+    last_signed: int | None  # the newest signed seq
+    receipt: int  # the newest witness receipt's seq (0: none)
 
 
 @dataclass

@@ -174,6 +174,19 @@ class Conn:
         except sa.exc.SQLAlchemyError:
             self.sa.invalidate()  # a broken connection: the server rolls back when the session ends
 
+    def commit_with(self, *statements: tuple[str, dict[str, Any]]) -> None:
+        """Run ``statements`` (their parameter names distinct) and commit; on PostgreSQL in one round trip."""
+        if self.store.dialect == "postgresql":
+            params: dict[str, Any] = {}
+            for _, p in statements:
+                params.update(p)
+            self.sa.execute(_text("; ".join([sql for sql, _ in statements] + ["COMMIT"])), params)
+            self.in_transaction = False
+            return
+        for sql, p in statements:
+            self.sa.execute(_text(sql), p)
+        self.commit()
+
     @contextmanager
     def transaction(self, write: bool) -> Iterator["Conn"]:
         self.begin(write)
@@ -345,6 +358,29 @@ class LedgerStore:
             assert conn is not None
             with self._advisory(conn, shared=False):
                 yield conn
+
+    @contextmanager
+    def appending(self) -> Iterator[Conn]:
+        """The append lock held and a write transaction open (on PostgreSQL both in one round trip); the
+        transaction is rolled back unless the caller commits (``Conn.commit_with``), the lock released after."""
+        if self.dialect == "sqlite":
+            with self.exclusive() as conn:
+                conn.begin(write=True)
+                yield conn  # connect() rolls back what was not committed
+            return
+        with self.connect(create=True) as conn:
+            assert conn is not None
+            key = _PG_LOCK.format(what="append")
+            conn.sa.exec_driver_sql(f"SELECT pg_advisory_lock({key}); BEGIN")
+            conn.in_transaction = True
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+                try:
+                    conn.execute(f"SELECT pg_advisory_unlock({key})")
+                except sa.exc.SQLAlchemyError:
+                    conn.sa.invalidate()  # ending the session releases the lock
 
     @contextmanager
     def file_lock(self) -> Iterator[None]:

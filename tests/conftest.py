@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 import pytest
 
 if TYPE_CHECKING:
-    from tests.stores import MotoServer, PostgresServer
+    from tests.stores import LedgerBackend, MotoServer, PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,8 @@ def private_umask() -> None:
 
 # what the test process's own environment may carry that a platform started for a test (or a bench) must not
 # inherit: another home's Dagster, policy file or MLflow store
-NOT_INHERITED = ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+NOT_INHERITED = ("DAGSTER_HOME", "ONEPATH_POLICY_FILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+                 "ONEPATH_LEDGER_URL")
 
 
 def onepath_env(home: Path, port: int, declarations: Path | None = None) -> dict[str, str]:
@@ -415,6 +416,15 @@ def postgres() -> Iterator["PostgresServer"]:
     finally:
         server.stop()
         shutil.rmtree(server.base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path: Path) -> "LedgerBackend":
+    """A ledger test runs on both stores: a sqlite file, and a fresh database of the session's PostgreSQL."""
+    from tests.stores import LedgerBackend
+
+    return LedgerBackend(request.param, tmp_path,
+                         request.getfixturevalue("postgres") if request.param == "postgresql" else None)
 
 
 @pytest.fixture(scope="session")

@@ -160,3 +160,88 @@ def start_moto() -> MotoServer:
         last = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")[-1000:]
         proc.wait(timeout=30)
     raise RuntimeError(f"moto_server did not answer: {last}")
+
+
+class LedgerBackend:
+    """Where a ledger test keeps its ledger: a sqlite file under ``tmp_path``, or a fresh PostgreSQL database of the
+    session's server. ``attack()`` opens the store the way an attacker with its credentials would: a plain
+    DB-API connection (``sqlite3``, ``psycopg2``), no onepath code in between."""
+
+    def __init__(self, kind: str, tmp_path: Path, server: PostgresServer | None):
+        self.kind, self.tmp_path, self.server = kind, tmp_path, server
+        self._n = 0
+
+    def __repr__(self) -> str:
+        return f"LedgerBackend({self.kind})"
+
+    def location(self, name: str = "") -> Path | str:
+        """A new, empty place for a ledger (``name``: a second ledger in the same test)."""
+        if self.kind == "sqlite":
+            return self.tmp_path / name / "ledger.db"
+        assert self.server is not None
+        self._n += 1
+        return self.server.create_database(f"ledger_{os.getpid()}_{id(self) % 100000}_{self._n}")
+
+    def ledger(self, name: str = "", **kwargs):
+        from resources.ledger import Ledger
+
+        return Ledger(self.location(name), self.tmp_path / name / "keys" / "platform.key", **kwargs)
+
+
+def attack(ledger):
+    """An attacker's own connection to ``ledger``'s database, autocommit off, taking ``?`` placeholders."""
+    import sqlite3
+
+    if ledger.store.dialect == "sqlite":
+        return sqlite3.connect(ledger.db_path)
+    return _PgAttacker(ledger.store.url)
+
+
+class _PgAttacker:
+    """psycopg2 with sqlite's ``?`` placeholders and ``execute(...).fetchall()``, so one tampering script fits both."""
+
+    def __init__(self, url: str):
+        import psycopg2
+        from sqlalchemy.engine import make_url
+
+        self.conn = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+
+    def execute(self, sql: str, params: tuple = ()):
+        cur = self.conn.cursor()
+        cur.execute(sql.replace("?", "%s"), params)
+        return cur
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        if exc_type is None:
+            self.conn.commit()
+        else:
+            self.conn.rollback()
+
+
+def drop_guards(ledger, conn) -> None:
+    """What an attacker does first: drop the append-only triggers (onepath puts them back on its next open)."""
+    for table in ("ledger_entries", "head_signatures"):
+        for op in ("update", "delete", "truncate"):
+            if ledger.store.dialect == "sqlite":
+                if op != "truncate":
+                    conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_{op}")
+            else:
+                conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_{op} ON {table}")
+
+
+def ledger_env(ledger) -> dict[str, str]:
+    """The settings that make a onepath command (or the CLI in-process) use ``ledger``: its home (keys/ is
+    there) and, on PostgreSQL, its URL."""
+    env = {"ONEPATH_HOME": str(ledger.key_path.parent.parent)}
+    if ledger.store.dialect == "postgresql":
+        env["ONEPATH_LEDGER_URL"] = ledger.store.url
+    return env

@@ -1,9 +1,11 @@
 """The tamper-evident ledger: chain, head signatures, every tampering case, concurrent writers, CLI.
 
-Everything runs against real sqlite files and real keys in a temporary folder. Tampering is done
-the way an attacker with write access would: a plain sqlite connection that first drops the
-append-only triggers. The platform's user (tier b) is this test process; the witness cases, which
-need a second OS user, are in tests/test_witness.py.
+Everything runs against real keys in a temporary folder and a real store: the tests that take the
+``backend`` fixture run twice, on a sqlite file and on a fresh database of the session's PostgreSQL
+server (the rest are about sqlite's file). Tampering is done the way an attacker with write access
+would: a plain sqlite3 or psycopg2 connection that first drops the append-only triggers. The
+platform's user (tier b) is this test process; the witness cases, which need a second OS user, are
+in tests/test_witness.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.stores import LedgerBackend, attack, drop_guards
 from resources.ledger import (
     GENESIS_HASH,
     KINDS,
@@ -58,37 +61,33 @@ def fill(ledger: Ledger, n: int = N) -> list[Entry]:
 
 
 def tamper(ledger: Ledger, *statements: tuple[str, tuple] | str) -> None:
-    """Run SQL against the ledger as an attacker would (dropping the append-only guards)."""
-    conn = sqlite3.connect(ledger.db_path, isolation_level=None)
+    """Run SQL against the ledger as an attacker would (dropping the append-only guards), in one transaction."""
+    conn = attack(ledger)
     try:
-        conn.execute("DROP TRIGGER IF EXISTS ledger_entries_no_update")
-        conn.execute("DROP TRIGGER IF EXISTS ledger_entries_no_delete")
-        conn.execute("DROP TRIGGER IF EXISTS head_signatures_no_update")
-        conn.execute("DROP TRIGGER IF EXISTS head_signatures_no_delete")
-        conn.execute("BEGIN")
+        drop_guards(ledger, conn)
         for st in statements:
             sql, params = (st, ()) if isinstance(st, str) else st
             conn.execute(sql, params)
-        conn.execute("COMMIT")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def select(ledger: Ledger, sql: str) -> list[tuple]:
+    conn = attack(ledger)
+    try:
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
     finally:
         conn.close()
 
 
 def sigs_of(ledger: Ledger) -> list[tuple]:
-    conn = sqlite3.connect(ledger.db_path)
-    try:
-        return conn.execute("SELECT seq, key, sig FROM head_signatures ORDER BY seq").fetchall()
-    finally:
-        conn.close()
+    return select(ledger, "SELECT seq, key, sig FROM head_signatures ORDER BY seq")
 
 
 def rows(ledger: Ledger) -> list[tuple]:
-    conn = sqlite3.connect(ledger.db_path)
-    try:
-        return conn.execute("SELECT seq, ts, kind, subject, env, actor, data, prev_hash, hash "
-                            "FROM ledger_entries ORDER BY seq").fetchall()
-    finally:
-        conn.close()
+    return select(ledger, "SELECT seq, ts, kind, subject, env, actor, data, prev_hash, hash "
+                          "FROM ledger_entries ORDER BY seq")
 
 
 def rehash_from(ledger: Ledger, start: int) -> None:
@@ -114,17 +113,18 @@ def assert_bad(ledger: Ledger, seq: int | None, *words: str) -> None:
     assert v.first_bad_seq == seq, v
     for w in words:
         assert w in v.reason, v
-    assert v.entries == (len(rows(ledger)) if ledger.db_path.exists() else 0)
+    assert v.entries == (len(rows(ledger)) if ledger.written() else 0)
 
 
 # -- the happy path -----------------------------------------------------------------------------
 
 
-def test_append_read_verify(tmp_path: Path) -> None:
-    ledger = make_ledger(tmp_path)
+def test_append_read_verify(backend: LedgerBackend) -> None:
+    ledger = backend.ledger()
     assert ledger.verify().ok and ledger.verify().entries == 0
     assert ledger.head() is None and ledger.entries() == []
-    assert not ledger.db_path.exists(), "reading or verifying an unused ledger creates nothing"
+    assert ledger.lease("credit_scoring.prod") is None and ledger.pinned_platform_key() is None
+    assert not ledger.written(), "reading or verifying an unused ledger creates nothing"
 
     written = fill(ledger)
     assert [e.seq for e in written] == list(range(1, N + 1))
@@ -150,9 +150,9 @@ def test_append_read_verify(tmp_path: Path) -> None:
     assert ledger.entries(kinds=[]) == []
 
 
-def test_hash_format_is_reproducible_without_onepath(tmp_path: Path) -> None:
+def test_hash_format_is_reproducible_without_onepath(backend: LedgerBackend) -> None:
     """An auditor can re-check an entry and the head signatures with hashlib, json and the public key."""
-    ledger = make_ledger(tmp_path)
+    ledger = backend.ledger()
     fill(ledger, 3)
     for seq, ts, kind, subject, env, actor, data, prev, h in rows(ledger):
         assert data == json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"))
@@ -191,8 +191,8 @@ def test_key_lives_outside_the_db_with_mode_0600(tmp_path: Path) -> None:
                           "retrain_requested", "first_release"}
 
 
-def test_append_rejects_bad_input_and_the_db_refuses_edits(tmp_path: Path) -> None:
-    ledger = make_ledger(tmp_path)
+def test_append_rejects_bad_input_and_the_db_refuses_edits(backend: LedgerBackend) -> None:
+    ledger = backend.ledger()
     fill(ledger, 2)
     with pytest.raises(ValueError, match="kind"):
         ledger.append("", "x", {}, actor="a")
@@ -200,13 +200,15 @@ def test_append_rejects_bad_input_and_the_db_refuses_edits(tmp_path: Path) -> No
         ledger.append("deploy", "x", ["not", "a", "dict"], actor="a")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ledger.append("deploy", "x", {"auc": float("nan")}, actor="a")
-    conn = sqlite3.connect(ledger.db_path)
-    try:
-        for sql in ("UPDATE ledger_entries SET actor = 'x' WHERE seq = 1", "DELETE FROM ledger_entries"):
-            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    for sql in ("UPDATE ledger_entries SET actor = 'x' WHERE seq = 1", "DELETE FROM ledger_entries",
+                "UPDATE head_signatures SET sig = 'x'", "DELETE FROM head_signatures",
+                *(["TRUNCATE ledger_entries", "TRUNCATE head_signatures"] if backend.kind == "postgresql" else [])):
+        conn = attack(ledger)
+        try:
+            with pytest.raises(Exception, match="append-only"):
                 conn.execute(sql)
-    finally:
-        conn.close()
+        finally:
+            conn.close()
     assert ledger.verify().ok and ledger.head().seq == 2
 
 
@@ -235,7 +237,7 @@ def test_a_run_config_cannot_unset_the_configured_witness(tmp_path: Path, monkey
     res = LedgerResource(location=str(db), key_path=str(key), witness_socket=str(socket))
     result = dg.materialize([probe], resources={"ledger": res},
                             run_config={"resources": {"ledger": {"config": {
-                                "db_path": str(db), "key_path": str(key), "witness_socket": None}}}})
+                                "location": str(db), "key_path": str(key), "witness_socket": None}}}})
     assert result.success and seen == [socket]
 
 
@@ -243,8 +245,8 @@ def test_a_run_config_cannot_unset_the_configured_witness(tmp_path: Path, monkey
 
 
 @pytest.fixture
-def filled(tmp_path: Path) -> Ledger:
-    ledger = make_ledger(tmp_path)
+def filled(backend: LedgerBackend) -> Ledger:
+    ledger = backend.ledger()
     fill(ledger)
     assert ledger.verify().ok
     return ledger
@@ -270,7 +272,10 @@ def test_edited_and_rehashed_last_entry_breaks_its_signature(filled: Ledger) -> 
     assert_bad(filled, N, f"entry #{N}: its signature does not verify", "rewritten and re-hashed")
 
 
-def test_a_planted_value_json_cannot_hold_is_named_not_a_crash(filled: Ledger) -> None:
+def test_a_planted_value_json_cannot_hold_is_named_not_a_crash(tmp_path: Path) -> None:
+    """sqlite stores any value in any column (a BLOB in a TEXT column); PostgreSQL's types refuse it."""
+    filled = make_ledger(tmp_path)
+    fill(filled)
     tamper(filled, "UPDATE ledger_entries SET actor = X'00ff' WHERE seq = 6")
     assert_bad(filled, 6, "entry #6 was altered")
 
@@ -330,7 +335,7 @@ def test_a_keyless_insert_is_tampering_and_the_next_append_refuses_it(filled: Le
     """A correctly hashed row INSERTed with sqlite by someone without the key is never laundered."""
     ts, h = rows(filled)[-1][1], rows(filled)[-1][8]
     new = (N + 1, ts, "approval", "credit_scoring", "prod", "mallory", "{}", h)
-    conn = sqlite3.connect(filled.db_path)
+    conn = attack(filled)
     with conn:
         conn.execute("INSERT INTO ledger_entries VALUES (?,?,?,?,?,?,?,?,?)",
                      (*new, entry_hash(*new[:6], {}, h)))
@@ -383,7 +388,7 @@ def test_the_lowest_bad_entry_is_reported(filled: Ledger) -> None:
     assert_bad(filled, 3, "entry #3 was altered")
 
 
-def test_append_refuses_to_sign_over_a_tampered_head(filled: Ledger) -> None:
+def test_append_refuses_to_sign_over_a_tampered_head(filled: Ledger, backend: LedgerBackend) -> None:
     """The next legitimate append must not launder a truncated, altered or re-hashed tail."""
     tamper(filled, ("DELETE FROM ledger_entries WHERE seq > ?", (N - 2,)))
     with pytest.raises(LedgerTampered, match="truncated") as err:
@@ -391,7 +396,7 @@ def test_append_refuses_to_sign_over_a_tampered_head(filled: Ledger) -> None:
     assert err.value.first_bad_seq == N - 1
     assert_bad(filled, N - 1, "truncated")  # nothing was written
 
-    other = make_ledger(filled.db_path.parent / "other")
+    other = backend.ledger("other")
     fill(other, 3)
     set_data(other, 3, {"version": "forged"})
     with pytest.raises(LedgerTampered, match="entry #3 was altered"):
@@ -429,7 +434,7 @@ def test_a_replaced_key_pair_is_refused_once_the_key_is_pinned(filled: Ledger) -
         ("INSERT INTO head_signatures VALUES (?,?,?)",
          (seq, raw, base64.b64encode(mallory.sign(f"{seq}:{h}".encode())).decode()))
         for seq, *_, h in rows(filled)])
-    fresh = Ledger(filled.db_path, filled.key_path)
+    fresh = Ledger(filled.store.url, filled.key_path)
     v = fresh.verify()
     assert not v.ok and not v.signed_by_pin, v
     assert f"not the key pinned in policy #{p.seq}" in v.reason, v
@@ -485,7 +490,7 @@ WRITER = """
 import sys
 from pathlib import Path
 from resources.ledger import Ledger
-ledger = Ledger(Path(sys.argv[1]), Path(sys.argv[2]))
+ledger = Ledger(sys.argv[1], Path(sys.argv[2]))
 name, count = sys.argv[3], int(sys.argv[4])
 print("ready", flush=True)
 assert sys.stdin.readline().strip() == "go"
@@ -494,11 +499,14 @@ for i in range(count):
 """
 
 
-def test_concurrent_processes_and_threads_keep_one_gapless_chain(tmp_path: Path) -> None:
+def test_concurrent_processes_and_threads_keep_one_gapless_chain(backend: LedgerBackend) -> None:
+    """On PostgreSQL the processes share no lock file: the store's advisory lock is all that orders them."""
     procs_n, threads_n, each = 4, 4, 50
-    ledger = make_ledger(tmp_path)
+    ledger = backend.ledger()
+    ledger.platform_public_key_b64()  # the key pair exists before anyone races to make it
+    place = ledger.store.url
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(ledger.db_path), str(ledger.key_path),
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, place, str(ledger.key_path),
                                f"p{i}", str(each)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, cwd=ROOT, env=env) for i in range(procs_n)]
     go = threading.Event()
@@ -509,7 +517,7 @@ def test_concurrent_processes_and_threads_keep_one_gapless_chain(tmp_path: Path)
 
     def write(name: str) -> None:
         go.wait()
-        own = Ledger(ledger.db_path, ledger.key_path)  # threads share nothing but the files
+        own = Ledger(place, ledger.key_path)  # threads share nothing but the store and the key files
         try:
             for i in range(each):
                 own.append("deploy", "credit_scoring", {"writer": name, "i": i}, actor=name, env="staging")
@@ -566,6 +574,44 @@ def test_concurrent_processes_and_threads_keep_one_gapless_chain(tmp_path: Path)
     v = ledger.verify()
     assert (v.ok, v.entries, v.head_seq, v.reason) == (True, total, total, "intact")
     assert len(sigs_of(ledger)) == total
+
+
+def test_writers_on_four_hosts_share_no_file_and_keep_one_chain(postgres, tmp_path: Path) -> None:
+    """4 processes x 500 appends on PostgreSQL, each with its own copy of the platform key in a folder of its own
+    (as on four hosts: nothing on disk is shared, no lock file): seq 1..2000 with no gap, no duplicate and each
+    writer's appends in its own order, and a chain that verifies."""
+    import shutil
+
+    writers, each = 4, 500
+    url = postgres.create_database("four_hosts")
+    first = Ledger(url, tmp_path / "host0" / "keys" / "platform.key")
+    first.platform_public_key_b64()
+    for i in range(1, writers):
+        shutil.copytree(tmp_path / "host0" / "keys", tmp_path / f"host{i}" / "keys")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, url, str(tmp_path / f"host{i}" / "keys" / "platform.key"),
+                               f"host{i}", str(each)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=env) for i in range(writers)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in procs:
+            p.stdin.close()
+            assert p.wait(timeout=600) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    entries = first.entries()
+    assert [e.seq for e in entries] == list(range(1, writers * each + 1))
+    for i in range(writers):
+        assert [e.data["i"] for e in entries if e.actor == f"host{i}"] == list(range(each))
+    v = first.verify(full=True)
+    assert (v.ok, v.entries, v.reason) == (True, writers * each, "intact"), v
 
 
 # -- export -------------------------------------------------------------------------------------

@@ -47,8 +47,9 @@ def production_text(admin_key: str) -> str:
 
 
 @pytest.fixture
-def book(tmp_path) -> Ledger:
-    return Ledger(tmp_path / "ledger.db", tmp_path / "keys" / "platform.key")
+def book(backend) -> Ledger:
+    """The ledger, on sqlite and then on PostgreSQL (its keys under tmp_path/keys)."""
+    return backend.ledger()
 
 
 @pytest.fixture
@@ -178,7 +179,7 @@ def test_a_different_platform_key_is_refused(book, tmp_path):
     path.write_text(EXAMPLE)
     first = record_policy(book, path, signer="pat", key=load_private_key(DEMO_KEYS / "pat.key"), initial=True)
     path.write_text(EXAMPLE.replace("seconds: 60\n", "seconds: 90\n", 1))
-    swapped = Ledger(book.db_path, tmp_path / "other-keys" / "platform.key")  # the key pair replaced
+    swapped = Ledger(book.store.url, tmp_path / "other-keys" / "platform.key")  # the key pair replaced
     with pytest.raises(PolicyRecordError, match=f"is not the one pinned in ledger #{first.seq} .*restore the pinned key pair"):
         record_policy(swapped, path, signer="pat", key=load_private_key(DEMO_KEYS / "pat.key"), initial=False)
 
@@ -296,7 +297,8 @@ def test_an_unrecorded_edit_of_the_policy_blocks_promotion_until_an_admin_applie
     assert gate.data["policy_hash"] == policy_hash(edited)
 
 
-def test_audit_verify_catches_a_forged_record_that_pins_a_swapped_platform_key(tmp_path, ada, monkeypatch, capsys):
+def test_audit_verify_catches_a_forged_record_that_pins_a_swapped_platform_key(backend, tmp_path, ada, monkeypatch,
+                                                                              capsys):
     """Tier (b) with the platform key: append a policy record (correctly linked, signed with a key of its own)
     that pins a NEW platform key, swap the key pair under keys/, and go on appending with the new key. The
     ledger, which reads pins as data, accepts the new key; ``onepath audit verify`` checks the policy chain
@@ -305,12 +307,12 @@ def test_audit_verify_catches_a_forged_record_that_pins_a_swapped_platform_key(t
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from platform_defs.cli import main
-    from resources.ledger import ledger_paths
+    from tests.stores import ledger_env
 
-    home = tmp_path / "home"
-    monkeypatch.setenv("ONEPATH_HOME", str(home))
-    db, key_path = ledger_paths(home)
-    book = Ledger(db, key_path)
+    book = backend.ledger("home")
+    for var, value in ledger_env(book).items():
+        monkeypatch.setenv(var, value)
+    key_path = book.key_path
     key_file, public = ada
     path = tmp_path / "policy.yaml"
     path.write_text(production_text(public))
@@ -330,18 +332,18 @@ def test_audit_verify_catches_a_forged_record_that_pins_a_swapped_platform_key(t
                                            serialization.NoEncryption()))
     key_path.with_suffix(".pub").write_bytes(new.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    Ledger(db, key_path).append("deploy", "credit_scoring", {"version": "666"}, "dagster:r2", env="prod")
+    Ledger(book.store.url, key_path).append("deploy", "credit_scoring", {"version": "666"}, "dagster:r2", env="prod")
     assert main(["audit", "verify"]) == 1
     err = capsys.readouterr().err
     assert f"policy chain BROKEN: policy record ledger #{forged.seq}" in err
     assert not policy_standing(book, load_policy(path), path).ok  # and nothing promotes
 
 
-def test_a_record_deleted_beneath_the_head_with_sqlite_takes_no_effect(book, tmp_path, ada):
-    """Tier (b) without the key: policy v2 is recorded, then its row is deleted with sqlite (the triggers
-    dropped) and the v1 file put back. The chain of the remaining records would say v1 is in force; the
+def test_a_record_deleted_beneath_the_head_takes_no_effect(book, tmp_path, ada):
+    """Tier (b) without the key: policy v2 is recorded, then its row is deleted with sqlite or psql (the
+    triggers dropped) and the v1 file put back. The chain of the remaining records would say v1 is in force; the
     standing reads them only from an intact ledger, so nothing promotes until the ledger is restored."""
-    import sqlite3
+    from tests.test_ledger import tamper
 
     key_file, public = ada
     path = tmp_path / "policy.yaml"
@@ -352,9 +354,7 @@ def test_a_record_deleted_beneath_the_head_with_sqlite_takes_no_effect(book, tmp
     v2 = record_policy(book, path, signer="ada", key=load_private_key(key_file), initial=False)
     book.append("deploy", "credit_scoring", {"version": "1"}, "dagster:r1", env="prod")
     path.write_text(v1)
-    conn = sqlite3.connect(book.db_path)
-    conn.executescript(f"DROP TRIGGER ledger_entries_no_delete; DELETE FROM ledger_entries WHERE seq = {v2.seq};")
-    conn.close()
+    tamper(book, ("DELETE FROM ledger_entries WHERE seq = ?", (v2.seq,)))
     standing = policy_standing(book, load_policy(path), path)
     assert not standing.ok
     assert standing.problem.startswith(f"the ledger is not intact at entry #{v2.seq} (")

@@ -1,5 +1,6 @@
 """The promotion lease in the ledger's database: one holder per environment, fencing tokens that only
-grow, and a holder that lost its lease can record nothing."""
+grow, and a holder that lost its lease can record nothing. Each test runs on sqlite and on PostgreSQL
+(the ``backend`` fixture), where the racing processes share no file at all."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ from pathlib import Path
 import pytest
 
 from resources.ledger import Lease, LeaseHeld, LeaseLost, Ledger
+from tests.stores import LedgerBackend
 
 
-def _ledger(tmp_path: Path) -> Ledger:
-    return Ledger(tmp_path / "ledger.db", tmp_path / "keys" / "platform.key")
-
-
-def test_one_holder_at_a_time_and_tokens_grow(tmp_path: Path) -> None:
-    book = _ledger(tmp_path)
+def test_one_holder_at_a_time_and_tokens_grow(backend: LedgerBackend) -> None:
+    book = backend.ledger()
     a = book.acquire_lease("promotion:x.prod", "run-a", ttl=30)
     with pytest.raises(LeaseHeld, match="run-a"):
         book.acquire_lease("promotion:x.prod", "run-b", ttl=30)
@@ -29,8 +27,8 @@ def test_one_holder_at_a_time_and_tokens_grow(tmp_path: Path) -> None:
     assert book.lease("promotion:x.prod") == b
 
 
-def test_an_expired_lease_is_granted_again_and_the_old_holder_is_fenced_out(tmp_path: Path) -> None:
-    book = _ledger(tmp_path)
+def test_an_expired_lease_is_granted_again_and_the_old_holder_is_fenced_out(backend: LedgerBackend) -> None:
+    book = backend.ledger()
     stale = book.acquire_lease("promotion:x.prod", "run-a", ttl=0.2)
     deadline = time.monotonic() + 5
     while book.lease("promotion:x.prod") is not None:  # wait for the expiry the test set, not a guess
@@ -50,8 +48,8 @@ def test_an_expired_lease_is_granted_again_and_the_old_holder_is_fenced_out(tmp_
     assert book.verify().ok
 
 
-def test_a_forged_lease_object_is_refused(tmp_path: Path) -> None:
-    book = _ledger(tmp_path)
+def test_a_forged_lease_object_is_refused(backend: LedgerBackend) -> None:
+    book = backend.ledger()
     real = book.acquire_lease("promotion:x.prod", "run-a", ttl=30)
     forged = Lease(real.name, "attacker", real.token, real.expires_at)
     with pytest.raises(LeaseLost):
@@ -59,7 +57,7 @@ def test_a_forged_lease_object_is_refused(tmp_path: Path) -> None:
 
 
 def _race(db: str, key: str, holder: str, start: "multiprocessing.synchronize.Event", out: "multiprocessing.Queue") -> None:
-    book = Ledger(Path(db), Path(key))
+    book = Ledger(db, Path(key))
     start.wait()
     try:
         out.put((holder, book.acquire_lease("promotion:x.prod", holder, ttl=30).token))
@@ -67,12 +65,12 @@ def _race(db: str, key: str, holder: str, start: "multiprocessing.synchronize.Ev
         out.put((holder, None))
 
 
-def test_of_many_processes_racing_exactly_one_gets_the_lease(tmp_path: Path) -> None:
-    book = _ledger(tmp_path)
+def test_of_many_processes_racing_exactly_one_gets_the_lease(backend: LedgerBackend) -> None:
+    book = backend.ledger()
     book.append("genesis", "x", {}, "test")  # the database exists before the race
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(str(book.db_path), str(book.key_path), f"run-{i}", start, out))
+    procs = [ctx.Process(target=_race, args=(book.store.url, str(book.key_path), f"run-{i}", start, out))
              for i in range(6)]
     for p in procs:
         p.start()

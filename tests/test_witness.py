@@ -28,9 +28,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from resources.ledger import Ledger, LedgerTampered, ledger_paths
+from resources.ledger import Ledger, LedgerTampered
 from resources.witness import WitnessClient
-from tests.test_ledger import fill, pin_policy, rehash_from, rows, sigs_of, tamper
+from tests.stores import LedgerBackend, ledger_env
+from tests.test_ledger import fill, pin_policy, rehash_from, rows, select, sigs_of, tamper
 
 ROOT = Path(__file__).resolve().parents[1]
 WITNESS_USER = "onepath-witness-test"
@@ -127,12 +128,13 @@ def public_base() -> Iterator[Path]:
 
 
 @pytest.fixture
-def world(tmp_path: Path, public_base: Path, witness_user) -> Iterator[tuple[Ledger, WitnessProcess]]:
-    db, key = ledger_paths(tmp_path / "home")
-    platform_key = Ledger(db, key).platform_public_key_b64()
+def world(backend: LedgerBackend, public_base: Path, witness_user) -> Iterator[tuple[Ledger, WitnessProcess]]:
+    """A ledger (on sqlite, then on PostgreSQL) and its witness."""
+    book = backend.ledger("home")
+    platform_key = book.platform_public_key_b64()
     witness = WitnessProcess(witness_user, public_base, platform_key)
     try:
-        yield Ledger(db, key, witness_socket=witness.socket), witness
+        yield Ledger(book.store.url, book.key_path, witness_socket=witness.socket), witness
     finally:
         witness.stop()
 
@@ -163,9 +165,7 @@ def test_every_append_is_countersigned(world) -> None:
     with WitnessClient(witness.socket, witness_key=witness.key) as w:
         assert w.head()[:2] == (N, written[-1].hash)
         assert w.hash_at(3) == written[2].hash
-    conn = sqlite3.connect(ledger.db_path)
-    assert conn.execute("SELECT MAX(seq) FROM witness_receipts").fetchone()[0] == N
-    conn.close()
+    assert select(ledger, "SELECT MAX(seq) FROM witness_receipts") == [(N,)]
 
 
 @pytest.mark.parametrize("j", [1, 4])
@@ -174,7 +174,7 @@ def test_a_key_swap_and_re_sign_is_named_by_the_witness(world, j: int) -> None:
     ledger, witness = world
     fill(ledger, N)
     swap_key_and_resign(ledger, j)
-    fresh = Ledger(ledger.db_path, ledger.key_path, witness_socket=witness.socket)
+    fresh = Ledger(ledger.store.url, ledger.key_path, witness_socket=witness.socket)
     v = fresh.verify()
     assert not v.ok and v.first_bad_seq == j, v
     assert f"entry #{j} differs from what the witness countersigned" in v.reason, v
@@ -194,7 +194,7 @@ def test_with_the_key_pinned_the_witness_names_the_entry_and_the_reason_names_th
     v = ledger.verify()
     assert (v.ok, v.signed_by_pin, v.witness_seq) == (True, True, N + 2), v
     swap_key_and_resign(ledger, 6)
-    fresh = Ledger(ledger.db_path, ledger.key_path, witness_socket=witness.socket)
+    fresh = Ledger(ledger.store.url, ledger.key_path, witness_socket=witness.socket)
     v = fresh.verify()
     assert not v.ok and v.first_bad_seq == 6, v
     assert "entry #6 differs from what the witness countersigned" in v.reason
@@ -213,8 +213,11 @@ def test_truncation_is_named_by_the_witness(world) -> None:
     v = ledger.verify()
     assert not v.ok and v.first_bad_seq == N - 2, v
     assert "truncated" in v.reason and f"countersigned up to #{N}" in v.reason
-    for suffix in ("", "-wal", "-shm"):  # the whole database, gone
-        Path(str(ledger.db_path) + suffix).unlink(missing_ok=True)
+    if ledger.db_path is not None:
+        for suffix in ("", "-wal", "-shm"):  # the whole database, gone
+            Path(str(ledger.db_path) + suffix).unlink(missing_ok=True)
+    else:
+        tamper(ledger, "DROP TABLE ledger_entries, head_signatures, witness_receipts, promotion_leases")
     v = ledger.verify()
     assert not v.ok and v.first_bad_seq == 1 and v.entries == 0 and "truncated" in v.reason, v
 
@@ -244,7 +247,7 @@ def test_a_pinned_witness_that_does_not_answer_fails_closed(world) -> None:
     witness.stop()
     v = ledger.verify()
     assert not v.ok and v.first_bad_seq is None and "cannot be vouched for" in v.reason, v
-    unset = Ledger(ledger.db_path, ledger.key_path)  # no socket configured although the policy pins one
+    unset = Ledger(ledger.store.url, ledger.key_path)  # no socket configured although the policy pins one
     v = unset.verify()
     assert not v.ok and "cannot be vouched for" in v.reason and "ONEPATH_WITNESS_SOCKET" in v.reason, v
 
@@ -293,7 +296,8 @@ def test_cli_verify_names_the_witness_state(world, monkeypatch: pytest.MonkeyPat
     from tests.test_ledger import run_cli
 
     ledger, witness = world
-    monkeypatch.setenv("ONEPATH_HOME", str(ledger.db_path.parent))
+    for var, value in ledger_env(ledger).items():
+        monkeypatch.setenv(var, value)
     monkeypatch.setenv("ONEPATH_WITNESS_SOCKET", str(witness.socket))
     fill(ledger, 3)
     assert run_cli(["audit", "verify"]) == 0
@@ -334,7 +338,7 @@ def test_the_recorded_policy_pins_the_witness_and_a_shell_without_it_cannot_unpi
     assert ledger.pinned_witness_key() == witness.key
     fill(ledger, 3)
     assert ledger.verify().ok
-    no_witness = Ledger(ledger.db_path, ledger.key_path)
+    no_witness = Ledger(ledger.store.url, ledger.key_path)
     path.write_text(path.read_text().replace("seconds: 60\n", "seconds: 90\n", 1))
     with pytest.raises(PolicyRecordError, match="the configured witness \\(none\\) is not the one pinned in ledger #1"):
         record_policy(no_witness, path, signer="pat", key=load_private_key(DEMO_ADMIN_KEY), initial=False)
@@ -354,14 +358,15 @@ def test_policy_apply_change_witness_pins_the_witness_and_unpins_it_from_the_com
     ledger, witness = world
     path = tmp_path / "policy.yaml"
     path.write_text((ROOT / "assets" / "policy.yaml").read_text())
-    no_witness = Ledger(ledger.db_path, ledger.key_path)
+    no_witness = Ledger(ledger.store.url, ledger.key_path)
     first = record_policy(no_witness, path, signer="pat", key=load_private_key(DEMO_ADMIN_KEY), initial=True)
     assert policy_in_force(ledger).witness_key is None and ledger.pinned_witness_key() is None
 
     def policy_apply(*flags: str, socket: Path | None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "ONEPATH_HOME": str(ledger.db_path.parent)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for var in (*NOT_INHERITED, "ONEPATH_WITNESS_SOCKET"):
             env.pop(var, None)
+        env.update(ledger_env(ledger))
         env["ONEPATH_POLICY_FILE"] = str(path)
         if socket is not None:
             env["ONEPATH_WITNESS_SOCKET"] = str(socket)

@@ -42,6 +42,8 @@ def _witness_line(ledger, v) -> str:
 
 def _ledger_findings(ledger, v, full: bool) -> tuple[bool, list[str], list[str]]:
     """(ok, lines for stdout, lines for stderr) of the ledger check ``v`` (a ``Verification``)."""
+    if v.unreadable:  # not tampering: nothing could be judged
+        return False, [], [f"ledger UNREADABLE: {v.reason}", _witness_line(ledger, v)]
     if not v.ok:
         where = f" at entry #{v.first_bad_seq}" if v.first_bad_seq is not None else ""
         first, *rest = v.findings or (v.reason,)

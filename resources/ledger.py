@@ -213,6 +213,7 @@ class Verification:
     unwitnessed: int = 0  # entries after the witness's head (or after the last receipt when it is down)
     findings: tuple[str, ...] = ()  # every problem and note, one line each (reason leads with the first)
     pinned_in: int | None = None  # seq of the policy_recorded entry whose platform key was checked
+    unreadable: bool = False  # the store could not be reached or read: nothing was judged, nothing vouched for
 
 
 class LedgerTampered(RuntimeError):
@@ -879,10 +880,10 @@ class Ledger:
             with self._snapshot() as (conn, rows, receipt, witness):
                 return self._verify_snapshot(conn, rows, receipt, witness, full)
         except LedgerUnavailable as err:
-            return Verification(False, 0, None, str(err), findings=(str(err),))
+            return Verification(False, 0, None, str(err), findings=(str(err),), unreadable=True)
         except sa.exc.SQLAlchemyError as err:
             reason = f"ledger database {self.location} is unreadable: {store_error_text(err)}"
-            return Verification(False, 0, None, reason, findings=(reason,))
+            return Verification(False, 0, None, reason, findings=(reason,), unreadable=True)
 
     def _verify_snapshot(self, conn: Conn | None, rows: list[tuple], receipt: int,
                          witness: tuple[int, str] | WitnessError | None, full: bool) -> Verification:

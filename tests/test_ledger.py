@@ -726,3 +726,43 @@ def test_the_public_key_cache_survives_many_keys() -> None:
     keys = [raw_public_b64(Ed25519PrivateKey.generate().public_key()) for _ in range(200)]
     assert all(_pub_from_b64(k) is not None for k in keys)
     assert _pub_from_b64("not a key") is None
+
+
+def test_postgresql_down_fails_closed_and_the_ledger_carries_on_when_it_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A server of its own, stopped between appends: an append, a lease and verify fail in one line naming the
+    store (never its password) and write nothing; once it is back, the same Ledger object goes on at the next seq."""
+    import time
+
+    from resources.ledger import LedgerUnavailable
+    from tests.stores import ledger_env, start_postgres
+
+    server = start_postgres()
+    try:
+        ledger = Ledger(server.create_database("down"), tmp_path / "home" / "keys" / "platform.key")
+        fill(ledger, 3)
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable, match="cannot be reached") as err:
+            ledger.append("deploy", "credit_scoring", {"version": "4"}, actor="ci", env="prod")
+        assert time.monotonic() - started < 30
+        assert server.password not in str(err.value) and f"127.0.0.1:{server.port}/down" in str(err.value)
+        with pytest.raises(LedgerUnavailable):
+            ledger.acquire_lease("promotion:credit_scoring.prod", "run-a", ttl=30)
+        v = ledger.verify()
+        assert not v.ok and "cannot be reached" in v.reason and server.password not in v.reason, v
+        for var, value in ledger_env(ledger).items():
+            monkeypatch.setenv(var, value)
+        assert run_cli(["audit", "verify"]) == 1
+        err_lines = capsys.readouterr().err.strip().splitlines()
+        assert err_lines[0].startswith("ledger UNREADABLE: the ledger's database postgresql+psycopg2://onepath:***@"), \
+            err_lines
+        assert all(server.password not in line and "Traceback" not in line for line in err_lines), err_lines
+        server.start()
+        entry = ledger.append("deploy", "credit_scoring", {"version": "4"}, actor="ci", env="prod")
+        assert entry.seq == 4 and ledger.verify().ok
+    finally:
+        server.stop()
+        import shutil
+
+        shutil.rmtree(server.base, ignore_errors=True)

@@ -247,6 +247,10 @@ class LeaseHeld(RuntimeError):
         self.name, self.holder, self.token, self.expires_at = name, holder, token, expires_at
 
 
+class LedgerCopyRefused(RuntimeError):
+    """``Ledger.copy_to`` wrote nothing: the source does not verify, or the target holds another history."""
+
+
 class LeaseLost(RuntimeError):
     """The holder's grant is no longer the current one (it expired and was granted again, or was released)."""
 
@@ -844,6 +848,43 @@ class Ledger:
                     return None
                 raise
         return Entry.from_row(row) if row else None
+
+    def copy_to(self, target: "Ledger") -> int:
+        """Copy this ledger into ``target`` (another store) with the same entry numbers, hashes, head signatures
+        and witness receipts, so ``target.verify()`` vouches for the same history; returns how many entries were
+        copied. Safe to re-run: a target holding exactly the first k entries gets entries k+1.. (0 when it holds
+        them all). Refuses (:class:`LedgerCopyRefused`, nothing written) a source that does not verify and a
+        target that holds anything else: it never overwrites."""
+        v = self.verify()
+        if not v.ok:
+            raise LedgerCopyRefused(f"the ledger at {self.location} does not verify ({v.reason}): nothing copied")
+        with self._reader() as src:
+            if src is None:
+                return 0
+            rows = src.rows(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq")
+            sigs = src.rows(f"SELECT seq, key, sig FROM {SIGS} ORDER BY seq")
+            receipts = src.rows(f"SELECT seq, cosig FROM {RECEIPTS} ORDER BY seq") if RECEIPTS in src.tables() else []
+        with target.store.appending() as conn:
+            have = conn.rows(f"SELECT seq, hash FROM {TABLE} ORDER BY seq")
+            mine = [(r[0], r[8]) for r in rows[:len(have)]]
+            if have != mine:
+                first = next((a[0] for a, b in zip(have, mine) if a != b), min(len(have), len(rows)) + 1)
+                raise LedgerCopyRefused(f"the ledger at {target.location} is not empty and differs from "
+                                        f"{self.location} from entry #{first} on: nothing copied (it is never "
+                                        f"overwritten)")
+            k = len(have)
+            signed = conn.scalar(f"SELECT MAX(seq) FROM {SIGS}") or 0
+            if signed > k:
+                raise LedgerCopyRefused(f"the ledger at {target.location} holds head signatures past its entries "
+                                        f"(#{signed} > #{k}): nothing copied")
+            conn.bulk(f"INSERT INTO {TABLE} ({_COLS}) VALUES (:seq, :ts, :kind, :subject, :env, :actor, :data, "
+                      f":prev_hash, :hash)", [dict(zip(COLUMNS, r)) for r in rows[k:]])
+            conn.bulk(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (:seq, :key, :sig)",
+                      [{"seq": q, "key": key, "sig": sig} for q, key, sig in sigs if q > k])
+            conn.bulk(f"INSERT INTO {RECEIPTS} (seq, cosig) VALUES (:seq, :cosig) ON CONFLICT (seq) DO NOTHING",
+                      [{"seq": q, "cosig": c} for q, c in receipts])
+            conn.commit()
+        return len(rows) - k
 
     def export(self, jsonl_path: Path, csv_path: Path, where: Callable[["Entry"], bool] | None = None) -> int:
         """Write every entry (or those ``where`` keeps) as JSON lines and as CSV (``data`` as a JSON string);

@@ -766,3 +766,32 @@ def test_postgresql_down_fails_closed_and_the_ledger_carries_on_when_it_returns(
         import shutil
 
         shutil.rmtree(server.base, ignore_errors=True)
+
+
+def test_copy_to_postgresql_keeps_numbers_hashes_and_signatures_and_never_overwrites(
+        postgres, tmp_path: Path) -> None:
+    """What ``onepath migrate --to production`` does with the ledger: the same entries, seq for seq and hash for
+    hash, with the head signatures, so the copy verifies under the same pinned key; a re-run copies only what
+    is new; another history in the target, or a source that does not verify, is refused and nothing is written."""
+    from resources.ledger import LedgerCopyRefused
+
+    source = make_ledger(tmp_path)
+    fill(source)
+    pin_policy(source, source.platform_public_key_b64())
+    target = Ledger(postgres.create_database("copy_target"), source.key_path)
+    assert source.copy_to(target) == N + 1
+    assert target.entries() == source.entries() and sigs_of(target) == sigs_of(source)
+    v = target.verify(full=True)
+    assert (v.ok, v.head_hash, v.signed_by_pin) == (True, source.head().hash, True), v
+    assert source.copy_to(target) == 0  # a re-run is a no-op ...
+    source.append("deploy", "credit_scoring", {"version": "late"}, actor="ci", env="prod")
+    assert source.copy_to(target) == 1 and target.head() == source.head()  # ... or copies what came since
+
+    other = Ledger(postgres.create_database("copy_other"), source.key_path)
+    other.append("deploy", "someone_else", {}, actor="ci")
+    with pytest.raises(LedgerCopyRefused, match="differs .* from entry #1 on"):
+        source.copy_to(other)
+    assert len(other.entries()) == 1
+    set_data(source, 3, {"version": "forged"})
+    with pytest.raises(LedgerCopyRefused, match="does not verify"):
+        source.copy_to(Ledger(postgres.create_database("copy_third"), source.key_path))

@@ -609,16 +609,15 @@ def build_snapshot_dataset_defs(spec: SnapshotDatasetSpec, org: Organisation) ->
         **common(spec),
     )
     def _snapshots(context: dg.AssetExecutionContext, data_store: DataStore):
-        folder = Path(data_store.root) / spec.name
-        snaps = sorted(folder.glob("*.parquet"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        snaps = data_store.snapshots(spec.name)
         if not snaps:
             raise dg.Failure(description=f"dataset '{spec.name}' has no snapshot yet: run onepath.register(...) "
                                          f"in the notebook that trains the model")
-        newest = snaps[-1].stem
+        newest, where = snaps[-1]
         return dg.MaterializeResult(
             # no expectations run on a notebook's snapshot (said so; the gates' data_quality reads the rows)
             metadata={"snapshots": len(snaps), "data_hash": newest, "expectations": "none declared (a snapshot "
-                      "onepath.register wrote)", "path": str(snaps[-1])},
+                      "onepath.register wrote)", "path": where},
             data_version=dg.DataVersion(newest[:16]))
 
     return [_snapshots]

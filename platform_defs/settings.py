@@ -38,6 +38,13 @@ class Settings:
     # ONEPATH_LEDGER_URL: the ledger on PostgreSQL (postgresql+psycopg2://user:password@host:port/db); None: the
     # embedded sqlite file $ONEPATH_HOME/ledger.db. The URL holds a password: it is read from the environment only.
     ledger_url: str | None = None
+    # ONEPATH_DATA_URL: dataset snapshots on S3 (s3://bucket/prefix); None: under data_dir
+    data_url: str | None = None
+
+    @property
+    def data_root(self) -> str:
+        """Where dataset snapshots are: the S3 URI, else the local folder."""
+        return self.data_url or str(self.data_dir)
 
     @property
     def ledger_location(self) -> Path | str:
@@ -97,7 +104,18 @@ def load_settings() -> Settings:
         witness_socket=Path(os.environ["ONEPATH_WITNESS_SOCKET"]) if os.environ.get("ONEPATH_WITNESS_SOCKET") else None,
         profile=current_profile(),
         ledger_url=os.environ.get("ONEPATH_LEDGER_URL") or None,
+        data_url=_s3_url("ONEPATH_DATA_URL"),
     )
+
+
+def _s3_url(var: str) -> str | None:
+    """An ``s3://bucket/prefix`` setting (None when unset); anything else is refused naming the variable."""
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return None
+    if not value.startswith("s3://") or not value[5:].split("/", 1)[0]:
+        raise ValueError(f"{var}={value!r}: expected s3://BUCKET/PREFIX")
+    return value.rstrip("/")
 
 
 def declarations_dir() -> Path:

@@ -26,7 +26,7 @@ def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> di
             ui_url=settings.mlflow_ui_url,
             cache_dir=str(settings.releases_dir / "models"),
         ),
-        "data_store": DataStore(root=str(settings.data_dir)),
+        "data_store": DataStore(root=settings.data_root),
         # a PostgreSQL URL holds a password
         "ledger": LedgerResource(location=dg.EnvVar("ONEPATH_LEDGER_URL") if settings.ledger_url and secrets_from_env
                                  else str(settings.ledger_location),

@@ -55,7 +55,8 @@ class Settings:
         """The platform ledger these settings name (its signing key under ``$ONEPATH_HOME/keys``)."""
         from resources.ledger import Ledger, ledger_paths
 
-        return Ledger(self.ledger_location, ledger_paths(self.home)[1], witness_socket=self.witness_socket)
+        return Ledger(self.ledger_location, ledger_paths(self.home)[1], witness_socket=self.witness_socket,
+                      private_key_pem=os.environ.get("ONEPATH_PLATFORM_KEY") or None)
 
     def ensure_dirs(self) -> "Settings":
         """Create every folder owner-only (0700), and an embedded MLflow store as an owner-only file:

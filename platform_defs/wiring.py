@@ -3,6 +3,9 @@ so command-line verbs can import it cheaply)."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import dagster as dg
 
 from platform_defs.settings import Settings
@@ -12,6 +15,13 @@ from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource, ledger_paths
 from resources.mlflow_registry import MlflowRegistry
 from resources.monitoring import MonitoringResource
+
+
+def _secret(var: str, from_env: bool) -> Any:
+    """A credential's setting: None when unset; as ``dg.EnvVar`` for the Definitions, else its value."""
+    if not os.environ.get(var):
+        return None
+    return dg.EnvVar(var) if from_env else os.environ[var]
 
 
 def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> dict[str, object]:
@@ -28,9 +38,10 @@ def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> di
         ),
         "data_store": DataStore(root=settings.data_root),
         # a PostgreSQL URL holds a password
-        "ledger": LedgerResource(location=dg.EnvVar("ONEPATH_LEDGER_URL") if settings.ledger_url and secrets_from_env
-                                 else str(settings.ledger_location),
+        "ledger": LedgerResource(location=(_secret("ONEPATH_LEDGER_URL", secrets_from_env)
+                                           or str(settings.ledger_location)),
                                  key_path=str(ledger_paths(settings.home)[1]),
+                                 platform_key=_secret("ONEPATH_PLATFORM_KEY", secrets_from_env),
                                  witness_socket=str(settings.witness_socket) if settings.witness_socket else None),
         "deployer_local": LocalDeployerResource(**settings_config(settings)),
         "monitoring": MonitoringResource(

@@ -338,8 +338,11 @@ class Ledger:
     """The append-only, hash-chained ledger with signed heads and a witness (see the module docstring)."""
 
     def __init__(self, location: Path | str, key_path: Path, witness_socket: Path | str | None = None,
-                 witness_timeout: float = WITNESS_TIMEOUT_S):
-        """``location``: the sqlite file (a path) or a PostgreSQL URL (``postgresql+psycopg2://...``)."""
+                 witness_timeout: float = WITNESS_TIMEOUT_S, private_key_pem: str | bytes | None = None):
+        """``location``: the sqlite file (a path) or a PostgreSQL URL (``postgresql+psycopg2://...``).
+        ``private_key_pem``: the platform key itself (PEM, from the environment on a host that appends: never
+        written to disk); else the key file ``key_path`` (created on first use). ``<key>.pub`` is written
+        next to ``key_path`` either way (it is public)."""
         self.store = LedgerStore(location)
         self.db_path = self.store.db_path  # None on PostgreSQL
         self.key_path = Path(key_path)
@@ -348,9 +351,15 @@ class Ledger:
         self.witness_socket = Path(witness_socket) if witness_socket else None
         self.witness_timeout = witness_timeout
         self._key: Ed25519PrivateKey | None = None
+        self._key_pem = private_key_pem.encode() if isinstance(private_key_pem, str) else private_key_pem
 
     def __repr__(self) -> str:
         return f"Ledger({self.store.display!r})"
+
+    @property
+    def key_source(self) -> str:
+        """Where the platform key comes from, fit for a message."""
+        return "given in ONEPATH_PLATFORM_KEY" if self._key_pem is not None else str(self.key_path)
 
     @property
     def location(self) -> str:
@@ -391,13 +400,21 @@ class Ledger:
     def _private_key(self, create: bool) -> Ed25519PrivateKey | None:
         if self._key is not None:
             return self._key
-        if not self.key_path.exists():
-            if not create:
-                return None
-            self._create_key()
-        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        if self._key_pem is not None:
+            where = "the platform key given in the environment (ONEPATH_PLATFORM_KEY)"
+            try:
+                key = serialization.load_pem_private_key(self._key_pem, password=None)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{where} is not a PEM private key: {err}") from None
+        else:
+            where = str(self.key_path)
+            if not self.key_path.exists():
+                if not create:
+                    return None
+                self._create_key()
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
-            raise TypeError(f"{self.key_path} is not an Ed25519 private key")
+            raise TypeError(f"{where} is not an Ed25519 private key")
         self._key = key
         return key
 
@@ -433,16 +450,16 @@ class Ledger:
             if not isinstance(loaded, Ed25519PublicKey):
                 return None, f"public key {self.pub_path} is not an Ed25519 key"
             pub = loaded
-        if self.key_path.exists():
+        if self._key_pem is not None or self.key_path.exists():
             try:
                 priv = self._private_key(create=False)
             except (ValueError, TypeError) as err:
-                return None, f"platform key {self.key_path} is unreadable: {err}"
+                return None, f"platform key {self.key_source} is unreadable: {err}"
             assert priv is not None
             if pub is None:
                 pub = priv.public_key()
             elif _public_pem(pub) != _public_pem(priv.public_key()):
-                return None, f"public key {self.pub_path} does not match the platform key {self.key_path}"
+                return None, f"public key {self.pub_path} does not match the platform key {self.key_source}"
         if pub is None:
             return None, f"no platform key to check signatures with ({self.pub_path} is missing)"
         return pub, None
@@ -453,7 +470,7 @@ class Ledger:
     def platform_public_key_b64(self, create: bool = True) -> str:
         """The platform key's public half as b64 of its 32 raw bytes (what a policy pins); the key pair
         is created on first use, as the first append would."""
-        if create and not self.key_path.exists():
+        if create and self._key_pem is None and not self.key_path.exists():
             with self.store.file_lock():
                 key = self._private_key(create=True)
                 assert key is not None
@@ -673,7 +690,7 @@ class Ledger:
         own_b64 = _raw_b64(key.public_key())
         newest = pins.newest()
         if newest is not None and newest[1] != own_b64:
-            raise LedgerTampered(None, f"the platform key {self.key_path} is not the key pinned in policy "
+            raise LedgerTampered(None, f"the platform key {self.key_source} is not the key pinned in policy "
                                        f"#{newest[0]} ({str(newest[1])[:16]}..., this key {own_b64[:16]}...): "
                                        f"it was replaced; nothing was written (restore the pinned key)")
         last_signed = found.last_signed

@@ -21,6 +21,9 @@ class LedgerResource(dg.ConfigurableResource):
     key_path: str = Field(
         description="Ed25519 platform signing key (PEM, mode 0600), kept outside the database; "
                     "created on first append; its public key is written next to it as .pub.")
+    platform_key: str | None = Field(
+        None, description="The platform signing key itself (PEM), for a host that must not keep it in a file: give "
+                          "it as dg.EnvVar(\"ONEPATH_PLATFORM_KEY\") (the settings do); unset: the key file.")
     witness_socket: str | None = Field(
         None, description="Unix socket of the ledger's witness (onepath witness serve), a service running as "
                           "its own OS user that countersigns every head (env ONEPATH_WITNESS_SOCKET).")
@@ -31,4 +34,5 @@ class LedgerResource(dg.ConfigurableResource):
             from platform_defs.settings import load_settings  # here: platform_defs imports this module
 
             socket = load_settings().witness_socket
-        return Ledger(self.location, Path(self.key_path), Path(socket) if socket else None)
+        return Ledger(self.location, Path(self.key_path), Path(socket) if socket else None,
+                      private_key_pem=self.platform_key or None)

@@ -795,3 +795,25 @@ def test_copy_to_postgresql_keeps_numbers_hashes_and_signatures_and_never_overwr
     set_data(source, 3, {"version": "forged"})
     with pytest.raises(LedgerCopyRefused, match="does not verify"):
         source.copy_to(Ledger(postgres.create_database("copy_third"), source.key_path))
+
+
+def test_a_host_given_the_platform_key_in_its_environment_keeps_it_off_disk(postgres, tmp_path: Path) -> None:
+    """ONEPATH_PLATFORM_KEY (the PEM, from a Secret) instead of a key file: two hosts append to one PostgreSQL
+    ledger with no private key on either disk; a value that is not a key is refused in one line, nothing written."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    url = postgres.create_database("key_in_env")
+    hosts = [Ledger(url, tmp_path / f"host{i}" / "keys" / "platform.key", private_key_pem=pem) for i in (0, 1)]
+    for i, host in enumerate(hosts * 2):
+        host.append("deploy", "credit_scoring", {"version": str(i)}, actor=f"host{i % 2}", env="prod")
+    assert [e.seq for e in hosts[1].entries()] == [1, 2, 3, 4]
+    assert hosts[0].verify(full=True).ok and hosts[1].platform_public_key_b64() == base64.b64encode(
+        key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+    for i in (0, 1):
+        assert not (tmp_path / f"host{i}" / "keys" / "platform.key").exists()
+        assert (tmp_path / f"host{i}" / "keys" / "platform.pub").exists()  # public: written for auditors
+    bad = Ledger(url, tmp_path / "host2" / "keys" / "platform.key", private_key_pem="not a key")
+    with pytest.raises(ValueError, match="ONEPATH_PLATFORM_KEY\\) is not a PEM private key"):
+        bad.append("deploy", "credit_scoring", {}, actor="host2")
+    assert len(hosts[0].entries()) == 4

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import urllib.request
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -114,10 +115,19 @@ def ledger_view(world, endpoint: str) -> list[tuple[str, str | None]]:
 # -- restarts ------------------------------------------------------------------------------------
 
 
-def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world):
+def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world, monkeypatch):
+    from resources.deployers.local import PLATFORM_CREDENTIALS
+
     org, deployer = world["org"], world["deployer"]
+    for var in PLATFORM_CREDENTIALS:  # the platform's credentials, as a production host has them
+        monkeypatch.setenv(var, f"secret-{var.lower()}")
     st = deploy_like_factories(org, "sv_restart", "prod", "1", world["resources"])
     assert len(st.detail["supervisor"]["pids"]) == 2  # prod's default
+    for pid in (st.detail["supervisor"]["pid"], *st.detail["supervisor"]["pids"]):  # what serves holds none
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert not any(f"secret-{var.lower()}".encode() in environ for var in PLATFORM_CREDENTIALS), pid
+    for var in PLATFORM_CREDENTIALS:
+        monkeypatch.delenv(var)
     worker = 0
     pid = st.detail["supervisor"]["pids"][worker]
     os.kill(pid, signal.SIGKILL)

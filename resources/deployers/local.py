@@ -43,6 +43,20 @@ ENDPOINT_DEFAULTS = {"pii_columns": [], "max_batch": 64, "model_threads": 1, "in
                      "pass_through": []}
 
 
+
+# The platform's own credentials never reach what it serves: a served model's code (an MLmodel can point at a
+# pickle) or an app runs in the supervisor's children and could read them from its environment. The store
+# passwords, the platform's signing key and the cloud credentials stay with the platform's processes.
+PLATFORM_CREDENTIALS = ("ONEPATH_LEDGER_URL", "ONEPATH_PLATFORM_KEY", "ONEPATH_DAGSTER_PG_PASSWORD",
+                        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                        "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def served_environment(environ: Any) -> dict[str, str]:
+    """``environ`` without the platform's credentials: what a supervisor (and so every worker) starts with."""
+    return {k: v for k, v in environ.items() if k not in PLATFORM_CREDENTIALS}
+
+
 class LocalProcessDeployer(Deployer):
     def __init__(self, run_dir: Path, *, host: str = "127.0.0.1", port_base: int = 18000,
                  python: str | None = None, inference_log_dir: Path | None = None,
@@ -163,7 +177,7 @@ class LocalProcessDeployer(Deployer):
             raise DeployError(f"{target.slot}: {err}") from None
         # state.json of an earlier supervisor stays: the new one reads what served before from it
         # (what a crash loop rolls back to), and it is ready once state.json names its own pid
-        env = dict(os.environ)
+        env = served_environment(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         argv = [self.python, "-m", "resources.serving.supervisor", "--slot-dir", str(slot),
                 "--host", self.host, "--port", str(port), "--inference-log-dir", str(self.inference_log_dir)]

@@ -44,7 +44,7 @@ from platform_defs.access import app_target, endpoint_target
 from platform_defs.policy import Policy, policy_hash
 from platform_defs.specs import AppSpec, DatasetSpec, EndpointSpec, ModelSpec, Organisation
 from resources.deployers.base import Deployer, DeployError, Release, Target, serving_version
-from resources.ledger import Entry, Lease, LeaseHeld, LeaseLost, Ledger
+from resources.ledger import STORE_ERRORS, Entry, Lease, LeaseHeld, LeaseLost, Ledger, store_error_text
 
 LEASE_TTL_SECONDS = 30.0  # a holder that stops renewing loses the lock this long after its last renewal
 LEASE_RENEW_SECONDS = 10.0
@@ -221,7 +221,10 @@ class PromotionLock:
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=LEASE_RENEW_SECONDS)
-        self.book.release_lease(self.lease)
+        try:
+            self.book.release_lease(self.lease)
+        except STORE_ERRORS:  # the store is away: the lease expires by itself (LEASE_TTL_SECONDS)
+            pass
 
 
 def superseded(book: Ledger, subject: str, env: str, version: str, previous: str | None, *, waited: bool,
@@ -649,7 +652,7 @@ def promote_endpoint(org: Organisation, policy: Policy, name: str, env: str, *, 
         deploy_t0 = time.perf_counter()
         release = endpoint_release(spec, model, dataset, version, artifact, digest, env=env)
         with _never_off_the_record(services, target, release, lock, who={"model": model.name}, actor=actor,
-                                   still_serving=previous) as record:
+                                   still_serving=previous, fallback=fallback) as record:
             status = _deploy(services, target, release, lock, who={"model": model.name}, actor=actor,
                              still_serving=previous, verdicts=verdicts, fallback=fallback)
             alias_error = _move_alias(services, lock, model.name, env, version)
@@ -688,11 +691,23 @@ def _deploy(services: Services, target: Target, release: Release, lock: Promotio
     from platform_defs.access import Access, AccessError
 
     lock.check()
+
+    def ledger_can_record() -> None:
+        """Right before the cutover: the lease is renewed, a write the ledger's store must take, so a store that
+        is away (PostgreSQL stopped) means no switch rather than a switch nobody can record."""
+        lock.lease = services.ledger.renew_lease(lock.lease, LEASE_TTL_SECONDS)
+
     try:
         services.deployer.fence(target, lock.token)
         if target.kind == "endpoint":  # its callers' grants are in place before a fresh slot's first request
             Access(services.ledger, services.deployer).publish_table(target)
-        return services.deployer.deploy(target, release, fencing_token=lock.token, fallback=fallback)
+        return services.deployer.deploy(target, release, fencing_token=lock.token, fallback=fallback,
+                                        before_cutover=ledger_can_record)
+    except STORE_ERRORS as err:  # nothing switched, and nothing can be recorded either
+        raise PromotionError(f"{target.slot}: version {release.version} not switched to: the ledger cannot "
+                             f"record it ({store_error_text(err)}); {still_serving or 'nothing'} keeps serving",
+                             verdicts=verdicts, metadata={"refused_version": release.version,
+                                                          "still_serving": still_serving or "nothing"}) from None
     except (DeployError, AccessError, OSError) as err:
         services.ledger.append("promotion_refused", target.name, {
             **who, "version": release.version, "still_serving": still_serving, "failed": ["deploy"],
@@ -703,11 +718,16 @@ def _deploy(services: Services, target: Target, release: Release, lock: Promotio
 
 @contextmanager
 def _never_off_the_record(services: Services, target: Target, release: Release, lock: PromotionLock, *,
-                          who: dict[str, str], actor: str, still_serving: str | None) -> Iterator[dict[str, bool]]:
+                          who: dict[str, str], actor: str, still_serving: str | None,
+                          fallback: Release | None) -> Iterator[dict[str, bool]]:
     """Around a switch and its ``deploy`` entry: interrupted in between (SIGINT, Dagster's Terminate, an
     error while the alias moves), a version that already serves is recorded all the same, marked
     ``interrupted``, before the interruption goes on. The caller sets ``recorded`` once it appended its
-    entry. Before the switch there is nothing to record: the deployer discarded its candidate."""
+    entry. Before the switch there is nothing to record: the deployer discarded its candidate.
+
+    When the ledger itself cannot record the switch (its store went away after the cutover), traffic never
+    stays on a version the ledger does not record: ``fallback`` (the governed version the ledger last
+    recorded there) is put back, or with none the version is stopped, and the promotion fails saying so."""
     state = {"recorded": False}
     try:
         yield state
@@ -715,12 +735,35 @@ def _never_off_the_record(services: Services, target: Target, release: Release, 
         if not state["recorded"] and not isinstance(err, PromotionError):
             status = services.deployer.status(target)
             if serving_version(status) == release.version and release.version != still_serving:
-                services.ledger.append("deploy", target.name, {
-                    **who, "version": release.version, "digest": release.digest, "previous_version": still_serving,
-                    "address": status.address, "fencing_token": lock.token, "interrupted":
-                    f"the promotion was interrupted after the switch ({type(err).__name__}); the alias may not have "
-                    f"moved"}, actor, env=target.env, fence=lock.lease)
+                try:
+                    services.ledger.append("deploy", target.name, {
+                        **who, "version": release.version, "digest": release.digest,
+                        "previous_version": still_serving, "address": status.address, "fencing_token": lock.token,
+                        "interrupted": f"the promotion was interrupted after the switch ({type(err).__name__}); "
+                                       f"the alias may not have moved"}, actor, env=target.env, fence=lock.lease)
+                except STORE_ERRORS as store_err:
+                    raise PromotionError(_switch_back(services, target, release, fallback, lock, store_err),
+                                         metadata={"refused_version": release.version,
+                                                   "still_serving": fallback.version if fallback else "nothing"}
+                                         ) from None
         raise
+
+
+def _switch_back(services: Services, target: Target, release: Release, fallback: Release | None,
+                 lock: PromotionLock, store_err: BaseException) -> str:
+    """Put ``fallback`` back at ``target`` (or stop it) because the switch to ``release`` cannot be recorded;
+    the message says what serves now. The ledger is away, so nothing of this is recorded: what serves is again
+    what it last recorded there."""
+    why = f"{target.slot}: version {release.version} served, but the ledger cannot record it ({store_error_text(store_err)})"
+    try:
+        if fallback is None:
+            services.deployer.delete(target)
+            return f"{why}: it was stopped (nothing governed to put back)"
+        services.deployer.deploy(target, fallback, fencing_token=lock.token)
+        return f"{why}: switched back to version {fallback.version}, which the ledger last recorded there"
+    except (DeployError, OSError) as err:
+        return (f"{why}, and switching back failed ({one_line(err, 300)}): version {release.version} serves "
+                f"unrecorded until a promotion or rollback replaces it")
 
 
 def _move_alias(services: Services, lock: PromotionLock, model: str, env: str, version: str) -> str | None:
@@ -903,7 +946,7 @@ def _way_back(org: Organisation, policy: Policy, spec: EndpointSpec, env: str, s
     fallback = fallback_release(org, policy, spec, env, version, services=services, actor=actor)
     release = endpoint_release(spec, model, dataset, version, artifact, digest, env=env)
     with _never_off_the_record(services, target, release, lock, who={"model": model.name}, actor=actor,
-                               still_serving=serving) as record:
+                               still_serving=serving, fallback=fallback) as record:
         status = _deploy(services, target, release, lock, who={"model": model.name}, actor=actor, still_serving=serving,
                          verdicts=[], fallback=fallback)
         address = status.address or deployer.address(target)
@@ -1101,7 +1144,7 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
         grant_ids = _app_credentials(org, spec, env, services, lock, version=version, actor=actor,
                                      still_serving=previous, verdicts=verdicts)
         with _never_off_the_record(services, target, release, lock, who={"app": spec.name}, actor=actor,
-                                   still_serving=previous) as record:
+                                   still_serving=previous, fallback=fallback) as record:
             status = _deploy(services, target, release, lock, who={"app": spec.name}, actor=actor,
                              still_serving=previous, verdicts=verdicts, fallback=fallback)
             entry = book.append("deploy", spec.name, {

@@ -17,11 +17,12 @@ from resources.mlflow_registry import MlflowRegistry
 from resources.monitoring import MonitoringResource
 
 
-def _secret(var: str, from_env: bool) -> Any:
-    """A credential's setting: None when unset; as ``dg.EnvVar`` for the Definitions, else its value."""
-    if not os.environ.get(var):
+def _secret(var: str, value: str | None, from_env: bool) -> Any:
+    """A credential the settings hold (``value``, None when unset): as ``dg.EnvVar(var)`` for the Definitions when
+    that is where it came from, else the value itself."""
+    if not value:
         return None
-    return dg.EnvVar(var) if from_env else os.environ[var]
+    return dg.EnvVar(var) if from_env and os.environ.get(var) == value else value
 
 
 def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> dict[str, object]:
@@ -38,10 +39,11 @@ def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> di
         ),
         "data_store": DataStore(root=settings.data_root),
         # a PostgreSQL URL holds a password
-        "ledger": LedgerResource(location=(_secret("ONEPATH_LEDGER_URL", secrets_from_env)
+        "ledger": LedgerResource(location=(_secret("ONEPATH_LEDGER_URL", settings.ledger_url, secrets_from_env)
                                            or str(settings.ledger_location)),
                                  key_path=str(ledger_paths(settings.home)[1]),
-                                 platform_key=_secret("ONEPATH_PLATFORM_KEY", secrets_from_env),
+                                 platform_key=_secret("ONEPATH_PLATFORM_KEY", os.environ.get("ONEPATH_PLATFORM_KEY"),
+                                                      secrets_from_env),
                                  witness_socket=str(settings.witness_socket) if settings.witness_socket else None),
         "deployer_local": LocalDeployerResource(**settings_config(settings)),
         "monitoring": MonitoringResource(

@@ -282,7 +282,8 @@ def record_policy(book, policy=None, path: Path | None = None):
     from resources.approvals import load_private_key
 
     if policy is not None:
-        path = Path(book.db_path).parent / f"policy-{policy_hash(policy)[:16]}.yaml"
+        folder = Path(book.db_path).parent if book.db_path is not None else book.key_path.parent.parent  # PG: home
+        path = folder / f"policy-{policy_hash(policy)[:16]}.yaml"
         if not path.exists():
             path.write_text(yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=True))
     path = Path(path or policy_path())

@@ -377,16 +377,21 @@ class Deployer(ABC):
 
     # -- the contract ---------------------------------------------------------------------
     def deploy(self, target: Target, release: Release, timeout: float = 120.0,
-               fencing_token: int | None = None, fallback: Release | None = None) -> DeploymentStatus:
+               fencing_token: int | None = None, fallback: Release | None = None,
+               before_cutover: Callable[[], None] | None = None) -> DeploymentStatus:
         """Serve ``release`` at ``target``'s stable address (see the module docstring). With a
         ``fencing_token``, the cutover is refused (DeployError, the candidate discarded, nothing
         changed) if the backend has seen a higher token. ``fallback`` is the only release the backend
         may put back on its own should ``release`` crash-loop (the promotion flow names the governed way
-        back); with none, a crash-looping release is stopped and the address says so."""
+        back); with none, a crash-looping release is stopped and the address says so. ``before_cutover``
+        runs once the candidate is healthy, right before it takes traffic: whatever it raises discards the
+        candidate, nothing changed (the promotion flow checks there that the ledger can record the switch)."""
         candidate = self._launch(target, release, timeout + self.promote_margin)
         deadline = time.monotonic() + timeout
         try:
             self._await_healthy(candidate, deadline)
+            if before_cutover is not None:
+                before_cutover()
             self._cutover(candidate, fencing_token, fallback)
         except BaseException:
             # any interruption too (SIGINT's KeyboardInterrupt, SystemExit, Dagster's Terminate): a

@@ -74,8 +74,15 @@ def test_postgresql_stopped_at_the_cutover_leaves_traffic_on_what_the_ledger_rec
     throughout. ``switched``: it stops right after the cutover, before the deploy entry: the flow puts v1 back
     (v2 answered for the moment between). Either way v1 serves when the promotion returns, and once the server
     is back the ledger and what serves agree (v1), and the ledger is intact."""
+    import time
+
+    from platform_defs import promotion
+
     deployer, server = world["services"].deployer, world["server"]
     assert (serving(world), recorded(world)) == ("1", "1")
+    # the lease cannot be released while the store is away: it expires by itself, sooner here than the 30 s
+    monkeypatch.setattr(promotion, "LEASE_TTL_SECONDS", 4.0)
+    monkeypatch.setattr(promotion, "LEASE_RENEW_SECONDS", 1.0)
     step = "_await_healthy" if when == "healthy" else "_cutover"
     original = getattr(deployer, step)
 
@@ -89,10 +96,14 @@ def test_postgresql_stopped_at_the_cutover_leaves_traffic_on_what_the_ledger_rec
         with pytest.raises(PromotionError) as err:
             promote_v2(world)
     finally:
-        monkeypatch.undo()
+        monkeypatch.setattr(deployer, step, original)
         server.start()
     message = str(err.value)
     assert "the ledger cannot record it" in message and server.password not in message, message
     assert ("not switched to" if when == "healthy" else "switched back to version 1") in message, message
     assert serving(world) == "1"
     assert recorded(world) == "1" and world["services"].ledger.verify().ok
+    deadline = time.monotonic() + 30
+    while world["services"].ledger.lease("promotion:churn_scoring.staging") is not None:  # the stale grant
+        assert time.monotonic() < deadline, "the lease the outage left behind never expired"
+        time.sleep(0.2)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,8 +209,6 @@ class Conn:
         """Seconds since the epoch on the database's clock (PostgreSQL) or this host's (sqlite: one host)."""
         if self.store.dialect == "postgresql":
             return float(self.scalar("SELECT extract(epoch FROM clock_timestamp())"))
-        import time
-
         return time.time()
 
     def lease_row_sql(self, hold: bool = False) -> str:

@@ -262,3 +262,15 @@ def test_the_server_onepath_starts_for_production_proxies_artifacts_into_the_buc
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=20)
+
+
+def test_an_unreachable_postgresql_store_is_one_line_naming_it_without_its_password(tmp_path) -> None:
+    from resources.mlflow_registry import MlflowRegistry
+
+    url = f"postgresql+psycopg2://onepath:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
+    registry = MlflowRegistry(tracking_uri=url, artifact_root="s3://bucket/mlflow", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(RuntimeError) as err:
+        registry.ready()
+    message = str(err.value)
+    assert message.startswith("MLflow store postgresql+psycopg2://onepath:***@127.0.0.1:") and "/mlflow: cannot connect" in message
+    assert "hunter2" not in message and "\n" not in message

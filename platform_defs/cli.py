@@ -228,11 +228,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen] = []
     if not args.no_mlflow_ui:
         port = settings.mlflow_ui_url.rsplit(":", 1)[-1].strip("/")
+        argv, server_env = mlflow_server_command(settings, port)
         procs.append(subprocess.Popen(
-            [str(bindir / "mlflow"), "server", "--backend-store-uri", settings.mlflow_tracking_uri,
-             "--default-artifact-root", settings.mlflow_artifact_root.as_uri(), "--host", "127.0.0.1",
-             "--port", port, "--workers", "1"],
-            env=env, cwd=PROJECT_ROOT, stdout=open(settings.home / "mlflow-ui.log", "ab"),
+            argv, env={**env, **server_env}, cwd=PROJECT_ROOT, stdout=open(settings.home / "mlflow-ui.log", "ab"),
             stderr=subprocess.STDOUT, start_new_session=True))
     dg_cmd = [str(bindir / "dg"), "dev", "--host", args.host, "--port", str(args.port)]
     if not shutil.which(dg_cmd[0]):
@@ -259,6 +257,35 @@ def cmd_up(args: argparse.Namespace) -> int:
     code = 0 if stopping else (dagster.returncode or 0)
     print("onepath: Dagster stopped; endpoints keep serving (onepath down stops them)")
     return code
+
+
+def mlflow_server_command(settings: Settings, port: str | int) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow server`` command line `onepath up` runs for ``settings`` on 127.0.0.1:``port``, and what its
+    environment adds. Embedded (sqlite): the store on the command line and ``--default-artifact-root`` the local
+    folder, as always. A store that is not a sqlite file (PostgreSQL: its URL holds a password) goes through the
+    variables the server reads for the same options (``MLFLOW_BACKEND_STORE_URI``, ``MLFLOW_REGISTRY_STORE_URI``)
+    so that it never shows in a process list. Artifacts on S3: the server proxies them (``--serve-artifacts``,
+    ``--artifacts-destination``), so a client of the server needs no S3 credentials of its own; the server reads
+    the standard AWS variables (and ``MLFLOW_S3_ENDPOINT_URL``) from its environment."""
+    from resources.object_store import is_s3
+
+    argv = [str(Path(sys.executable).parent / "mlflow"), "server"]
+    env: dict[str, str] = {}
+    if settings.mlflow_tracking_uri.startswith("sqlite:"):
+        argv += ["--backend-store-uri", settings.mlflow_tracking_uri]
+    else:
+        env["MLFLOW_BACKEND_STORE_URI"] = settings.mlflow_tracking_uri
+    if settings.mlflow_registry_uri and settings.mlflow_registry_uri != settings.mlflow_tracking_uri:
+        if settings.mlflow_registry_uri.startswith("sqlite:"):
+            argv += ["--registry-store-uri", settings.mlflow_registry_uri]
+        else:
+            env["MLFLOW_REGISTRY_STORE_URI"] = settings.mlflow_registry_uri
+    if is_s3(settings.mlflow_artifacts):
+        argv += ["--artifacts-destination", settings.mlflow_artifacts, "--serve-artifacts"]
+    else:
+        argv += ["--default-artifact-root", settings.mlflow_artifact_root.as_uri()]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return argv, env
 
 
 def _start_watcher(host: str, port: int):

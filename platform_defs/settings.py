@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resources.files import create_private_file, private_dir
+from resources.object_store import is_s3
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,14 @@ class Settings:
     ledger_url: str | None = None
     # ONEPATH_DATA_URL: dataset snapshots on S3 (s3://bucket/prefix); None: under data_dir
     data_url: str | None = None
+    # ONEPATH_MLFLOW_ARTIFACTS given as s3://bucket/prefix: MLflow's artifacts on S3; None: the local
+    # folder mlflow_artifact_root (which is then the only place they are)
+    mlflow_artifacts_url: str | None = None
+
+    @property
+    def mlflow_artifacts(self) -> str:
+        """Where MLflow artifacts of the experiments onepath creates go: the S3 URI, else the local folder."""
+        return self.mlflow_artifacts_url or str(self.mlflow_artifact_root)
 
     @property
     def data_root(self) -> str:
@@ -64,7 +73,7 @@ class Settings:
         for p in (
             self.home,
             self.dagster_home,
-            self.mlflow_artifact_root,
+            *(() if self.mlflow_artifacts_url else (self.mlflow_artifact_root,)),
             self.data_dir,
             self.inference_log_dir,
             self.outcomes_dir,
@@ -83,14 +92,17 @@ def load_settings() -> Settings:
     """Read settings from the environment (``ONEPATH_*``, ``DAGSTER_HOME``, ``MLFLOW_*``)."""
     home = Path(os.environ.get("ONEPATH_HOME", PROJECT_ROOT / ".onepath")).resolve()
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    artifacts = os.environ.get("ONEPATH_MLFLOW_ARTIFACTS", "")
+    if "://" in artifacts and not is_s3(artifacts.strip()):
+        raise ValueError(f"ONEPATH_MLFLOW_ARTIFACTS={artifacts!r}: expected a local folder or s3://BUCKET/PREFIX")
+    artifacts_url = _s3_url("ONEPATH_MLFLOW_ARTIFACTS") if is_s3(artifacts.strip()) else None
     return Settings(
         home=home,
         dagster_home=Path(os.environ.get("DAGSTER_HOME", home / "dagster_home")).resolve(),
         mlflow_tracking_uri=tracking,
         mlflow_registry_uri=os.environ.get("MLFLOW_REGISTRY_URI", tracking),
-        mlflow_artifact_root=Path(
-            os.environ.get("ONEPATH_MLFLOW_ARTIFACTS", home / "mlartifacts")
-        ).resolve(),
+        mlflow_artifact_root=Path(artifacts if artifacts and not artifacts_url else home / "mlartifacts").resolve(),
+        mlflow_artifacts_url=artifacts_url,
         mlflow_ui_url=os.environ.get("ONEPATH_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
         data_dir=Path(os.environ.get("ONEPATH_DATA_DIR", home / "data")).resolve(),
         inference_log_dir=Path(

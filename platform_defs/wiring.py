@@ -33,7 +33,7 @@ def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> di
         "mlflow": MlflowRegistry(
             tracking_uri=settings.mlflow_tracking_uri,
             registry_uri=settings.mlflow_registry_uri,
-            artifact_root=str(settings.mlflow_artifact_root),
+            artifact_root=settings.mlflow_artifacts,
             ui_url=settings.mlflow_ui_url,
             cache_dir=str(settings.releases_dir / "models"),
         ),

@@ -52,33 +52,85 @@ def _owner_only(folder: Path) -> None:
 _READY: set[str] = set()
 
 
-def ready_store(uri: str, artifact_root: str | Path) -> None:
-    """Create (or upgrade) a sqlite MLflow store's tables once per process, under an exclusive lock beside the
-    database. MLflow creates them on a store's first use, and two processes doing so at once fail ("table ...
-    already exists"): `onepath up`'s daemon and a notebook's first `onepath.register` did. The store is made
-    with ``artifact_root`` (in the owner-only home) as its default, so its Default experiment never points at
-    ``./mlruns`` of whatever folder the first process ran in."""
-    if uri in _READY or not uri.startswith("sqlite:///"):
-        return
-    import fcntl
+def artifact_location(root: str | Path, *parts: str) -> str:
+    """The artifact URI of ``parts`` under ``root``: an ``s3://bucket/prefix`` root joined as a URI (no folder
+    to make), a local folder as its ``file://`` URI."""
+    from resources.object_store import is_s3, join
 
+    if is_s3(str(root)):
+        return join(str(root), *parts)
+    return Path(root, *parts).as_uri()
+
+
+def ready_store(uri: str, artifact_root: str | Path) -> None:
+    """Create (or upgrade) a database MLflow store's tables once per process, under an exclusive lock. MLflow
+    creates them on a store's first use, and two processes doing so at once fail ("table ... already exists"):
+    `onepath up`'s daemon and a notebook's first `onepath.register` did. The lock is a file beside a sqlite
+    database, and a PostgreSQL advisory lock for a PostgreSQL store (processes on several hosts share no file).
+    The store is made with ``artifact_root`` (in the owner-only home, or the S3 prefix) as its default, so its
+    Default experiment never points at ``./mlruns`` of whatever folder the first process ran in. Any other URI
+    (an MLflow server over http) is that server's to ready."""
+    if uri in _READY:
+        return
+    if uri.startswith("sqlite:///"):
+        _ready_sqlite(uri, artifact_root)
+    elif uri.startswith("postgresql"):
+        _ready_postgresql(uri, artifact_root)
+    else:
+        return
+    _READY.add(uri)
+
+
+def _make_tables(uri: str, artifact_root: str | Path) -> None:
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    chatty = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..." on stderr
+    level = chatty.level
+    try:
+        chatty.setLevel(logging.WARNING)
+        SqlAlchemyStore(uri, artifact_location(artifact_root))  # the tracking tables and the Default experiment
+        RegistryStore(uri)  # the registry's (same database)
+    finally:
+        chatty.setLevel(level)
+
+
+def _ready_sqlite(uri: str, artifact_root: str | Path) -> None:
+    import fcntl
 
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(f"{db}.init-lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    chatty = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..." on stderr
-    level = chatty.level
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        chatty.setLevel(logging.WARNING)
-        SqlAlchemyStore(uri, Path(artifact_root).as_uri())  # the tracking tables and the Default experiment
-        RegistryStore(uri)  # the registry's (same database)
+        _make_tables(uri, artifact_root)
     finally:
-        chatty.setLevel(level)
         os.close(fd)  # closing releases the lock
-    _READY.add(uri)
+
+
+# the advisory lock key every onepath process takes while it readies an MLflow PostgreSQL store (any bigint)
+_PG_INIT_LOCK = 0x6F6E_6D6C_666C  # "onmlfl"
+
+
+def _ready_postgresql(uri: str, artifact_root: str | Path) -> None:
+    """The tables of a PostgreSQL store, made while this session holds an advisory lock: a second process
+    waits, then finds them. Errors name the store without its password."""
+    import sqlalchemy as sa
+
+    # autocommit: the lock is the session's; an open transaction would hold back MLflow's own migrations
+    engine = sa.create_engine(uri, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_INIT_LOCK})
+            try:
+                _make_tables(uri, artifact_root)
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_INIT_LOCK})
+    except sa.exc.OperationalError as err:
+        raise RuntimeError(f"MLflow store {where}: cannot connect: {str(err.orig).strip().splitlines()[0]}") from None
+    finally:
+        engine.dispose()
 
 
 @dataclass(frozen=True)
@@ -107,7 +159,8 @@ class MlflowRegistry(dg.ConfigurableResource):
 
     tracking_uri: str = Field(description="MLflow tracking URI (sqlite:///... by default).")
     registry_uri: str | None = Field(None, description="Registry URI; defaults to the tracking URI.")
-    artifact_root: str = Field(description="Directory for artifacts of experiments onepath creates.")
+    artifact_root: str = Field(description="Where artifacts of experiments onepath creates go: a local directory, "
+                                           "or s3://bucket/prefix (credentials from the standard AWS variables).")
     ui_url: str = Field("http://127.0.0.1:5000", description="MLflow UI base URL, for links in metadata.")
     cache_dir: str = Field(description="Where downloaded model versions are kept (immutable per version).")
 
@@ -135,10 +188,12 @@ class MlflowRegistry(dg.ConfigurableResource):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = Path(self.artifact_root) / name
-        location.mkdir(parents=True, exist_ok=True)
+        from resources.object_store import is_s3
+
+        if not is_s3(self.artifact_root):
+            (Path(self.artifact_root) / name).mkdir(parents=True, exist_ok=True)
         try:
-            return client.create_experiment(name, artifact_location=location.as_uri())
+            return client.create_experiment(name, artifact_location=artifact_location(self.artifact_root, name))
         except Exception:  # created concurrently by another run
             exp = client.get_experiment_by_name(name)
             if exp is None:

@@ -46,10 +46,12 @@ ENDPOINT_DEFAULTS = {"pii_columns": [], "max_batch": 64, "model_threads": 1, "in
 
 # The platform's own credentials never reach what it serves: a served model's code (an MLmodel can point at a
 # pickle) or an app runs in the supervisor's children and could read them from its environment. The store
-# passwords, the platform's signing key and the cloud credentials stay with the platform's processes.
+# passwords, the platform's signing key and the cloud credentials stay with the platform's processes. MLflow's
+# store URIs are among them: on PostgreSQL they hold its password (and nothing served reads MLflow's store).
 PLATFORM_CREDENTIALS = ("ONEPATH_LEDGER_URL", "ONEPATH_PLATFORM_KEY", "ONEPATH_DAGSTER_PG_PASSWORD",
                         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                        "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+                        "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                        "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_BACKEND_STORE_URI")
 
 
 def served_environment(environ: Any) -> dict[str, str]:

@@ -23,7 +23,7 @@ sqlite-only and is built with its own private API, as before the storage layer e
   folder (as on separate hosts). Afterwards the ledger must verify with every entry there (and witnessed).
   The writers' own CPU time per append is reported too (on stderr and in ``--json``).
 * **verify**: ``--entries`` entries built in bulk with the tree's own ``entry_hash`` (as appends would have
-  chained them; this tree: ``store.exclusive()`` and one ``Conn.bulk``; the baseline: its sqlite ``executemany``),
+  chained them; this tree: ``store.exclusive()`` and one ``Conn.insert_rows``; the baseline: its sqlite ``executemany``),
   the head signed the way that tree signs (one head signature and one witness submission of every row, through
   the ledger's own catch-up code; a tree from before head signatures: its anchor file), then ``verify()`` timed
   ``--rounds`` times with the witness on (best and median), plus ``verify(full=True)`` (a bulk-built ledger has
@@ -169,11 +169,9 @@ def build_bulk(ledger, n):
         rows.append((seq, ts, "deploy", "credit_scoring", "prod", "bench", L.canonical_json(d), prev, h))
         prev_of_head, prev = prev, h
     if store_layer:
-        cols = ", ".join(L.COLUMNS)
         with ledger.store.exclusive() as conn:
             conn.begin(write=True)
-            conn.bulk(f"INSERT INTO {L.TABLE} ({cols}) VALUES ({', '.join(':' + c for c in L.COLUMNS)})",
-                      [dict(zip(L.COLUMNS, r)) for r in rows])
+            conn.insert_rows(L.TABLE, [dict(zip(L.COLUMNS, r)) for r in rows])
             conn.commit()
             k = ledger._private_key(create=True)
             t = time.perf_counter()

@@ -894,12 +894,10 @@ class Ledger:
             if signed > k:
                 raise LedgerCopyRefused(f"the ledger at {target.location} holds head signatures past its entries "
                                         f"(#{signed} > #{k}): nothing copied")
-            conn.bulk(f"INSERT INTO {TABLE} ({_COLS}) VALUES (:seq, :ts, :kind, :subject, :env, :actor, :data, "
-                      f":prev_hash, :hash)", [dict(zip(COLUMNS, r)) for r in rows[k:]])
-            conn.bulk(f"INSERT INTO {SIGS} (seq, key, sig) VALUES (:seq, :key, :sig)",
-                      [{"seq": q, "key": key, "sig": sig} for q, key, sig in sigs if q > k])
-            conn.bulk(f"INSERT INTO {RECEIPTS} (seq, cosig) VALUES (:seq, :cosig) ON CONFLICT (seq) DO NOTHING",
-                      [{"seq": q, "cosig": c} for q, c in receipts])
+            conn.insert_rows(TABLE, [dict(zip(COLUMNS, r)) for r in rows[k:]])
+            conn.insert_rows(SIGS, [{"seq": q, "key": key, "sig": sig} for q, key, sig in sigs if q > k])
+            held = {r[0] for r in conn.rows(f"SELECT seq FROM {RECEIPTS}")}
+            conn.insert_rows(RECEIPTS, [{"seq": q, "cosig": c} for q, c in receipts if q not in held])
             conn.commit()
         return len(rows) - k
 

@@ -149,9 +149,11 @@ class Conn:
     def scalar(self, sql: str, **params: Any) -> Any:
         return self.execute(sql, **params).scalar()
 
-    def bulk(self, sql: str, params: list[dict[str, Any]]) -> None:
-        if params:
-            self.sa.execute(_text(sql), params)
+    def insert_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (dicts by column) into the ledger's ``table`` in batches (SQLAlchemy's insertmanyvalues:
+        a few statements for many rows, not one per row)."""
+        if rows:
+            self.sa.execute(sa.insert(METADATA.tables[table]), rows)
 
     def begin(self, write: bool) -> None:
         pg = self.store.dialect == "postgresql"

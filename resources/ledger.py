@@ -628,11 +628,22 @@ class Ledger:
         data_text = canonical_json(data)  # raises on values JSON cannot represent
         data_obj = json.loads(data_text)
 
-        with self.store.appending() as conn:  # the append lock held, a write transaction open
+        try:
+            return self._append_locked(kind, subject, data_text, data_obj, actor, env, fence)
+        except sa.exc.DBAPIError as err:
+            if _missing_table(err) and self._signatures_dropped():
+                raise LedgerTampered(None, f"the {SIGS} table of {self.location} was dropped: no entry can be "
+                                           f"vouched for; nothing was written") from None
+            raise
+
+    def _append_locked(self, kind: str, subject: str, data_text: str, data_obj: Any, actor: str, env: str | None,
+                       fence: Lease | None) -> Entry:
+        # the append lock held, a write transaction open, the head read: on PostgreSQL in one round trip
+        with self.store.appending(_HEAD_SQL) as (conn, found):
             if fence is not None:
                 self._check_fence(conn, fence, hold=True)
-            head = self._head_for_append(conn)
-            pins = self._pins(conn)
+            head = _Head.of(found, conn)
+            pins = self._pins_for(conn, head)
             key, own_b64, migrated = self._check_head_before_append(conn, head, pins)
             head_seq, head_hash = (head.row[0], head.row[8]) if head.row else (0, GENESIS_HASH)
             seq, ts = head_seq + 1, _utc_now()
@@ -643,33 +654,32 @@ class Ledger:
                  f":prev_hash, :hash)", {"seq": seq, "ts": ts, "kind": kind, "subject": subject, "env": env,
                                          "actor": actor, "data": data_text, "prev_hash": head_hash, "hash": hash_}),
                 (f"INSERT INTO {SIGS} (seq, key, sig) VALUES (:sig_seq, :sig_key, :sig_sig)",
-                 {"sig_seq": seq, "sig_key": own_b64, "sig_sig": sig}))
+                 {"sig_seq": seq, "sig_key": own_b64, "sig_sig": sig}),
+                release=self.witness_socket is None)  # without a witness the lock is needed no longer
             if migrated:
                 self.legacy_anchor_path.unlink(missing_ok=True)
             # Still under the lock: the witness sees heads in order.
             self._witness_catch_up(conn, [seq, head_hash, hash_], sig, pins, head.receipt)
         return Entry(seq, ts, kind, subject, env, actor, data_obj, head_hash, hash_)
 
-    def _head_for_append(self, conn: Conn) -> "_Head":
-        """The head row, its signature, the newest signed seq and the newest witness receipt: one query."""
-        cols = ", ".join(f"e.{c}" for c in COLUMNS)
-        try:
-            found = conn.one(f"SELECT {cols}, s.key, s.sig, (SELECT MAX(seq) FROM {SIGS}), "
-                             f"(SELECT MAX(seq) FROM {RECEIPTS}) FROM {TABLE} e LEFT JOIN {SIGS} s ON s.seq = e.seq "
-                             f"ORDER BY e.seq DESC LIMIT 1")
-            if found is None:
-                return _Head(None, None, conn.scalar(f"SELECT MAX(seq) FROM {SIGS}"), 0)
-        except sa.exc.DBAPIError as err:
-            if not _missing_table(err):
-                raise
-            conn.rollback()
+    def _signatures_dropped(self) -> bool:
+        with self.store.connect(create=False) as conn:
+            if conn is None:
+                return False
             tables = conn.tables()
-            if TABLE in tables and SIGS not in tables:
-                raise LedgerTampered(None, f"the {SIGS} table of {self.location} was dropped: no entry can be "
-                                           f"vouched for; nothing was written") from None
-            raise
-        row, sig = found[:9], (found[9], found[10]) if found[9] is not None else None
-        return _Head(row, sig, found[11], found[12] or 0)
+        return TABLE in tables and SIGS not in tables
+
+    def _pins_for(self, conn: Conn, head: "_Head") -> _Pins:
+        """The policy pins, read again only when the newest policy record changed (which the head query names):
+        an append in steady state reads no more than its head."""
+        key = (self.store.url, head.newest_policy)
+        found = _PINS_SEEN.get(key)
+        if found is None:
+            found = self._pins(conn)
+            if len(_PINS_SEEN) >= 16:
+                _PINS_SEEN.clear()
+            _PINS_SEEN[key] = found
+        return found
 
     def _check_head_before_append(self, conn: Conn, found: "_Head",
                                   pins: _Pins) -> tuple[Ed25519PrivateKey, str, bool]:
@@ -757,9 +767,9 @@ class Ledger:
                         return  # the witness holds our head already, or is ahead of us (verify reports it)
                     accepted, answer = w.submit(rows, head_sig)
                     if accepted:
-                        conn.execute(f"INSERT INTO {RECEIPTS} (seq, cosig) VALUES (:seq, :cosig) "
-                                     f"ON CONFLICT (seq) DO UPDATE SET cosig = excluded.cosig",
-                                     seq=head_seq, cosig=answer["sig"])
+                        conn.run_with((f"INSERT INTO {RECEIPTS} (seq, cosig) VALUES (:seq, :cosig) "
+                                       f"ON CONFLICT (seq) DO UPDATE SET cosig = excluded.cosig",
+                                       {"seq": head_seq, "cosig": answer["sig"]}), release=True)
                         return
                     if attempt == 0:
                         start = w.head()[0] + 1  # our receipts may be behind the witness: ask it
@@ -881,7 +891,7 @@ class Ledger:
             rows = src.rows(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq")
             sigs = src.rows(f"SELECT seq, key, sig FROM {SIGS} ORDER BY seq")
             receipts = src.rows(f"SELECT seq, cosig FROM {RECEIPTS} ORDER BY seq") if RECEIPTS in src.tables() else []
-        with target.store.appending() as conn:
+        with target.store.appending(f"SELECT COUNT(*) FROM {TABLE}") as (conn, _):
             have = conn.rows(f"SELECT seq, hash FROM {TABLE} ORDER BY seq")
             mine = [(r[0], r[8]) for r in rows[:len(have)]]
             if have != mine:
@@ -1175,12 +1185,27 @@ class Ledger:
 
 @dataclass(frozen=True)
 class _Head:
-    """What an append reads of the head in one query."""
+    """What an append reads of the head in one query (``_HEAD_SQL``)."""
 
     row: tuple | None  # the head entry's columns (COLUMNS), None for an empty ledger
     sig: tuple[str, str] | None  # its (key, sig), None when it carries none
     last_signed: int | None  # the newest signed seq
     receipt: int  # the newest witness receipt's seq (0: none)
+    newest_policy: tuple[Any, Any]  # (seq, hash) of the newest policy record: the pins change with it
+
+    @classmethod
+    def of(cls, found: tuple | None, conn: Conn) -> "_Head":
+        if found is None:  # an empty ledger: no row to carry the rest
+            return cls(None, None, conn.scalar(f"SELECT MAX(seq) FROM {SIGS}"), 0, (None, None))
+        sig = (found[9], found[10]) if found[9] is not None else None
+        return cls(found[:9], sig, found[11], found[12] or 0, (found[13], found[14]))
+
+
+_HEAD_SQL = (f"SELECT {', '.join('e.' + c for c in COLUMNS)}, s.key, s.sig, (SELECT MAX(seq) FROM {SIGS}), "
+             f"(SELECT MAX(seq) FROM {RECEIPTS}), (SELECT MAX(seq) FROM {TABLE} WHERE kind = '{POLICY_KIND}'), "
+             f"(SELECT hash FROM {TABLE} WHERE kind = '{POLICY_KIND}' ORDER BY seq DESC LIMIT 1) "
+             f"FROM {TABLE} e LEFT JOIN {SIGS} s ON s.seq = e.seq ORDER BY e.seq DESC LIMIT 1")
+_PINS_SEEN: dict[tuple, _Pins] = {}  # by (store, newest policy record): see Ledger._pins_for
 
 
 @dataclass

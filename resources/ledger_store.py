@@ -135,6 +135,7 @@ class Conn:
         self.sa = sa_conn
         self.in_transaction = False
         self.tables_seen: set[str] = set()  # the tables a read snapshot found at its start
+        self.release_sql: str | None = None  # PostgreSQL: what gives up the append lock this session holds
 
     def execute(self, sql: str, **params: Any) -> sa.CursorResult:
         return self.sa.execute(_text(sql), params)
@@ -177,18 +178,29 @@ class Conn:
         except sa.exc.SQLAlchemyError:
             self.sa.invalidate()  # a broken connection: the server rolls back when the session ends
 
-    def commit_with(self, *statements: tuple[str, dict[str, Any]]) -> None:
-        """Run ``statements`` (their parameter names distinct) and commit; on PostgreSQL in one round trip."""
+    def commit_with(self, *statements: tuple[str, dict[str, Any]], release: bool = False) -> None:
+        """Run ``statements`` (their parameter names distinct) and commit; with ``release`` also give the append
+        lock up (the caller needs it no longer); on PostgreSQL in one round trip."""
+        self.run_with(*statements, "COMMIT", release=release)
+        self.in_transaction = False
+
+    def run_with(self, *statements: tuple[str, dict[str, Any]] | str, release: bool = False) -> None:
+        """Run ``statements`` (SQL with its parameters, or plain SQL), with ``release`` then give the append lock
+        up; on PostgreSQL in one round trip (psycopg2 sends them as one query)."""
+        steps = [(st, {}) if isinstance(st, str) else st for st in statements]
+        if release and self.release_sql:
+            steps.append((self.release_sql, {}))
+            self.release_sql = None
+        if not steps:
+            return
         if self.store.dialect == "postgresql":
             params: dict[str, Any] = {}
-            for _, p in statements:
+            for _, p in steps:
                 params.update(p)
-            self.sa.execute(_text("; ".join([sql for sql, _ in statements] + ["COMMIT"])), params)
-            self.in_transaction = False
+            self.sa.execute(_text("; ".join(sql for sql, _ in steps)), params)
             return
-        for sql, p in statements:
+        for sql, p in steps:
             self.sa.execute(_text(sql), p)
-        self.commit()
 
     @contextmanager
     def transaction(self, write: bool) -> Iterator["Conn"]:
@@ -361,27 +373,32 @@ class LedgerStore:
                 yield conn
 
     @contextmanager
-    def appending(self) -> Iterator[Conn]:
-        """The append lock held and a write transaction open (on PostgreSQL both in one round trip); the
-        transaction is rolled back unless the caller commits (``Conn.commit_with``), the lock released after."""
+    def appending(self, first_query: str) -> Iterator[tuple[Conn, tuple | None]]:
+        """The append lock held, a write transaction open and ``first_query`` (no parameters: the head) run in it,
+        yielding the connection and the query's first row; on PostgreSQL all three in one round trip. What the
+        caller does not commit (``Conn.commit_with``) is rolled back; the lock is released after, or earlier in
+        the caller's last round trip (``release=True``)."""
         if self.dialect == "sqlite":
             with self.exclusive() as conn:
                 conn.begin(write=True)
-                yield conn  # connect() rolls back what was not committed
+                yield conn, conn.one(first_query)  # connect() rolls back what was not committed
             return
         with self.connect(create=True) as conn:
             assert conn is not None
             key = _PG_LOCK.format(what="append")
-            conn.sa.exec_driver_sql(f"SELECT pg_advisory_lock({key}); BEGIN")
-            conn.in_transaction = True
+            conn.release_sql = f"SELECT pg_advisory_unlock({key})"
+            conn.in_transaction = True  # from here on: the statement below may fail after its BEGIN
             try:
-                yield conn
+                row = conn.sa.exec_driver_sql(f"SELECT pg_advisory_lock({key}); BEGIN; {first_query}").first()
+                yield conn, tuple(row) if row is not None else None
             finally:
                 conn.rollback()
-                try:
-                    conn.execute(f"SELECT pg_advisory_unlock({key})")
-                except sa.exc.SQLAlchemyError:
-                    conn.sa.invalidate()  # ending the session releases the lock
+                if conn.release_sql:
+                    try:
+                        conn.sa.exec_driver_sql(conn.release_sql)
+                    except sa.exc.SQLAlchemyError:
+                        conn.sa.invalidate()  # ending the session releases the lock
+                    conn.release_sql = None
 
     @contextmanager
     def file_lock(self) -> Iterator[None]:

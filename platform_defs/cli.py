@@ -21,34 +21,15 @@ from typing import Any
 import click
 
 from platform_defs.cli_base import GROUP_SETTINGS, verb
-from platform_defs.settings import PROJECT_ROOT, Settings, load_settings
+from platform_defs.dagster_instance import ensure_instance
+from platform_defs.settings import PROJECT_ROOT, Settings, SettingsError, load_settings
 from resources.files import tighten_tree, use_private_umask
 from resources.processes import group_alive
-
-DAGSTER_YAML = """\
-# onepath's embedded default instance: run, event-log and schedule storage are sqlite files in
-# this folder (Dagster's defaults). A shared instance puts storage on Postgres instead.
-telemetry:
-  enabled: false
-run_monitoring:
-  enabled: true
-sensors:
-  use_threads: true
-  num_workers: 4
-"""
 
 
 def _die(msg: str, code: int = 1) -> int:
     print(f"onepath: {msg}", file=sys.stderr)
     return code
-
-
-def ensure_instance(settings: Settings) -> Path:
-    settings.ensure_dirs()
-    path = settings.dagster_home / "dagster.yaml"
-    if not path.exists():
-        path.write_text(DAGSTER_YAML)
-    return path
 
 
 # -- validate -----------------------------------------------------------------------------------
@@ -507,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code or 1
     except KeyboardInterrupt:
         return 130
+    except SettingsError as err:  # a setting that cannot be used: its one line names the variable or the file
+        print(f"onepath: {err}", file=sys.stderr)
+        return 1
     except sqlite3.DatabaseError as err:
         print(f"onepath: the ledger database cannot be read ({err}): nothing was recorded", file=sys.stderr)
         return 1

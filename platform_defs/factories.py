@@ -34,6 +34,7 @@ from platform_defs.specs import (
     ModelSpec,
     Organisation,
     endpoint_asset_name,
+    promotion_pool,
 )
 from resources.data_store import DataStore
 from resources.deployers.resource import LocalDeployerResource
@@ -432,6 +433,7 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream
         metadata={"onepath/endpoint": spec.name, "onepath/env": env, "onepath/model": model.name,
                   "onepath/deploys": source, "onepath/gate": ", ".join(required)},
         check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=describe(policy, c)) for c in required],
+        pool=promotion_pool(spec.name, env),
         config_schema={"version": dg.Field(str, is_required=False, description=(
             "Deploy exactly this registered version (first environment); in a later one it must be what the "
             "environment before serves, or the run is refused."))},
@@ -563,6 +565,7 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organ
         metadata={"onepath/app": spec.name, "onepath/env": env, "onepath/deploys": source,
                   "onepath/gate": ", ".join(required)},
         check_specs=[dg.AssetCheckSpec(c, asset=key, blocking=True, description=describe(policy, c)) for c in required],
+        pool=promotion_pool(spec.name, env),
         **meta,
     )
     def _deploy(context: dg.AssetExecutionContext, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,

@@ -8,13 +8,64 @@ instance in ``.onepath/dagster_home``, MLflow on sqlite with local artifacts, da
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from resources.files import create_private_file, private_dir
 from resources.object_store import is_s3
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; its message is one line naming the variable."""
+
+
+DAGSTER_PG_VARS = ("ONEPATH_DAGSTER_PG_HOST", "ONEPATH_DAGSTER_PG_PORT", "ONEPATH_DAGSTER_PG_USER",
+                   "ONEPATH_DAGSTER_PG_PASSWORD", "ONEPATH_DAGSTER_PG_DB")
+
+
+@dataclass(frozen=True)
+class DagsterPostgres:
+    """The Dagster instance (runs, event logs, schedules) on PostgreSQL: ``ONEPATH_DAGSTER_PG_*``, all five or
+    none. The instance file names the variables, never their values (``platform_defs.dagster_instance``), so
+    every process that loads it (webserver, daemon, run workers, on any host) needs them in its environment."""
+
+    host: str
+    port: int
+    user: str
+    db: str
+    password: str = field(repr=False)
+    max_concurrent_runs: int = 10  # ONEPATH_DAGSTER_MAX_CONCURRENT_RUNS: the run queue's limit (-1: none)
+
+    @property
+    def address(self) -> str:
+        """Where the store is, for a message: ``user@host:port/db``, never the password."""
+        return f"{self.user}@{self.host}:{self.port}/{self.db}"
+
+
+def dagster_postgres_from_env(environ: Mapping[str, str] = os.environ) -> DagsterPostgres | None:
+    """The production Dagster instance's settings, or None (the embedded instance) when none of them is set."""
+    given = {var: environ.get(var, "") for var in DAGSTER_PG_VARS}
+    if not any(given.values()):
+        return None
+    missing = [var for var, value in given.items() if not value]
+    if missing:
+        present = [var for var, value in given.items() if value]
+        raise SettingsError(f"{', '.join(present)} {'is' if len(present) == 1 else 'are'} set but {', '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not: the Dagster instance on PostgreSQL needs all "
+                            "five ONEPATH_DAGSTER_PG_* variables (or none, for the embedded instance)")
+    port = given["ONEPATH_DAGSTER_PG_PORT"]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"ONEPATH_DAGSTER_PG_PORT must be a port number (1-65535), not {port!r}")
+    runs = environ.get("ONEPATH_DAGSTER_MAX_CONCURRENT_RUNS", "10").strip()
+    if not (runs.isdigit() and int(runs) >= 1) and runs != "-1":
+        raise SettingsError(f"ONEPATH_DAGSTER_MAX_CONCURRENT_RUNS must be a whole number of runs (1 or more; -1 for "
+                            f"no limit), not {runs!r}")
+    return DagsterPostgres(host=given["ONEPATH_DAGSTER_PG_HOST"], port=int(port), user=given["ONEPATH_DAGSTER_PG_USER"],
+                           db=given["ONEPATH_DAGSTER_PG_DB"], password=given["ONEPATH_DAGSTER_PG_PASSWORD"],
+                           max_concurrent_runs=int(runs))
 
 
 @dataclass(frozen=True)
@@ -41,6 +92,7 @@ class Settings:
     ledger_url: str | None = None
     # ONEPATH_DATA_URL: dataset snapshots on S3 (s3://bucket/prefix); None: under data_dir
     data_url: str | None = None
+    dagster_pg: DagsterPostgres | None = None  # ONEPATH_DAGSTER_PG_*; None: the embedded (sqlite) Dagster instance
     # ONEPATH_MLFLOW_ARTIFACTS given as s3://bucket/prefix: MLflow's artifacts on S3; None: the local
     # folder mlflow_artifact_root (which is then the only place they are)
     mlflow_artifacts_url: str | None = None
@@ -118,6 +170,7 @@ def load_settings() -> Settings:
         profile=current_profile(),
         ledger_url=os.environ.get("ONEPATH_LEDGER_URL") or None,
         data_url=_s3_url("ONEPATH_DATA_URL"),
+        dagster_pg=dagster_postgres_from_env(),
     )
 
 

@@ -435,6 +435,13 @@ def endpoint_asset_name(endpoint: str, env: str) -> str:
     return f"{endpoint}_{env}"
 
 
+def promotion_pool(name: str, env: str) -> str:
+    """The Dagster concurrency pool of the asset that promotes endpoint (or app) ``name`` into ``env``: on an
+    instance whose pools default to a limit of 1 (the production one) Dagster runs one such step at a time; the
+    ledger's promotion lease (``promotion:<name>.<env>``) stays the guarantee. Unlimited on the embedded one."""
+    return f"promotion.{name}.{env}"
+
+
 class Organisation:
     """Every declaration of an organisation, cross-checked. Build with ``Organisation(decls, sources)``."""
 

@@ -353,6 +353,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "audit": ("platform_defs.cli_audit", "audit", "Check or export the tamper-evident platform ledger."),
     "card": ("platform_defs.cli_card", "card",
              "print a model version's model card (default: the version last deployed); --html FILE writes its page"),
+    "doctor": ("platform_defs.cli_doctor", "doctor",
+               "check every configured store: OK, or one line naming the store, its address and the fix"),
     "inventory": ("platform_defs.cli_inventory", "inventory",
                   "every endpoint and app release per environment: recorded version, approvals, gates, lineage, "
                   "and what answers live"),

@@ -3,6 +3,8 @@ store answers, or one line naming the store, its address (``user@host:port/db``,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from platform_defs.settings import Settings
 
 CONNECT_TIMEOUT_SECONDS = 5
@@ -59,3 +61,142 @@ def check_dagster_instance(settings: Settings) -> str | None:
         return (f"dagster instance: {path} is not onepath's, so ONEPATH_DAGSTER_PG_* do not configure it: make sure it "
                 f"points at {pg.address}, or remove it and onepath writes one that does")
     return None
+
+
+# -- the other stores ---------------------------------------------------------------------------------------
+
+
+def _sql_store(what: str, url: str, fix: str) -> str | None:
+    """A SQL store (sqlite file or PostgreSQL URL) answers ``select 1``; one line naming it without its password."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").exists():
+        return None  # an embedded store not made yet: the first `onepath up` makes it
+    args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS} if url.startswith("postgresql") else {}
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=args)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as err:  # any driver failure is this store's one line
+        return f"{what}: {shown} does not answer ({_reason(err, make_url(url).password or '')}): {fix}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def check_ledger(settings: Settings) -> str | None:
+    """The ledger's store answers and, when it holds entries, verifies (chain, signatures, witness)."""
+    if settings.ledger_url:
+        down = _sql_store("ledger", settings.ledger_url,
+                          "check that PostgreSQL runs there and ONEPATH_LEDGER_URL (user, password, host, port, db)")
+        if down:
+            return down
+    v = settings.ledger().verify()
+    if not v.ok:
+        return (f"ledger: {settings.ledger().location}: {v.reason.splitlines()[0]}: run `onepath audit verify` "
+                f"for every finding")
+    return None
+
+
+def check_mlflow(settings: Settings) -> str | None:
+    """MLflow's tracking store (and the registry's, when it is another) answers."""
+    for what, uri in (("mlflow tracking store", settings.mlflow_tracking_uri),
+                      ("mlflow registry store", settings.mlflow_registry_uri)):
+        if what.startswith("mlflow registry") and uri == settings.mlflow_tracking_uri:
+            continue
+        if uri.startswith(("http://", "https://")):
+            import httpx
+
+            try:
+                httpx.get(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_SECONDS).raise_for_status()
+            except httpx.HTTPError as err:
+                return f"{what}: {uri} does not answer ({err}): start the MLflow server or fix MLFLOW_TRACKING_URI"
+            continue
+        down = _sql_store(what, uri, "check that the database runs there and MLFLOW_TRACKING_URI")
+        if down:
+            return down
+    return None
+
+
+def _bucket(what: str, uri: str, fix: str) -> str | None:
+    """An ``s3://bucket/prefix`` can be listed with the credentials in the environment."""
+    from resources import object_store
+
+    try:
+        object_store.list_objects(object_store.join(uri, "_onepath_doctor"))
+    except object_store.ObjectStoreError as err:
+        return f"{what}: {err}: {fix}"
+    return None
+
+
+_S3_FIX = ("check the bucket exists and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL_S3, "
+           "ONEPATH_S3_ADDRESSING_STYLE for a server that is not AWS)")
+
+
+def check_mlflow_artifacts(settings: Settings) -> str | None:
+    if settings.mlflow_artifacts_url:
+        return _bucket("mlflow artifacts", settings.mlflow_artifacts_url, _S3_FIX)
+    return _folder("mlflow artifacts", settings.mlflow_artifact_root)
+
+
+def check_data(settings: Settings) -> str | None:
+    if settings.data_url:
+        return _bucket("dataset snapshots", settings.data_url, _S3_FIX)
+    return _folder("dataset snapshots", settings.data_dir)
+
+
+def _folder(what: str, path: Path) -> str | None:
+    import os
+
+    if path.exists() and not os.access(path, os.W_OK | os.X_OK):
+        return f"{what}: {path} cannot be written by this user: fix its owner or mode (0700, the platform's user)"
+    return None
+
+
+def check_witness(settings: Settings) -> str | None:
+    """The configured witness answers (no witness configured: nothing to reach; `audit verify` says what that
+    means)."""
+    if settings.witness_socket is None:
+        return None
+    from resources.witness import WitnessClient, WitnessError
+
+    try:
+        with WitnessClient(settings.witness_socket, CONNECT_TIMEOUT_SECONDS) as w:
+            w.head()
+    except (WitnessError, OSError) as err:
+        return (f"witness: {settings.witness_socket} does not answer ({err}): start `onepath witness serve` as its "
+                f"own user, or fix ONEPATH_WITNESS_SOCKET")
+    return None
+
+
+STORES = (  # (store, where it is, its check), in the order doctor prints them
+    ("dagster instance", lambda s: s.dagster_pg.address if s.dagster_pg else str(s.dagster_home), check_dagster_instance),
+    ("mlflow", lambda s: _shown(s.mlflow_tracking_uri), check_mlflow),
+    ("mlflow artifacts", lambda s: s.mlflow_artifacts, check_mlflow_artifacts),
+    ("ledger", lambda s: _shown(str(s.ledger_location)), check_ledger),
+    ("dataset snapshots", lambda s: s.data_root, check_data),
+    ("witness", lambda s: str(s.witness_socket or "none configured"), check_witness),
+)
+
+
+def _shown(url: str) -> str:
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def run_checks(settings: Settings) -> list[tuple[str, str, str | None]]:
+    """``(store, address, problem)`` per configured store; problem None when it answers."""
+    out = []
+    for name, where, check in STORES:
+        try:
+            problem = check(settings)
+        except Exception as err:  # a check that breaks is that store's one line, never a traceback
+            problem = f"{name}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        out.append((name, where(settings), problem))
+    return out

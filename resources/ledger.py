@@ -351,6 +351,7 @@ class Ledger:
         self.witness_socket = Path(witness_socket) if witness_socket else None
         self.witness_timeout = witness_timeout
         self._key: Ed25519PrivateKey | None = None
+        self._own_pub_pem = b""  # the .pub file this key writes, byte for byte
         self._key_pem = private_key_pem.encode() if isinstance(private_key_pem, str) else private_key_pem
 
     def __repr__(self) -> str:
@@ -416,6 +417,7 @@ class Ledger:
         if not isinstance(key, Ed25519PrivateKey):
             raise TypeError(f"{where} is not an Ed25519 private key")
         self._key = key
+        self._own_pub_pem = _public_pem(key.public_key())
         return key
 
     def _create_key(self) -> None:
@@ -442,6 +444,12 @@ class Ledger:
     def _public_key(self) -> tuple[Ed25519PublicKey | None, str | None]:
         """The verifying key (``<key>.pub``, else derived from the private key), or an error."""
         pub: Ed25519PublicKey | None = None
+        if self._key is not None:  # every append asks: the usual answer without parsing a PEM again
+            try:
+                if self.pub_path.read_bytes() == self._own_pub_pem:
+                    return self._key.public_key(), None
+            except OSError:
+                pass
         if self.pub_path.exists():
             try:
                 loaded = serialization.load_pem_public_key(self.pub_path.read_bytes())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -197,10 +198,17 @@ class Conn:
             params: dict[str, Any] = {}
             for _, p in steps:
                 params.update(p)
-            self.sa.execute(_text("; ".join(sql for sql, _ in steps)), params)
+            self.driver("; ".join(sql for sql, _ in steps), params)
             return
         for sql, p in steps:
-            self.sa.execute(_text(sql), p)
+            self.driver(sql, p)
+
+    def driver(self, sql: str, params: dict[str, Any] | None = None) -> Any:
+        """``sql`` with ``:name`` parameters straight to the driver (no SQLAlchemy compilation: an append's hot
+        statements); sqlite3 takes ``:name`` itself, psycopg2 gets ``%(name)s``."""
+        if self.store.dialect == "postgresql":
+            sql = _pyformat(sql)
+        return self.sa.exec_driver_sql(sql, params or {}) if params else self.sa.exec_driver_sql(sql)
 
     @contextmanager
     def transaction(self, write: bool) -> Iterator["Conn"]:
@@ -239,6 +247,18 @@ class Conn:
 
 
 _TEXTS: dict[str, sa.TextClause] = {}
+_PYFORMAT: dict[str, str] = {}
+_NAMED = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def _pyformat(sql: str) -> str:
+    """``:name`` parameters as psycopg2's ``%(name)s`` (the ledger's SQL has no ``%``, no ``::`` casts)."""
+    out = _PYFORMAT.get(sql)
+    if out is None:
+        if len(_PYFORMAT) > 256:
+            _PYFORMAT.clear()
+        out = _PYFORMAT[sql] = _NAMED.sub(r"%(\1)s", sql)
+    return out
 
 
 def _text(sql: str) -> sa.TextClause:
@@ -381,7 +401,8 @@ class LedgerStore:
         if self.dialect == "sqlite":
             with self.exclusive() as conn:
                 conn.begin(write=True)
-                yield conn, conn.one(first_query)  # connect() rolls back what was not committed
+                row = conn.driver(first_query).first()
+                yield conn, tuple(row) if row is not None else None  # connect() rolls back what was not committed
             return
         with self.connect(create=True) as conn:
             assert conn is not None

@@ -14,7 +14,8 @@ of the logged signature columns: number float64, integer int64, string, boolean;
 ``extras`` and ``output`` (JSON text), ``latency_ms`` (float64). ``resources.inference_log_s3`` reads them.
 
 What a prediction pays is an append to a list under a lock: it never waits on storage. The thread cuts
-a segment when ``flush_rows`` rows are buffered or the oldest buffered row is ``flush_seconds`` old, and
+a segment (of at most ``flush_rows`` rows) when that many are buffered or the oldest buffered row is
+``flush_seconds`` old, and
 writes it; while the store is unreachable it keeps the segment and retries with backoff (0.2 s doubling
 to 30 s). ``pending`` (rows buffered or in unwritten segments) never exceeds ``max_pending_rows``: rows
 beyond it are dropped and counted, so a store that is down costs bounded memory, never serving. On
@@ -159,11 +160,12 @@ class SegmentLog:
                 self.dropped += len(entries)
                 return len(entries)
             take = entries if len(entries) <= room else entries[:room]
-            if not self._buf:
+            first = not self._buf
+            if first:
                 self._buf_since = time.monotonic()
             self._buf.extend(take)
             self.pending += len(take)
-            if len(self._buf) >= self.flush_rows:
+            if first or len(self._buf) >= self.flush_rows:  # the thread learns when the buffer is due
                 self._cv.notify()
             dropped = len(entries) - len(take)
             self.dropped += dropped
@@ -197,7 +199,11 @@ class SegmentLog:
                     if due is not None and now >= due:
                         break
                     self._cv.wait(None if due is None else due - now)
-                rows, self._buf = self._buf, []
+                if len(self._buf) > self.flush_rows:  # a segment holds at most flush_rows rows
+                    rows, self._buf = self._buf[:self.flush_rows], self._buf[self.flush_rows:]
+                    self._buf_since = time.monotonic()
+                else:
+                    rows, self._buf = self._buf, []
                 closing = self._closing
             if rows:
                 try:

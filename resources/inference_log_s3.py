@@ -25,6 +25,7 @@ Segments are read in parallel (``READ_THREADS``).
 from __future__ import annotations
 
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -126,11 +127,15 @@ def _cut_us(seg: Segment) -> int:
     return _us(datetime.strptime(seg.name[:21], "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc))
 
 
+_POOL: list[Any] = []  # [(pid, threads, executor)]: its threads keep their boto3 clients (object_store.client)
+
+
 def _parallel(fn: Any, items: list[Any]) -> Any:
     if len(items) <= 1:
-        return map(fn, items)
-    with ThreadPoolExecutor(min(READ_THREADS, len(items))) as pool:
-        return list(pool.map(fn, items))
+        return list(map(fn, items))
+    if not _POOL or _POOL[0][:2] != (os.getpid(), READ_THREADS):
+        _POOL[:] = [(os.getpid(), READ_THREADS, ThreadPoolExecutor(READ_THREADS, thread_name_prefix="onepath-s3-read"))]
+    return list(_POOL[0][2].map(fn, items))
 
 
 def _us(t: datetime) -> int:

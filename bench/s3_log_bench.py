@@ -19,6 +19,13 @@ What it does:
 moto is a Python server in one process: reads from AWS S3 or MinIO run in parallel where moto serialises
 them. Other work on this 2-core machine skews every timing: the 1-minute load average is printed with them.
 PASS when the frames and verdicts are identical and S3 load + verdict took at most 10 s.
+
+``--request-path`` measures instead what logging costs a prediction on the event loop, per scored row,
+in-process: the JSON-lines path (``ModelApp._log_lines`` then ``InferenceLog.write``: orjson and one
+``write`` per batch) against the S3 path (``ModelApp._log_rows_of`` then ``SegmentLog.write``: a tuple and
+a list append under a lock; the segment thread runs meanwhile and writes to moto), batches of
+``--batch`` rows of the credit model's 10 features, medians of interleaved repeats. (``serve_bench.py``
+drives the server with wrk, which this machine does not have.)
 """
 
 from __future__ import annotations
@@ -80,6 +87,59 @@ def write_segments(location: str, version: str, frame: pd.DataFrame, ts0, step, 
     return w.segments_written
 
 
+def request_path(batch: int, repeats: int) -> dict:
+    """Median µs per row of each logging path on the request path (see the module docstring)."""
+    import statistics
+    import types
+
+    from resources.serving.model_server import InferenceLog, Metrics, ModelApp, _epoch_us
+    from resources.serving.segment_log import SegmentLog
+
+    feats = ["annual_income", "loan_amount", "loan_term_months", "debt_to_income", "credit_history_years",
+             "num_open_accounts", "delinquencies_2y", "employment_type", "home_ownership", "purpose"]
+    rec = {"application_id": "APP-000123", "annual_income": 61250.0, "loan_amount": 12000.0, "loan_term_months": 36,
+           "debt_to_income": 0.31, "credit_history_years": 7.5, "num_open_accounts": 4, "delinquencies_2y": 0,
+           "employment_type": "salaried", "home_ownership": "rent", "purpose": "car"}
+    recs = [dict(rec) for _ in range(batch)]
+    res = [{"prediction": 0, "probability": 0.1234} for _ in range(batch)]
+    fake = types.SimpleNamespace(_pass=frozenset({"application_id"}), _features=set(feats), _logged_features=feats,
+                                 model=types.SimpleNamespace(name="credit_risk", version="1"), metrics=Metrics())
+    tmp = Path(tempfile.mkdtemp(prefix="onepath-logpath-"))
+    local = InferenceLog(tmp / "logs", set())
+    seg = SegmentLog("s3://bench-logs/onepath/inference/credit_risk/bench", model="credit_risk", version="1",
+                     columns=[(c, "number") for c in feats[:7]] + [(c, "string") for c in feats[7:]],
+                     max_pending_rows=10_000_000)
+
+    def json_lines() -> None:
+        from datetime import datetime, timezone
+        lines: list = []
+        ModelApp._log_lines(fake, lines, datetime.now(timezone.utc).isoformat(), recs, res, "req", time.perf_counter())
+        local.write(lines)
+
+    def segments() -> None:
+        from datetime import datetime, timezone
+        rows: list = []
+        ModelApp._log_rows_of(fake, rows, _epoch_us(datetime.now(timezone.utc)), recs, res, "req", time.perf_counter())
+        seg.write(rows)
+
+    times: dict[str, list[float]] = {"json_lines": [], "segments": []}
+    try:
+        for i in range(repeats):
+            for name, fn in ((("json_lines", json_lines), ("segments", segments)) if i % 2 == 0
+                             else (("segments", segments), ("json_lines", json_lines))):
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / (200 * batch) * 1e6)
+        seg.close()
+    finally:
+        local.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    return {"batch": batch, "repeats": repeats, "us_per_row": med, "segments_written": seg.segments_written,
+            "rows_flushed": seg.flushed, "rows_dropped": seg.dropped, "load_average": round(os.getloadavg()[0], 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -89,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--read-threads", type=int, default=8)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--request-path", action="store_true", help="measure the request path's logging cost instead")
+    ap.add_argument("--batch", type=int, default=8, help="--request-path: rows per scored batch")
+    ap.add_argument("--repeats", type=int, default=21, help="--request-path: interleaved repeats")
     args = ap.parse_args(argv)
 
     from datetime import timedelta
@@ -106,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                            "ONEPATH_S3_ADDRESSING_STYLE": "path"})
         server.client("s3").create_bucket(Bucket="bench-logs")
+        if args.request_path:
+            result = request_path(args.batch, args.repeats)
+            print(json.dumps(result, indent=2))
+            return 0
         location = "s3://bench-logs/onepath/inference/bench/prod"
         rng = np.random.default_rng(args.seed)
         reference = population(args.reference_rows, rng)

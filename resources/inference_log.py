@@ -1,5 +1,10 @@
 """Reading endpoints' inference logs: a version's newest window, and what was appended since a cursor.
 
+A location that is an ``s3://`` URI is an S3 log of Parquet segments (``ONEPATH_INFERENCE_LOG_URL``; written
+by ``resources.serving.segment_log``): ``read_window`` and ``scan_new`` hand it to
+``resources.inference_log_s3``, which gives the same frames for the same rows. Everything below is the
+embedded default, local JSON lines.
+
 An endpoint environment appends JSON lines to ``<inference_log_dir>/<endpoint>/<env>/<YYYY-MM-DD>.jsonl``
 (UTC day of the write), one per scored row (see ``InferenceLog`` in ``resources/serving/model_server.py``)::
 

@@ -315,6 +315,11 @@ def test_read_window_scan_new_and_the_feedback_join_read_s3_as_they_read_local_f
     _write_s3(location, "2", other)
     _write_local(local, {"3": current, "2": other})
 
+    from resources.monitoring import MonitoringResource
+
+    monitoring = MonitoringResource(inference_log_dir=str(tmp_path / "logs"), outcomes_dir=str(tmp_path / "o"),
+                                    drift_reports_dir=str(tmp_path / "r"), inference_log_url=f"s3://{bucket}/onepath")
+    assert monitoring.log_dir("credit_api", "prod") == location  # what the drift check and the sensor read
     cols = ["income", "accounts", "region", "active", "score"]
     now = start + timedelta(hours=30)
     for kw in ({"window_rows": 500}, {"window_rows": 8000}, {"window_rows": 20000}, {"window_hours": 2.0},

@@ -40,7 +40,8 @@ from resources import object_store
 from resources.inference_log import ORDER_SLACK
 from resources.serving.segment_log import DAY_RE, SEGMENT_RE
 
-READ_THREADS = 8
+# segments read at once (ONEPATH_S3_READ_THREADS): S3 answers parallel GETs in parallel
+READ_THREADS = max(1, int(os.environ.get("ONEPATH_S3_READ_THREADS", "8") or "8"))
 SCAN_SLACK = timedelta(minutes=15)
 _CURSOR_VERSION = 1
 _NUMERIC = (pa.types.is_integer, pa.types.is_floating)

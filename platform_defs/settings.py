@@ -101,6 +101,9 @@ class Settings:
     def mlflow_artifacts(self) -> str:
         """Where MLflow artifacts of the experiments onepath creates go: the S3 URI, else the local folder."""
         return self.mlflow_artifacts_url or str(self.mlflow_artifact_root)
+    # ONEPATH_INFERENCE_LOG_URL: endpoints' inference logs as Parquet segments on S3 (s3://bucket/prefix; key layout
+    # in resources/serving/segment_log.py); None: JSON lines per day under inference_log_dir
+    inference_log_url: str | None = None
 
     @property
     def data_root(self) -> str:
@@ -171,6 +174,7 @@ def load_settings() -> Settings:
         ledger_url=os.environ.get("ONEPATH_LEDGER_URL") or None,
         data_url=_s3_url("ONEPATH_DATA_URL"),
         dagster_pg=dagster_postgres_from_env(),
+        inference_log_url=_s3_url("ONEPATH_INFERENCE_LOG_URL"),
     )
 
 

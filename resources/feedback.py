@@ -87,6 +87,21 @@ def _day_files(directory: Path, since: date | None) -> list[tuple[date, Path]]:
     return sorted(out)
 
 
+def _log_records(log_dir: Path | str, since: date, result: "LabelledRows") -> Iterator[Any | None]:
+    """The inference log's rows from ``since`` on, as JSON-line objects (None: one that is corrupt): the day
+    files of a folder, or the Parquet segments of an S3 log (``resources.inference_log_s3.iter_rows``)."""
+    if isinstance(log_dir, str):
+        from resources.inference_log_s3 import iter_rows
+
+        result.files["inference_log"] = 0  # segments read
+        yield from iter_rows(log_dir, since, result.files)
+        return
+    files = _day_files(log_dir, since)
+    result.files["inference_log"] = len(files)
+    for _, path in files:
+        yield from _json_lines(path)
+
+
 def _json_lines(path: Path) -> Iterator[Any | None]:
     """Each line's JSON value, or None for a line that is partial or does not parse."""
     with open(path, "rb") as fh:
@@ -252,35 +267,34 @@ def labelled_rows(*, inference_log_dir: str | Path, outcomes_dir: str | Path, en
     end = _utc(now) if now is not None else datetime.now(timezone.utc)
     start = end - timedelta(days=max_age_days)
     result = LabelledRows(frame=pd.DataFrame(columns=list(META_COLUMNS)), window_start=start, window_end=end)
-    log_dir = Path(inference_log_dir) / _segment("endpoint", endpoint) / _segment("env", env)
+    s3_log = isinstance(inference_log_dir, str) and inference_log_dir.startswith("s3://")
+    log_dir: Any = (f"{inference_log_dir.rstrip('/')}/{_segment('endpoint', endpoint)}/{_segment('env', env)}"
+                    if s3_log else Path(inference_log_dir) / _segment("endpoint", endpoint) / _segment("env", env))
     out_dir = Path(outcomes_dir) / endpoint / env
     outcomes = _read_outcomes(out_dir, start.date(), result)
     result.outcomes = len(outcomes)
 
     # newest logged row per request id, among rows scored in [start, end]
     logged: dict[str, tuple[datetime, int, dict[str, Any]]] = {}
-    files = _day_files(log_dir, start.date())
-    result.files["inference_log"] = len(files)
     order = 0
-    for _, path in files:
-        for rec in _json_lines(path):
-            rid = rec.get("request_id") if isinstance(rec, dict) else None
-            ts = _parse_ts(rec.get("ts")) if isinstance(rec, dict) else None
-            if (not isinstance(rid, str) or not rid or ts is None or not isinstance(rec.get("inputs"), dict)
-                    or not isinstance(rec.get("extras", {}), dict)):
-                result.corrupt_log_lines += 1
+    for rec in _log_records(log_dir, start.date(), result):
+        rid = rec.get("request_id") if isinstance(rec, dict) else None
+        ts = _parse_ts(rec.get("ts")) if isinstance(rec, dict) else None
+        if (not isinstance(rid, str) or not rid or ts is None or not isinstance(rec.get("inputs"), dict)
+                or not isinstance(rec.get("extras", {}), dict)):
+            result.corrupt_log_lines += 1
+            continue
+        if not start <= ts <= end:
+            continue
+        result.logged += 1
+        order += 1
+        seen = logged.get(rid)
+        if seen is not None:
+            result.duplicate_requests += 1
+            if (seen[0], seen[1]) > (ts, order):
                 continue
-            if not start <= ts <= end:
-                continue
-            result.logged += 1
-            order += 1
-            seen = logged.get(rid)
-            if seen is not None:
-                result.duplicate_requests += 1
-                if (seen[0], seen[1]) > (ts, order):
-                    continue
-            # keep only what the join needs: the row if it has an outcome, else its key
-            logged[rid] = (ts, order, rec if rid in outcomes else {})
+        # keep only what the join needs: the row if it has an outcome, else its key
+        logged[rid] = (ts, order, rec if rid in outcomes else {})
 
     joined = [(ts, order, rid, rec) for rid, (ts, order, rec) in logged.items() if rid in outcomes]
     result.joined = len(joined)

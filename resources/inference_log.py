@@ -1,5 +1,10 @@
 """Reading endpoints' inference logs: a version's newest window, and what was appended since a cursor.
 
+A location that is an ``s3://`` URI is an S3 log of Parquet segments (``ONEPATH_INFERENCE_LOG_URL``; written
+by ``resources.serving.segment_log``): ``read_window`` and ``scan_new`` hand it to
+``resources.inference_log_s3``, which gives the same frames for the same rows. Everything below is the
+embedded default, local JSON lines.
+
 An endpoint environment appends JSON lines to ``<inference_log_dir>/<endpoint>/<env>/<YYYY-MM-DD>.jsonl``
 (UTC day of the write), one per scored row (see ``InferenceLog`` in ``resources/serving/model_server.py``)::
 
@@ -425,6 +430,10 @@ def _check_args(log_dir: Path, version: Any, columns: Any, window_rows: Any, win
         raise ValueError(f"{where}: window_hours must be a positive number, got {window_hours!r}")
 
 
+def _is_s3(location: Any) -> bool:
+    return isinstance(location, str) and location.startswith("s3://")
+
+
 def _us(t: datetime) -> int:
     delta = t - datetime(1970, 1, 1, tzinfo=timezone.utc)
     return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
@@ -452,7 +461,7 @@ def _frame(tb: pa.Table, columns: list[str]) -> pd.DataFrame:
 
 
 def read_window(
-    log_dir: Path,
+    log_dir: Path | str,
     *,
     version: str,
     columns: list[str],
@@ -469,13 +478,19 @@ def read_window(
     (nothing was ever logged) is an empty window. A requested column that the version's newest rows do
     not log at all is a ``ValueError`` naming it.
     """
-    log_dir = Path(log_dir)
+    s3 = _is_s3(log_dir)  # the one place a reader chooses its store: Parquet segments on S3, else JSON lines
+    log_dir = log_dir if s3 else Path(log_dir)  # type: ignore[assignment]
     _check_args(log_dir, version, columns, window_rows, window_hours)
     columns = list(columns)
     if now is None:
         now = datetime.now(timezone.utc)
     elif now.tzinfo is None:
         raise ValueError(f"read_window({log_dir}): now must be timezone-aware, got {now!r}")
+    if s3:
+        from resources import inference_log_s3
+
+        return inference_log_s3.read_window(str(log_dir), version=version, columns=columns, window_rows=window_rows,
+                                            window_hours=window_hours, now=now)
     now_us = _us(now)
     cutoff_us = now_us - int(window_hours * 3_600_000_000) if window_hours is not None else None
     slack_us = int(ORDER_SLACK.total_seconds() * 1_000_000)
@@ -604,7 +619,7 @@ def _load_cursor(log_dir: Path, cursor: Any) -> dict[str, Any]:
             "dir_mtime_ns": cursor.get("dir_mtime_ns"), "listed_ns": cursor.get("listed_ns")}
 
 
-def scan_new(log_dir: Path, cursor: dict | None, *, max_bytes: int | None = 256 * 1024 * 1024) -> ScanResult:
+def scan_new(log_dir: Path | str, cursor: dict | None, *, max_bytes: int | None = 256 * 1024 * 1024) -> ScanResult:
     """Rows appended to ``log_dir`` since ``cursor`` (None: everything there is), and the next cursor.
 
     The cursor holds a byte offset per live file, always at the end of a complete line: a line still
@@ -617,9 +632,14 @@ def scan_new(log_dir: Path, cursor: dict | None, *, max_bytes: int | None = 256 
     when its mtime moved (a file appeared or went) or is too recent to be trusted. ``max_bytes`` bounds
     one call's reading (a first call on a long history); ``caught_up`` says whether it stopped early.
     """
-    log_dir = Path(log_dir)
+    s3 = _is_s3(log_dir)
+    log_dir = log_dir if s3 else Path(log_dir)  # type: ignore[assignment]
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise ValueError(f"scan_new({log_dir}): max_bytes must be a positive integer or None, got {max_bytes!r}")
+    if s3:
+        from resources import inference_log_s3
+
+        return inference_log_s3.scan_new(str(log_dir), cursor, max_bytes=max_bytes)
     cur = _load_cursor(log_dir, cursor)
     result: dict[str, Any] = {"by_version": {}, "corrupt": 0, "files_read": [], "bytes": 0, "reset": []}
 

@@ -15,8 +15,19 @@ class MonitoringResource(dg.ConfigurableResource):
     outcomes_dir: str = Field(description="Outcomes (labels) delivered later, joined by request id.")
     drift_reports_dir: str = Field(description="Evidently HTML drift reports, kept under the policy's retention.")
 
-    def log_dir(self, endpoint: str, env: str) -> Path:
-        return Path(self.inference_log_dir) / endpoint / env
+    inference_log_url: str | None = Field(
+        None, description="s3://bucket/prefix (ONEPATH_INFERENCE_LOG_URL): the logs are Parquet segments under "
+                          "<prefix>/inference/<endpoint>/<env>/<version>/<day>/ there instead.")
+
+    @property
+    def log_root(self) -> Path | str:
+        """Where every endpoint's logs are: ``s3://bucket/prefix/inference``, else the local folder."""
+        return f"{self.inference_log_url.rstrip('/')}/inference" if self.inference_log_url else Path(self.inference_log_dir)
+
+    def log_dir(self, endpoint: str, env: str) -> Path | str:
+        """One endpoint environment's log: what ``resources.inference_log.read_window``/``scan_new`` read."""
+        root = self.log_root
+        return f"{root}/{endpoint}/{env}" if isinstance(root, str) else root / endpoint / env
 
     def reports_dir(self, endpoint: str, env: str) -> Path:
         return Path(self.drift_reports_dir) / endpoint / env

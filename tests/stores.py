@@ -147,18 +147,24 @@ def start_moto() -> MotoServer:
     last = ""
     for _ in range(5):
         port = free_port()
+        # its request log goes to an unlinked temp file: a pipe nobody reads fills after ~400 requests and then
+        # blocks the server mid-request (a client sees read timeouts)
+        err = tempfile.TemporaryFile()
         proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+                                stderr=err, start_new_session=True)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             try:
                 httpx.get(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+                err.close()  # the server keeps its own descriptor
                 return MotoServer(proc, port)
             except httpx.HTTPError:
                 time.sleep(0.2)
         proc.kill()
-        last = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")[-1000:]
         proc.wait(timeout=30)
+        err.seek(0)
+        last = err.read().decode(errors="replace")[-1000:]
+        err.close()
     raise RuntimeError(f"moto_server did not answer: {last}")
 
 

@@ -62,12 +62,13 @@ def served_environment(environ: Any) -> dict[str, str]:
 class LocalProcessDeployer(Deployer):
     def __init__(self, run_dir: Path, *, host: str = "127.0.0.1", port_base: int = 18000,
                  python: str | None = None, inference_log_dir: Path | None = None,
-                 artifact_roots: Sequence[Path | str] = ()):
+                 artifact_roots: Sequence[Path | str] = (), inference_log_url: str | None = None):
         self.run_dir = Path(run_dir)
         self.host = host
         self.port_base = port_base
         self.python = python or sys.executable
         self.inference_log_dir = Path(inference_log_dir) if inference_log_dir else self.run_dir / "inference_logs"
+        self.inference_log_url = inference_log_url or None  # s3://bucket/prefix: Parquet segments there instead
         # where release artifacts may come from (the MLflow cache, the releases dir): a supervisor
         # started by this deployer launches nothing from anywhere else
         self.artifact_roots = [Path(r) for r in artifact_roots]
@@ -183,6 +184,8 @@ class LocalProcessDeployer(Deployer):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         argv = [self.python, "-m", "resources.serving.supervisor", "--slot-dir", str(slot),
                 "--host", self.host, "--port", str(port), "--inference-log-dir", str(self.inference_log_dir)]
+        if self.inference_log_url:
+            argv += ["--inference-log-url", self.inference_log_url]
         for root in self.artifact_roots:
             argv += ["--artifact-root", str(root)]
         fd = os.open(slot / "supervisor.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -548,13 +551,13 @@ def settings_config(settings: Any) -> dict[str, Any]:
     """The local backend's configuration from onepath's ``Settings``: the fields of ``LocalDeployerResource``
     (platform_defs.wiring builds the resource from it, ``onepath inventory`` the deployer, without Dagster)."""
     return {"run_dir": str(settings.run_dir), "host": settings.host, "port_base": settings.port_base,
-            "inference_log_dir": str(settings.inference_log_dir),
+            "inference_log_dir": str(settings.inference_log_dir), "inference_log_url": settings.inference_log_url,
             "artifact_roots": [str(settings.releases_dir / "models"), str(settings.releases_dir)]}
 
 
 def from_config(run_dir: str, host: str, port_base: int, inference_log_dir: str,
-                artifact_roots: Sequence[str]) -> LocalProcessDeployer:
+                artifact_roots: Sequence[str], inference_log_url: str | None = None) -> LocalProcessDeployer:
     """The deployer a ``settings_config`` (or a ``LocalDeployerResource``'s fields) describes."""
     return LocalProcessDeployer(Path(run_dir), host=host, port_base=port_base,
                                 inference_log_dir=Path(inference_log_dir),
-                                artifact_roots=[Path(r) for r in artifact_roots])
+                                artifact_roots=[Path(r) for r in artifact_roots], inference_log_url=inference_log_url)

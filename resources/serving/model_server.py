@@ -456,6 +456,7 @@ class Metrics:
     batches: int = 0
     batch_splits: int = 0
     log_errors: int = 0
+    log_rows_dropped: int = 0
     undeclared_fields: int = 0
     # judged responses by (caller, route, status): who called, not only what was answered
     callers: dict[tuple[str, str, int], int] = field(default_factory=dict)
@@ -487,7 +488,7 @@ class Metrics:
         self.latency_sum += seconds
         self.latency_count += 1
 
-    def render(self, labels: str, version: str, started: float, log_ok: bool = True) -> bytes:
+    def render(self, labels: str, version: str, started: float, log_ok: bool = True, log: Any = None) -> bytes:
         lines = [
             "# HELP onepath_requests_total HTTP requests the version answered, by route and status (requests "
             "refused for their credential are only in onepath_caller_requests_total).",
@@ -523,6 +524,18 @@ class Metrics:
             "# HELP onepath_inference_log_ok 1 while the inference log is written (or is off), 0 while it fails.",
             "# TYPE onepath_inference_log_ok gauge",
             f"onepath_inference_log_ok{{{labels}}} {int(log_ok)}",
+            "# HELP onepath_inference_log_rows_pending Logged rows not yet stored (buffered, or in segments "
+            "waiting for the store); what a SIGKILL would lose.",
+            "# TYPE onepath_inference_log_rows_pending gauge",
+            f"onepath_inference_log_rows_pending{{{labels}}} {getattr(log, 'pending', 0)}",
+            "# HELP onepath_inference_log_rows_flushed_total Logged rows stored (segments written, or lines appended).",
+            "# TYPE onepath_inference_log_rows_flushed_total counter",
+            f"onepath_inference_log_rows_flushed_total{{{labels}}} {getattr(log, 'lines_written', 0)}",
+            "# HELP onepath_inference_log_rows_dropped_total Logged rows dropped: the store failed, or the pending "
+            "cap was reached while it was unreachable.",
+            "# TYPE onepath_inference_log_rows_dropped_total counter",
+            f"onepath_inference_log_rows_dropped_total{{{labels}}} "
+            f"{getattr(log, 'dropped', None) if getattr(log, 'dropped', None) is not None else self.log_rows_dropped}",
             "# HELP onepath_batches_total Model calls (each scores one micro-batch).",
             "# TYPE onepath_batches_total counter",
             f"onepath_batches_total{{{labels}}} {self.batches}",
@@ -677,7 +690,8 @@ class ModelApp:
     def __init__(self, model: LoadedModel, *, endpoint: str, env: str, pii: list[str],
                  log_dir: Path | None, max_batch: int = 64, batch_wait_ms: float = 2.0,
                  limits: dict[str, Any] | None = None, http_limits: Any = None,
-                 access: AccessTable | None = None, pass_through: list[str] | None = None):
+                 access: AccessTable | None = None, pass_through: list[str] | None = None,
+                 log_url: str | None = None, log_settings: dict[str, Any] | None = None):
         import pandas as pd
 
         self._pd = pd
@@ -685,7 +699,17 @@ class ModelApp:
         self.endpoint, self.env = endpoint, env
         self.feature_names = [c.name for c in model.columns]
         self.pii = set(pii)
-        self.log = InferenceLog(log_dir, self.pii)
+        self.log: Any
+        if log_url:  # Parquet segments on S3, written by a thread (resources.serving.segment_log)
+            from resources.serving.segment_log import SegmentLog
+
+            self.log = SegmentLog(log_url, model=model.name, version=model.version,
+                                  columns=[(c.name, c.kind) for c in model.columns if c.name not in self.pii],
+                                  **(log_settings or {}))
+        else:
+            self.log = InferenceLog(log_dir, self.pii)
+        self._log_on = self.log.enabled
+        self._log_rows = log_url is not None  # rows (tuples) for the segment writer, not JSON lines
         self.max_batch = max_batch
         lim = {**DEFAULT_LIMITS, **(limits or {})}
         self.max_body = int(lim["max_body_bytes"])
@@ -751,7 +775,9 @@ class ModelApp:
         return {
             "status": "degraded" if problems else "ok", "version": self.model.version, "problems": problems,
             "inference_log": {"enabled": log.enabled, "ok": log.ok, "error": log.error,
-                              "lines_written": log.lines_written},
+                              "lines_written": log.lines_written,
+                              **({"store": log.store, "rows_pending": log.pending, "rows_flushed": log.flushed,
+                                  "rows_dropped": log.dropped} if self._log_rows else {})},
             "recent": {"predictions": n - failed, "model_errors": failed},
         }
 
@@ -864,7 +890,9 @@ class ModelApp:
         try:
             results = self._score_requests([recs for recs, *_ in chunk])
             lines: list[bytes] = []
-            ts = datetime.now(timezone.utc).isoformat() if self.log.dir else ""
+            now = datetime.now(timezone.utc) if self._log_on else None
+            ts = now.isoformat() if now is not None and not self._log_rows else ""
+            ts_us = _epoch_us(now) if now is not None and self._log_rows else 0
             for (recs, fut, request_id, t0), res in zip(chunk, results):
                 if isinstance(res, RequestError):
                     self.recent.append(True)
@@ -875,11 +903,14 @@ class ModelApp:
                 self.metrics.rows += len(recs)
                 if not fut.done():
                     fut.set_result(res)
-                if self.log.dir:
+                if self._log_rows:
+                    self._log_rows_of(lines, ts_us, recs, res, request_id, t0)
+                elif self._log_on:
                     self._log_lines(lines, ts, recs, res, request_id, t0)
             dropped = self.log.write(lines)
             if dropped:  # a full disk must not take predictions down; it shows in /health and metrics
                 self.metrics.log_errors += 1
+                self.metrics.log_rows_dropped += dropped
         finally:
             for _, fut, _, _ in chunk:
                 if not fut.done():
@@ -902,6 +933,25 @@ class ModelApp:
             results.append(out[pos:pos + len(recs)])
             pos += len(recs)
         return results
+
+    def _log_rows_of(self, rows: list[tuple], ts_us: int, recs: list[dict[str, Any]], res: list[Any],
+                     request_id: str, t0: float) -> None:
+        """The segment writer's rows: what ``_log_lines`` logs (the same PII and pass-through rules), as
+        ``(ts_us, request_id, inputs, extras, output, latency_ms)`` tuples; the writer's thread encodes them."""
+        latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        passed, features, logged = self._pass, self._features, self._logged_features
+        undeclared = 0
+        one = len(recs) == 1
+        for j, (rec, o) in enumerate(zip(recs, res)):
+            extras = {}
+            for k, v in rec.items():
+                if k in passed:
+                    extras[k] = v
+                elif k not in features:
+                    undeclared += 1
+            rows.append((ts_us, request_id if one else f"{request_id}:{j}", {k: rec.get(k) for k in logged},
+                         extras, o, latency_ms))
+        self.metrics.undeclared_fields += undeclared
 
     def _log_lines(self, lines: list[bytes], ts: str, recs: list[dict[str, Any]], res: list[Any],
                    request_id: str, t0: float) -> None:
@@ -994,7 +1044,7 @@ class ModelApp:
             await self._send(send, route, 200, self._worker_body, t0, caller=caller)
         elif route == "/metrics":
             body = self.metrics.render(self.labels, self.model.version, self.started,
-                                       log_ok=self.log.ok or not self.log.enabled)
+                                       log_ok=self.log.ok or not self.log.enabled, log=self.log)
             await self._send(send, route, 200, body, t0, [(b"content-type", b"text/plain; version=0.0.4")],
                              caller=caller)
         else:
@@ -1122,6 +1172,8 @@ def build_app(config: dict[str, Any]) -> ModelApp:
     app = ModelApp(
         model, endpoint=config["endpoint"], env=config["env"], pii=config.get("pii_columns", []),
         log_dir=Path(config["log_dir"]) if config.get("log_dir") else None,
+        log_url=config.get("log_url") or None,
+        log_settings=_segment_settings() if config.get("log_url") else None,
         max_batch=int(config.get("max_batch", 64)),
         batch_wait_ms=float(config.get("batch_wait_ms", 2.0)),
         limits={k: config[k] for k in DEFAULT_LIMITS if config.get(k) is not None},
@@ -1130,6 +1182,20 @@ def build_app(config: dict[str, Any]) -> ModelApp:
     )
     app.self_test()
     return app
+
+
+def _segment_settings() -> dict[str, Any]:
+    from resources.serving.segment_log import settings_from_env
+
+    return settings_from_env()
+
+
+def _epoch_us(t: datetime) -> int:
+    delta = t - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _http_limits(config: dict[str, Any]) -> Any:

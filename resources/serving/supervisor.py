@@ -303,12 +303,13 @@ class Conflict(Exception):
 
 class Supervisor:
     def __init__(self, slot_dir: Path, host: str, port: int, *, secret: bytes,
-                 artifact_roots: list[str], inference_log_dir: str | None):
+                 artifact_roots: list[str], inference_log_dir: str | None, inference_log_url: str | None = None):
         self.slot_dir = slot_dir
         self.host, self.port = host, port
         self.secret = secret
         self.artifact_roots = [os.path.realpath(r) for r in artifact_roots]
         self.inference_log_dir = inference_log_dir
+        self.inference_log_url = inference_log_url.rstrip("/") if inference_log_url else None  # s3://bucket/prefix
         self.name, _, self.env_name = slot_dir.name.rpartition(".")
         # the supervisor's own credential for its endpoint workers (derived from the slot secret, held
         # only in memory; the workers get its hash): sent on every HTTP call to a worker but /health
@@ -540,12 +541,17 @@ class Supervisor:
                 raise SpecError(f"launch: endpoint {self.name!r} env {self.env_name!r}: an endpoint's name and "
                                 "environment must match ^[a-z][a-z0-9_]{1,62}$ (its credentials carry them)")
             env.update(protocol.model_thread_env(spec["model_threads"]))
+            # the one place a worker's log store is chosen: Parquet segments on S3 when the platform has
+            # ONEPATH_INFERENCE_LOG_URL (resources.serving.segment_log), else JSON lines in the folder
+            log_url = (f"{self.inference_log_url}/inference/{self.name}/{self.env_name}"
+                       if spec["inference_log"] and self.inference_log_url else None)
             log_dir = (os.path.join(self.inference_log_dir, self.name, self.env_name)
-                       if spec["inference_log"] and self.inference_log_dir else None)
+                       if spec["inference_log"] and self.inference_log_dir and not log_url else None)
             config = {
                 "endpoint": self.name, "env": self.env_name, "version": spec["version"],
                 "model_dir": spec["artifact"], "model_name": spec["model_name"],
                 "pii_columns": spec["pii_columns"], "max_batch": spec["max_batch"], "log_dir": log_dir,
+                "log_url": log_url,
                 "expected_digest": spec["digest"],
                 # who may call (written by the platform through the deployer's publish_grants), and the
                 # backend's own credentials as hashes: this file never holds a token
@@ -1380,6 +1386,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--artifact-root", action="append", default=[], required=True,
                     help="a directory release artifacts may come from (repeatable)")
     ap.add_argument("--inference-log-dir", default=None, help="where endpoints append their inference logs")
+    ap.add_argument("--inference-log-url", default=None,
+                    help="s3://bucket/prefix: endpoints write their inference logs there as Parquet segments")
     args = ap.parse_args(argv)
     slot_dir = Path(args.slot_dir)
     try:
@@ -1399,7 +1407,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(6)
     try:
         sup = Supervisor(slot_dir, args.host, args.port, secret=secret, artifact_roots=args.artifact_root,
-                         inference_log_dir=args.inference_log_dir)
+                         inference_log_dir=args.inference_log_dir, inference_log_url=args.inference_log_url)
     except OSError as err:
         print(f"onepath supervisor: cannot bind {args.host}:{args.port}: {err}", file=sys.stderr)
         raise SystemExit(4) from None

@@ -119,14 +119,18 @@ def test_a_killed_worker_comes_back_and_one_restart_is_relayed(world, monkeypatc
     from resources.deployers.local import PLATFORM_CREDENTIALS
 
     org, deployer = world["org"], world["deployer"]
-    for var in PLATFORM_CREDENTIALS:  # the platform's credentials, as a production host has them
-        monkeypatch.setenv(var, f"secret-{var.lower()}")
+    # the platform's credentials, as a production host has them, and the rest of its Dagster instance's settings
+    production = {**{var: f"secret-{var.lower()}" for var in PLATFORM_CREDENTIALS},
+                  "ONEPATH_DAGSTER_PG_HOST": "db.internal", "ONEPATH_DAGSTER_PG_PORT": "5432",
+                  "ONEPATH_DAGSTER_PG_USER": "onepath", "ONEPATH_DAGSTER_PG_DB": "dagster"}
+    for var, value in production.items():
+        monkeypatch.setenv(var, value)
     st = deploy_like_factories(org, "sv_restart", "prod", "1", world["resources"])
     assert len(st.detail["supervisor"]["pids"]) == 2  # prod's default
     for pid in (st.detail["supervisor"]["pid"], *st.detail["supervisor"]["pids"]):  # what serves holds none
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert not any(f"secret-{var.lower()}".encode() in environ for var in PLATFORM_CREDENTIALS), pid
-    for var in PLATFORM_CREDENTIALS:
+    for var in production:
         monkeypatch.delenv(var)
     worker = 0
     pid = st.detail["supervisor"]["pids"][worker]

@@ -276,7 +276,9 @@ def test_the_app_developers_guide_takes_loan_portal_to_prod(platform, tmp_path):
 # -- the Dagster UI in a real browser, on the same platform ---------------------------------------------
 
 SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { __typename
-  ... on Sensor { id sensorState { status } } } }"""
+  ... on Sensor { id sensorState { status ticks(limit: 1) { status } } } } }"""
+ACTIVE_RUNS = """{ runsOrError(filter: {statuses: [QUEUED, NOT_STARTED, STARTING, STARTED, CANCELING]}) {
+  ... on Runs { results { runId } } } }"""
 STOP_SENSOR = """mutation($id: String) { stopSensor(id: $id) { __typename
   ... on StopSensorMutationResult { instigationState { status } } ... on PythonError { message } } }"""
 
@@ -302,16 +304,27 @@ def wait_run(client, run_id: str, seconds: float = 300) -> str:
 
 
 def stop_automation(port: int) -> None:
-    """Turn the automation sensor off (if it is on), so that nothing but what the test does deploys."""
+    """Turn the automation sensor off (if it is on) and wait until what it began is over, so that nothing but
+    what the test does deploys."""
     entry = gql(port, LOCATION_QUERY)["workspaceOrError"]["locationEntries"][0]
     repo = entry["locationOrLoadError"]["repositories"][0]
-    sensor = gql(port, SENSOR, {"s": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
-                                      "sensorName": "onepath_automation"}})["sensorOrError"]
+    selector = {"s": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
+                      "sensorName": "onepath_automation"}}
+    sensor = gql(port, SENSOR, selector)["sensorOrError"]
     assert sensor["__typename"] == "Sensor", sensor
-    if sensor["sensorState"]["status"] == "STOPPED":
-        return
-    stopped = gql(port, STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
-    assert stopped.get("instigationState", {}).get("status") == "STOPPED", stopped
+    if sensor["sensorState"]["status"] != "STOPPED":
+        stopped = gql(port, STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+        assert stopped.get("instigationState", {}).get("status") == "STOPPED", stopped
+    # a tick the daemon had begun still launches its runs, and runs it launched before still deploy: wait until
+    # the last tick is over and no run is queued or running
+    deadline = time.monotonic() + 300
+    while True:
+        ticks = gql(port, SENSOR, selector)["sensorOrError"]["sensorState"]["ticks"]
+        active = gql(port, ACTIVE_RUNS)["runsOrError"]["results"]
+        if not active and not (ticks and ticks[0]["status"] == "STARTED"):
+            return
+        assert time.monotonic() < deadline, f"automation still busy after 300 s: tick {ticks}, runs {active}"
+        time.sleep(0.5)
 
 
 def ui_tour(port: int, client, home: Path, shots: Path) -> None:

@@ -438,3 +438,18 @@ def moto_s3() -> Iterator["MotoServer"]:
         yield server
     finally:
         server.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Seconds per test file (setup, call and teardown together), slowest first: where CI's time goes, which
+    the per-test durations above scatter."""
+    per_file: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(getattr(report, "duration", None), float) and getattr(report, "nodeid", ""):
+                path = report.nodeid.split("::")[0]
+                per_file[path] = per_file.get(path, 0.0) + report.duration
+    if per_file:
+        terminalreporter.write_sep("=", "slowest 15 test files")
+        for path, seconds in sorted(per_file.items(), key=lambda kv: -kv[1])[:15]:
+            terminalreporter.write_line(f"{seconds:8.1f}s {path}")

@@ -939,44 +939,41 @@ class ModelApp:
         """The segment writer's rows: what ``_log_lines`` logs (the same PII and pass-through rules), as
         ``(ts_us, request_id, inputs, extras, output, latency_ms)`` tuples; the writer's thread encodes them."""
         latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-        passed, features, logged = self._pass, self._features, self._logged_features
-        undeclared = 0
         one = len(recs) == 1
         for j, (rec, o) in enumerate(zip(recs, res)):
-            extras = {}
-            for k, v in rec.items():
-                if k in passed:
-                    extras[k] = v
-                elif k not in features:
-                    undeclared += 1
-            rows.append((ts_us, request_id if one else f"{request_id}:{j}", {k: rec.get(k) for k in logged},
-                         extras, o, latency_ms))
-        self.metrics.undeclared_fields += undeclared
+            inputs, extras = self._logged_parts(rec)
+            rows.append((ts_us, request_id if one else f"{request_id}:{j}", inputs, extras, o, latency_ms))
+
+    def _logged_parts(self, rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What the log keeps of one record, for either log: ``(inputs, extras)``, the logged signature columns
+        (never a PII column) and the declared pass-through columns; a field that is neither is counted as
+        undeclared and not logged."""
+        extras, undeclared = {}, 0
+        passed, features = self._pass, self._features
+        for k, v in rec.items():
+            if k in passed:
+                extras[k] = v
+            elif k not in features:
+                undeclared += 1
+        if undeclared:
+            self.metrics.undeclared_fields += undeclared
+        return {k: rec.get(k) for k in self._logged_features}, extras
 
     def _log_lines(self, lines: list[bytes], ts: str, recs: list[dict[str, Any]], res: list[Any],
                    request_id: str, t0: float) -> None:
         latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-        passed, features, logged = self._pass, self._features, self._logged_features
-        undeclared = 0
         for j, (rec, o) in enumerate(zip(recs, res)):
-            extras = {}
-            for k, v in rec.items():
-                if k in passed:
-                    extras[k] = v
-                elif k not in features:
-                    undeclared += 1
+            inputs, extras = self._logged_parts(rec)
             entry = {
                 "ts": ts, "request_id": request_id if len(recs) == 1 else f"{request_id}:{j}",
                 "model": self.model.name, "version": self.model.version,
-                "inputs": {k: rec.get(k) for k in logged},
-                "extras": extras, "output": o, "latency_ms": latency_ms,
+                "inputs": inputs, "extras": extras, "output": o, "latency_ms": latency_ms,
             }
             try:
                 lines.append(orjson.dumps(entry) + b"\n")
             except (TypeError, orjson.JSONEncodeError) as err:  # validation keeps this out; never an answer
                 entry["extras"] = {"_not_logged": f"{type(err).__name__}: {err}"}
                 lines.append(orjson.dumps(entry, default=str) + b"\n")
-        self.metrics.undeclared_fields += undeclared
 
     # -- ASGI -------------------------------------------------------------------------------
     def onepath_protocol_response(self, path: str | None, status: int) -> None:

@@ -601,8 +601,14 @@ from resources.deployers.base import Release, Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.artifact_digest import folder_digest
 args = json.loads(sys.argv[1])
+# ONEPATH_INFERENCE_LOG_URL (--log-s3's S3 side) read the way the platform reads it; unset (every other
+# driver, and trees from before the S3 log) the deployer is built exactly as before
+log_kw = {}
+if os.environ.get("ONEPATH_INFERENCE_LOG_URL"):
+    from platform_defs.settings import load_settings
+    log_kw["inference_log_url"] = load_settings().inference_log_url
 deployer = LocalProcessDeployer(Path(args["run_dir"]), host="127.0.0.1", port_base=args["port_base"],
-                                artifact_roots=[Path(args["model"]).parent])
+                                artifact_roots=[Path(args["model"]).parent], **log_kw)
 target = Target(args["name"], "bench", kind="endpoint")
 release = Release(version="1", artifact=args["model"], digest=folder_digest(args["model"]), workers=1,
                   config={"model_name": args["name"], "pii_columns": args["pii"], "max_batch": 64})
@@ -646,8 +652,16 @@ def export_tree(commit: str, path: Path) -> str:
 
 
 def start_tree(name: str, tree: Path, tmp: Path, m: dict[str, Any], port_base: int,
-               cleanup: Cleanup) -> dict[str, Any]:
+               cleanup: Cleanup, env_overrides: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """A driver process that deploys the model with ``tree``'s deployer (``PYTHONPATH`` and working
+    directory ``tree``), in this process's environment with ``env_overrides`` applied (None: unset), and
+    the server it deployed, answering with a credential."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for k, v in (env_overrides or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     env["PYTHONPATH"] = str(tree)
     cfg = {"run_dir": str(tmp / f"run-{name}"), "port_base": port_base, "model": str(m["local"]),
            "name": MODEL_NAME, "pii": PII}
@@ -675,8 +689,8 @@ def start_tree(name: str, tree: Path, tmp: Path, m: dict[str, Any], port_base: i
                           headers=auth_headers(token))
     anonymous, _ = post(port, "/predict", m["first_onepath"])  # what credentials on/off means: 401 / 200
     return {"port": port, "root_pid": info["supervisor_pid"], "path": "/predict", "bodies": m["bodies_onepath"],
-            "access_control": token is not None, "anonymous_status": anonymous,
-            "credential": credential_file(tmp, name, token)}
+            "access_control": token is not None, "anonymous_status": anonymous, "token": token,
+            "run_dir": Path(cfg["run_dir"]), "credential": credential_file(tmp, name, token)}
 
 
 def limit_costs(base_tree: Path, m: dict[str, Any], repeats: int = 7) -> dict[str, float]:
@@ -797,6 +811,49 @@ def protocol_cost(body: bytes, n: int = 5000, order: int = 0) -> tuple[float, fl
     return asyncio.run(run(classes[0])), asyncio.run(run(classes[1]))
 
 
+def pin_and_warm(name: str, srv: dict[str, Any], args: argparse.Namespace, pin: bool) -> None:
+    """Pin a deployed side's process tree to CPU 0, then ``--warmup`` seconds of unmeasured load."""
+    if pin and srv["root_pid"]:
+        srv["pinning"] = pin_tree(int(srv["root_pid"]), 0)
+        log(f"{name}: pinned to CPU 0: {'ok' if srv['pinning']['ok'] else 'FAILED'}")
+    if args.warmup > 0:
+        run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin, srv["credential"])
+
+
+def interleaved_rounds(sides: dict[str, dict[str, Any]], base: str, new: str, args: argparse.Namespace,
+                       pin: bool) -> list[dict[str, Any]]:
+    """``--rounds`` rounds of one wrk run per side, the order alternating per round (so that noise from
+    the rest of the machine hits both alike); per round the ratios new/base of requests/s and of p99."""
+    rounds = []
+    for i in range(args.rounds):
+        order = [base, new] if i % 2 == 0 else [new, base]
+        row: dict[str, Any] = {"order": order}
+        for name in order:
+            r = run_wrk(sides[name]["port"], sides[name]["path"], sides[name]["bodies"], args, args.duration, pin,
+                        sides[name]["credential"])
+            row[name] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "non2xx", "denied", "socket_errors")}
+            row[name]["loadavg"] = loadavg()
+        row["rps_ratio"] = row[new]["rps"] / row[base]["rps"] if row[base]["rps"] else float("inf")
+        row["p99_ratio"] = row[new]["p99_ms"] / row[base]["p99_ms"]
+        refused = row[base]["denied"] + row[new]["denied"]
+        log(f"round {i + 1}/{args.rounds} ({' then '.join(order)}): {base} {row[base]['rps']:.0f} req/s "
+            f"p99 {row[base]['p99_ms']:.2f} ms | {new} {row[new]['rps']:.0f} req/s p99 "
+            f"{row[new]['p99_ms']:.2f} ms | {new}/{base} {row['rps_ratio']:.3f} | load {loadavg()}"
+            + (f" | {refused} requests REFUSED (401/403)" if refused else ""))
+        rounds.append(row)
+    return rounds
+
+
+def sign_test(ratios: list[float]) -> tuple[bool, str]:
+    """(within noise, verdict) of the paired per-round ratios: within noise unless every round went the
+    same way (with n rounds a real tie looks like that with p = 2 / 2**n)."""
+    same_way = all(x < 1 for x in ratios) or all(x > 1 for x in ratios)
+    if not same_way:
+        return True, "WITHIN NOISE (the rounds went both ways)"
+    return False, (f"{'SLOWER' if ratios[0] < 1 else 'FASTER'} in every round "
+                   f"(sign test p = {2 / 2 ** len(ratios):.3g} for a real tie)")
+
+
 def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Cleanup) -> dict[str, Any]:
     import statistics
 
@@ -817,28 +874,9 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
         log(f"{name}: credentials {'on' if srv['access_control'] else 'off'} (a request without one: HTTP "
             f"{srv['anonymous_status']}{'' if srv['anonymous_status'] == want else f', expected {want}'}); "
             f"wrk sends {'its own grant' if srv['access_control'] else 'the same header' if shared else 'none'}")
-        if pin and srv["root_pid"]:
-            srv["pinning"] = pin_tree(int(srv["root_pid"]), 0)
-            log(f"{name}: pinned to CPU 0: {'ok' if srv['pinning']['ok'] else 'FAILED'}")
-        if args.warmup > 0:
-            run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin, srv["credential"])
+        pin_and_warm(name, srv, args, pin)
     access_ok = all(s["anonymous_status"] == (401 if s["access_control"] else 200) for s in sides.values())
-    rounds = []
-    for i in range(args.rounds):
-        order = ["baseline", "new"] if i % 2 == 0 else ["new", "baseline"]
-        row: dict[str, Any] = {"order": order}
-        for name in order:
-            r = run_wrk(sides[name]["port"], sides[name]["path"], sides[name]["bodies"], args, args.duration, pin,
-                        sides[name]["credential"])
-            row[name] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "non2xx", "denied", "socket_errors")}
-        row["rps_ratio"] = row["new"]["rps"] / row["baseline"]["rps"] if row["baseline"]["rps"] else float("inf")
-        row["p99_ratio"] = row["new"]["p99_ms"] / row["baseline"]["p99_ms"]
-        refused = row["baseline"]["denied"] + row["new"]["denied"]
-        log(f"round {i + 1}/{args.rounds} ({' then '.join(order)}): baseline {row['baseline']['rps']:.0f} req/s "
-            f"p99 {row['baseline']['p99_ms']:.2f} ms | new {row['new']['rps']:.0f} req/s p99 "
-            f"{row['new']['p99_ms']:.2f} ms | new/baseline {row['rps_ratio']:.3f}"
-            + (f" | {refused} requests REFUSED (401/403)" if refused else ""))
-        rounds.append(row)
+    rounds = interleaved_rounds(sides, "baseline", "new", args, pin)
     log("measuring what each limit costs in-process")
     costs = {**limit_costs(args.baseline_dir, m), "judge": judge_cost(tmp)}
 
@@ -846,7 +884,6 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
         return statistics.median(r[side][key] for r in rounds)
 
     ratios = [r["rps_ratio"] for r in rounds]
-    same_way = all(x < 1 for x in ratios) or all(x > 1 for x in ratios)
     p99_ratios = [r["p99_ratio"] for r in rounds]
     denied = sum(r[s]["denied"] for r in rounds for s in ("baseline", "new"))
     valid = access_ok and all(r[s]["non2xx"] == 0 and r[s]["socket_errors"] == 0
@@ -859,7 +896,7 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
         "median": {s: {k: med(s, k) for k in ("rps", "p50_ms", "p99_ms")} for s in ("baseline", "new")},
         "rps_ratio_median": statistics.median(ratios), "rps_ratio_range": [min(ratios), max(ratios)],
         "p99_ratio_median": statistics.median(p99_ratios), "p99_ratio_range": [min(p99_ratios), max(p99_ratios)],
-        "within_noise": not same_way,
+        "within_noise": sign_test(ratios)[0],
     }
     b, n = summary["median"]["baseline"], summary["median"]["new"]
     summary["within_5pct"] = {"rps": n["rps"] / b["rps"] >= 0.95, "p99": n["p99_ms"] / b["p99_ms"] <= 1.05}
@@ -889,8 +926,7 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
     if costs["judge"] is not None:
         print(f"    credential check (AccessTable.judge: stat, sha256, compare) {costs['judge']:.2f}")
     print("  body size / row limits: one header scan and one len() per request (not measurable here)")
-    verdict = ("WITHIN NOISE (the rounds went both ways)" if summary["within_noise"] else
-               f"{'SLOWER' if ratios[0] < 1 else 'FASTER'} in every round")
+    verdict = sign_test(ratios)[1]
     why = ("a tree's credentials are not what they claim" if not access_ok else
            f"{denied} requests refused a credential (401/403), counted as no throughput" if denied else
            "non-2xx responses or socket errors")

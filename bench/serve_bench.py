@@ -1017,10 +1017,11 @@ def server_metrics(port: int, token: str | None) -> dict[str, int]:
     return out
 
 
-def health(port: int) -> dict[str, Any]:
+def health(port: int, token: str | None) -> dict[str, Any]:
+    """A server's /health as a caller of the endpoint hears it (anyone else hears only ``status``)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request("GET", "/health")
+        conn.request("GET", "/health", headers=auth_headers(token))
         return json.loads(conn.getresponse().read())
     finally:
         conn.close()
@@ -1070,6 +1071,9 @@ def bench_log_s3(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Cleanu
 
     here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
+    if subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "resources", "bench"],
+                      capture_output=True, text=True).stdout.strip():
+        here += " (+ uncommitted changes)"
     moto = start_moto()
     cleanup.push("moto server", moto.stop)
     moto_pin = pin_tree(moto.proc.pid, 1) if pin else {"ok": False, "processes": []}
@@ -1091,10 +1095,13 @@ def bench_log_s3(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Cleanu
              "s3": start_tree("s3", ROOT, tmp, m, args.port_base + 100, cleanup, s3_env)}
     problems: list[str] = []
     for name, srv in sides.items():
-        store = (health(srv["port"]).get("inference_log") or {}).get("store")
+        facts = health(srv["port"], srv["token"]).get("inference_log")
+        store = (facts or {}).get("store")
         srv["store"] = store or str(srv["run_dir"] / "inference_logs")
         want_s3 = name == "s3"
-        if want_s3 != bool(store and store.startswith(f"{url}/")):
+        if facts is None:
+            problems.append(f"{name}: /health does not say where the inference log goes")
+        elif want_s3 != bool(store and store.startswith(f"{url}/")):
             problems.append(f"{name}: the server logs to {srv['store']}, not to {'S3' if want_s3 else 'local disk'}")
         if srv["anonymous_status"] != 401:
             problems.append(f"{name}: a request without a credential got HTTP {srv['anonymous_status']}, not 401")

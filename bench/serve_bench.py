@@ -1,4 +1,5 @@
-"""Serving benchmark: onepath's model server against ``mlflow models serve``, in one run.
+"""Serving benchmark: onepath's model server against ``mlflow models serve``, in one run (or against itself:
+``--against COMMIT``, ``--log-s3``).
 
     .venv/bin/python bench/serve_bench.py [--connections 16] [--duration 15]
         [--threads 1] [--warmup 2] [--json results.json]
@@ -64,6 +65,31 @@ control, what ``AccessTable.judge`` costs per granted request. ``./dev install``
 bytecode; on a venv without it (and with PYTHONDONTWRITEBYTECODE=1, as on our machines) every cold
 start compiles every imported module from source, which ``--bytecode-cache DIR`` works around for
 both servers alike. A run takes about 1.5 minutes with the defaults.
+
+``--log-s3`` compares onepath with itself as well, in this tree: inference logs as Parquet segments on S3
+against JSON lines on local disk (issue 14's target: requests/s within 10 %), interleaved as above:
+
+    .venv/bin/python bench/serve_bench.py --log-s3 [--rounds 6] [--duration 8] [--log-settle 30]
+
+It starts moto's server on loopback (``tests.stores.start_moto``; its request log in a file, not a pipe
+nobody reads) with a bucket ``bench-logs``, and deploys the same registered model twice through this tree's
+``LocalProcessDeployer``, one driver process per side (``start_tree``) with an environment of its own, as
+two production hosts would be configured: the local side without ``ONEPATH_INFERENCE_LOG_URL`` (JSON lines
+under its run dir, the default), the S3 side with ``ONEPATH_INFERENCE_LOG_URL=s3://bench-logs/serve`` (read
+through ``platform_defs.settings``), ``AWS_ENDPOINT_URL_S3`` at moto, ``ONEPATH_S3_ADDRESSING_STYLE=path``
+and the log writer's own ``ONEPATH_INFERENCE_LOG_AWS_*`` keys (the platform's ``AWS_*`` keys never reach a
+worker). Both sides have access control and get the bench caller's grant. The servers are pinned to CPU 0,
+wrk and moto (standing for a store elsewhere) to CPU 1. Before the rounds each side's ``/health`` must name
+its store (``s3://bench-logs/serve/inference/...`` for S3, none for local). After the rounds it waits up to
+``--log-settle`` seconds until neither side has rows pending, then reads each side's ``/metrics``
+(``onepath_inference_log_rows_flushed_total``, ``_pending``, ``_dropped_total``, ``onepath_inference_log_ok``,
+``onepath_predictions_total``) and counts what really landed: the rows of every segment in the bucket
+(Parquet metadata) and the lines of the local JSON-lines files. The run is INVALID when a side dropped rows,
+still has rows pending, logged fewer rows than it scored, or its store holds a different number of rows than
+it says it flushed (nothing written included), as well as on any non-2xx answer or socket error. It prints
+per side the median requests/s, p50 and p99, the ratio of the medians S3/local against the 10 % target, the
+per-round ratios, the sign test's verdict, the load average, and per side the log's flushed/pending/dropped
+rows beside what its store holds.
 """
 
 from __future__ import annotations
@@ -601,8 +627,14 @@ from resources.deployers.base import Release, Target
 from resources.deployers.local import LocalProcessDeployer
 from resources.artifact_digest import folder_digest
 args = json.loads(sys.argv[1])
+# ONEPATH_INFERENCE_LOG_URL (--log-s3's S3 side) read the way the platform reads it; unset (every other
+# driver, and trees from before the S3 log) the deployer is built exactly as before
+log_kw = {}
+if os.environ.get("ONEPATH_INFERENCE_LOG_URL"):
+    from platform_defs.settings import load_settings
+    log_kw["inference_log_url"] = load_settings().inference_log_url
 deployer = LocalProcessDeployer(Path(args["run_dir"]), host="127.0.0.1", port_base=args["port_base"],
-                                artifact_roots=[Path(args["model"]).parent])
+                                artifact_roots=[Path(args["model"]).parent], **log_kw)
 target = Target(args["name"], "bench", kind="endpoint")
 release = Release(version="1", artifact=args["model"], digest=folder_digest(args["model"]), workers=1,
                   config={"model_name": args["name"], "pii_columns": args["pii"], "max_batch": 64})
@@ -646,8 +678,16 @@ def export_tree(commit: str, path: Path) -> str:
 
 
 def start_tree(name: str, tree: Path, tmp: Path, m: dict[str, Any], port_base: int,
-               cleanup: Cleanup) -> dict[str, Any]:
+               cleanup: Cleanup, env_overrides: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """A driver process that deploys the model with ``tree``'s deployer (``PYTHONPATH`` and working
+    directory ``tree``), in this process's environment with ``env_overrides`` applied (None: unset), and
+    the server it deployed, answering with a credential."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for k, v in (env_overrides or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     env["PYTHONPATH"] = str(tree)
     cfg = {"run_dir": str(tmp / f"run-{name}"), "port_base": port_base, "model": str(m["local"]),
            "name": MODEL_NAME, "pii": PII}
@@ -675,8 +715,8 @@ def start_tree(name: str, tree: Path, tmp: Path, m: dict[str, Any], port_base: i
                           headers=auth_headers(token))
     anonymous, _ = post(port, "/predict", m["first_onepath"])  # what credentials on/off means: 401 / 200
     return {"port": port, "root_pid": info["supervisor_pid"], "path": "/predict", "bodies": m["bodies_onepath"],
-            "access_control": token is not None, "anonymous_status": anonymous,
-            "credential": credential_file(tmp, name, token)}
+            "access_control": token is not None, "anonymous_status": anonymous, "token": token,
+            "run_dir": Path(cfg["run_dir"]), "credential": credential_file(tmp, name, token)}
 
 
 def limit_costs(base_tree: Path, m: dict[str, Any], repeats: int = 7) -> dict[str, float]:
@@ -797,6 +837,49 @@ def protocol_cost(body: bytes, n: int = 5000, order: int = 0) -> tuple[float, fl
     return asyncio.run(run(classes[0])), asyncio.run(run(classes[1]))
 
 
+def pin_and_warm(name: str, srv: dict[str, Any], args: argparse.Namespace, pin: bool) -> None:
+    """Pin a deployed side's process tree to CPU 0, then ``--warmup`` seconds of unmeasured load."""
+    if pin and srv["root_pid"]:
+        srv["pinning"] = pin_tree(int(srv["root_pid"]), 0)
+        log(f"{name}: pinned to CPU 0: {'ok' if srv['pinning']['ok'] else 'FAILED'}")
+    if args.warmup > 0:
+        run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin, srv["credential"])
+
+
+def interleaved_rounds(sides: dict[str, dict[str, Any]], base: str, new: str, args: argparse.Namespace,
+                       pin: bool) -> list[dict[str, Any]]:
+    """``--rounds`` rounds of one wrk run per side, the order alternating per round (so that noise from
+    the rest of the machine hits both alike); per round the ratios new/base of requests/s and of p99."""
+    rounds = []
+    for i in range(args.rounds):
+        order = [base, new] if i % 2 == 0 else [new, base]
+        row: dict[str, Any] = {"order": order}
+        for name in order:
+            r = run_wrk(sides[name]["port"], sides[name]["path"], sides[name]["bodies"], args, args.duration, pin,
+                        sides[name]["credential"])
+            row[name] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "non2xx", "denied", "socket_errors")}
+            row[name]["loadavg"] = loadavg()
+        row["rps_ratio"] = row[new]["rps"] / row[base]["rps"] if row[base]["rps"] else float("inf")
+        row["p99_ratio"] = row[new]["p99_ms"] / row[base]["p99_ms"]
+        refused = row[base]["denied"] + row[new]["denied"]
+        log(f"round {i + 1}/{args.rounds} ({' then '.join(order)}): {base} {row[base]['rps']:.0f} req/s "
+            f"p99 {row[base]['p99_ms']:.2f} ms | {new} {row[new]['rps']:.0f} req/s p99 "
+            f"{row[new]['p99_ms']:.2f} ms | {new}/{base} {row['rps_ratio']:.3f} | load {loadavg()}"
+            + (f" | {refused} requests REFUSED (401/403)" if refused else ""))
+        rounds.append(row)
+    return rounds
+
+
+def sign_test(ratios: list[float]) -> tuple[bool, str]:
+    """(within noise, verdict) of the paired per-round ratios: within noise unless every round went the
+    same way (with n rounds a real tie looks like that with p = 2 / 2**n)."""
+    same_way = all(x < 1 for x in ratios) or all(x > 1 for x in ratios)
+    if not same_way:
+        return True, "WITHIN NOISE (the rounds went both ways)"
+    return False, (f"{'SLOWER' if ratios[0] < 1 else 'FASTER'} in every round "
+                   f"(sign test p = {2 / 2 ** len(ratios):.3g} for a real tie)")
+
+
 def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Cleanup) -> dict[str, Any]:
     import statistics
 
@@ -817,28 +900,9 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
         log(f"{name}: credentials {'on' if srv['access_control'] else 'off'} (a request without one: HTTP "
             f"{srv['anonymous_status']}{'' if srv['anonymous_status'] == want else f', expected {want}'}); "
             f"wrk sends {'its own grant' if srv['access_control'] else 'the same header' if shared else 'none'}")
-        if pin and srv["root_pid"]:
-            srv["pinning"] = pin_tree(int(srv["root_pid"]), 0)
-            log(f"{name}: pinned to CPU 0: {'ok' if srv['pinning']['ok'] else 'FAILED'}")
-        if args.warmup > 0:
-            run_wrk(srv["port"], srv["path"], srv["bodies"], args, args.warmup, pin, srv["credential"])
+        pin_and_warm(name, srv, args, pin)
     access_ok = all(s["anonymous_status"] == (401 if s["access_control"] else 200) for s in sides.values())
-    rounds = []
-    for i in range(args.rounds):
-        order = ["baseline", "new"] if i % 2 == 0 else ["new", "baseline"]
-        row: dict[str, Any] = {"order": order}
-        for name in order:
-            r = run_wrk(sides[name]["port"], sides[name]["path"], sides[name]["bodies"], args, args.duration, pin,
-                        sides[name]["credential"])
-            row[name] = {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "non2xx", "denied", "socket_errors")}
-        row["rps_ratio"] = row["new"]["rps"] / row["baseline"]["rps"] if row["baseline"]["rps"] else float("inf")
-        row["p99_ratio"] = row["new"]["p99_ms"] / row["baseline"]["p99_ms"]
-        refused = row["baseline"]["denied"] + row["new"]["denied"]
-        log(f"round {i + 1}/{args.rounds} ({' then '.join(order)}): baseline {row['baseline']['rps']:.0f} req/s "
-            f"p99 {row['baseline']['p99_ms']:.2f} ms | new {row['new']['rps']:.0f} req/s p99 "
-            f"{row['new']['p99_ms']:.2f} ms | new/baseline {row['rps_ratio']:.3f}"
-            + (f" | {refused} requests REFUSED (401/403)" if refused else ""))
-        rounds.append(row)
+    rounds = interleaved_rounds(sides, "baseline", "new", args, pin)
     log("measuring what each limit costs in-process")
     costs = {**limit_costs(args.baseline_dir, m), "judge": judge_cost(tmp)}
 
@@ -846,7 +910,6 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
         return statistics.median(r[side][key] for r in rounds)
 
     ratios = [r["rps_ratio"] for r in rounds]
-    same_way = all(x < 1 for x in ratios) or all(x > 1 for x in ratios)
     p99_ratios = [r["p99_ratio"] for r in rounds]
     denied = sum(r[s]["denied"] for r in rounds for s in ("baseline", "new"))
     valid = access_ok and all(r[s]["non2xx"] == 0 and r[s]["socket_errors"] == 0
@@ -859,7 +922,7 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
         "median": {s: {k: med(s, k) for k in ("rps", "p50_ms", "p99_ms")} for s in ("baseline", "new")},
         "rps_ratio_median": statistics.median(ratios), "rps_ratio_range": [min(ratios), max(ratios)],
         "p99_ratio_median": statistics.median(p99_ratios), "p99_ratio_range": [min(p99_ratios), max(p99_ratios)],
-        "within_noise": not same_way,
+        "within_noise": sign_test(ratios)[0],
     }
     b, n = summary["median"]["baseline"], summary["median"]["new"]
     summary["within_5pct"] = {"rps": n["rps"] / b["rps"] >= 0.95, "p99": n["p99_ms"] / b["p99_ms"] <= 1.05}
@@ -889,8 +952,7 @@ def bench_against(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Clean
     if costs["judge"] is not None:
         print(f"    credential check (AccessTable.judge: stat, sha256, compare) {costs['judge']:.2f}")
     print("  body size / row limits: one header scan and one len() per request (not measurable here)")
-    verdict = ("WITHIN NOISE (the rounds went both ways)" if summary["within_noise"] else
-               f"{'SLOWER' if ratios[0] < 1 else 'FASTER'} in every round")
+    verdict = sign_test(ratios)[1]
     why = ("a tree's credentials are not what they claim" if not access_ok else
            f"{denied} requests refused a credential (401/403), counted as no throughput" if denied else
            "non-2xx responses or socket errors")
@@ -925,6 +987,197 @@ def judge_cost(tmp: Path, n: int = 20000, repeats: int = 7) -> float | None:
                              for _ in range(repeats))
 
 
+# ------------------------------------------------------------------------------------------------
+# --log-s3: the same tree deployed twice, inference logs as JSON lines on local disk against Parquet
+# segments on S3 (moto's server on loopback), interleaved
+
+LOG_BUCKET, LOG_PREFIX = "bench-logs", "serve"
+LOG_METRICS = {"pending": "onepath_inference_log_rows_pending", "flushed": "onepath_inference_log_rows_flushed_total",
+               "dropped": "onepath_inference_log_rows_dropped_total", "ok": "onepath_inference_log_ok",
+               "log_errors": "onepath_inference_log_errors_total", "scored": "onepath_predictions_total"}
+
+
+def server_metrics(port: int, token: str | None) -> dict[str, int]:
+    """The inference log's rows (``LOG_METRICS``) from a server's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics", headers=auth_headers(token))
+        resp = conn.getresponse()
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"/metrics: HTTP {resp.status}: {text[:300]!r}")
+    out = {}
+    for key, name in LOG_METRICS.items():
+        found = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
+        if not found:
+            raise RuntimeError(f"/metrics has no {name}")
+        out[key] = int(float(found.group(1)))
+    return out
+
+
+def health(port: int, token: str | None) -> dict[str, Any]:
+    """A server's /health as a caller of the endpoint hears it (anyone else hears only ``status``)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/health", headers=auth_headers(token))
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def settle_log(name: str, srv: dict[str, Any], timeout: float) -> dict[str, int]:
+    """The log's metrics once nothing is pending (the segment writer cuts the last buffer after
+    ``ONEPATH_INFERENCE_LOG_FLUSH_SECONDS``), or as they are at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = server_metrics(srv["port"], srv["token"])
+        if got["pending"] == 0 or time.monotonic() > deadline:
+            log(f"{name}: inference log rows flushed {got['flushed']}, pending {got['pending']}, dropped "
+                f"{got['dropped']} (rows scored {got['scored']}, log ok {got['ok']}, write errors {got['log_errors']})")
+            return got
+        time.sleep(0.5)
+
+
+def s3_rows(client: Any, prefix: str) -> tuple[int, int, int]:
+    """(segments, rows, bytes) of the Parquet segments under ``prefix`` in the bench's bucket."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    segments = rows = size = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=LOG_BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            body = client.get_object(Bucket=LOG_BUCKET, Key=obj["Key"])["Body"].read()
+            rows += pq.ParquetFile(pa.BufferReader(body)).metadata.num_rows
+            segments += 1
+            size += obj["Size"]
+    return segments, rows, size
+
+
+def local_rows(folder: Path) -> tuple[int, int, int]:
+    """(files, lines, bytes) of the JSON-lines inference log under ``folder``."""
+    files = lines = size = 0
+    for f in sorted(folder.rglob("*.jsonl")):
+        data = f.read_bytes()
+        files, lines, size = files + 1, lines + data.count(b"\n"), size + len(data)
+    return files, lines, size
+
+
+def bench_log_s3(args: argparse.Namespace, tmp: Path, pin: bool, cleanup: Cleanup) -> dict[str, Any]:
+    import statistics
+
+    from tests.stores import start_moto
+
+    here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    if subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "resources", "bench"],
+                      capture_output=True, text=True).stdout.strip():
+        here += " (+ uncommitted changes)"
+    moto = start_moto()
+    cleanup.push("moto server", moto.stop)
+    moto_pin = pin_tree(moto.proc.pid, 1) if pin else {"ok": False, "processes": []}
+    if pin:  # S3 stands for a service elsewhere: it shares wrk's CPU, never the servers'
+        log(f"moto: pinned to CPU 1 (with wrk): {'ok' if moto_pin['ok'] else 'FAILED'}")
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket=LOG_BUCKET)
+    m = build_model(tmp, args.rows, args.bodies)
+    url = f"s3://{LOG_BUCKET}/{LOG_PREFIX}"
+    # the platform's settings as a production host sets them; the worker gets only the log writer's keys
+    # (served_environment strips the platform's credentials), so the S3 side gets those and no AWS_* keys
+    s3_env: dict[str, str | None] = {
+        "ONEPATH_INFERENCE_LOG_URL": url, "AWS_ENDPOINT_URL_S3": moto.endpoint_url,
+        "ONEPATH_S3_ADDRESSING_STYLE": "path", "AWS_DEFAULT_REGION": "us-east-1",
+        "ONEPATH_INFERENCE_LOG_AWS_ACCESS_KEY_ID": "bench", "ONEPATH_INFERENCE_LOG_AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None}
+    local_env = {k: None for k in s3_env}  # the default: JSON lines under the run dir
+    sides = {"local": start_tree("local", ROOT, tmp, m, args.port_base, cleanup, local_env),
+             "s3": start_tree("s3", ROOT, tmp, m, args.port_base + 100, cleanup, s3_env)}
+    problems: list[str] = []
+    for name, srv in sides.items():
+        facts = health(srv["port"], srv["token"]).get("inference_log")
+        store = (facts or {}).get("store")
+        srv["store"] = store or str(srv["run_dir"] / "inference_logs")
+        want_s3 = name == "s3"
+        if facts is None:
+            problems.append(f"{name}: /health does not say where the inference log goes")
+        elif want_s3 != bool(store and store.startswith(f"{url}/")):
+            problems.append(f"{name}: the server logs to {srv['store']}, not to {'S3' if want_s3 else 'local disk'}")
+        if srv["anonymous_status"] != 401:
+            problems.append(f"{name}: a request without a credential got HTTP {srv['anonymous_status']}, not 401")
+        log(f"{name}: inference log at {srv['store']}; a request without a credential: HTTP "
+            f"{srv['anonymous_status']}")
+        pin_and_warm(name, srv, args, pin)
+    load_before = loadavg()
+    rounds = interleaved_rounds(sides, "local", "s3", args, pin)
+    load_after = loadavg()
+
+    logs = {name: settle_log(name, srv, args.log_settle) for name, srv in sides.items()}
+    key_prefix = f"{LOG_PREFIX}/inference/{MODEL_NAME}/bench/"
+    segments, bucket_rows, bucket_bytes = s3_rows(s3, key_prefix)
+    files, lines, local_bytes = local_rows(sides["local"]["run_dir"] / "inference_logs")
+    stored = {"local": {"where": sides["local"]["store"], "files": files, "rows": lines, "bytes": local_bytes},
+              "s3": {"where": f"s3://{LOG_BUCKET}/{key_prefix}", "segments": segments, "rows": bucket_rows,
+                     "bytes": bucket_bytes}}
+    for name, got in logs.items():
+        if got["dropped"] or got["pending"] or not got["ok"] or got["log_errors"]:
+            problems.append(f"{name}: the log dropped {got['dropped']} rows, {got['pending']} still pending, "
+                            f"ok {got['ok']}, {got['log_errors']} write errors")
+        if got["flushed"] != got["scored"]:
+            problems.append(f"{name}: {got['scored']} rows scored but {got['flushed']} logged")
+        if stored[name]["rows"] != got["flushed"] or not got["flushed"]:
+            problems.append(f"{name}: the server says {got['flushed']} rows stored, {stored[name]['where']} holds "
+                            f"{stored[name]['rows']}")
+    for r in rounds:
+        for name in sides:
+            if r[name]["non2xx"] or r[name]["socket_errors"]:
+                problems.append(f"a round's {name} run had {r[name]['non2xx']} non-2xx answers "
+                                f"({r[name]['denied']} refused) and {r[name]['socket_errors']} socket errors")
+
+    def med(side: str, key: str) -> float:
+        return statistics.median(r[side][key] for r in rounds)
+
+    ratios = [r["rps_ratio"] for r in rounds]
+    p99_ratios = [r["p99_ratio"] for r in rounds]
+    within_noise, verdict = sign_test(ratios)
+    summary = {
+        "commit": here, "rounds": rounds, "valid": not problems, "problems": problems,
+        "median": {s: {k: med(s, k) for k in ("rps", "p50_ms", "p99_ms")} for s in sides},
+        "rps_ratio_range": [min(ratios), max(ratios)], "p99_ratio_range": [min(p99_ratios), max(p99_ratios)],
+        "within_noise": within_noise, "verdict": verdict, "log_metrics": logs, "stored": stored,
+        "loadavg": {"start": args.loadavg_start, "before_rounds": load_before, "after_rounds": load_after},
+        "moto_pinning": moto_pin["ok"],
+    }
+    lo, s = summary["median"]["local"], summary["median"]["s3"]
+    summary["rps_ratio_of_medians"] = s["rps"] / lo["rps"]
+    summary["p99_ratio_of_medians"] = s["p99_ms"] / lo["p99_ms"]
+    summary["within_10pct"] = summary["rps_ratio_of_medians"] >= 0.90
+    print()
+    print(f"onepath serve bench --log-s3, {args.rounds} interleaved rounds of {args.duration:g} s per side, wrk "
+          f"{args.threads} thread(s) x {args.connections} connections, {m['n_bodies']} bodies; tree {here}; "
+          f"pinning {'on (servers CPU 0; wrk and moto CPU 1)' if pin else 'off'}")
+    print(f"  1-min load average: at start {args.loadavg_start}, before the rounds {load_before}, after {load_after}")
+    print(f"  requests/s   median local {lo['rps']:.0f}  s3 {s['rps']:.0f}  ratio of medians "
+          f"{summary['rps_ratio_of_medians']:.3f}; per-round ratios {min(ratios):.3f}..{max(ratios):.3f}, "
+          f"{sum(x < 1 for x in ratios)} of {len(ratios)} rounds slower")
+    print(f"  p50 latency  median local {lo['p50_ms']:.2f} ms  s3 {s['p50_ms']:.2f} ms")
+    print(f"  p99 latency  median local {lo['p99_ms']:.2f} ms  s3 {s['p99_ms']:.2f} ms  ratio of medians "
+          f"{summary['p99_ratio_of_medians']:.3f}; per-round ratios {min(p99_ratios):.3f}..{max(p99_ratios):.3f}")
+    print(f"  within 10 % (issue 14's target, requests/s ratio of medians >= 0.90): "
+          f"{'PASS' if summary['within_10pct'] else 'MISS'}")
+    for name in sides:
+        g, st = logs[name], stored[name]
+        held = (f"{st['segments']} segments, {st['rows']} rows, {st['bytes']} bytes" if name == "s3" else
+                f"{st['files']} file(s), {st['rows']} lines, {st['bytes']} bytes")
+        print(f"  log {name:<5}  /metrics flushed {g['flushed']}  pending {g['pending']}  dropped {g['dropped']}  "
+              f"(rows scored {g['scored']}); {st['where']} holds {held}")
+    print(f"  sign test: {verdict}")
+    for p in problems:
+        print(f"  INVALID: {p}")
+    print("RESULT:", verdict if not problems else "INVALID (see above)")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", "-c", type=int, default=16)
@@ -947,7 +1200,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", "-v", action="store_true", help="print wrk's own output")
     ap.add_argument("--against", metavar="COMMIT",
                     help="compare this tree with COMMIT's, interleaved (no mlflow); e.g. 0f2ba97")
-    ap.add_argument("--rounds", type=int, default=8, help="--against: interleaved rounds")
+    ap.add_argument("--log-s3", action="store_true",
+                    help="compare this tree with itself: inference logs on S3 (moto on loopback) against "
+                         "local JSON lines, interleaved (no mlflow)")
+    ap.add_argument("--log-settle", type=float, default=30.0,
+                    help="--log-s3: seconds allowed after the rounds for the pending log rows to be written")
+    ap.add_argument("--rounds", type=int, default=8, help="--against, --log-s3: interleaved rounds")
     ap.add_argument("--baseline-dir", type=Path, default=Path(tempfile.gettempdir()) / "onepath-serve-baseline",
                     help="--against: where the baseline commit's tree is exported (reused if there)")
     args = ap.parse_args(argv)
@@ -972,8 +1230,12 @@ def main(argv: list[str] | None = None) -> int:
             args.bytecode_cache.mkdir(parents=True, exist_ok=True)
             os.environ["PYTHONPYCACHEPREFIX"] = str(args.bytecode_cache.resolve())
             os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        if args.against:
-            results = bench_against(args, tmp, pin, cleanup)
+        if args.against and args.log_s3:
+            print("--against and --log-s3 are two different comparisons: give one", file=sys.stderr)
+            return 2
+        args.loadavg_start = loadavg()
+        if args.against or args.log_s3:
+            results = (bench_against if args.against else bench_log_s3)(args, tmp, pin, cleanup)
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(results, indent=2, default=str))

@@ -30,9 +30,13 @@ def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> di
     Dagster reads when a run starts and never shows in the UI or stores with a run (the Definitions); the
     command line, which calls the resources outside any run, gets the value itself."""
     return {
+        # a PostgreSQL store URL holds a password; a registry on the tracking store is left to default to it
         "mlflow": MlflowRegistry(
-            tracking_uri=settings.mlflow_tracking_uri,
-            registry_uri=settings.mlflow_registry_uri,
+            tracking_uri=(_secret("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri, secrets_from_env)
+                          or settings.mlflow_tracking_uri),
+            registry_uri=(None if secrets_from_env and settings.mlflow_registry_uri == settings.mlflow_tracking_uri
+                          else _secret("MLFLOW_REGISTRY_URI", settings.mlflow_registry_uri, secrets_from_env)
+                          or settings.mlflow_registry_uri),
             artifact_root=settings.mlflow_artifacts,
             ui_url=settings.mlflow_ui_url,
             cache_dir=str(settings.releases_dir / "models"),

@@ -122,6 +122,34 @@ def test_settings_put_mlflow_on_postgresql_and_s3_and_refuse_another_scheme(prod
         load_settings()
 
 
+def test_the_definitions_hold_every_store_credential_as_an_env_var(postgres, monkeypatch) -> None:
+    """What the Definitions give Dagster, which shows a resource's plain values in the UI (no login): the store
+    URLs with a password and the platform key are ``dg.EnvVar``, read when a run starts; the CLI's are values."""
+    import dagster as dg
+
+    from platform_defs.settings import load_settings
+    from platform_defs.wiring import build_resources
+
+    url = postgres.url("postgres")
+    for var in ("MLFLOW_TRACKING_URI", "ONEPATH_LEDGER_URL"):
+        monkeypatch.setenv(var, url)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("ONEPATH_PLATFORM_KEY", "-----BEGIN PRIVATE KEY-----not shown-----END PRIVATE KEY-----")
+    settings = load_settings()
+    defs = build_resources(settings, secrets_from_env=True)
+    mlflow, ledger = defs["mlflow"], defs["ledger"]
+    assert isinstance(mlflow.tracking_uri, dg.EnvVar) and mlflow.tracking_uri.env_var_name == "MLFLOW_TRACKING_URI"
+    assert mlflow.registry_uri is None  # defaults to the tracking store: no second copy of the URL
+    assert isinstance(ledger.location, dg.EnvVar) and isinstance(ledger.platform_key, dg.EnvVar)
+    assert postgres.password not in repr(defs) and "not shown" not in repr(defs)
+
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", postgres.url("template1"))  # a registry of its own: its variable
+    registry = build_resources(load_settings(), secrets_from_env=True)["mlflow"].registry_uri
+    assert isinstance(registry, dg.EnvVar) and registry.env_var_name == "MLFLOW_REGISTRY_URI"
+    cli = build_resources(load_settings())["mlflow"]
+    assert (cli.tracking_uri, cli.registry_uri) == (url, postgres.url("template1"))
+
+
 @pytest.mark.parametrize("production", ["readied"], indirect=True)
 def test_a_model_logged_registered_aliased_and_loaded_lives_in_postgresql_and_the_bucket(production,
                                                                                          tmp_path) -> None:

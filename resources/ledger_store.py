@@ -189,9 +189,9 @@ class Conn:
         """Run ``statements`` (SQL with its parameters, or plain SQL), with ``release`` then give the append lock
         up; on PostgreSQL in one round trip (psycopg2 sends them as one query)."""
         steps = [(st, {}) if isinstance(st, str) else st for st in statements]
-        if release and self.release_sql:
+        releasing = bool(release and self.release_sql)
+        if releasing:
             steps.append((self.release_sql, {}))
-            self.release_sql = None
         if not steps:
             return
         if self.store.dialect == "postgresql":
@@ -199,9 +199,11 @@ class Conn:
             for _, p in steps:
                 params.update(p)
             self.driver("; ".join(sql for sql, _ in steps), params)
-            return
-        for sql, p in steps:
-            self.driver(sql, p)
+        else:
+            for sql, p in steps:
+                self.driver(sql, p)
+        if releasing:  # only once it ran: a statement before it that failed skipped it, and the lock is still
+            self.release_sql = None  # held, for ``appending`` to give up (or to end the session) on the way out
 
     def driver(self, sql: str, params: dict[str, Any] | None = None) -> Any:
         """``sql`` with ``:name`` parameters straight to the driver (no SQLAlchemy compilation: an append's hot

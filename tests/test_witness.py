@@ -239,6 +239,26 @@ def test_the_witness_down_during_appends_then_back(world) -> None:
     assert (v.ok, v.witness_seq, v.unwitnessed, v.reason) == (True, 7, 0, "intact"), v
 
 
+def test_a_receipt_the_store_refuses_leaves_no_append_lock_behind(world) -> None:
+    """The receipt goes in with the lock's release (one round trip on PostgreSQL): when the store refuses the
+    receipt, the append stands and the lock is given up all the same, so another process appends at once."""
+    ledger, _ = world
+    fill(ledger, 1)
+    refuse = ("CREATE TRIGGER onepath_test_refuse BEFORE INSERT ON witness_receipts "
+              "BEGIN SELECT RAISE(ABORT, 'refused'); END" if ledger.store.dialect == "sqlite" else
+              "ALTER TABLE witness_receipts ADD CONSTRAINT onepath_test_refuse CHECK (seq < 0) NOT VALID")
+    tamper(ledger, refuse)
+    ledger.append("deploy", "credit_scoring", {}, actor="ci")  # written; its receipt refused
+    assert len(rows(ledger)) == 2 and len(select(ledger, "SELECT seq FROM witness_receipts")) == 1
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from resources.ledger import Ledger; "
+                               "print(Ledger(sys.argv[1], Path(sys.argv[2])).append('deploy', 'x', {}, actor='b').seq)",
+         ledger.store.url if ledger.store.dialect == "postgresql" else str(ledger.db_path), str(ledger.key_path)],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOME": os.environ["HOME"]},
+        capture_output=True, text=True, timeout=60)
+    assert (other.returncode, other.stdout.strip()) == (0, "3"), other.stderr[-2000:]
+
+
 def test_a_pinned_witness_that_does_not_answer_fails_closed(world) -> None:
     ledger, witness = world
     fill(ledger, 2)

@@ -45,6 +45,11 @@ LEASES = "promotion_leases"
 COLUMNS = ("seq", "ts", "kind", "subject", "env", "actor", "data", "prev_hash", "hash")
 BUSY_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 5
+# PostgreSQL: how long a statement waits for a lock (the append lock above all) before it fails; and how soon a
+# peer that went silent (a writer host gone, a cut network) is given up, by the client and by the server, which
+# then ends that session and so frees the append lock it held. Without them both wait for TCP's ~2 hours.
+LOCK_WAIT_S = 60.0
+DEAD_PEER_S = 30
 
 # seq and token are 64-bit on PostgreSQL; on sqlite the seq stays an INTEGER PRIMARY KEY (the rowid itself)
 _SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -81,6 +86,18 @@ _GUARDS = {
 
 # advisory lock keys, per schema: one for appends (session level), one for the lease table and schema creation
 _PG_LOCK = "hashtextextended('onepath-ledger:{what}:' || current_schema(), 0)"
+
+
+def _pg_connect_args() -> dict[str, Any]:
+    """libpq's settings for the ledger's sessions: bounded connect, lock waits and dead-peer detection both ways
+    (client keepalives and TCP_USER_TIMEOUT; the server's keepalives set for the session)."""
+    probe = max(1, DEAD_PEER_S // 6)
+    keepalives = (f"-c tcp_keepalives_idle={probe} -c tcp_keepalives_interval={probe} "
+                  f"-c tcp_keepalives_count=5")
+    return {"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "onepath-ledger",
+            "keepalives": 1, "keepalives_idle": probe, "keepalives_interval": probe, "keepalives_count": 5,
+            "tcp_user_timeout": DEAD_PEER_S * 1000,
+            "options": f"-c lock_timeout={int(LOCK_WAIT_S * 1000)} {keepalives}"}
 
 
 class LedgerUnavailable(RuntimeError):
@@ -307,7 +324,7 @@ class LedgerStore:
         if self.dialect == "postgresql":
             return _ENGINES.get(self.url, None, lambda: sa.create_engine(
                 self.url, isolation_level="AUTOCOMMIT", pool_pre_ping=True,
-                connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "onepath-ledger"})), None
+                connect_args=_pg_connect_args())), None
         assert self.db_path is not None
         try:
             st = os.stat(self.db_path)
@@ -360,12 +377,20 @@ class LedgerStore:
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as err:
             if self.dialect == "postgresql" and _is_unreachable(err):
                 raise LedgerUnavailable(self.unreachable(err)) from None
+            if self.dialect == "postgresql" and getattr(getattr(err, "orig", None), "pgcode", None) == "55P03":
+                raise LedgerUnavailable(self.lock_not_granted(err)) from None
             raise
 
     def unreachable(self, err: BaseException) -> str:
         text = str(getattr(err, "orig", None) or err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
         return f"the ledger's database {self.display} cannot be reached: {first}"
+
+    def lock_not_granted(self, err: BaseException) -> str:
+        first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        return (f"the ledger's database {self.display} did not grant a lock within {LOCK_WAIT_S:g} s ({first}): the "
+                f"writer holding it is frozen or cut off; the server frees it once it sees that session gone "
+                f"(about {DEAD_PEER_S} s for a host that went away)")
 
     def _ensure_schema(self, conn: Conn) -> None:
         """Create the tables, indexes and guards that are missing (under the schema lock on PostgreSQL: hosts

@@ -728,6 +728,39 @@ def test_the_public_key_cache_survives_many_keys() -> None:
     assert _pub_from_b64("not a key") is None
 
 
+def test_a_writer_that_holds_the_append_lock_and_goes_silent_fails_the_others_in_bounded_time(
+        postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session that took the append lock and then answers nothing (a frozen writer, or one whose host went away
+    before TCP noticed): another append waits at most the lock wait, then fails in one line and writes nothing."""
+    import time
+
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    from resources import ledger_store
+    from resources.ledger import LedgerUnavailable
+
+    monkeypatch.setattr(ledger_store, "LOCK_WAIT_S", 2.0)
+    ledger = Ledger(postgres.create_database("silent_writer"), tmp_path / "home" / "keys" / "platform.key")
+    fill(ledger, 2)
+    url = make_url(ledger.store.url)
+    frozen = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                              dbname=url.database)
+    frozen.autocommit = True
+    try:
+        frozen.cursor().execute("SELECT pg_advisory_lock(hashtextextended('onepath-ledger:append:' "
+                                "|| current_schema(), 0))")
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable, match="lock timeout") as err:
+            ledger.append("deploy", "credit_scoring", {"version": "3"}, actor="ci", env="prod")
+        assert 1.5 < time.monotonic() - started < 20
+        assert "\n" not in str(err.value) and postgres.password not in str(err.value)
+    finally:
+        frozen.close()  # the session ends: its lock goes with it
+    assert len(rows(ledger)) == 2  # nothing written
+    assert ledger.append("deploy", "credit_scoring", {"version": "3"}, actor="ci", env="prod").seq == 3
+
+
 def test_postgresql_down_fails_closed_and_the_ledger_carries_on_when_it_returns(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A server of its own, stopped between appends: an append, a lease and verify fail in one line naming the

@@ -259,6 +259,20 @@ def post(port: int, path: str, body: bytes, timeout: float = 5.0,
         conn.close()
 
 
+def get_text(port: int, path: str, headers: dict[str, str]) -> str:
+    """GET ``path`` from the server on ``port``; its body, or RuntimeError naming the status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"{path} on port {port}: HTTP {resp.status}: {text[:300]!r}")
+    return text
+
+
 def wait_first_prediction(port: int, path: str, body: bytes, t0: float, timeout: float,
                           alive: Callable[[], bool], headers: dict[str, str] | None = None) -> tuple[float, bytes]:
     """Poll with a real prediction request (carrying ``headers``) until it succeeds; seconds since
@@ -480,15 +494,7 @@ def bench_onepath(tmp: Path, m: dict[str, Any], args: argparse.Namespace, pin: b
     log(f"onepath: deploy() returned in {deploy_s:.2f} s, first prediction at {cold:.2f} s: {first[:160]!r}")
     pinning = pin_tree(int(sup_pid), 0) if pin and sup_pid else {"ok": False, "processes": []}
     def stats() -> tuple[int, int]:  # (rows scored, model calls) from the server's /metrics
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            conn.request("GET", "/metrics", headers=headers)
-            resp = conn.getresponse()
-            text = resp.read().decode()
-        finally:
-            conn.close()
-        if resp.status != 200:
-            raise RuntimeError(f"onepath /metrics: HTTP {resp.status}: {text[:300]!r}")
+        text = get_text(port, "/metrics", headers)
         get = lambda name: int(float(re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M).group(1)))
         return get("onepath_predictions_total"), get("onepath_batches_total")
 
@@ -999,15 +1005,7 @@ LOG_METRICS = {"pending": "onepath_inference_log_rows_pending", "flushed": "onep
 
 def server_metrics(port: int, token: str | None) -> dict[str, int]:
     """The inference log's rows (``LOG_METRICS``) from a server's /metrics."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/metrics", headers=auth_headers(token))
-        resp = conn.getresponse()
-        text = resp.read().decode()
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise RuntimeError(f"/metrics: HTTP {resp.status}: {text[:300]!r}")
+    text = get_text(port, "/metrics", auth_headers(token))
     out = {}
     for key, name in LOG_METRICS.items():
         found = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)

@@ -32,11 +32,9 @@ def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> di
     return {
         # a PostgreSQL store URL holds a password; a registry on the tracking store is left to default to it
         "mlflow": MlflowRegistry(
-            tracking_uri=(_secret("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri, secrets_from_env)
-                          or settings.mlflow_tracking_uri),
+            tracking_uri=_secret("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri, secrets_from_env),
             registry_uri=(None if secrets_from_env and settings.mlflow_registry_uri == settings.mlflow_tracking_uri
-                          else _secret("MLFLOW_REGISTRY_URI", settings.mlflow_registry_uri, secrets_from_env)
-                          or settings.mlflow_registry_uri),
+                          else _secret("MLFLOW_REGISTRY_URI", settings.mlflow_registry_uri, secrets_from_env)),
             artifact_root=settings.mlflow_artifacts,
             ui_url=settings.mlflow_ui_url,
             cache_dir=str(settings.releases_dir / "models"),

@@ -20,6 +20,7 @@ import pytest
 from dagster_graphql import DagsterGraphQLClient
 
 from resources.processes import children_of, group_alive
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCATION_QUERY = """{ workspaceOrError { ... on Workspace { locationEntries { name
@@ -317,14 +318,11 @@ def stop_automation(port: int) -> None:
         assert stopped.get("instigationState", {}).get("status") == "STOPPED", stopped
     # a tick the daemon had begun still launches its runs, and runs it launched before still deploy: wait until
     # the last tick is over and no run is queued or running
-    deadline = time.monotonic() + 300
-    while True:
+    def quiet() -> bool:
         ticks = gql(port, SENSOR, selector)["sensorOrError"]["sensorState"]["ticks"]
-        active = gql(port, ACTIVE_RUNS)["runsOrError"]["results"]
-        if not active and not (ticks and ticks[0]["status"] == "STARTED"):
-            return
-        assert time.monotonic() < deadline, f"automation still busy after 300 s: tick {ticks}, runs {active}"
-        time.sleep(0.5)
+        return not gql(port, ACTIVE_RUNS)["runsOrError"]["results"] and not (ticks and ticks[0]["status"] == "STARTED")
+
+    wait_for("the automation sensor's last tick over and no run queued or running", quiet, 300, poll=0.5)
 
 
 def ui_tour(port: int, client, home: Path, shots: Path) -> None:

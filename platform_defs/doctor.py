@@ -112,8 +112,12 @@ def check_mlflow(settings: Settings) -> str | None:
 
             try:
                 httpx.get(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_SECONDS).raise_for_status()
-            except httpx.HTTPError as err:
-                return f"{what}: {uri} does not answer ({err}): start the MLflow server or fix MLFLOW_TRACKING_URI"
+            except httpx.HTTPError as err:  # its message names the URL, token and all
+                from urllib.parse import urlsplit
+
+                reason = _reason(err, urlsplit(uri).password or "")
+                return (f"{what}: {_shown(uri)} does not answer ({reason}): start the MLflow server or fix "
+                        "MLFLOW_TRACKING_URI")
             continue
         down = _sql_store(what, uri, "check that the database runs there and MLFLOW_TRACKING_URI")
         if down:
@@ -192,11 +196,10 @@ STORES = (  # (store, where it is, its check), in the order doctor prints them
 
 
 def _shown(url: str) -> str:
-    if "://" not in url:
-        return url
-    from sqlalchemy.engine import make_url
+    """A store's address for a line: a URL without its password (PostgreSQL, an MLflow server's user:token)."""
+    from resources.ledger_store import display_url, is_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    return display_url(url) if is_url(url) else url
 
 
 def run_checks(settings: Settings) -> list[tuple[str, str, str | None]]:
@@ -209,3 +212,21 @@ def run_checks(settings: Settings) -> list[tuple[str, str, str | None]]:
             problem = f"{name}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
         out.append((name, where(settings), problem))
     return out
+
+
+def production_refusals(settings: Settings) -> list[str]:
+    """Why the production profile may not start on these settings, one line each (none: it may): a store still
+    embedded on this host, a policy in demo mode, a configured store that does not answer."""
+    from platform_defs.policy import PolicyError, load_policy, policy_path
+
+    lines = [f"{store}: still embedded on this host; set {setting}" for store, setting in settings.embedded_stores()]
+    try:
+        if load_policy(policy_path()).demo:
+            lines.append(f"policy: {policy_path()} turns demo mode on (demo: true): demo identities and the shipped "
+                         "keys are never production's; turn it off and record the policy with your own identities "
+                         "(onepath keys init, then onepath policy init)")
+    except PolicyError as err:
+        lines.append(str(err).splitlines()[0])
+    if not lines:
+        lines = [problem for _, _, problem in run_checks(settings) if problem is not None]
+    return lines

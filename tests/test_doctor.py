@@ -74,3 +74,13 @@ def test_production_stores_that_answer_are_ok_and_broken_ones_are_one_line_each(
     for line in err:
         assert postgres.password not in line and "testing-secret" not in line and "wrong" not in line, line
     assert "mlflow: OK" in "\n".join(out) and "dagster instance: OK" in "\n".join(out)
+
+
+def test_an_mlflow_server_that_does_not_answer_is_named_without_its_token(home: Path, monkeypatch, capsys) -> None:
+    from tests.stores import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ci:s3cr3t-token@127.0.0.1:{free_port()}")
+    code, out, err = doctor(capsys)
+    (line,) = [line for line in err if line.startswith("mlflow tracking store:")]
+    assert code == 1 and "s3cr3t-token" not in "\n".join(out + err), err
+    assert line.startswith("mlflow tracking store: http://ci:***@127.0.0.1:") and "does not answer" in line, line

@@ -181,7 +181,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     from platform_defs.loader import load_organisation
     from platform_defs.specs import DeclarationError
 
+    if args.profile:
+        os.environ["ONEPATH_PROFILE"] = args.profile  # this process's settings and every process it starts
     settings = load_settings()
+    if settings.profile == "production":
+        from platform_defs.doctor import production_refusals
+
+        refusals = production_refusals(settings)
+        if refusals:
+            for line in refusals:
+                print(f"onepath: {line}", file=sys.stderr)
+            return _die(f"the production profile does not start: {len(refusals)} problem(s) above")
     loose = tighten_tree(settings.home)  # a home made by an older onepath, or by hand, with a loose umask
     if loose:
         print(f"onepath: took group and other permissions off {loose} entries under {settings.home}")
@@ -445,6 +455,9 @@ def onepath() -> None:
 @click.option("--port", type=int, default=lambda: int(os.environ.get("ONEPATH_UI_PORT", "3000")),
               show_default="3000")
 @click.option("--no-mlflow-ui", is_flag=True)
+@click.option("--profile", type=click.Choice(["development", "production"]), default=None,
+              help="production: every store off this host (PostgreSQL, S3), a witness, no demo mode; checked first "
+                   "(default: ONEPATH_PROFILE, else development)")
 def _up(**kw):  # noqa: ANN003
     return verb(cmd_up)(**kw)
 

@@ -122,6 +122,26 @@ class Settings:
         return Ledger(self.ledger_location, ledger_paths(self.home)[1], witness_socket=self.witness_socket,
                       private_key_pem=os.environ.get("ONEPATH_PLATFORM_KEY") or None)
 
+    def embedded_stores(self) -> list[tuple[str, str]]:
+        """``(store, the setting that moves it off this host)`` for every store still embedded in ``$ONEPATH_HOME``
+        (sqlite, local files) or missing (the witness): what the production profile refuses to start with."""
+        out = []
+        if self.dagster_pg is None:
+            out.append(("dagster instance", "ONEPATH_DAGSTER_PG_HOST, _PORT, _USER, _PASSWORD, _DB"))
+        for store, uri, var in (("mlflow tracking", self.mlflow_tracking_uri, "MLFLOW_TRACKING_URI"),
+                                ("mlflow registry", self.mlflow_registry_uri, "MLFLOW_REGISTRY_URI")):
+            if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+                out.append((store, f"{var}=postgresql+psycopg2://..."))
+        for store, value, var in (("mlflow artifacts", self.mlflow_artifacts_url, "ONEPATH_MLFLOW_ARTIFACTS"),
+                                  ("ledger", self.ledger_url, "ONEPATH_LEDGER_URL"),
+                                  ("dataset snapshots", self.data_url, "ONEPATH_DATA_URL"),
+                                  ("inference logs", self.inference_log_url, "ONEPATH_INFERENCE_LOG_URL")):
+            if not value:
+                out.append((store, f"{var}={'postgresql+psycopg2://...' if store == 'ledger' else 's3://BUCKET/PREFIX'}"))
+        if self.witness_socket is None:
+            out.append(("witness", "ONEPATH_WITNESS_SOCKET (onepath witness serve, as its own OS user)"))
+        return out
+
     def ensure_dirs(self) -> "Settings":
         """Create every folder owner-only (0700), and an embedded MLflow store as an owner-only file:
         any other local user is an attacker (see ``resources.files``)."""

@@ -28,7 +28,7 @@ LOCATION_QUERY = """{ workspaceOrError { ... on Workspace { locationEntries { na
     ... on RepositoryLocation { repositories { name sensors { name sensorState { status } }
       assetNodes { assetKey { path } } } } } } } } }"""
 LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
-  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } ... on InvalidSubsetError { message } } }"""
 
 
 def gql(port: int, query: str, variables: dict | None = None) -> dict:
@@ -50,8 +50,12 @@ def free_port() -> int:
 def ledger_text(book) -> str:
     """The whole ledger, one line per entry with its trigger and summary: a failure message that pytest
     prints in full (it shortens the repr of a list, not a string)."""
+    def failed(e) -> str:  # a gate's failed checks, with what each said
+        return "; ".join(f"{check}: {v.get('summary')}" for check, v in (e.data.get("verdicts") or {}).items()
+                         if isinstance(v, dict) and not v.get("passed"))
+
     return "\n".join(f"#{e.seq} {e.kind} {e.subject} {e.env} trigger={e.data.get('trigger') or (e.data.get('claims') or {}).get('trigger')!r} "
-                     f"{e.data.get('summary') or e.data.get('reason') or ''}" for e in book.entries())
+                     f"{e.data.get('summary') or e.data.get('reason') or ''}{failed(e)}" for e in book.entries())
 
 
 def loop_policy_file(tmp_path: Path) -> Path:
@@ -284,13 +288,26 @@ STOP_SENSOR = """mutation($id: String) { stopSensor(id: $id) { __typename
   ... on StopSensorMutationResult { instigationState { status } } ... on PythonError { message } } }"""
 
 
-def launch_assets(port: int, keys: list[str]) -> str:
-    """Launch one run materializing ``keys`` (GraphQL, as the UI's Materialize does); its run id."""
+CHECKS = """{ assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks {
+  name canExecuteIndividually } } } } }"""
+
+
+def launch_assets(port: int, keys: list[str], checks: bool = True, run_config: dict | None = None) -> str:
+    """Launch one run materializing ``keys`` (GraphQL, as the UI's Materialize does); its run id. ``checks=False``:
+    only the checks the assets report themselves (a promotion's gate), not those that run after them (the
+    monitors: serving health, drift), as the UI's check selection does."""
     entry = gql(port, LOCATION_QUERY)["workspaceOrError"]["locationEntries"][0]
     repo = entry["locationOrLoadError"]["repositories"][0]
+    selection: dict = {}
+    if not checks:
+        selection["assetCheckSelection"] = [
+            {"assetKey": node["assetKey"], "name": check["name"]} for node in gql(port, CHECKS)["assetNodes"]
+            if "/".join(node["assetKey"]["path"]) in keys
+            for check in node["assetChecksOrError"].get("checks", [])
+            if check["canExecuteIndividually"] != "CAN_EXECUTE"]
     params = {"selector": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
-                           "jobName": "__ASSET_JOB", "assetSelection": [{"path": [k]} for k in keys]},
-              "mode": "default"}
+                           "jobName": "__ASSET_JOB", "assetSelection": [{"path": [k]} for k in keys], **selection},
+              "mode": "default", **({"runConfigData": run_config} if run_config else {})}
     launched = gql(port, LAUNCH, {"p": params})["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]
@@ -304,25 +321,28 @@ def wait_run(client, run_id: str, seconds: float = 300) -> str:
     return status
 
 
-def stop_automation(port: int) -> None:
-    """Turn the automation sensor off (if it is on) and wait until what it began is over, so that nothing but
+def stop_automation(port: int, sensors: tuple[str, ...] = ("onepath_automation",)) -> None:
+    """Turn the automation sensor (or ``sensors``) off and wait until what they began is over, so that nothing but
     what the test does deploys."""
     entry = gql(port, LOCATION_QUERY)["workspaceOrError"]["locationEntries"][0]
     repo = entry["locationOrLoadError"]["repositories"][0]
-    selector = {"s": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"],
-                      "sensorName": "onepath_automation"}}
-    sensor = gql(port, SENSOR, selector)["sensorOrError"]
-    assert sensor["__typename"] == "Sensor", sensor
-    if sensor["sensorState"]["status"] != "STOPPED":
-        stopped = gql(port, STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
-        assert stopped.get("instigationState", {}).get("status") == "STOPPED", stopped
+    selectors = [{"s": {"repositoryLocationName": entry["name"], "repositoryName": repo["name"], "sensorName": name}}
+                 for name in sensors]
+    for selector in selectors:
+        sensor = gql(port, SENSOR, selector)["sensorOrError"]
+        assert sensor["__typename"] == "Sensor", sensor
+        if sensor["sensorState"]["status"] != "STOPPED":
+            stopped = gql(port, STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+            assert stopped.get("instigationState", {}).get("status") == "STOPPED", stopped
+
     # a tick the daemon had begun still launches its runs, and runs it launched before still deploy: wait until
     # the last tick is over and no run is queued or running
     def quiet() -> bool:
-        ticks = gql(port, SENSOR, selector)["sensorOrError"]["sensorState"]["ticks"]
-        return not gql(port, ACTIVE_RUNS)["runsOrError"]["results"] and not (ticks and ticks[0]["status"] == "STARTED")
+        ticks = [gql(port, SENSOR, s)["sensorOrError"]["sensorState"]["ticks"] for s in selectors]
+        return not gql(port, ACTIVE_RUNS)["runsOrError"]["results"] and \
+            not any(t and t[0]["status"] == "STARTED" for t in ticks)
 
-    wait_for("the automation sensor's last tick over and no run queued or running", quiet, 300, poll=0.5)
+    wait_for(f"the last tick of {', '.join(sensors)} over and no run queued or running", quiet, 300, poll=0.5)
 
 
 def ui_tour(port: int, client, home: Path, shots: Path) -> None:

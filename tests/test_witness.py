@@ -116,11 +116,16 @@ class WitnessProcess:
             conn.close()
 
 
-@pytest.fixture
-def public_base() -> Iterator[Path]:
-    """A folder every user can enter (the witness's folder lives in it; the test's tmp_path is root-only)."""
+def public_folder() -> Path:
+    """A new folder every user can enter (the witness's folder lives in it; a test's tmp_path is root-only)."""
     base = Path(tempfile.mkdtemp(prefix="onepath-witness-", dir="/tmp"))
     base.chmod(0o755)
+    return base
+
+
+@pytest.fixture
+def public_base() -> Iterator[Path]:
+    base = public_folder()
     try:
         yield base
     finally:

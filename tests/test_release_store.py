@@ -89,6 +89,12 @@ def test_a_release_built_on_one_host_is_fetched_on_another_and_hashes_to_what_th
     book.append("release_built", APP, {"version": f"r-{digest2[:12]}", "content_hash": digest2, "files": files2},
                 "dagster")
     assert host_b.versions(APP, book) == [f"r-{digest2[:12]}", built["version"]]
+    from types import SimpleNamespace
+
+    from platform_defs.cli_promote import _newest_release
+
+    # `onepath promote loan_portal` on host B, which built nothing: the newest release the ledger and bucket hold
+    assert _newest_release(SimpleNamespace(releases=host_b), APP, book)[0] == f"r-{digest2[:12]}"
     with pytest.raises(ReleaseError, match="has no release_built ledger entry"):
         host_b.fetch(APP, built["version"], None)  # no hash from the ledger: nothing is fetched
 

@@ -219,3 +219,28 @@ def test_an_unreachable_bucket_is_one_line_naming_the_object_and_endpoint(built:
     assert str(err.value).startswith(f"cannot read s3://{built['url'][5:]}/releases/apps/{APP}/{built['version']}")
     assert "testing-secret" not in str(err.value) and "\n" not in str(err.value)
     assert leftovers(host_b) == []
+
+
+def test_the_build_asset_publishes_the_release_before_it_records_it(bucket: str, moto_s3, tmp_path: Path) -> None:
+    """The app's build asset, materialized with ONEPATH_RELEASES_URL wiring: the bundle is in the bucket and the
+    release_built entry records the hash that a second host's fetch then checks."""
+    import dagster as dg
+
+    from platform_defs.factories import build_app_defs
+    from platform_defs.loader import load_organisation
+    from platform_defs.policy import load_policy
+    from resources.ledger import LedgerResource
+
+    org = load_organisation(ROOT / "assets")
+    url = f"s3://{bucket}/onepath"
+    build = build_app_defs(org.by_name[APP], org, tmp_path / "build-host", load_policy(), url)[0]
+    ledger = LedgerResource(location=str(tmp_path / "ledger.db"), key_path=str(tmp_path / "keys" / "platform.pem"))
+    result = dg.materialize([build], resources={"ledger": ledger}, instance=dg.DagsterInstance.ephemeral())
+    meta = result.asset_materializations_for_node(build.op.name)[0].metadata
+    version, digest = meta["release_version"].value, meta["content_hash"].value
+    assert meta["bundle"].value == f"{url}/releases/apps/{APP}/{version}.tar.gz"
+    assert digest == source_hash(ROOT / "apps" / APP)[0]
+    book = ledger.ledger()
+    assert recorded_hash(book, APP, version) == digest
+    folder = ReleaseStore(tmp_path / "deploy-host", url).fetch(APP, version, recorded_hash(book, APP, version))
+    assert source_hash(folder)[0] == digest

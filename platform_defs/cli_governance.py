@@ -128,15 +128,20 @@ def _approve_release(args: argparse.Namespace, app, policy, approver: str) -> in
     from platform_defs.wiring import build_resources
     from platform_defs.governance.gates import AppGate, AuthorsUnknown
     from resources.approvals import ApprovalError, Registered, load_private_key, sign, verify
+    from resources.object_store import ObjectStoreError
+    from resources.release_store import ReleaseError
 
     if args.env not in app.environments:
         return _fail(f"'{args.env}' is not an environment of {app.name} (environments: {', '.join(app.environments)})")
     settings = load_settings()
-    builds = settings.releases_dir / "apps" / app.name
-    if not (builds / str(args.version)).is_dir():
-        known = sorted(p.name for p in builds.glob("r-*")) if builds.is_dir() else []
-        return _fail(f"{app.name} has no built release {args.version} (built: {', '.join(known) or 'none'})")
     book = build_resources(settings)["ledger"].ledger()
+    store = settings.releases
+    try:  # the releases there are (on S3: built, recorded and published, on whichever host they were built)
+        known = store.versions(app.name, book)
+    except (ReleaseError, ObjectStoreError) as err:
+        return _fail(str(err))
+    if not (str(args.version) in known if store.on_s3 else store.folder(app.name, str(args.version)).is_dir()):
+        return _fail(f"{app.name} has no built release {args.version} (built: {', '.join(sorted(known)) or 'none'})")
     policy, problem = _recorded(book, policy)
     if problem:
         return _fail(f"review refused: {problem}")

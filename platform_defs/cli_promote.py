@@ -22,13 +22,17 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def _newest_release(settings: Any, app: str) -> tuple[str, str, list[str]]:
-    builds = settings.releases_dir / "apps" / app
-    known = sorted((p for p in builds.glob("r-*") if p.is_dir()), key=lambda p: p.stat().st_mtime) \
-        if builds.is_dir() else []
+def _newest_release(settings: Any, app: str, ledger: Any) -> tuple[str, str, list[str]]:
+    from resources.object_store import ObjectStoreError
+    from resources.release_store import ReleaseError
+
+    try:
+        known = settings.releases.versions(app, ledger)
+    except (ReleaseError, ObjectStoreError) as err:
+        raise click.ClickException(str(err)) from None
     if not known:
         raise click.ClickException(f"app '{app}' has no built release yet: onepath materialize {app}")
-    return known[-1].name, "the newest built release", []
+    return known[0], "the newest built release", []
 
 
 def _resolve(org: Any, name: str) -> Any:
@@ -92,7 +96,8 @@ def promote(name: str, to: str, version: str | None, as_json: bool) -> int:
             except NotebookError as err:
                 return _fail(str(err))
         else:
-            version, why, newer = _newest_release(settings, decl.name)
+            version, why, newer = _newest_release(settings, decl.name,
+                                                  resources["ledger"].ledger() if settings.releases_url else None)
     say = (lambda *a: None) if as_json else print
     say(f"promoting {decl.name} {'version' if decl.kind == 'endpoint' else 'release'} {version} ({why}) to "
         f"{', '.join(decl.environments[:decl.environments.index(to) + 1])}")

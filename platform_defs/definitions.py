@@ -51,7 +51,8 @@ def build_definitions(org: Organisation | None = None, settings: Settings | None
     org = resolve_organisation(loaded, policy)
     org.problems = problems
     return dg.Definitions(
-        assets=[*build_all(org, settings.releases_dir, policy), build_platform_metrics_asset(policy),
+        assets=[*build_all(org, settings.releases_dir, policy, settings.releases_url),
+                build_platform_metrics_asset(policy),
                 build_inventory_asset(org, policy), build_declarations_asset(org)],
         asset_checks=[*build_alias_checks(org), *build_drift_checks(org, policy), *build_serving_health_checks(org),
                       *build_continuity_checks(org), *build_approval_in_force_checks(org, policy)],

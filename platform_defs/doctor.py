@@ -152,6 +152,13 @@ def check_data(settings: Settings) -> str | None:
     return _folder("dataset snapshots", settings.data_dir)
 
 
+def check_releases(settings: Settings) -> str | None:
+    """Where app release bundles are: the bucket can be listed, else the local folder can be written."""
+    if settings.releases_url:
+        return _bucket("app releases", settings.releases_url, _S3_FIX)
+    return _folder("app releases", settings.releases_dir)
+
+
 def check_inference_logs(settings: Settings) -> str | None:
     """Where the endpoints log what they score: the bucket can be listed (the workers write with their own keys,
     ONEPATH_INFERENCE_LOG_AWS_*, which only a worker holds), else the local folder can be written."""
@@ -191,6 +198,7 @@ STORES = (  # (store, where it is, its check), in the order doctor prints them
     ("ledger", lambda s: _shown(str(s.ledger_location)), check_ledger),
     ("dataset snapshots", lambda s: s.data_root, check_data),
     ("inference logs", lambda s: s.inference_log_url or str(s.inference_log_dir), check_inference_logs),
+    ("app releases", lambda s: s.releases.where, check_releases),
     ("witness", lambda s: str(s.witness_socket or "none configured"), check_witness),
 )
 

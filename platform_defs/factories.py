@@ -12,8 +12,6 @@ version, every later environment deploys exactly what the environment before it 
 import hashlib
 import importlib
 import inspect
-import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -41,6 +39,8 @@ from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry, TAG_PREFIX
 from resources.monitoring import MonitoringResource
+from resources.object_store import ObjectStoreError
+from resources.release_store import ReleaseError, ReleaseStore, source_hash
 
 KINDS = {"dataset": {"dataset", "pandas", "greatexpectations"},
          "model": {"model", "mlflow", "scikitlearn"}}
@@ -392,11 +392,12 @@ def check_results(verdicts: list, version: str, who: str) -> list[dg.AssetCheckR
 
 def flow_services(context: Any, mlflow: MlflowRegistry, deployer_local: LocalDeployerResource,
                   ledger: LedgerResource, data_store: DataStore | None = None,
-                  releases_dir: Path | None = None) -> Any:
+                  releases_dir: Path | None = None, releases_url: str | None = None) -> Any:
     from platform_defs.promotion import Services
 
     return Services(mlflow=mlflow, deployer=deployer_local.deployer(), ledger=ledger.ledger(), data_store=data_store,
-                    releases_dir=releases_dir, log=context.log.info, warn=context.log.warning)
+                    releases_dir=releases_dir, releases_url=releases_url, log=context.log.info,
+                    warn=context.log.warning)
 
 
 def build_endpoint_defs(spec: EndpointSpec, org: Organisation, policy: Policy) -> list[Any]:
@@ -484,18 +485,6 @@ def _endpoint_env_asset(spec: EndpointSpec, model: ModelSpec, env: str, upstream
 # App releases
 
 
-def source_hash(root: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if p.is_dir() or any(part in ("__pycache__", ".pytest_cache") or part.startswith(".") for part in rel.parts):
-            continue
-        h.update(str(rel).encode() + b"\0" + p.read_bytes() + b"\0")
-        n += 1
-    return h.hexdigest(), n
-
-
 def git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
@@ -504,8 +493,12 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path, policy: Policy) -> list[Any]:
+def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path, policy: Policy,
+                   releases_url: str | None = None) -> list[Any]:
+    """The app's build asset and one asset per environment. Releases are kept by :class:`ReleaseStore`: folders
+    under ``releases_dir``, and bundles on S3 when ``releases_url`` (``ONEPATH_RELEASES_URL``) names a bucket."""
     meta = common(spec)
+    store = ReleaseStore(releases_dir, releases_url)
 
     @dg.asset(
         key=spec.name,
@@ -520,31 +513,32 @@ def build_app_defs(spec: AppSpec, org: Organisation, releases_dir: Path, policy:
             raise dg.Failure(description=f"app '{spec.name}': source folder {spec.source} does not exist")
         digest, files = source_hash(src)
         version = f"r-{digest[:12]}"
-        dst = releases_dir / "apps" / spec.name / version
-        if not dst.exists():
-            tmp = dst.with_name(f".{version}.{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("__pycache__", ".*"))
-            os.replace(tmp, dst)
-        context.log.info(f"{spec.name}: release {version} ({files} files) at {dst}")
+        try:  # published before it is recorded: a release_built entry always names a release there is
+            dst = store.publish(spec.name, version, src, digest)
+        except (ReleaseError, ObjectStoreError) as err:
+            raise dg.Failure(description=f"app '{spec.name}': {err}") from None
+        where = f"{dst} and {store.bundle(spec.name, version)}" if store.on_s3 else str(dst)
+        context.log.info(f"{spec.name}: release {version} ({files} files) at {where}")
         book = ledger.ledger()
         if not any(e.data.get("version") == version for e in book.entries(kind="release_built", subject=spec.name)):
             book.append("release_built", spec.name, {"version": version, "content_hash": digest, "files": files,
                                                       "git_sha": git_sha()}, f"dagster:{context.run.run_id}")
         return dg.MaterializeResult(
             metadata={"release_version": version, "content_hash": digest, "files": files,
-                      "build_path": str(dst), "git_sha": git_sha() or "unknown"},
+                      "build_path": str(dst), "git_sha": git_sha() or "unknown",
+                      **({"bundle": store.bundle(spec.name, version)} if store.on_s3 else {})},
             data_version=dg.DataVersion(version),
         )
 
     out = [_build]
     for i, env in enumerate(spec.environments):
-        out.append(_app_env_asset(spec, env, spec.environments[i - 1] if i else None, org, releases_dir, policy))
+        out.append(_app_env_asset(spec, env, spec.environments[i - 1] if i else None, org, releases_dir, policy,
+                                  releases_url))
     return out
 
 
 def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organisation, releases_dir: Path,
-                   policy: Policy) -> Any:
+                   policy: Policy, releases_url: str | None = None) -> Any:
     from platform_defs.governance.custom_checks import describe
     from platform_defs.governance.gates import app_checks
 
@@ -575,7 +569,8 @@ def _app_env_asset(spec: AppSpec, env: str, upstream_env: str | None, org: Organ
         try:
             result = promote_app(
                 org, policy, spec.name, env,
-                services=flow_services(context, mlflow, deployer_local, ledger, releases_dir=releases_dir),
+                services=flow_services(context, mlflow, deployer_local, ledger, releases_dir=releases_dir,
+                                       releases_url=releases_url),
                 actor=f"dagster:{context.run.run_id}", trigger=run_trigger(context), repo_root=PROJECT_ROOT,
                 asked_at=run_asked_at(context),
                 newest_build=lambda: latest_metadata(context, dg.AssetKey(spec.name), "app release")["release_version"])
@@ -658,7 +653,7 @@ def build_notebook_model_defs(spec: NotebookModelSpec, org: Organisation, policy
     return [_pinned]
 
 
-def build_all(org: Organisation, releases_dir: Path, policy: Policy) -> list[Any]:
+def build_all(org: Organisation, releases_dir: Path, policy: Policy, releases_url: str | None = None) -> list[Any]:
     out: list[Any] = []
     for d in org.by_name.values():
         if isinstance(d, SnapshotDatasetSpec):
@@ -672,7 +667,7 @@ def build_all(org: Organisation, releases_dir: Path, policy: Policy) -> list[Any
         elif isinstance(d, EndpointSpec):
             out += build_endpoint_defs(d, org, policy)
         elif isinstance(d, AppSpec):
-            out += build_app_defs(d, org, releases_dir, policy)
+            out += build_app_defs(d, org, releases_dir, policy, releases_url)
     return out
 
 

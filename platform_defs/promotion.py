@@ -63,9 +63,17 @@ class Services:
     deployer: Deployer
     ledger: Ledger
     data_store: Any = None  # resources.data_store.DataStore (model gates read snapshots)
-    releases_dir: Path | None = None  # app release builds
+    releases_dir: Path | None = None  # app release builds (with releases_url: the local cache of the bundles)
+    releases_url: str | None = None  # ONEPATH_RELEASES_URL: app release bundles on S3; None: the folders only
     log: Callable[[str], None] = lambda message: None
     warn: Callable[[str], None] = lambda message: None
+
+    def releases(self) -> Any:
+        """Where app releases are kept (:class:`resources.release_store.ReleaseStore`)."""
+        from resources.release_store import ReleaseStore
+
+        assert self.releases_dir is not None
+        return ReleaseStore(self.releases_dir, self.releases_url)
 
 
 class PromotionError(RuntimeError):
@@ -1109,7 +1117,6 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
     upstream_env = spec.environments[i - 1] if i else None
     target = app_target(spec, env)
     book, deployer = services.ledger, services.deployer
-    assert services.releases_dir is not None
     with promotion_lock(book, spec.name, env, actor, wait_seconds) as (lock, waited):
         if upstream_env is None:
             version = newest_build()
@@ -1117,9 +1124,7 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
             version = serving_version(deployer.status(app_target(spec, upstream_env)))
             if version is None:
                 raise PromotionError(f"{spec.name}: nothing healthy serves in '{upstream_env}' to promote")
-        artifact = services.releases_dir / "apps" / spec.name / version
-        if not artifact.is_dir():
-            raise PromotionError(f"{spec.name}: release {version} is not built at {artifact}")
+        artifact = _app_release(services, spec, env, version, actor)
         calls = [endpoint_target(org.by_name[ep], env) for ep in spec.calls]  # type: ignore[arg-type]
         env_vars = {t.name.upper(): deployer.address(t) for t in calls}  # the app reads ONEPATH_<NAME>_URL
         before = deployer.status(target)
@@ -1159,6 +1164,26 @@ def promote_app(org: Organisation, policy: Policy, name: str, env: str, *, servi
                      seconds=round(time.perf_counter() - t0, 3))
 
 
+def _app_release(services: Services, spec: AppSpec, env: str, version: str, actor: str) -> Path:
+    """The release's local folder to deploy (with ONEPATH_RELEASES_URL: fetched from the bucket if this host has
+    none, and checked against the content hash the ledger's ``release_built`` entry recorded). A bundle that does
+    not hash to it is recorded (``artifact_refused``) and refused: nothing was deployed."""
+    from resources.object_store import ObjectStoreError
+    from resources.release_store import ReleaseError, ReleaseMismatch, recorded_hash
+
+    store = services.releases()
+    try:
+        return store.fetch(spec.name, version, recorded_hash(services.ledger, spec.name, version) if store.on_s3
+                           else None)
+    except ReleaseMismatch as err:
+        services.ledger.append("artifact_refused", spec.name, {
+            "app": spec.name, "version": version, "expected_digest": err.expected, "found_digest": err.found,
+            "error": one_line(err, 300)}, actor, env=env)
+        raise PromotionError(f"{spec.name}: {err}", metadata={"refused_version": version}) from None
+    except (ReleaseError, ObjectStoreError) as err:
+        raise PromotionError(f"{spec.name}: {err}", metadata={"refused_version": version}) from None
+
+
 def _app_credentials(org: Organisation, spec: AppSpec, env: str, services: Services, lock: PromotionLock, *,
                      version: str, actor: str, still_serving: str | None, verdicts: list) -> list[str]:
     """Before the release's workers start: its grants issued (or kept, with a fresh secret) on every endpoint it
@@ -1184,8 +1209,11 @@ def _app_fallback(policy: Policy, spec: AppSpec, env: str, version: str, service
     release deployed to ``env`` that is governed right now (:func:`app_governed`: recorded policy in force,
     gate passed there under it, no crash loop since, review not revoked), still built; None when there is
     none (the backend stops the release instead)."""
+    from resources.object_store import ObjectStoreError
+    from resources.release_store import ReleaseError, recorded_hash
+
     book = services.ledger
-    assert services.releases_dir is not None
+    store = services.releases()
     tried: set[str] = {version}
     for entry in reversed(book.entries(kind="deploy", subject=spec.name, env=env)):
         candidate = str(entry.data.get("version"))
@@ -1194,9 +1222,14 @@ def _app_fallback(policy: Policy, spec: AppSpec, env: str, version: str, service
         tried.add(candidate)
         if app_governed(policy, spec, env, candidate, services=services, repo_root=repo_root):
             continue
-        artifact = services.releases_dir / "apps" / spec.name / candidate
-        if artifact.is_dir():
-            return Release(candidate, str(artifact), config={"entrypoint": spec.entrypoint, "calls": calls})
+        try:  # on S3: fetched here now, checked, so the backend can put it back without the bucket
+            artifact = store.fetch(spec.name, candidate, recorded_hash(book, spec.name, candidate) if store.on_s3
+                                   else None)
+        except (ReleaseError, ObjectStoreError) as err:
+            if store.on_s3:
+                services.warn(f"{spec.name}.{env}: release {candidate} cannot be the fallback: {err}")
+            continue
+        return Release(candidate, str(artifact), config={"entrypoint": spec.entrypoint, "calls": calls})
     return None
 
 

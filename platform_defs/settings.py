@@ -104,6 +104,16 @@ class Settings:
     # ONEPATH_INFERENCE_LOG_URL: endpoints' inference logs as Parquet segments on S3 (s3://bucket/prefix; key layout
     # in resources/serving/segment_log.py); None: JSON lines per day under inference_log_dir
     inference_log_url: str | None = None
+    # ONEPATH_RELEASES_URL: app release bundles on S3 (s3://bucket/prefix; key layout in resources/release_store.py),
+    # releases_dir then their local cache; None: the folders under releases_dir are the releases
+    releases_url: str | None = None
+
+    @property
+    def releases(self):
+        """Where app releases are kept (:class:`resources.release_store.ReleaseStore`)."""
+        from resources.release_store import ReleaseStore
+
+        return ReleaseStore(self.releases_dir, self.releases_url)
 
     @property
     def data_root(self) -> str:
@@ -195,6 +205,7 @@ def load_settings() -> Settings:
         data_url=_s3_url("ONEPATH_DATA_URL"),
         dagster_pg=dagster_postgres_from_env(),
         inference_log_url=_s3_url("ONEPATH_INFERENCE_LOG_URL"),
+        releases_url=_s3_url("ONEPATH_RELEASES_URL"),
     )
 
 
@@ -204,7 +215,7 @@ def _s3_url(var: str) -> str | None:
     if not value:
         return None
     if not value.startswith("s3://") or not value[5:].split("/", 1)[0]:
-        raise ValueError(f"{var}={value!r}: expected s3://BUCKET/PREFIX")
+        raise SettingsError(f"{var}={value!r}: expected s3://BUCKET/PREFIX")
     return value.rstrip("/")
 
 

@@ -129,3 +129,56 @@ def list_objects(prefix_uri: str) -> list[Listed]:
     except (BotoCoreError, ClientError) as err:
         raise _fail("list", prefix_uri, err) from None
     return out
+
+
+def metadata(uri: str) -> dict[str, str] | None:
+    """The object's user metadata (``x-amz-meta-*``, keys lower-case), or None when there is no such object."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    try:
+        return dict(client().head_object(Bucket=bucket, Key=key).get("Metadata", {}))
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise _fail("look up", uri, err) from None
+    except BotoCoreError as err:
+        raise _fail("look up", uri, err) from None
+
+
+def put_file_once(uri: str, path: str | os.PathLike, meta: dict[str, str] | None = None) -> bool:
+    """Write the file as the object unless an object has that key: S3's conditional write (``If-None-Match: *``),
+    so of two writers racing exactly one writes. True when this call wrote it, False when one was there."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    try:
+        with open(path, "rb") as f:
+            client().put_object(Bucket=bucket, Key=key, Body=f, Metadata=dict(meta or {}), IfNoneMatch="*")
+        return True
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            return False
+        raise _fail("write", uri, err) from None
+    except BotoCoreError as err:
+        raise _fail("write", uri, err) from None
+
+
+def download(uri: str, path: str | os.PathLike) -> bool:
+    """The object's bytes streamed into ``path`` (created or truncated); False when there is no such object."""
+    import shutil
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    try:
+        body = client().get_object(Bucket=bucket, Key=key)["Body"]
+        with open(path, "wb") as f:
+            shutil.copyfileobj(body, f, 1 << 20)
+        return True
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return False
+        raise _fail("read", uri, err) from None
+    except BotoCoreError as err:
+        raise _fail("read", uri, err) from None

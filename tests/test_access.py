@@ -267,6 +267,65 @@ def test_reconcile_revokes_the_grant_when_the_app_stops_declaring_the_call(world
     assert app.calls == ["credit_scoring"]
 
 
+def test_a_release_built_on_another_host_deploys_from_s3_into_an_empty_cache_and_a_replaced_bundle_is_refused(
+        world, moto_s3, monkeypatch, tmp_path):
+    """ONEPATH_RELEASES_URL: the build host publishes the release to the bucket; the deploying host, whose cache is
+    empty, fetches it, checks it against the release_built entry and the promotion flow deploys it (the app's
+    workers run from the fetched folder and score). A bundle replaced in the bucket after its build is refused
+    before any gate or deploy, recorded, and the release before keeps serving."""
+    import uuid
+
+    from platform_defs.promotion import PromotionError
+    from resources.release_store import ReleaseStore, source_hash
+
+    for var, value in {"AWS_ENDPOINT_URL_S3": moto_s3.endpoint_url, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
+                       "ONEPATH_S3_ADDRESSING_STYLE": "path"}.items():
+        monkeypatch.setenv(var, value)
+    bucket = f"releases-{uuid.uuid4().hex[:10]}"
+    moto_s3.client("s3").create_bucket(Bucket=bucket)
+    url, book = f"s3://{bucket}/onepath", world["book"]
+
+    def build(marker: str) -> str:  # what the build asset does, on the build host
+        src = tmp_path / marker
+        shutil.copytree(ROOT / "apps" / "loan_portal", src, ignore=shutil.ignore_patterns("__pycache__"))
+        (src / "BUILD").write_text(marker + "\n")
+        digest, files = source_hash(src)
+        ReleaseStore(tmp_path / "build-host", url).publish("loan_portal", f"r-{digest[:12]}", src, digest)
+        book.append("release_built", "loan_portal", {"version": f"r-{digest[:12]}", "content_hash": digest,
+                                                     "files": files}, "dagster:test")
+        return f"r-{digest[:12]}"
+
+    cache = world["settings"].releases_dir / f"deploy-host-{uuid.uuid4().hex[:6]}"  # inside the deployer's roots
+    services = Services(mlflow=None, deployer=world["deployer"], ledger=book, releases_dir=cache, releases_url=url)
+
+    def promote(version: str):
+        return promote_app(world["org"], world["policy"], "loan_portal", "staging", services=services, actor="test",
+                           trigger="test", newest_build=lambda: version, repo_root=ROOT)
+
+    first = build("one")
+    assert not cache.exists()
+    result = promote(first)
+    assert (result.version, result.outcome) == (first, "deployed")
+    folder = cache / "apps" / "loan_portal" / first
+    assert source_hash(folder)[0] == book.entries(kind="release_built", subject="loan_portal")[-1].data["content_hash"]
+    workers = pids(world, APP)
+    assert workers and all(str(folder) in Path(f"/proc/{pid}/cmdline").read_bytes().decode() for pid in workers)
+    assert apply(world)[0] == 200
+
+    second = build("two")
+    body = moto_s3.client("s3").get_object(Bucket=bucket, Key=f"onepath/releases/apps/loan_portal/{first}.tar.gz")
+    moto_s3.client("s3").put_object(Bucket=bucket, Key=f"onepath/releases/apps/loan_portal/{second}.tar.gz",
+                                    Body=body["Body"].read())  # someone with write access to the bucket
+    with pytest.raises(PromotionError, match=f"loan_portal: the bundle s3://{bucket}/onepath/releases/apps/"
+                                             f"loan_portal/{second}.tar.gz has content hash .* refused"):
+        promote(second)
+    refused = book.entries(kind="artifact_refused", subject="loan_portal")[-1]
+    assert refused.data["version"] == second and refused.env == "staging"
+    assert not (cache / "apps" / "loan_portal" / second).exists()
+    assert world["deployer"].status(APP).serving_version == first and apply(world)[0] == 200
+
+
 # ------------------------------------------------------------------------------------------------
 # rules on a ledger of their own
 

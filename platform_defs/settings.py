@@ -145,7 +145,8 @@ class Settings:
         for store, value, var in (("mlflow artifacts", self.mlflow_artifacts_url, "ONEPATH_MLFLOW_ARTIFACTS"),
                                   ("ledger", self.ledger_url, "ONEPATH_LEDGER_URL"),
                                   ("dataset snapshots", self.data_url, "ONEPATH_DATA_URL"),
-                                  ("inference logs", self.inference_log_url, "ONEPATH_INFERENCE_LOG_URL")):
+                                  ("inference logs", self.inference_log_url, "ONEPATH_INFERENCE_LOG_URL"),
+                                  ("app releases", self.releases_url, "ONEPATH_RELEASES_URL")):
             if not value:
                 out.append((store, f"{var}={'postgresql+psycopg2://...' if store == 'ledger' else 's3://BUCKET/PREFIX'}"))
         if self.witness_socket is None:

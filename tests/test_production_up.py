@@ -78,7 +78,7 @@ def stores(postgres, moto_s3) -> dict[str, str]:
         "ONEPATH_DAGSTER_PG_USER": "onepath", "ONEPATH_DAGSTER_PG_PASSWORD": postgres.password,
         "ONEPATH_DAGSTER_PG_DB": postgres.create_database("prod_dagster").rsplit("/", 1)[-1],
         "ONEPATH_MLFLOW_ARTIFACTS": f"s3://{BUCKET}/mlflow", "ONEPATH_DATA_URL": f"s3://{BUCKET}/data",
-        "ONEPATH_INFERENCE_LOG_URL": f"s3://{BUCKET}/logs",
+        "ONEPATH_INFERENCE_LOG_URL": f"s3://{BUCKET}/logs", "ONEPATH_RELEASES_URL": f"s3://{BUCKET}/releases",
         "AWS_ACCESS_KEY_ID": "platform", "AWS_SECRET_ACCESS_KEY": "platform-secret", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": moto_s3.endpoint_url, "MLFLOW_S3_ENDPOINT_URL": moto_s3.endpoint_url,
         "ONEPATH_S3_ADDRESSING_STYLE": "path",

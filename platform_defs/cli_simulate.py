@@ -475,7 +475,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from platform_defs.settings import load_settings
     from platform_defs.specs import DeclarationError
     from resources.deployers.local import LocalProcessDeployer
-    from resources.feedback import FeedbackError
+    from resources.feedback import FeedbackError, outcomes_root
+    from resources.object_store import ObjectStoreError
 
     if args.rate <= 0:
         return _fail(f"--rate must be positive (got {args.rate})")
@@ -493,6 +494,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except SimulateError as err:
         return _fail(str(err))
     settings = load_settings()
+    outcomes = outcomes_root(settings.outcomes_url, settings.outcomes_dir)  # a folder, or s3://bucket/prefix/outcomes
     deployer = LocalProcessDeployer(settings.run_dir, host=settings.host, port_base=settings.port_base,
                                     inference_log_dir=settings.inference_log_dir)
     status = deployer.status(endpoint_target(spec, args.env))
@@ -518,7 +520,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     client = PredictClient(status.address, credential=credential)
     try:
         sim = Simulation(
-            endpoint=spec.name, env=args.env, outcomes_dir=settings.outcomes_dir,
+            endpoint=spec.name, env=args.env, outcomes_dir=outcomes,
             requests=iter_requests(dataset, total=args.requests, drift=args.drift, seed=seed,
                                    today=lambda: datetime.fromtimestamp(clock.now(), timezone.utc).date()),
             send=client, rate=args.rate, label_delay=args.label_delay, clock=clock, control=control,
@@ -544,7 +546,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 f"for {args.duration:g} s" if args.duration else "until Ctrl-C")
     print(f"simulating {spec.name}/{args.env} at {status.address} (version {status.serving_version}): "
           f"{args.rate:g} req/s, {how_long}, {shift}, labels {args.label_delay:g} s later, seed {seed}, "
-          f"run {sim.run_id}; outcomes to {settings.outcomes_dir / spec.name / args.env}", flush=True)
+          f"run {sim.run_id}; outcomes to {outcomes}/{spec.name}/{args.env}", flush=True)
     if not spec.inference_log:
         print(f"note: endpoint '{spec.name}' keeps no inference log (inference_log: false), so these outcomes "
               f"will join no request", flush=True)
@@ -553,8 +555,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         summary = sim.run(progress)
     except SimulateError as err:
         return _fail(str(err))
-    except (FeedbackError, OSError) as err:
-        return _fail(f"cannot deliver outcomes to {settings.outcomes_dir}: {err}")
+    except (FeedbackError, ObjectStoreError, OSError) as err:
+        return _fail(f"cannot deliver outcomes to {outcomes}: {err}")
     finally:
         signal.signal(signal.SIGINT, previous)
         client.close()

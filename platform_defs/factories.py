@@ -197,7 +197,7 @@ def _with_feedback(spec: DatasetSpec, df: Any, monitoring: MonitoringResource) -
     fb = spec.feedback
     assert fb is not None
     try:
-        lab = labelled_rows(inference_log_dir=monitoring.log_root, outcomes_dir=monitoring.outcomes_dir,
+        lab = labelled_rows(inference_log_dir=monitoring.log_root, outcomes_dir=monitoring.outcomes_root,
                             endpoint=fb.endpoint, env=fb.env, max_age_days=fb.max_age_days, max_rows=fb.max_rows)
         rows = dataset_rows_from_feedback(spec, lab.frame)
     except FeedbackError as err:

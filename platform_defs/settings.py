@@ -104,6 +104,12 @@ class Settings:
     # ONEPATH_INFERENCE_LOG_URL: endpoints' inference logs as Parquet segments on S3 (s3://bucket/prefix; key layout
     # in resources/serving/segment_log.py); None: JSON lines per day under inference_log_dir
     inference_log_url: str | None = None
+    # ONEPATH_OUTCOMES_URL: the outcomes store on S3 (s3://bucket/prefix: one object per delivery under
+    # <prefix>/outcomes/, see resources/feedback.py); None: JSON lines per day under outcomes_dir
+    outcomes_url: str | None = None
+    # ONEPATH_DRIFT_REPORTS_URL: drift reports on S3 (s3://bucket/prefix: <prefix>/drift_reports/); None: under
+    # drift_reports_dir
+    drift_reports_url: str | None = None
 
     @property
     def data_root(self) -> str:
@@ -175,6 +181,8 @@ def load_settings() -> Settings:
         data_url=_s3_url("ONEPATH_DATA_URL"),
         dagster_pg=dagster_postgres_from_env(),
         inference_log_url=_s3_url("ONEPATH_INFERENCE_LOG_URL"),
+        outcomes_url=_s3_url("ONEPATH_OUTCOMES_URL"),
+        drift_reports_url=_s3_url("ONEPATH_DRIFT_REPORTS_URL"),
     )
 
 
@@ -184,7 +192,7 @@ def _s3_url(var: str) -> str | None:
     if not value:
         return None
     if not value.startswith("s3://") or not value[5:].split("/", 1)[0]:
-        raise ValueError(f"{var}={value!r}: expected s3://BUCKET/PREFIX")
+        raise SettingsError(f"{var}={value!r}: expected s3://BUCKET/PREFIX")
     return value.rstrip("/")
 
 

@@ -172,3 +172,128 @@ def test_an_outcomes_bucket_that_is_missing_or_unreachable_is_one_line_naming_it
     text = str(err.value)
     assert text.startswith(f"cannot list s3://{bucket}/onepath/outcomes/credit_scoring/prod (endpoint http://127.0.0.1:")
     assert "testing-secret" not in text and "\n" not in text
+
+
+# -- drift reports (ONEPATH_DRIFT_REPORTS_URL) ---------------------------------------------------------------
+
+from tests.test_model_server import tiny_model  # noqa: E402,F401  (the module fixture: a LogisticRegression)
+
+
+def _drift_world(tmp_path, settings, name: str):
+    """One monitored endpoint environment (inputs income, accounts) with a tight retention, and its model's
+    version 1 in the session's MLflow store (sqlite) with a reference sample and no model files: the check reads
+    only the run's reference sample."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from platform_defs.drift_check import REFERENCE_ARTIFACT, monitored
+    from platform_defs.policy import DriftPolicy, load_policy
+    from platform_defs.specs import Organisation, parse_declaration
+    from platform_defs.wiring import build_resources
+
+    decls = [
+        parse_declaration({"kind": "dataset", "name": f"{name}_data", "owner": "retention", "track": "ml-standard",
+                           "generator": "assets.retention.data:generate_customer_activity",
+                           "columns": [{"name": "income", "dtype": "float"}, {"name": "accounts", "dtype": "int"},
+                                       {"name": "y", "dtype": "int", "role": "label"}]}),
+        parse_declaration({"kind": "model", "name": f"{name}_model", "owner": "retention", "track": "ml-standard",
+                           "dataset": f"{name}_data", "trainer": "assets.retention.trainer:train_churn"}),
+        parse_declaration({"kind": "endpoint", "name": name, "owner": "retention", "track": "ml-standard",
+                           "model": f"{name}_model"}),
+    ]
+    policy = load_policy()
+    track = policy.track("ml-standard")
+    drift = DriftPolicy.model_validate({**track.drift.model_dump(), "window_rows": 200, "min_rows": 50,
+                                        "report_keep_last": 1, "report_max_age_days": 30})
+    policy = policy.model_copy(update={"tracks": {**policy.tracks, "ml-standard": track.model_copy(
+        update={"drift": drift})}})
+    (m,) = monitored(Organisation(decls), policy)
+    assert m.features == ["income", "accounts"]
+    mlflow = build_resources(settings)["mlflow"]
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "reference_sample.parquet"
+    pd.DataFrame({"income": rng.normal(50, 10, 300), "accounts": rng.integers(0, 9, 300)}).to_parquet(ref)
+    client = mlflow.client()
+    run = client.create_run(mlflow.experiment_id("drift-s3"))
+    client.log_artifact(run.info.run_id, str(ref), REFERENCE_ARTIFACT.rsplit("/", 1)[0])
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(m.model.name)
+    client.create_model_version(m.model.name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    assert isinstance(client, MlflowClient)
+    return m, mlflow
+
+
+def _log_drifted_rows(monitoring, m, start) -> None:
+    """200 logged rows of version 1 whose income moved well away from the reference (a drift verdict)."""
+    import numpy as np
+
+    from tests.test_feedback import log_entry
+
+    rng = np.random.default_rng(1)
+    folder = monitoring.log_dir(m.endpoint.name, m.env)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(200):
+        ts = start + __import__("datetime").timedelta(seconds=i)
+        with open(folder / f"{ts.date().isoformat()}.jsonl", "a") as fh:
+            fh.write(log_entry(ts, f"r{i}", {"income": float(rng.normal(80, 10)), "accounts": int(rng.integers(0, 9))}))
+
+
+def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pruned_there(
+        tmp_path, bucket: str, moto_s3, settings, tiny_model) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    import dagster as dg
+
+    from platform_defs.drift_check import evaluate, prune_reports
+    from resources.deployers.base import Target
+    from resources.ledger import Ledger
+    from resources.monitoring import MonitoringResource
+    from tests.conftest import grant_caller, model_release
+    from tests.test_model_server import tiny_deployer
+
+    name = f"drift_{uuid.uuid4().hex[:8]}"
+    m, mlflow = _drift_world(tmp_path, settings, name)
+    monitoring = MonitoringResource(inference_log_dir=str(tmp_path / "logs"), outcomes_dir=str(tmp_path / "o"),
+                                    drift_reports_dir=str(tmp_path / "reports"),
+                                    drift_reports_url=f"s3://{bucket}/onepath")
+    where = f"s3://{bucket}/onepath/drift_reports/{name}/prod"
+    assert monitoring.reports_dir(name, "prod") == where
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    _log_drifted_rows(monitoring, m, now - timedelta(hours=1))
+    book = Ledger(tmp_path / "ledger.db", tmp_path / "key")
+    client = moto_s3.client("s3")
+    prefix = f"onepath/drift_reports/{name}/prod/"
+    stale = f"{prefix}{now - timedelta(days=40):%Y%m%dT%H%M%SZ}-v0.html"  # written just now, named 40 days ago
+    client.put_object(Bucket=bucket, Key=stale, Body=b"<html></html>")
+    client.put_object(Bucket=bucket, Key=f"{prefix}README.txt", Body=b"not a report")  # not ours: left alone
+
+    deployer = tiny_deployer(settings)
+    target = Target(name, "prod", kind="endpoint")
+    grant_caller(deployer, target)
+    deployer.deploy(target, model_release("1", tiny_model, {"model_name": "tiny"}))
+    try:
+        results = [evaluate(m, mlflow=mlflow, deployer=deployer, monitoring=monitoring, ledger=book, actor="test",
+                            now=now + timedelta(seconds=s)) for s in (0, 1)]
+    finally:
+        deployer.delete(target)
+
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    # the stale one is pruned by the time in its name (its LastModified is new), then the first by keep_last 1
+    assert keys == [f"{prefix}{now + timedelta(seconds=1):%Y%m%dT%H%M%SZ}-v1.html", f"{prefix}README.txt"]
+    assert [r.metadata["reports_pruned"].value for r in results] == [1, 1]
+    last = results[-1]
+    assert not last.passed and last.metadata["drifted_columns"].value == "income"
+    uri = f"s3://{bucket}/{keys[0]}"
+    assert isinstance(last.metadata["report"], dg.UrlMetadataValue) and last.metadata["report"].value == uri
+    obj = client.get_object(Bucket=bucket, Key=keys[0])
+    assert obj["ContentType"] == "text/html" and b"<html" in obj["Body"].read()[:2000].lower()
+    entries = book.entries(kind="drift_detected", subject=name)
+    assert [e.data["report"] for e in entries] == [f"s3://{bucket}/{prefix}{now + timedelta(seconds=s):%Y%m%dT%H%M%SZ}"
+                                                   f"-v1.html" for s in (0, 1)]
+    assert not (tmp_path / "reports").exists()  # nothing was written to the local folder
+
+    # retention by age on S3: everything older than max_age_days goes, whatever keep_last allows
+    assert prune_reports(where, keep_last=10, max_age_days=1, now=(now + timedelta(days=1)).timestamp()) == []
+    gone = prune_reports(where, keep_last=10, max_age_days=1, now=(now + timedelta(days=1, seconds=2)).timestamp())
+    assert gone == [uri] and [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]] == [
+        f"{prefix}README.txt"]

@@ -73,6 +73,30 @@ def test_a_setting_that_is_not_an_s3_uri_is_refused_naming_it(monkeypatch: pytes
     assert load_settings().data_root == "s3://snapshots/onepath"
 
 
+@pytest.mark.parametrize("var", ["ONEPATH_OUTCOMES_URL", "ONEPATH_DRIFT_REPORTS_URL"])
+def test_the_outcome_and_report_settings_take_only_an_s3_uri_and_reach_monitoring(
+        var: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from platform_defs.settings import SettingsError, load_settings
+    from platform_defs.wiring import build_resources
+
+    for value in ("/srv/outcomes", "s3:///no-bucket"):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(SettingsError, match=f"^{var}='{value}': expected s3://BUCKET/PREFIX$"):
+            load_settings()
+    monkeypatch.delenv(var)
+    embedded = build_resources(load_settings())["monitoring"]
+    monkeypatch.setenv(var, "s3://acme/onepath/")
+    monitoring = build_resources(load_settings())["monitoring"]
+    if var == "ONEPATH_OUTCOMES_URL":
+        assert str(embedded.outcomes_root) == embedded.outcomes_dir  # the embedded default: the folder, as before
+        assert (monitoring.outcomes_root, monitoring.reports_root) == ("s3://acme/onepath/outcomes",
+                                                                       embedded.reports_root)
+    else:
+        assert str(embedded.reports_dir("ep", "prod")) == f"{embedded.drift_reports_dir}/ep/prod"
+        assert (monitoring.reports_dir("ep", "prod"), monitoring.outcomes_root) == (
+            "s3://acme/onepath/drift_reports/ep/prod", embedded.outcomes_root)
+
+
 # -- the outcomes store (ONEPATH_OUTCOMES_URL) ---------------------------------------------------------------
 
 def _outcomes_world(tmp_path, bucket: str):
@@ -274,6 +298,10 @@ def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pr
     try:
         results = [evaluate(m, mlflow=mlflow, deployer=deployer, monitoring=monitoring, ledger=book, actor="test",
                             now=now + timedelta(seconds=s)) for s in (0, 1)]
+        assert not (tmp_path / "reports").exists()  # nothing was written to the local folder
+        # unset, the local folder is as it was: a file there, linked as a path
+        local = evaluate(m, mlflow=mlflow, deployer=deployer, ledger=book, actor="test", now=now,
+                         monitoring=monitoring.model_copy(update={"drift_reports_url": None}))
     finally:
         deployer.delete(target)
 
@@ -288,9 +316,11 @@ def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pr
     obj = client.get_object(Bucket=bucket, Key=keys[0])
     assert obj["ContentType"] == "text/html" and b"<html" in obj["Body"].read()[:2000].lower()
     entries = book.entries(kind="drift_detected", subject=name)
-    assert [e.data["report"] for e in entries] == [f"s3://{bucket}/{prefix}{now + timedelta(seconds=s):%Y%m%dT%H%M%SZ}"
+    assert [e.data["report"] for e in entries[:2]] == [f"s3://{bucket}/{prefix}{now + timedelta(seconds=s):%Y%m%dT%H%M%SZ}"
                                                    f"-v1.html" for s in (0, 1)]
-    assert not (tmp_path / "reports").exists()  # nothing was written to the local folder
+    report = tmp_path / "reports" / name / "prod" / f"{now:%Y%m%dT%H%M%SZ}-v1.html"
+    assert isinstance(local.metadata["report"], dg.PathMetadataValue) and local.metadata["report"].value == str(report)
+    assert report.is_file() and book.entries(kind="drift_detected", subject=name)[-1].data["report"] == str(report)
 
     # retention by age on S3: everything older than max_age_days goes, whatever keep_last allows
     assert prune_reports(where, keep_last=10, max_age_days=1, now=(now + timedelta(days=1)).timestamp()) == []

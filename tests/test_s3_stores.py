@@ -327,3 +327,34 @@ def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pr
     gone = prune_reports(where, keep_last=10, max_age_days=1, now=(now + timedelta(days=1, seconds=2)).timestamp())
     assert gone == [uri] and [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]] == [
         f"{prefix}README.txt"]
+
+
+def test_a_dataset_fed_by_outcomes_reads_them_from_s3(tmp_path, bucket: str) -> None:
+    """The dataset asset's feedback step (platform_defs.factories) takes the store from MonitoringResource."""
+    from datetime import datetime, timedelta, timezone
+
+    from assets.credit.data import generate_credit_applications
+    from platform_defs.factories import _with_feedback
+    from platform_defs.loader import load_organisation
+    from resources.feedback import record_outcomes
+    from resources.monitoring import MonitoringResource
+    from tests.test_feedback import CREDIT_FEATURES, log_entry, write_log
+
+    spec = load_organisation().by_name["credit_applications"]
+    fb = spec.feedback
+    drawn = generate_credit_applications(rows=40, period_start="2026-11-01", period_end="2026-11-26", shift=0.8,
+                                         seed=9)
+    monitoring = MonitoringResource(inference_log_dir=str(tmp_path / "logs"), outcomes_dir=str(tmp_path / "o"),
+                                    drift_reports_dir=str(tmp_path / "r"), outcomes_url=f"s3://{bucket}/onepath")
+    ts = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=1)
+    recs = drawn.to_dict(orient="records")
+    for i, rec in enumerate(recs):
+        write_log(tmp_path / "logs", ts + timedelta(seconds=i), [log_entry(
+            ts + timedelta(seconds=i), f"req-{i}", {k: rec[k] for k in CREDIT_FEATURES},
+            {k: rec[k] for k in ("application_id", "gender", "age_band")})], endpoint=fb.endpoint, env=fb.env)
+    record_outcomes(monitoring.outcomes_root, fb.endpoint, fb.env,
+                    [{"request_id": f"req-{i}", "label": int(rec["defaulted"])} for i, rec in enumerate(recs[:30])])
+    base = generate_credit_applications(**{**spec.params, "rows": 50})
+    df, meta = _with_feedback(spec, base, monitoring)
+    assert (meta["feedback_rows"], meta["feedback_outcomes"], meta["feedback_logged_rows"]) == (30, 30, 40)
+    assert len(df) == 80 and not (tmp_path / "o").exists()

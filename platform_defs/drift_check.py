@@ -31,11 +31,11 @@ import dagster as dg
 
 from platform_defs.policy import DriftPolicy, Policy, effective_drift
 from platform_defs.specs import EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
+from resources import object_store
 from resources.deployers.base import Target, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
 from resources.mlflow_registry import MlflowRegistry
-from resources import object_store
 from resources.monitoring import MonitoringResource
 
 CHECK_NAME = "input_drift"

@@ -1,4 +1,5 @@
-"""The file stores on S3 (moto's real server on loopback): dataset snapshots so far.
+"""The file stores on S3 (moto's real server on loopback): dataset snapshots, the outcomes store and the drift
+reports.
 
 The client is configured the way a deployment configures it, by the standard AWS variables only (plus
 ``ONEPATH_S3_ADDRESSING_STYLE=path``, which moto and MinIO need); AWS S3 itself differs only in having no
@@ -7,13 +8,19 @@ The client is configured the way a deployment configures it, by the standard AWS
 
 from __future__ import annotations
 
+import re
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pytest
 
 from resources import object_store
 from resources.data_store import DataStore
+from resources.feedback import labelled_rows, record_outcomes
+from resources.monitoring import MonitoringResource
+from tests.test_feedback import log_entry, write_log
+from tests.test_model_server import tiny_model  # noqa: F401  (the module fixture: a LogisticRegression)
 
 
 @pytest.fixture
@@ -102,11 +109,7 @@ def test_the_outcome_and_report_settings_take_only_an_s3_uri_and_reach_monitorin
 def _outcomes_world(tmp_path, bucket: str):
     """The same outcomes recorded to a local folder and to S3, beside one local inference log (the log's S3 reader
     has its own test): three calls, one spanning two days, a correction, an unmatched outcome, a tie."""
-    from datetime import datetime, timedelta, timezone
 
-    from resources.feedback import record_outcomes
-    from resources.monitoring import MonitoringResource
-    from tests.test_feedback import log_entry, write_log
 
     now = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
     t = now - timedelta(days=2, hours=1)  # 2026-11-24
@@ -134,7 +137,6 @@ def _outcomes_world(tmp_path, bucket: str):
 
 
 def _join(monitoring, now):
-    from resources.feedback import labelled_rows
 
     return labelled_rows(inference_log_dir=monitoring.log_root, outcomes_dir=monitoring.outcomes_root,
                          endpoint="credit_scoring", env="prod", max_age_days=7, max_rows=1000, now=now)
@@ -142,7 +144,6 @@ def _join(monitoring, now):
 
 def test_outcomes_on_s3_are_one_object_per_call_and_day_and_join_as_the_local_store(tmp_path, bucket: str,
                                                                                     moto_s3) -> None:
-    import re
 
     local, s3, now = _outcomes_world(tmp_path, bucket)
     client = moto_s3.client("s3")
@@ -177,9 +178,7 @@ def test_outcomes_on_s3_are_one_object_per_call_and_day_and_join_as_the_local_st
 
 def test_an_outcomes_bucket_that_is_missing_or_unreachable_is_one_line_naming_it(
         tmp_path, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from datetime import datetime, timezone
 
-    from resources.feedback import labelled_rows, record_outcomes
     from tests.stores import free_port
 
     missing = f"s3://{bucket}-gone/onepath/outcomes"
@@ -200,15 +199,11 @@ def test_an_outcomes_bucket_that_is_missing_or_unreachable_is_one_line_naming_it
 
 # -- drift reports (ONEPATH_DRIFT_REPORTS_URL) ---------------------------------------------------------------
 
-from tests.test_model_server import tiny_model  # noqa: E402,F401  (the module fixture: a LogisticRegression)
-
-
 def _drift_world(tmp_path, settings, name: str):
     """One monitored endpoint environment (inputs income, accounts) with a tight retention, and its model's
     version 1 in the session's MLflow store (sqlite) with a reference sample and no model files: the check reads
     only the run's reference sample."""
     import numpy as np
-    from mlflow import MlflowClient
 
     from platform_defs.drift_check import REFERENCE_ARTIFACT, monitored
     from platform_defs.policy import DriftPolicy, load_policy
@@ -243,7 +238,6 @@ def _drift_world(tmp_path, settings, name: str):
     client.set_terminated(run.info.run_id)
     client.create_registered_model(m.model.name)
     client.create_model_version(m.model.name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
-    assert isinstance(client, MlflowClient)
     return m, mlflow
 
 
@@ -251,27 +245,24 @@ def _log_drifted_rows(monitoring, m, start) -> None:
     """200 logged rows of version 1 whose income moved well away from the reference (a drift verdict)."""
     import numpy as np
 
-    from tests.test_feedback import log_entry
 
     rng = np.random.default_rng(1)
     folder = monitoring.log_dir(m.endpoint.name, m.env)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(200):
-        ts = start + __import__("datetime").timedelta(seconds=i)
+        ts = start + timedelta(seconds=i)
         with open(folder / f"{ts.date().isoformat()}.jsonl", "a") as fh:
             fh.write(log_entry(ts, f"r{i}", {"income": float(rng.normal(80, 10)), "accounts": int(rng.integers(0, 9))}))
 
 
 def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pruned_there(
         tmp_path, bucket: str, moto_s3, settings, tiny_model) -> None:
-    from datetime import datetime, timedelta, timezone
 
     import dagster as dg
 
     from platform_defs.drift_check import evaluate, prune_reports
     from resources.deployers.base import Target
     from resources.ledger import Ledger
-    from resources.monitoring import MonitoringResource
     from tests.conftest import grant_caller, model_release
     from tests.test_model_server import tiny_deployer
 
@@ -331,14 +322,11 @@ def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pr
 
 def test_a_dataset_fed_by_outcomes_reads_them_from_s3(tmp_path, bucket: str) -> None:
     """The dataset asset's feedback step (platform_defs.factories) takes the store from MonitoringResource."""
-    from datetime import datetime, timedelta, timezone
 
     from assets.credit.data import generate_credit_applications
     from platform_defs.factories import _with_feedback
     from platform_defs.loader import load_organisation
-    from resources.feedback import record_outcomes
-    from resources.monitoring import MonitoringResource
-    from tests.test_feedback import CREDIT_FEATURES, log_entry, write_log
+    from tests.test_feedback import CREDIT_FEATURES
 
     spec = load_organisation().by_name["credit_applications"]
     fb = spec.feedback
@@ -358,3 +346,30 @@ def test_a_dataset_fed_by_outcomes_reads_them_from_s3(tmp_path, bucket: str) -> 
     df, meta = _with_feedback(spec, base, monitoring)
     assert (meta["feedback_rows"], meta["feedback_outcomes"], meta["feedback_logged_rows"]) == (30, 30, 40)
     assert len(df) == 80 and not (tmp_path / "o").exists()
+
+
+def test_simulated_outcomes_to_s3_come_in_batches_not_one_object_per_request(tmp_path, bucket: str, moto_s3) -> None:
+    """simulate-traffic to an S3 store delivers what came due at most once a second (each delivery is an object).
+    The endpoint is not what is tested here: ``send`` answers as a server does, on a clock that moves only when
+    the loop waits."""
+    from platform_defs.cli_simulate import S3_DELIVER_EVERY, Planned, Simulation
+    from tests.test_simulate import ControlledClock
+
+    clock = ControlledClock(1_800_000_000.0)
+    root = f"s3://{bucket}/onepath/outcomes"
+    sim = Simulation(endpoint="credit_scoring", env="prod", outcomes_dir=root,
+                     requests=iter([Planned({"x": i}, i % 2) for i in range(100)]),
+                     send=lambda record, rid: {"version": "1"}, rate=20.0, label_delay=2.0, clock=clock,
+                     total=100, deliver_every=S3_DELIVER_EVERY)
+    summary = sim.run()
+    assert (summary.ok, summary.delivered, summary.pending) == (100, 100, 0)
+    keys = [o["Key"] for o in moto_s3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]]
+    assert 5 <= len(keys) <= 7, keys  # 5 s of requests at 20/s: one delivery a second, not 100
+    got = _join_outcomes(root, tmp_path)
+    assert got.outcomes == 100 and got.superseded_outcomes == 0 and got.corrupt_outcome_lines == 0
+
+
+def _join_outcomes(root: str, tmp_path):
+    return labelled_rows(inference_log_dir=tmp_path / "no-logs", outcomes_dir=root, endpoint="credit_scoring",
+                         env="prod", max_age_days=30, max_rows=10,
+                         now=datetime.fromtimestamp(1_800_000_100.0, timezone.utc))

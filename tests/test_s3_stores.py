@@ -12,6 +12,7 @@ import re
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import dagster as dg
 import pandas as pd
 import pytest
 
@@ -258,8 +259,6 @@ def _log_drifted_rows(monitoring, m, start) -> None:
 def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pruned_there(
         tmp_path, bucket: str, moto_s3, settings, tiny_model) -> None:
 
-    import dagster as dg
-
     from platform_defs.drift_check import evaluate, prune_reports
     from resources.deployers.base import Target
     from resources.ledger import Ledger
@@ -346,6 +345,10 @@ def test_a_dataset_fed_by_outcomes_reads_them_from_s3(tmp_path, bucket: str) -> 
     df, meta = _with_feedback(spec, base, monitoring)
     assert (meta["feedback_rows"], meta["feedback_outcomes"], meta["feedback_logged_rows"]) == (30, 30, 40)
     assert len(df) == 80 and not (tmp_path / "o").exists()
+    gone = monitoring.model_copy(update={"outcomes_url": f"s3://{bucket}-gone/onepath"})
+    with pytest.raises(dg.Failure) as err:  # the asset fails in one line naming the object, not a traceback
+        _with_feedback(spec, base, gone)
+    assert err.value.description.startswith(f"cannot list s3://{bucket}-gone/onepath/outcomes/{fb.endpoint}/")
 
 
 def test_simulated_outcomes_to_s3_come_in_batches_not_one_object_per_request(tmp_path, bucket: str, moto_s3) -> None:

@@ -48,6 +48,8 @@ if TYPE_CHECKING:  # imported where used: `onepath` starts without pydantic for 
 DRIFT_SHIFT = 0.8
 CHUNK_ROWS = 1000
 MAX_CONSECUTIVE_FAILURES = 20
+# outcomes to an S3 store are delivered at most this often (seconds): each delivery is an object
+S3_DELIVER_EVERY = 1.0
 
 
 class SimulateError(Exception):
@@ -332,19 +334,21 @@ class Simulation:
     outcome ``label_delay`` seconds after its answer, to ``outcomes_dir``. Stops sending after ``total``
     requests (if given), at ``send_until`` (if given), when ``control`` is interrupted, or after
     ``MAX_CONSECUTIVE_FAILURES`` failed requests in a row; then delivers what is owed as it comes due,
-    unless interrupted again."""
+    unless interrupted again. ``deliver_every`` > 0 holds outcomes that came due until the oldest of them
+    is that many seconds overdue and delivers them in one call (the default for an S3 store, where each
+    call is an object: one per answered request otherwise)."""
 
     def __init__(self, *, endpoint: str, env: str, outcomes_dir: Any, requests: Iterator[Planned],
                  send: Callable[[dict[str, Any], str], dict[str, Any]], rate: float, label_delay: float,
                  clock: Clock, control: Control | None = None, total: int | None = None,
-                 send_until: float | None = None, run_id: str | None = None):
+                 send_until: float | None = None, run_id: str | None = None, deliver_every: float = 0.0):
         if not rate > 0:
             raise SimulateError(f"--rate must be positive (got {rate})")
         if label_delay < 0:
             raise SimulateError(f"--label-delay must not be negative (got {label_delay})")
         self.endpoint, self.env, self.outcomes_dir = endpoint, env, outcomes_dir
         self.requests, self.send = requests, send
-        self.rate, self.label_delay = rate, label_delay
+        self.rate, self.label_delay, self.deliver_every = rate, label_delay, max(0.0, deliver_every)
         self.clock, self.control = clock, control or Control()
         self.total, self.send_until = total, send_until
         self.run_id = run_id or secrets.token_hex(4)
@@ -393,7 +397,7 @@ class Simulation:
             if item[0] > now:
                 break
             due.append(item)
-        if not due:
+        if not due or due[0][0] + self.deliver_every > now:
             return 0
         observed = datetime.fromtimestamp(now, timezone.utc).isoformat()
         record_outcomes(self.outcomes_dir, self.endpoint, self.env,
@@ -435,7 +439,7 @@ class Simulation:
             next_send = start + self._i / self.rate if sending else math.inf
             if self.send_until is not None:
                 next_send = next_send if next_send < self.send_until else math.inf
-            next_due = self._owed[0][0] if self._owed else math.inf
+            next_due = self._owed[0][0] + self.deliver_every if self._owed else math.inf
             if next_send == math.inf and next_due == math.inf:
                 s.state = ("failed" if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES
                            else "stopped" if self.control.stopping else "done")
@@ -475,7 +479,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from platform_defs.settings import load_settings
     from platform_defs.specs import DeclarationError
     from resources.deployers.local import LocalProcessDeployer
-    from resources.feedback import FeedbackError
+    from resources.feedback import FeedbackError, outcomes_root
+    from resources.object_store import ObjectStoreError
 
     if args.rate <= 0:
         return _fail(f"--rate must be positive (got {args.rate})")
@@ -493,6 +498,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except SimulateError as err:
         return _fail(str(err))
     settings = load_settings()
+    outcomes = outcomes_root(settings.outcomes_url, settings.outcomes_dir)  # a folder, or s3://bucket/prefix/outcomes
     deployer = LocalProcessDeployer(settings.run_dir, host=settings.host, port_base=settings.port_base,
                                     inference_log_dir=settings.inference_log_dir)
     status = deployer.status(endpoint_target(spec, args.env))
@@ -518,11 +524,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     client = PredictClient(status.address, credential=credential)
     try:
         sim = Simulation(
-            endpoint=spec.name, env=args.env, outcomes_dir=settings.outcomes_dir,
+            endpoint=spec.name, env=args.env, outcomes_dir=outcomes,
             requests=iter_requests(dataset, total=args.requests, drift=args.drift, seed=seed,
                                    today=lambda: datetime.fromtimestamp(clock.now(), timezone.utc).date()),
             send=client, rate=args.rate, label_delay=args.label_delay, clock=clock, control=control,
             total=args.requests, send_until=clock.now() + args.duration if args.duration else None,
+            deliver_every=S3_DELIVER_EVERY if isinstance(outcomes, str) else 0.0,
         )
     except SimulateError as err:
         return _fail(str(err))
@@ -544,7 +551,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 f"for {args.duration:g} s" if args.duration else "until Ctrl-C")
     print(f"simulating {spec.name}/{args.env} at {status.address} (version {status.serving_version}): "
           f"{args.rate:g} req/s, {how_long}, {shift}, labels {args.label_delay:g} s later, seed {seed}, "
-          f"run {sim.run_id}; outcomes to {settings.outcomes_dir / spec.name / args.env}", flush=True)
+          f"run {sim.run_id}; outcomes to {outcomes}/{spec.name}/{args.env}", flush=True)
     if not spec.inference_log:
         print(f"note: endpoint '{spec.name}' keeps no inference log (inference_log: false), so these outcomes "
               f"will join no request", flush=True)
@@ -553,8 +560,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         summary = sim.run(progress)
     except SimulateError as err:
         return _fail(str(err))
-    except (FeedbackError, OSError) as err:
-        return _fail(f"cannot deliver outcomes to {settings.outcomes_dir}: {err}")
+    except (FeedbackError, ObjectStoreError, OSError) as err:
+        return _fail(f"cannot deliver outcomes to {outcomes}: {err}")
     finally:
         signal.signal(signal.SIGINT, previous)
         client.close()

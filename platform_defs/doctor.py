@@ -167,6 +167,20 @@ def check_inference_logs(settings: Settings) -> str | None:
     return _folder("inference logs", settings.inference_log_dir)
 
 
+def check_outcomes(settings: Settings) -> str | None:
+    """Where delivered outcomes (labels) are recorded and the feedback join reads them."""
+    if settings.outcomes_url:
+        return _bucket("outcomes", settings.outcomes_url, _S3_FIX)
+    return _folder("outcomes", settings.outcomes_dir)
+
+
+def check_drift_reports(settings: Settings) -> str | None:
+    """Where the drift check keeps its HTML reports."""
+    if settings.drift_reports_url:
+        return _bucket("drift reports", settings.drift_reports_url, _S3_FIX)
+    return _folder("drift reports", settings.drift_reports_dir)
+
+
 def _folder(what: str, path: Path) -> str | None:
     import os
 
@@ -199,6 +213,8 @@ STORES = (  # (store, where it is, its check), in the order doctor prints them
     ("dataset snapshots", lambda s: s.data_root, check_data),
     ("inference logs", lambda s: s.inference_log_url or str(s.inference_log_dir), check_inference_logs),
     ("app releases", lambda s: s.releases.where, check_releases),
+    ("outcomes", lambda s: s.outcomes_url or str(s.outcomes_dir), check_outcomes),
+    ("drift reports", lambda s: s.drift_reports_url or str(s.drift_reports_dir), check_drift_reports),
     ("witness", lambda s: str(s.witness_socket or "none configured"), check_witness),
 )
 

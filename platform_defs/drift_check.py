@@ -5,7 +5,11 @@ serves there now -- rows of earlier versions are excluded -- over the window the
 (rows or hours; the track's policy fills what it leaves out) with the reference sample stored with
 that version in MLflow (``onepath/reference_sample.parquet``), using Evidently 0.7 with the method
 and threshold per column type set explicitly by spec or policy. The HTML report is kept under
-``<drift_reports_dir>/<endpoint>/<env>/`` (retention from policy) and linked from the metadata.
+``<drift_reports_dir>/<endpoint>/<env>/`` (retention from policy) and linked from the metadata; with
+``ONEPATH_DRIFT_REPORTS_URL`` it is rendered to a private temporary file and uploaded to
+``<prefix>/drift_reports/<endpoint>/<env>/<YYYYmmddTHHMMSSZ>-v<version>.html`` (``text/html``), and
+retention prunes there by the time in the key (S3's ``LastModified`` says when an object was written,
+which a copy or a restore changes).
 
 On drift it appends a ``drift_detected`` ledger entry; the ``drift`` sensor turns that into one
 retraining run (and holds off for the policy's cooldown). The heavy statistics run here, in a run,
@@ -13,6 +17,7 @@ never in a sensor tick.
 """
 
 
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ import dagster as dg
 
 from platform_defs.policy import DriftPolicy, Policy, effective_drift
 from platform_defs.specs import EndpointSpec, ModelSpec, Organisation, endpoint_asset_name
+from resources import object_store
 from resources.deployers.base import Target, serving_version
 from resources.deployers.resource import LocalDeployerResource
 from resources.ledger import LedgerResource
@@ -76,15 +82,39 @@ def monitored(org: Organisation, policy: Policy) -> list[Monitored]:
     return out
 
 
-def prune_reports(directory: Path, keep_last: int, max_age_days: float, now: float | None = None) -> list[Path]:
-    """Delete reports beyond the newest ``keep_last`` or older than ``max_age_days``; returns the deleted."""
+_REPORT_RE = re.compile(r"^(\d{8}T\d{6}Z)-v[^/]*\.html$")
+
+
+def prune_reports(directory: Path | str, keep_last: int, max_age_days: float,
+                  now: float | None = None) -> list[Path | str]:
+    """Delete reports beyond the newest ``keep_last`` or older than ``max_age_days``; returns the deleted. A folder's
+    reports are aged by their files' times; an S3 location's (``s3://...``) by the time their key starts with
+    (``<YYYYmmddTHHMMSSZ>-v<version>...html``: objects not named so were not written here and are left alone)."""
     now = time.time() if now is None else now
+    if isinstance(directory, str):
+        return _prune_s3(directory, keep_last, max_age_days, now)
     reports = sorted(directory.glob("*.html"), key=lambda p: p.stat().st_mtime, reverse=True)
     gone = []
     for i, p in enumerate(reports):
         if i >= keep_last or now - p.stat().st_mtime > max_age_days * 86400:
             p.unlink(missing_ok=True)
             gone.append(p)
+    return gone
+
+
+def _prune_s3(location: str, keep_last: int, max_age_days: float, now: float) -> list[Path | str]:
+    reports = []
+    for o in object_store.list_objects(location):
+        m = _REPORT_RE.match(o.uri.rsplit("/", 1)[-1])
+        if m and o.uri.rsplit("/", 1)[0] == location.rstrip("/"):
+            written = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).timestamp()
+            reports.append((written, o.uri))
+    reports.sort(reverse=True)
+    gone: list[Path | str] = []
+    for i, (written, uri) in enumerate(reports):
+        if i >= keep_last or now - written > max_age_days * 86400:
+            object_store.delete(uri)
+            gone.append(uri)
     return gone
 
 
@@ -146,15 +176,24 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
                                                f"drift cannot be judged"})
         reference = pd.read_parquet(ref_path)
     reports = monitoring.reports_dir(m.endpoint.name, m.env)
-    report = reports / f"{now:%Y%m%dT%H%M%SZ}-v{version}.html"
-    t0 = time.perf_counter()
-    result = evaluate_drift(
-        reference, current, columns=m.features,
-        numeric_method=m.drift.numeric_method, numeric_threshold=m.drift.numeric_threshold,
-        categorical_method=m.drift.categorical_method, categorical_threshold=m.drift.categorical_threshold,
-        drift_share=m.drift.drift_share, report_html=report,
-    )
-    seconds = round(time.perf_counter() - t0, 3)
+    name = f"{now:%Y%m%dT%H%M%SZ}-v{version}.html"
+    with tempfile.TemporaryDirectory() as tmp:  # on S3 the report is rendered here (0700), then uploaded
+        t0 = time.perf_counter()
+        result = evaluate_drift(
+            reference, current, columns=m.features,
+            numeric_method=m.drift.numeric_method, numeric_threshold=m.drift.numeric_threshold,
+            categorical_method=m.drift.categorical_method, categorical_threshold=m.drift.categorical_threshold,
+            drift_share=m.drift.drift_share,
+            report_html=Path(tmp) / name if isinstance(reports, str) else reports / name,
+        )
+        seconds = round(time.perf_counter() - t0, 3)
+        saved = result.report_html  # the name the report was written under (a sampled report says so in it)
+        assert saved is not None
+        if isinstance(reports, str):
+            report = object_store.join(reports, saved.name)
+            object_store.put_bytes(report, saved.read_bytes(), content_type="text/html")
+        else:
+            report = str(saved)
     pruned = prune_reports(reports, m.drift.report_keep_last, m.drift.report_max_age_days)
     per_column = {c.column: {"method": c.method, "threshold": c.threshold, "value": round(c.value, 6),
                              "value_kind": c.value_kind, "drifted": c.drifted} for c in result.columns}
@@ -169,7 +208,7 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
         "columns": dg.MetadataValue.md(result.to_markdown()),
         "per_column": dg.MetadataValue.json(per_column),
         "reference_rows": result.reference_rows,
-        "report": dg.MetadataValue.path(str(result.report_html or report)),
+        "report": dg.MetadataValue.url(report) if isinstance(reports, str) else dg.MetadataValue.path(report),
         "reports_pruned": len(pruned),
         "evaluation_seconds": seconds,
     }
@@ -187,7 +226,7 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
             **({"no_trainer": True, "action": no_trainer, "ask": m.model.owner} if no_trainer else {}),
             "model": m.model.name, "version": version, "drifted_share": result.drifted_share,
             "drifted_columns": result.drifted_columns, "window_rows": window.rows,
-            "report": str(result.report_html or report),
+            "report": report,
             "methods": {k: [mt, th] for k, (mt, th) in result.method_by_type.items()},
             "claims": client_claims(trigger),  # what the run's tags say started it: a claim, not a fact
         }, actor, env=m.env)

@@ -193,14 +193,15 @@ def _with_feedback(spec: DatasetSpec, df: Any, monitoring: MonitoringResource) -
     import pandas as pd
 
     from resources.feedback import FeedbackError, dataset_rows_from_feedback, labelled_rows
+    from resources.object_store import ObjectStoreError
 
     fb = spec.feedback
     assert fb is not None
     try:
-        lab = labelled_rows(inference_log_dir=monitoring.log_root, outcomes_dir=monitoring.outcomes_dir,
+        lab = labelled_rows(inference_log_dir=monitoring.log_root, outcomes_dir=monitoring.outcomes_root,
                             endpoint=fb.endpoint, env=fb.env, max_age_days=fb.max_age_days, max_rows=fb.max_rows)
         rows = dataset_rows_from_feedback(spec, lab.frame)
-    except FeedbackError as err:
+    except (FeedbackError, ObjectStoreError) as err:  # one line naming what and where (an S3 store: its object)
         raise dg.Failure(description=str(err)) from None
     meta = {"feedback_rows": len(rows), "feedback_source": f"{fb.endpoint}.{fb.env}",
             "feedback_logged_rows": lab.logged, "feedback_outcomes": lab.outcomes,

@@ -107,6 +107,12 @@ class Settings:
     # ONEPATH_RELEASES_URL: app release bundles on S3 (s3://bucket/prefix; key layout in resources/release_store.py),
     # releases_dir then their local cache; None: the folders under releases_dir are the releases
     releases_url: str | None = None
+    # ONEPATH_OUTCOMES_URL: the outcomes store on S3 (s3://bucket/prefix: one object per delivery under
+    # <prefix>/outcomes/, see resources/feedback.py); None: JSON lines per day under outcomes_dir
+    outcomes_url: str | None = None
+    # ONEPATH_DRIFT_REPORTS_URL: drift reports on S3 (s3://bucket/prefix: <prefix>/drift_reports/); None: under
+    # drift_reports_dir
+    drift_reports_url: str | None = None
 
     @property
     def releases(self):
@@ -146,7 +152,9 @@ class Settings:
                                   ("ledger", self.ledger_url, "ONEPATH_LEDGER_URL"),
                                   ("dataset snapshots", self.data_url, "ONEPATH_DATA_URL"),
                                   ("inference logs", self.inference_log_url, "ONEPATH_INFERENCE_LOG_URL"),
-                                  ("app releases", self.releases_url, "ONEPATH_RELEASES_URL")):
+                                  ("app releases", self.releases_url, "ONEPATH_RELEASES_URL"),
+                                  ("outcomes", self.outcomes_url, "ONEPATH_OUTCOMES_URL"),
+                                  ("drift reports", self.drift_reports_url, "ONEPATH_DRIFT_REPORTS_URL")):
             if not value:
                 out.append((store, f"{var}={'postgresql+psycopg2://...' if store == 'ledger' else 's3://BUCKET/PREFIX'}"))
         if self.witness_socket is None:
@@ -207,6 +215,8 @@ def load_settings() -> Settings:
         dagster_pg=dagster_postgres_from_env(),
         inference_log_url=_s3_url("ONEPATH_INFERENCE_LOG_URL"),
         releases_url=_s3_url("ONEPATH_RELEASES_URL"),
+        outcomes_url=_s3_url("ONEPATH_OUTCOMES_URL"),
+        drift_reports_url=_s3_url("ONEPATH_DRIFT_REPORTS_URL"),
     )
 
 

@@ -51,5 +51,6 @@ def build_resources(settings: Settings, *, secrets_from_env: bool = False) -> di
         "monitoring": MonitoringResource(
             inference_log_dir=str(settings.inference_log_dir), outcomes_dir=str(settings.outcomes_dir),
             drift_reports_dir=str(settings.drift_reports_dir), inference_log_url=settings.inference_log_url,
+            outcomes_url=settings.outcomes_url, drift_reports_url=settings.drift_reports_url,
         ),
     }

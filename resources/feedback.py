@@ -11,6 +11,15 @@ one line per outcome, in the file of the day it was observed (UTC). Both stores 
 lines written by several processes at once; a reader skips a line that is partial (no newline yet,
 or a crashed writer's) or corrupt, and counts it.
 
+On S3 (``ONEPATH_OUTCOMES_URL``; the store's location is then ``s3://bucket/prefix/outcomes``) there is no
+append: each ``record_outcomes`` call writes one object per day it touches, with the same lines::
+
+    <prefix>/outcomes/<endpoint>/<env>/<YYYY-MM-DD>/<YYYYmmddTHHMMSSffffffZ>-<12 hex>.jsonl
+
+The name starts with the write's UTC time, so key order is write order (two writes in the same microsecond
+are ordered by their random suffix), and a reader taking the objects in key order sees the lines in the
+order the local day file would hold them: the same outcomes, corrections and counts.
+
 ``labelled_rows`` joins the two by request id; ``dataset_rows_from_feedback`` turns the joined rows
 into rows of a declared dataset (its exact columns and dtypes), so a dataset can be rebuilt from its
 generator's rows plus what production learned.
@@ -32,9 +41,12 @@ import orjson
 import pandas as pd
 
 from platform_defs.specs import ColumnSpec, DatasetSpec
+from resources import object_store
 
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DAY_FILE_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
+_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_OBJECT_RE = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{12}\.jsonl$")
 META_COLUMNS = ("label", "request_id", "ts", "version")
 
 
@@ -106,6 +118,10 @@ def _json_lines(path: Path) -> Iterator[Any | None]:
     """Each line's JSON value, or None for a line that is partial or does not parse."""
     with open(path, "rb") as fh:
         data = fh.read()
+    return _parse_lines(data)
+
+
+def _parse_lines(data: bytes) -> Iterator[Any | None]:
     lines = data.split(b"\n")
     last = lines.pop()  # the text after the final newline: empty, or a line still being written
     for raw in lines:
@@ -123,6 +139,12 @@ def _json_lines(path: Path) -> Iterator[Any | None]:
 # the outcomes store
 
 
+def outcomes_root(outcomes_url: str | None, outcomes_dir: str | Path) -> Path | str:
+    """The store's location: ``<outcomes_url>/outcomes`` when it is on S3 (``ONEPATH_OUTCOMES_URL``), else the
+    folder. What :func:`record_outcomes` and :func:`labelled_rows` take."""
+    return object_store.join(outcomes_url, "outcomes") if outcomes_url else Path(outcomes_dir)
+
+
 def outcomes_path(outcomes_dir: str | Path, endpoint: str, env: str, day: date) -> Path:
     return Path(outcomes_dir) / _segment("endpoint", endpoint) / _segment("env", env) / f"{day.isoformat()}.jsonl"
 
@@ -131,10 +153,13 @@ def record_outcomes(outcomes_dir: str | Path, endpoint: str, env: str,
                     outcomes: Iterable[Mapping[str, Any]]) -> int:
     """Append outcomes ``{"request_id": str, "label": int, "observed_at": ISO time (default now)}``.
 
-    Every outcome is checked before anything is written (a bad one raises ``FeedbackError`` naming
-    its position and field, and nothing is appended). Each day's lines go to their file in one
-    ``write`` under an exclusive lock, in append mode, so concurrent writers never interleave
-    partial lines. Returns how many outcomes were written.
+    ``outcomes_dir`` is the store's folder, or its ``s3://bucket/prefix/outcomes`` location
+    (``MonitoringResource.outcomes_root``). Every outcome is checked before anything is written (a bad
+    one raises ``FeedbackError`` naming its position and field, and nothing is appended). Each day's
+    lines go to their file in one ``write`` under an exclusive lock, in append mode, so concurrent
+    writers never interleave partial lines; on S3 to one new object per day (see the module
+    docstring), an ``ObjectStoreError`` naming the object and the S3 endpoint when S3 refuses one (the
+    days before it are then written). Returns how many outcomes were written.
     """
     _segment("endpoint", endpoint)
     _segment("env", env)
@@ -166,6 +191,8 @@ def record_outcomes(outcomes_dir: str | Path, endpoint: str, env: str,
             raise FeedbackError(f"outcome {i} ({rid}): unknown field '{extra[0]}'")
         line = orjson.dumps({"request_id": rid, "label": label, "observed_at": when.isoformat()}) + b"\n"
         by_day.setdefault(when.date(), []).append(line)
+    if object_store.is_s3(outcomes_dir):
+        return _put_outcomes(str(outcomes_dir), endpoint, env, by_day, now)
     written = 0
     for day, lines in sorted(by_day.items()):
         path = outcomes_path(outcomes_dir, endpoint, env, day)
@@ -173,6 +200,59 @@ def record_outcomes(outcomes_dir: str | Path, endpoint: str, env: str,
         _append(path, b"".join(lines))
         written += len(lines)
     return written
+
+
+def _put_outcomes(root: str, endpoint: str, env: str, by_day: dict[date, list[bytes]], now: datetime) -> int:
+    """One object per day of ``by_day`` under ``root`` (``<endpoint>/<env>/<day>/<utc-ts>-<random>.jsonl``)."""
+    import secrets
+
+    stamp = f"{now:%Y%m%dT%H%M%S%f}Z"
+    written = 0
+    for day, lines in sorted(by_day.items()):
+        name = f"{stamp}-{secrets.token_hex(6)}.jsonl"
+        object_store.put_bytes(object_store.join(root, endpoint, env, day.isoformat(), name), b"".join(lines),
+                               content_type="application/x-ndjson")
+        written += len(lines)
+    return written
+
+
+def _outcome_objects(location: str, since: date | None) -> list[str]:
+    """The outcome objects of one endpoint environment's S3 location, in key order (day, then write time), from
+    the day ``since`` on: the listing starts there, so the days before it are not listed."""
+    bucket, base = object_store.split(location)
+    out = []
+    for o in object_store.list_objects(location, start_after=since.isoformat() if since else None):
+        rel = o.uri.removeprefix(f"s3://{bucket}/").removeprefix(base + "/" if base else "")
+        parts = rel.split("/")
+        if len(parts) != 2 or not _DAY_RE.match(parts[0]) or not _OBJECT_RE.match(parts[1]):
+            continue  # not an outcome object of this layout (a local day file's name does not fit either)
+        try:
+            day = date.fromisoformat(parts[0])
+        except ValueError:
+            continue
+        if since is None or day >= since:
+            out.append(o.uri)
+    return sorted(out)
+
+
+def _outcome_records(location: Path | str, since: date | None, result: "LabelledRows") -> Iterator[Any | None]:
+    """The outcome lines of one endpoint environment from ``since`` on, in the order they were written: the day
+    files of a folder, or the objects of an S3 location (read in parallel, yielded in key order)."""
+    if isinstance(location, str):
+        from resources.inference_log_s3 import READ_THREADS, _parallel
+
+        uris = _outcome_objects(location, since)
+        result.files["outcomes"] = len(uris)
+        for i in range(0, len(uris), READ_THREADS):
+            part = uris[i:i + READ_THREADS]
+            for data in _parallel(object_store.get_bytes, part):
+                if data is not None:  # None: deleted between the listing and the read
+                    yield from _parse_lines(data)
+        return
+    files = _day_files(location, since)
+    result.files["outcomes"] = len(files)
+    for _, path in files:
+        yield from _json_lines(path)
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -232,25 +312,23 @@ class LabelledRows:
                 f"{self.corrupt_lines} corrupt lines skipped)")
 
 
-def _read_outcomes(directory: Path, since: date | None, result: LabelledRows) -> dict[str, tuple[datetime, int]]:
-    """request id -> (observed_at, label), the latest observation winning (a correction)."""
+def _read_outcomes(directory: Path | str, since: date | None, result: LabelledRows) -> dict[str, tuple[datetime, int]]:
+    """request id -> (observed_at, label), the latest observation winning (a correction; of two observed at the
+    same time, the one written later)."""
     out: dict[str, tuple[datetime, int]] = {}
-    files = _day_files(directory, since)
-    result.files["outcomes"] = len(files)
-    for _, path in files:
-        for rec in _json_lines(path):
-            rid = rec.get("request_id") if isinstance(rec, dict) else None
-            label = rec.get("label") if isinstance(rec, dict) else None
-            observed = _parse_ts(rec.get("observed_at")) if isinstance(rec, dict) else None
-            if not isinstance(rid, str) or not rid or not _is_int(label) or observed is None:
-                result.corrupt_outcome_lines += 1
+    for rec in _outcome_records(directory, since, result):
+        rid = rec.get("request_id") if isinstance(rec, dict) else None
+        label = rec.get("label") if isinstance(rec, dict) else None
+        observed = _parse_ts(rec.get("observed_at")) if isinstance(rec, dict) else None
+        if not isinstance(rid, str) or not rid or not _is_int(label) or observed is None:
+            result.corrupt_outcome_lines += 1
+            continue
+        seen = out.get(rid)
+        if seen is not None:
+            result.superseded_outcomes += 1
+            if seen[0] > observed:
                 continue
-            seen = out.get(rid)
-            if seen is not None:
-                result.superseded_outcomes += 1
-                if seen[0] > observed:
-                    continue
-            out[rid] = (observed, label)
+        out[rid] = (observed, label)
     return out
 
 
@@ -270,7 +348,8 @@ def labelled_rows(*, inference_log_dir: str | Path, outcomes_dir: str | Path, en
     s3_log = isinstance(inference_log_dir, str) and inference_log_dir.startswith("s3://")
     log_dir: Any = (f"{inference_log_dir.rstrip('/')}/{_segment('endpoint', endpoint)}/{_segment('env', env)}"
                     if s3_log else Path(inference_log_dir) / _segment("endpoint", endpoint) / _segment("env", env))
-    out_dir = Path(outcomes_dir) / endpoint / env
+    out_dir: Path | str = (object_store.join(str(outcomes_dir), endpoint, env) if object_store.is_s3(outcomes_dir)
+                           else Path(outcomes_dir) / endpoint / env)
     outcomes = _read_outcomes(out_dir, start.date(), result)
     result.outcomes = len(outcomes)
 

@@ -9,7 +9,8 @@ from pydantic import Field
 
 
 class MonitoringResource(dg.ConfigurableResource):
-    """Paths of what endpoints observe in production; the drift check and sensor read them."""
+    """Where what endpoints observe in production is (local folders, or S3 where a ``*_url`` is set); the drift
+    check, the drift sensor and the feedback join read them."""
 
     inference_log_dir: str = Field(description="Endpoints' JSON-lines inference logs, <endpoint>/<env>/<day>.jsonl.")
     outcomes_dir: str = Field(description="Outcomes (labels) delivered later, joined by request id.")
@@ -18,6 +19,13 @@ class MonitoringResource(dg.ConfigurableResource):
     inference_log_url: str | None = Field(
         None, description="s3://bucket/prefix (ONEPATH_INFERENCE_LOG_URL): the logs are Parquet segments under "
                           "<prefix>/inference/<endpoint>/<env>/<version>/<day>/ there instead.")
+
+    outcomes_url: str | None = Field(
+        None, description="s3://bucket/prefix (ONEPATH_OUTCOMES_URL): outcomes are objects under "
+                          "<prefix>/outcomes/<endpoint>/<env>/<day>/ there instead (one per delivery).")
+    drift_reports_url: str | None = Field(
+        None, description="s3://bucket/prefix (ONEPATH_DRIFT_REPORTS_URL): drift reports are objects under "
+                          "<prefix>/drift_reports/<endpoint>/<env>/ there instead.")
 
     @property
     def log_root(self) -> Path | str:
@@ -29,5 +37,21 @@ class MonitoringResource(dg.ConfigurableResource):
         root = self.log_root
         return f"{root}/{endpoint}/{env}" if isinstance(root, str) else root / endpoint / env
 
-    def reports_dir(self, endpoint: str, env: str) -> Path:
-        return Path(self.drift_reports_dir) / endpoint / env
+    @property
+    def outcomes_root(self) -> Path | str:
+        """Where every endpoint's outcomes are: ``s3://bucket/prefix/outcomes``, else the local folder (what
+        ``resources.feedback.record_outcomes`` and ``labelled_rows`` take)."""
+        from resources.feedback import outcomes_root
+
+        return outcomes_root(self.outcomes_url, self.outcomes_dir)
+
+    @property
+    def reports_root(self) -> Path | str:
+        """Where every endpoint's drift reports are: ``s3://bucket/prefix/drift_reports``, else the local folder."""
+        return (f"{self.drift_reports_url.rstrip('/')}/drift_reports" if self.drift_reports_url
+                else Path(self.drift_reports_dir))
+
+    def reports_dir(self, endpoint: str, env: str) -> Path | str:
+        """One endpoint environment's drift reports: what ``platform_defs.drift_check`` writes and prunes."""
+        root = self.reports_root
+        return f"{root}/{endpoint}/{env}" if isinstance(root, str) else root / endpoint / env

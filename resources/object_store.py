@@ -70,14 +70,25 @@ def _fail(what: str, uri: str, err: Exception) -> ObjectStoreError:
     return ObjectStoreError(f"cannot {what} {uri} (endpoint {endpoint()}): {why.strip()}")
 
 
-def put_bytes(uri: str, data: bytes) -> None:
+def put_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split(uri)
     try:
-        client().put_object(Bucket=bucket, Key=key, Body=data)
+        client().put_object(Bucket=bucket, Key=key, Body=data, **({"ContentType": content_type} if content_type else {}))
     except (BotoCoreError, ClientError) as err:
         raise _fail("write", uri, err) from None
+
+
+def delete(uri: str) -> None:
+    """Remove the object (no error when there is none: S3 deletes are idempotent)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    try:
+        client().delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as err:
+        raise _fail("delete", uri, err) from None
 
 
 def get_bytes(uri: str) -> bytes | None:
@@ -117,14 +128,17 @@ class Listed:
     modified: datetime
 
 
-def list_objects(prefix_uri: str) -> list[Listed]:
-    """Every object under ``prefix_uri`` (a folder: a ``/`` is added), in key order."""
+def list_objects(prefix_uri: str, start_after: str | None = None) -> list[Listed]:
+    """Every object under ``prefix_uri`` (a folder: a ``/`` is added), in key order; with ``start_after`` (a path
+    below ``prefix_uri``), only the keys that sort after it (S3 lists from there: an old history is not read)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split(prefix_uri)
     out: list[Listed] = []
+    folder = prefix + "/" if prefix else ""
+    after = {"StartAfter": folder + start_after.strip("/")} if start_after else {}
     try:
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder, **after):
             out += [Listed(f"s3://{bucket}/{o['Key']}", o["Size"], o["LastModified"]) for o in page.get("Contents", [])]
     except (BotoCoreError, ClientError) as err:
         raise _fail("list", prefix_uri, err) from None

@@ -10,8 +10,8 @@ import pytest
 
 from platform_defs.cli import main
 
-PROD_VARS = ("ONEPATH_LEDGER_URL", "ONEPATH_DATA_URL", "ONEPATH_INFERENCE_LOG_URL", "ONEPATH_MLFLOW_ARTIFACTS",
-             "ONEPATH_RELEASES_URL", "MLFLOW_TRACKING_URI",
+PROD_VARS = ("ONEPATH_LEDGER_URL", "ONEPATH_DATA_URL", "ONEPATH_INFERENCE_LOG_URL", "ONEPATH_OUTCOMES_URL",
+             "ONEPATH_DRIFT_REPORTS_URL", "ONEPATH_MLFLOW_ARTIFACTS", "ONEPATH_RELEASES_URL", "MLFLOW_TRACKING_URI",
              "MLFLOW_REGISTRY_URI", "ONEPATH_WITNESS_SOCKET", "DAGSTER_HOME", *(f"ONEPATH_DAGSTER_PG_{v}" for v in (
                  "HOST", "PORT", "USER", "PASSWORD", "DB")))
 
@@ -34,7 +34,8 @@ def test_the_embedded_default_is_ok_before_anything_was_made(home: Path, capsys)
     code, out, err = doctor(capsys)
     assert (code, err) == (0, [])
     assert [line.split(":")[0] for line in out] == ["dagster instance", "mlflow", "mlflow artifacts", "ledger",
-                                                     "dataset snapshots", "inference logs", "app releases", "witness"]
+                                                     "dataset snapshots", "inference logs", "app releases",
+                                                     "outcomes", "drift reports", "witness"]
     assert all(": OK (" in line for line in out)
 
 
@@ -46,6 +47,7 @@ def test_production_stores_that_answer_are_ok_and_broken_ones_are_one_line_each(
                        "MLFLOW_TRACKING_URI": postgres.create_database("doctor_mlflow"),
                        "ONEPATH_DATA_URL": f"s3://{bucket}/data", "ONEPATH_MLFLOW_ARTIFACTS": f"s3://{bucket}/mlflow",
                        "ONEPATH_INFERENCE_LOG_URL": f"s3://{bucket}/logs", "ONEPATH_RELEASES_URL": f"s3://{bucket}/rel",
+                       "ONEPATH_OUTCOMES_URL": f"s3://{bucket}/onepath", "ONEPATH_DRIFT_REPORTS_URL": f"s3://{bucket}/onepath",
                        "AWS_ENDPOINT_URL_S3": moto_s3.endpoint_url, "ONEPATH_S3_ADDRESSING_STYLE": "path",
                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
                        "AWS_DEFAULT_REGION": "us-east-1", "ONEPATH_DAGSTER_PG_HOST": "127.0.0.1",
@@ -58,22 +60,26 @@ def test_production_stores_that_answer_are_ok_and_broken_ones_are_one_line_each(
     assert f"ledger: OK (postgresql+psycopg2://onepath:***@127.0.0.1:{postgres.port}/doctor_ledger)" in out
     assert f"dataset snapshots: OK (s3://{bucket}/data)" in out and f"inference logs: OK (s3://{bucket}/logs)" in out
     assert f"app releases: OK (s3://{bucket}/rel/releases/apps)" in out
+    assert f"outcomes: OK (s3://{bucket}/onepath)" in out and f"drift reports: OK (s3://{bucket}/onepath)" in out
     assert all(postgres.password not in line for line in out)
 
     monkeypatch.setenv("ONEPATH_LEDGER_URL", postgres.url("doctor_ledger").replace(postgres.password, "wrong"))
     monkeypatch.setenv("ONEPATH_DATA_URL", "s3://no-such-bucket-here/data")
     monkeypatch.setenv("ONEPATH_RELEASES_URL", "s3://no-such-releases-bucket/rel")
+    monkeypatch.setenv("ONEPATH_OUTCOMES_URL", "s3://no-such-bucket-here/onepath")
     monkeypatch.setenv("ONEPATH_WITNESS_SOCKET", str(home / "nobody.sock"))
     code, out, err = doctor(capsys)
     assert code == 1
     by_store = {line.split(":")[0]: line for line in err}
-    assert set(by_store) == {"ledger", "dataset snapshots", "app releases", "witness"}, err
+    assert set(by_store) == {"ledger", "dataset snapshots", "app releases", "outcomes", "witness"}, err
     assert "s3://no-such-releases-bucket/rel" in by_store["app releases"] and "NoSuchBucket" in by_store["app releases"]
     assert by_store["ledger"].startswith(f"ledger: postgresql+psycopg2://onepath:***@127.0.0.1:{postgres.port}/"
                                          "doctor_ledger does not answer (")
     assert "password authentication failed" in by_store["ledger"] and "ONEPATH_LEDGER_URL" in by_store["ledger"]
     assert "s3://no-such-bucket-here/data" in by_store["dataset snapshots"] and "NoSuchBucket" in by_store[
         "dataset snapshots"]
+    assert by_store["outcomes"].startswith("outcomes: cannot list s3://no-such-bucket-here/onepath/") and (
+        "NoSuchBucket" in by_store["outcomes"] and "AWS_ACCESS_KEY_ID" in by_store["outcomes"])
     assert "onepath witness serve" in by_store["witness"]
     for line in err:
         assert postgres.password not in line and "testing-secret" not in line and "wrong" not in line, line

@@ -79,6 +79,7 @@ def stores(postgres, moto_s3) -> dict[str, str]:
         "ONEPATH_DAGSTER_PG_DB": postgres.create_database("prod_dagster").rsplit("/", 1)[-1],
         "ONEPATH_MLFLOW_ARTIFACTS": f"s3://{BUCKET}/mlflow", "ONEPATH_DATA_URL": f"s3://{BUCKET}/data",
         "ONEPATH_INFERENCE_LOG_URL": f"s3://{BUCKET}/logs", "ONEPATH_RELEASES_URL": f"s3://{BUCKET}/releases",
+        "ONEPATH_OUTCOMES_URL": f"s3://{BUCKET}/feedback", "ONEPATH_DRIFT_REPORTS_URL": f"s3://{BUCKET}/reports",
         "AWS_ACCESS_KEY_ID": "platform", "AWS_SECRET_ACCESS_KEY": "platform-secret", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": moto_s3.endpoint_url, "MLFLOW_S3_ENDPOINT_URL": moto_s3.endpoint_url,
         "ONEPATH_S3_ADDRESSING_STYLE": "path",
@@ -212,10 +213,12 @@ def test_the_promotion_path_runs_on_postgresql_and_s3(platform, stores, moto_s3,
     assert not (home / "ledger.db").exists() and not (home / "mlflow.db").exists()
     assert not list((home / "dagster_home").glob("*.db")) and not (home / "dagster_home" / "history").exists()
     assert not list((home / "data").rglob("*.parquet")) and not list((home / "inference_logs").rglob("*.jsonl"))
+    assert not list((home / "outcomes").rglob("*.jsonl")) and not list((home / "drift_reports").rglob("*.html"))
     s3 = moto_s3.client("s3")
     keys_in = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
                for o in page.get("Contents", [])]
-    for prefix in ("data/credit_applications/", "mlflow/", "logs/inference/credit_scoring/prod/"):
+    for prefix in ("data/credit_applications/", "mlflow/", "logs/inference/credit_scoring/prod/",
+                   "feedback/outcomes/credit_scoring/prod/", "reports/drift_reports/credit_scoring/prod/"):
         assert any(k.startswith(prefix) for k in keys_in), (prefix, keys_in[:20])
     import sqlalchemy as sa
 

@@ -109,7 +109,7 @@ def cmd_migrate_stores(args: argparse.Namespace) -> int:
     for step, where in configured:
         if where is not None:
             roots.update(step.roots(source, target))
-    print(f"onepath migrate: the embedded installation in {source.home} -> production"
+    print(f"onepath migrate: the embedded installation in {source.home} onto the production stores"
           f"{' (dry run: nothing is written)' if args.dry_run else ''}")
     for step, where in configured:
         if where is None:

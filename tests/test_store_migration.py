@@ -324,3 +324,39 @@ def test_onepath_migrate_moves_an_embedded_installation_and_a_rerun_changes_noth
         assert not theirs_inst.has_asset_key(dg.AssetKey("credit_risk"))
     finally:
         theirs_inst.dispose()
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_the_copied_dagster_state_holds_automation_as_the_source_did(passed: bool) -> None:
+    """What declarative automation reads (``all_deps_blocking_checks_passed``) judges the copy as it judged the
+    source: a passed blocking check lets the downstream asset run, a failed one holds it; a re-run copies
+    nothing, and an instance holding an event of its own is refused with nothing written."""
+    import dagster as dg
+
+    from platform_defs.store_migration import copy_dagster
+
+    @dg.asset(check_specs=[dg.AssetCheckSpec("quality", asset="upstream", blocking=True)])
+    def upstream():
+        return dg.MaterializeResult(metadata={"path": "/old/data/upstream/x.parquet", "rows": 3},
+                                    check_results=[dg.AssetCheckResult(check_name="quality", passed=passed)])
+
+    @dg.asset(deps=[upstream], automation_condition=dg.AutomationCondition.all_deps_blocking_checks_passed())
+    def downstream() -> None:
+        return None
+
+    def wanted(instance) -> int:
+        result = dg.evaluate_automation_conditions(defs=[upstream, downstream], instance=instance)
+        return next(r.true_subset.size for r in result.results if r.key == dg.AssetKey("downstream"))
+
+    with dg.instance_for_test() as source, dg.instance_for_test() as target, dg.instance_for_test() as theirs:
+        dg.materialize([upstream], instance=source, raise_on_error=False)
+        done = copy_dagster(source, target, {"/old/data": "s3://b/data"}, "target")
+        assert done.counts == {"latest materializations": 1, "check evaluations": 1}
+        assert wanted(target) == wanted(source) == (1 if passed else 0)
+        meta = target.get_latest_materialization_event(dg.AssetKey("upstream")).asset_materialization.metadata
+        assert meta["path"].value == "s3://b/data/upstream/x.parquet" and meta["rows"].value == 3
+        assert copy_dagster(source, target, {"/old/data": "s3://b/data"}, "target").up_to_date
+        theirs.report_runless_asset_event(dg.AssetMaterialization("other", metadata={"n": 1}))
+        with pytest.raises(MigrationRefused, match="already holds a materialization of 'other' that no migration"):
+            copy_dagster(source, theirs, {}, "theirs")
+        assert not theirs.has_asset_key(dg.AssetKey("upstream"))

@@ -68,6 +68,8 @@ def copy_mlflow(source_uri: str, target_uri: str, artifacts_from: Path, artifact
     if dry_run and not _has_tables(target_uri):
         return _would_copy_all(source_uri, artifacts_from, artifacts_to)
     if not dry_run:
+        # an artifact there with other bytes is refused before any row is written (the artifacts go last)
+        _copy_artifacts(artifacts_from, artifacts_to, dry_run=True)
         _open_mlflow(target_uri)
     src_engine, dst_engine = _engine(source_uri), _engine(target_uri)
     counts: dict[str, int] = {}

@@ -360,3 +360,73 @@ def test_the_copied_dagster_state_holds_automation_as_the_source_did(passed: boo
         with pytest.raises(MigrationRefused, match="already holds a materialization of 'other' that no migration"):
             copy_dagster(source, theirs, {}, "theirs")
         assert not theirs.has_asset_key(dg.AssetKey("upstream"))
+
+
+def test_snapshots_and_logs_move_as_the_readers_read_them_and_a_changed_or_foreign_target_is_refused(
+        tmp_path: Path, s3: str) -> None:
+    """The two file steps on moto's S3: snapshots keep their order (the ``_written`` markers) and hash to their
+    names; a JSON-lines log reads back through the S3 window reader as the local reader reads it; a re-run
+    writes nothing; a log file changed after its copy, and targets holding another writer's objects, are
+    refused with nothing written."""
+    import os as _os
+    from datetime import datetime, timezone
+
+    import pandas as pd
+
+    from platform_defs.store_migration import copy_datasets, copy_inference_logs
+    from resources.data_store import DataStore
+    from resources.inference_log import read_window
+
+    data = tmp_path / "data"
+    local = DataStore(root=str(data))
+    older, _ = local.write("loans", pd.DataFrame({"x": [1, 2, 3]}))
+    newer, _ = local.write("loans", pd.DataFrame({"x": [4, 5]}))
+    _os.utime(older, (1_700_000_000, 1_700_000_000))  # the older snapshot is older on disk too
+    order = [h for h, _ in local.snapshots("loans")]
+    assert copy_datasets(data, f"s3://{s3}/data").counts == {"snapshots": 2}
+    remote = DataStore(root=f"s3://{s3}/data")
+    assert [h for h, _ in remote.snapshots("loans")] == order
+    assert all(len(remote.read("loans", h)) for h in order)
+    assert copy_datasets(data, f"s3://{s3}/data").up_to_date
+    DataStore(root=f"s3://{s3}/elsewhere").write("loans", pd.DataFrame({"x": [9]}))
+    with pytest.raises(MigrationRefused, match="a snapshot this installation does not hold"):
+        copy_datasets(data, f"s3://{s3}/elsewhere")
+    assert len(_objects_under(f"s3://{s3}/elsewhere")) == 2  # its own snapshot and marker only
+
+    logs = tmp_path / "logs"
+    (logs / "scoring" / "prod").mkdir(parents=True)
+    day = logs / "scoring" / "prod" / "2026-11-30.jsonl"
+    lines = [{"ts": f"2026-11-30T10:00:0{i}+00:00", "request_id": f"r{i}", "model": "m", "version": v,
+              "inputs": {"amount": [10, 10.5, 11][i], "n": i, "ok": True}, "extras": {}, "output": {"p": 0.5},
+              "latency_ms": 2.0} for i, v in enumerate(["1", "1", "2"])]
+    day.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    to = f"s3://{s3}/logs"
+    assert copy_inference_logs(logs, to).counts == {"rows": 3, "segments": 2}  # one per version
+    now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+    for version in ("1", "2"):
+        here = read_window(logs / "scoring" / "prod", version=version, columns=["amount", "n", "ok"], window_rows=10,
+                           now=now)
+        there = read_window(f"{to}/inference/scoring/prod", version=version, columns=["amount", "n", "ok"],
+                            window_rows=10, now=now)
+        assert there.frame[["request_id", "amount", "n", "ok"]].to_dict("records") == \
+            here.frame[["request_id", "amount", "n", "ok"]].to_dict("records") != []
+    before = _objects_under(to)
+    assert copy_inference_logs(logs, to).up_to_date and _objects_under(to) == before
+    with day.open("a") as f:
+        f.write(json.dumps({**lines[0], "request_id": "late", "ts": "2026-11-30T11:00:00+00:00"}) + "\n")
+    with pytest.raises(MigrationRefused, match="was copied from scoring/prod/2026-11-30.jsonl, which has changed"):
+        copy_inference_logs(logs, to)
+    assert _objects_under(to) == before
+    from resources import object_store
+
+    object_store.put_bytes(f"s3://{s3}/other/inference/scoring/prod/1/2026-11-30/"
+                           f"20261130T100000000000Z-0123456789ab-000000.parquet", b"x")
+    with pytest.raises(MigrationRefused, match="is not a segment of this installation's logs"):
+        copy_inference_logs(logs, f"s3://{s3}/other")
+    assert len(_objects_under(f"s3://{s3}/other")) == 1
+
+
+def _objects_under(uri: str) -> list[str]:
+    from resources import object_store
+
+    return [o.uri for o in object_store.list_objects(uri)]

@@ -123,8 +123,30 @@ def cmd_migrate_stores(args: argparse.Namespace) -> int:
         except MigrationFailed as err:
             print(f"onepath migrate: {step.store} at {where}: {err}", file=sys.stderr)
             return 1
+        except Exception as err:  # a store that does not answer, a bucket that is not there: its one line
+            first = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0][:300]
+            for secret in _secrets(target):
+                first = first.replace(secret, "***")
+            print(f"onepath migrate: {step.store} at {where}: failed: {type(err).__name__}: {first}",
+                  file=sys.stderr)
+            return 1
         print(f"{step.store} -> {where}: {done.summary(args.dry_run)}", flush=True)
     return 0
+
+
+def _secrets(target) -> list[str]:  # noqa: ANN001
+    """The passwords the production settings hold: never printed, should a driver ever echo one."""
+    from sqlalchemy.engine import make_url
+
+    out = [target.dagster_pg.password] if target.dagster_pg else []
+    for url in (target.ledger_url, target.mlflow_tracking_uri):
+        try:
+            password = make_url(url).password if url else None
+        except Exception:  # noqa: BLE001 - not a database URL
+            password = None
+        if password:
+            out.append(str(password))
+    return [s for s in out if s]
 
 
 @click.command("migrate")  # its help: platform_defs.cli.VERBS

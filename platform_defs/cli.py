@@ -23,7 +23,7 @@ import click
 from platform_defs.cli_base import GROUP_SETTINGS, verb
 from platform_defs.dagster_instance import ensure_instance
 from platform_defs.settings import PROJECT_ROOT, Settings, SettingsError, load_settings
-from resources.files import tighten_tree, use_private_umask
+from resources.files import atomic_write, tighten_tree, use_private_umask
 from resources.processes import group_alive
 
 
@@ -236,15 +236,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     # servers too: first a Ctrl-C, as a terminal would send, then SIGTERM, then SIGKILL.
     dagster = subprocess.Popen(dg_cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)
     procs.append(dagster)
-    watcher = _start_watcher(args.host, args.port)
-    stopping: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
-    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
-    while dagster.poll() is None and not stopping:
-        time.sleep(0.2)
-    watcher.stop.set()
-    for p in procs:
-        _stop_group(p)
+    # what `onepath migrate` reads to refuse moving the stores under a running platform
+    running = settings.run_dir / "up.json"
+    atomic_write(running, json.dumps({"pid": os.getpid(), "dagster_pgid": dagster.pid}).encode())
+    try:
+        watcher = _start_watcher(args.host, args.port)
+        stopping: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+        signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+        while dagster.poll() is None and not stopping:
+            time.sleep(0.2)
+        watcher.stop.set()
+    finally:
+        for p in procs:
+            _stop_group(p)
+        running.unlink(missing_ok=True)
     code = 0 if stopping else (dagster.returncode or 0)
     print("onepath: Dagster stopped; endpoints keep serving (onepath down stops them)")
     return code
@@ -373,6 +379,9 @@ VERBS: dict[str, tuple[str, str, str]] = {
                     "submit a run of the named assets (and their checks) to the running platform. --param "
                     "NAME=VALUE sets a dataset's generator parameter (e.g. period_start=2026-02-01) or an "
                     "environment's version; --no-follow returns the run id at once"),
+    "migrate": ("platform_defs.cli_migrate", "migrate_stores",
+                "move the embedded installation (ledger, MLflow, Dagster's latest asset state, snapshots, logs) "
+                "onto the production stores the environment names: --to production; --dry-run writes nothing"),
     "migrate-declarations": ("platform_defs.cli_migrate", "migrate_declarations",
                              "rewrite old-form declaration files (declarations: [...]) as Dagster components "
                              "(type: onepath.Model); --check only says whether any is left"),

@@ -511,10 +511,7 @@ class LocalProcessDeployer(Deployer):
     def slots(self) -> list[str]:
         return sorted(p.parent.name for p in self.run_dir.glob("*/state.json"))
 
-    def stop_all(self) -> list[str]:
-        """Stop every supervisor under run_dir (in parallel); returns the slots that were running."""
-        from concurrent.futures import ThreadPoolExecutor
-
+    def _not_stopped(self) -> list[tuple[str, Target]]:
         running = []  # a slot whose supervisor died without being stopped counts: its workers may serve on
         for slot in self.slots():
             name, env = slot.rsplit(".", 1)
@@ -522,6 +519,17 @@ class LocalProcessDeployer(Deployer):
             st = self._state(t)
             if st and not st.get("stopped"):
                 running.append((slot, t))
+        return running
+
+    def live_slots(self) -> list[str]:
+        """The slots not stopped (``onepath down`` stops them): their workers may still serve, and log."""
+        return [slot for slot, _ in self._not_stopped()]
+
+    def stop_all(self) -> list[str]:
+        """Stop every supervisor under run_dir (in parallel); returns the slots that were running."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        running = self._not_stopped()
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(running)))) as pool:
             list(pool.map(lambda item: self._stop(item[1]), running))
         return [slot for slot, _ in running]

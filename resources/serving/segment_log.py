@@ -81,6 +81,31 @@ def segment_name(cut: datetime, writer: str, n: int) -> str:
     return f"{cut.strftime('%Y%m%dT%H%M%S%f')}Z-{writer}-{n:06d}.parquet"
 
 
+def encode_segment(rows: list[tuple], *, model: str, version: str, columns: list[tuple[str, str]]) -> bytes:
+    """One segment's Parquet bytes (the columns in the module docstring) of ``rows``, ``(ts_us, request_id, inputs,
+    extras, output, latency_ms)`` tuples; ``columns``: ``(name, signature kind)`` of the logged inputs. The one
+    encoder of the layout: the writer's thread and ``onepath migrate`` (JSON lines moved to S3) both use it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inputs = [pa.array([r[2].get(name) for r in rows], getattr(pa, ARROW_KIND[kind])()) for name, kind in columns]
+    struct = (pa.StructArray.from_arrays(inputs, [c for c, _ in columns]) if columns
+              else pa.array([{}] * len(rows), pa.struct([])))
+    table = pa.table({
+        "ts": pa.array([r[0] for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        "request_id": pa.array([r[1] for r in rows], pa.string()),
+        "model": pa.array([model] * len(rows), pa.string()),
+        "version": pa.array([version] * len(rows), pa.string()),
+        "inputs": struct,
+        "extras": pa.array([orjson.dumps(r[3], default=str).decode() for r in rows], pa.string()),
+        "output": pa.array([orjson.dumps(r[4], default=str).decode() for r in rows], pa.string()),
+        "latency_ms": pa.array([r[5] for r in rows], pa.float64()),
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
 def _client() -> Any:
     import boto3
     from botocore.config import Config
@@ -255,32 +280,13 @@ class SegmentLog:
 
     def _cut(self, rows: list[tuple]) -> None:
         """``rows`` (oldest first) as one Parquet segment per UTC day, queued to be written."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         cut = datetime.now(timezone.utc)
         days: dict[str, list[tuple]] = {}
         for r in rows:
             day = datetime.fromtimestamp(r[0] / 1e6, timezone.utc).strftime("%Y-%m-%d")
             days.setdefault(day, []).append(r)
         for day, part in days.items():
-            inputs = []
-            for j, (name, kind) in enumerate(self.columns):
-                inputs.append(pa.array([r[2].get(name) for r in part], getattr(pa, ARROW_KIND[kind])()))
-            struct = (pa.StructArray.from_arrays(inputs, [c for c, _ in self.columns]) if self.columns
-                      else pa.array([{}] * len(part), pa.struct([])))
-            table = pa.table({
-                "ts": pa.array([r[0] for r in part], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-                "request_id": pa.array([r[1] for r in part], pa.string()),
-                "model": pa.array([self.model] * len(part), pa.string()),
-                "version": pa.array([self.version] * len(part), pa.string()),
-                "inputs": struct,
-                "extras": pa.array([orjson.dumps(r[3], default=str).decode() for r in part], pa.string()),
-                "output": pa.array([orjson.dumps(r[4], default=str).decode() for r in part], pa.string()),
-                "latency_ms": pa.array([r[5] for r in part], pa.float64()),
-            })
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
+            data = encode_segment(part, model=self.model, version=self.version, columns=self.columns)
             key = f"{self.prefix}/{day}/{segment_name(cut, self.writer, self._n)}"
             self._n += 1
-            self._segments.append((key, sink.getvalue().to_pybytes(), len(part)))
+            self._segments.append((key, data, len(part)))

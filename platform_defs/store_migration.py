@@ -597,7 +597,8 @@ def embedded_settings(target: Any) -> Any:
 
     mlflow_db = f"sqlite:///{target.home / 'mlflow.db'}"
     return replace(target, ledger_url=None, data_url=None, dagster_pg=None, mlflow_artifacts_url=None,
-                   inference_log_url=None, mlflow_tracking_uri=mlflow_db, mlflow_registry_uri=mlflow_db)
+                   inference_log_url=None, outcomes_url=None, drift_reports_url=None, releases_url=None,
+                   mlflow_tracking_uri=mlflow_db, mlflow_registry_uri=mlflow_db)
 
 
 def _run_ledger(source: Any, target: Any, dry_run: bool, roots: dict[str, str]) -> Copied:
@@ -688,6 +689,88 @@ def _run_inference_logs(source: Any, target: Any, dry_run: bool, roots: dict[str
     return copy_inference_logs(source.inference_log_dir, target.inference_log_url, dry_run)
 
 
+def copy_files(files: dict[Path, str], under: str, what: str, dry_run: bool = False) -> Copied:
+    """Each local file of ``files`` to its object (``path -> s3 URI``, every URI under ``under``). An object that
+    is there with the same bytes is kept (a re-run); with other bytes it is refused, and so is an object under
+    ``under`` that is none of these (the target is another installation's, or production wrote there already):
+    nothing is written then."""
+    mine = set(files.values())
+    foreign = sorted(o.uri for o in object_store.list_objects(under) if o.uri not in mine)
+    if foreign:
+        raise MigrationRefused(f"{foreign[0]} is not one of this installation's {what} ({len(foreign)} such under "
+                               f"{under}): the target is not empty, nothing copied")
+    todo = []
+    for path, uri in sorted(files.items()):
+        there = object_store.get_bytes(uri)
+        if there is None:
+            todo.append((path, uri))
+        elif there != path.read_bytes():
+            raise MigrationRefused(f"{uri} exists with other bytes than {path} (changed since it was copied?): "
+                                   "not overwritten")
+    if not dry_run:
+        for path, uri in todo:
+            object_store.put_bytes(uri, path.read_bytes())
+    return Copied({what: len(todo)})
+
+
+def _run_outcomes(source: Any, target: Any, dry_run: bool, roots: dict[str, str]) -> Copied:
+    """Each local day file ``<endpoint>/<env>/<day>.jsonl`` as one object of the S3 layout, named for the start
+    of its day (so it sorts before anything written there that day, as the file's lines were) and a hash of its
+    path (so a re-run finds it)."""
+    from resources.feedback import outcomes_root
+
+    folder, root = source.outcomes_dir, outcomes_root(target.outcomes_url, "")
+    if not folder.is_dir():
+        return Copied({}, nothing=f"no outcomes in {folder}")
+    files = {}
+    for path in sorted(folder.glob("*/*/*.jsonl")):
+        endpoint, env, day = path.relative_to(folder).parts[0], path.parent.name, path.stem
+        stamp = day.replace("-", "") + "T000000000000Z"
+        files[path] = object_store.join(root, endpoint, env, day, f"{stamp}-{_writer_id(str(path.relative_to(folder)))}.jsonl")
+    return copy_files(files, root, "outcome files", dry_run)
+
+
+def _reports_root(target: Any) -> str:
+    return object_store.join(target.drift_reports_url, "drift_reports")
+
+
+def _run_drift_reports(source: Any, target: Any, dry_run: bool, roots: dict[str, str]) -> Copied:
+    folder = source.drift_reports_dir
+    if not folder.is_dir():
+        return Copied({}, nothing=f"no drift reports in {folder}")
+    files = {p: object_store.join(_reports_root(target), p.relative_to(folder).as_posix())
+             for p in folder.glob("*/*/*.html")}
+    return copy_files(files, _reports_root(target), "drift reports", dry_run)
+
+
+def _run_releases(source: Any, target: Any, dry_run: bool, roots: dict[str, str]) -> Copied:
+    """Each built app release as its bundle (``ReleaseStore.publish``: written once, checked against the content
+    hash the ledger's ``release_built`` entry recorded). A folder the ledger records no build of is left, said so."""
+    from resources.release_store import ReleaseError, ReleaseStore, recorded_hash
+
+    apps = source.releases_dir / "apps"
+    if not apps.is_dir():
+        return Copied({}, nothing=f"no app releases in {apps}")
+    book, store = source.ledger(), ReleaseStore(target.releases_dir, target.releases_url)
+    published, unrecorded = 0, []
+    for folder in sorted(p for p in apps.glob("*/r-*") if p.is_dir()):
+        app, version = folder.parent.name, folder.name
+        content_hash = recorded_hash(book, app, version)
+        if content_hash is None:
+            unrecorded.append(f"{app} {version}")
+            continue
+        new = object_store.metadata(store.bundle(app, version)) is None
+        if not dry_run:
+            try:  # a bundle there already is kept when it holds this content hash, refused otherwise
+                store.publish(app, version, folder, content_hash)
+            except ReleaseError as err:
+                raise MigrationRefused(str(err)) from None
+        published += new
+    notes = (f"left {len(unrecorded)} folder(s) no release_built entry records: {', '.join(unrecorded)}",) \
+        if unrecorded else ()
+    return Copied({"releases": published}, notes)
+
+
 def _display_any(uri: str) -> str:
     try:
         return _display(uri)
@@ -734,5 +817,9 @@ STEPS: tuple[Step, ...] = (
     Step("dataset snapshots", "ONEPATH_DATA_URL", lambda t: t.data_url, _run_datasets,
          lambda s, t: {str(s.data_dir): t.data_url}),
     Step("inference logs", "ONEPATH_INFERENCE_LOG_URL", lambda t: t.inference_log_url, _run_inference_logs),
+    Step("outcomes", "ONEPATH_OUTCOMES_URL", lambda t: t.outcomes_url, _run_outcomes),
+    Step("drift reports", "ONEPATH_DRIFT_REPORTS_URL", lambda t: t.drift_reports_url, _run_drift_reports,
+         lambda s, t: {str(s.drift_reports_dir): _reports_root(t)}),
+    Step("app releases", "ONEPATH_RELEASES_URL", lambda t: t.releases_url, _run_releases),
     Step("Dagster", "ONEPATH_DAGSTER_PG_*", lambda t: t.dagster_pg.address if t.dagster_pg else None, _run_dagster),
 )

@@ -430,3 +430,70 @@ def _objects_under(uri: str) -> list[str]:
     from resources import object_store
 
     return [o.uri for o in object_store.list_objects(uri)]
+
+
+def test_outcomes_drift_reports_and_releases_move_and_a_rerun_or_a_foreign_target_is_handled(
+        tmp_path: Path, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three file steps of the later stores: outcomes join from S3 as they joined from their day files (the
+    later line still wins), drift reports keep their names (what Dagster's metadata is re-rooted to), a release's
+    bundle fetched on another host hashes to what the ledger recorded; a re-run writes nothing; an outcome file
+    changed after its copy, and a reports prefix holding another's object, are refused with nothing written."""
+    import dataclasses
+    import shutil
+
+    import pandas as pd
+
+    from platform_defs.settings import load_settings
+    from platform_defs.store_migration import STEPS
+    from resources.release_store import ReleaseStore, source_hash
+    from tests.test_s3_stores import _join, _outcomes_world
+
+    monkeypatch.setenv("ONEPATH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ONEPATH_LEDGER_URL", raising=False)
+    local, _, now = _outcomes_world(tmp_path, s3)  # its own copy on S3 is under onepath/: ours goes elsewhere
+    source = dataclasses.replace(load_settings(), outcomes_dir=tmp_path / "outcomes",
+                                 drift_reports_dir=tmp_path / "reports")
+    target = dataclasses.replace(source, outcomes_url=f"s3://{s3}/moved", drift_reports_url=f"s3://{s3}/moved",
+                                 releases_url=f"s3://{s3}/moved")
+    steps = {s.store: s for s in STEPS}
+    report = tmp_path / "reports" / "credit_scoring" / "prod" / "20261124T100000Z-v1.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html>drift</html>")
+    app = tmp_path / "home" / "releases" / "apps" / "loan_portal"
+    shutil.copytree(ROOT / "apps" / "loan_portal", app / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    digest, files = source_hash(app / "src")
+    (app / "src").rename(app / f"r-{digest[:12]}")
+    source.ledger().append("release_built", "loan_portal", {"version": f"r-{digest[:12]}", "content_hash": digest,
+                                                            "files": files}, "dagster")
+
+    def run(store: str, dry_run: bool = False):
+        return steps[store].run(source, target, dry_run, steps[store].roots(source, target))
+
+    assert run("outcomes", dry_run=True).counts == {"outcome files": 3} and not _objects_under(f"s3://{s3}/moved")
+    assert run("outcomes").counts == {"outcome files": 3}
+    moved = local.model_copy(update={"outcomes_url": f"s3://{s3}/moved"})
+    a, b = _join(local, now), _join(moved, now)
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+    assert a.counts() == b.counts() and dict(zip(b.frame["request_id"], b.frame["label"]))["r0"] == 1
+    assert run("drift reports").counts == {"drift reports": 1}
+    assert steps["drift reports"].roots(source, target) == {str(tmp_path / "reports"): f"s3://{s3}/moved/drift_reports"}
+    from resources import object_store
+
+    assert object_store.get_bytes(f"s3://{s3}/moved/drift_reports/credit_scoring/prod/{report.name}") == \
+        report.read_bytes()
+    assert run("app releases").counts == {"releases": 1}
+    fetched = ReleaseStore(tmp_path / "host-b", f"s3://{s3}/moved").fetch("loan_portal", f"r-{digest[:12]}", digest)
+    assert source_hash(fetched)[0] == digest
+
+    before = _objects_under(f"s3://{s3}/moved")
+    assert all(run(store).up_to_date for store in ("outcomes", "drift reports", "app releases"))
+    assert _objects_under(f"s3://{s3}/moved") == before
+    with open(next((tmp_path / "outcomes" / "credit_scoring" / "prod").glob("*.jsonl")), "ab") as fh:
+        fh.write(b'{"request_id": "r9", "label": 1, "observed_at": "2026-11-24T12:00:00+00:00"}\n')
+    with pytest.raises(MigrationRefused, match="exists with other bytes than .*changed since it was copied"):
+        run("outcomes")
+    object_store.put_bytes(f"s3://{s3}/moved/drift_reports/credit_scoring/prod/theirs.html", b"x")
+    with pytest.raises(MigrationRefused, match="theirs.html is not one of this installation's drift reports"):
+        run("drift reports")
+    assert _objects_under(f"s3://{s3}/moved") == sorted([*before, f"s3://{s3}/moved/drift_reports/credit_scoring/"
+                                                                    "prod/theirs.html"])

@@ -45,15 +45,19 @@ def _skipped(rel: Path) -> bool:
 
 def source_hash(root: Path) -> tuple[str, int]:
     """The content hash of a release folder (or an app's source): every file but hidden ones and caches, by
-    relative path and bytes; and how many files it covers."""
-    h = hashlib.sha256()
+    relative path and bytes; and how many files it covers. Each file is framed by lengths (its path's, then the
+    sha256 of its bytes), so no two folders hash alike by moving bytes between a name and a file or between two
+    files (a plain ``path NUL bytes NUL`` stream let one binary file stand for two)."""
+    h = hashlib.sha256(b"onepath-release-v2\0")
     n = 0
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
         if p.is_dir() or _skipped(rel):
             continue
-        h.update(str(rel).encode() + b"\0" + p.read_bytes() + b"\0")
+        name = rel.as_posix().encode()
+        h.update(len(name).to_bytes(8, "big") + name + hashlib.sha256(p.read_bytes()).digest())
         n += 1
+    h.update(n.to_bytes(8, "big"))
     return h.hexdigest(), n
 
 
@@ -106,8 +110,8 @@ class ReleaseStore:
 
     def publish(self, app: str, version: str, folder: Path, content_hash: str) -> Path:
         """Make ``app`` ``version`` from ``folder`` (the app's source): its local folder (copied once, atomically)
-        and, on S3, its bundle (written once). Returns the local folder. A bundle already in the bucket with
-        another content hash in its metadata is refused: the build must not record a release it cannot deploy."""
+        and, on S3, its bundle (written once). Returns the local folder. A bundle already in the bucket that is not
+        the bytes this folder packs to is refused: the build must not record a release it cannot deploy."""
         dst = self.folder(app, version)
         if not dst.exists():
             tmp = dst.with_name(f".{version}.{os.getpid()}")
@@ -117,22 +121,21 @@ class ReleaseStore:
         if not self.on_s3:
             return dst
         uri = self.bundle(app, version)
-        there = object_store.metadata(uri)
-        if there is None:
-            self._check(dst, content_hash, f"the local copy {dst} of release {version} of {app}",
-                        "it is not what was built; remove the folder and build again")
-            tmp_file = dst.parent / f".{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}{BUNDLE_SUFFIX}"
-            try:
-                _pack(dst, tmp_file)
-                if object_store.put_file_once(uri, tmp_file, {HASH_META: content_hash}):
-                    return dst
-            finally:
-                tmp_file.unlink(missing_ok=True)
-            there = object_store.metadata(uri) or {}  # another build wrote it first
-        if there.get(HASH_META) != content_hash:
-            raise ReleaseError(f"release {version} of {app}: {uri} already holds a bundle with content hash "
-                               f"{there.get(HASH_META) or 'unknown'}, not {content_hash}; it is not rewritten: "
-                               f"remove the object if it is not a release anyone deploys")
+        self._check(dst, content_hash, f"the local copy {dst} of release {version} of {app}",
+                    "it is not what was built; remove the folder and build again")
+        tmp_file = dst.parent / f".{version}.{os.getpid()}.{uuid.uuid4().hex[:8]}{BUNDLE_SUFFIX}"
+        try:
+            _pack(dst, tmp_file)  # the same folder packs to the same bytes
+            if object_store.put_file_once(uri, tmp_file, {HASH_META: content_hash}):
+                return dst
+            # there already (an earlier build, another host, a re-run): kept only if it is these very bytes; its
+            # metadata is anyone's to write, so it proves nothing
+            if object_store.get_bytes(uri) != tmp_file.read_bytes():
+                raise ReleaseError(f"release {version} of {app}: {uri} already holds another bundle than this build "
+                                   f"packs (content hash {content_hash[:12]}); it is not rewritten: remove the "
+                                   f"object if it is not a release anyone deploys")
+        finally:
+            tmp_file.unlink(missing_ok=True)
         return dst
 
     # -- deploy --------------------------------------------------------------------------------------------
@@ -207,8 +210,8 @@ class ReleaseStore:
 
 def _pack(folder: Path, out: Path) -> None:
     """The files ``source_hash`` covers, as regular files (a link's target's bytes), in a gzip'd tar with no
-    times or owners in it: the same folder packs to the same bytes."""
-    with open(out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+    times, owners or file name in it: the same folder packs to the same bytes."""
+    with open(out, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(folder)

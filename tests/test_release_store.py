@@ -136,14 +136,16 @@ def test_publishing_again_rewrites_nothing_and_a_different_bundle_under_that_nam
     after = s3.head_object(Bucket=bucket, Key=built["key"])
     assert (after["ETag"], after["LastModified"]) == (before["ETag"], before["LastModified"])
 
-    # a bundle already there with another content hash: not rewritten, and the build is told so
-    s3.put_object(Bucket=bucket, Key=built["key"], Body=b"not a tar", Metadata={"content-hash": "f" * 64})
-    planted = s3.head_object(Bucket=bucket, Key=built["key"])["ETag"]
-    host_d = ReleaseStore(built["tmp"] / "host-d", built["url"])
-    with pytest.raises(ReleaseError, match=f"s3://{bucket}/{built['key']} already holds a bundle with content hash "
-                                           f"ffff.* not {built['digest']}; it is not rewritten"):
-        host_d.publish(APP, built["version"], built["src"], built["digest"])
-    assert s3.head_object(Bucket=bucket, Key=built["key"])["ETag"] == planted
+    # another bundle already there, even one whose metadata claims the build's content hash (anyone who can write
+    # the bucket writes metadata too): not rewritten, and the build is told so
+    for i, metadata in enumerate(({"content-hash": "f" * 64}, {"content-hash": built["digest"]})):
+        s3.put_object(Bucket=bucket, Key=built["key"], Body=b"not a tar", Metadata=metadata)
+        planted = s3.head_object(Bucket=bucket, Key=built["key"])["ETag"]
+        host_d = ReleaseStore(built["tmp"] / f"host-d{i}", built["url"])
+        with pytest.raises(ReleaseError, match=f"s3://{bucket}/{built['key']} already holds another bundle than this "
+                                               f"build packs .*; it is not rewritten"):
+            host_d.publish(APP, built["version"], built["src"], built["digest"])
+        assert s3.head_object(Bucket=bucket, Key=built["key"])["ETag"] == planted
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
@@ -244,3 +246,18 @@ def test_the_build_asset_publishes_the_release_before_it_records_it(bucket: str,
     assert recorded_hash(book, APP, version) == digest
     folder = ReleaseStore(tmp_path / "deploy-host", url).fetch(APP, version, recorded_hash(book, APP, version))
     assert source_hash(folder)[0] == digest
+
+
+def test_no_two_folders_hash_alike_by_moving_bytes_between_names_and_files(tmp_path: Path) -> None:
+    """The content hash frames each file: one binary file holding what a name and a second file would have been
+    (``X NUL b.py NUL Y``) is another release, not the same one."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir()
+    one.mkdir()
+    (two / "a.bin").write_bytes(b"X")
+    (two / "b.py").write_bytes(b"Y")
+    (one / "a.bin").write_bytes(b"X\0b.py\0Y")
+    assert source_hash(two)[0] != source_hash(one)[0]
+    (one / "a.bin").write_bytes(b"X")
+    (one / "b.py").write_bytes(b"Y")
+    assert source_hash(two) == source_hash(one)

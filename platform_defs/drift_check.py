@@ -189,12 +189,15 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
         seconds = round(time.perf_counter() - t0, 3)
         saved = result.report_html  # the name the report was written under (a sampled report says so in it)
         assert saved is not None
+        report_problem = None  # a report the store would not take: the verdict stands and is recorded without it
         if isinstance(reports, str):
             report = object_store.join(reports, saved.name)
-            object_store.put_bytes(report, saved.read_bytes(), content_type="text/html")
+            try:
+                object_store.put_bytes(report, saved.read_bytes(), content_type="text/html")
+            except object_store.ObjectStoreError as err:
+                report_problem = f"report not stored: {err}"
         else:
             report = str(saved)
-    pruned = prune_reports(reports, m.drift.report_keep_last, m.drift.report_max_age_days)
     per_column = {c.column: {"method": c.method, "threshold": c.threshold, "value": round(c.value, 6),
                              "value_kind": c.value_kind, "drifted": c.drifted} for c in result.columns}
     metadata = {
@@ -208,8 +211,8 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
         "columns": dg.MetadataValue.md(result.to_markdown()),
         "per_column": dg.MetadataValue.json(per_column),
         "reference_rows": result.reference_rows,
-        "report": dg.MetadataValue.url(report) if isinstance(reports, str) else dg.MetadataValue.path(report),
-        "reports_pruned": len(pruned),
+        "report": report_problem or (dg.MetadataValue.url(report) if isinstance(reports, str)
+                                     else dg.MetadataValue.path(report)),
         "evaluation_seconds": seconds,
     }
     no_trainer = None
@@ -226,11 +229,15 @@ def evaluate(m: Monitored, *, mlflow: MlflowRegistry, deployer: Any, monitoring:
             **({"no_trainer": True, "action": no_trainer, "ask": m.model.owner} if no_trainer else {}),
             "model": m.model.name, "version": version, "drifted_share": result.drifted_share,
             "drifted_columns": result.drifted_columns, "window_rows": window.rows,
-            "report": report,
+            "report": None if report_problem else report, **({"report_error": report_problem} if report_problem else {}),
             "methods": {k: [mt, th] for k, (mt, th) in result.method_by_type.items()},
             "claims": client_claims(trigger),  # what the run's tags say started it: a claim, not a fact
         }, actor, env=m.env)
         metadata["ledger_entry"] = entry.seq
+    try:  # after the verdict is recorded: a store that refuses deletes (no s3:DeleteObject, object lock) costs none
+        metadata["reports_pruned"] = len(prune_reports(reports, m.drift.report_keep_last, m.drift.report_max_age_days))
+    except (OSError, object_store.ObjectStoreError) as err:
+        metadata["reports_pruned"] = f"old reports not pruned: {(str(err).splitlines() or [type(err).__name__])[0]}"
     return dg.AssetCheckResult(check_name=CHECK_NAME, passed=not result.dataset_drift,
                                severity=dg.AssetCheckSeverity.WARN, metadata=metadata,
                                **({"description": no_trainer} if no_trainer else {}))

@@ -292,9 +292,17 @@ def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pr
         # unset, the local folder is as it was: a file there, linked as a path
         local = evaluate(m, mlflow=mlflow, deployer=deployer, ledger=book, actor="test", now=now,
                          monitoring=monitoring.model_copy(update={"drift_reports_url": None}))
+        # a reports store that takes nothing (here: no such bucket) costs the report, never the verdict
+        lost = evaluate(m, mlflow=mlflow, deployer=deployer, ledger=book, actor="test", now=now,
+                        monitoring=monitoring.model_copy(update={"drift_reports_url": "s3://no-such-reports/x"}))
     finally:
         deployer.delete(target)
 
+    assert lost.passed is False and lost.metadata["report"].value.startswith("report not stored: ")
+    assert "no-such-reports" in lost.metadata["report"].value
+    assert lost.metadata["reports_pruned"].value.startswith("old reports not pruned: ")
+    recorded = book.entries(kind="drift_detected")[-1]
+    assert recorded.data["report"] is None and "no-such-reports" in recorded.data["report_error"]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
     # the stale one is pruned by the time in its name (its LastModified is new), then the first by keep_last 1
     assert keys == [f"{prefix}{now + timedelta(seconds=1):%Y%m%dT%H%M%SZ}-v1.html", f"{prefix}README.txt"]
@@ -310,7 +318,7 @@ def test_drift_reports_are_uploaded_to_the_documented_key_linked_recorded_and_pr
                                                    f"-v1.html" for s in (0, 1)]
     report = tmp_path / "reports" / name / "prod" / f"{now:%Y%m%dT%H%M%SZ}-v1.html"
     assert isinstance(local.metadata["report"], dg.PathMetadataValue) and local.metadata["report"].value == str(report)
-    assert report.is_file() and book.entries(kind="drift_detected", subject=name)[-1].data["report"] == str(report)
+    assert report.is_file() and book.entries(kind="drift_detected", subject=name)[-2].data["report"] == str(report)
 
     # retention by age on S3: everything older than max_age_days goes, whatever keep_last allows
     assert prune_reports(where, keep_last=10, max_age_days=1, now=(now + timedelta(days=1)).timestamp()) == []

@@ -145,18 +145,18 @@ class Settings:
         if self.dagster_pg is None:
             out.append(("dagster instance", "ONEPATH_DAGSTER_PG_HOST, _PORT, _USER, _PASSWORD, _DB"))
         for store, uri, var in (("mlflow tracking", self.mlflow_tracking_uri, "MLFLOW_TRACKING_URI"),
-                                ("mlflow registry", self.mlflow_registry_uri, "MLFLOW_REGISTRY_URI")):
-            if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+                                ("mlflow registry", self.mlflow_registry_uri, "MLFLOW_REGISTRY_URI"),
+                                ("ledger", self.ledger_url or "", "ONEPATH_LEDGER_URL")):
+            if uri.startswith(("sqlite:", "file:")) or "://" not in uri:  # a file on this host, whatever its URL
                 out.append((store, f"{var}=postgresql+psycopg2://..."))
         for store, value, var in (("mlflow artifacts", self.mlflow_artifacts_url, "ONEPATH_MLFLOW_ARTIFACTS"),
-                                  ("ledger", self.ledger_url, "ONEPATH_LEDGER_URL"),
                                   ("dataset snapshots", self.data_url, "ONEPATH_DATA_URL"),
                                   ("inference logs", self.inference_log_url, "ONEPATH_INFERENCE_LOG_URL"),
                                   ("app releases", self.releases_url, "ONEPATH_RELEASES_URL"),
                                   ("outcomes", self.outcomes_url, "ONEPATH_OUTCOMES_URL"),
                                   ("drift reports", self.drift_reports_url, "ONEPATH_DRIFT_REPORTS_URL")):
             if not value:
-                out.append((store, f"{var}={'postgresql+psycopg2://...' if store == 'ledger' else 's3://BUCKET/PREFIX'}"))
+                out.append((store, f"{var}=s3://BUCKET/PREFIX"))
         if self.witness_socket is None:
             out.append(("witness", "ONEPATH_WITNESS_SOCKET (onepath witness serve, as its own OS user)"))
         return out
@@ -188,7 +188,7 @@ def load_settings() -> Settings:
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
     artifacts = os.environ.get("ONEPATH_MLFLOW_ARTIFACTS", "")
     if "://" in artifacts and not is_s3(artifacts.strip()):
-        raise ValueError(f"ONEPATH_MLFLOW_ARTIFACTS={artifacts!r}: expected a local folder or s3://BUCKET/PREFIX")
+        raise SettingsError(f"ONEPATH_MLFLOW_ARTIFACTS={artifacts!r}: expected a local folder or s3://BUCKET/PREFIX")
     artifacts_url = _s3_url("ONEPATH_MLFLOW_ARTIFACTS") if is_s3(artifacts.strip()) else None
     return Settings(
         home=home,

@@ -234,6 +234,7 @@ def test_the_production_profile_refuses_embedded_stores_and_demo_mode(tmp_path):
     """Nothing starts: every embedded store is named with the setting that moves it, and the example's demo
     policy is refused, in one line each."""
     env = onepath_env(tmp_path / "home", free_port())
+    env["ONEPATH_LEDGER_URL"] = f"sqlite:///{tmp_path / 'ledger.db'}"  # a URL, and still a file on this host
     done = cli(env, "up", "--profile", "production", "--no-mlflow-ui", check=False)
     assert done.returncode == 1, done.stdout
     lines = done.stderr.strip().splitlines()

@@ -179,9 +179,9 @@ def _copy_artifacts(folder: Path, to: str, dry_run: bool = False) -> int:
 
 
 def _display(uri: str) -> str:
-    from sqlalchemy.engine import make_url
+    from resources.ledger_store import display_url
 
-    return make_url(uri).render_as_string(hide_password=True)
+    return display_url(uri)
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,13 +413,13 @@ def copy_datasets(data_dir: Path, to: str, dry_run: bool = False) -> Copied:
     foreign = sorted(held - set(mine))
     if foreign:
         ds, h = foreign[0]
-        raise MigrationRefused(f"{join_s3(to, ds, h + '.parquet')} is a snapshot this installation does not hold "
+        raise MigrationRefused(f"{object_store.join(to, ds, h + '.parquet')} is a snapshot this installation does not hold "
                                f"({len(foreign)} such): the target is another installation's, nothing copied")
     todo = [(ds, h) for (ds, h) in mine if (ds, h) not in held]
     unmarked = [(ds, h) for (ds, h) in mine if (ds, h) in held and (ds, h) not in marked]
     if not dry_run:
         for ds, h in unmarked:
-            object_store.put_bytes(join_s3(to, ds, "_written", f"{time.time_ns():020d}-{h}"), b"")
+            object_store.put_bytes(object_store.join(to, ds, "_written", f"{time.time_ns():020d}-{h}"), b"")
         for ds, h in todo:  # mine is in write order per dataset (DataStore.snapshots: oldest first)
             df = local.read(ds, h)  # raises when the local file does not hash to its name
             where, written = remote.write(ds, df)
@@ -427,10 +427,6 @@ def copy_datasets(data_dir: Path, to: str, dry_run: bool = False) -> Copied:
                 raise MigrationRefused(f"{mine[(ds, h)]} reads back as {written[:12]}, not its name {h[:12]}")
             remote.read(ds, h)  # on S3, it hashes to its name
     return Copied({"snapshots": len(todo)}, (f"{len(unmarked)} order markers added",) if unmarked else ())
-
-
-def join_s3(uri: str, *parts: str) -> str:
-    return object_store.join(uri, *parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -723,7 +719,9 @@ def _run_outcomes(source: Any, target: Any, dry_run: bool, roots: dict[str, str]
     if not folder.is_dir():
         return Copied({}, nothing=f"no outcomes in {folder}")
     files = {}
-    for path in sorted(folder.glob("*/*/*.jsonl")):
+    from resources.feedback import _DAY_FILE_RE
+
+    for path in sorted(p for p in folder.glob("*/*/*.jsonl") if _DAY_FILE_RE.match(p.name)):
         endpoint, env, day = path.relative_to(folder).parts[0], path.parent.name, path.stem
         stamp = day.replace("-", "") + "T000000000000Z"
         files[path] = object_store.join(root, endpoint, env, day, f"{stamp}-{_writer_id(str(path.relative_to(folder)))}.jsonl")
@@ -731,7 +729,9 @@ def _run_outcomes(source: Any, target: Any, dry_run: bool, roots: dict[str, str]
 
 
 def _reports_root(target: Any) -> str:
-    return object_store.join(target.drift_reports_url, "drift_reports")
+    from resources.monitoring import reports_root
+
+    return str(reports_root(target.drift_reports_url, target.drift_reports_dir))
 
 
 def _run_drift_reports(source: Any, target: Any, dry_run: bool, roots: dict[str, str]) -> Copied:
@@ -746,26 +746,38 @@ def _run_drift_reports(source: Any, target: Any, dry_run: bool, roots: dict[str,
 def _run_releases(source: Any, target: Any, dry_run: bool, roots: dict[str, str]) -> Copied:
     """Each built app release as its bundle (``ReleaseStore.publish``: written once, checked against the content
     hash the ledger's ``release_built`` entry recorded). A folder the ledger records no build of is left, said so."""
-    from resources.release_store import ReleaseError, ReleaseStore, recorded_hash
+    from resources.release_store import ReleaseError, ReleaseStore, recorded_hash, source_hash
 
     apps = source.releases_dir / "apps"
     if not apps.is_dir():
         return Copied({}, nothing=f"no app releases in {apps}")
     book, store = source.ledger(), ReleaseStore(target.releases_dir, target.releases_url)
-    published, unrecorded = 0, []
-    for folder in sorted(p for p in apps.glob("*/r-*") if p.is_dir()):
+    todo, unrecorded = [], []
+    ours = set()
+    for folder in sorted(p for p in apps.glob("*/r-*") if p.is_dir()):  # every check first, in a dry run too
         app, version = folder.parent.name, folder.name
         content_hash = recorded_hash(book, app, version)
         if content_hash is None:
             unrecorded.append(f"{app} {version}")
             continue
-        new = object_store.metadata(store.bundle(app, version)) is None
-        if not dry_run:
-            try:  # a bundle there already is kept when it holds this content hash, refused otherwise
+        found, _ = source_hash(folder)
+        if found != content_hash:
+            raise MigrationRefused(f"{folder} has content hash {found[:12]}, not the {content_hash[:12]} its "
+                                   f"release_built entry recorded: nothing copied")
+        ours.add(store.bundle(app, version))
+        if object_store.metadata(store.bundle(app, version)) is None:
+            todo.append((app, version, folder, content_hash))
+    foreign = sorted(o.uri for o in object_store.list_objects(store.where) if o.uri not in ours)
+    if foreign:
+        raise MigrationRefused(f"{foreign[0]} is not one of this installation's releases ({len(foreign)} such under "
+                               f"{store.where}): the target is not empty, nothing copied")
+    if not dry_run:
+        for app, version, folder, content_hash in todo:
+            try:
                 store.publish(app, version, folder, content_hash)
             except ReleaseError as err:
                 raise MigrationRefused(str(err)) from None
-        published += new
+    published = len(todo)
     notes = (f"left {len(unrecorded)} folder(s) no release_built entry records: {', '.join(unrecorded)}",) \
         if unrecorded else ()
     return Copied({"releases": published}, notes)

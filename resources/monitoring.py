@@ -48,10 +48,17 @@ class MonitoringResource(dg.ConfigurableResource):
     @property
     def reports_root(self) -> Path | str:
         """Where every endpoint's drift reports are: ``s3://bucket/prefix/drift_reports``, else the local folder."""
-        return (f"{self.drift_reports_url.rstrip('/')}/drift_reports" if self.drift_reports_url
-                else Path(self.drift_reports_dir))
+        return reports_root(self.drift_reports_url, self.drift_reports_dir)
 
     def reports_dir(self, endpoint: str, env: str) -> Path | str:
         """One endpoint environment's drift reports: what ``platform_defs.drift_check`` writes and prunes."""
         root = self.reports_root
         return f"{root}/{endpoint}/{env}" if isinstance(root, str) else root / endpoint / env
+
+
+def reports_root(drift_reports_url: str | None, drift_reports_dir: str | Path) -> Path | str:
+    """Where every endpoint's drift reports are: ``<drift_reports_url>/drift_reports`` on S3
+    (``ONEPATH_DRIFT_REPORTS_URL``), else the folder."""
+    from resources import object_store
+
+    return object_store.join(drift_reports_url, "drift_reports") if drift_reports_url else Path(drift_reports_dir)

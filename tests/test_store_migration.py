@@ -437,7 +437,8 @@ def test_outcomes_drift_reports_and_releases_move_and_a_rerun_or_a_foreign_targe
     """The three file steps of the later stores: outcomes join from S3 as they joined from their day files (the
     later line still wins), drift reports keep their names (what Dagster's metadata is re-rooted to), a release's
     bundle fetched on another host hashes to what the ledger recorded; a re-run writes nothing; an outcome file
-    changed after its copy, and a reports prefix holding another's object, are refused with nothing written."""
+    changed after its copy, and a reports or releases prefix holding another's object (also in a dry run), are
+    refused with nothing written."""
     import dataclasses
     import shutil
 
@@ -497,3 +498,6 @@ def test_outcomes_drift_reports_and_releases_move_and_a_rerun_or_a_foreign_targe
         run("drift reports")
     assert _objects_under(f"s3://{s3}/moved") == sorted([*before, f"s3://{s3}/moved/drift_reports/credit_scoring/"
                                                                     "prod/theirs.html"])
+    object_store.put_bytes(f"s3://{s3}/moved/releases/apps/loan_portal/r-000000000000.tar.gz", b"x")
+    with pytest.raises(MigrationRefused, match="r-000000000000.tar.gz is not one of this installation's releases"):
+        run("app releases", dry_run=True)

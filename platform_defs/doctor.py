@@ -140,45 +140,38 @@ _S3_FIX = ("check the bucket exists and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KE
            "ONEPATH_S3_ADDRESSING_STYLE for a server that is not AWS)")
 
 
+def _files(what: str, url: str | None, folder: Path) -> str | None:
+    """A store of files: its bucket can be listed, else its local folder can be written."""
+    return _bucket(what, url, _S3_FIX) if url else _folder(what, folder)
+
+
 def check_mlflow_artifacts(settings: Settings) -> str | None:
-    if settings.mlflow_artifacts_url:
-        return _bucket("mlflow artifacts", settings.mlflow_artifacts_url, _S3_FIX)
-    return _folder("mlflow artifacts", settings.mlflow_artifact_root)
+    return _files("mlflow artifacts", settings.mlflow_artifacts_url, settings.mlflow_artifact_root)
 
 
 def check_data(settings: Settings) -> str | None:
-    if settings.data_url:
-        return _bucket("dataset snapshots", settings.data_url, _S3_FIX)
-    return _folder("dataset snapshots", settings.data_dir)
+    return _files("dataset snapshots", settings.data_url, settings.data_dir)
 
 
 def check_releases(settings: Settings) -> str | None:
-    """Where app release bundles are: the bucket can be listed, else the local folder can be written."""
-    if settings.releases_url:
-        return _bucket("app releases", settings.releases_url, _S3_FIX)
-    return _folder("app releases", settings.releases_dir)
+    """Where app release bundles are."""
+    return _files("app releases", settings.releases_url, settings.releases_dir)
 
 
 def check_inference_logs(settings: Settings) -> str | None:
-    """Where the endpoints log what they score: the bucket can be listed (the workers write with their own keys,
-    ONEPATH_INFERENCE_LOG_AWS_*, which only a worker holds), else the local folder can be written."""
-    if settings.inference_log_url:
-        return _bucket("inference logs", settings.inference_log_url, _S3_FIX)
-    return _folder("inference logs", settings.inference_log_dir)
+    """Where the endpoints log what they score (the workers write with their own keys, ONEPATH_INFERENCE_LOG_AWS_*,
+    which only a worker holds: this lists with the platform's)."""
+    return _files("inference logs", settings.inference_log_url, settings.inference_log_dir)
 
 
 def check_outcomes(settings: Settings) -> str | None:
     """Where delivered outcomes (labels) are recorded and the feedback join reads them."""
-    if settings.outcomes_url:
-        return _bucket("outcomes", settings.outcomes_url, _S3_FIX)
-    return _folder("outcomes", settings.outcomes_dir)
+    return _files("outcomes", settings.outcomes_url, settings.outcomes_dir)
 
 
 def check_drift_reports(settings: Settings) -> str | None:
     """Where the drift check keeps its HTML reports."""
-    if settings.drift_reports_url:
-        return _bucket("drift reports", settings.drift_reports_url, _S3_FIX)
-    return _folder("drift reports", settings.drift_reports_dir)
+    return _files("drift reports", settings.drift_reports_url, settings.drift_reports_dir)
 
 
 def _folder(what: str, path: Path) -> str | None:

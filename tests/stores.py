@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import shutil
 import socket
 import subprocess
@@ -132,9 +133,11 @@ class MotoServer:
                             config=Config(s3={"addressing_style": "path"}))
 
     def stop(self) -> None:
+        """Its state is in memory and goes with it: a stopped (SIGSTOP) server is woken to take the SIGTERM."""
+        self.proc.send_signal(signal.SIGCONT)
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)

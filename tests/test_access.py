@@ -278,10 +278,9 @@ def test_a_release_built_on_another_host_deploys_from_s3_into_an_empty_cache_and
     from platform_defs.promotion import PromotionError
     from resources.release_store import ReleaseStore, source_hash
 
-    for var, value in {"AWS_ENDPOINT_URL_S3": moto_s3.endpoint_url, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
-                       "ONEPATH_S3_ADDRESSING_STYLE": "path"}.items():
-        monkeypatch.setenv(var, value)
+    from tests.conftest import s3_environment
+
+    s3_environment(monkeypatch, moto_s3)
     bucket = f"releases-{uuid.uuid4().hex[:10]}"
     moto_s3.client("s3").create_bucket(Bucket=bucket)
     url, book = f"s3://{bucket}/onepath", world["book"]

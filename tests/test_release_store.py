@@ -11,7 +11,6 @@ import io
 import os
 import shutil
 import tarfile
-import uuid
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,6 @@ from resources.release_store import ReleaseError, ReleaseMismatch, ReleaseStore,
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "loan_portal"
-
-
-@pytest.fixture
-def bucket(moto_s3, monkeypatch: pytest.MonkeyPatch) -> str:
-    for var, value in {"AWS_ENDPOINT_URL_S3": moto_s3.endpoint_url, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
-                       "ONEPATH_S3_ADDRESSING_STYLE": "path"}.items():
-        monkeypatch.setenv(var, value)
-    name = f"onepath-{uuid.uuid4().hex[:12]}"
-    moto_s3.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture

@@ -24,17 +24,6 @@ from tests.test_feedback import log_entry, write_log
 from tests.test_model_server import tiny_model  # noqa: F401  (the module fixture: a LogisticRegression)
 
 
-@pytest.fixture
-def bucket(moto_s3, monkeypatch: pytest.MonkeyPatch) -> str:
-    for var, value in {"AWS_ENDPOINT_URL_S3": moto_s3.endpoint_url, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1",
-                       "ONEPATH_S3_ADDRESSING_STYLE": "path"}.items():
-        monkeypatch.setenv(var, value)
-    name = f"onepath-{uuid.uuid4().hex[:12]}"
-    moto_s3.client("s3").create_bucket(Bucket=name)
-    return name
-
-
 def test_snapshots_are_content_addressed_objects_and_read_back_only_intact(bucket: str, moto_s3) -> None:
     store = DataStore(root=f"s3://{bucket}/onepath/data")
     df = pd.DataFrame({"income": [50_000.0, 61_000.5], "region": ["north", "south"]})

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,9 @@ from tests.test_inventory import FEATURES
 
 
 @pytest.fixture
-def s3(moto_s3, monkeypatch: pytest.MonkeyPatch) -> str:
+def s3(bucket: str) -> str:
     """A fresh bucket, and the AWS variables MLflow's and onepath's clients read."""
-    for var, value in {"AWS_ENDPOINT_URL_S3": moto_s3.endpoint_url, "MLFLOW_S3_ENDPOINT_URL": moto_s3.endpoint_url,
-                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "ONEPATH_S3_ADDRESSING_STYLE": "path"}.items():
-        monkeypatch.setenv(var, value)
-    name = f"mlflow-{uuid.uuid4().hex[:10]}"
-    moto_s3.client("s3").create_bucket(Bucket=name)
-    return name
+    return bucket
 
 
 def test_the_registry_moves_with_its_run_ids_versions_aliases_tags_and_artifact_bytes(

@@ -224,12 +224,23 @@ def _pack(folder: Path, out: Path) -> None:
                 tar.addfile(info, f)
 
 
+def max_unpacked_bytes() -> int:
+    """``ONEPATH_RELEASE_MAX_BYTES``: the most a release may unpack to (default 1 GiB), so a bundle planted in the
+    bucket that expands without end (a gzip bomb) cannot fill the disk of every host that fetches it."""
+    return int(os.environ.get("ONEPATH_RELEASE_MAX_BYTES", str(1 << 30)))
+
+
 def _unpack(bundle: Path, into: Path, uri: str) -> None:
     """Unpack a bundle into a new folder ``into``, refusing (one line naming the object and the member) any member
-    that is not a regular file or folder, or whose name is absolute or climbs out with ``..``."""
+    that is not a regular file or folder, or whose name is absolute or climbs out with ``..``, and a bundle that
+    unpacks to more than :func:`max_unpacked_bytes` (counted from the headers before anything is written)."""
     try:
         with tarfile.open(bundle, mode="r:gz") as tar:
             members = tar.getmembers()
+            total, cap = sum(m.size for m in members), max_unpacked_bytes()
+            if total > cap:
+                raise ReleaseError(f"bundle {uri} refused: it unpacks to {total} bytes, more than the {cap} "
+                                   f"ONEPATH_RELEASE_MAX_BYTES allows")
             for m in members:
                 name = PurePosixPath(m.name)
                 if not (m.isreg() or m.isdir()):

@@ -172,6 +172,18 @@ def test_a_planted_bundle_with_a_path_outside_the_release_or_a_link_is_refused(
     assert not (built["tmp"] / "host-b" / "escaped.py").exists() and not Path("/tmp/onepath-escaped.py").exists()
 
 
+def test_a_planted_bundle_that_unpacks_past_the_cap_is_refused_before_anything_is_written(
+        built: dict, bucket: str, moto_s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gzip bomb in small: 3 MiB of zeros compress to a few KiB; with a 1 MiB cap nothing is unpacked."""
+    monkeypatch.setenv("ONEPATH_RELEASE_MAX_BYTES", str(1 << 20))
+    moto_s3.client("s3").put_object(Bucket=bucket, Key=built["key"], Body=_tar([(_member("zeros.bin"), bytes(3 << 20))]))
+    host_b = ReleaseStore(built["tmp"] / "host-b", built["url"])
+    with pytest.raises(ReleaseError, match=f"refused: it unpacks to {3 << 20} bytes, more than the {1 << 20} "
+                                           "ONEPATH_RELEASE_MAX_BYTES allows"):
+        host_b.fetch(APP, built["version"], built["digest"])
+    assert leftovers(host_b) == []
+
+
 def test_the_embedded_default_keeps_the_folders_as_they_were(tmp_path: Path) -> None:
     store = ReleaseStore(tmp_path / "releases")
     src = ROOT / "apps" / APP

@@ -100,7 +100,13 @@ def cmd_migrate_stores(args: argparse.Namespace) -> int:
 
     target = load_settings()
     source = embedded_settings(target)
-    why = platform_running(source)
+    try:
+        why = platform_running(source)
+    except Exception as err:  # noqa: BLE001 - a Dagster instance that cannot be opened: its one line, no traceback
+        print(f"onepath migrate: cannot tell whether the embedded platform is stopped (its Dagster instance in "
+              f"{source.dagster_home}: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]})",
+              file=sys.stderr)
+        return 1
     if why:
         print(f"onepath migrate: {why}: the platform must be stopped while its stores move", file=sys.stderr)
         return 1

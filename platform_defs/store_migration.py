@@ -300,7 +300,8 @@ def _rerooted_metadata(metadata: dict[str, Any], roots: dict[str, str]) -> dict[
     for k, v in metadata.items():
         text = v.value if isinstance(v, (dg.TextMetadataValue, dg.PathMetadataValue)) else None
         if isinstance(text, str) and text != reroot(text, roots):
-            v = dg.MetadataValue.text(reroot(text, roots))
+            moved = reroot(text, roots)  # a path that names a moved file is now that object's URI, as live
+            v = dg.MetadataValue.url(moved) if isinstance(v, dg.PathMetadataValue) else dg.MetadataValue.text(moved)
         out[k] = v
     return out
 

@@ -380,7 +380,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
                     "NAME=VALUE sets a dataset's generator parameter (e.g. period_start=2026-02-01) or an "
                     "environment's version; --no-follow returns the run id at once"),
     "migrate": ("platform_defs.cli_migrate", "migrate_stores",
-                "move the embedded installation (ledger, MLflow, Dagster's latest asset state, snapshots, logs) "
+                "move the embedded installation (ledger, MLflow, Dagster's latest asset state, snapshots, logs, "
+                "outcomes, drift reports, app releases) "
                 "onto the production stores the environment names: --to production; --dry-run writes nothing"),
     "migrate-declarations": ("platform_defs.cli_migrate", "migrate_declarations",
                              "rewrite old-form declaration files (declarations: [...]) as Dagster components "

@@ -193,7 +193,6 @@ def _with_feedback(spec: DatasetSpec, df: Any, monitoring: MonitoringResource) -
     import pandas as pd
 
     from resources.feedback import FeedbackError, dataset_rows_from_feedback, labelled_rows
-    from resources.object_store import ObjectStoreError
 
     fb = spec.feedback
     assert fb is not None

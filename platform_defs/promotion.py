@@ -1169,12 +1169,11 @@ def _app_release(services: Services, spec: AppSpec, env: str, version: str, acto
     none, and checked against the content hash the ledger's ``release_built`` entry recorded). A bundle that does
     not hash to it is recorded (``artifact_refused``) and refused: nothing was deployed."""
     from resources.object_store import ObjectStoreError
-    from resources.release_store import ReleaseError, ReleaseMismatch, recorded_hash
+    from resources.release_store import ReleaseError, ReleaseMismatch
 
     store = services.releases()
     try:
-        return store.fetch(spec.name, version, recorded_hash(services.ledger, spec.name, version) if store.on_s3
-                           else None)
+        return store.fetch_recorded(spec.name, version, services.ledger)
     except ReleaseMismatch as err:
         services.ledger.append("artifact_refused", spec.name, {
             "app": spec.name, "version": version, "expected_digest": err.expected, "found_digest": err.found,
@@ -1210,7 +1209,7 @@ def _app_fallback(policy: Policy, spec: AppSpec, env: str, version: str, service
     gate passed there under it, no crash loop since, review not revoked), still built; None when there is
     none (the backend stops the release instead)."""
     from resources.object_store import ObjectStoreError
-    from resources.release_store import ReleaseError, recorded_hash
+    from resources.release_store import ReleaseError
 
     book = services.ledger
     store = services.releases()
@@ -1223,8 +1222,7 @@ def _app_fallback(policy: Policy, spec: AppSpec, env: str, version: str, service
         if app_governed(policy, spec, env, candidate, services=services, repo_root=repo_root):
             continue
         try:  # on S3: fetched here now, checked, so the backend can put it back without the bucket
-            artifact = store.fetch(spec.name, candidate, recorded_hash(book, spec.name, candidate) if store.on_s3
-                                   else None)
+            artifact = store.fetch_recorded(spec.name, candidate, book)
         except (ReleaseError, ObjectStoreError) as err:
             if store.on_s3:
                 services.warn(f"{spec.name}.{env}: release {candidate} cannot be the fallback: {err}")

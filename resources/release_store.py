@@ -68,9 +68,9 @@ class ReleaseError(RuntimeError):
 class ReleaseMismatch(ReleaseError):
     """What was fetched (or is cached) does not hash to the content hash the ledger recorded at build."""
 
-    def __init__(self, message: str, *, expected: str, found: str, where: str):
+    def __init__(self, message: str, *, expected: str, found: str):
         super().__init__(message)
-        self.expected, self.found, self.where = expected, found, where
+        self.expected, self.found = expected, found
 
 
 def recorded_hash(ledger: Any, app: str, version: str) -> str | None:
@@ -178,13 +178,16 @@ class ReleaseStore:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         return dst
 
+    def fetch_recorded(self, app: str, version: str, ledger: Any) -> Path:
+        """:meth:`fetch`, checked (on S3) against the content hash ``ledger``'s ``release_built`` entry recorded."""
+        return self.fetch(app, version, recorded_hash(ledger, app, version) if self.on_s3 else None)
+
     @staticmethod
     def _check(folder: Path, expected: str, what: str, then: str) -> None:
         found, _ = source_hash(folder)
         if found != expected:
             raise ReleaseMismatch(f"{what} has content hash {found[:12]}, not the {expected[:12]} its release_built "
-                                  f"ledger entry recorded: refused ({then})", expected=expected, found=found,
-                                  where=what)
+                                  f"ledger entry recorded: refused ({then})", expected=expected, found=found)
 
     # -- which releases ------------------------------------------------------------------------------------
 
